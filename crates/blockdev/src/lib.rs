@@ -1,0 +1,1 @@
+//! Linux block devices: sysfs snapshots, identity resolution, waits, ioctls, loop devices, stable names, preflight.

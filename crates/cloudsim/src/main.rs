@@ -1,0 +1,3 @@
+//! `cloudsim`: run the CloudStack simulator as its own process.
+
+fn main() {}

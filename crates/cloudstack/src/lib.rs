@@ -1,0 +1,1 @@
+//! Apache CloudStack API client: request signing, typed calls, tolerant decoding, asynchronous jobs.

@@ -1,0 +1,108 @@
+//! API errors: every failure maps to one HTTP status in one exhaustive `match`, with the body
+//! `{"error": "...", "code": "...", "field": "..."}`. Internal details are logged, not sent.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use volume_api::ErrorBody;
+
+use crate::engine::EngineError;
+use crate::identity::{IdentityError, IdentitySetError};
+use crate::store::{StoreError, StoreErrorKind};
+
+/// A failed API request.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest {
+        field: Option<String>,
+        message: String,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("missing or wrong bearer token: send Authorization: Bearer <api_token>")]
+    Unauthorized,
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Identity(#[from] IdentitySetError),
+}
+
+impl ApiError {
+    pub fn bad(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    fn parts(&self) -> (StatusCode, String, Option<String>) {
+        match self {
+            Self::BadRequest { field, .. } => (StatusCode::BAD_REQUEST, "invalid_request".into(), field.clone()),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found".into(), None),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized".into(), None),
+            Self::Store(e) => (store_status(e), "database_error".into(), None),
+            Self::Identity(e) => match e {
+                IdentitySetError::Identity(IdentityError::Fixed(_)) => {
+                    (StatusCode::CONFLICT, "appliance_identity_fixed".into(), Some("vm_id".into()))
+                }
+                IdentitySetError::Identity(IdentityError::NoSuchVm(_)) => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "no_such_vm".into(), Some("vm_id".into()))
+                }
+                IdentitySetError::Identity(IdentityError::CloudUnavailable { .. }) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "cloud_unavailable".into(), None)
+                }
+                IdentitySetError::Identity(IdentityError::Unknown(_))
+                | IdentitySetError::Identity(IdentityError::Unverified { .. }) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "appliance_identity_unknown".into(), None)
+                }
+                IdentitySetError::Store(e) => (store_status(e), "database_error".into(), None),
+            },
+            Self::Engine(e) => {
+                let code = e.code();
+                match e {
+                    EngineError::Invalid { field, .. } => (StatusCode::BAD_REQUEST, code, Some((*field).to_string())),
+                    EngineError::NotFound(_) => (StatusCode::NOT_FOUND, code, None),
+                    EngineError::Conflict(_) => (StatusCode::CONFLICT, code, None),
+                    EngineError::Identity(_) => (StatusCode::SERVICE_UNAVAILABLE, code, None),
+                    EngineError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, code, None),
+                    EngineError::Store(s) => (store_status(s), code, None),
+                    EngineError::Cloud(_) => (StatusCode::BAD_GATEWAY, code, None),
+                    EngineError::Device(_) => (StatusCode::INTERNAL_SERVER_ERROR, code, None),
+                    EngineError::Export(_) => (StatusCode::INTERNAL_SERVER_ERROR, code, None),
+                    EngineError::Compensated { .. } => (StatusCode::INTERNAL_SERVER_ERROR, code, None),
+                    EngineError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, code, None),
+                }
+            }
+        }
+    }
+}
+
+fn store_status(e: &StoreError) -> StatusCode {
+    match e.kind() {
+        StoreErrorKind::NotFound => StatusCode::NOT_FOUND,
+        StoreErrorKind::Conflict => StatusCode::CONFLICT,
+        StoreErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        StoreErrorKind::SchemaTooNew | StoreErrorKind::Corrupt | StoreErrorKind::Other => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, field) = self.parts();
+        let message = if status.is_server_error() {
+            // Full chain in the log; the caller gets the chain too, since it names what failed and what to do,
+            // but never secrets (errors never carry them).
+            let chain = crate::error_chain(&self);
+            tracing::error!(status = status.as_u16(), code = %code, error = %chain, "request failed");
+            chain
+        } else {
+            crate::error_chain(&self)
+        };
+        (status, Json(ErrorBody { error: message, code, field })).into_response()
+    }
+}

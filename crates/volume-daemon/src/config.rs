@@ -1,0 +1,371 @@
+//! Daemon configuration: one TOML file, every key overridable by a `VOLUME_DAEMON_<KEY>` environment variable,
+//! then by command-line flags (see `docs/configuration.md`). Secrets are redacted in `Debug`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A secret string: never printed.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"<redacted>\"")
+        }
+    }
+}
+
+/// Errors while building the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the configuration file {path} is not valid TOML for this daemon")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("environment variable {var} has an invalid value {value:?}: expected {expected}")]
+    Env {
+        var: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The complete daemon configuration (all keys optional in the file; defaults below).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// REST API listen address. Default `127.0.0.1:8090`.
+    pub listen: SocketAddr,
+    /// NBD listen address. Default `127.0.0.1:10809`.
+    pub nbd_listen: SocketAddr,
+    /// Port advertised in export records (defaults to the NBD listener's port).
+    pub nbd_advertised_port: Option<u16>,
+    /// Database URL: `sqlite:PATH`, `postgres://…`, `mysql://…`/`mariadb://…`. Default: SQLite under `state_dir`.
+    pub database_url: Option<String>,
+    /// Directory for the daemon's own files. Default `/var/lib/volume-daemon`.
+    pub state_dir: PathBuf,
+    /// Directory of stable device names (`vol<hex>` links). Default `<state_dir>/names`.
+    pub names_dir: Option<PathBuf>,
+    /// Directory holding the `virtio-<serial>` links. Default `/dev/disk/by-id`.
+    pub by_id_dir: PathBuf,
+    /// Root of sysfs. Default `/sys`.
+    pub sys_dir: PathBuf,
+    /// The appliance VM's CloudStack id; detected when absent.
+    pub appliance_vm_id: Option<String>,
+    /// Bearer token required on the API; mandatory for a non-loopback `listen`.
+    pub api_token: Option<Secret>,
+    /// CloudStack API endpoint, e.g. `https://cloud.example/client/api`.
+    pub cloudstack_url: Option<String>,
+    pub cloudstack_api_key: Option<Secret>,
+    pub cloudstack_secret_key: Option<Secret>,
+    /// PEM file of extra CA certificates for the CloudStack endpoint.
+    pub cloudstack_ca_file: Option<PathBuf>,
+    /// Disable TLS certificate verification (logged loudly; for labs only).
+    pub cloudstack_insecure: bool,
+    /// Deadline for one CloudStack asynchronous job.
+    pub job_timeout_secs: u64,
+    /// Deadline for an attached volume's device to appear.
+    pub device_timeout_secs: u64,
+    /// Deadline for in-flight NBD requests when an export is removed.
+    pub drain_timeout_secs: u64,
+    /// Operations executing at once (per-volume and per-VM serialization apply within that).
+    pub max_concurrent_operations: usize,
+    /// Accept a regular file where a block device is required (simulator without root only).
+    pub allow_regular_files: bool,
+    /// Log format: `text` or `json`.
+    pub log_format: String,
+    /// Built-in simulator settings (`serve --sim`).
+    pub sim: SimSettings,
+}
+
+/// Settings of the built-in CloudStack simulator.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimSettings {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub api_key: Secret,
+    pub secret_key: Secret,
+    pub job_delay_ms: u64,
+}
+
+/// Documented defaults of the built-in simulator's credentials.
+pub const SIM_DEFAULT_API_KEY: &str = "sim-api-key";
+pub const SIM_DEFAULT_SECRET_KEY: &str = "sim-secret-key";
+
+impl Default for SimSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_key: Secret::new(SIM_DEFAULT_API_KEY),
+            secret_key: Secret::new(SIM_DEFAULT_SECRET_KEY),
+            job_delay_ms: 200,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8090)),
+            nbd_listen: SocketAddr::from(([127, 0, 0, 1], 10809)),
+            nbd_advertised_port: None,
+            database_url: None,
+            state_dir: PathBuf::from("/var/lib/volume-daemon"),
+            names_dir: None,
+            by_id_dir: PathBuf::from("/dev/disk/by-id"),
+            sys_dir: PathBuf::from("/sys"),
+            appliance_vm_id: None,
+            api_token: None,
+            cloudstack_url: None,
+            cloudstack_api_key: None,
+            cloudstack_secret_key: None,
+            cloudstack_ca_file: None,
+            cloudstack_insecure: false,
+            job_timeout_secs: 300,
+            device_timeout_secs: 60,
+            drain_timeout_secs: 30,
+            max_concurrent_operations: 16,
+            allow_regular_files: false,
+            log_format: "text".into(),
+            sim: SimSettings::default(),
+        }
+    }
+}
+
+/// The environment-variable prefix.
+pub const ENV_PREFIX: &str = "VOLUME_DAEMON_";
+
+impl Config {
+    /// Reads `path` (when given) over the defaults, then applies `VOLUME_DAEMON_*` variables from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: p.to_path_buf(),
+                    source: Box::new(e),
+                })?
+            }
+            None => Config::default(),
+        };
+        for (k, v) in env {
+            if let Some(key) = k.strip_prefix(ENV_PREFIX) {
+                cfg.apply_env(&key.to_ascii_lowercase(), &k, v)?;
+            }
+        }
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, key: &str, var: &str, value: String) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(
+            var: &str,
+            value: &str,
+            expected: &'static str,
+        ) -> Result<T, ConfigError> {
+            value.parse().map_err(|_| ConfigError::Env {
+                var: var.to_string(),
+                value: value.to_string(),
+                expected,
+            })
+        }
+        let opt = |v: String| if v.is_empty() { None } else { Some(v) };
+        match key {
+            "listen" => self.listen = parse(var, &value, "an address like 127.0.0.1:8090")?,
+            "nbd_listen" => self.nbd_listen = parse(var, &value, "an address like 127.0.0.1:10809")?,
+            "nbd_advertised_port" => {
+                self.nbd_advertised_port = Some(parse(var, &value, "a port number")?)
+            }
+            "database_url" => self.database_url = opt(value),
+            "state_dir" => self.state_dir = PathBuf::from(value),
+            "names_dir" => self.names_dir = opt(value).map(PathBuf::from),
+            "by_id_dir" => self.by_id_dir = PathBuf::from(value),
+            "sys_dir" => self.sys_dir = PathBuf::from(value),
+            "appliance_vm_id" => self.appliance_vm_id = opt(value),
+            "api_token" => self.api_token = opt(value).map(Secret),
+            "cloudstack_url" => self.cloudstack_url = opt(value),
+            "cloudstack_api_key" => self.cloudstack_api_key = opt(value).map(Secret),
+            "cloudstack_secret_key" => self.cloudstack_secret_key = opt(value).map(Secret),
+            "cloudstack_ca_file" => self.cloudstack_ca_file = opt(value).map(PathBuf::from),
+            "cloudstack_insecure" => self.cloudstack_insecure = parse(var, &value, "true or false")?,
+            "job_timeout_secs" => self.job_timeout_secs = parse(var, &value, "seconds")?,
+            "device_timeout_secs" => self.device_timeout_secs = parse(var, &value, "seconds")?,
+            "drain_timeout_secs" => self.drain_timeout_secs = parse(var, &value, "seconds")?,
+            "max_concurrent_operations" => {
+                self.max_concurrent_operations = parse(var, &value, "a positive number")?
+            }
+            "allow_regular_files" => self.allow_regular_files = parse(var, &value, "true or false")?,
+            "log_format" => self.log_format = value,
+            "sim_enabled" => self.sim.enabled = parse(var, &value, "true or false")?,
+            "sim_listen" => self.sim.listen = parse(var, &value, "an address")?,
+            "sim_api_key" => self.sim.api_key = Secret(value),
+            "sim_secret_key" => self.sim.secret_key = Secret(value),
+            "sim_job_delay_ms" => self.sim.job_delay_ms = parse(var, &value, "milliseconds")?,
+            // Unknown variables with our prefix are a mistake worth reporting.
+            _ => {
+                return Err(ConfigError::Env {
+                    var: var.to_string(),
+                    value,
+                    expected: "a known key (see docs/configuration.md)",
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks cross-field rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.listen.ip().is_loopback()
+            && self.api_token.as_ref().map(Secret::is_empty).unwrap_or(true)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "listen address {} is not loopback: set api_token (VOLUME_DAEMON_API_TOKEN) or listen on 127.0.0.1",
+                self.listen
+            )));
+        }
+        if self.max_concurrent_operations == 0 {
+            return Err(ConfigError::Invalid(
+                "max_concurrent_operations must be at least 1".into(),
+            ));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::Invalid(format!(
+                "log_format {:?} is not one of text, json",
+                self.log_format
+            )));
+        }
+        if !self.sim.enabled && self.cloudstack_url.is_none() {
+            return Err(ConfigError::Invalid(
+                "no cloud configured: set cloudstack_url, cloudstack_api_key and cloudstack_secret_key, or run with --sim"
+                    .into(),
+            ));
+        }
+        if !self.sim.enabled
+            && (self.cloudstack_api_key.is_none() || self.cloudstack_secret_key.is_none())
+        {
+            return Err(ConfigError::Invalid(
+                "cloudstack_api_key and cloudstack_secret_key are required with cloudstack_url"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The database URL in effect.
+    pub fn effective_database_url(&self) -> String {
+        match &self.database_url {
+            Some(u) => u.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.state_dir.join("volume-daemon.db").display()
+            ),
+        }
+    }
+
+    /// The stable-names directory in effect.
+    pub fn effective_names_dir(&self) -> PathBuf {
+        self.names_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("names"))
+    }
+
+    pub fn job_timeout(&self) -> Duration {
+        Duration::from_secs(self.job_timeout_secs)
+    }
+    pub fn device_timeout(&self) -> Duration {
+        Duration::from_secs(self.device_timeout_secs)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file_and_secrets_are_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "listen = \"127.0.0.1:9000\"\ncloudstack_url = \"https://c/client/api\"\ncloudstack_secret_key = \"s3cret\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load(
+            Some(&p),
+            vec![
+                ("VOLUME_DAEMON_LISTEN".to_string(), "127.0.0.1:9001".to_string()),
+                ("PATH".to_string(), "/bin".to_string()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 9001);
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let err = Config::load(None, vec![("VOLUME_DAEMON_NOPE".into(), "1".into())]).unwrap_err();
+        assert!(err.to_string().contains("VOLUME_DAEMON_NOPE"));
+        let err = Config::load(None, vec![("VOLUME_DAEMON_LISTEN".into(), "x".into())]).unwrap_err();
+        assert!(err.to_string().contains("127.0.0.1:8090"));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "lsiten = \"127.0.0.1:1\"\n").unwrap();
+        assert!(matches!(
+            Config::load(Some(&p), Vec::new()),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn non_loopback_needs_a_token() {
+        let mut cfg = Config {
+            listen: "0.0.0.0:8090".parse().unwrap(),
+            ..Config::default()
+        };
+        cfg.sim.enabled = true;
+        assert!(cfg.validate().unwrap_err().to_string().contains("api_token"));
+        cfg.api_token = Some(Secret::new("t"));
+        cfg.validate().unwrap();
+    }
+}

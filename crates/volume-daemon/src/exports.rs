@@ -1,0 +1,139 @@
+//! Export lifecycle: one NBD export `migration-vol-<uuid>` per volume attached to the appliance, bound to the
+//! verified device of one attachment generation, served by the embedded NBD server's registry.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+/// Failures of the export layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("cannot open device {path} for export {name}")]
+    Open {
+        name: String,
+        path: String,
+        #[source]
+        source: nbd::NbdError,
+    },
+    #[error("cannot register export {name}")]
+    Register {
+        name: String,
+        #[source]
+        source: nbd::NbdError,
+    },
+    #[error("cannot remove export {name}")]
+    Remove {
+        name: String,
+        #[source]
+        source: nbd::NbdError,
+    },
+}
+
+/// What removing an export did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    pub generation: u64,
+    pub sessions_closed: usize,
+    pub drained_in_time: bool,
+}
+
+/// The daemon's view of the NBD registry.
+#[derive(Clone)]
+pub struct Exports {
+    registry: nbd::Registry,
+    port: u16,
+}
+
+impl std::fmt::Debug for Exports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exports")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Exports {
+    pub fn new(registry: nbd::Registry, port: u16) -> Self {
+        Self { registry, port }
+    }
+
+    /// The NBD port exports are served on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn registry(&self) -> &nbd::Registry {
+        &self.registry
+    }
+
+    /// Serves `device` as the volume's export (read-write), replacing an export of the same name that serves a
+    /// different device. Returns the live export (a new generation unless the same device was already served).
+    pub async fn open(
+        &self,
+        volume_id: Uuid,
+        device: &Path,
+        drain: Duration,
+    ) -> Result<nbd::ExportSnapshot, ExportError> {
+        let name = volume_api::export_name(volume_id);
+        if self.registry.get(&name).is_some() {
+            // A previous generation (from an earlier attachment or an interrupted attach) is never reused.
+            self.close(volume_id, drain).await?;
+        }
+        let path = device.to_path_buf();
+        let backend = tokio::task::spawn_blocking(move || nbd::FileBackend::open(&path, false))
+            .await
+            .map_err(|e| ExportError::Open {
+                name: name.clone(),
+                path: device.display().to_string(),
+                source: nbd::NbdError::from(std::io::Error::other(e)),
+            })?
+            .map_err(|source| ExportError::Open {
+                name: name.clone(),
+                path: device.display().to_string(),
+                source,
+            })?;
+        self.registry
+            .add(nbd::ExportConfig {
+                name: name.clone(),
+                backend: Arc::new(backend),
+                read_only: false,
+                max_connections: None,
+                description: Some(format!("volume {volume_id} ({})", device.display())),
+            })
+            .map_err(|source| ExportError::Register { name, source })
+    }
+
+    /// Stops new connections, drains in-flight requests up to `drain`, flushes and closes the sessions.
+    /// `Ok(None)` when there was no such export.
+    pub async fn close(
+        &self,
+        volume_id: Uuid,
+        drain: Duration,
+    ) -> Result<Option<Closed>, ExportError> {
+        let name = volume_api::export_name(volume_id);
+        if self.registry.get(&name).is_none() {
+            return Ok(None);
+        }
+        match self.registry.remove(&name, drain).await {
+            Ok(r) => Ok(Some(Closed {
+                generation: r.generation,
+                sessions_closed: r.sessions_closed,
+                drained_in_time: r.drained_in_time,
+            })),
+            Err(e) if e.kind() == nbd::NbdErrorKind::NotFound => Ok(None),
+            Err(source) => Err(ExportError::Remove { name, source }),
+        }
+    }
+
+    /// The live export of a volume.
+    pub fn get(&self, volume_id: Uuid) -> Option<nbd::ExportSnapshot> {
+        self.registry.get(&volume_api::export_name(volume_id))
+    }
+
+    /// All live exports.
+    pub fn list(&self) -> Vec<nbd::ExportSnapshot> {
+        self.registry.list()
+    }
+}

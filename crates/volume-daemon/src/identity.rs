@@ -1,0 +1,341 @@
+//! The appliance's own identity: which CloudStack VM this daemon runs in. It comes from configuration, the
+//! database (`PUT /api/v1/appliance`) or detection (DMI product UUID, cloud-init instance data), and is verified
+//! against the cloud. An unknown or unverified identity fails every request that depends on it: an attach is
+//! never silently treated as remote.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::Utc;
+use tokio::sync::RwLock;
+
+use crate::cloud::{Cloud, CloudErrorKind};
+use crate::store::{ApplianceRecord, Store};
+
+/// Where an identity came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentitySource {
+    Config,
+    Simulator,
+    Database,
+    Detected,
+    Unknown,
+}
+
+impl IdentitySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Simulator => "simulator",
+            Self::Database => "database",
+            Self::Detected => "detected",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// The current identity and what is known about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityState {
+    pub vm_id: Option<String>,
+    pub source: IdentitySource,
+    pub verified: bool,
+    pub vm_name: Option<String>,
+    pub vm_state: Option<String>,
+    pub problem: Option<String>,
+}
+
+/// Why the identity cannot be used.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("the appliance VM identity is unknown: {0}")]
+    Unknown(String),
+    #[error("the appliance VM identity {vm_id} is not verified: {problem}")]
+    Unverified { vm_id: String, problem: String },
+    #[error("the appliance identity is set by {0} and cannot be changed through the API; change it there")]
+    Fixed(&'static str),
+    #[error("VM {0} does not exist in CloudStack; give the appliance's own VM id")]
+    NoSuchVm(String),
+    #[error("cannot verify VM {vm_id} with CloudStack: {problem}")]
+    CloudUnavailable { vm_id: String, problem: String },
+}
+
+/// Where to look for the identity when configuration and database have none.
+#[derive(Debug, Clone)]
+pub struct DetectionSources {
+    /// `/sys/class/dmi/id/product_uuid` under the configured sysfs root.
+    pub dmi_product_uuid: PathBuf,
+    /// cloud-init's `instance-data.json`.
+    pub cloud_init_instance_data: PathBuf,
+}
+
+impl DetectionSources {
+    pub fn under(sys_dir: &Path) -> Self {
+        Self {
+            dmi_product_uuid: sys_dir.join("class/dmi/id/product_uuid"),
+            cloud_init_instance_data: PathBuf::from("/run/cloud-init/instance-data.json"),
+        }
+    }
+
+    /// Candidate VM ids, most trusted first.
+    pub fn candidates(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Ok(text) = std::fs::read_to_string(&self.cloud_init_instance_data) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if let Some(id) = v
+                    .pointer("/v1/instance_id")
+                    .or_else(|| v.pointer("/v1/instance-id"))
+                    .and_then(|x| x.as_str())
+                {
+                    out.push((
+                        id.to_string(),
+                        self.cloud_init_instance_data.display().to_string(),
+                    ));
+                }
+            }
+        }
+        if let Ok(text) = std::fs::read_to_string(&self.dmi_product_uuid) {
+            let id = text.trim().to_ascii_lowercase();
+            if !id.is_empty() {
+                out.push((id, self.dmi_product_uuid.display().to_string()));
+            }
+        }
+        out
+    }
+}
+
+/// The identity holder shared by the engine and the API.
+#[derive(Clone)]
+pub struct Identity {
+    state: Arc<RwLock<IdentityState>>,
+    cloud: Arc<dyn Cloud>,
+    store: Store,
+    fixed_by: Option<IdentitySource>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("fixed_by", &self.fixed_by)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// Establishes the identity: `configured` (config file or simulator) wins, then the database, then detection.
+    /// Verification failures are recorded in the state (and reported by `/health`), not returned.
+    pub async fn establish(
+        configured: Option<(String, IdentitySource)>,
+        store: Store,
+        cloud: Arc<dyn Cloud>,
+        detection: &DetectionSources,
+    ) -> Self {
+        let fixed_by = configured.as_ref().map(|(_, s)| *s);
+        let mut state = IdentityState {
+            vm_id: None,
+            source: IdentitySource::Unknown,
+            verified: false,
+            vm_name: None,
+            vm_state: None,
+            problem: None,
+        };
+        let this = Self {
+            state: Arc::new(RwLock::new(state.clone())),
+            cloud,
+            store,
+            fixed_by,
+        };
+        if let Some((id, source)) = configured {
+            state.vm_id = Some(id);
+            state.source = source;
+        } else {
+            match this.store.get_appliance().await {
+                Ok(Some(rec)) => {
+                    state.vm_id = Some(rec.vm_id);
+                    state.source = IdentitySource::Database;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    state.problem = Some(format!(
+                        "cannot read the stored identity: {}",
+                        crate::error_chain(&e)
+                    ));
+                }
+            }
+        }
+        if state.vm_id.is_none() && state.problem.is_none() {
+            let candidates = detection.candidates();
+            if candidates.is_empty() {
+                state.problem = Some(
+                    "not configured (appliance_vm_id), not stored (PUT /api/v1/appliance) and not detectable \
+                     (no DMI product UUID or cloud-init instance data)"
+                        .into(),
+                );
+            }
+            for (id, from) in candidates {
+                match this.cloud.get_vm(&id).await {
+                    Ok(Some(_)) => {
+                        tracing::info!(vm_id = %id, source = %from, "appliance identity detected");
+                        state.vm_id = Some(id);
+                        state.source = IdentitySource::Detected;
+                        break;
+                    }
+                    Ok(None) => {
+                        state.problem = Some(format!(
+                            "detected VM id {id} (from {from}) does not exist in CloudStack"
+                        ));
+                    }
+                    Err(e) => {
+                        state.problem = Some(format!(
+                            "cannot verify detected VM id {id} (from {from}): {}",
+                            e.chain()
+                        ));
+                    }
+                }
+            }
+        }
+        *this.state.write().await = state;
+        if this.current().await.vm_id.is_some() {
+            let _ = this.verify().await;
+        }
+        this
+    }
+
+    /// The state as it is now.
+    pub async fn current(&self) -> IdentityState {
+        self.state.read().await.clone()
+    }
+
+    /// Re-checks the current identity against the cloud; updates the state.
+    pub async fn verify(&self) -> Result<String, IdentityError> {
+        let id = {
+            let s = self.state.read().await;
+            match &s.vm_id {
+                Some(id) => id.clone(),
+                None => {
+                    return Err(IdentityError::Unknown(
+                        s.problem.clone().unwrap_or_else(|| "not set".into()),
+                    ))
+                }
+            }
+        };
+        let outcome = self.cloud.get_vm(&id).await;
+        let mut s = self.state.write().await;
+        match outcome {
+            Ok(Some(vm)) => {
+                s.verified = true;
+                s.vm_name = Some(vm.name);
+                s.vm_state = Some(vm.state);
+                s.problem = None;
+                Ok(id)
+            }
+            Ok(None) => {
+                s.verified = false;
+                let problem = format!("VM {id} does not exist in CloudStack");
+                s.problem = Some(problem.clone());
+                Err(IdentityError::Unverified { vm_id: id, problem })
+            }
+            Err(e) => {
+                s.verified = false;
+                let problem = format!("CloudStack lookup failed: {}", e.chain());
+                s.problem = Some(problem.clone());
+                Err(IdentityError::Unverified { vm_id: id, problem })
+            }
+        }
+    }
+
+    /// The verified appliance VM id, re-verifying when the last check failed.
+    pub async fn require(&self) -> Result<String, IdentityError> {
+        {
+            let s = self.state.read().await;
+            if s.verified {
+                if let Some(id) = &s.vm_id {
+                    return Ok(id.clone());
+                }
+            }
+        }
+        self.verify().await
+    }
+
+    /// Sets the identity through the API: verified with the cloud first, then stored.
+    pub async fn set(&self, vm_id: &str) -> Result<IdentityState, IdentitySetError> {
+        if let Some(src) = self.fixed_by {
+            return Err(IdentitySetError::Identity(IdentityError::Fixed(
+                src.as_str(),
+            )));
+        }
+        let vm = match self.cloud.get_vm(vm_id).await {
+            Ok(Some(vm)) => vm,
+            Ok(None) => {
+                return Err(IdentitySetError::Identity(IdentityError::NoSuchVm(
+                    vm_id.to_string(),
+                )))
+            }
+            Err(e) if e.kind == CloudErrorKind::NotFound => {
+                return Err(IdentitySetError::Identity(IdentityError::NoSuchVm(
+                    vm_id.to_string(),
+                )))
+            }
+            Err(e) => {
+                return Err(IdentitySetError::Identity(
+                    IdentityError::CloudUnavailable {
+                        vm_id: vm_id.to_string(),
+                        problem: e.chain(),
+                    },
+                ))
+            }
+        };
+        self.store
+            .set_appliance(&ApplianceRecord {
+                vm_id: vm_id.to_string(),
+                source: IdentitySource::Database.as_str().to_string(),
+                updated_at: Utc::now(),
+            })
+            .await
+            .map_err(IdentitySetError::Store)?;
+        let mut s = self.state.write().await;
+        *s = IdentityState {
+            vm_id: Some(vm_id.to_string()),
+            source: IdentitySource::Database,
+            verified: true,
+            vm_name: Some(vm.name),
+            vm_state: Some(vm.state),
+            problem: None,
+        };
+        Ok(s.clone())
+    }
+}
+
+/// Failure of [`Identity::set`].
+#[derive(Debug, thiserror::Error)]
+pub enum IdentitySetError {
+    #[error(transparent)]
+    Identity(IdentityError),
+    #[error("cannot store the appliance identity")]
+    Store(#[source] crate::store::StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detection_reads_cloud_init_then_dmi() {
+        let dir = tempfile::tempdir().unwrap();
+        let dmi = dir.path().join("product_uuid");
+        let ci = dir.path().join("instance-data.json");
+        std::fs::write(&dmi, "4C4C4544-0000-1111-2222-333344445555\n").unwrap();
+        let src = DetectionSources {
+            dmi_product_uuid: dmi,
+            cloud_init_instance_data: ci.clone(),
+        };
+        assert_eq!(
+            src.candidates()[0].0,
+            "4c4c4544-0000-1111-2222-333344445555"
+        );
+        std::fs::write(&ci, r#"{"v1":{"instance_id":"vm-from-cloud-init"}}"#).unwrap();
+        let c = src.candidates();
+        assert_eq!(c[0].0, "vm-from-cloud-init");
+        assert_eq!(c.len(), 2);
+    }
+}

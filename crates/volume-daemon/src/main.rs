@@ -1,0 +1,3 @@
+//! `volume-daemon`: the daemon binary.
+
+fn main() {}
