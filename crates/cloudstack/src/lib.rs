@@ -1,1 +1,3 @@
 //! Apache CloudStack API client: request signing, typed calls, tolerant decoding, asynchronous jobs.
+
+pub mod sign;

@@ -119,3 +119,195 @@ pub trait Cloud: Send + Sync + 'static {
     /// A cheap authenticated call, for health checks.
     fn ping(&self) -> CloudFuture<'_, ()>;
 }
+
+/// [`Cloud`] over the real CloudStack client (also used against the simulator).
+#[derive(Debug, Clone)]
+pub struct CloudStack {
+    client: cloudstack::Client,
+}
+
+impl CloudStack {
+    pub fn new(client: cloudstack::Client) -> Self {
+        Self { client }
+    }
+
+    pub fn client(&self) -> &cloudstack::Client {
+        &self.client
+    }
+}
+
+fn kind_of(e: &cloudstack::Error) -> CloudErrorKind {
+    use cloudstack::ErrorKind as K;
+    match e.kind() {
+        K::NotFound => CloudErrorKind::NotFound,
+        K::InvalidParameter => CloudErrorKind::InvalidParameter,
+        K::InUse => CloudErrorKind::InUse,
+        K::LimitExceeded => CloudErrorKind::LimitExceeded,
+        K::Unauthorized => CloudErrorKind::Unauthorized,
+        K::Transient => CloudErrorKind::Unavailable,
+        K::JobFailed => CloudErrorKind::JobFailed,
+        K::JobStillRunning => CloudErrorKind::JobStillRunning,
+        K::Decode | K::Config | K::Other => CloudErrorKind::Other,
+    }
+}
+
+fn wrap(action: &'static str) -> impl Fn(cloudstack::Error) -> CloudError {
+    move |e| CloudError {
+        kind: kind_of(&e),
+        action,
+        source: Box::new(e),
+    }
+}
+
+impl From<cloudstack::Volume> for CloudVolume {
+    fn from(v: cloudstack::Volume) -> Self {
+        Self {
+            id: v.id,
+            name: v.name,
+            state: v.state,
+            size: v.size,
+            vm_id: v.virtualmachine_id,
+            device_id: v.device_id,
+            volume_type: v.volume_type,
+            zone_id: v.zone_id,
+            disk_offering_id: v.disk_offering_id,
+        }
+    }
+}
+
+impl Cloud for CloudStack {
+    fn create_volume<'a>(&'a self, spec: &'a NewCloudVolume) -> CloudFuture<'a, CloudJob> {
+        Box::pin(async move {
+            let job = self
+                .client
+                .create_volume(&cloudstack::CreateVolume {
+                    name: spec.name.clone(),
+                    zone_id: spec.zone_id.clone(),
+                    disk_offering_id: spec.disk_offering_id.clone(),
+                    size_bytes: Some(spec.size_bytes),
+                })
+                .await
+                .map_err(wrap("createVolume"))?;
+            Ok(CloudJob {
+                job_id: job.job_id,
+                resource_id: job.resource_id,
+            })
+        })
+    }
+
+    fn attach_volume<'a>(
+        &'a self,
+        volume_id: &'a str,
+        vm_id: &'a str,
+        device_id: Option<u32>,
+    ) -> CloudFuture<'a, CloudJob> {
+        Box::pin(async move {
+            let job = self
+                .client
+                .attach_volume(volume_id, vm_id, device_id)
+                .await
+                .map_err(wrap("attachVolume"))?;
+            Ok(CloudJob {
+                job_id: job.job_id,
+                resource_id: job.resource_id,
+            })
+        })
+    }
+
+    fn detach_volume<'a>(&'a self, volume_id: &'a str) -> CloudFuture<'a, CloudJob> {
+        Box::pin(async move {
+            let job = self
+                .client
+                .detach_volume(volume_id)
+                .await
+                .map_err(wrap("detachVolume"))?;
+            Ok(CloudJob {
+                job_id: job.job_id,
+                resource_id: job.resource_id,
+            })
+        })
+    }
+
+    fn delete_volume<'a>(&'a self, volume_id: &'a str) -> CloudFuture<'a, bool> {
+        Box::pin(async move {
+            match self.client.delete_volume(volume_id).await {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == cloudstack::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(wrap("deleteVolume")(e)),
+            }
+        })
+    }
+
+    fn wait_job<'a>(
+        &'a self,
+        job_id: &'a str,
+        deadline: Duration,
+    ) -> CloudFuture<'a, Option<CloudVolume>> {
+        Box::pin(async move {
+            let result = self
+                .client
+                .wait_job(job_id, deadline)
+                .await
+                .map_err(wrap("queryAsyncJobResult"))?;
+            Ok(result
+                .get("volume")
+                .cloned()
+                .and_then(|v| serde_json::from_value::<cloudstack::Volume>(v).ok())
+                .map(Into::into))
+        })
+    }
+
+    fn get_volume<'a>(&'a self, volume_id: &'a str) -> CloudFuture<'a, Option<CloudVolume>> {
+        Box::pin(async move {
+            Ok(self
+                .client
+                .get_volume(volume_id)
+                .await
+                .map_err(wrap("listVolumes"))?
+                .map(Into::into))
+        })
+    }
+
+    fn volumes_named<'a>(&'a self, name: &'a str) -> CloudFuture<'a, Vec<CloudVolume>> {
+        Box::pin(async move {
+            let q = cloudstack::ListVolumes {
+                name: Some(name.to_string()),
+                ..Default::default()
+            };
+            Ok(self
+                .client
+                .list_volumes(&q)
+                .await
+                .map_err(wrap("listVolumes"))?
+                .into_iter()
+                .filter(|v| v.name == name)
+                .map(Into::into)
+                .collect())
+        })
+    }
+
+    fn get_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, Option<CloudVm>> {
+        Box::pin(async move {
+            Ok(self
+                .client
+                .get_virtual_machine(vm_id)
+                .await
+                .map_err(wrap("listVirtualMachines"))?
+                .map(|vm| CloudVm {
+                    id: vm.id,
+                    name: vm.name,
+                    state: vm.state,
+                }))
+        })
+    }
+
+    fn ping(&self) -> CloudFuture<'_, ()> {
+        Box::pin(async move {
+            self.client
+                .list_zones()
+                .await
+                .map_err(wrap("listZones"))?;
+            Ok(())
+        })
+    }
+}

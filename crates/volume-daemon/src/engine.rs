@@ -21,7 +21,7 @@ use crate::identity::{Identity, IdentityError};
 use crate::locks::{KeyedMutex, Queues};
 use crate::metrics::Metrics;
 use crate::store::{
-    AttachTarget, AttachmentRecord, DiskRole, ExportRecord, Inserted, NewOperation, OpError,
+    AttachTarget, AttachmentFilter, AttachmentRecord, DiskRole, ExportRecord, Inserted, NewOperation, OpError,
     OpStatus, OpType, OperationRecord, Store, StoreError, VolumeRecord,
 };
 
@@ -480,6 +480,133 @@ impl Engine {
                 _ => return Ok(op),
             }
         }
+    }
+}
+
+impl Engine {
+    /// Runs `f` in the volume's FIFO turn, so that it never interleaves with an operation on that volume.
+    pub(crate) async fn in_turn<T>(&self, volume_id: Uuid, f: impl std::future::Future<Output = T>) -> T {
+        let mut turn = self.inner.queues.enqueue(&volume_id.to_string());
+        turn.wait().await;
+        let out = f.await;
+        drop(turn);
+        out
+    }
+
+    /// `POST /exports`: makes sure an appliance-attached volume is exported (re-opening it after a
+    /// `DELETE /exports`). A device path that is not the volume's own device is refused.
+    pub async fn ensure_export(
+        &self,
+        volume_id: Uuid,
+        device_path: Option<&str>,
+    ) -> Result<ExportRecord, EngineError> {
+        self.in_turn(volume_id, async {
+            let inner = &self.inner;
+            let att = inner
+                .store
+                .get_attachment(volume_id)
+                .await?
+                .filter(|a| a.target == AttachTarget::Appliance)
+                .ok_or_else(|| {
+                    EngineError::Conflict(format!(
+                        "volume {volume_id} is not attached to the appliance; attach it first \
+                         (POST /api/v1/volumes/{volume_id}/attach)"
+                    ))
+                })?;
+            if let Some(p) = device_path.filter(|p| !p.is_empty()) {
+                let own = [att.by_id_path.as_deref(), att.kernel_device.as_deref(), att.stable_name.as_deref()];
+                if !own.contains(&Some(p)) {
+                    return Err(EngineError::Conflict(format!(
+                        "device_path {p} is not the device of volume {volume_id} ({}); leave device_path out",
+                        att.by_id_path.as_deref().or(att.kernel_device.as_deref()).unwrap_or("unknown")
+                    )));
+                }
+            }
+            if let Some(rec) = inner.store.get_export(volume_id).await? {
+                if inner.exports.get(volume_id).is_some_and(|s| s.generation == rec.generation) {
+                    return Ok(rec);
+                }
+            }
+            inner.reexport(&att).await
+        })
+        .await
+    }
+
+    /// Re-verifies an appliance attachment's device and serves it again under a new generation.
+    pub(crate) async fn reexport(&self, att: &AttachmentRecord) -> Result<ExportRecord, EngineError> {
+        self.inner.reexport(att).await
+    }
+
+    /// `DELETE /exports/{volume_id}`: stops serving the volume (drained); the attachment stays.
+    pub async fn remove_export(&self, volume_id: Uuid) -> Result<bool, EngineError> {
+        self.in_turn(volume_id, async {
+            let inner = &self.inner;
+            let closed = inner.exports.close(volume_id, inner.cfg.drain_timeout).await?;
+            let had_record = inner.store.get_export(volume_id).await?.is_some();
+            inner.store.delete_export(volume_id).await?;
+            Ok(closed.is_some() || had_record)
+        })
+        .await
+    }
+
+    /// Start-up: re-verifies the device of every appliance attachment and re-creates its stable name and
+    /// export (guarantee 6). Returns the volumes that could not be restored and why.
+    pub async fn restore_appliance_volumes(&self) -> Result<Vec<(Uuid, String)>, EngineError> {
+        let inner = &self.inner;
+        let atts = inner
+            .store
+            .list_attachments(&AttachmentFilter {
+                vm_id: None,
+                target: Some(AttachTarget::Appliance),
+            })
+            .await?;
+        let mut problems = Vec::new();
+        for att in atts {
+            if let Some(name) = &att.stable_name {
+                inner.devices.remember(att.volume_id, std::path::Path::new(name))?;
+            }
+            match inner.reexport(&att).await {
+                Ok(rec) => tracing::info!(volume = %att.volume_id, export = %rec.export_name, generation = rec.generation, "export restored"),
+                Err(e) => {
+                    let msg = crate::error_chain(&e);
+                    tracing::error!(volume = %att.volume_id, error = %msg, "cannot restore the export of an appliance volume");
+                    problems.push((att.volume_id, msg));
+                }
+            }
+        }
+        Ok(problems)
+    }
+}
+
+impl Inner {
+    /// Verifies the attachment's device, re-creates its stable name and opens a new export generation.
+    async fn reexport(&self, att: &AttachmentRecord) -> Result<ExportRecord, EngineError> {
+        let volume_id = att.volume_id;
+        let size = self
+            .store
+            .get_volume(volume_id)
+            .await?
+            .map(|v| v.size_bytes)
+            .ok_or_else(|| EngineError::NotFound(format!("volume {volume_id} has no record")))?;
+        let dev = self.devices.resolve(volume_id, size)?;
+        let link_target = dev.by_id_path.clone().unwrap_or_else(|| dev.dev_path.clone());
+        self.devices.name(volume_id, &link_target)?;
+        let snap = self
+            .exports
+            .open(volume_id, &dev.dev_path, self.cfg.drain_timeout)
+            .await?;
+        let now = Utc::now();
+        let rec = ExportRecord {
+            volume_id,
+            export_name: snap.name.clone(),
+            device_path: link_target.display().to_string(),
+            generation: snap.generation,
+            read_only: false,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.upsert_export(&rec).await?;
+        Ok(rec)
     }
 }
 

@@ -1,3 +1,248 @@
-//! `volume-daemon`: the daemon binary.
+//! The `volume-daemon` binary: `serve` (optionally with the built-in simulator) and `check`.
 
-fn main() {}
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use volume_daemon::config::{Config, Secret};
+use volume_daemon::daemon::{self, RunningDaemon};
+
+/// Owns the appliance's CloudStack volumes: creates, attaches, finds, names, serves over NBD, detaches and
+/// deletes them, journaling every step.
+#[derive(Debug, Parser)]
+#[command(name = "volume-daemon", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon until SIGTERM or SIGINT.
+    Serve(ServeArgs),
+    /// Check privileges, database, cloud and appliance identity; exit non-zero when any check fails.
+    Check(CommonArgs),
+}
+
+#[derive(Debug, Args)]
+struct CommonArgs {
+    /// TOML configuration file (every key also from VOLUME_DAEMON_<KEY>).
+    #[arg(long, env = "VOLUME_DAEMON_CONFIG")]
+    config: Option<PathBuf>,
+    /// Database URL: sqlite://PATH?mode=rwc, postgres://…, mysql://… (default: SQLite under the state dir).
+    #[arg(long)]
+    database: Option<String>,
+    /// Directory of the daemon's own files.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// CloudStack API endpoint (…/client/api).
+    #[arg(long)]
+    cloudstack_url: Option<String>,
+    #[arg(long)]
+    cloudstack_api_key: Option<String>,
+    #[arg(long)]
+    cloudstack_secret_key: Option<String>,
+    /// The appliance VM's CloudStack id (detected when absent).
+    #[arg(long)]
+    appliance_vm_id: Option<String>,
+    /// Directory of `virtio-<serial>` links.
+    #[arg(long)]
+    by_id_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// REST API address (default 127.0.0.1:8090).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// NBD address (default 127.0.0.1:10809).
+    #[arg(long)]
+    nbd_listen: Option<SocketAddr>,
+    /// Run the built-in CloudStack simulator in-process and use it as the cloud.
+    #[arg(long)]
+    sim: bool,
+    /// Simulator API address (default 127.0.0.1:8080).
+    #[arg(long, requires = "sim")]
+    sim_listen: Option<SocketAddr>,
+    /// Simulator API key (default sim-api-key).
+    #[arg(long, requires = "sim")]
+    sim_api_key: Option<String>,
+    /// Simulator secret key (default sim-secret-key).
+    #[arg(long, requires = "sim")]
+    sim_secret_key: Option<String>,
+    /// Duration of the simulator's asynchronous jobs in milliseconds (default 200).
+    #[arg(long, requires = "sim")]
+    sim_job_delay_ms: Option<u64>,
+}
+
+fn load(common: &CommonArgs) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(common.config.as_deref(), std::env::vars())?;
+    if let Some(v) = &common.database {
+        cfg.database_url = Some(v.clone());
+    }
+    if let Some(v) = &common.state_dir {
+        cfg.state_dir = v.clone();
+    }
+    if let Some(v) = &common.cloudstack_url {
+        cfg.cloudstack_url = Some(v.clone());
+    }
+    if let Some(v) = &common.cloudstack_api_key {
+        cfg.cloudstack_api_key = Some(Secret::new(v.clone()));
+    }
+    if let Some(v) = &common.cloudstack_secret_key {
+        cfg.cloudstack_secret_key = Some(Secret::new(v.clone()));
+    }
+    if let Some(v) = &common.appliance_vm_id {
+        cfg.appliance_vm_id = Some(v.clone());
+    }
+    if let Some(v) = &common.by_id_dir {
+        cfg.by_id_dir = v.clone();
+    }
+    Ok(cfg)
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = load(&args.common)?;
+    if let Some(v) = args.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = args.nbd_listen {
+        cfg.nbd_listen = v;
+    }
+    if args.sim {
+        cfg.sim.enabled = true;
+        if args.common.state_dir.is_none()
+            && args.common.config.is_none()
+            && std::env::var_os("VOLUME_DAEMON_STATE_DIR").is_none()
+        {
+            // A fresh machine without a configuration: keep state in a user-writable place.
+            cfg.state_dir = default_sim_state_dir();
+        }
+    }
+    if let Some(v) = args.sim_listen {
+        cfg.sim.listen = v;
+    }
+    if let Some(v) = args.sim_api_key {
+        cfg.sim.api_key = Secret::new(v);
+    }
+    if let Some(v) = args.sim_secret_key {
+        cfg.sim.secret_key = Secret::new(v);
+    }
+    if let Some(v) = args.sim_job_delay_ms {
+        cfg.sim.job_delay_ms = v;
+    }
+    init_logging(&cfg.log_format);
+    tracing::info!(state_dir = %cfg.state_dir.display(), database = %redact_url(&cfg.effective_database_url()), "starting");
+    let daemon = RunningDaemon::start(cfg).await.context("volume-daemon could not start")?;
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    daemon.shutdown().await;
+    Ok(())
+}
+
+/// The state directory of `serve --sim` without configuration: `$XDG_STATE_HOME/volume-daemon-sim`, else
+/// `~/.local/state/volume-daemon-sim`, else a directory under the system temp dir.
+fn default_sim_state_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(x).join("volume-daemon-sim");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".local/state/volume-daemon-sim");
+    }
+    std::env::temp_dir().join("volume-daemon-sim")
+}
+
+/// Hides the password of a database URL.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn check(args: CommonArgs) -> anyhow::Result<bool> {
+    let cfg = load(&args)?;
+    init_logging("text");
+    let lines = daemon::check(&cfg).await;
+    let width = lines.iter().map(|l| l.name.len()).max().unwrap_or(0);
+    for l in &lines {
+        println!(
+            "{} {:width$}  {}",
+            if l.ok { "ok  " } else { "FAIL" },
+            l.name,
+            l.detail
+        );
+    }
+    Ok(lines.iter().all(|l| l.ok))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(a) => serve(a).await.map(|()| true),
+        Command::Check(a) => check(a).await,
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_passwords_are_hidden() {
+        assert_eq!(
+            redact_url("postgres://vd:s3cret@db:5432/vd"),
+            "postgres://vd:***@db:5432/vd"
+        );
+        assert_eq!(redact_url("sqlite:///x.db?mode=rwc"), "sqlite:///x.db?mode=rwc");
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,483 @@
+//! Storage behind an export: the [`Backend`] trait, [`FileBackend`] for regular files and block devices,
+//! and [`MemoryBackend`] for tests. Every method is blocking; the server calls them off the runtime threads.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::RwLock;
+
+use rustix::fs::{FallocateFlags, SeekFrom};
+
+use crate::error::NbdError;
+use crate::proto::{STATE_HOLE, STATE_ZERO};
+
+/// One run of blocks with the same allocation state (`base:allocation` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// `STATE_HOLE` and/or `STATE_ZERO`, 0 for allocated data.
+    pub flags: u32,
+}
+
+/// Storage served by an export. All methods block; ranges are already checked against [`Backend::size`].
+pub trait Backend: Send + Sync + 'static {
+    /// Size in bytes, fixed for the life of the backend.
+    fn size(&self) -> u64;
+    /// Appends exactly `len` bytes read at `offset` to `buf`.
+    fn read_at(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<()>;
+    /// Writes all of `data` at `offset`.
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Discards a range (advisory: contents afterwards are unspecified).
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes a range read back as zeros. `may_trim` allows deallocation; with `fast` the call must fail with
+    /// `EOPNOTSUPP` instead of falling back to something slower than a metadata operation.
+    fn zero(&self, offset: u64, len: u64, may_trim: bool, fast: bool) -> io::Result<()>;
+    /// Allocation state of `[offset, offset+len)`, in order from `offset`; may cover less than `len`
+    /// but at least one byte.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>>;
+    /// Prefetches a range; a no-op by default.
+    fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    /// Whether trim does anything.
+    fn can_trim(&self) -> bool {
+        true
+    }
+    /// Whether a fast zero can ever succeed.
+    fn can_fast_zero(&self) -> bool {
+        false
+    }
+    /// Whether flush on one connection covers writes completed on every connection.
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+    /// Whether the medium is rotational.
+    fn is_rotational(&self) -> bool {
+        false
+    }
+}
+
+// Block-device ioctl request codes (linux/fs.h).
+const BLKSSZGET: libc::Ioctl = 0x1268;
+const BLKDISCARD: libc::Ioctl = 0x1277;
+const BLKZEROOUT: libc::Ioctl = 0x127f;
+const BLKGETSIZE64: libc::Ioctl = 0x8008_1272;
+
+/// Largest chunk written when zeros must be written explicitly.
+const ZERO_CHUNK: usize = 1 << 20;
+static ZEROS: [u8; ZERO_CHUNK] = [0u8; ZERO_CHUNK];
+
+/// Most extents returned by one block-status call.
+const MAX_EXTENTS: usize = 1024;
+
+/// A regular file or a block device, accessed with positional I/O.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    size: u64,
+    block_device: bool,
+    /// Logical block size of a block device (1 for files).
+    sector: u64,
+}
+
+impl FileBackend {
+    /// Opens a regular file or block device; `read_only` opens it without write access.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, NbdError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| NbdError::io_op("open the export's file or device", e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| NbdError::io_op("stat the export's file or device", e))?;
+        let ft = meta.file_type();
+        if ft.is_block_device() {
+            let size = ioctl_u64(&file, BLKGETSIZE64)
+                .map_err(|e| NbdError::io_op("read the block device size (BLKGETSIZE64)", e))?;
+            let sector = ioctl_int(&file, BLKSSZGET)
+                .map_err(|e| NbdError::io_op("read the logical block size (BLKSSZGET)", e))?;
+            Ok(FileBackend {
+                file,
+                size,
+                block_device: true,
+                sector: u64::try_from(sector.max(1)).unwrap_or(512),
+            })
+        } else if ft.is_file() {
+            Ok(FileBackend {
+                file,
+                size: meta.len(),
+                block_device: false,
+                sector: 1,
+            })
+        } else {
+            Err(NbdError::Invalid(format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            )))
+        }
+    }
+
+    /// Whether this backend is a block device.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len;
+        while offset < end {
+            let n = usize::try_from((end - offset).min(ZERO_CHUNK as u64)).expect("chunk fits usize");
+            self.write_at(&ZEROS[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    fn blk_range(&self, req: libc::Ioctl, offset: u64, len: u64) -> io::Result<()> {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKDISCARD and BLKZEROOUT read a `[u64; 2]` (start, length) from the pointer, which is
+        // valid for the duration of the call; the fd is open.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), req, range.as_ptr()) };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Aligned sub-range `[start, end)` of `[offset, offset+len)` on sector boundaries (may be empty).
+    fn aligned(&self, offset: u64, len: u64) -> (u64, u64) {
+        let s = offset.div_ceil(self.sector) * self.sector;
+        let e = (offset + len) / self.sector * self.sector;
+        (s, e.max(s))
+    }
+}
+
+fn ioctl_u64(file: &File, req: libc::Ioctl) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: the request writes one u64 through the pointer, which points at a live local.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), req, &mut v as *mut u64) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
+}
+
+fn ioctl_int(file: &File, req: libc::Ioctl) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: the request writes one int through the pointer, which points at a live local.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), req, &mut v as *mut libc::c_int) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
+}
+
+fn unsupported(e: &rustix::io::Errno) -> bool {
+    *e == rustix::io::Errno::OPNOTSUPP || *e == rustix::io::Errno::NOSYS
+}
+
+impl Backend for FileBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<()> {
+        buf.reserve(len);
+        let target = buf.len() + len;
+        let mut pos = offset;
+        while buf.len() < target {
+            let want = target - buf.len();
+            let spare = &mut buf.spare_capacity_mut()[..want];
+            let n = rustix::io::pread(&self.file, spare, pos).map(|(init, _)| init.len());
+            match n {
+                Ok(0) => {
+                    // The file shrank underneath: what is past its end reads as zeros.
+                    buf.resize(target, 0);
+                }
+                Ok(n) => {
+                    // SAFETY: pread initialized the first `n` bytes of the spare capacity.
+                    unsafe { buf.set_len(buf.len() + n) };
+                    pos += n as u64;
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+        while !data.is_empty() {
+            match rustix::io::pwrite(&self.file, data, offset) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => {
+                    data = &data[n..];
+                    offset += n as u64;
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        rustix::fs::fdatasync(&self.file).map_err(Into::into)
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.block_device {
+            let (s, e) = self.aligned(offset, len);
+            if e > s {
+                match self.blk_range(BLKDISCARD, s, e - s) {
+                    Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                    r => r?,
+                }
+            }
+            return Ok(());
+        }
+        match rustix::fs::fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Err(e) if unsupported(&e) => Ok(()),
+            r => r.map_err(Into::into),
+        }
+    }
+
+    fn zero(&self, offset: u64, len: u64, may_trim: bool, fast: bool) -> io::Result<()> {
+        let not_fast = || io::Error::from_raw_os_error(libc::EOPNOTSUPP);
+        if self.block_device {
+            if fast {
+                return Err(not_fast());
+            }
+            let (s, e) = self.aligned(offset, len);
+            if e > s {
+                match self.blk_range(BLKZEROOUT, s, e - s) {
+                    Ok(()) => {
+                        self.write_zeros(offset, s - offset)?;
+                        return self.write_zeros(e, offset + len - e);
+                    }
+                    Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                    Err(err) => return Err(err),
+                }
+            }
+            return self.write_zeros(offset, len);
+        }
+        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        let zero_range = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
+        if may_trim {
+            match rustix::fs::fallocate(&self.file, punch, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if unsupported(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match rustix::fs::fallocate(&self.file, zero_range, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if unsupported(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if !may_trim {
+            // Punch a hole, then allocate the range again: zeros without leaving it sparse.
+            match rustix::fs::fallocate(&self.file, punch, offset, len) {
+                Ok(()) => {
+                    return match rustix::fs::fallocate(
+                        &self.file,
+                        FallocateFlags::KEEP_SIZE,
+                        offset,
+                        len,
+                    ) {
+                        Err(e) if !unsupported(&e) => Err(e.into()),
+                        _ => Ok(()),
+                    };
+                }
+                Err(e) if unsupported(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if fast {
+            return Err(not_fast());
+        }
+        self.write_zeros(offset, len)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let end = offset + len;
+        if self.block_device {
+            return Ok(vec![Extent { length: len, flags: 0 }]);
+        }
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < MAX_EXTENTS {
+            let data = match rustix::fs::seek(&self.file, SeekFrom::Data(pos)) {
+                Ok(d) => d,
+                Err(rustix::io::Errno::NXIO) => end,
+                Err(e) if unsupported(&e) || e == rustix::io::Errno::INVAL => {
+                    out.push(Extent {
+                        length: end - pos,
+                        flags: 0,
+                    });
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if data > pos {
+                let stop = data.min(end);
+                out.push(Extent {
+                    length: stop - pos,
+                    flags: STATE_HOLE | STATE_ZERO,
+                });
+                pos = stop;
+                continue;
+            }
+            let hole = match rustix::fs::seek(&self.file, SeekFrom::Hole(pos)) {
+                Ok(h) => h,
+                Err(rustix::io::Errno::NXIO) => end,
+                Err(e) => return Err(e.into()),
+            };
+            let stop = hole.clamp(pos + 1, end);
+            out.push(Extent {
+                length: stop - pos,
+                flags: 0,
+            });
+            pos = stop;
+        }
+        Ok(out)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = rustix::fs::fadvise(
+            &self.file,
+            offset,
+            std::num::NonZeroU64::new(len),
+            rustix::fs::Advice::WillNeed,
+        );
+        Ok(())
+    }
+
+    fn can_fast_zero(&self) -> bool {
+        !self.block_device
+    }
+}
+
+/// An in-memory disk for tests.
+#[derive(Debug)]
+pub struct MemoryBackend {
+    data: RwLock<Vec<u8>>,
+}
+
+impl MemoryBackend {
+    /// A zero-filled disk of `size` bytes.
+    pub fn new(size: usize) -> Self {
+        Self::from_vec(vec![0u8; size])
+    }
+
+    /// A disk holding `data`.
+    pub fn from_vec(data: Vec<u8>) -> Self {
+        MemoryBackend {
+            data: RwLock::new(data),
+        }
+    }
+
+    /// A copy of the current contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.data.read().expect("memory backend lock poisoned").clone()
+    }
+
+    fn range(offset: u64, len: u64) -> std::ops::Range<usize> {
+        let s = usize::try_from(offset).expect("offset checked against size");
+        let e = usize::try_from(offset + len).expect("range checked against size");
+        s..e
+    }
+}
+
+impl Backend for MemoryBackend {
+    fn size(&self) -> u64 {
+        self.data.read().expect("memory backend lock poisoned").len() as u64
+    }
+
+    fn read_at(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<()> {
+        let d = self.data.read().expect("memory backend lock poisoned");
+        buf.extend_from_slice(&d[Self::range(offset, len as u64)]);
+        Ok(())
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let mut d = self.data.write().expect("memory backend lock poisoned");
+        d[Self::range(offset, data.len() as u64)].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.zero(offset, len, true, false)
+    }
+
+    fn zero(&self, offset: u64, len: u64, _may_trim: bool, _fast: bool) -> io::Result<()> {
+        let mut d = self.data.write().expect("memory backend lock poisoned");
+        d[Self::range(offset, len)].fill(0);
+        Ok(())
+    }
+
+    fn block_status(&self, _offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        Ok(vec![Extent {
+            length: len,
+            flags: 0,
+        }])
+    }
+
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn file_zero_and_block_status() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&vec![0xabu8; 1 << 20]).unwrap();
+        f.flush().unwrap();
+        let b = FileBackend::open(f.path(), false).unwrap();
+        assert_eq!(b.size(), 1 << 20);
+        b.zero(4096, 8192, true, false).unwrap();
+        b.zero(65536, 4096, false, false).unwrap();
+        let mut buf = Vec::new();
+        b.read_at(&mut buf, 0, 1 << 20).unwrap();
+        assert!(buf[4096..12288].iter().all(|&x| x == 0));
+        assert!(buf[65536..69632].iter().all(|&x| x == 0));
+        assert!(buf[..4096].iter().all(|&x| x == 0xab));
+        assert!(buf[12288..65536].iter().all(|&x| x == 0xab));
+        let ext = b.block_status(0, 1 << 20).unwrap();
+        assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
+        b.write_at(b"hello", 100).unwrap();
+        b.flush().unwrap();
+        let mut buf = Vec::new();
+        b.read_at(&mut buf, 100, 5).unwrap();
+        assert_eq!(&buf, b"hello");
+    }
+
+    #[test]
+    fn open_rejects_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let e = FileBackend::open(d.path(), true).unwrap_err();
+        assert_eq!(e.kind(), crate::NbdErrorKind::Invalid);
+    }
+}

@@ -1,0 +1,131 @@
+//! `/health`: each component checked for real (database, cloud, appliance identity, privileges, NBD
+//! listener, journal recovery); 200 only when the daemon can serve, 503 otherwise.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use volume_api::{ComponentHealth, Health};
+
+use super::AppState;
+
+/// How long `/health` waits for the cloud before calling it unreachable.
+const CLOUD_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Start-up facts `/health` reports next to its live checks.
+#[derive(Debug, Default)]
+pub struct HealthState {
+    ready: AtomicBool,
+    facts: Mutex<BTreeMap<String, ComponentHealth>>,
+}
+
+impl HealthState {
+    /// True once start-up recovery finished and until shutdown begins.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn set_ready(&self, on: bool) {
+        self.ready.store(on, Ordering::SeqCst);
+    }
+
+    /// Records a component whose state is known from start-up (privileges, NBD listener).
+    pub fn set_fact(&self, name: &str, ok: bool, detail: impl Into<String>) {
+        if let Ok(mut f) = self.facts.lock() {
+            f.insert(name.to_string(), component(ok, detail));
+        }
+    }
+
+    fn facts(&self) -> BTreeMap<String, ComponentHealth> {
+        self.facts.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+}
+
+fn component(ok: bool, detail: impl Into<String>) -> ComponentHealth {
+    ComponentHealth {
+        status: if ok { "ok" } else { "failed" }.into(),
+        detail: detail.into(),
+    }
+}
+
+/// Builds the health report; `Health::ready` is false when any component failed.
+pub async fn report(st: &AppState) -> Health {
+    let engine = &st.engine;
+    let mut components = st.health.facts();
+    let db = engine.store().get_appliance().await;
+    components.insert(
+        "database".into(),
+        match db {
+            Ok(_) => component(true, "reachable"),
+            Err(e) => component(false, crate::error_chain(&e)),
+        },
+    );
+    let cloud = tokio::time::timeout(CLOUD_CHECK_TIMEOUT, engine.cloud().ping()).await;
+    components.insert(
+        "cloudstack".into(),
+        match cloud {
+            Ok(Ok(())) => component(true, "reachable"),
+            Ok(Err(e)) => component(false, e.chain()),
+            Err(_) => component(
+                false,
+                format!("no answer within {}s", CLOUD_CHECK_TIMEOUT.as_secs()),
+            ),
+        },
+    );
+    let id = engine.identity().current().await;
+    components.insert(
+        "appliance_identity".into(),
+        match (&id.vm_id, id.verified) {
+            (Some(vm), true) => component(true, format!("{vm} ({})", id.source.as_str())),
+            (Some(vm), false) => component(
+                false,
+                format!(
+                    "{vm} is not verified: {}",
+                    id.problem.as_deref().unwrap_or("not checked yet")
+                ),
+            ),
+            (None, _) => component(
+                false,
+                id.problem
+                    .clone()
+                    .unwrap_or_else(|| "unknown: set appliance_vm_id or PUT /api/v1/appliance".into()),
+            ),
+        },
+    );
+    let ready = st.health.is_ready();
+    components.insert(
+        "journal".into(),
+        component(
+            ready,
+            if ready {
+                "recovered; accepting operations"
+            } else {
+                "not accepting operations (starting up or shutting down)"
+            },
+        ),
+    );
+    let all_ok = components.values().all(|c| c.status == "ok");
+    Health {
+        status: if all_ok { "healthy" } else { "unhealthy" }.into(),
+        ready: all_ok,
+        service: "volume-daemon".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        timestamp: chrono::Utc::now(),
+        components,
+    }
+}
+
+pub async fn health(State(st): State<AppState>) -> Response {
+    let h = report(&st).await;
+    let status = if h.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(h)).into_response()
+}

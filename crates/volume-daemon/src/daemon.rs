@@ -1,0 +1,416 @@
+//! Start-up and shutdown of the whole daemon: migrations, privilege preflight, the cloud, the appliance identity,
+//! the NBD listener, exports and names re-created from the database, the journal resumed, then the API and the
+//! readiness notification. Also the `check` report, which runs the same checks without serving.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, AppState, HealthState};
+use crate::cloud::{Cloud, CloudStack};
+use crate::config::{Config, ConfigError};
+use crate::devices::Devices;
+use crate::engine::{Engine, EngineConfig, EngineError, Parts};
+use crate::exports::Exports;
+use crate::identity::{DetectionSources, Identity, IdentitySource};
+use crate::metrics::Metrics;
+use crate::sim::{self, Sim, SimError};
+use crate::store::{Store, StoreError};
+
+/// Start-up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot create the state directory {path}; create it or set state_dir")]
+    StateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Sim(#[from] SimError),
+    #[error("cannot open or migrate the database; check database_url and that the server is reachable")]
+    Store(#[source] StoreError),
+    #[error("cannot build the CloudStack client; check cloudstack_url and cloudstack_ca_file")]
+    CloudClient(#[source] cloudstack::Error),
+    #[error("cannot listen on {addr} for {what}; pick another address or stop what uses it")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("start-up recovery failed")]
+    Recovery(#[source] EngineError),
+}
+
+/// A running daemon (API, NBD listener, engine and, with `--sim`, the simulator).
+pub struct RunningDaemon {
+    api_addr: SocketAddr,
+    nbd_addr: SocketAddr,
+    engine: Engine,
+    health: Arc<HealthState>,
+    sim: Option<Sim>,
+    stop_api: Option<oneshot::Sender<()>>,
+    stop_nbd: Option<oneshot::Sender<()>>,
+    api_task: JoinHandle<()>,
+    nbd_task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for RunningDaemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningDaemon")
+            .field("api_addr", &self.api_addr)
+            .field("nbd_addr", &self.nbd_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long shutdown waits for running operations before leaving them to the next start.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, DaemonError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Listen { what, addr, source })
+}
+
+fn cloud_client(cfg: &Config) -> Result<cloudstack::Client, DaemonError> {
+    let secret = cfg
+        .cloudstack_secret_key
+        .as_ref()
+        .map(|s| s.expose().to_string())
+        .unwrap_or_default();
+    cloudstack::Client::new(cloudstack::Config {
+        url: cfg.cloudstack_url.clone().unwrap_or_default(),
+        api_key: cfg
+            .cloudstack_api_key
+            .as_ref()
+            .map(|s| s.expose().to_string())
+            .unwrap_or_default(),
+        secret_key: cloudstack::Secret::new(secret),
+        ca_file: cfg.cloudstack_ca_file.clone(),
+        ..cloudstack::Config::default()
+    })
+    .map_err(DaemonError::CloudClient)
+}
+
+impl RunningDaemon {
+    /// Starts everything; returns once the API serves and the journal is recovered.
+    pub async fn start(mut cfg: Config) -> Result<Self, DaemonError> {
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
+            path: cfg.state_dir.clone(),
+            source,
+        })?;
+        let sim = if cfg.sim.enabled {
+            let s = sim::start(&mut cfg).await?;
+            println!("cloudsim listening on {}", s.running.addr());
+            tracing::info!(
+                api = %s.running.api_url(),
+                api_key = cfg.sim.api_key.expose(),
+                appliance = s.running.appliance_vm_id(),
+                "built-in CloudStack simulator started (secret key: see --sim-secret-key, default sim-secret-key)"
+            );
+            Some(s)
+        } else {
+            None
+        };
+        cfg.validate()?;
+
+        let store = Store::connect(&cfg.effective_database_url())
+            .await
+            .map_err(DaemonError::Store)?;
+        store.migrate().await.map_err(DaemonError::Store)?;
+
+        let health = Arc::new(HealthState::default());
+        let names_dir = cfg.effective_names_dir();
+        let _ = std::fs::create_dir_all(&names_dir);
+        let _ = std::fs::create_dir_all(&cfg.by_id_dir);
+        let pre = blockdev::preflight::run(&cfg.by_id_dir, &names_dir, None);
+        let missing: Vec<String> = pre
+            .checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| match &c.fix {
+                Some(fix) => format!("{}: {} (fix: {fix})", c.name, c.detail),
+                None => format!("{}: {}", c.name, c.detail),
+            })
+            .collect();
+        let privileges_ok = missing.is_empty() || (cfg.allow_regular_files && sim.is_some());
+        for m in &missing {
+            tracing::warn!(check = %m, "privilege preflight");
+        }
+        health.set_fact(
+            "privileges",
+            privileges_ok,
+            if missing.is_empty() {
+                "block devices, names directory, uevents and by-id watch all usable".to_string()
+            } else if privileges_ok {
+                format!("file-backed simulator mode; missing: {}", missing.join("; "))
+            } else {
+                missing.join("; ")
+            },
+        );
+
+        let cloud: Arc<dyn Cloud> = Arc::new(CloudStack::new(cloud_client(&cfg)?));
+        let configured = match (&sim, &cfg.appliance_vm_id) {
+            (_, Some(id)) => Some((id.clone(), IdentitySource::Config)),
+            (Some(s), None) => Some((
+                s.running.appliance_vm_id().to_string(),
+                IdentitySource::Simulator,
+            )),
+            (None, None) => None,
+        };
+        let identity = Identity::establish(
+            configured,
+            store.clone(),
+            Arc::clone(&cloud),
+            &DetectionSources::under(&cfg.sys_dir),
+        )
+        .await;
+
+        let nbd_listener = bind("NBD", cfg.nbd_listen).await?;
+        let nbd_addr = nbd_listener.local_addr().map_err(|source| DaemonError::Listen {
+            what: "NBD",
+            addr: cfg.nbd_listen,
+            source,
+        })?;
+        let registry = nbd::Registry::new();
+        let (stop_nbd, nbd_stop_rx) = oneshot::channel::<()>();
+        let server = nbd::Server::new(registry.clone(), nbd::ServerConfig::default());
+        let nbd_task = tokio::spawn(async move {
+            let stop = async move {
+                let _ = nbd_stop_rx.await;
+            };
+            if let Err(e) = server.serve(nbd_listener, stop).await {
+                tracing::error!(error = %crate::error_chain(&e), "NBD server stopped");
+            }
+        });
+        println!("nbd listening on {nbd_addr}");
+        health.set_fact("nbd", true, format!("listening on {nbd_addr}"));
+
+        let resolver = blockdev::Resolver::new(
+            blockdev::sysfs::SysRoot::new(cfg.sys_dir.clone(), "/dev".into()),
+            cfg.by_id_dir.clone(),
+        )
+        .allow_regular_files(cfg.allow_regular_files);
+        let engine = Engine::new(
+            Parts {
+                store,
+                cloud,
+                devices: Devices::new(resolver, names_dir),
+                exports: Exports::new(registry, cfg.nbd_advertised_port.unwrap_or(nbd_addr.port())),
+                identity,
+                metrics: Arc::new(Metrics::default()),
+            },
+            EngineConfig {
+                job_timeout: cfg.job_timeout(),
+                device_timeout: cfg.device_timeout(),
+                drain_timeout: cfg.drain_timeout(),
+                max_concurrent: cfg.max_concurrent_operations,
+            },
+        );
+
+        // Exports and names first (they serve attached volumes), then the journal.
+        let problems = engine
+            .restore_appliance_volumes()
+            .await
+            .map_err(DaemonError::Recovery)?;
+        health.set_fact(
+            "exports",
+            problems.is_empty(),
+            if problems.is_empty() {
+                "every appliance volume is exported".to_string()
+            } else {
+                problems
+                    .iter()
+                    .map(|(v, m)| format!("{v}: {m}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            },
+        );
+        let resumed = engine.resume_all().await.map_err(DaemonError::Recovery)?;
+        if resumed > 0 {
+            tracing::info!(resumed, "journal recovered");
+        }
+        engine.set_accepting(true);
+        health.set_ready(true);
+
+        let api_listener = bind("the REST API", cfg.listen).await?;
+        let api_addr = api_listener.local_addr().map_err(|source| DaemonError::Listen {
+            what: "the REST API",
+            addr: cfg.listen,
+            source,
+        })?;
+        let app = api::router(AppState {
+            engine: engine.clone(),
+            health: Arc::clone(&health),
+            api_token: cfg.api_token.clone(),
+        });
+        let (stop_api, api_stop_rx) = oneshot::channel::<()>();
+        let api_task = tokio::spawn(async move {
+            let stop = async move {
+                let _ = api_stop_rx.await;
+            };
+            if let Err(e) = axum::serve(api_listener, app).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "REST API server stopped");
+            }
+        });
+        println!("api listening on {api_addr}");
+        crate::sdnotify::ready(&format!("serving API on {api_addr}, NBD on {nbd_addr}"));
+        tracing::info!(api = %api_addr, nbd = %nbd_addr, "ready");
+        Ok(Self {
+            api_addr,
+            nbd_addr,
+            engine,
+            health,
+            sim,
+            stop_api: Some(stop_api),
+            stop_nbd: Some(stop_nbd),
+            api_task,
+            nbd_task,
+        })
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    pub fn nbd_addr(&self) -> SocketAddr {
+        self.nbd_addr
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn sim(&self) -> Option<&cloudsim::RunningSimulator> {
+        self.sim.as_ref().map(|s| &s.running)
+    }
+
+    /// Stops accepting, lets running operations finish (bounded), drains and closes the exports, stops the
+    /// listeners. The journal stays consistent: what did not finish resumes at the next start.
+    pub async fn shutdown(mut self) {
+        crate::sdnotify::stopping();
+        self.health.set_ready(false);
+        self.engine.shutdown(SHUTDOWN_GRACE).await;
+        if let Some(tx) = self.stop_api.take() {
+            let _ = tx.send(());
+        }
+        let _ = self.api_task.await;
+        let drain = self.engine.config().drain_timeout;
+        for snap in self.engine.exports().list() {
+            if let Err(e) = self.engine.exports().registry().remove(&snap.name, drain).await {
+                tracing::warn!(export = %snap.name, error = %crate::error_chain(&e), "export did not close cleanly");
+            }
+        }
+        if let Some(tx) = self.stop_nbd.take() {
+            let _ = tx.send(());
+        }
+        let _ = self.nbd_task.await;
+        if let Some(s) = self.sim.take() {
+            s.running.shutdown().await;
+        }
+    }
+}
+
+/// One line of the `check` report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckLine {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// `volume-daemon check`: privileges, database, cloud and identity, without serving anything.
+pub async fn check(cfg: &Config) -> Vec<CheckLine> {
+    let mut out = Vec::new();
+    let mut line = |name: &str, ok: bool, detail: String| {
+        out.push(CheckLine {
+            name: name.into(),
+            ok,
+            detail,
+        })
+    };
+    if let Err(e) = cfg.validate() {
+        line("configuration", false, crate::error_chain(&e));
+    } else {
+        line("configuration", true, "valid".into());
+    }
+    let names_dir = cfg.effective_names_dir();
+    let _ = std::fs::create_dir_all(&names_dir);
+    for c in blockdev::preflight::run(&cfg.by_id_dir, &names_dir, None).checks {
+        let detail = match &c.fix {
+            Some(fix) if !c.ok => format!("{} (fix: {fix})", c.detail),
+            _ => c.detail.clone(),
+        };
+        line(&format!("privilege: {}", c.name), c.ok, detail);
+    }
+    let store = match Store::connect(&cfg.effective_database_url()).await {
+        Ok(s) => match s.migrate().await {
+            Ok(()) => {
+                line("database", true, "reachable and migrated".into());
+                Some(s)
+            }
+            Err(e) => {
+                line("database", false, crate::error_chain(&e));
+                None
+            }
+        },
+        Err(e) => {
+            line("database", false, crate::error_chain(&e));
+            None
+        }
+    };
+    if cfg.cloudstack_url.is_none() {
+        line(
+            "cloudstack",
+            false,
+            "cloudstack_url is not set (the simulator is only available with `serve --sim`)".into(),
+        );
+        return out;
+    }
+    let client = match cloud_client(cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            line("cloudstack", false, crate::error_chain(&e));
+            return out;
+        }
+    };
+    let cloud: Arc<dyn Cloud> = Arc::new(CloudStack::new(client));
+    match cloud.ping().await {
+        Ok(()) => line("cloudstack", true, "reachable, credentials accepted".into()),
+        Err(e) => line("cloudstack", false, e.chain()),
+    }
+    if let Some(store) = store {
+        let identity = Identity::establish(
+            cfg.appliance_vm_id
+                .clone()
+                .map(|id| (id, IdentitySource::Config)),
+            store,
+            cloud,
+            &DetectionSources::under(&cfg.sys_dir),
+        )
+        .await;
+        let s = identity.current().await;
+        match (&s.vm_id, s.verified) {
+            (Some(id), true) => line(
+                "appliance identity",
+                true,
+                format!("{id} ({}), verified with CloudStack", s.source.as_str()),
+            ),
+            _ => line(
+                "appliance identity",
+                false,
+                s.problem
+                    .unwrap_or_else(|| "unknown: set appliance_vm_id or PUT /api/v1/appliance".into()),
+            ),
+        }
+    }
+    out
+}

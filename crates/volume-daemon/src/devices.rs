@@ -1,0 +1,209 @@
+//! Device access for the engine: finds an appliance volume's block device by its identity, verifies it,
+//! waits for it to come and go, and keeps its stable name. A thin layer over `blockdev` that adds the
+//! daemon's error kinds and the volume → stable-name bookkeeping.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockdev::{ErrorKind, ResolvedDevice, Resolver, StableNames};
+use uuid::Uuid;
+
+/// A verified device of an appliance volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// The node the NBD export opens (`/dev/loop3`, `/dev/vdb`, or the backing file in file mode).
+    pub dev_path: PathBuf,
+    /// The by-id link the device was found through, when there is one.
+    pub by_id_path: Option<PathBuf>,
+    pub kernel_name: Option<String>,
+    pub size: u64,
+}
+
+impl From<ResolvedDevice> for Device {
+    fn from(d: ResolvedDevice) -> Self {
+        Self {
+            dev_path: d.dev_path,
+            by_id_path: Some(d.by_id_path),
+            kernel_name: d.kernel_name,
+            size: d.size,
+        }
+    }
+}
+
+/// A device step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device of volume {volume_id}: {what}")]
+    Blockdev {
+        volume_id: Uuid,
+        what: &'static str,
+        #[source]
+        source: blockdev::Error,
+    },
+    #[error("the stable-name bookkeeping is poisoned by an earlier panic; restart the daemon")]
+    Poisoned,
+}
+
+impl DeviceError {
+    /// Stable failure kind, used as the operation's `error_code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Blockdev { source, .. } => match source.kind() {
+                ErrorKind::NotFound => "device_not_found",
+                ErrorKind::Timeout => "device_timeout",
+                ErrorKind::Mismatch => "device_mismatch",
+                ErrorKind::NotBlockDevice => "device_not_block_device",
+                ErrorKind::Permission => "device_permission",
+                ErrorKind::Io | ErrorKind::Invalid => "device_error",
+            },
+            Self::Poisoned => "internal",
+        }
+    }
+}
+
+/// The engine's device access.
+#[derive(Clone)]
+pub struct Devices {
+    resolver: Arc<Resolver>,
+    names: Arc<StableNames>,
+    names_dir: PathBuf,
+    /// volume → stable name, re-derived from the database at start-up.
+    named: Arc<Mutex<HashMap<Uuid, String>>>,
+}
+
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Devices")
+            .field("names_dir", &self.names_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Devices {
+    pub fn new(resolver: Resolver, names_dir: PathBuf) -> Self {
+        Self {
+            resolver: Arc::new(resolver),
+            names: Arc::new(StableNames::new(names_dir.clone())),
+            names_dir,
+            named: Arc::default(),
+        }
+    }
+
+    pub fn names_dir(&self) -> &Path {
+        &self.names_dir
+    }
+
+    /// Waits (event driven, with a deadline) for the volume's device, verified against `size`.
+    pub async fn wait_for(
+        &self,
+        volume_id: Uuid,
+        size: u64,
+        deadline: Duration,
+    ) -> Result<(Device, Duration), DeviceError> {
+        self.resolver
+            .wait_for(&volume_id, size, deadline)
+            .await
+            .map(|(d, took)| (d.into(), took))
+            .map_err(|source| DeviceError::Blockdev {
+                volume_id,
+                what: "waiting for it to appear",
+                source,
+            })
+    }
+
+    /// Finds and verifies the device now (no waiting).
+    pub fn resolve(&self, volume_id: Uuid, size: u64) -> Result<Device, DeviceError> {
+        self.resolver
+            .resolve(&volume_id, size)
+            .map(Into::into)
+            .map_err(|source| DeviceError::Blockdev {
+                volume_id,
+                what: "verifying it",
+                source,
+            })
+    }
+
+    /// The device the volume's identity points at, if any, without a size check.
+    pub fn lookup(&self, volume_id: Uuid) -> Result<Option<Device>, DeviceError> {
+        self.resolver
+            .lookup(&volume_id)
+            .map(|d| d.map(Into::into))
+            .map_err(|source| DeviceError::Blockdev {
+                volume_id,
+                what: "looking it up",
+                source,
+            })
+    }
+
+    /// Waits until the volume's device is gone; returns at once when there is none.
+    pub async fn wait_gone(&self, volume_id: Uuid, deadline: Duration) -> Result<(), DeviceError> {
+        let current = self
+            .resolver
+            .lookup(&volume_id)
+            .map_err(|source| DeviceError::Blockdev {
+                volume_id,
+                what: "looking it up",
+                source,
+            })?;
+        let Some(dev) = current else { return Ok(()) };
+        self.resolver
+            .wait_gone(&volume_id, &dev, deadline)
+            .await
+            .map(|_| ())
+            .map_err(|source| DeviceError::Blockdev {
+                volume_id,
+                what: "waiting for it to go away after detach",
+                source,
+            })
+    }
+
+    /// Creates (or re-points) the volume's stable-name link to `target`; returns the link path.
+    pub fn name(&self, volume_id: Uuid, target: &Path) -> Result<PathBuf, DeviceError> {
+        let mut named = self.named.lock().map_err(|_| DeviceError::Poisoned)?;
+        let name = match named.get(&volume_id) {
+            Some(n) => n.clone(),
+            None => {
+                let taken: Vec<(Uuid, String)> =
+                    named.iter().map(|(v, n)| (*v, n.clone())).collect();
+                self.names.name_for(&volume_id, &taken)
+            }
+        };
+        let path = self
+            .names
+            .link(&name, target)
+            .map_err(|source| DeviceError::Blockdev {
+                volume_id,
+                what: "creating its stable name",
+                source,
+            })?;
+        named.insert(volume_id, name);
+        Ok(path)
+    }
+
+    /// Removes the volume's stable-name link, if it has one.
+    pub fn unname(&self, volume_id: Uuid) -> Result<(), DeviceError> {
+        let mut named = self.named.lock().map_err(|_| DeviceError::Poisoned)?;
+        if let Some(name) = named.get(&volume_id).cloned() {
+            self.names
+                .unlink(&name)
+                .map_err(|source| DeviceError::Blockdev {
+                    volume_id,
+                    what: "removing its stable name",
+                    source,
+                })?;
+            named.remove(&volume_id);
+        }
+        Ok(())
+    }
+
+    /// Records a stable name known from the database (start-up), so later names avoid it.
+    pub fn remember(&self, volume_id: Uuid, link: &Path) -> Result<(), DeviceError> {
+        let mut named = self.named.lock().map_err(|_| DeviceError::Poisoned)?;
+        if let Some(n) = link.file_name() {
+            named.insert(volume_id, n.to_string_lossy().into_owned());
+        }
+        Ok(())
+    }
+}

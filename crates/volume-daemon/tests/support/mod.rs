@@ -1,0 +1,188 @@
+//! Test harness: a daemon with the built-in simulator, on free ports, in a temporary state dir, and a
+//! small JSON client for its API. Cleans up only what its own simulator created.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+use volume_daemon::config::Config;
+use volume_daemon::daemon::RunningDaemon;
+
+pub const GIB: u64 = 1 << 30;
+
+pub struct TestDaemon {
+    daemon: Option<RunningDaemon>,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn config(dir: &std::path::Path) -> Config {
+    let mut cfg = Config::default();
+    cfg.state_dir = dir.to_path_buf();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.nbd_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.sim.enabled = true;
+    cfg.sim.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.sim.job_delay_ms = 20;
+    cfg.device_timeout_secs = 5;
+    cfg.job_timeout_secs = 60;
+    cfg.drain_timeout_secs = 5;
+    cfg
+}
+
+impl TestDaemon {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(f: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cfg = config(dir.path());
+        f(&mut cfg);
+        let daemon = RunningDaemon::start(cfg).await.expect("daemon starts");
+        let base = format!("http://{}/api/v1", daemon.api_addr());
+        Self {
+            daemon: Some(daemon),
+            base,
+            http: reqwest::Client::new(),
+            dir,
+        }
+    }
+
+    pub fn daemon(&self) -> &RunningDaemon {
+        self.daemon.as_ref().expect("running")
+    }
+
+    pub fn sim(&self) -> &cloudsim::RunningSimulator {
+        self.daemon().sim().expect("simulator")
+    }
+
+    pub fn appliance(&self) -> String {
+        self.sim().appliance_vm_id().to_string()
+    }
+
+    pub fn other_vm(&self, i: usize) -> String {
+        self.sim().other_vm_ids()[i].clone()
+    }
+
+    pub fn nbd_url(&self, volume: Uuid) -> String {
+        format!(
+            "nbd://{}/{}",
+            self.daemon().nbd_addr(),
+            volume_api::export_name(volume)
+        )
+    }
+
+    /// Stops the daemon; the simulator's loop devices and links are removed first.
+    pub async fn stop(mut self) {
+        if let Some(d) = self.daemon.take() {
+            if let Some(s) = d.sim() {
+                s.detach_all_devices();
+            }
+            d.shutdown().await;
+        }
+    }
+
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let text = resp.text().await.expect("body");
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, v)
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// Waits for an operation to be terminal and returns it.
+    pub async fn wait_op(&self, op: &Value) -> Value {
+        let id = op["id"].as_str().expect("operation id");
+        for _ in 0..10 {
+            let (s, v) = self.get(&format!("/operations/{id}?wait=30")).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            if matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
+                return v;
+            }
+        }
+        panic!("operation {id} did not finish in 300 s");
+    }
+
+    /// Submits and waits; panics unless the operation completed.
+    pub async fn run_ok(&self, path: &str, body: Value) -> Value {
+        let (s, op) = self.post(path, body).await;
+        assert_eq!(s, StatusCode::CREATED, "{path}: {op}");
+        let done = self.wait_op(&op).await;
+        assert_eq!(done["status"], "completed", "{path}: {done}");
+        done
+    }
+
+    /// Deletes a volume and waits; panics unless it completed.
+    pub async fn delete_ok(&self, volume: Uuid) -> Value {
+        let (s, op) = self
+            .send(reqwest::Method::DELETE, &format!("/volumes/{volume}"), None)
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "delete {volume}: {op}");
+        let done = self.wait_op(&op).await;
+        assert_eq!(done["status"], "completed", "delete {volume}: {done}");
+        done
+    }
+
+    pub fn zone(&self) -> String {
+        self.sim().zone_id().to_string()
+    }
+
+    /// The custom-size disk offering.
+    pub fn custom_offering(&self) -> String {
+        self.sim()
+            .disk_offerings()
+            .into_iter()
+            .find(|(_, _, gb)| gb.is_none())
+            .expect("a custom-size offering")
+            .0
+    }
+
+    pub async fn create_volume(&self, name: &str, size: u64) -> Uuid {
+        let op = self
+            .run_ok(
+                "/volumes",
+                json!({"name": name, "size": size, "disk_offering_id": self.custom_offering(), "zone_id": self.zone()}),
+            )
+            .await;
+        Uuid::parse_str(op["response"]["volume_id"].as_str().expect("volume_id")).expect("uuid")
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(d) = &self.daemon {
+            if let Some(s) = d.sim() {
+                s.detach_all_devices();
+            }
+        }
+    }
+}
+
+/// Waits until `f` is true, polling; panics after `deadline`.
+pub async fn eventually(deadline: Duration, mut f: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + deadline;
+    while !f() {
+        assert!(std::time::Instant::now() < end, "condition not reached in {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
