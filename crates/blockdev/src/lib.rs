@@ -1,1 +1,19 @@
 //! Linux block devices: sysfs snapshots, identity resolution, waits, ioctls, loop devices, stable names, preflight.
+//!
+//! Nothing here runs external programs: kernel operations are ioctls, sysfs reads, inotify and netlink.
+
+mod error;
+pub mod ioctl;
+pub mod loopdev;
+mod names;
+mod node;
+pub mod preflight;
+mod resolve;
+mod wait;
+mod sys;
+pub mod sysfs;
+
+pub use error::{Error, ErrorKind};
+pub use loopdev::LoopDevice;
+pub use resolve::{by_id_names, serial_for_volume, ResolvedDevice, Resolver};
+pub use names::StableNames;

@@ -44,21 +44,31 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_attempts: 5, initial_backoff: Duration::from_millis(250), max_backoff: Duration::from_secs(8) }
+        Self {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(8),
+        }
     }
 }
 
 impl RetryPolicy {
     /// No retries at all.
     pub fn none() -> Self {
-        Self { max_attempts: 1, ..Self::default() }
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
     }
 
     /// The delay before retry number `retry` (1-based): `initial * 2^(retry-1)` capped at `max_backoff`,
     /// then jittered uniformly into `[delay/2, delay]`.
     pub fn backoff(&self, retry: u32) -> Duration {
         let exp = retry.saturating_sub(1).min(30);
-        let base = self.initial_backoff.saturating_mul(1u32 << exp).min(self.max_backoff);
+        let base = self
+            .initial_backoff
+            .saturating_mul(1u32 << exp)
+            .min(self.max_backoff);
         jitter(base)
     }
 }
@@ -84,7 +94,10 @@ pub struct JobPollPolicy {
 
 impl Default for JobPollPolicy {
     fn default() -> Self {
-        Self { initial: Duration::from_millis(500), max: Duration::from_secs(5) }
+        Self {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(5),
+        }
     }
 }
 
@@ -126,13 +139,25 @@ impl Config {
     }
 }
 
+impl Default for Config {
+    /// The defaults of [`Config::new`] with an empty URL and empty credentials, to be filled in
+    /// (`Client::new` rejects them while empty).
+    fn default() -> Self {
+        Self::new("", "", Secret::new(""))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn secret_is_redacted_in_debug() {
-        let cfg = Config::new("https://x/client/api", "KEY", Secret::new("very-secret-value"));
+        let cfg = Config::new(
+            "https://x/client/api",
+            "KEY",
+            Secret::new("very-secret-value"),
+        );
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("very-secret-value"), "{shown}");
         assert!(shown.contains("***"));
@@ -148,11 +173,20 @@ mod tests {
         };
         for _ in 0..50 {
             let d1 = p.backoff(1);
-            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100), "{d1:?}");
+            assert!(
+                d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100),
+                "{d1:?}"
+            );
             let d3 = p.backoff(3);
-            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400), "{d3:?}");
+            assert!(
+                d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400),
+                "{d3:?}"
+            );
             let d20 = p.backoff(20);
-            assert!(d20 >= Duration::from_millis(500) && d20 <= Duration::from_millis(1000), "{d20:?}");
+            assert!(
+                d20 >= Duration::from_millis(500) && d20 <= Duration::from_millis(1000),
+                "{d20:?}"
+            );
         }
     }
 }

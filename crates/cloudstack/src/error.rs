@@ -81,6 +81,13 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
+    /// The server's TLS certificate was not trusted (or TLS failed to set up); retrying cannot help.
+    #[error("TLS with CloudStack failed for {command}; check the URL's host name and set ca_file to the CA that signed the server's certificate")]
+    Tls {
+        command: String,
+        #[source]
+        source: reqwest::Error,
+    },
     /// CloudStack answered with an error body.
     #[error("CloudStack refused {command} (HTTP {http_status}, errorcode {errorcode}{}): {errortext}",
         cserrorcode.map(|c| format!(", cserrorcode {c}")).unwrap_or_default())]
@@ -95,7 +102,11 @@ pub enum Error {
     },
     /// An HTTP error without a CloudStack error body (proxy, wrong URL, …).
     #[error("{command} got HTTP {status} without a CloudStack error body ({attempts} attempt(s)); check that the URL points at the CloudStack API (…/client/api)")]
-    Http { command: String, status: u16, attempts: u32 },
+    Http {
+        command: String,
+        status: u16,
+        attempts: u32,
+    },
     /// The response was not what CloudStack sends for this command.
     #[error("could not decode the response to {command}: {what}")]
     Decode {
@@ -119,6 +130,7 @@ impl Error {
             Self::Config { .. } => ErrorKind::Config,
             Self::InvalidInput { .. } => ErrorKind::InvalidParameter,
             Self::Transport { .. } => ErrorKind::Transient,
+            Self::Tls { .. } => ErrorKind::Config,
             Self::Api { kind, .. } => *kind,
             Self::Http { status, .. } => http_status_kind(*status),
             Self::Decode { .. } => ErrorKind::Decode,
@@ -173,9 +185,15 @@ fn http_status_kind(status: u16) -> ErrorKind {
 
 fn text_says_not_found(text: &str) -> bool {
     let t = text.to_ascii_lowercase();
-    ["not found", "does not exist", "unable to find", "doesn't exist", "no such"]
-        .iter()
-        .any(|p| t.contains(p))
+    [
+        "not found",
+        "does not exist",
+        "unable to find",
+        "doesn't exist",
+        "no such",
+    ]
+    .iter()
+    .any(|p| t.contains(p))
 }
 
 fn text_says_in_use(text: &str) -> bool {
@@ -194,7 +212,9 @@ fn text_says_in_use(text: &str) -> bool {
 
 fn text_says_limit(text: &str) -> bool {
     let t = text.to_ascii_lowercase();
-    t.contains("maximum number of data disks") || t.contains("limit exceeded") || t.contains("resource limit")
+    t.contains("maximum number of data disks")
+        || t.contains("limit exceeded")
+        || t.contains("resource limit")
 }
 
 /// Groups a CloudStack error into an [`ErrorKind`].
@@ -255,26 +275,72 @@ mod tests {
 
     #[test]
     fn classification_follows_the_documented_rules() {
-        assert_eq!(classify(431, Some(4350), "Unable to find volume by id"), ErrorKind::NotFound);
+        assert_eq!(
+            classify(431, Some(4350), "Unable to find volume by id"),
+            ErrorKind::NotFound
+        );
         assert_eq!(
             classify(431, Some(4350), "Invalid parameter id value=x due to incorrect long value format, or entity does not exist or due to incorrect parameter annotation for the field in api cmd class."),
             ErrorKind::NotFound
         );
-        assert_eq!(classify(431, None, "Please provide either a volume id, or a tuple(device id, instance id)"), ErrorKind::InvalidParameter);
-        assert_eq!(classify(431, Some(4350), "Unable to find service offering: 104"), ErrorKind::NotFound);
+        assert_eq!(
+            classify(
+                431,
+                None,
+                "Please provide either a volume id, or a tuple(device id, instance id)"
+            ),
+            ErrorKind::InvalidParameter
+        );
+        assert_eq!(
+            classify(431, Some(4350), "Unable to find service offering: 104"),
+            ErrorKind::NotFound
+        );
         assert_eq!(
             classify(431, Some(4350), "The specified VM already has the maximum number of data disks (6) attached. Please specify another VM."),
             ErrorKind::LimitExceeded
         );
-        assert_eq!(classify(431, Some(4350), "Please specify a volume that is not attached to any VM."), ErrorKind::InUse);
-        assert_eq!(classify(401, None, "unable to verify user credentials and/or request signature"), ErrorKind::Unauthorized);
+        assert_eq!(
+            classify(
+                431,
+                Some(4350),
+                "Please specify a volume that is not attached to any VM."
+            ),
+            ErrorKind::InUse
+        );
+        assert_eq!(
+            classify(
+                401,
+                None,
+                "unable to verify user credentials and/or request signature"
+            ),
+            ErrorKind::Unauthorized
+        );
         assert_eq!(classify(530, Some(4365), "denied"), ErrorKind::Unauthorized);
-        assert_eq!(classify(429, None, "too many requests"), ErrorKind::Transient);
-        assert_eq!(classify(530, Some(4345), "Internal error executing command"), ErrorKind::Transient);
-        assert_eq!(classify(534, Some(4380), "host unavailable"), ErrorKind::InUse);
+        assert_eq!(
+            classify(429, None, "too many requests"),
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            classify(530, Some(4345), "Internal error executing command"),
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            classify(534, Some(4380), "host unavailable"),
+            ErrorKind::InUse
+        );
         assert_eq!(classify(536, Some(4375), "busy"), ErrorKind::InUse);
-        assert_eq!(classify(532, None, "Maximum number of resources of type 'volume' for account exceeded"), ErrorKind::LimitExceeded);
-        assert_eq!(classify(432, None, "unsupported"), ErrorKind::InvalidParameter);
+        assert_eq!(
+            classify(
+                532,
+                None,
+                "Maximum number of resources of type 'volume' for account exceeded"
+            ),
+            ErrorKind::LimitExceeded
+        );
+        assert_eq!(
+            classify(432, None, "unsupported"),
+            ErrorKind::InvalidParameter
+        );
         assert_eq!(classify(537, None, "conflict"), ErrorKind::Other);
     }
 
@@ -284,7 +350,10 @@ mod tests {
         assert!(api_error_retryable(530, classify(530, None, "internal")));
         assert!(api_error_retryable(534, classify(534, None, "unavailable")));
         assert!(api_error_retryable(503, classify(503, None, "")));
-        assert!(!api_error_retryable(530, classify(530, None, "Unable to find volume")));
+        assert!(!api_error_retryable(
+            530,
+            classify(530, None, "Unable to find volume")
+        ));
         assert!(!api_error_retryable(431, classify(431, None, "bad")));
         assert!(!api_error_retryable(401, classify(401, None, "")));
         assert!(!api_error_retryable(532, classify(532, None, "")));

@@ -1,3 +1,22 @@
 //! Apache CloudStack API client: request signing, typed calls, tolerant decoding, asynchronous jobs.
+//!
+//! Signing follows `ApiServer.verifyRequest` ([`sign`]); every call is signed with signature version 3
+//! (`expires`) unless configured otherwise, sent as GET (queries) or a POST form (changes), retried with
+//! bounded backoff when the failure may pass, and decoded tolerantly (ids as numbers or strings,
+//! booleans as strings, `{}` as the empty list, unknown fields ignored).
 
+mod client;
+mod config;
+mod de;
+mod decode;
+mod error;
 pub mod sign;
+mod types;
+
+pub use client::{Client, Method};
+pub use config::{Config, JobPollPolicy, RetryPolicy, Secret};
+pub use error::{classify, Error, ErrorKind};
+pub use types::{
+    bytes_to_gib_rounded_up, AsyncJob, AsyncJobInfo, CreateVolume, DiskOffering, JobError,
+    JobStatus, ListVms, ListVolumes, VirtualMachine, Volume, Zone, GIB,
+};

@@ -21,7 +21,9 @@ pub fn encode_value(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 3);
     for &b in s.as_bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'*' | b'_' => out.push(char::from(b)),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'*' | b'_' => {
+                out.push(char::from(b))
+            }
             b' ' => out.push_str("%20"),
             _ => {
                 out.push('%');
@@ -51,8 +53,8 @@ pub fn canonical_query(params: &[(String, String)]) -> String {
 }
 
 fn mac_over(secret: &str, params: &[(String, String)]) -> HmacSha1 {
-    let mut mac =
-        HmacSha1::new_from_slice(secret.as_bytes()).expect("invariant: HMAC accepts keys of any length");
+    let mut mac = HmacSha1::new_from_slice(secret.as_bytes())
+        .expect("invariant: HMAC accepts keys of any length");
     mac.update(canonical_query(params).to_lowercase().as_bytes());
     mac
 }
@@ -83,7 +85,11 @@ mod tests {
             ("apiKey".to_owned(), "TESTAPIKEY".to_owned()),
             ("response".to_owned(), "json".to_owned()),
         ];
-        p.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        p.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         p
     }
 
@@ -99,7 +105,11 @@ mod tests {
 
     #[test]
     fn canonical_query_sorts_bytewise_keeping_case() {
-        let p = params(&[("command", "listVolumes"), ("Zeta", "1"), ("name", "vol a*b~c")]);
+        let p = params(&[
+            ("command", "listVolumes"),
+            ("Zeta", "1"),
+            ("name", "vol a*b~c"),
+        ]);
         // Upper-case names sort before lower-case ones (byte order).
         assert_eq!(
             canonical_query(&p),
@@ -135,7 +145,11 @@ mod tests {
 
     #[test]
     fn kat_reserved_characters() {
-        let p = params(&[("command", "createVolume"), ("name", "a+b/c=d&e f"), ("zoneid", "z1")]);
+        let p = params(&[
+            ("command", "createVolume"),
+            ("name", "a+b/c=d&e f"),
+            ("zoneid", "z1"),
+        ]);
         assert_eq!(
             canonical_query(&p),
             "apiKey=TESTAPIKEY&command=createVolume&name=a%2Bb%2Fc%3Dd%26e%20f&response=json&zoneid=z1"
@@ -145,7 +159,11 @@ mod tests {
 
     #[test]
     fn kat_non_ascii() {
-        let p = params(&[("command", "createVolume"), ("name", "Größe-日本語-é"), ("zoneid", "z1")]);
+        let p = params(&[
+            ("command", "createVolume"),
+            ("name", "Größe-日本語-é"),
+            ("zoneid", "z1"),
+        ]);
         assert_eq!(
             canonical_query(&p),
             "apiKey=TESTAPIKEY&command=createVolume&name=Gr%C3%B6%C3%9Fe-%E6%97%A5%E6%9C%AC%E8%AA%9E-%C3%A9\

@@ -74,7 +74,11 @@ pub struct Volume {
     /// Size in bytes (0 when CloudStack did not say).
     #[serde(default, deserialize_with = "de::u64_or_zero")]
     pub size: u64,
-    #[serde(rename = "virtualmachineid", default, deserialize_with = "de::opt_string")]
+    #[serde(
+        rename = "virtualmachineid",
+        default,
+        deserialize_with = "de::opt_string"
+    )]
     pub virtualmachine_id: Option<String>,
     #[serde(rename = "deviceid", default, deserialize_with = "de::opt_u32")]
     pub device_id: Option<u32>,
@@ -85,9 +89,17 @@ pub struct Volume {
     pub zone_id: Option<String>,
     #[serde(rename = "zonename", default, deserialize_with = "de::opt_string")]
     pub zone_name: Option<String>,
-    #[serde(rename = "diskofferingid", default, deserialize_with = "de::opt_string")]
+    #[serde(
+        rename = "diskofferingid",
+        default,
+        deserialize_with = "de::opt_string"
+    )]
     pub disk_offering_id: Option<String>,
-    #[serde(rename = "diskofferingname", default, deserialize_with = "de::opt_string")]
+    #[serde(
+        rename = "diskofferingname",
+        default,
+        deserialize_with = "de::opt_string"
+    )]
     pub disk_offering_name: Option<String>,
     #[serde(default, deserialize_with = "de::opt_string")]
     pub created: Option<String>,
@@ -107,7 +119,11 @@ pub struct Volume {
     pub storage: Option<String>,
     #[serde(default, deserialize_with = "de::opt_string")]
     pub hypervisor: Option<String>,
-    #[serde(rename = "provisioningtype", default, deserialize_with = "de::opt_string")]
+    #[serde(
+        rename = "provisioningtype",
+        default,
+        deserialize_with = "de::opt_string"
+    )]
     pub provisioning_type: Option<String>,
     #[serde(default, deserialize_with = "de::opt_bool")]
     pub destroyed: Option<bool>,
@@ -160,7 +176,11 @@ pub struct DiskOffering {
     /// Size in GiB (0 for custom offerings).
     #[serde(rename = "disksize", default, deserialize_with = "de::u64_or_zero")]
     pub disk_size_gb: u64,
-    #[serde(rename = "iscustomized", default, deserialize_with = "de::bool_lenient")]
+    #[serde(
+        rename = "iscustomized",
+        default,
+        deserialize_with = "de::bool_lenient"
+    )]
     pub custom: bool,
     #[serde(rename = "displaytext", default, deserialize_with = "de::opt_string")]
     pub display_text: Option<String>,
@@ -201,7 +221,11 @@ pub struct AsyncJobInfo {
     /// 0 pending, 1 succeeded, 2 failed.
     #[serde(rename = "jobstatus", default, deserialize_with = "de::opt_i64")]
     pub job_status: Option<i64>,
-    #[serde(rename = "jobinstancetype", default, deserialize_with = "de::opt_string")]
+    #[serde(
+        rename = "jobinstancetype",
+        default,
+        deserialize_with = "de::opt_string"
+    )]
     pub instance_type: Option<String>,
     #[serde(rename = "jobinstanceid", default, deserialize_with = "de::opt_string")]
     pub instance_id: Option<String>,

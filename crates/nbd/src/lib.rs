@@ -1,1 +1,17 @@
 //! NBD protocol (NetworkBlockDevice/nbd doc/proto.md) and an asynchronous server with a run-time export registry.
+//!
+//! A [`Registry`] holds exports by name; a [`Server`] serves it on a TCP listener. Exports can be added and
+//! removed while clients are connected: removal drains in-flight requests, flushes and closes the sessions of
+//! that export's generation only.
+
+mod backend;
+pub mod client;
+mod error;
+pub mod proto;
+mod registry;
+mod server;
+
+pub use backend::{Backend, Extent, FileBackend, MemoryBackend};
+pub use error::{NbdError, NbdErrorKind};
+pub use registry::{CountersSnapshot, ExportConfig, ExportSnapshot, Registry, RemoveReport};
+pub use server::{Server, ServerConfig};

@@ -332,6 +332,34 @@ async fn root_end_to_end_nbd_data_survives_detach_and_reattach() {
     assert!(read[..256 << 20] == bytes[..], "data read back equals data written");
     assert!(read[256 << 20..].iter().all(|b| *b == 0));
     d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
-    d.delete_ok(vol).await;
+
+    // The same volume becomes the root disk of another VM, with two more data disks beside it.
+    let vm = d.other_vm(0);
+    let op = d.run_ok(&format!("/volumes/{vol}/attach-root"), json!({"vm_id": vm})).await;
+    assert_eq!(op["response"]["device_id"], 0, "{op}");
+    let mut all = vec![vol];
+    for name in ["e2e-data-1", "e2e-data-2"] {
+        let v = d.create_volume(name, GIB).await;
+        d.run_ok(&format!("/volumes/{v}/attach"), json!({"vm_id": vm})).await;
+        all.push(v);
+    }
+    let (_, list) = d.get(&format!("/vms/{vm}/volumes")).await;
+    let mut listed: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["volume_id"].as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    let mut want: Vec<String> = all.iter().map(|u| u.to_string()).collect();
+    want.sort();
+    assert_eq!(listed, want);
+    let (_, exports) = d.get("/exports").await;
+    assert_eq!(exports["count"], 0, "nothing is exported while attached elsewhere");
+    for v in all {
+        d.delete_ok(v).await;
+    }
+    let (_, list) = d.get(&format!("/vms/{vm}/volumes")).await;
+    assert_eq!(list, json!([]));
     d.stop().await;
 }

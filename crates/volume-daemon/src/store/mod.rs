@@ -1,1 +1,999 @@
 //! The daemon's persistent state: migrations and one store over SQLite, PostgreSQL and MariaDB.
+//!
+//! [`Store`] is written once against sqlx's `Any` driver; what differs between the databases (URLs,
+//! placeholders, upserts, row locks, migrations) lives in [`dialect`]. Every `commit_*` call is one
+//! transaction that writes a state change and completes its operation together, so a crash never leaves a
+//! state change without its journal entry (or the reverse).
+
+mod dialect;
+mod error;
+mod records;
+mod rows;
+
+use std::sync::Once;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::any::{AnyConnection, AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Connection as _};
+use uuid::Uuid;
+
+pub use dialect::Dialect;
+pub use error::{StoreError, StoreErrorKind};
+pub use records::{
+    ApplianceRecord, AttachTarget, AttachmentFilter, AttachmentRecord, DiskRole, ExportRecord, Inserted,
+    NewOperation, OpError, OpStatus, OpType, OperationFilter, OperationRecord, SnapshotTracking, VolumeRecord,
+    INITIAL_STEP,
+};
+use rows::{int, now, opt_ts, ts, Reader};
+
+const OP_COLS: &str = "id, op_type, status, step, volume_id, vm_id, request, response, error_code, \
+                       error_message, cloud_job_id, idempotency_key, created_at, updated_at, completed_at";
+const VOLUME_COLS: [&str; 15] = [
+    "id",
+    "name",
+    "size_bytes",
+    "disk_offering_id",
+    "zone_id",
+    "metadata",
+    "cloud_state",
+    "snapshot_id",
+    "snapshot_name",
+    "snapshot_status",
+    "vm_context_id",
+    "snapshot_created_at",
+    "created_at",
+    "updated_at",
+    "deleted_at",
+];
+const ATTACHMENT_COLS: [&str; 11] = [
+    "volume_id",
+    "vm_id",
+    "target",
+    "role",
+    "device_id",
+    "by_id_path",
+    "kernel_device",
+    "stable_name",
+    "export_generation",
+    "created_at",
+    "updated_at",
+];
+const EXPORT_COLS: [&str; 7] = [
+    "volume_id",
+    "export_name",
+    "device_path",
+    "generation",
+    "read_only",
+    "created_at",
+    "updated_at",
+];
+const UNFINISHED: &str = "status IN ('pending', 'executing')";
+
+/// How long a caller waits for a free connection before the database counts as unavailable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The store: a pool of connections to one database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dialect", &self.dialect)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A bind value of a dynamically built statement.
+enum Arg {
+    Text(String),
+}
+
+fn q(action: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Query { action, source }
+}
+
+fn cols(c: &[&str]) -> String {
+    c.join(", ")
+}
+
+impl Store {
+    /// Connects to `url`: `sqlite://PATH?mode=rwc`, `postgres://…`, `mysql://…` or `mariadb://…`. Does not
+    /// migrate; call [`Store::migrate`] next.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let (dialect, driver_url) = Dialect::from_url(url)?;
+        let setup = dialect.session_setup();
+        let pool = AnyPoolOptions::new()
+            .max_connections(match dialect {
+                Dialect::Sqlite => 8,
+                Dialect::Postgres | Dialect::MySql => 10,
+            })
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    for stmt in setup {
+                        sqlx::raw_sql(stmt).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&driver_url)
+            .await
+            .map_err(|source| StoreError::Connect {
+                url: dialect::redact(url),
+                source,
+            })?;
+        Ok(Self { pool, dialect })
+    }
+
+    /// The dialect of the connected database.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Applies the embedded migrations. Fails with `SchemaTooNew` when the database was migrated by a newer
+    /// binary, and never touches such a database.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = self.dialect.migrator();
+        let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+        // The table does not exist before the first migration; any error here means "nothing applied yet".
+        let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(&self.pool)
+            .await
+            .ok()
+            .flatten();
+        if let Some(found) = found.filter(|f| *f > known) {
+            return Err(StoreError::SchemaTooNew { found, known });
+        }
+        migrator.run(&self.pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::VersionMissing(found) => StoreError::SchemaTooNew { found, known },
+            e => StoreError::Migrate(e),
+        })
+    }
+
+    /// The newest schema version this binary knows.
+    pub fn schema_version(&self) -> i64 {
+        self.dialect
+            .migrator()
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Closes every connection; later calls fail with `Unavailable`.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>, StoreError> {
+        self.pool
+            .acquire()
+            .await
+            .map_err(q("waiting for a database connection"))
+    }
+
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        match self.dialect.begin() {
+            Some(stmt) => self.pool.begin_with(stmt).await,
+            None => self.pool.begin().await,
+        }
+        .map_err(q("starting a transaction"))
+    }
+
+    // ---- operations ---------------------------------------------------------------------------------------
+
+    /// Journals a new operation (`pending`, step [`INITIAL_STEP`]). When its idempotency key was already used
+    /// for an operation of the same type, returns that operation unchanged instead.
+    pub async fn insert_operation(&self, new: &NewOperation) -> Result<Inserted, StoreError> {
+        let mut conn = self.conn().await?;
+        let t = now();
+        let sql = self.dialect.sql(
+            "INSERT INTO operations (id, op_type, status, step, volume_id, vm_id, request, idempotency_key, \
+             created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        );
+        let res = sqlx::query(&sql)
+            .bind(new.id.to_string())
+            .bind(new.op_type.as_str())
+            .bind(OpStatus::Pending.as_str())
+            .bind(INITIAL_STEP)
+            .bind(new.volume_id.map(|v| v.to_string()))
+            .bind(new.vm_id.clone())
+            .bind(new.request.to_string())
+            .bind(new.idempotency_key.clone())
+            .bind(t.clone())
+            .bind(t)
+            .execute(&mut *conn)
+            .await;
+        match res {
+            Ok(_) => {
+                let rec = self
+                    .fetch_operation(&mut conn, new.id)
+                    .await?
+                    .ok_or_else(|| StoreError::not_found(format!("operation {} just written", new.id)))?;
+                Ok(Inserted::Created(rec))
+            }
+            Err(e) if StoreError::is_constraint_violation(&e) => {
+                if let Some(key) = &new.idempotency_key {
+                    let sql = self.dialect.sql(&format!(
+                        "SELECT {OP_COLS} FROM operations WHERE op_type = ? AND idempotency_key = ?"
+                    ));
+                    let row = sqlx::query(&sql)
+                        .bind(new.op_type.as_str())
+                        .bind(key.clone())
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(q("reading the operation of an idempotency key"))?;
+                    if let Some(row) = row {
+                        return Ok(Inserted::Existing(operation_from_row(&row)?));
+                    }
+                }
+                Err(StoreError::conflict(format!(
+                    "operation {} already exists; submit it with a new id",
+                    new.id
+                )))
+            }
+            Err(e) => Err(q("journaling a new operation")(e)),
+        }
+    }
+
+    async fn fetch_operation(&self, conn: &mut AnyConnection, id: Uuid) -> Result<Option<OperationRecord>, StoreError> {
+        let sql = self
+            .dialect
+            .sql(&format!("SELECT {OP_COLS} FROM operations WHERE id = ?"));
+        sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(conn)
+            .await
+            .map_err(q("reading an operation"))?
+            .map(|r| operation_from_row(&r))
+            .transpose()
+    }
+
+    pub async fn get_operation(&self, id: Uuid) -> Result<Option<OperationRecord>, StoreError> {
+        let mut conn = self.conn().await?;
+        self.fetch_operation(&mut conn, id).await
+    }
+
+    /// Operations matching `filter`, newest first.
+    pub async fn list_operations(&self, filter: &OperationFilter) -> Result<Vec<OperationRecord>, StoreError> {
+        let mut conds = Vec::new();
+        let mut args = Vec::new();
+        if let Some(t) = filter.op_type {
+            conds.push("op_type = ?");
+            args.push(Arg::Text(t.as_str().into()));
+        }
+        if let Some(s) = filter.status {
+            conds.push("status = ?");
+            args.push(Arg::Text(s.as_str().into()));
+        }
+        if let Some(v) = filter.volume_id {
+            conds.push("volume_id = ?");
+            args.push(Arg::Text(v.to_string()));
+        }
+        if let Some(vm) = &filter.vm_id {
+            conds.push("vm_id = ?");
+            args.push(Arg::Text(vm.clone()));
+        }
+        let mut sql = format!("SELECT {OP_COLS} FROM operations");
+        if !conds.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conds.join(" AND "));
+        }
+        sql.push_str(" ORDER BY created_at DESC, id DESC");
+        if let Some(l) = filter.limit {
+            sql.push_str(&format!(" LIMIT {l}"));
+        }
+        let sql = self.dialect.sql(&sql);
+        let mut query = sqlx::query(&sql);
+        for a in args {
+            match a {
+                Arg::Text(s) => query = query.bind(s),
+            }
+        }
+        query
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing operations"))?
+            .iter()
+            .map(operation_from_row)
+            .collect()
+    }
+
+    /// Operations that are `pending` or `executing`, oldest first.
+    pub async fn unfinished_operations(&self) -> Result<Vec<OperationRecord>, StoreError> {
+        let sql = format!("SELECT {OP_COLS} FROM operations WHERE {UNFINISHED} ORDER BY created_at ASC, id ASC");
+        sqlx::query(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing unfinished operations"))?
+            .iter()
+            .map(operation_from_row)
+            .collect()
+    }
+
+    /// Updates an unfinished operation with `SET …` (placeholders first, then the id). NotFound when it does
+    /// not exist, Conflict when it has already finished.
+    async fn update_unfinished(
+        &self,
+        conn: &mut AnyConnection,
+        id: Uuid,
+        set: &str,
+        args: Vec<Option<String>>,
+        action: &'static str,
+    ) -> Result<(), StoreError> {
+        let sql = self
+            .dialect
+            .sql(&format!("UPDATE operations SET {set} WHERE id = ? AND {UNFINISHED}"));
+        let mut query = sqlx::query(&sql);
+        for a in args {
+            query = query.bind(a);
+        }
+        let res = query
+            .bind(id.to_string())
+            .execute(&mut *conn)
+            .await
+            .map_err(q(action))?;
+        if res.rows_affected() > 0 {
+            return Ok(());
+        }
+        // Nothing changed: the operation is missing, finished, or (MariaDB counts only changed rows) the
+        // update wrote the values it already had.
+        self.require_unfinished(conn, id, "").await.map(|_| ())
+    }
+
+    /// The status of an unfinished operation (locked until the transaction ends when `lock` is the dialect's
+    /// `FOR UPDATE`).
+    async fn require_unfinished(&self, conn: &mut AnyConnection, id: Uuid, lock: &str) -> Result<OpStatus, StoreError> {
+        let sql = self
+            .dialect
+            .sql(&format!("SELECT id, status FROM operations WHERE id = ?{lock}"));
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(conn)
+            .await
+            .map_err(q("reading the status of an operation"))?
+            .ok_or_else(|| StoreError::not_found(format!("operation {id}")))?;
+        let status = Reader::new(&row, "operations", "id").parsed("status", OpStatus::parse)?;
+        if status.is_terminal() {
+            return Err(StoreError::conflict(format!(
+                "operation {id} has already finished ({}); it cannot change any more",
+                status.as_str()
+            )));
+        }
+        Ok(status)
+    }
+
+    /// Records the status (normally `executing`) and the step an unfinished operation has reached.
+    pub async fn set_operation_step(&self, id: Uuid, status: OpStatus, step: &str) -> Result<(), StoreError> {
+        if status.is_terminal() {
+            return Err(StoreError::conflict(format!(
+                "status {} is terminal; finish operation {id} with finish_operation",
+                status.as_str()
+            )));
+        }
+        let mut conn = self.conn().await?;
+        self.update_unfinished(
+            &mut conn,
+            id,
+            "status = ?, step = ?, updated_at = ?",
+            vec![Some(status.as_str().into()), Some(step.into()), Some(now())],
+            "journaling the step of an operation",
+        )
+        .await
+    }
+
+    /// Records the CloudStack job an unfinished operation waits for, with the step that started it.
+    pub async fn set_operation_job(&self, id: Uuid, step: &str, job_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        self.update_unfinished(
+            &mut conn,
+            id,
+            "step = ?, cloud_job_id = ?, updated_at = ?",
+            vec![Some(step.into()), Some(job_id.into()), Some(now())],
+            "journaling the job id of an operation",
+        )
+        .await
+    }
+
+    /// Records the volume an unfinished operation acts on (for `create`, once the cloud named it).
+    pub async fn set_operation_volume(&self, id: Uuid, volume_id: Uuid) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        self.update_unfinished(
+            &mut conn,
+            id,
+            "volume_id = ?, updated_at = ?",
+            vec![Some(volume_id.to_string()), Some(now())],
+            "journaling the volume of an operation",
+        )
+        .await
+    }
+
+    /// Finishes an unfinished operation with a terminal status. Conflict when it has already finished.
+    pub async fn finish_operation(
+        &self,
+        id: Uuid,
+        status: OpStatus,
+        response: Option<&Value>,
+        error: Option<&OpError>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        self.finish_in(&mut conn, id, status, response, error).await
+    }
+
+    async fn finish_in(
+        &self,
+        conn: &mut AnyConnection,
+        id: Uuid,
+        status: OpStatus,
+        response: Option<&Value>,
+        error: Option<&OpError>,
+    ) -> Result<(), StoreError> {
+        if !status.is_terminal() {
+            return Err(StoreError::conflict(format!(
+                "status {} is not terminal; record it with set_operation_step",
+                status.as_str()
+            )));
+        }
+        let t = now();
+        self.update_unfinished(
+            conn,
+            id,
+            "status = ?, response = ?, error_code = ?, error_message = ?, updated_at = ?, completed_at = ?",
+            vec![
+                Some(status.as_str().into()),
+                response.map(Value::to_string),
+                error.map(|e| e.code.clone()),
+                error.map(|e| e.message.clone()),
+                Some(t.clone()),
+                Some(t),
+            ],
+            "finishing an operation",
+        )
+        .await
+    }
+
+    // ---- volumes ------------------------------------------------------------------------------------------
+
+    async fn upsert_volume_in(&self, conn: &mut AnyConnection, v: &VolumeRecord) -> Result<(), StoreError> {
+        let sql = self.dialect.upsert("volumes", "id", &VOLUME_COLS, &update_cols(&VOLUME_COLS, &["id", "created_at"]));
+        let sql = self.dialect.sql(&sql);
+        sqlx::query(&sql)
+            .bind(v.id.to_string())
+            .bind(v.name.clone())
+            .bind(int("volume size", v.size_bytes)?)
+            .bind(v.disk_offering_id.clone())
+            .bind(v.zone_id.clone())
+            .bind(v.metadata.to_string())
+            .bind(v.cloud_state.clone())
+            .bind(v.snapshot.snapshot_id.clone())
+            .bind(v.snapshot.snapshot_name.clone())
+            .bind(v.snapshot.snapshot_status.clone())
+            .bind(v.snapshot.vm_context_id.clone())
+            .bind(opt_ts(v.snapshot.snapshot_created_at))
+            .bind(ts(v.created_at))
+            .bind(ts(v.updated_at))
+            .bind(opt_ts(v.deleted_at))
+            .execute(conn)
+            .await
+            .map_err(q("writing a volume"))?;
+        Ok(())
+    }
+
+    /// Inserts the volume or replaces everything but its creation time.
+    pub async fn upsert_volume(&self, v: &VolumeRecord) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        self.upsert_volume_in(&mut conn, v).await
+    }
+
+    /// The volume, including a deleted one (`deleted_at` set).
+    pub async fn get_volume(&self, id: Uuid) -> Result<Option<VolumeRecord>, StoreError> {
+        let sql = self
+            .dialect
+            .sql(&format!("SELECT {} FROM volumes WHERE id = ?", cols(&VOLUME_COLS)));
+        sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading a volume"))?
+            .map(|r| volume_from_row(&r))
+            .transpose()
+    }
+
+    /// All volumes, oldest first; deleted ones only when `include_deleted`.
+    pub async fn list_volumes(&self, include_deleted: bool) -> Result<Vec<VolumeRecord>, StoreError> {
+        let filter = if include_deleted { "" } else { " WHERE deleted_at IS NULL" };
+        let sql = format!(
+            "SELECT {} FROM volumes{filter} ORDER BY created_at ASC, id ASC",
+            cols(&VOLUME_COLS)
+        );
+        sqlx::query(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing volumes"))?
+            .iter()
+            .map(volume_from_row)
+            .collect()
+    }
+
+    /// Removes the volume's record for good (deletion through the API keeps a tombstone instead). Conflict
+    /// while it has an attachment or an export. Returns whether a record existed.
+    pub async fn delete_volume(&self, id: Uuid) -> Result<bool, StoreError> {
+        let sql = self.dialect.sql("DELETE FROM volumes WHERE id = ?");
+        match sqlx::query(&sql).bind(id.to_string()).execute(&self.pool).await {
+            Ok(r) => Ok(r.rows_affected() > 0),
+            Err(e) if StoreError::is_constraint_violation(&e) => Err(StoreError::conflict(format!(
+                "volume {id} still has an attachment or an export; detach it first"
+            ))),
+            Err(e) => Err(q("deleting a volume")(e)),
+        }
+    }
+
+    // ---- attachments --------------------------------------------------------------------------------------
+
+    pub async fn get_attachment(&self, volume_id: Uuid) -> Result<Option<AttachmentRecord>, StoreError> {
+        let sql = self.dialect.sql(&format!(
+            "SELECT {} FROM attachments WHERE volume_id = ?",
+            cols(&ATTACHMENT_COLS)
+        ));
+        sqlx::query(&sql)
+            .bind(volume_id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading an attachment"))?
+            .map(|r| attachment_from_row(&r))
+            .transpose()
+    }
+
+    /// Attachments matching `filter`, ordered by VM, device id and volume.
+    pub async fn list_attachments(&self, filter: &AttachmentFilter) -> Result<Vec<AttachmentRecord>, StoreError> {
+        let mut conds = Vec::new();
+        let mut args = Vec::new();
+        if let Some(vm) = &filter.vm_id {
+            conds.push("vm_id = ?");
+            args.push(Arg::Text(vm.clone()));
+        }
+        if let Some(t) = filter.target {
+            conds.push("target = ?");
+            args.push(Arg::Text(t.as_str().into()));
+        }
+        let mut sql = format!("SELECT {} FROM attachments", cols(&ATTACHMENT_COLS));
+        if !conds.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conds.join(" AND "));
+        }
+        sql.push_str(" ORDER BY vm_id ASC, device_id ASC, volume_id ASC");
+        let sql = self.dialect.sql(&sql);
+        let mut query = sqlx::query(&sql);
+        for a in args {
+            match a {
+                Arg::Text(s) => query = query.bind(s),
+            }
+        }
+        query
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing attachments"))?
+            .iter()
+            .map(attachment_from_row)
+            .collect()
+    }
+
+    /// The attachment whose by-id path, kernel device or stable name is `path`.
+    pub async fn find_attachment_by_device(&self, path: &str) -> Result<Option<AttachmentRecord>, StoreError> {
+        let sql = self.dialect.sql(&format!(
+            "SELECT {} FROM attachments WHERE by_id_path = ? OR kernel_device = ? OR stable_name = ? \
+             ORDER BY volume_id ASC",
+            cols(&ATTACHMENT_COLS)
+        ));
+        let rows = sqlx::query(&sql)
+            .bind(path)
+            .bind(path)
+            .bind(path)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("looking up an attachment by device"))?;
+        rows.first().map(attachment_from_row).transpose()
+    }
+
+    /// Removes the volume's attachment record (the volume stays). Returns whether one existed.
+    pub async fn delete_attachment(&self, volume_id: Uuid) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        delete_by_volume(&mut conn, self.dialect, "attachments", volume_id).await
+    }
+
+    // ---- exports ------------------------------------------------------------------------------------------
+
+    async fn upsert_export_in(&self, conn: &mut AnyConnection, e: &ExportRecord) -> Result<(), StoreError> {
+        let sql = self.dialect.upsert(
+            "exports",
+            "volume_id",
+            &EXPORT_COLS,
+            &update_cols(&EXPORT_COLS, &["volume_id", "created_at"]),
+        );
+        let sql = self.dialect.sql(&sql);
+        sqlx::query(&sql)
+            .bind(e.volume_id.to_string())
+            .bind(e.export_name.clone())
+            .bind(e.device_path.clone())
+            .bind(int("export generation", e.generation)?)
+            .bind(i64::from(e.read_only))
+            .bind(ts(e.created_at))
+            .bind(ts(e.updated_at))
+            .execute(&mut *conn)
+            .await
+            .map_err(|err| {
+                if StoreError::is_constraint_violation(&err) {
+                    StoreError::conflict(format!(
+                        "export {} cannot be recorded for volume {}: the volume is unknown or the name is taken",
+                        e.export_name, e.volume_id
+                    ))
+                } else {
+                    q("writing an export")(err)
+                }
+            })?;
+        // An attachment names the generation that serves it.
+        let sql = self
+            .dialect
+            .sql("UPDATE attachments SET export_generation = ? WHERE volume_id = ?");
+        sqlx::query(&sql)
+            .bind(int("export generation", e.generation)?)
+            .bind(e.volume_id.to_string())
+            .execute(conn)
+            .await
+            .map_err(q("recording the export generation of an attachment"))?;
+        Ok(())
+    }
+
+    /// Inserts or replaces the volume's export (and records its generation on the volume's attachment), in
+    /// one transaction.
+    pub async fn upsert_export(&self, e: &ExportRecord) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        self.upsert_export_in(&mut tx, e).await?;
+        tx.commit().await.map_err(q("committing an export"))
+    }
+
+    pub async fn get_export(&self, volume_id: Uuid) -> Result<Option<ExportRecord>, StoreError> {
+        let sql = self
+            .dialect
+            .sql(&format!("SELECT {} FROM exports WHERE volume_id = ?", cols(&EXPORT_COLS)));
+        sqlx::query(&sql)
+            .bind(volume_id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading an export"))?
+            .map(|r| export_from_row(&r))
+            .transpose()
+    }
+
+    /// All exports, by export name.
+    pub async fn list_exports(&self) -> Result<Vec<ExportRecord>, StoreError> {
+        let sql = format!("SELECT {} FROM exports ORDER BY export_name ASC", cols(&EXPORT_COLS));
+        sqlx::query(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing exports"))?
+            .iter()
+            .map(export_from_row)
+            .collect()
+    }
+
+    /// Removes the volume's export record. Returns whether one existed.
+    pub async fn delete_export(&self, volume_id: Uuid) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        delete_by_volume(&mut conn, self.dialect, "exports", volume_id).await
+    }
+
+    // ---- appliance ----------------------------------------------------------------------------------------
+
+    pub async fn get_appliance(&self) -> Result<Option<ApplianceRecord>, StoreError> {
+        let row = sqlx::query("SELECT vm_id, source, updated_at FROM appliance WHERE singleton = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading the appliance identity"))?;
+        row.map(|row| {
+            let r = Reader::new(&row, "appliance", "vm_id");
+            Ok(ApplianceRecord {
+                vm_id: r.text("vm_id")?,
+                source: r.text("source")?,
+                updated_at: r.ts("updated_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn set_appliance(&self, a: &ApplianceRecord) -> Result<(), StoreError> {
+        let sql = self.dialect.upsert(
+            "appliance",
+            "singleton",
+            &["singleton", "vm_id", "source", "updated_at"],
+            &["vm_id", "source", "updated_at"],
+        );
+        sqlx::query(&self.dialect.sql(&sql))
+            .bind(1_i64)
+            .bind(a.vm_id.clone())
+            .bind(a.source.clone())
+            .bind(ts(a.updated_at))
+            .execute(&self.pool)
+            .await
+            .map_err(q("storing the appliance identity"))?;
+        Ok(())
+    }
+
+    // ---- commits: one transaction each ---------------------------------------------------------------------
+
+    /// Records the created volume and completes the create operation (naming the volume) with `response`.
+    pub async fn commit_create(&self, op_id: Uuid, volume: &VolumeRecord, response: &Value) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
+            .await?;
+        self.upsert_volume_in(&mut tx, volume).await?;
+        let sql = self
+            .dialect
+            .sql("UPDATE operations SET volume_id = ? WHERE id = ?");
+        sqlx::query(&sql)
+            .bind(volume.id.to_string())
+            .bind(op_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("naming the volume of a create operation"))?;
+        self.finish_in(&mut tx, op_id, OpStatus::Completed, Some(response), None)
+            .await?;
+        tx.commit().await.map_err(q("committing a created volume"))
+    }
+
+    /// Records the attachment (and, for the appliance, its export) and completes the attach operation with
+    /// `response`. Conflict, with nothing written, when the volume is attached to another VM or the operation
+    /// has already finished; an attachment to the same VM is replaced.
+    pub async fn commit_attach(
+        &self,
+        op_id: Uuid,
+        attachment: &AttachmentRecord,
+        export: Option<&ExportRecord>,
+        response: &Value,
+    ) -> Result<(), StoreError> {
+        let volume_id = attachment.volume_id;
+        let mut tx = self.begin().await?;
+        self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
+            .await?;
+        let sql = self
+            .dialect
+            .sql("SELECT volume_id, vm_id FROM attachments WHERE volume_id = ?");
+        let existing = sqlx::query(&sql)
+            .bind(volume_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(q("reading an attachment"))?;
+        let conflict = |vm: &str| {
+            StoreError::conflict(format!(
+                "volume {volume_id} is already attached to VM {vm}; detach it first"
+            ))
+        };
+        let a = attachment;
+        let values = (
+            a.vm_id.clone(),
+            a.target.as_str(),
+            a.role.as_str(),
+            a.device_id.map(i64::from),
+            a.by_id_path.clone(),
+            a.kernel_device.clone(),
+            a.stable_name.clone(),
+            a.export_generation
+                .map(|g| int("export generation", g))
+                .transpose()?,
+        );
+        match existing {
+            Some(row) => {
+                let vm = Reader::new(&row, "attachments", "volume_id").text("vm_id")?;
+                if vm != a.vm_id {
+                    return Err(conflict(&vm));
+                }
+                let sql = self.dialect.sql(
+                    "UPDATE attachments SET vm_id = ?, target = ?, role = ?, device_id = ?, by_id_path = ?, \
+                     kernel_device = ?, stable_name = ?, export_generation = ?, updated_at = ? \
+                     WHERE volume_id = ?",
+                );
+                sqlx::query(&sql)
+                    .bind(values.0)
+                    .bind(values.1)
+                    .bind(values.2)
+                    .bind(values.3)
+                    .bind(values.4)
+                    .bind(values.5)
+                    .bind(values.6)
+                    .bind(values.7)
+                    .bind(ts(a.updated_at))
+                    .bind(volume_id.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("replacing an attachment"))?;
+            }
+            None => {
+                let sql = format!(
+                    "INSERT INTO attachments ({}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    cols(&ATTACHMENT_COLS)
+                );
+                let res = sqlx::query(&self.dialect.sql(&sql))
+                    .bind(volume_id.to_string())
+                    .bind(values.0)
+                    .bind(values.1)
+                    .bind(values.2)
+                    .bind(values.3)
+                    .bind(values.4)
+                    .bind(values.5)
+                    .bind(values.6)
+                    .bind(values.7)
+                    .bind(ts(a.created_at))
+                    .bind(ts(a.updated_at))
+                    .execute(&mut *tx)
+                    .await;
+                match res {
+                    Ok(_) => {}
+                    Err(e) if StoreError::is_constraint_violation(&e) => {
+                        return Err(StoreError::conflict(format!(
+                            "volume {volume_id} cannot be attached: it has no volume record or was attached \
+                             concurrently; read it again and retry"
+                        )))
+                    }
+                    Err(e) => return Err(q("recording an attachment")(e)),
+                }
+            }
+        }
+        if let Some(e) = export {
+            if e.volume_id != volume_id {
+                return Err(StoreError::conflict(format!(
+                    "export {} belongs to volume {}, not to the attached volume {volume_id}",
+                    e.export_name, e.volume_id
+                )));
+            }
+            self.upsert_export_in(&mut tx, e).await?;
+        }
+        self.finish_in(&mut tx, op_id, OpStatus::Completed, Some(response), None)
+            .await?;
+        tx.commit().await.map_err(q("committing an attachment"))
+    }
+
+    /// Removes the volume's export and attachment records and completes the detach operation with `response`.
+    pub async fn commit_detach(&self, op_id: Uuid, volume_id: Uuid, response: &Value) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
+            .await?;
+        delete_by_volume(&mut tx, self.dialect, "exports", volume_id).await?;
+        delete_by_volume(&mut tx, self.dialect, "attachments", volume_id).await?;
+        self.finish_in(&mut tx, op_id, OpStatus::Completed, Some(response), None)
+            .await?;
+        tx.commit().await.map_err(q("committing a detach"))
+    }
+
+    /// Removes the volume's export and attachment records, marks the volume deleted (its record stays as a
+    /// tombstone) and completes the delete operation with `response`.
+    pub async fn commit_delete(&self, op_id: Uuid, volume_id: Uuid, response: &Value) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
+            .await?;
+        delete_by_volume(&mut tx, self.dialect, "exports", volume_id).await?;
+        delete_by_volume(&mut tx, self.dialect, "attachments", volume_id).await?;
+        let t = now();
+        let sql = self
+            .dialect
+            .sql("UPDATE volumes SET deleted_at = ?, updated_at = ? WHERE id = ? AND deleted_at IS NULL");
+        sqlx::query(&sql)
+            .bind(t.clone())
+            .bind(t)
+            .bind(volume_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("marking a volume deleted"))?;
+        self.finish_in(&mut tx, op_id, OpStatus::Completed, Some(response), None)
+            .await?;
+        tx.commit().await.map_err(q("committing a delete"))
+    }
+}
+
+fn update_cols<'a>(all: &[&'a str], keep: &[&str]) -> Vec<&'a str> {
+    all.iter().copied().filter(|c| !keep.contains(c)).collect()
+}
+
+async fn delete_by_volume(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    table: &'static str,
+    volume_id: Uuid,
+) -> Result<bool, StoreError> {
+    let sql = dialect.sql(&format!("DELETE FROM {table} WHERE volume_id = ?"));
+    let res = sqlx::query(&sql)
+        .bind(volume_id.to_string())
+        .execute(conn)
+        .await
+        .map_err(q(match table {
+            "exports" => "deleting an export",
+            _ => "deleting an attachment",
+        }))?;
+    Ok(res.rows_affected() > 0)
+}
+
+fn operation_from_row(row: &AnyRow) -> Result<OperationRecord, StoreError> {
+    let r = Reader::new(row, "operations", "id");
+    let error = match (r.opt_text("error_code")?, r.opt_text("error_message")?) {
+        (None, None) => None,
+        (code, message) => Some(OpError {
+            code: code.unwrap_or_default(),
+            message: message.unwrap_or_default(),
+        }),
+    };
+    Ok(OperationRecord {
+        id: r.uuid("id")?,
+        op_type: r.parsed("op_type", OpType::parse)?,
+        status: r.parsed("status", OpStatus::parse)?,
+        step: r.text("step")?,
+        volume_id: r.opt_uuid("volume_id")?,
+        vm_id: r.opt_text("vm_id")?,
+        request: r.json("request")?,
+        response: r.opt_json("response")?,
+        error,
+        cloud_job_id: r.opt_text("cloud_job_id")?,
+        idempotency_key: r.opt_text("idempotency_key")?,
+        created_at: r.ts("created_at")?,
+        updated_at: r.ts("updated_at")?,
+        completed_at: r.opt_ts("completed_at")?,
+    })
+}
+
+fn volume_from_row(row: &AnyRow) -> Result<VolumeRecord, StoreError> {
+    let r = Reader::new(row, "volumes", "id");
+    Ok(VolumeRecord {
+        id: r.uuid("id")?,
+        name: r.text("name")?,
+        size_bytes: r.u64("size_bytes")?,
+        disk_offering_id: r.text("disk_offering_id")?,
+        zone_id: r.text("zone_id")?,
+        metadata: r.json("metadata")?,
+        cloud_state: r.opt_text("cloud_state")?,
+        snapshot: SnapshotTracking {
+            snapshot_id: r.opt_text("snapshot_id")?,
+            snapshot_name: r.opt_text("snapshot_name")?,
+            snapshot_status: r.opt_text("snapshot_status")?,
+            vm_context_id: r.opt_text("vm_context_id")?,
+            snapshot_created_at: r.opt_ts("snapshot_created_at")?,
+        },
+        created_at: r.ts("created_at")?,
+        updated_at: r.ts("updated_at")?,
+        deleted_at: r.opt_ts("deleted_at")?,
+    })
+}
+
+fn attachment_from_row(row: &AnyRow) -> Result<AttachmentRecord, StoreError> {
+    let r = Reader::new(row, "attachments", "volume_id");
+    Ok(AttachmentRecord {
+        volume_id: r.uuid("volume_id")?,
+        vm_id: r.text("vm_id")?,
+        target: r.parsed("target", AttachTarget::parse)?,
+        role: r.parsed("role", DiskRole::parse)?,
+        device_id: r.opt_u32("device_id")?,
+        by_id_path: r.opt_text("by_id_path")?,
+        kernel_device: r.opt_text("kernel_device")?,
+        stable_name: r.opt_text("stable_name")?,
+        export_generation: r.opt_u64("export_generation")?,
+        created_at: r.ts("created_at")?,
+        updated_at: r.ts("updated_at")?,
+    })
+}
+
+fn export_from_row(row: &AnyRow) -> Result<ExportRecord, StoreError> {
+    let r = Reader::new(row, "exports", "volume_id");
+    Ok(ExportRecord {
+        volume_id: r.uuid("volume_id")?,
+        export_name: r.text("export_name")?,
+        device_path: r.text("device_path")?,
+        generation: r.u64("generation")?,
+        read_only: r.i64("read_only")? != 0,
+        created_at: r.ts("created_at")?,
+        updated_at: r.ts("updated_at")?,
+    })
+}

@@ -1,0 +1,139 @@
+//! Volume storage and the appliance's view of it: sparse backing files, loop devices over them, and the
+//! `virtio-<serial>` links in the by-id directory (made atomically: symlink to a temporary name, then rename).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use blockdev::loopdev::{self, LoopDevice};
+
+use crate::error::SimError;
+use crate::model::virtio_serial;
+
+/// File and device operations of one simulator.
+#[derive(Debug, Clone)]
+pub(crate) struct Devices {
+    volumes_dir: PathBuf,
+    by_id_dir: PathBuf,
+    use_loop_devices: bool,
+}
+
+/// What an appliance attachment exposed.
+#[derive(Debug, Clone)]
+pub(crate) struct Exposed {
+    pub device: PathBuf,
+    pub loop_device: bool,
+}
+
+impl Devices {
+    pub fn new(state_dir: &Path, by_id_dir: &Path, use_loop_devices: bool) -> Self {
+        Self {
+            volumes_dir: state_dir.join("volumes"),
+            by_id_dir: by_id_dir.to_path_buf(),
+            use_loop_devices,
+        }
+    }
+
+    /// Creates the volume and by-id directories.
+    pub fn prepare(&self) -> Result<(), SimError> {
+        fs::create_dir_all(&self.volumes_dir).map_err(SimError::io("create directory", &self.volumes_dir))?;
+        fs::create_dir_all(&self.by_id_dir).map_err(SimError::io("create directory", &self.by_id_dir))?;
+        Ok(())
+    }
+
+    /// `<state_dir>/volumes/<uuid>.img`.
+    pub fn backing_path(&self, volume_id: &str) -> PathBuf {
+        self.volumes_dir.join(format!("{volume_id}.img"))
+    }
+
+    /// `<by_id_dir>/virtio-<first 20 hex digits>`.
+    pub fn link_path(&self, volume_id: &str) -> Result<PathBuf, SimError> {
+        let serial = virtio_serial(volume_id).ok_or_else(|| SimError::NotUuid { id: volume_id.to_owned() })?;
+        Ok(self.by_id_dir.join(format!("virtio-{serial}")))
+    }
+
+    /// Creates the sparse backing file of `size` bytes.
+    pub fn create_backing(&self, volume_id: &str, size: u64) -> Result<PathBuf, SimError> {
+        let path = self.backing_path(volume_id);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(SimError::io("create backing file", &path))?;
+        file.set_len(size).map_err(SimError::io("size backing file", &path))?;
+        Ok(path)
+    }
+
+    /// Removes the backing file (absent is fine).
+    pub fn remove_backing(&self, volume_id: &str) -> Result<(), SimError> {
+        let path = self.backing_path(volume_id);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(SimError::io("remove backing file", path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Size of the backing file, if it exists.
+    pub fn backing_size(&self, volume_id: &str) -> Option<u64> {
+        File::open(self.backing_path(volume_id)).and_then(|f| f.metadata()).map(|m| m.len()).ok()
+    }
+
+    /// Exposes the volume to the appliance: a loop device over the backing file, or the file itself.
+    pub fn expose(&self, volume_id: &str) -> Result<Exposed, SimError> {
+        let file = self.backing_path(volume_id);
+        if !file.exists() {
+            return Err(SimError::io("find backing file", &file)(std::io::Error::from(ErrorKind::NotFound)));
+        }
+        if self.use_loop_devices {
+            let dev = LoopDevice::attach(&file, false).map_err(|source| SimError::LoopAttach { file, source })?;
+            Ok(Exposed { device: dev.keep(), loop_device: true })
+        } else {
+            Ok(Exposed { device: file, loop_device: false })
+        }
+    }
+
+    /// Finds the exposure of a volume after a restart: an existing loop device over its file, else a new one.
+    pub fn recover(&self, volume_id: &str) -> Result<Exposed, SimError> {
+        if self.use_loop_devices {
+            let file = self.backing_path(volume_id);
+            let found = loopdev::find_by_backing(&file)
+                .map_err(|source| SimError::LoopAttach { file: file.clone(), source })?;
+            if let Some(device) = found.into_iter().next() {
+                return Ok(Exposed { device, loop_device: true });
+            }
+        }
+        self.expose(volume_id)
+    }
+
+    /// Releases an exposure: detaches the loop device (a device already gone is fine).
+    pub fn release(&self, device: &Path, loop_device: bool) -> Result<(), SimError> {
+        if !loop_device {
+            return Ok(());
+        }
+        match loopdev::detach_path(device) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == blockdev::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(SimError::LoopDetach { device: device.to_path_buf(), source }),
+        }
+    }
+
+    /// Points the volume's by-id link at `device`, atomically replacing any old link.
+    pub fn link(&self, volume_id: &str, device: &Path) -> Result<PathBuf, SimError> {
+        let link = self.link_path(volume_id)?;
+        let tmp = self
+            .by_id_dir
+            .join(format!(".tmp-{}-{}", std::process::id(), link.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(device, &tmp).map_err(SimError::io("create link", &tmp))?;
+        fs::rename(&tmp, &link).map_err(SimError::io("rename link into place at", &link))?;
+        Ok(link)
+    }
+
+    /// Removes a by-id link (absent is fine).
+    pub fn unlink(&self, link: &Path) -> Result<(), SimError> {
+        match fs::remove_file(link) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(SimError::io("remove link", link)(e)),
+            _ => Ok(()),
+        }
+    }
+}

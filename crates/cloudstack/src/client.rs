@@ -1,0 +1,616 @@
+//! The CloudStack HTTP client: signed GET and POST (form) requests, retries with bounded backoff and
+//! jitter, response unwrapping, the typed calls a volume service needs, paging and job waiting.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::config::{jitter, Config, JobPollPolicy, RetryPolicy, Secret};
+use crate::decode;
+use crate::error::{api_error_retryable, classify, Error, ErrorKind};
+use crate::sign;
+use crate::types::{
+    bytes_to_gib_rounded_up, AsyncJob, AsyncJobInfo, CreateVolume, DiskOffering, JobStatus,
+    ListVms, ListVolumes, VirtualMachine, Volume, Zone,
+};
+
+/// Upper bound of pages fetched by one list call (protects against servers that ignore paging).
+const MAX_PAGES: u32 = 10_000;
+
+/// Parameters the client sets itself; callers may not pass them.
+const RESERVED_PARAMS: [&str; 6] = [
+    "apikey",
+    "command",
+    "response",
+    "signature",
+    "signatureversion",
+    "expires",
+];
+
+/// HTTP method of a request. CloudStack accepts both; mutating commands are sent as POST forms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+}
+
+impl Method {
+    /// POST for commands that change state, GET for `list…`, `query…` and `get…` commands.
+    pub fn for_command(command: &str) -> Self {
+        let c = command.to_ascii_lowercase();
+        if c.starts_with("list") || c.starts_with("query") || c.starts_with("get") {
+            Self::Get
+        } else {
+            Self::Post
+        }
+    }
+}
+
+/// A CloudStack API client. Cheap to clone; clones share the connection pool.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    url: reqwest::Url,
+    api_key: String,
+    secret: Secret,
+    retry: RetryPolicy,
+    signature_expiry: Option<Duration>,
+    job_poll: JobPollPolicy,
+    page_size: u32,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("url", &self.inner.url.as_str())
+            .field("api_key", &self.inner.api_key)
+            .field("secret_key", &self.inner.secret)
+            .finish_non_exhaustive()
+    }
+}
+
+fn config_err(reason: impl Into<String>) -> Error {
+    Error::Config {
+        reason: reason.into(),
+        source: None,
+    }
+}
+
+/// Whether a transport error is a TLS trust failure (an untrusted or mismatched certificate), which
+/// retrying cannot fix. The TLS stack's error is only reachable through the source chain as text.
+fn is_tls_failure(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string().to_ascii_lowercase();
+        if text.contains("certificate") || text.contains("invalid peer") {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// The outcome of one attempt: a final result, or an error worth retrying (with a server-suggested delay).
+enum Attempt {
+    Done(Result<Value, Error>),
+    Retry(Error, Option<Duration>),
+}
+
+impl Client {
+    /// Builds a client. Checks the URL (http or https, no query), the credentials and the CA file;
+    /// TLS certificates are always verified.
+    pub fn new(cfg: Config) -> Result<Self, Error> {
+        let url = reqwest::Url::parse(&cfg.url).map_err(|e| Error::Config {
+            reason: format!("url {:?} is not a valid URL", cfg.url),
+            source: Some(Box::new(e)),
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(config_err(format!(
+                "url {:?} must use http or https",
+                cfg.url
+            )));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(config_err(format!(
+                "url {:?} must not carry a query or fragment",
+                cfg.url
+            )));
+        }
+        if cfg.api_key.trim().is_empty() {
+            return Err(config_err("api_key is empty"));
+        }
+        if cfg.secret_key.expose().is_empty() {
+            return Err(config_err("secret_key is empty"));
+        }
+        if cfg.retry.max_attempts == 0 {
+            return Err(config_err("retry.max_attempts must be at least 1"));
+        }
+        if cfg.page_size == 0 {
+            return Err(config_err("page_size must be at least 1"));
+        }
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("cloudstack-rs/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &cfg.ca_file {
+            let pem = std::fs::read(path).map_err(|e| Error::Config {
+                reason: format!("cannot read ca_file {}", path.display()),
+                source: Some(Box::new(e)),
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Config {
+                reason: format!("ca_file {} is not a PEM certificate bundle", path.display()),
+                source: Some(Box::new(e)),
+            })?;
+            if certs.is_empty() {
+                return Err(config_err(format!(
+                    "ca_file {} holds no PEM certificate",
+                    path.display()
+                )));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| Error::Config {
+            reason: "cannot build the HTTP client".to_owned(),
+            source: Some(Box::new(e)),
+        })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                url,
+                api_key: cfg.api_key,
+                secret: cfg.secret_key,
+                retry: cfg.retry,
+                signature_expiry: cfg.signature_expiry,
+                job_poll: cfg.job_poll,
+                page_size: cfg.page_size,
+            }),
+        })
+    }
+
+    /// Sends `command` signed, with retries, and returns the unwrapped `<command>response` object.
+    /// The method follows [`Method::for_command`].
+    pub async fn request(&self, command: &str, params: &[(&str, String)]) -> Result<Value, Error> {
+        self.request_with(Method::for_command(command), command, params)
+            .await
+    }
+
+    /// Like [`Client::request`] with an explicit HTTP method.
+    ///
+    /// Retries (bounded exponential backoff with jitter, honouring `Retry-After`) happen for 429,
+    /// 530/534 when transient, other 5xx, and transport errors. A POST whose transport failed after the
+    /// connection was made is not retried, since CloudStack may have acted on it; parameter,
+    /// permission and limit errors are never retried.
+    pub async fn request_with(
+        &self,
+        method: Method,
+        command: &str,
+        params: &[(&str, String)],
+    ) -> Result<Value, Error> {
+        if let Some((name, _)) = params
+            .iter()
+            .find(|(n, _)| RESERVED_PARAMS.contains(&n.to_ascii_lowercase().as_str()))
+        {
+            return Err(Error::InvalidInput {
+                command: command.to_owned(),
+                reason: format!("parameter `{name}` is set by the client itself"),
+            });
+        }
+        let max = self.inner.retry.max_attempts.max(1);
+        let mut attempt = 1;
+        loop {
+            tracing::debug!(command, ?method, attempt, "CloudStack request");
+            match self.attempt(method, command, params, attempt).await {
+                Attempt::Done(result) => return result,
+                Attempt::Retry(err, _) if attempt >= max => return Err(err),
+                Attempt::Retry(err, retry_after) => {
+                    let mut delay = self.inner.retry.backoff(attempt);
+                    if let Some(after) = retry_after {
+                        delay = delay.max(after.min(self.inner.retry.max_backoff));
+                    }
+                    tracing::warn!(
+                        command,
+                        attempt,
+                        kind = %err.kind(),
+                        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        error = %err,
+                        "CloudStack request failed; retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn signed_query(&self, command: &str, params: &[(&str, String)]) -> String {
+        let mut all: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        all.push(("apiKey".to_owned(), self.inner.api_key.clone()));
+        all.push(("command".to_owned(), command.to_owned()));
+        all.push(("response".to_owned(), "json".to_owned()));
+        if let Some(expiry) = self.inner.signature_expiry {
+            let expires = chrono::Utc::now()
+                + chrono::Duration::from_std(expiry)
+                    .unwrap_or_else(|_| chrono::Duration::seconds(600));
+            all.push(("signatureVersion".to_owned(), "3".to_owned()));
+            all.push((
+                "expires".to_owned(),
+                expires.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            ));
+        }
+        let sig = sign::signature(self.inner.secret.expose(), &all);
+        format!(
+            "{}&signature={}",
+            sign::canonical_query(&all),
+            sign::encode_value(&sig)
+        )
+    }
+
+    async fn attempt(
+        &self,
+        method: Method,
+        command: &str,
+        params: &[(&str, String)],
+        attempts: u32,
+    ) -> Attempt {
+        let query = self.signed_query(command, params);
+        let req = match method {
+            Method::Get => {
+                let mut url = self.inner.url.clone();
+                url.set_query(Some(&query));
+                self.inner.http.get(url)
+            }
+            Method::Post => self
+                .inner
+                .http
+                .post(self.inner.url.clone())
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(query),
+        };
+        let transport = |source: reqwest::Error| Error::Transport {
+            command: command.to_owned(),
+            attempts,
+            source,
+        };
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) if is_tls_failure(&e) => {
+                return Attempt::Done(Err(Error::Tls {
+                    command: command.to_owned(),
+                    source: e,
+                }));
+            }
+            Err(e) => {
+                // A POST that reached the server may have been acted on: only retry when it never left.
+                let retry = method == Method::Get || e.is_connect();
+                let err = transport(e);
+                return if retry {
+                    Attempt::Retry(err, None)
+                } else {
+                    Attempt::Done(Err(err))
+                };
+            }
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                let retry = method == Method::Get;
+                let err = transport(e);
+                return if retry {
+                    Attempt::Retry(err, None)
+                } else {
+                    Attempt::Done(Err(err))
+                };
+            }
+        };
+        let body: Option<Value> = serde_json::from_slice(&bytes).ok();
+        let api_error = body
+            .as_ref()
+            .and_then(|b| decode::error_in_body(command, b));
+        if let Some(e) = api_error {
+            let kind = classify(e.errorcode, e.cserrorcode, &e.errortext);
+            let retry = api_error_retryable(e.errorcode, kind) || status == 429;
+            let err = Error::Api {
+                command: command.to_owned(),
+                http_status: status,
+                errorcode: e.errorcode,
+                cserrorcode: e.cserrorcode,
+                errortext: e.errortext,
+                kind,
+                attempts,
+            };
+            return if retry {
+                Attempt::Retry(err, retry_after)
+            } else {
+                Attempt::Done(Err(err))
+            };
+        }
+        if !(200..300).contains(&status) {
+            let err = Error::Http {
+                command: command.to_owned(),
+                status,
+                attempts,
+            };
+            let retry = status == 429 || (500..=599).contains(&status);
+            return if retry {
+                Attempt::Retry(err, retry_after)
+            } else {
+                Attempt::Done(Err(err))
+            };
+        }
+        let Some(body) = body else {
+            return Attempt::Done(Err(Error::Decode {
+                command: command.to_owned(),
+                what: "the body is not JSON".to_owned(),
+                source: serde_json::from_slice::<Value>(&bytes).err(),
+            }));
+        };
+        Attempt::Done(decode::unwrap_response(command, &body))
+    }
+
+    async fn list_all<T: DeserializeOwned>(
+        &self,
+        command: &str,
+        key: &str,
+        mut params: Vec<(&str, String)>,
+        page_size: Option<u32>,
+    ) -> Result<Vec<T>, Error> {
+        let page_size = page_size.unwrap_or(self.inner.page_size).max(1);
+        params.push(("pagesize", page_size.to_string()));
+        params.push(("page", String::new()));
+        let page_idx = params.len() - 1;
+        let mut all = Vec::new();
+        for page in 1..=MAX_PAGES {
+            params[page_idx].1 = page.to_string();
+            let inner = self.request_with(Method::Get, command, &params).await?;
+            let decoded: decode::Page<T> = decode::list(command, &inner, key)?;
+            let n = decoded.items.len();
+            all.extend(decoded.items);
+            let complete = decoded.count.is_some_and(|c| all.len() as u64 >= c);
+            if n == 0 || n < page_size as usize || complete {
+                return Ok(all);
+            }
+        }
+        Err(Error::Decode {
+            command: command.to_owned(),
+            what: format!("more than {MAX_PAGES} pages; the server seems to ignore `page`"),
+            source: None,
+        })
+    }
+
+    async fn async_command(
+        &self,
+        command: &str,
+        params: &[(&str, String)],
+    ) -> Result<AsyncJob, Error> {
+        let inner = self.request_with(Method::Post, command, params).await?;
+        decode::async_job(command, &inner)
+    }
+
+    /// `createVolume`. Returns at once with the job id and the new volume's id.
+    pub async fn create_volume(&self, p: &CreateVolume) -> Result<AsyncJob, Error> {
+        let invalid = |reason: &str| Error::InvalidInput {
+            command: "createVolume".to_owned(),
+            reason: reason.to_owned(),
+        };
+        if p.name.is_empty() {
+            return Err(invalid("name is empty"));
+        }
+        if p.zone_id.is_empty() || p.disk_offering_id.is_empty() {
+            return Err(invalid("zone_id and disk_offering_id are required"));
+        }
+        let mut params = vec![
+            ("name", p.name.clone()),
+            ("zoneid", p.zone_id.clone()),
+            ("diskofferingid", p.disk_offering_id.clone()),
+        ];
+        if let Some(bytes) = p.size_bytes {
+            if bytes == 0 {
+                return Err(invalid("size_bytes must be greater than zero"));
+            }
+            params.push(("size", bytes_to_gib_rounded_up(bytes).to_string()));
+        }
+        self.async_command("createVolume", &params).await
+    }
+
+    /// `attachVolume`; `device_id` `None` lets CloudStack choose the next free slot (0 = root disk).
+    pub async fn attach_volume(
+        &self,
+        volume_id: &str,
+        vm_id: &str,
+        device_id: Option<u32>,
+    ) -> Result<AsyncJob, Error> {
+        let mut params = vec![
+            ("id", volume_id.to_owned()),
+            ("virtualmachineid", vm_id.to_owned()),
+        ];
+        if let Some(d) = device_id {
+            params.push(("deviceid", d.to_string()));
+        }
+        self.async_command("attachVolume", &params).await
+    }
+
+    /// `detachVolume` by volume id.
+    pub async fn detach_volume(&self, volume_id: &str) -> Result<AsyncJob, Error> {
+        self.async_command("detachVolume", &[("id", volume_id.to_owned())])
+            .await
+    }
+
+    /// `deleteVolume` (synchronous; the volume must be detached).
+    pub async fn delete_volume(&self, volume_id: &str) -> Result<(), Error> {
+        let command = "deleteVolume";
+        let inner = self
+            .request_with(Method::Post, command, &[("id", volume_id.to_owned())])
+            .await?;
+        match decode::success(command, &inner)? {
+            (true, _) => Ok(()),
+            (false, text) => Err(Error::Api {
+                command: command.to_owned(),
+                http_status: 200,
+                errorcode: 530,
+                cserrorcode: None,
+                errortext: text.unwrap_or_else(|| "deleteVolume answered success=false".to_owned()),
+                kind: ErrorKind::Other,
+                attempts: 1,
+            }),
+        }
+    }
+
+    /// `listVolumes` with the given filters, all pages.
+    pub async fn list_volumes(&self, q: &ListVolumes) -> Result<Vec<Volume>, Error> {
+        let mut params = Vec::new();
+        let opt = [
+            ("id", &q.id),
+            ("virtualmachineid", &q.virtualmachine_id),
+            ("name", &q.name),
+            ("keyword", &q.keyword),
+            ("zoneid", &q.zone_id),
+            ("type", &q.volume_type),
+            ("state", &q.state),
+        ];
+        params.extend(
+            opt.into_iter()
+                .filter_map(|(k, v)| v.clone().map(|v| (k, v))),
+        );
+        if q.list_all {
+            params.push(("listall", "true".to_owned()));
+        }
+        self.list_all("listVolumes", "volume", params, q.page_size)
+            .await
+    }
+
+    /// One volume by id, across the domain; `None` when CloudStack does not know it.
+    pub async fn get_volume(&self, id: &str) -> Result<Option<Volume>, Error> {
+        let q = ListVolumes {
+            id: Some(id.to_owned()),
+            list_all: true,
+            ..ListVolumes::default()
+        };
+        match self.list_volumes(&q).await {
+            Ok(list) => Ok(list.into_iter().find(|v| v.id == id)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `listVirtualMachines` with the given filters, all pages.
+    pub async fn list_virtual_machines(&self, q: &ListVms) -> Result<Vec<VirtualMachine>, Error> {
+        let mut params = Vec::new();
+        let opt = [
+            ("id", &q.id),
+            ("name", &q.name),
+            ("state", &q.state),
+            ("zoneid", &q.zone_id),
+        ];
+        params.extend(
+            opt.into_iter()
+                .filter_map(|(k, v)| v.clone().map(|v| (k, v))),
+        );
+        if q.list_all {
+            params.push(("listall", "true".to_owned()));
+        }
+        self.list_all("listVirtualMachines", "virtualmachine", params, q.page_size)
+            .await
+    }
+
+    /// One VM by id, across the domain; `None` when CloudStack does not know it.
+    pub async fn get_virtual_machine(&self, id: &str) -> Result<Option<VirtualMachine>, Error> {
+        let q = ListVms {
+            id: Some(id.to_owned()),
+            list_all: true,
+            ..ListVms::default()
+        };
+        match self.list_virtual_machines(&q).await {
+            Ok(list) => Ok(list.into_iter().find(|v| v.id == id)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `listZones`, all pages.
+    pub async fn list_zones(&self) -> Result<Vec<Zone>, Error> {
+        self.list_all("listZones", "zone", Vec::new(), None).await
+    }
+
+    /// `listDiskOfferings`, all pages.
+    pub async fn list_disk_offerings(&self) -> Result<Vec<DiskOffering>, Error> {
+        self.list_all("listDiskOfferings", "diskoffering", Vec::new(), None)
+            .await
+    }
+
+    /// `queryAsyncJobResult`: the current state of a job.
+    pub async fn query_async_job(&self, job_id: &str) -> Result<JobStatus, Error> {
+        let command = "queryAsyncJobResult";
+        let inner = self
+            .request_with(Method::Get, command, &[("jobid", job_id.to_owned())])
+            .await?;
+        decode::job_status(command, &inner)
+    }
+
+    /// `listAsyncJobs`: the account's recent jobs (to find jobs whose id was lost), all pages.
+    pub async fn list_async_jobs(&self) -> Result<Vec<AsyncJobInfo>, Error> {
+        self.list_all("listAsyncJobs", "asyncjobs", Vec::new(), None)
+            .await
+    }
+
+    /// Polls a job until it finishes or `deadline` has passed since the call; usable again with the same
+    /// id after a restart. Returns the `jobresult` on success, [`ErrorKind::JobFailed`] (with the job's
+    /// errortext) on failure and [`ErrorKind::JobStillRunning`] when it was still pending at the
+    /// deadline. Transient polling errors are tolerated until the deadline, where the last one is
+    /// returned (the job's state is then unknown).
+    pub async fn wait_job(&self, job_id: &str, deadline: Duration) -> Result<Value, Error> {
+        let start = Instant::now();
+        let mut delay = self.inner.job_poll.initial;
+        loop {
+            let last_transient = match self.query_async_job(job_id).await {
+                Ok(JobStatus::Succeeded(result)) => return Ok(result),
+                Ok(JobStatus::Failed(error)) => {
+                    return Err(Error::JobFailed {
+                        job_id: job_id.to_owned(),
+                        error,
+                    });
+                }
+                Ok(JobStatus::Pending) => None,
+                Err(e) if e.kind() == ErrorKind::Transient => Some(e),
+                Err(e) => return Err(e),
+            };
+            let elapsed = start.elapsed();
+            if elapsed >= deadline {
+                return Err(last_transient.unwrap_or_else(|| Error::JobStillRunning {
+                    job_id: job_id.to_owned(),
+                    waited: elapsed,
+                }));
+            }
+            tokio::time::sleep(jitter(delay).min(deadline - elapsed)).await;
+            delay = (delay + delay / 2).min(self.inner.job_poll.max);
+        }
+    }
+
+    /// Waits for a job whose result carries a volume (`createVolume`, `attachVolume`, `detachVolume`)
+    /// and decodes it.
+    pub async fn wait_volume_job(&self, job_id: &str, deadline: Duration) -> Result<Volume, Error> {
+        let result = self.wait_job(job_id, deadline).await?;
+        decode::object("queryAsyncJobResult", &result["volume"], "jobresult.volume")
+    }
+}

@@ -1,0 +1,831 @@
+//! The client against an in-process HTTP server that verifies every signature with `sign::verify`
+//! and answers with scripted CloudStack bodies.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Form, State};
+use axum::http::{Method as HttpMethod, StatusCode};
+use axum::response::{IntoResponse, Response};
+use cloudstack::{
+    sign, Client, Config, CreateVolume, ErrorKind, JobPollPolicy, ListVms, ListVolumes,
+    RetryPolicy, Secret,
+};
+use serde_json::{json, Value};
+
+const API_KEY: &str = "TESTAPIKEY";
+const SECRET: &str = "TESTSECRET-not-real";
+
+#[derive(Debug, Clone)]
+struct Call {
+    method: HttpMethod,
+    command: String,
+    params: Vec<(String, String)>,
+}
+
+impl Call {
+    fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Clone)]
+enum Reply {
+    Json(u16, Value),
+    Raw(u16, &'static str),
+}
+
+#[derive(Default)]
+struct ServerState {
+    /// Replies per command, in order; the last one repeats.
+    scripts: HashMap<String, VecDeque<Reply>>,
+    calls: Vec<Call>,
+    /// Requests refused for a bad key, signature or expiry.
+    refused: usize,
+}
+
+#[derive(Clone)]
+struct TestServer {
+    state: Arc<Mutex<ServerState>>,
+    url: String,
+}
+
+fn fixture(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+fn cs_error(command: &str, errorcode: u16, cserrorcode: u32, text: &str) -> Reply {
+    Reply::Json(
+        errorcode,
+        json!({ format!("{}response", command.to_lowercase()):
+            {"uuidList": [], "errorcode": errorcode, "cserrorcode": cserrorcode, "errortext": text} }),
+    )
+}
+
+fn ok(body: Value) -> Reply {
+    Reply::Json(200, body)
+}
+
+fn json_reply(status: u16, body: &Value) -> Response {
+    let status = StatusCode::from_u16(status).expect("valid status");
+    (
+        status,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+async fn api(
+    State(state): State<Arc<Mutex<ServerState>>>,
+    method: HttpMethod,
+    Form(params): Form<Vec<(String, String)>>,
+) -> Response {
+    let command = param(&params, "command").unwrap_or_default().to_owned();
+    let unauthorized = || {
+        state.lock().expect("state lock").refused += 1;
+        json_reply(
+            401,
+            &json!({ format!("{}response", command.to_lowercase()):
+                {"errorcode": 401, "errortext": "unable to verify user credentials and/or request signature"} }),
+        )
+    };
+    let Some(sig) = param(&params, "signature").map(str::to_owned) else {
+        return unauthorized();
+    };
+    if param(&params, "apiKey") != Some(API_KEY) {
+        return unauthorized();
+    }
+    if param(&params, "signatureVersion") == Some("3") {
+        let Some(expires) = param(&params, "expires") else {
+            return unauthorized();
+        };
+        let Ok(expires) = chrono::DateTime::parse_from_rfc3339(expires) else {
+            return unauthorized();
+        };
+        if expires <= chrono::Utc::now() {
+            return unauthorized();
+        }
+    }
+    let signed: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| k != "signature")
+        .cloned()
+        .collect();
+    if !sign::verify(SECRET, &signed, &sig) {
+        return unauthorized();
+    }
+    let reply = {
+        let mut st = state.lock().expect("state lock");
+        st.calls.push(Call {
+            method,
+            command: command.clone(),
+            params: signed,
+        });
+        match st.scripts.get_mut(&command) {
+            Some(q) if q.len() > 1 => q.pop_front(),
+            Some(q) => q.front().cloned(),
+            None => None,
+        }
+    };
+    match reply {
+        Some(Reply::Json(status, body)) => json_reply(status, &body),
+        Some(Reply::Raw(status, text)) => (
+            StatusCode::from_u16(status).expect("valid status"),
+            text.to_owned(),
+        )
+            .into_response(),
+        None => json_reply(
+            431,
+            &json!({"errorresponse": {"errorcode": 431, "errortext": format!("unscripted command {command}")}}),
+        ),
+    }
+}
+
+impl TestServer {
+    async fn start() -> Self {
+        let state = Arc::new(Mutex::new(ServerState::default()));
+        let app = axum::Router::new()
+            .route("/client/api", axum::routing::get(api).post(api))
+            .with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+        Self {
+            state,
+            url: format!("http://{addr}/client/api"),
+        }
+    }
+
+    fn script(&self, command: &str, replies: Vec<Reply>) {
+        self.state
+            .lock()
+            .expect("state lock")
+            .scripts
+            .insert(command.to_owned(), replies.into());
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.state.lock().expect("state lock").calls.clone()
+    }
+
+    fn calls_of(&self, command: &str) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.command == command)
+            .collect()
+    }
+
+    fn config(&self) -> Config {
+        Config {
+            retry: RetryPolicy {
+                max_attempts: 4,
+                initial_backoff: Duration::from_millis(5),
+                max_backoff: Duration::from_millis(20),
+            },
+            job_poll: JobPollPolicy {
+                initial: Duration::from_millis(5),
+                max: Duration::from_millis(20),
+            },
+            ..Config::new(&self.url, API_KEY, Secret::new(SECRET))
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.config()).expect("client")
+    }
+}
+
+fn volume_json(id: &str) -> Value {
+    json!({"id": id, "name": format!("vol-{id}"), "state": "Ready", "size": 1073741824u64, "type": "DATADISK"})
+}
+
+#[tokio::test]
+async fn list_zones_is_a_signed_get_with_signature_version_3() {
+    let srv = TestServer::start().await;
+    srv.script("listZones", vec![ok(fixture("listZones_default.json"))]);
+    let zones = srv.client().list_zones().await.expect("listZones");
+    assert_eq!(zones.len(), 1);
+    assert_eq!(zones[0].id, "1");
+    assert_eq!(zones[0].name, "Sydney");
+    let calls = srv.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].method, HttpMethod::GET);
+    assert_eq!(calls[0].param("response"), Some("json"));
+    assert_eq!(calls[0].param("signatureVersion"), Some("3"));
+    assert!(calls[0].param("expires").is_some_and(|e| e.ends_with('Z')));
+}
+
+#[tokio::test]
+async fn signature_version_2_without_expires_is_accepted() {
+    let srv = TestServer::start().await;
+    srv.script("listZones", vec![ok(json!({"listzonesresponse": {}}))]);
+    let client = Client::new(Config {
+        signature_expiry: None,
+        ..srv.config()
+    })
+    .expect("client");
+    assert!(client.list_zones().await.expect("listZones").is_empty());
+    let calls = srv.calls();
+    assert_eq!(calls[0].param("expires"), None);
+    assert_eq!(calls[0].param("signatureVersion"), None);
+}
+
+#[tokio::test]
+async fn wrong_secret_is_unauthorized_and_not_retried() {
+    let srv = TestServer::start().await;
+    srv.script("listZones", vec![ok(fixture("listZones_default.json"))]);
+    let client = Client::new(Config {
+        secret_key: Secret::new("wrong"),
+        ..srv.config()
+    })
+    .expect("client");
+    let err = client.list_zones().await.expect_err("must be refused");
+    assert_eq!(err.kind(), ErrorKind::Unauthorized);
+    assert_eq!(err.error_code(), Some(401));
+    assert!(err
+        .error_text()
+        .is_some_and(|t| t.contains("unable to verify")));
+    assert!(srv.calls().is_empty());
+    assert_eq!(
+        srv.state.lock().expect("state lock").refused,
+        1,
+        "a refused signature must not be retried"
+    );
+    assert!(
+        !format!("{client:?}").contains("wrong"),
+        "secret leaked in Debug"
+    );
+}
+
+#[tokio::test]
+async fn create_volume_posts_a_signed_form_and_rounds_size_up() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "createVolume",
+        vec![ok(fixture("createVolume_default.json"))],
+    );
+    let name = "vol a+b/c=d&e~f*g é 日本";
+    let job = srv
+        .client()
+        .create_volume(&CreateVolume {
+            name: name.to_owned(),
+            zone_id: "zone-1".to_owned(),
+            disk_offering_id: "offering-1".to_owned(),
+            size_bytes: Some(10 * cloudstack::GIB + 1),
+        })
+        .await
+        .expect("createVolume");
+    assert_eq!(job.job_id, "createvolumejob");
+    assert_eq!(
+        job.resource_id.as_deref(),
+        Some("60338035-92fb-4d27-98d4-b60ad4b38b87")
+    );
+    let calls = srv.calls();
+    assert_eq!(calls[0].method, HttpMethod::POST);
+    assert_eq!(calls[0].param("name"), Some(name));
+    assert_eq!(calls[0].param("size"), Some("11"));
+    assert_eq!(calls[0].param("zoneid"), Some("zone-1"));
+    assert_eq!(calls[0].param("diskofferingid"), Some("offering-1"));
+}
+
+#[tokio::test]
+async fn attach_detach_delete() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "attachVolume",
+        vec![ok(fixture("attachVolume_default.json"))],
+    );
+    srv.script(
+        "detachVolume",
+        vec![ok(fixture("detachVolume_default.json"))],
+    );
+    srv.script(
+        "deleteVolume",
+        vec![ok(fixture("deleteVolume_default.json"))],
+    );
+    let client = srv.client();
+    let job = client
+        .attach_volume("vol-1", "vm-1", Some(0))
+        .await
+        .expect("attach");
+    assert_eq!(job.job_id, "attachvolumejob");
+    client
+        .attach_volume("vol-1", "vm-1", None)
+        .await
+        .expect("attach");
+    assert_eq!(
+        client.detach_volume("vol-1").await.expect("detach").job_id,
+        "detachvolumejob"
+    );
+    client.delete_volume("vol-1").await.expect("delete");
+    let attaches = srv.calls_of("attachVolume");
+    assert_eq!(attaches[0].param("deviceid"), Some("0"));
+    assert_eq!(attaches[0].param("virtualmachineid"), Some("vm-1"));
+    assert_eq!(attaches[1].param("deviceid"), None);
+    assert!(srv.calls().iter().all(|c| c.method == HttpMethod::POST));
+    assert_eq!(srv.calls_of("deleteVolume")[0].param("id"), Some("vol-1"));
+}
+
+#[tokio::test]
+async fn throttled_then_success_is_retried() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "listVolumes",
+        vec![
+            cs_error(
+                "listVolumes",
+                429,
+                4250,
+                "The given command 'listVolumes' has reached the API limit",
+            ),
+            ok(fixture("listVolumes_default.json")),
+        ],
+    );
+    let vols = srv
+        .client()
+        .list_volumes(&ListVolumes::default())
+        .await
+        .expect("retried to success");
+    assert_eq!(vols.len(), 1);
+    assert_eq!(srv.calls_of("listVolumes").len(), 2);
+}
+
+#[tokio::test]
+async fn mutation_throttled_then_success_is_retried() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "attachVolume",
+        vec![
+            cs_error("attachVolume", 429, 4250, "API limit"),
+            ok(fixture("attachVolume_default.json")),
+        ],
+    );
+    let job = srv
+        .client()
+        .attach_volume("v", "m", None)
+        .await
+        .expect("retried to success");
+    assert_eq!(job.job_id, "attachvolumejob");
+    assert_eq!(srv.calls_of("attachVolume").len(), 2);
+}
+
+#[tokio::test]
+async fn parameter_error_is_not_retried() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "attachVolume",
+        vec![cs_error(
+            "attachVolume",
+            431,
+            4350,
+            "Please provide either a volume id, or a tuple(device id, instance id)",
+        )],
+    );
+    let err = srv
+        .client()
+        .attach_volume("v", "m", None)
+        .await
+        .expect_err("431");
+    assert_eq!(err.kind(), ErrorKind::InvalidParameter);
+    assert_eq!(err.cs_error_code(), Some(4350));
+    assert_eq!(srv.calls_of("attachVolume").len(), 1);
+}
+
+#[tokio::test]
+async fn not_found_text_maps_to_not_found_and_get_returns_none() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "listVolumes",
+        vec![cs_error(
+            "listVolumes",
+            431,
+            4350,
+            "Unable to find volume with id vol-x",
+        )],
+    );
+    let client = srv.client();
+    assert_eq!(client.get_volume("vol-x").await.expect("none"), None);
+    let call = &srv.calls_of("listVolumes")[0];
+    assert_eq!(call.param("id"), Some("vol-x"));
+    assert_eq!(call.param("listall"), Some("true"));
+    srv.script(
+        "deleteVolume",
+        vec![cs_error(
+            "deleteVolume",
+            431,
+            4350,
+            "Unable to find volume with id vol-x",
+        )],
+    );
+    let err = client.delete_volume("vol-x").await.expect_err("not found");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert_eq!(srv.calls_of("deleteVolume").len(), 1);
+}
+
+#[tokio::test]
+async fn internal_errors_are_retried_up_to_the_bound() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "listZones",
+        vec![cs_error(
+            "listZones",
+            530,
+            4345,
+            "Internal error executing command",
+        )],
+    );
+    let err = srv.client().list_zones().await.expect_err("exhausted");
+    assert_eq!(err.kind(), ErrorKind::Transient);
+    assert_eq!(srv.calls_of("listZones").len(), 4);
+}
+
+#[tokio::test]
+async fn gateway_errors_without_cloudstack_body_are_retried() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "listZones",
+        vec![
+            Reply::Raw(502, "<html>bad gateway</html>"),
+            ok(fixture("listZones_default.json")),
+        ],
+    );
+    assert_eq!(srv.client().list_zones().await.expect("retried").len(), 1);
+    assert_eq!(srv.calls_of("listZones").len(), 2);
+
+    srv.script("listDiskOfferings", vec![Reply::Raw(404, "not here")]);
+    let err = srv.client().list_disk_offerings().await.expect_err("404");
+    assert_eq!(err.kind(), ErrorKind::Other);
+    assert_eq!(srv.calls_of("listDiskOfferings").len(), 1);
+}
+
+#[tokio::test]
+async fn transport_errors_are_transient_after_retries() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let mut cfg = Config::new(
+        format!("http://{closed}/client/api"),
+        API_KEY,
+        Secret::new(SECRET),
+    );
+    cfg.retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(2),
+    };
+    let err = Client::new(cfg)
+        .expect("client")
+        .list_zones()
+        .await
+        .expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::Transient);
+    assert!(err.to_string().contains("3 attempt"), "{err}");
+}
+
+#[tokio::test]
+async fn empty_list_is_empty() {
+    let srv = TestServer::start().await;
+    srv.script("listVolumes", vec![ok(json!({"listvolumesresponse": {}}))]);
+    srv.script(
+        "listVirtualMachines",
+        vec![ok(json!({"listvirtualmachinesresponse": {}}))],
+    );
+    let client = srv.client();
+    assert!(client
+        .list_volumes(&ListVolumes::default())
+        .await
+        .expect("list")
+        .is_empty());
+    assert_eq!(client.get_virtual_machine("vm-1").await.expect("get"), None);
+}
+
+#[tokio::test]
+async fn all_pages_are_fetched() {
+    let srv = TestServer::start().await;
+    let page = |ids: &[&str], count: Option<u64>| {
+        let mut inner = json!({"volume": ids.iter().map(|i| volume_json(i)).collect::<Vec<_>>()});
+        if let Some(c) = count {
+            inner["count"] = json!(c);
+        }
+        ok(json!({ "listvolumesresponse": inner }))
+    };
+    srv.script(
+        "listVolumes",
+        vec![
+            page(&["a", "b"], Some(5)),
+            page(&["c", "d"], Some(5)),
+            page(&["e"], Some(5)),
+        ],
+    );
+    let q = ListVolumes {
+        virtualmachine_id: Some("vm-1".to_owned()),
+        page_size: Some(2),
+        ..ListVolumes::default()
+    };
+    let vols = srv.client().list_volumes(&q).await.expect("list");
+    let ids: Vec<&str> = vols.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c", "d", "e"]);
+    let calls = srv.calls_of("listVolumes");
+    assert_eq!(calls.len(), 3);
+    for (i, c) in calls.iter().enumerate() {
+        assert_eq!(c.param("page"), Some((i + 1).to_string().as_str()));
+        assert_eq!(c.param("pagesize"), Some("2"));
+        assert_eq!(c.param("virtualmachineid"), Some("vm-1"));
+    }
+
+    // Without `count`, a short or empty page ends the listing.
+    let srv = TestServer::start().await;
+    srv.script(
+        "listVolumes",
+        vec![
+            page(&["a", "b"], None),
+            page(&["c", "d"], None),
+            ok(json!({"listvolumesresponse": {}})),
+        ],
+    );
+    let vols = srv.client().list_volumes(&q).await.expect("list");
+    assert_eq!(vols.len(), 4);
+    assert_eq!(srv.calls_of("listVolumes").len(), 3);
+}
+
+fn job_reply(status: u32, result: Value) -> Reply {
+    ok(
+        json!({"queryasyncjobresultresponse": {"jobid": "job-1", "jobstatus": status, "jobprocstatus": 0,
+        "jobresultcode": if status == 2 { 530 } else { 0 }, "jobresulttype": "object", "jobresult": result}}),
+    )
+}
+
+#[tokio::test]
+async fn job_pending_then_success() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "queryAsyncJobResult",
+        vec![
+            job_reply(0, Value::Null),
+            job_reply(0, Value::Null),
+            ok(fixture("queryAsyncJobResult_attachvolumejob.json")),
+        ],
+    );
+    let vol = srv
+        .client()
+        .wait_volume_job("job-1", Duration::from_secs(10))
+        .await
+        .expect("succeeds");
+    assert_eq!(vol.id, "60338035-92fb-4d27-98d4-b60ad4b38b87");
+    assert_eq!(vol.device_id, Some(5));
+    let calls = srv.calls_of("queryAsyncJobResult");
+    assert_eq!(calls.len(), 3);
+    assert!(calls
+        .iter()
+        .all(|c| c.param("jobid") == Some("job-1") && c.method == HttpMethod::GET));
+}
+
+#[tokio::test]
+async fn job_failure_carries_the_error_text() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "queryAsyncJobResult",
+        vec![
+            job_reply(0, Value::Null),
+            job_reply(
+                2,
+                json!({"errorcode": 431, "cserrorcode": 4350, "errortext": "Please provide either a volume id, or a tuple(device id, instance id)"}),
+            ),
+        ],
+    );
+    let err = srv
+        .client()
+        .wait_job("job-1", Duration::from_secs(10))
+        .await
+        .expect_err("fails");
+    assert_eq!(err.kind(), ErrorKind::JobFailed);
+    assert_eq!(err.error_code(), Some(431));
+    assert!(err
+        .error_text()
+        .is_some_and(|t| t.starts_with("Please provide")));
+    assert_eq!(
+        err.job_error().map(|e| e.kind()),
+        Some(ErrorKind::InvalidParameter)
+    );
+}
+
+#[tokio::test]
+async fn job_still_running_at_the_deadline_is_distinct() {
+    let srv = TestServer::start().await;
+    srv.script("queryAsyncJobResult", vec![job_reply(0, Value::Null)]);
+    let client = srv.client();
+    let started = std::time::Instant::now();
+    let err = client
+        .wait_job("job-1", Duration::from_millis(150))
+        .await
+        .expect_err("still running");
+    assert_eq!(err.kind(), ErrorKind::JobStillRunning);
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(srv.calls_of("queryAsyncJobResult").len() >= 2);
+
+    // Waiting again with the same id picks the job up where it is.
+    srv.script(
+        "queryAsyncJobResult",
+        vec![job_reply(1, json!({"volume": volume_json("v1")}))],
+    );
+    let result = client
+        .wait_job("job-1", Duration::from_secs(5))
+        .await
+        .expect("resumed");
+    assert_eq!(result["volume"]["id"], "v1");
+}
+
+#[tokio::test]
+async fn fixtures_through_the_client() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "listVirtualMachines",
+        vec![ok(fixture("listVirtualMachines_default.json"))],
+    );
+    srv.script(
+        "listDiskOfferings",
+        vec![ok(fixture("listDiskOfferings_default.json"))],
+    );
+    let jobs = fixture("cloudstack-go-AsyncJobService.json")["listAsyncJobs"].clone();
+    srv.script("listAsyncJobs", vec![ok(jobs)]);
+    let client = srv.client();
+    let vms = client
+        .list_virtual_machines(&ListVms {
+            list_all: true,
+            ..ListVms::default()
+        })
+        .await
+        .expect("vms");
+    assert_eq!(vms.len(), 2);
+    assert_eq!(
+        srv.calls_of("listVirtualMachines")[0].param("listall"),
+        Some("true")
+    );
+    assert_eq!(
+        client
+            .get_virtual_machine("2601")
+            .await
+            .expect("vm")
+            .map(|v| v.state),
+        Some("Starting".to_owned())
+    );
+    let offerings = client.list_disk_offerings().await.expect("offerings");
+    assert_eq!(offerings[0].disk_size_gb, 10);
+    let jobs = client.list_async_jobs().await.expect("jobs");
+    assert_eq!(jobs[0].job_id, "6679e6b9-4bf2-4d83-b9f0-235fc1609227");
+}
+
+#[tokio::test]
+async fn raw_request_unwraps_and_rejects_reserved_parameters() {
+    let srv = TestServer::start().await;
+    srv.script("listZones", vec![ok(fixture("listZones_default.json"))]);
+    let client = srv.client();
+    let v = client
+        .request("listZones", &[("available", "true".to_owned())])
+        .await
+        .expect("raw");
+    assert_eq!(v["zone"][0]["name"], "Sydney");
+    assert_eq!(srv.calls()[0].param("available"), Some("true"));
+    let err = client
+        .request("listZones", &[("signature", "x".to_owned())])
+        .await
+        .expect_err("reserved");
+    assert_eq!(err.kind(), ErrorKind::InvalidParameter);
+    assert_eq!(srv.calls().len(), 1);
+}
+
+#[test]
+fn config_errors() {
+    let base = || {
+        Config::new(
+            "https://cloud.example/client/api",
+            API_KEY,
+            Secret::new(SECRET),
+        )
+    };
+    assert_eq!(
+        Client::new(Config {
+            url: "not a url".into(),
+            ..base()
+        })
+        .expect_err("url")
+        .kind(),
+        ErrorKind::Config
+    );
+    assert_eq!(
+        Client::new(Config {
+            url: "ftp://x/y".into(),
+            ..base()
+        })
+        .expect_err("scheme")
+        .kind(),
+        ErrorKind::Config
+    );
+    assert_eq!(
+        Client::new(Config {
+            secret_key: Secret::new(""),
+            ..base()
+        })
+        .expect_err("secret")
+        .kind(),
+        ErrorKind::Config
+    );
+    let missing = Config {
+        ca_file: Some("/nonexistent/ca.pem".into()),
+        ..base()
+    };
+    assert_eq!(
+        Client::new(missing).expect_err("ca").kind(),
+        ErrorKind::Config
+    );
+    let dir = std::env::temp_dir().join(format!("cloudstack-ca-{}", std::process::id()));
+    std::fs::write(&dir, "not a certificate").expect("write");
+    let garbage = Config {
+        ca_file: Some(dir.clone()),
+        ..base()
+    };
+    let res = Client::new(garbage);
+    std::fs::remove_file(&dir).expect("cleanup");
+    assert_eq!(res.expect_err("garbage ca").kind(), ErrorKind::Config);
+    assert!(Client::new(base()).is_ok());
+}
+
+/// A server that reads each request and closes the connection without answering; returns its URL and
+/// the number of connections it saw.
+async fn start_hang_up_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            drop(tcp);
+        }
+    });
+    (format!("http://{addr}/client/api"), seen)
+}
+
+#[tokio::test]
+async fn a_post_lost_after_sending_is_not_retried_but_a_get_is() {
+    let (url, seen) = start_hang_up_server().await;
+    let cfg = Config {
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        },
+        ..Config::new(url, API_KEY, Secret::new(SECRET))
+    };
+    let client = Client::new(cfg).expect("client");
+    let err = client
+        .attach_volume("v", "m", None)
+        .await
+        .expect_err("no answer");
+    assert_eq!(err.kind(), ErrorKind::Transient);
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the POST may have been acted on"
+    );
+    let err = client.list_zones().await.expect_err("no answer");
+    assert_eq!(err.kind(), ErrorKind::Transient);
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        4,
+        "a GET is retried"
+    );
+}

@@ -1,0 +1,302 @@
+//! The persisted record types of the store and their stable text forms.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+use volume_api::{OperationStatus, OperationType};
+
+/// The step a freshly journaled operation starts in.
+pub const INITIAL_STEP: &str = "accepted";
+
+/// The kind of a journaled operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpType {
+    Create,
+    Attach,
+    Detach,
+    Delete,
+}
+
+impl OpType {
+    pub const ALL: [OpType; 4] = [Self::Create, Self::Attach, Self::Detach, Self::Delete];
+
+    /// The stored (and wire) name.
+    pub fn as_str(self) -> &'static str {
+        OperationType::from(self).as_str()
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        OperationType::parse(s).map(Self::from)
+    }
+}
+
+impl From<OperationType> for OpType {
+    fn from(t: OperationType) -> Self {
+        match t {
+            OperationType::Create => Self::Create,
+            OperationType::Attach => Self::Attach,
+            OperationType::Detach => Self::Detach,
+            OperationType::Delete => Self::Delete,
+        }
+    }
+}
+
+impl From<OpType> for OperationType {
+    fn from(t: OpType) -> Self {
+        match t {
+            OpType::Create => Self::Create,
+            OpType::Attach => Self::Attach,
+            OpType::Detach => Self::Detach,
+            OpType::Delete => Self::Delete,
+        }
+    }
+}
+
+/// Where an operation is in its life. `Pending` and `Executing` are unfinished; the rest are terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpStatus {
+    Pending,
+    Executing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl OpStatus {
+    pub const ALL: [OpStatus; 5] = [
+        Self::Pending,
+        Self::Executing,
+        Self::Completed,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    /// The stored (and wire) name.
+    pub fn as_str(self) -> &'static str {
+        OperationStatus::from(self).as_str()
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        OperationStatus::parse(s).map(Self::from)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        OperationStatus::from(self).is_terminal()
+    }
+}
+
+impl From<OperationStatus> for OpStatus {
+    fn from(s: OperationStatus) -> Self {
+        match s {
+            OperationStatus::Pending => Self::Pending,
+            OperationStatus::Executing => Self::Executing,
+            OperationStatus::Completed => Self::Completed,
+            OperationStatus::Failed => Self::Failed,
+            OperationStatus::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+impl From<OpStatus> for OperationStatus {
+    fn from(s: OpStatus) -> Self {
+        match s {
+            OpStatus::Pending => Self::Pending,
+            OpStatus::Executing => Self::Executing,
+            OpStatus::Completed => Self::Completed,
+            OpStatus::Failed => Self::Failed,
+            OpStatus::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+/// Why an operation failed: a stable code and a readable message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpError {
+    pub code: String,
+    pub message: String,
+}
+
+/// One journal entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperationRecord {
+    pub id: Uuid,
+    pub op_type: OpType,
+    pub status: OpStatus,
+    /// The last journaled step (free text owned by the engine).
+    pub step: String,
+    /// The volume acted on; for `create`, set once the cloud has named the new volume.
+    pub volume_id: Option<Uuid>,
+    pub vm_id: Option<String>,
+    pub request: Value,
+    pub response: Option<Value>,
+    pub error: Option<OpError>,
+    pub cloud_job_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// A journal entry about to be written (status `pending`, step [`INITIAL_STEP`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewOperation {
+    pub id: Uuid,
+    pub op_type: OpType,
+    pub volume_id: Option<Uuid>,
+    pub vm_id: Option<String>,
+    pub request: Value,
+    /// Unique per operation type: a second insert with the same type and key returns the first entry.
+    pub idempotency_key: Option<String>,
+}
+
+/// The outcome of [`crate::store::Store::insert_operation`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inserted {
+    /// A new journal entry.
+    Created(OperationRecord),
+    /// The idempotency key was already used for this operation type: the earlier entry, unchanged.
+    Existing(OperationRecord),
+}
+
+impl Inserted {
+    pub fn record(&self) -> &OperationRecord {
+        match self {
+            Self::Created(r) | Self::Existing(r) => r,
+        }
+    }
+}
+
+/// Filters of [`crate::store::Store::list_operations`]; unset fields match everything. Newest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OperationFilter {
+    pub op_type: Option<OpType>,
+    pub status: Option<OpStatus>,
+    pub volume_id: Option<Uuid>,
+    pub vm_id: Option<String>,
+    pub limit: Option<u32>,
+}
+
+/// Snapshot tracking of a volume (kept for the predecessor's callers).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotTracking {
+    pub snapshot_id: Option<String>,
+    pub snapshot_name: Option<String>,
+    pub snapshot_status: Option<String>,
+    pub vm_context_id: Option<String>,
+    pub snapshot_created_at: Option<DateTime<Utc>>,
+}
+
+/// A volume the daemon knows. Outlives its attachments; deletion leaves a tombstone (`deleted_at`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub size_bytes: u64,
+    pub disk_offering_id: String,
+    pub zone_id: String,
+    pub metadata: Value,
+    pub cloud_state: Option<String>,
+    pub snapshot: SnapshotTracking,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+/// Where an attached volume is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttachTarget {
+    /// The appliance the daemon runs on: a local device, a stable name and an NBD export.
+    Appliance,
+    /// Any other VM.
+    Remote,
+}
+
+impl AttachTarget {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Appliance => "appliance",
+            Self::Remote => "remote",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "appliance" => Some(Self::Appliance),
+            "remote" => Some(Self::Remote),
+            _ => None,
+        }
+    }
+}
+
+/// The role of an attached disk in its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DiskRole {
+    Data,
+    /// Attached as device id 0.
+    Root,
+}
+
+impl DiskRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Data => "data",
+            Self::Root => "root",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "data" => Some(Self::Data),
+            "root" => Some(Self::Root),
+            _ => None,
+        }
+    }
+}
+
+/// The attachment of one volume (at most one per volume).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachmentRecord {
+    pub volume_id: Uuid,
+    pub vm_id: String,
+    pub target: AttachTarget,
+    pub role: DiskRole,
+    /// CloudStack's device id, when it reported one.
+    pub device_id: Option<u32>,
+    /// `/dev/disk/by-id/…` of the device (appliance only, when the kernel exposes one).
+    pub by_id_path: Option<String>,
+    /// `/dev/vdX` (appliance only).
+    pub kernel_device: Option<String>,
+    /// The stable name link (appliance only).
+    pub stable_name: Option<String>,
+    /// The generation of the export serving it (appliance only).
+    pub export_generation: Option<u64>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Filters of [`crate::store::Store::list_attachments`]; unset fields match everything.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AttachmentFilter {
+    pub vm_id: Option<String>,
+    pub target: Option<AttachTarget>,
+}
+
+/// The NBD export of an appliance-attached volume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportRecord {
+    pub volume_id: Uuid,
+    pub export_name: String,
+    pub device_path: String,
+    pub generation: u64,
+    pub read_only: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The appliance identity stored by `PUT /api/v1/appliance`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplianceRecord {
+    pub vm_id: String,
+    pub source: String,
+    pub updated_at: DateTime<Utc>,
+}

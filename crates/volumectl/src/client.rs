@@ -1,0 +1,426 @@
+//! The HTTP client of the daemon's REST API: one method per endpoint, typed with the shared wire types of
+//! `volume-api`, and [`ClientError`] classifying every failure for the exit code.
+
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use uuid::Uuid;
+use volume_api::{
+    Appliance, AttachVolumeRequest, CreateVolumeRequest, ErrorBody, Export, ExportList, Health,
+    Operation, ReconcileReport, ReconcileRequest, SetApplianceRequest, VolumeStatus, API_PREFIX,
+    IDEMPOTENCY_KEY_HEADER,
+};
+
+/// Longest server-side wait asked for in one `GET /operations/{id}?wait=` request.
+pub const MAX_SERVER_WAIT: Duration = Duration::from_secs(60);
+
+/// A request to the daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{url:?} is not a usable daemon URL: give one like http://127.0.0.1:8090")]
+    BadUrl { url: String },
+    #[error("the token is not a valid HTTP header value: use the api_token from the daemon's configuration")]
+    BadToken,
+    #[error("cannot build the HTTP client")]
+    Build(#[source] reqwest::Error),
+    #[error("cannot reach the daemon at {url}: is volume-daemon running (systemctl status volume-daemon)? Point --url or VOLUMECTL_URL at its listen address")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the daemon at {url} did not answer in time: it may be overloaded or stuck; check its log (journalctl -u volume-daemon)")]
+    Timeout {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The daemon answered with an error body.
+    #[error("{}", api_message(.status, .body))]
+    Api { status: StatusCode, body: ErrorBody },
+    #[error("the daemon answered {method} {path} with HTTP {status} and a body volumectl cannot read: is {url} a volume-daemon of a matching version?")]
+    Unexpected {
+        method: Method,
+        path: String,
+        url: String,
+        status: StatusCode,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn api_message(status: &StatusCode, body: &ErrorBody) -> String {
+    let mut m = body.error.clone();
+    if let Some(f) = &body.field {
+        m.push_str(&format!(" (field: {f})"));
+    }
+    if *status == StatusCode::UNAUTHORIZED {
+        m.push_str("; pass --token or set VOLUMECTL_TOKEN");
+    }
+    m
+}
+
+/// A stable classification of [`ClientError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientErrorKind {
+    /// The command line or environment gave something unusable.
+    Usage,
+    Unreachable,
+    /// The daemon refused the request as invalid (400).
+    Invalid,
+    NotFound,
+    /// Conflict, unknown reference, or authentication (401, 403, 409, 422).
+    Refused,
+    /// The daemon cannot serve now (503).
+    Unavailable,
+    /// The daemon failed or answered nonsense.
+    Server,
+}
+
+impl ClientError {
+    pub fn kind(&self) -> ClientErrorKind {
+        match self {
+            Self::BadUrl { .. } | Self::BadToken => ClientErrorKind::Usage,
+            Self::Build(_) => ClientErrorKind::Server,
+            Self::Unreachable { .. } | Self::Timeout { .. } => ClientErrorKind::Unreachable,
+            Self::Api { status, .. } => kind_of_status(*status),
+            Self::Unexpected { .. } => ClientErrorKind::Server,
+        }
+    }
+
+    /// The daemon's error code, when it sent one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Api { body, .. } => Some(&body.code),
+            _ => None,
+        }
+    }
+}
+
+/// Classifies an HTTP error status.
+pub fn kind_of_status(status: StatusCode) -> ClientErrorKind {
+    match status.as_u16() {
+        400 => ClientErrorKind::Invalid,
+        404 => ClientErrorKind::NotFound,
+        401 | 403 | 409 | 422 => ClientErrorKind::Refused,
+        503 => ClientErrorKind::Unavailable,
+        _ => ClientErrorKind::Server,
+    }
+}
+
+/// Query of `GET /operations`.
+#[derive(Debug, Clone, Default)]
+pub struct OpsFilter {
+    pub op_type: Option<&'static str>,
+    pub status: Option<&'static str>,
+    pub volume_id: Option<Uuid>,
+    pub vm_id: Option<String>,
+    pub limit: Option<u32>,
+}
+
+/// An answer that is JSON both typed and raw: the raw value is what `--json` prints, unchanged.
+#[derive(Debug, Clone)]
+pub struct Answer<T> {
+    pub value: T,
+    pub raw: serde_json::Value,
+}
+
+/// The daemon's REST API.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    /// A client of the daemon at `url` (`http://host:port`, with or without `/api/v1`).
+    pub fn new(url: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        let trimmed = url.trim().trim_end_matches('/');
+        let trimmed = trimmed.strip_suffix(API_PREFIX).unwrap_or(trimmed);
+        let parsed = reqwest::Url::parse(trimmed).map_err(|_| ClientError::BadUrl { url: url.into() })?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+            return Err(ClientError::BadUrl { url: url.into() });
+        }
+        let mut headers = HeaderMap::new();
+        if let Some(t) = token.filter(|t| !t.is_empty()) {
+            let mut v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| ClientError::BadToken)?;
+            v.set_sensitive(true);
+            headers.insert(AUTHORIZATION, v);
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("volumectl/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(ClientError::Build)?;
+        Ok(Self {
+            http,
+            base: trimmed.to_string(),
+        })
+    }
+
+    /// The daemon's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<serde_json::Value>,
+        idempotency_key: Option<&str>,
+        timeout: Duration,
+        accept_status: &[StatusCode],
+    ) -> Result<Answer<T>, ClientError> {
+        let url = format!("{}{API_PREFIX}{path}", self.base);
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .query(query)
+            .timeout(timeout);
+        if let Some(b) = &body {
+            req = req.json(b);
+        }
+        if let Some(k) = idempotency_key {
+            req = req.header(IDEMPOTENCY_KEY_HEADER, k);
+        }
+        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
+        let unexpected = |source: Box<dyn std::error::Error + Send + Sync>| ClientError::Unexpected {
+            method: method.clone(),
+            path: path.to_string(),
+            url: self.base.clone(),
+            status,
+            source,
+        };
+        if status.is_success() || accept_status.contains(&status) {
+            let raw: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| unexpected(Box::new(e)))?;
+            let value = serde_json::from_value(raw.clone()).map_err(|e| unexpected(Box::new(e)))?;
+            return Ok(Answer { value, raw });
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(ClientError::Api { status, body }),
+            Err(e) => Err(unexpected(Box::new(e))),
+        }
+    }
+
+    fn transport(&self, e: reqwest::Error) -> ClientError {
+        if e.is_timeout() {
+            ClientError::Timeout {
+                url: self.base.clone(),
+                source: e,
+            }
+        } else {
+            ClientError::Unreachable {
+                url: self.base.clone(),
+                source: e,
+            }
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<Answer<T>, ClientError> {
+        self.call(Method::GET, path, &[], None, None, DEFAULT_TIMEOUT, &[])
+            .await
+    }
+
+    async fn mutate(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        key: Option<&str>,
+    ) -> Result<Answer<Operation>, ClientError> {
+        self.call(method, path, &[], body, key, DEFAULT_TIMEOUT, &[])
+            .await
+    }
+
+    pub async fn create_volume(
+        &self,
+        req: &CreateVolumeRequest,
+        key: Option<&str>,
+    ) -> Result<Answer<Operation>, ClientError> {
+        self.mutate(Method::POST, "/volumes", Some(to_json(req)), key).await
+    }
+
+    pub async fn attach_volume(
+        &self,
+        volume_id: Uuid,
+        req: &AttachVolumeRequest,
+        root: bool,
+        key: Option<&str>,
+    ) -> Result<Answer<Operation>, ClientError> {
+        let verb = if root { "attach-root" } else { "attach" };
+        self.mutate(Method::POST, &format!("/volumes/{volume_id}/{verb}"), Some(to_json(req)), key)
+            .await
+    }
+
+    pub async fn detach_volume(&self, volume_id: Uuid, key: Option<&str>) -> Result<Answer<Operation>, ClientError> {
+        self.mutate(Method::POST, &format!("/volumes/{volume_id}/detach"), None, key)
+            .await
+    }
+
+    pub async fn delete_volume(&self, volume_id: Uuid, key: Option<&str>) -> Result<Answer<Operation>, ClientError> {
+        self.mutate(Method::DELETE, &format!("/volumes/{volume_id}"), None, key)
+            .await
+    }
+
+    pub async fn volume(&self, volume_id: Uuid) -> Result<Answer<VolumeStatus>, ClientError> {
+        self.get(&format!("/volumes/{volume_id}")).await
+    }
+
+    pub async fn volumes(&self) -> Result<Answer<Vec<VolumeStatus>>, ClientError> {
+        self.get("/volumes").await
+    }
+
+    pub async fn operation(&self, id: Uuid) -> Result<Answer<Operation>, ClientError> {
+        self.get(&format!("/operations/{id}")).await
+    }
+
+    /// `GET /operations/{id}?wait=` — returns when the operation ends or after `wait` (at most [`MAX_SERVER_WAIT`]).
+    pub async fn wait_operation(&self, id: Uuid, wait: Duration) -> Result<Answer<Operation>, ClientError> {
+        let wait = wait.min(MAX_SERVER_WAIT);
+        self.call(
+            Method::GET,
+            &format!("/operations/{id}"),
+            &[("wait", format!("{:.3}", wait.as_secs_f64()))],
+            None,
+            None,
+            wait + DEFAULT_TIMEOUT,
+            &[],
+        )
+        .await
+    }
+
+    pub async fn operations(&self, filter: &OpsFilter) -> Result<Answer<Vec<Operation>>, ClientError> {
+        let mut q = Vec::new();
+        if let Some(t) = filter.op_type {
+            q.push(("type", t.to_string()));
+        }
+        if let Some(s) = filter.status {
+            q.push(("status", s.to_string()));
+        }
+        if let Some(v) = filter.volume_id {
+            q.push(("volume_id", v.to_string()));
+        }
+        if let Some(v) = &filter.vm_id {
+            q.push(("vm_id", v.clone()));
+        }
+        if let Some(l) = filter.limit {
+            q.push(("limit", l.to_string()));
+        }
+        self.call(Method::GET, "/operations", &q, None, None, DEFAULT_TIMEOUT, &[])
+            .await
+    }
+
+    pub async fn exports(&self) -> Result<Answer<ExportList>, ClientError> {
+        self.get("/exports").await
+    }
+
+    pub async fn export(&self, volume_id: Uuid) -> Result<Answer<Export>, ClientError> {
+        self.get(&format!("/exports/{volume_id}")).await
+    }
+
+    pub async fn appliance(&self) -> Result<Answer<Appliance>, ClientError> {
+        self.get("/appliance").await
+    }
+
+    pub async fn set_appliance(&self, req: &SetApplianceRequest) -> Result<Answer<Appliance>, ClientError> {
+        self.call(Method::PUT, "/appliance", &[], Some(to_json(req)), None, DEFAULT_TIMEOUT, &[])
+            .await
+    }
+
+    /// `GET /api/v1/health`; a 503 still carries the health report and is returned as an answer.
+    pub async fn health(&self) -> Result<Answer<Health>, ClientError> {
+        self.call(
+            Method::GET,
+            "/health",
+            &[],
+            None,
+            None,
+            DEFAULT_TIMEOUT,
+            &[StatusCode::SERVICE_UNAVAILABLE],
+        )
+        .await
+    }
+
+    pub async fn reconcile(&self, apply: bool) -> Result<Answer<ReconcileReport>, ClientError> {
+        self.call(
+            Method::POST,
+            "/reconcile",
+            &[],
+            Some(to_json(&ReconcileRequest { apply })),
+            None,
+            RECONCILE_TIMEOUT,
+            &[],
+        )
+        .await
+    }
+}
+
+/// Deadline of one ordinary request.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of a reconcile run (it asks the cloud about every volume).
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A wire request type as JSON.
+fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("invariant: wire request types always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_stable_kinds() {
+        assert_eq!(kind_of_status(StatusCode::BAD_REQUEST), ClientErrorKind::Invalid);
+        assert_eq!(kind_of_status(StatusCode::NOT_FOUND), ClientErrorKind::NotFound);
+        assert_eq!(kind_of_status(StatusCode::CONFLICT), ClientErrorKind::Refused);
+        assert_eq!(kind_of_status(StatusCode::UNAUTHORIZED), ClientErrorKind::Refused);
+        assert_eq!(kind_of_status(StatusCode::UNPROCESSABLE_ENTITY), ClientErrorKind::Refused);
+        assert_eq!(kind_of_status(StatusCode::SERVICE_UNAVAILABLE), ClientErrorKind::Unavailable);
+        assert_eq!(kind_of_status(StatusCode::BAD_GATEWAY), ClientErrorKind::Server);
+        assert_eq!(kind_of_status(StatusCode::INTERNAL_SERVER_ERROR), ClientErrorKind::Server);
+    }
+
+    #[test]
+    fn urls_are_normalized_and_checked() {
+        let c = Client::new("http://127.0.0.1:8090/api/v1/", None).unwrap();
+        assert_eq!(c.base(), "http://127.0.0.1:8090");
+        let c = Client::new("https://appliance:8443", Some("t")).unwrap();
+        assert_eq!(c.base(), "https://appliance:8443");
+        assert!(matches!(Client::new("127.0.0.1:8090", None), Err(ClientError::BadUrl { .. })));
+        assert!(matches!(Client::new("ftp://x", None), Err(ClientError::BadUrl { .. })));
+        assert!(matches!(Client::new("http://x", Some("a\nb")), Err(ClientError::BadToken)));
+    }
+
+    #[test]
+    fn api_errors_show_the_field_and_how_to_authenticate() {
+        let e = ClientError::Api {
+            status: StatusCode::BAD_REQUEST,
+            body: ErrorBody {
+                error: "size must be positive".into(),
+                code: "invalid_request".into(),
+                field: Some("size".into()),
+            },
+        };
+        assert_eq!(e.to_string(), "size must be positive (field: size)");
+        assert_eq!(e.code(), Some("invalid_request"));
+        let e = ClientError::Api {
+            status: StatusCode::UNAUTHORIZED,
+            body: ErrorBody {
+                error: "missing or wrong bearer token".into(),
+                code: "unauthorized".into(),
+                field: None,
+            },
+        };
+        assert!(e.to_string().contains("VOLUMECTL_TOKEN"));
+        assert_eq!(e.kind(), ClientErrorKind::Refused);
+    }
+}

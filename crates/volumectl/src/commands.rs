@@ -1,0 +1,281 @@
+//! Runs one parsed command against the daemon: calls the API, waits for operations, prints tables or JSON.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use clap::CommandFactory;
+use serde::Serialize;
+use uuid::Uuid;
+use volume_api::{AttachVolumeRequest, CreateVolumeRequest, Operation, OperationStatus, SetApplianceRequest};
+
+use crate::cli::{
+    ApplianceCommand, Cli, Command, ExportsCommand, OpsCommand, VolumesCommand, WaitArgs,
+};
+use crate::client::{Answer, Client, OpsFilter};
+use crate::error::CliError;
+use crate::progress::{Mode, Progress};
+use crate::render;
+
+/// How often the spinner moves.
+const SPINNER_TICK: Duration = Duration::from_millis(120);
+
+/// Output settings of one invocation.
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    fn text(&self, s: &str) -> Result<(), CliError> {
+        let mut o = std::io::stdout().lock();
+        o.write_all(s.as_bytes())
+            .and_then(|()| if s.ends_with('\n') { Ok(()) } else { o.write_all(b"\n") })
+            .and_then(|()| o.flush())
+            .map_err(CliError::Output)
+    }
+
+    fn json<T: Serialize>(&self, v: &T) -> Result<(), CliError> {
+        let s = serde_json::to_string_pretty(v).expect("invariant: JSON values always serialize");
+        self.text(&s)
+    }
+
+    /// Prints the raw answer with `--json`, else the rendered text.
+    fn show<T>(&self, a: &Answer<T>, human: impl FnOnce(&T) -> String) -> Result<(), CliError> {
+        if self.json {
+            self.json(&a.raw)
+        } else {
+            self.text(&human(&a.value))
+        }
+    }
+}
+
+/// Runs `cli`; `Ok` means the command did what was asked.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let out = Out { json: cli.json };
+    if let Command::Completions { shell } = cli.command {
+        let mut cmd = Cli::command();
+        let mut buf = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "volumectl", &mut buf);
+        let mut o = std::io::stdout().lock();
+        return o.write_all(&buf).and_then(|()| o.flush()).map_err(CliError::Output);
+    }
+    let client = Client::new(&cli.url, cli.token.as_deref())?;
+    match cli.command {
+        Command::Volumes(c) => volumes(&client, &out, c).await,
+        Command::Ops(c) => ops(&client, &out, c).await,
+        Command::Exports(c) => exports(&client, &out, c).await,
+        Command::Appliance(c) => appliance(&client, &out, c).await,
+        Command::Health => {
+            let h = client.health().await?;
+            out.show(&h, render::health_report)?;
+            if h.value.status == "healthy" {
+                Ok(())
+            } else {
+                Err(CliError::Unhealthy {
+                    status: h.value.status,
+                })
+            }
+        }
+        Command::Reconcile { apply } => {
+            let r = client.reconcile(apply).await?;
+            out.show(&r, render::reconcile_report)
+        }
+        Command::Completions { .. } => Ok(()),
+    }
+}
+
+async fn volumes(client: &Client, out: &Out, c: VolumesCommand) -> Result<(), CliError> {
+    match c {
+        VolumesCommand::Create {
+            name,
+            size,
+            disk_offering_id,
+            zone_id,
+            metadata,
+            wait,
+        } => {
+            let req = CreateVolumeRequest {
+                name,
+                size,
+                disk_offering_id,
+                zone_id,
+                metadata: (!metadata.is_empty()).then(|| metadata.into_iter().collect()),
+            };
+            let op = client.create_volume(&req, wait.idempotency_key.as_deref()).await?;
+            finish_mutation(client, out, op, &wait).await
+        }
+        VolumesCommand::Attach {
+            volume_id,
+            vm_id,
+            appliance,
+            root,
+            wait,
+        } => {
+            let vm_id = match (vm_id, appliance) {
+                (Some(v), _) => v,
+                (None, _) => client
+                    .appliance()
+                    .await?
+                    .value
+                    .vm_id
+                    .ok_or(CliError::NoAppliance)?,
+            };
+            let req = AttachVolumeRequest {
+                vm_id,
+                volume_id: None,
+            };
+            let op = client
+                .attach_volume(volume_id, &req, root, wait.idempotency_key.as_deref())
+                .await?;
+            finish_mutation(client, out, op, &wait).await
+        }
+        VolumesCommand::Detach { volume_id, wait } => {
+            let op = client.detach_volume(volume_id, wait.idempotency_key.as_deref()).await?;
+            finish_mutation(client, out, op, &wait).await
+        }
+        VolumesCommand::Delete { volume_id, wait } => {
+            let op = client.delete_volume(volume_id, wait.idempotency_key.as_deref()).await?;
+            finish_mutation(client, out, op, &wait).await
+        }
+        VolumesCommand::Show { volume_id } => {
+            out.show(&client.volume(volume_id).await?, render::volume_detail)
+        }
+        VolumesCommand::List => out.show(&client.volumes().await?, |v| render::volumes_table(v)),
+    }
+}
+
+async fn ops(client: &Client, out: &Out, c: OpsCommand) -> Result<(), CliError> {
+    match c {
+        OpsCommand::Show { id } => out.show(&client.operation(id).await?, render::operation_detail),
+        OpsCommand::List {
+            op_type,
+            status,
+            volume_id,
+            vm_id,
+            limit,
+        } => {
+            let filter = OpsFilter {
+                op_type: op_type.map(|t| t.as_str()),
+                status: status.map(|s| s.as_str()),
+                volume_id,
+                vm_id,
+                limit,
+            };
+            out.show(&client.operations(&filter).await?, |o| render::operations_table(o))
+        }
+        OpsCommand::Wait { id, timeout } => {
+            let op = client.operation(id).await?;
+            let done = wait_for(client, op, timeout, progress_mode(out)).await?;
+            report_finished(out, &done, render::operation_detail)
+        }
+    }
+}
+
+async fn exports(client: &Client, out: &Out, c: ExportsCommand) -> Result<(), CliError> {
+    match c {
+        ExportsCommand::List => out.show(&client.exports().await?, render::exports_table),
+        ExportsCommand::Show { volume_id } => {
+            out.show(&client.export(volume_id).await?, render::export_detail)
+        }
+    }
+}
+
+async fn appliance(client: &Client, out: &Out, c: ApplianceCommand) -> Result<(), CliError> {
+    match c {
+        ApplianceCommand::Show => out.show(&client.appliance().await?, render::appliance_detail),
+        ApplianceCommand::Set { vm_id } => out.show(
+            &client.set_appliance(&SetApplianceRequest { vm_id }).await?,
+            render::appliance_detail,
+        ),
+    }
+}
+
+/// Progress on a terminal; plain lines for people reading a log; nothing for scripts reading JSON.
+fn progress_mode(out: &Out) -> Mode {
+    if std::io::stderr().is_terminal() {
+        Mode::Spinner
+    } else if out.json {
+        Mode::Silent
+    } else {
+        Mode::Lines
+    }
+}
+
+/// After a mutation was accepted: print its id (`--no-wait`) or wait for it and print how it ended.
+async fn finish_mutation(
+    client: &Client,
+    out: &Out,
+    op: Answer<Operation>,
+    wait: &WaitArgs,
+) -> Result<(), CliError> {
+    if wait.no_wait {
+        return if out.json {
+            out.json(&op.raw)
+        } else {
+            out.text(&op.value.id.to_string())
+        };
+    }
+    let done = wait_for(client, op, wait.timeout, progress_mode(out)).await?;
+    report_finished(out, &done, render::operation_outcome)
+}
+
+/// Prints a finished operation; a failed or cancelled one is an error (exit 1) after it is printed.
+fn report_finished(
+    out: &Out,
+    done: &Answer<Operation>,
+    human: impl FnOnce(&Operation) -> String,
+) -> Result<(), CliError> {
+    out.show(done, human)?;
+    match done.value.status {
+        OperationStatus::Completed => Ok(()),
+        _ => Err(CliError::OperationFailed(Box::new(done.value.clone()))),
+    }
+}
+
+/// Long-polls the operation until it ends or `timeout` passes (`0` = no limit), showing progress.
+async fn wait_for(
+    client: &Client,
+    first: Answer<Operation>,
+    timeout: Duration,
+    mode: Mode,
+) -> Result<Answer<Operation>, CliError> {
+    let started = Instant::now();
+    let id: Uuid = first.value.id;
+    let mut progress = Progress::new(mode);
+    let mut cur = first;
+    loop {
+        progress.update(&cur.value);
+        if cur.value.status.is_terminal() {
+            progress.finish();
+            return Ok(cur);
+        }
+        let remaining = if timeout.is_zero() {
+            Duration::MAX
+        } else {
+            timeout.saturating_sub(started.elapsed())
+        };
+        if remaining.is_zero() {
+            progress.finish();
+            return Err(CliError::WaitTimedOut {
+                id,
+                status: cur.value.status.as_str(),
+                waited: Duration::from_secs(started.elapsed().as_secs()),
+            });
+        }
+        // Short polls keep the spinner's text current; long polls keep log lines few.
+        let slice = if progress.mode() == Mode::Spinner {
+            Duration::from_secs(1)
+        } else {
+            crate::client::MAX_SERVER_WAIT
+        }
+        .min(remaining);
+        let fut = client.wait_operation(id, slice);
+        tokio::pin!(fut);
+        let mut tick = tokio::time::interval(SPINNER_TICK);
+        cur = loop {
+            tokio::select! {
+                r = &mut fut => break r?,
+                _ = tick.tick() => progress.tick(),
+            }
+        };
+    }
+}

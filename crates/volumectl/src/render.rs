@@ -1,0 +1,602 @@
+//! Human output: aligned tables and key/value blocks built from the wire types, as pure functions returning
+//! text, plus size parsing and formatting. `--json` output does not pass through here.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use volume_api::{
+    Appliance, Export, ExportList, Health, Operation, OperationStatus, ReconcileReport, VolumeStatus,
+};
+
+/// Shown for an absent value.
+const NONE: &str = "-";
+
+/// A plain-text table: a header row and left-aligned columns separated by two spaces.
+#[derive(Debug, Clone)]
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Self {
+        Self {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds a row; missing cells are blank, extra cells are dropped.
+    pub fn row(&mut self, cells: Vec<String>) {
+        let mut cells = cells;
+        cells.resize(self.header.len(), String::new());
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for r in &self.rows {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for r in std::iter::once(&self.header).chain(&self.rows) {
+            let mut line = String::new();
+            for (i, (c, w)) in r.iter().zip(&widths).enumerate() {
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                line.push_str(c);
+                if i + 1 < r.len() {
+                    line.extend(std::iter::repeat_n(' ', w - c.chars().count()));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Key/value lines with aligned values.
+fn fields(pairs: &[(&str, String)]) -> String {
+    // The key column includes the colon.
+    let width = pairs.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in pairs {
+        out.push_str(&format!("{:width$}  {v}\n", format!("{k}:")));
+    }
+    out
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| NONE.to_string())
+}
+
+fn time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// `1073741824` → `1 GiB`, `1536` → `1.5 KiB`, `512` → `512 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else if (v - v.round()).abs() < 0.05 {
+        format!("{:.0} {}", v.round(), UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Parses a size: plain bytes, or a number with `K|M|G|T|P` (optionally followed by `i`, `iB` or `B`), all
+/// binary multiples (`10G` = `10GiB` = 10×2³⁰ bytes, as CloudStack sizes volumes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "ki" | "kib" | "kb" => 1 << 10,
+        "m" | "mi" | "mib" | "mb" => 1 << 20,
+        "g" | "gi" | "gib" | "gb" => 1 << 30,
+        "t" | "ti" | "tib" | "tb" => 1 << 40,
+        "p" | "pi" | "pib" | "pb" => 1 << 50,
+        other => return Err(format!("unknown size unit {other:?}: use a number of bytes or K, M, G, T")),
+    };
+    let bytes = if let Ok(n) = num.parse::<u64>() {
+        n.checked_mul(mult)
+    } else {
+        let f: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like 10G or 1073741824"))?;
+        let b = (f * mult as f64).ceil();
+        (b.is_finite() && b >= 0.0 && b < u64::MAX as f64).then_some(b as u64)
+    };
+    match bytes {
+        Some(0) => Err("size must be greater than zero".into()),
+        Some(b) => Ok(b),
+        None => Err(format!("{s:?} is too large")),
+    }
+}
+
+/// Where a volume is attached, in a few words.
+fn attached_to(v: &VolumeStatus) -> String {
+    match &v.attachment {
+        None => NONE.into(),
+        Some(a) if a.target == "appliance" => format!("{} (appliance)", a.vm_id),
+        Some(a) if a.role == "root" => format!("{} (root)", a.vm_id),
+        Some(a) => a.vm_id.clone(),
+    }
+}
+
+pub fn volumes_table(vols: &[VolumeStatus]) -> String {
+    let mut t = Table::new(&["VOLUME", "NAME", "SIZE", "STATE", "ATTACHED TO", "DEVICE", "EXPORT"]);
+    for v in vols {
+        t.row(vec![
+            v.volume_id.to_string(),
+            v.name.clone(),
+            human_bytes(v.size),
+            v.state.clone(),
+            attached_to(v),
+            opt(v.attachment.as_ref().and_then(|a| a.device_path.clone())),
+            v.export
+                .as_ref()
+                .map(|e| e.status.clone())
+                .unwrap_or_else(|| NONE.into()),
+        ]);
+    }
+    t.render()
+}
+
+pub fn volume_detail(v: &VolumeStatus) -> String {
+    let cloud_state = v
+        .cloudstack_data
+        .as_ref()
+        .and_then(|d| d.get("state"))
+        .and_then(|s| s.as_str())
+        .map(str::to_string);
+    let mut pairs = vec![
+        ("volume", v.volume_id.to_string()),
+        ("name", v.name.clone()),
+        ("size", format!("{} ({} bytes)", human_bytes(v.size), v.size)),
+        ("state", v.state.clone()),
+        ("disk offering", v.disk_offering_id.clone()),
+        ("zone", v.zone_id.clone()),
+        (
+            "cloud state",
+            match (&cloud_state, &v.cloudstack_error) {
+                (Some(s), _) => s.clone(),
+                (None, Some(e)) => format!("unknown: {e}"),
+                (None, None) => NONE.into(),
+            },
+        ),
+        ("attached to", attached_to(v)),
+    ];
+    if let Some(a) = &v.attachment {
+        pairs.push(("device id", opt(a.device_id)));
+        pairs.push(("device path", opt(a.device_path.clone())));
+        pairs.push(("kernel device", opt(a.kernel_device.clone())));
+        pairs.push(("stable name", opt(a.symlink_path.clone())));
+    }
+    pairs.push(("linux state", opt(v.linux_state.clone())));
+    match &v.export {
+        Some(e) => {
+            pairs.push(("export", format!("{} ({}, port {})", e.export_name, e.status, e.port)));
+            pairs.push(("connections", e.connections.to_string()));
+            pairs.push(("bytes written", human_bytes(e.bytes_written)));
+        }
+        None => pairs.push(("export", NONE.into())),
+    }
+    if v.metadata.as_object().is_some_and(|m| !m.is_empty()) {
+        pairs.push(("metadata", v.metadata.to_string()));
+    }
+    if let Some(op) = &v.last_operation {
+        pairs.push((
+            "last operation",
+            format!("{} {} {}", op.id, op.op_type.as_str(), op.status.as_str()),
+        ));
+    }
+    pairs.push(("created", time(v.created_at)));
+    pairs.push(("updated", time(v.updated_at)));
+    fields(&pairs)
+}
+
+pub fn operations_table(ops: &[Operation]) -> String {
+    let mut t = Table::new(&["OPERATION", "TYPE", "STATUS", "VOLUME", "VM", "STEP", "CREATED", "ERROR"]);
+    for o in ops {
+        t.row(vec![
+            o.id.to_string(),
+            o.op_type.as_str().into(),
+            o.status.as_str().into(),
+            opt(o.volume_id),
+            opt(o.vm_id.clone()),
+            if o.step.is_empty() { NONE.into() } else { o.step.clone() },
+            time(o.created_at),
+            opt(o.error.clone()),
+        ]);
+    }
+    t.render()
+}
+
+pub fn operation_detail(o: &Operation) -> String {
+    let mut pairs = vec![
+        ("operation", o.id.to_string()),
+        ("type", o.op_type.as_str().to_string()),
+        ("status", o.status.as_str().to_string()),
+        ("volume", opt(o.volume_id)),
+        ("vm", opt(o.vm_id.clone())),
+        ("step", if o.step.is_empty() { NONE.into() } else { o.step.clone() }),
+        ("cloudstack job", opt(o.cloudstack_job_id.clone())),
+    ];
+    if o.status == OperationStatus::Failed || o.error.is_some() {
+        let err = match (&o.error, &o.error_code) {
+            (Some(e), Some(c)) => format!("{e} [{c}]"),
+            (Some(e), None) => e.clone(),
+            (None, Some(c)) => format!("[{c}]"),
+            (None, None) => NONE.into(),
+        };
+        pairs.push(("error", err));
+    }
+    if let Some(r) = o.response.as_ref().and_then(|r| r.as_object()) {
+        for key in ["volume_id", "device_path", "export_name"] {
+            if let Some(v) = r.get(key).and_then(|v| v.as_str()) {
+                pairs.push((key, v.to_string()));
+            }
+        }
+    }
+    pairs.push(("created", time(o.created_at)));
+    pairs.push(("updated", time(o.updated_at)));
+    pairs.push(("completed", opt(o.completed_at.map(time))));
+    fields(&pairs)
+}
+
+/// The one-line outcome of a finished mutation.
+pub fn operation_outcome(o: &Operation) -> String {
+    let subject = o
+        .response
+        .as_ref()
+        .and_then(|r| r.get("volume_id"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .or_else(|| o.volume_id.map(|v| v.to_string()));
+    let mut s = format!("operation {} ({}) {}", o.id, o.op_type.as_str(), o.status.as_str());
+    if let Some(v) = subject {
+        s.push_str(&format!(": volume {v}"));
+    }
+    if let Some(d) = o
+        .response
+        .as_ref()
+        .and_then(|r| r.get("device_path"))
+        .and_then(|v| v.as_str())
+    {
+        s.push_str(&format!(", device {d}"));
+    }
+    if let Some(e) = &o.error {
+        s.push_str(&format!(": {e}"));
+    }
+    s
+}
+
+pub fn exports_table(list: &ExportList) -> String {
+    let mut t = Table::new(&[
+        "EXPORT", "STATUS", "DEVICE", "PORT", "SIZE", "CONNS", "TOTAL", "WRITTEN", "READ", "LAST ACTIVITY",
+    ]);
+    for e in &list.exports {
+        t.row(vec![
+            e.export_name.clone(),
+            e.status.clone(),
+            e.device_path.clone(),
+            e.port.to_string(),
+            human_bytes(e.size),
+            e.connections.to_string(),
+            e.total_connections.to_string(),
+            human_bytes(e.bytes_written),
+            human_bytes(e.bytes_read),
+            opt(e.last_activity.map(time)),
+        ]);
+    }
+    let mut out = t.render();
+    out.push_str(&format!("{} export(s)\n", list.count));
+    out
+}
+
+pub fn export_detail(e: &Export) -> String {
+    fields(&[
+        ("export", e.export_name.clone()),
+        ("volume", e.volume_id.to_string()),
+        ("status", e.status.clone()),
+        ("device", e.device_path.clone()),
+        ("port", e.port.to_string()),
+        ("read only", e.read_only.to_string()),
+        ("generation", e.generation.to_string()),
+        ("size", format!("{} ({} bytes)", human_bytes(e.size), e.size)),
+        ("connections", e.connections.to_string()),
+        ("total connections", e.total_connections.to_string()),
+        ("peers", if e.peers.is_empty() { NONE.into() } else { e.peers.join(", ") }),
+        ("bytes written", format!("{} ({})", human_bytes(e.bytes_written), e.bytes_written)),
+        ("bytes read", format!("{} ({})", human_bytes(e.bytes_read), e.bytes_read)),
+        ("highest offset written", opt(e.highest_offset_written)),
+        ("last activity", opt(e.last_activity.map(time))),
+        ("created", time(e.created_at)),
+    ])
+}
+
+pub fn appliance_detail(a: &Appliance) -> String {
+    let mut pairs = vec![
+        ("vm", opt(a.vm_id.clone())),
+        ("source", a.source.clone()),
+        ("verified", a.verified.to_string()),
+        ("name", opt(a.vm_name.clone())),
+        ("state", opt(a.vm_state.clone())),
+    ];
+    if let Some(p) = &a.problem {
+        pairs.push(("problem", p.clone()));
+    }
+    fields(&pairs)
+}
+
+pub fn health_report(h: &Health) -> String {
+    let mut out = fields(&[
+        ("status", h.status.clone()),
+        ("ready", h.ready.to_string()),
+        ("version", format!("{} {}", h.service, h.version)),
+    ]);
+    let mut t = Table::new(&["COMPONENT", "STATUS", "DETAIL"]);
+    for (name, c) in &h.components {
+        t.row(vec![name.clone(), c.status.clone(), c.detail.clone()]);
+    }
+    out.push('\n');
+    out.push_str(&t.render());
+    out
+}
+
+pub fn reconcile_report(r: &ReconcileReport) -> String {
+    let mut out = format!(
+        "{}: {} volume(s) checked, {} difference(s)\n",
+        if r.dry_run { "dry run" } else { "applied" },
+        r.checked_volumes,
+        r.drift.len()
+    );
+    if !r.drift.is_empty() {
+        let mut t = Table::new(&["VOLUME", "KIND", "ACTION", "APPLIED", "DETAIL"]);
+        for d in &r.drift {
+            t.row(vec![
+                opt(d.volume_id),
+                d.kind.clone(),
+                d.action.clone(),
+                if d.applied { "yes".into() } else { "no".into() },
+                d.detail.clone(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+        if r.dry_run {
+            out.push_str("\nrun `volumectl reconcile --apply` to repair what has an action\n");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use uuid::Uuid;
+    use volume_api::{AttachmentInfo, ComponentHealth, Drift, OperationType, SnapshotInfo};
+
+    fn t0() -> DateTime<Utc> {
+        DateTime::<Utc>::UNIX_EPOCH
+    }
+
+    fn vid() -> Uuid {
+        Uuid::parse_str("60338035-92fb-4d27-98d4-b60ad4b38b87").unwrap()
+    }
+
+    fn volume() -> VolumeStatus {
+        VolumeStatus {
+            volume_id: vid(),
+            name: "disk-0".into(),
+            size: 10 << 30,
+            disk_offering_id: "off".into(),
+            zone_id: "zone".into(),
+            metadata: json!({}),
+            state: "attached".into(),
+            attachment: Some(AttachmentInfo {
+                vm_id: "vm-app".into(),
+                target: "appliance".into(),
+                role: "data".into(),
+                device_id: Some(1),
+                device_path: Some("/dev/disk/by-id/virtio-6033803592fb4d2798d4".into()),
+                kernel_device: Some("vdb".into()),
+                persistent_device_name: None,
+                symlink_path: None,
+            }),
+            export: None,
+            cloudstack_data: Some(json!({"state": "Ready"})),
+            cloudstack_error: None,
+            linux_state: Some("present".into()),
+            snapshot: SnapshotInfo::default(),
+            last_operation: None,
+            created_at: t0(),
+            updated_at: t0(),
+        }
+    }
+
+    #[test]
+    fn tables_align_columns_and_trim_trailing_space() {
+        let mut t = Table::new(&["A", "LONGER"]);
+        t.row(vec!["wide cell".into(), "x".into()]);
+        t.row(vec!["y".into()]);
+        assert_eq!(t.render(), "A          LONGER\nwide cell  x\ny\n");
+    }
+
+    #[test]
+    fn sizes_format_in_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(10 << 30), "10 GiB");
+        assert_eq!(human_bytes(5 << 40), "5 TiB");
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("1073741824").unwrap(), 1 << 30);
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("10X").is_err());
+        assert!(parse_size("99999999999P").is_err());
+    }
+
+    #[test]
+    fn volume_table_shows_attachment_and_device() {
+        let out = volumes_table(&[volume()]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("VOLUME"));
+        assert!(lines[1].contains("disk-0"));
+        assert!(lines[1].contains("10 GiB"));
+        assert!(lines[1].contains("vm-app (appliance)"));
+        assert!(lines[1].contains("/dev/disk/by-id/virtio-6033803592fb4d2798d4"));
+        // Columns line up: the SIZE header starts where the size cell starts.
+        assert_eq!(lines[0].find("SIZE"), lines[1].find("10 GiB"));
+    }
+
+    #[test]
+    fn volume_detail_reports_cloud_problems() {
+        let mut v = volume();
+        v.cloudstack_data = None;
+        v.cloudstack_error = Some("cloud unreachable".into());
+        let out = volume_detail(&v);
+        assert!(out.contains("cloud state:"), "{out}");
+        assert!(out.contains("unknown: cloud unreachable"), "{out}");
+        assert!(out.contains("export:"), "{out}");
+    }
+
+    fn op(status: OperationStatus) -> Operation {
+        Operation {
+            id: Uuid::nil(),
+            op_type: OperationType::Attach,
+            status,
+            volume_id: Some(vid()),
+            vm_id: Some("vm-app".into()),
+            request: json!({}),
+            response: Some(json!({"device_path": "/dev/disk/by-id/virtio-x"})),
+            error: (status == OperationStatus::Failed).then(|| "device never appeared".into()),
+            error_code: (status == OperationStatus::Failed).then(|| "device_timeout".into()),
+            step: "commit".into(),
+            cloudstack_job_id: None,
+            created_at: t0(),
+            updated_at: t0(),
+            completed_at: None,
+        }
+    }
+
+    #[test]
+    fn operations_render_status_and_error() {
+        let out = operations_table(&[op(OperationStatus::Completed), op(OperationStatus::Failed)]);
+        assert_eq!(out.lines().count(), 3);
+        assert!(out.contains("device never appeared"));
+        let d = operation_detail(&op(OperationStatus::Failed));
+        assert!(d.contains("device never appeared [device_timeout]"), "{d}");
+        let o = operation_outcome(&op(OperationStatus::Completed));
+        assert!(o.contains("(attach) completed"), "{o}");
+        assert!(o.contains("device /dev/disk/by-id/virtio-x"), "{o}");
+    }
+
+    #[test]
+    fn exports_show_connections_and_bytes_written() {
+        let e = Export {
+            export_name: volume_api::export_name(vid()),
+            volume_id: vid(),
+            device_path: "/dev/vdb".into(),
+            port: 10809,
+            status: "active".into(),
+            read_only: false,
+            generation: 1,
+            size: 1 << 30,
+            connections: 2,
+            total_connections: 5,
+            peers: vec!["127.0.0.1:5000".into()],
+            bytes_read: 0,
+            bytes_written: 3 << 20,
+            highest_offset_written: Some(3 << 20),
+            last_activity: None,
+            created_at: t0(),
+            updated_at: t0(),
+        };
+        let out = exports_table(&ExportList {
+            exports: vec![e.clone()],
+            count: 1,
+        });
+        assert!(out.contains("CONNS"), "{out}");
+        assert!(out.contains("3 MiB"), "{out}");
+        assert!(out.ends_with("1 export(s)\n"), "{out}");
+        let d = export_detail(&e);
+        assert!(d.contains("bytes written:"), "{d}");
+        assert!(d.contains("(3145728)"), "{d}");
+    }
+
+    #[test]
+    fn health_and_reconcile_list_every_item() {
+        let mut components = std::collections::BTreeMap::new();
+        components.insert(
+            "privileges".to_string(),
+            ComponentHealth {
+                status: "failed".into(),
+                detail: "cannot open /dev/vdb".into(),
+            },
+        );
+        let h = Health {
+            status: "degraded".into(),
+            ready: true,
+            service: "volume-daemon".into(),
+            version: "0.1.0".into(),
+            timestamp: t0(),
+            components,
+        };
+        let out = health_report(&h);
+        assert!(out.contains("status:") && out.contains("degraded"), "{out}");
+        assert!(out.contains("privileges  failed  cannot open /dev/vdb"), "{out}");
+        let r = ReconcileReport {
+            dry_run: true,
+            checked_volumes: 3,
+            drift: vec![Drift {
+                volume_id: Some(vid()),
+                kind: "export_missing".into(),
+                detail: "not served".into(),
+                action: "recreate export".into(),
+                applied: false,
+            }],
+        };
+        let out = reconcile_report(&r);
+        assert!(out.starts_with("dry run: 3 volume(s) checked, 1 difference(s)"), "{out}");
+        assert!(out.contains("export_missing"), "{out}");
+        assert!(out.contains("--apply"), "{out}");
+    }
+
+    #[test]
+    fn appliance_shows_problem() {
+        let out = appliance_detail(&Appliance {
+            vm_id: None,
+            source: "unknown".into(),
+            verified: false,
+            vm_name: None,
+            vm_state: None,
+            problem: Some("set appliance_vm_id".into()),
+        });
+        assert!(out.contains("problem:") && out.contains("set appliance_vm_id"), "{out}");
+    }
+}
