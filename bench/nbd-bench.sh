@@ -66,17 +66,19 @@ start_server() {
     local port
     case $1 in
     nbd-serve)
-        "$ours_bin" --listen 127.0.0.1:0 "disk=$img" >"$work/ours.out" &
+        local out
+        out=$(mktemp "$work/ours.XXXXXX")
+        "$ours_bin" --listen 127.0.0.1:0 "disk=$img" >"$out" &
         server_pid=$!
         local deadline=$((SECONDS + 10))
-        until [[ -s $work/ours.out ]]; do
+        until grep -q '^listening on ' "$out"; do
             ((SECONDS < deadline)) || {
                 echo "nbd-serve did not print its address" >&2
                 exit 1
             }
             sleep 0.02
         done
-        uri="nbd://$(head -1 "$work/ours.out" | awk '{print $3}')/disk"
+        uri="nbd://$(head -1 "$out" | awk '{print $3}')/disk"
         ;;
     nbdkit)
         port=$(free_port)
@@ -107,7 +109,8 @@ fio_run() { # fio_run RW BS IODEPTH -> prints IOPS or MB/s
     }
     python3 - "$work/fio.json" "$dir" "$bs" <<'PY'
 import json, sys
-j = json.load(open(sys.argv[1]))["jobs"][0][sys.argv[2]]
+text = open(sys.argv[1]).read()
+j = json.loads(text[text.index("{"):])["jobs"][0][sys.argv[2]]
 print(f"{j['bw_bytes'] / 1e6:.0f}" if sys.argv[3] == "1M" else f"{j['iops']:.0f}")
 PY
 }

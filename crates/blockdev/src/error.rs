@@ -38,7 +38,9 @@ pub enum Error {
     #[error("{what} not found; {hint}")]
     NotFound { what: String, hint: &'static str },
     /// A device exists but one of its facts disagrees with what was expected.
-    #[error("{what} mismatch at {path}: expected {expected}, found {found}; the device was not used")]
+    #[error(
+        "{what} mismatch at {path}: expected {expected}, found {found}; the device was not used"
+    )]
     Mismatch {
         what: &'static str,
         path: PathBuf,

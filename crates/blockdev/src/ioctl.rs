@@ -40,7 +40,12 @@ fn int_ioctl(f: &File, req: libc::c_ulong) -> io::Result<libc::c_int> {
 }
 
 fn to_u32(v: libc::c_int) -> io::Result<u32> {
-    u32::try_from(v).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "kernel returned a negative block size"))
+    u32::try_from(v).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "kernel returned a negative block size",
+        )
+    })
 }
 
 /// Logical block size (`BLKSSZGET`; 512 for a regular file).
@@ -83,8 +88,10 @@ fn range(off: u64, len: u64) -> io::Result<[u64; 2]> {
 }
 
 fn fallocate(f: &File, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {
-    let off = libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let off =
+        libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let len =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: plain system call on a valid descriptor; no memory is passed.
     check(unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) })
 }
@@ -102,7 +109,12 @@ pub fn zero_out(f: &File, off: u64, len: u64) -> io::Result<()> {
         return Ok(());
     }
     if is_regular(f)? {
-        return fallocate(f, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, off, len);
+        return fallocate(
+            f,
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        );
     }
     range_ioctl(f, sys::BLKZEROOUT, r)
 }
@@ -115,7 +127,12 @@ pub fn discard(f: &File, off: u64, len: u64) -> io::Result<()> {
         return Ok(());
     }
     if is_regular(f)? {
-        return fallocate(f, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len);
+        return fallocate(
+            f,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        );
     }
     range_ioctl(f, sys::BLKDISCARD, r)
 }
@@ -153,7 +170,10 @@ mod tests {
         assert!(back[12288..32768].iter().all(|&b| b == 7));
         assert!(back[32768..36864].iter().all(|&b| b == 0));
         assert!(back[36864..].iter().all(|&b| b == 7));
-        assert_eq!(zero_out(&f, 1, 512).expect_err("unaligned").kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            zero_out(&f, 1, 512).expect_err("unaligned").kind(),
+            io::ErrorKind::InvalidInput
+        );
     }
 
     #[test]

@@ -9,11 +9,11 @@ mod names;
 mod node;
 pub mod preflight;
 mod resolve;
-mod wait;
 mod sys;
 pub mod sysfs;
+mod wait;
 
 pub use error::{Error, ErrorKind};
 pub use loopdev::LoopDevice;
-pub use resolve::{by_id_names, serial_for_volume, ResolvedDevice, Resolver};
 pub use names::StableNames;
+pub use resolve::{by_id_names, serial_for_volume, ResolvedDevice, Resolver};

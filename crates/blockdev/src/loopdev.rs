@@ -47,7 +47,10 @@ impl LoopDevice {
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(LOOP_CONTROL)
-            .map_err(Error::io("open (needs CAP_SYS_ADMIN and the loop module)", LOOP_CONTROL))?;
+            .map_err(Error::io(
+                "open (needs CAP_SYS_ADMIN and the loop module)",
+                LOOP_CONTROL,
+            ))?;
         let mut last_busy = None;
         for _ in 0..ATTACH_ATTEMPTS {
             // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns an index; the fd is a valid open file.
@@ -62,7 +65,10 @@ impl LoopDevice {
             match configure(&dev, &backing, file, read_only) {
                 Ok(()) => {
                     tracing::debug!(device = %path.display(), file = %file.display(), "loop device attached");
-                    return Ok(LoopDevice { path, file: Some(dev) });
+                    return Ok(LoopDevice {
+                        path,
+                        file: Some(dev),
+                    });
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     last_busy = Some(e);
@@ -70,9 +76,12 @@ impl LoopDevice {
                 Err(e) => return Err(Error::io("attach the backing file to", path)(e)),
             }
         }
-        Err(Error::io("attach (every free loop device was taken first)", file)(
-            last_busy.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EBUSY)),
-        ))
+        Err(Error::io(
+            "attach (every free loop device was taken first)",
+            file,
+        )(last_busy.unwrap_or_else(|| {
+            io::Error::from_raw_os_error(libc::EBUSY)
+        })))
     }
 
     /// The device node, e.g. `/dev/loop3`.
@@ -118,7 +127,10 @@ pub fn detach_path(dev: &Path) -> Result<(), Error> {
     if major != sys::LOOP_MAJOR {
         return Err(Error::Invalid {
             what: "loop device",
-            detail: format!("{} has block major {major}, not a loop device (major 7)", dev.display()),
+            detail: format!(
+                "{} has block major {major}, not a loop device (major 7)",
+                dev.display()
+            ),
         });
     }
     let f = OpenOptions::new()
@@ -143,7 +155,10 @@ pub fn find_by_backing_in(root: &SysRoot, file: &Path) -> Result<Vec<PathBuf>, E
     for entry in entries {
         let entry = entry.map_err(Error::io("list", block.clone()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(index) = name.strip_prefix("loop").and_then(|n| n.parse::<u64>().ok()) else {
+        let Some(index) = name
+            .strip_prefix("loop")
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
             continue;
         };
         let Ok(text) = std::fs::read(entry.path().join("loop/backing_file")) else {
@@ -194,7 +209,8 @@ fn configure(dev: &File, backing: &File, name: &Path, read_only: bool) -> io::Re
     let bytes = name.as_os_str().as_bytes();
     let n = bytes.len().min(sys::LO_NAME_SIZE - 1);
     info.lo_file_name[..n].copy_from_slice(&bytes[..n]);
-    let fd = u32::try_from(backing.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    let fd = u32::try_from(backing.as_raw_fd())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
     let config = LoopConfig {
         fd,
         block_size: 0,
@@ -203,7 +219,13 @@ fn configure(dev: &File, backing: &File, name: &Path, read_only: bool) -> io::Re
     };
     // SAFETY: LOOP_CONFIGURE reads a `struct loop_config`, which `config` is (repr(C), size checked),
     // and it lives across the call.
-    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), sys::LOOP_CONFIGURE as _, &config as *const LoopConfig) };
+    let rc = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            sys::LOOP_CONFIGURE as _,
+            &config as *const LoopConfig,
+        )
+    };
     if rc == 0 {
         return Ok(());
     }
@@ -213,12 +235,24 @@ fn configure(dev: &File, backing: &File, name: &Path, read_only: bool) -> io::Re
     }
     // Kernels before 5.8: two steps.
     // SAFETY: LOOP_SET_FD takes the backing file descriptor by value.
-    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), sys::LOOP_SET_FD as _, backing.as_raw_fd() as libc::c_ulong) };
+    let rc = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            sys::LOOP_SET_FD as _,
+            backing.as_raw_fd() as libc::c_ulong,
+        )
+    };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: LOOP_SET_STATUS64 reads a `struct loop_info64`, which `info` is and which outlives the call.
-    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), sys::LOOP_SET_STATUS64 as _, &info as *const LoopInfo64) };
+    let rc = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            sys::LOOP_SET_STATUS64 as _,
+            &info as *const LoopInfo64,
+        )
+    };
     if rc != 0 {
         let err = io::Error::last_os_error();
         let _ = clear_fd(dev);

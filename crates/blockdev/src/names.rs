@@ -69,11 +69,15 @@ impl StableNames {
             Ok(_) => {
                 return Err(Error::Invalid {
                     what: "stable name",
-                    detail: format!("{} exists and is not a symbolic link; move it away", path.display()),
+                    detail: format!(
+                        "{} exists and is not a symbolic link; move it away",
+                        path.display()
+                    ),
                 })
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(&self.dir).map_err(Error::io("create the names directory", self.dir.clone()))?;
+                fs::create_dir_all(&self.dir)
+                    .map_err(Error::io("create the names directory", self.dir.clone()))?;
             }
             Err(e) => return Err(Error::io("inspect", path)(e)),
         }
@@ -102,7 +106,10 @@ impl StableNames {
             },
             Ok(_) => Err(Error::Invalid {
                 what: "stable name",
-                detail: format!("{} is not a symbolic link; it was left in place", path.display()),
+                detail: format!(
+                    "{} is not a symbolic link; it was left in place",
+                    path.display()
+                ),
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(Error::io("inspect", path)(e)),
@@ -139,13 +146,17 @@ fn check_name(name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 255
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if ok {
         Ok(())
     } else {
         Err(Error::Invalid {
             what: "stable name",
-            detail: format!("{name:?} must be ASCII letters, digits, '-' or '_' and not start with '.'"),
+            detail: format!(
+                "{name:?} must be ASCII letters, digits, '-' or '_' and not start with '.'"
+            ),
         })
     }
 }
@@ -174,12 +185,18 @@ mod tests {
         let nc = n.name_for(&c, &taken);
         assert_eq!(nc, "vol12345678aaaa4bbc");
         taken.push((c, nc));
-        assert_eq!(n.name_for(&d, &taken), "vol12345678aaaa4bbc8ccc000000000004");
+        assert_eq!(
+            n.name_for(&d, &taken),
+            "vol12345678aaaa4bbc8ccc000000000004"
+        );
         // a volume keeps the name it holds; the same inputs give the same answer
         assert_eq!(n.name_for(&b, &taken), nb);
         assert_eq!(n.name_for(&b, &taken[..1]), "vol12345678aaaa");
         // a different prefix is unaffected
-        assert_eq!(n.name_for(&u("abcdef01-0000-4000-8000-000000000000"), &taken), "volabcdef01");
+        assert_eq!(
+            n.name_for(&u("abcdef01-0000-4000-8000-000000000000"), &taken),
+            "volabcdef01"
+        );
     }
 
     #[test]
@@ -187,12 +204,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let n = StableNames::new(dir.path().join("names"));
         assert!(n.list().expect("list empty").is_empty());
-        let p = n.link("vol12345678", Path::new("/dev/loop3")).expect("link");
+        let p = n
+            .link("vol12345678", Path::new("/dev/loop3"))
+            .expect("link");
         assert_eq!(fs::read_link(&p).expect("read"), Path::new("/dev/loop3"));
-        assert_eq!(n.link("vol12345678", Path::new("/dev/loop3")).expect("again"), p);
-        n.link("vol12345678", Path::new("/dev/loop4")).expect("repoint");
+        assert_eq!(
+            n.link("vol12345678", Path::new("/dev/loop3"))
+                .expect("again"),
+            p
+        );
+        n.link("vol12345678", Path::new("/dev/loop4"))
+            .expect("repoint");
         assert_eq!(fs::read_link(&p).expect("read"), Path::new("/dev/loop4"));
-        n.link("volabcdef01", Path::new("/dev/vdb")).expect("second");
+        n.link("volabcdef01", Path::new("/dev/vdb"))
+            .expect("second");
         let listed = n.list().expect("list");
         assert_eq!(
             listed,
@@ -223,8 +248,16 @@ mod tests {
             );
         }
         fs::write(dir.path().join("volfile"), b"x").expect("write");
-        assert_eq!(n.link("volfile", Path::new("/dev/null")).expect_err("file").kind(), crate::ErrorKind::Invalid);
-        assert_eq!(n.unlink("volfile").expect_err("file").kind(), crate::ErrorKind::Invalid);
+        assert_eq!(
+            n.link("volfile", Path::new("/dev/null"))
+                .expect_err("file")
+                .kind(),
+            crate::ErrorKind::Invalid
+        );
+        assert_eq!(
+            n.unlink("volfile").expect_err("file").kind(),
+            crate::ErrorKind::Invalid
+        );
         assert!(dir.path().join("volfile").exists());
     }
 }

@@ -59,7 +59,10 @@ pub(crate) fn probe(root: &SysRoot, path: &Path) -> Result<Node, Error> {
     if root.simulated_nodes {
         if let Node::Regular { .. } = node {
             if let Ok(text) = std::fs::read_to_string(path) {
-                if let Some((major, minor)) = text.strip_prefix("block ").and_then(crate::sysfs::parse_major_minor) {
+                if let Some((major, minor)) = text
+                    .strip_prefix("block ")
+                    .and_then(crate::sysfs::parse_major_minor)
+                {
                     return Ok(Node::Block { major, minor });
                 }
             }

@@ -139,8 +139,13 @@ impl Resolver {
             let target = match fs::canonicalize(&link) {
                 Ok(t) => t,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let to = fs::read_link(&link).map(|t| t.display().to_string()).unwrap_or_default();
-                    notes.push(format!("stale link {} -> {to} (target missing)", link.display()));
+                    let to = fs::read_link(&link)
+                        .map(|t| t.display().to_string())
+                        .unwrap_or_default();
+                    notes.push(format!(
+                        "stale link {} -> {to} (target missing)",
+                        link.display()
+                    ));
                     continue;
                 }
                 Err(e) => return Err(Error::io("follow link", link)(e)),
@@ -160,7 +165,11 @@ impl Resolver {
                     return Err(Error::Mismatch {
                         what: "by-id links",
                         path: link,
-                        expected: format!("{} (as {} says)", prev.dev_path.display(), prev.by_id_path.display()),
+                        expected: format!(
+                            "{} (as {} says)",
+                            prev.dev_path.display(),
+                            prev.by_id_path.display()
+                        ),
                         found: dev.dev_path.display().to_string(),
                     })
                 }
@@ -169,7 +178,11 @@ impl Resolver {
 
         let carriers: Vec<&BlockDeviceInfo> = snap
             .iter()
-            .filter(|d| d.serial.as_deref().is_some_and(|s| serial_matches(s, &serial)))
+            .filter(|d| {
+                d.serial
+                    .as_deref()
+                    .is_some_and(|s| serial_matches(s, &serial))
+            })
             .collect();
         if let [a, b, ..] = carriers.as_slice() {
             return Err(Error::Mismatch {
@@ -180,12 +193,14 @@ impl Resolver {
             });
         }
         match (by_link, carriers.first()) {
-            (Some(d), Some(c)) if d.kernel_name.as_deref() != Some(c.name.as_str()) => Err(Error::Mismatch {
-                what: "device",
-                path: d.by_id_path.clone(),
-                expected: format!("{} (the disk whose serial is {serial})", c.name),
-                found: d.dev_path.display().to_string(),
-            }),
+            (Some(d), Some(c)) if d.kernel_name.as_deref() != Some(c.name.as_str()) => {
+                Err(Error::Mismatch {
+                    what: "device",
+                    path: d.by_id_path.clone(),
+                    expected: format!("{} (the disk whose serial is {serial})", c.name),
+                    found: d.dev_path.display().to_string(),
+                })
+            }
             (Some(d), _) => Ok(d),
             (None, Some(c)) => {
                 let node = self.root.dev().join(&c.name);
@@ -228,7 +243,10 @@ impl Resolver {
                         what: "device",
                         path: link.to_path_buf(),
                         expected: "a whole disk listed in sysfs".into(),
-                        found: format!("block device {major}:{minor} at {} (a partition or unknown disk)", target.display()),
+                        found: format!(
+                            "block device {major}:{minor} at {} (a partition or unknown disk)",
+                            target.display()
+                        ),
                     });
                 };
                 if let Some(s) = &d.serial {
@@ -279,9 +297,15 @@ impl Resolver {
     /// more, and the kernel device is removed, detached (size 0) or now another disk.
     pub(crate) fn is_gone(&self, volume_id: &Uuid, device: &ResolvedDevice) -> Result<bool, Error> {
         match self.find(volume_id) {
-            Ok(d) if d.dev_path == device.dev_path && d.major_minor == device.major_minor => return Ok(false),
+            Ok(d) if d.dev_path == device.dev_path && d.major_minor == device.major_minor => {
+                return Ok(false)
+            }
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Mismatch | ErrorKind::NotBlockDevice) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::NotFound | ErrorKind::Mismatch | ErrorKind::NotBlockDevice
+                ) => {}
             Err(e) => return Err(e),
         }
         let Some(name) = &device.kernel_name else {
@@ -354,7 +378,10 @@ mod tests {
         let e = resolver(&t).resolve(&v, GIB).expect_err("must not accept");
         assert_eq!(e.kind(), ErrorKind::Mismatch);
         let msg = e.to_string();
-        assert!(msg.contains("6f0e1c2a3b4d4e5f8a9b") && msg.contains("ffffffffffffffffffff"), "{msg}");
+        assert!(
+            msg.contains("6f0e1c2a3b4d4e5f8a9b") && msg.contains("ffffffffffffffffffff"),
+            "{msg}"
+        );
         assert!(matches!(resolver(&t).lookup(&v), Err(e) if e.kind() == ErrorKind::Mismatch));
     }
 
@@ -376,12 +403,20 @@ mod tests {
         let v = vol("6f0e1c2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b");
         let node = t.disk("vdb", 252, 16, GIB, Some("6f0e1c2a3b4d4e5f8a9b"));
         t.link("virtio-6f0e1c2a3b4d4e5f8a9b", &node);
-        let e = resolver(&t).resolve(&v, 2 * GIB).expect_err("must not accept");
+        let e = resolver(&t)
+            .resolve(&v, 2 * GIB)
+            .expect_err("must not accept");
         assert_eq!(e.kind(), ErrorKind::Mismatch);
         let msg = e.to_string();
-        assert!(msg.contains(&(2 * GIB).to_string()) && msg.contains(&GIB.to_string()), "{msg}");
+        assert!(
+            msg.contains(&(2 * GIB).to_string()) && msg.contains(&GIB.to_string()),
+            "{msg}"
+        );
         // lookup does not check the size
-        assert_eq!(resolver(&t).lookup(&v).expect("lookup").map(|d| d.size), Some(GIB));
+        assert_eq!(
+            resolver(&t).lookup(&v).expect("lookup").map(|d| d.size),
+            Some(GIB)
+        );
     }
 
     #[test]
@@ -412,7 +447,10 @@ mod tests {
         assert_eq!(d.kernel_name, None);
         assert_eq!(d.major_minor, None);
         assert_eq!(d.dev_path, fs::canonicalize(&file).expect("canon"));
-        assert_eq!(r.resolve(&v, 8192).expect_err("size").kind(), ErrorKind::Mismatch);
+        assert_eq!(
+            r.resolve(&v, 8192).expect_err("size").kind(),
+            ErrorKind::Mismatch
+        );
     }
 
     #[test]
@@ -420,7 +458,10 @@ mod tests {
         let t = Tree::new();
         let v = vol("6f0e1c2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b");
         t.link("virtio-6f0e1c2a3b4d4e5f8a9b", t.dir.path());
-        let e = resolver(&t).allow_regular_files(true).resolve(&v, 1).expect_err("dir");
+        let e = resolver(&t)
+            .allow_regular_files(true)
+            .resolve(&v, 1)
+            .expect_err("dir");
         assert_eq!(e.kind(), ErrorKind::NotBlockDevice);
     }
 
@@ -437,7 +478,10 @@ mod tests {
         t.link("scsi-0QEMU_QEMU_HARDDISK_11111111222243338444", &sdb);
         t.link("scsi-aaaaaaaabbbb4ccc8ddd", &sdc);
         let r = resolver(&t);
-        assert_eq!(r.resolve(&a, GIB).expect("a").kernel_name.as_deref(), Some("sdb"));
+        assert_eq!(
+            r.resolve(&a, GIB).expect("a").kernel_name.as_deref(),
+            Some("sdb")
+        );
         let db = r.resolve(&b, 2 * GIB).expect("b");
         assert_eq!(db.kernel_name.as_deref(), Some("sdc"));
         assert_eq!(db.serial.as_deref(), Some("aaaaaaaabbbb4ccc8ddd"));
@@ -451,7 +495,10 @@ mod tests {
         let y = t.disk("sdc", 8, 32, GIB, None);
         t.link("virtio-6f0e1c2a3b4d4e5f8a9b", &x);
         t.link("scsi-6f0e1c2a3b4d4e5f8a9b", &y);
-        assert_eq!(resolver(&t).resolve(&v, GIB).expect_err("ambiguous").kind(), ErrorKind::Mismatch);
+        assert_eq!(
+            resolver(&t).resolve(&v, GIB).expect_err("ambiguous").kind(),
+            ErrorKind::Mismatch
+        );
     }
 
     #[test]
@@ -462,7 +509,10 @@ mod tests {
         let part = t.root.dev().join("vdb1");
         fs::write(&part, "block 252:17").expect("write");
         t.link("virtio-6f0e1c2a3b4d4e5f8a9b", &part);
-        assert_eq!(resolver(&t).resolve(&v, GIB).expect_err("partition").kind(), ErrorKind::Mismatch);
+        assert_eq!(
+            resolver(&t).resolve(&v, GIB).expect_err("partition").kind(),
+            ErrorKind::Mismatch
+        );
     }
 
     #[test]

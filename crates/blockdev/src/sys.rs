@@ -9,7 +9,8 @@ pub(crate) const BLKSSZGET: libc::c_ulong = 0x1268;
 pub(crate) const BLKDISCARD: libc::c_ulong = 0x1277;
 pub(crate) const BLKPBSZGET: libc::c_ulong = 0x127B;
 pub(crate) const BLKZEROOUT: libc::c_ulong = 0x127F;
-pub(crate) const BLKGETSIZE64: libc::c_ulong = 0x8000_1272 | ((std::mem::size_of::<usize>() as libc::c_ulong) << 16);
+pub(crate) const BLKGETSIZE64: libc::c_ulong =
+    0x8000_1272 | ((std::mem::size_of::<usize>() as libc::c_ulong) << 16);
 
 // <linux/loop.h>
 pub(crate) const LOOP_SET_FD: libc::c_ulong = 0x4C00;

@@ -103,9 +103,14 @@ pub fn device(root: &SysRoot, name: &str) -> Result<Option<BlockDeviceInfo>, Err
     };
     let (major, minor) = parse_major_minor(&dev_text).ok_or_else(|| Error::Invalid {
         what: "sysfs dev attribute",
-        detail: format!("{}/dev holds {dev_text:?}, expected MAJOR:MINOR", dir.display()),
+        detail: format!(
+            "{}/dev holds {dev_text:?}, expected MAJOR:MINOR",
+            dir.display()
+        ),
     })?;
-    let size = read_u64(&dir.join("size"))?.unwrap_or(0).saturating_mul(512);
+    let size = read_u64(&dir.join("size"))?
+        .unwrap_or(0)
+        .saturating_mul(512);
     let logical_block_size = read_u64(&dir.join("queue/logical_block_size"))?
         .and_then(|v| u32::try_from(v).ok())
         .unwrap_or(512);
@@ -204,7 +209,10 @@ fn read_u64(path: &Path) -> Result<Option<u64>, Error> {
 
 /// Errors that mean "not there" for sysfs attributes (the device may vanish while being read).
 fn absent(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV | libc::ENXIO | libc::ENOTDIR))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ENODEV | libc::ENXIO | libc::ENOTDIR)
+    )
 }
 
 #[cfg(test)]
@@ -237,7 +245,14 @@ pub(crate) mod fixture {
         }
 
         /// Adds a whole disk to sysfs and a simulated node for it under dev.
-        pub(crate) fn disk(&self, name: &str, major: u32, minor: u32, size: u64, serial: Option<&str>) -> PathBuf {
+        pub(crate) fn disk(
+            &self,
+            name: &str,
+            major: u32,
+            minor: u32,
+            size: u64,
+            serial: Option<&str>,
+        ) -> PathBuf {
             let d = self.root.sys().join("block").join(name);
             fs::create_dir_all(d.join("queue")).expect("mkdir");
             fs::create_dir_all(d.join("holders")).expect("mkdir");
@@ -312,6 +327,21 @@ mod tests {
         t.attr("sdb", "device/vpd_pg80", &page);
         let d = device(&t.root, "sdb").expect("read").expect("present");
         assert_eq!(d.serial.as_deref(), Some("abcdef0123456789abcd"));
+    }
+
+    #[test]
+    fn the_running_system_snapshots() {
+        let all = snapshot(&SysRoot::system()).expect("snapshot of /sys");
+        for d in &all {
+            assert!(!d.name.is_empty());
+            assert!(d.logical_block_size >= 512, "{d:?}");
+            assert_eq!(
+                device(&SysRoot::system(), &d.name)
+                    .expect("read")
+                    .map(|x| x.name),
+                Some(d.name.clone())
+            );
+        }
     }
 
     #[test]

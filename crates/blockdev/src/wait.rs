@@ -51,7 +51,8 @@ pub(crate) fn dir_watch(dir: &Path) -> io::Result<Inotify> {
 fn register<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
     // SAFETY: `inner` is an `Inotify` or an `OwnedFd`: it owns its descriptor, keeps it open until it is
     // dropped with the `AsyncFd`, and always returns the same descriptor from `as_raw_fd`.
-    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }.map_err(|e| e.into_parts().1)
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
 }
 
 /// The wake-up sources of one wait. Either source may be missing; the rescan still runs.
@@ -150,7 +151,8 @@ async fn drain_uevents(fd: &mut Option<AsyncFd<OwnedFd>>) -> io::Result<()> {
 
 /// Whether a raw uevent message (`ACTION@DEVPATH\0KEY=VALUE\0…`) concerns the block subsystem.
 fn is_block_uevent(msg: &[u8]) -> bool {
-    msg.split(|&b| b == 0).any(|field| field == b"SUBSYSTEM=block")
+    msg.split(|&b| b == 0)
+        .any(|field| field == b"SUBSYSTEM=block")
 }
 
 impl Resolver {
@@ -239,8 +241,12 @@ mod tests {
 
     #[test]
     fn uevent_filter_sees_block_subsystem_only() {
-        assert!(is_block_uevent(b"add@/devices/virtual/block/loop3\0ACTION=add\0SUBSYSTEM=block\0"));
-        assert!(!is_block_uevent(b"add@/devices/virtual/net/x\0ACTION=add\0SUBSYSTEM=net\0"));
+        assert!(is_block_uevent(
+            b"add@/devices/virtual/block/loop3\0ACTION=add\0SUBSYSTEM=block\0"
+        ));
+        assert!(!is_block_uevent(
+            b"add@/devices/virtual/net/x\0ACTION=add\0SUBSYSTEM=net\0"
+        ));
     }
 
     #[tokio::test]
@@ -249,26 +255,39 @@ mod tests {
         let v = Uuid::parse_str("6f0e1c2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b").expect("uuid");
         let node = t.disk("vdb", 252, 16, 1 << 20, None);
         // A long rescan interval: only the inotify event can end the wait quickly.
-        let r = Resolver::new(t.root.clone(), t.by_id.clone()).rescan_interval(Duration::from_secs(30));
+        let r =
+            Resolver::new(t.root.clone(), t.by_id.clone()).rescan_interval(Duration::from_secs(30));
         let by_id = t.by_id.clone();
         let maker = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            std::os::unix::fs::symlink(&node, by_id.join("virtio-6f0e1c2a3b4d4e5f8a9b")).expect("link");
+            std::os::unix::fs::symlink(&node, by_id.join("virtio-6f0e1c2a3b4d4e5f8a9b"))
+                .expect("link");
             Instant::now()
         });
-        let (dev, took) = r.wait_for(&v, 1 << 20, Duration::from_secs(10)).await.expect("wait");
+        let (dev, took) = r
+            .wait_for(&v, 1 << 20, Duration::from_secs(10))
+            .await
+            .expect("wait");
         let made = maker.await.expect("maker");
         assert_eq!(dev.kernel_name.as_deref(), Some("vdb"));
         assert!(took >= Duration::from_millis(100));
-        assert!(made.elapsed() < Duration::from_secs(2), "woke {:?} after the link", made.elapsed());
+        assert!(
+            made.elapsed() < Duration::from_secs(2),
+            "woke {:?} after the link",
+            made.elapsed()
+        );
     }
 
     #[tokio::test]
     async fn wait_for_times_out_naming_the_volume() {
         let t = Tree::new();
         let v = Uuid::parse_str("6f0e1c2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b").expect("uuid");
-        let r = Resolver::new(t.root.clone(), t.by_id.clone()).rescan_interval(Duration::from_millis(20));
-        let e = r.wait_for(&v, 1, Duration::from_millis(200)).await.expect_err("nothing comes");
+        let r = Resolver::new(t.root.clone(), t.by_id.clone())
+            .rescan_interval(Duration::from_millis(20));
+        let e = r
+            .wait_for(&v, 1, Duration::from_millis(200))
+            .await
+            .expect_err("nothing comes");
         assert_eq!(e.kind(), ErrorKind::Timeout);
         assert!(e.to_string().contains("6f0e1c2a3b4d4e5f8a9b"), "{e}");
     }
@@ -281,7 +300,10 @@ mod tests {
         t.link("virtio-6f0e1c2a3b4d4e5f8a9b", &node);
         let r = Resolver::new(t.root.clone(), t.by_id.clone());
         let start = Instant::now();
-        let e = r.wait_for(&v, 2 << 20, Duration::from_secs(10)).await.expect_err("wrong size");
+        let e = r
+            .wait_for(&v, 2 << 20, Duration::from_secs(10))
+            .await
+            .expect_err("wrong size");
         assert_eq!(e.kind(), ErrorKind::Mismatch);
         assert!(start.elapsed() < Duration::from_secs(2));
     }
@@ -292,9 +314,13 @@ mod tests {
         let v = Uuid::parse_str("6f0e1c2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b").expect("uuid");
         let node = t.disk("loop9", 7, 9, 1 << 20, None);
         let link = t.link("virtio-6f0e1c2a3b4d4e5f8a9b", &node);
-        let r = Resolver::new(t.root.clone(), t.by_id.clone()).rescan_interval(Duration::from_secs(30));
+        let r =
+            Resolver::new(t.root.clone(), t.by_id.clone()).rescan_interval(Duration::from_secs(30));
         let dev = r.resolve(&v, 1 << 20).expect("resolve");
-        let e = r.wait_gone(&v, &dev, Duration::from_millis(100)).await.expect_err("still there");
+        let e = r
+            .wait_gone(&v, &dev, Duration::from_millis(100))
+            .await
+            .expect_err("still there");
         assert_eq!(e.kind(), ErrorKind::Timeout);
         let size = t.root.sys().join("block/loop9/size");
         let remover = tokio::spawn(async move {
@@ -302,8 +328,65 @@ mod tests {
             std::fs::write(size, "0\n").expect("detach");
             std::fs::remove_file(link).expect("unlink");
         });
-        let took = r.wait_gone(&v, &dev, Duration::from_secs(10)).await.expect("gone");
+        let took = r
+            .wait_gone(&v, &dev, Duration::from_secs(10))
+            .await
+            .expect("gone");
         remover.await.expect("remover");
         assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn wait_gone_in_file_mode_needs_only_the_link_to_go() {
+        let t = Tree::new();
+        let v = Uuid::parse_str("6f0e1c2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b").expect("uuid");
+        let file = t.dir.path().join("vol.img");
+        std::fs::write(&file, vec![0u8; 8192]).expect("write");
+        let link = t.link("virtio-6f0e1c2a3b4d4e5f8a9b", &file);
+        let r = Resolver::new(t.root.clone(), t.by_id.clone())
+            .allow_regular_files(true)
+            .rescan_interval(Duration::from_secs(30));
+        let (dev, _) = r
+            .wait_for(&v, 8192, Duration::from_secs(5))
+            .await
+            .expect("present");
+        assert_eq!(dev.kernel_name, None);
+        let remover = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            std::fs::remove_file(link).expect("unlink");
+        });
+        let took = r
+            .wait_gone(&v, &dev, Duration::from_secs(10))
+            .await
+            .expect("gone");
+        remover.await.expect("remover");
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        assert!(file.exists(), "the file itself stays");
+    }
+
+    #[tokio::test]
+    async fn root_uevent_socket_sees_a_loop_attach() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test needs root (loop devices); run it as root or skip tests named root_*"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("u.img");
+        std::fs::File::create(&file)
+            .expect("create")
+            .set_len(1 << 20)
+            .expect("size");
+        let mut events = Events::open(dir.path());
+        assert!(events.uevent.is_some(), "uevent socket must open as root");
+        // Drop the inotify source so only a uevent can wake us.
+        events.inotify = None;
+        let dev = crate::LoopDevice::attach(&file, false).expect("attach");
+        let woke =
+            tokio::time::timeout(Duration::from_secs(5), drain_uevents(&mut events.uevent)).await;
+        assert!(
+            matches!(woke, Ok(Ok(()))),
+            "no block uevent within 5 s of attaching {}",
+            dev.path().display()
+        );
     }
 }

@@ -37,7 +37,11 @@ fn root_attach_find_detach() {
     assert!(path.to_string_lossy().starts_with("/dev/loop"));
     let found = loopdev::find_by_backing(&file).expect("find");
     assert_eq!(found, vec![path.clone()]);
-    let f = OpenOptions::new().read(true).write(true).open(&path).expect("open loop");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open loop");
     assert_eq!(ioctl::size(&f).expect("size"), SIZE);
     assert!(!ioctl::read_only(&f).expect("ro"));
     drop(f);
@@ -56,9 +60,15 @@ fn root_drop_detaches_and_keep_persists() {
         let _dev = LoopDevice::attach(&file, false).expect("attach");
         assert_eq!(loopdev::find_by_backing(&file).expect("find").len(), 1);
     }
-    assert!(loopdev::find_by_backing(&file).expect("find").is_empty(), "drop must detach");
+    assert!(
+        loopdev::find_by_backing(&file).expect("find").is_empty(),
+        "drop must detach"
+    );
     let kept = LoopDevice::attach(&file, false).expect("attach").keep();
-    assert_eq!(loopdev::find_by_backing(&file).expect("find"), vec![kept.clone()]);
+    assert_eq!(
+        loopdev::find_by_backing(&file).expect("find"),
+        vec![kept.clone()]
+    );
     loopdev::detach_path(&kept).expect("detach kept");
     assert!(loopdev::find_by_backing(&file).expect("find").is_empty());
 }
@@ -74,10 +84,15 @@ fn root_read_only_attach() {
     // The kernel refuses writes to a read-only device either at open or at write time.
     let refused = match OpenOptions::new().write(true).open(dev.path()) {
         Err(e) => e,
-        Ok(mut w) => w.write_all(&[1u8; 512]).expect_err("write to a read-only loop device must fail"),
+        Ok(mut w) => w
+            .write_all(&[1u8; 512])
+            .expect_err("write to a read-only loop device must fail"),
     };
     assert!(
-        matches!(refused.raw_os_error(), Some(libc::EROFS | libc::EPERM | libc::EACCES)),
+        matches!(
+            refused.raw_os_error(),
+            Some(libc::EROFS | libc::EPERM | libc::EACCES)
+        ),
         "unexpected error {refused}"
     );
 }
@@ -86,17 +101,27 @@ fn root_read_only_attach() {
 fn root_parallel_attach_gets_distinct_devices() {
     require_root();
     let dir = tempfile::tempdir().expect("tempdir");
-    let files: Vec<_> = (0..6).map(|i| backing(dir.path(), &format!("p{i}.img"), SIZE)).collect();
+    let files: Vec<_> = (0..6)
+        .map(|i| backing(dir.path(), &format!("p{i}.img"), SIZE))
+        .collect();
     let devs: Vec<LoopDevice> = std::thread::scope(|s| {
-        let hs: Vec<_> = files.iter().map(|f| s.spawn(move || LoopDevice::attach(f, false))).collect();
-        hs.into_iter().map(|h| h.join().expect("thread").expect("attach")).collect()
+        let hs: Vec<_> = files
+            .iter()
+            .map(|f| s.spawn(move || LoopDevice::attach(f, false)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("thread").expect("attach"))
+            .collect()
     });
     let mut paths: Vec<_> = devs.iter().map(|d| d.path().to_path_buf()).collect();
     paths.sort();
     paths.dedup();
     assert_eq!(paths.len(), 6);
     for (f, d) in files.iter().zip(&devs) {
-        assert_eq!(loopdev::find_by_backing(f).expect("find"), vec![d.path().to_path_buf()]);
+        assert_eq!(
+            loopdev::find_by_backing(f).expect("find"),
+            vec![d.path().to_path_buf()]
+        );
     }
 }
 
@@ -106,7 +131,11 @@ fn root_zero_discard_flush_read_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = backing(dir.path(), "z.img", SIZE);
     let dev = LoopDevice::attach(&file, false).expect("attach");
-    let mut f = OpenOptions::new().read(true).write(true).open(dev.path()).expect("open");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev.path())
+        .expect("open");
     assert_eq!(ioctl::logical_block_size(&f).expect("lbs"), 512);
     assert!(ioctl::physical_block_size(&f).expect("pbs") >= 512);
     let pattern = vec![0xA5u8; 1 << 20];
@@ -119,7 +148,10 @@ fn root_zero_discard_flush_read_back() {
     assert_eq!(back, pattern);
     // The flushed data reached the backing file.
     let mut raw = vec![0u8; 1 << 20];
-    File::open(&file).expect("open file").read_exact(&mut raw).expect("read file");
+    File::open(&file)
+        .expect("open file")
+        .read_exact(&mut raw)
+        .expect("read file");
     assert_eq!(raw, pattern);
 
     ioctl::zero_out(&f, 4096, 65536).expect("zero out");
@@ -133,7 +165,10 @@ fn root_zero_discard_flush_read_back() {
     let mut second = vec![0u8; 1 << 20];
     f.seek(SeekFrom::Start(1 << 20)).expect("seek");
     f.read_exact(&mut second).expect("read");
-    assert!(second.iter().all(|&b| b == 0), "a discarded range of a loop device over a sparse-capable file reads as zeroes");
+    assert!(
+        second.iter().all(|&b| b == 0),
+        "a discarded range of a loop device over a sparse-capable file reads as zeroes"
+    );
 
     let e = ioctl::zero_out(&f, 1, 512).expect_err("unaligned range must be rejected");
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);

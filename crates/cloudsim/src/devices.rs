@@ -1,7 +1,7 @@
 //! Volume storage and the appliance's view of it: sparse backing files, loop devices over them, and the
 //! `virtio-<serial>` links in the by-id directory (made atomically: symlink to a temporary name, then rename).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
@@ -36,8 +36,10 @@ impl Devices {
 
     /// Creates the volume and by-id directories.
     pub fn prepare(&self) -> Result<(), SimError> {
-        fs::create_dir_all(&self.volumes_dir).map_err(SimError::io("create directory", &self.volumes_dir))?;
-        fs::create_dir_all(&self.by_id_dir).map_err(SimError::io("create directory", &self.by_id_dir))?;
+        fs::create_dir_all(&self.volumes_dir)
+            .map_err(SimError::io("create directory", &self.volumes_dir))?;
+        fs::create_dir_all(&self.by_id_dir)
+            .map_err(SimError::io("create directory", &self.by_id_dir))?;
         Ok(())
     }
 
@@ -48,7 +50,9 @@ impl Devices {
 
     /// `<by_id_dir>/virtio-<first 20 hex digits>`.
     pub fn link_path(&self, volume_id: &str) -> Result<PathBuf, SimError> {
-        let serial = virtio_serial(volume_id).ok_or_else(|| SimError::NotUuid { id: volume_id.to_owned() })?;
+        let serial = virtio_serial(volume_id).ok_or_else(|| SimError::NotUuid {
+            id: volume_id.to_owned(),
+        })?;
         Ok(self.by_id_dir.join(format!("virtio-{serial}")))
     }
 
@@ -60,7 +64,8 @@ impl Devices {
             .create_new(true)
             .open(&path)
             .map_err(SimError::io("create backing file", &path))?;
-        file.set_len(size).map_err(SimError::io("size backing file", &path))?;
+        file.set_len(size)
+            .map_err(SimError::io("size backing file", &path))?;
         Ok(path)
     }
 
@@ -68,27 +73,33 @@ impl Devices {
     pub fn remove_backing(&self, volume_id: &str) -> Result<(), SimError> {
         let path = self.backing_path(volume_id);
         match fs::remove_file(&path) {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(SimError::io("remove backing file", path)(e)),
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                Err(SimError::io("remove backing file", path)(e))
+            }
             _ => Ok(()),
         }
-    }
-
-    /// Size of the backing file, if it exists.
-    pub fn backing_size(&self, volume_id: &str) -> Option<u64> {
-        File::open(self.backing_path(volume_id)).and_then(|f| f.metadata()).map(|m| m.len()).ok()
     }
 
     /// Exposes the volume to the appliance: a loop device over the backing file, or the file itself.
     pub fn expose(&self, volume_id: &str) -> Result<Exposed, SimError> {
         let file = self.backing_path(volume_id);
         if !file.exists() {
-            return Err(SimError::io("find backing file", &file)(std::io::Error::from(ErrorKind::NotFound)));
+            return Err(SimError::io("find backing file", &file)(
+                std::io::Error::from(ErrorKind::NotFound),
+            ));
         }
         if self.use_loop_devices {
-            let dev = LoopDevice::attach(&file, false).map_err(|source| SimError::LoopAttach { file, source })?;
-            Ok(Exposed { device: dev.keep(), loop_device: true })
+            let dev = LoopDevice::attach(&file, false)
+                .map_err(|source| SimError::LoopAttach { file, source })?;
+            Ok(Exposed {
+                device: dev.keep(),
+                loop_device: true,
+            })
         } else {
-            Ok(Exposed { device: file, loop_device: false })
+            Ok(Exposed {
+                device: file,
+                loop_device: false,
+            })
         }
     }
 
@@ -96,10 +107,15 @@ impl Devices {
     pub fn recover(&self, volume_id: &str) -> Result<Exposed, SimError> {
         if self.use_loop_devices {
             let file = self.backing_path(volume_id);
-            let found = loopdev::find_by_backing(&file)
-                .map_err(|source| SimError::LoopAttach { file: file.clone(), source })?;
+            let found = loopdev::find_by_backing(&file).map_err(|source| SimError::LoopAttach {
+                file: file.clone(),
+                source,
+            })?;
             if let Some(device) = found.into_iter().next() {
-                return Ok(Exposed { device, loop_device: true });
+                return Ok(Exposed {
+                    device,
+                    loop_device: true,
+                });
             }
         }
         self.expose(volume_id)
@@ -113,16 +129,22 @@ impl Devices {
         match loopdev::detach_path(device) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == blockdev::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(SimError::LoopDetach { device: device.to_path_buf(), source }),
+            Err(source) => Err(SimError::LoopDetach {
+                device: device.to_path_buf(),
+                source,
+            }),
         }
     }
 
     /// Points the volume's by-id link at `device`, atomically replacing any old link.
     pub fn link(&self, volume_id: &str, device: &Path) -> Result<PathBuf, SimError> {
         let link = self.link_path(volume_id)?;
-        let tmp = self
-            .by_id_dir
-            .join(format!(".tmp-{}-{}", std::process::id(), link.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())));
+        let tmp = self.by_id_dir.join(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            link.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        ));
         let _ = fs::remove_file(&tmp);
         std::os::unix::fs::symlink(device, &tmp).map_err(SimError::io("create link", &tmp))?;
         fs::rename(&tmp, &link).map_err(SimError::io("rename link into place at", &link))?;

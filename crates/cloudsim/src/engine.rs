@@ -11,7 +11,9 @@ use serde_json::{json, Map, Value};
 use crate::devices::Devices;
 use crate::error::SimError;
 use crate::faults::FaultHandle;
-use crate::model::{Attachment, CsError, Job, JobAction, JobOutcome, State, Volume, VolumeState, GIB};
+use crate::model::{
+    Attachment, CsError, Job, JobAction, JobOutcome, State, Volume, VolumeState, GIB,
+};
 
 /// Request parameters in arrival order; names are looked up case-insensitively.
 #[derive(Debug, Clone, Default)]
@@ -27,12 +29,17 @@ impl Params {
     }
 
     fn require(&self, command: &str, name: &str) -> Result<&str, CsError> {
-        self.get(name).ok_or_else(|| CsError::missing(command, name))
+        self.get(name)
+            .ok_or_else(|| CsError::missing(command, name))
     }
 
     fn number(&self, command: &str, name: &str) -> Result<Option<u64>, CsError> {
         self.get(name)
-            .map(|v| v.trim().parse::<u64>().map_err(|_| CsError::invalid(command, name, v)))
+            .map(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| CsError::invalid(command, name, v))
+            })
             .transpose()
     }
 }
@@ -55,8 +62,10 @@ pub(crate) fn save_state(path: &Path, state: &State) -> Result<(), SimError> {
     let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec_pretty(state).expect("invariant: the state serializes to JSON");
     let mut f = std::fs::File::create(&tmp).map_err(SimError::io("write state file", &tmp))?;
-    f.write_all(&body).map_err(SimError::io("write state file", &tmp))?;
-    f.sync_all().map_err(SimError::io("sync state file", &tmp))?;
+    f.write_all(&body)
+        .map_err(SimError::io("write state file", &tmp))?;
+    f.sync_all()
+        .map_err(SimError::io("sync state file", &tmp))?;
     std::fs::rename(&tmp, path).map_err(SimError::io("replace state file", path))?;
     if let Some(dir) = path.parent() {
         if let Ok(d) = std::fs::File::open(dir) {
@@ -69,9 +78,14 @@ pub(crate) fn save_state(path: &Path, state: &State) -> Result<(), SimError> {
 /// Loads the state saved at `path`, if any.
 pub(crate) fn load_state(path: &Path) -> Result<Option<State>, SimError> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| SimError::CorruptState { path: path.to_path_buf(), source }),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| SimError::CorruptState {
+                    path: path.to_path_buf(),
+                    source,
+                })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(SimError::io("read state file", path)(e)),
     }
@@ -101,7 +115,13 @@ fn internal(e: &SimError) -> CsError {
 }
 
 impl Engine {
-    pub fn new(state: State, state_path: PathBuf, faults: FaultHandle, devices: Devices, job_delay: Duration) -> Self {
+    pub fn new(
+        state: State,
+        state_path: PathBuf,
+        faults: FaultHandle,
+        devices: Devices,
+        job_delay: Duration,
+    ) -> Self {
         Self {
             state: Mutex::new(state),
             state_path,
@@ -136,7 +156,9 @@ impl Engine {
         let mut st = self.lock();
         let appliance = st.appliance_vm_id.clone();
         for vol in st.volumes.iter_mut() {
-            let Some(att) = vol.attachment.as_mut() else { continue };
+            let Some(att) = vol.attachment.as_mut() else {
+                continue;
+            };
             if att.vm_id != appliance || att.device.is_none() {
                 continue;
             }
@@ -148,8 +170,12 @@ impl Engine {
             }
         }
         save_state(&self.state_path, &st)?;
-        let pending: Vec<(String, u64)> =
-            st.jobs.iter().filter(|j| j.is_pending()).map(|j| (j.id.clone(), j.extra_delay_ms)).collect();
+        let pending: Vec<(String, u64)> = st
+            .jobs
+            .iter()
+            .filter(|j| j.is_pending())
+            .map(|j| (j.id.clone(), j.extra_delay_ms))
+            .collect();
         drop(st);
         for (id, extra) in pending {
             self.spawn_job(id, Duration::from_millis(extra));
@@ -255,7 +281,9 @@ impl Engine {
             "jobinstancetype": "Volume",
             "jobprocstatus": 0,
         });
-        let obj = m.as_object_mut().expect("invariant: json! of an object literal is an object");
+        let obj = m
+            .as_object_mut()
+            .expect("invariant: json! of an object literal is an object");
         match &j.outcome {
             JobOutcome::Pending => {
                 obj.insert("jobstatus".into(), json!(0));
@@ -304,7 +332,8 @@ impl Engine {
             _ => Err(CsError {
                 errorcode: 432,
                 cserrorcode: 9999,
-                errortext: "The given command does not exist or it is not available for user".to_owned(),
+                errortext: "The given command does not exist or it is not available for user"
+                    .to_owned(),
             }),
         }
     }
@@ -353,7 +382,10 @@ impl Engine {
             .iter()
             .filter(|v| p.get("id").is_none_or(|id| id == v.id))
             .filter(|v| p.get("name").is_none_or(|n| n == v.name))
-            .filter(|_| p.get("state").is_none_or(|s| s.eq_ignore_ascii_case("Running")))
+            .filter(|_| {
+                p.get("state")
+                    .is_none_or(|s| s.eq_ignore_ascii_case("Running"))
+            })
             .filter(|_| p.get("zoneid").is_none_or(|z| z == st.zone.id))
             .map(|v| self.vm_json(&st, v))
             .collect();
@@ -375,8 +407,11 @@ impl Engine {
                 p.get("virtualmachineid")
                     .is_none_or(|vm| v.attachment.as_ref().is_some_and(|a| a.vm_id == vm))
             })
-            .filter(|v| p.get("state").is_none_or(|s| s.eq_ignore_ascii_case(v.state.as_str())))
-            .filter(|v| p.get("zoneid").is_none_or(|z| z == st.zone.id))
+            .filter(|v| {
+                p.get("state")
+                    .is_none_or(|s| s.eq_ignore_ascii_case(v.state.as_str()))
+            })
+            .filter(|_| p.get("zoneid").is_none_or(|z| z == st.zone.id))
             .filter(|v| {
                 p.get("type").is_none_or(|t| {
                     let is_root = v.attachment.as_ref().is_some_and(|a| a.device_id == 0);
@@ -409,7 +444,9 @@ impl Engine {
         if zone_id != st.zone.id {
             return Err(CsError::invalid(command, "zoneid", zone_id));
         }
-        let offering = st.offering(offering_id).ok_or_else(|| CsError::invalid(command, "diskofferingid", offering_id))?;
+        let offering = st
+            .offering(offering_id)
+            .ok_or_else(|| CsError::invalid(command, "diskofferingid", offering_id))?;
         let gb = match (offering.size_gb, size_gb) {
             (Some(fixed), None) => fixed,
             (Some(_), Some(_)) => {
@@ -421,11 +458,17 @@ impl Engine {
             (None, Some(0)) => return Err(CsError::param("Invalid size for custom volume creation: 0")),
             (None, Some(gb)) => gb,
         };
-        let size = gb.checked_mul(GIB).ok_or_else(|| CsError::invalid(command, "size", &gb.to_string()))?;
+        let size = gb
+            .checked_mul(GIB)
+            .ok_or_else(|| CsError::invalid(command, "size", &gb.to_string()))?;
         let offering_id = offering.id.clone();
         let id = st.next_id();
-        let name = p.get("name").map_or_else(|| format!("volume-{}", &id[..8]), str::to_owned);
-        self.devices.create_backing(&id, size).map_err(|e| internal(&e))?;
+        let name = p
+            .get("name")
+            .map_or_else(|| format!("volume-{}", &id[..8]), str::to_owned);
+        self.devices
+            .create_backing(&id, size)
+            .map_err(|e| internal(&e))?;
         st.volumes.push(Volume {
             id: id.clone(),
             name,
@@ -444,7 +487,9 @@ impl Engine {
         let vm_id = p.require(command, "virtualmachineid")?;
         let device_id = p
             .number(command, "deviceid")?
-            .map(|d| u32::try_from(d).map_err(|_| CsError::invalid(command, "deviceid", &d.to_string())))
+            .map(|d| {
+                u32::try_from(d).map_err(|_| CsError::invalid(command, "deviceid", &d.to_string()))
+            })
             .transpose()?;
         let mut st = self.lock();
         if st.volume(id).is_none() {
@@ -453,7 +498,14 @@ impl Engine {
         if st.vm(vm_id).is_none() {
             return Err(CsError::invalid(command, "virtualmachineid", vm_id));
         }
-        let jobid = self.submit(&mut st, id, JobAction::Attach { vm_id: vm_id.to_owned(), device_id })?;
+        let jobid = self.submit(
+            &mut st,
+            id,
+            JobAction::Attach {
+                vm_id: vm_id.to_owned(),
+                device_id,
+            },
+        )?;
         Ok(json!({ "jobid": jobid }))
     }
 
@@ -467,14 +519,26 @@ impl Engine {
                 id.to_owned()
             }
             None => {
-                let (Some(vm), Some(dev)) = (p.get("virtualmachineid"), p.number(command, "deviceid")?) else {
-                    return Err(CsError::param("Please provide either a volume id, or a tuple(device id, instance id)"));
+                let (Some(vm), Some(dev)) =
+                    (p.get("virtualmachineid"), p.number(command, "deviceid")?)
+                else {
+                    return Err(CsError::param(
+                        "Please provide either a volume id, or a tuple(device id, instance id)",
+                    ));
                 };
                 st.volumes
                     .iter()
-                    .find(|v| v.attachment.as_ref().is_some_and(|a| a.vm_id == vm && u64::from(a.device_id) == dev))
+                    .find(|v| {
+                        v.attachment
+                            .as_ref()
+                            .is_some_and(|a| a.vm_id == vm && u64::from(a.device_id) == dev)
+                    })
                     .map(|v| v.id.clone())
-                    .ok_or_else(|| CsError::param("Unable to find the volume: there is no volume at that device id"))?
+                    .ok_or_else(|| {
+                        CsError::param(
+                            "Unable to find the volume: there is no volume at that device id",
+                        )
+                    })?
             }
         };
         let jobid = self.submit(&mut st, &id, JobAction::Detach)?;
@@ -484,9 +548,13 @@ impl Engine {
     fn delete_volume(&self, command: &str, p: &Params) -> Result<Value, CsError> {
         let id = p.require(command, "id")?;
         let mut st = self.lock();
-        let vol = st.volume(id).ok_or_else(|| CsError::invalid(command, "id", id))?;
+        let vol = st
+            .volume(id)
+            .ok_or_else(|| CsError::invalid(command, "id", id))?;
         if vol.attachment.is_some() {
-            return Err(CsError::param("Please specify a volume that is not attached to any VM."));
+            return Err(CsError::param(
+                "Please specify a volume that is not attached to any VM.",
+            ));
         }
         self.devices.remove_backing(id).map_err(|e| internal(&e))?;
         st.volumes.retain(|v| v.id != id);
@@ -497,7 +565,9 @@ impl Engine {
     fn query_job(&self, command: &str, p: &Params) -> Result<Value, CsError> {
         let id = p.require(command, "jobid")?;
         let st = self.lock();
-        let job = st.job(id).ok_or_else(|| CsError::invalid(command, "jobid", id))?;
+        let job = st
+            .job(id)
+            .ok_or_else(|| CsError::invalid(command, "jobid", id))?;
         Ok(self.job_json(&st, job))
     }
 
@@ -510,7 +580,12 @@ impl Engine {
 
     // ---- jobs ------------------------------------------------------------------------------------
 
-    fn submit(self: &Arc<Self>, st: &mut State, volume_id: &str, action: JobAction) -> Result<String, CsError> {
+    fn submit(
+        self: &Arc<Self>,
+        st: &mut State,
+        volume_id: &str,
+        action: JobAction,
+    ) -> Result<String, CsError> {
         let extra = self.faults.take_job_delay(action.command());
         let id = st.next_id();
         st.jobs.push(Job {
@@ -547,7 +622,13 @@ impl Engine {
         if self.stopped.load(Ordering::SeqCst) {
             return;
         }
-        let Some(idx) = st.jobs.iter().position(|j| j.id == job_id && j.is_pending()) else { return };
+        let Some(idx) = st
+            .jobs
+            .iter()
+            .position(|j| j.id == job_id && j.is_pending())
+        else {
+            return;
+        };
         let job = st.jobs[idx].clone();
         let result = match self.faults.take_job_failure(job.action.command()) {
             Some(e) => Err(e),
@@ -602,7 +683,9 @@ impl Engine {
             JobAction::Detach => {
                 let vol = st.volume(vid).ok_or_else(gone)?;
                 let Some(att) = vol.attachment.clone() else {
-                    return Err(CsError::param("The specified volume is not attached to a VM."));
+                    return Err(CsError::param(
+                        "The specified volume is not attached to a VM.",
+                    ));
                 };
                 if let Some(link) = &att.link {
                     if self.faults.take_keep_link(vid) {
@@ -612,7 +695,9 @@ impl Engine {
                     }
                 }
                 if let Some(dev) = &att.device {
-                    self.devices.release(dev, att.loop_device).map_err(|e| internal(&e))?;
+                    self.devices
+                        .release(dev, att.loop_device)
+                        .map_err(|e| internal(&e))?;
                 }
                 st.volume_mut(vid).ok_or_else(gone)?.attachment = None;
             }

@@ -19,7 +19,9 @@ pub enum SimError {
         #[source]
         source: std::io::Error,
     },
-    #[error("state file {path} is not valid simulator state; move it away to start from an empty cloud")]
+    #[error(
+        "state file {path} is not valid simulator state; move it away to start from an empty cloud"
+    )]
     CorruptState {
         path: PathBuf,
         #[source]
@@ -66,11 +68,16 @@ impl SimError {
             Self::Io { .. } => SimErrorKind::Io,
             Self::Bind { .. } => SimErrorKind::Bind,
             Self::CorruptState { .. } | Self::ApplianceMismatch { .. } => SimErrorKind::State,
-            Self::LoopAttach { .. } | Self::LoopDetach { .. } | Self::NotUuid { .. } => SimErrorKind::Device,
+            Self::LoopAttach { .. } | Self::LoopDetach { .. } | Self::NotUuid { .. } => {
+                SimErrorKind::Device
+            }
         }
     }
 
-    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+    pub(crate) fn io(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| Self::Io { what, path, source }
     }

@@ -182,7 +182,11 @@ impl FaultHandle {
     /// Whether this request is answered with 429.
     pub(crate) fn take_throttle(&self) -> bool {
         self.fire(|f, rng| match f {
-            FaultSpec::Throttle { count, probability } if *count > 0 && Self::chance(rng, *probability) => Some(()),
+            FaultSpec::Throttle { count, probability }
+                if *count > 0 && Self::chance(rng, *probability) =>
+            {
+                Some(())
+            }
             _ => None,
         })
         .is_some()
@@ -191,9 +195,14 @@ impl FaultHandle {
     /// The error this call of `command` fails with, if any.
     pub(crate) fn take_command_failure(&self, command: &str) -> Option<CsError> {
         self.fire(|f, rng| match f {
-            FaultSpec::FailCommand { command: c, count, errorcode, cserrorcode, errortext, probability }
-                if *count > 0 && same_command(c, command) && Self::chance(rng, *probability) =>
-            {
+            FaultSpec::FailCommand {
+                command: c,
+                count,
+                errorcode,
+                cserrorcode,
+                errortext,
+                probability,
+            } if *count > 0 && same_command(c, command) && Self::chance(rng, *probability) => {
                 Some(CsError {
                     errorcode: *errorcode,
                     cserrorcode: cserrorcode.unwrap_or(4250),
@@ -209,7 +218,11 @@ impl FaultHandle {
     /// Extra delay for a job of `command` being submitted now.
     pub(crate) fn take_job_delay(&self, command: &str) -> Duration {
         self.fire(|f, _| match f {
-            FaultSpec::SlowJob { command: c, extra_delay_ms, count } if *count > 0 && same_command(c, command) => {
+            FaultSpec::SlowJob {
+                command: c,
+                extra_delay_ms,
+                count,
+            } if *count > 0 && same_command(c, command) => {
                 Some(Duration::from_millis(*extra_delay_ms))
             }
             _ => None,
@@ -220,15 +233,18 @@ impl FaultHandle {
     /// The error a job of `command` finishing now fails with, if any.
     pub(crate) fn take_job_failure(&self, command: &str) -> Option<CsError> {
         self.fire(|f, _| match f {
-            FaultSpec::FailJob { command: c, count, errorcode, errortext } if *count > 0 && same_command(c, command) => {
-                Some(CsError {
-                    errorcode: *errorcode,
-                    cserrorcode: 4250,
-                    errortext: errortext
-                        .clone()
-                        .unwrap_or_else(|| format!("Simulated failure of the {command} job")),
-                })
-            }
+            FaultSpec::FailJob {
+                command: c,
+                count,
+                errorcode,
+                errortext,
+            } if *count > 0 && same_command(c, command) => Some(CsError {
+                errorcode: *errorcode,
+                cserrorcode: 4250,
+                errortext: errortext
+                    .clone()
+                    .unwrap_or_else(|| format!("Simulated failure of the {command} job")),
+            }),
             _ => None,
         })
     }
@@ -236,9 +252,10 @@ impl FaultHandle {
     /// Whether detaching `volume_id` from the appliance leaves its link behind.
     pub(crate) fn take_keep_link(&self, volume_id: &str) -> bool {
         self.fire(|f, _| match f {
-            FaultSpec::KeepLinkOnDetach { volume_id: v, count } if *count > 0 && matches_volume(v.as_ref(), volume_id) => {
-                Some(())
-            }
+            FaultSpec::KeepLinkOnDetach {
+                volume_id: v,
+                count,
+            } if *count > 0 && matches_volume(v.as_ref(), volume_id) => Some(()),
             _ => None,
         })
         .is_some()
@@ -247,9 +264,10 @@ impl FaultHandle {
     /// Whether attaching `volume_id` to the appliance makes no link.
     pub(crate) fn take_skip_link(&self, volume_id: &str) -> bool {
         self.fire(|f, _| match f {
-            FaultSpec::SkipLinkOnAttach { volume_id: v, count } if *count > 0 && matches_volume(v.as_ref(), volume_id) => {
-                Some(())
-            }
+            FaultSpec::SkipLinkOnAttach {
+                volume_id: v,
+                count,
+            } if *count > 0 && matches_volume(v.as_ref(), volume_id) => Some(()),
             _ => None,
         })
         .is_some()
@@ -259,7 +277,11 @@ impl FaultHandle {
     pub(crate) fn reported_size(&self, volume_id: &str, real: u64) -> u64 {
         let inner = self.lock();
         for f in &inner.faults {
-            if let FaultSpec::WrongSize { volume_id: v, delta_bytes } = f {
+            if let FaultSpec::WrongSize {
+                volume_id: v,
+                delta_bytes,
+            } = f
+            {
                 if matches_volume(v.as_ref(), volume_id) {
                     return real.saturating_add_signed(*delta_bytes);
                 }
@@ -275,8 +297,10 @@ mod tests {
 
     #[test]
     fn parses_documented_shapes() {
-        let f = FaultSpec::parse(r#"{"type":"fail_command","command":"attachVolume","count":2,"errorcode":431}"#)
-            .expect("parse");
+        let f = FaultSpec::parse(
+            r#"{"type":"fail_command","command":"attachVolume","count":2,"errorcode":431}"#,
+        )
+        .expect("parse");
         assert_eq!(
             f,
             FaultSpec::FailCommand {
@@ -297,9 +321,15 @@ mod tests {
     #[test]
     fn counted_faults_fire_then_vanish() {
         let h = FaultHandle::new(1, vec![]);
-        h.add(FaultSpec::parse(r#"{"type":"fail_command","command":"listZones","count":2}"#).expect("parse"));
+        h.add(
+            FaultSpec::parse(r#"{"type":"fail_command","command":"listZones","count":2}"#)
+                .expect("parse"),
+        );
         assert!(h.take_command_failure("listVolumes").is_none());
-        assert_eq!(h.take_command_failure("LISTZONES").map(|e| e.errorcode), Some(530));
+        assert_eq!(
+            h.take_command_failure("LISTZONES").map(|e| e.errorcode),
+            Some(530)
+        );
         assert!(h.take_command_failure("listZones").is_some());
         assert!(h.take_command_failure("listZones").is_none());
         assert!(h.list().is_empty());
@@ -308,7 +338,13 @@ mod tests {
     #[test]
     fn probabilistic_faults_repeat_under_the_same_seed() {
         let run = |seed| {
-            let h = FaultHandle::new(seed, vec![FaultSpec::Throttle { count: 1000, probability: Some(0.5) }]);
+            let h = FaultHandle::new(
+                seed,
+                vec![FaultSpec::Throttle {
+                    count: 1000,
+                    probability: Some(0.5),
+                }],
+            );
             (0..64).map(|_| h.take_throttle()).collect::<Vec<_>>()
         };
         assert_eq!(run(9), run(9));
@@ -317,7 +353,13 @@ mod tests {
 
     #[test]
     fn wrong_size_stays_until_cleared() {
-        let h = FaultHandle::new(1, vec![FaultSpec::WrongSize { volume_id: Some("a".into()), delta_bytes: -10 }]);
+        let h = FaultHandle::new(
+            1,
+            vec![FaultSpec::WrongSize {
+                volume_id: Some("a".into()),
+                delta_bytes: -10,
+            }],
+        );
         assert_eq!(h.reported_size("a", 100), 90);
         assert_eq!(h.reported_size("a", 100), 90);
         assert_eq!(h.reported_size("b", 100), 100);

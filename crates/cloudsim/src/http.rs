@@ -32,7 +32,10 @@ pub(crate) struct AppState {
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/client/api", get(client_api).post(client_api))
-        .route("/sim/faults", get(list_faults).post(add_faults).delete(clear_faults))
+        .route(
+            "/sim/faults",
+            get(list_faults).post(add_faults).delete(clear_faults),
+        )
         .with_state(state)
 }
 
@@ -53,15 +56,13 @@ fn decode_component(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match (hex_val(bytes[i + 1]), hex_val(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match (hex_val(bytes[i + 1]), hex_val(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -105,13 +106,22 @@ pub(crate) fn authenticate(creds: &Credentials, params: &Params) -> bool {
             return false;
         }
     }
-    let signed: Vec<(String, String)> =
-        params.0.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("signature")).cloned().collect();
+    let signed: Vec<(String, String)> = params
+        .0
+        .iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("signature"))
+        .cloned()
+        .collect();
     cloudstack::sign::verify(&creds.secret_key, &signed, sig)
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json; charset=UTF-8")], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json; charset=UTF-8")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn wrapper_key(command: Option<&str>) -> String {
@@ -130,7 +140,12 @@ fn error_response(command: Option<&str>, e: &CsError) -> Response {
     json_response(status, &json!({ wrapper_key(command): body }))
 }
 
-async fn client_api(State(app): State<AppState>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn client_api(
+    State(app): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let mut pairs = uri.query().map(parse_form).unwrap_or_default();
     let is_form = headers
         .get(header::CONTENT_TYPE)
@@ -145,14 +160,19 @@ async fn client_api(State(app): State<AppState>, uri: Uri, headers: HeaderMap, b
         return error_response(command.as_deref(), &CsError::unauthorized());
     }
     let Some(command) = command else {
-        return error_response(None, &CsError::param("Unable to execute API command: missing parameter command"));
+        return error_response(
+            None,
+            &CsError::param("Unable to execute API command: missing parameter command"),
+        );
     };
     let engine = &app.engine;
     if engine.faults.take_throttle() {
         let e = CsError {
             errorcode: 429,
             cserrorcode: 4250,
-            errortext: format!("The given command '{command}' has reached the API limit; retry later"),
+            errortext: format!(
+                "The given command '{command}' has reached the API limit; retry later"
+            ),
         };
         return error_response(Some(&command), &e);
     }
@@ -165,17 +185,26 @@ async fn client_api(State(app): State<AppState>, uri: Uri, headers: HeaderMap, b
         tokio::task::spawn_blocking(move || engine.execute(&command, &params)).await
     };
     match result {
-        Ok(Ok(body)) => json_response(StatusCode::OK, &json!({ wrapper_key(Some(&command)): body })),
+        Ok(Ok(body)) => json_response(
+            StatusCode::OK,
+            &json!({ wrapper_key(Some(&command)): body }),
+        ),
         Ok(Err(e)) => error_response(Some(&command), &e),
         Err(e) => {
             tracing::error!(error = %e, "command handler panicked");
-            error_response(Some(&command), &CsError::internal("internal error executing the command"))
+            error_response(
+                Some(&command),
+                &CsError::internal("internal error executing the command"),
+            )
         }
     }
 }
 
 async fn list_faults(State(app): State<AppState>) -> Response {
-    json_response(StatusCode::OK, &json!({ "faults": app.engine.faults.list() }))
+    json_response(
+        StatusCode::OK,
+        &json!({ "faults": app.engine.faults.list() }),
+    )
 }
 
 async fn add_faults(State(app): State<AppState>, body: Bytes) -> Response {
@@ -194,7 +223,10 @@ async fn add_faults(State(app): State<AppState>, body: Bytes) -> Response {
             for f in list {
                 app.engine.faults.add(f);
             }
-            json_response(StatusCode::OK, &json!({ "faults": app.engine.faults.list() }))
+            json_response(
+                StatusCode::OK,
+                &json!({ "faults": app.engine.faults.list() }),
+            )
         }
         Err(e) => json_response(
             StatusCode::BAD_REQUEST,

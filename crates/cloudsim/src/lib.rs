@@ -77,7 +77,9 @@ impl SimConfig {
     /// 200 ms, seed 0, loop devices when running as root, no faults.
     pub fn new(state_dir: impl Into<PathBuf>, by_id_dir: impl Into<PathBuf>) -> Self {
         Self {
-            listen: DEFAULT_LISTEN.parse().expect("invariant: the default listen address parses"),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("invariant: the default listen address parses"),
             state_dir: state_dir.into(),
             by_id_dir: by_id_dir.into(),
             api_key: DEFAULT_API_KEY.to_owned(),
@@ -100,7 +102,8 @@ impl Simulator {
     /// starts serving. Pending jobs from an earlier run resume.
     pub async fn start(cfg: SimConfig) -> Result<RunningSimulator, SimError> {
         let state_dir = cfg.state_dir.clone();
-        std::fs::create_dir_all(&state_dir).map_err(SimError::io("create directory", &state_dir))?;
+        std::fs::create_dir_all(&state_dir)
+            .map_err(SimError::io("create directory", &state_dir))?;
         let devices = devices::Devices::new(&cfg.state_dir, &cfg.by_id_dir, cfg.use_loop_devices);
         devices.prepare()?;
         let state_path = state_dir.join("state.json");
@@ -121,33 +124,64 @@ impl Simulator {
         };
         engine::save_state(&state_path, &state)?;
         let faults = FaultHandle::new(cfg.seed, cfg.faults.clone());
-        let engine = Arc::new(engine::Engine::new(state, state_path, faults, devices, cfg.job_delay));
+        let engine = Arc::new(engine::Engine::new(
+            state,
+            state_path,
+            faults,
+            devices,
+            cfg.job_delay,
+        ));
         engine.recover()?;
 
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
-            .map_err(|source| SimError::Bind { addr: cfg.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| SimError::Bind { addr: cfg.listen, source })?;
+            .map_err(|source| SimError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| SimError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
         let app = http::router(http::AppState {
             engine: Arc::clone(&engine),
-            creds: Arc::new(http::Credentials { api_key: cfg.api_key.clone(), secret_key: cfg.secret_key.clone() }),
+            creds: Arc::new(http::Credentials {
+                api_key: cfg.api_key.clone(),
+                secret_key: cfg.secret_key.clone(),
+            }),
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             let shutdown = async {
                 let _ = stop_rx.await;
             };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
                 tracing::error!(error = %e, "simulator server stopped");
             }
         });
         let (appliance, others, zone) = {
             let st = engine.lock();
-            let others = st.vms.iter().filter(|v| v.id != st.appliance_vm_id).map(|v| v.id.clone()).collect();
+            let others = st
+                .vms
+                .iter()
+                .filter(|v| v.id != st.appliance_vm_id)
+                .map(|v| v.id.clone())
+                .collect();
             (st.appliance_vm_id.clone(), others, st.zone.id.clone())
         };
         tracing::info!(%addr, appliance_vm_id = %appliance, "CloudStack simulator listening");
-        Ok(RunningSimulator { addr, engine, stop: Some(stop_tx), server, appliance, others, zone })
+        Ok(RunningSimulator {
+            addr,
+            engine,
+            stop: Some(stop_tx),
+            server,
+            appliance,
+            others,
+            zone,
+        })
     }
 }
 
@@ -192,7 +226,10 @@ impl RunningSimulator {
     /// `(id, name, size in GB or None for the custom-size offering)` of each disk offering.
     pub fn disk_offerings(&self) -> Vec<(String, String, Option<u64>)> {
         let st = self.engine.lock();
-        st.offerings.iter().map(|o| (o.id.clone(), o.name.clone(), o.size_gb)).collect()
+        st.offerings
+            .iter()
+            .map(|o| (o.id.clone(), o.name.clone(), o.size_gb))
+            .collect()
     }
 
     /// The live fault set.

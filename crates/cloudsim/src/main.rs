@@ -54,7 +54,8 @@ fn parse_fault(s: &str) -> Result<FaultSpec, String> {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "cloudsim=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "cloudsim=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -72,7 +73,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    let sim = Simulator::start(cfg).await.context("starting the simulator")?;
+    let sim = Simulator::start(cfg)
+        .await
+        .context("starting the simulator")?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {}", sim.addr()).context("writing to stdout")?;

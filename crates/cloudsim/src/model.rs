@@ -29,11 +29,19 @@ pub struct CsError {
 impl CsError {
     /// `InvalidParameterValueException`: 431 / 4350.
     pub fn param(text: impl Into<String>) -> Self {
-        Self { errorcode: 431, cserrorcode: 4350, errortext: text.into() }
+        Self {
+            errorcode: 431,
+            cserrorcode: 4350,
+            errortext: text.into(),
+        }
     }
     /// A server-side failure (`RuntimeException` / `CloudRuntimeException`): 530 / 4250.
     pub fn internal(text: impl Into<String>) -> Self {
-        Self { errorcode: 530, cserrorcode: 4250, errortext: text.into() }
+        Self {
+            errorcode: 530,
+            cserrorcode: 4250,
+            errortext: text.into(),
+        }
     }
     /// Bad credentials or signature: 401.
     pub fn unauthorized() -> Self {
@@ -137,7 +145,10 @@ pub struct Volume {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobAction {
     Create,
-    Attach { vm_id: String, device_id: Option<u32> },
+    Attach {
+        vm_id: String,
+        device_id: Option<u32>,
+    },
     Detach,
 }
 
@@ -166,8 +177,14 @@ impl JobAction {
 pub enum JobOutcome {
     Pending,
     /// `volume` is the volume object as it was when the job finished.
-    Succeeded { volume: serde_json::Value, completed: String },
-    Failed { error: CsError, completed: String },
+    Succeeded {
+        volume: serde_json::Value,
+        completed: String,
+    },
+    Failed {
+        error: CsError,
+        completed: String,
+    },
 }
 
 /// An asynchronous job.
@@ -220,7 +237,9 @@ pub fn seeded_uuid(seed: u64, seq: u64) -> String {
     let mut rng = StdRng::seed_from_u64(seed ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut bytes = [0u8; 16];
     rng.fill_bytes(&mut bytes);
-    uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .to_string()
 }
 
 /// The virtio serial CloudStack's KVM agent gives a volume: the first 20 hex digits of the UUID without dashes.
@@ -241,7 +260,10 @@ impl State {
             account_id: String::new(),
             user_id: String::new(),
             domain_id: String::new(),
-            zone: Zone { id: String::new(), name: "sim-zone-1".to_owned() },
+            zone: Zone {
+                id: String::new(),
+                name: "sim-zone-1".to_owned(),
+            },
             offerings: Vec::new(),
             appliance_vm_id: String::new(),
             vms: Vec::new(),
@@ -327,15 +349,24 @@ impl State {
 
     /// Checks an attach of `volume_id` to `vm_id` and returns the slot it gets (CloudStack's
     /// `VolumeApiServiceImpl.attachVolumeToVM` / `getDeviceId` rules).
-    pub fn plan_attach(&self, volume_id: &str, vm_id: &str, requested: Option<u32>) -> Result<u32, CsError> {
+    pub fn plan_attach(
+        &self,
+        volume_id: &str,
+        vm_id: &str,
+        requested: Option<u32>,
+    ) -> Result<u32, CsError> {
         let vol = self
             .volume(volume_id)
             .ok_or_else(|| CsError::param(format!("Unable to find volume with ID: {volume_id}")))?;
         if vol.attachment.is_some() {
-            return Err(CsError::param("Please specify a volume that is not attached to any VM."));
+            return Err(CsError::param(
+                "Please specify a volume that is not attached to any VM.",
+            ));
         }
         if self.vm(vm_id).is_none() {
-            return Err(CsError::param(format!("Unable to find VM with ID: {vm_id}")));
+            return Err(CsError::param(format!(
+                "Unable to find VM with ID: {vm_id}"
+            )));
         }
         choose_device_id(&self.used_device_ids(vm_id), requested, vm_id)
     }
@@ -360,7 +391,9 @@ pub fn choose_device_id(used: &[u32], requested: Option<u32>, vm_id: &str) -> Re
                 )));
             }
             if used.contains(&d) {
-                return Err(CsError::internal(format!("deviceId {d} is used by vm {vm_id}")));
+                return Err(CsError::internal(format!(
+                    "deviceId {d} is used by vm {vm_id}"
+                )));
             }
             Ok(d)
         }
@@ -386,9 +419,18 @@ mod tests {
     #[test]
     fn requested_slots_follow_cloudstack_rules() {
         assert_eq!(choose_device_id(&[1], Some(0), "vm"), Ok(0));
-        assert_eq!(choose_device_id(&[0], Some(0), "vm").map_err(|e| e.errortext), Err("deviceId 0 is used by vm vm".into()));
-        assert_eq!(choose_device_id(&[], Some(3), "vm").map_err(|e| e.errorcode), Err(530));
-        assert_eq!(choose_device_id(&[], Some(MAX_DEVICE_ID + 1), "vm").map_err(|e| e.errorcode), Err(530));
+        assert_eq!(
+            choose_device_id(&[0], Some(0), "vm").map_err(|e| e.errortext),
+            Err("deviceId 0 is used by vm vm".into())
+        );
+        assert_eq!(
+            choose_device_id(&[], Some(3), "vm").map_err(|e| e.errorcode),
+            Err(530)
+        );
+        assert_eq!(
+            choose_device_id(&[], Some(MAX_DEVICE_ID + 1), "vm").map_err(|e| e.errorcode),
+            Err(530)
+        );
         assert_eq!(choose_device_id(&[], Some(5), "vm"), Ok(5));
     }
 

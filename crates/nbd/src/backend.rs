@@ -131,7 +131,8 @@ impl FileBackend {
     fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
         let end = offset + len;
         while offset < end {
-            let n = usize::try_from((end - offset).min(ZERO_CHUNK as u64)).expect("chunk fits usize");
+            let n =
+                usize::try_from((end - offset).min(ZERO_CHUNK as u64)).expect("chunk fits usize");
             self.write_at(&ZEROS[..n], offset)?;
             offset += n as u64;
         }
@@ -315,7 +316,10 @@ impl Backend for FileBackend {
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let end = offset + len;
         if self.block_device {
-            return Ok(vec![Extent { length: len, flags: 0 }]);
+            return Ok(vec![Extent {
+                length: len,
+                flags: 0,
+            }]);
         }
         let mut out = Vec::new();
         let mut pos = offset;
@@ -392,7 +396,10 @@ impl MemoryBackend {
 
     /// A copy of the current contents.
     pub fn contents(&self) -> Vec<u8> {
-        self.data.read().expect("memory backend lock poisoned").clone()
+        self.data
+            .read()
+            .expect("memory backend lock poisoned")
+            .clone()
     }
 
     fn range(offset: u64, len: u64) -> std::ops::Range<usize> {
@@ -404,7 +411,10 @@ impl MemoryBackend {
 
 impl Backend for MemoryBackend {
     fn size(&self) -> u64 {
-        self.data.read().expect("memory backend lock poisoned").len() as u64
+        self.data
+            .read()
+            .expect("memory backend lock poisoned")
+            .len() as u64
     }
 
     fn read_at(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<()> {

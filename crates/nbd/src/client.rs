@@ -61,11 +61,12 @@ impl Handshake {
         let m1 = h.rd.read_u64().await?;
         let m2 = h.rd.read_u64().await?;
         if m1 != NBDMAGIC || m2 != IHAVEOPT {
-            return Err(NbdError::Protocol("server greeting is not fixed newstyle".into()));
+            return Err(NbdError::Protocol(
+                "server greeting is not fixed newstyle".into(),
+            ));
         }
         h.server_flags = h.rd.read_u16().await?;
-        h.wr
-            .write_u32(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
+        h.wr.write_u32(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
             .await?;
         h.wr.flush().await?;
         Ok(h)
@@ -154,7 +155,8 @@ impl Handshake {
         export: &str,
         queries: &[&str],
     ) -> Result<Vec<(u32, String)>, NbdError> {
-        self.meta_context(OPT_SET_META_CONTEXT, export, queries).await
+        self.meta_context(OPT_SET_META_CONTEXT, export, queries)
+            .await
     }
 
     /// Lists metadata contexts matching `queries` for `export`.
@@ -163,7 +165,8 @@ impl Handshake {
         export: &str,
         queries: &[&str],
     ) -> Result<Vec<(u32, String)>, NbdError> {
-        self.meta_context(OPT_LIST_META_CONTEXT, export, queries).await
+        self.meta_context(OPT_LIST_META_CONTEXT, export, queries)
+            .await
     }
 
     async fn meta_context(
@@ -395,8 +398,9 @@ impl Client {
                             let rel = off
                                 .checked_sub(req_off)
                                 .filter(|&r| r <= u64::from(req_len))
-                                .ok_or_else(|| NbdError::Protocol("chunk offset out of range".into()))?
-                                as usize;
+                                .ok_or_else(|| {
+                                    NbdError::Protocol("chunk offset out of range".into())
+                                })? as usize;
                             if r.data.len() < req_len as usize {
                                 r.data.resize(req_len as usize, 0);
                             }
@@ -462,7 +466,9 @@ impl Client {
     pub async fn write(&mut self, offset: u64, data: &[u8], flags: u16) -> Result<(), NbdError> {
         let len = u32::try_from(data.len())
             .map_err(|_| NbdError::Invalid("write larger than 4 GiB".into()))?;
-        self.call(CMD_WRITE, flags, offset, len, data).await.map(drop)
+        self.call(CMD_WRITE, flags, offset, len, data)
+            .await
+            .map(drop)
     }
 
     /// Flushes.

@@ -10,6 +10,7 @@ mod error;
 pub mod proto;
 mod registry;
 mod server;
+mod session;
 
 pub use backend::{Backend, Extent, FileBackend, MemoryBackend};
 pub use error::{NbdError, NbdErrorKind};

@@ -345,11 +345,7 @@ impl Registry {
 
     /// All live exports, sorted by name.
     pub fn list(&self) -> Vec<ExportSnapshot> {
-        let mut v: Vec<ExportSnapshot> = self
-            .all()
-            .iter()
-            .map(|e| e.snapshot())
-            .collect();
+        let mut v: Vec<ExportSnapshot> = self.all().iter().map(|e| e.snapshot()).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -402,8 +398,12 @@ pub(crate) async fn close_export(export: &Arc<Export>, drain: Duration) -> Remov
         let flushed = tokio::task::spawn_blocking(move || backend.flush()).await;
         match flushed {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(export = %export.name, error = %e, "flush on removal failed"),
-            Err(e) => tracing::warn!(export = %export.name, error = %e, "flush on removal panicked"),
+            Ok(Err(e)) => {
+                tracing::warn!(export = %export.name, error = %e, "flush on removal failed")
+            }
+            Err(e) => {
+                tracing::warn!(export = %export.name, error = %e, "flush on removal panicked")
+            }
         }
     }
     let cancels: Vec<CancellationToken> = export
@@ -422,10 +422,18 @@ pub(crate) async fn close_export(export: &Arc<Export>, drain: Duration) -> Remov
         let notified = export.idle.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if export.sessions.lock().expect("sessions lock poisoned").is_empty() {
+        if export
+            .sessions
+            .lock()
+            .expect("sessions lock poisoned")
+            .is_empty()
+        {
             break;
         }
-        if tokio::time::timeout_at(close_deadline, notified).await.is_err() {
+        if tokio::time::timeout_at(close_deadline, notified)
+            .await
+            .is_err()
+        {
             break;
         }
     }

@@ -1,6 +1,6 @@
 //! The NBD server: accepts connections, runs the fixed-newstyle negotiation (NetworkBlockDevice/nbd
-//! `doc/proto.md`, "Newstyle negotiation") and the transmission phase with pipelined, out-of-order replies.
-//! Blocking backend calls run on the runtime's blocking pool; replies go through one buffered writer task.
+//! `doc/proto.md`, "Newstyle negotiation") on the async runtime, then hands each session to its worker
+//! threads (see `session`) and supervises it: export removal, server shutdown, connection limits.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,14 +11,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backend::Extent;
 use crate::error::NbdError;
 use crate::proto::*;
 use crate::registry::{AttachRefusal, Export, Registry, SessionGuard};
+use crate::session::{worker, Conn, SessionParams};
 
 /// Limits and timeouts of a [`Server`].
 #[derive(Debug, Clone)]
@@ -27,10 +26,10 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Connections open at once, over all exports (including those still negotiating).
     pub max_connections: usize,
-    /// Requests in flight per connection.
+    /// Requests executed at once per connection, each by its own worker thread (so also the number of
+    /// payload buffers, of at most 32 MiB each, a connection can hold). Further pipelined requests wait
+    /// in the socket.
     pub max_in_flight: usize,
-    /// Payload bytes in flight per connection (requests wait beyond it).
-    pub max_in_flight_bytes: usize,
     /// On shutdown, how long in-flight requests may take before sessions are closed anyway.
     pub shutdown_drain: Duration,
 }
@@ -40,8 +39,7 @@ impl Default for ServerConfig {
         ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 512,
-            max_in_flight: 64,
-            max_in_flight_bytes: 128 << 20,
+            max_in_flight: 8,
             shutdown_drain: Duration::from_secs(10),
         }
     }
@@ -154,13 +152,100 @@ async fn handle_connection(
     transmission(rd, wr, n, &cfg, &stop).await
 }
 
+/// Hands the socket to the session's worker threads and supervises them: export removal closes the
+/// socket at once; server shutdown stops reading, lets in-flight requests finish (bounded), then flushes.
+async fn transmission(
+    rd: BufReader<OwnedReadHalf>,
+    wr: BufWriter<OwnedWriteHalf>,
+    n: Negotiated,
+    cfg: &ServerConfig,
+    stop: &CancellationToken,
+) -> Result<(), NbdError> {
+    let Negotiated {
+        export,
+        guard,
+        kill,
+        structured,
+        meta_allocation,
+    } = n;
+    // Requests the client pipelined right after GO may already sit in the negotiation buffer.
+    let leftover = rd.buffer().to_vec();
+    let stream = rd
+        .into_inner()
+        .reunite(wr.into_inner())
+        .map_err(|_| NbdError::Protocol("socket halves do not belong together".into()))?;
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    let read_only = export.read_only;
+    let conn = Conn::new(
+        stream,
+        leftover,
+        SessionParams {
+            export,
+            structured,
+            meta_allocation,
+        },
+    )?;
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+    for _ in 0..cfg.max_in_flight.max(1) {
+        let c = Arc::clone(&conn);
+        let tx = done_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nbd-io".into())
+            .spawn(move || {
+                worker(c);
+                drop(tx);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a session worker thread");
+            conn.kill();
+            break;
+        }
+    }
+    drop(done_tx);
+    enum Why {
+        Ended,
+        Killed,
+        Stopped,
+    }
+    let why = tokio::select! {
+        _ = done_rx.recv() => Why::Ended,
+        _ = kill.cancelled() => Why::Killed,
+        _ = stop.cancelled() => Why::Stopped,
+    };
+    match why {
+        Why::Ended => {}
+        Why::Killed => {
+            conn.kill();
+            let _ = done_rx.recv().await;
+        }
+        Why::Stopped => {
+            conn.stop_reading();
+            if tokio::time::timeout(cfg.shutdown_drain, done_rx.recv())
+                .await
+                .is_err()
+            {
+                conn.kill();
+                let _ = done_rx.recv().await;
+            }
+            if conn.wrote.load(Ordering::Relaxed) && !read_only {
+                let b = Arc::clone(&conn.export().backend);
+                let _ = tokio::task::spawn_blocking(move || b.flush()).await;
+            }
+        }
+    }
+    conn.kill();
+    drop(guard);
+    Ok(())
+}
+
 struct Opt {
     code: u32,
     data: Vec<u8>,
     too_big: bool,
 }
 
-async fn read_option<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Opt>, NbdError> {
+async fn read_option<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Opt, NbdError> {
     let magic = rd.read_u64().await?;
     if magic != IHAVEOPT {
         return Err(NbdError::Protocol(format!("option magic {magic:#x}")));
@@ -169,19 +254,19 @@ async fn read_option<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Opt>, Nb
     let len = rd.read_u32().await?;
     if len > MAX_OPTION_LEN {
         tokio::io::copy(&mut rd.take(u64::from(len)), &mut tokio::io::sink()).await?;
-        return Ok(Some(Opt {
+        return Ok(Opt {
             code,
             data: Vec::new(),
             too_big: true,
-        }));
+        });
     }
     let mut data = vec![0u8; len as usize];
     rd.read_exact(&mut data).await?;
-    Ok(Some(Opt {
+    Ok(Opt {
         code,
         data,
         too_big: false,
-    }))
+    })
 }
 
 async fn opt_reply<W: AsyncWrite + Unpin>(
@@ -191,7 +276,8 @@ async fn opt_reply<W: AsyncWrite + Unpin>(
     data: &[u8],
 ) -> Result<(), NbdError> {
     let len = u32::try_from(data.len()).expect("option replies are small");
-    wr.write_all(&option_reply_header(option, reply, len)).await?;
+    wr.write_all(&option_reply_header(option, reply, len))
+        .await?;
     wr.write_all(data).await?;
     Ok(())
 }
@@ -332,9 +418,7 @@ async fn negotiate(
     let mut meta_allocation = false;
     loop {
         wr.flush().await?;
-        let Some(opt) = read_option(rd).await? else {
-            return Ok(None);
-        };
+        let opt = read_option(rd).await?;
         let code = opt.code;
         if opt.too_big {
             if code == OPT_EXPORT_NAME {
@@ -357,7 +441,8 @@ async fn negotiate(
                     return Ok(None);
                 };
                 wr.write_u64(export.backend.size()).await?;
-                wr.write_u16(transmission_flags(&export, structured)).await?;
+                wr.write_u16(transmission_flags(&export, structured))
+                    .await?;
                 if !no_zeroes {
                     wr.write_all(&[0u8; 124]).await?;
                 }
@@ -438,8 +523,7 @@ async fn negotiate(
             }
             OPT_STRUCTURED_REPLY => {
                 if !opt.data.is_empty() {
-                    opt_reply(wr, code, REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data")
-                        .await?;
+                    opt_reply(wr, code, REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data").await?;
                 } else {
                     structured = true;
                     opt_reply(wr, code, REP_ACK, &[]).await?;
@@ -447,13 +531,17 @@ async fn negotiate(
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 if !structured {
-                    opt_reply(wr, code, REP_ERR_INVALID, b"negotiate structured replies first")
-                        .await?;
+                    opt_reply(
+                        wr,
+                        code,
+                        REP_ERR_INVALID,
+                        b"negotiate structured replies first",
+                    )
+                    .await?;
                     continue;
                 }
                 let Some((name, queries)) = parse_meta_request(&opt.data) else {
-                    opt_reply(wr, code, REP_ERR_INVALID, b"malformed meta context request")
-                        .await?;
+                    opt_reply(wr, code, REP_ERR_INVALID, b"malformed meta context request").await?;
                     continue;
                 };
                 if registry.lookup(&name).is_none() {
@@ -480,391 +568,18 @@ async fn negotiate(
                 opt_reply(wr, code, REP_ACK, &[]).await?;
             }
             OPT_STARTTLS => {
-                opt_reply(wr, code, REP_ERR_UNSUP, b"TLS is not offered by this server").await?;
+                opt_reply(
+                    wr,
+                    code,
+                    REP_ERR_UNSUP,
+                    b"TLS is not offered by this server",
+                )
+                .await?;
             }
             _ => {
                 let msg = format!("option {code} is not supported");
                 opt_reply(wr, code, REP_ERR_UNSUP, msg.as_bytes()).await?;
             }
         }
-    }
-}
-
-/// A reply queued for the writer task; the permits are released once it is written.
-struct Reply {
-    body: ReplyBody,
-    _permits: Option<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
-}
-
-enum ReplyBody {
-    Simple {
-        cookie: u64,
-        error: u32,
-    },
-    /// A structured error chunk (used for READ and BLOCK_STATUS when structured replies are on).
-    StructuredError {
-        cookie: u64,
-        error: u32,
-    },
-    Read {
-        cookie: u64,
-        offset: u64,
-        data: Vec<u8>,
-        structured: bool,
-    },
-    BlockStatus {
-        cookie: u64,
-        extents: Vec<Extent>,
-    },
-}
-
-async fn write_reply<W: AsyncWrite + Unpin>(wr: &mut W, r: &ReplyBody) -> std::io::Result<()> {
-    match r {
-        ReplyBody::Simple { cookie, error } => wr.write_all(&simple_reply(*error, *cookie)).await,
-        ReplyBody::StructuredError { cookie, error } => {
-            let msg = error_name(*error).as_bytes();
-            let len = 6 + msg.len() as u32;
-            wr.write_all(&structured_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, *cookie, len))
-                .await?;
-            wr.write_all(&error.to_be_bytes()).await?;
-            wr.write_all(&(msg.len() as u16).to_be_bytes()).await?;
-            wr.write_all(msg).await
-        }
-        ReplyBody::Read {
-            cookie,
-            offset,
-            data,
-            structured,
-        } => {
-            if *structured {
-                let len = u32::try_from(8 + data.len()).expect("reads are at most BLOCK_MAX");
-                wr.write_all(&structured_header(
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_OFFSET_DATA,
-                    *cookie,
-                    len,
-                ))
-                .await?;
-                wr.write_all(&offset.to_be_bytes()).await?;
-            } else {
-                wr.write_all(&simple_reply(0, *cookie)).await?;
-            }
-            wr.write_all(data).await
-        }
-        ReplyBody::BlockStatus { cookie, extents } => {
-            let len = u32::try_from(4 + 8 * extents.len()).expect("extent count is bounded");
-            let mut b = Vec::with_capacity(20 + len as usize);
-            b.extend_from_slice(&structured_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_BLOCK_STATUS,
-                *cookie,
-                len,
-            ));
-            b.extend_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
-            for e in extents {
-                b.extend_from_slice(&u32::try_from(e.length).unwrap_or(u32::MAX).to_be_bytes());
-                b.extend_from_slice(&e.flags.to_be_bytes());
-            }
-            wr.write_all(&b).await
-        }
-    }
-}
-
-async fn writer_task(mut wr: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<Reply>) {
-    while let Some(r) = rx.recv().await {
-        if write_reply(&mut wr, &r.body).await.is_err() {
-            return;
-        }
-        drop(r);
-        while let Ok(r) = rx.try_recv() {
-            if write_reply(&mut wr, &r.body).await.is_err() {
-                return;
-            }
-        }
-        if wr.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = wr.flush().await;
-    let _ = wr.shutdown().await;
-}
-
-/// How the request loop ended.
-#[derive(Debug, PartialEq, Eq)]
-enum End {
-    /// Client disconnected (DISC or EOF): finish in-flight requests, then close.
-    Client,
-    /// Server shutdown: finish in-flight requests up to the deadline, flush, close.
-    Shutdown,
-    /// Export removed: the registry already drained and flushed; close now.
-    Killed,
-    /// The client broke the protocol or the socket failed: close now.
-    Broken,
-}
-
-fn io_reply(cookie: u64, structured_err: bool, r: std::io::Result<()>) -> ReplyBody {
-    match r {
-        Ok(()) => ReplyBody::Simple { cookie, error: 0 },
-        Err(e) => {
-            let error = errno_of(&e);
-            if structured_err {
-                ReplyBody::StructuredError { cookie, error }
-            } else {
-                ReplyBody::Simple { cookie, error }
-            }
-        }
-    }
-}
-
-async fn drain<R: AsyncRead + Unpin>(rd: &mut R, len: u32) -> std::io::Result<()> {
-    let n = tokio::io::copy(&mut rd.take(u64::from(len)), &mut tokio::io::sink()).await?;
-    if n < u64::from(len) {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(())
-}
-
-async fn transmission(
-    mut rd: BufReader<OwnedReadHalf>,
-    wr: BufWriter<OwnedWriteHalf>,
-    n: Negotiated,
-    cfg: &ServerConfig,
-    stop: &CancellationToken,
-) -> Result<(), NbdError> {
-    let Negotiated {
-        export,
-        guard,
-        kill,
-        structured,
-        meta_allocation,
-    } = n;
-    let (tx, rx) = mpsc::channel::<Reply>(cfg.max_in_flight.max(1) * 2);
-    let mut writer = tokio::spawn(writer_task(wr, rx));
-    let count = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
-    let byte_unit: usize = 4096;
-    let byte_units = (cfg.max_in_flight_bytes / byte_unit).max((BLOCK_MAX as usize) / byte_unit);
-    let bytes = Arc::new(Semaphore::new(byte_units));
-    let size = export.backend.size();
-    let mut wrote = false;
-
-    let end = loop {
-        let mut hdr = [0u8; REQUEST_LEN];
-        let read = tokio::select! {
-            biased;
-            _ = kill.cancelled() => break End::Killed,
-            _ = stop.cancelled() => break End::Shutdown,
-            r = rd.read_exact(&mut hdr) => r,
-        };
-        if read.is_err() {
-            break End::Client;
-        }
-        let Some(req) = Request::decode(&hdr) else {
-            tracing::info!(export = %export.name, "bad request magic; closing the connection");
-            break End::Broken;
-        };
-        let cookie = req.cookie;
-        let len = req.length;
-        let end_off = req.offset.checked_add(u64::from(len));
-        let in_range = end_off.is_some_and(|e| e <= size);
-        let has_payload = req.command == CMD_WRITE;
-        // Requests refused without touching the backend.
-        let refuse = if req.command == CMD_DISC {
-            break End::Client;
-        } else if export.is_closing() {
-            Some(ESHUTDOWN)
-        } else {
-            match req.command {
-                CMD_READ | CMD_WRITE if len == 0 => Some(EINVAL),
-                CMD_READ | CMD_WRITE if len > BLOCK_MAX => Some(EINVAL),
-                CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if export.read_only => Some(EPERM),
-                CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Some(ENOSPC),
-                CMD_READ | CMD_TRIM | CMD_CACHE | CMD_BLOCK_STATUS if !in_range => Some(EINVAL),
-                CMD_BLOCK_STATUS if !(structured && meta_allocation) || len == 0 => Some(EINVAL),
-                CMD_WRITE_ZEROES | CMD_TRIM if len == 0 => Some(EINVAL),
-                CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES
-                | CMD_BLOCK_STATUS => None,
-                _ => Some(EINVAL),
-            }
-        };
-        if let Some(error) = refuse {
-            if has_payload && drain(&mut rd, len).await.is_err() {
-                break End::Client;
-            }
-            let body = if structured && matches!(req.command, CMD_READ | CMD_BLOCK_STATUS) {
-                ReplyBody::StructuredError { cookie, error }
-            } else {
-                ReplyBody::Simple { cookie, error }
-            };
-            if tx
-                .send(Reply {
-                    body,
-                    _permits: None,
-                })
-                .await
-                .is_err()
-            {
-                break End::Broken;
-            }
-            continue;
-        }
-        // Admission: bounded requests and payload bytes in flight on this connection.
-        let data_len = if matches!(req.command, CMD_READ | CMD_WRITE) {
-            len as usize
-        } else {
-            0
-        };
-        let units = u32::try_from(data_len.div_ceil(byte_unit)).expect("bounded by BLOCK_MAX");
-        let permits = tokio::select! {
-            biased;
-            _ = kill.cancelled() => break End::Killed,
-            p = async {
-                let c = Arc::clone(&count).acquire_owned().await;
-                let b = if units > 0 { Some(Arc::clone(&bytes).acquire_many_owned(units).await) } else { None };
-                (c, b)
-            } => p,
-        };
-        let permits = match permits {
-            (Ok(c), None) => (c, None),
-            (Ok(c), Some(Ok(b))) => (c, Some(b)),
-            _ => break End::Broken,
-        };
-        let payload = if has_payload {
-            let mut buf = Vec::with_capacity(data_len);
-            let mut ok = true;
-            while buf.len() < data_len {
-                let want = (data_len - buf.len()) as u64;
-                match (&mut rd).take(want).read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => {
-                        ok = false;
-                        break;
-                    }
-                    Ok(_) => {}
-                }
-            }
-            if !ok {
-                break End::Client;
-            }
-            Some(buf)
-        } else {
-            None
-        };
-        if matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) {
-            wrote = true;
-        }
-        export.request_start();
-        export.counters.touch();
-        let ex = Arc::clone(&export);
-        let tx2 = tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let body = execute(&ex, req, payload, structured);
-            let _ = tx2.blocking_send(Reply {
-                body,
-                _permits: Some(permits),
-            });
-            ex.request_done();
-        });
-    };
-    drop(tx);
-    match end {
-        End::Client | End::Shutdown => {
-            let drained = tokio::time::timeout(cfg.shutdown_drain, &mut writer).await;
-            if drained.is_err() {
-                writer.abort();
-            }
-            if end == End::Shutdown && wrote && !export.read_only {
-                let b = Arc::clone(&export.backend);
-                let _ = tokio::task::spawn_blocking(move || b.flush()).await;
-            }
-        }
-        End::Killed | End::Broken => writer.abort(),
-    }
-    drop(guard);
-    Ok(())
-}
-
-/// Runs one admitted request against the backend (blocking).
-fn execute(export: &Export, req: Request, payload: Option<Vec<u8>>, structured: bool) -> ReplyBody {
-    use std::sync::atomic::Ordering::Relaxed;
-    let b = &export.backend;
-    let c = &export.counters;
-    let cookie = req.cookie;
-    let off = req.offset;
-    let len = u64::from(req.length);
-    let fua = req.flags & CMD_FLAG_FUA != 0;
-    let then_fua = |r: std::io::Result<()>| -> std::io::Result<()> {
-        r?;
-        if fua {
-            b.flush()?;
-        }
-        Ok(())
-    };
-    match req.command {
-        CMD_READ => {
-            let mut data = Vec::new();
-            match b.read_at(&mut data, off, req.length as usize) {
-                Ok(()) => {
-                    c.reads.fetch_add(1, Relaxed);
-                    c.bytes_read.fetch_add(len, Relaxed);
-                    ReplyBody::Read {
-                        cookie,
-                        offset: off,
-                        data,
-                        structured,
-                    }
-                }
-                Err(e) => io_reply(cookie, structured, Err(e)),
-            }
-        }
-        CMD_WRITE => {
-            let data = payload.expect("WRITE requests carry their payload");
-            let r = then_fua(b.write_at(&data, off));
-            if r.is_ok() {
-                c.writes.fetch_add(1, Relaxed);
-                c.bytes_written.fetch_add(len, Relaxed);
-                c.wrote(off + len);
-            }
-            io_reply(cookie, false, r)
-        }
-        CMD_FLUSH => {
-            let r = b.flush();
-            if r.is_ok() {
-                c.flushes.fetch_add(1, Relaxed);
-            }
-            io_reply(cookie, false, r)
-        }
-        CMD_TRIM => {
-            let r = then_fua(b.trim(off, len));
-            if r.is_ok() {
-                c.trims.fetch_add(1, Relaxed);
-                c.wrote(off + len);
-            }
-            io_reply(cookie, false, r)
-        }
-        CMD_WRITE_ZEROES => {
-            let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
-            let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
-            let r = then_fua(b.zero(off, len, may_trim, fast));
-            if r.is_ok() {
-                c.zeroes.fetch_add(1, Relaxed);
-                c.wrote(off + len);
-            }
-            io_reply(cookie, false, r)
-        }
-        CMD_CACHE => io_reply(cookie, false, b.cache(off, len)),
-        CMD_BLOCK_STATUS => match b.block_status(off, len) {
-            Ok(mut extents) if !extents.is_empty() => {
-                c.block_status.fetch_add(1, Relaxed);
-                if req.flags & CMD_FLAG_REQ_ONE != 0 {
-                    extents.truncate(1);
-                }
-                ReplyBody::BlockStatus { cookie, extents }
-            }
-            Ok(_) => ReplyBody::StructuredError { cookie, error: EIO },
-            Err(e) => io_reply(cookie, true, Err(e)),
-        },
-        _ => ReplyBody::Simple {
-            cookie,
-            error: EINVAL,
-        },
     }
 }

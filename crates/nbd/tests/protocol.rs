@@ -1,4 +1,5 @@
 //! Protocol edge cases and registry semantics, through the in-process client against an in-process server.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -72,13 +73,18 @@ impl Harness {
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[tokio::test]
@@ -102,17 +108,34 @@ async fn negotiation_list_info_and_block_size() {
     assert_eq!(e.remote_code(), Some(REP_ERR_UNKNOWN));
     let c = hs.go("a").await.unwrap();
     let f = c.info.flags;
-    for flag in [TFLAG_HAS_FLAGS, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES, TFLAG_CAN_MULTI_CONN] {
+    for flag in [
+        TFLAG_HAS_FLAGS,
+        TFLAG_SEND_FLUSH,
+        TFLAG_SEND_FUA,
+        TFLAG_SEND_TRIM,
+        TFLAG_SEND_WRITE_ZEROES,
+        TFLAG_CAN_MULTI_CONN,
+    ] {
         assert_ne!(f & flag, 0, "flag {flag:#x} advertised");
     }
     assert_eq!(f & TFLAG_READ_ONLY, 0);
     c.disconnect().await.unwrap();
     // The old EXPORT_NAME path works too, and ABORT is acknowledged.
-    let mut c = Handshake::connect(h.addr).await.unwrap().export_name("a").await.unwrap();
+    let mut c = Handshake::connect(h.addr)
+        .await
+        .unwrap()
+        .export_name("a")
+        .await
+        .unwrap();
     assert_eq!(c.size(), 1 << 20);
     c.write(0, b"xyz", 0).await.unwrap();
     assert_eq!(c.read(0, 3).await.unwrap(), b"xyz");
-    Handshake::connect(h.addr).await.unwrap().abort().await.unwrap();
+    Handshake::connect(h.addr)
+        .await
+        .unwrap()
+        .abort()
+        .await
+        .unwrap();
     h.shutdown().await;
 }
 
@@ -133,7 +156,10 @@ async fn unknown_option_gets_err_unsup_and_negotiation_continues() {
     hs.send_option(0x77, &vec![0u8; 100_000]).await.unwrap();
     assert_eq!(hs.read_option_reply().await.unwrap().reply, REP_ERR_TOO_BIG);
     // Meta contexts need structured replies first.
-    let e = hs.set_meta_context("a", &["base:allocation"]).await.unwrap_err();
+    let e = hs
+        .set_meta_context("a", &["base:allocation"])
+        .await
+        .unwrap_err();
     assert_eq!(e.remote_code(), Some(REP_ERR_INVALID));
     let mut c = hs.go("a").await.unwrap();
     c.write(10, b"ok", 0).await.unwrap();
@@ -147,7 +173,14 @@ async fn bad_request_magic_closes_only_that_connection() {
     h.add_mem("a", 65536, false);
     let mut other = h.go("a").await;
     let mut bad = h.go("a").await;
-    let mut frame = Request { flags: 0, command: CMD_READ, cookie: 1, offset: 0, length: 512 }.encode();
+    let mut frame = Request {
+        flags: 0,
+        command: CMD_READ,
+        cookie: 1,
+        offset: 0,
+        length: 512,
+    }
+    .encode();
     frame[0] = 0xff;
     bad.send_raw(&frame).await.unwrap();
     let e = bad.recv().await.unwrap_err();
@@ -170,21 +203,45 @@ async fn oversized_and_out_of_range_requests_get_errors_and_connection_lives() {
     let mut c = h.go("a").await;
     // A write larger than the advertised maximum: payload drained, EINVAL.
     let big = vec![0x55u8; (32 << 20) + 4096];
-    let cookie = c.send(CMD_WRITE, 0, 0, big.len() as u32, &big).await.unwrap();
+    let cookie = c
+        .send(CMD_WRITE, 0, 0, big.len() as u32, &big)
+        .await
+        .unwrap();
     let r = c.recv().await.unwrap();
     assert_eq!((r.cookie, r.error), (cookie, EINVAL));
     // An oversized read.
     let e = c.read(0, (32 << 20) + 1).await.unwrap_err();
     assert_eq!(e.remote_code(), Some(EINVAL));
     // Past the end.
-    assert_eq!(c.read(size as u64 - 10, 20).await.unwrap_err().remote_code(), Some(EINVAL));
-    assert_eq!(c.read(u64::MAX - 5, 20).await.unwrap_err().remote_code(), Some(EINVAL));
     assert_eq!(
-        c.write(size as u64 - 2, b"abcd", 0).await.unwrap_err().remote_code(),
+        c.read(size as u64 - 10, 20)
+            .await
+            .unwrap_err()
+            .remote_code(),
+        Some(EINVAL)
+    );
+    assert_eq!(
+        c.read(u64::MAX - 5, 20).await.unwrap_err().remote_code(),
+        Some(EINVAL)
+    );
+    assert_eq!(
+        c.write(size as u64 - 2, b"abcd", 0)
+            .await
+            .unwrap_err()
+            .remote_code(),
         Some(ENOSPC)
     );
-    assert_eq!(c.zero(size as u64, 1, 0).await.unwrap_err().remote_code(), Some(ENOSPC));
-    assert_eq!(c.trim(size as u64 - 1, 2, 0).await.unwrap_err().remote_code(), Some(EINVAL));
+    assert_eq!(
+        c.zero(size as u64, 1, 0).await.unwrap_err().remote_code(),
+        Some(ENOSPC)
+    );
+    assert_eq!(
+        c.trim(size as u64 - 1, 2, 0)
+            .await
+            .unwrap_err()
+            .remote_code(),
+        Some(EINVAL)
+    );
     assert_eq!(c.read(0, 0).await.unwrap_err().remote_code(), Some(EINVAL));
     // Unknown command.
     c.send(99, 0, 0, 0, &[]).await.unwrap();
@@ -201,13 +258,28 @@ async fn read_only_export_refuses_writes_with_eperm() {
     let h = Harness::start(ServerConfig::default()).await;
     let mem = Arc::new(MemoryBackend::from_vec(pattern(65536, 7)));
     h.registry
-        .add(ExportConfig { name: "ro".into(), backend: mem.clone(), read_only: true, max_connections: None, description: None })
+        .add(ExportConfig {
+            name: "ro".into(),
+            backend: mem.clone(),
+            read_only: true,
+            max_connections: None,
+            description: None,
+        })
         .unwrap();
     let mut c = h.go("ro").await;
     assert_ne!(c.info.flags & TFLAG_READ_ONLY, 0);
-    assert_eq!(c.write(0, &[1u8; 4096], 0).await.unwrap_err().remote_code(), Some(EPERM));
-    assert_eq!(c.zero(0, 4096, 0).await.unwrap_err().remote_code(), Some(EPERM));
-    assert_eq!(c.trim(0, 4096, 0).await.unwrap_err().remote_code(), Some(EPERM));
+    assert_eq!(
+        c.write(0, &[1u8; 4096], 0).await.unwrap_err().remote_code(),
+        Some(EPERM)
+    );
+    assert_eq!(
+        c.zero(0, 4096, 0).await.unwrap_err().remote_code(),
+        Some(EPERM)
+    );
+    assert_eq!(
+        c.trim(0, 4096, 0).await.unwrap_err().remote_code(),
+        Some(EPERM)
+    );
     assert_eq!(c.read(0, 65536).await.unwrap(), pattern(65536, 7));
     c.flush().await.unwrap();
     assert_eq!(mem.contents(), pattern(65536, 7));
@@ -222,19 +294,34 @@ async fn pipelined_requests_all_answered_with_matching_cookies() {
     let mut sent = std::collections::HashMap::new();
     for i in 0..200u64 {
         let data = pattern(16384, i as u8);
-        let ck = c.send(CMD_WRITE, if i % 7 == 0 { CMD_FLAG_FUA } else { 0 }, i * 16384, 16384, &data).await.unwrap();
+        let ck = c
+            .send(
+                CMD_WRITE,
+                if i % 7 == 0 { CMD_FLAG_FUA } else { 0 },
+                i * 16384,
+                16384,
+                &data,
+            )
+            .await
+            .unwrap();
         sent.insert(ck, i);
     }
     for _ in 0..200 {
         let r = c.recv().await.unwrap();
         assert_eq!(r.error, 0);
-        assert!(sent.remove(&r.cookie).is_some(), "each cookie answered once");
+        assert!(
+            sent.remove(&r.cookie).is_some(),
+            "each cookie answered once"
+        );
     }
     let ck: Vec<u64> = futures_lite_send_reads(&mut c).await;
     assert_eq!(ck.len(), 64);
     let contents = mem.contents();
     for i in 0..200usize {
-        assert_eq!(&contents[i * 16384..(i + 1) * 16384], &pattern(16384, i as u8)[..]);
+        assert_eq!(
+            &contents[i * 16384..(i + 1) * 16384],
+            &pattern(16384, i as u8)[..]
+        );
     }
     let snap = h.registry.get("a").unwrap();
     assert_eq!(snap.counters.writes, 200);
@@ -265,28 +352,53 @@ async fn structured_reads_and_block_status() {
     let h = Harness::start(ServerConfig::default()).await;
     let mem = Arc::new(MemoryBackend::from_vec(pattern(1 << 20, 3)));
     h.registry
-        .add(ExportConfig { name: "a".into(), backend: mem, read_only: false, max_connections: None, description: None })
+        .add(ExportConfig {
+            name: "a".into(),
+            backend: mem,
+            read_only: false,
+            max_connections: None,
+            description: None,
+        })
         .unwrap();
     // Without the context, BLOCK_STATUS is invalid.
     let mut hs = Handshake::connect(h.addr).await.unwrap();
     hs.structured_replies().await.unwrap();
     let mut c = hs.go("a").await.unwrap();
-    assert_eq!(c.block_status(0, 4096, 0).await.unwrap_err().remote_code(), Some(EINVAL));
+    assert_eq!(
+        c.block_status(0, 4096, 0).await.unwrap_err().remote_code(),
+        Some(EINVAL)
+    );
     drop(c);
     let mut hs = Handshake::connect(h.addr).await.unwrap();
     hs.structured_replies().await.unwrap();
     let listed = hs.list_meta_context("a", &[]).await.unwrap();
-    assert_eq!(listed, [(META_BASE_ALLOCATION_ID, "base:allocation".to_string())]);
-    assert!(hs.set_meta_context("a", &["qemu:dirty-bitmap:x"]).await.unwrap().is_empty());
-    let set = hs.set_meta_context("a", &["base:allocation"]).await.unwrap();
+    assert_eq!(
+        listed,
+        [(META_BASE_ALLOCATION_ID, "base:allocation".to_string())]
+    );
+    assert!(hs
+        .set_meta_context("a", &["qemu:dirty-bitmap:x"])
+        .await
+        .unwrap()
+        .is_empty());
+    let set = hs
+        .set_meta_context("a", &["base:allocation"])
+        .await
+        .unwrap();
     assert_eq!(set.len(), 1);
     let mut c = hs.go("a").await.unwrap();
     assert!(c.structured());
     assert_ne!(c.info.flags & TFLAG_SEND_DF, 0);
-    assert_eq!(c.read(4096, 8192).await.unwrap(), pattern(1 << 20, 3)[4096..12288]);
+    assert_eq!(
+        c.read(4096, 8192).await.unwrap(),
+        pattern(1 << 20, 3)[4096..12288]
+    );
     let ext = c.block_status(0, 1 << 20, 0).await.unwrap();
     assert_eq!(ext, [(1 << 20, 0)]);
-    assert_eq!(c.read(1 << 20, 1).await.unwrap_err().remote_code(), Some(EINVAL));
+    assert_eq!(
+        c.read(1 << 20, 1).await.unwrap_err().remote_code(),
+        Some(EINVAL)
+    );
     assert_eq!(h.registry.get("a").unwrap().counters.block_status, 1);
     h.shutdown().await;
 }
@@ -297,14 +409,24 @@ async fn big_zero_trim_flush_and_counters() {
     let size = 96 << 20;
     let mem = Arc::new(MemoryBackend::from_vec(vec![0xab; size]));
     h.registry
-        .add(ExportConfig { name: "a".into(), backend: mem.clone(), read_only: false, max_connections: None, description: None })
+        .add(ExportConfig {
+            name: "a".into(),
+            backend: mem.clone(),
+            read_only: false,
+            max_connections: None,
+            description: None,
+        })
         .unwrap();
     let mut c = h.go("a").await;
     // One request larger than the maximum payload: zeroing is not limited by it.
-    c.zero(4096, (80 << 20) as u32, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA).await.unwrap();
+    c.zero(4096, (80 << 20) as u32, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA)
+        .await
+        .unwrap();
     c.trim(0, 4096, 0).await.unwrap();
     c.flush().await.unwrap();
-    c.write(size as u64 - 8, b"end-data", CMD_FLAG_FUA).await.unwrap();
+    c.write(size as u64 - 8, b"end-data", CMD_FLAG_FUA)
+        .await
+        .unwrap();
     let got = mem.contents();
     assert!(got[..4096 + (80 << 20)].iter().all(|&b| b == 0));
     assert!(got[4096 + (80 << 20)..size - 8].iter().all(|&b| b == 0xab));
@@ -317,7 +439,10 @@ async fn big_zero_trim_flush_and_counters() {
     assert!(s.last_activity.is_some());
     c.disconnect().await.unwrap();
     let reg = h.registry.clone();
-    eventually("session gone", || reg.get("a").unwrap().counters.connections_current == 0).await;
+    eventually("session gone", || {
+        reg.get("a").unwrap().counters.connections_current == 0
+    })
+    .await;
     h.shutdown().await;
 }
 
@@ -326,7 +451,14 @@ async fn disconnect_mid_request_leaves_server_healthy() {
     let h = Harness::start(ServerConfig::default()).await;
     let mem = h.add_mem("a", 4 << 20, false);
     let mut c = h.go("a").await;
-    let hdr = Request { flags: 0, command: CMD_WRITE, cookie: 9, offset: 0, length: 1 << 20 }.encode();
+    let hdr = Request {
+        flags: 0,
+        command: CMD_WRITE,
+        cookie: 9,
+        offset: 0,
+        length: 1 << 20,
+    }
+    .encode();
     c.send_raw(&hdr).await.unwrap();
     c.send_raw(&vec![0x11u8; 300_000]).await.unwrap();
     drop(c);
@@ -335,8 +467,14 @@ async fn disconnect_mid_request_leaves_server_healthy() {
     half.send_raw(&hdr[..10]).await.unwrap();
     drop(half);
     let reg = h.registry.clone();
-    eventually("both sessions gone", || reg.get("a").unwrap().counters.connections_current == 0).await;
-    assert!(mem.contents().iter().all(|&b| b == 0), "partial write never applied");
+    eventually("both sessions gone", || {
+        reg.get("a").unwrap().counters.connections_current == 0
+    })
+    .await;
+    assert!(
+        mem.contents().iter().all(|&b| b == 0),
+        "partial write never applied"
+    );
     let mut c = h.go("a").await;
     c.write(0, b"fine", 0).await.unwrap();
     assert_eq!(c.read(0, 4).await.unwrap(), b"fine");
@@ -361,11 +499,21 @@ async fn remove_while_writing_stops_that_client_only() {
         }
     });
     let reg = h.registry.clone();
-    eventually("writes flowing", || reg.get("a").unwrap().counters.writes > 20).await;
-    let report = h.registry.remove("a", Duration::from_secs(5)).await.unwrap();
+    eventually("writes flowing", || {
+        reg.get("a").unwrap().counters.writes > 20
+    })
+    .await;
+    let report = h
+        .registry
+        .remove("a", Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(report.sessions_closed, 1);
     assert!(report.drained_in_time);
-    let (ok, err) = tokio::time::timeout(Duration::from_secs(10), writer).await.unwrap().unwrap();
+    let (ok, err) = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(ok > 20);
     assert!(
         err.remote_code() == Some(ESHUTDOWN) || err.kind() == NbdErrorKind::Io,
@@ -373,14 +521,23 @@ async fn remove_while_writing_stops_that_client_only() {
     );
     assert!(h.registry.get("a").is_none());
     // New sessions to the removed name are refused.
-    let e = Handshake::connect(h.addr).await.unwrap().go("a").await.unwrap_err();
+    let e = Handshake::connect(h.addr)
+        .await
+        .unwrap()
+        .go("a")
+        .await
+        .unwrap_err();
     assert_eq!(e.remote_code(), Some(REP_ERR_UNKNOWN));
     // The other export is untouched.
     cb.write(0, b"still here", CMD_FLAG_FUA).await.unwrap();
     assert_eq!(cb.read(0, 10).await.unwrap(), b"still here");
     assert_eq!(&other.contents()[..10], b"still here");
     assert_eq!(h.registry.get("b").unwrap().counters.connections_current, 1);
-    let e = h.registry.remove("a", Duration::from_secs(1)).await.unwrap_err();
+    let e = h
+        .registry
+        .remove("a", Duration::from_secs(1))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), NbdErrorKind::NotFound);
     h.shutdown().await;
 }
@@ -391,22 +548,44 @@ async fn readded_name_is_a_new_generation_and_old_sessions_never_serve_it() {
     let old = Arc::new(MemoryBackend::from_vec(vec![1u8; 65536]));
     let g1 = h
         .registry
-        .add(ExportConfig { name: "v".into(), backend: old.clone(), read_only: false, max_connections: None, description: None })
+        .add(ExportConfig {
+            name: "v".into(),
+            backend: old.clone(),
+            read_only: false,
+            max_connections: None,
+            description: None,
+        })
         .unwrap()
         .generation;
     let e = h
         .registry
-        .add(ExportConfig { name: "v".into(), backend: old.clone(), read_only: false, max_connections: None, description: None })
+        .add(ExportConfig {
+            name: "v".into(),
+            backend: old.clone(),
+            read_only: false,
+            max_connections: None,
+            description: None,
+        })
         .unwrap_err();
     assert_eq!(e.kind(), NbdErrorKind::Conflict);
     let mut c_old = h.go("v").await;
     assert_eq!(c_old.read(0, 4).await.unwrap(), [1, 1, 1, 1]);
-    let r = h.registry.remove("v", Duration::from_secs(2)).await.unwrap();
+    let r = h
+        .registry
+        .remove("v", Duration::from_secs(2))
+        .await
+        .unwrap();
     assert_eq!(r.generation, g1);
     let new = Arc::new(MemoryBackend::from_vec(vec![2u8; 65536]));
     let g2 = h
         .registry
-        .add(ExportConfig { name: "v".into(), backend: new.clone(), read_only: false, max_connections: None, description: None })
+        .add(ExportConfig {
+            name: "v".into(),
+            backend: new.clone(),
+            read_only: false,
+            max_connections: None,
+            description: None,
+        })
         .unwrap()
         .generation;
     assert!(g2 > g1);
@@ -422,7 +601,11 @@ async fn readded_name_is_a_new_generation_and_old_sessions_never_serve_it() {
 
 #[tokio::test]
 async fn connection_limits_and_handshake_timeout() {
-    let cfg = ServerConfig { handshake_timeout: Duration::from_millis(300), max_connections: 3, ..ServerConfig::default() };
+    let cfg = ServerConfig {
+        handshake_timeout: Duration::from_millis(300),
+        max_connections: 3,
+        ..ServerConfig::default()
+    };
     let h = Harness::start(cfg).await;
     h.registry
         .add(ExportConfig {
@@ -434,7 +617,12 @@ async fn connection_limits_and_handshake_timeout() {
         })
         .unwrap();
     let mut first = h.go("one").await;
-    let e = Handshake::connect(h.addr).await.unwrap().go("one").await.unwrap_err();
+    let e = Handshake::connect(h.addr)
+        .await
+        .unwrap()
+        .go("one")
+        .await
+        .unwrap_err();
     assert_eq!(e.remote_code(), Some(REP_ERR_POLICY));
     // A silent client is dropped after the handshake timeout.
     let mut silent = tokio::net::TcpStream::connect(h.addr).await.unwrap();
@@ -458,7 +646,10 @@ async fn connection_limits_and_handshake_timeout() {
     let _a = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let _b = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let mut c4 = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let n = tokio::time::timeout(Duration::from_secs(5), c4.read(&mut buf)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(5), c4.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0, "connection over the server limit is closed");
     first.write(0, b"x", 0).await.unwrap();
     h.shutdown().await;
@@ -470,7 +661,9 @@ async fn shutdown_drains_flushes_and_closes_sessions() {
     let mem = h.add_mem("a", 1 << 20, false);
     let mut c = h.go("a").await;
     for i in 0..16u64 {
-        c.send(CMD_WRITE, 0, i * 4096, 4096, &[7u8; 4096]).await.unwrap();
+        c.send(CMD_WRITE, 0, i * 4096, 4096, &[7u8; 4096])
+            .await
+            .unwrap();
     }
     for _ in 0..16 {
         assert_eq!(c.recv().await.unwrap().error, 0);
@@ -479,7 +672,10 @@ async fn shutdown_drains_flushes_and_closes_sessions() {
     h.shutdown().await;
     assert!(c.read(0, 1).await.is_err(), "session closed by shutdown");
     assert!(mem.contents()[..65536].iter().all(|&b| b == 7));
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "listener closed");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener closed"
+    );
 }
 
 #[tokio::test]
@@ -492,8 +688,85 @@ async fn garbage_greeting_reply_does_not_disturb_others() {
     s.read_exact(&mut greet).await.unwrap();
     s.write_all(&[0xff; 64]).await.unwrap();
     let mut rest = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .unwrap();
     good.write(0, b"ok", 0).await.unwrap();
     assert_eq!(good.read(0, 2).await.unwrap(), b"ok");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_that_never_reads_replies_does_not_stall_others() {
+    let h = Harness::start(ServerConfig {
+        shutdown_drain: Duration::from_secs(1),
+        ..ServerConfig::default()
+    })
+    .await;
+    h.add_mem("a", 4 << 20, false);
+    let mut greedy = h.go("a").await;
+    // Far more reply data than the socket buffers hold; the replies are never read.
+    for _ in 0..400 {
+        greedy.send(CMD_READ, 0, 0, 1 << 20, &[]).await.unwrap();
+    }
+    let mut polite = h.go("a").await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        for i in 0..50u64 {
+            polite.write(i * 4096, &[i as u8; 4096], 0).await.unwrap();
+            assert_eq!(
+                polite.read(i * 4096, 4096).await.unwrap(),
+                vec![i as u8; 4096]
+            );
+        }
+    })
+    .await
+    .expect("the other client is served promptly");
+    // Shutdown does not hang on the stuck session.
+    h.shutdown().await;
+    drop(greedy);
+}
+
+#[tokio::test]
+async fn file_backend_block_status_reports_holes_and_data() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let f = tempfile::Builder::new()
+        .prefix("nbd-test-")
+        .tempfile_in("/dev/shm")
+        .unwrap();
+    f.as_file().set_len(1 << 20).unwrap();
+    let backend = nbd::FileBackend::open(f.path(), false).unwrap();
+    h.registry
+        .add(ExportConfig {
+            name: "f".into(),
+            backend: Arc::new(backend),
+            read_only: false,
+            max_connections: None,
+            description: None,
+        })
+        .unwrap();
+    let mut hs = Handshake::connect(h.addr).await.unwrap();
+    hs.structured_replies().await.unwrap();
+    hs.set_meta_context("f", &["base:allocation"])
+        .await
+        .unwrap();
+    let mut c = hs.go("f").await.unwrap();
+    c.write(256 << 10, &vec![0xeeu8; 256 << 10], CMD_FLAG_FUA)
+        .await
+        .unwrap();
+    let hole = STATE_HOLE | STATE_ZERO;
+    let ext = c.block_status(0, 1 << 20, 0).await.unwrap();
+    assert_eq!(ext, [(256 << 10, hole), (256 << 10, 0), (512 << 10, hole)]);
+    let one = c
+        .block_status(256 << 10, 1 << 19, CMD_FLAG_REQ_ONE)
+        .await
+        .unwrap();
+    assert_eq!(one, [(256 << 10, 0)]);
+    // Zeroing with holes allowed punches the data out again.
+    c.zero(256 << 10, 256 << 10, 0).await.unwrap();
+    assert_eq!(
+        c.block_status(0, 1 << 20, 0).await.unwrap(),
+        [(1 << 20, hole)]
+    );
+    assert_eq!(c.read(256 << 10, 4096).await.unwrap(), vec![0u8; 4096]);
     h.shutdown().await;
 }

@@ -1,5 +1,5 @@
 //! Daemon configuration: one TOML file, every key overridable by a `VOLUME_DAEMON_<KEY>` environment variable,
-//! then by command-line flags (see `docs/configuration.md`). Secrets are redacted in `Debug`.
+//! then by command-line flags (see the configuration reference in README.md). Secrets are redacted in `Debug`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -90,8 +90,6 @@ pub struct Config {
     pub cloudstack_secret_key: Option<Secret>,
     /// PEM file of extra CA certificates for the CloudStack endpoint.
     pub cloudstack_ca_file: Option<PathBuf>,
-    /// Disable TLS certificate verification (logged loudly; for labs only).
-    pub cloudstack_insecure: bool,
     /// Deadline for one CloudStack asynchronous job.
     pub job_timeout_secs: u64,
     /// Deadline for an attached volume's device to appear.
@@ -152,7 +150,6 @@ impl Default for Config {
             cloudstack_api_key: None,
             cloudstack_secret_key: None,
             cloudstack_ca_file: None,
-            cloudstack_insecure: false,
             job_timeout_secs: 300,
             device_timeout_secs: 60,
             drain_timeout_secs: 30,
@@ -224,7 +221,6 @@ impl Config {
             "cloudstack_api_key" => self.cloudstack_api_key = opt(value).map(Secret),
             "cloudstack_secret_key" => self.cloudstack_secret_key = opt(value).map(Secret),
             "cloudstack_ca_file" => self.cloudstack_ca_file = opt(value).map(PathBuf::from),
-            "cloudstack_insecure" => self.cloudstack_insecure = parse(var, &value, "true or false")?,
             "job_timeout_secs" => self.job_timeout_secs = parse(var, &value, "seconds")?,
             "device_timeout_secs" => self.device_timeout_secs = parse(var, &value, "seconds")?,
             "drain_timeout_secs" => self.drain_timeout_secs = parse(var, &value, "seconds")?,
@@ -243,7 +239,7 @@ impl Config {
                 return Err(ConfigError::Env {
                     var: var.to_string(),
                     value,
-                    expected: "a known key (see docs/configuration.md)",
+                    expected: "a known key (see the configuration reference in README.md)",
                 })
             }
         }

@@ -1,0 +1,1084 @@
+//! The store's shared test suite: every test runs against SQLite (module `sqlite`), a throwaway PostgreSQL
+//! server (`ext_postgres`) and a throwaway MariaDB server (`ext_mariadb`).
+//!
+//! `cargo test -p volume-daemon --test store` runs all three; `-- --skip ext_` runs only SQLite.
+
+#[path = "common/db.rs"]
+mod db;
+
+use std::collections::HashSet;
+
+use anyhow::{ensure, Context, Result};
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use serde_json::json;
+use uuid::Uuid;
+use volume_daemon::store::{
+    ApplianceRecord, AttachTarget, AttachmentFilter, AttachmentRecord, DiskRole, ExportRecord,
+    Inserted, NewOperation, OpError, OpStatus, OpType, OperationFilter, SnapshotTracking, Store,
+    StoreErrorKind, VolumeRecord, INITIAL_STEP,
+};
+
+use db::TestDb;
+
+/// Timestamps are stored with microsecond precision.
+fn now() -> DateTime<Utc> {
+    Utc::now()
+        .duration_trunc(TimeDelta::microseconds(1))
+        .expect("truncate to microseconds")
+}
+
+async fn open(db: &TestDb) -> Result<Store> {
+    let store = Store::connect(&db.url)
+        .await
+        .with_context(|| format!("connect to {:?}", db.backend))?;
+    store.migrate().await.context("migrate")?;
+    Ok(store)
+}
+
+fn new_op(
+    op_type: OpType,
+    volume_id: Option<Uuid>,
+    vm_id: Option<&str>,
+    key: Option<&str>,
+) -> NewOperation {
+    NewOperation {
+        id: Uuid::new_v4(),
+        op_type,
+        volume_id,
+        vm_id: vm_id.map(str::to_string),
+        request: json!({ "volume_id": volume_id, "vm_id": vm_id, "note": "ünïcode ✓" }),
+        idempotency_key: key.map(str::to_string),
+    }
+}
+
+async fn insert(store: &Store, new: &NewOperation) -> Result<Uuid> {
+    match store.insert_operation(new).await? {
+        Inserted::Created(r) => Ok(r.id),
+        Inserted::Existing(r) => anyhow::bail!("expected a new operation, got existing {}", r.id),
+    }
+}
+
+fn volume(name: &str) -> VolumeRecord {
+    let t = now();
+    VolumeRecord {
+        id: Uuid::new_v4(),
+        name: name.into(),
+        size_bytes: 5 << 30,
+        disk_offering_id: "offering-1".into(),
+        zone_id: "zone-1".into(),
+        metadata: json!({ "owner": "migration", "tags": ["a", "ü"], "n": 1 }),
+        cloud_state: Some("Ready".into()),
+        snapshot: SnapshotTracking::default(),
+        created_at: t,
+        updated_at: t,
+        deleted_at: None,
+    }
+}
+
+fn appliance_attachment(volume_id: Uuid, vm: &str, generation: u64) -> AttachmentRecord {
+    let t = now();
+    AttachmentRecord {
+        volume_id,
+        vm_id: vm.into(),
+        target: AttachTarget::Appliance,
+        role: DiskRole::Data,
+        device_id: Some(3),
+        by_id_path: Some(format!(
+            "/dev/disk/by-id/virtio-{}",
+            &volume_id.to_string()[..20]
+        )),
+        kernel_device: Some(format!("/dev/vd{}", &volume_id.to_string()[..4])),
+        stable_name: Some(format!("/dev/migration/vol-{volume_id}")),
+        export_generation: Some(generation),
+        created_at: t,
+        updated_at: t,
+    }
+}
+
+fn remote_attachment(
+    volume_id: Uuid,
+    vm: &str,
+    role: DiskRole,
+    device_id: Option<u32>,
+) -> AttachmentRecord {
+    let t = now();
+    AttachmentRecord {
+        volume_id,
+        vm_id: vm.into(),
+        target: AttachTarget::Remote,
+        role,
+        device_id,
+        by_id_path: None,
+        kernel_device: None,
+        stable_name: None,
+        export_generation: None,
+        created_at: t,
+        updated_at: t,
+    }
+}
+
+fn export(volume_id: Uuid, generation: u64) -> ExportRecord {
+    let t = now();
+    ExportRecord {
+        volume_id,
+        export_name: format!("migration-vol-{volume_id}"),
+        device_path: format!("/dev/disk/by-id/virtio-{}", &volume_id.to_string()[..20]),
+        generation,
+        read_only: false,
+        created_at: t,
+        updated_at: t,
+    }
+}
+
+// ---- the suite -----------------------------------------------------------------------------------------
+
+async fn operations_insert_get_list_with_filters(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let (v1, v2) = (Uuid::new_v4(), Uuid::new_v4());
+    let create = new_op(OpType::Create, None, None, None);
+    let a1 = new_op(OpType::Attach, Some(v1), Some("vm-a"), None);
+    let a2 = new_op(OpType::Attach, Some(v2), Some("vm-b"), None);
+    let d1 = new_op(OpType::Detach, Some(v1), None, None);
+    let mut ids = Vec::new();
+    for n in [&create, &a1, &a2, &d1] {
+        ids.push(insert(&store, n).await?);
+        // Distinct creation times, so that the order below is defined.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+
+    let got = store.get_operation(a1.id).await?.context("a1 exists")?;
+    ensure!(got.id == a1.id && got.op_type == OpType::Attach && got.status == OpStatus::Pending);
+    ensure!(got.step == INITIAL_STEP, "initial step {}", got.step);
+    ensure!(got.volume_id == Some(v1) && got.vm_id.as_deref() == Some("vm-a"));
+    ensure!(
+        got.request == a1.request,
+        "request round-trips: {}",
+        got.request
+    );
+    ensure!(got.response.is_none() && got.error.is_none() && got.cloud_job_id.is_none());
+    ensure!(got.completed_at.is_none() && got.created_at <= Utc::now());
+    ensure!(store.get_operation(Uuid::new_v4()).await?.is_none());
+
+    let all = store.list_operations(&OperationFilter::default()).await?;
+    let listed: Vec<Uuid> = all.iter().map(|o| o.id).collect();
+    let newest_first: Vec<Uuid> = ids.iter().rev().copied().collect();
+    ensure!(listed == newest_first, "newest first: {listed:?}");
+
+    let by_type = store
+        .list_operations(&OperationFilter {
+            op_type: Some(OpType::Attach),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(by_type.iter().map(|o| o.id).collect::<Vec<_>>() == vec![a2.id, a1.id]);
+    let by_volume = store
+        .list_operations(&OperationFilter {
+            volume_id: Some(v1),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(by_volume.iter().map(|o| o.id).collect::<Vec<_>>() == vec![d1.id, a1.id]);
+    let by_vm = store
+        .list_operations(&OperationFilter {
+            vm_id: Some("vm-b".into()),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(by_vm.len() == 1 && by_vm[0].id == a2.id);
+    let last = store
+        .list_operations(&OperationFilter {
+            volume_id: Some(v1),
+            limit: Some(1),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(
+        last.len() == 1 && last[0].id == d1.id,
+        "limit 1 gives the newest"
+    );
+
+    store
+        .finish_operation(
+            create.id,
+            OpStatus::Completed,
+            Some(&json!({"ok": true})),
+            None,
+        )
+        .await?;
+    let done = store
+        .list_operations(&OperationFilter {
+            status: Some(OpStatus::Completed),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(done.len() == 1 && done[0].id == create.id);
+    let combined = store
+        .list_operations(&OperationFilter {
+            op_type: Some(OpType::Attach),
+            status: Some(OpStatus::Pending),
+            vm_id: Some("vm-a".into()),
+            volume_id: Some(v1),
+            limit: Some(10),
+        })
+        .await?;
+    ensure!(combined.len() == 1 && combined[0].id == a1.id);
+    Ok(())
+}
+
+async fn idempotency_key_returns_the_existing_operation(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let v = Uuid::new_v4();
+    let first = new_op(OpType::Attach, Some(v), Some("vm-a"), Some("key-1"));
+    let first_id = insert(&store, &first).await?;
+    store
+        .set_operation_step(first_id, OpStatus::Executing, "cloud_attach_job")
+        .await?;
+
+    let mut again = new_op(OpType::Attach, Some(v), Some("vm-b"), Some("key-1"));
+    again.request = json!({"different": true});
+    match store.insert_operation(&again).await? {
+        Inserted::Existing(r) => {
+            ensure!(r.id == first_id, "the first operation is returned");
+            ensure!(
+                r.request == first.request && r.vm_id.as_deref() == Some("vm-a"),
+                "unchanged"
+            );
+            ensure!(r.status == OpStatus::Executing && r.step == "cloud_attach_job");
+        }
+        Inserted::Created(r) => anyhow::bail!("a reused key created {}", r.id),
+    }
+    ensure!(
+        store.get_operation(again.id).await?.is_none(),
+        "the second id was not written"
+    );
+
+    // The key is unique per operation type, and operations without a key never collide.
+    insert(
+        &store,
+        &new_op(OpType::Detach, Some(v), None, Some("key-1")),
+    )
+    .await?;
+    insert(&store, &new_op(OpType::Attach, Some(v), None, None)).await?;
+    insert(&store, &new_op(OpType::Attach, Some(v), None, None)).await?;
+    ensure!(
+        store
+            .list_operations(&OperationFilter::default())
+            .await?
+            .len()
+            == 4
+    );
+
+    // Reusing an id is a conflict, not an idempotent replay.
+    let dup = NewOperation {
+        idempotency_key: None,
+        ..first.clone()
+    };
+    let err = store
+        .insert_operation(&dup)
+        .await
+        .expect_err("duplicate id");
+    ensure!(err.kind() == StoreErrorKind::Conflict, "{err}");
+    Ok(())
+}
+
+async fn unfinished_steps_jobs_and_finish(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let v = Uuid::new_v4();
+    let ok = insert(&store, &new_op(OpType::Create, None, None, None)).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    let bad = insert(&store, &new_op(OpType::Attach, Some(v), Some("vm"), None)).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    let open_op = insert(&store, &new_op(OpType::Detach, Some(v), None, None)).await?;
+
+    let unfinished: Vec<Uuid> = store
+        .unfinished_operations()
+        .await?
+        .iter()
+        .map(|o| o.id)
+        .collect();
+    ensure!(
+        unfinished == vec![ok, bad, open_op],
+        "oldest first: {unfinished:?}"
+    );
+
+    store
+        .set_operation_step(ok, OpStatus::Executing, "started")
+        .await?;
+    store
+        .set_operation_step(ok, OpStatus::Executing, "started")
+        .await?; // same values again
+    store
+        .set_operation_job(ok, "cloud_create_job", "job-123")
+        .await?;
+    let created = Uuid::new_v4();
+    store.set_operation_volume(ok, created).await?;
+    let r = store.get_operation(ok).await?.context("ok")?;
+    ensure!(r.status == OpStatus::Executing && r.step == "cloud_create_job");
+    ensure!(r.cloud_job_id.as_deref() == Some("job-123") && r.volume_id == Some(created));
+    ensure!(r.updated_at >= r.created_at);
+
+    let response = json!({"volume_id": created, "size": 5u64 << 30});
+    store
+        .finish_operation(ok, OpStatus::Completed, Some(&response), None)
+        .await?;
+    let error = OpError {
+        code: "device_timeout".into(),
+        message: "the device did not appear within 60s".into(),
+    };
+    store
+        .finish_operation(bad, OpStatus::Failed, None, Some(&error))
+        .await?;
+
+    let r = store.get_operation(ok).await?.context("ok")?;
+    ensure!(
+        r.status == OpStatus::Completed
+            && r.response.as_ref() == Some(&response)
+            && r.error.is_none()
+    );
+    ensure!(r.completed_at.is_some() && r.cloud_job_id.as_deref() == Some("job-123"));
+    let r = store.get_operation(bad).await?.context("bad")?;
+    ensure!(
+        r.status == OpStatus::Failed && r.error.as_ref() == Some(&error) && r.response.is_none()
+    );
+
+    let unfinished: Vec<Uuid> = store
+        .unfinished_operations()
+        .await?
+        .iter()
+        .map(|o| o.id)
+        .collect();
+    ensure!(unfinished == vec![open_op], "{unfinished:?}");
+
+    // Finished operations do not change any more; unknown ones are not found.
+    for e in [
+        store
+            .finish_operation(ok, OpStatus::Failed, None, Some(&error))
+            .await,
+        store
+            .set_operation_step(bad, OpStatus::Executing, "x")
+            .await,
+        store.set_operation_job(bad, "x", "job").await,
+        store.set_operation_volume(ok, Uuid::new_v4()).await,
+    ] {
+        let e = e.expect_err("finished operation changed");
+        ensure!(e.kind() == StoreErrorKind::Conflict, "{e}");
+    }
+    let e = store
+        .set_operation_step(Uuid::new_v4(), OpStatus::Executing, "x")
+        .await
+        .expect_err("unknown operation");
+    ensure!(e.kind() == StoreErrorKind::NotFound, "{e}");
+    let e = store
+        .finish_operation(open_op, OpStatus::Executing, None, None)
+        .await
+        .expect_err("executing is not terminal");
+    ensure!(e.kind() == StoreErrorKind::Conflict, "{e}");
+    let r = store.get_operation(ok).await?.context("ok")?;
+    ensure!(
+        r.status == OpStatus::Completed && r.volume_id == Some(created),
+        "unchanged"
+    );
+    store
+        .finish_operation(open_op, OpStatus::Cancelled, None, None)
+        .await?;
+    ensure!(store.unfinished_operations().await?.is_empty());
+    Ok(())
+}
+
+async fn commit_create_records_the_volume_and_completes(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let op = insert(&store, &new_op(OpType::Create, None, None, None)).await?;
+    let mut vol = volume("disk-0");
+    vol.snapshot = SnapshotTracking {
+        snapshot_id: Some("snap-1".into()),
+        snapshot_name: Some("before".into()),
+        snapshot_status: Some("BackedUp".into()),
+        vm_context_id: Some("ctx-9".into()),
+        snapshot_created_at: Some(now()),
+    };
+    let response = json!({"volume_id": vol.id, "message": "volume created"});
+    store.commit_create(op, &vol, &response).await?;
+    ensure!(
+        store.get_volume(vol.id).await?.as_ref() == Some(&vol),
+        "volume round-trips"
+    );
+    let r = store.get_operation(op).await?.context("op")?;
+    ensure!(
+        r.status == OpStatus::Completed
+            && r.volume_id == Some(vol.id)
+            && r.response == Some(response)
+    );
+
+    // A second commit of the same operation is refused and writes nothing.
+    let other = volume("disk-1");
+    let e = store
+        .commit_create(op, &other, &json!({}))
+        .await
+        .expect_err("operation already completed");
+    ensure!(e.kind() == StoreErrorKind::Conflict, "{e}");
+    ensure!(
+        store.get_volume(other.id).await?.is_none(),
+        "nothing half-done"
+    );
+    Ok(())
+}
+
+async fn commit_attach_is_atomic(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let vol = volume("disk-a");
+    store.upsert_volume(&vol).await?;
+
+    let op1 = insert(
+        &store,
+        &new_op(OpType::Attach, Some(vol.id), Some("appliance-vm"), None),
+    )
+    .await?;
+    let att = appliance_attachment(vol.id, "appliance-vm", 1);
+    let exp = export(vol.id, 1);
+    let resp = json!({"volume_id": vol.id, "export_name": exp.export_name});
+    store.commit_attach(op1, &att, Some(&exp), &resp).await?;
+    ensure!(store.get_attachment(vol.id).await?.as_ref() == Some(&att));
+    ensure!(store.get_export(vol.id).await?.as_ref() == Some(&exp));
+    let r = store.get_operation(op1).await?.context("op1")?;
+    ensure!(r.status == OpStatus::Completed && r.response == Some(resp));
+
+    // Attached elsewhere: conflict, and neither the attachment, the export nor the operation changes.
+    let op2 = insert(
+        &store,
+        &new_op(OpType::Attach, Some(vol.id), Some("vm-other"), None),
+    )
+    .await?;
+    store
+        .set_operation_step(op2, OpStatus::Executing, "cloud_attached")
+        .await?;
+    let before = store.get_operation(op2).await?.context("op2")?;
+    let e = store
+        .commit_attach(
+            op2,
+            &remote_attachment(vol.id, "vm-other", DiskRole::Data, Some(1)),
+            None,
+            &json!({"vm_id": "vm-other"}),
+        )
+        .await
+        .expect_err("already attached");
+    ensure!(e.kind() == StoreErrorKind::Conflict, "{e}");
+    ensure!(
+        store.get_operation(op2).await?.as_ref() == Some(&before),
+        "operation unchanged"
+    );
+    ensure!(
+        store.get_attachment(vol.id).await?.as_ref() == Some(&att),
+        "attachment unchanged"
+    );
+    ensure!(
+        store.get_export(vol.id).await?.as_ref() == Some(&exp),
+        "export unchanged"
+    );
+
+    // The same VM again (a resumed attach): the attachment is replaced, the export moves on.
+    let op3 = insert(
+        &store,
+        &new_op(OpType::Attach, Some(vol.id), Some("appliance-vm"), None),
+    )
+    .await?;
+    let att3 = AttachmentRecord {
+        kernel_device: Some("/dev/vdz".into()),
+        export_generation: Some(2),
+        ..att.clone()
+    };
+    store
+        .commit_attach(op3, &att3, Some(&export(vol.id, 2)), &json!({}))
+        .await?;
+    let got = store.get_attachment(vol.id).await?.context("attachment")?;
+    ensure!(got.kernel_device.as_deref() == Some("/dev/vdz") && got.export_generation == Some(2));
+    ensure!(got.created_at == att.created_at, "creation time kept");
+
+    // A completed operation cannot commit again.
+    let e = store
+        .commit_attach(op1, &att, Some(&exp), &json!({}))
+        .await
+        .expect_err("completed");
+    ensure!(e.kind() == StoreErrorKind::Conflict, "{e}");
+
+    // An attachment of a volume without a record is refused (foreign key), leaving the operation pending.
+    let ghost = Uuid::new_v4();
+    let op4 = insert(
+        &store,
+        &new_op(OpType::Attach, Some(ghost), Some("vm-x"), None),
+    )
+    .await?;
+    let e = store
+        .commit_attach(
+            op4,
+            &remote_attachment(ghost, "vm-x", DiskRole::Root, Some(0)),
+            None,
+            &json!({}),
+        )
+        .await
+        .expect_err("no volume record");
+    ensure!(e.kind() == StoreErrorKind::Conflict, "{e}");
+    let r = store.get_operation(op4).await?.context("op4")?;
+    ensure!(r.status == OpStatus::Pending && r.response.is_none());
+    ensure!(store.get_attachment(ghost).await?.is_none());
+
+    // An export of another volume is refused, and the attachment it came with is rolled back.
+    let vol2 = volume("disk-b");
+    store.upsert_volume(&vol2).await?;
+    let op5 = insert(
+        &store,
+        &new_op(OpType::Attach, Some(vol2.id), Some("appliance-vm"), None),
+    )
+    .await?;
+    let e = store
+        .commit_attach(
+            op5,
+            &appliance_attachment(vol2.id, "appliance-vm", 1),
+            Some(&export(vol.id, 9)),
+            &json!({}),
+        )
+        .await
+        .expect_err("export of another volume");
+    ensure!(e.kind() == StoreErrorKind::Conflict, "{e}");
+    ensure!(
+        store.get_attachment(vol2.id).await?.is_none(),
+        "attachment rolled back"
+    );
+    ensure!(store.get_export(vol.id).await?.map(|e| e.generation) == Some(2));
+    ensure!(store.get_operation(op5).await?.context("op5")?.status == OpStatus::Pending);
+    Ok(())
+}
+
+async fn volumes_outlive_attachments(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let vol = volume("disk-keep");
+    store.upsert_volume(&vol).await?;
+    let attach = insert(
+        &store,
+        &new_op(OpType::Attach, Some(vol.id), Some("appliance"), None),
+    )
+    .await?;
+    store
+        .commit_attach(
+            attach,
+            &appliance_attachment(vol.id, "appliance", 4),
+            Some(&export(vol.id, 4)),
+            &json!({}),
+        )
+        .await?;
+
+    let detach = insert(&store, &new_op(OpType::Detach, Some(vol.id), None, None)).await?;
+    let resp = json!({"volume_id": vol.id, "message": "volume detached"});
+    store.commit_detach(detach, vol.id, &resp).await?;
+    ensure!(
+        store.get_attachment(vol.id).await?.is_none() && store.get_export(vol.id).await?.is_none()
+    );
+    ensure!(
+        store.get_volume(vol.id).await?.as_ref() == Some(&vol),
+        "the volume stays"
+    );
+    let r = store.get_operation(detach).await?.context("detach")?;
+    ensure!(r.status == OpStatus::Completed && r.response == Some(resp));
+
+    // Attach remotely as root, then delete: a tombstone stays, hidden from the default listing.
+    let attach = insert(
+        &store,
+        &new_op(OpType::Attach, Some(vol.id), Some("vm-r"), None),
+    )
+    .await?;
+    store
+        .commit_attach(
+            attach,
+            &remote_attachment(vol.id, "vm-r", DiskRole::Root, Some(0)),
+            None,
+            &json!({}),
+        )
+        .await?;
+    let other = volume("disk-other");
+    store.upsert_volume(&other).await?;
+    let delete = insert(&store, &new_op(OpType::Delete, Some(vol.id), None, None)).await?;
+    store
+        .commit_delete(delete, vol.id, &json!({"message": "volume deleted"}))
+        .await?;
+    ensure!(store.get_attachment(vol.id).await?.is_none());
+    let tomb = store.get_volume(vol.id).await?.context("tombstone")?;
+    ensure!(tomb.deleted_at.is_some() && tomb.name == vol.name);
+    let live: Vec<Uuid> = store
+        .list_volumes(false)
+        .await?
+        .iter()
+        .map(|v| v.id)
+        .collect();
+    ensure!(live == vec![other.id], "{live:?}");
+    let all: HashSet<Uuid> = store
+        .list_volumes(true)
+        .await?
+        .iter()
+        .map(|v| v.id)
+        .collect();
+    ensure!(all == HashSet::from([vol.id, other.id]));
+    ensure!(store.get_operation(delete).await?.context("delete")?.status == OpStatus::Completed);
+
+    // A second commit of the delete is refused and changes nothing.
+    let e = store
+        .commit_delete(delete, other.id, &json!({}))
+        .await
+        .expect_err("completed");
+    ensure!(e.kind() == StoreErrorKind::Conflict, "{e}");
+    ensure!(store
+        .get_volume(other.id)
+        .await?
+        .context("other")?
+        .deleted_at
+        .is_none());
+    Ok(())
+}
+
+async fn volume_records_round_trip_and_delete(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let mut vol = volume("disk-rt");
+    vol.size_bytes = 64 * 1024 * (1 << 30);
+    vol.cloud_state = None;
+    store.upsert_volume(&vol).await?;
+    ensure!(store.get_volume(vol.id).await?.as_ref() == Some(&vol));
+
+    let mut changed = vol.clone();
+    changed.name = "renamed".into();
+    changed.metadata = json!({"k": "v"});
+    changed.cloud_state = Some("Allocated".into());
+    changed.created_at = now() + TimeDelta::hours(1);
+    changed.updated_at = now();
+    store.upsert_volume(&changed).await?;
+    let got = store.get_volume(vol.id).await?.context("volume")?;
+    ensure!(got.name == "renamed" && got.metadata == json!({"k": "v"}));
+    ensure!(got.cloud_state.as_deref() == Some("Allocated"));
+    ensure!(got.created_at == vol.created_at, "creation time kept");
+    ensure!(store.get_volume(Uuid::new_v4()).await?.is_none());
+
+    // Not deletable while attached; deletable after.
+    let op = insert(
+        &store,
+        &new_op(OpType::Attach, Some(vol.id), Some("vm"), None),
+    )
+    .await?;
+    store
+        .commit_attach(
+            op,
+            &remote_attachment(vol.id, "vm", DiskRole::Data, None),
+            None,
+            &json!({}),
+        )
+        .await?;
+    let e = store.delete_volume(vol.id).await.expect_err("attached");
+    ensure!(e.kind() == StoreErrorKind::Conflict, "{e}");
+    ensure!(store.delete_attachment(vol.id).await?);
+    ensure!(!store.delete_attachment(vol.id).await?);
+    ensure!(store.delete_volume(vol.id).await?);
+    ensure!(!store.delete_volume(vol.id).await?);
+    ensure!(store.get_volume(vol.id).await?.is_none());
+    Ok(())
+}
+
+async fn attachments_filter_and_device_lookup(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let mut vols = Vec::new();
+    for i in 0..4 {
+        let v = volume(&format!("disk-{i}"));
+        store.upsert_volume(&v).await?;
+        vols.push(v.id);
+    }
+    let atts = [
+        appliance_attachment(vols[0], "appliance", 1),
+        remote_attachment(vols[1], "vm-r", DiskRole::Root, Some(0)),
+        remote_attachment(vols[2], "vm-r", DiskRole::Data, Some(1)),
+        remote_attachment(vols[3], "vm-s", DiskRole::Data, Some(1)),
+    ];
+    for a in &atts {
+        let op = insert(
+            &store,
+            &new_op(OpType::Attach, Some(a.volume_id), Some(&a.vm_id), None),
+        )
+        .await?;
+        store.commit_attach(op, a, None, &json!({})).await?;
+    }
+    let on_r = store
+        .list_attachments(&AttachmentFilter {
+            vm_id: Some("vm-r".into()),
+            target: None,
+        })
+        .await?;
+    ensure!(
+        on_r == vec![atts[1].clone(), atts[2].clone()],
+        "ordered by device id"
+    );
+    let local = store
+        .list_attachments(&AttachmentFilter {
+            vm_id: None,
+            target: Some(AttachTarget::Appliance),
+        })
+        .await?;
+    ensure!(local == vec![atts[0].clone()]);
+    let remote = store
+        .list_attachments(&AttachmentFilter {
+            vm_id: Some("vm-s".into()),
+            target: Some(AttachTarget::Remote),
+        })
+        .await?;
+    ensure!(remote == vec![atts[3].clone()]);
+    ensure!(
+        store
+            .list_attachments(&AttachmentFilter::default())
+            .await?
+            .len()
+            == 4
+    );
+
+    let a = &atts[0];
+    for path in [&a.by_id_path, &a.kernel_device, &a.stable_name] {
+        let p = path.as_deref().context("path")?;
+        let found = store.find_attachment_by_device(p).await?;
+        ensure!(found.as_ref() == Some(a), "lookup by {p}");
+    }
+    ensure!(store
+        .find_attachment_by_device("/dev/nope")
+        .await?
+        .is_none());
+    Ok(())
+}
+
+async fn exports_upsert_list_delete(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let v1 = volume("e1");
+    let v2 = volume("e2");
+    store.upsert_volume(&v1).await?;
+    store.upsert_volume(&v2).await?;
+    let op = insert(
+        &store,
+        &new_op(OpType::Attach, Some(v1.id), Some("appliance"), None),
+    )
+    .await?;
+    store
+        .commit_attach(
+            op,
+            &appliance_attachment(v1.id, "appliance", 1),
+            Some(&export(v1.id, 1)),
+            &json!({}),
+        )
+        .await?;
+
+    // A new generation replaces the export and is recorded on the attachment.
+    let mut e2 = export(v1.id, 2);
+    e2.created_at = now() + TimeDelta::hours(1);
+    store.upsert_export(&e2).await?;
+    let got = store.get_export(v1.id).await?.context("export")?;
+    ensure!(
+        got.generation == 2 && got.created_at < e2.created_at,
+        "replaced, creation time kept"
+    );
+    let att = store.get_attachment(v1.id).await?.context("attachment")?;
+    ensure!(att.export_generation == Some(2));
+
+    let mut ro = export(v2.id, 7);
+    ro.read_only = true;
+    store.upsert_export(&ro).await?;
+    let list = store.list_exports().await?;
+    ensure!(list.len() == 2 && list.contains(&ro), "{list:?}");
+    ensure!(store.delete_export(v2.id).await?);
+    ensure!(!store.delete_export(v2.id).await?);
+    ensure!(store.get_export(v2.id).await?.is_none());
+
+    // An export of an unknown volume is refused.
+    let e = store
+        .upsert_export(&export(Uuid::new_v4(), 1))
+        .await
+        .expect_err("unknown volume");
+    ensure!(e.kind() == StoreErrorKind::Conflict, "{e}");
+    Ok(())
+}
+
+async fn appliance_get_and_set(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    ensure!(store.get_appliance().await?.is_none());
+    let a = ApplianceRecord {
+        vm_id: "1f0e2a8c-0000-4000-8000-000000000001".into(),
+        source: "database".into(),
+        updated_at: now(),
+    };
+    store.set_appliance(&a).await?;
+    ensure!(store.get_appliance().await?.as_ref() == Some(&a));
+    let b = ApplianceRecord {
+        vm_id: "other-vm".into(),
+        source: "database".into(),
+        updated_at: now(),
+    };
+    store.set_appliance(&b).await?;
+    ensure!(
+        store.get_appliance().await?.as_ref() == Some(&b),
+        "replaced"
+    );
+    Ok(())
+}
+
+async fn schema_newer_than_the_binary_is_refused(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    store
+        .migrate()
+        .await
+        .context("migrating twice is a no-op")?;
+
+    // Another binary applies a migration this one does not know.
+    let dir = tempfile::tempdir()?;
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(db.backend.migrations());
+    for entry in std::fs::read_dir(&src)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name()))?;
+    }
+    std::fs::write(
+        dir.path().join("29991231000000_future.sql"),
+        "CREATE TABLE future_table (id BIGINT NOT NULL PRIMARY KEY);",
+    )?;
+    let newer = sqlx::migrate::Migrator::new(dir.path()).await?;
+    let url = db.url.replacen("mariadb://", "mysql://", 1);
+    let pool = sqlx::AnyPool::connect(&url).await?;
+    newer
+        .run(&pool)
+        .await
+        .context("the newer binary migrates")?;
+    pool.close().await;
+
+    let e = store.migrate().await.expect_err("schema too new");
+    ensure!(e.kind() == StoreErrorKind::SchemaTooNew, "{e}");
+    ensure!(
+        e.to_string().contains("29991231000000"),
+        "names the version: {e}"
+    );
+    let fresh = Store::connect(&db.url).await?;
+    let e = fresh.migrate().await.expect_err("schema too new");
+    ensure!(e.kind() == StoreErrorKind::SchemaTooNew, "{e}");
+    Ok(())
+}
+
+async fn concurrent_inserts_lose_nothing(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let shared_volume = Uuid::new_v4();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let own = new_op(
+                OpType::Attach,
+                Some(Uuid::new_v4()),
+                Some("vm"),
+                Some(&format!("own-{i}")),
+            );
+            let own_id = insert(&store, &own).await?;
+            store
+                .set_operation_step(own_id, OpStatus::Executing, "started")
+                .await?;
+            let shared = new_op(
+                OpType::Delete,
+                Some(shared_volume),
+                None,
+                Some("shared-key"),
+            );
+            let (created, id) = match store.insert_operation(&shared).await? {
+                Inserted::Created(r) => (true, r.id),
+                Inserted::Existing(r) => (false, r.id),
+            };
+            anyhow::Ok((own_id, created, id))
+        }));
+    }
+    let mut own = HashSet::new();
+    let mut shared_ids = HashSet::new();
+    let mut created = 0;
+    for t in tasks {
+        let (own_id, c, shared_id) = t.await??;
+        own.insert(own_id);
+        shared_ids.insert(shared_id);
+        created += usize::from(c);
+    }
+    ensure!(own.len() == 50, "every insert got its own operation");
+    ensure!(
+        created == 1 && shared_ids.len() == 1,
+        "one shared operation: {created} created, {shared_ids:?}"
+    );
+    let all = store.list_operations(&OperationFilter::default()).await?;
+    ensure!(all.len() == 51, "{} operations stored", all.len());
+    let executing = store
+        .list_operations(&OperationFilter {
+            status: Some(OpStatus::Executing),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(executing.iter().map(|o| o.id).collect::<HashSet<_>>() == own);
+    ensure!(store.unfinished_operations().await?.len() == 51);
+    Ok(())
+}
+
+async fn concurrent_commits_attach_once(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let vol = volume("contended");
+    store.upsert_volume(&vol).await?;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let store = store.clone();
+        let vm = format!("vm-{i}");
+        let op = insert(
+            &store,
+            &new_op(OpType::Attach, Some(vol.id), Some(&vm), None),
+        )
+        .await?;
+        tasks.push(tokio::spawn(async move {
+            let att = remote_attachment(vol.id, &vm, DiskRole::Data, Some(1));
+            let res = store
+                .commit_attach(op, &att, None, &json!({ "vm_id": vm }))
+                .await;
+            (op, vm, res)
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        let (op, vm, res) = t.await?;
+        let rec = store.get_operation(op).await?.context("operation")?;
+        match res {
+            Ok(()) => {
+                ensure!(rec.status == OpStatus::Completed);
+                winners.push(vm);
+            }
+            Err(e) => {
+                ensure!(e.kind() == StoreErrorKind::Conflict, "{e}");
+                ensure!(
+                    rec.status == OpStatus::Pending && rec.response.is_none(),
+                    "loser unchanged"
+                );
+            }
+        }
+    }
+    ensure!(
+        winners.len() == 1,
+        "exactly one attach commits: {winners:?}"
+    );
+    let att = store.get_attachment(vol.id).await?.context("attachment")?;
+    ensure!(att.vm_id == winners[0]);
+    Ok(())
+}
+
+async fn unreadable_rows_are_corrupt(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let id = insert(&store, &new_op(OpType::Create, None, None, None)).await?;
+    let url = db.url.replacen("mariadb://", "mysql://", 1);
+    let pool = sqlx::AnyPool::connect(&url).await?;
+    let sql = match db.backend {
+        db::Backend::Postgres => "UPDATE operations SET status = 'exploded' WHERE id = $1",
+        _ => "UPDATE operations SET status = 'exploded' WHERE id = ?",
+    };
+    sqlx::query(sql).bind(id.to_string()).execute(&pool).await?;
+    pool.close().await;
+    let e = store.get_operation(id).await.expect_err("unknown status");
+    ensure!(e.kind() == StoreErrorKind::Corrupt, "{e}");
+    ensure!(
+        e.to_string().contains(&id.to_string()) && e.to_string().contains("status"),
+        "{e}"
+    );
+    Ok(())
+}
+
+macro_rules! suite {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let db = crate::db::sqlite();
+                    if let Err(e) = super::$test(&db).await {
+                        panic!("{e:#}");
+                    }
+                }
+            )*
+        }
+        mod ext_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let db = crate::db::postgres().await;
+                    if let Err(e) = super::$test(&db).await {
+                        panic!("{e:#}");
+                    }
+                }
+            )*
+        }
+        mod ext_mariadb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let db = crate::db::mariadb().await;
+                    if let Err(e) = super::$test(&db).await {
+                        panic!("{e:#}");
+                    }
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    operations_insert_get_list_with_filters,
+    idempotency_key_returns_the_existing_operation,
+    unfinished_steps_jobs_and_finish,
+    commit_create_records_the_volume_and_completes,
+    commit_attach_is_atomic,
+    volumes_outlive_attachments,
+    volume_records_round_trip_and_delete,
+    attachments_filter_and_device_lookup,
+    exports_upsert_list_delete,
+    appliance_get_and_set,
+    schema_newer_than_the_binary_is_refused,
+    concurrent_inserts_lose_nothing,
+    concurrent_commits_attach_once,
+    unreadable_rows_are_corrupt,
+);
+
+#[tokio::test]
+async fn unsupported_urls_are_refused() {
+    let e = Store::connect("redis://127.0.0.1/0")
+        .await
+        .expect_err("unsupported");
+    assert_eq!(e.kind(), StoreErrorKind::Other, "{e}");
+    assert!(
+        e.to_string().contains("sqlite://"),
+        "says what is supported: {e}"
+    );
+    let e = Store::connect("postgres://u@127.0.0.1:notaport/db")
+        .await
+        .expect_err("malformed");
+    assert_eq!(e.kind(), StoreErrorKind::Other, "{e}");
+}
+
+#[tokio::test]
+async fn unreachable_server_is_unavailable_and_redacted() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let e = Store::connect(&format!("postgres://u:secret@127.0.0.1:{port}/db"))
+        .await
+        .expect_err("nothing listens");
+    assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e}");
+    assert!(!e.to_string().contains("secret"), "password redacted: {e}");
+}
+
+#[tokio::test]
+async fn sqlite_uses_wal() {
+    let db = db::sqlite();
+    let store = open(&db).await.expect("open");
+    drop(store);
+    let pool = sqlx::SqlitePool::connect(&db.url)
+        .await
+        .expect("raw connect");
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&pool)
+        .await
+        .expect("journal mode");
+    assert_eq!(mode, "wal");
+}

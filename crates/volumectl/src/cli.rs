@@ -34,7 +34,12 @@ Exit codes:
 #[command(name = "volumectl", version, after_long_help = AFTER_LONG_HELP)]
 pub struct Cli {
     /// Base URL of the daemon.
-    #[arg(long, global = true, env = "VOLUMECTL_URL", default_value = "http://127.0.0.1:8090")]
+    #[arg(
+        long,
+        global = true,
+        env = "VOLUMECTL_URL",
+        default_value = "http://127.0.0.1:8090"
+    )]
     pub url: String,
     /// Bearer token (the daemon's api_token).
     #[arg(long, global = true, env = "VOLUMECTL_TOKEN", hide_env_values = true)]
@@ -115,7 +120,11 @@ pub enum VolumesCommand {
     Attach {
         volume_id: Uuid,
         /// Target VM id.
-        #[arg(long, required_unless_present = "appliance", conflicts_with = "appliance")]
+        #[arg(
+            long,
+            required_unless_present = "appliance",
+            conflicts_with = "appliance"
+        )]
         vm_id: Option<String>,
         /// Attach to the appliance VM the daemon runs on.
         #[arg(long)]
@@ -244,7 +253,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => 0.001,
         "m" => 60.0,
         "h" => 3600.0,
-        other => return Err(format!("unknown duration unit {other:?}: use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?}: use ms, s, m or h"
+            ))
+        }
     };
     let secs = n * mult;
     if !secs.is_finite() || secs < 0.0 {
@@ -261,7 +274,8 @@ pub fn parse_key_value(s: &str) -> Result<(String, serde_json::Value), String> {
     if k.is_empty() {
         return Err(format!("{s:?} has an empty key"));
     }
-    let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+    let value =
+        serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
     Ok((k.to_string(), value))
 }
 
@@ -304,11 +318,19 @@ mod tests {
         let id = "60338035-92fb-4d27-98d4-b60ad4b38b87";
         assert!(Cli::try_parse_from(["volumectl", "volumes", "attach", id]).is_err());
         assert!(Cli::try_parse_from(["volumectl", "volumes", "attach", id, "--appliance"]).is_ok());
-        assert!(Cli::try_parse_from(["volumectl", "volumes", "attach", id, "--vm-id", "v"]).is_ok());
         assert!(
-            Cli::try_parse_from(["volumectl", "volumes", "attach", id, "--vm-id", "v", "--appliance"])
-                .is_err()
+            Cli::try_parse_from(["volumectl", "volumes", "attach", id, "--vm-id", "v"]).is_ok()
         );
+        assert!(Cli::try_parse_from([
+            "volumectl",
+            "volumes",
+            "attach",
+            id,
+            "--vm-id",
+            "v",
+            "--appliance"
+        ])
+        .is_err());
     }
 
     #[test]

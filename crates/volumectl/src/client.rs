@@ -90,14 +90,6 @@ impl ClientError {
             Self::Unexpected { .. } => ClientErrorKind::Server,
         }
     }
-
-    /// The daemon's error code, when it sent one.
-    pub fn code(&self) -> Option<&str> {
-        match self {
-            Self::Api { body, .. } => Some(&body.code),
-            _ => None,
-        }
-    }
 }
 
 /// Classifies an HTTP error status.
@@ -140,13 +132,15 @@ impl Client {
     pub fn new(url: &str, token: Option<&str>) -> Result<Self, ClientError> {
         let trimmed = url.trim().trim_end_matches('/');
         let trimmed = trimmed.strip_suffix(API_PREFIX).unwrap_or(trimmed);
-        let parsed = reqwest::Url::parse(trimmed).map_err(|_| ClientError::BadUrl { url: url.into() })?;
+        let parsed =
+            reqwest::Url::parse(trimmed).map_err(|_| ClientError::BadUrl { url: url.into() })?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
             return Err(ClientError::BadUrl { url: url.into() });
         }
         let mut headers = HeaderMap::new();
         if let Some(t) = token.filter(|t| !t.is_empty()) {
-            let mut v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| ClientError::BadToken)?;
+            let mut v =
+                HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| ClientError::BadToken)?;
             v.set_sensitive(true);
             headers.insert(AUTHORIZATION, v);
         }
@@ -162,26 +156,22 @@ impl Client {
         })
     }
 
-    /// The daemon's base URL.
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
-    async fn call<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        query: &[(&str, String)],
-        body: Option<serde_json::Value>,
-        idempotency_key: Option<&str>,
-        timeout: Duration,
-        accept_status: &[StatusCode],
-    ) -> Result<Answer<T>, ClientError> {
+    async fn call<T: DeserializeOwned>(&self, c: Call<'_>) -> Result<Answer<T>, ClientError> {
+        let Call {
+            method,
+            path,
+            query,
+            body,
+            idempotency_key,
+            timeout,
+            accept_status,
+        } = c;
+        let path = path.as_str();
         let url = format!("{}{API_PREFIX}{path}", self.base);
         let mut req = self
             .http
             .request(method.clone(), &url)
-            .query(query)
+            .query(&query)
             .timeout(timeout);
         if let Some(b) = &body {
             req = req.json(b);
@@ -192,15 +182,17 @@ impl Client {
         let resp = req.send().await.map_err(|e| self.transport(e))?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
-        let unexpected = |source: Box<dyn std::error::Error + Send + Sync>| ClientError::Unexpected {
-            method: method.clone(),
-            path: path.to_string(),
-            url: self.base.clone(),
-            status,
-            source,
-        };
+        let unexpected =
+            |source: Box<dyn std::error::Error + Send + Sync>| ClientError::Unexpected {
+                method: method.clone(),
+                path: path.to_string(),
+                url: self.base.clone(),
+                status,
+                source,
+            };
         if status.is_success() || accept_status.contains(&status) {
-            let raw: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| unexpected(Box::new(e)))?;
+            let raw: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| unexpected(Box::new(e)))?;
             let value = serde_json::from_value(raw.clone()).map_err(|e| unexpected(Box::new(e)))?;
             return Ok(Answer { value, raw });
         }
@@ -225,8 +217,7 @@ impl Client {
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<Answer<T>, ClientError> {
-        self.call(Method::GET, path, &[], None, None, DEFAULT_TIMEOUT, &[])
-            .await
+        self.call(Call::new(Method::GET, path)).await
     }
 
     async fn mutate(
@@ -236,8 +227,12 @@ impl Client {
         body: Option<serde_json::Value>,
         key: Option<&str>,
     ) -> Result<Answer<Operation>, ClientError> {
-        self.call(method, path, &[], body, key, DEFAULT_TIMEOUT, &[])
-            .await
+        self.call(Call {
+            body,
+            idempotency_key: key,
+            ..Call::new(method, path)
+        })
+        .await
     }
 
     pub async fn create_volume(
@@ -245,7 +240,8 @@ impl Client {
         req: &CreateVolumeRequest,
         key: Option<&str>,
     ) -> Result<Answer<Operation>, ClientError> {
-        self.mutate(Method::POST, "/volumes", Some(to_json(req)), key).await
+        self.mutate(Method::POST, "/volumes", Some(to_json(req)), key)
+            .await
     }
 
     pub async fn attach_volume(
@@ -256,16 +252,34 @@ impl Client {
         key: Option<&str>,
     ) -> Result<Answer<Operation>, ClientError> {
         let verb = if root { "attach-root" } else { "attach" };
-        self.mutate(Method::POST, &format!("/volumes/{volume_id}/{verb}"), Some(to_json(req)), key)
-            .await
+        self.mutate(
+            Method::POST,
+            &format!("/volumes/{volume_id}/{verb}"),
+            Some(to_json(req)),
+            key,
+        )
+        .await
     }
 
-    pub async fn detach_volume(&self, volume_id: Uuid, key: Option<&str>) -> Result<Answer<Operation>, ClientError> {
-        self.mutate(Method::POST, &format!("/volumes/{volume_id}/detach"), None, key)
-            .await
+    pub async fn detach_volume(
+        &self,
+        volume_id: Uuid,
+        key: Option<&str>,
+    ) -> Result<Answer<Operation>, ClientError> {
+        self.mutate(
+            Method::POST,
+            &format!("/volumes/{volume_id}/detach"),
+            None,
+            key,
+        )
+        .await
     }
 
-    pub async fn delete_volume(&self, volume_id: Uuid, key: Option<&str>) -> Result<Answer<Operation>, ClientError> {
+    pub async fn delete_volume(
+        &self,
+        volume_id: Uuid,
+        key: Option<&str>,
+    ) -> Result<Answer<Operation>, ClientError> {
         self.mutate(Method::DELETE, &format!("/volumes/{volume_id}"), None, key)
             .await
     }
@@ -283,21 +297,24 @@ impl Client {
     }
 
     /// `GET /operations/{id}?wait=` — returns when the operation ends or after `wait` (at most [`MAX_SERVER_WAIT`]).
-    pub async fn wait_operation(&self, id: Uuid, wait: Duration) -> Result<Answer<Operation>, ClientError> {
+    pub async fn wait_operation(
+        &self,
+        id: Uuid,
+        wait: Duration,
+    ) -> Result<Answer<Operation>, ClientError> {
         let wait = wait.min(MAX_SERVER_WAIT);
-        self.call(
-            Method::GET,
-            &format!("/operations/{id}"),
-            &[("wait", format!("{:.3}", wait.as_secs_f64()))],
-            None,
-            None,
-            wait + DEFAULT_TIMEOUT,
-            &[],
-        )
+        self.call(Call {
+            query: vec![("wait", format!("{:.3}", wait.as_secs_f64()))],
+            timeout: wait + DEFAULT_TIMEOUT,
+            ..Call::new(Method::GET, format!("/operations/{id}"))
+        })
         .await
     }
 
-    pub async fn operations(&self, filter: &OpsFilter) -> Result<Answer<Vec<Operation>>, ClientError> {
+    pub async fn operations(
+        &self,
+        filter: &OpsFilter,
+    ) -> Result<Answer<Vec<Operation>>, ClientError> {
         let mut q = Vec::new();
         if let Some(t) = filter.op_type {
             q.push(("type", t.to_string()));
@@ -314,8 +331,11 @@ impl Client {
         if let Some(l) = filter.limit {
             q.push(("limit", l.to_string()));
         }
-        self.call(Method::GET, "/operations", &q, None, None, DEFAULT_TIMEOUT, &[])
-            .await
+        self.call(Call {
+            query: q,
+            ..Call::new(Method::GET, "/operations")
+        })
+        .await
     }
 
     pub async fn exports(&self) -> Result<Answer<ExportList>, ClientError> {
@@ -330,36 +350,60 @@ impl Client {
         self.get("/appliance").await
     }
 
-    pub async fn set_appliance(&self, req: &SetApplianceRequest) -> Result<Answer<Appliance>, ClientError> {
-        self.call(Method::PUT, "/appliance", &[], Some(to_json(req)), None, DEFAULT_TIMEOUT, &[])
-            .await
+    pub async fn set_appliance(
+        &self,
+        req: &SetApplianceRequest,
+    ) -> Result<Answer<Appliance>, ClientError> {
+        self.call(Call {
+            body: Some(to_json(req)),
+            ..Call::new(Method::PUT, "/appliance")
+        })
+        .await
     }
 
     /// `GET /api/v1/health`; a 503 still carries the health report and is returned as an answer.
     pub async fn health(&self) -> Result<Answer<Health>, ClientError> {
-        self.call(
-            Method::GET,
-            "/health",
-            &[],
-            None,
-            None,
-            DEFAULT_TIMEOUT,
-            &[StatusCode::SERVICE_UNAVAILABLE],
-        )
+        self.call(Call {
+            accept_status: &[StatusCode::SERVICE_UNAVAILABLE],
+            ..Call::new(Method::GET, "/health")
+        })
         .await
     }
 
     pub async fn reconcile(&self, apply: bool) -> Result<Answer<ReconcileReport>, ClientError> {
-        self.call(
-            Method::POST,
-            "/reconcile",
-            &[],
-            Some(to_json(&ReconcileRequest { apply })),
-            None,
-            RECONCILE_TIMEOUT,
-            &[],
-        )
+        self.call(Call {
+            body: Some(to_json(&ReconcileRequest { apply })),
+            timeout: RECONCILE_TIMEOUT,
+            ..Call::new(Method::POST, "/reconcile")
+        })
         .await
+    }
+}
+
+/// One request: what [`Client::call`] sends and which statuses still carry an answer.
+struct Call<'a> {
+    method: Method,
+    /// Below `/api/v1`.
+    path: String,
+    query: Vec<(&'static str, String)>,
+    body: Option<serde_json::Value>,
+    idempotency_key: Option<&'a str>,
+    timeout: Duration,
+    /// Non-2xx statuses whose body is the answer (e.g. 503 from `/health`).
+    accept_status: &'static [StatusCode],
+}
+
+impl Call<'_> {
+    fn new(method: Method, path: impl Into<String>) -> Self {
+        Self {
+            method,
+            path: path.into(),
+            query: Vec::new(),
+            body: None,
+            idempotency_key: None,
+            timeout: DEFAULT_TIMEOUT,
+            accept_status: &[],
+        }
     }
 }
 
@@ -379,25 +423,58 @@ mod tests {
 
     #[test]
     fn statuses_map_to_stable_kinds() {
-        assert_eq!(kind_of_status(StatusCode::BAD_REQUEST), ClientErrorKind::Invalid);
-        assert_eq!(kind_of_status(StatusCode::NOT_FOUND), ClientErrorKind::NotFound);
-        assert_eq!(kind_of_status(StatusCode::CONFLICT), ClientErrorKind::Refused);
-        assert_eq!(kind_of_status(StatusCode::UNAUTHORIZED), ClientErrorKind::Refused);
-        assert_eq!(kind_of_status(StatusCode::UNPROCESSABLE_ENTITY), ClientErrorKind::Refused);
-        assert_eq!(kind_of_status(StatusCode::SERVICE_UNAVAILABLE), ClientErrorKind::Unavailable);
-        assert_eq!(kind_of_status(StatusCode::BAD_GATEWAY), ClientErrorKind::Server);
-        assert_eq!(kind_of_status(StatusCode::INTERNAL_SERVER_ERROR), ClientErrorKind::Server);
+        assert_eq!(
+            kind_of_status(StatusCode::BAD_REQUEST),
+            ClientErrorKind::Invalid
+        );
+        assert_eq!(
+            kind_of_status(StatusCode::NOT_FOUND),
+            ClientErrorKind::NotFound
+        );
+        assert_eq!(
+            kind_of_status(StatusCode::CONFLICT),
+            ClientErrorKind::Refused
+        );
+        assert_eq!(
+            kind_of_status(StatusCode::UNAUTHORIZED),
+            ClientErrorKind::Refused
+        );
+        assert_eq!(
+            kind_of_status(StatusCode::UNPROCESSABLE_ENTITY),
+            ClientErrorKind::Refused
+        );
+        assert_eq!(
+            kind_of_status(StatusCode::SERVICE_UNAVAILABLE),
+            ClientErrorKind::Unavailable
+        );
+        assert_eq!(
+            kind_of_status(StatusCode::BAD_GATEWAY),
+            ClientErrorKind::Server
+        );
+        assert_eq!(
+            kind_of_status(StatusCode::INTERNAL_SERVER_ERROR),
+            ClientErrorKind::Server
+        );
     }
 
     #[test]
     fn urls_are_normalized_and_checked() {
         let c = Client::new("http://127.0.0.1:8090/api/v1/", None).unwrap();
-        assert_eq!(c.base(), "http://127.0.0.1:8090");
+        assert_eq!(c.base, "http://127.0.0.1:8090");
         let c = Client::new("https://appliance:8443", Some("t")).unwrap();
-        assert_eq!(c.base(), "https://appliance:8443");
-        assert!(matches!(Client::new("127.0.0.1:8090", None), Err(ClientError::BadUrl { .. })));
-        assert!(matches!(Client::new("ftp://x", None), Err(ClientError::BadUrl { .. })));
-        assert!(matches!(Client::new("http://x", Some("a\nb")), Err(ClientError::BadToken)));
+        assert_eq!(c.base, "https://appliance:8443");
+        assert!(matches!(
+            Client::new("127.0.0.1:8090", None),
+            Err(ClientError::BadUrl { .. })
+        ));
+        assert!(matches!(
+            Client::new("ftp://x", None),
+            Err(ClientError::BadUrl { .. })
+        ));
+        assert!(matches!(
+            Client::new("http://x", Some("a\nb")),
+            Err(ClientError::BadToken)
+        ));
     }
 
     #[test]
@@ -411,7 +488,6 @@ mod tests {
             },
         };
         assert_eq!(e.to_string(), "size must be positive (field: size)");
-        assert_eq!(e.code(), Some("invalid_request"));
         let e = ClientError::Api {
             status: StatusCode::UNAUTHORIZED,
             body: ErrorBody {

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use clap::CommandFactory;
 use serde::Serialize;
 use uuid::Uuid;
-use volume_api::{AttachVolumeRequest, CreateVolumeRequest, Operation, OperationStatus, SetApplianceRequest};
+use volume_api::{
+    AttachVolumeRequest, CreateVolumeRequest, Operation, OperationStatus, SetApplianceRequest,
+};
 
 use crate::cli::{
     ApplianceCommand, Cli, Command, ExportsCommand, OpsCommand, VolumesCommand, WaitArgs,
@@ -27,10 +29,17 @@ struct Out {
 impl Out {
     fn text(&self, s: &str) -> Result<(), CliError> {
         let mut o = std::io::stdout().lock();
-        o.write_all(s.as_bytes())
-            .and_then(|()| if s.ends_with('\n') { Ok(()) } else { o.write_all(b"\n") })
-            .and_then(|()| o.flush())
-            .map_err(CliError::Output)
+        let written = o
+            .write_all(s.as_bytes())
+            .and_then(|()| {
+                if s.ends_with('\n') {
+                    Ok(())
+                } else {
+                    o.write_all(b"\n")
+                }
+            })
+            .and_then(|()| o.flush());
+        quiet_on_closed_pipe(written)
     }
 
     fn json<T: Serialize>(&self, v: &T) -> Result<(), CliError> {
@@ -48,6 +57,14 @@ impl Out {
     }
 }
 
+/// A reader that went away (`volumectl … | head`) is not a failure of the command.
+fn quiet_on_closed_pipe(r: std::io::Result<()>) -> Result<(), CliError> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.map_err(CliError::Output),
+    }
+}
+
 /// Runs `cli`; `Ok` means the command did what was asked.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let out = Out { json: cli.json };
@@ -56,7 +73,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         let mut buf = Vec::new();
         clap_complete::generate(shell, &mut cmd, "volumectl", &mut buf);
         let mut o = std::io::stdout().lock();
-        return o.write_all(&buf).and_then(|()| o.flush()).map_err(CliError::Output);
+        return quiet_on_closed_pipe(o.write_all(&buf).and_then(|()| o.flush()));
     }
     let client = Client::new(&cli.url, cli.token.as_deref())?;
     match cli.command {
@@ -100,7 +117,9 @@ async fn volumes(client: &Client, out: &Out, c: VolumesCommand) -> Result<(), Cl
                 zone_id,
                 metadata: (!metadata.is_empty()).then(|| metadata.into_iter().collect()),
             };
-            let op = client.create_volume(&req, wait.idempotency_key.as_deref()).await?;
+            let op = client
+                .create_volume(&req, wait.idempotency_key.as_deref())
+                .await?;
             finish_mutation(client, out, op, &wait).await
         }
         VolumesCommand::Attach {
@@ -129,11 +148,15 @@ async fn volumes(client: &Client, out: &Out, c: VolumesCommand) -> Result<(), Cl
             finish_mutation(client, out, op, &wait).await
         }
         VolumesCommand::Detach { volume_id, wait } => {
-            let op = client.detach_volume(volume_id, wait.idempotency_key.as_deref()).await?;
+            let op = client
+                .detach_volume(volume_id, wait.idempotency_key.as_deref())
+                .await?;
             finish_mutation(client, out, op, &wait).await
         }
         VolumesCommand::Delete { volume_id, wait } => {
-            let op = client.delete_volume(volume_id, wait.idempotency_key.as_deref()).await?;
+            let op = client
+                .delete_volume(volume_id, wait.idempotency_key.as_deref())
+                .await?;
             finish_mutation(client, out, op, &wait).await
         }
         VolumesCommand::Show { volume_id } => {
@@ -160,7 +183,9 @@ async fn ops(client: &Client, out: &Out, c: OpsCommand) -> Result<(), CliError> 
                 vm_id,
                 limit,
             };
-            out.show(&client.operations(&filter).await?, |o| render::operations_table(o))
+            out.show(&client.operations(&filter).await?, |o| {
+                render::operations_table(o)
+            })
         }
         OpsCommand::Wait { id, timeout } => {
             let op = client.operation(id).await?;

@@ -59,7 +59,12 @@ pub enum CliError {
 }
 
 fn failed_message(op: &Operation) -> String {
-    let mut m = format!("operation {} ({}) {}", op.id, op.op_type.as_str(), op.status.as_str());
+    let mut m = format!(
+        "operation {} ({}) {}",
+        op.id,
+        op.op_type.as_str(),
+        op.status.as_str()
+    );
     if let Some(e) = &op.error {
         m.push_str(&format!(": {e}"));
     }

@@ -102,11 +102,20 @@ impl Drop for Progress {
 
 /// `operation 1234… (attach) executing: cloud_attach`.
 pub fn describe(op: &Operation) -> String {
-    let mut s = format!("operation {} ({}) {}", op.id, op.op_type.as_str(), op.status.as_str());
+    let mut s = format!(
+        "operation {} ({}) {}",
+        op.id,
+        op.op_type.as_str(),
+        op.status.as_str()
+    );
     if !op.step.is_empty() && !op.status.is_terminal() {
         s.push_str(&format!(": {}", op.step));
     }
-    if let Some(job) = op.cloudstack_job_id.as_deref().filter(|_| !op.status.is_terminal()) {
+    if let Some(job) = op
+        .cloudstack_job_id
+        .as_deref()
+        .filter(|_| !op.status.is_terminal())
+    {
         s.push_str(&format!(" (cloud job {job})"));
     }
     s
@@ -138,7 +147,10 @@ mod tests {
             completed_at: None,
         };
         let d = describe(&op);
-        assert!(d.ends_with("(detach) executing: drain_exports (cloud job job-1)"), "{d}");
+        assert!(
+            d.ends_with("(detach) executing: drain_exports (cloud job job-1)"),
+            "{d}"
+        );
         op.status = OperationStatus::Completed;
         assert!(describe(&op).ends_with("(detach) completed"));
     }

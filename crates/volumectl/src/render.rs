@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use volume_api::{
-    Appliance, Export, ExportList, Health, Operation, OperationStatus, ReconcileReport, VolumeStatus,
+    Appliance, Export, ExportList, Health, Operation, OperationStatus, ReconcileReport,
+    VolumeStatus,
 };
 
 /// Shown for an absent value.
@@ -109,7 +110,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gi" | "gib" | "gb" => 1 << 30,
         "t" | "ti" | "tib" | "tb" => 1 << 40,
         "p" | "pi" | "pib" | "pb" => 1 << 50,
-        other => return Err(format!("unknown size unit {other:?}: use a number of bytes or K, M, G, T")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}: use a number of bytes or K, M, G, T"
+            ))
+        }
     };
     let bytes = if let Ok(n) = num.parse::<u64>() {
         n.checked_mul(mult)
@@ -138,7 +143,15 @@ fn attached_to(v: &VolumeStatus) -> String {
 }
 
 pub fn volumes_table(vols: &[VolumeStatus]) -> String {
-    let mut t = Table::new(&["VOLUME", "NAME", "SIZE", "STATE", "ATTACHED TO", "DEVICE", "EXPORT"]);
+    let mut t = Table::new(&[
+        "VOLUME",
+        "NAME",
+        "SIZE",
+        "STATE",
+        "ATTACHED TO",
+        "DEVICE",
+        "EXPORT",
+    ]);
     for v in vols {
         t.row(vec![
             v.volume_id.to_string(),
@@ -166,7 +179,10 @@ pub fn volume_detail(v: &VolumeStatus) -> String {
     let mut pairs = vec![
         ("volume", v.volume_id.to_string()),
         ("name", v.name.clone()),
-        ("size", format!("{} ({} bytes)", human_bytes(v.size), v.size)),
+        (
+            "size",
+            format!("{} ({} bytes)", human_bytes(v.size), v.size),
+        ),
         ("state", v.state.clone()),
         ("disk offering", v.disk_offering_id.clone()),
         ("zone", v.zone_id.clone()),
@@ -189,7 +205,10 @@ pub fn volume_detail(v: &VolumeStatus) -> String {
     pairs.push(("linux state", opt(v.linux_state.clone())));
     match &v.export {
         Some(e) => {
-            pairs.push(("export", format!("{} ({}, port {})", e.export_name, e.status, e.port)));
+            pairs.push((
+                "export",
+                format!("{} ({}, port {})", e.export_name, e.status, e.port),
+            ));
             pairs.push(("connections", e.connections.to_string()));
             pairs.push(("bytes written", human_bytes(e.bytes_written)));
         }
@@ -210,7 +229,16 @@ pub fn volume_detail(v: &VolumeStatus) -> String {
 }
 
 pub fn operations_table(ops: &[Operation]) -> String {
-    let mut t = Table::new(&["OPERATION", "TYPE", "STATUS", "VOLUME", "VM", "STEP", "CREATED", "ERROR"]);
+    let mut t = Table::new(&[
+        "OPERATION",
+        "TYPE",
+        "STATUS",
+        "VOLUME",
+        "VM",
+        "STEP",
+        "CREATED",
+        "ERROR",
+    ]);
     for o in ops {
         t.row(vec![
             o.id.to_string(),
@@ -218,7 +246,11 @@ pub fn operations_table(ops: &[Operation]) -> String {
             o.status.as_str().into(),
             opt(o.volume_id),
             opt(o.vm_id.clone()),
-            if o.step.is_empty() { NONE.into() } else { o.step.clone() },
+            if o.step.is_empty() {
+                NONE.into()
+            } else {
+                o.step.clone()
+            },
             time(o.created_at),
             opt(o.error.clone()),
         ]);
@@ -233,7 +265,14 @@ pub fn operation_detail(o: &Operation) -> String {
         ("status", o.status.as_str().to_string()),
         ("volume", opt(o.volume_id)),
         ("vm", opt(o.vm_id.clone())),
-        ("step", if o.step.is_empty() { NONE.into() } else { o.step.clone() }),
+        (
+            "step",
+            if o.step.is_empty() {
+                NONE.into()
+            } else {
+                o.step.clone()
+            },
+        ),
         ("cloudstack job", opt(o.cloudstack_job_id.clone())),
     ];
     if o.status == OperationStatus::Failed || o.error.is_some() {
@@ -267,7 +306,12 @@ pub fn operation_outcome(o: &Operation) -> String {
         .and_then(|v| v.as_str())
         .map(str::to_string)
         .or_else(|| o.volume_id.map(|v| v.to_string()));
-    let mut s = format!("operation {} ({}) {}", o.id, o.op_type.as_str(), o.status.as_str());
+    let mut s = format!(
+        "operation {} ({}) {}",
+        o.id,
+        o.op_type.as_str(),
+        o.status.as_str()
+    );
     if let Some(v) = subject {
         s.push_str(&format!(": volume {v}"));
     }
@@ -287,7 +331,16 @@ pub fn operation_outcome(o: &Operation) -> String {
 
 pub fn exports_table(list: &ExportList) -> String {
     let mut t = Table::new(&[
-        "EXPORT", "STATUS", "DEVICE", "PORT", "SIZE", "CONNS", "TOTAL", "WRITTEN", "READ", "LAST ACTIVITY",
+        "EXPORT",
+        "STATUS",
+        "DEVICE",
+        "PORT",
+        "SIZE",
+        "CONNS",
+        "TOTAL",
+        "WRITTEN",
+        "READ",
+        "LAST ACTIVITY",
     ]);
     for e in &list.exports {
         t.row(vec![
@@ -317,12 +370,28 @@ pub fn export_detail(e: &Export) -> String {
         ("port", e.port.to_string()),
         ("read only", e.read_only.to_string()),
         ("generation", e.generation.to_string()),
-        ("size", format!("{} ({} bytes)", human_bytes(e.size), e.size)),
+        (
+            "size",
+            format!("{} ({} bytes)", human_bytes(e.size), e.size),
+        ),
         ("connections", e.connections.to_string()),
         ("total connections", e.total_connections.to_string()),
-        ("peers", if e.peers.is_empty() { NONE.into() } else { e.peers.join(", ") }),
-        ("bytes written", format!("{} ({})", human_bytes(e.bytes_written), e.bytes_written)),
-        ("bytes read", format!("{} ({})", human_bytes(e.bytes_read), e.bytes_read)),
+        (
+            "peers",
+            if e.peers.is_empty() {
+                NONE.into()
+            } else {
+                e.peers.join(", ")
+            },
+        ),
+        (
+            "bytes written",
+            format!("{} ({})", human_bytes(e.bytes_written), e.bytes_written),
+        ),
+        (
+            "bytes read",
+            format!("{} ({})", human_bytes(e.bytes_read), e.bytes_read),
+        ),
         ("highest offset written", opt(e.highest_offset_written)),
         ("last activity", opt(e.last_activity.map(time))),
         ("created", time(e.created_at)),
@@ -569,7 +638,10 @@ mod tests {
         };
         let out = health_report(&h);
         assert!(out.contains("status:") && out.contains("degraded"), "{out}");
-        assert!(out.contains("privileges  failed  cannot open /dev/vdb"), "{out}");
+        assert!(
+            out.contains("privileges  failed  cannot open /dev/vdb"),
+            "{out}"
+        );
         let r = ReconcileReport {
             dry_run: true,
             checked_volumes: 3,
@@ -582,7 +654,10 @@ mod tests {
             }],
         };
         let out = reconcile_report(&r);
-        assert!(out.starts_with("dry run: 3 volume(s) checked, 1 difference(s)"), "{out}");
+        assert!(
+            out.starts_with("dry run: 3 volume(s) checked, 1 difference(s)"),
+            "{out}"
+        );
         assert!(out.contains("export_missing"), "{out}");
         assert!(out.contains("--apply"), "{out}");
     }
@@ -597,6 +672,9 @@ mod tests {
             vm_state: None,
             problem: Some("set appliance_vm_id".into()),
         });
-        assert!(out.contains("problem:") && out.contains("set appliance_vm_id"), "{out}");
+        assert!(
+            out.contains("problem:") && out.contains("set appliance_vm_id"),
+            "{out}"
+        );
     }
 }

@@ -30,13 +30,23 @@ pub fn config(dir: &tempfile::TempDir) -> SimConfig {
 }
 
 /// Builds the parameters of a request signed with `secret`; `expires` switches to signature version 3.
-pub fn signed(key: &str, secret: &str, command: &str, params: &[(&str, &str)], expires: Option<String>) -> Vec<(String, String)> {
+pub fn signed(
+    key: &str,
+    secret: &str,
+    command: &str,
+    params: &[(&str, &str)],
+    expires: Option<String>,
+) -> Vec<(String, String)> {
     let mut p: Vec<(String, String)> = vec![
         ("apiKey".into(), key.into()),
         ("command".into(), command.into()),
         ("response".into(), "json".into()),
     ];
-    p.extend(params.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    p.extend(
+        params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
     if let Some(e) = expires {
         p.push(("signatureVersion".into(), "3".into()));
         p.push(("expires".into(), e));
@@ -47,11 +57,17 @@ pub fn signed(key: &str, secret: &str, command: &str, params: &[(&str, &str)], e
 }
 
 pub fn encode(params: &[(String, String)]) -> String {
-    params.iter().map(|(k, v)| format!("{}={}", encode_value(k), encode_value(v))).collect::<Vec<_>>().join("&")
+    params
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode_value(k), encode_value(v)))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 pub fn future_expiry() -> String {
-    (chrono::Utc::now() + chrono::Duration::minutes(10)).format("%Y-%m-%dT%H:%M:%S%z").to_string()
+    (chrono::Utc::now() + chrono::Duration::minutes(10))
+        .format("%Y-%m-%dT%H:%M:%S%z")
+        .to_string()
 }
 
 impl Harness {
@@ -64,7 +80,11 @@ impl Harness {
         let mut cfg = config(&dir);
         f(&mut cfg);
         let sim = Simulator::start(cfg).await.expect("simulator starts");
-        Self { dir, sim, http: reqwest::Client::new() }
+        Self {
+            dir,
+            sim,
+            http: reqwest::Client::new(),
+        }
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -76,11 +96,16 @@ impl Harness {
     }
 
     pub fn link_of(&self, volume_id: &str) -> PathBuf {
-        self.by_id_dir().join(format!("virtio-{}", cloudsim::virtio_serial(volume_id).expect("uuid")))
+        self.by_id_dir().join(format!(
+            "virtio-{}",
+            cloudsim::virtio_serial(volume_id).expect("uuid")
+        ))
     }
 
     pub fn backing_of(&self, volume_id: &str) -> PathBuf {
-        self.state_dir().join("volumes").join(format!("{volume_id}.img"))
+        self.state_dir()
+            .join("volumes")
+            .join(format!("{volume_id}.img"))
     }
 
     /// Sends already-built parameters by GET; returns the status and body.
@@ -88,8 +113,16 @@ impl Harness {
         let url = format!("{}?{}", self.sim.api_url(), encode(params));
         let resp = self.http.get(url).send().await.expect("request");
         let status = resp.status().as_u16();
-        let ctype = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        assert!(ctype.starts_with("application/json"), "content type {ctype}");
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        assert!(
+            ctype.starts_with("application/json"),
+            "content type {ctype}"
+        );
         (status, resp.json().await.expect("json body"))
     }
 
@@ -112,7 +145,10 @@ impl Harness {
         let p = signed(KEY, SECRET, command, params, Some(future_expiry()));
         let (status, body) = self.get_raw(&p).await;
         let key = format!("{}response", command.to_lowercase());
-        let inner = body.get(&key).cloned().unwrap_or_else(|| panic!("no {key} in {body}"));
+        let inner = body
+            .get(&key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {key} in {body}"));
         (status, inner)
     }
 
@@ -131,18 +167,35 @@ impl Harness {
             if job["jobstatus"] != 0 {
                 return job;
             }
-            assert!(Instant::now() < deadline, "job {jobid} still pending: {job}");
+            assert!(
+                Instant::now() < deadline,
+                "job {jobid} still pending: {job}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
     /// Creates a volume (custom offering, `gb` GB) and waits for the job; returns its id.
     pub async fn create_volume(&self, name: &str, gb: u64) -> String {
-        let custom = self.sim.disk_offerings().into_iter().find(|o| o.2.is_none()).expect("custom offering").0;
+        let custom = self
+            .sim
+            .disk_offerings()
+            .into_iter()
+            .find(|o| o.2.is_none())
+            .expect("custom offering")
+            .0;
         let zone = self.sim.zone_id().to_owned();
         let size = gb.to_string();
         let r = self
-            .ok("createVolume", &[("name", name), ("zoneid", &zone), ("diskofferingid", &custom), ("size", &size)])
+            .ok(
+                "createVolume",
+                &[
+                    ("name", name),
+                    ("zoneid", &zone),
+                    ("diskofferingid", &custom),
+                    ("size", &size),
+                ],
+            )
             .await;
         let id = r["id"].as_str().expect("id").to_owned();
         let job = self.wait_job(r["jobid"].as_str().expect("jobid")).await;

@@ -19,6 +19,10 @@ struct Args {
     /// Connections allowed per export (default: no limit).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Requests executed at once per connection, one I/O thread each. Fewer threads avoid contention
+    /// on a file's lock (tmpfs, page cache); more help devices with deep queues.
+    #[arg(long, default_value_t = nbd::ServerConfig::default().max_in_flight)]
+    threads_per_connection: usize,
     /// Exports as NAME=PATH (a regular file or a block device).
     #[arg(required = true, value_name = "NAME=PATH")]
     exports: Vec<String>,
@@ -32,8 +36,20 @@ fn parse_export(s: &str) -> anyhow::Result<(String, PathBuf)> {
     Ok((name.to_string(), PathBuf::from(path)))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.threads_per_connection > 0,
+        "--threads-per-connection must be at least 1"
+    );
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -41,7 +57,6 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
     let registry = nbd::Registry::new();
     for spec in &args.exports {
         let (name, path) = parse_export(spec)?;
@@ -75,7 +90,11 @@ async fn main() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    let server = nbd::Server::new(registry, nbd::ServerConfig::default());
+    let cfg = nbd::ServerConfig {
+        max_in_flight: args.threads_per_connection,
+        ..nbd::ServerConfig::default()
+    };
+    let server = nbd::Server::new(registry, cfg);
     server.serve(listener, shutdown).await?;
     Ok(())
 }

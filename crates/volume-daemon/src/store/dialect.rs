@@ -1,8 +1,6 @@
 //! Everything that differs between SQLite, PostgreSQL and MariaDB: URLs, connection set-up, placeholders,
 //! upserts, row locks and migrations. The rest of the store is written once against sqlx's `Any` driver.
 
-use std::borrow::Cow;
-
 use sqlx::migrate::Migrator;
 
 use super::error::StoreError;
@@ -29,9 +27,7 @@ impl Dialect {
             Some("postgres" | "postgresql") => Ok((Self::Postgres, url.to_string())),
             Some("mysql") => Ok((Self::MySql, url.to_string())),
             Some("mariadb") => Ok((Self::MySql, format!("mysql{}", &url["mariadb".len()..]))),
-            _ => Err(StoreError::UnsupportedUrl {
-                url: redact(url),
-            }),
+            _ => Err(StoreError::UnsupportedUrl { url: redact(url) }),
         }
     }
 
@@ -55,13 +51,14 @@ impl Dialect {
     /// Statements run on every new connection.
     pub fn session_setup(self) -> &'static [&'static str] {
         match self {
-            // WAL for concurrent readers; foreign keys are off by default in SQLite; wait for locks rather
+            // WAL for concurrent readers; every commit synced (the journal must survive power loss, not
+            // only a crash of the daemon); foreign keys are off by default in SQLite; wait for locks rather
             // than failing at once.
             Self::Sqlite => &[
                 "PRAGMA journal_mode = WAL",
+                "PRAGMA synchronous = FULL",
                 "PRAGMA foreign_keys = ON",
                 "PRAGMA busy_timeout = 15000",
-                "PRAGMA synchronous = NORMAL",
             ],
             Self::Postgres | Self::MySql => &[],
         }
@@ -87,9 +84,9 @@ impl Dialect {
 
     /// Rewrites `?` placeholders into this dialect's form (`$1, $2, …` for PostgreSQL). Statements of the
     /// store never contain `?` inside literals.
-    pub fn sql(self, q: &str) -> Cow<'_, str> {
+    pub fn sql(self, q: &str) -> String {
         match self {
-            Self::Sqlite | Self::MySql => Cow::Borrowed(q),
+            Self::Sqlite | Self::MySql => q.to_string(),
             Self::Postgres => {
                 let mut out = String::with_capacity(q.len() + 8);
                 let mut n = 0;
@@ -102,7 +99,7 @@ impl Dialect {
                         out.push(c);
                     }
                 }
-                Cow::Owned(out)
+                out
             }
         }
     }
@@ -111,14 +108,26 @@ impl Dialect {
     /// same `key`.
     pub fn upsert(self, table: &str, key: &str, cols: &[&str], update: &[&str]) -> String {
         let placeholders = vec!["?"; cols.len()].join(", ");
-        let head = format!("INSERT INTO {table} ({}) VALUES ({placeholders})", cols.join(", "));
+        let head = format!(
+            "INSERT INTO {table} ({}) VALUES ({placeholders})",
+            cols.join(", ")
+        );
         match self {
             Self::Sqlite | Self::Postgres => {
-                let set: Vec<String> = update.iter().map(|c| format!("{c} = excluded.{c}")).collect();
-                format!("{head} ON CONFLICT ({key}) DO UPDATE SET {}", set.join(", "))
+                let set: Vec<String> = update
+                    .iter()
+                    .map(|c| format!("{c} = excluded.{c}"))
+                    .collect();
+                format!(
+                    "{head} ON CONFLICT ({key}) DO UPDATE SET {}",
+                    set.join(", ")
+                )
             }
             Self::MySql => {
-                let set: Vec<String> = update.iter().map(|c| format!("{c} = VALUES({c})")).collect();
+                let set: Vec<String> = update
+                    .iter()
+                    .map(|c| format!("{c} = VALUES({c})"))
+                    .collect();
                 format!("{head} ON DUPLICATE KEY UPDATE {}", set.join(", "))
             }
         }
@@ -162,9 +171,18 @@ mod tests {
 
     #[test]
     fn urls_select_the_dialect() {
-        assert_eq!(Dialect::from_url("sqlite:///x.db?mode=rwc").unwrap().0, Dialect::Sqlite);
-        assert_eq!(Dialect::from_url("postgres://u@h/db").unwrap().0, Dialect::Postgres);
-        assert_eq!(Dialect::from_url("postgresql://u@h/db").unwrap().0, Dialect::Postgres);
+        assert_eq!(
+            Dialect::from_url("sqlite:///x.db?mode=rwc").unwrap().0,
+            Dialect::Sqlite
+        );
+        assert_eq!(
+            Dialect::from_url("postgres://u@h/db").unwrap().0,
+            Dialect::Postgres
+        );
+        assert_eq!(
+            Dialect::from_url("postgresql://u@h/db").unwrap().0,
+            Dialect::Postgres
+        );
         let (d, url) = Dialect::from_url("mariadb://u:p@h:3306/db").unwrap();
         assert_eq!((d, url.as_str()), (Dialect::MySql, "mysql://u:p@h:3306/db"));
         assert!(Dialect::from_url("redis://h").is_err());
@@ -173,16 +191,28 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact("postgres://u:secret@h:5432/db?x=1"), "postgres://u:***@h:5432/db?x=1");
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db?x=1"),
+            "postgres://u:***@h:5432/db?x=1"
+        );
         assert_eq!(redact("mysql://u@h/db"), "mysql://u@h/db");
-        assert_eq!(redact("sqlite:///var/lib/x.db?mode=rwc"), "sqlite:///var/lib/x.db?mode=rwc");
+        assert_eq!(
+            redact("sqlite:///var/lib/x.db?mode=rwc"),
+            "sqlite:///var/lib/x.db?mode=rwc"
+        );
     }
 
     #[test]
     fn upserts_per_dialect() {
         let q = Dialect::MySql.upsert("t", "id", &["id", "a"], &["a"]);
-        assert_eq!(q, "INSERT INTO t (id, a) VALUES (?, ?) ON DUPLICATE KEY UPDATE a = VALUES(a)");
+        assert_eq!(
+            q,
+            "INSERT INTO t (id, a) VALUES (?, ?) ON DUPLICATE KEY UPDATE a = VALUES(a)"
+        );
         let q = Dialect::Sqlite.upsert("t", "id", &["id", "a"], &["a"]);
-        assert_eq!(q, "INSERT INTO t (id, a) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET a = excluded.a");
+        assert_eq!(
+            q,
+            "INSERT INTO t (id, a) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET a = excluded.a"
+        );
     }
 }

@@ -41,7 +41,9 @@ pub enum StoreError {
     )]
     UnsupportedUrl { url: String },
 
-    #[error("cannot connect to the database {url}; check database_url and that the server is running")]
+    #[error(
+        "cannot connect to the database {url}; check database_url and that the server is running"
+    )]
     Connect {
         /// The URL without its password.
         url: String,
@@ -80,14 +82,19 @@ impl StoreError {
     pub fn kind(&self) -> StoreErrorKind {
         match self {
             Self::UnsupportedUrl { .. } => StoreErrorKind::Other,
-            Self::Connect { source, .. } => match classify(source) {
-                StoreErrorKind::Other => StoreErrorKind::Unavailable,
-                k => k,
+            Self::Connect { source, .. } => match source {
+                sqlx::Error::Configuration(_) => StoreErrorKind::Other,
+                e => match classify(e) {
+                    StoreErrorKind::Other => StoreErrorKind::Unavailable,
+                    k => k,
+                },
             },
             Self::SchemaTooNew { .. } => StoreErrorKind::SchemaTooNew,
             Self::Migrate(e) => match e {
                 MigrateError::VersionMissing(_) => StoreErrorKind::SchemaTooNew,
-                MigrateError::VersionMismatch(_) | MigrateError::Dirty(_) => StoreErrorKind::Corrupt,
+                MigrateError::VersionMismatch(_) | MigrateError::Dirty(_) => {
+                    StoreErrorKind::Corrupt
+                }
                 MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => classify(e),
                 _ => StoreErrorKind::Other,
             },
@@ -126,13 +133,16 @@ fn classify(e: &sqlx::Error) -> StoreErrorKind {
     match e {
         sqlx::Error::RowNotFound => StoreErrorKind::NotFound,
         sqlx::Error::Database(db) => match db.kind() {
-            DbErrorKind::UniqueViolation | DbErrorKind::ForeignKeyViolation => StoreErrorKind::Conflict,
+            DbErrorKind::UniqueViolation | DbErrorKind::ForeignKeyViolation => {
+                StoreErrorKind::Conflict
+            }
             _ => match db.code().as_deref() {
                 // SQLite busy/locked; PostgreSQL serialization failure, deadlock, too many connections,
                 // shutting down; MariaDB lock wait timeout, deadlock, too many connections.
-                Some("5" | "6" | "517" | "40001" | "40P01" | "53300" | "57P01" | "57P03" | "1205" | "1213" | "1040") => {
-                    StoreErrorKind::Unavailable
-                }
+                Some(
+                    "5" | "6" | "517" | "40001" | "40P01" | "53300" | "57P01" | "57P03" | "1205"
+                    | "1213" | "1040",
+                ) => StoreErrorKind::Unavailable,
                 _ => StoreErrorKind::Other,
             },
         },
@@ -142,9 +152,9 @@ fn classify(e: &sqlx::Error) -> StoreErrorKind {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => StoreErrorKind::Unavailable,
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
-            StoreErrorKind::Corrupt
-        }
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_) => StoreErrorKind::Corrupt,
         _ => StoreErrorKind::Other,
     }
 }

@@ -14,16 +14,16 @@ use std::sync::Once;
 use std::time::Duration;
 
 use serde_json::Value;
-use sqlx::any::{AnyConnection, AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Connection as _};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyConnection, AnyPool, Executor as _};
 use uuid::Uuid;
 
 pub use dialect::Dialect;
 pub use error::{StoreError, StoreErrorKind};
 pub use records::{
-    ApplianceRecord, AttachTarget, AttachmentFilter, AttachmentRecord, DiskRole, ExportRecord, Inserted,
-    NewOperation, OpError, OpStatus, OpType, OperationFilter, OperationRecord, SnapshotTracking, VolumeRecord,
-    INITIAL_STEP,
+    ApplianceRecord, AttachTarget, AttachmentFilter, AttachmentRecord, DiskRole, ExportRecord,
+    Inserted, NewOperation, OpError, OpStatus, OpType, OperationFilter, OperationRecord,
+    SnapshotTracking, VolumeRecord, INITIAL_STEP,
 };
 use rows::{int, now, opt_ts, ts, Reader};
 
@@ -118,7 +118,7 @@ impl Store {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     for stmt in setup {
-                        sqlx::raw_sql(stmt).execute(&mut *conn).await?;
+                        conn.execute(*stmt).await?;
                     }
                     Ok(())
                 })
@@ -152,7 +152,9 @@ impl Store {
             return Err(StoreError::SchemaTooNew { found, known });
         }
         migrator.run(&self.pool).await.map_err(|e| match e {
-            sqlx::migrate::MigrateError::VersionMissing(found) => StoreError::SchemaTooNew { found, known },
+            sqlx::migrate::MigrateError::VersionMissing(found) => {
+                StoreError::SchemaTooNew { found, known }
+            }
             e => StoreError::Migrate(e),
         })
     }
@@ -216,7 +218,9 @@ impl Store {
                 let rec = self
                     .fetch_operation(&mut conn, new.id)
                     .await?
-                    .ok_or_else(|| StoreError::not_found(format!("operation {} just written", new.id)))?;
+                    .ok_or_else(|| {
+                        StoreError::not_found(format!("operation {} just written", new.id))
+                    })?;
                 Ok(Inserted::Created(rec))
             }
             Err(e) if StoreError::is_constraint_violation(&e) => {
@@ -243,7 +247,11 @@ impl Store {
         }
     }
 
-    async fn fetch_operation(&self, conn: &mut AnyConnection, id: Uuid) -> Result<Option<OperationRecord>, StoreError> {
+    async fn fetch_operation(
+        &self,
+        conn: &mut AnyConnection,
+        id: Uuid,
+    ) -> Result<Option<OperationRecord>, StoreError> {
         let sql = self
             .dialect
             .sql(&format!("SELECT {OP_COLS} FROM operations WHERE id = ?"));
@@ -262,7 +270,10 @@ impl Store {
     }
 
     /// Operations matching `filter`, newest first.
-    pub async fn list_operations(&self, filter: &OperationFilter) -> Result<Vec<OperationRecord>, StoreError> {
+    pub async fn list_operations(
+        &self,
+        filter: &OperationFilter,
+    ) -> Result<Vec<OperationRecord>, StoreError> {
         let mut conds = Vec::new();
         let mut args = Vec::new();
         if let Some(t) = filter.op_type {
@@ -308,7 +319,9 @@ impl Store {
 
     /// Operations that are `pending` or `executing`, oldest first.
     pub async fn unfinished_operations(&self) -> Result<Vec<OperationRecord>, StoreError> {
-        let sql = format!("SELECT {OP_COLS} FROM operations WHERE {UNFINISHED} ORDER BY created_at ASC, id ASC");
+        let sql = format!(
+            "SELECT {OP_COLS} FROM operations WHERE {UNFINISHED} ORDER BY created_at ASC, id ASC"
+        );
         sqlx::query(&sql)
             .fetch_all(&self.pool)
             .await
@@ -328,9 +341,9 @@ impl Store {
         args: Vec<Option<String>>,
         action: &'static str,
     ) -> Result<(), StoreError> {
-        let sql = self
-            .dialect
-            .sql(&format!("UPDATE operations SET {set} WHERE id = ? AND {UNFINISHED}"));
+        let sql = self.dialect.sql(&format!(
+            "UPDATE operations SET {set} WHERE id = ? AND {UNFINISHED}"
+        ));
         let mut query = sqlx::query(&sql);
         for a in args {
             query = query.bind(a);
@@ -350,10 +363,15 @@ impl Store {
 
     /// The status of an unfinished operation (locked until the transaction ends when `lock` is the dialect's
     /// `FOR UPDATE`).
-    async fn require_unfinished(&self, conn: &mut AnyConnection, id: Uuid, lock: &str) -> Result<OpStatus, StoreError> {
-        let sql = self
-            .dialect
-            .sql(&format!("SELECT id, status FROM operations WHERE id = ?{lock}"));
+    async fn require_unfinished(
+        &self,
+        conn: &mut AnyConnection,
+        id: Uuid,
+        lock: &str,
+    ) -> Result<OpStatus, StoreError> {
+        let sql = self.dialect.sql(&format!(
+            "SELECT id, status FROM operations WHERE id = ?{lock}"
+        ));
         let row = sqlx::query(&sql)
             .bind(id.to_string())
             .fetch_optional(conn)
@@ -371,7 +389,12 @@ impl Store {
     }
 
     /// Records the status (normally `executing`) and the step an unfinished operation has reached.
-    pub async fn set_operation_step(&self, id: Uuid, status: OpStatus, step: &str) -> Result<(), StoreError> {
+    pub async fn set_operation_step(
+        &self,
+        id: Uuid,
+        status: OpStatus,
+        step: &str,
+    ) -> Result<(), StoreError> {
         if status.is_terminal() {
             return Err(StoreError::conflict(format!(
                 "status {} is terminal; finish operation {id} with finish_operation",
@@ -390,7 +413,12 @@ impl Store {
     }
 
     /// Records the CloudStack job an unfinished operation waits for, with the step that started it.
-    pub async fn set_operation_job(&self, id: Uuid, step: &str, job_id: &str) -> Result<(), StoreError> {
+    pub async fn set_operation_job(
+        &self,
+        id: Uuid,
+        step: &str,
+        job_id: &str,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         self.update_unfinished(
             &mut conn,
@@ -461,8 +489,17 @@ impl Store {
 
     // ---- volumes ------------------------------------------------------------------------------------------
 
-    async fn upsert_volume_in(&self, conn: &mut AnyConnection, v: &VolumeRecord) -> Result<(), StoreError> {
-        let sql = self.dialect.upsert("volumes", "id", &VOLUME_COLS, &update_cols(&VOLUME_COLS, &["id", "created_at"]));
+    async fn upsert_volume_in(
+        &self,
+        conn: &mut AnyConnection,
+        v: &VolumeRecord,
+    ) -> Result<(), StoreError> {
+        let sql = self.dialect.upsert(
+            "volumes",
+            "id",
+            &VOLUME_COLS,
+            &update_cols(&VOLUME_COLS, &["id", "created_at"]),
+        );
         let sql = self.dialect.sql(&sql);
         sqlx::query(&sql)
             .bind(v.id.to_string())
@@ -494,9 +531,10 @@ impl Store {
 
     /// The volume, including a deleted one (`deleted_at` set).
     pub async fn get_volume(&self, id: Uuid) -> Result<Option<VolumeRecord>, StoreError> {
-        let sql = self
-            .dialect
-            .sql(&format!("SELECT {} FROM volumes WHERE id = ?", cols(&VOLUME_COLS)));
+        let sql = self.dialect.sql(&format!(
+            "SELECT {} FROM volumes WHERE id = ?",
+            cols(&VOLUME_COLS)
+        ));
         sqlx::query(&sql)
             .bind(id.to_string())
             .fetch_optional(&self.pool)
@@ -507,8 +545,15 @@ impl Store {
     }
 
     /// All volumes, oldest first; deleted ones only when `include_deleted`.
-    pub async fn list_volumes(&self, include_deleted: bool) -> Result<Vec<VolumeRecord>, StoreError> {
-        let filter = if include_deleted { "" } else { " WHERE deleted_at IS NULL" };
+    pub async fn list_volumes(
+        &self,
+        include_deleted: bool,
+    ) -> Result<Vec<VolumeRecord>, StoreError> {
+        let filter = if include_deleted {
+            ""
+        } else {
+            " WHERE deleted_at IS NULL"
+        };
         let sql = format!(
             "SELECT {} FROM volumes{filter} ORDER BY created_at ASC, id ASC",
             cols(&VOLUME_COLS)
@@ -526,18 +571,25 @@ impl Store {
     /// while it has an attachment or an export. Returns whether a record existed.
     pub async fn delete_volume(&self, id: Uuid) -> Result<bool, StoreError> {
         let sql = self.dialect.sql("DELETE FROM volumes WHERE id = ?");
-        match sqlx::query(&sql).bind(id.to_string()).execute(&self.pool).await {
+        match sqlx::query(&sql)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+        {
             Ok(r) => Ok(r.rows_affected() > 0),
-            Err(e) if StoreError::is_constraint_violation(&e) => Err(StoreError::conflict(format!(
-                "volume {id} still has an attachment or an export; detach it first"
-            ))),
+            Err(e) if StoreError::is_constraint_violation(&e) => Err(StoreError::conflict(
+                format!("volume {id} still has an attachment or an export; detach it first"),
+            )),
             Err(e) => Err(q("deleting a volume")(e)),
         }
     }
 
     // ---- attachments --------------------------------------------------------------------------------------
 
-    pub async fn get_attachment(&self, volume_id: Uuid) -> Result<Option<AttachmentRecord>, StoreError> {
+    pub async fn get_attachment(
+        &self,
+        volume_id: Uuid,
+    ) -> Result<Option<AttachmentRecord>, StoreError> {
         let sql = self.dialect.sql(&format!(
             "SELECT {} FROM attachments WHERE volume_id = ?",
             cols(&ATTACHMENT_COLS)
@@ -552,7 +604,10 @@ impl Store {
     }
 
     /// Attachments matching `filter`, ordered by VM, device id and volume.
-    pub async fn list_attachments(&self, filter: &AttachmentFilter) -> Result<Vec<AttachmentRecord>, StoreError> {
+    pub async fn list_attachments(
+        &self,
+        filter: &AttachmentFilter,
+    ) -> Result<Vec<AttachmentRecord>, StoreError> {
         let mut conds = Vec::new();
         let mut args = Vec::new();
         if let Some(vm) = &filter.vm_id {
@@ -568,7 +623,8 @@ impl Store {
             sql.push_str(" WHERE ");
             sql.push_str(&conds.join(" AND "));
         }
-        sql.push_str(" ORDER BY vm_id ASC, device_id ASC, volume_id ASC");
+        // NULL device ids last on every backend.
+        sql.push_str(" ORDER BY vm_id ASC, (device_id IS NULL) ASC, device_id ASC, volume_id ASC");
         let sql = self.dialect.sql(&sql);
         let mut query = sqlx::query(&sql);
         for a in args {
@@ -586,7 +642,10 @@ impl Store {
     }
 
     /// The attachment whose by-id path, kernel device or stable name is `path`.
-    pub async fn find_attachment_by_device(&self, path: &str) -> Result<Option<AttachmentRecord>, StoreError> {
+    pub async fn find_attachment_by_device(
+        &self,
+        path: &str,
+    ) -> Result<Option<AttachmentRecord>, StoreError> {
         let sql = self.dialect.sql(&format!(
             "SELECT {} FROM attachments WHERE by_id_path = ? OR kernel_device = ? OR stable_name = ? \
              ORDER BY volume_id ASC",
@@ -610,7 +669,11 @@ impl Store {
 
     // ---- exports ------------------------------------------------------------------------------------------
 
-    async fn upsert_export_in(&self, conn: &mut AnyConnection, e: &ExportRecord) -> Result<(), StoreError> {
+    async fn upsert_export_in(
+        &self,
+        conn: &mut AnyConnection,
+        e: &ExportRecord,
+    ) -> Result<(), StoreError> {
         let sql = self.dialect.upsert(
             "exports",
             "volume_id",
@@ -660,9 +723,10 @@ impl Store {
     }
 
     pub async fn get_export(&self, volume_id: Uuid) -> Result<Option<ExportRecord>, StoreError> {
-        let sql = self
-            .dialect
-            .sql(&format!("SELECT {} FROM exports WHERE volume_id = ?", cols(&EXPORT_COLS)));
+        let sql = self.dialect.sql(&format!(
+            "SELECT {} FROM exports WHERE volume_id = ?",
+            cols(&EXPORT_COLS)
+        ));
         sqlx::query(&sql)
             .bind(volume_id.to_string())
             .fetch_optional(&self.pool)
@@ -674,7 +738,10 @@ impl Store {
 
     /// All exports, by export name.
     pub async fn list_exports(&self) -> Result<Vec<ExportRecord>, StoreError> {
-        let sql = format!("SELECT {} FROM exports ORDER BY export_name ASC", cols(&EXPORT_COLS));
+        let sql = format!(
+            "SELECT {} FROM exports ORDER BY export_name ASC",
+            cols(&EXPORT_COLS)
+        );
         sqlx::query(&sql)
             .fetch_all(&self.pool)
             .await
@@ -693,10 +760,11 @@ impl Store {
     // ---- appliance ----------------------------------------------------------------------------------------
 
     pub async fn get_appliance(&self) -> Result<Option<ApplianceRecord>, StoreError> {
-        let row = sqlx::query("SELECT vm_id, source, updated_at FROM appliance WHERE singleton = 1")
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(q("reading the appliance identity"))?;
+        let row =
+            sqlx::query("SELECT vm_id, source, updated_at FROM appliance WHERE singleton = 1")
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q("reading the appliance identity"))?;
         row.map(|row| {
             let r = Reader::new(&row, "appliance", "vm_id");
             Ok(ApplianceRecord {
@@ -729,7 +797,12 @@ impl Store {
     // ---- commits: one transaction each ---------------------------------------------------------------------
 
     /// Records the created volume and completes the create operation (naming the volume) with `response`.
-    pub async fn commit_create(&self, op_id: Uuid, volume: &VolumeRecord, response: &Value) -> Result<(), StoreError> {
+    pub async fn commit_create(
+        &self,
+        op_id: Uuid,
+        volume: &VolumeRecord,
+        response: &Value,
+    ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
@@ -860,7 +933,12 @@ impl Store {
     }
 
     /// Removes the volume's export and attachment records and completes the detach operation with `response`.
-    pub async fn commit_detach(&self, op_id: Uuid, volume_id: Uuid, response: &Value) -> Result<(), StoreError> {
+    pub async fn commit_detach(
+        &self,
+        op_id: Uuid,
+        volume_id: Uuid,
+        response: &Value,
+    ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
@@ -873,16 +951,21 @@ impl Store {
 
     /// Removes the volume's export and attachment records, marks the volume deleted (its record stays as a
     /// tombstone) and completes the delete operation with `response`.
-    pub async fn commit_delete(&self, op_id: Uuid, volume_id: Uuid, response: &Value) -> Result<(), StoreError> {
+    pub async fn commit_delete(
+        &self,
+        op_id: Uuid,
+        volume_id: Uuid,
+        response: &Value,
+    ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
         delete_by_volume(&mut tx, self.dialect, "exports", volume_id).await?;
         delete_by_volume(&mut tx, self.dialect, "attachments", volume_id).await?;
         let t = now();
-        let sql = self
-            .dialect
-            .sql("UPDATE volumes SET deleted_at = ?, updated_at = ? WHERE id = ? AND deleted_at IS NULL");
+        let sql = self.dialect.sql(
+            "UPDATE volumes SET deleted_at = ?, updated_at = ? WHERE id = ? AND deleted_at IS NULL",
+        );
         sqlx::query(&sql)
             .bind(t.clone())
             .bind(t)

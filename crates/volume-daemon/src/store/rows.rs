@@ -26,7 +26,10 @@ pub fn opt_ts(t: Option<DateTime<Utc>>) -> Option<String> {
 /// An unsigned number as a BIGINT column value.
 pub fn int(what: &str, v: u64) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| {
-        StoreError::conflict(format!("{what} {v} is too large to store (the limit is {})", i64::MAX))
+        StoreError::conflict(format!(
+            "{what} {v} is too large to store (the limit is {})",
+            i64::MAX
+        ))
     })
 }
 
@@ -97,7 +100,9 @@ impl<'r> Reader<'r> {
 
     pub fn opt_u32(&self, col: &str) -> Result<Option<u32>, StoreError> {
         self.opt_i64(col)?
-            .map(|v| u32::try_from(v).map_err(|_| self.corrupt(col, format!("value {v} out of range"))))
+            .map(|v| {
+                u32::try_from(v).map_err(|_| self.corrupt(col, format!("value {v} out of range")))
+            })
             .transpose()
     }
 
@@ -139,7 +144,11 @@ impl<'r> Reader<'r> {
     }
 
     /// A text column holding one of a fixed set of names.
-    pub fn parsed<T>(&self, col: &str, parse: impl FnOnce(&str) -> Option<T>) -> Result<T, StoreError> {
+    pub fn parsed<T>(
+        &self,
+        col: &str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<T, StoreError> {
         let s = self.text(col)?;
         parse(&s).ok_or_else(|| self.corrupt(col, format!("unknown value {s:?}")))
     }

@@ -1,0 +1,586 @@
+//! End-to-end tests of the `volumectl` binary. The `ext_` tests drive it against a real `volume-daemon serve
+//! --sim` started as a subprocess (build it first: `cargo build -p volume-daemon`); the others need nothing.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use uuid::Uuid;
+
+const SIM_API_KEY: &str = "sim-api-key";
+const SIM_SECRET_KEY: &str = "sim-secret-key";
+const START_DEADLINE: Duration = Duration::from_secs(90);
+
+/// The daemon binary next to volumectl in the same target directory.
+fn daemon_bin() -> PathBuf {
+    let ctl = PathBuf::from(env!("CARGO_BIN_EXE_volumectl"));
+    let dir = ctl
+        .parent()
+        .expect("invariant: a binary path has a directory");
+    let bin = dir.join("volume-daemon");
+    assert!(
+        bin.is_file(),
+        "{} does not exist: build the daemon first with `cargo build -p volume-daemon` (same CARGO_TARGET_DIR)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `volume-daemon serve --sim` on ephemeral ports with its own state directory; killed on drop.
+struct Daemon {
+    child: Child,
+    api: String,
+    sim: String,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
+        let state = dir.path().join("state");
+        let mut child = Command::new(daemon_bin())
+            .args([
+                "serve",
+                "--sim",
+                "--listen",
+                "127.0.0.1:0",
+                "--nbd-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--sim-listen", "127.0.0.1:0", "--state-dir"])
+            .arg(&state)
+            .args(extra)
+            .env_remove("VOLUME_DAEMON_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn volume-daemon");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + START_DEADLINE;
+        let (mut api, mut sim) = (None, None);
+        while api.is_none() || sim.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(a) = line.strip_prefix("api listening on ") {
+                        api = Some(a.trim().to_string());
+                    } else if let Some(a) = line.strip_prefix("cloudsim listening on ") {
+                        sim = Some(a.trim().to_string());
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let log =
+                        std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+                    panic!(
+                        "volume-daemon did not print its api and cloudsim addresses within {START_DEADLINE:?}; its log:\n{log}"
+                    );
+                }
+            }
+        }
+        // Keep draining stdout so the daemon never blocks on a full pipe.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        Self {
+            child,
+            api: format!("http://{}", api.expect("set above")),
+            sim: format!("http://{}", sim.expect("set above")),
+            dir,
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        run_ctl(&self.api, args)
+    }
+
+    /// Runs volumectl and asserts it succeeded.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "volumectl {args:?} failed: stdout {}\nstderr {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// Runs volumectl with `--json`, asserts success and parses stdout.
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let s = self.ok(&a);
+        serde_json::from_str(&s)
+            .unwrap_or_else(|e| panic!("volumectl {args:?} printed no JSON ({e}): {s}"))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Asks the simulator (CloudStack wire protocol, signed) for a list.
+    fn cloud_list(&self, command: &str, item: &str) -> Vec<Value> {
+        let params = vec![
+            ("command".to_string(), command.to_string()),
+            ("response".to_string(), "json".to_string()),
+            ("apiKey".to_string(), SIM_API_KEY.to_string()),
+        ];
+        let sig = cloudstack::sign::signature(SIM_SECRET_KEY, &params);
+        let url = format!(
+            "{}/client/api?{}&signature={}",
+            self.sim,
+            cloudstack::sign::canonical_query(&params),
+            cloudstack::sign::encode_value(&sig)
+        );
+        let body: Value = reqwest::blocking::get(&url)
+            .and_then(|r| r.error_for_status())
+            .and_then(|r| r.json())
+            .unwrap_or_else(|e| panic!("simulator {command} failed: {e}"));
+        let inner = body
+            .as_object()
+            .and_then(|o| o.values().next())
+            .unwrap_or_else(|| panic!("simulator {command} answered {body}"));
+        inner[item]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("simulator {command} has no {item} list: {body}"))
+    }
+
+    /// A zone and a custom-size disk offering of the simulated cloud.
+    fn zone_and_offering(&self) -> (String, String) {
+        let zone = self.cloud_list("listZones", "zone")[0]["id"]
+            .as_str()
+            .expect("zone id")
+            .to_string();
+        let offerings = self.cloud_list("listDiskOfferings", "diskoffering");
+        let custom = offerings
+            .iter()
+            .find(|o| o["iscustomized"] == Value::Bool(true))
+            .unwrap_or_else(|| panic!("no custom-size offering among {offerings:?}"));
+        (
+            zone,
+            custom["id"].as_str().expect("offering id").to_string(),
+        )
+    }
+
+    fn appliance_id(&self) -> String {
+        let a = self.json(&["appliance", "show"]);
+        a["vm_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("the simulator's appliance has no id: {a}"))
+            .to_string()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Our own child, by its handle; SIGTERM first so it removes its loop devices, then make sure.
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped; no memory is involved.
+        let _ = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_ctl(url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_volumectl"))
+        .args(args)
+        .env("VOLUMECTL_URL", url)
+        .env_remove("VOLUMECTL_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run volumectl")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The UUID following `volume ` in a human outcome line.
+fn volume_in(line: &str) -> Uuid {
+    let rest = line
+        .split("volume ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no volume id in {line:?}"));
+    Uuid::parse_str(&rest[..36]).unwrap_or_else(|e| panic!("bad volume id in {line:?}: {e}"))
+}
+
+#[test]
+fn ext_volume_lifecycle_with_json_output() {
+    let d = Daemon::start();
+    let (zone, offering) = d.zone_and_offering();
+    let appliance = d.appliance_id();
+
+    let op = d.json(&[
+        "volumes",
+        "create",
+        "--name",
+        "json-disk",
+        "--size",
+        "1G",
+        "--zone-id",
+        &zone,
+        "--disk-offering-id",
+        &offering,
+        "--metadata",
+        "disk=0",
+        "--metadata",
+        "vm=web-1",
+    ]);
+    assert_eq!(op["type"], "create");
+    assert_eq!(op["status"], "completed", "{op}");
+    let vol = op["response"]["volume_id"]
+        .as_str()
+        .expect("response.volume_id")
+        .to_string();
+    Uuid::parse_str(&vol).expect("volume id is a UUID");
+
+    let show = d.json(&["volumes", "show", &vol]);
+    assert_eq!(show["volume_id"], vol.as_str());
+    assert_eq!(show["name"], "json-disk");
+    assert_eq!(show["size"], 1u64 << 30);
+    assert_eq!(show["metadata"]["disk"], 0);
+    assert_eq!(show["metadata"]["vm"], "web-1");
+    assert!(show["attachment"].is_null(), "{show}");
+
+    let list = d.json(&["volumes", "list"]);
+    assert!(
+        list.as_array()
+            .expect("array")
+            .iter()
+            .any(|v| v["volume_id"] == vol.as_str()),
+        "{list}"
+    );
+
+    let op = d.json(&["volumes", "attach", &vol, "--vm-id", &appliance]);
+    assert_eq!(op["type"], "attach");
+    assert_eq!(op["status"], "completed", "{op}");
+    let show = d.json(&["volumes", "show", &vol]);
+    assert_eq!(show["attachment"]["vm_id"], appliance.as_str(), "{show}");
+    assert_eq!(show["attachment"]["target"], "appliance", "{show}");
+
+    let export_name = format!("migration-vol-{vol}");
+    let exports = d.json(&["exports", "list"]);
+    assert_eq!(
+        exports["count"],
+        exports["exports"].as_array().expect("exports").len()
+    );
+    let e = exports["exports"]
+        .as_array()
+        .expect("exports")
+        .iter()
+        .find(|e| e["export_name"] == export_name.as_str())
+        .unwrap_or_else(|| panic!("no export {export_name} in {exports}"))
+        .clone();
+    assert_eq!(e["connections"], 0);
+    assert_eq!(e["bytes_written"], 0);
+    let one = d.json(&["exports", "show", &vol]);
+    assert_eq!(one["export_name"], export_name.as_str());
+    assert_eq!(one["status"], "active", "{one}");
+
+    let ops = d.json(&["ops", "list", "--volume-id", &vol]);
+    let ops = ops.as_array().expect("array");
+    assert!(ops.len() >= 2, "{ops:?}");
+    let first = ops[0]["id"].as_str().expect("id");
+    let shown = d.json(&["ops", "show", first]);
+    assert_eq!(shown["id"], first);
+    let attaches = d.json(&[
+        "ops",
+        "list",
+        "--type",
+        "attach",
+        "--status",
+        "completed",
+        "--limit",
+        "5",
+    ]);
+    assert!(attaches
+        .as_array()
+        .expect("array")
+        .iter()
+        .all(|o| o["type"] == "attach"));
+
+    let op = d.json(&["volumes", "detach", &vol]);
+    assert_eq!(op["status"], "completed", "{op}");
+    let gone = d.ctl(&["--json", "exports", "show", &vol]);
+    assert_eq!(
+        gone.status.code(),
+        Some(3),
+        "export must be gone after detach: {}",
+        stderr(&gone)
+    );
+    let show = d.json(&["volumes", "show", &vol]);
+    assert!(show["attachment"].is_null(), "{show}");
+
+    let op = d.json(&["volumes", "delete", &vol]);
+    assert_eq!(op["type"], "delete");
+    assert_eq!(op["status"], "completed", "{op}");
+}
+
+#[test]
+fn ext_volume_lifecycle_with_tables() {
+    let d = Daemon::start();
+    let (zone, offering) = d.zone_and_offering();
+
+    let out = d.ok(&[
+        "volumes",
+        "create",
+        "--name",
+        "table-disk",
+        "--size",
+        "1073741824",
+        "--zone-id",
+        &zone,
+        "--disk-offering-id",
+        &offering,
+    ]);
+    assert!(out.contains("(create) completed"), "{out}");
+    let vol = volume_in(&out).to_string();
+
+    let out = d.ok(&["volumes", "show", &vol]);
+    assert!(out.contains("name:") && out.contains("table-disk"), "{out}");
+    assert!(out.contains("1 GiB"), "{out}");
+    let out = d.ok(&["volumes", "list"]);
+    assert!(out.starts_with("VOLUME"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&vol) && l.contains("table-disk")),
+        "{out}"
+    );
+
+    let out = d.ok(&["volumes", "attach", &vol, "--appliance"]);
+    assert!(out.contains("(attach) completed"), "{out}");
+    let out = d.ok(&["volumes", "list"]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&vol) && l.contains("(appliance)")),
+        "{out}"
+    );
+
+    let out = d.ok(&["exports", "list"]);
+    assert!(out.starts_with("EXPORT"), "{out}");
+    assert!(out.contains("CONNS") && out.contains("WRITTEN"), "{out}");
+    assert!(out.contains(&format!("migration-vol-{vol}")), "{out}");
+    let out = d.ok(&["exports", "show", &vol]);
+    assert!(
+        out.contains("connections:") && out.contains("bytes written:"),
+        "{out}"
+    );
+
+    let out = d.ok(&["ops", "list"]);
+    assert!(out.starts_with("OPERATION"), "{out}");
+    let id = out
+        .lines()
+        .nth(1)
+        .expect("a row")
+        .split_whitespace()
+        .next()
+        .expect("id")
+        .to_string();
+    let out = d.ok(&["ops", "show", &id]);
+    assert!(out.contains("operation:") && out.contains(&id), "{out}");
+
+    let out = d.ok(&["volumes", "detach", &vol]);
+    assert!(out.contains("(detach) completed"), "{out}");
+    let out = d.ok(&["exports", "list"]);
+    assert!(
+        !out.contains(&vol),
+        "export still listed after detach: {out}"
+    );
+    let out = d.ok(&["volumes", "delete", &vol]);
+    assert!(out.contains("(delete) completed"), "{out}");
+}
+
+#[test]
+fn ext_appliance_health_and_reconcile_in_both_modes() {
+    let d = Daemon::start();
+    let appliance = d.appliance_id();
+    let a = d.json(&["appliance", "show"]);
+    assert_eq!(a["verified"], true, "{a}");
+    let out = d.ok(&["appliance", "show"]);
+    assert!(out.contains("vm:") && out.contains(&appliance), "{out}");
+
+    // The simulator fixes the identity: changing it is refused, with exit code 4 and a reason.
+    for json in [false, true] {
+        let mut args = vec!["appliance", "set", "00000000-0000-4000-8000-000000000000"];
+        if json {
+            args.insert(0, "--json");
+        }
+        let o = d.ctl(&args);
+        assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+        assert!(o.stdout.is_empty());
+        assert!(stderr(&o).starts_with("volumectl: "), "{}", stderr(&o));
+    }
+
+    let h = d.ctl(&["--json", "health"]);
+    let body: Value = serde_json::from_slice(&h.stdout).expect("health JSON");
+    let expected = if body["status"] == "healthy" { 0 } else { 1 };
+    assert_eq!(h.status.code(), Some(expected), "{body}");
+    assert!(
+        body["components"]
+            .as_object()
+            .is_some_and(|c| !c.is_empty()),
+        "{body}"
+    );
+    let h = d.ctl(&["health"]);
+    assert_eq!(h.status.code(), Some(expected));
+    let text = String::from_utf8_lossy(&h.stdout);
+    assert!(
+        text.contains("COMPONENT") && text.contains("status:"),
+        "{text}"
+    );
+
+    let r = d.json(&["reconcile"]);
+    assert_eq!(r["dry_run"], true, "{r}");
+    assert!(r["drift"].is_array(), "{r}");
+    let r = d.json(&["reconcile", "--apply"]);
+    assert_eq!(r["dry_run"], false, "{r}");
+    let out = d.ok(&["reconcile"]);
+    assert!(out.starts_with("dry run:"), "{out}");
+}
+
+#[test]
+fn ext_missing_volume_exits_3() {
+    let d = Daemon::start();
+    let nobody = Uuid::new_v4().to_string();
+    for args in [
+        vec!["volumes", "show", nobody.as_str()],
+        vec!["--json", "volumes", "show", nobody.as_str()],
+        vec!["exports", "show", nobody.as_str()],
+        vec!["ops", "show", nobody.as_str()],
+        vec!["ops", "wait", nobody.as_str()],
+    ] {
+        let o = d.ctl(&args);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {}", stderr(&o));
+        assert!(o.stdout.is_empty(), "{args:?}");
+        assert!(stderr(&o).contains(&nobody), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn ext_no_wait_then_ops_wait() {
+    let d = Daemon::start_with(&["--sim-job-delay-ms", "500"]);
+    let (zone, offering) = d.zone_and_offering();
+    let create = [
+        "volumes",
+        "create",
+        "--no-wait",
+        "--size",
+        "1G",
+        "--zone-id",
+        zone.as_str(),
+        "--disk-offering-id",
+        offering.as_str(),
+        "--name",
+    ];
+
+    let mut args = create.to_vec();
+    args.push("nowait-text");
+    let out = d.ok(&args);
+    let id = out.trim();
+    Uuid::parse_str(id)
+        .unwrap_or_else(|e| panic!("--no-wait printed {out:?}, not an operation id: {e}"));
+    let out = d.ok(&["ops", "wait", id, "--timeout", "60s"]);
+    assert!(
+        out.contains("status:") && out.contains("completed"),
+        "{out}"
+    );
+
+    let mut args = vec!["--json"];
+    args.extend_from_slice(&create);
+    args.push("nowait-json");
+    let out = d.ok(&args);
+    let op: Value = serde_json::from_str(&out).expect("operation JSON");
+    let id = op["id"].as_str().expect("id").to_string();
+    assert_ne!(
+        op["status"], "completed",
+        "the create should still be running after --no-wait: {op}"
+    );
+    let done = d.json(&["ops", "wait", &id]);
+    assert_eq!(done["id"], id.as_str());
+    assert_eq!(done["status"], "completed", "{done}");
+    let vol = done["response"]["volume_id"]
+        .as_str()
+        .expect("volume id")
+        .to_string();
+
+    // A wait that cannot finish in time says so with exit code 8.
+    let op = d.json(&["volumes", "delete", "--no-wait", &vol]);
+    let id = op["id"].as_str().expect("id").to_string();
+    let o = d.ctl(&["ops", "wait", &id, "--timeout", "1ms"]);
+    if o.status.code() != Some(0) {
+        assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+        assert!(stderr(&o).contains("ops wait"), "{}", stderr(&o));
+    }
+    let done = d.json(&["ops", "wait", &id]);
+    assert_eq!(done["status"], "completed", "{done}");
+}
+
+#[test]
+fn unreachable_daemon_exits_5() {
+    for args in [vec!["volumes", "list"], vec!["--json", "health"]] {
+        let o = run_ctl("http://127.0.0.1:1", &args);
+        assert_eq!(o.status.code(), Some(5), "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("cannot reach the daemon at http://127.0.0.1:1"),
+            "{err}"
+        );
+        assert!(o.stdout.is_empty());
+    }
+}
+
+#[test]
+fn usage_errors_exit_2_and_help_lists_exit_codes() {
+    let o = run_ctl("http://127.0.0.1:1", &["volumes", "show", "not-a-uuid"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = run_ctl("not a url", &["volumes", "list"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = run_ctl("http://127.0.0.1:1", &["--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        help.contains("Exit codes:") && help.contains("VOLUMECTL_TOKEN"),
+        "{help}"
+    );
+}
+
+#[test]
+fn completions_are_generated_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = run_ctl("http://127.0.0.1:1", &["completions", shell]);
+        assert_eq!(o.status.code(), Some(0), "{shell}: {}", stderr(&o));
+        let s = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            s.contains("volumectl") && s.contains("reconcile"),
+            "{shell}"
+        );
+    }
+}
