@@ -43,6 +43,10 @@ impl Daemon {
     }
 
     fn start_with(extra: &[&str]) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
         let state = dir.path().join("state");
@@ -59,6 +63,7 @@ impl Daemon {
             .arg(&state)
             .args(extra)
             .env_remove("VOLUME_DAEMON_CONFIG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -541,6 +546,29 @@ fn ext_no_wait_then_ops_wait() {
     }
     let done = d.json(&["ops", "wait", &id]);
     assert_eq!(done["status"], "completed", "{done}");
+}
+
+#[test]
+fn ext_bearer_token_from_flag_or_environment() {
+    let d = Daemon::start_with_env(&[], &[("VOLUME_DAEMON_API_TOKEN", "s3cret-token")]);
+    let o = d.ctl(&["volumes", "list"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("VOLUMECTL_TOKEN"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("s3cret-token"), "{}", stderr(&o));
+    let o = d.ctl(&["--token", "wrong", "volumes", "list"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let out = d.ok(&["--token", "s3cret-token", "volumes", "list"]);
+    assert!(out.starts_with("VOLUME"), "{out}");
+    let o = Command::new(env!("CARGO_BIN_EXE_volumectl"))
+        .args(["--json", "appliance", "show"])
+        .env("VOLUMECTL_URL", &d.api)
+        .env("VOLUMECTL_TOKEN", "s3cret-token")
+        .output()
+        .expect("run volumectl");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // /health stays open without a token.
+    let o = d.ctl(&["--json", "health"]);
+    assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
 }
 
 #[test]
