@@ -145,7 +145,14 @@ fn kind_of(e: &cloudstack::Error) -> CloudErrorKind {
         K::LimitExceeded => CloudErrorKind::LimitExceeded,
         K::Unauthorized => CloudErrorKind::Unauthorized,
         K::Transient => CloudErrorKind::Unavailable,
-        K::JobFailed => CloudErrorKind::JobFailed,
+        // A failed job keeps the kind of its error where that says more (limit, in use, not found…).
+        K::JobFailed => match e.job_error().map(|j| j.kind()) {
+            Some(K::NotFound) => CloudErrorKind::NotFound,
+            Some(K::InvalidParameter) => CloudErrorKind::InvalidParameter,
+            Some(K::InUse) => CloudErrorKind::InUse,
+            Some(K::LimitExceeded) => CloudErrorKind::LimitExceeded,
+            _ => CloudErrorKind::JobFailed,
+        },
         K::JobStillRunning => CloudErrorKind::JobStillRunning,
         K::Decode | K::Config | K::Other => CloudErrorKind::Other,
     }

@@ -184,7 +184,8 @@ impl Config {
             None => Config::default(),
         };
         for (k, v) in env {
-            if let Some(key) = k.strip_prefix(ENV_PREFIX) {
+            // VOLUME_DAEMON_CONFIG names the file itself (the --config flag), not a key in it.
+            if let Some(key) = k.strip_prefix(ENV_PREFIX).filter(|key| *key != "CONFIG") {
                 cfg.apply_env(&key.to_ascii_lowercase(), &k, v)?;
             }
         }

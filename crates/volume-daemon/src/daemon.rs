@@ -342,6 +342,13 @@ pub async fn check(cfg: &Config) -> Vec<CheckLine> {
     } else {
         line("configuration", true, "valid".into());
     }
+    if let Err(e) = std::fs::create_dir_all(&cfg.state_dir) {
+        line(
+            "state directory",
+            false,
+            format!("cannot create {}: {e}", cfg.state_dir.display()),
+        );
+    }
     let names_dir = cfg.effective_names_dir();
     let _ = std::fs::create_dir_all(&names_dir);
     for c in blockdev::preflight::run(&cfg.by_id_dir, &names_dir, None).checks {

@@ -155,7 +155,7 @@ pub enum EngineError {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Export(#[from] ExportError),
-    #[error("{cause}; {outcome}")]
+    #[error("{}; {outcome}", crate::error_chain(cause.as_ref()))]
     Compensated {
         cause: Box<EngineError>,
         outcome: String,
@@ -1098,8 +1098,17 @@ impl Inner {
                 crate::error_chain(&e)
             )),
         }
-        let _ = self.store.delete_export(volume_id).await;
-        let _ = self.store.delete_attachment(volume_id).await;
+        for result in [
+            self.store.delete_export(volume_id).await,
+            self.store.delete_attachment(volume_id).await,
+        ] {
+            if let Err(e) = result {
+                problems.push(format!(
+                    "clearing the attachment record failed: {}; run POST /api/v1/reconcile",
+                    crate::error_chain(&e)
+                ));
+            }
+        }
         if problems.is_empty() {
             format!("the volume was detached from the appliance {vm_id} again")
         } else {

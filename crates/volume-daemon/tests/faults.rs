@@ -32,7 +32,7 @@ async fn assert_undone(d: &TestDaemon, vol: Uuid) {
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_attach_job_fails_the_operation_with_the_cloud_error() {
     let d = TestDaemon::start().await;
     let vol = d.create_volume("f1", GIB).await;
@@ -57,7 +57,7 @@ async fn failed_attach_job_fails_the_operation_with_the_cloud_error() {
     d.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_never_appears_is_detached_again() {
     let d = TestDaemon::start_with(|c| c.device_timeout_secs = 2).await;
     let vol = d.create_volume("f2", GIB).await;
@@ -75,7 +75,7 @@ async fn a_device_that_never_appears_is_detached_again() {
     d.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_of_the_wrong_size_is_refused_and_detached_again() {
     let d = TestDaemon::start().await;
     let vol = d.create_volume("f3", GIB).await;
@@ -96,7 +96,7 @@ async fn a_device_of_the_wrong_size_is_refused_and_detached_again() {
     d.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_cloud_errors_are_retried() {
     let d = TestDaemon::start().await;
     d.sim().faults().add(FaultSpec::Throttle {
@@ -117,7 +117,7 @@ async fn transient_cloud_errors_are_retried() {
     d.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_appliance_identity_fails_appliance_requests_clearly() {
     let d = TestDaemon::start_with(|c| c.appliance_vm_id = Some("00000000-0000-4000-8000-000000000000".into())).await;
     let vol = d.create_volume("f5", GIB).await;

@@ -39,6 +39,10 @@ impl TestDaemon {
     }
 
     pub async fn start_with(f: impl FnOnce(&mut Config)) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut cfg = config(dir.path());
         f(&mut cfg);
