@@ -310,10 +310,7 @@ impl Cloud for CloudStack {
 
     fn ping(&self) -> CloudFuture<'_, ()> {
         Box::pin(async move {
-            self.client
-                .list_zones()
-                .await
-                .map_err(wrap("listZones"))?;
+            self.client.list_zones().await.map_err(wrap("listZones"))?;
             Ok(())
         })
     }

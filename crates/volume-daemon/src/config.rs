@@ -207,7 +207,9 @@ impl Config {
         let opt = |v: String| if v.is_empty() { None } else { Some(v) };
         match key {
             "listen" => self.listen = parse(var, &value, "an address like 127.0.0.1:8090")?,
-            "nbd_listen" => self.nbd_listen = parse(var, &value, "an address like 127.0.0.1:10809")?,
+            "nbd_listen" => {
+                self.nbd_listen = parse(var, &value, "an address like 127.0.0.1:10809")?
+            }
             "nbd_advertised_port" => {
                 self.nbd_advertised_port = Some(parse(var, &value, "a port number")?)
             }
@@ -228,7 +230,9 @@ impl Config {
             "max_concurrent_operations" => {
                 self.max_concurrent_operations = parse(var, &value, "a positive number")?
             }
-            "allow_regular_files" => self.allow_regular_files = parse(var, &value, "true or false")?,
+            "allow_regular_files" => {
+                self.allow_regular_files = parse(var, &value, "true or false")?
+            }
             "log_format" => self.log_format = value,
             "sim_enabled" => self.sim.enabled = parse(var, &value, "true or false")?,
             "sim_listen" => self.sim.listen = parse(var, &value, "an address")?,
@@ -250,7 +254,11 @@ impl Config {
     /// Checks cross-field rules.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.listen.ip().is_loopback()
-            && self.api_token.as_ref().map(Secret::is_empty).unwrap_or(true)
+            && self
+                .api_token
+                .as_ref()
+                .map(Secret::is_empty)
+                .unwrap_or(true)
         {
             return Err(ConfigError::Invalid(format!(
                 "listen address {} is not loopback: set api_token (VOLUME_DAEMON_API_TOKEN) or listen on 127.0.0.1",
@@ -330,7 +338,10 @@ mod tests {
         let cfg = Config::load(
             Some(&p),
             vec![
-                ("VOLUME_DAEMON_LISTEN".to_string(), "127.0.0.1:9001".to_string()),
+                (
+                    "VOLUME_DAEMON_LISTEN".to_string(),
+                    "127.0.0.1:9001".to_string(),
+                ),
                 ("PATH".to_string(), "/bin".to_string()),
             ],
         )
@@ -343,7 +354,8 @@ mod tests {
     fn unknown_keys_and_bad_values_are_refused() {
         let err = Config::load(None, vec![("VOLUME_DAEMON_NOPE".into(), "1".into())]).unwrap_err();
         assert!(err.to_string().contains("VOLUME_DAEMON_NOPE"));
-        let err = Config::load(None, vec![("VOLUME_DAEMON_LISTEN".into(), "x".into())]).unwrap_err();
+        let err =
+            Config::load(None, vec![("VOLUME_DAEMON_LISTEN".into(), "x".into())]).unwrap_err();
         assert!(err.to_string().contains("127.0.0.1:8090"));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
@@ -361,7 +373,11 @@ mod tests {
             ..Config::default()
         };
         cfg.sim.enabled = true;
-        assert!(cfg.validate().unwrap_err().to_string().contains("api_token"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("api_token"));
         cfg.api_token = Some(Secret::new("t"));
         cfg.validate().unwrap();
     }

@@ -34,7 +34,9 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Sim(#[from] SimError),
-    #[error("cannot open or migrate the database; check database_url and that the server is reachable")]
+    #[error(
+        "cannot open or migrate the database; check database_url and that the server is reachable"
+    )]
     Store(#[source] StoreError),
     #[error("cannot build the CloudStack client; check cloudstack_url and cloudstack_ca_file")]
     CloudClient(#[source] cloudstack::Error),
@@ -151,7 +153,10 @@ impl RunningDaemon {
             if missing.is_empty() {
                 "block devices, names directory, uevents and by-id watch all usable".to_string()
             } else if privileges_ok {
-                format!("file-backed simulator mode; missing: {}", missing.join("; "))
+                format!(
+                    "file-backed simulator mode; missing: {}",
+                    missing.join("; ")
+                )
             } else {
                 missing.join("; ")
             },
@@ -175,11 +180,13 @@ impl RunningDaemon {
         .await;
 
         let nbd_listener = bind("NBD", cfg.nbd_listen).await?;
-        let nbd_addr = nbd_listener.local_addr().map_err(|source| DaemonError::Listen {
-            what: "NBD",
-            addr: cfg.nbd_listen,
-            source,
-        })?;
+        let nbd_addr = nbd_listener
+            .local_addr()
+            .map_err(|source| DaemonError::Listen {
+                what: "NBD",
+                addr: cfg.nbd_listen,
+                source,
+            })?;
         let registry = nbd::Registry::new();
         let (stop_nbd, nbd_stop_rx) = oneshot::channel::<()>();
         let server = nbd::Server::new(registry.clone(), nbd::ServerConfig::default());
@@ -242,11 +249,13 @@ impl RunningDaemon {
         health.set_ready(true);
 
         let api_listener = bind("the REST API", cfg.listen).await?;
-        let api_addr = api_listener.local_addr().map_err(|source| DaemonError::Listen {
-            what: "the REST API",
-            addr: cfg.listen,
-            source,
-        })?;
+        let api_addr = api_listener
+            .local_addr()
+            .map_err(|source| DaemonError::Listen {
+                what: "the REST API",
+                addr: cfg.listen,
+                source,
+            })?;
         let app = api::router(AppState {
             engine: engine.clone(),
             health: Arc::clone(&health),
@@ -257,7 +266,10 @@ impl RunningDaemon {
             let stop = async move {
                 let _ = api_stop_rx.await;
             };
-            if let Err(e) = axum::serve(api_listener, app).with_graceful_shutdown(stop).await {
+            if let Err(e) = axum::serve(api_listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
                 tracing::error!(error = %e, "REST API server stopped");
             }
         });
@@ -305,7 +317,13 @@ impl RunningDaemon {
         let _ = self.api_task.await;
         let drain = self.engine.config().drain_timeout;
         for snap in self.engine.exports().list() {
-            if let Err(e) = self.engine.exports().registry().remove(&snap.name, drain).await {
+            if let Err(e) = self
+                .engine
+                .exports()
+                .registry()
+                .remove(&snap.name, drain)
+                .await
+            {
                 tracing::warn!(export = %snap.name, error = %crate::error_chain(&e), "export did not close cleanly");
             }
         }
@@ -414,8 +432,9 @@ pub async fn check(cfg: &Config) -> Vec<CheckLine> {
             _ => line(
                 "appliance identity",
                 false,
-                s.problem
-                    .unwrap_or_else(|| "unknown: set appliance_vm_id or PUT /api/v1/appliance".into()),
+                s.problem.unwrap_or_else(|| {
+                    "unknown: set appliance_vm_id or PUT /api/v1/appliance".into()
+                }),
             ),
         }
     }

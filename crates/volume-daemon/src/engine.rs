@@ -21,8 +21,8 @@ use crate::identity::{Identity, IdentityError};
 use crate::locks::{KeyedMutex, Queues};
 use crate::metrics::Metrics;
 use crate::store::{
-    AttachTarget, AttachmentFilter, AttachmentRecord, DiskRole, ExportRecord, Inserted, NewOperation, OpError,
-    OpStatus, OpType, OperationRecord, Store, StoreError, VolumeRecord,
+    AttachTarget, AttachmentFilter, AttachmentRecord, DiskRole, ExportRecord, Inserted,
+    NewOperation, OpError, OpStatus, OpType, OperationRecord, Store, StoreError, VolumeRecord,
 };
 
 /// One GiB: volume sizes are rounded up to whole GiB.
@@ -96,7 +96,9 @@ impl Request {
                 volume_id,
                 vm_id,
                 root: true,
-            } => json!({ "volume_id": volume_id, "vm_id": vm_id, "device_id": 0, "attach_as": "root" }),
+            } => {
+                json!({ "volume_id": volume_id, "vm_id": vm_id, "device_id": 0, "attach_as": "root" })
+            }
             Self::Detach { volume_id } | Self::Delete { volume_id } => {
                 json!({ "volume_id": volume_id })
             }
@@ -354,7 +356,8 @@ impl Engine {
                 if *root && *vm_id == appliance {
                     return Err(EngineError::Invalid {
                         field: "vm_id",
-                        message: "a volume cannot be attached as the root disk of the appliance".into(),
+                        message: "a volume cannot be attached as the root disk of the appliance"
+                            .into(),
                     });
                 }
                 self.require_volume(*volume_id).await?;
@@ -439,7 +442,13 @@ impl Engine {
     pub async fn wait_idle(&self) {
         loop {
             let mut rx = self.inner.changes.subscribe();
-            if self.inner.store.unfinished_operations().await.map(|v| v.is_empty()).unwrap_or(true)
+            if self
+                .inner
+                .store
+                .unfinished_operations()
+                .await
+                .map(|v| v.is_empty())
+                .unwrap_or(true)
                 && self.inner.permits.available_permits() == self.inner.cfg.max_concurrent.max(1)
             {
                 return;
@@ -485,7 +494,11 @@ impl Engine {
 
 impl Engine {
     /// Runs `f` in the volume's FIFO turn, so that it never interleaves with an operation on that volume.
-    pub(crate) async fn in_turn<T>(&self, volume_id: Uuid, f: impl std::future::Future<Output = T>) -> T {
+    pub(crate) async fn in_turn<T>(
+        &self,
+        volume_id: Uuid,
+        f: impl std::future::Future<Output = T>,
+    ) -> T {
         let mut turn = self.inner.queues.enqueue(&volume_id.to_string());
         turn.wait().await;
         let out = f.await;
@@ -533,7 +546,10 @@ impl Engine {
     }
 
     /// Re-verifies an appliance attachment's device and serves it again under a new generation.
-    pub(crate) async fn reexport(&self, att: &AttachmentRecord) -> Result<ExportRecord, EngineError> {
+    pub(crate) async fn reexport(
+        &self,
+        att: &AttachmentRecord,
+    ) -> Result<ExportRecord, EngineError> {
         self.inner.reexport(att).await
     }
 
@@ -541,7 +557,10 @@ impl Engine {
     pub async fn remove_export(&self, volume_id: Uuid) -> Result<bool, EngineError> {
         self.in_turn(volume_id, async {
             let inner = &self.inner;
-            let closed = inner.exports.close(volume_id, inner.cfg.drain_timeout).await?;
+            let closed = inner
+                .exports
+                .close(volume_id, inner.cfg.drain_timeout)
+                .await?;
             let had_record = inner.store.get_export(volume_id).await?.is_some();
             inner.store.delete_export(volume_id).await?;
             Ok(closed.is_some() || had_record)
@@ -563,10 +582,14 @@ impl Engine {
         let mut problems = Vec::new();
         for att in atts {
             if let Some(name) = &att.stable_name {
-                inner.devices.remember(att.volume_id, std::path::Path::new(name))?;
+                inner
+                    .devices
+                    .remember(att.volume_id, std::path::Path::new(name))?;
             }
             match inner.reexport(&att).await {
-                Ok(rec) => tracing::info!(volume = %att.volume_id, export = %rec.export_name, generation = rec.generation, "export restored"),
+                Ok(rec) => {
+                    tracing::info!(volume = %att.volume_id, export = %rec.export_name, generation = rec.generation, "export restored")
+                }
                 Err(e) => {
                     let msg = crate::error_chain(&e);
                     tracing::error!(volume = %att.volume_id, error = %msg, "cannot restore the export of an appliance volume");
@@ -589,7 +612,10 @@ impl Inner {
             .map(|v| v.size_bytes)
             .ok_or_else(|| EngineError::NotFound(format!("volume {volume_id} has no record")))?;
         let dev = self.devices.resolve(volume_id, size)?;
-        let link_target = dev.by_id_path.clone().unwrap_or_else(|| dev.dev_path.clone());
+        let link_target = dev
+            .by_id_path
+            .clone()
+            .unwrap_or_else(|| dev.dev_path.clone());
         self.devices.name(volume_id, &link_target)?;
         let snap = self
             .exports
@@ -708,7 +734,9 @@ impl Inner {
                     "vm_id": out.vm_id,
                     "message": if out.was_attached { "volume detached" } else { "volume was not attached" },
                 });
-                self.store.commit_detach(op.id, volume_id, &response).await?;
+                self.store
+                    .commit_detach(op.id, volume_id, &response)
+                    .await?;
                 Ok(())
             }
             Request::Delete { volume_id } => self.delete(op, volume_id).await,
@@ -778,7 +806,11 @@ impl Inner {
 
     // ---- create -------------------------------------------------------------------------------------------
 
-    async fn create(&self, op: &OperationRecord, c: &CreateVolumeRequest) -> Result<(), EngineError> {
+    async fn create(
+        &self,
+        op: &OperationRecord,
+        c: &CreateVolumeRequest,
+    ) -> Result<(), EngineError> {
         validate_create(c)?;
         let size = round_up_gib(c.size);
         let mut volume_id = op.volume_id;
@@ -823,7 +855,9 @@ impl Inner {
                 .await?;
             if let Some(rid) = &job.resource_id {
                 let id = Uuid::parse_str(rid).map_err(|_| {
-                    EngineError::Internal(format!("CloudStack named the new volume {rid:?}, which is not a UUID"))
+                    EngineError::Internal(format!(
+                        "CloudStack named the new volume {rid:?}, which is not a UUID"
+                    ))
                 })?;
                 self.store.set_operation_volume(op.id, id).await?;
                 volume_id = Some(id);
@@ -843,7 +877,10 @@ impl Inner {
             EngineError::Internal("CloudStack finished createVolume without a volume".into())
         })?;
         let id = Uuid::parse_str(&cv.id).map_err(|_| {
-            EngineError::Internal(format!("CloudStack named the new volume {:?}, which is not a UUID", cv.id))
+            EngineError::Internal(format!(
+                "CloudStack named the new volume {:?}, which is not a UUID",
+                cv.id
+            ))
         })?;
         let now = Utc::now();
         let rec = VolumeRecord {
@@ -969,7 +1006,9 @@ impl Inner {
             if root {
                 response["attach_as"] = json!("root");
             }
-            self.store.commit_attach(op.id, &att, None, &response).await?;
+            self.store
+                .commit_attach(op.id, &att, None, &response)
+                .await?;
             return Ok(());
         }
         match self.attach_local(op, &volume, &cv, vm_id).await {
@@ -994,7 +1033,11 @@ impl Inner {
         vm_id: &str,
     ) -> Result<(), EngineError> {
         let volume_id = volume.id;
-        let size = if cv.size > 0 { cv.size } else { volume.size_bytes };
+        let size = if cv.size > 0 {
+            cv.size
+        } else {
+            volume.size_bytes
+        };
         let (dev, took) = self
             .devices
             .wait_for(volume_id, size, self.cfg.device_timeout)
@@ -1002,7 +1045,10 @@ impl Inner {
         self.metrics.device_appeared(took);
         tracing::info!(volume = %volume_id, device = %dev.dev_path.display(), took_ms = took.as_millis() as u64, "device found");
         self.step(op, step::DEVICE_FOUND).await?;
-        let link_target = dev.by_id_path.clone().unwrap_or_else(|| dev.dev_path.clone());
+        let link_target = dev
+            .by_id_path
+            .clone()
+            .unwrap_or_else(|| dev.dev_path.clone());
         let name = self.devices.name(volume_id, &link_target)?;
         self.step(op, step::NAMED).await?;
         let snap = self
@@ -1055,14 +1101,25 @@ impl Inner {
     }
 
     /// Undoes an appliance attach whose later step failed; returns what happened, for the operation's error.
-    async fn compensate_attach(&self, op: &OperationRecord, volume_id: Uuid, vm_id: &str) -> String {
+    async fn compensate_attach(
+        &self,
+        op: &OperationRecord,
+        volume_id: Uuid,
+        vm_id: &str,
+    ) -> String {
         let _ = self.step(op, step::COMPENSATING).await;
         let mut problems = Vec::new();
         if let Err(e) = self.exports.close(volume_id, self.cfg.drain_timeout).await {
-            problems.push(format!("removing the export failed: {}", crate::error_chain(&e)));
+            problems.push(format!(
+                "removing the export failed: {}",
+                crate::error_chain(&e)
+            ));
         }
         if let Err(e) = self.devices.unname(volume_id) {
-            problems.push(format!("removing the stable name failed: {}", crate::error_chain(&e)));
+            problems.push(format!(
+                "removing the stable name failed: {}",
+                crate::error_chain(&e)
+            ));
         }
         let detached = async {
             let cv = self.cloud_volume(volume_id).await?;
@@ -1090,7 +1147,10 @@ impl Inner {
                     .wait_gone(volume_id, self.cfg.device_timeout)
                     .await
                 {
-                    problems.push(format!("the device did not go away: {}", crate::error_chain(&e)));
+                    problems.push(format!(
+                        "the device did not go away: {}",
+                        crate::error_chain(&e)
+                    ));
                 }
             }
             Err(e) => problems.push(format!(
@@ -1118,7 +1178,11 @@ impl Inner {
 
     // ---- detach and delete --------------------------------------------------------------------------------
 
-    async fn detach_steps(&self, op: &OperationRecord, volume_id: Uuid) -> Result<DetachOutcome, EngineError> {
+    async fn detach_steps(
+        &self,
+        op: &OperationRecord,
+        volume_id: Uuid,
+    ) -> Result<DetachOutcome, EngineError> {
         let att = self.store.get_attachment(volume_id).await?;
         let cv = self.cloud_volume(volume_id).await?;
         let cloud_vm = cv.as_ref().and_then(|v| v.vm_id.clone());
@@ -1134,12 +1198,19 @@ impl Inner {
             }
         };
         let appliance = self.identity.current().await.vm_id;
-        let local = att.as_ref().map(|a| a.target == AttachTarget::Appliance).unwrap_or(false)
+        let local = att
+            .as_ref()
+            .map(|a| a.target == AttachTarget::Appliance)
+            .unwrap_or(false)
             || appliance.as_deref() == Some(vm.as_str());
         let _vm = self.vm_locks.lock(&vm).await;
         if local {
             // Stop new connections, drain in-flight requests, flush, close sessions.
-            if let Some(c) = self.exports.close(volume_id, self.cfg.drain_timeout).await? {
+            if let Some(c) = self
+                .exports
+                .close(volume_id, self.cfg.drain_timeout)
+                .await?
+            {
                 if !c.drained_in_time {
                     tracing::warn!(volume = %volume_id, "in-flight NBD requests did not finish before the drain deadline");
                 }
@@ -1167,7 +1238,11 @@ impl Inner {
         }
         self.step(op, step::CLOUD_DETACHED).await?;
         if local {
-            if let Err(e) = self.devices.wait_gone(volume_id, self.cfg.device_timeout).await {
+            if let Err(e) = self
+                .devices
+                .wait_gone(volume_id, self.cfg.device_timeout)
+                .await
+            {
                 // The cloud no longer attaches it: the records go, and the operation says what is left.
                 self.store.delete_export(volume_id).await?;
                 self.store.delete_attachment(volume_id).await?;
@@ -1206,7 +1281,9 @@ impl Inner {
             "detached_from": out.vm_id,
             "message": if existed { "volume deleted" } else { "volume was already gone from CloudStack" },
         });
-        self.store.commit_delete(op.id, volume_id, &response).await?;
+        self.store
+            .commit_delete(op.id, volume_id, &response)
+            .await?;
         Ok(())
     }
 
@@ -1269,10 +1346,34 @@ mod tests {
         };
         validate_create(&ok).unwrap();
         for (bad, field) in [
-            (CreateVolumeRequest { name: " ".into(), ..ok.clone() }, "name"),
-            (CreateVolumeRequest { size: 0, ..ok.clone() }, "size"),
-            (CreateVolumeRequest { disk_offering_id: "".into(), ..ok.clone() }, "disk_offering_id"),
-            (CreateVolumeRequest { zone_id: "".into(), ..ok.clone() }, "zone_id"),
+            (
+                CreateVolumeRequest {
+                    name: " ".into(),
+                    ..ok.clone()
+                },
+                "name",
+            ),
+            (
+                CreateVolumeRequest {
+                    size: 0,
+                    ..ok.clone()
+                },
+                "size",
+            ),
+            (
+                CreateVolumeRequest {
+                    disk_offering_id: "".into(),
+                    ..ok.clone()
+                },
+                "disk_offering_id",
+            ),
+            (
+                CreateVolumeRequest {
+                    zone_id: "".into(),
+                    ..ok.clone()
+                },
+                "zone_id",
+            ),
         ] {
             match validate_create(&bad) {
                 Err(EngineError::Invalid { field: f, .. }) => assert_eq!(f, field),

@@ -150,7 +150,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     init_logging(&cfg.log_format);
     tracing::info!(state_dir = %cfg.state_dir.display(), database = %redact_url(&cfg.effective_database_url()), "starting");
-    let daemon = RunningDaemon::start(cfg).await.context("volume-daemon could not start")?;
+    let daemon = RunningDaemon::start(cfg)
+        .await
+        .context("volume-daemon could not start")?;
     wait_for_signal().await?;
     tracing::info!("shutting down");
     daemon.shutdown().await;
@@ -237,7 +239,10 @@ mod tests {
             redact_url("postgres://vd:s3cret@db:5432/vd"),
             "postgres://vd:***@db:5432/vd"
         );
-        assert_eq!(redact_url("sqlite:///x.db?mode=rwc"), "sqlite:///x.db?mode=rwc");
+        assert_eq!(
+            redact_url("sqlite:///x.db?mode=rwc"),
+            "sqlite:///x.db?mode=rwc"
+        );
     }
 
     #[test]

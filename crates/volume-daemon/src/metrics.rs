@@ -6,6 +6,14 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// One per-export series: name, type, help and how to read it from a snapshot.
+type ExportSeries = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&nbd::ExportSnapshot) -> u64,
+);
+
 /// Upper bounds (seconds) of the duration histograms.
 const BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
 
@@ -102,7 +110,9 @@ impl Metrics {
     pub fn render(&self, exports: &[nbd::ExportSnapshot], gauges: &[(&str, &str, f64)]) -> String {
         let mut out = String::new();
         let m = self.inner.lock().expect("metrics lock poisoned");
-        out.push_str("# HELP volume_daemon_operations_submitted_total Operations accepted, by type.\n");
+        out.push_str(
+            "# HELP volume_daemon_operations_submitted_total Operations accepted, by type.\n",
+        );
         out.push_str("# TYPE volume_daemon_operations_submitted_total counter\n");
         for (t, n) in &m.submitted {
             let _ = writeln!(
@@ -118,7 +128,9 @@ impl Metrics {
                 "volume_daemon_operations_finished_total{{type=\"{t}\",status=\"{s}\"}} {n}"
             );
         }
-        out.push_str("# HELP volume_daemon_operation_duration_seconds Time from start to terminal status.\n");
+        out.push_str(
+            "# HELP volume_daemon_operation_duration_seconds Time from start to terminal status.\n",
+        );
         out.push_str("# TYPE volume_daemon_operation_duration_seconds histogram\n");
         for (t, h) in &m.durations {
             h.render(
@@ -131,17 +143,24 @@ impl Metrics {
         out.push_str("# TYPE volume_daemon_device_appear_seconds histogram\n");
         m.device_wait
             .render(&mut out, "volume_daemon_device_appear_seconds", "");
-        out.push_str("# HELP volume_daemon_compensations_total Attaches undone after a later step failed.\n");
+        out.push_str(
+            "# HELP volume_daemon_compensations_total Attaches undone after a later step failed.\n",
+        );
         out.push_str("# TYPE volume_daemon_compensations_total counter\n");
         let _ = writeln!(out, "volume_daemon_compensations_total {}", m.compensations);
-        out.push_str("# HELP volume_daemon_operations_resumed_total Operations resumed at start-up.\n");
+        out.push_str(
+            "# HELP volume_daemon_operations_resumed_total Operations resumed at start-up.\n",
+        );
         out.push_str("# TYPE volume_daemon_operations_resumed_total counter\n");
         let _ = writeln!(out, "volume_daemon_operations_resumed_total {}", m.resumed);
         drop(m);
         for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
         }
-        let series: [(&str, &str, &str, fn(&nbd::ExportSnapshot) -> u64); 5] = [
+        let series: [ExportSeries; 5] = [
             (
                 "volume_daemon_export_connections",
                 "gauge",

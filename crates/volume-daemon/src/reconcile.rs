@@ -63,13 +63,19 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
                 let mut d = drift(
                     Some(v.id),
                     "attached_only_in_database",
-                    format!("the database records an attachment to VM {} that CloudStack does not have", a.vm_id),
+                    format!(
+                        "the database records an attachment to VM {} that CloudStack does not have",
+                        a.vm_id
+                    ),
                     "remove the attachment (and its export) from the daemon",
                 );
                 if apply {
                     engine
                         .in_turn(v.id, async {
-                            engine.exports().close(v.id, engine.config().drain_timeout).await?;
+                            engine
+                                .exports()
+                                .close(v.id, engine.config().drain_timeout)
+                                .await?;
                             engine.devices().unname(v.id)?;
                             store.delete_export(v.id).await?;
                             store.delete_attachment(v.id).await?;
@@ -83,7 +89,9 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
             (None, Some(vm)) => out.push(drift(
                 Some(v.id),
                 "attached_only_in_cloud",
-                format!("CloudStack has the volume attached to VM {vm}; the database has no attachment"),
+                format!(
+                    "CloudStack has the volume attached to VM {vm}; the database has no attachment"
+                ),
                 "none automatic; detach it (POST /api/v1/volumes/{id}/detach) and attach it again",
             )),
             (Some(a), Some(vm)) if a.vm_id != vm => out.push(drift(
@@ -150,13 +158,19 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
         let mut d = drift(
             Some(id),
             "export_without_attachment",
-            format!("export {} is served but the volume is not attached to the appliance", snap.name),
+            format!(
+                "export {} is served but the volume is not attached to the appliance",
+                snap.name
+            ),
             "remove the export",
         );
         if apply {
             engine
                 .in_turn(id, async {
-                    engine.exports().close(id, engine.config().drain_timeout).await?;
+                    engine
+                        .exports()
+                        .close(id, engine.config().drain_timeout)
+                        .await?;
                     store.delete_export(id).await?;
                     Ok::<(), EngineError>(())
                 })
@@ -169,7 +183,8 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
         out.push(drift(
             None,
             "appliance_identity_unknown",
-            "the appliance VM id is unknown, so appliance attachments cannot be checked against it".into(),
+            "the appliance VM id is unknown, so appliance attachments cannot be checked against it"
+                .into(),
             "set appliance_vm_id or PUT /api/v1/appliance",
         ));
     }

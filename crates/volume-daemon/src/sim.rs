@@ -21,11 +21,13 @@ impl std::fmt::Debug for Sim {
 
 /// The simulator failed to start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot start the built-in CloudStack simulator on {listen}; pick another --sim-listen address")]
+#[error(
+    "cannot start the built-in CloudStack simulator on {listen}; pick another --sim-listen address"
+)]
 pub struct SimError {
     listen: std::net::SocketAddr,
     #[source]
-    source: cloudsim::SimError,
+    source: Box<cloudsim::SimError>,
 }
 
 /// Whether this process may create loop devices (the simulator backs appliance attachments with them).
@@ -51,7 +53,7 @@ pub async fn start(cfg: &mut Config) -> Result<Sim, SimError> {
         .await
         .map_err(|source| SimError {
             listen: cfg.sim.listen,
-            source,
+            source: Box::new(source),
         })?;
     cfg.cloudstack_url = Some(running.api_url());
     cfg.cloudstack_api_key = Some(cfg.sim.api_key.clone());

@@ -1,5 +1,6 @@
 //! The REST API end to end: a real daemon with the built-in simulator over real HTTP. Tests named `root_`
 //! use real loop devices and real NBD clients (nbdcopy).
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 mod support;
 
@@ -17,14 +18,46 @@ async fn bad_input_is_refused_naming_the_problem_and_nothing_is_recorded() {
     let zone = d.zone();
     let off = d.custom_offering();
     let cases: Vec<(&str, Value, &str)> = vec![
-        ("/volumes", json!({"name": "a", "size": 0, "disk_offering_id": off, "zone_id": zone}), "size"),
-        ("/volumes", json!({"name": "", "size": 1, "disk_offering_id": off, "zone_id": zone}), "name"),
-        ("/volumes", json!({"name": "a", "size": -1, "disk_offering_id": off, "zone_id": zone}), "size"),
-        ("/volumes", json!({"name": "a", "size": "big", "disk_offering_id": off, "zone_id": zone}), "size"),
-        ("/volumes", json!({"name": "a", "size": 1, "disk_offering_id": off}), "zone_id"),
-        ("/volumes", json!({"name": "a", "size": 1, "disk_offering_id": off, "zone_id": zone, "colour": 1}), "colour"),
-        ("/volumes/not-a-uuid/attach", json!({"vm_id": d.appliance()}), "volume_id"),
-        ("/volumes/60338035-92fb-4d27-98d4-b60ad4b38b87/attach", json!({}), "vm_id"),
+        (
+            "/volumes",
+            json!({"name": "a", "size": 0, "disk_offering_id": off, "zone_id": zone}),
+            "size",
+        ),
+        (
+            "/volumes",
+            json!({"name": "", "size": 1, "disk_offering_id": off, "zone_id": zone}),
+            "name",
+        ),
+        (
+            "/volumes",
+            json!({"name": "a", "size": -1, "disk_offering_id": off, "zone_id": zone}),
+            "size",
+        ),
+        (
+            "/volumes",
+            json!({"name": "a", "size": "big", "disk_offering_id": off, "zone_id": zone}),
+            "size",
+        ),
+        (
+            "/volumes",
+            json!({"name": "a", "size": 1, "disk_offering_id": off}),
+            "zone_id",
+        ),
+        (
+            "/volumes",
+            json!({"name": "a", "size": 1, "disk_offering_id": off, "zone_id": zone, "colour": 1}),
+            "colour",
+        ),
+        (
+            "/volumes/not-a-uuid/attach",
+            json!({"vm_id": d.appliance()}),
+            "volume_id",
+        ),
+        (
+            "/volumes/60338035-92fb-4d27-98d4-b60ad4b38b87/attach",
+            json!({}),
+            "vm_id",
+        ),
     ];
     for (path, body, field) in cases {
         let (s, v) = d.post(path, body.clone()).await;
@@ -51,15 +84,24 @@ async fn bad_input_is_refused_naming_the_problem_and_nothing_is_recorded() {
     }
     // Unknown volume: 404; unknown operation: 404.
     let (s, v) = d
-        .post("/volumes/60338035-92fb-4d27-98d4-b60ad4b38b87/detach", json!({}))
+        .post(
+            "/volumes/60338035-92fb-4d27-98d4-b60ad4b38b87/detach",
+            json!({}),
+        )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
-    let (s, _) = d.get("/operations/60338035-92fb-4d27-98d4-b60ad4b38b87").await;
+    let (s, _) = d
+        .get("/operations/60338035-92fb-4d27-98d4-b60ad4b38b87")
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // Nothing was journaled.
     let (s, ops) = d.get("/operations").await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(ops, json!([]), "no operation may be recorded for refused requests");
+    assert_eq!(
+        ops,
+        json!([]),
+        "no operation may be recorded for refused requests"
+    );
     d.stop().await;
 }
 
@@ -80,7 +122,10 @@ async fn create_rounds_up_keeps_metadata_and_honours_idempotency_keys() {
     assert_eq!(again.status(), StatusCode::CREATED);
     assert_eq!(again.headers()["Idempotent-Replayed"], "true");
     let again: Value = again.json().await.unwrap();
-    assert_eq!(first["id"], again["id"], "a replay returns the same operation");
+    assert_eq!(
+        first["id"], again["id"],
+        "a replay returns the same operation"
+    );
     let done = d.wait_op(&first).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["type"], "create");
@@ -93,7 +138,11 @@ async fn create_rounds_up_keeps_metadata_and_honours_idempotency_keys() {
     assert_eq!(v["state"], "detached");
     assert_eq!(v["cloudstack_data"]["size"], 2 * GIB);
     let (_, ops) = d.get("/operations?type=create").await;
-    assert_eq!(ops.as_array().unwrap().len(), 1, "the replay created nothing: {ops}");
+    assert_eq!(
+        ops.as_array().unwrap().len(),
+        1,
+        "the replay created nothing: {ops}"
+    );
     d.stop().await;
 }
 
@@ -102,7 +151,10 @@ async fn appliance_attach_exports_and_detach_removes_the_export() {
     let d = TestDaemon::start().await;
     let vol = d.create_volume("app-0", GIB).await;
     let op = d
-        .run_ok(&format!("/volumes/{vol}/attach"), json!({"vm_id": d.appliance()}))
+        .run_ok(
+            &format!("/volumes/{vol}/attach"),
+            json!({"vm_id": d.appliance()}),
+        )
         .await;
     let serial: String = vol.simple().to_string()[..20].to_string();
     let device_path = op["response"]["device_path"].as_str().unwrap();
@@ -114,28 +166,38 @@ async fn appliance_attach_exports_and_detach_removes_the_export() {
     assert_eq!(dev["size"], GIB);
     let link = dev["symlink_path"].as_str().unwrap();
     assert!(link.ends_with(&format!("vol{}", &serial[..8])), "{dev}");
-    assert!(std::fs::symlink_metadata(link).is_ok(), "stable name {link} exists");
+    assert!(
+        std::fs::symlink_metadata(link).is_ok(),
+        "stable name {link} exists"
+    );
     let (_, exports) = d.get("/exports").await;
     assert_eq!(exports["count"], 1, "{exports}");
-    assert_eq!(exports["exports"][0]["export_name"], format!("migration-vol-{vol}"));
+    assert_eq!(
+        exports["exports"][0]["export_name"],
+        format!("migration-vol-{vol}")
+    );
     assert_eq!(exports["exports"][0]["status"], "active");
-    let (_, by_dev) = d
-        .get(&format!("/devices/volume?path={device_path}"))
-        .await;
+    let (_, by_dev) = d.get(&format!("/devices/volume?path={device_path}")).await;
     assert_eq!(by_dev["volume_id"], vol.to_string(), "{by_dev}");
     let (_, vms) = d.get(&format!("/vms/{}/volumes", d.appliance())).await;
     assert_eq!(vms.as_array().unwrap().len(), 1);
 
     // Attaching again while attached is a conflict.
     let (s, v) = d
-        .post(&format!("/volumes/{vol}/attach"), json!({"vm_id": d.appliance()}))
+        .post(
+            &format!("/volumes/{vol}/attach"),
+            json!({"vm_id": d.appliance()}),
+        )
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
 
     d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
     let (_, exports) = d.get("/exports").await;
     assert_eq!(exports, json!({"exports": [], "count": 0}));
-    assert!(std::fs::symlink_metadata(link).is_err(), "stable name removed");
+    assert!(
+        std::fs::symlink_metadata(link).is_err(),
+        "stable name removed"
+    );
     let (s, _) = d.get(&format!("/volumes/{vol}/device")).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     d.delete_ok(vol).await;
@@ -149,10 +211,17 @@ async fn remote_root_and_data_attachments_are_listed_per_vm_and_delete_detaches_
     let root = d.create_volume("root", GIB).await;
     let a = d.create_volume("data-a", GIB).await;
     let b = d.create_volume("data-b", GIB).await;
-    let op = d.run_ok(&format!("/volumes/{root}/attach-root"), json!({"vm_id": vm})).await;
+    let op = d
+        .run_ok(
+            &format!("/volumes/{root}/attach-root"),
+            json!({"vm_id": vm}),
+        )
+        .await;
     assert_eq!(op["response"]["device_id"], 0, "{op}");
     for v in [a, b] {
-        let op = d.run_ok(&format!("/volumes/{v}/attach"), json!({"vm_id": vm})).await;
+        let op = d
+            .run_ok(&format!("/volumes/{v}/attach"), json!({"vm_id": vm}))
+            .await;
         assert_ne!(op["response"]["device_id"], 0);
         assert_ne!(op["response"]["device_id"], 3, "device id 3 is reserved");
     }
@@ -170,7 +239,9 @@ async fn remote_root_and_data_attachments_are_listed_per_vm_and_delete_detaches_
     assert_eq!(dev["operation_mode"], "failover");
     assert_eq!(dev["disk_role"], "root");
     for v in [root, a, b] {
-        let (s, op) = d.send(reqwest::Method::DELETE, &format!("/volumes/{v}"), None).await;
+        let (s, op) = d
+            .send(reqwest::Method::DELETE, &format!("/volumes/{v}"), None)
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{op}");
         let done = d.wait_op(&op).await;
         assert_eq!(done["status"], "completed", "{done}");
@@ -215,7 +286,11 @@ async fn fifty_volumes_two_hundred_parallel_operations_stay_consistent() {
     let per_volume: Vec<_> = vols
         .iter()
         .map(|v| {
-            let mine: Vec<_> = reqs.iter().filter(|(p, _)| p.contains(&v.to_string())).cloned().collect();
+            let mine: Vec<_> = reqs
+                .iter()
+                .filter(|(p, _)| p.contains(&v.to_string()))
+                .cloned()
+                .collect();
             let d = &d;
             async move {
                 let mut out = Vec::new();
@@ -249,8 +324,14 @@ async fn fifty_volumes_two_hundred_parallel_operations_stay_consistent() {
             completed += 1;
         }
     }
-    assert!(completed >= 100, "most operations must complete: {completed} (refused {refused})");
-    assert!(completed + refused >= 190, "accepted operations: {completed} + {refused}");
+    assert!(
+        completed >= 100,
+        "most operations must complete: {completed} (refused {refused})"
+    );
+    assert!(
+        completed + refused >= 190,
+        "accepted operations: {completed} + {refused}"
+    );
     // Per volume, completed attaches and detaches alternate in completion order: nothing lost, doubled or
     // interleaved.
     let (_, all) = d.get("/operations?limit=1000").await;
@@ -293,7 +374,10 @@ async fn fifty_volumes_two_hundred_parallel_operations_stay_consistent() {
 
 fn require(tool: &str) {
     let ok = Command::new(tool).arg("--version").output().is_ok();
-    assert!(ok, "{tool} is required for this test (apt-get install libnbd-bin); scripts/test installs it");
+    assert!(
+        ok,
+        "{tool} is required for this test (apt-get install libnbd-bin); scripts/test installs it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,8 +390,16 @@ async fn root_end_to_end_nbd_data_survives_detach_and_reattach() {
     let d = TestDaemon::start().await;
     let vol = d.create_volume("e2e", 256 << 20).await;
     let app = d.appliance();
-    let op = d.run_ok(&format!("/volumes/{vol}/attach"), json!({"vm_id": app})).await;
-    assert!(op["response"]["kernel_device"].as_str().unwrap().starts_with("/dev/loop"), "{op}");
+    let op = d
+        .run_ok(&format!("/volumes/{vol}/attach"), json!({"vm_id": app}))
+        .await;
+    assert!(
+        op["response"]["kernel_device"]
+            .as_str()
+            .unwrap()
+            .starts_with("/dev/loop"),
+        "{op}"
+    );
 
     let data = d.dir.path().join("random.img");
     let mut bytes = vec![0u8; 256 << 20];
@@ -320,7 +412,11 @@ async fn root_end_to_end_nbd_data_survives_detach_and_reattach() {
     }
     std::fs::write(&data, &bytes).unwrap();
     let url = d.nbd_url(vol);
-    let st = Command::new("nbdcopy").arg(&data).arg(&url).status().unwrap();
+    let st = Command::new("nbdcopy")
+        .arg(&data)
+        .arg(&url)
+        .status()
+        .unwrap();
     assert!(st.success(), "nbdcopy into the export");
     let (_, exp) = d.get(&format!("/exports/{vol}")).await;
     assert!(exp["bytes_written"].as_u64().unwrap() >= 256 << 20, "{exp}");
@@ -329,7 +425,8 @@ async fn root_end_to_end_nbd_data_survives_detach_and_reattach() {
     let st = Command::new("nbdinfo").arg(&url).output().unwrap();
     assert!(!st.status.success(), "the export is gone after detach");
 
-    d.run_ok(&format!("/volumes/{vol}/attach"), json!({"vm_id": app})).await;
+    d.run_ok(&format!("/volumes/{vol}/attach"), json!({"vm_id": app}))
+        .await;
     let back = d.dir.path().join("back.img");
     let st = Command::new("nbdcopy")
         .arg(&url)
@@ -338,19 +435,29 @@ async fn root_end_to_end_nbd_data_survives_detach_and_reattach() {
         .unwrap();
     assert!(st.success(), "nbdcopy out of the export");
     let read = std::fs::read(&back).unwrap();
-    assert_eq!(read.len() as u64, GIB, "the export has the volume's size (1 GiB)");
-    assert!(read[..256 << 20] == bytes[..], "data read back equals data written");
+    assert_eq!(
+        read.len() as u64,
+        GIB,
+        "the export has the volume's size (1 GiB)"
+    );
+    assert!(
+        read[..256 << 20] == bytes[..],
+        "data read back equals data written"
+    );
     assert!(read[256 << 20..].iter().all(|b| *b == 0));
     d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
 
     // The same volume becomes the root disk of another VM, with two more data disks beside it.
     let vm = d.other_vm(0);
-    let op = d.run_ok(&format!("/volumes/{vol}/attach-root"), json!({"vm_id": vm})).await;
+    let op = d
+        .run_ok(&format!("/volumes/{vol}/attach-root"), json!({"vm_id": vm}))
+        .await;
     assert_eq!(op["response"]["device_id"], 0, "{op}");
     let mut all = vec![vol];
     for name in ["e2e-data-1", "e2e-data-2"] {
         let v = d.create_volume(name, GIB).await;
-        d.run_ok(&format!("/volumes/{v}/attach"), json!({"vm_id": vm})).await;
+        d.run_ok(&format!("/volumes/{v}/attach"), json!({"vm_id": vm}))
+            .await;
         all.push(v);
     }
     let (_, list) = d.get(&format!("/vms/{vm}/volumes")).await;
@@ -365,7 +472,10 @@ async fn root_end_to_end_nbd_data_survives_detach_and_reattach() {
     want.sort();
     assert_eq!(listed, want);
     let (_, exports) = d.get("/exports").await;
-    assert_eq!(exports["count"], 0, "nothing is exported while attached elsewhere");
+    assert_eq!(
+        exports["count"], 0,
+        "nothing is exported while attached elsewhere"
+    );
     for v in all {
         d.delete_ok(v).await;
     }

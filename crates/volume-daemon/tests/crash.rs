@@ -2,6 +2,7 @@
 //! SIGKILL while an attach or a detach is in flight, at several journaled steps, and restarted. Every
 //! operation must reach a terminal state, the cloud and the database must agree, and the export must be
 //! served exactly when the volume is attached to the appliance. Needs the `cloudsim` binary and nbdinfo.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -96,7 +97,12 @@ impl World {
             .arg("--state-dir")
             .arg(self.dir.path().join("daemon"))
             .args(["--cloudstack-url", &self.sim_url])
-            .args(["--cloudstack-api-key", "sim-api-key", "--cloudstack-secret-key", "sim-secret-key"])
+            .args([
+                "--cloudstack-api-key",
+                "sim-api-key",
+                "--cloudstack-secret-key",
+                "sim-secret-key",
+            ])
             .args(["--appliance-vm-id", APPLIANCE])
             .arg("--by-id-dir")
             .arg(self.dir.path().join("by-id"))
@@ -142,7 +148,11 @@ fn call(method: reqwest::Method, url: &str, body: Option<Value>) -> (u16, Value)
 }
 
 fn wait_terminal(api: &str, id: &str) -> Value {
-    let (s, v) = call(reqwest::Method::GET, &format!("{api}/operations/{id}?wait=60"), None);
+    let (s, v) = call(
+        reqwest::Method::GET,
+        &format!("{api}/operations/{id}?wait=60"),
+        None,
+    );
     assert_eq!(s, 200, "{v}");
     assert!(
         matches!(v["status"].as_str(), Some("completed" | "failed")),
@@ -155,7 +165,11 @@ fn wait_terminal(api: &str, id: &str) -> Value {
 fn wait_step(api: &str, id: &str, step: &str) {
     let end = Instant::now() + Duration::from_secs(30);
     loop {
-        let (_, v) = call(reqwest::Method::GET, &format!("{api}/operations/{id}"), None);
+        let (_, v) = call(
+            reqwest::Method::GET,
+            &format!("{api}/operations/{id}"),
+            None,
+        );
         if v["step"] == step {
             return;
         }
@@ -184,7 +198,9 @@ fn create_volume(api: &str, sim_url: &str) -> String {
     let (s, op) = call(
         reqwest::Method::POST,
         &format!("{api}/volumes"),
-        Some(json!({"name": "crash", "size": 1u64 << 30, "zone_id": zone, "disk_offering_id": off})),
+        Some(
+            json!({"name": "crash", "size": 1u64 << 30, "zone_id": zone, "disk_offering_id": off}),
+        ),
     );
     assert_eq!(s, 201, "{op}");
     let done = wait_terminal(api, op["id"].as_str().unwrap());
@@ -212,7 +228,9 @@ fn cloud(sim_url: &str, command: &str, params: &[(&str, String)]) -> Value {
 
 fn cloud_vm_of(sim_url: &str, volume: &str) -> Option<String> {
     let v = cloud(sim_url, "listVolumes", &[("id", volume.to_string())]);
-    v["volume"][0]["virtualmachineid"].as_str().map(str::to_string)
+    v["volume"][0]["virtualmachineid"]
+        .as_str()
+        .map(str::to_string)
 }
 
 fn export_served(api: &str, volume: &str) -> bool {
@@ -235,14 +253,21 @@ fn export_served(api: &str, volume: &str) -> bool {
             .expect("nbdinfo is required (apt-get install libnbd-bin)");
         out.status.success()
     });
-    assert_eq!(listed, reachable, "export list and NBD server disagree for {volume}");
+    assert_eq!(
+        listed, reachable,
+        "export list and NBD server disagree for {volume}"
+    );
     listed
 }
 
 /// The database (via the API) and the cloud agree, and the export is served exactly when attached to the
 /// appliance.
 fn assert_consistent(api: &str, sim_url: &str, volume: &str) {
-    let (_, st) = call(reqwest::Method::GET, &format!("{api}/volumes/{volume}"), None);
+    let (_, st) = call(
+        reqwest::Method::GET,
+        &format!("{api}/volumes/{volume}"),
+        None,
+    );
     let cloud_vm = cloud_vm_of(sim_url, volume);
     let db_vm = st["attachment"]["vm_id"].as_str().map(str::to_string);
     assert_eq!(db_vm, cloud_vm, "database and cloud disagree: {st}");
@@ -277,7 +302,11 @@ fn ext_crash_during_attach_job_resumes_the_job_and_exports() {
     assert_eq!(done["status"], "completed", "{done}");
     assert_consistent(&api, &w.sim_url, &vol);
     assert!(export_served(&api, &vol));
-    let (_, ops) = call(reqwest::Method::GET, &format!("{api}/operations?status=executing"), None);
+    let (_, ops) = call(
+        reqwest::Method::GET,
+        &format!("{api}/operations?status=executing"),
+        None,
+    );
     assert_eq!(ops, json!([]));
     detach_all(&api, &vol);
 }
@@ -292,9 +321,16 @@ fn ext_crash_during_detach_job_finishes_the_detach() {
         &format!("{api}/volumes/{vol}/attach"),
         Some(json!({"vm_id": APPLIANCE})),
     );
-    assert_eq!(wait_terminal(&api, op["id"].as_str().unwrap())["status"], "completed");
+    assert_eq!(
+        wait_terminal(&api, op["id"].as_str().unwrap())["status"],
+        "completed"
+    );
     assert!(export_served(&api, &vol));
-    let (s, op) = call(reqwest::Method::POST, &format!("{api}/volumes/{vol}/detach"), None);
+    let (s, op) = call(
+        reqwest::Method::POST,
+        &format!("{api}/volumes/{vol}/detach"),
+        None,
+    );
     assert_eq!(s, 201, "{op}");
     let id = op["id"].as_str().unwrap();
     wait_step(&api, id, "cloud_detach_job");
@@ -316,17 +352,30 @@ fn ext_crash_after_export_before_restart_reexports_after_verifying() {
         &format!("{api}/volumes/{vol}/attach"),
         Some(json!({"vm_id": APPLIANCE})),
     );
-    assert_eq!(wait_terminal(&api, op["id"].as_str().unwrap())["status"], "completed");
+    assert_eq!(
+        wait_terminal(&api, op["id"].as_str().unwrap())["status"],
+        "completed"
+    );
     kill(&mut d);
     let (_d2, api) = w.daemon();
     assert_consistent(&api, &w.sim_url, &vol);
-    assert!(export_served(&api, &vol), "the export is re-created at start-up");
+    assert!(
+        export_served(&api, &vol),
+        "the export is re-created at start-up"
+    );
     let (s, h) = call(reqwest::Method::GET, &format!("{api}/health"), None);
     assert_eq!(s, 200, "{h}");
     detach_all(&api, &vol);
 }
 
 fn detach_all(api: &str, vol: &str) {
-    let (_, op) = call(reqwest::Method::POST, &format!("{api}/volumes/{vol}/detach"), None);
-    assert_eq!(wait_terminal(api, op["id"].as_str().unwrap())["status"], "completed");
+    let (_, op) = call(
+        reqwest::Method::POST,
+        &format!("{api}/volumes/{vol}/detach"),
+        None,
+    );
+    assert_eq!(
+        wait_terminal(api, op["id"].as_str().unwrap())["status"],
+        "completed"
+    );
 }

@@ -1,5 +1,6 @@
 //! Faults injected into the simulator: each ends in a failed operation with a clear error and kind, and the
 //! cloud attachment undone (or never made). Also: transient cloud errors are retried and do not fail anything.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 mod support;
 
@@ -11,7 +12,10 @@ use uuid::Uuid;
 
 async fn attach_appliance(d: &TestDaemon, vol: Uuid) -> Value {
     let (s, op) = d
-        .post(&format!("/volumes/{vol}/attach"), json!({"vm_id": d.appliance()}))
+        .post(
+            &format!("/volumes/{vol}/attach"),
+            json!({"vm_id": d.appliance()}),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{op}");
     d.wait_op(&op).await
@@ -46,7 +50,10 @@ async fn failed_attach_job_fails_the_operation_with_the_cloud_error() {
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error_code"], "cloud_job_failed", "{done}");
     assert!(
-        done["error"].as_str().unwrap().contains("storage pool unreachable"),
+        done["error"]
+            .as_str()
+            .unwrap()
+            .contains("storage pool unreachable"),
         "the cloud's reason is passed on: {done}"
     );
     assert_undone(&d, vol).await;
@@ -69,8 +76,14 @@ async fn a_device_that_never_appears_is_detached_again() {
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error_code"], "device_timeout", "{done}");
     let err = done["error"].as_str().unwrap();
-    assert!(err.contains(&vol.simple().to_string()[..20]), "the error names the serial looked for: {err}");
-    assert!(err.contains("detached from the appliance"), "the error says how the undo went: {err}");
+    assert!(
+        err.contains(&vol.simple().to_string()[..20]),
+        "the error names the serial looked for: {err}"
+    );
+    assert!(
+        err.contains("detached from the appliance"),
+        "the error says how the undo went: {err}"
+    );
     assert_undone(&d, vol).await;
     d.stop().await;
 }
@@ -119,18 +132,34 @@ async fn transient_cloud_errors_are_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_appliance_identity_fails_appliance_requests_clearly() {
-    let d = TestDaemon::start_with(|c| c.appliance_vm_id = Some("00000000-0000-4000-8000-000000000000".into())).await;
+    let d = TestDaemon::start_with(|c| {
+        c.appliance_vm_id = Some("00000000-0000-4000-8000-000000000000".into())
+    })
+    .await;
     let vol = d.create_volume("f5", GIB).await;
     let (s, v) = d
-        .post(&format!("/volumes/{vol}/attach"), json!({"vm_id": d.other_vm(0)}))
+        .post(
+            &format!("/volumes/{vol}/attach"),
+            json!({"vm_id": d.other_vm(0)}),
+        )
         .await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "never a silent remote attach: {v}");
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "never a silent remote attach: {v}"
+    );
     assert_eq!(v["code"], "appliance_identity_unknown");
     let (s, h) = d.get("/health").await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{h}");
     assert_eq!(h["components"]["appliance_identity"]["status"], "failed");
     // Setting it through the API is refused while the configuration fixes it.
-    let (s, v) = d.send(reqwest::Method::PUT, "/appliance", Some(json!({"vm_id": d.appliance()}))).await;
+    let (s, v) = d
+        .send(
+            reqwest::Method::PUT,
+            "/appliance",
+            Some(json!({"vm_id": d.appliance()})),
+        )
+        .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     d.stop().await;
 }

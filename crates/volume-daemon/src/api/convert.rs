@@ -128,7 +128,10 @@ pub fn export(engine: &Engine, r: &ExportRecord) -> Export {
         .exports()
         .get(r.volume_id)
         .filter(|s| s.generation == r.generation);
-    let c = live.as_ref().map(|s| s.counters.clone()).unwrap_or_default();
+    let c = live
+        .as_ref()
+        .map(|s| s.counters.clone())
+        .unwrap_or_default();
     Export {
         export_name: r.export_name.clone(),
         volume_id: r.volume_id,
@@ -180,7 +183,10 @@ pub async fn volume_status(
                 })),
                 None,
             ),
-            Ok(None) => (None, Some("CloudStack does not know this volume".to_string())),
+            Ok(None) => (
+                None,
+                Some("CloudStack does not know this volume".to_string()),
+            ),
             Err(e) => (None, Some(e.chain())),
         }
     } else {
@@ -201,7 +207,9 @@ pub async fn volume_status(
         zone_id: v.zone_id.clone(),
         metadata: v.metadata.clone(),
         state: state.into(),
-        linux_state: att.as_ref().and_then(|a| linux_state(engine, a, v.size_bytes)),
+        linux_state: att
+            .as_ref()
+            .and_then(|a| linux_state(engine, a, v.size_bytes)),
         attachment: att.as_ref().map(attachment_info),
         export: export_rec.as_ref().map(|r| export(engine, r)),
         cloudstack_data,
@@ -220,7 +228,10 @@ pub async fn volume_status(
 }
 
 /// `GET /volumes/{id}/device`, in the predecessor's shape.
-pub async fn device_mapping(engine: &Engine, a: AttachmentRecord) -> Result<DeviceMapping, ApiError> {
+pub async fn device_mapping(
+    engine: &Engine,
+    a: AttachmentRecord,
+) -> Result<DeviceMapping, ApiError> {
     let v = engine.store().get_volume(a.volume_id).await?;
     let size = v.as_ref().map(|v| v.size_bytes).unwrap_or(0);
     let cloud_state = v

@@ -40,30 +40,44 @@ impl ApiError {
 
     fn parts(&self) -> (StatusCode, String, Option<String>) {
         match self {
-            Self::BadRequest { field, .. } => (StatusCode::BAD_REQUEST, "invalid_request".into(), field.clone()),
+            Self::BadRequest { field, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request".into(),
+                field.clone(),
+            ),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found".into(), None),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized".into(), None),
             Self::Store(e) => (store_status(e), "database_error".into(), None),
             Self::Identity(e) => match e {
-                IdentitySetError::Identity(IdentityError::Fixed(_)) => {
-                    (StatusCode::CONFLICT, "appliance_identity_fixed".into(), Some("vm_id".into()))
-                }
-                IdentitySetError::Identity(IdentityError::NoSuchVm(_)) => {
-                    (StatusCode::UNPROCESSABLE_ENTITY, "no_such_vm".into(), Some("vm_id".into()))
-                }
-                IdentitySetError::Identity(IdentityError::CloudUnavailable { .. }) => {
-                    (StatusCode::SERVICE_UNAVAILABLE, "cloud_unavailable".into(), None)
-                }
+                IdentitySetError::Identity(IdentityError::Fixed(_)) => (
+                    StatusCode::CONFLICT,
+                    "appliance_identity_fixed".into(),
+                    Some("vm_id".into()),
+                ),
+                IdentitySetError::Identity(IdentityError::NoSuchVm(_)) => (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "no_such_vm".into(),
+                    Some("vm_id".into()),
+                ),
+                IdentitySetError::Identity(IdentityError::CloudUnavailable { .. }) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cloud_unavailable".into(),
+                    None,
+                ),
                 IdentitySetError::Identity(IdentityError::Unknown(_))
-                | IdentitySetError::Identity(IdentityError::Unverified { .. }) => {
-                    (StatusCode::SERVICE_UNAVAILABLE, "appliance_identity_unknown".into(), None)
-                }
+                | IdentitySetError::Identity(IdentityError::Unverified { .. }) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "appliance_identity_unknown".into(),
+                    None,
+                ),
                 IdentitySetError::Store(e) => (store_status(e), "database_error".into(), None),
             },
             Self::Engine(e) => {
                 let code = e.code();
                 match e {
-                    EngineError::Invalid { field, .. } => (StatusCode::BAD_REQUEST, code, Some((*field).to_string())),
+                    EngineError::Invalid { field, .. } => {
+                        (StatusCode::BAD_REQUEST, code, Some((*field).to_string()))
+                    }
                     EngineError::NotFound(_) => (StatusCode::NOT_FOUND, code, None),
                     EngineError::Conflict(_) => (StatusCode::CONFLICT, code, None),
                     EngineError::Identity(_) => (StatusCode::SERVICE_UNAVAILABLE, code, None),
@@ -72,7 +86,9 @@ impl ApiError {
                     EngineError::Cloud(_) => (StatusCode::BAD_GATEWAY, code, None),
                     EngineError::Device(_) => (StatusCode::INTERNAL_SERVER_ERROR, code, None),
                     EngineError::Export(_) => (StatusCode::INTERNAL_SERVER_ERROR, code, None),
-                    EngineError::Compensated { .. } => (StatusCode::INTERNAL_SERVER_ERROR, code, None),
+                    EngineError::Compensated { .. } => {
+                        (StatusCode::INTERNAL_SERVER_ERROR, code, None)
+                    }
                     EngineError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, code, None),
                 }
             }
@@ -103,6 +119,14 @@ impl IntoResponse for ApiError {
         } else {
             crate::error_chain(&self)
         };
-        (status, Json(ErrorBody { error: message, code, field })).into_response()
+        (
+            status,
+            Json(ErrorBody {
+                error: message,
+                code,
+                field,
+            }),
+        )
+            .into_response()
     }
 }

@@ -23,17 +23,16 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let msg = inner.to_string();
         // serde names the field in backticks for unknown and missing fields.
         let named = msg.split('`').nth(1).map(str::to_string);
-        let field = if path != "." {
-            Some(path)
-        } else {
-            named
-        };
+        let field = if path != "." { Some(path) } else { named };
         let what = if inner.is_syntax() || inner.is_eof() {
             format!("request body is not valid JSON: {msg}")
         } else {
             format!("invalid request body: {msg}")
         };
-        ApiError::BadRequest { field, message: what }
+        ApiError::BadRequest {
+            field,
+            message: what,
+        }
     })
 }
 
@@ -47,10 +46,12 @@ async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Option<By
             });
         }
     }
-    let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError::BadRequest {
-        field: None,
-        message: format!("cannot read the request body: {e}"),
-    })?;
+    let bytes = Bytes::from_request(req, state)
+        .await
+        .map_err(|e| ApiError::BadRequest {
+            field: None,
+            message: format!("cannot read the request body: {e}"),
+        })?;
     if bytes.len() > MAX_BODY {
         return Err(ApiError::BadRequest {
             field: None,
@@ -73,7 +74,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 field: None,
                 message: format!(
                     "request body is required: a JSON object ({})",
-                    std::any::type_name::<T>().rsplit("::").next().unwrap_or("object")
+                    std::any::type_name::<T>()
+                        .rsplit("::")
+                        .next()
+                        .unwrap_or("object")
                 ),
             }),
         }

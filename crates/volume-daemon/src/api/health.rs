@@ -91,9 +91,9 @@ pub async fn report(st: &AppState) -> Health {
             ),
             (None, _) => component(
                 false,
-                id.problem
-                    .clone()
-                    .unwrap_or_else(|| "unknown: set appliance_vm_id or PUT /api/v1/appliance".into()),
+                id.problem.clone().unwrap_or_else(|| {
+                    "unknown: set appliance_vm_id or PUT /api/v1/appliance".into()
+                }),
             ),
         },
     );

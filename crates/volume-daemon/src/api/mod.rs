@@ -56,7 +56,10 @@ pub fn router(state: AppState) -> Router {
         .route("/operations", get(list_operations))
         .route("/operations/{id}", get(get_operation))
         .route("/exports", post(create_export).get(list_exports))
-        .route("/exports/{volume_id}", get(get_export).delete(delete_export))
+        .route(
+            "/exports/{volume_id}",
+            get(get_export).delete(delete_export),
+        )
         .route("/appliance", get(get_appliance).put(put_appliance))
         .route("/reconcile", post(reconcile))
         .route("/openapi.json", get(openapi))
@@ -115,9 +118,12 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     match headers.get(IDEMPOTENCY_KEY_HEADER) {
         None => Ok(None),
         Some(v) => {
-            let s = v
-                .to_str()
-                .map_err(|_| ApiError::bad(IDEMPOTENCY_KEY_HEADER, "Idempotency-Key must be visible ASCII"))?;
+            let s = v.to_str().map_err(|_| {
+                ApiError::bad(
+                    IDEMPOTENCY_KEY_HEADER,
+                    "Idempotency-Key must be visible ASCII",
+                )
+            })?;
             if s.is_empty() || s.len() > 200 {
                 return Err(ApiError::bad(
                     IDEMPOTENCY_KEY_HEADER,
@@ -132,10 +138,16 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 async fn submit(st: &AppState, req: Request, headers: &HeaderMap) -> Result<Response, ApiError> {
     let key = idempotency_key(headers)?;
     let sub = st.engine.submit(req, key).await?;
-    let mut resp = (StatusCode::CREATED, Json(convert::operation(&sub.operation))).into_response();
+    let mut resp = (
+        StatusCode::CREATED,
+        Json(convert::operation(&sub.operation)),
+    )
+        .into_response();
     if !sub.created {
-        resp.headers_mut()
-            .insert("Idempotent-Replayed", header::HeaderValue::from_static("true"));
+        resp.headers_mut().insert(
+            "Idempotent-Replayed",
+            header::HeaderValue::from_static("true"),
+        );
     }
     Ok(resp)
 }
@@ -221,18 +233,26 @@ async fn list_volumes(State(st): State<AppState>) -> Result<Response, ApiError> 
     Ok(Json(out).into_response())
 }
 
-async fn get_volume(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_volume(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
     let v = st
         .engine
         .store()
         .get_volume(volume_id)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("volume {volume_id} is not known to the daemon")))?;
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("volume {volume_id} is not known to the daemon"))
+        })?;
     Ok(Json(convert::volume_status(&st.engine, v, true).await?).into_response())
 }
 
-async fn get_device(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_device(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
     let a = st
         .engine
@@ -253,7 +273,8 @@ async fn device_to_volume(
     State(st): State<AppState>,
     q: Result<Query<DeviceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = q.map_err(|e| ApiError::bad("path", format!("{e}: use ?path=/dev/disk/by-id/virtio-…")))?;
+    let Query(q) =
+        q.map_err(|e| ApiError::bad("path", format!("{e}: use ?path=/dev/disk/by-id/virtio-…")))?;
     let a = st
         .engine
         .store()
@@ -263,7 +284,10 @@ async fn device_to_volume(
     Ok(Json(convert::device_mapping(&st.engine, a).await?).into_response())
 }
 
-async fn vm_volumes(State(st): State<AppState>, Path(vm_id): Path<String>) -> Result<Response, ApiError> {
+async fn vm_volumes(
+    State(st): State<AppState>,
+    Path(vm_id): Path<String>,
+) -> Result<Response, ApiError> {
     let atts = st
         .engine
         .store()
@@ -303,7 +327,12 @@ async fn list_operations(
         Some(t) => Some(
             volume_api::OperationType::parse(t)
                 .map(convert::op_type_to_store)
-                .ok_or_else(|| ApiError::bad("type", format!("type {t:?} is not one of create, attach, detach, delete")))?,
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "type",
+                        format!("type {t:?} is not one of create, attach, detach, delete"),
+                    )
+                })?,
         ),
     };
     let status = match q.status.as_deref() {
@@ -355,11 +384,19 @@ async fn get_operation(
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::bad("id", format!("operation id {id:?} is not a UUID")))?;
-    let Query(q) = q.map_err(|e| ApiError::bad("wait", format!("{e}: wait is a number of seconds")))?;
+    let Query(q) =
+        q.map_err(|e| ApiError::bad("wait", format!("{e}: wait is a number of seconds")))?;
     let wait = match q.wait {
         None => Duration::ZERO,
-        Some(w) if w.is_finite() && w >= 0.0 => Duration::from_secs_f64(w.min(MAX_WAIT_SECS as f64)),
-        Some(_) => return Err(ApiError::bad("wait", "wait must be a non-negative number of seconds")),
+        Some(w) if w.is_finite() && w >= 0.0 => {
+            Duration::from_secs_f64(w.min(MAX_WAIT_SECS as f64))
+        }
+        Some(_) => {
+            return Err(ApiError::bad(
+                "wait",
+                "wait must be a non-negative number of seconds",
+            ))
+        }
     };
     let op = st
         .engine
@@ -380,13 +417,19 @@ async fn create_export(
             "exports of attached volumes are read-write; read_only is not supported",
         ));
     }
-    let rec = st.engine.ensure_export(volume_id, body.device_path.as_deref()).await?;
+    let rec = st
+        .engine
+        .ensure_export(volume_id, body.device_path.as_deref())
+        .await?;
     Ok((StatusCode::CREATED, Json(convert::export(&st.engine, &rec))).into_response())
 }
 
 async fn list_exports(State(st): State<AppState>) -> Result<Response, ApiError> {
     let recs = st.engine.store().list_exports().await?;
-    let exports: Vec<_> = recs.iter().map(|r| convert::export(&st.engine, r)).collect();
+    let exports: Vec<_> = recs
+        .iter()
+        .map(|r| convert::export(&st.engine, r))
+        .collect();
     Ok(Json(ExportList {
         count: exports.len(),
         exports,
@@ -394,7 +437,10 @@ async fn list_exports(State(st): State<AppState>) -> Result<Response, ApiError> 
     .into_response())
 }
 
-async fn get_export(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_export(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
     let rec = st
         .engine
@@ -405,7 +451,10 @@ async fn get_export(State(st): State<AppState>, Path(id): Path<String>) -> Resul
     Ok(Json(convert::export(&st.engine, &rec)).into_response())
 }
 
-async fn delete_export(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn delete_export(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
     let removed = st.engine.remove_export(volume_id).await?;
     Ok(Json(serde_json::json!({
@@ -461,14 +510,22 @@ async fn metrics(State(st): State<AppState>) -> Response {
     let body = st.engine.metrics().render(
         &exports,
         &[
-            ("volume_daemon_ready", "1 when the daemon serves requests.", ready),
-            ("volume_daemon_operations_unfinished", "Operations pending or executing.", unfinished),
-            ("volume_daemon_exports", "Live NBD exports.", exports.len() as f64),
+            (
+                "volume_daemon_ready",
+                "1 when the daemon serves requests.",
+                ready,
+            ),
+            (
+                "volume_daemon_operations_unfinished",
+                "Operations pending or executing.",
+                unfinished,
+            ),
+            (
+                "volume_daemon_exports",
+                "Live NBD exports.",
+                exports.len() as f64,
+            ),
         ],
     );
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

@@ -1,6 +1,6 @@
 //! Test harness: a daemon with the built-in simulator, on free ports, in a temporary state dir, and a
 //! small JSON client for its API. Cleans up only what its own simulator created.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::time::Duration;
 
@@ -20,10 +20,12 @@ pub struct TestDaemon {
 }
 
 pub fn config(dir: &std::path::Path) -> Config {
-    let mut cfg = Config::default();
-    cfg.state_dir = dir.to_path_buf();
-    cfg.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.nbd_listen = "127.0.0.1:0".parse().unwrap();
+    let mut cfg = Config {
+        state_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        nbd_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
     cfg.sim.enabled = true;
     cfg.sim.listen = "127.0.0.1:0".parse().unwrap();
     cfg.sim.job_delay_ms = 20;
@@ -90,7 +92,12 @@ impl TestDaemon {
         }
     }
 
-    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.http.request(method, format!("{}{}", self.base, path));
         if let Some(b) = body {
             req = req.json(&b);
@@ -120,7 +127,10 @@ impl TestDaemon {
         for _ in 0..10 {
             let (s, v) = self.get(&format!("/operations/{id}?wait=30")).await;
             assert_eq!(s, StatusCode::OK, "{v}");
-            if matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
+            if matches!(
+                v["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            ) {
                 return v;
             }
         }
@@ -186,7 +196,10 @@ impl Drop for TestDaemon {
 pub async fn eventually(deadline: Duration, mut f: impl FnMut() -> bool) {
     let end = std::time::Instant::now() + deadline;
     while !f() {
-        assert!(std::time::Instant::now() < end, "condition not reached in {deadline:?}");
+        assert!(
+            std::time::Instant::now() < end,
+            "condition not reached in {deadline:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
