@@ -61,7 +61,15 @@ impl LoopDevice {
                 ));
             }
             let path = PathBuf::from(format!("/dev/loop{index}"));
-            let dev = open_new_node(&path, read_only)?;
+            let dev = match open_new_node(&path, read_only) {
+                Ok(dev) => dev,
+                // The index was being torn down by a concurrent detach (ENXIO): ask for a free one again.
+                Err(e) if e.kind() == crate::ErrorKind::NotFound => {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             match configure(&dev, &backing, file, read_only) {
                 Ok(()) => {
                     tracing::debug!(device = %path.display(), file = %file.display(), "loop device attached");

@@ -483,3 +483,128 @@ async fn root_end_to_end_nbd_data_survives_detach_and_reattach() {
     assert_eq!(list, json!([]));
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_reports_drift_and_repairs_only_when_asked() {
+    let d = TestDaemon::start().await;
+    let vol = d.create_volume("drift", GIB).await;
+    d.run_ok(
+        &format!("/volumes/{vol}/attach"),
+        json!({"vm_id": d.appliance()}),
+    )
+    .await;
+    let (_, clean) = d.post("/reconcile", json!({})).await;
+    assert_eq!(clean["drift"], json!([]), "{clean}");
+    // Someone detaches the volume behind the daemon's back.
+    let cs = cloudstack::Client::new(cloudstack::Config {
+        url: d.sim().api_url(),
+        api_key: "sim-api-key".into(),
+        secret_key: cloudstack::Secret::new("sim-secret-key"),
+        ..cloudstack::Config::default()
+    })
+    .unwrap();
+    let job = cs.detach_volume(&vol.to_string()).await.unwrap();
+    cs.wait_job(&job.job_id, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let (s, report) = d.post("/reconcile", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{report}");
+    assert_eq!(report["dry_run"], true);
+    let drift = &report["drift"][0];
+    assert_eq!(drift["kind"], "attached_only_in_database", "{report}");
+    assert_eq!(drift["applied"], false);
+    let (_, st) = d.get(&format!("/volumes/{vol}")).await;
+    assert_eq!(st["state"], "attached", "a dry run changes nothing: {st}");
+    let (_, fixed) = d.post("/reconcile", json!({"apply": true})).await;
+    assert_eq!(fixed["drift"][0]["applied"], true, "{fixed}");
+    let (_, st) = d.get(&format!("/volumes/{vol}")).await;
+    assert_eq!(st["state"], "detached", "{st}");
+    let (_, exports) = d.get("/exports").await;
+    assert_eq!(exports["count"], 0);
+    let (_, after) = d.post("/reconcile", json!({})).await;
+    assert_eq!(after["drift"], json!([]), "{after}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_metrics_openapi_and_appliance_endpoints() {
+    let d = TestDaemon::start().await;
+    let (s, h) = d.get("/health").await;
+    assert_eq!(s, StatusCode::OK, "{h}");
+    assert_eq!(h["status"], "healthy");
+    for c in [
+        "database",
+        "cloudstack",
+        "appliance_identity",
+        "journal",
+        "nbd",
+        "privileges",
+    ] {
+        assert_eq!(h["components"][c]["status"], "ok", "{c}: {h}");
+    }
+    let root_health = reqwest::get(format!("http://{}/health", d.daemon().api_addr()))
+        .await
+        .unwrap();
+    assert_eq!(root_health.status(), StatusCode::OK);
+    let (_, app) = d.get("/appliance").await;
+    assert_eq!(app["vm_id"], d.appliance());
+    assert_eq!(app["source"], "simulator");
+    assert_eq!(app["verified"], true);
+    let (s, spec) = d.get("/openapi.json").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(spec["openapi"], "3.0.3");
+    for p in [
+        "/volumes",
+        "/volumes/{id}/attach",
+        "/operations/{id}",
+        "/exports",
+        "/reconcile",
+    ] {
+        assert!(spec["paths"][p].is_object(), "openapi lacks {p}");
+    }
+    let vol = d.create_volume("m", GIB).await;
+    d.run_ok(
+        &format!("/volumes/{vol}/attach"),
+        json!({"vm_id": d.appliance()}),
+    )
+    .await;
+    let text = reqwest::get(format!("http://{}/metrics", d.daemon().api_addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("volume_daemon_ready 1"), "{text}");
+    assert!(text.contains("volume_daemon_exports 1"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "volume_daemon_export_connections{{export=\"migration-vol-{vol}\"}} 0"
+        )),
+        "{text}"
+    );
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    let (s, _) = d.get("/no/such/thing").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_token_is_required_except_for_health() {
+    let d =
+        TestDaemon::start_with(|c| c.api_token = Some(volume_daemon::config::Secret::new("t0ken")))
+            .await;
+    let (s, v) = d.get("/operations").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(v["code"], "unauthorized");
+    let (s, _) = d.get("/health").await;
+    assert_eq!(s, StatusCode::OK);
+    let ok = d
+        .http
+        .get(format!("{}/operations", d.base))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    d.stop().await;
+}
