@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
+use volume_api::{OperationStatus, OperationType};
 
 use crate::render::parse_size;
 
@@ -160,11 +161,11 @@ pub enum OpsCommand {
     /// Operations, newest first, optionally filtered.
     List {
         /// create, attach, detach or delete.
-        #[arg(long = "type", value_enum)]
-        op_type: Option<OpTypeArg>,
+        #[arg(long = "type", value_parser = parse_op_type)]
+        op_type: Option<OperationType>,
         /// pending, executing, completed, failed or cancelled.
-        #[arg(long, value_enum)]
-        status: Option<OpStatusArg>,
+        #[arg(long, value_parser = parse_op_status)]
+        status: Option<OperationStatus>,
         #[arg(long)]
         volume_id: Option<Uuid>,
         #[arg(long)]
@@ -182,44 +183,15 @@ pub enum OpsCommand {
     },
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum OpTypeArg {
-    Create,
-    Attach,
-    Detach,
-    Delete,
+fn parse_op_type(s: &str) -> Result<OperationType, String> {
+    OperationType::parse(s)
+        .ok_or_else(|| "expected one of create, attach, detach, delete".to_string())
 }
 
-impl OpTypeArg {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Create => "create",
-            Self::Attach => "attach",
-            Self::Detach => "detach",
-            Self::Delete => "delete",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum OpStatusArg {
-    Pending,
-    Executing,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl OpStatusArg {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Executing => "executing",
-            Self::Completed => "completed",
-            Self::Failed => "failed",
-            Self::Cancelled => "cancelled",
-        }
-    }
+fn parse_op_status(s: &str) -> Result<OperationStatus, String> {
+    OperationStatus::parse(s).ok_or_else(|| {
+        "expected one of pending, executing, completed, failed, cancelled".to_string()
+    })
 }
 
 #[derive(Debug, Subcommand)]
