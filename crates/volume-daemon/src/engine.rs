@@ -1158,16 +1158,11 @@ impl Inner {
                 crate::error_chain(&e)
             )),
         }
-        for result in [
-            self.store.delete_export(volume_id).await,
-            self.store.delete_attachment(volume_id).await,
-        ] {
-            if let Err(e) = result {
-                problems.push(format!(
-                    "clearing the attachment record failed: {}; run POST /api/v1/reconcile",
-                    crate::error_chain(&e)
-                ));
-            }
+        if let Err(e) = self.store.clear_attachment(volume_id).await {
+            problems.push(format!(
+                "clearing the attachment record failed: {}; run POST /api/v1/reconcile",
+                crate::error_chain(&e)
+            ));
         }
         if problems.is_empty() {
             format!("the volume was detached from the appliance {vm_id} again")
@@ -1244,8 +1239,7 @@ impl Inner {
                 .await
             {
                 // The cloud no longer attaches it: the records go, and the operation says what is left.
-                self.store.delete_export(volume_id).await?;
-                self.store.delete_attachment(volume_id).await?;
+                self.store.clear_attachment(volume_id).await?;
                 return Err(e.into());
             }
         }

@@ -77,8 +77,7 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
                                 .close(v.id, engine.config().drain_timeout)
                                 .await?;
                             engine.devices().unname(v.id)?;
-                            store.delete_export(v.id).await?;
-                            store.delete_attachment(v.id).await?;
+                            store.clear_attachment(v.id).await?;
                             Ok::<(), EngineError>(())
                         })
                         .await?;

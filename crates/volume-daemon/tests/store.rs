@@ -633,6 +633,41 @@ async fn volumes_outlive_attachments(db: &TestDb) -> Result<()> {
     Ok(())
 }
 
+async fn clear_attachment_removes_export_and_attachment_together(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let vol = volume("disk-undo");
+    store.upsert_volume(&vol).await?;
+    let attach = insert(
+        &store,
+        &new_op(OpType::Attach, Some(vol.id), Some("appliance"), None),
+    )
+    .await?;
+    store
+        .commit_attach(
+            attach,
+            &appliance_attachment(vol.id, "appliance", 7),
+            Some(&export(vol.id, 7)),
+            &json!({}),
+        )
+        .await?;
+    ensure!(
+        store.clear_attachment(vol.id).await?,
+        "an attachment existed"
+    );
+    ensure!(
+        store.get_attachment(vol.id).await?.is_none() && store.get_export(vol.id).await?.is_none()
+    );
+    ensure!(
+        !store.clear_attachment(vol.id).await?,
+        "nothing left to clear"
+    );
+    ensure!(
+        store.get_volume(vol.id).await?.is_some(),
+        "the volume stays"
+    );
+    Ok(())
+}
+
 async fn volume_records_round_trip_and_delete(db: &TestDb) -> Result<()> {
     let store = open(db).await?;
     let mut vol = volume("disk-rt");
@@ -1029,6 +1064,7 @@ suite!(
     commit_create_records_the_volume_and_completes,
     commit_attach_is_atomic,
     volumes_outlive_attachments,
+    clear_attachment_removes_export_and_attachment_together,
     volume_records_round_trip_and_delete,
     attachments_filter_and_device_lookup,
     exports_upsert_list_delete,

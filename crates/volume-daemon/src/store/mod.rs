@@ -667,6 +667,18 @@ impl Store {
         delete_by_volume(&mut conn, self.dialect, "attachments", volume_id).await
     }
 
+    /// Removes the volume's export and attachment records together (one transaction); `true` when an
+    /// attachment existed. For undoing an attach and for repairs, where no operation completes with it.
+    pub async fn clear_attachment(&self, volume_id: Uuid) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        delete_by_volume(&mut tx, self.dialect, "exports", volume_id).await?;
+        let existed = delete_by_volume(&mut tx, self.dialect, "attachments", volume_id).await?;
+        tx.commit()
+            .await
+            .map_err(q("committing the removal of an attachment"))?;
+        Ok(existed)
+    }
+
     // ---- exports ------------------------------------------------------------------------------------------
 
     async fn upsert_export_in(
