@@ -4,9 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 const MIB: u64 = 1 << 20;
@@ -395,35 +393,10 @@ fn ext_fio_randwrite_verify_crc32c() {
 
 // ---- root_: the same on loop devices ----
 
-const LOOP_SET_FD: libc::Ioctl = 0x4C00;
-const LOOP_CLR_FD: libc::Ioctl = 0x4C01;
-const LOOP_SET_STATUS64: libc::Ioctl = 0x4C04;
-const LOOP_CTL_GET_FREE: libc::Ioctl = 0x4C82;
-const LO_FLAGS_AUTOCLEAR: u32 = 4;
-
-#[repr(C)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [u8; 64],
-    lo_crypt_name: [u8; 64],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
-}
-
-/// A loop device over a backing file, detached when dropped (also on panic).
+/// A loop device (the project's own, from `blockdev`) over a backing file; detached when dropped, also on
+/// panic, before the backing file goes.
 struct LoopDevice {
-    dev: File,
-    path: PathBuf,
-    /// Whether the device node was made here (and so is removed on drop).
-    made_node: bool,
+    dev: blockdev::LoopDevice,
     _backing: tempfile::NamedTempFile,
 }
 
@@ -433,97 +406,16 @@ impl LoopDevice {
             rustix::process::geteuid().is_root(),
             "root_ tests need root (loop devices)"
         );
-        let ctl = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/loop-control")
-            .expect("open /dev/loop-control");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(backing.path())
-            .unwrap();
-        for _ in 0..20 {
-            // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number; the fd is open.
-            let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
-            assert!(
-                n >= 0,
-                "LOOP_CTL_GET_FREE: {}",
-                std::io::Error::last_os_error()
-            );
-            let path = PathBuf::from(format!("/dev/loop{n}"));
-            let made_node = !path.exists();
-            if made_node {
-                let dev = rustix::fs::makedev(7, n as u32);
-                rustix::fs::mknodat(
-                    rustix::fs::CWD,
-                    &path,
-                    rustix::fs::FileType::BlockDevice,
-                    rustix::fs::Mode::from_raw_mode(0o600),
-                    dev,
-                )
-                .expect("create the loop device node");
-            }
-            let dev = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .expect("open loop device");
-            // SAFETY: LOOP_SET_FD takes the backing file descriptor as its argument; both fds are open.
-            let rc = unsafe {
-                libc::ioctl(
-                    dev.as_raw_fd(),
-                    LOOP_SET_FD,
-                    file.as_raw_fd() as libc::c_ulong,
-                )
-            };
-            if rc < 0 {
-                let e = std::io::Error::last_os_error();
-                assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "LOOP_SET_FD: {e}");
-                if made_node {
-                    let _ = std::fs::remove_file(&path);
-                }
-                continue; // another process took it first
-            }
-            let loopdev = LoopDevice {
-                dev,
-                path,
-                made_node,
-                _backing: backing,
-            };
-            // SAFETY: an all-zero loop_info64 is a valid value of this plain-data struct.
-            let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
-            info.lo_flags = LO_FLAGS_AUTOCLEAR;
-            // SAFETY: LOOP_SET_STATUS64 reads one loop_info64 through the pointer, valid for the call.
-            let rc = unsafe {
-                libc::ioctl(
-                    loopdev.dev.as_raw_fd(),
-                    LOOP_SET_STATUS64,
-                    &info as *const LoopInfo64,
-                )
-            };
-            assert!(
-                rc == 0,
-                "LOOP_SET_STATUS64: {}",
-                std::io::Error::last_os_error()
-            );
-            assert!(std::fs::metadata(&loopdev.path)
-                .unwrap()
-                .file_type()
-                .is_block_device());
-            return loopdev;
+        let dev =
+            blockdev::LoopDevice::attach(backing.path(), false).expect("attach a loop device");
+        LoopDevice {
+            dev,
+            _backing: backing,
         }
-        panic!("no free loop device after 20 attempts");
     }
-}
 
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        // SAFETY: LOOP_CLR_FD takes no argument; the fd is open. Autoclear covers a failure here.
-        unsafe { libc::ioctl(self.dev.as_raw_fd(), LOOP_CLR_FD) };
-        if self.made_node {
-            let _ = std::fs::remove_file(&self.path);
-        }
+    fn path(&self) -> &Path {
+        self.dev.path()
     }
 }
 
@@ -531,21 +423,21 @@ impl Drop for LoopDevice {
 fn root_loop_nbdcopy_qemu_img_and_trim_flush_fua() {
     require(&["nbdcopy", "qemu-img", "nbdsh"]);
     let lo = LoopDevice::attach(shm_file(256 * MIB));
-    nbdcopy_round_trip(&lo.path, 256 * MIB);
-    qemu_img_convert_compare(&lo.path, 256 * MIB);
-    nbdsh_trim_flush_fua(&lo.path);
+    nbdcopy_round_trip(lo.path(), 256 * MIB);
+    qemu_img_convert_compare(lo.path(), 256 * MIB);
+    nbdsh_trim_flush_fua(lo.path());
 }
 
 #[test]
 fn root_loop_nbdsh_zeroes_128m_and_1g_in_single_requests() {
     require(&["nbdsh"]);
     let lo = LoopDevice::attach(shm_file(1280 * MIB));
-    nbdsh_big_zeroes(&lo.path, 1280 * MIB);
+    nbdsh_big_zeroes(lo.path(), 1280 * MIB);
 }
 
 #[test]
 fn root_loop_fio_randwrite_verify_crc32c() {
     require(&["fio"]);
     let lo = LoopDevice::attach(shm_file(64 * MIB));
-    fio_randwrite_verify(&lo.path);
+    fio_randwrite_verify(lo.path());
 }
