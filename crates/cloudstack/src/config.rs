@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// A secret string. `Debug` prints `***`; the value is only reachable through [`Secret::expose`].
-#[derive(Clone, PartialEq, Eq)]
+/// Deserializes from a plain string, so configuration files can hold one.
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
@@ -16,6 +18,10 @@ impl Secret {
     /// The secret value. Do not log it.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 

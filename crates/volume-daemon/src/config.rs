@@ -1,39 +1,14 @@
 //! Daemon configuration: one TOML file, every key overridable by a `VOLUME_DAEMON_<KEY>` environment variable,
 //! then by command-line flags (see the configuration reference in README.md). Secrets are redacted in `Debug`.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-/// A secret string: never printed.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_empty() {
-            f.write_str("\"\"")
-        } else {
-            f.write_str("\"<redacted>\"")
-        }
-    }
-}
+/// Secrets (API keys, tokens) are the CloudStack client's redacted string type.
+pub use cloudstack::Secret;
 
 /// Errors while building the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -219,10 +194,10 @@ impl Config {
             "by_id_dir" => self.by_id_dir = PathBuf::from(value),
             "sys_dir" => self.sys_dir = PathBuf::from(value),
             "appliance_vm_id" => self.appliance_vm_id = opt(value),
-            "api_token" => self.api_token = opt(value).map(Secret),
+            "api_token" => self.api_token = opt(value).map(Secret::new),
             "cloudstack_url" => self.cloudstack_url = opt(value),
-            "cloudstack_api_key" => self.cloudstack_api_key = opt(value).map(Secret),
-            "cloudstack_secret_key" => self.cloudstack_secret_key = opt(value).map(Secret),
+            "cloudstack_api_key" => self.cloudstack_api_key = opt(value).map(Secret::new),
+            "cloudstack_secret_key" => self.cloudstack_secret_key = opt(value).map(Secret::new),
             "cloudstack_ca_file" => self.cloudstack_ca_file = opt(value).map(PathBuf::from),
             "job_timeout_secs" => self.job_timeout_secs = parse(var, &value, "seconds")?,
             "device_timeout_secs" => self.device_timeout_secs = parse(var, &value, "seconds")?,
@@ -236,8 +211,8 @@ impl Config {
             "log_format" => self.log_format = value,
             "sim_enabled" => self.sim.enabled = parse(var, &value, "true or false")?,
             "sim_listen" => self.sim.listen = parse(var, &value, "an address")?,
-            "sim_api_key" => self.sim.api_key = Secret(value),
-            "sim_secret_key" => self.sim.secret_key = Secret(value),
+            "sim_api_key" => self.sim.api_key = Secret::new(value),
+            "sim_secret_key" => self.sim.secret_key = Secret::new(value),
             "sim_job_delay_ms" => self.sim.job_delay_ms = parse(var, &value, "milliseconds")?,
             // Unknown variables with our prefix are a mistake worth reporting.
             _ => {

@@ -83,11 +83,6 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Daemo
 }
 
 fn cloud_client(cfg: &Config) -> Result<cloudstack::Client, DaemonError> {
-    let secret = cfg
-        .cloudstack_secret_key
-        .as_ref()
-        .map(|s| s.expose().to_string())
-        .unwrap_or_default();
     cloudstack::Client::new(cloudstack::Config {
         url: cfg.cloudstack_url.clone().unwrap_or_default(),
         api_key: cfg
@@ -95,7 +90,7 @@ fn cloud_client(cfg: &Config) -> Result<cloudstack::Client, DaemonError> {
             .as_ref()
             .map(|s| s.expose().to_string())
             .unwrap_or_default(),
-        secret_key: cloudstack::Secret::new(secret),
+        secret_key: cfg.cloudstack_secret_key.clone().unwrap_or_default(),
         ca_file: cfg.cloudstack_ca_file.clone(),
         ..cloudstack::Config::default()
     })
