@@ -671,8 +671,7 @@ impl Store {
     /// attachment existed. For undoing an attach and for repairs, where no operation completes with it.
     pub async fn clear_attachment(&self, volume_id: Uuid) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
-        delete_by_volume(&mut tx, self.dialect, "exports", volume_id).await?;
-        let existed = delete_by_volume(&mut tx, self.dialect, "attachments", volume_id).await?;
+        let existed = clear_attachment_in(&mut tx, self.dialect, volume_id).await?;
         tx.commit()
             .await
             .map_err(q("committing the removal of an attachment"))?;
@@ -954,8 +953,7 @@ impl Store {
         let mut tx = self.begin().await?;
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
-        delete_by_volume(&mut tx, self.dialect, "exports", volume_id).await?;
-        delete_by_volume(&mut tx, self.dialect, "attachments", volume_id).await?;
+        clear_attachment_in(&mut tx, self.dialect, volume_id).await?;
         self.finish_in(&mut tx, op_id, OpStatus::Completed, Some(response), None)
             .await?;
         tx.commit().await.map_err(q("committing a detach"))
@@ -972,8 +970,7 @@ impl Store {
         let mut tx = self.begin().await?;
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
-        delete_by_volume(&mut tx, self.dialect, "exports", volume_id).await?;
-        delete_by_volume(&mut tx, self.dialect, "attachments", volume_id).await?;
+        clear_attachment_in(&mut tx, self.dialect, volume_id).await?;
         let t = now();
         let sql = self.dialect.sql(
             "UPDATE volumes SET deleted_at = ?, updated_at = ? WHERE id = ? AND deleted_at IS NULL",
@@ -993,6 +990,17 @@ impl Store {
 
 fn update_cols<'a>(all: &[&'a str], keep: &[&str]) -> Vec<&'a str> {
     all.iter().copied().filter(|c| !keep.contains(c)).collect()
+}
+
+/// Removes a volume's export and attachment rows (export first: it refers to the attachment); `true` when
+/// an attachment existed. Runs inside the caller's transaction.
+async fn clear_attachment_in(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    volume_id: Uuid,
+) -> Result<bool, StoreError> {
+    delete_by_volume(conn, dialect, "exports", volume_id).await?;
+    delete_by_volume(conn, dialect, "attachments", volume_id).await
 }
 
 async fn delete_by_volume(
