@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::config::{jitter, Config, JobPollPolicy, RetryPolicy, Secret};
+use crate::config::{Config, JobPollPolicy, RetryPolicy, Secret};
 use crate::decode;
 use crate::error::{api_error_retryable, classify, Error, ErrorKind};
+use crate::jobs::{self, JobBoard, Outcome};
 use crate::sign;
 use crate::types::{
     bytes_to_gib_rounded_up, AsyncJob, AsyncJobInfo, CreateVolume, DiskOffering, JobStatus,
@@ -51,18 +52,20 @@ impl Method {
 /// A CloudStack API client. Cheap to clone; clones share the connection pool.
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
+    inner: Arc<ClientInner>,
 }
 
-struct Inner {
+pub(crate) struct ClientInner {
     http: reqwest::Client,
     url: reqwest::Url,
     api_key: String,
     secret: Secret,
-    retry: RetryPolicy,
+    pub(crate) retry: RetryPolicy,
     signature_expiry: Option<Duration>,
-    job_poll: JobPollPolicy,
+    pub(crate) job_poll: JobPollPolicy,
     page_size: u32,
+    /// Jobs being waited for, polled by one shared task.
+    pub(crate) jobs: JobBoard,
 }
 
 impl std::fmt::Debug for Client {
@@ -97,7 +100,7 @@ fn is_tls_failure(e: &reqwest::Error) -> bool {
 }
 
 /// The outcome of one attempt: a final result, or an error worth retrying (with a server-suggested delay).
-enum Attempt {
+pub(crate) enum Attempt {
     Done(Result<Value, Error>),
     Retry(Error, Option<Duration>),
 }
@@ -163,7 +166,7 @@ impl Client {
             source: Some(Box::new(e)),
         })?;
         Ok(Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new(ClientInner {
                 http,
                 url,
                 api_key: cfg.api_key,
@@ -172,6 +175,7 @@ impl Client {
                 signature_expiry: cfg.signature_expiry,
                 job_poll: cfg.job_poll,
                 page_size: cfg.page_size,
+                jobs: JobBoard::default(),
             }),
         })
     }
@@ -257,7 +261,16 @@ impl Client {
         )
     }
 
-    async fn attempt(
+    pub(crate) fn inner(&self) -> &Arc<ClientInner> {
+        &self.inner
+    }
+
+    pub(crate) fn from_inner(inner: Arc<ClientInner>) -> Self {
+        Self { inner }
+    }
+
+    /// One attempt of a request, without retries.
+    pub(crate) async fn attempt(
         &self,
         method: Method,
         command: &str,
@@ -574,37 +587,46 @@ impl Client {
             .await
     }
 
-    /// Polls a job until it finishes or `deadline` has passed since the call; usable again with the same
+    /// Waits until a job finishes or `deadline` has passed since the call; usable again with the same
     /// id after a restart. Returns the `jobresult` on success, [`ErrorKind::JobFailed`] (with the job's
     /// errortext) on failure and [`ErrorKind::JobStillRunning`] when it was still pending at the
-    /// deadline. Transient polling errors are tolerated until the deadline, where the last one is
-    /// returned (the job's state is then unknown).
+    /// deadline. The polls are shared by every waiter of the client (see [`JobPollPolicy`]); failed
+    /// polls are tolerated until the deadline, where one last query answers (its error, when the
+    /// cloud still fails, says the job's state is unknown).
     pub async fn wait_job(&self, job_id: &str, deadline: Duration) -> Result<Value, Error> {
         let start = Instant::now();
-        let mut delay = self.inner.job_poll.initial;
-        loop {
-            let last_transient = match self.query_async_job(job_id).await {
-                Ok(JobStatus::Succeeded(result)) => return Ok(result),
-                Ok(JobStatus::Failed(error)) => {
-                    return Err(Error::JobFailed {
-                        job_id: job_id.to_owned(),
-                        error,
-                    });
-                }
-                Ok(JobStatus::Pending) => None,
-                Err(e) if e.kind() == ErrorKind::Transient => Some(e),
-                Err(e) => return Err(e),
-            };
-            let elapsed = start.elapsed();
-            if elapsed >= deadline {
-                return Err(last_transient.unwrap_or_else(|| Error::JobStillRunning {
+        let mut watch = jobs::watch(self, job_id);
+        let outcome = tokio::time::timeout(deadline, watch.rx.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|o| o.clone());
+        drop(watch);
+        match outcome {
+            Some(Outcome::Succeeded(result)) => Ok(result),
+            Some(Outcome::Failed(error)) => Err(Error::JobFailed {
+                job_id: job_id.to_owned(),
+                error,
+            }),
+            // Deadline passed, or polling met an error: one last query of our own says which.
+            Some(Outcome::PollFailed) | None => match self.query_async_job(job_id).await? {
+                JobStatus::Succeeded(result) => Ok(result),
+                JobStatus::Failed(error) => Err(Error::JobFailed {
                     job_id: job_id.to_owned(),
-                    waited: elapsed,
-                }));
-            }
-            tokio::time::sleep(jitter(delay).min(deadline - elapsed)).await;
-            delay = (delay + delay / 2).min(self.inner.job_poll.max);
+                    error,
+                }),
+                JobStatus::Pending => Err(Error::JobStillRunning {
+                    job_id: job_id.to_owned(),
+                    waited: start.elapsed(),
+                }),
+            },
         }
+    }
+
+    /// The duration learned for jobs of `cmd` (CloudStack's command class, e.g.
+    /// `org.apache.cloudstack.api.command.user.volume.AttachVolumeCmd`), once one has finished.
+    pub fn learned_job_duration(&self, cmd: &str) -> Option<Duration> {
+        self.inner.jobs.learned(cmd)
     }
 
     /// Waits for a job whose result carries a volume (`createVolume`, `attachVolume`, `detachVolume`)

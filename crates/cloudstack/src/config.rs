@@ -90,19 +90,22 @@ pub(crate) fn jitter(d: Duration) -> Duration {
     half + Duration::from_nanos(rand::thread_rng().gen_range(0..=extra_nanos))
 }
 
-/// How [`crate::Client::wait_job`] polls: the first poll is immediate, then the delay grows by half
-/// from `initial` up to `max` (with jitter).
+/// How [`crate::Client::wait_job`] polls (the whole schedule is described in the `jobs` module): the
+/// first poll is immediate, then the delay grows by half from `initial` up to `max` (±20 % jitter), with
+/// polls every `dense` around the learned duration of jobs of the same command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobPollPolicy {
     pub initial: Duration,
     pub max: Duration,
+    pub dense: Duration,
 }
 
 impl Default for JobPollPolicy {
     fn default() -> Self {
         Self {
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(5),
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(1),
+            dense: Duration::from_millis(10),
         }
     }
 }

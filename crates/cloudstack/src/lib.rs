@@ -10,6 +10,7 @@ mod config;
 mod de;
 mod decode;
 mod error;
+mod jobs;
 pub mod sign;
 mod types;
 

@@ -38,6 +38,10 @@ impl Call {
 enum Reply {
     Json(u16, Value),
     Raw(u16, &'static str),
+    /// A job of command class `cmd` that is pending until the instant, then succeeds with the value.
+    JobDoneAt(std::time::Instant, &'static str, Value),
+    /// 429 with `Retry-After: SECS`.
+    Throttled(u64),
 }
 
 #[derive(Default)]
@@ -45,6 +49,8 @@ struct ServerState {
     /// Replies per command, in order; the last one repeats.
     scripts: HashMap<String, VecDeque<Reply>>,
     calls: Vec<Call>,
+    /// When each call arrived.
+    call_times: Vec<std::time::Instant>,
     /// Requests refused for a bad key, signature or expiry.
     refused: usize,
 }
@@ -139,6 +145,7 @@ async fn api(
             command: command.clone(),
             params: signed,
         });
+        st.call_times.push(std::time::Instant::now());
         match st.scripts.get_mut(&command) {
             Some(q) if q.len() > 1 => q.pop_front(),
             Some(q) => q.front().cloned(),
@@ -150,6 +157,22 @@ async fn api(
         Some(Reply::Raw(status, text)) => (
             StatusCode::from_u16(status).expect("valid status"),
             text.to_owned(),
+        )
+            .into_response(),
+        Some(Reply::JobDoneAt(at, cmd, result)) => {
+            let jobid = param(&params, "jobid").unwrap_or_default();
+            let done = std::time::Instant::now() >= at;
+            json_reply(
+                200,
+                &json!({"queryasyncjobresultresponse": {"jobid": jobid, "cmd": cmd,
+                    "jobstatus": u8::from(done), "jobprocstatus": 0, "jobresultcode": 0,
+                    "jobresulttype": "object", "jobresult": if done { result } else { Value::Null }}}),
+            )
+        }
+        Some(Reply::Throttled(secs)) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", secs.to_string())],
+            "too many requests",
         )
             .into_response(),
         None => json_reply(
@@ -188,6 +211,17 @@ impl TestServer {
         self.state.lock().expect("state lock").calls.clone()
     }
 
+    /// Arrival times of the calls of `command`.
+    fn times_of(&self, command: &str) -> Vec<std::time::Instant> {
+        let st = self.state.lock().expect("state lock");
+        st.calls
+            .iter()
+            .zip(&st.call_times)
+            .filter(|(c, _)| c.command == command)
+            .map(|(_, t)| *t)
+            .collect()
+    }
+
     fn calls_of(&self, command: &str) -> Vec<Call> {
         self.calls()
             .into_iter()
@@ -205,6 +239,7 @@ impl TestServer {
             job_poll: JobPollPolicy {
                 initial: Duration::from_millis(5),
                 max: Duration::from_millis(20),
+                dense: Duration::from_millis(2),
             },
             ..Config::new(&self.url, API_KEY, Secret::new(SECRET))
         }
@@ -828,4 +863,123 @@ async fn a_post_lost_after_sending_is_not_retried_but_a_get_is() {
         4,
         "a GET is retried"
     );
+}
+
+const ATTACH_CMD: &str = "org.apache.cloudstack.api.command.user.volume.AttachVolumeCmd";
+
+/// A client with the default job schedule and retry policy (the other tests shorten them).
+fn default_poll_client(srv: &TestServer) -> Client {
+    Client::new(Config {
+        job_poll: JobPollPolicy::default(),
+        retry: RetryPolicy::default(),
+        ..srv.config()
+    })
+    .expect("client")
+}
+
+#[tokio::test]
+async fn waiters_of_one_job_share_its_polls() {
+    let srv = TestServer::start().await;
+    let done_at = std::time::Instant::now() + Duration::from_millis(300);
+    srv.script(
+        "queryAsyncJobResult",
+        vec![Reply::JobDoneAt(
+            done_at,
+            ATTACH_CMD,
+            json!({"volume": volume_json("v1")}),
+        )],
+    );
+    let client = default_poll_client(&srv);
+    let waiters: Vec<_> = (0..20)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.wait_job("job-1", Duration::from_secs(10)).await })
+        })
+        .collect();
+    for w in waiters {
+        let result = w.await.expect("join").expect("job succeeds");
+        assert_eq!(result["volume"]["id"], "v1");
+    }
+    // One waiter polls about 0, 50, 125, 237, 406 ms: twenty waiters poll no more than one does.
+    let polls = srv.calls_of("queryAsyncJobResult").len();
+    assert!(
+        (2..=8).contains(&polls),
+        "20 waiters of one job made {polls} polls"
+    );
+}
+
+#[tokio::test]
+async fn a_job_is_noticed_soon_and_sooner_once_its_duration_is_learned() {
+    let srv = TestServer::start().await;
+    let client = default_poll_client(&srv);
+    let mut lateness = Vec::new();
+    for round in 0..3 {
+        let started = std::time::Instant::now();
+        let done_at = started + Duration::from_millis(200);
+        srv.script(
+            "queryAsyncJobResult",
+            vec![Reply::JobDoneAt(
+                done_at,
+                ATTACH_CMD,
+                json!({"volume": volume_json("v1")}),
+            )],
+        );
+        client
+            .wait_job(&format!("job-{round}"), Duration::from_secs(10))
+            .await
+            .expect("job succeeds");
+        lateness.push(done_at.elapsed());
+    }
+    let learned = client
+        .learned_job_duration(ATTACH_CMD)
+        .expect("a duration is learned");
+    assert!(
+        learned >= Duration::from_millis(190) && learned < Duration::from_millis(400),
+        "learned {learned:?}"
+    );
+    // Without a learned duration the 50 ms schedule notices the job within about one delay; with it,
+    // polls every 10 ms around 200 ms do. (Generous bounds: the machine may be loaded.)
+    assert!(lateness[0] < Duration::from_millis(250), "{lateness:?}");
+    assert!(lateness[2] < Duration::from_millis(60), "{lateness:?}");
+}
+
+#[tokio::test]
+async fn a_throttling_cloud_pauses_every_poll() {
+    let srv = TestServer::start().await;
+    let done_at = std::time::Instant::now();
+    srv.script(
+        "queryAsyncJobResult",
+        vec![
+            Reply::Throttled(1),
+            Reply::JobDoneAt(done_at, ATTACH_CMD, json!({"volume": volume_json("v1")})),
+        ],
+    );
+    let client = default_poll_client(&srv);
+    let started = std::time::Instant::now();
+    let wait = |i: usize| {
+        let c = client.clone();
+        tokio::spawn(async move {
+            c.wait_job(&format!("job-{i}"), Duration::from_secs(10))
+                .await
+        })
+    };
+    let mut waiters = vec![wait(0)];
+    // The first poll is refused; waiters that come during the pause wait for it too.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    waiters.extend((1..5).map(wait));
+    for w in waiters {
+        w.await
+            .expect("join")
+            .expect("job succeeds after the pause");
+    }
+    let times = srv.times_of("queryAsyncJobResult");
+    // The first poll was refused with Retry-After: 1; no poll is sent during the pause.
+    let during_pause = times
+        .iter()
+        .filter(|t| t.duration_since(started) > Duration::from_millis(50))
+        .filter(|t| t.duration_since(started) < Duration::from_millis(950))
+        .count();
+    assert_eq!(during_pause, 0, "polls during the pause: {times:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(times.len() <= 5 + 5, "{} polls", times.len());
 }
