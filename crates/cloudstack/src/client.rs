@@ -248,10 +248,7 @@ impl Client {
                 + chrono::Duration::from_std(expiry)
                     .unwrap_or_else(|_| chrono::Duration::seconds(600));
             all.push(("signatureVersion".to_owned(), "3".to_owned()));
-            all.push((
-                "expires".to_owned(),
-                expires.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-            ));
+            all.push(("expires".to_owned(), sign::format_expires(expires)));
         }
         let sig = sign::signature(self.inner.secret.expose(), &all);
         format!(

@@ -59,6 +59,14 @@ fn mac_over(secret: &str, params: &[(String, String)]) -> HmacSha1 {
     mac
 }
 
+/// Formats the `expires` parameter of signature version 3 as CloudStack documents it,
+/// `yyyy-MM-dd'T'HH:mm:ssZ` (Java `SimpleDateFormat`, whose `Z` is a numeric offset such as `+0000`):
+/// `ApiServer.verifyRequest` parses it with `DateUtil.parseTZDateString`, and releases before 4.x-era
+/// ISO-8601 parsing accept only that form.
+pub fn format_expires(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%z").to_string()
+}
+
 /// Computes the request signature: `Base64(HMAC-SHA1(secret, lower-case(canonical_query(params))))`.
 /// `params` must not contain `signature` itself.
 pub fn signature(secret: &str, params: &[(String, String)]) -> String {
@@ -181,6 +189,14 @@ mod tests {
             ("signatureVersion", "3"),
         ]);
         assert_eq!(signature(SECRET, &p), KAT_V3);
+    }
+
+    #[test]
+    fn expires_has_a_numeric_utc_offset() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-08-12T10:00:00.750Z")
+            .expect("valid date")
+            .with_timezone(&chrono::Utc);
+        assert_eq!(format_expires(at), "2026-08-12T10:00:00+0000");
     }
 
     #[test]

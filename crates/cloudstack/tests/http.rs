@@ -123,7 +123,7 @@ async fn api(
         let Some(expires) = param(&params, "expires") else {
             return unauthorized();
         };
-        let Ok(expires) = chrono::DateTime::parse_from_rfc3339(expires) else {
+        let Ok(expires) = chrono::DateTime::parse_from_str(expires, "%Y-%m-%dT%H:%M:%S%z") else {
             return unauthorized();
         };
         if expires <= chrono::Utc::now() {
@@ -267,7 +267,17 @@ async fn list_zones_is_a_signed_get_with_signature_version_3() {
     assert_eq!(calls[0].method, HttpMethod::GET);
     assert_eq!(calls[0].param("response"), Some("json"));
     assert_eq!(calls[0].param("signatureVersion"), Some("3"));
-    assert!(calls[0].param("expires").is_some_and(|e| e.ends_with('Z')));
+    // `yyyy-MM-dd'T'HH:mm:ssZ` with a numeric offset, e.g. `2026-08-12T10:00:00+0000`.
+    let expires = calls[0].param("expires").expect("expires").to_owned();
+    assert_eq!(expires.len(), "2026-08-12T10:00:00+0000".len(), "{expires}");
+    assert!(expires.ends_with("+0000"), "{expires}");
+    let parsed = chrono::DateTime::parse_from_str(&expires, "%Y-%m-%dT%H:%M:%S%z")
+        .expect("expires parses as yyyy-MM-ddTHH:mm:ssZ");
+    let ahead = parsed.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    assert!(
+        ahead > chrono::Duration::minutes(9) && ahead <= chrono::Duration::minutes(10),
+        "expires {expires} is not about 10 minutes ahead"
+    );
 }
 
 #[tokio::test]
