@@ -291,17 +291,18 @@ impl Client {
                 )
                 .body(query),
         };
+        // reqwest's errors print the request URL, whose query holds the API key and signature: drop it.
         let transport = |source: reqwest::Error| Error::Transport {
             command: command.to_owned(),
             attempts,
-            source,
+            source: source.without_url(),
         };
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) if is_tls_failure(&e) => {
                 return Attempt::Done(Err(Error::Tls {
                     command: command.to_owned(),
-                    source: e,
+                    source: e.without_url(),
                 }));
             }
             Err(e) => {

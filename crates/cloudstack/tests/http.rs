@@ -993,3 +993,36 @@ async fn a_throttling_cloud_pauses_every_poll() {
     assert!(started.elapsed() >= Duration::from_secs(1));
     assert!(times.len() <= 5 + 5, "{} polls", times.len());
 }
+
+#[tokio::test]
+async fn transport_errors_never_show_the_signed_url() {
+    // A port nothing listens on: every attempt fails to connect.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        l.local_addr().expect("addr").port()
+    };
+    let client = Client::new(Config {
+        retry: RetryPolicy {
+            max_attempts: 1,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+        },
+        ..Config::new(
+            format!("http://127.0.0.1:{port}/client/api"),
+            API_KEY,
+            Secret::new(SECRET),
+        )
+    })
+    .expect("client");
+    let err = client.list_zones().await.expect_err("nothing listens");
+    assert_eq!(err.kind(), ErrorKind::Transient);
+    let mut text = format!("{err} {err:?}");
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        text.push_str(&format!(" {s} {s:?}"));
+        source = s.source();
+    }
+    for secret in [API_KEY, "signature", "apiKey", "expires"] {
+        assert!(!text.contains(secret), "{secret:?} shown in {text}");
+    }
+}
