@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Control-path benchmark: builds the release daemon and runs bench/control_bench.py against
+# `serve --sim` (see that file for what is measured).
+#   bench/control-bench.sh [--quick] [--max-volumes N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -q -p volume-daemon
+exec python3 bench/control_bench.py --daemon target/release/volume-daemon "$@"
