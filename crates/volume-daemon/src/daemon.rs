@@ -19,6 +19,7 @@ use crate::exports::Exports;
 use crate::identity::{DetectionSources, Identity, IdentitySource};
 use crate::metrics::Metrics;
 use crate::sim::{self, Sim, SimError};
+use crate::statedir::{self, StateDirError, StateDirLock};
 use crate::store::{Store, StoreError};
 
 /// Start-up failed.
@@ -26,12 +27,8 @@ use crate::store::{Store, StoreError};
 pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot create the state directory {path}; create it or set state_dir")]
-    StateDir {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
     #[error(transparent)]
     Sim(#[from] SimError),
     #[error(
@@ -62,6 +59,8 @@ pub struct RunningDaemon {
     stop_nbd: Option<oneshot::Sender<()>>,
     api_task: JoinHandle<()>,
     nbd_task: JoinHandle<()>,
+    /// Held until the daemon is dropped: one daemon per state directory.
+    _state_lock: StateDirLock,
 }
 
 impl std::fmt::Debug for RunningDaemon {
@@ -100,10 +99,8 @@ fn cloud_client(cfg: &Config) -> Result<cloudstack::Client, DaemonError> {
 impl RunningDaemon {
     /// Starts everything; returns once the API serves and the journal is recovered.
     pub async fn start(mut cfg: Config) -> Result<Self, DaemonError> {
-        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
-            path: cfg.state_dir.clone(),
-            source,
-        })?;
+        // Before anything else (the simulator, the database, any listener): one daemon per state directory.
+        let state_lock = StateDirLock::acquire(&cfg.state_dir)?;
         let sim = if cfg.sim.enabled {
             let s = sim::start(&mut cfg).await?;
             println!("cloudsim listening on {}", s.running.addr());
@@ -119,6 +116,7 @@ impl RunningDaemon {
         };
         cfg.validate()?;
 
+        statedir::precreate_sqlite(&cfg.effective_database_url())?;
         let store = Store::connect(&cfg.effective_database_url())
             .await
             .map_err(DaemonError::Store)?;
@@ -281,6 +279,7 @@ impl RunningDaemon {
             stop_nbd: Some(stop_nbd),
             api_task,
             nbd_task,
+            _state_lock: state_lock,
         })
     }
 
@@ -340,7 +339,9 @@ pub struct CheckLine {
     pub detail: String,
 }
 
-/// `volume-daemon check`: privileges, database, cloud and identity, without serving anything.
+/// `volume-daemon check`: configuration, state directory, privileges, database, listeners, cloud and
+/// identity, without serving anything and without side effects (it creates, migrates and binds
+/// nothing that outlives it).
 pub async fn check(cfg: &Config) -> Vec<CheckLine> {
     let mut out = Vec::new();
     let mut line = |name: &str, ok: bool, detail: String| {
@@ -355,38 +356,129 @@ pub async fn check(cfg: &Config) -> Vec<CheckLine> {
     } else {
         line("configuration", true, "valid".into());
     }
-    if let Err(e) = std::fs::create_dir_all(&cfg.state_dir) {
+    let holder = statedir::holder(&cfg.state_dir);
+    if cfg.state_dir.is_dir() {
         line(
             "state directory",
-            false,
-            format!("cannot create {}: {e}", cfg.state_dir.display()),
+            true,
+            match &holder {
+                Some(holder) => format!("{} (in use by {holder})", cfg.state_dir.display()),
+                None => format!("{} (not in use)", cfg.state_dir.display()),
+            },
+        );
+    } else {
+        line(
+            "state directory",
+            true,
+            format!(
+                "{} does not exist yet; start creates it (0750)",
+                cfg.state_dir.display()
+            ),
         );
     }
     let names_dir = cfg.effective_names_dir();
-    let _ = std::fs::create_dir_all(&names_dir);
-    for c in blockdev::preflight::run(&cfg.by_id_dir, &names_dir, None).checks {
+    let by_id_dir = if cfg.sim.enabled {
+        sim::by_id_dir(cfg)
+    } else {
+        cfg.by_id_dir.clone()
+    };
+    // The names probe creates (and removes) a link: where the directory does not exist yet, probe a
+    // scratch directory instead, so that the state directory stays untouched.
+    let scratch = (!names_dir.exists())
+        .then(|| std::env::temp_dir().join(format!("volume-daemon-check-{}", std::process::id())));
+    let probe_dir = match &scratch {
+        Some(dir) => {
+            let _ = std::fs::create_dir_all(dir);
+            dir.clone()
+        }
+        None => names_dir.clone(),
+    };
+    let report = blockdev::preflight::run(&by_id_dir, &probe_dir, None);
+    if let Some(dir) = &scratch {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    for c in report.checks {
+        let later = match c.name {
+            "names_dir" if scratch.is_some() && c.ok => Some(&names_dir),
+            "by_id_watch" if cfg.sim.enabled && !by_id_dir.exists() => Some(&by_id_dir),
+            _ => None,
+        };
+        if let Some(dir) = later {
+            line(
+                &format!("privilege: {}", c.name),
+                true,
+                format!("{} does not exist yet; start creates it", dir.display()),
+            );
+            continue;
+        }
         let detail = match &c.fix {
             Some(fix) if !c.ok => format!("{} (fix: {fix})", c.detail),
             _ => c.detail.clone(),
         };
         line(&format!("privilege: {}", c.name), c.ok, detail);
     }
-    let store = match Store::connect(&cfg.effective_database_url()).await {
-        Ok(s) => match s.migrate().await {
-            Ok(()) => {
-                line("database", true, "reachable and migrated".into());
+    for (name, addr) in [
+        ("REST API listener", cfg.listen),
+        ("NBD listener", cfg.nbd_listen),
+    ] {
+        // Bound and closed at once: whether serve could listen there now.
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => line(name, true, format!("{addr} is free")),
+            // The daemon that holds the state directory is serving there.
+            Err(e) if holder.is_some() && e.kind() == std::io::ErrorKind::AddrInUse => line(
+                name,
+                true,
+                format!("{addr} is served by the running daemon"),
+            ),
+            Err(e) => line(name, false, format!("cannot listen on {addr}: {e}")),
+        }
+    }
+    let db_url = cfg.effective_database_url();
+    let sqlite_missing = statedir::sqlite_path(&db_url).is_some_and(|p| !p.exists());
+    let store = if sqlite_missing {
+        line(
+            "database",
+            true,
+            "the SQLite database does not exist yet; start creates it (0640) and migrates it"
+                .into(),
+        );
+        None
+    } else {
+        match Store::connect(&db_url).await {
+            Ok(s) => {
+                let (found, known) = s.schema_versions().await;
+                match found {
+                    Some(f) if f > known => line(
+                        "database",
+                        false,
+                        format!("schema version {f} is newer than this binary knows ({known}); run the newer binary"),
+                    ),
+                    Some(f) if f == known => line("database", true, format!("reachable, schema version {f}")),
+                    _ => line(
+                        "database",
+                        true,
+                        format!(
+                            "reachable, schema version {}; start migrates it to {known}",
+                            found.map_or_else(|| "none".to_owned(), |f| f.to_string())
+                        ),
+                    ),
+                }
                 Some(s)
             }
             Err(e) => {
                 line("database", false, crate::error_chain(&e));
                 None
             }
-        },
-        Err(e) => {
-            line("database", false, crate::error_chain(&e));
-            None
         }
     };
+    if cfg.sim.enabled {
+        line(
+            "cloudstack",
+            true,
+            "the built-in simulator (started by serve --sim; its appliance is the identity)".into(),
+        );
+        return out;
+    }
     if cfg.cloudstack_url.is_none() {
         line(
             "cloudstack",

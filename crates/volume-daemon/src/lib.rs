@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod sdnotify;
 pub mod sim;
+pub mod statedir;
 pub mod store;
 
 /// Renders an error and its `source()` chain as one line: `outer: inner: root`.

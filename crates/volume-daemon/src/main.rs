@@ -22,8 +22,9 @@ struct Cli {
 enum Command {
     /// Run the daemon until SIGTERM or SIGINT.
     Serve(ServeArgs),
-    /// Check privileges, database, cloud and appliance identity; exit non-zero when any check fails.
-    Check(CommonArgs),
+    /// Check configuration, state directory, privileges, database, listeners, cloud and appliance identity
+    /// without side effects; takes the same flags as `serve`; exits non-zero when any check fails.
+    Check(ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -110,6 +111,10 @@ fn init_logging(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_logs(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
@@ -118,7 +123,8 @@ fn init_logging(format: &str) {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// The configuration `serve` (and `check`) run with: file and environment, then the flags.
+fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     let mut cfg = load(&args.common)?;
     if let Some(v) = args.listen {
         cfg.listen = v;
@@ -148,6 +154,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(v) = args.sim_job_delay_ms {
         cfg.sim.job_delay_ms = v;
     }
+    Ok(cfg)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let cfg = serve_config(args)?;
     init_logging(&cfg.log_format);
     tracing::info!(state_dir = %cfg.state_dir.display(), database = %redact_url(&cfg.effective_database_url()), "starting");
     let daemon = RunningDaemon::start(cfg)
@@ -169,6 +180,12 @@ fn default_sim_state_dir() -> PathBuf {
         return PathBuf::from(h).join(".local/state/volume-daemon-sim");
     }
     std::env::temp_dir().join("volume-daemon-sim")
+}
+
+/// Whether logs are coloured: only on a terminal, and never when `NO_COLOR` is set to anything but
+/// the empty string (no-color.org).
+fn colour_logs(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Hides the password of a database URL.
@@ -196,8 +213,8 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn check(args: CommonArgs) -> anyhow::Result<bool> {
-    let cfg = load(&args)?;
+async fn check(args: ServeArgs) -> anyhow::Result<bool> {
+    let cfg = serve_config(args)?;
     init_logging("text");
     let lines = daemon::check(&cfg).await;
     let width = lines.iter().map(|l| l.name.len()).max().unwrap_or(0);
@@ -243,6 +260,15 @@ mod tests {
             redact_url("sqlite:///x.db?mode=rwc"),
             "sqlite:///x.db?mode=rwc"
         );
+    }
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour_logs(true, None));
+        assert!(colour_logs(true, Some(OsStr::new(""))));
+        assert!(!colour_logs(true, Some(OsStr::new("1"))));
+        assert!(!colour_logs(false, None));
     }
 
     #[test]

@@ -137,17 +137,30 @@ impl Store {
         self.dialect
     }
 
-    /// Applies the embedded migrations. Fails with `SchemaTooNew` when the database was migrated by a newer
-    /// binary, and never touches such a database.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        let migrator = self.dialect.migrator();
-        let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    /// The newest migration applied to the database (`None` before the first) and the newest this
+    /// binary knows; reads only.
+    pub async fn schema_versions(&self) -> (Option<i64>, i64) {
+        let known = self
+            .dialect
+            .migrator()
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0);
         // The table does not exist before the first migration; any error here means "nothing applied yet".
         let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
             .fetch_one(&self.pool)
             .await
             .ok()
             .flatten();
+        (found, known)
+    }
+
+    /// Applies the embedded migrations. Fails with `SchemaTooNew` when the database was migrated by a newer
+    /// binary, and never touches such a database.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = self.dialect.migrator();
+        let (found, known) = self.schema_versions().await;
         if let Some(found) = found.filter(|f| *f > known) {
             return Err(StoreError::SchemaTooNew { found, known });
         }

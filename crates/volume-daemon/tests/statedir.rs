@@ -1,0 +1,142 @@
+//! The state directory as the binary treats it: one daemon per directory, private modes, and a `check`
+//! that takes `serve`'s flags and leaves nothing behind.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve_sim(state: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_volume-daemon"));
+    cmd.arg("serve")
+        .arg("--sim")
+        .args(["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"])
+        .args(["--sim-listen", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(state)
+        .env("RUST_LOG", "warn")
+        .env_remove("VOLUME_DAEMON_CONFIG");
+    cmd
+}
+
+/// Starts `serve --sim` and waits until it says its API listens.
+fn start(state: &std::path::Path) -> Proc {
+    let mut child = serve_sim(state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn volume-daemon");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.starts_with("api listening on ") => break,
+            Some(Ok(_)) => {}
+            _ => panic!("the daemon exited before serving"),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Proc(child)
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[test]
+fn a_second_daemon_on_one_state_directory_exits_naming_the_first() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state");
+    let first = start(&state);
+
+    let started = Instant::now();
+    let out = serve_sim(&state).output().expect("run a second daemon");
+    assert!(!out.status.success(), "the second daemon must not run");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // It never got as far as the simulator, the database or any listener.
+    assert!(!stdout.contains("listening"), "{stdout}");
+    assert!(
+        stderr.contains("in use by another volume-daemon")
+            && stderr.contains(&format!("pid {}", first.0.id())),
+        "{stderr}"
+    );
+
+    // Private modes on what the daemon created itself.
+    assert_eq!(mode(&state) & 0o027, 0, "state dir {:o}", mode(&state));
+    let db = state.join("volume-daemon.db");
+    assert_eq!(mode(&db) & 0o037, 0, "database {:o}", mode(&db));
+    drop(first);
+}
+
+#[test]
+fn check_takes_serve_flags_and_changes_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("never-created");
+    let out = Command::new(env!("CARGO_BIN_EXE_volume-daemon"))
+        .arg("check")
+        .arg("--sim")
+        .args(["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"])
+        .args(["--sim-listen", "127.0.0.1:0", "--sim-job-delay-ms", "5"])
+        .arg("--state-dir")
+        .arg(&state)
+        .env("RUST_LOG", "warn")
+        .env_remove("VOLUME_DAEMON_CONFIG")
+        .output()
+        .expect("run check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("unexpected argument"), "{stderr}");
+    for name in [
+        "configuration",
+        "state directory",
+        "database",
+        "REST API listener",
+        "cloudstack",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(name)),
+            "no passing {name:?} line in:\n{stdout}{stderr}"
+        );
+    }
+    assert!(!state.exists(), "check created {}", state.display());
+}
+
+#[test]
+fn check_reports_who_holds_a_state_directory_in_use() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state");
+    let daemon = start(&state);
+    let out = Command::new(env!("CARGO_BIN_EXE_volume-daemon"))
+        .arg("check")
+        .arg("--sim")
+        .args(["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(&state)
+        .env("RUST_LOG", "warn")
+        .env_remove("VOLUME_DAEMON_CONFIG")
+        .output()
+        .expect("run check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("in use by pid {}", daemon.0.id())),
+        "{stdout}"
+    );
+    drop(daemon);
+}
