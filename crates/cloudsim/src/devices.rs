@@ -1,8 +1,10 @@
-//! Volume storage and the appliance's view of it: sparse backing files, loop devices over them, and the
-//! `virtio-<serial>` links in the by-id directory (made atomically: symlink to a temporary name, then rename).
+//! Volume storage and the appliance's view of it: sparse backing files, sparse snapshot copies of them,
+//! loop devices over them, and the `virtio-<serial>` links in the by-id directory (made atomically:
+//! symlink to a temporary name, then rename).
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
 use blockdev::loopdev::{self, LoopDevice};
@@ -14,6 +16,7 @@ use crate::model::virtio_serial;
 #[derive(Debug, Clone)]
 pub(crate) struct Devices {
     volumes_dir: PathBuf,
+    snapshots_dir: PathBuf,
     by_id_dir: PathBuf,
     use_loop_devices: bool,
 }
@@ -29,6 +32,7 @@ impl Devices {
     pub fn new(state_dir: &Path, by_id_dir: &Path, use_loop_devices: bool) -> Self {
         Self {
             volumes_dir: state_dir.join("volumes"),
+            snapshots_dir: state_dir.join("snapshots"),
             by_id_dir: by_id_dir.to_path_buf(),
             use_loop_devices,
         }
@@ -38,9 +42,45 @@ impl Devices {
     pub fn prepare(&self) -> Result<(), SimError> {
         fs::create_dir_all(&self.volumes_dir)
             .map_err(SimError::io("create directory", &self.volumes_dir))?;
+        fs::create_dir_all(&self.snapshots_dir)
+            .map_err(SimError::io("create directory", &self.snapshots_dir))?;
         fs::create_dir_all(&self.by_id_dir)
             .map_err(SimError::io("create directory", &self.by_id_dir))?;
         Ok(())
+    }
+
+    /// `<state_dir>/snapshots/<uuid>.img`.
+    pub fn snapshot_path(&self, snapshot_id: &str) -> PathBuf {
+        self.snapshots_dir.join(format!("{snapshot_id}.img"))
+    }
+
+    /// Copies the volume's content into a new snapshot file.
+    pub fn take_snapshot(&self, volume_id: &str, snapshot_id: &str) -> Result<(), SimError> {
+        let (from, to) = (
+            self.backing_path(volume_id),
+            self.snapshot_path(snapshot_id),
+        );
+        copy_sparse(&from, &to).map_err(|source| SimError::Copy { from, to, source })
+    }
+
+    /// Writes a snapshot's content back over the volume, in place (a loop device over it sees the change).
+    pub fn revert_snapshot(&self, snapshot_id: &str, volume_id: &str) -> Result<(), SimError> {
+        let (from, to) = (
+            self.snapshot_path(snapshot_id),
+            self.backing_path(volume_id),
+        );
+        copy_sparse(&from, &to).map_err(|source| SimError::Copy { from, to, source })
+    }
+
+    /// Removes a snapshot file (absent is fine).
+    pub fn remove_snapshot(&self, snapshot_id: &str) -> Result<(), SimError> {
+        let path = self.snapshot_path(snapshot_id);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                Err(SimError::io("remove snapshot file", path)(e))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// `<state_dir>/volumes/<uuid>.img`.
@@ -157,5 +197,72 @@ impl Devices {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(SimError::io("remove link", link)(e)),
             _ => Ok(()),
         }
+    }
+}
+
+/// Copies `from` over `to` (created if absent, same inode otherwise), reading only the data extents of
+/// `from` (`SEEK_DATA`/`SEEK_HOLE`), so sparse files stay sparse and copies cost what was written.
+fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
+    use rustix::fs::{seek, SeekFrom};
+    let src = File::open(from)?;
+    let len = src.metadata()?.len();
+    let dst = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(to)?;
+    dst.set_len(0)?;
+    dst.set_len(len)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        let data = match seek(&src, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break, // only a hole remains
+            Err(e) => return Err(e.into()),
+        };
+        let end = seek(&src, SeekFrom::Hole(data))?.min(len);
+        let mut at = data;
+        while at < end {
+            let want = usize::try_from(end - at)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let n = src.read_at(&mut buf[..want], at)?;
+            if n == 0 {
+                break;
+            }
+            dst.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        pos = end;
+    }
+    dst.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let f = File::create(&a).expect("create");
+        f.set_len(64 << 20).expect("size");
+        f.write_all_at(b"start", 0).expect("write");
+        f.write_all_at(b"middle", 32 << 20).expect("write");
+        // The target had other content, longer than the source.
+        fs::write(&b, vec![7u8; 1 << 20]).expect("old content");
+        copy_sparse(&a, &b).expect("copy");
+        let got = fs::read(&b).expect("read");
+        assert_eq!(got.len(), 64 << 20);
+        assert_eq!(&got[..5], b"start");
+        assert_eq!(&got[32 << 20..(32 << 20) + 6], b"middle");
+        assert!(got[5..32 << 20].iter().all(|x| *x == 0));
+        use std::os::unix::fs::MetadataExt as _;
+        assert!(
+            fs::metadata(&b).expect("meta").blocks() * 512 < 8 << 20,
+            "the copy stays sparse"
+        );
     }
 }

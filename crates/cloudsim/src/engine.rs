@@ -1,7 +1,9 @@
-//! The simulated cloud: owns the state, executes API commands and asynchronous jobs, applies faults and
-//! saves the state atomically after every change. Knows nothing of HTTP.
+//! The simulated cloud: owns the state and its store, executes API commands and asynchronous jobs,
+//! applies faults and actions behind the client's back, and commits every change. Knows nothing of HTTP.
+//!
+//! Where a rule comes from (CloudStack class or setting) is said next to it, and listed in the README.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -12,10 +14,56 @@ use crate::devices::Devices;
 use crate::error::SimError;
 use crate::faults::FaultHandle;
 use crate::model::{
-    Attachment, CsError, Job, JobAction, JobOutcome, State, Volume, VolumeState, GIB,
+    check_root_change, now_string, page_window, Attachment, CsError, DetachTarget, Job, JobAction,
+    JobOutcome, Snapshot, State, Tag, Vm, VmState, Volume, VolumeState, GIB,
 };
+use crate::store::Store;
 
-/// Request parameters in arrival order; names are looked up case-insensitively.
+/// Every command the simulator implements. CloudStack's command names are case-sensitive (its API
+/// registry is a plain map): any other name is refused like an unknown command.
+pub(crate) const COMMANDS: &[&str] = &[
+    "listZones",
+    "listDiskOfferings",
+    "listServiceOfferings",
+    "listTemplates",
+    "listOsTypes",
+    "listHypervisors",
+    "listNetworks",
+    "listPublicIpAddresses",
+    "listPortForwardingRules",
+    "listIpForwardingRules",
+    "listVirtualMachines",
+    "listVolumes",
+    "listSnapshots",
+    "listTags",
+    "listAsyncJobs",
+    "queryAsyncJobResult",
+    "createVolume",
+    "attachVolume",
+    "detachVolume",
+    "deleteVolume",
+    "stopVirtualMachine",
+    "startVirtualMachine",
+    "createSnapshot",
+    "deleteSnapshot",
+    "revertSnapshot",
+    "createTags",
+    "deleteTags",
+];
+
+/// Template filters `listTemplates` accepts (`TemplateFilter` in CloudStack's `VirtualMachineTemplate`).
+const TEMPLATE_FILTERS: &[&str] = &[
+    "featured",
+    "self",
+    "selfexecutable",
+    "sharedexecutable",
+    "executable",
+    "community",
+    "all",
+];
+
+/// Request parameters in arrival order; names are looked up case-insensitively (CloudStack lower-cases
+/// parameter names before binding them).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Params(pub Vec<(String, String)>);
 
@@ -42,53 +90,84 @@ impl Params {
             })
             .transpose()
     }
+
+    fn int(&self, command: &str, name: &str) -> Result<Option<i64>, CsError> {
+        self.get(name)
+            .map(|v| {
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|_| CsError::invalid(command, name, v))
+            })
+            .transpose()
+    }
+
+    /// A comma-separated list parameter (`resourceids=a,b`).
+    fn list(&self, name: &str) -> Vec<String> {
+        self.get(name)
+            .map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A map parameter: `tags[0].key=k&tags[0].value=v` → `[(k, Some(v))]`, in index order.
+    fn map(&self, name: &str) -> Vec<(String, Option<String>)> {
+        let mut entries: std::collections::BTreeMap<u64, (Option<String>, Option<String>)> =
+            std::collections::BTreeMap::new();
+        let prefix = format!("{}[", name.to_ascii_lowercase());
+        for (k, v) in &self.0 {
+            let k = k.to_ascii_lowercase();
+            let Some(rest) = k.strip_prefix(&prefix) else {
+                continue;
+            };
+            let Some((idx, field)) = rest.split_once("].") else {
+                continue;
+            };
+            let Ok(idx) = idx.parse::<u64>() else {
+                continue;
+            };
+            let e = entries.entry(idx).or_default();
+            match field {
+                "key" => e.0 = Some(v.clone()),
+                "value" => e.1 = Some(v.clone()),
+                _ => {}
+            }
+        }
+        entries
+            .into_values()
+            .filter_map(|(k, v)| k.map(|k| (k, v)))
+            .collect()
+    }
+}
+
+fn eq_ci(a: &str, b: &str) -> bool {
+    a.to_lowercase() == b.to_lowercase()
+}
+
+fn contains_ci(hay: &str, needle: &str) -> bool {
+    hay.to_lowercase().contains(&needle.to_lowercase())
+}
+
+/// The state and its store, changed together under one lock.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub st: State,
+    store: Store,
 }
 
 /// The simulator's shared core.
 #[derive(Debug)]
 pub(crate) struct Engine {
-    state: Mutex<State>,
-    state_path: PathBuf,
+    shared: Mutex<Shared>,
     pub faults: FaultHandle,
     pub devices: Devices,
     job_delay: Duration,
+    page_size: u64,
     stopped: AtomicBool,
     cancel: tokio::sync::watch::Sender<bool>,
-}
-
-/// Saves `state` to `path` atomically: write a temporary file, sync it, rename it over the old one.
-pub(crate) fn save_state(path: &Path, state: &State) -> Result<(), SimError> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(state).expect("invariant: the state serializes to JSON");
-    let mut f = std::fs::File::create(&tmp).map_err(SimError::io("write state file", &tmp))?;
-    f.write_all(&body)
-        .map_err(SimError::io("write state file", &tmp))?;
-    f.sync_all()
-        .map_err(SimError::io("sync state file", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(SimError::io("replace state file", path))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
-
-/// Loads the state saved at `path`, if any.
-pub(crate) fn load_state(path: &Path) -> Result<Option<State>, SimError> {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| SimError::CorruptState {
-                    path: path.to_path_buf(),
-                    source,
-                })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(SimError::io("read state file", path)(e)),
-    }
 }
 
 fn list_body(key: &str, items: Vec<Value>, total: usize) -> Value {
@@ -114,31 +193,44 @@ fn internal(e: &SimError) -> CsError {
     CsError::internal(text)
 }
 
+impl crate::faults::Actions for Engine {
+    fn set_vm_state(&self, vm_id: &str, state: VmState) -> Result<Value, CsError> {
+        Engine::set_vm_state(self, vm_id, state)
+    }
+    fn force_detach(&self, volume_id: &str) -> Result<Value, CsError> {
+        Engine::force_detach(self, volume_id)
+    }
+}
+
 impl Engine {
-    pub fn new(
-        state: State,
-        state_path: PathBuf,
+    /// Opens the store in `state_dir` (a fresh cloud from `fresh` when there is none).
+    pub fn open(
+        state_dir: &Path,
+        fresh: impl FnOnce() -> State,
         faults: FaultHandle,
         devices: Devices,
         job_delay: Duration,
-    ) -> Self {
-        Self {
-            state: Mutex::new(state),
-            state_path,
+        page_size: u64,
+    ) -> Result<Self, SimError> {
+        let (store, st) = Store::open(state_dir, fresh)?;
+        Ok(Self {
+            shared: Mutex::new(Shared { st, store }),
             faults,
             devices,
             job_delay,
+            page_size,
             stopped: AtomicBool::new(false),
             cancel: tokio::sync::watch::Sender::new(false),
-        }
+        })
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn save(&self, st: &State) -> Result<(), CsError> {
-        save_state(&self.state_path, st).map_err(|e| {
+    fn commit(&self, g: &mut Shared) -> Result<(), CsError> {
+        let Shared { st, store } = g;
+        store.commit(st).map_err(|e| {
             tracing::error!(error = %e, "saving simulator state failed");
             internal(&e)
         })
@@ -151,32 +243,44 @@ impl Engine {
         self.cancel.send_replace(true);
     }
 
-    /// Re-creates the appliance's devices and links from the state, and restarts pending jobs.
+    /// Makes sure every volume has its backing file, re-creates the appliance's devices and links from
+    /// the state, and restarts pending jobs.
     pub fn recover(self: &Arc<Self>) -> Result<(), SimError> {
-        let mut st = self.lock();
+        let mut g = self.lock();
+        let st = &mut g.st;
         let appliance = st.appliance_vm_id.clone();
-        for vol in st.volumes.iter_mut() {
-            let Some(att) = vol.attachment.as_mut() else {
-                continue;
-            };
+        let ids: Vec<String> = st.volumes.keys().cloned().collect();
+        for id in ids {
+            let Some(vol) = st.volume(&id) else { continue };
+            if !self.devices.backing_path(&id).exists() {
+                self.devices.create_backing(&id, vol.size)?;
+            }
+            let Some(att) = &vol.attachment else { continue };
             if att.vm_id != appliance || att.device.is_none() {
                 continue;
             }
-            let exposed = self.devices.recover(&vol.id)?;
-            att.device = Some(exposed.device.clone());
-            att.loop_device = exposed.loop_device;
-            if att.link.is_some() {
-                att.link = Some(self.devices.link(&vol.id, &exposed.device)?);
+            let had_link = att.link.is_some();
+            let exposed = self.devices.recover(&id)?;
+            let link = if had_link {
+                Some(self.devices.link(&id, &exposed.device)?)
+            } else {
+                None
+            };
+            if let Some(att) = st.volume_mut(&id).and_then(|v| v.attachment.as_mut()) {
+                att.device = Some(exposed.device);
+                att.loop_device = exposed.loop_device;
+                att.link = link;
             }
         }
-        save_state(&self.state_path, &st)?;
+        let Shared { st, store } = &mut *g;
+        store.commit(st)?;
         let pending: Vec<(String, u64)> = st
             .jobs
-            .iter()
+            .values()
             .filter(|j| j.is_pending())
             .map(|j| (j.id.clone(), j.extra_delay_ms))
             .collect();
-        drop(st);
+        drop(g);
         for (id, extra) in pending {
             self.spawn_job(id, Duration::from_millis(extra));
         }
@@ -185,8 +289,8 @@ impl Engine {
 
     /// Removes every loop device and link this simulator made, without changing the state.
     pub fn detach_all_devices(&self) {
-        let st = self.lock();
-        for vol in &st.volumes {
+        let g = self.lock();
+        for vol in g.st.volumes.values() {
             let Some(att) = &vol.attachment else { continue };
             if let Some(link) = &att.link {
                 let _ = self.devices.unlink(link);
@@ -197,22 +301,29 @@ impl Engine {
                 }
             }
         }
-        for link in &st.leftover_links {
+        for link in &g.st.leftover_links {
             let _ = self.devices.unlink(link);
         }
     }
 
     // ---- rendering -------------------------------------------------------------------------------
 
+    fn tag_json(st: &State, resource_id: &str, t: &Tag) -> Value {
+        json!({
+            "key": t.key, "value": t.value, "resourcetype": "Volume", "resourceid": resource_id,
+            "account": "admin", "domainid": st.domain_id, "domain": "ROOT",
+        })
+    }
+
     /// The volume object; `faulted` applies the wrong-size fault to `size`.
     pub fn volume_json(&self, st: &State, v: &Volume, faulted: bool) -> Value {
-        let offering = st.offering(&v.offering_id);
+        let offering = v.offering_id.as_deref().and_then(|id| st.offering(id));
         let mut m = json!({
             "id": v.id,
             "name": v.name,
             "zoneid": st.zone.id,
             "zonename": st.zone.name,
-            "type": if v.attachment.as_ref().is_some_and(|a| a.device_id == 0) { "ROOT" } else { "DATADISK" },
+            "type": if v.is_root() { "ROOT" } else { "DATADISK" },
             "size": if faulted { self.faults.reported_size(&v.id, v.size) } else { v.size },
             "created": v.created,
             "state": v.state.as_str(),
@@ -223,21 +334,38 @@ impl Engine {
             "storagetype": "shared",
             "provisioningtype": "thin",
             "hypervisor": if v.state == VolumeState::Allocated { "None" } else { "KVM" },
-            "diskofferingid": v.offering_id,
-            "diskofferingname": offering.map(|o| o.name.clone()),
-            "diskofferingdisplaytext": offering.map(|o| o.displaytext.clone()),
             "storage": if v.state == VolumeState::Allocated { "none" } else { "sim-primary" },
             "destroyed": false,
             "isextractable": true,
             "displayvolume": true,
+            "tags": v.tags.iter().map(|t| Self::tag_json(st, &v.id, t)).collect::<Vec<_>>(),
         });
-        if let (Some(att), Some(obj)) = (&v.attachment, m.as_object_mut()) {
+        let obj = m
+            .as_object_mut()
+            .expect("invariant: json! of an object literal is an object");
+        if let Some(o) = offering {
+            obj.insert("diskofferingid".into(), json!(o.id));
+            obj.insert("diskofferingname".into(), json!(o.name));
+            obj.insert("diskofferingdisplaytext".into(), json!(o.displaytext));
+        } else {
+            obj.insert("templateid".into(), json!(st.template.id));
+            obj.insert("templatename".into(), json!(st.template.name));
+            obj.insert("serviceofferingid".into(), json!(st.service_offering.id));
+            obj.insert(
+                "serviceofferingname".into(),
+                json!(st.service_offering.name),
+            );
+        }
+        if let Some(att) = &v.attachment {
             let vm = st.vm(&att.vm_id);
             obj.insert("deviceid".into(), json!(att.device_id));
             obj.insert("virtualmachineid".into(), json!(att.vm_id));
             obj.insert("vmname".into(), json!(vm.map(|v| v.name.clone())));
             obj.insert("vmdisplayname".into(), json!(vm.map(|v| v.name.clone())));
-            obj.insert("vmstate".into(), json!("Running"));
+            obj.insert(
+                "vmstate".into(),
+                json!(vm.map_or("Running", |v| v.state.as_str())),
+            );
             obj.insert("vmtype".into(), json!("User"));
             obj.insert("attached".into(), json!(att.attached));
             obj.insert("path".into(), json!(v.id));
@@ -245,7 +373,8 @@ impl Engine {
         m
     }
 
-    fn vm_json(&self, st: &State, vm: &crate::model::Vm) -> Value {
+    fn vm_json(st: &State, vm: &Vm) -> Value {
+        let so = &st.service_offering;
         json!({
             "id": vm.id,
             "name": vm.name,
@@ -255,21 +384,50 @@ impl Engine {
             "domainid": st.domain_id,
             "domain": "ROOT",
             "created": vm.created,
-            "state": "Running",
+            "state": vm.state.as_str(),
             "haenable": false,
             "zoneid": st.zone.id,
             "zonename": st.zone.name,
-            "hypervisor": "KVM",
-            "cpunumber": 2,
-            "memory": 4096,
+            "hypervisor": vm.hypervisor.as_str(),
+            "serviceofferingid": so.id,
+            "serviceofferingname": so.name,
+            "cpunumber": so.cpus,
+            "cpuspeed": so.cpu_mhz,
+            "memory": so.memory_mb,
+            "templateid": st.template.id,
+            "templatename": st.template.name,
+            "templatedisplaytext": st.template.name,
+            "guestosid": st.template.os_type_id,
+            "ostypeid": st.template.os_type_id,
+            "osdisplayname": st.template.os_type_name,
             "rootdeviceid": 0,
             "rootdevicetype": "ROOT",
             "passwordenabled": false,
-            "nic": [],
+            "nic": [{
+                "id": vm.nic_id, "networkid": st.network.id, "networkname": st.network.name,
+                "ipaddress": vm.ip, "netmask": "255.255.255.0", "gateway": "10.1.1.1",
+                "macaddress": vm.mac, "isdefault": true, "traffictype": "Guest", "type": "Isolated",
+            }],
+            "securitygroup": [],
+            "affinitygroup": [],
             "tags": [],
         })
     }
 
+    fn snapshot_json(st: &State, s: &Snapshot) -> Value {
+        json!({
+            "id": s.id, "name": s.name, "volumeid": s.volume_id, "volumename": s.volume_name,
+            "volumetype": s.volume_type, "snapshottype": "MANUAL", "intervaltype": "MANUAL",
+            "state": if s.backed_up { "BackedUp" } else { "Creating" },
+            "created": s.created, "zoneid": st.zone.id, "account": "admin", "domainid": st.domain_id,
+            "domain": "ROOT", "physicalsize": s.size, "virtualsize": s.size, "revertable": true,
+            "locationtype": "Primary", "tags": [],
+        })
+    }
+
+    /// The job object. A failed job carries `jobresultcode` 431 for parameter errors and 530 otherwise,
+    /// as `ApiAsyncJobDispatcher.runJob` completes it (an `InvalidParameterValueException` becomes a
+    /// `ServerApiException(PARAM_ERROR)`), with `cserrorcode` 4350 or 9999.
     fn job_json(&self, st: &State, j: &Job) -> Value {
         let mut m = json!({
             "accountid": st.account_id,
@@ -277,36 +435,46 @@ impl Engine {
             "cmd": j.action.cmd_class(),
             "created": j.created,
             "jobid": j.id,
-            "jobinstanceid": j.volume_id,
-            "jobinstancetype": "Volume",
             "jobprocstatus": 0,
         });
         let obj = m
             .as_object_mut()
             .expect("invariant: json! of an object literal is an object");
+        if let (Some(id), Some(kind)) = (&j.instance_id, j.action.instance_type()) {
+            obj.insert("jobinstanceid".into(), json!(id));
+            obj.insert("jobinstancetype".into(), json!(kind));
+        }
         match &j.outcome {
             JobOutcome::Pending => {
                 obj.insert("jobstatus".into(), json!(0));
                 obj.insert("jobresultcode".into(), json!(0));
             }
-            JobOutcome::Succeeded { volume, completed } => {
-                let mut volume = volume.clone();
-                if let Some(size) = volume.get("size").and_then(Value::as_u64) {
-                    volume["size"] = json!(self.faults.reported_size(&j.volume_id, size));
+            JobOutcome::Succeeded { result, completed } => {
+                let mut result = result.clone();
+                if let (Some(id), Some(size)) = (
+                    result["volume"]["id"].as_str().map(str::to_owned),
+                    result["volume"]["size"].as_u64(),
+                ) {
+                    result["volume"]["size"] = json!(self.faults.reported_size(&id, size));
                 }
                 obj.insert("jobstatus".into(), json!(1));
                 obj.insert("jobresultcode".into(), json!(0));
                 obj.insert("jobresulttype".into(), json!("object"));
-                obj.insert("jobresult".into(), json!({ "volume": volume }));
+                obj.insert("jobresult".into(), result);
                 obj.insert("completed".into(), json!(completed));
             }
             JobOutcome::Failed { error, completed } => {
+                let (code, cs) = if error.is_param() {
+                    (431, 4350)
+                } else {
+                    (530, 9999)
+                };
                 obj.insert("jobstatus".into(), json!(2));
-                obj.insert("jobresultcode".into(), json!(530));
+                obj.insert("jobresultcode".into(), json!(code));
                 obj.insert("jobresulttype".into(), json!("object"));
                 obj.insert(
                     "jobresult".into(),
-                    json!({ "errorcode": error.errorcode, "errortext": error.errortext }),
+                    json!({ "errorcode": error.errorcode, "cserrorcode": cs, "errortext": error.errortext }),
                 );
                 obj.insert("completed".into(), json!(completed));
             }
@@ -316,35 +484,86 @@ impl Engine {
 
     // ---- commands --------------------------------------------------------------------------------
 
-    /// Executes one API command; `command` is the name as sent. Returns the body inside `<command>response`.
+    /// Whether `command` is implemented (exact, case-sensitive name).
+    pub fn knows(command: &str) -> bool {
+        COMMANDS.contains(&command)
+    }
+
+    /// Executes one API command; `command` must be one of [`COMMANDS`]. Returns the body inside
+    /// `<command>response`.
     pub fn execute(self: &Arc<Self>, command: &str, p: &Params) -> Result<Value, CsError> {
-        match command.to_ascii_lowercase().as_str() {
-            "listzones" => Ok(self.list_zones(p)),
-            "listdiskofferings" => Ok(self.list_disk_offerings(p)),
-            "listvirtualmachines" => Ok(self.list_vms(p)),
-            "listvolumes" => self.list_volumes(command, p),
-            "createvolume" => self.create_volume(command, p),
-            "attachvolume" => self.attach_volume(command, p),
-            "detachvolume" => self.detach_volume(command, p),
-            "deletevolume" => self.delete_volume(command, p),
-            "queryasyncjobresult" => self.query_job(command, p),
-            "listasyncjobs" => Ok(self.list_jobs()),
-            _ => Err(CsError {
-                errorcode: 432,
-                cserrorcode: 9999,
-                errortext: "The given command does not exist or it is not available for user"
-                    .to_owned(),
-            }),
+        match command {
+            "listZones" => self.list_zones(command, p),
+            "listDiskOfferings" => self.list_disk_offerings(command, p),
+            "listServiceOfferings" => self.list_service_offerings(command, p),
+            "listTemplates" => self.list_templates(command, p),
+            "listOsTypes" => self.list_os_types(command, p),
+            "listHypervisors" => Ok(list_body(
+                "hypervisor",
+                ["KVM", "VMware", "XenServer"]
+                    .iter()
+                    .map(|h| json!({ "name": h }))
+                    .collect(),
+                3,
+            )),
+            "listNetworks" => self.list_networks(command, p),
+            "listPublicIpAddresses" => self.list_public_ips(command, p),
+            "listPortForwardingRules" | "listIpForwardingRules" => self
+                .paged(command, p, Vec::<Value>::new(), |v| v)
+                .map(|(items, n)| list_body("portforwardingrule", items, n)),
+            "listVirtualMachines" => self.list_vms(command, p),
+            "listVolumes" => self.list_volumes(command, p),
+            "listSnapshots" => self.list_snapshots(command, p),
+            "listTags" => self.list_tags(command, p),
+            "listAsyncJobs" => self.list_jobs(command, p),
+            "queryAsyncJobResult" => self.query_job(command, p),
+            "createVolume" => self.create_volume(command, p),
+            "attachVolume" => self.attach_volume(command, p),
+            "detachVolume" => self.detach_volume(command, p),
+            "deleteVolume" => self.delete_volume(command, p),
+            "stopVirtualMachine" => self.vm_job(command, p, JobAction::StopVm),
+            "startVirtualMachine" => self.vm_job(command, p, JobAction::StartVm),
+            "createSnapshot" => self.create_snapshot(command, p),
+            "deleteSnapshot" => self.snapshot_job(command, p, JobAction::DeleteSnapshot),
+            "revertSnapshot" => self.snapshot_job(command, p, JobAction::RevertSnapshot),
+            "createTags" => self.tags_job(command, p, true),
+            "deleteTags" => self.tags_job(command, p, false),
+            other => Err(CsError::internal(format!(
+                "command {other} is listed but not dispatched"
+            ))),
         }
     }
 
-    fn list_zones(&self, p: &Params) -> Value {
-        let st = self.lock();
-        let z = &st.zone;
+    /// Applies `page`/`pagesize` to `items` and renders the page; returns it with the total count.
+    fn paged<T>(
+        &self,
+        command: &str,
+        p: &Params,
+        items: Vec<T>,
+        render: impl Fn(T) -> Value,
+    ) -> Result<(Vec<Value>, usize), CsError> {
+        let (skip, take) = page_window(
+            p.int(command, "page")?,
+            p.int(command, "pagesize")?,
+            self.page_size,
+        )?;
+        let total = items.len();
+        let page = items
+            .into_iter()
+            .skip(skip)
+            .take(take.unwrap_or(usize::MAX))
+            .map(render)
+            .collect();
+        Ok((page, total))
+    }
+
+    fn list_zones(&self, command: &str, p: &Params) -> Result<Value, CsError> {
+        let g = self.lock();
+        let z = &g.st.zone;
         let items: Vec<Value> = [z]
             .into_iter()
             .filter(|z| p.get("id").is_none_or(|id| id == z.id))
-            .filter(|z| p.get("name").is_none_or(|n| n == z.name))
+            .filter(|z| p.get("name").is_none_or(|n| eq_ci(n, &z.name)))
             .map(|z| {
                 json!({
                     "id": z.id, "name": z.name, "networktype": "Advanced", "allocationstate": "Enabled",
@@ -352,95 +571,259 @@ impl Engine {
                 })
             })
             .collect();
-        let n = items.len();
-        list_body("zone", items, n)
+        let (items, n) = self.paged(command, p, items, |v| v)?;
+        Ok(list_body("zone", items, n))
     }
 
-    fn list_disk_offerings(&self, p: &Params) -> Value {
-        let st = self.lock();
-        let items: Vec<Value> = st
-            .offerings
-            .iter()
+    fn list_disk_offerings(&self, command: &str, p: &Params) -> Result<Value, CsError> {
+        let g = self.lock();
+        let items: Vec<Value> =
+            g.st.offerings
+                .iter()
+                .filter(|o| p.get("id").is_none_or(|id| id == o.id))
+                .filter(|o| p.get("name").is_none_or(|n| eq_ci(n, &o.name)))
+                .map(|o| {
+                    let mut v = json!({
+                        "id": o.id, "name": o.name, "displaytext": o.displaytext,
+                        "disksize": o.size_gb.unwrap_or(0), "iscustomized": o.size_gb.is_none(),
+                        "created": o.created, "storagetype": "shared", "provisioningtype": "thin",
+                    });
+                    if o.size_gb.is_none() {
+                        v["customizeddiskofferingminsize"] = json!(o.min_gb);
+                        v["customizeddiskofferingmaxsize"] = json!(o.max_gb);
+                    }
+                    v
+                })
+                .collect();
+        let (items, n) = self.paged(command, p, items, |v| v)?;
+        Ok(list_body("diskoffering", items, n))
+    }
+
+    fn list_service_offerings(&self, command: &str, p: &Params) -> Result<Value, CsError> {
+        let g = self.lock();
+        let so = &g.st.service_offering;
+        let items: Vec<Value> = [so]
+            .into_iter()
             .filter(|o| p.get("id").is_none_or(|id| id == o.id))
-            .filter(|o| p.get("name").is_none_or(|n| n == o.name))
+            .filter(|o| p.get("name").is_none_or(|n| eq_ci(n, &o.name)))
             .map(|o| {
                 json!({
-                    "id": o.id, "name": o.name, "displaytext": o.displaytext,
-                    "disksize": o.size_gb.unwrap_or(0), "iscustomized": o.size_gb.is_none(),
-                    "created": o.created, "storagetype": "shared", "provisioningtype": "thin",
+                    "id": o.id, "name": o.name, "displaytext": o.name, "cpunumber": o.cpus,
+                    "cpuspeed": o.cpu_mhz, "memory": o.memory_mb, "storagetype": "shared",
+                    "offerha": false, "limitcpuuse": false, "iscustomized": false,
+                    "provisioningtype": "thin", "issystem": false, "defaultuse": false,
                 })
             })
             .collect();
-        let n = items.len();
-        list_body("diskoffering", items, n)
+        let (items, n) = self.paged(command, p, items, |v| v)?;
+        Ok(list_body("serviceoffering", items, n))
     }
 
-    fn list_vms(&self, p: &Params) -> Value {
-        let st = self.lock();
-        let items: Vec<Value> = st
+    fn list_templates(&self, command: &str, p: &Params) -> Result<Value, CsError> {
+        let filter = p.require(command, "templatefilter")?;
+        if !TEMPLATE_FILTERS.contains(&filter) {
+            return Err(CsError::invalid(command, "templatefilter", filter));
+        }
+        let g = self.lock();
+        let st = &g.st;
+        let t = &st.template;
+        let items: Vec<Value> = [t]
+            .into_iter()
+            .filter(|t| p.get("id").is_none_or(|id| id == t.id))
+            .filter(|t| p.get("name").is_none_or(|n| eq_ci(n, &t.name)))
+            .filter(|_| p.get("zoneid").is_none_or(|z| z == st.zone.id))
+            .map(|t| {
+                json!({
+                    "id": t.id, "name": t.name, "displaytext": t.name, "ispublic": true,
+                    "isfeatured": true, "isready": true, "passwordenabled": false,
+                    "format": "QCOW2", "hypervisor": "KVM", "ostypeid": t.os_type_id,
+                    "ostypename": t.os_type_name, "size": crate::model::ROOT_SIZE,
+                    "templatetype": "USER", "status": "Download Complete",
+                    "zoneid": st.zone.id, "zonename": st.zone.name, "account": "admin",
+                    "domainid": st.domain_id, "domain": "ROOT", "crossZones": false,
+                    "created": st.offerings.first().map(|o| o.created.clone()), "tags": [],
+                })
+            })
+            .collect();
+        let (items, n) = self.paged(command, p, items, |v| v)?;
+        Ok(list_body("template", items, n))
+    }
+
+    fn list_os_types(&self, command: &str, p: &Params) -> Result<Value, CsError> {
+        let g = self.lock();
+        let t = &g.st.template;
+        let items: Vec<Value> = [t]
+            .into_iter()
+            .filter(|t| p.get("id").is_none_or(|id| id == t.os_type_id))
+            .map(|t| json!({ "id": t.os_type_id, "description": t.os_type_name, "isuserdefined": false }))
+            .collect();
+        let (items, n) = self.paged(command, p, items, |v| v)?;
+        Ok(list_body("ostype", items, n))
+    }
+
+    fn list_networks(&self, command: &str, p: &Params) -> Result<Value, CsError> {
+        let g = self.lock();
+        let st = &g.st;
+        let net = &st.network;
+        let items: Vec<Value> = [net]
+            .into_iter()
+            .filter(|n| p.get("id").is_none_or(|id| id == n.id))
+            .filter(|_| p.get("zoneid").is_none_or(|z| z == st.zone.id))
+            .map(|n| {
+                json!({
+                    "id": n.id, "name": n.name, "displaytext": n.name, "type": "Isolated",
+                    "traffictype": "Guest", "state": "Implemented", "cidr": "10.1.1.0/24",
+                    "gateway": "10.1.1.1", "netmask": "255.255.255.0", "zoneid": st.zone.id,
+                    "zonename": st.zone.name, "account": "admin", "domainid": st.domain_id,
+                    "domain": "ROOT", "isdefault": true, "issystem": false, "tags": [],
+                })
+            })
+            .collect();
+        let (items, n) = self.paged(command, p, items, |v| v)?;
+        Ok(list_body("network", items, n))
+    }
+
+    fn list_public_ips(&self, command: &str, p: &Params) -> Result<Value, CsError> {
+        let g = self.lock();
+        let st = &g.st;
+        let net = &st.network;
+        let items: Vec<Value> = [net]
+            .into_iter()
+            .filter(|n| p.get("id").is_none_or(|id| id == n.public_ip_id))
+            .filter(|_| p.get("zoneid").is_none_or(|z| z == st.zone.id))
+            .map(|n| {
+                json!({
+                    "id": n.public_ip_id, "ipaddress": n.public_ip, "issourcenat": true,
+                    "isstaticnat": false, "issystem": false, "state": "Allocated",
+                    "associatednetworkid": n.id, "associatednetworkname": n.name,
+                    "zoneid": st.zone.id, "zonename": st.zone.name, "account": "admin",
+                    "domainid": st.domain_id, "domain": "ROOT", "forvirtualnetwork": true,
+                    "tags": [],
+                })
+            })
+            .collect();
+        let (items, n) = self.paged(command, p, items, |v| v)?;
+        Ok(list_body("publicipaddress", items, n))
+    }
+
+    fn list_vms(&self, command: &str, p: &Params) -> Result<Value, CsError> {
+        let g = self.lock();
+        let st = &g.st;
+        let items: Vec<&Vm> = st
             .vms
             .iter()
             .filter(|v| p.get("id").is_none_or(|id| id == v.id))
-            .filter(|v| p.get("name").is_none_or(|n| n == v.name))
-            .filter(|_| {
-                p.get("state")
-                    .is_none_or(|s| s.eq_ignore_ascii_case("Running"))
+            .filter(|v| p.get("name").is_none_or(|n| eq_ci(n, &v.name)))
+            .filter(|v| p.get("keyword").is_none_or(|k| contains_ci(&v.name, k)))
+            .filter(|v| p.get("state").is_none_or(|s| eq_ci(s, v.state.as_str())))
+            .filter(|v| {
+                p.get("hypervisor")
+                    .is_none_or(|h| eq_ci(h, v.hypervisor.as_str()))
             })
             .filter(|_| p.get("zoneid").is_none_or(|z| z == st.zone.id))
-            .map(|v| self.vm_json(&st, v))
             .collect();
-        let n = items.len();
-        list_body("virtualmachine", items, n)
+        let (items, n) = self.paged(command, p, items, |v| Self::vm_json(st, v))?;
+        Ok(list_body("virtualmachine", items, n))
     }
 
+    /// `listVolumes`: `name` is an exact and `keyword` a substring match, both case-insensitive as in
+    /// CloudStack's `SearchCriteria` over MySQL's case-insensitive collation; `tags[n].key/value` filter.
     fn list_volumes(&self, command: &str, p: &Params) -> Result<Value, CsError> {
-        let page = p.number(command, "page")?;
-        let pagesize = p.number(command, "pagesize")?;
-        let st = self.lock();
-        let matched: Vec<&Volume> = st
+        let tags = p.map("tags");
+        let g = self.lock();
+        let st = &g.st;
+        let items: Vec<&Volume> = st
             .volumes
-            .iter()
+            .values()
             .filter(|v| p.get("id").is_none_or(|id| id == v.id))
-            .filter(|v| p.get("name").is_none_or(|n| n == v.name))
-            .filter(|v| p.get("keyword").is_none_or(|k| v.name.contains(k)))
+            .filter(|v| p.get("name").is_none_or(|n| eq_ci(n, &v.name)))
+            .filter(|v| p.get("keyword").is_none_or(|k| contains_ci(&v.name, k)))
             .filter(|v| {
                 p.get("virtualmachineid")
                     .is_none_or(|vm| v.attachment.as_ref().is_some_and(|a| a.vm_id == vm))
             })
+            .filter(|v| p.get("state").is_none_or(|s| eq_ci(s, v.state.as_str())))
             .filter(|v| {
-                p.get("state")
-                    .is_none_or(|s| s.eq_ignore_ascii_case(v.state.as_str()))
+                p.get("diskofferingid")
+                    .is_none_or(|o| v.offering_id.as_deref() == Some(o))
             })
             .filter(|_| p.get("zoneid").is_none_or(|z| z == st.zone.id))
             .filter(|v| {
-                p.get("type").is_none_or(|t| {
-                    let is_root = v.attachment.as_ref().is_some_and(|a| a.device_id == 0);
-                    t.eq_ignore_ascii_case(if is_root { "ROOT" } else { "DATADISK" })
+                p.get("type")
+                    .is_none_or(|t| eq_ci(t, if v.is_root() { "ROOT" } else { "DATADISK" }))
+            })
+            .filter(|v| {
+                tags.iter().all(|(k, val)| {
+                    v.tags
+                        .iter()
+                        .any(|t| t.key == *k && val.as_ref().is_none_or(|val| t.value == *val))
                 })
             })
             .collect();
-        let total = matched.len();
-        let (skip, take) = match (page, pagesize) {
-            (_, Some(0)) => return Err(CsError::invalid(command, "pagesize", "0")),
-            (Some(page), Some(size)) => ((page.max(1) - 1).saturating_mul(size), size),
-            (None, Some(size)) => (0, size),
-            (Some(_), None) => (0, u64::MAX),
-            (None, None) => (0, u64::MAX),
-        };
-        let items: Vec<Value> = matched
-            .into_iter()
-            .skip(usize::try_from(skip).unwrap_or(usize::MAX))
-            .take(usize::try_from(take).unwrap_or(usize::MAX))
-            .map(|v| self.volume_json(&st, v, true))
-            .collect();
-        Ok(list_body("volume", items, total))
+        let (items, n) = self.paged(command, p, items, |v| self.volume_json(st, v, true))?;
+        Ok(list_body("volume", items, n))
     }
 
+    fn list_snapshots(&self, command: &str, p: &Params) -> Result<Value, CsError> {
+        let g = self.lock();
+        let st = &g.st;
+        let items: Vec<&Snapshot> = st
+            .snapshots
+            .values()
+            .filter(|s| p.get("id").is_none_or(|id| id == s.id))
+            .filter(|s| p.get("volumeid").is_none_or(|v| v == s.volume_id))
+            .filter(|s| p.get("name").is_none_or(|n| eq_ci(n, &s.name)))
+            .filter(|s| p.get("keyword").is_none_or(|k| contains_ci(&s.name, k)))
+            .collect();
+        let (items, n) = self.paged(command, p, items, |s| Self::snapshot_json(st, s))?;
+        Ok(list_body("snapshot", items, n))
+    }
+
+    fn list_tags(&self, command: &str, p: &Params) -> Result<Value, CsError> {
+        let g = self.lock();
+        let st = &g.st;
+        let wants_volumes = p
+            .get("resourcetype")
+            .is_none_or(|t| t.eq_ignore_ascii_case("Volume"));
+        let items: Vec<(&Volume, &Tag)> = st
+            .volumes
+            .values()
+            .filter(|_| wants_volumes)
+            .filter(|v| p.get("resourceid").is_none_or(|id| id == v.id))
+            .flat_map(|v| v.tags.iter().map(move |t| (v, t)))
+            .filter(|(_, t)| p.get("key").is_none_or(|k| k == t.key))
+            .filter(|(_, t)| p.get("value").is_none_or(|val| val == t.value))
+            .collect();
+        let (items, n) = self.paged(command, p, items, |(v, t)| Self::tag_json(st, &v.id, t))?;
+        Ok(list_body("tag", items, n))
+    }
+
+    fn list_jobs(&self, command: &str, p: &Params) -> Result<Value, CsError> {
+        let g = self.lock();
+        let st = &g.st;
+        let items: Vec<&Job> = st.jobs.values().collect();
+        let (items, n) = self.paged(command, p, items, |j| self.job_json(st, j))?;
+        Ok(list_body("asyncjobs", items, n))
+    }
+
+    fn query_job(&self, command: &str, p: &Params) -> Result<Value, CsError> {
+        let id = p.require(command, "jobid")?;
+        let g = self.lock();
+        let job =
+            g.st.job(id)
+                .ok_or_else(|| CsError::invalid(command, "jobid", id))?;
+        Ok(self.job_json(&g.st, job))
+    }
+
+    /// `createVolume`, checked synchronously as `VolumeApiServiceImpl.allocVolume` does (it runs in
+    /// `CreateVolumeCmd.create()`, before the job): a custom offering needs `size` within
+    /// `validateCustomDiskOfferingSizeRange`'s bounds, a fixed one refuses it.
     fn create_volume(self: &Arc<Self>, command: &str, p: &Params) -> Result<Value, CsError> {
         let offering_id = p.require(command, "diskofferingid")?;
         let zone_id = p.require(command, "zoneid")?;
         let size_gb = p.number(command, "size")?;
-        let mut st = self.lock();
+        let mut g = self.lock();
+        let st = &mut g.st;
         if zone_id != st.zone.id {
             return Err(CsError::invalid(command, "zoneid", zone_id));
         }
@@ -448,15 +831,24 @@ impl Engine {
             .offering(offering_id)
             .ok_or_else(|| CsError::invalid(command, "diskofferingid", offering_id))?;
         let gb = match (offering.size_gb, size_gb) {
-            (Some(fixed), None) => fixed,
-            (Some(_), Some(_)) => {
+            (None, None) => {
                 return Err(CsError::param(
-                    "This disk offering does not allow custom size, please specify a disk offering that allows custom size",
+                    "This disk offering requires a custom size specified",
                 ))
             }
-            (None, None) => return Err(CsError::param("This disk offering requires a custom size specified")),
-            (None, Some(0)) => return Err(CsError::param("Invalid size for custom volume creation: 0")),
+            (None, Some(gb)) if gb < offering.min_gb || gb > offering.max_gb => {
+                return Err(CsError::param(format!(
+                    "Volume size: {gb} GB is out of allowed range. Min: {}. Max: {}",
+                    offering.min_gb, offering.max_gb
+                )))
+            }
             (None, Some(gb)) => gb,
+            (Some(_), Some(_)) => {
+                return Err(CsError::param(
+                    "This disk offering does not allow custom size",
+                ))
+            }
+            (Some(fixed), None) => fixed,
         };
         let size = gb
             .checked_mul(GIB)
@@ -469,16 +861,17 @@ impl Engine {
         self.devices
             .create_backing(&id, size)
             .map_err(|e| internal(&e))?;
-        st.volumes.push(Volume {
+        st.insert_volume(Volume {
             id: id.clone(),
             name,
             size,
-            offering_id,
+            offering_id: Some(offering_id),
             state: VolumeState::Allocated,
-            created: crate::model::now_string(),
+            created: now_string(),
             attachment: None,
+            tags: Vec::new(),
         });
-        let jobid = self.submit(&mut st, &id, JobAction::Create)?;
+        let jobid = self.submit(&mut g, Some(&id), JobAction::Create)?;
         Ok(json!({ "id": id, "jobid": jobid }))
     }
 
@@ -491,16 +884,16 @@ impl Engine {
                 u32::try_from(d).map_err(|_| CsError::invalid(command, "deviceid", &d.to_string()))
             })
             .transpose()?;
-        let mut st = self.lock();
-        if st.volume(id).is_none() {
+        let mut g = self.lock();
+        if g.st.volume(id).is_none() {
             return Err(CsError::invalid(command, "id", id));
         }
-        if st.vm(vm_id).is_none() {
+        if g.st.vm(vm_id).is_none() {
             return Err(CsError::invalid(command, "virtualmachineid", vm_id));
         }
         let jobid = self.submit(
-            &mut st,
-            id,
+            &mut g,
+            Some(id),
             JobAction::Attach {
                 vm_id: vm_id.to_owned(),
                 device_id,
@@ -509,94 +902,233 @@ impl Engine {
         Ok(json!({ "jobid": jobid }))
     }
 
+    /// `detachVolume`: unknown ids are refused by the API layer (431); every other check runs in the job,
+    /// as `VolumeApiServiceImpl.detachVolumeFromVM` does.
     fn detach_volume(self: &Arc<Self>, command: &str, p: &Params) -> Result<Value, CsError> {
-        let mut st = self.lock();
-        let id = match p.get("id") {
-            Some(id) => {
-                if st.volume(id).is_none() {
-                    return Err(CsError::invalid(command, "id", id));
-                }
-                id.to_owned()
+        let mut g = self.lock();
+        let id = p.get("id");
+        let vm = p.get("virtualmachineid");
+        let dev = p.number(command, "deviceid")?;
+        if let Some(id) = id {
+            if g.st.volume(id).is_none() {
+                return Err(CsError::invalid(command, "id", id));
             }
-            None => {
-                let (Some(vm), Some(dev)) =
-                    (p.get("virtualmachineid"), p.number(command, "deviceid")?)
-                else {
-                    return Err(CsError::param(
-                        "Please provide either a volume id, or a tuple(device id, instance id)",
-                    ));
-                };
-                st.volumes
-                    .iter()
-                    .find(|v| {
-                        v.attachment
-                            .as_ref()
-                            .is_some_and(|a| a.vm_id == vm && u64::from(a.device_id) == dev)
-                    })
-                    .map(|v| v.id.clone())
-                    .ok_or_else(|| {
-                        CsError::param(
-                            "Unable to find the volume: there is no volume at that device id",
-                        )
-                    })?
+        }
+        if let Some(vm) = vm {
+            if g.st.vm(vm).is_none() {
+                return Err(CsError::invalid(command, "virtualmachineid", vm));
             }
+        }
+        let target = match (id, vm, dev) {
+            (Some(id), None, None) => DetachTarget::Volume(id.to_owned()),
+            (None, Some(vm), Some(dev)) => DetachTarget::Slot {
+                vm_id: vm.to_owned(),
+                device_id: dev,
+            },
+            _ => DetachTarget::Ambiguous,
         };
-        let jobid = self.submit(&mut st, &id, JobAction::Detach)?;
+        let jobid = self.submit(&mut g, id, JobAction::Detach { target })?;
         Ok(json!({ "jobid": jobid }))
     }
 
     fn delete_volume(&self, command: &str, p: &Params) -> Result<Value, CsError> {
         let id = p.require(command, "id")?;
-        let mut st = self.lock();
-        let vol = st
-            .volume(id)
-            .ok_or_else(|| CsError::invalid(command, "id", id))?;
+        let mut g = self.lock();
+        let vol =
+            g.st.volume(id)
+                .ok_or_else(|| CsError::invalid(command, "id", id))?;
         if vol.attachment.is_some() {
             return Err(CsError::param(
                 "Please specify a volume that is not attached to any VM.",
             ));
         }
         self.devices.remove_backing(id).map_err(|e| internal(&e))?;
-        st.volumes.retain(|v| v.id != id);
-        self.save(&st)?;
+        g.st.remove_volume(id);
+        self.commit(&mut g)?;
         Ok(json!({ "success": "true" }))
     }
 
-    fn query_job(&self, command: &str, p: &Params) -> Result<Value, CsError> {
-        let id = p.require(command, "jobid")?;
-        let st = self.lock();
-        let job = st
-            .job(id)
-            .ok_or_else(|| CsError::invalid(command, "jobid", id))?;
-        Ok(self.job_json(&st, job))
+    fn vm_job(
+        self: &Arc<Self>,
+        command: &str,
+        p: &Params,
+        action: JobAction,
+    ) -> Result<Value, CsError> {
+        let id = p.require(command, "id")?;
+        let mut g = self.lock();
+        if g.st.vm(id).is_none() {
+            return Err(CsError::invalid(command, "id", id));
+        }
+        let jobid = self.submit(&mut g, Some(id), action)?;
+        Ok(json!({ "jobid": jobid }))
     }
 
-    fn list_jobs(&self) -> Value {
-        let st = self.lock();
-        let items: Vec<Value> = st.jobs.iter().map(|j| self.job_json(&st, j)).collect();
-        let n = items.len();
-        list_body("asyncjobs", items, n)
+    /// `createSnapshot`: the snapshot row exists at once (`CreateSnapshotCmd.create()`), its content is
+    /// taken by the job.
+    fn create_snapshot(self: &Arc<Self>, command: &str, p: &Params) -> Result<Value, CsError> {
+        let volume_id = p.require(command, "volumeid")?;
+        let mut g = self.lock();
+        let st = &mut g.st;
+        let vol = st
+            .volume(volume_id)
+            .ok_or_else(|| CsError::invalid(command, "volumeid", volume_id))?;
+        let vm_name = vol
+            .attachment
+            .as_ref()
+            .and_then(|a| st.vm(&a.vm_id))
+            .map(|v| v.name.clone());
+        let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S");
+        let name = p.get("name").map_or_else(
+            || match &vm_name {
+                Some(vm) => format!("{vm}_{}_{stamp}", vol.name),
+                None => format!("{}_{stamp}", vol.name),
+            },
+            str::to_owned,
+        );
+        let snap = Snapshot {
+            id: String::new(),
+            name,
+            volume_id: vol.id.clone(),
+            volume_name: vol.name.clone(),
+            volume_type: if vol.is_root() { "ROOT" } else { "DATADISK" }.to_owned(),
+            size: vol.size,
+            created: now_string(),
+            backed_up: false,
+        };
+        let id = st.next_id();
+        st.insert_snapshot(Snapshot {
+            id: id.clone(),
+            ..snap
+        });
+        let jobid = self.submit(
+            &mut g,
+            Some(&id),
+            JobAction::CreateSnapshot {
+                snapshot_id: id.clone(),
+            },
+        )?;
+        Ok(json!({ "id": id, "jobid": jobid }))
+    }
+
+    fn snapshot_job(
+        self: &Arc<Self>,
+        command: &str,
+        p: &Params,
+        action: JobAction,
+    ) -> Result<Value, CsError> {
+        let id = p.require(command, "id")?;
+        let mut g = self.lock();
+        if g.st.snapshot(id).is_none() {
+            return Err(CsError::invalid(command, "id", id));
+        }
+        let jobid = self.submit(&mut g, Some(id), action)?;
+        Ok(json!({ "jobid": jobid }))
+    }
+
+    /// `createTags`/`deleteTags` (both asynchronous in CloudStack) for `resourcetype=Volume`.
+    fn tags_job(
+        self: &Arc<Self>,
+        command: &str,
+        p: &Params,
+        create: bool,
+    ) -> Result<Value, CsError> {
+        let ids = p.list("resourceids");
+        if ids.is_empty() {
+            return Err(CsError::missing(command, "resourceids"));
+        }
+        let rtype = p.require(command, "resourcetype")?;
+        if !rtype.eq_ignore_ascii_case("Volume") {
+            return Err(CsError::param(format!(
+                "Resource type {rtype} is not supported by the simulator; tags work on Volume"
+            )));
+        }
+        let tags = p.map("tags");
+        if create && tags.is_empty() {
+            return Err(CsError::missing(command, "tags"));
+        }
+        let mut g = self.lock();
+        if let Some(bad) = ids.iter().find(|id| g.st.volume(id).is_none()) {
+            return Err(CsError::param(format!(
+                "Unable to find resource by id {bad} and type Volume"
+            )));
+        }
+        let action = if create {
+            JobAction::CreateTags {
+                volume_ids: ids,
+                tags: tags
+                    .into_iter()
+                    .map(|(key, value)| Tag {
+                        key,
+                        value: value.unwrap_or_default(),
+                    })
+                    .collect(),
+            }
+        } else {
+            JobAction::DeleteTags {
+                volume_ids: ids,
+                tags,
+            }
+        };
+        let jobid = self.submit(&mut g, None, action)?;
+        Ok(json!({ "jobid": jobid }))
+    }
+
+    // ---- actions behind the client's back ---------------------------------------------------------
+
+    /// Stops or starts a VM at once, without a job (as if an operator or HA did it).
+    pub fn set_vm_state(&self, vm_id: &str, state: VmState) -> Result<Value, CsError> {
+        let mut g = self.lock();
+        let vm =
+            g.st.vm_mut(vm_id)
+                .ok_or_else(|| CsError::param(format!("Unable to find VM with ID: {vm_id}")))?;
+        vm.state = state;
+        if state == VmState::Running {
+            Self::ready_attached(&mut g.st, vm_id);
+        }
+        self.commit(&mut g)?;
+        let vm = g.st.vm(vm_id).expect("invariant: the VM was just found");
+        Ok(Self::vm_json(&g.st, vm))
+    }
+
+    /// Detaches a volume at once, without a job and without CloudStack's checks (as if the hypervisor
+    /// lost the disk and an operator cleaned up).
+    pub fn force_detach(&self, volume_id: &str) -> Result<Value, CsError> {
+        let mut g = self.lock();
+        let Some(att) = g.st.volume(volume_id).and_then(|v| v.attachment.clone()) else {
+            return Err(CsError::param(format!(
+                "Volume {volume_id} does not exist or is not attached"
+            )));
+        };
+        self.release_attachment(&mut g.st, volume_id, &att)?;
+        if let Some(v) = g.st.volume_mut(volume_id) {
+            v.attachment = None;
+        }
+        self.commit(&mut g)?;
+        let v =
+            g.st.volume(volume_id)
+                .expect("invariant: the volume was just found");
+        Ok(self.volume_json(&g.st, v, true))
     }
 
     // ---- jobs ------------------------------------------------------------------------------------
 
     fn submit(
         self: &Arc<Self>,
-        st: &mut State,
-        volume_id: &str,
+        g: &mut Shared,
+        instance_id: Option<&str>,
         action: JobAction,
     ) -> Result<String, CsError> {
         let extra = self.faults.take_job_delay(action.command());
-        let id = st.next_id();
-        st.jobs.push(Job {
+        let id = g.st.next_id();
+        g.st.insert_job(Job {
             id: id.clone(),
-            volume_id: volume_id.to_owned(),
+            instance_id: instance_id.map(str::to_owned),
             action,
-            created: crate::model::now_string(),
+            created: now_string(),
             extra_delay_ms: u64::try_from(extra.as_millis()).unwrap_or(u64::MAX),
             outcome: JobOutcome::Pending,
         });
-        self.save(st)?;
+        self.commit(g)?;
         self.spawn_job(id.clone(), extra);
         Ok(id)
     }
@@ -618,46 +1150,87 @@ impl Engine {
     }
 
     fn finish_job(&self, job_id: &str) {
-        let mut st = self.lock();
+        let mut g = self.lock();
         if self.stopped.load(Ordering::SeqCst) {
             return;
         }
-        let Some(idx) = st
-            .jobs
-            .iter()
-            .position(|j| j.id == job_id && j.is_pending())
-        else {
+        let Some(job) = g.st.job(job_id).filter(|j| j.is_pending()).cloned() else {
             return;
         };
-        let job = st.jobs[idx].clone();
         let result = match self.faults.take_job_failure(job.action.command()) {
             Some(e) => Err(e),
-            None => self.apply(&mut st, &job),
+            None => self.apply(&mut g.st, &job),
         };
-        let completed = crate::model::now_string();
-        st.jobs[idx].outcome = match result {
-            Ok(volume) => JobOutcome::Succeeded { volume, completed },
+        let completed = now_string();
+        let outcome = match result {
+            Ok(result) => JobOutcome::Succeeded { result, completed },
             Err(error) => {
                 tracing::info!(job = job_id, error = %error.errortext, "simulated job failed");
                 JobOutcome::Failed { error, completed }
             }
         };
-        if let Err(e) = self.save(&st) {
+        if let Some(j) = g.st.job_mut(job_id) {
+            j.outcome = outcome;
+        }
+        if let Err(e) = self.commit(&mut g) {
             tracing::error!(error = %e.errortext, "job result not saved");
         }
     }
 
+    /// Volumes attached to a VM that starts get their storage (`Allocated` → `Ready`).
+    fn ready_attached(st: &mut State, vm_id: &str) {
+        let ids: Vec<String> = st
+            .attached_to(vm_id)
+            .filter(|v| v.state == VolumeState::Allocated)
+            .map(|v| v.id.clone())
+            .collect();
+        for id in ids {
+            if let Some(v) = st.volume_mut(&id) {
+                v.state = VolumeState::Ready;
+            }
+        }
+    }
+
+    /// Removes what an appliance attachment exposed (link, loop device).
+    fn release_attachment(
+        &self,
+        st: &mut State,
+        vid: &str,
+        att: &Attachment,
+    ) -> Result<(), CsError> {
+        if let Some(link) = &att.link {
+            if self.faults.take_keep_link(vid) {
+                st.add_leftover_link(link.clone());
+            } else {
+                self.devices.unlink(link).map_err(|e| internal(&e))?;
+            }
+        }
+        if let Some(dev) = &att.device {
+            self.devices
+                .release(dev, att.loop_device)
+                .map_err(|e| internal(&e))?;
+        }
+        Ok(())
+    }
+
     fn apply(&self, st: &mut State, job: &Job) -> Result<Value, CsError> {
-        let vid = job.volume_id.as_str();
+        let iid = job.instance_id.clone().unwrap_or_default();
+        let vid = iid.as_str();
         let gone = || CsError::param(format!("Unable to find volume with ID: {vid}"));
+        let volume_result = |st: &State, id: &str| -> Result<Value, CsError> {
+            let vol = st
+                .volume(id)
+                .ok_or_else(|| CsError::param(format!("Unable to find volume with ID: {id}")))?;
+            Ok(json!({ "volume": self.volume_json(st, vol, false) }))
+        };
         match &job.action {
-            JobAction::Create => {}
+            JobAction::Create => volume_result(st, vid),
             JobAction::Attach { vm_id, device_id } => {
                 let slot = st.plan_attach(vid, vm_id, *device_id)?;
                 let mut att = Attachment {
                     vm_id: vm_id.clone(),
                     device_id: slot,
-                    attached: crate::model::now_string(),
+                    attached: now_string(),
                     device: None,
                     link: None,
                     loop_device: false,
@@ -676,33 +1249,152 @@ impl Engine {
                     att.device = Some(exposed.device);
                     att.loop_device = exposed.loop_device;
                 }
+                // A volume attached to a stopped VM stays Allocated until the VM starts.
+                let running = st.vm(vm_id).is_some_and(|v| v.state == VmState::Running);
                 let vol = st.volume_mut(vid).ok_or_else(gone)?;
                 vol.attachment = Some(att);
-                vol.state = VolumeState::Ready;
+                if running {
+                    vol.state = VolumeState::Ready;
+                }
+                volume_result(st, vid)
             }
-            JobAction::Detach => {
-                let vol = st.volume(vid).ok_or_else(gone)?;
+            JobAction::Detach { target } => {
+                // VolumeApiServiceImpl.detachVolumeFromVM, in its order.
+                let vid = match target {
+                    DetachTarget::Ambiguous => {
+                        return Err(CsError::param(
+                            "Please provide either a volume id, or a tuple(device id, instance id)",
+                        ))
+                    }
+                    DetachTarget::Volume(id) => id.clone(),
+                    DetachTarget::Slot { vm_id, device_id } => st
+                        .attached_to(vm_id)
+                        .find(|v| {
+                            v.attachment
+                                .as_ref()
+                                .is_some_and(|a| u64::from(a.device_id) == *device_id)
+                        })
+                        .map(|v| v.id.clone())
+                        // `findByInstanceAndDeviceId(...).get(0)` on an empty list.
+                        .ok_or_else(|| CsError::internal("Index 0 out of bounds for length 0"))?,
+                };
+                let vol = st.volume(&vid).ok_or_else(|| {
+                    CsError::param(format!("Unable to find volume with ID: {vid}"))
+                })?;
                 let Some(att) = vol.attachment.clone() else {
                     return Err(CsError::param(
                         "The specified volume is not attached to a VM.",
                     ));
                 };
-                if let Some(link) = &att.link {
-                    if self.faults.take_keep_link(vid) {
-                        st.leftover_links.push(link.clone());
-                    } else {
-                        self.devices.unlink(link).map_err(|e| internal(&e))?;
+                if att.device_id == 0 {
+                    let vm = st.vm(&att.vm_id).ok_or_else(gone)?;
+                    check_root_change(vm)?;
+                }
+                self.release_attachment(st, &vid, &att)?;
+                st.volume_mut(&vid).ok_or_else(gone)?.attachment = None;
+                volume_result(st, &vid)
+            }
+            JobAction::StopVm | JobAction::StartVm => {
+                let start = job.action == JobAction::StartVm;
+                let vm = st
+                    .vm(vid)
+                    .ok_or_else(|| CsError::param(format!("Unable to find VM with ID: {vid}")))?;
+                if start && vm.state == VmState::Stopped && !st.used_device_ids(vid).contains(&0) {
+                    return Err(CsError::internal(format!(
+                        "Unable to start VM {} ({}): it has no ROOT volume",
+                        vm.name, vm.id
+                    )));
+                }
+                let state = if start {
+                    VmState::Running
+                } else {
+                    VmState::Stopped
+                };
+                st.vm_mut(vid).ok_or_else(gone)?.state = state;
+                if start {
+                    Self::ready_attached(st, vid);
+                }
+                let vm = st.vm(vid).ok_or_else(gone)?;
+                Ok(json!({ "virtualmachine": Self::vm_json(st, vm) }))
+            }
+            JobAction::CreateSnapshot { snapshot_id } => {
+                let snap = st.snapshot(snapshot_id).cloned().ok_or_else(|| {
+                    CsError::param(format!("Unable to find snapshot with ID: {snapshot_id}"))
+                })?;
+                if st.volume(&snap.volume_id).is_none() {
+                    st.remove_snapshot(snapshot_id);
+                    return Err(CsError::param(format!(
+                        "Unable to find volume with ID: {}",
+                        snap.volume_id
+                    )));
+                }
+                self.devices
+                    .take_snapshot(&snap.volume_id, snapshot_id)
+                    .map_err(|e| internal(&e))?;
+                let s = st
+                    .snapshot_mut(snapshot_id)
+                    .ok_or_else(|| CsError::internal("snapshot vanished"))?;
+                s.backed_up = true;
+                let s = st
+                    .snapshot(snapshot_id)
+                    .ok_or_else(|| CsError::internal("snapshot vanished"))?;
+                Ok(json!({ "snapshot": Self::snapshot_json(st, s) }))
+            }
+            JobAction::DeleteSnapshot => {
+                self.devices
+                    .remove_snapshot(vid)
+                    .map_err(|e| internal(&e))?;
+                st.remove_snapshot(vid);
+                Ok(json!({ "success": true }))
+            }
+            JobAction::RevertSnapshot => {
+                // SnapshotManagerImpl.revertSnapshot: the volume must be detached or its VM stopped.
+                let snap = st.snapshot(vid).cloned().ok_or_else(|| {
+                    CsError::param(format!("Unable to find snapshot with ID: {vid}"))
+                })?;
+                let vol = st.volume(&snap.volume_id).ok_or_else(|| {
+                    CsError::param(format!("Unable to find volume with ID: {}", snap.volume_id))
+                })?;
+                if let Some(att) = &vol.attachment {
+                    if st
+                        .vm(&att.vm_id)
+                        .is_some_and(|v| v.state != VmState::Stopped)
+                    {
+                        return Err(CsError::param(
+                            "The VM the specified disk is attached to is not in the shutdown state.",
+                        ));
                     }
                 }
-                if let Some(dev) = &att.device {
-                    self.devices
-                        .release(dev, att.loop_device)
-                        .map_err(|e| internal(&e))?;
+                self.devices
+                    .revert_snapshot(vid, &snap.volume_id)
+                    .map_err(|e| internal(&e))?;
+                Ok(json!({ "snapshot": Self::snapshot_json(st, &snap) }))
+            }
+            JobAction::CreateTags { volume_ids, tags } => {
+                for id in volume_ids {
+                    let vol = st.volume_mut(id).ok_or_else(gone)?;
+                    for t in tags {
+                        vol.tags.retain(|old| old.key != t.key);
+                        vol.tags.push(t.clone());
+                    }
                 }
-                st.volume_mut(vid).ok_or_else(gone)?.attachment = None;
+                Ok(json!({ "success": true }))
+            }
+            JobAction::DeleteTags { volume_ids, tags } => {
+                for id in volume_ids {
+                    let vol = st.volume_mut(id).ok_or_else(gone)?;
+                    if tags.is_empty() {
+                        vol.tags.clear();
+                    } else {
+                        vol.tags.retain(|t| {
+                            !tags.iter().any(|(k, v)| {
+                                *k == t.key && v.as_ref().is_none_or(|v| *v == t.value)
+                            })
+                        });
+                    }
+                }
+                Ok(json!({ "success": true }))
             }
         }
-        let vol = st.volume(vid).ok_or_else(gone)?;
-        Ok(self.volume_json(st, vol, false))
     }
 }

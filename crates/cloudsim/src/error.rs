@@ -28,6 +28,15 @@ pub enum SimError {
         source: serde_json::Error,
     },
     #[error(
+        "state file {path} has layout version {found}, this simulator reads {expected}; \
+         move the state directory away to start from an empty cloud"
+    )]
+    StateVersion {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error(
         "the state in {state_dir} belongs to appliance VM {stored}, not {requested}; \
          omit the appliance VM id or use another state directory"
     )]
@@ -50,6 +59,22 @@ pub enum SimError {
     },
     #[error("volume id {id} is not a UUID, so it has no virtio serial")]
     NotUuid { id: String },
+    #[error("cannot copy {from} to {to}")]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why an action behind the client's back (`FaultHandle::stop_vm`, `detach_volume`, …) did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActionError {
+    #[error("the simulator is not running; start it before acting on it")]
+    NotRunning,
+    #[error("the simulator refused the action: {errortext}")]
+    Refused { errortext: String },
 }
 
 /// Stable classification of [`SimError`].
@@ -65,9 +90,11 @@ impl SimError {
     /// The error's kind.
     pub fn kind(&self) -> SimErrorKind {
         match self {
-            Self::Io { .. } => SimErrorKind::Io,
+            Self::Io { .. } | Self::Copy { .. } => SimErrorKind::Io,
             Self::Bind { .. } => SimErrorKind::Bind,
-            Self::CorruptState { .. } | Self::ApplianceMismatch { .. } => SimErrorKind::State,
+            Self::CorruptState { .. }
+            | Self::StateVersion { .. }
+            | Self::ApplianceMismatch { .. } => SimErrorKind::State,
             Self::LoopAttach { .. } | Self::LoopDetach { .. } | Self::NotUuid { .. } => {
                 SimErrorKind::Device
             }

@@ -1,14 +1,22 @@
 //! Fault injection: the fault specifications (JSON shapes of `--fault` and `/sim/faults`), the shared
-//! set of active faults, and the decisions the simulator asks of it. Deterministic under the seed.
+//! set of active faults, the decisions the simulator asks of it (deterministic under the seed), and the
+//! actions taken behind the client's back (stop or start a VM, detach a volume).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::model::CsError;
+use crate::error::ActionError;
+use crate::model::{CsError, VmState};
+
+/// What the cloud does when told to act behind the client's back; implemented by the engine.
+pub(crate) trait Actions: Send + Sync + std::fmt::Debug {
+    fn set_vm_state(&self, vm_id: &str, state: VmState) -> Result<serde_json::Value, CsError>;
+    fn force_detach(&self, volume_id: &str) -> Result<serde_json::Value, CsError>;
+}
 
 fn one() -> u32 {
     1
@@ -101,6 +109,7 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct FaultHandle {
     inner: Arc<Mutex<Inner>>,
+    actions: Arc<OnceLock<Weak<dyn Actions>>>,
 }
 
 fn same_command(a: &str, b: &str) -> bool {
@@ -119,7 +128,59 @@ impl FaultHandle {
                 faults,
                 rng: StdRng::seed_from_u64(seed ^ 0xFA17),
             })),
+            actions: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Connects the handle to the cloud it acts on.
+    pub(crate) fn bind(&self, actions: Weak<dyn Actions>) {
+        let _ = self.actions.set(actions);
+    }
+
+    fn act<T>(&self, f: impl FnOnce(&dyn Actions) -> Result<T, CsError>) -> Result<T, ActionError> {
+        let actions = self
+            .actions
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or(ActionError::NotRunning)?;
+        f(actions.as_ref()).map_err(|e| ActionError::Refused {
+            errortext: e.errortext,
+        })
+    }
+
+    /// Stops a VM at once, without a job, as if an operator or HA had done it.
+    pub fn stop_vm(&self, vm_id: &str) -> Result<(), ActionError> {
+        self.act(|a| a.set_vm_state(vm_id, VmState::Stopped))
+            .map(drop)
+    }
+
+    /// Starts a VM at once, without a job.
+    pub fn start_vm(&self, vm_id: &str) -> Result<(), ActionError> {
+        self.act(|a| a.set_vm_state(vm_id, VmState::Running))
+            .map(drop)
+    }
+
+    /// Detaches a volume at once, without a job and without CloudStack's checks (its device and link
+    /// disappear as on a real detach).
+    pub fn detach_volume(&self, volume_id: &str) -> Result<(), ActionError> {
+        self.act(|a| a.force_detach(volume_id)).map(drop)
+    }
+
+    /// Like [`FaultHandle::stop_vm`]/[`FaultHandle::start_vm`], returning the VM object (for `/sim/vms`).
+    pub(crate) fn set_vm_state_json(
+        &self,
+        vm_id: &str,
+        state: VmState,
+    ) -> Result<serde_json::Value, ActionError> {
+        self.act(|a| a.set_vm_state(vm_id, state))
+    }
+
+    /// Like [`FaultHandle::detach_volume`], returning the volume object (for `/sim/volumes`).
+    pub(crate) fn detach_volume_json(
+        &self,
+        volume_id: &str,
+    ) -> Result<serde_json::Value, ActionError> {
+        self.act(|a| a.force_detach(volume_id))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -240,7 +301,7 @@ impl FaultHandle {
                 errortext,
             } if *count > 0 && same_command(c, command) => Some(CsError {
                 errorcode: *errorcode,
-                cserrorcode: 4250,
+                cserrorcode: if *errorcode == 431 { 4350 } else { 9999 },
                 errortext: errortext
                     .clone()
                     .unwrap_or_else(|| format!("Simulated failure of the {command} job")),

@@ -1,19 +1,20 @@
 //! The HTTP face: `/client/api` (GET and form POST) with CloudStack's signature check (versions 2 and 3)
-//! and response shapes, and the `/sim/faults` admin endpoint.
+//! and response shapes, the `/sim/faults` admin endpoint and the `/sim/vms`, `/sim/volumes` actions.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 
 use crate::engine::{Engine, Params};
+use crate::error::ActionError;
 use crate::faults::FaultSpec;
-use crate::model::CsError;
+use crate::model::{CsError, VmState};
 
 /// Credentials the simulator accepts.
 #[derive(Clone)]
@@ -36,6 +37,9 @@ pub(crate) fn router(state: AppState) -> Router {
             "/sim/faults",
             get(list_faults).post(add_faults).delete(clear_faults),
         )
+        .route("/sim/vms/{id}/stop", post(stop_vm))
+        .route("/sim/vms/{id}/start", post(start_vm))
+        .route("/sim/volumes/{id}/detach", post(force_detach))
         .with_state(state)
 }
 
@@ -124,10 +128,12 @@ fn json_response(status: StatusCode, body: &Value) -> Response {
         .into_response()
 }
 
+/// `<command>response` for a command the API knows, else `errorresponse` (as
+/// `ApiServer.getSerializedApiError` names errors of unknown or missing commands).
 fn wrapper_key(command: Option<&str>) -> String {
     match command {
-        Some(c) => format!("{}response", c.to_ascii_lowercase()),
-        None => "errorresponse".to_owned(),
+        Some(c) if Engine::knows(c) => format!("{}response", c.to_ascii_lowercase()),
+        _ => "errorresponse".to_owned(),
     }
 }
 
@@ -156,14 +162,14 @@ async fn client_api(
     }
     let params = Params(pairs);
     let command = params.get("command").map(str::to_owned);
+    // `ApiServer.verifyRequest` refuses a request without a command, with a bad key or signature, or
+    // naming a command the caller cannot use (unknown or mis-cased: the API registry is case-sensitive)
+    // alike, and `ApiServlet` answers all of them 401.
     if !authenticate(&app.creds, &params) {
         return error_response(command.as_deref(), &CsError::unauthorized());
     }
-    let Some(command) = command else {
-        return error_response(
-            None,
-            &CsError::param("Unable to execute API command: missing parameter command"),
-        );
+    let Some(command) = command.filter(|c| Engine::knows(c)) else {
+        return error_response(None, &CsError::unauthorized());
     };
     let engine = &app.engine;
     if engine.faults.take_throttle() {
@@ -198,6 +204,31 @@ async fn client_api(
             )
         }
     }
+}
+
+fn action_response(r: Result<Value, ActionError>) -> Response {
+    match r {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e @ ActionError::Refused { .. }) => {
+            json_response(StatusCode::CONFLICT, &json!({ "error": e.to_string() }))
+        }
+        Err(e @ ActionError::NotRunning) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({ "error": e.to_string() }),
+        ),
+    }
+}
+
+async fn stop_vm(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    action_response(app.engine.faults.set_vm_state_json(&id, VmState::Stopped))
+}
+
+async fn start_vm(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    action_response(app.engine.faults.set_vm_state_json(&id, VmState::Running))
+}
+
+async fn force_detach(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    action_response(app.engine.faults.detach_volume_json(&id))
 }
 
 async fn list_faults(State(app): State<AppState>) -> Response {

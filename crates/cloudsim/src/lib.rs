@@ -1,11 +1,13 @@
 //! A CloudStack-compatible simulator: the real wire protocol, file-backed volumes, loop-device attachments, fault injection.
 //!
 //! [`Simulator::start`] serves `/client/api` (CloudStack's request format, signature versions 2 and 3, its
-//! response and error shapes) and `/sim/faults` (fault injection; see the crate README for the JSON shapes).
-//! The cloud holds one zone, a fixed-size and a custom-size disk offering, and three running VMs: the
-//! appliance and two others. Volumes are sparse files under `<state_dir>/volumes/`; attaching one to the
-//! appliance exposes it (loop device or the file) under `<by_id_dir>/virtio-<serial>`. The state is saved
-//! to `<state_dir>/state.json` after every change and reloaded at start.
+//! response and error shapes), `/sim/faults` (fault injection) and `/sim/vms`, `/sim/volumes` (actions
+//! behind the client's back); see the crate README for the rules and where they come from.
+//! The cloud holds one zone, a fixed-size and a custom-size disk offering, three running KVM VMs (the
+//! appliance and two others) and a stopped VMware VM, each with a ROOT volume. Volumes are sparse files
+//! under `<state_dir>/volumes/`; attaching one to the appliance exposes it (loop device or the file) under
+//! `<by_id_dir>/virtio-<serial>`. Every change is appended to `<state_dir>/state.log` (compacted into
+//! `state.json`) and reloaded at start.
 
 mod devices;
 mod engine;
@@ -13,15 +15,16 @@ mod error;
 mod faults;
 mod http;
 mod model;
+mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use error::{SimError, SimErrorKind};
+pub use error::{ActionError, SimError, SimErrorKind};
 pub use faults::{FaultHandle, FaultSpec};
-pub use model::{virtio_serial, MAX_DATA_VOLUMES};
+pub use model::{virtio_serial, DEFAULT_PAGE_SIZE, MAX_DATA_VOLUMES};
 
 /// Default API key.
 pub const DEFAULT_API_KEY: &str = "sim-api-key";
@@ -53,6 +56,8 @@ pub struct SimConfig {
     pub use_loop_devices: bool,
     /// Faults active from the start.
     pub faults: Vec<FaultSpec>,
+    /// CloudStack's `default.page.size`: the most items a list call returns, and the largest `pagesize`.
+    pub page_size: u64,
 }
 
 impl std::fmt::Debug for SimConfig {
@@ -68,13 +73,14 @@ impl std::fmt::Debug for SimConfig {
             .field("seed", &self.seed)
             .field("use_loop_devices", &self.use_loop_devices)
             .field("faults", &self.faults)
+            .field("page_size", &self.page_size)
             .finish()
     }
 }
 
 impl SimConfig {
     /// Defaults: listen on 127.0.0.1:8080, API key `sim-api-key`, secret `sim-secret-key`, jobs take
-    /// 200 ms, seed 0, loop devices when running as root, no faults.
+    /// 200 ms, seed 0, loop devices when running as root, no faults, pages of at most 500.
     pub fn new(state_dir: impl Into<PathBuf>, by_id_dir: impl Into<PathBuf>) -> Self {
         Self {
             listen: DEFAULT_LISTEN
@@ -89,6 +95,7 @@ impl SimConfig {
             seed: 0,
             use_loop_devices: rustix::process::geteuid().is_root(),
             faults: Vec::new(),
+            page_size: DEFAULT_PAGE_SIZE,
         }
     }
 }
@@ -106,31 +113,28 @@ impl Simulator {
             .map_err(SimError::io("create directory", &state_dir))?;
         let devices = devices::Devices::new(&cfg.state_dir, &cfg.by_id_dir, cfg.use_loop_devices);
         devices.prepare()?;
-        let state_path = state_dir.join("state.json");
-        let state = match engine::load_state(&state_path)? {
-            Some(st) => {
-                if let Some(requested) = &cfg.appliance_vm_id {
-                    if *requested != st.appliance_vm_id {
-                        return Err(SimError::ApplianceMismatch {
-                            state_dir,
-                            stored: st.appliance_vm_id,
-                            requested: requested.clone(),
-                        });
-                    }
-                }
-                st
-            }
-            None => model::State::new(cfg.seed, cfg.appliance_vm_id.clone()),
-        };
-        engine::save_state(&state_path, &state)?;
         let faults = FaultHandle::new(cfg.seed, cfg.faults.clone());
-        let engine = Arc::new(engine::Engine::new(
-            state,
-            state_path,
-            faults,
+        let engine = engine::Engine::open(
+            &state_dir,
+            || model::State::new(cfg.seed, cfg.appliance_vm_id.clone()),
+            faults.clone(),
             devices,
             cfg.job_delay,
-        ));
+            cfg.page_size.max(1),
+        )?;
+        if let Some(requested) = &cfg.appliance_vm_id {
+            let stored = engine.lock().st.appliance_vm_id.clone();
+            if *requested != stored {
+                return Err(SimError::ApplianceMismatch {
+                    state_dir,
+                    stored,
+                    requested: requested.clone(),
+                });
+            }
+        }
+        let engine = Arc::new(engine);
+        let weak: std::sync::Weak<dyn faults::Actions> = Arc::downgrade(&engine) as _;
+        faults.bind(weak);
         engine.recover()?;
 
         let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -163,11 +167,13 @@ impl Simulator {
             }
         });
         let (appliance, others, zone) = {
-            let st = engine.lock();
+            let g = engine.lock();
+            let st = &g.st;
             let others = st
                 .vms
                 .iter()
                 .filter(|v| v.id != st.appliance_vm_id)
+                .filter(|v| v.hypervisor == model::Hypervisor::Kvm)
                 .map(|v| v.id.clone())
                 .collect();
             (st.appliance_vm_id.clone(), others, st.zone.id.clone())
@@ -213,9 +219,32 @@ impl RunningSimulator {
         &self.appliance
     }
 
-    /// The ids of the two other running VMs.
+    /// The ids of the two other KVM VMs (running at start).
     pub fn other_vm_ids(&self) -> &[String] {
         &self.others
+    }
+
+    /// `(id, name, state, hypervisor)` of every VM, the appliance first.
+    pub fn vms(&self) -> Vec<(String, String, String, String)> {
+        let g = self.engine.lock();
+        g.st.vms
+            .iter()
+            .map(|v| {
+                (
+                    v.id.clone(),
+                    v.name.clone(),
+                    v.state.as_str().to_owned(),
+                    v.hypervisor.as_str().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// The id of the volume attached to `vm_id` at device 0, if any.
+    pub fn root_volume_id(&self, vm_id: &str) -> Option<String> {
+        let g = self.engine.lock();
+        let root = g.st.attached_to(vm_id).find(|v| v.is_root());
+        root.map(|v| v.id.clone())
     }
 
     /// The zone's id.
@@ -225,14 +254,14 @@ impl RunningSimulator {
 
     /// `(id, name, size in GB or None for the custom-size offering)` of each disk offering.
     pub fn disk_offerings(&self) -> Vec<(String, String, Option<u64>)> {
-        let st = self.engine.lock();
-        st.offerings
+        let g = self.engine.lock();
+        g.st.offerings
             .iter()
             .map(|o| (o.id.clone(), o.name.clone(), o.size_gb))
             .collect()
     }
 
-    /// The live fault set.
+    /// The live fault set, and the actions behind the client's back (`stop_vm`, `detach_volume`, …).
     pub fn faults(&self) -> FaultHandle {
         self.engine.faults.clone()
     }

@@ -44,6 +44,9 @@ struct Args {
     /// Back appliance attachments with the files themselves even when running as root.
     #[arg(long)]
     no_loop_devices: bool,
+    /// CloudStack's `default.page.size`: the most items a list call returns, and the largest `pagesize`.
+    #[arg(long, default_value_t = cloudsim::DEFAULT_PAGE_SIZE)]
+    page_size: u64,
 }
 
 fn parse_fault(s: &str) -> Result<FaultSpec, String> {
@@ -68,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.job_delay = Duration::from_millis(args.job_delay_ms);
     cfg.seed = args.seed;
     cfg.faults = args.faults;
+    cfg.page_size = args.page_size;
     if args.no_loop_devices {
         cfg.use_loop_devices = false;
     }

@@ -110,7 +110,7 @@ async fn list_shapes_match_cloudstack() {
         .expect("custom");
     assert_eq!(custom["disksize"], 0);
     let vms = h.ok("listVirtualMachines", &[("listall", "true")]).await;
-    assert_eq!(vms["count"], 3);
+    assert_eq!(vms["count"], 4);
     let ids: Vec<&str> = vms["virtualmachine"]
         .as_array()
         .expect("array")
@@ -127,11 +127,16 @@ async fn list_shapes_match_cloudstack() {
         .await;
     assert_eq!(one["count"], 1);
     assert_eq!(one["virtualmachine"][0]["state"], "Running");
-    assert_eq!(h.ok("listVolumes", &[]).await, json!({}));
+    // Every VM has its ROOT volume at device 0.
+    let roots = h.ok("listVolumes", &[("type", "ROOT")]).await;
+    assert_eq!(roots["count"], 4);
+    assert!(roots["volume"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .all(|v| v["deviceid"] == 0 && v["state"] == "Ready"));
     assert_eq!(h.ok("listAsyncJobs", &[]).await, json!({}));
-    // Unknown command and unknown ids.
-    let (status, body) = h.call("frobnicate", &[]).await;
-    assert_eq!((status, body["errorcode"].clone()), (432, json!(432)));
+    // Unknown ids.
     let (status, body) = h.call("queryAsyncJobResult", &[("jobid", "nope")]).await;
     assert_eq!(status, 431, "{body}");
     assert_eq!(body["cserrorcode"], 4350);
@@ -204,6 +209,7 @@ async fn volume_lifecycle_with_the_rust_client() {
     let by_vm = client
         .list_volumes(&cloudstack::ListVolumes {
             virtualmachine_id: Some(appliance.clone()),
+            volume_type: Some("DATADISK".into()),
             ..Default::default()
         })
         .await
@@ -325,9 +331,10 @@ async fn volume_lifecycle_raw() {
     // Detaching again fails in the job.
     let job = h.detach(&id).await;
     assert_eq!(job["jobstatus"], 2);
+    assert_eq!(job["jobresultcode"], 431);
     assert_eq!(
-        job["jobresult"]["errortext"],
-        "The specified volume is not attached to a VM."
+        job["jobresult"],
+        json!({"errorcode": 431, "cserrorcode": 4350, "errortext": "The specified volume is not attached to a VM."})
     );
     let del = h.ok("deleteVolume", &[("id", &id)]).await;
     assert_eq!(del, json!({"success": "true"}));
@@ -343,10 +350,15 @@ async fn device_id_rules() {
     for i in 0..8 {
         vols.push(h.create_volume(&format!("d{i}"), 1).await);
     }
-    // ROOT only when asked.
+    // A new ROOT only on a stopped VM whose old root is detached.
+    let old_root = h.sim.root_volume_id(&vm).expect("root");
+    assert_eq!(h.attach(&vols[0], &vm, Some(0)).await["jobstatus"], 2);
+    h.vm_job("stopVirtualMachine", &vm).await;
+    assert_eq!(h.detach(&old_root).await["jobstatus"], 1);
     let job = h.attach(&vols[0], &vm, Some(0)).await;
     assert_eq!(job["jobresult"]["volume"]["deviceid"], 0);
     assert_eq!(job["jobresult"]["volume"]["type"], "ROOT");
+    h.vm_job("startVirtualMachine", &vm).await;
     // Next free slots skip 3.
     let mut slots = Vec::new();
     for v in &vols[1..4] {
@@ -363,6 +375,8 @@ async fn device_id_rules() {
     let job = h.attach(&vols[4], &vm, Some(3)).await;
     assert_eq!(job["jobstatus"], 2, "{job}");
     assert_eq!(job["jobresult"]["errorcode"], 530);
+    assert_eq!(job["jobresultcode"], 530);
+    assert_eq!(job["jobresult"]["cserrorcode"], 9999);
     let job = h.attach(&vols[4], &vm, Some(2)).await;
     assert_eq!(job["jobstatus"], 2);
     assert_eq!(
@@ -587,7 +601,7 @@ async fn fault_slow_job_and_fail_job() {
     assert_eq!(job["jobresultcode"], 530);
     assert_eq!(
         job["jobresult"],
-        json!({"errorcode": 530, "errortext": "agent timed out"})
+        json!({"errorcode": 530, "cserrorcode": 9999, "errortext": "agent timed out"})
     );
     // Nothing changed; the next detach works.
     assert_eq!(

@@ -219,6 +219,29 @@ impl Harness {
         self.wait_job(r["jobid"].as_str().expect("jobid")).await
     }
 
+    /// Runs `stopVirtualMachine`/`startVirtualMachine` and waits for a successful job.
+    pub async fn vm_job(&self, command: &str, vm: &str) -> Value {
+        let r = self.ok(command, &[("id", vm)]).await;
+        let job = self.wait_job(r["jobid"].as_str().expect("jobid")).await;
+        assert_eq!(job["jobstatus"], 1, "{command}: {job}");
+        assert_eq!(job["jobinstancetype"], "VirtualMachine");
+        job
+    }
+
+    /// A call whose error body is wrapped in `errorresponse` (unknown or missing command).
+    pub async fn call_raw(&self, params: &[(&str, &str)]) -> (u16, Value) {
+        let p: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut p = p;
+        p.push(("apiKey".into(), KEY.into()));
+        p.push(("response".into(), "json".into()));
+        let sig = signature(SECRET, &p);
+        p.push(("signature".into(), sig));
+        self.get_raw(&p).await
+    }
+
     pub async fn volume(&self, id: &str) -> Option<Value> {
         let r = self.ok("listVolumes", &[("id", id)]).await;
         r.get("volume").and_then(|v| v.get(0)).cloned()
