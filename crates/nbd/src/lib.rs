@@ -7,6 +7,8 @@
 mod backend;
 pub mod client;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod negotiate;
 pub mod proto;
 mod registry;
