@@ -6,9 +6,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
 use rustix::fs::{FallocateFlags, SeekFrom};
+use rustix::io::ReadWriteFlags;
 
 use crate::error::NbdError;
 use crate::proto::{STATE_HOLE, STATE_ZERO};
@@ -29,6 +31,18 @@ pub trait Backend: Send + Sync + 'static {
     fn read_at(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<()>;
     /// Writes all of `data` at `offset`.
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Reads like [`Backend::read_at`] only if that cannot wait for a device (data cached, or memory-backed
+    /// storage); `Ok(false)` with `buf` unchanged when it would have to wait. Called on the session's own
+    /// thread, so it must never sleep. The default never tries.
+    fn read_nowait(&self, _buf: &mut Vec<u8>, _offset: u64, _len: usize) -> io::Result<bool> {
+        Ok(false)
+    }
+    /// Writes a prefix of `data` at `offset` without waiting for a device and returns its length (0 to
+    /// `data.len()`); the caller writes the rest with [`Backend::write_at`] off the session's thread. The
+    /// default writes nothing.
+    fn write_nowait(&self, _data: &[u8], _offset: u64) -> io::Result<usize> {
+        Ok(0)
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
     /// Discards a range (advisory: contents afterwards are unspecified).
@@ -61,11 +75,9 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
-// Block-device ioctl request codes (linux/fs.h).
-const BLKSSZGET: libc::Ioctl = 0x1268;
-const BLKDISCARD: libc::Ioctl = 0x1277;
-const BLKZEROOUT: libc::Ioctl = 0x127f;
-const BLKGETSIZE64: libc::Ioctl = 0x8008_1272;
+/// `statfs` magic numbers of file systems whose file I/O is memory copies (`<linux/magic.h>`).
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+const RAMFS_MAGIC: u64 = 0x8584_58f6;
 
 /// Largest chunk written when zeros must be written explicitly.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -82,6 +94,11 @@ pub struct FileBackend {
     block_device: bool,
     /// Logical block size of a block device (1 for files).
     sector: u64,
+    /// The file lives on tmpfs or ramfs: reads and writes are memory copies and never wait for a device.
+    memory_backed: bool,
+    /// Whether `RWF_NOWAIT` reads and writes are still worth trying (cleared when the kernel refuses them).
+    nowait_reads: AtomicBool,
+    nowait_writes: AtomicBool,
 }
 
 impl FileBackend {
@@ -98,22 +115,34 @@ impl FileBackend {
             .map_err(|e| NbdError::io_op("stat the export's file or device", e))?;
         let ft = meta.file_type();
         if ft.is_block_device() {
-            let size = ioctl_u64(&file, BLKGETSIZE64)
+            let size = blockdev::ioctl::size(&file)
                 .map_err(|e| NbdError::io_op("read the block device size (BLKGETSIZE64)", e))?;
-            let sector = ioctl_int(&file, BLKSSZGET)
+            let sector = blockdev::ioctl::logical_block_size(&file)
                 .map_err(|e| NbdError::io_op("read the logical block size (BLKSSZGET)", e))?;
             Ok(FileBackend {
                 file,
                 size,
                 block_device: true,
-                sector: u64::try_from(sector.max(1)).unwrap_or(512),
+                sector: u64::from(sector.max(512)),
+                memory_backed: false,
+                nowait_reads: AtomicBool::new(true),
+                nowait_writes: AtomicBool::new(true),
             })
         } else if ft.is_file() {
+            let memory_backed = rustix::fs::fstatfs(&file)
+                .map(|st| {
+                    let magic = st.f_type as u64;
+                    magic == TMPFS_MAGIC || magic == RAMFS_MAGIC
+                })
+                .unwrap_or(false);
             Ok(FileBackend {
                 file,
                 size: meta.len(),
                 block_device: false,
                 sector: 1,
+                memory_backed,
+                nowait_reads: AtomicBool::new(true),
+                nowait_writes: AtomicBool::new(true),
             })
         } else {
             Err(NbdError::Invalid(format!(
@@ -139,45 +168,11 @@ impl FileBackend {
         Ok(())
     }
 
-    fn blk_range(&self, req: libc::Ioctl, offset: u64, len: u64) -> io::Result<()> {
-        let range: [u64; 2] = [offset, len];
-        // SAFETY: BLKDISCARD and BLKZEROOUT read a `[u64; 2]` (start, length) from the pointer, which is
-        // valid for the duration of the call; the fd is open.
-        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), req, range.as_ptr()) };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-
     /// Aligned sub-range `[start, end)` of `[offset, offset+len)` on sector boundaries (may be empty).
     fn aligned(&self, offset: u64, len: u64) -> (u64, u64) {
         let s = offset.div_ceil(self.sector) * self.sector;
         let e = (offset + len) / self.sector * self.sector;
         (s, e.max(s))
-    }
-}
-
-fn ioctl_u64(file: &File, req: libc::Ioctl) -> io::Result<u64> {
-    let mut v: u64 = 0;
-    // SAFETY: the request writes one u64 through the pointer, which points at a live local.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), req, &mut v as *mut u64) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(v)
-    }
-}
-
-fn ioctl_int(file: &File, req: libc::Ioctl) -> io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    // SAFETY: the request writes one int through the pointer, which points at a live local.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), req, &mut v as *mut libc::c_int) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(v)
     }
 }
 
@@ -238,7 +233,7 @@ impl Backend for FileBackend {
         if self.block_device {
             let (s, e) = self.aligned(offset, len);
             if e > s {
-                match self.blk_range(BLKDISCARD, s, e - s) {
+                match blockdev::ioctl::discard(&self.file, s, e - s) {
                     Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
                     r => r?,
                 }
@@ -259,12 +254,27 @@ impl Backend for FileBackend {
     fn zero(&self, offset: u64, len: u64, may_trim: bool, fast: bool) -> io::Result<()> {
         let not_fast = || io::Error::from_raw_os_error(libc::EOPNOTSUPP);
         if self.block_device {
-            if fast {
-                return Err(not_fast());
-            }
             let (s, e) = self.aligned(offset, len);
+            if fast {
+                // The kernel zeroes a block device range with `FALLOC_FL_PUNCH_HOLE` only through the
+                // device's own write-zeroes command (`BLKDEV_ZERO_NOFALLBACK`): it fails with EOPNOTSUPP
+                // instead of writing zeros. Without permission to deallocate there is no such call.
+                if !may_trim || e <= s {
+                    return Err(not_fast());
+                }
+                let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+                rustix::fs::fallocate(&self.file, punch, s, e - s).map_err(|e| {
+                    if unsupported(&e) {
+                        not_fast()
+                    } else {
+                        e.into()
+                    }
+                })?;
+                self.write_zeros(offset, s - offset)?;
+                return self.write_zeros(e, offset + len - e);
+            }
             if e > s {
-                match self.blk_range(BLKZEROOUT, s, e - s) {
+                match blockdev::ioctl::zero_out(&self.file, s, e - s) {
                     Ok(()) => {
                         self.write_zeros(offset, s - offset)?;
                         return self.write_zeros(e, offset + len - e);
@@ -371,7 +381,90 @@ impl Backend for FileBackend {
     }
 
     fn can_fast_zero(&self) -> bool {
-        !self.block_device
+        true
+    }
+
+    fn read_nowait(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<bool> {
+        if self.memory_backed {
+            self.read_at(buf, offset, len)?;
+            return Ok(true);
+        }
+        if !self.nowait_reads.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let start = buf.len();
+        buf.reserve(len);
+        let target = start + len;
+        let mut pos = offset;
+        while buf.len() < target {
+            let want = target - buf.len();
+            let spare = &mut buf.spare_capacity_mut()[..want];
+            let iov = libc::iovec {
+                iov_base: spare.as_mut_ptr().cast(),
+                iov_len: spare.len(),
+            };
+            let off = libc::off_t::try_from(pos)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: the iovec points at the vector's spare capacity, valid for writes of `iov_len` bytes
+            // for the duration of the call; the descriptor is open.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+            if n > 0 {
+                let n = n as usize;
+                // SAFETY: preadv2 initialized the first `n` bytes of the spare capacity.
+                unsafe { buf.set_len(buf.len() + n) };
+                pos += n as u64;
+                continue;
+            }
+            let err = if n == 0 {
+                // End of file (the file shrank): the blocking path fills zeros.
+                None
+            } else {
+                Some(io::Error::last_os_error())
+            };
+            match err.as_ref().and_then(io::Error::raw_os_error) {
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP) => self.nowait_reads.store(false, Ordering::Relaxed),
+                Some(libc::EAGAIN) | None => {}
+                Some(_) => {
+                    buf.truncate(start);
+                    return Err(err.expect("an errno was read"));
+                }
+            }
+            buf.truncate(start);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn write_nowait(&self, data: &[u8], offset: u64) -> io::Result<usize> {
+        if self.memory_backed {
+            self.write_at(data, offset)?;
+            return Ok(data.len());
+        }
+        if !self.nowait_writes.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
+        let mut done = 0;
+        while done < data.len() {
+            let iov = [io::IoSlice::new(&data[done..])];
+            match rustix::io::pwritev2(
+                &self.file,
+                &iov,
+                offset + done as u64,
+                ReadWriteFlags::NOWAIT,
+            ) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(e) if unsupported(&e) => {
+                    self.nowait_writes.store(false, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(done)
     }
 }
 
@@ -452,6 +545,14 @@ impl Backend for MemoryBackend {
 
     fn can_fast_zero(&self) -> bool {
         true
+    }
+
+    fn read_nowait(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<bool> {
+        self.read_at(buf, offset, len).map(|()| true)
+    }
+
+    fn write_nowait(&self, data: &[u8], offset: u64) -> io::Result<usize> {
+        self.write_at(data, offset).map(|()| data.len())
     }
 }
 

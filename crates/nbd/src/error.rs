@@ -46,6 +46,16 @@ pub enum NbdError {
     Invalid(String),
     #[error("timed out while {0}")]
     Timeout(&'static str),
+    #[error(
+        "TLS configuration: {what}; see the certificate directory layout in the nbd crate's README"
+    )]
+    TlsConfig {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("TLS handshake with the client failed")]
+    TlsHandshake(#[source] io::Error),
 }
 
 impl NbdError {
@@ -57,7 +67,8 @@ impl NbdError {
             NbdError::Io(_) | NbdError::IoOp { .. } => NbdErrorKind::Io,
             NbdError::Protocol(_) | NbdError::Remote { .. } => NbdErrorKind::Protocol,
             NbdError::Limit(_) => NbdErrorKind::Limit,
-            NbdError::Invalid(_) => NbdErrorKind::Invalid,
+            NbdError::Invalid(_) | NbdError::TlsConfig { .. } => NbdErrorKind::Invalid,
+            NbdError::TlsHandshake(_) => NbdErrorKind::Protocol,
             NbdError::Timeout(_) => NbdErrorKind::Timeout,
         }
     }

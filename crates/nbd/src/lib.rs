@@ -7,12 +7,17 @@
 mod backend;
 pub mod client;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
+mod negotiate;
 pub mod proto;
 mod registry;
 mod server;
 mod session;
+mod tls;
 
 pub use backend::{Backend, Extent, FileBackend, MemoryBackend};
 pub use error::{NbdError, NbdErrorKind};
 pub use registry::{CountersSnapshot, ExportConfig, ExportSnapshot, Registry, RemoveReport};
-pub use server::{Server, ServerConfig};
+pub use server::{BudgetProbe, Server, ServerConfig};
+pub use tls::{Access, ClientIdentity, Tls, TlsSettings, CA_CERT, SERVER_CERT, SERVER_KEY};

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::error::NbdError;
+use crate::tls::{Access, ClientIdentity};
 
 /// Longest export name accepted (the protocol's limit for a string is 4096 bytes).
 pub const MAX_NAME_LEN: usize = 4096;
@@ -24,6 +25,8 @@ pub struct ExportConfig {
     /// Concurrent connections allowed to this export; `None` for no per-export limit.
     pub max_connections: Option<usize>,
     pub description: Option<String>,
+    /// Which clients may list and open the export.
+    pub access: Access,
 }
 
 impl std::fmt::Debug for ExportConfig {
@@ -33,6 +36,7 @@ impl std::fmt::Debug for ExportConfig {
             .field("read_only", &self.read_only)
             .field("max_connections", &self.max_connections)
             .field("description", &self.description)
+            .field("access", &self.access)
             .finish_non_exhaustive()
     }
 }
@@ -46,6 +50,7 @@ pub struct ExportSnapshot {
     pub read_only: bool,
     pub description: Option<String>,
     pub max_connections: Option<usize>,
+    pub access: Access,
     pub counters: CountersSnapshot,
 }
 
@@ -55,6 +60,8 @@ pub struct CountersSnapshot {
     pub connections_current: u64,
     pub connections_total: u64,
     pub peers: Vec<SocketAddr>,
+    /// Verified client identity of each open session, in the order of `peers` (`None` without one).
+    pub identities: Vec<Option<String>>,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub reads: u64,
@@ -113,6 +120,7 @@ impl Counters {
 /// A live session's handle kept by its export.
 struct SessionEntry {
     peer: SocketAddr,
+    identity: Option<String>,
     cancel: CancellationToken,
 }
 
@@ -124,6 +132,7 @@ pub(crate) struct Export {
     pub read_only: bool,
     pub max_connections: Option<usize>,
     pub description: Option<String>,
+    pub access: Access,
     pub counters: Counters,
     /// Set once removal starts: no new sessions, new requests refused.
     closing: AtomicBool,
@@ -143,6 +152,7 @@ impl Export {
     pub(crate) fn attach(
         self: &Arc<Self>,
         peer: SocketAddr,
+        identity: Option<&ClientIdentity>,
         cancel: CancellationToken,
     ) -> Result<SessionGuard, AttachRefusal> {
         let mut sessions = self.sessions.lock().expect("sessions lock poisoned");
@@ -155,7 +165,14 @@ impl Export {
             }
         }
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        sessions.insert(id, SessionEntry { peer, cancel });
+        sessions.insert(
+            id,
+            SessionEntry {
+                peer,
+                identity: identity.map(|i| i.primary().to_string()),
+                cancel,
+            },
+        );
         self.counters
             .connections_current
             .fetch_add(1, Ordering::Relaxed);
@@ -196,13 +213,12 @@ impl Export {
 
     fn snapshot(&self) -> ExportSnapshot {
         let c = &self.counters;
-        let peers = self
-            .sessions
-            .lock()
-            .expect("sessions lock poisoned")
-            .values()
-            .map(|s| s.peer)
-            .collect();
+        let (peers, identities) = {
+            let sessions = self.sessions.lock().expect("sessions lock poisoned");
+            let mut v: Vec<(&u64, &SessionEntry)> = sessions.iter().collect();
+            v.sort_by_key(|(id, _)| **id);
+            v.iter().map(|(_, s)| (s.peer, s.identity.clone())).unzip()
+        };
         let last = c.last_activity.load(Ordering::Relaxed);
         let hi = c.highest_written_end.load(Ordering::Relaxed);
         ExportSnapshot {
@@ -212,10 +228,12 @@ impl Export {
             read_only: self.read_only,
             description: self.description.clone(),
             max_connections: self.max_connections,
+            access: self.access.clone(),
             counters: CountersSnapshot {
                 connections_current: c.connections_current.load(Ordering::Relaxed),
                 connections_total: c.connections_total.load(Ordering::Relaxed),
                 peers,
+                identities,
                 bytes_read: c.bytes_read.load(Ordering::Relaxed),
                 bytes_written: c.bytes_written.load(Ordering::Relaxed),
                 reads: c.reads.load(Ordering::Relaxed),
@@ -326,6 +344,7 @@ impl Registry {
             read_only: cfg.read_only,
             max_connections: cfg.max_connections,
             description: cfg.description,
+            access: cfg.access,
             counters: Counters::default(),
             closing: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),

@@ -1,13 +1,28 @@
 //! The transmission phase of one NBD connection (NetworkBlockDevice/nbd `doc/proto.md`, "Transmission
-//! phase"). A few dedicated worker threads share the socket: each takes the read lock, reads one request
-//! (and its payload), releases it, runs the request against the backend, then writes its reply under the
-//! write lock. Requests are therefore pipelined and answered out of order, blocking I/O never runs on the
-//! async runtime, and a connection holds at most one payload buffer per worker.
+//! phase") as one asynchronous task over any byte stream (TCP or TLS).
+//!
+//! The task reads every request the client has sent, runs at once those that cannot wait for a device
+//! (reads served from cache, writes to memory-backed files, see [`Backend::read_nowait`]), hands the rest
+//! (flush, trim, zero, large or uncached I/O) to a bounded pool of blocking threads, and writes completed
+//! replies together with one vectored write. An idle session is a parked future: it costs no thread.
+//!
+//! Bounds: a connection has at most `max_in_flight` requests read and not yet answered, and holds at most
+//! `max_connection_bytes` of request payload (WRITE data, READ reply data); the server as a whole holds at
+//! most `in_flight_budget` bytes. When any bound is reached the task stops reading the socket until replies
+//! drain, so TCP back-pressure reaches the client instead of memory growing. A client that stops reading
+//! replies is closed after `send_timeout`, releasing what it held.
+//!
+//! [`Backend::read_nowait`]: crate::Backend::read_nowait
 
-use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::Extent;
 use crate::proto::*;
@@ -15,6 +30,25 @@ use crate::registry::Export;
 
 /// Socket read buffer of a session.
 const READ_BUFFER: usize = 256 * 1024;
+/// READ and WRITE requests up to this size may run on the session's own thread; larger ones always go
+/// to the blocking pool, so one request never holds the runtime for long.
+const INLINE_MAX: u32 = 1024 * 1024;
+/// Most replies gathered into one vectored write.
+const BATCH: usize = 64;
+
+/// Resources shared by every session of a server.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Bytes of request payload the whole server may hold.
+    pub budget: Arc<Semaphore>,
+    /// Blocking I/O calls running at once.
+    pub pool: Arc<Semaphore>,
+    pub max_in_flight: usize,
+    pub max_connection_bytes: usize,
+    pub idle_timeout: Option<Duration>,
+    pub send_timeout: Duration,
+    pub shutdown_drain: Duration,
+}
 
 /// What negotiation decided for this session.
 pub(crate) struct SessionParams {
@@ -23,289 +57,450 @@ pub(crate) struct SessionParams {
     pub meta_allocation: bool,
 }
 
-/// State shared by the worker threads of one connection.
-pub(crate) struct Conn {
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The client disconnected (DISC or EOF).
+    Client,
+    /// The client broke the protocol (bad magic).
+    Protocol,
+    /// No request arrived for the idle timeout while nothing was in flight.
+    Idle,
+    /// The export was removed.
+    Killed,
+    /// The server is shutting down.
+    Stopped,
+    /// Replies could not be written (client gone or not reading them).
+    Send,
+}
+
+/// Everything a request holds until its reply is written or dropped: its queue slot, its share of the
+/// byte budgets, and its place in the export's in-flight count.
+struct Hold {
+    export: Arc<Export>,
+    _depth: OwnedSemaphorePermit,
+    _bytes: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.export.request_done();
+    }
+}
+
+/// An encoded reply: a header (with any small body) and optional READ data.
+struct Reply {
+    head: Vec<u8>,
+    data: Vec<u8>,
+    _hold: Hold,
+}
+
+struct Conn {
     params: SessionParams,
-    reader: Mutex<BufReader<io::Chain<io::Cursor<Vec<u8>>, TcpStream>>>,
-    writer: Mutex<TcpStream>,
-    control: TcpStream,
-    /// Set when the connection must stop reading requests (DISC, EOF, protocol error, shutdown).
-    done: AtomicBool,
-    /// Whether any write-like request was executed (flush on graceful shutdown).
-    pub wrote: AtomicBool,
+    shared: Arc<Shared>,
+    depth: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    tx: UnboundedSender<Reply>,
+    /// Whether any write-like request ran (flush on graceful shutdown).
+    wrote: Arc<AtomicBool>,
 }
 
-impl Conn {
-    /// `leftover` holds bytes already read past the end of negotiation.
-    pub(crate) fn new(
-        stream: TcpStream,
-        leftover: Vec<u8>,
-        params: SessionParams,
-    ) -> io::Result<Arc<Conn>> {
-        let writer = stream.try_clone()?;
-        let control = stream.try_clone()?;
-        Ok(Arc::new(Conn {
-            params,
-            reader: Mutex::new(BufReader::with_capacity(
-                READ_BUFFER,
-                io::Cursor::new(leftover).chain(stream),
-            )),
-            writer: Mutex::new(writer),
-            control,
-            done: AtomicBool::new(false),
-            wrote: AtomicBool::new(false),
-        }))
+/// Runs the transmission phase on `stream` until the client leaves, the export is removed (`kill`) or the
+/// server stops (`stop`: stop reading, answer what is in flight within the drain time, flush).
+pub(crate) async fn run<S>(
+    stream: S,
+    params: SessionParams,
+    shared: Arc<Shared>,
+    kill: CancellationToken,
+    stop: CancellationToken,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let (tx, rx) = unbounded_channel();
+    let export = Arc::clone(&params.export);
+    let read_only = export.read_only;
+    let wrote = Arc::new(AtomicBool::new(false));
+    let conn_bytes = shared.max_connection_bytes.max(BLOCK_MAX as usize);
+    let conn = Conn {
+        depth: Arc::new(Semaphore::new(shared.max_in_flight.max(1))),
+        bytes: Arc::new(Semaphore::new(conn_bytes)),
+        params,
+        shared: Arc::clone(&shared),
+        tx,
+        wrote: Arc::clone(&wrote),
+    };
+    // Cancelled by the writer when the client stops taking replies, so the reader stops too.
+    let broken = CancellationToken::new();
+    let reader = async {
+        let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+        let end = read_requests(&mut rd, &conn, &stop, &broken).await;
+        drop(conn);
+        end
+    };
+    let writer = async {
+        let r = write_replies(wr, rx, shared.send_timeout).await;
+        if r.is_err() {
+            broken.cancel();
+        }
+        r
+    };
+    let both = async { tokio::join!(reader, writer) };
+    let drain_deadline = async {
+        stop.cancelled().await;
+        tokio::time::sleep(shared.shutdown_drain).await;
+    };
+    let end = tokio::select! {
+        _ = kill.cancelled() => End::Killed,
+        _ = drain_deadline => End::Stopped,
+        (end, written) = both => if written.is_err() { End::Send } else { end },
+    };
+    if end == End::Stopped && wrote.load(Ordering::Relaxed) && !read_only {
+        let b = Arc::clone(&export.backend);
+        let _ = tokio::task::spawn_blocking(move || b.flush()).await;
     }
-
-    /// Stops reading requests; in-flight requests still get their replies.
-    pub(crate) fn stop_reading(&self) {
-        self.done.store(true, Ordering::Release);
-        let _ = self.control.shutdown(Shutdown::Read);
-    }
-
-    /// Closes the socket in both directions at once.
-    pub(crate) fn kill(&self) {
-        self.done.store(true, Ordering::Release);
-        let _ = self.control.shutdown(Shutdown::Both);
-    }
-
-    pub(crate) fn export(&self) -> &Arc<Export> {
-        &self.params.export
-    }
-}
-
-/// One admitted request, read off the socket.
-struct Admitted {
-    req: Request,
-    payload: Option<Vec<u8>>,
+    end
 }
 
 enum Next {
-    Run(Admitted),
-    Refuse(Request, u32),
-    Stop,
+    Header([u8; REQUEST_LEN]),
+    End(End),
 }
 
-/// Reads the next request under the read lock; `Stop` ends this worker.
-fn next_request(conn: &Conn) -> Next {
-    let mut rd = conn.reader.lock().expect("session reader lock poisoned");
-    if conn.done.load(Ordering::Acquire) {
-        return Next::Stop;
-    }
+async fn next_header<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    conn: &Conn,
+    stop: &CancellationToken,
+    broken: &CancellationToken,
+) -> Next {
     let mut hdr = [0u8; REQUEST_LEN];
-    if rd.read_exact(&mut hdr).is_err() {
-        conn.done.store(true, Ordering::Release);
-        return Next::Stop;
-    }
-    let Some(req) = Request::decode(&hdr) else {
-        tracing::info!(export = %conn.params.export.name, "bad request magic; closing the connection");
-        conn.kill();
-        return Next::Stop;
+    let idle = conn
+        .shared
+        .idle_timeout
+        .filter(|_| conn.depth.available_permits() == conn.shared.max_in_flight.max(1));
+    let read = async {
+        match idle {
+            Some(t) => tokio::time::timeout(t, rd.read_exact(&mut hdr))
+                .await
+                .map_err(|_| End::Idle)?
+                .map_err(|_| End::Client),
+            None => rd.read_exact(&mut hdr).await.map_err(|_| End::Client),
+        }
     };
-    if req.command == CMD_DISC {
-        conn.done.store(true, Ordering::Release);
-        return Next::Stop;
+    tokio::select! {
+        _ = stop.cancelled() => Next::End(End::Stopped),
+        _ = broken.cancelled() => Next::End(End::Send),
+        r = read => match r {
+            Ok(_) => Next::Header(hdr),
+            Err(e) => Next::End(e),
+        },
     }
+}
+
+/// Reads and dispatches requests until the client disconnects, breaks the protocol, idles out or the
+/// server stops.
+async fn read_requests<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    conn: &Conn,
+    stop: &CancellationToken,
+    broken: &CancellationToken,
+) -> End {
     let export = &conn.params.export;
+    loop {
+        let hdr = match next_header(rd, conn, stop, broken).await {
+            Next::Header(h) => h,
+            Next::End(e) => {
+                if e == End::Idle {
+                    tracing::info!(export = %export.name, "closing a session idle for longer than the idle timeout");
+                }
+                return e;
+            }
+        };
+        let Some(req) = Request::decode(&hdr) else {
+            tracing::info!(export = %export.name, "bad request magic; closing the connection");
+            return End::Protocol;
+        };
+        if req.command == CMD_DISC {
+            return End::Client;
+        }
+        let depth = tokio::select! {
+            _ = stop.cancelled() => return End::Stopped,
+            _ = broken.cancelled() => return End::Send,
+            p = Arc::clone(&conn.depth).acquire_owned() => p.expect("session semaphores are never closed (invariant)"),
+        };
+        if let Some(error) = refusal(&conn.params, &req) {
+            if req.command == CMD_WRITE {
+                // The payload is drained without buffering it, so the connection stays in step.
+                let n = tokio::io::copy(
+                    &mut (&mut *rd).take(u64::from(req.length)),
+                    &mut tokio::io::sink(),
+                )
+                .await;
+                if !matches!(n, Ok(n) if n == u64::from(req.length)) {
+                    return End::Client;
+                }
+            }
+            export.request_start();
+            let hold = Hold {
+                export: Arc::clone(export),
+                _depth: depth,
+                _bytes: None,
+            };
+            let structured_err =
+                conn.params.structured && matches!(req.command, CMD_READ | CMD_BLOCK_STATUS);
+            let _ = conn
+                .tx
+                .send(error_reply(req.cookie, structured_err, error, hold));
+            continue;
+        }
+        let payload_len = match req.command {
+            CMD_READ | CMD_WRITE => req.length,
+            _ => 0,
+        };
+        let bytes = if payload_len > 0 {
+            // Budgets are taken before any buffer exists: when they are spent, the socket is not read.
+            let take = async {
+                let c = Arc::clone(&conn.bytes)
+                    .acquire_many_owned(payload_len)
+                    .await;
+                let g = Arc::clone(&conn.shared.budget)
+                    .acquire_many_owned(payload_len)
+                    .await;
+                (
+                    c.expect("session semaphores are never closed (invariant)"),
+                    g.expect("the server budget is never closed (invariant)"),
+                )
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return End::Stopped,
+                _ = broken.cancelled() => return End::Send,
+                p = take => Some(p),
+            }
+        } else {
+            None
+        };
+        let payload = if req.command == CMD_WRITE {
+            let mut buf = Vec::with_capacity(req.length as usize);
+            // The payload holds budget while it arrives: a client that stalls mid-payload is closed.
+            let mut limited = (&mut *rd).take(u64::from(req.length));
+            let read = limited.read_to_end(&mut buf);
+            match tokio::time::timeout(conn.shared.send_timeout, read).await {
+                Ok(Ok(n)) if n == req.length as usize => Some(buf),
+                _ => return End::Client,
+            }
+        } else {
+            None
+        };
+        export.request_start();
+        export.counters.touch();
+        if matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) {
+            conn.wrote.store(true, Ordering::Relaxed);
+        }
+        let hold = Hold {
+            export: Arc::clone(export),
+            _depth: depth,
+            _bytes: bytes,
+        };
+        dispatch(conn, req, payload, hold, stop, broken).await;
+    }
+}
+
+/// The error a request is refused with before it runs, if any.
+fn refusal(p: &SessionParams, req: &Request) -> Option<u32> {
+    let export = &p.export;
     let len = req.length;
-    let size = export.backend.size();
     let in_range = req
         .offset
         .checked_add(u64::from(len))
-        .is_some_and(|e| e <= size);
-    let p = &conn.params;
-    let refuse = if export.is_closing() {
-        Some(ESHUTDOWN)
-    } else {
+        .is_some_and(|e| e <= export.backend.size());
+    if export.is_closing() {
+        return Some(ESHUTDOWN);
+    }
+    match req.command {
+        CMD_READ | CMD_WRITE if len == 0 || len > BLOCK_MAX => Some(EINVAL),
+        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if export.read_only => Some(EPERM),
+        CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Some(ENOSPC),
+        CMD_READ | CMD_TRIM | CMD_CACHE | CMD_BLOCK_STATUS if !in_range => Some(EINVAL),
+        CMD_BLOCK_STATUS if !(p.structured && p.meta_allocation) || len == 0 => Some(EINVAL),
+        CMD_WRITE_ZEROES | CMD_TRIM if len == 0 => Some(EINVAL),
+        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES
+        | CMD_BLOCK_STATUS => None,
+        _ => Some(EINVAL),
+    }
+}
+
+/// Runs a request in place when it cannot wait for a device, otherwise on the blocking pool.
+async fn dispatch(
+    conn: &Conn,
+    req: Request,
+    payload: Option<Vec<u8>>,
+    hold: Hold,
+    stop: &CancellationToken,
+    broken: &CancellationToken,
+) {
+    let export = &conn.params.export;
+    let b = &export.backend;
+    let structured = conn.params.structured;
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let mut payload = payload;
+    let mut done_prefix = 0usize;
+    if req.length <= INLINE_MAX {
         match req.command {
-            CMD_READ | CMD_WRITE if len == 0 || len > BLOCK_MAX => Some(EINVAL),
-            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if export.read_only => Some(EPERM),
-            CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Some(ENOSPC),
-            CMD_READ | CMD_TRIM | CMD_CACHE | CMD_BLOCK_STATUS if !in_range => Some(EINVAL),
-            CMD_BLOCK_STATUS if !(p.structured && p.meta_allocation) || len == 0 => Some(EINVAL),
-            CMD_WRITE_ZEROES | CMD_TRIM if len == 0 => Some(EINVAL),
-            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES
-            | CMD_BLOCK_STATUS => None,
-            _ => Some(EINVAL),
-        }
-    };
-    if let Some(error) = refuse {
-        if req.command == CMD_WRITE {
-            // The payload is drained so the connection stays in step.
-            let n = io::copy(&mut (&mut *rd).take(u64::from(len)), &mut io::sink());
-            if !matches!(n, Ok(n) if n == u64::from(len)) {
-                conn.done.store(true, Ordering::Release);
-                return Next::Stop;
+            CMD_READ => {
+                let mut data = Vec::new();
+                match b.read_nowait(&mut data, req.offset, req.length as usize) {
+                    Ok(true) => {
+                        count_read(export, req.length);
+                        let _ = conn
+                            .tx
+                            .send(read_reply(req.cookie, req.offset, data, structured, hold));
+                        return;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        let _ =
+                            conn.tx
+                                .send(error_reply(req.cookie, structured, errno_of(&e), hold));
+                        return;
+                    }
+                }
             }
+            CMD_WRITE => {
+                let data = payload
+                    .as_deref()
+                    .expect("WRITE requests carry their payload (invariant)");
+                match b.write_nowait(data, req.offset) {
+                    Ok(n) if n == data.len() && !fua => {
+                        count_write(export, req.offset, req.length);
+                        let _ = conn.tx.send(error_reply(req.cookie, false, 0, hold));
+                        return;
+                    }
+                    Ok(n) => done_prefix = n,
+                    Err(e) => {
+                        let _ = conn
+                            .tx
+                            .send(error_reply(req.cookie, false, errno_of(&e), hold));
+                        return;
+                    }
+                }
+            }
+            _ => {}
         }
-        export.request_start();
-        return Next::Refuse(req, error);
     }
-    let payload = if req.command == CMD_WRITE {
-        let mut buf = Vec::with_capacity(len as usize);
-        // `read_to_end` fills the spare capacity without zeroing it first.
-        match (&mut *rd).take(u64::from(len)).read_to_end(&mut buf) {
-            Ok(n) if n == len as usize => Some(buf),
-            _ => {
-                conn.done.store(true, Ordering::Release);
-                return Next::Stop;
-            }
+    let permit = tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = broken.cancelled() => return,
+        p = Arc::clone(&conn.shared.pool).acquire_owned() => p.expect("the blocking pool semaphore is never closed (invariant)"),
+    };
+    let export = Arc::clone(export);
+    let tx = conn.tx.clone();
+    if let Some(p) = payload.as_mut() {
+        if done_prefix > 0 {
+            p.drain(..done_prefix);
+        }
+    }
+    let skip = done_prefix as u64;
+    tokio::task::spawn_blocking(move || {
+        let reply = execute(&export, req, payload, skip, structured, hold);
+        drop(permit);
+        let _ = tx.send(reply);
+    });
+}
+
+fn count_read(export: &Export, len: u32) {
+    let c = &export.counters;
+    c.reads.fetch_add(1, Ordering::Relaxed);
+    c.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
+}
+
+fn count_write(export: &Export, offset: u64, len: u32) {
+    let c = &export.counters;
+    c.writes.fetch_add(1, Ordering::Relaxed);
+    c.bytes_written.fetch_add(u64::from(len), Ordering::Relaxed);
+    c.wrote(offset + u64::from(len));
+}
+
+fn error_reply(cookie: u64, structured_err: bool, error: u32, hold: Hold) -> Reply {
+    if structured_err && error != 0 {
+        let msg = error_name(error).as_bytes();
+        let len = 6 + msg.len() as u32;
+        let mut head = Vec::with_capacity(26 + msg.len());
+        head.extend_from_slice(&structured_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_ERROR,
+            cookie,
+            len,
+        ));
+        head.extend_from_slice(&error.to_be_bytes());
+        head.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+        head.extend_from_slice(msg);
+        Reply {
+            head,
+            data: Vec::new(),
+            _hold: hold,
         }
     } else {
-        None
-    };
-    export.request_start();
-    export.counters.touch();
-    Next::Run(Admitted { req, payload })
-}
-
-/// Runs one worker thread until the connection stops.
-pub(crate) fn worker(conn: Arc<Conn>) {
-    let export = Arc::clone(&conn.params.export);
-    loop {
-        let body = match next_request(&conn) {
-            Next::Stop => return,
-            Next::Refuse(req, error) => {
-                if conn.params.structured && matches!(req.command, CMD_READ | CMD_BLOCK_STATUS) {
-                    ReplyBody::StructuredError {
-                        cookie: req.cookie,
-                        error,
-                    }
-                } else {
-                    ReplyBody::Simple {
-                        cookie: req.cookie,
-                        error,
-                    }
-                }
-            }
-            Next::Run(a) => {
-                if matches!(a.req.command, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) {
-                    conn.wrote.store(true, Ordering::Relaxed);
-                }
-                execute(&export, a.req, a.payload, conn.params.structured)
-            }
-        };
-        let sent = {
-            let mut wr = conn.writer.lock().expect("session writer lock poisoned");
-            write_reply(&mut wr, &body)
-        };
-        export.request_done();
-        if sent.is_err() {
-            conn.kill();
-            return;
+        Reply {
+            head: simple_reply(error, cookie).to_vec(),
+            data: Vec::new(),
+            _hold: hold,
         }
     }
 }
 
-pub(crate) enum ReplyBody {
-    Simple {
-        cookie: u64,
-        error: u32,
-    },
-    /// A structured error chunk (used for READ and BLOCK_STATUS when structured replies are on).
-    StructuredError {
-        cookie: u64,
-        error: u32,
-    },
-    Read {
-        cookie: u64,
-        offset: u64,
-        data: Vec<u8>,
-        structured: bool,
-    },
-    BlockStatus {
-        cookie: u64,
-        extents: Vec<Extent>,
-    },
-}
-
-/// Writes all of `bufs` with as few system calls as possible.
-fn write_all_vectored(w: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn write_reply(wr: &mut TcpStream, r: &ReplyBody) -> io::Result<()> {
-    match r {
-        ReplyBody::Simple { cookie, error } => wr.write_all(&simple_reply(*error, *cookie)),
-        ReplyBody::StructuredError { cookie, error } => {
-            let msg = error_name(*error).as_bytes();
-            let len = 6 + msg.len() as u32;
-            let mut b = Vec::with_capacity(26 + msg.len());
-            b.extend_from_slice(&structured_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_ERROR,
-                *cookie,
-                len,
-            ));
-            b.extend_from_slice(&error.to_be_bytes());
-            b.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-            b.extend_from_slice(msg);
-            wr.write_all(&b)
-        }
-        ReplyBody::Read {
+fn read_reply(cookie: u64, offset: u64, data: Vec<u8>, structured: bool, hold: Hold) -> Reply {
+    let head = if structured {
+        let len = u32::try_from(8 + data.len()).expect("reads are at most BLOCK_MAX (invariant)");
+        let mut h = Vec::with_capacity(28);
+        h.extend_from_slice(&structured_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
             cookie,
-            offset,
-            data,
-            structured,
-        } => {
-            if *structured {
-                let len = u32::try_from(8 + data.len()).expect("reads are at most BLOCK_MAX");
-                let mut h = [0u8; 28];
-                h[..20].copy_from_slice(&structured_header(
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_OFFSET_DATA,
-                    *cookie,
-                    len,
-                ));
-                h[20..].copy_from_slice(&offset.to_be_bytes());
-                write_all_vectored(wr, &mut [IoSlice::new(&h), IoSlice::new(data)])
-            } else {
-                let h = simple_reply(0, *cookie);
-                write_all_vectored(wr, &mut [IoSlice::new(&h), IoSlice::new(data)])
-            }
-        }
-        ReplyBody::BlockStatus { cookie, extents } => {
-            let len = u32::try_from(4 + 8 * extents.len()).expect("extent count is bounded");
-            let mut b = Vec::with_capacity(20 + len as usize);
-            b.extend_from_slice(&structured_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_BLOCK_STATUS,
-                *cookie,
-                len,
-            ));
-            b.extend_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
-            for e in extents {
-                b.extend_from_slice(&u32::try_from(e.length).unwrap_or(u32::MAX).to_be_bytes());
-                b.extend_from_slice(&e.flags.to_be_bytes());
-            }
-            wr.write_all(&b)
-        }
+            len,
+        ));
+        h.extend_from_slice(&offset.to_be_bytes());
+        h
+    } else {
+        simple_reply(0, cookie).to_vec()
+    };
+    Reply {
+        head,
+        data,
+        _hold: hold,
     }
 }
 
-fn io_reply(cookie: u64, structured_err: bool, r: io::Result<()>) -> ReplyBody {
-    match r {
-        Ok(()) => ReplyBody::Simple { cookie, error: 0 },
-        Err(e) => {
-            let error = errno_of(&e);
-            if structured_err {
-                ReplyBody::StructuredError { cookie, error }
-            } else {
-                ReplyBody::Simple { cookie, error }
-            }
-        }
+fn block_status_reply(cookie: u64, extents: &[Extent], hold: Hold) -> Reply {
+    let len = u32::try_from(4 + 8 * extents.len()).expect("extent count is bounded (invariant)");
+    let mut head = Vec::with_capacity(20 + len as usize);
+    head.extend_from_slice(&structured_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        cookie,
+        len,
+    ));
+    head.extend_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
+    for e in extents {
+        head.extend_from_slice(&u32::try_from(e.length).unwrap_or(u32::MAX).to_be_bytes());
+        head.extend_from_slice(&e.flags.to_be_bytes());
+    }
+    Reply {
+        head,
+        data: Vec::new(),
+        _hold: hold,
     }
 }
 
-fn execute(export: &Export, req: Request, payload: Option<Vec<u8>>, structured: bool) -> ReplyBody {
+/// Runs one request with blocking calls (on the pool). `skip` bytes of a WRITE were already written.
+fn execute(
+    export: &Export,
+    req: Request,
+    payload: Option<Vec<u8>>,
+    skip: u64,
+    structured: bool,
+    hold: Hold,
+) -> Reply {
     use std::sync::atomic::Ordering::Relaxed;
     let b = &export.backend;
     let c = &export.counters;
@@ -320,39 +515,35 @@ fn execute(export: &Export, req: Request, payload: Option<Vec<u8>>, structured: 
         }
         Ok(())
     };
+    let status = |r: io::Result<()>, structured_err: bool, hold: Hold| match r {
+        Ok(()) => error_reply(cookie, false, 0, hold),
+        Err(e) => error_reply(cookie, structured_err, errno_of(&e), hold),
+    };
     match req.command {
         CMD_READ => {
             let mut data = Vec::new();
             match b.read_at(&mut data, off, req.length as usize) {
                 Ok(()) => {
-                    c.reads.fetch_add(1, Relaxed);
-                    c.bytes_read.fetch_add(len, Relaxed);
-                    ReplyBody::Read {
-                        cookie,
-                        offset: off,
-                        data,
-                        structured,
-                    }
+                    count_read(export, req.length);
+                    read_reply(cookie, off, data, structured, hold)
                 }
-                Err(e) => io_reply(cookie, structured, Err(e)),
+                Err(e) => error_reply(cookie, structured, errno_of(&e), hold),
             }
         }
         CMD_WRITE => {
-            let data = payload.expect("WRITE requests carry their payload");
-            let r = then_fua(b.write_at(&data, off));
+            let data = payload.expect("WRITE requests carry their payload (invariant)");
+            let r = then_fua(b.write_at(&data, off + skip));
             if r.is_ok() {
-                c.writes.fetch_add(1, Relaxed);
-                c.bytes_written.fetch_add(len, Relaxed);
-                c.wrote(off + len);
+                count_write(export, off, req.length);
             }
-            io_reply(cookie, false, r)
+            status(r, false, hold)
         }
         CMD_FLUSH => {
             let r = b.flush();
             if r.is_ok() {
                 c.flushes.fetch_add(1, Relaxed);
             }
-            io_reply(cookie, false, r)
+            status(r, false, hold)
         }
         CMD_TRIM => {
             let r = then_fua(b.trim(off, len));
@@ -360,7 +551,7 @@ fn execute(export: &Export, req: Request, payload: Option<Vec<u8>>, structured: 
                 c.trims.fetch_add(1, Relaxed);
                 c.wrote(off + len);
             }
-            io_reply(cookie, false, r)
+            status(r, false, hold)
         }
         CMD_WRITE_ZEROES => {
             let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
@@ -370,23 +561,77 @@ fn execute(export: &Export, req: Request, payload: Option<Vec<u8>>, structured: 
                 c.zeroes.fetch_add(1, Relaxed);
                 c.wrote(off + len);
             }
-            io_reply(cookie, false, r)
+            status(r, false, hold)
         }
-        CMD_CACHE => io_reply(cookie, false, b.cache(off, len)),
+        CMD_CACHE => status(b.cache(off, len), false, hold),
         CMD_BLOCK_STATUS => match b.block_status(off, len) {
             Ok(mut extents) if !extents.is_empty() => {
                 c.block_status.fetch_add(1, Relaxed);
                 if req.flags & CMD_FLAG_REQ_ONE != 0 {
                     extents.truncate(1);
                 }
-                ReplyBody::BlockStatus { cookie, extents }
+                block_status_reply(cookie, &extents, hold)
             }
-            Ok(_) => ReplyBody::StructuredError { cookie, error: EIO },
-            Err(e) => io_reply(cookie, true, Err(e)),
+            Ok(_) => error_reply(cookie, true, EIO, hold),
+            Err(e) => error_reply(cookie, true, errno_of(&e), hold),
         },
-        _ => ReplyBody::Simple {
-            cookie,
-            error: EINVAL,
-        },
+        _ => error_reply(cookie, false, EINVAL, hold),
     }
+}
+
+/// Writes replies as they complete, gathering all that are ready into one vectored write. Each reply's
+/// hold (queue slot, budget) is released once its bytes are handed to the socket. Ends when every sender
+/// is gone; fails when the client does not take a batch within `send_timeout`.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: UnboundedReceiver<Reply>,
+    send_timeout: Duration,
+) -> io::Result<()> {
+    let mut batch: Vec<Reply> = Vec::with_capacity(BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+        for r in &batch {
+            slices.push(IoSlice::new(&r.head));
+            if !r.data.is_empty() {
+                slices.push(IoSlice::new(&r.data));
+            }
+        }
+        match tokio::time::timeout(send_timeout, write_all_vectored(&mut wr, &mut slices)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                tracing::info!(
+                    "client took no reply data for the send timeout; closing the session"
+                );
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+        }
+        drop(slices);
+        batch.clear();
+    }
+    wr.flush().await?;
+    let _ = wr.shutdown().await;
+    Ok(())
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs).await {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    w.flush().await
 }

@@ -2,9 +2,11 @@
 //! (`ext_` tests) and on loop devices created here (`root_` tests).
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
+mod common;
+
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 const MIB: u64 = 1 << 20;
@@ -21,16 +23,39 @@ fn require(tools: &[&str]) {
     }
 }
 
+/// How clients reach the server: in clear text, or over TLS with verified client certificates.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    Plain,
+    Tls(&'a common::Pki),
+}
+
 /// A running `nbd-serve`, killed (by its own pid) when dropped.
 struct Served {
     child: Child,
     addr: String,
+    /// libnbd/qemu certificate directory of the client, when the server requires TLS.
+    client_dir: Option<PathBuf>,
 }
 
 impl Served {
     fn start(extra: &[&str], exports: &[(&str, &Path)]) -> Served {
+        Self::start_mode(Mode::Plain, extra, exports)
+    }
+
+    /// With `Mode::Tls`, the server requires TLS and client certificates, and clients use `writer-1`'s.
+    fn start_mode(mode: Mode<'_>, extra: &[&str], exports: &[(&str, &Path)]) -> Served {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbd-serve"));
         cmd.args(["--listen", "127.0.0.1:0"]).args(extra);
+        let client_dir = match mode {
+            Mode::Plain => None,
+            Mode::Tls(pki) => {
+                cmd.arg("--tls=require")
+                    .arg(format!("--tls-certificates={}", pki.server_dir().display()))
+                    .arg("--tls-verify-peer");
+                Some(pki.client("writer-1"))
+            }
+        };
         for (name, path) in exports {
             cmd.arg(format!("{name}={}", path.display()));
         }
@@ -44,11 +69,45 @@ impl Served {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        Served { child, addr }
+        Served {
+            child,
+            addr,
+            client_dir,
+        }
     }
 
     fn uri(&self, name: &str) -> String {
-        format!("nbd://{}/{name}", self.addr)
+        match &self.client_dir {
+            None => format!("nbd://{}/{name}", self.addr),
+            Some(dir) => self.tls_uri(name, dir),
+        }
+    }
+
+    /// An `nbds://` URI with the client certificates of `dir`.
+    fn tls_uri(&self, name: &str, dir: &Path) -> String {
+        format!(
+            "nbds://{}/{name}?tls-certificates={}",
+            self.addr,
+            dir.display()
+        )
+    }
+
+    /// qemu-img arguments naming the export: `--object` (TLS only) and the image (a URI, or image
+    /// options with the TLS credentials).
+    fn qemu_image(&self, name: &str) -> (Vec<String>, String) {
+        match &self.client_dir {
+            None => (Vec::new(), self.uri(name)),
+            Some(dir) => {
+                let (host, port) = self.addr.rsplit_once(':').unwrap();
+                (
+                    vec![
+                        "--object".into(),
+                        format!("tls-creds-x509,id=tls0,dir={},endpoint=client", dir.display()),
+                    ],
+                    format!("driver=nbd,server.type=inet,server.host={host},server.port={port},export={name},tls-creds=tls0"),
+                )
+            }
+        }
     }
 
     /// Sends SIGTERM and checks a clean exit.
@@ -134,7 +193,7 @@ fn fill(path: &Path, byte: u8, size: u64) {
 
 fn nbdsh(uri: &str, script: &str) -> String {
     let mut f = tempfile::NamedTempFile::new().unwrap();
-    let prelude = "import os\nh.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)\nh.connect_uri(os.environ['NBD_URI'])\n";
+    let prelude = "import os\nh.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)\nh.set_uri_allow_local_file(True)\nh.connect_uri(os.environ['NBD_URI'])\n";
     f.write_all(prelude.as_bytes()).unwrap();
     f.write_all(script.as_bytes()).unwrap();
     f.flush().unwrap();
@@ -152,9 +211,9 @@ fn nbdsh(uri: &str, script: &str) -> String {
 
 // ---- scenarios shared by the file and loop-device variants ----
 
-fn nbdcopy_round_trip(target: &Path, size: u64) {
+fn nbdcopy_round_trip(mode: Mode<'_>, target: &Path, size: u64) {
     let src = random_file(size);
-    let srv = Served::start(&[], &[("disk", target)]);
+    let srv = Served::start_mode(mode, &[], &[("disk", target)]);
     for conns in ["1", "4"] {
         let dst = shm_file(0);
         run(Command::new("nbdcopy")
@@ -181,17 +240,33 @@ fn nbdcopy_round_trip(target: &Path, size: u64) {
     srv.terminate();
 }
 
-fn qemu_img_convert_compare(target: &Path, size: u64) {
+fn qemu_img_convert_compare(mode: Mode<'_>, target: &Path, size: u64) {
     let src = random_file(size);
-    let srv = Served::start(&[], &[("disk", target)]);
-    run(Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(src.path())
-        .arg(srv.uri("disk")));
-    run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(src.path())
-        .arg(srv.uri("disk")));
+    let srv = Served::start_mode(mode, &[], &[("disk", target)]);
+    let (objects, image) = srv.qemu_image("disk");
+    if objects.is_empty() {
+        run(Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(src.path())
+            .arg(&image));
+        run(Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(src.path())
+            .arg(&image));
+    } else {
+        run(Command::new("qemu-img")
+            .args(["convert", "-n"])
+            .args(&objects)
+            .args(["-f", "raw", "--target-image-opts"])
+            .arg(src.path())
+            .arg(&image));
+        run(Command::new("qemu-img")
+            .arg("compare")
+            .args(&objects)
+            .arg("--image-opts")
+            .arg(format!("driver=file,filename={}", src.path().display()))
+            .arg(&image));
+    }
     srv.terminate();
 }
 
@@ -229,9 +304,9 @@ print("verified", h.get_size())
     }
 }
 
-fn nbdsh_trim_flush_fua(target: &Path) {
+fn nbdsh_trim_flush_fua(mode: Mode<'_>, target: &Path) {
     fill(target, 0x11, 16 * MIB);
-    let srv = Served::start(&[], &[("disk", target)]);
+    let srv = Served::start_mode(mode, &[], &[("disk", target)]);
     let out = nbdsh(
         &srv.uri("disk"),
         r#"
@@ -269,15 +344,43 @@ print("ok", sum(ext[0][1][0::2]))
         .all(|&b| b == b'T'));
 }
 
-fn fio_randwrite_verify(target: &Path) {
-    let srv = Served::start(&[], &[("disk", target)]);
+fn fio_randwrite_verify(mode: Mode<'_>, target: &Path) {
+    let srv = Served::start_mode(mode, &[], &[("disk", target)]);
     // fio writes verify-state files into its working directory: keep them out of the source tree.
     let scratch = tempfile::tempdir().unwrap();
-    let out = run(Command::new("fio").current_dir(scratch.path()).args([
+    let mut fio = Command::new("fio");
+    // fio's nbd engine does not let libnbd read `tls-certificates=` from a URI. libnbd then takes the
+    // client certificates from $HOME/.pki/libnbd, except for root (only /etc/pki/libnbd, which a test must
+    // not touch): fio runs as `nobody` with HOME in the scratch directory holding a copy of them.
+    let uri = match &srv.client_dir {
+        None => srv.uri("disk"),
+        Some(dir) => {
+            use std::os::unix::fs::PermissionsExt;
+            use std::os::unix::process::CommandExt;
+            let certs = scratch.path().join(".pki/libnbd");
+            std::fs::create_dir_all(&certs).unwrap();
+            for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+                std::fs::copy(dir.join(f), certs.join(f)).unwrap();
+            }
+            if rustix::process::geteuid().is_root() {
+                for d in [scratch.path(), &scratch.path().join(".pki"), &certs] {
+                    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+                }
+                for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+                    std::fs::set_permissions(certs.join(f), std::fs::Permissions::from_mode(0o644))
+                        .unwrap();
+                }
+                fio.uid(65534).gid(65534);
+            }
+            fio.env("HOME", scratch.path());
+            format!("nbds://{}/disk", srv.addr)
+        }
+    };
+    let out = run(fio.current_dir(scratch.path()).args([
         "--verify_state_save=0",
         "--name=verify",
         "--ioengine=nbd",
-        &format!("--uri={}", srv.uri("disk")),
+        &format!("--uri={uri}"),
         "--rw=randwrite",
         "--bs=4k",
         "--iodepth=32",
@@ -360,14 +463,14 @@ fn ext_nbdinfo_json_reports_size_flags_and_list() {
 fn ext_nbdcopy_in_and_out_with_1_and_4_connections() {
     require(&["nbdcopy"]);
     let t = shm_file(256 * MIB);
-    nbdcopy_round_trip(t.path(), 256 * MIB);
+    nbdcopy_round_trip(Mode::Plain, t.path(), 256 * MIB);
 }
 
 #[test]
 fn ext_qemu_img_convert_and_compare() {
     require(&["qemu-img"]);
     let t = shm_file(128 * MIB);
-    qemu_img_convert_compare(t.path(), 128 * MIB);
+    qemu_img_convert_compare(Mode::Plain, t.path(), 128 * MIB);
 }
 
 #[test]
@@ -381,14 +484,163 @@ fn ext_nbdsh_zeroes_128m_and_1g_in_single_requests() {
 fn ext_nbdsh_trim_flush_fua() {
     require(&["nbdsh"]);
     let t = shm_file(16 * MIB);
-    nbdsh_trim_flush_fua(t.path());
+    nbdsh_trim_flush_fua(Mode::Plain, t.path());
 }
 
 #[test]
 fn ext_fio_randwrite_verify_crc32c() {
     require(&["fio"]);
     let t = shm_file(64 * MIB);
-    fio_randwrite_verify(t.path());
+    fio_randwrite_verify(Mode::Plain, t.path());
+}
+
+// ---- ext_tls_: the same over TLS with verified client certificates, and the TLS policy ----
+
+#[test]
+fn ext_tls_nbdinfo_nbdcopy_qemu_img_nbdsh_and_fio_over_tls() {
+    require(&["nbdinfo", "nbdcopy", "qemu-img", "nbdsh", "fio"]);
+    let pki = common::Pki::new();
+    let t = shm_file(128 * MIB);
+    let srv = Served::start_mode(Mode::Tls(&pki), &[], &[("disk", t.path())]);
+    let out = run(Command::new("nbdinfo").arg("--json").arg(srv.uri("disk")));
+    let j: serde_json::Value = serde_json::from_str(&out).expect("nbdinfo JSON");
+    assert_eq!(j["TLS"], true, "nbdinfo negotiated TLS: {out}");
+    assert_eq!(j["exports"][0]["export-size"], 128 * MIB);
+    srv.terminate();
+    nbdcopy_round_trip(Mode::Tls(&pki), t.path(), 128 * MIB);
+    qemu_img_convert_compare(Mode::Tls(&pki), t.path(), 128 * MIB);
+    nbdsh_trim_flush_fua(Mode::Tls(&pki), t.path());
+    fio_randwrite_verify(Mode::Tls(&pki), t.path());
+}
+
+/// Runs `cmd` and asserts that it fails; returns its stderr.
+fn run_fails(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        !out.status.success(),
+        "{cmd:?} should have failed but printed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn listed(srv: &Served, uri: &str) -> Vec<String> {
+    let _ = srv;
+    let out = run(Command::new("nbdinfo").arg("--list").arg("--json").arg(uri));
+    let l: serde_json::Value = serde_json::from_str(&out).expect("nbdinfo --list JSON");
+    let mut names: Vec<String> = l["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["export-name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn ext_tls_unauthenticated_clients_list_and_read_nothing() {
+    require(&["nbdinfo", "nbdcopy"]);
+    let pki = common::Pki::new();
+    let t = random_file(4 * MIB);
+    let srv = Served::start_mode(Mode::Tls(&pki), &[], &[("disk", t.path())]);
+    let plain = format!("nbd://{}/disk", srv.addr);
+    let plain_list = format!("nbd://{}/", srv.addr);
+    run_fails(Command::new("nbdinfo").arg("--list").arg(&plain_list));
+    run_fails(Command::new("nbdinfo").arg(&plain));
+    let dst = shm_file(0);
+    run_fails(Command::new("nbdcopy").arg(&plain).arg(dst.path()));
+    let anonymous = pki.anonymous_client();
+    run_fails(
+        Command::new("nbdinfo")
+            .arg("--list")
+            .arg(srv.tls_uri("", &anonymous)),
+    );
+    run_fails(
+        Command::new("nbdcopy")
+            .arg(srv.tls_uri("disk", &anonymous))
+            .arg(dst.path()),
+    );
+    let rogue = pki.rogue_client("writer-1");
+    run_fails(
+        Command::new("nbdinfo")
+            .arg("--list")
+            .arg(srv.tls_uri("", &rogue)),
+    );
+    run_fails(
+        Command::new("nbdcopy")
+            .arg(srv.tls_uri("disk", &rogue))
+            .arg(dst.path()),
+    );
+    assert_eq!(
+        std::fs::metadata(dst.path()).unwrap().len(),
+        0,
+        "nothing was read"
+    );
+    // The legitimate client still gets in.
+    assert_eq!(listed(&srv, &srv.uri("")), ["disk"]);
+    srv.terminate();
+}
+
+#[test]
+fn ext_tls_export_access_lists_and_opens_only_permitted_exports() {
+    require(&["nbdinfo", "nbdcopy"]);
+    let pki = common::Pki::new();
+    let public = random_file(2 * MIB);
+    let secret = random_file(3 * MIB);
+    let srv = Served::start_mode(
+        Mode::Tls(&pki),
+        &["--allow", "secret=writer-2"],
+        &[("public", public.path()), ("secret", secret.path())],
+    );
+    // writer-1 (the default client) sees and opens only the public export.
+    assert_eq!(listed(&srv, &srv.uri("")), ["public"]);
+    run(Command::new("nbdinfo").arg(srv.uri("public")));
+    run_fails(Command::new("nbdinfo").arg(srv.uri("secret")));
+    let dst = shm_file(0);
+    run_fails(
+        Command::new("nbdcopy")
+            .arg(srv.uri("secret"))
+            .arg(dst.path()),
+    );
+    // writer-2 sees both and reads the secret one.
+    let w2 = pki.client("writer-2");
+    assert_eq!(listed(&srv, &srv.tls_uri("", &w2)), ["public", "secret"]);
+    run(Command::new("nbdcopy")
+        .arg(srv.tls_uri("secret", &w2))
+        .arg(dst.path()));
+    assert!(read_all(dst.path()) == read_all(secret.path()));
+    srv.terminate();
+    // With --tls=on, clear-text clients are served, but never a restricted export.
+    let srv = {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbd-serve"));
+        cmd.args(["--listen", "127.0.0.1:0", "--tls=on", "--tls-verify-peer"])
+            .arg(format!("--tls-certificates={}", pki.server_dir().display()))
+            .args(["--allow", "secret=writer-2"])
+            .arg(format!("public={}", public.path().display()))
+            .arg(format!("secret={}", secret.path().display()));
+        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap()
+            .to_string();
+        Served {
+            child,
+            addr,
+            client_dir: None,
+        }
+    };
+    assert_eq!(listed(&srv, &srv.uri("")), ["public"]);
+    run_fails(Command::new("nbdinfo").arg(srv.uri("secret")));
+    assert_eq!(listed(&srv, &srv.tls_uri("", &w2)), ["public", "secret"]);
+    srv.terminate();
 }
 
 // ---- root_: the same on loop devices ----
@@ -423,9 +675,9 @@ impl LoopDevice {
 fn root_loop_nbdcopy_qemu_img_and_trim_flush_fua() {
     require(&["nbdcopy", "qemu-img", "nbdsh"]);
     let lo = LoopDevice::attach(shm_file(256 * MIB));
-    nbdcopy_round_trip(lo.path(), 256 * MIB);
-    qemu_img_convert_compare(lo.path(), 256 * MIB);
-    nbdsh_trim_flush_fua(lo.path());
+    nbdcopy_round_trip(Mode::Plain, lo.path(), 256 * MIB);
+    qemu_img_convert_compare(Mode::Plain, lo.path(), 256 * MIB);
+    nbdsh_trim_flush_fua(Mode::Plain, lo.path());
 }
 
 #[test]
@@ -439,5 +691,5 @@ fn root_loop_nbdsh_zeroes_128m_and_1g_in_single_requests() {
 fn root_loop_fio_randwrite_verify_crc32c() {
     require(&["fio"]);
     let lo = LoopDevice::attach(shm_file(64 * MIB));
-    fio_randwrite_verify(lo.path());
+    fio_randwrite_verify(Mode::Plain, lo.path());
 }

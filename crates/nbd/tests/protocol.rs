@@ -45,6 +45,7 @@ impl Harness {
                 read_only,
                 max_connections: None,
                 description: Some(format!("memory disk {name}")),
+                access: nbd::Access::Anyone,
             })
             .unwrap();
         b
@@ -264,6 +265,7 @@ async fn read_only_export_refuses_writes_with_eperm() {
             read_only: true,
             max_connections: None,
             description: None,
+            access: nbd::Access::Anyone,
         })
         .unwrap();
     let mut c = h.go("ro").await;
@@ -358,6 +360,7 @@ async fn structured_reads_and_block_status() {
             read_only: false,
             max_connections: None,
             description: None,
+            access: nbd::Access::Anyone,
         })
         .unwrap();
     // Without the context, BLOCK_STATUS is invalid.
@@ -415,6 +418,7 @@ async fn big_zero_trim_flush_and_counters() {
             read_only: false,
             max_connections: None,
             description: None,
+            access: nbd::Access::Anyone,
         })
         .unwrap();
     let mut c = h.go("a").await;
@@ -554,6 +558,7 @@ async fn readded_name_is_a_new_generation_and_old_sessions_never_serve_it() {
             read_only: false,
             max_connections: None,
             description: None,
+            access: nbd::Access::Anyone,
         })
         .unwrap()
         .generation;
@@ -565,6 +570,7 @@ async fn readded_name_is_a_new_generation_and_old_sessions_never_serve_it() {
             read_only: false,
             max_connections: None,
             description: None,
+            access: nbd::Access::Anyone,
         })
         .unwrap_err();
     assert_eq!(e.kind(), NbdErrorKind::Conflict);
@@ -585,6 +591,7 @@ async fn readded_name_is_a_new_generation_and_old_sessions_never_serve_it() {
             read_only: false,
             max_connections: None,
             description: None,
+            access: nbd::Access::Anyone,
         })
         .unwrap()
         .generation;
@@ -614,6 +621,7 @@ async fn connection_limits_and_handshake_timeout() {
             read_only: false,
             max_connections: Some(1),
             description: None,
+            access: nbd::Access::Anyone,
         })
         .unwrap();
     let mut first = h.go("one").await;
@@ -742,6 +750,7 @@ async fn file_backend_block_status_reports_holes_and_data() {
             read_only: false,
             max_connections: None,
             description: None,
+            access: nbd::Access::Anyone,
         })
         .unwrap();
     let mut hs = Handshake::connect(h.addr).await.unwrap();

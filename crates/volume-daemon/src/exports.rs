@@ -101,6 +101,7 @@ impl Exports {
                 read_only: false,
                 max_connections: None,
                 description: Some(format!("volume {volume_id} ({})", device.display())),
+                access: nbd::Access::Anyone,
             })
             .map_err(|source| ExportError::Register { name, source })
     }

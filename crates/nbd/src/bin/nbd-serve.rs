@@ -19,13 +19,48 @@ struct Args {
     /// Connections allowed per export (default: no limit).
     #[arg(long)]
     max_connections: Option<usize>,
-    /// Requests executed at once per connection, one I/O thread each. Fewer threads avoid contention
-    /// on a file's lock (tmpfs, page cache); more help devices with deep queues.
+    /// Connections allowed from one client IP address.
+    #[arg(long, default_value_t = nbd::ServerConfig::default().max_connections_per_client)]
+    max_connections_per_client: usize,
+    /// Requests of one connection read and not yet answered.
     #[arg(long, default_value_t = nbd::ServerConfig::default().max_in_flight)]
-    threads_per_connection: usize,
+    max_in_flight: usize,
+    /// MiB of request data (WRITE payloads, READ replies) held at once over all connections; when spent,
+    /// no further requests are read until replies drain. At least 32.
+    #[arg(long, default_value_t = nbd::ServerConfig::default().in_flight_budget >> 20)]
+    budget_mib: usize,
+    /// MiB of request data one connection may hold. At least 32.
+    #[arg(long, default_value_t = nbd::ServerConfig::default().max_connection_bytes >> 20)]
+    connection_mib: usize,
+    /// Blocking I/O calls (flush, zero, large or uncached I/O) running at once.
+    #[arg(long, default_value_t = nbd::ServerConfig::default().io_threads)]
+    io_threads: usize,
+    /// Close a negotiated session after SECS without requests (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    idle_timeout: u64,
+    /// TLS: off, on (offered) or require (nothing but STARTTLS before the handshake).
+    #[arg(long, value_enum, default_value_t = TlsFlag::Off)]
+    tls: TlsFlag,
+    /// Directory with server-cert.pem, server-key.pem and (for --tls-verify-peer) ca-cert.pem.
+    #[arg(long, value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
+    /// Require client certificates signed by DIR/ca-cert.pem.
+    #[arg(long)]
+    tls_verify_peer: bool,
+    /// Restrict export NAME to clients whose verified certificate names IDENTITY (common name or subject
+    /// alternative name); repeat for more. Other clients neither list nor open it.
+    #[arg(long = "allow", value_name = "NAME=IDENTITY")]
+    allow: Vec<String>,
     /// Exports as NAME=PATH (a regular file or a block device).
     #[arg(required = true, value_name = "NAME=PATH")]
     exports: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TlsFlag {
+    Off,
+    On,
+    Require,
 }
 
 fn parse_export(s: &str) -> anyhow::Result<(String, PathBuf)> {
@@ -38,10 +73,6 @@ fn parse_export(s: &str) -> anyhow::Result<(String, PathBuf)> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::ensure!(
-        args.threads_per_connection > 0,
-        "--threads-per-connection must be at least 1"
-    );
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -53,10 +84,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rustls=error")),
         )
         .with_writer(std::io::stderr)
         .init();
+    let tls = match (args.tls, &args.tls_certificates) {
+        (TlsFlag::Off, _) => nbd::Tls::Off,
+        (_, None) => anyhow::bail!("--tls=on and --tls=require need --tls-certificates=DIR"),
+        (mode, Some(dir)) => {
+            let settings = std::sync::Arc::new(
+                nbd::TlsSettings::from_dir(dir, args.tls_verify_peer).with_context(|| {
+                    format!("cannot load TLS certificates from {}", dir.display())
+                })?,
+            );
+            if mode == TlsFlag::Require {
+                nbd::Tls::Require(settings)
+            } else {
+                nbd::Tls::On(settings)
+            }
+        }
+    };
+    anyhow::ensure!(
+        !args.tls_verify_peer || args.tls != TlsFlag::Off,
+        "--tls-verify-peer needs --tls=on or --tls=require"
+    );
+    let mut allowed: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for spec in &args.allow {
+        let (name, id) = spec
+            .split_once('=')
+            .with_context(|| format!("--allow {spec:?} is not NAME=IDENTITY"))?;
+        allowed
+            .entry(name.to_string())
+            .or_default()
+            .push(id.to_string());
+    }
     let registry = nbd::Registry::new();
     for spec in &args.exports {
         let (name, path) = parse_export(spec)?;
@@ -69,6 +130,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 read_only: args.read_only,
                 max_connections: args.max_connections,
                 description: Some(path.display().to_string()),
+                access: match allowed.remove(&name) {
+                    Some(ids) => nbd::Access::Clients(ids),
+                    None => nbd::Access::Anyone,
+                },
             })
             .with_context(|| format!("cannot add export {name:?}"))?;
     }
@@ -90,11 +155,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
+    if let Some(name) = allowed.keys().next() {
+        anyhow::bail!("--allow names export {name:?}, which is not served");
+    }
     let cfg = nbd::ServerConfig {
-        max_in_flight: args.threads_per_connection,
+        max_connections_per_client: args.max_connections_per_client,
+        max_in_flight: args.max_in_flight,
+        in_flight_budget: args.budget_mib << 20,
+        max_connection_bytes: args.connection_mib << 20,
+        io_threads: args.io_threads,
+        idle_timeout: (args.idle_timeout > 0)
+            .then(|| std::time::Duration::from_secs(args.idle_timeout)),
+        tls,
         ..nbd::ServerConfig::default()
     };
-    let server = nbd::Server::new(registry, cfg);
+    let server = nbd::Server::try_new(registry, cfg).context("invalid server settings")?;
     server.serve(listener, shutdown).await?;
     Ok(())
 }

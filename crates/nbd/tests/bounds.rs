@@ -1,0 +1,401 @@
+//! Abuse cases: clients that pipeline large READs and never take the replies, idle sessions that fill the
+//! connection table, many connections from one address, and clients that skip TLS on a TLS-only server.
+//! Run against the in-process server and against the `nbd-serve` binary (its memory and threads).
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nbd::client::Handshake;
+use nbd::proto::*;
+use nbd::{Access, ExportConfig, MemoryBackend, Registry, Server, ServerConfig, Tls, TlsSettings};
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+
+const MIB: usize = 1 << 20;
+
+struct Harness {
+    addr: SocketAddr,
+    registry: Registry,
+    probe: nbd::BudgetProbe,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), nbd::NbdError>>,
+}
+
+impl Harness {
+    async fn start(cfg: ServerConfig) -> Self {
+        let registry = Registry::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = Server::try_new(registry.clone(), cfg).unwrap();
+        let probe = server.budget_probe();
+        let task = tokio::spawn(server.serve(listener, async move {
+            let _ = rx.await;
+        }));
+        Harness {
+            addr,
+            registry,
+            probe,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    fn add_mem(&self, name: &str, size: usize, access: Access) {
+        self.registry
+            .add(ExportConfig {
+                name: name.into(),
+                backend: Arc::new(MemoryBackend::new(size)),
+                read_only: false,
+                max_connections: None,
+                description: None,
+                access,
+            })
+            .unwrap();
+    }
+
+    async fn go(&self, name: &str) -> nbd::client::Client {
+        Handshake::connect(self.addr)
+            .await
+            .unwrap()
+            .go(name)
+            .await
+            .unwrap()
+    }
+
+    async fn shutdown(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("server stops within the deadline")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Whether the server closed `s` (EOF or reset) within `within`.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = vec![0u8; 64 * 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_replies_hold_at_most_the_budget_and_are_closed() {
+    let budget = 64 * MIB;
+    let h = Harness::start(ServerConfig {
+        in_flight_budget: budget,
+        max_connection_bytes: 32 * MIB,
+        send_timeout: Duration::from_secs(2),
+        ..ServerConfig::default()
+    })
+    .await;
+    h.add_mem("a", 32 * MIB, Access::Anyone);
+    // 6 clients each pipeline 8 READs of 32 MiB (1.5 GiB of replies) and never read a byte.
+    let mut abusers = Vec::new();
+    for _ in 0..6 {
+        let mut c = h.go("a").await;
+        for _ in 0..8 {
+            c.send(CMD_READ, 0, 0, 32 * MIB as u32, &[]).await.unwrap();
+        }
+        abusers.push(c);
+    }
+    let mut peak = 0;
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        peak = peak.max(h.probe.in_use());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(peak <= budget, "budget in use {peak} exceeds {budget}");
+    assert!(
+        peak >= 32 * MIB,
+        "the abusers did take budget (peak {peak}), so the bound was exercised"
+    );
+    // A polite client gets through once the send timeout has closed the abusers.
+    let start = Instant::now();
+    let mut polite = h.go("a").await;
+    tokio::time::timeout(Duration::from_secs(15), async {
+        polite.write(4096, &[9u8; 4096], 0).await.unwrap();
+        assert_eq!(polite.read(4096, 4096).await.unwrap(), vec![9u8; 4096]);
+    })
+    .await
+    .expect("a real client is served after the stuck sessions time out");
+    assert!(start.elapsed() < Duration::from_secs(15));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.probe.in_use() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "budget released after the abusers were closed: {} in use",
+            h.probe.in_use()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(abusers);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_are_closed_and_a_real_client_gets_in() {
+    let h = Harness::start(ServerConfig {
+        max_connections: 20,
+        idle_timeout: Some(Duration::from_millis(700)),
+        ..ServerConfig::default()
+    })
+    .await;
+    h.add_mem("a", MIB, Access::Anyone);
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(h.go("a").await);
+    }
+    // The table is full: one more connection is closed at once, without a greeting.
+    let mut extra = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    assert!(closed_within(&mut extra, Duration::from_secs(5)).await);
+    // A session with a request in flight is not idle; one that keeps sending requests stays open.
+    let mut busy = idle.pop().unwrap();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        busy.write(0, b"busy", 0).await.unwrap();
+    }
+    for c in &mut idle {
+        assert!(
+            c.read(0, 1).await.is_err(),
+            "idle session was closed after the idle timeout"
+        );
+    }
+    let mut real = Handshake::connect(h.addr)
+        .await
+        .unwrap()
+        .go("a")
+        .await
+        .expect("a real client connects once idle sessions are gone");
+    real.write(8, b"real", 0).await.unwrap();
+    assert_eq!(real.read(0, 12).await.unwrap(), b"busy\0\0\0\0real");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn per_client_address_limit_refuses_only_that_address() {
+    let h = Harness::start(ServerConfig {
+        max_connections_per_client: 2,
+        ..ServerConfig::default()
+    })
+    .await;
+    h.add_mem("a", MIB, Access::Anyone);
+    let mut a = h.go("a").await;
+    let _b = h.go("a").await;
+    let mut third = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut greet = [0u8; 18];
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut greet))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(
+        n, 0,
+        "a third connection from 127.0.0.1 is closed unanswered"
+    );
+    // Another address (127.0.0.2 is loopback too) is not affected.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = sock.connect(h.addr).await.unwrap();
+    other.read_exact(&mut greet).await.unwrap();
+    assert_eq!(&greet[..8], &NBDMAGIC.to_be_bytes());
+    a.write(0, b"still served", 0).await.unwrap();
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn tls_required_answers_nothing_but_starttls_before_the_handshake() {
+    let pki = common::Pki::new();
+    let settings = Arc::new(TlsSettings::from_dir(&pki.server_dir(), true).unwrap());
+    let h = Harness::start(ServerConfig {
+        tls: Tls::Require(settings),
+        ..ServerConfig::default()
+    })
+    .await;
+    h.add_mem("open", MIB, Access::Anyone);
+    h.add_mem("secret", MIB, Access::Clients(vec!["writer-1".into()]));
+    let mut c = Handshake::connect(h.addr).await.unwrap();
+    for (opt, data) in [
+        (OPT_LIST, Vec::new()),
+        (OPT_STRUCTURED_REPLY, Vec::new()),
+        (OPT_INFO, info_request("open")),
+        (OPT_GO, info_request("secret")),
+        (OPT_LIST_META_CONTEXT, Vec::new()),
+        (77, Vec::new()),
+    ] {
+        c.send_option(opt, &data).await.unwrap();
+        let r = c.read_option_reply().await.unwrap();
+        assert_eq!(r.option, opt);
+        assert_eq!(r.reply, REP_ERR_TLS_REQD, "option {opt} before STARTTLS");
+        assert!(
+            !String::from_utf8_lossy(&r.data).contains("secret"),
+            "nothing about exports is disclosed"
+        );
+    }
+    // EXPORT_NAME cannot carry an error: the server closes the connection.
+    c.send_option(OPT_EXPORT_NAME, b"open").await.unwrap();
+    assert!(c.read_option_reply().await.is_err());
+    // A server without TLS refuses STARTTLS and goes on.
+    let plain = Harness::start(ServerConfig::default()).await;
+    plain.add_mem("open", MIB, Access::Anyone);
+    plain.add_mem("secret", MIB, Access::Clients(vec!["writer-1".into()]));
+    let mut c = Handshake::connect(plain.addr).await.unwrap();
+    c.send_option(OPT_STARTTLS, &[]).await.unwrap();
+    assert_eq!(c.read_option_reply().await.unwrap().reply, REP_ERR_POLICY);
+    // Without a verified identity, a restricted export is neither listed nor opened.
+    assert_eq!(c.list().await.unwrap(), vec!["open".to_string()]);
+    let e = c.go("secret").await.unwrap_err();
+    assert_eq!(e.remote_code(), Some(REP_ERR_UNKNOWN));
+    plain.shutdown().await;
+    h.shutdown().await;
+}
+
+fn info_request(name: &str) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    d
+}
+
+// ---- the nbd-serve binary: memory and threads of the process ----
+
+/// A running `nbd-serve`, killed (by its own pid) when dropped.
+struct Served {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Served {
+    fn start(args: &[&str]) -> Served {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-serve"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start nbd-serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        Served { child, addr }
+    }
+
+    /// A field of /proc/PID/status, in its unit (kB for memory).
+    fn status(&self, field: &str) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{field} missing from /proc status"))
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn shm_file(size: u64) -> tempfile::NamedTempFile {
+    let f = tempfile::Builder::new()
+        .prefix("nbd-bounds-")
+        .tempfile_in("/dev/shm")
+        .unwrap();
+    f.as_file().set_len(size).unwrap();
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_serve_memory_stays_under_budget_with_12_clients_pipelining_32m_reads() {
+    let disk = shm_file(32 * MIB as u64);
+    let srv = Served::start(&[
+        "--budget-mib",
+        "64",
+        "--connection-mib",
+        "32",
+        &format!("disk={}", disk.path().display()),
+    ]);
+    let base_kb = srv.status("VmRSS");
+    let mut abusers = Vec::new();
+    for _ in 0..12 {
+        let mut c = Handshake::connect(srv.addr)
+            .await
+            .unwrap()
+            .go("disk")
+            .await
+            .unwrap();
+        for _ in 0..8 {
+            c.send(CMD_READ, 0, 0, 32 * MIB as u32, &[]).await.unwrap();
+        }
+        abusers.push(c);
+    }
+    let mut peak_kb = 0;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        peak_kb = peak_kb.max(srv.status("VmRSS"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hwm_kb = srv.status("VmHWM").max(peak_kb);
+    let growth_mib = hwm_kb.saturating_sub(base_kb) / 1024;
+    println!("nbd-serve RSS {base_kb} kB at start, peak {hwm_kb} kB: growth {growth_mib} MiB");
+    // 3 GiB of replies were asked for; the budget is 64 MiB, plus buffers and runtime.
+    assert!(
+        growth_mib <= 64 + 32,
+        "nbd-serve grew by {growth_mib} MiB with a 64 MiB budget"
+    );
+    assert!(
+        growth_mib >= 16,
+        "the reads were served into memory (growth {growth_mib} MiB), so the bound was exercised"
+    );
+    drop(abusers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_serve_idle_sessions_cost_no_threads() {
+    let disk = shm_file(MIB as u64);
+    let srv = Served::start(&[
+        "--max-connections-per-client",
+        "1000",
+        &format!("disk={}", disk.path().display()),
+    ]);
+    let mut sessions = Vec::new();
+    for _ in 0..300 {
+        sessions.push(
+            Handshake::connect(srv.addr)
+                .await
+                .unwrap()
+                .go("disk")
+                .await
+                .unwrap(),
+        );
+    }
+    let mut c = sessions.pop().unwrap();
+    c.write(0, b"alive", 0).await.unwrap();
+    let threads = srv.status("Threads");
+    println!("nbd-serve threads with 300 negotiated sessions: {threads}");
+    assert!(
+        threads <= 24,
+        "300 idle sessions made {threads} threads; sessions must not own threads"
+    );
+}

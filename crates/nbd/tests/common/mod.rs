@@ -1,0 +1,106 @@
+//! Test certificates in nbdkit's and libnbd's directory layouts, made fresh for each test with rcgen.
+#![allow(dead_code)] // each test binary uses a part of it
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+
+struct Ca {
+    cert: Certificate,
+    key: KeyPair,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = KeyPair::generate().unwrap();
+    let cert = p.self_signed(&key).unwrap();
+    Ca { cert, key }
+}
+
+fn leaf(ca: &Ca, cn: &str, sans: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
+    let mut p =
+        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![usage];
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+/// A CA, the server's directory (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`) and client
+/// directories (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`) as libnbd and qemu read them.
+pub struct Pki {
+    root: tempfile::TempDir,
+    ca: Ca,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let root = tempfile::tempdir().unwrap();
+        let ca = ca("nbd test CA");
+        let server = root.path().join("server");
+        std::fs::create_dir(&server).unwrap();
+        write(&server, "ca-cert.pem", &ca.cert.pem());
+        let (cert, key) = leaf(
+            &ca,
+            "localhost",
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        write(&server, "server-cert.pem", &cert);
+        write(&server, "server-key.pem", &key);
+        Pki { root, ca }
+    }
+
+    /// The server's certificate directory.
+    pub fn server_dir(&self) -> PathBuf {
+        self.root.path().join("server")
+    }
+
+    /// A client directory with a certificate for `cn` signed by this CA.
+    pub fn client(&self, cn: &str) -> PathBuf {
+        let (cert, key) = leaf(&self.ca, cn, &[], ExtendedKeyUsagePurpose::ClientAuth);
+        self.client_dir(cn, Some((cert, key)))
+    }
+
+    /// A client directory that trusts this CA but has no certificate of its own.
+    pub fn anonymous_client(&self) -> PathBuf {
+        self.client_dir("anonymous", None)
+    }
+
+    /// A client directory whose certificate for `cn` comes from another CA.
+    pub fn rogue_client(&self, cn: &str) -> PathBuf {
+        let rogue = ca("rogue CA");
+        let (cert, key) = leaf(&rogue, cn, &[], ExtendedKeyUsagePurpose::ClientAuth);
+        self.client_dir(&format!("rogue-{cn}"), Some((cert, key)))
+    }
+
+    fn client_dir(&self, label: &str, pair: Option<(String, String)>) -> PathBuf {
+        let dir = self.root.path().join(format!("client-{label}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        write(&dir, "ca-cert.pem", &self.ca.cert.pem());
+        if let Some((cert, key)) = pair {
+            write(&dir, "client-cert.pem", &cert);
+            write(&dir, "client-key.pem", &key);
+        }
+        dir
+    }
+}
