@@ -71,6 +71,13 @@ pub struct Config {
     pub device_timeout_secs: u64,
     /// Deadline for in-flight NBD requests when an export is removed.
     pub drain_timeout_secs: u64,
+    /// Open REST API connections at most (further clients wait to be accepted).
+    pub api_max_connections: usize,
+    /// A REST request's headers must arrive within this time of the connection being ready for one
+    /// (bounds slow clients and idle keep-alive connections).
+    pub api_header_timeout_secs: u64,
+    /// A REST request not answered in this time gets 503 (keep it above the longest `?wait=`, 300 s).
+    pub api_request_timeout_secs: u64,
     /// Operations executing at once (per-volume and per-VM serialization apply within that).
     pub max_concurrent_operations: usize,
     /// Accept a regular file where a block device is required (simulator without root only).
@@ -128,6 +135,9 @@ impl Default for Config {
             job_timeout_secs: 300,
             device_timeout_secs: 60,
             drain_timeout_secs: 30,
+            api_max_connections: 256,
+            api_header_timeout_secs: 20,
+            api_request_timeout_secs: 330,
             max_concurrent_operations: 16,
             allow_regular_files: false,
             log_format: "text".into(),
@@ -202,6 +212,15 @@ impl Config {
             "job_timeout_secs" => self.job_timeout_secs = parse(var, &value, "seconds")?,
             "device_timeout_secs" => self.device_timeout_secs = parse(var, &value, "seconds")?,
             "drain_timeout_secs" => self.drain_timeout_secs = parse(var, &value, "seconds")?,
+            "api_max_connections" => {
+                self.api_max_connections = parse(var, &value, "a positive number")?
+            }
+            "api_header_timeout_secs" => {
+                self.api_header_timeout_secs = parse(var, &value, "seconds")?
+            }
+            "api_request_timeout_secs" => {
+                self.api_request_timeout_secs = parse(var, &value, "seconds")?
+            }
             "max_concurrent_operations" => {
                 self.max_concurrent_operations = parse(var, &value, "a positive number")?
             }
@@ -239,6 +258,15 @@ impl Config {
                 "listen address {} is not loopback: set api_token (VOLUME_DAEMON_API_TOKEN) or listen on 127.0.0.1",
                 self.listen
             )));
+        }
+        if self.api_max_connections == 0
+            || self.api_header_timeout_secs == 0
+            || self.api_request_timeout_secs == 0
+        {
+            return Err(ConfigError::Invalid(
+                "api_max_connections, api_header_timeout_secs and api_request_timeout_secs must be at least 1"
+                    .into(),
+            ));
         }
         if self.max_concurrent_operations == 0 {
             return Err(ConfigError::Invalid(
@@ -292,6 +320,15 @@ impl Config {
     pub fn device_timeout(&self) -> Duration {
         Duration::from_secs(self.device_timeout_secs)
     }
+    /// The REST listener's limits.
+    pub fn api_limits(&self) -> crate::api::ListenerLimits {
+        crate::api::ListenerLimits {
+            max_connections: self.api_max_connections,
+            header_timeout: Duration::from_secs(self.api_header_timeout_secs),
+            request_timeout: Duration::from_secs(self.api_request_timeout_secs),
+        }
+    }
+
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
     }

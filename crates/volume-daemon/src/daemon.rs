@@ -255,16 +255,12 @@ impl RunningDaemon {
             api_token: cfg.api_token.clone(),
         });
         let (stop_api, api_stop_rx) = oneshot::channel::<()>();
+        let limits = cfg.api_limits();
         let api_task = tokio::spawn(async move {
             let stop = async move {
                 let _ = api_stop_rx.await;
             };
-            if let Err(e) = axum::serve(api_listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!(error = %e, "REST API server stopped");
-            }
+            api::serve(api_listener, app, limits, stop).await;
         });
         println!("api listening on {api_addr}");
         crate::sdnotify::ready(&format!("serving API on {api_addr}, NBD on {nbd_addr}"));

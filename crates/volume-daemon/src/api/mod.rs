@@ -5,6 +5,7 @@ mod convert;
 mod error;
 mod extract;
 mod health;
+mod listener;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,7 @@ use volume_api::{
 
 pub use error::ApiError;
 pub use health::HealthState;
+pub use listener::{serve, ListenerLimits};
 
 use crate::config::Secret;
 use crate::engine::{Engine, Request};

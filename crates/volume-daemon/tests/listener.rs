@@ -1,0 +1,90 @@
+//! The REST listener under slow, idle and many clients: header deadline, connection cap, request time
+//! limit, and a real client still served.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::json;
+use support::{TestDaemon, GIB};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Waits until the server closes `s` (EOF or reset); returns how long that took, `None` after `limit`.
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => {} // a 408 or similar before closing is fine
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed_and_real_clients_get_in() {
+    let d = TestDaemon::start_with(|c| {
+        c.api_header_timeout_secs = 1;
+        c.api_max_connections = 8;
+    })
+    .await;
+    let addr = d.base.trim_start_matches("http://").split('/').next().unwrap().to_owned();
+
+    // Slowloris: 24 connections that never finish their headers, three times the cap.
+    let mut slow = Vec::new();
+    for _ in 0..24 {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        slow.push(s);
+    }
+    // An idle keep-alive connection after one full request.
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+
+    // Every one of them is closed by the server: 8 at a time, each after about a second.
+    for s in &mut slow {
+        let took = closed_within(s, Duration::from_secs(10)).await;
+        assert!(took.is_some(), "a slow connection was still open after 10 s");
+    }
+    idle.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut got = vec![0u8; 4096];
+    let n = idle.read(&mut got).await.unwrap();
+    assert!(String::from_utf8_lossy(&got[..n]).starts_with("HTTP/1.1 "));
+    let took = closed_within(&mut idle, Duration::from_secs(5)).await;
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(3)),
+        "idle keep-alive connection: {took:?}"
+    );
+
+    // A real client is served.
+    let (status, _) = d.get("/health").await;
+    assert!(status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_its_time_limit_gets_503() {
+    let d = TestDaemon::start_with(|c| {
+        c.api_request_timeout_secs = 1;
+        c.sim.job_delay_ms = 3_000;
+    })
+    .await;
+    let (status, op) = d
+        .post(
+            "/volumes",
+            json!({"name": "slow", "size": GIB, "zone_id": d.zone(), "disk_offering_id": d.custom_offering()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{op}");
+    let started = Instant::now();
+    let (status, _) = d
+        .get(&format!("/operations/{}?wait=30", op["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    d.wait_op(&op).await;
+    d.stop().await;
+}
