@@ -508,9 +508,13 @@ impl Engine {
             )),
             "listNetworks" => self.list_networks(command, p),
             "listPublicIpAddresses" => self.list_public_ips(command, p),
-            "listPortForwardingRules" | "listIpForwardingRules" => self
+            // No forwarding rules exist: the zone's one public address is the source NAT.
+            "listPortForwardingRules" => self
                 .paged(command, p, Vec::<Value>::new(), |v| v)
                 .map(|(items, n)| list_body("portforwardingrule", items, n)),
+            "listIpForwardingRules" => self
+                .paged(command, p, Vec::<Value>::new(), |v| v)
+                .map(|(items, n)| list_body("ipforwardingrule", items, n)),
             "listVirtualMachines" => self.list_vms(command, p),
             "listVolumes" => self.list_volumes(command, p),
             "listSnapshots" => self.list_snapshots(command, p),
@@ -1396,5 +1400,48 @@ impl Engine {
                 Ok(json!({ "success": true }))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> Params {
+        Params(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn map_and_list_parameters() {
+        let p = params(&[
+            ("tags[1].key", "b"),
+            ("Tags[0].Key", "a"),
+            ("tags[0].value", "1"),
+            ("tags[x].key", "ignored"),
+            ("resourceids", "u1, u2,,u3"),
+        ]);
+        assert_eq!(
+            p.map("tags"),
+            vec![
+                ("a".to_owned(), Some("1".to_owned())),
+                ("b".to_owned(), None)
+            ]
+        );
+        assert_eq!(p.list("resourceids"), vec!["u1", "u2", "u3"]);
+        assert!(p.map("details").is_empty());
+    }
+
+    #[test]
+    fn commands_are_case_sensitive() {
+        assert!(Engine::knows("listVolumes"));
+        assert!(!Engine::knows("listvolumes"));
+        assert!(!Engine::knows("LISTVOLUMES"));
+        assert!(eq_ci("Data-Disk", "data-disk"));
+        assert!(contains_ci("Data-Disk-3", "DISK-3"));
     }
 }

@@ -219,16 +219,33 @@ fn action_response(r: Result<Value, ActionError>) -> Response {
     }
 }
 
+/// Runs an action on a blocking thread (it takes the state lock and syncs the log).
+async fn act(
+    app: AppState,
+    f: impl FnOnce(&crate::faults::FaultHandle) -> Result<Value, ActionError> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(move || f(&app.engine.faults)).await {
+        Ok(r) => action_response(r),
+        Err(e) => {
+            tracing::error!(error = %e, "action panicked");
+            json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({ "error": "internal error running the action" }),
+            )
+        }
+    }
+}
+
 async fn stop_vm(State(app): State<AppState>, Path(id): Path<String>) -> Response {
-    action_response(app.engine.faults.set_vm_state_json(&id, VmState::Stopped))
+    act(app, move |f| f.set_vm_state_json(&id, VmState::Stopped)).await
 }
 
 async fn start_vm(State(app): State<AppState>, Path(id): Path<String>) -> Response {
-    action_response(app.engine.faults.set_vm_state_json(&id, VmState::Running))
+    act(app, move |f| f.set_vm_state_json(&id, VmState::Running)).await
 }
 
 async fn force_detach(State(app): State<AppState>, Path(id): Path<String>) -> Response {
-    action_response(app.engine.faults.detach_volume_json(&id))
+    act(app, move |f| f.detach_volume_json(&id)).await
 }
 
 async fn list_faults(State(app): State<AppState>) -> Response {

@@ -115,14 +115,20 @@ impl Store {
         };
         let (mut st, snapshot_bytes, existed) = match fs::read(&snapshot_path) {
             Ok(bytes) => {
-                let st: State = serde_json::from_slice(&bytes).map_err(corrupt(&snapshot_path))?;
-                if st.version != STATE_VERSION {
+                #[derive(Deserialize)]
+                struct Layout {
+                    version: u32,
+                }
+                let layout: Layout =
+                    serde_json::from_slice(&bytes).map_err(corrupt(&snapshot_path))?;
+                if layout.version != STATE_VERSION {
                     return Err(SimError::StateVersion {
                         path: snapshot_path,
-                        found: st.version,
+                        found: layout.version,
                         expected: STATE_VERSION,
                     });
                 }
+                let st: State = serde_json::from_slice(&bytes).map_err(corrupt(&snapshot_path))?;
                 (st, bytes.len() as u64, true)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (fresh(), 0, false),
@@ -292,6 +298,22 @@ mod tests {
         assert_eq!(back.volume(&b).map(|v| v.name.as_str()), Some("b"));
         assert_eq!(back.next_seq, st.next_seq);
         assert_eq!(store.sizes().1, log_len, "torn line truncated");
+    }
+
+    #[test]
+    fn an_older_layout_is_refused_with_its_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(
+            dir.path().join("state.json"),
+            br#"{"version":1,"volumes":[]}"#,
+        )
+        .expect("write");
+        let err = Store::open(dir.path(), || panic!("state exists")).expect_err("refused");
+        assert!(
+            matches!(err, SimError::StateVersion { found: 1, .. }),
+            "{err}"
+        );
+        assert_eq!(err.kind(), crate::SimErrorKind::State);
     }
 
     #[test]
