@@ -130,10 +130,6 @@ impl CloudStack {
     pub fn new(client: cloudstack::Client) -> Self {
         Self { client }
     }
-
-    pub fn client(&self) -> &cloudstack::Client {
-        &self.client
-    }
 }
 
 fn kind_of(e: &cloudstack::Error) -> CloudErrorKind {

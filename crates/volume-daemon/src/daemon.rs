@@ -305,18 +305,7 @@ impl RunningDaemon {
             let _ = tx.send(());
         }
         let _ = self.api_task.await;
-        let drain = self.engine.config().drain_timeout;
-        for snap in self.engine.exports().list() {
-            if let Err(e) = self
-                .engine
-                .exports()
-                .registry()
-                .remove(&snap.name, drain)
-                .await
-            {
-                tracing::warn!(export = %snap.name, error = %crate::error_chain(&e), "export did not close cleanly");
-            }
-        }
+        self.engine.close_all_exports().await;
         if let Some(tx) = self.stop_nbd.take() {
             let _ = tx.send(());
         }

@@ -21,6 +21,13 @@ pub struct Device {
     pub size: u64,
 }
 
+impl Device {
+    /// What the stable name points at and callers see as the device path: the by-id link when there is one.
+    pub fn link_target(&self) -> &Path {
+        self.by_id_path.as_deref().unwrap_or(&self.dev_path)
+    }
+}
+
 impl From<ResolvedDevice> for Device {
     fn from(d: ResolvedDevice) -> Self {
         Self {
@@ -42,6 +49,13 @@ pub enum DeviceError {
         #[source]
         source: blockdev::Error,
     },
+    #[error("device of volume {volume_id}: {what}: the blocking task did not finish; restart the daemon")]
+    Task {
+        volume_id: Uuid,
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("the stable-name bookkeeping is poisoned by an earlier panic; restart the daemon")]
     Poisoned,
 }
@@ -58,9 +72,29 @@ impl DeviceError {
                 ErrorKind::Permission => "device_permission",
                 ErrorKind::Io | ErrorKind::Invalid => "device_error",
             },
-            Self::Poisoned => "internal",
+            Self::Task { .. } | Self::Poisoned => "internal",
         }
     }
+}
+
+/// Runs a blocking `blockdev` call (sysfs and /dev reads) off the async worker threads.
+async fn blocking<T: Send + 'static>(
+    volume_id: Uuid,
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, blockdev::Error> + Send + 'static,
+) -> Result<T, DeviceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|join| DeviceError::Task {
+            volume_id,
+            what,
+            source: join,
+        })?
+        .map_err(|source| DeviceError::Blockdev {
+            volume_id,
+            what,
+            source,
+        })
 }
 
 /// The engine's device access.
@@ -113,40 +147,23 @@ impl Devices {
             })
     }
 
-    /// Finds and verifies the device now (no waiting).
-    pub fn resolve(&self, volume_id: Uuid, size: u64) -> Result<Device, DeviceError> {
-        self.resolver
-            .resolve(&volume_id, size)
-            .map(Into::into)
-            .map_err(|source| DeviceError::Blockdev {
-                volume_id,
-                what: "verifying it",
-                source,
-            })
-    }
-
-    /// The device the volume's identity points at, if any, without a size check.
-    pub fn lookup(&self, volume_id: Uuid) -> Result<Option<Device>, DeviceError> {
-        self.resolver
-            .lookup(&volume_id)
-            .map(|d| d.map(Into::into))
-            .map_err(|source| DeviceError::Blockdev {
-                volume_id,
-                what: "looking it up",
-                source,
-            })
+    /// Finds and verifies the device now (no waiting). The sysfs scan runs on a blocking thread.
+    pub async fn resolve(&self, volume_id: Uuid, size: u64) -> Result<Device, DeviceError> {
+        let resolver = Arc::clone(&self.resolver);
+        blocking(volume_id, "verifying it", move || {
+            resolver.resolve(&volume_id, size)
+        })
+        .await
+        .map(Into::into)
     }
 
     /// Waits until the volume's device is gone; returns at once when there is none.
     pub async fn wait_gone(&self, volume_id: Uuid, deadline: Duration) -> Result<(), DeviceError> {
-        let current = self
-            .resolver
-            .lookup(&volume_id)
-            .map_err(|source| DeviceError::Blockdev {
-                volume_id,
-                what: "looking it up",
-                source,
-            })?;
+        let resolver = Arc::clone(&self.resolver);
+        let current = blocking(volume_id, "looking it up", move || {
+            resolver.lookup(&volume_id)
+        })
+        .await?;
         let Some(dev) = current else { return Ok(()) };
         self.resolver
             .wait_gone(&volume_id, &dev, deadline)

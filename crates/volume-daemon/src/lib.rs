@@ -1,17 +1,20 @@
 //! The volume daemon: configuration, store, operation engine, appliance identity, exports, REST API.
+//!
+//! Public only where the binary and the integration tests need it (configuration, start-up, the store and its
+//! shared test suite); everything else is crate-private so that unused items are reported.
 
-pub mod api;
-pub mod cloud;
+mod api;
+mod cloud;
 pub mod config;
 pub mod daemon;
-pub mod devices;
-pub mod engine;
-pub mod exports;
-pub mod identity;
-pub mod locks;
-pub mod metrics;
-pub mod reconcile;
-pub mod sdnotify;
+mod devices;
+mod engine;
+mod exports;
+mod identity;
+mod locks;
+mod metrics;
+mod reconcile;
+mod sdnotify;
 pub mod sim;
 pub mod statedir;
 pub mod store;

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use uuid::Uuid;
 use volume_api::{Drift, ReconcileReport};
 
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, Repair};
 use crate::store::{AttachTarget, AttachmentFilter};
 
 fn drift(volume_id: Option<Uuid>, kind: &str, detail: String, action: &str) -> Drift {
@@ -70,17 +70,7 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
                     "remove the attachment (and its export) from the daemon",
                 );
                 if apply {
-                    engine
-                        .in_turn(v.id, async {
-                            engine
-                                .exports()
-                                .close(v.id, engine.config().drain_timeout)
-                                .await?;
-                            engine.devices().unname(v.id)?;
-                            store.clear_attachment(v.id).await?;
-                            Ok::<(), EngineError>(())
-                        })
-                        .await?;
+                    engine.repair(v.id, Repair::ForgetAttachment).await?;
                     d.applied = true;
                 }
                 out.push(d);
@@ -100,7 +90,7 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
                 "none automatic; detach it and attach it again",
             )),
             (Some(a), Some(_)) if a.target == AttachTarget::Appliance => {
-                match engine.devices().resolve(v.id, v.size_bytes) {
+                match engine.devices().resolve(v.id, v.size_bytes).await {
                     Ok(_) => {}
                     Err(e) => {
                         out.push(drift(
@@ -126,7 +116,7 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
                         "re-verify the device and serve the export again",
                     );
                     if apply {
-                        engine.in_turn(v.id, engine.reexport(a)).await?;
+                        engine.repair(v.id, Repair::Reexport).await?;
                         d.applied = true;
                     }
                     out.push(d);
@@ -146,11 +136,9 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
         .map(|a| a.volume_id)
         .collect();
     for snap in engine.exports().list() {
-        let id = snap
-            .name
-            .strip_prefix(volume_api::EXPORT_NAME_PREFIX)
-            .and_then(|s| Uuid::parse_str(s).ok());
-        let Some(id) = id else { continue };
+        let Some(id) = volume_api::volume_of_export(&snap.name) else {
+            continue;
+        };
         if attached.contains(&id) || busy.contains(&id) {
             continue;
         }
@@ -164,16 +152,7 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
             "remove the export",
         );
         if apply {
-            engine
-                .in_turn(id, async {
-                    engine
-                        .exports()
-                        .close(id, engine.config().drain_timeout)
-                        .await?;
-                    store.delete_export(id).await?;
-                    Ok::<(), EngineError>(())
-                })
-                .await?;
+            engine.repair(id, Repair::RemoveOrphanExport).await?;
             d.applied = true;
         }
         out.push(d);

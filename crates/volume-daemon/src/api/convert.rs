@@ -107,11 +107,11 @@ fn attachment_info(a: &AttachmentRecord) -> AttachmentInfo {
 }
 
 /// The local device's state of an appliance attachment: `present`, `missing` or the verification problem.
-fn linux_state(engine: &Engine, a: &AttachmentRecord, size: u64) -> Option<String> {
+async fn linux_state(engine: &Engine, a: &AttachmentRecord, size: u64) -> Option<String> {
     if a.target != AttachTarget::Appliance {
         return None;
     }
-    Some(match engine.devices().resolve(a.volume_id, size) {
+    Some(match engine.devices().resolve(a.volume_id, size).await {
         Ok(_) => "present".into(),
         Err(e) if e.code() == "device_not_found" => "missing".into(),
         Err(e) => crate::error_chain(&e),
@@ -207,9 +207,10 @@ pub async fn volume_status(
         zone_id: v.zone_id.clone(),
         metadata: v.metadata.clone(),
         state: state.into(),
-        linux_state: att
-            .as_ref()
-            .and_then(|a| linux_state(engine, a, v.size_bytes)),
+        linux_state: match &att {
+            Some(a) => linux_state(engine, a, v.size_bytes).await,
+            None => None,
+        },
         attachment: att.as_ref().map(attachment_info),
         export: export_rec.as_ref().map(|r| export(engine, r)),
         cloudstack_data,
@@ -238,7 +239,9 @@ pub async fn device_mapping(
         .as_ref()
         .and_then(|v| v.cloud_state.clone())
         .unwrap_or_else(|| "Ready".into());
-    let linux_state = linux_state(engine, &a, size).unwrap_or_else(|| "remote".into());
+    let linux_state = linux_state(engine, &a, size)
+        .await
+        .unwrap_or_else(|| "remote".into());
     Ok(DeviceMapping {
         volume_id: a.volume_id,
         volume_uuid: a.volume_id,

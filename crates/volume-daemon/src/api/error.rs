@@ -81,7 +81,7 @@ impl ApiError {
                     EngineError::NotFound(_) => (StatusCode::NOT_FOUND, code, None),
                     EngineError::Conflict(_) => (StatusCode::CONFLICT, code, None),
                     EngineError::Identity(_) => (StatusCode::SERVICE_UNAVAILABLE, code, None),
-                    EngineError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, code, None),
+                    EngineError::NotAccepting => (StatusCode::SERVICE_UNAVAILABLE, code, None),
                     EngineError::Store(s) => (store_status(s), code, None),
                     EngineError::Cloud(_) => (StatusCode::BAD_GATEWAY, code, None),
                     EngineError::Device(_) => (StatusCode::INTERNAL_SERVER_ERROR, code, None),
@@ -89,7 +89,11 @@ impl ApiError {
                     EngineError::Compensated { .. } => {
                         (StatusCode::INTERNAL_SERVER_ERROR, code, None)
                     }
-                    EngineError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, code, None),
+                    EngineError::CloudDisagrees(_)
+                    | EngineError::Interrupted(_)
+                    | EngineError::Journal { .. } => {
+                        (StatusCode::INTERNAL_SERVER_ERROR, code, None)
+                    }
                 }
             }
         }

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 use volume_api::{
     AttachVolumeRequest, CreateExportRequest, CreateVolumeRequest, ExportList, ReconcileRequest,
-    SetApplianceRequest, IDEMPOTENCY_KEY_HEADER,
+    SetApplianceRequest, VolumeOperationRequest, IDEMPOTENCY_KEY_HEADER,
 };
 
 pub use error::ApiError;
@@ -178,16 +178,7 @@ async fn attach_common(
             ));
         }
     }
-    submit(
-        &st,
-        Request::Attach {
-            volume_id,
-            vm_id: body.vm_id,
-            root,
-        },
-        &headers,
-    )
-    .await
+    submit(&st, Request::attach(volume_id, body.vm_id, root), &headers).await
 }
 
 async fn attach_volume(
@@ -214,7 +205,12 @@ async fn detach_volume(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
-    submit(&st, Request::Detach { volume_id }, &headers).await
+    submit(
+        &st,
+        Request::Detach(VolumeOperationRequest { volume_id }),
+        &headers,
+    )
+    .await
 }
 
 async fn delete_volume(
@@ -223,7 +219,12 @@ async fn delete_volume(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
-    submit(&st, Request::Delete { volume_id }, &headers).await
+    submit(
+        &st,
+        Request::Delete(VolumeOperationRequest { volume_id }),
+        &headers,
+    )
+    .await
 }
 
 async fn list_volumes(State(st): State<AppState>) -> Result<Response, ApiError> {

@@ -172,16 +172,6 @@ impl Store {
         })
     }
 
-    /// The newest schema version this binary knows.
-    pub fn schema_version(&self) -> i64 {
-        self.dialect
-            .migrator()
-            .iter()
-            .map(|m| m.version)
-            .max()
-            .unwrap_or(0)
-    }
-
     /// Closes every connection; later calls fail with `Unavailable`.
     pub async fn close(&self) {
         self.pool.close().await;

@@ -6,7 +6,7 @@ use uuid::Uuid;
 use volume_api::{OperationStatus, OperationType};
 
 /// The step a freshly journaled operation starts in.
-pub const INITIAL_STEP: &str = "accepted";
+pub const INITIAL_STEP: &str = volume_api::OperationStep::Accepted.as_str();
 
 /// The kind of a journaled operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -228,30 +228,8 @@ impl AttachTarget {
     }
 }
 
-/// The role of an attached disk in its VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DiskRole {
-    Data,
-    /// Attached as device id 0.
-    Root,
-}
-
-impl DiskRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Data => "data",
-            Self::Root => "root",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "data" => Some(Self::Data),
-            "root" => Some(Self::Root),
-            _ => None,
-        }
-    }
-}
+/// The role of an attached disk in its VM (stored with the wire spelling).
+pub use volume_api::DiskRole;
 
 /// The attachment of one volume (at most one per volume).
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,273 @@
+//! The `attach` workflow (guarantee 4): cloud attach (job id journaled) → for the appliance: device by identity
+//! → verify → stable name → export (new generation) → commit; for any other VM: commit. A failure after the
+//! cloud attach on the appliance is compensated (export and name removed, the volume detached again), and an
+//! entry interrupted while compensating finishes compensating.
+
+use chrono::Utc;
+use uuid::Uuid;
+use volume_api::{AttachOperationRequest, AttachVolumeResponse, DiskRole};
+
+use super::journal::{json_of, AttachStep, Entry};
+use super::{EngineError, Inner};
+use crate::cloud::CloudVolume;
+use crate::store::{AttachTarget, AttachmentRecord, ExportRecord, VolumeRecord};
+
+type AttachEntry = Entry<AttachOperationRequest, AttachStep>;
+
+impl Inner {
+    pub(super) async fn attach(&self, op: &AttachEntry) -> Result<(), EngineError> {
+        let req = &op.request;
+        let (volume_id, vm_id) = (req.volume_id, req.vm_id.as_str());
+        let appliance = self.identity.require().await?;
+        let local = vm_id == appliance;
+        let _vm = self.vm_locks.lock(vm_id).await;
+        if matches!(
+            op.step,
+            AttachStep::Compensating | AttachStep::CompensateDetachJob
+        ) {
+            // Interrupted while undoing a failed attach: finish undoing it.
+            let outcome = self.compensate_attach(op).await;
+            return Err(EngineError::Compensated {
+                cause: Box::new(EngineError::Interrupted("the attach")),
+                outcome,
+            });
+        }
+        let volume = self.volume_record(volume_id).await?;
+        if let Some(a) = self.store.get_attachment(volume_id).await? {
+            if a.vm_id != vm_id {
+                return Err(EngineError::Conflict(format!(
+                    "volume {volume_id} is attached to VM {}; detach it first",
+                    a.vm_id
+                )));
+            }
+        }
+        let cv = self.cloud_volume(volume_id).await?.ok_or_else(|| {
+            EngineError::NotFound(format!("volume {volume_id} does not exist in CloudStack"))
+        })?;
+        let cv = match cv.vm_id.as_deref() {
+            Some(v) if v == vm_id => cv,
+            Some(other) => {
+                return Err(EngineError::Conflict(format!(
+                    "CloudStack reports volume {volume_id} attached to VM {other}; detach it first"
+                )))
+            }
+            None => {
+                let job_id = self
+                    .start_or_resume_job(op, AttachStep::CloudAttachJob, async {
+                        Ok(self
+                            .cloud
+                            .attach_volume(&volume_id.to_string(), vm_id, req.device_id)
+                            .await?)
+                    })
+                    .await?;
+                let v = self.finish_job(&job_id, volume_id).await?.ok_or_else(|| {
+                    EngineError::NotFound(format!(
+                        "volume {volume_id} disappeared from CloudStack during attach"
+                    ))
+                })?;
+                if v.vm_id.as_deref() != Some(vm_id) {
+                    return Err(EngineError::CloudDisagrees(format!(
+                        "CloudStack finished the attach job {job_id} but reports volume {volume_id} attached to {:?}",
+                        v.vm_id
+                    )));
+                }
+                v
+            }
+        };
+        self.step(op, AttachStep::CloudAttached).await?;
+        if !local {
+            return self.commit_remote_attach(op, &cv).await;
+        }
+        match self.attach_local(op, &volume, &cv).await {
+            Ok(()) => Ok(()),
+            Err(cause) => {
+                self.metrics.compensated();
+                let outcome = self.compensate_attach(op).await;
+                Err(EngineError::Compensated {
+                    cause: Box::new(cause),
+                    outcome,
+                })
+            }
+        }
+    }
+
+    async fn commit_remote_attach(
+        &self,
+        op: &AttachEntry,
+        cv: &CloudVolume,
+    ) -> Result<(), EngineError> {
+        let req = &op.request;
+        let now = Utc::now();
+        let att = AttachmentRecord {
+            volume_id: req.volume_id,
+            vm_id: req.vm_id.clone(),
+            target: AttachTarget::Remote,
+            role: if req.is_root() {
+                DiskRole::Root
+            } else {
+                DiskRole::Data
+            },
+            device_id: cv.device_id,
+            by_id_path: None,
+            kernel_device: None,
+            stable_name: None,
+            export_generation: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let response = AttachVolumeResponse {
+            volume_id: req.volume_id,
+            vm_id: req.vm_id.clone(),
+            device_path: None,
+            device_id: cv.device_id,
+            attach_as: req.attach_as,
+            kernel_device: None,
+            persistent_device_name: None,
+            symlink_path: None,
+            export_name: None,
+            nbd_port: None,
+            export_generation: None,
+            device_appeared_ms: None,
+            message: "volume attached".into(),
+        };
+        self.store
+            .commit_attach(op.id, &att, None, &json_of(&response))
+            .await?;
+        Ok(())
+    }
+
+    /// Device by identity → verify → stable name → export → commit.
+    async fn attach_local(
+        &self,
+        op: &AttachEntry,
+        volume: &VolumeRecord,
+        cv: &CloudVolume,
+    ) -> Result<(), EngineError> {
+        let volume_id = volume.id;
+        let size = if cv.size > 0 {
+            cv.size
+        } else {
+            volume.size_bytes
+        };
+        let (dev, took) = self
+            .devices
+            .wait_for(volume_id, size, self.cfg.device_timeout)
+            .await?;
+        self.metrics.device_appeared(took);
+        tracing::info!(volume = %volume_id, device = %dev.dev_path.display(), took_ms = took.as_millis() as u64, "device found");
+        self.step(op, AttachStep::DeviceFound).await?;
+        let link_target = dev.link_target().to_path_buf();
+        let name = self.devices.name(volume_id, &link_target)?;
+        self.step(op, AttachStep::Named).await?;
+        let snap = self
+            .exports
+            .open(volume_id, &dev.dev_path, self.cfg.drain_timeout)
+            .await?;
+        self.step(op, AttachStep::Exported).await?;
+        let now = Utc::now();
+        let device_path = link_target.display().to_string();
+        let att = AttachmentRecord {
+            volume_id,
+            vm_id: op.request.vm_id.clone(),
+            target: AttachTarget::Appliance,
+            role: DiskRole::Data,
+            device_id: cv.device_id,
+            by_id_path: dev.by_id_path.as_ref().map(|p| p.display().to_string()),
+            kernel_device: Some(dev.dev_path.display().to_string()),
+            stable_name: Some(name.display().to_string()),
+            export_generation: Some(snap.generation),
+            created_at: now,
+            updated_at: now,
+        };
+        let export = ExportRecord {
+            volume_id,
+            export_name: snap.name.clone(),
+            device_path: device_path.clone(),
+            generation: snap.generation,
+            read_only: false,
+            created_at: now,
+            updated_at: now,
+        };
+        let response = AttachVolumeResponse {
+            volume_id,
+            vm_id: op.request.vm_id.clone(),
+            device_path: Some(device_path),
+            device_id: cv.device_id,
+            attach_as: None,
+            kernel_device: Some(dev.dev_path.display().to_string()),
+            persistent_device_name: name.file_name().map(|n| n.to_string_lossy().to_string()),
+            symlink_path: Some(name.display().to_string()),
+            export_name: Some(snap.name),
+            nbd_port: Some(self.exports.port()),
+            export_generation: Some(snap.generation),
+            device_appeared_ms: Some(took.as_millis() as u64),
+            message: "volume attached to the appliance and exported".into(),
+        };
+        self.store
+            .commit_attach(op.id, &att, Some(&export), &json_of(&response))
+            .await?;
+        Ok(())
+    }
+
+    /// Undoes an appliance attach whose later step failed; returns what happened, for the operation's error.
+    async fn compensate_attach(&self, op: &AttachEntry) -> String {
+        let (volume_id, vm_id) = (op.request.volume_id, op.request.vm_id.as_str());
+        let _ = self.step(op, AttachStep::Compensating).await;
+        let mut problems = Vec::new();
+        if let Err(e) = self.teardown_local(volume_id).await {
+            problems.push(format!(
+                "removing the export and stable name failed: {}",
+                crate::error_chain(&e)
+            ));
+        }
+        match self.detach_again(op, volume_id, vm_id).await {
+            Ok(_) => {
+                if let Err(e) = self
+                    .devices
+                    .wait_gone(volume_id, self.cfg.device_timeout)
+                    .await
+                {
+                    problems.push(format!(
+                        "the device did not go away: {}",
+                        crate::error_chain(&e)
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!(
+                "detaching it again failed: {}; run POST /api/v1/reconcile",
+                crate::error_chain(&e)
+            )),
+        }
+        if let Err(e) = self.store.clear_attachment(volume_id).await {
+            problems.push(format!(
+                "clearing the attachment record failed: {}; run POST /api/v1/reconcile",
+                crate::error_chain(&e)
+            ));
+        }
+        if problems.is_empty() {
+            format!("the volume was detached from the appliance {vm_id} again")
+        } else {
+            format!("undoing the attach was incomplete: {}", problems.join("; "))
+        }
+    }
+
+    /// The compensation's cloud detach; `false` when the cloud no longer has it attached to `vm_id`.
+    async fn detach_again(
+        &self,
+        op: &AttachEntry,
+        volume_id: Uuid,
+        vm_id: &str,
+    ) -> Result<bool, EngineError> {
+        let cv = self.cloud_volume(volume_id).await?;
+        if cv.as_ref().and_then(|v| v.vm_id.as_deref()) != Some(vm_id) {
+            return Ok(false);
+        }
+        let job_id = self
+            .start_or_resume_job(op, AttachStep::CompensateDetachJob, async {
+                Ok(self.cloud.detach_volume(&volume_id.to_string()).await?)
+            })
+            .await?;
+        self.finish_job(&job_id, volume_id).await?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,81 @@
+//! Engine failures: a small set of kinds the API maps to HTTP statuses and failed operations record as their
+//! `error_code`, each keeping its cause as `source`.
+
+use uuid::Uuid;
+
+use crate::cloud::CloudError;
+use crate::devices::DeviceError;
+use crate::exports::ExportError;
+use crate::identity::IdentityError;
+use crate::store::{OpError, StoreError};
+
+/// Engine failures: what the API maps to HTTP statuses and what failed operations record.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(
+        "the daemon is not accepting operations: it is starting up or shutting down; retry shortly"
+    )]
+    NotAccepting,
+    #[error("journal or database failure")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cloud(#[from] CloudError),
+    /// The cloud finished a job but reports a state the job should have changed.
+    #[error("{0}; run POST /api/v1/reconcile to see the drift")]
+    CloudDisagrees(String),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    /// A later step failed and what was done before it was undone (as far as `outcome` says).
+    #[error("{}; {outcome}", crate::error_chain(cause.as_ref()))]
+    Compensated {
+        #[source]
+        cause: Box<EngineError>,
+        outcome: String,
+    },
+    /// An operation that failed earlier was interrupted while its effects were being undone.
+    #[error("{0} failed and was interrupted while being undone")]
+    Interrupted(&'static str),
+    /// A journal entry this version cannot read (written by a newer version, or damaged).
+    #[error("journal entry {operation} cannot be resumed: {problem}; run the daemon version that wrote it, or cancel the operation")]
+    Journal { operation: Uuid, problem: String },
+}
+
+impl EngineError {
+    /// Stable failure kind (the API's `code`, an operation's `error_code`).
+    pub fn code(&self) -> String {
+        match self {
+            Self::Invalid { .. } => "invalid_request".into(),
+            Self::NotFound(_) => "not_found".into(),
+            Self::Conflict(_) => "conflict".into(),
+            Self::Identity(_) => "appliance_identity_unknown".into(),
+            Self::NotAccepting => "unavailable".into(),
+            Self::Store(_) => "database_error".into(),
+            Self::Cloud(e) => e.kind.as_str().into(),
+            Self::CloudDisagrees(_) => "internal".into(),
+            Self::Device(e) => e.code().into(),
+            Self::Export(_) => "export_failed".into(),
+            Self::Compensated { cause, .. } => cause.code(),
+            Self::Interrupted(_) | Self::Journal { .. } => "internal".into(),
+        }
+    }
+
+    pub(super) fn to_op_error(&self) -> OpError {
+        OpError {
+            code: self.code(),
+            message: crate::error_chain(self),
+        }
+    }
+}

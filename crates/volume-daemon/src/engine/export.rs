@@ -1,0 +1,157 @@
+//! Export lifecycle of appliance volumes: serving a verified device under a new generation, and the one
+//! teardown (stop new connections, drain in-flight requests, flush, close sessions, then optionally remove
+//! the stable name) that detach, compensation, `DELETE /exports`, the reconciler and shutdown all use.
+
+use uuid::Uuid;
+
+use super::{Engine, EngineError, Inner};
+use crate::exports::Closed;
+use crate::store::{AttachTarget, AttachmentRecord, ExportRecord};
+
+/// What a teardown removes besides the export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Teardown {
+    /// Only the export; the stable name stays (the volume stays attached).
+    Export,
+    /// The export and the stable name (the volume is leaving the appliance).
+    ExportAndName,
+}
+
+impl Inner {
+    /// Stops serving the volume (drained, bounded by the drain timeout) and, with
+    /// [`Teardown::ExportAndName`], removes its stable name. Both are attempted; the first failure is returned.
+    pub(super) async fn teardown(
+        &self,
+        volume_id: Uuid,
+        what: Teardown,
+    ) -> Result<Option<Closed>, EngineError> {
+        let closed = self.exports.close(volume_id, self.cfg.drain_timeout).await;
+        if let Ok(Some(c)) = &closed {
+            if !c.drained_in_time {
+                tracing::warn!(volume = %volume_id, "in-flight NBD requests did not finish before the drain deadline");
+            }
+        }
+        let unnamed = match what {
+            Teardown::Export => Ok(()),
+            Teardown::ExportAndName => self.devices.unname(volume_id),
+        };
+        let closed = closed?;
+        unnamed?;
+        Ok(closed)
+    }
+
+    /// The teardown of a volume leaving the appliance.
+    pub(super) async fn teardown_local(&self, volume_id: Uuid) -> Result<(), EngineError> {
+        self.teardown(volume_id, Teardown::ExportAndName)
+            .await
+            .map(|_| ())
+    }
+
+    /// Verifies the attachment's device, re-creates its stable name and opens a new export generation.
+    pub(super) async fn reexport(
+        &self,
+        att: &AttachmentRecord,
+    ) -> Result<ExportRecord, EngineError> {
+        let volume_id = att.volume_id;
+        let size = self
+            .store
+            .get_volume(volume_id)
+            .await?
+            .map(|v| v.size_bytes)
+            .ok_or_else(|| EngineError::NotFound(format!("volume {volume_id} has no record")))?;
+        let dev = self.devices.resolve(volume_id, size).await?;
+        let link_target = dev.link_target().to_path_buf();
+        self.devices.name(volume_id, &link_target)?;
+        let snap = self
+            .exports
+            .open(volume_id, &dev.dev_path, self.cfg.drain_timeout)
+            .await?;
+        let now = chrono::Utc::now();
+        let rec = ExportRecord {
+            volume_id,
+            export_name: snap.name.clone(),
+            device_path: link_target.display().to_string(),
+            generation: snap.generation,
+            read_only: false,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.upsert_export(&rec).await?;
+        Ok(rec)
+    }
+}
+
+impl Engine {
+    /// `POST /exports`: makes sure an appliance-attached volume is exported (re-opening it after a
+    /// `DELETE /exports`). A device path that is not the volume's own device is refused.
+    pub async fn ensure_export(
+        &self,
+        volume_id: Uuid,
+        device_path: Option<&str>,
+    ) -> Result<ExportRecord, EngineError> {
+        self.in_turn(volume_id, async {
+            let inner = &self.inner;
+            let att = inner
+                .store
+                .get_attachment(volume_id)
+                .await?
+                .filter(|a| a.target == AttachTarget::Appliance)
+                .ok_or_else(|| {
+                    EngineError::Conflict(format!(
+                        "volume {volume_id} is not attached to the appliance; attach it first \
+                         (POST /api/v1/volumes/{volume_id}/attach)"
+                    ))
+                })?;
+            if let Some(p) = device_path.filter(|p| !p.is_empty()) {
+                let own = [
+                    att.by_id_path.as_deref(),
+                    att.kernel_device.as_deref(),
+                    att.stable_name.as_deref(),
+                ];
+                if !own.contains(&Some(p)) {
+                    return Err(EngineError::Conflict(format!(
+                        "device_path {p} is not the device of volume {volume_id} ({}); leave device_path out",
+                        att.by_id_path
+                            .as_deref()
+                            .or(att.kernel_device.as_deref())
+                            .unwrap_or("unknown")
+                    )));
+                }
+            }
+            if let Some(rec) = inner.store.get_export(volume_id).await? {
+                if inner
+                    .exports
+                    .get(volume_id)
+                    .is_some_and(|s| s.generation == rec.generation)
+                {
+                    return Ok(rec);
+                }
+            }
+            inner.reexport(&att).await
+        })
+        .await
+    }
+
+    /// `DELETE /exports/{volume_id}`: stops serving the volume (drained); the attachment stays.
+    pub async fn remove_export(&self, volume_id: Uuid) -> Result<bool, EngineError> {
+        self.in_turn(volume_id, async {
+            let inner = &self.inner;
+            let closed = inner.teardown(volume_id, Teardown::Export).await?;
+            let had_record = inner.store.delete_export(volume_id).await?;
+            Ok(closed.is_some() || had_record)
+        })
+        .await
+    }
+
+    /// Shutdown: every live export is drained and closed; names and records stay for the next start.
+    pub async fn close_all_exports(&self) {
+        for snap in self.inner.exports.list() {
+            let Some(volume_id) = volume_api::volume_of_export(&snap.name) else {
+                continue;
+            };
+            if let Err(e) = self.inner.teardown(volume_id, Teardown::Export).await {
+                tracing::warn!(export = %snap.name, error = %crate::error_chain(&e), "export did not close cleanly");
+            }
+        }
+    }
+}

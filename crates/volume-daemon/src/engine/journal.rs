@@ -1,0 +1,415 @@
+//! The journal as types: the steps of each operation kind, the request each kind journals, parsing a stored
+//! entry into them (the only place stored text becomes a step), recording steps, and the one helper that
+//! starts a cloud job or resumes the one whose id was journaled.
+//!
+//! Step life cycles (stored spellings in `volume_api::OperationStep`):
+//!
+//! ```text
+//! create  accepted → started → cloud_create_sent → cloud_create_job → (commit)
+//! attach  accepted → started → cloud_attach_job → cloud_attached → device_found → named → exported → (commit)
+//!                      any later failure on the appliance → compensating → compensate_detach_job → (failed)
+//! detach  accepted → started → export_removed → cloud_detach_job → cloud_detached → (commit)
+//! delete  the detach steps, then cloud_delete_sent → (commit)
+//! ```
+
+use std::future::Future;
+
+use uuid::Uuid;
+use volume_api::{
+    AttachOperationRequest, CreateVolumeRequest, DiskRole, OperationStep, VolumeOperationRequest,
+};
+
+use super::{EngineError, Inner};
+use crate::cloud::CloudJob;
+use crate::store::{OpStatus, OpType, OperationRecord};
+
+/// The steps of one operation kind.
+pub(crate) trait Step: Copy + Eq + std::fmt::Debug + Send + Sync + 'static {
+    /// Every step of the kind.
+    const ALL: &'static [Self];
+    /// The common (stored) spelling.
+    fn wire(self) -> OperationStep;
+    /// The step of this kind a stored step names, if it is one of this kind's.
+    fn from_wire(w: OperationStep) -> Option<Self> {
+        Self::ALL.iter().copied().find(|s| s.wire() == w)
+    }
+}
+
+macro_rules! kind_steps {
+    ($(#[$m:meta])* $name:ident { $($v:ident),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub(crate) enum $name {
+            $($v),+
+        }
+
+        impl Step for $name {
+            const ALL: &'static [Self] = &[$(Self::$v),+];
+            fn wire(self) -> OperationStep {
+                match self {
+                    $(Self::$v => OperationStep::$v),+
+                }
+            }
+        }
+    };
+}
+
+kind_steps!(
+    /// Steps of `create`.
+    CreateStep { Accepted, Started, CloudCreateSent, CloudCreateJob }
+);
+kind_steps!(
+    /// Steps of `attach`.
+    AttachStep {
+        Accepted,
+        Started,
+        CloudAttachJob,
+        CloudAttached,
+        DeviceFound,
+        Named,
+        Exported,
+        Compensating,
+        CompensateDetachJob,
+    }
+);
+kind_steps!(
+    /// Steps of `detach`.
+    DetachStep { Accepted, Started, ExportRemoved, CloudDetachJob, CloudDetached }
+);
+kind_steps!(
+    /// Steps of `delete`: the detach steps, then the deletion.
+    DeleteStep { Accepted, Started, ExportRemoved, CloudDetachJob, CloudDetached, CloudDeleteSent }
+);
+
+impl From<DetachStep> for DeleteStep {
+    fn from(s: DetachStep) -> Self {
+        match s {
+            DetachStep::Accepted => Self::Accepted,
+            DetachStep::Started => Self::Started,
+            DetachStep::ExportRemoved => Self::ExportRemoved,
+            DetachStep::CloudDetachJob => Self::CloudDetachJob,
+            DetachStep::CloudDetached => Self::CloudDetached,
+        }
+    }
+}
+
+/// A journal entry read for running: its typed request and the step it stopped at.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry<R, S> {
+    pub id: Uuid,
+    /// The volume acted on; for `create`, once the cloud named it.
+    pub volume_id: Option<Uuid>,
+    pub cloud_job_id: Option<String>,
+    /// The step journaled when this run began.
+    pub step: S,
+    pub request: R,
+}
+
+impl<R, S: Step> Entry<R, S> {
+    /// The job id journaled with `job_step`, if the entry stopped while waiting for that job.
+    fn journaled_job(&self, job_step: S) -> Option<&str> {
+        self.cloud_job_id
+            .as_deref()
+            .filter(|_| self.step == job_step)
+    }
+}
+
+/// A mutation request, validated: what the API submits and what the journal stores as `request`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Request {
+    Create(CreateVolumeRequest),
+    Attach(AttachOperationRequest),
+    Detach(VolumeOperationRequest),
+    Delete(VolumeOperationRequest),
+}
+
+impl Request {
+    /// An attach to `vm_id`, as the root disk when `root`.
+    pub fn attach(volume_id: Uuid, vm_id: String, root: bool) -> Self {
+        Self::Attach(AttachOperationRequest {
+            volume_id,
+            vm_id,
+            device_id: root.then_some(0),
+            attach_as: root.then_some(DiskRole::Root),
+        })
+    }
+
+    pub fn op_type(&self) -> OpType {
+        match self {
+            Self::Create(_) => OpType::Create,
+            Self::Attach(_) => OpType::Attach,
+            Self::Detach(_) => OpType::Detach,
+            Self::Delete(_) => OpType::Delete,
+        }
+    }
+
+    pub fn volume_id(&self) -> Option<Uuid> {
+        match self {
+            Self::Create(_) => None,
+            Self::Attach(a) => Some(a.volume_id),
+            Self::Detach(r) | Self::Delete(r) => Some(r.volume_id),
+        }
+    }
+
+    pub fn vm_id(&self) -> Option<&str> {
+        match self {
+            Self::Attach(a) => Some(&a.vm_id),
+            _ => None,
+        }
+    }
+
+    /// The request as journaled.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Self::Create(c) => json_of(c),
+            Self::Attach(a) => json_of(a),
+            Self::Detach(r) | Self::Delete(r) => json_of(r),
+        }
+    }
+}
+
+/// A journaled request or response as JSON.
+pub(crate) fn json_of<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect(
+        "journal types are plain structs with string keys, which always serialize: invariant",
+    )
+}
+
+/// A journal entry parsed into its kind.
+#[derive(Debug, Clone)]
+pub(crate) enum Parsed {
+    Create(Entry<CreateVolumeRequest, CreateStep>),
+    Attach(Entry<AttachOperationRequest, AttachStep>),
+    Detach(Entry<VolumeOperationRequest, DetachStep>),
+    Delete(Entry<VolumeOperationRequest, DeleteStep>),
+}
+
+impl Parsed {
+    /// Reads a stored entry: its step must be one of its kind's and its request that kind's request.
+    pub fn from_record(op: &OperationRecord) -> Result<Self, EngineError> {
+        fn entry<R: serde::de::DeserializeOwned, S: Step>(
+            op: &OperationRecord,
+        ) -> Result<Entry<R, S>, EngineError> {
+            let step = OperationStep::parse(&op.step)
+                .and_then(S::from_wire)
+                .ok_or_else(|| EngineError::Journal {
+                    operation: op.id,
+                    problem: format!(
+                        "step {:?} is not a step of a {} operation",
+                        op.step,
+                        op.op_type.as_str()
+                    ),
+                })?;
+            let request =
+                serde_json::from_value(op.request.clone()).map_err(|e| EngineError::Journal {
+                    operation: op.id,
+                    problem: format!("its {} request cannot be read: {e}", op.op_type.as_str()),
+                })?;
+            Ok(Entry {
+                id: op.id,
+                volume_id: op.volume_id,
+                cloud_job_id: op.cloud_job_id.clone(),
+                step,
+                request,
+            })
+        }
+        Ok(match op.op_type {
+            OpType::Create => Self::Create(entry(op)?),
+            OpType::Attach => Self::Attach(entry(op)?),
+            OpType::Detach => Self::Detach(entry(op)?),
+            OpType::Delete => Self::Delete(entry(op)?),
+        })
+    }
+}
+
+/// The step recorded when an operation (re)starts: a fresh one says `started`, a resumed one keeps its step.
+pub(crate) fn resume_step(stored: &str) -> &str {
+    match OperationStep::parse(stored) {
+        Some(OperationStep::Accepted) => OperationStep::Started.as_str(),
+        _ => stored,
+    }
+}
+
+impl Inner {
+    /// Journals that the operation reached `step`.
+    pub(super) async fn step<R, S: Step>(
+        &self,
+        entry: &Entry<R, S>,
+        step: S,
+    ) -> Result<(), EngineError> {
+        self.store
+            .set_operation_step(entry.id, OpStatus::Executing, step.wire().as_str())
+            .await?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Starts a cloud job and journals its id with `job_step` before anything waits for it, or, when the entry
+    /// stopped at `job_step` with a journaled job id, returns that id so the job is polled again, not resent.
+    pub(super) async fn start_or_resume_job<R, S: Step>(
+        &self,
+        entry: &Entry<R, S>,
+        job_step: S,
+        start: impl Future<Output = Result<CloudJob, EngineError>>,
+    ) -> Result<String, EngineError> {
+        if let Some(job) = entry.journaled_job(job_step) {
+            return Ok(job.to_string());
+        }
+        let job = start.await?;
+        self.store
+            .set_operation_job(entry.id, job_step.wire().as_str(), &job.job_id)
+            .await?;
+        self.notify();
+        Ok(job.job_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use serde_json::json;
+
+    /// The spellings journals written by earlier versions contain.
+    const STORED: [&str; 15] = [
+        "accepted",
+        "started",
+        "cloud_create_sent",
+        "cloud_create_job",
+        "cloud_attach_job",
+        "cloud_attached",
+        "device_found",
+        "named",
+        "exported",
+        "compensating",
+        "compensate_detach_job",
+        "export_removed",
+        "cloud_detach_job",
+        "cloud_detached",
+        "cloud_delete_sent",
+    ];
+
+    fn record(op_type: OpType, step: &str, request: serde_json::Value) -> OperationRecord {
+        OperationRecord {
+            id: Uuid::new_v4(),
+            op_type,
+            status: OpStatus::Executing,
+            step: step.into(),
+            volume_id: Some(Uuid::nil()),
+            vm_id: None,
+            request,
+            response: None,
+            error: None,
+            cloud_job_id: Some("job-1".into()),
+            idempotency_key: None,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            completed_at: None,
+        }
+    }
+
+    #[test]
+    fn every_stored_spelling_parses_and_prints_back_the_same() {
+        for s in STORED {
+            let step = OperationStep::parse(s).unwrap_or_else(|| panic!("{s} parses"));
+            assert_eq!(step.as_str(), s);
+            assert_eq!(serde_json::to_value(step).unwrap(), json!(s));
+        }
+        assert_eq!(OperationStep::ALL.len(), STORED.len());
+        assert_eq!(crate::store::INITIAL_STEP, "accepted");
+        assert_eq!(
+            OperationStep::parse("compensating: detach failed"),
+            Some(OperationStep::Compensating)
+        );
+        assert_eq!(OperationStep::parse("cloud_attach"), None);
+    }
+
+    #[test]
+    fn each_kind_accepts_exactly_its_own_steps() {
+        let kinds: [(&[OperationStep], OpType); 4] = [
+            (
+                &CreateStep::ALL.iter().map(|s| s.wire()).collect::<Vec<_>>(),
+                OpType::Create,
+            ),
+            (
+                &AttachStep::ALL.iter().map(|s| s.wire()).collect::<Vec<_>>(),
+                OpType::Attach,
+            ),
+            (
+                &DetachStep::ALL.iter().map(|s| s.wire()).collect::<Vec<_>>(),
+                OpType::Detach,
+            ),
+            (
+                &DeleteStep::ALL.iter().map(|s| s.wire()).collect::<Vec<_>>(),
+                OpType::Delete,
+            ),
+        ];
+        for (steps, kind) in kinds {
+            let request = match kind {
+                OpType::Create => {
+                    json!({"name": "n", "size": 1, "disk_offering_id": "o", "zone_id": "z"})
+                }
+                OpType::Attach => json!({"volume_id": Uuid::nil(), "vm_id": "vm"}),
+                _ => json!({"volume_id": Uuid::nil()}),
+            };
+            for s in OperationStep::ALL {
+                let parsed = Parsed::from_record(&record(kind, s.as_str(), request.clone()));
+                assert_eq!(parsed.is_ok(), steps.contains(&s), "{kind:?} {s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn journal_rows_of_the_earlier_format_resume_with_the_same_meaning() {
+        // attach-root as earlier versions journaled it, stopped while its cloud job ran.
+        let old =
+            json!({"volume_id": Uuid::nil(), "vm_id": "vm-7", "device_id": 0, "attach_as": "root"});
+        let Parsed::Attach(e) =
+            Parsed::from_record(&record(OpType::Attach, "cloud_attach_job", old.clone())).unwrap()
+        else {
+            panic!("an attach entry")
+        };
+        assert!(e.request.is_root());
+        assert_eq!(e.request.vm_id, "vm-7");
+        assert_eq!(e.step, AttachStep::CloudAttachJob);
+        assert_eq!(e.journaled_job(AttachStep::CloudAttachJob), Some("job-1"));
+        assert_eq!(e.journaled_job(AttachStep::CompensateDetachJob), None);
+        assert_eq!(
+            Request::attach(Uuid::nil(), "vm-7".into(), true).to_json(),
+            old
+        );
+        // A plain attach stores no role.
+        let plain = json!({"volume_id": Uuid::nil(), "vm_id": "vm-7"});
+        assert_eq!(
+            Request::attach(Uuid::nil(), "vm-7".into(), false).to_json(),
+            plain
+        );
+        let Parsed::Attach(e) =
+            Parsed::from_record(&record(OpType::Attach, "compensating", plain)).unwrap()
+        else {
+            panic!("an attach entry")
+        };
+        assert!(!e.request.is_root());
+        assert_eq!(e.step, AttachStep::Compensating);
+        // delete stopped after its detach part.
+        let Parsed::Delete(e) = Parsed::from_record(&record(
+            OpType::Delete,
+            "cloud_delete_sent",
+            json!({"volume_id": Uuid::nil()}),
+        ))
+        .unwrap() else {
+            panic!("a delete entry")
+        };
+        assert_eq!(e.step, DeleteStep::CloudDeleteSent);
+        // An unreadable request is a journal error, not a guess.
+        let err = Parsed::from_record(&record(OpType::Attach, "started", json!({"volume_id": 1})))
+            .unwrap_err();
+        assert!(matches!(err, EngineError::Journal { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_fresh_entry_starts_and_a_resumed_one_keeps_its_step() {
+        assert_eq!(resume_step("accepted"), "started");
+        assert_eq!(resume_step("cloud_detach_job"), "cloud_detach_job");
+    }
+}

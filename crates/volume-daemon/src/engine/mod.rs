@@ -1,0 +1,368 @@
+//! The operation engine: the only writer of state. Every mutation is journaled before anything is done, runs
+//! in FIFO order per volume and one at a time per VM, records each step and CloudStack job id as soon as it is
+//! known, and is written as an idempotent "converge" so that start-up resumes it from its last step (or finishes
+//! its compensation). Guarantees 1–8 of `docs/architecture.md`.
+//!
+//! Modules: [`journal`] (steps and requests as types, the cloud-job helper), [`validate`], one per workflow
+//! ([`create`], [`attach`], [`detach`], [`delete`]), [`export`] (export lifecycle, the one teardown) and
+//! [`recovery`] (start-up), [`repair`] (the reconciler's repairs). This file holds the handle, submission, queuing and the run loop.
+
+mod attach;
+mod create;
+mod delete;
+mod detach;
+mod error;
+mod export;
+mod journal;
+mod recovery;
+mod repair;
+mod validate;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::json;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+pub use error::EngineError;
+pub(crate) use journal::Request;
+pub(crate) use repair::Repair;
+
+use crate::cloud::{Cloud, CloudErrorKind, CloudVolume};
+use crate::devices::Devices;
+use crate::exports::Exports;
+use crate::identity::Identity;
+use crate::locks::{KeyedMutex, Queues};
+use crate::metrics::Metrics;
+use crate::store::{Inserted, NewOperation, OpStatus, OperationRecord, Store, VolumeRecord};
+use journal::Parsed;
+
+/// Timeouts and limits of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub job_timeout: Duration,
+    pub device_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub max_concurrent: usize,
+}
+
+/// The parts the engine drives.
+pub struct Parts {
+    pub store: Store,
+    pub cloud: Arc<dyn Cloud>,
+    pub devices: Devices,
+    pub exports: Exports,
+    pub identity: Identity,
+    pub metrics: Arc<Metrics>,
+}
+
+struct Inner {
+    store: Store,
+    cloud: Arc<dyn Cloud>,
+    devices: Devices,
+    exports: Exports,
+    identity: Identity,
+    metrics: Arc<Metrics>,
+    cfg: EngineConfig,
+    queues: Arc<Queues>,
+    vm_locks: KeyedMutex,
+    permits: Semaphore,
+    changes: watch::Sender<u64>,
+    tasks: TaskTracker,
+    accepting: AtomicBool,
+}
+
+/// Handle to the engine (cheap to clone).
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("cfg", &self.inner.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a submission produced.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub operation: OperationRecord,
+    /// False when an earlier operation with the same idempotency key was returned.
+    pub created: bool,
+}
+
+impl Engine {
+    pub fn new(parts: Parts, cfg: EngineConfig) -> Self {
+        let (changes, _) = watch::channel(0);
+        Self {
+            inner: Arc::new(Inner {
+                permits: Semaphore::new(cfg.max_concurrent.max(1)),
+                store: parts.store,
+                cloud: parts.cloud,
+                devices: parts.devices,
+                exports: parts.exports,
+                identity: parts.identity,
+                metrics: parts.metrics,
+                cfg,
+                queues: Arc::new(Queues::default()),
+                vm_locks: KeyedMutex::default(),
+                changes,
+                tasks: TaskTracker::new(),
+                accepting: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+    pub fn cloud(&self) -> &Arc<dyn Cloud> {
+        &self.inner.cloud
+    }
+    pub fn devices(&self) -> &Devices {
+        &self.inner.devices
+    }
+    pub fn exports(&self) -> &Exports {
+        &self.inner.exports
+    }
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.cfg
+    }
+
+    /// Whether new operations are accepted (after start-up recovery, before shutdown).
+    pub fn is_accepting(&self) -> bool {
+        self.inner.accepting.load(Ordering::SeqCst)
+    }
+
+    pub fn set_accepting(&self, on: bool) {
+        self.inner.accepting.store(on, Ordering::SeqCst);
+    }
+
+    /// Validates, journals and starts a mutation. Returns once the journal row exists.
+    pub(crate) async fn submit(
+        &self,
+        req: Request,
+        idempotency_key: Option<String>,
+    ) -> Result<Submitted, EngineError> {
+        if !self.is_accepting() {
+            return Err(EngineError::NotAccepting);
+        }
+        self.inner.precheck(&req).await?;
+        let new = NewOperation {
+            id: Uuid::new_v4(),
+            op_type: req.op_type(),
+            volume_id: req.volume_id(),
+            vm_id: req.vm_id().map(str::to_string),
+            request: req.to_json(),
+            idempotency_key,
+        };
+        let (operation, created) = match self.inner.store.insert_operation(&new).await? {
+            Inserted::Created(op) => (op, true),
+            Inserted::Existing(op) => (op, false),
+        };
+        if created {
+            self.inner.metrics.op_submitted(operation.op_type.as_str());
+            self.spawn(operation.clone());
+        }
+        Ok(Submitted { operation, created })
+    }
+
+    fn spawn(&self, op: OperationRecord) {
+        let key = op
+            .volume_id
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| format!("op:{}", op.id));
+        let mut turn = self.inner.queues.enqueue(&key);
+        let inner = Arc::clone(&self.inner);
+        self.inner.tasks.spawn(async move {
+            turn.wait().await;
+            let _permit = inner.permits.acquire().await;
+            inner.run(op.id).await;
+            drop(turn);
+        });
+    }
+
+    /// Waits until no operation is running.
+    pub async fn wait_idle(&self) {
+        loop {
+            let mut rx = self.inner.changes.subscribe();
+            if self
+                .inner
+                .store
+                .unfinished_operations()
+                .await
+                .map(|v| v.is_empty())
+                .unwrap_or(true)
+                && self.inner.permits.available_permits() == self.inner.cfg.max_concurrent.max(1)
+            {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+        }
+    }
+
+    /// Stops accepting operations and waits up to `grace` for running ones; the rest resume at next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.set_accepting(false);
+        self.inner.tasks.close();
+        if tokio::time::timeout(grace, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "operations still running at shutdown; they resume from their last journaled step at next start"
+            );
+        }
+    }
+
+    /// The operation, waiting up to `wait` for it to become terminal.
+    pub async fn operation(
+        &self,
+        id: Uuid,
+        wait: Duration,
+    ) -> Result<Option<OperationRecord>, EngineError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let mut rx = self.inner.changes.subscribe();
+            let op = self.inner.store.get_operation(id).await?;
+            match &op {
+                Some(o) if !o.status.is_terminal() && Instant::now() < deadline => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let _ = tokio::time::timeout(left, rx.changed()).await;
+                }
+                _ => return Ok(op),
+            }
+        }
+    }
+
+    /// Runs `f` in the volume's FIFO turn, so that it never interleaves with an operation on that volume.
+    pub(crate) async fn in_turn<T>(
+        &self,
+        volume_id: Uuid,
+        f: impl std::future::Future<Output = T>,
+    ) -> T {
+        let mut turn = self.inner.queues.enqueue(&volume_id.to_string());
+        turn.wait().await;
+        let out = f.await;
+        drop(turn);
+        out
+    }
+}
+
+impl Inner {
+    fn notify(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    async fn run(&self, id: Uuid) {
+        let started = Instant::now();
+        let op = match self.store.get_operation(id).await {
+            Ok(Some(op)) if !op.status.is_terminal() => op,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(op = %id, error = %crate::error_chain(&e), "cannot read operation; it resumes at next start");
+                return;
+            }
+        };
+        if let Err(e) = self
+            .store
+            .set_operation_step(id, OpStatus::Executing, journal::resume_step(&op.step))
+            .await
+        {
+            tracing::error!(op = %id, error = %crate::error_chain(&e), "cannot journal operation start");
+            return;
+        }
+        self.notify();
+        let result = match Parsed::from_record(&op) {
+            Ok(Parsed::Create(e)) => self.create(&e).await,
+            Ok(Parsed::Attach(e)) => self.attach(&e).await,
+            Ok(Parsed::Detach(e)) => self.detach(&e).await,
+            Ok(Parsed::Delete(e)) => self.delete(&e).await,
+            Err(e) => Err(e),
+        };
+        let status = match result {
+            Ok(()) => "completed",
+            Err(e) => {
+                let err = e.to_op_error();
+                tracing::warn!(op = %id, kind = op.op_type.as_str(), code = %err.code, error = %err.message, "operation failed");
+                if let Err(se) = self
+                    .store
+                    .finish_operation(id, OpStatus::Failed, None, Some(&err))
+                    .await
+                {
+                    tracing::error!(op = %id, error = %crate::error_chain(&se), "cannot journal failure; it resumes at next start");
+                }
+                "failed"
+            }
+        };
+        self.metrics
+            .op_finished(op.op_type.as_str(), status, started.elapsed());
+        self.notify();
+    }
+
+    async fn cloud_volume(&self, volume_id: Uuid) -> Result<Option<CloudVolume>, EngineError> {
+        match self.cloud.get_volume(&volume_id.to_string()).await {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind == CloudErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits for a job whose id was journaled, falling back to the volume's state when the cloud forgot it.
+    async fn finish_job(
+        &self,
+        job_id: &str,
+        volume_id: Uuid,
+    ) -> Result<Option<CloudVolume>, EngineError> {
+        match self.cloud.wait_job(job_id, self.cfg.job_timeout).await {
+            Ok(Some(v)) => Ok(Some(v)),
+            Ok(None) => self.cloud_volume(volume_id).await,
+            Err(e) if e.kind == CloudErrorKind::NotFound => self.cloud_volume(volume_id).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The volume's record, adopting a volume the daemon did not create from the cloud.
+    async fn volume_record(&self, volume_id: Uuid) -> Result<VolumeRecord, EngineError> {
+        if let Some(v) = self.store.get_volume(volume_id).await? {
+            if v.deleted_at.is_some() {
+                return Err(EngineError::NotFound(format!(
+                    "volume {volume_id} was deleted"
+                )));
+            }
+            return Ok(v);
+        }
+        let cv = self.cloud_volume(volume_id).await?.ok_or_else(|| {
+            EngineError::NotFound(format!("volume {volume_id} does not exist in CloudStack"))
+        })?;
+        let now = Utc::now();
+        let rec = VolumeRecord {
+            id: volume_id,
+            name: cv.name.clone(),
+            size_bytes: cv.size,
+            disk_offering_id: cv.disk_offering_id.clone().unwrap_or_default(),
+            zone_id: cv.zone_id.clone().unwrap_or_default(),
+            metadata: json!({ "adopted_from_cloud": true }),
+            cloud_state: Some(cv.state.clone()),
+            snapshot: Default::default(),
+            created_at: now,
+            updated_at: now,
+            deleted_at: None,
+        };
+        self.store.upsert_volume(&rec).await?;
+        Ok(rec)
+    }
+}

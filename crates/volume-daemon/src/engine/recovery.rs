@@ -1,0 +1,55 @@
+//! Start-up recovery (guarantees 3 and 6): exports and stable names re-created from the database after
+//! re-verifying each device, then every unfinished journal entry re-queued in the order it was first queued
+//! and resumed from its last step.
+
+use std::path::Path;
+
+use uuid::Uuid;
+
+use super::{Engine, EngineError};
+use crate::store::{AttachTarget, AttachmentFilter};
+
+impl Engine {
+    /// Re-verifies the device of every appliance attachment and re-creates its stable name and export.
+    /// Returns the volumes that could not be restored and why.
+    pub async fn restore_appliance_volumes(&self) -> Result<Vec<(Uuid, String)>, EngineError> {
+        let inner = &self.inner;
+        let atts = inner
+            .store
+            .list_attachments(&AttachmentFilter {
+                vm_id: None,
+                target: Some(AttachTarget::Appliance),
+            })
+            .await?;
+        let mut problems = Vec::new();
+        for att in atts {
+            if let Some(name) = &att.stable_name {
+                inner.devices.remember(att.volume_id, Path::new(name))?;
+            }
+            match inner.reexport(&att).await {
+                Ok(rec) => {
+                    tracing::info!(volume = %att.volume_id, export = %rec.export_name, generation = rec.generation, "export restored")
+                }
+                Err(e) => {
+                    let msg = crate::error_chain(&e);
+                    tracing::error!(volume = %att.volume_id, error = %msg, "cannot restore the export of an appliance volume");
+                    problems.push((att.volume_id, msg));
+                }
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Resumes every unfinished operation (oldest first) and waits until each is terminal.
+    pub async fn resume_all(&self) -> Result<usize, EngineError> {
+        let ops = self.inner.store.unfinished_operations().await?;
+        let n = ops.len();
+        for op in ops {
+            tracing::info!(op = %op.id, kind = op.op_type.as_str(), step = %op.step, "resuming operation");
+            self.inner.metrics.resumed();
+            self.spawn(op);
+        }
+        self.wait_idle().await;
+        Ok(n)
+    }
+}
