@@ -211,6 +211,7 @@ async fn remote_root_and_data_attachments_are_listed_per_vm_and_delete_detaches_
     let root = d.create_volume("root", GIB).await;
     let a = d.create_volume("data-a", GIB).await;
     let b = d.create_volume("data-b", GIB).await;
+    d.stop_vm_and_detach_its_root(&vm);
     let op = d
         .run_ok(
             &format!("/volumes/{root}/attach-root"),
@@ -447,8 +448,10 @@ async fn root_end_to_end_nbd_data_survives_detach_and_reattach() {
     assert!(read[256 << 20..].iter().all(|b| *b == 0));
     d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
 
-    // The same volume becomes the root disk of another VM, with two more data disks beside it.
+    // The same volume becomes the root disk of another VM (stopped, its old root detached), with two
+    // more data disks beside it.
     let vm = d.other_vm(0);
+    d.stop_vm_and_detach_its_root(&vm);
     let op = d
         .run_ok(&format!("/volumes/{vol}/attach-root"), json!({"vm_id": vm}))
         .await;
@@ -606,5 +609,48 @@ async fn a_configured_token_is_required_except_for_health() {
         .await
         .unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_attach_follows_cloudstack_refused_while_running_or_rooted_then_device_0() {
+    let d = TestDaemon::start().await;
+    let vm = d.other_vm(1);
+    let vol = d.create_volume("new-root", GIB).await;
+    let attach_root = || async {
+        let (status, op) = d
+            .post(&format!("/volumes/{vol}/attach-root"), json!({"vm_id": vm}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{op}");
+        d.wait_op(&op).await
+    };
+
+    // Running VM: CloudStack refuses it, and its reason and kind reach the operation.
+    let op = attach_root().await;
+    assert_eq!(op["status"], "failed", "{op}");
+    assert_eq!(op["error_code"], "cloud_invalid_parameter", "{op}");
+    assert!(op["error"].as_str().unwrap().contains("Stopped"), "{op}");
+
+    // Stopped, but the old root is still attached.
+    d.sim().faults().stop_vm(&vm).unwrap();
+    let op = attach_root().await;
+    assert_eq!(op["status"], "failed", "{op}");
+    assert_eq!(op["error_code"], "cloud_invalid_parameter", "{op}");
+    assert!(
+        op["error"]
+            .as_str()
+            .unwrap()
+            .contains("Vm already has root volume attached to it"),
+        "{op}"
+    );
+    let (_, v) = d.get(&format!("/volumes/{vol}")).await;
+    assert!(v["attachment"].is_null(), "nothing half-applied: {v}");
+
+    // Old root detached: the volume becomes the root at device id 0.
+    d.stop_vm_and_detach_its_root(&vm);
+    let op = attach_root().await;
+    assert_eq!(op["status"], "completed", "{op}");
+    assert_eq!(op["response"]["device_id"], 0, "{op}");
+    d.delete_ok(vol).await;
     d.stop().await;
 }

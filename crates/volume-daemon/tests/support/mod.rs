@@ -74,6 +74,16 @@ impl TestDaemon {
         self.sim().other_vm_ids()[i].clone()
     }
 
+    /// What an operator does before a root-disk swap (the failover flow): stop the VM and detach its
+    /// current root, both directly in the cloud.
+    pub fn stop_vm_and_detach_its_root(&self, vm: &str) {
+        let faults = self.sim().faults();
+        faults.stop_vm(vm).expect("stop the VM");
+        if let Some(root) = self.sim().root_volume_id(vm) {
+            faults.detach_volume(&root).expect("detach the VM's root");
+        }
+    }
+
     pub fn nbd_url(&self, volume: Uuid) -> String {
         format!(
             "nbd://{}/{}",
