@@ -59,12 +59,7 @@ pub enum CliError {
 }
 
 fn failed_message(op: &Operation) -> String {
-    let mut m = format!(
-        "operation {} ({}) {}",
-        op.id,
-        op.op_type.as_str(),
-        op.status.as_str()
-    );
+    let mut m = format!("operation {} ({}) {}", op.id, op.op_type(), op.status);
     if let Some(e) = &op.error {
         m.push_str(&format!(": {e}"));
     }
@@ -125,7 +120,7 @@ mod tests {
             status,
             body: ErrorBody {
                 error: "x".into(),
-                code: "c".into(),
+                code: volume_api::ErrorCode::Conflict,
                 field: None,
             },
         })
