@@ -45,6 +45,22 @@ pub fn volume_of_export(name: &str) -> Option<Uuid> {
         .and_then(|s| Uuid::parse_str(s).ok())
 }
 
+/// Renders an error and its `source()` chain as one line, `outer: inner: root`, each cause once (a cause whose
+/// text the outer message already contains is not repeated). Used by the daemon and volumectl alike.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let m = e.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = e.source();
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +162,27 @@ mod tests {
         );
         assert_eq!(OperationStep::parse("cloud_attach"), None);
         assert_eq!(OperationMode::from(AttachTarget::Appliance).as_str(), "oma");
+    }
+
+    #[test]
+    fn error_chains_name_each_cause_once() {
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<E>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let e = E(
+            "cannot attach: disk full",
+            Some(Box::new(E("disk full", Some(Box::new(E("ENOSPC", None)))))),
+        );
+        assert_eq!(error_chain(&e), "cannot attach: disk full: ENOSPC");
     }
 
     #[test]

@@ -95,18 +95,8 @@ pub fn exit_of_kind(kind: ClientErrorKind) -> Exit {
 }
 
 /// The error and its sources on one line, each cause once.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    volume_api::error_chain(e)
 }
 
 #[cfg(test)]

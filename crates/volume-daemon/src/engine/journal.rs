@@ -395,7 +395,7 @@ mod tests {
             };
             for s in OperationStep::ALL {
                 let parsed = Parsed::from_record(&record(kind, s.as_str(), request.clone()));
-                assert_eq!(parsed.is_ok(), steps.contains(&s), "{kind:?} {s:?}");
+                assert_eq!(parsed.is_ok(), steps.contains(s), "{kind:?} {s:?}");
             }
         }
     }
