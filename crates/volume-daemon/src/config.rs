@@ -390,7 +390,7 @@ impl Config {
         Duration::from_secs(self.device_timeout_secs)
     }
     /// The REST listener's limits.
-    pub fn api_limits(&self) -> crate::api::ListenerLimits {
+    pub(crate) fn api_limits(&self) -> crate::api::ListenerLimits {
         crate::api::ListenerLimits {
             max_connections: self.api_max_connections,
             header_timeout: Duration::from_secs(self.api_header_timeout_secs),

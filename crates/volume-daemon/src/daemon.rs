@@ -311,10 +311,6 @@ impl RunningDaemon {
         self.nbd_addr
     }
 
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
     pub fn sim(&self) -> Option<&cloudsim::RunningSimulator> {
         self.sim.as_ref().map(|s| &s.running)
     }

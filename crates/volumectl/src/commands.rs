@@ -7,7 +7,8 @@ use clap::CommandFactory;
 use serde::Serialize;
 use uuid::Uuid;
 use volume_api::{
-    AttachVolumeRequest, CreateVolumeRequest, Operation, OperationStatus, SetApplianceRequest,
+    AttachVolumeRequest, CreateVolumeRequest, HealthStatus, Operation, OperationStatus,
+    SetApplianceRequest,
 };
 
 use crate::cli::{
@@ -84,11 +85,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Health => {
             let h = client.health().await?;
             out.show(&h, render::health_report)?;
-            if h.value.status == "healthy" {
+            if h.value.status == HealthStatus::Healthy {
                 Ok(())
             } else {
                 Err(CliError::Unhealthy {
-                    status: h.value.status,
+                    status: h.value.status.to_string(),
                 })
             }
         }

@@ -3,8 +3,8 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use volume_api::{
-    Appliance, Export, ExportList, Health, Operation, OperationStatus, ReconcileReport,
-    VolumeStatus,
+    Appliance, AttachTarget, DiskRole, Export, ExportList, Health, Operation, OperationStatus,
+    ReconcileReport, VolumeStatus,
 };
 
 /// Shown for an absent value.
@@ -136,8 +136,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 fn attached_to(v: &VolumeStatus) -> String {
     match &v.attachment {
         None => NONE.into(),
-        Some(a) if a.target == "appliance" => format!("{} (appliance)", a.vm_id),
-        Some(a) if a.role == "root" => format!("{} (root)", a.vm_id),
+        Some(a) if a.target == AttachTarget::Appliance => format!("{} (appliance)", a.vm_id),
+        Some(a) if a.role == DiskRole::Root => format!("{} (root)", a.vm_id),
         Some(a) => a.vm_id.clone(),
     }
 }
@@ -157,12 +157,12 @@ pub fn volumes_table(vols: &[VolumeStatus]) -> String {
             v.volume_id.to_string(),
             v.name.clone(),
             human_bytes(v.size),
-            v.state.clone(),
+            v.state.to_string(),
             attached_to(v),
             opt(v.attachment.as_ref().and_then(|a| a.device_path.clone())),
             v.export
                 .as_ref()
-                .map(|e| e.status.clone())
+                .map(|e| e.status.to_string())
                 .unwrap_or_else(|| NONE.into()),
         ]);
     }
@@ -170,12 +170,7 @@ pub fn volumes_table(vols: &[VolumeStatus]) -> String {
 }
 
 pub fn volume_detail(v: &VolumeStatus) -> String {
-    let cloud_state = v
-        .cloudstack_data
-        .as_ref()
-        .and_then(|d| d.get("state"))
-        .and_then(|s| s.as_str())
-        .map(str::to_string);
+    let cloud_state = v.cloudstack_data.as_ref().map(|d| d.state.clone());
     let mut pairs = vec![
         ("volume", v.volume_id.to_string()),
         ("name", v.name.clone()),
@@ -183,7 +178,7 @@ pub fn volume_detail(v: &VolumeStatus) -> String {
             "size",
             format!("{} ({} bytes)", human_bytes(v.size), v.size),
         ),
-        ("state", v.state.clone()),
+        ("state", v.state.to_string()),
         ("disk offering", v.disk_offering_id.clone()),
         ("zone", v.zone_id.clone()),
         (
@@ -202,7 +197,10 @@ pub fn volume_detail(v: &VolumeStatus) -> String {
         pairs.push(("kernel device", opt(a.kernel_device.clone())));
         pairs.push(("stable name", opt(a.symlink_path.clone())));
     }
-    pairs.push(("linux state", opt(v.linux_state.clone())));
+    pairs.push(("linux state", opt(v.linux_state)));
+    if let Some(p) = &v.linux_problem {
+        pairs.push(("linux problem", p.clone()));
+    }
     match &v.export {
         Some(e) => {
             pairs.push((
@@ -220,7 +218,7 @@ pub fn volume_detail(v: &VolumeStatus) -> String {
     if let Some(op) = &v.last_operation {
         pairs.push((
             "last operation",
-            format!("{} {} {}", op.id, op.op_type.as_str(), op.status.as_str()),
+            format!("{} {} {}", op.id, op.op_type(), op.status),
         ));
     }
     pairs.push(("created", time(v.created_at)));
@@ -242,15 +240,11 @@ pub fn operations_table(ops: &[Operation]) -> String {
     for o in ops {
         t.row(vec![
             o.id.to_string(),
-            o.op_type.as_str().into(),
-            o.status.as_str().into(),
+            o.op_type().to_string(),
+            o.status.to_string(),
             opt(o.volume_id),
             opt(o.vm_id.clone()),
-            if o.step.is_empty() {
-                NONE.into()
-            } else {
-                o.step.clone()
-            },
+            o.step.to_string(),
             time(o.created_at),
             opt(o.error.clone()),
         ]);
@@ -261,18 +255,11 @@ pub fn operations_table(ops: &[Operation]) -> String {
 pub fn operation_detail(o: &Operation) -> String {
     let mut pairs = vec![
         ("operation", o.id.to_string()),
-        ("type", o.op_type.as_str().to_string()),
-        ("status", o.status.as_str().to_string()),
+        ("type", o.op_type().to_string()),
+        ("status", o.status.to_string()),
         ("volume", opt(o.volume_id)),
         ("vm", opt(o.vm_id.clone())),
-        (
-            "step",
-            if o.step.is_empty() {
-                NONE.into()
-            } else {
-                o.step.clone()
-            },
-        ),
+        ("step", o.step.to_string()),
         ("cloudstack job", opt(o.cloudstack_job_id.clone())),
     ];
     if o.status == OperationStatus::Failed || o.error.is_some() {
@@ -284,12 +271,14 @@ pub fn operation_detail(o: &Operation) -> String {
         };
         pairs.push(("error", err));
     }
-    if let Some(r) = o.response.as_ref().and_then(|r| r.as_object()) {
-        for key in ["volume_id", "device_path", "export_name"] {
-            if let Some(v) = r.get(key).and_then(|v| v.as_str()) {
-                pairs.push((key, v.to_string()));
-            }
-        }
+    if let Some(v) = o.response_volume_id() {
+        pairs.push(("volume_id", v.to_string()));
+    }
+    if let Some(d) = o.response_device_path() {
+        pairs.push(("device_path", d.to_string()));
+    }
+    if let Some(e) = o.response_export_name() {
+        pairs.push(("export_name", e.to_string()));
     }
     pairs.push(("created", time(o.created_at)));
     pairs.push(("updated", time(o.updated_at)));
@@ -299,28 +288,12 @@ pub fn operation_detail(o: &Operation) -> String {
 
 /// The one-line outcome of a finished mutation.
 pub fn operation_outcome(o: &Operation) -> String {
-    let subject = o
-        .response
-        .as_ref()
-        .and_then(|r| r.get("volume_id"))
-        .and_then(|v| v.as_str())
-        .map(str::to_string)
-        .or_else(|| o.volume_id.map(|v| v.to_string()));
-    let mut s = format!(
-        "operation {} ({}) {}",
-        o.id,
-        o.op_type.as_str(),
-        o.status.as_str()
-    );
+    let subject = o.response_volume_id().or(o.volume_id);
+    let mut s = format!("operation {} ({}) {}", o.id, o.op_type(), o.status);
     if let Some(v) = subject {
         s.push_str(&format!(": volume {v}"));
     }
-    if let Some(d) = o
-        .response
-        .as_ref()
-        .and_then(|r| r.get("device_path"))
-        .and_then(|v| v.as_str())
-    {
+    if let Some(d) = o.response_device_path() {
         s.push_str(&format!(", device {d}"));
     }
     if let Some(e) = &o.error {
@@ -345,7 +318,7 @@ pub fn exports_table(list: &ExportList) -> String {
     for e in &list.exports {
         t.row(vec![
             e.export_name.clone(),
-            e.status.clone(),
+            e.status.to_string(),
             e.device_path.clone(),
             e.port.to_string(),
             human_bytes(e.size),
@@ -365,7 +338,7 @@ pub fn export_detail(e: &Export) -> String {
     fields(&[
         ("export", e.export_name.clone()),
         ("volume", e.volume_id.to_string()),
-        ("status", e.status.clone()),
+        ("status", e.status.to_string()),
         ("device", e.device_path.clone()),
         ("port", e.port.to_string()),
         ("read only", e.read_only.to_string()),
@@ -401,7 +374,7 @@ pub fn export_detail(e: &Export) -> String {
 pub fn appliance_detail(a: &Appliance) -> String {
     let mut pairs = vec![
         ("vm", opt(a.vm_id.clone())),
-        ("source", a.source.clone()),
+        ("source", a.source.to_string()),
         ("verified", a.verified.to_string()),
         ("name", opt(a.vm_name.clone())),
         ("state", opt(a.vm_state.clone())),
@@ -414,13 +387,13 @@ pub fn appliance_detail(a: &Appliance) -> String {
 
 pub fn health_report(h: &Health) -> String {
     let mut out = fields(&[
-        ("status", h.status.clone()),
+        ("status", h.status.to_string()),
         ("ready", h.ready.to_string()),
         ("version", format!("{} {}", h.service, h.version)),
     ]);
     let mut t = Table::new(&["COMPONENT", "STATUS", "DETAIL"]);
     for (name, c) in &h.components {
-        t.row(vec![name.clone(), c.status.clone(), c.detail.clone()]);
+        t.row(vec![name.clone(), c.status.to_string(), c.detail.clone()]);
     }
     out.push('\n');
     out.push_str(&t.render());
@@ -439,7 +412,7 @@ pub fn reconcile_report(r: &ReconcileReport) -> String {
         for d in &r.drift {
             t.row(vec![
                 opt(d.volume_id),
-                d.kind.clone(),
+                d.kind.to_string(),
                 d.action.clone(),
                 if d.applied { "yes".into() } else { "no".into() },
                 d.detail.clone(),
@@ -459,7 +432,12 @@ mod tests {
     use super::*;
     use serde_json::json;
     use uuid::Uuid;
-    use volume_api::{AttachmentInfo, ComponentHealth, Drift, OperationType, SnapshotInfo};
+    use volume_api::{
+        ApplianceSource, AttachOperationRequest, AttachVolumeResponse, AttachmentInfo,
+        CloudVolumeData, ComponentHealth, ComponentStatus, Drift, DriftKind, ErrorCode,
+        ExportStatus, HealthStatus, LinuxState, OperationKind, OperationStep, SnapshotInfo,
+        VolumeState,
+    };
 
     fn t0() -> DateTime<Utc> {
         DateTime::<Utc>::UNIX_EPOCH
@@ -477,11 +455,11 @@ mod tests {
             disk_offering_id: "off".into(),
             zone_id: "zone".into(),
             metadata: json!({}),
-            state: "attached".into(),
+            state: VolumeState::Attached,
             attachment: Some(AttachmentInfo {
                 vm_id: "vm-app".into(),
-                target: "appliance".into(),
-                role: "data".into(),
+                target: AttachTarget::Appliance,
+                role: DiskRole::Data,
                 device_id: Some(1),
                 device_path: Some("/dev/disk/by-id/virtio-6033803592fb4d2798d4".into()),
                 kernel_device: Some("vdb".into()),
@@ -489,9 +467,16 @@ mod tests {
                 symlink_path: None,
             }),
             export: None,
-            cloudstack_data: Some(json!({"state": "Ready"})),
+            cloudstack_data: Some(CloudVolumeData {
+                state: "Ready".into(),
+                virtualmachineid: Some("vm-app".into()),
+                deviceid: Some(1),
+                size: 1 << 30,
+                volume_type: Some("DATADISK".into()),
+            }),
             cloudstack_error: None,
-            linux_state: Some("present".into()),
+            linux_state: Some(LinuxState::Present),
+            linux_problem: None,
             snapshot: SnapshotInfo::default(),
             last_operation: None,
             created_at: t0(),
@@ -557,15 +542,35 @@ mod tests {
     fn op(status: OperationStatus) -> Operation {
         Operation {
             id: Uuid::nil(),
-            op_type: OperationType::Attach,
+            kind: OperationKind::Attach {
+                request: AttachOperationRequest {
+                    volume_id: vid(),
+                    vm_id: "vm-app".into(),
+                    device_id: None,
+                    attach_as: None,
+                },
+                response: Some(AttachVolumeResponse {
+                    volume_id: vid(),
+                    vm_id: "vm-app".into(),
+                    device_path: Some("/dev/disk/by-id/virtio-x".into()),
+                    device_id: Some(1),
+                    attach_as: None,
+                    kernel_device: None,
+                    persistent_device_name: None,
+                    symlink_path: None,
+                    export_name: None,
+                    nbd_port: None,
+                    export_generation: None,
+                    device_appeared_ms: None,
+                    message: "volume attached".into(),
+                }),
+            },
             status,
             volume_id: Some(vid()),
             vm_id: Some("vm-app".into()),
-            request: json!({}),
-            response: Some(json!({"device_path": "/dev/disk/by-id/virtio-x"})),
             error: (status == OperationStatus::Failed).then(|| "device never appeared".into()),
-            error_code: (status == OperationStatus::Failed).then(|| "device_timeout".into()),
-            step: "commit".into(),
+            error_code: (status == OperationStatus::Failed).then_some(ErrorCode::DeviceTimeout),
+            step: OperationStep::Exported,
             cloudstack_job_id: None,
             created_at: t0(),
             updated_at: t0(),
@@ -592,7 +597,7 @@ mod tests {
             volume_id: vid(),
             device_path: "/dev/vdb".into(),
             port: 10809,
-            status: "active".into(),
+            status: ExportStatus::Active,
             read_only: false,
             generation: 1,
             size: 1 << 30,
@@ -624,20 +629,23 @@ mod tests {
         components.insert(
             "privileges".to_string(),
             ComponentHealth {
-                status: "failed".into(),
+                status: ComponentStatus::Failed,
                 detail: "cannot open /dev/vdb".into(),
             },
         );
         let h = Health {
-            status: "degraded".into(),
-            ready: true,
+            status: HealthStatus::Unhealthy,
+            ready: false,
             service: "volume-daemon".into(),
             version: "0.1.0".into(),
             timestamp: t0(),
             components,
         };
         let out = health_report(&h);
-        assert!(out.contains("status:") && out.contains("degraded"), "{out}");
+        assert!(
+            out.contains("status:") && out.contains("unhealthy"),
+            "{out}"
+        );
         assert!(
             out.contains("privileges  failed  cannot open /dev/vdb"),
             "{out}"
@@ -647,7 +655,7 @@ mod tests {
             checked_volumes: 3,
             drift: vec![Drift {
                 volume_id: Some(vid()),
-                kind: "export_missing".into(),
+                kind: DriftKind::ExportMissing,
                 detail: "not served".into(),
                 action: "recreate export".into(),
                 applied: false,
@@ -666,7 +674,7 @@ mod tests {
     fn appliance_shows_problem() {
         let out = appliance_detail(&Appliance {
             vm_id: None,
-            source: "unknown".into(),
+            source: ApplianceSource::Unknown,
             verified: false,
             vm_name: None,
             vm_state: None,
