@@ -82,6 +82,12 @@ async fn operations_journaled_by_an_earlier_version_resume_with_the_same_meaning
         .0;
     let to_attach = created_volume(&base, &zone, &offering, "old-attach").await;
     let to_delete = created_volume(&base, &zone, &offering, "old-delete").await;
+    // As CloudStack requires for a root attach: the VM stopped and its old root detached.
+    let faults = sim.faults();
+    faults.stop_vm(&other).unwrap();
+    if let Some(root) = sim.root_volume_id(&other) {
+        faults.detach_volume(&root).unwrap();
+    }
     first.shutdown().await;
 
     // Rows as an earlier version left them when it stopped.
