@@ -9,7 +9,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use tokio::sync::RwLock;
 
-use crate::cloud::{Cloud, CloudErrorKind};
+use crate::cloud::{Cloud, CloudError, CloudErrorKind};
 use crate::store::{ApplianceRecord, Store};
 
 /// Where an identity came from (the wire's `source`).
@@ -26,19 +26,29 @@ pub struct IdentityState {
     pub problem: Option<String>,
 }
 
-/// Why the identity cannot be used.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+/// Why the identity cannot be used. A failed CloudStack call is kept as the source.
+#[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("the appliance VM identity is unknown: {0}")]
     Unknown(String),
-    #[error("the appliance VM identity {vm_id} is not verified: {problem}")]
-    Unverified { vm_id: String, problem: String },
+    #[error("the appliance VM identity {vm_id} is not verified: VM {vm_id} does not exist in CloudStack")]
+    Unverified { vm_id: String },
+    #[error("the appliance VM identity {vm_id} is not verified: CloudStack lookup failed")]
+    LookupFailed {
+        vm_id: String,
+        #[source]
+        source: CloudError,
+    },
     #[error("the appliance identity is set by {0} and cannot be changed through the API; change it there")]
     Fixed(&'static str),
     #[error("VM {0} does not exist in CloudStack; give the appliance's own VM id")]
     NoSuchVm(String),
-    #[error("cannot verify VM {vm_id} with CloudStack: {problem}")]
-    CloudUnavailable { vm_id: String, problem: String },
+    #[error("cannot verify VM {vm_id} with CloudStack")]
+    CloudUnavailable {
+        vm_id: String,
+        #[source]
+        source: CloudError,
+    },
 }
 
 /// Where to look for the identity when configuration and database have none.
@@ -212,15 +222,16 @@ impl Identity {
             }
             Ok(None) => {
                 s.verified = false;
-                let problem = format!("VM {id} does not exist in CloudStack");
-                s.problem = Some(problem.clone());
-                Err(IdentityError::Unverified { vm_id: id, problem })
+                s.problem = Some(format!("VM {id} does not exist in CloudStack"));
+                Err(IdentityError::Unverified { vm_id: id })
             }
             Err(e) => {
                 s.verified = false;
-                let problem = format!("CloudStack lookup failed: {}", e.chain());
-                s.problem = Some(problem.clone());
-                Err(IdentityError::Unverified { vm_id: id, problem })
+                s.problem = Some(format!("CloudStack lookup failed: {}", e.chain()));
+                Err(IdentityError::LookupFailed {
+                    vm_id: id,
+                    source: e,
+                })
             }
         }
     }
@@ -261,7 +272,7 @@ impl Identity {
                 return Err(IdentitySetError::Identity(
                     IdentityError::CloudUnavailable {
                         vm_id: vm_id.to_string(),
-                        problem: e.chain(),
+                        source: e,
                     },
                 ))
             }

@@ -62,7 +62,8 @@ impl ApiError {
                     None,
                 ),
                 IdentitySetError::Identity(IdentityError::Unknown(_))
-                | IdentitySetError::Identity(IdentityError::Unverified { .. }) => (
+                | IdentitySetError::Identity(IdentityError::Unverified { .. })
+                | IdentitySetError::Identity(IdentityError::LookupFailed { .. }) => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     ErrorCode::ApplianceIdentityUnknown,
                     None,
