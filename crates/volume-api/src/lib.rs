@@ -316,8 +316,10 @@ pub struct Operation {
 #[serde(deny_unknown_fields)]
 pub struct CreateVolumeRequest {
     pub name: String,
-    /// Size in bytes; rounded up to whole GiB.
-    pub size: u64,
+    /// Size in bytes, rounded up to whole GiB: required for a custom-size offering; for a fixed-size
+    /// offering optional, and when given it must equal the offering's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
     pub disk_offering_id: String,
     pub zone_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -492,6 +494,36 @@ pub struct VmVolume {
     pub role: String,
     pub state: String,
     pub size: u64,
+}
+
+/// A zone of the cloud (`GET /cloud/zones`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudZone {
+    pub id: String,
+    pub name: String,
+}
+
+/// A disk offering of the cloud (`GET /cloud/offerings`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudOffering {
+    pub id: String,
+    pub name: String,
+    /// True when `POST /volumes` must give `size`; false for a fixed-size offering.
+    pub custom: bool,
+    /// The fixed size in bytes; `None` for a custom-size offering.
+    pub size: Option<u64>,
+    pub description: Option<String>,
+}
+
+/// A VM of the cloud (`GET /cloud/vms`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudVm {
+    pub id: String,
+    pub name: String,
+    /// CloudStack's state: `Running`, `Stopped`, …
+    pub state: String,
+    /// True for the daemon's own appliance VM.
+    pub appliance: bool,
 }
 
 /// An NBD export.

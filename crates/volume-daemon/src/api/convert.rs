@@ -235,10 +235,16 @@ pub async fn device_mapping(
 ) -> Result<DeviceMapping, ApiError> {
     let v = engine.store().get_volume(a.volume_id).await?;
     let size = v.as_ref().map(|v| v.size_bytes).unwrap_or(0);
-    let cloud_state = v
-        .as_ref()
-        .and_then(|v| v.cloud_state.clone())
-        .unwrap_or_else(|| "Ready".into());
+    // The cloud's state now; the last one recorded when the cloud cannot be asked.
+    let recorded = || v.as_ref().and_then(|v| v.cloud_state.clone());
+    let cloud_state = match engine.cloud().get_volume(&a.volume_id.to_string()).await {
+        Ok(Some(cv)) => cv.state,
+        Ok(None) => "unknown to CloudStack".into(),
+        Err(e) => {
+            tracing::warn!(volume = %a.volume_id, error = %e.chain(), "cannot read the volume's cloud state");
+            recorded().unwrap_or_else(|| "unknown".into())
+        }
+    };
     let linux_state = linux_state(engine, &a, size)
         .await
         .unwrap_or_else(|| "remote".into());

@@ -19,8 +19,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use uuid::Uuid;
 use volume_api::{
-    AttachVolumeRequest, CreateExportRequest, CreateVolumeRequest, ExportList, ReconcileRequest,
-    SetApplianceRequest, VolumeOperationRequest, IDEMPOTENCY_KEY_HEADER,
+    AttachVolumeRequest, CloudOffering, CloudVm, CloudZone, CreateExportRequest,
+    CreateVolumeRequest, ExportList, ReconcileRequest, SetApplianceRequest, VolumeOperationRequest,
+    IDEMPOTENCY_KEY_HEADER,
 };
 
 pub use error::ApiError;
@@ -28,7 +29,7 @@ pub use health::HealthState;
 pub use listener::{serve, ListenerLimits};
 
 use crate::config::Secret;
-use crate::engine::{Engine, Request};
+use crate::engine::{Engine, EngineError, Request};
 use crate::store::OperationFilter;
 use extract::JsonBody;
 
@@ -55,6 +56,9 @@ pub fn router(state: AppState) -> Router {
         .route("/volumes/{id}/device", get(get_device))
         .route("/devices/volume", get(device_to_volume))
         .route("/vms/{vm_id}/volumes", get(vm_volumes))
+        .route("/cloud/zones", get(cloud_zones))
+        .route("/cloud/offerings", get(cloud_offerings))
+        .route("/cloud/vms", get(cloud_vms))
         .route("/operations", get(list_operations))
         .route("/operations/{id}", get(get_operation))
         .route("/exports", post(create_export).get(list_exports))
@@ -303,6 +307,66 @@ async fn vm_volumes(
     for a in atts {
         out.push(convert::vm_volume(&st.engine, a).await?);
     }
+    Ok(Json(out).into_response())
+}
+
+/// `GET /cloud/zones`: the zones the cloud lists, by name.
+async fn cloud_zones(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let mut out: Vec<CloudZone> = st
+        .engine
+        .cloud()
+        .zones()
+        .await
+        .map_err(EngineError::from)?
+        .into_iter()
+        .map(|z| CloudZone {
+            id: z.id,
+            name: z.name,
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(out).into_response())
+}
+
+/// `GET /cloud/offerings`: the disk offerings the cloud lists, by name.
+async fn cloud_offerings(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let mut out: Vec<CloudOffering> = st
+        .engine
+        .cloud()
+        .disk_offerings()
+        .await
+        .map_err(EngineError::from)?
+        .into_iter()
+        .map(|o| CloudOffering {
+            id: o.id,
+            name: o.name,
+            custom: o.size_bytes.is_none(),
+            size: o.size_bytes,
+            description: o.display_text,
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(out).into_response())
+}
+
+/// `GET /cloud/vms`: the VMs the cloud lists, by name, the appliance marked.
+async fn cloud_vms(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let appliance = st.engine.identity().current().await.vm_id;
+    let mut out: Vec<CloudVm> = st
+        .engine
+        .cloud()
+        .vms()
+        .await
+        .map_err(EngineError::from)?
+        .into_iter()
+        .map(|vm| CloudVm {
+            appliance: appliance.as_deref() == Some(vm.id.as_str()),
+            id: vm.id,
+            name: vm.name,
+            state: vm.state,
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(out).into_response())
 }
 

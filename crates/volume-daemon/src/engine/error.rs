@@ -21,6 +21,9 @@ pub enum EngineError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The VM named in the request does not exist in the cloud.
+    #[error("VM {0} does not exist in CloudStack; list the VMs with `volumectl cloud vms`")]
+    NoSuchVm(String),
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(
@@ -60,6 +63,7 @@ impl EngineError {
             Self::Invalid { .. } => "invalid_request".into(),
             Self::NotFound(_) => "not_found".into(),
             Self::Conflict(_) => "conflict".into(),
+            Self::NoSuchVm(_) => "no_such_vm".into(),
             Self::Identity(_) => "appliance_identity_unknown".into(),
             Self::NotAccepting => "unavailable".into(),
             Self::Store(_) => "database_error".into(),
