@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# Throughput of nbd-serve against nbdkit (file plugin) and qemu-nbd, all serving the same 1 GiB file in
-# /dev/shm, interleaved over several rounds. Prints the median per server and our ratio to each peer.
+# Throughput of nbd-serve against nbdkit (file plugin) and qemu-nbd, all serving the same file in /dev/shm,
+# interleaved over several rounds, with 1 and 4 connections (nbdcopy) or jobs (fio). `nbdkit null` (no I/O
+# at all) gives the ceiling for writes. Prints, per workload, the median value per server and the median
+# of the per-round ratios of nbd-serve to each peer; then context switches and futex calls per request of
+# nbd-serve and nbdkit.
 #
-# Needs: nbdkit, qemu-utils (qemu-nbd), libnbd-bin (nbdcopy, nbdinfo), fio (with the nbd engine), python3.
-# Environment: ROUNDS (default 3), FIO_SECONDS (default 8), SIZE_MIB (default 1024), CARGO_TARGET_DIR.
+# Needs: nbdkit, qemu-utils (qemu-nbd), libnbd-bin (nbdcopy, nbdinfo), fio (with the nbd engine), strace,
+# python3. Environment: ROUNDS (default 3), FIO_SECONDS (default 6), SIZE_MIB (default 1024),
+# CARGO_TARGET_DIR, STRACE=0 to skip the futex count.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
-FIO_SECONDS=${FIO_SECONDS:-8}
+FIO_SECONDS=${FIO_SECONDS:-6}
 SIZE_MIB=${SIZE_MIB:-1024}
+STRACE=${STRACE:-1}
 root=$(cd "$(dirname "$0")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
 
-for tool in nbdkit qemu-nbd nbdcopy nbdinfo fio python3; do
+for tool in nbdkit qemu-nbd nbdcopy nbdinfo fio python3 strace; do
     command -v "$tool" >/dev/null || {
-        echo "missing $tool: apt-get install nbdkit qemu-utils libnbd-bin fio python3" >&2
+        echo "missing $tool: apt-get install nbdkit qemu-utils libnbd-bin fio strace python3" >&2
         exit 1
     }
 done
@@ -40,7 +45,9 @@ trap cleanup EXIT
 img=$work/disk.img
 src=$work/src.img
 results=$work/results.tsv
+costs=$work/costs.tsv
 : >"$results"
+: >"$costs"
 echo "preparing ${SIZE_MIB} MiB image and source in $work" >&2
 head -c "$((SIZE_MIB << 20))" /dev/urandom >"$src"
 cp "$src" "$img"
@@ -61,7 +68,7 @@ wait_ready() {
     done
 }
 
-# start_server NAME: starts it on a free port and sets $uri.
+# start_server NAME: starts it on a free port and sets $uri and $server_pid.
 start_server() {
     local port
     case $1 in
@@ -86,6 +93,12 @@ start_server() {
         server_pid=$!
         uri="nbd://127.0.0.1:$port/disk"
         ;;
+    nbdkit-null)
+        port=$(free_port)
+        nbdkit -f -i 127.0.0.1 -p "$port" null "$((SIZE_MIB << 20))" &
+        server_pid=$!
+        uri="nbd://127.0.0.1:$port/disk"
+        ;;
     qemu-nbd)
         port=$(free_port)
         qemu-nbd -f raw -x disk -b 127.0.0.1 -p "$port" --persistent --shared=16 --aio=threads "$img" &
@@ -97,62 +110,138 @@ start_server() {
 }
 
 now() { date +%s.%N; }
-mbps() { python3 -c "import sys; print(f'{$SIZE_MIB * 1.048576 / ($2 - $1):.0f}')" ; }
+mbps() { python3 -c "print(f'{$SIZE_MIB * 1.048576 / ($2 - $1):.0f}')"; }
 
-fio_run() { # fio_run RW BS IODEPTH -> prints IOPS or MB/s
-    local rw=$1 bs=$2 qd=$3 dir
+# Context switches of every live thread of $server_pid.
+ctx_switches() {
+    cat /proc/"$server_pid"/task/*/status 2>/dev/null |
+        awk '/^(non)?voluntary_ctxt_switches/ {s += $2} END {print s + 0}'
+}
+
+# fio_run RW BS IODEPTH JOBS -> prints IOPS (4k) or MB/s (1M). For 4k runs of nbd-serve and nbdkit it also
+# records context switches per request, sampled while every connection (and nbdkit's threads) is alive.
+fio_run() {
+    local rw=$1 bs=$2 qd=$3 jobs=$4 dir c0 c1
     [[ $rw == *read* ]] && dir=read || dir=write
-    fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
-        --time_based --runtime="$FIO_SECONDS" --ramp_time=1 --output-format=json >"$work/fio.json" 2>"$work/fio.err" || {
+    fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs="$jobs" \
+        --group_reporting --time_based --runtime="$FIO_SECONDS" --ramp_time=1 \
+        --output-format=json >"$work/fio.json" 2>"$work/fio.err" &
+    local fio_pid=$!
+    sleep 1.5
+    c0=$(ctx_switches)
+    local t0
+    t0=$(now)
+    sleep "$((FIO_SECONDS - 1))"
+    c1=$(ctx_switches)
+    local t1
+    t1=$(now)
+    wait "$fio_pid" || {
         cat "$work/fio.err" >&2
         exit 1
     }
-    python3 - "$work/fio.json" "$dir" "$bs" <<'PY'
+    python3 - "$work/fio.json" "$dir" "$bs" "$c0" "$c1" "$t0" "$t1" <<'PY'
 import json, sys
 text = open(sys.argv[1]).read()
 j = json.loads(text[text.index("{"):])["jobs"][0][sys.argv[2]]
-print(f"{j['bw_bytes'] / 1e6:.0f}" if sys.argv[3] == "1M" else f"{j['iops']:.0f}")
+c0, c1, t0, t1 = map(float, sys.argv[4:8])
+per_req = (c1 - c0) / max(1.0, j["iops"] * (t1 - t0))
+print(f"{j['bw_bytes'] / 1e6:.0f}" if sys.argv[3] == "1M" else f"{j['iops']:.0f}", f"{per_req:.3f}")
 PY
 }
 
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$results"; }
 
-servers=(nbd-serve nbdkit qemu-nbd)
+workload_fio() { # SERVER ROUND LABEL RW BS QD JOBS
+    local out
+    out=$(fio_run "$4" "$5" "$6" "$7")
+    record "$1" "$3" "$2" "${out% *}"
+    [[ $5 == 4k ]] && printf '%s\tctx\t%s\t%s\n' "$1" "$3" "${out#* }" >>"$costs"
+    return 0
+}
+
+servers=(nbd-serve nbdkit qemu-nbd nbdkit-null)
 for round in $(seq 1 "$ROUNDS"); do
     for s in "${servers[@]}"; do
-        echo "round $round: $s" >&2
+        echo "round $round: $s (load average $(cut -d' ' -f1-3 /proc/loadavg))" >&2
         start_server "$s"
-        t0=$(now)
-        nbdcopy --flush "$src" "$uri"
-        t1=$(now)
-        record "$s" "nbdcopy write (MB/s)" "$round" "$(mbps "$t0" "$t1")"
-        t0=$(now)
-        nbdcopy "$uri" null:
-        t1=$(now)
-        record "$s" "nbdcopy read (MB/s)" "$round" "$(mbps "$t0" "$t1")"
-        record "$s" "fio 4k randwrite qd32 (IOPS)" "$round" "$(fio_run randwrite 4k 32)"
-        record "$s" "fio 4k randread qd32 (IOPS)" "$round" "$(fio_run randread 4k 32)"
-        record "$s" "fio 1M seq write qd8 (MB/s)" "$round" "$(fio_run write 1M 8)"
+        for c in 1 4; do
+            t0=$(now)
+            nbdcopy --flush -C "$c" "$src" "$uri"
+            t1=$(now)
+            record "$s" "nbdcopy write $c conn (MB/s)" "$round" "$(mbps "$t0" "$t1")"
+            if [[ $s != nbdkit-null ]]; then
+                t0=$(now)
+                nbdcopy -C "$c" "$uri" null:
+                t1=$(now)
+                record "$s" "nbdcopy read $c conn (MB/s)" "$round" "$(mbps "$t0" "$t1")"
+            fi
+        done
+        for j in 1 4; do
+            workload_fio "$s" "$round" "fio 4k randwrite qd32 ${j}j (IOPS)" randwrite 4k 32 "$j"
+            [[ $s != nbdkit-null ]] &&
+                workload_fio "$s" "$round" "fio 4k randread qd32 ${j}j (IOPS)" randread 4k 32 "$j"
+            workload_fio "$s" "$round" "fio 1M seq write qd8 ${j}j (MB/s)" write 1M 8 "$j"
+        done
         stop_server
     done
 done
 
-python3 - "$results" <<'PY'
+# futex calls per request: 100k 4k random writes and reads (4 jobs) under `strace -c -f`, one run each.
+if [[ $STRACE == 1 ]]; then
+    for s in nbd-serve nbdkit; do
+        start_server "$s"
+        for rw in randwrite randread; do
+            strace -c -f -e trace=futex -p "$server_pid" -o "$work/strace.txt" &
+            strace_pid=$!
+            sleep 0.5
+            fio --name=futex --ioengine=nbd --uri="$uri" --rw="$rw" --bs=4k --iodepth=32 --numjobs=4 \
+                --io_size=100M --group_reporting --output-format=json >"$work/fio.json" 2>"$work/fio.err"
+            kill -INT "$strace_pid"
+            wait "$strace_pid" 2>/dev/null || true
+            calls=$(awk '$NF == "futex" {print $4}' "$work/strace.txt" | head -1)
+            python3 -c "print('$s\tfutex\tfio 4k $rw qd32 4j\t' + f'{int(\"${calls:-0}\") / (4 * 25600):.3f}')" >>"$costs"
+        done
+        stop_server
+    done
+fi
+
+python3 - "$results" "$costs" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
 import statistics, sys
 from collections import defaultdict
-vals = defaultdict(list)
+vals = defaultdict(dict)
 order = []
 for line in open(sys.argv[1]):
-    server, workload, _round, value = line.rstrip("\n").split("\t")
+    server, workload, rnd, value = line.rstrip("\n").split("\t")
     if workload not in order:
         order.append(workload)
-    vals[(workload, server)].append(float(value))
-med = {k: statistics.median(v) for k, v in vals.items()}
-hdr = f"{'workload':32} {'nbd-serve':>10} {'nbdkit':>10} {'qemu-nbd':>10} {'/nbdkit':>8} {'/qemu':>8}"
+    vals[workload].setdefault(server, {})[rnd] = float(value)
+def ratio(w, peer):
+    ours, theirs = vals[w].get("nbd-serve", {}), vals[w].get(peer, {})
+    r = [ours[k] / theirs[k] for k in ours if k in theirs and theirs[k] > 0]
+    return statistics.median(r) if r else float("nan")
+def med(w, s):
+    v = vals[w].get(s)
+    return statistics.median(v.values()) if v else float("nan")
+hdr = f"{'workload':34} {'nbd-serve':>9} {'nbdkit':>9} {'qemu-nbd':>9} {'null':>9} {'/nbdkit':>8} {'/qemu':>7} {'/null':>7}"
 print(hdr)
 print("-" * len(hdr))
 for w in order:
-    o, k, q = (med[(w, s)] for s in ("nbd-serve", "nbdkit", "qemu-nbd"))
-    print(f"{w:32} {o:10.0f} {k:10.0f} {q:10.0f} {o / k:8.2f} {o / q:8.2f}")
-print(f"(median of {len(vals[(order[0], 'nbd-serve')])} interleaved rounds)")
+    print(f"{w:34} {med(w, 'nbd-serve'):9.0f} {med(w, 'nbdkit'):9.0f} {med(w, 'qemu-nbd'):9.0f} "
+          f"{med(w, 'nbdkit-null'):9.0f} {ratio(w, 'nbdkit'):8.2f} {ratio(w, 'qemu-nbd'):7.2f} {ratio(w, 'nbdkit-null'):7.2f}")
+rounds = len(next(iter(vals[order[0]].values())))
+print(f"(value: median of {rounds} interleaved rounds; ratio: median of per-round ratios; "
+      f"load average at the end {sys.argv[3]})")
+costs = defaultdict(list)
+for line in open(sys.argv[2]):
+    server, what, workload, value = line.rstrip("\n").split("\t")
+    costs[(what, workload, server)].append(float(value))
+if costs:
+    print()
+    print(f"{'per request':48} {'nbd-serve':>10} {'nbdkit':>10}")
+    for what, workload in sorted({(k[0], k[1]) for k in costs}):
+        o = costs.get((what, workload, "nbd-serve"))
+        k = costs.get((what, workload, "nbdkit"))
+        f = lambda v: f"{statistics.median(v):10.3f}" if v else f"{'-':>10}"
+        label = {"ctx": "context switches", "futex": "futex calls"}[what]
+        print(f"{label + ', ' + workload:48} {f(o)} {f(k)}")
 PY

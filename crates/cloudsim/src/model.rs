@@ -462,8 +462,7 @@ pub fn seeded_uuid(seed: u64, seq: u64) -> String {
 /// The virtio serial CloudStack's KVM agent gives a volume: the first 20 hex digits of the UUID without dashes.
 pub fn virtio_serial(volume_id: &str) -> Option<String> {
     let id = uuid::Uuid::parse_str(volume_id).ok()?;
-    let simple = id.as_simple().to_string();
-    Some(simple[..20].to_owned())
+    Some(blockdev::serial_for_volume(&id))
 }
 
 /// The VMs of a fresh cloud: `(name, state, hypervisor)`. The appliance first.

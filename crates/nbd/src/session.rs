@@ -31,8 +31,13 @@ use crate::registry::Export;
 /// Socket read buffer of a session.
 const READ_BUFFER: usize = 256 * 1024;
 /// READ and WRITE requests up to this size may run on the session's own thread; larger ones always go
-/// to the blocking pool, so one request never holds the runtime for long.
-const INLINE_MAX: u32 = 1024 * 1024;
+/// to the blocking pool, so one request never holds the runtime for long and the copy of a large request
+/// overlaps receiving the next one.
+const INLINE_MAX: u32 = 256 * 1024;
+/// After running this many requests in a row, the reader lets the writer send their replies before it
+/// reads on: a client that sent a burst gets answers while the rest of the burst runs, instead of in one
+/// block at the end (which would leave it idle meanwhile).
+const REPLY_EVERY: u32 = 4;
 /// Most replies gathered into one vectored write.
 const BATCH: usize = 64;
 
@@ -207,7 +212,12 @@ async fn read_requests<R: AsyncRead + Unpin>(
     broken: &CancellationToken,
 ) -> End {
     let export = &conn.params.export;
+    let mut since_yield = 0u32;
     loop {
+        if since_yield >= REPLY_EVERY {
+            since_yield = 0;
+            tokio::task::yield_now().await;
+        }
         let hdr = match next_header(rd, conn, stop, broken).await {
             Next::Header(h) => h,
             Next::End(e) => {
@@ -303,6 +313,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             _bytes: bytes,
         };
         dispatch(conn, req, payload, hold, stop, broken).await;
+        since_yield += 1;
     }
 }
 

@@ -693,3 +693,39 @@ fn root_loop_fio_randwrite_verify_crc32c() {
     let lo = LoopDevice::attach(shm_file(64 * MIB));
     fio_randwrite_verify(Mode::Plain, lo.path());
 }
+
+#[test]
+fn root_loop_fast_zero_uses_the_device_or_fails_with_enotsup() {
+    require(&["nbdsh"]);
+    let lo = LoopDevice::attach(shm_file(64 * MIB));
+    fill(lo.path(), 0xab, 64 * MIB);
+    let srv = Served::start(&[], &[("disk", lo.path())]);
+    // A loop device over a tmpfs file zeroes through the backing file's fallocate: fast. Keeping the
+    // blocks allocated (NO_HOLE) has no fast path, so the request must fail with ENOTSUP, not write zeros.
+    let out = nbdsh(
+        &srv.uri("disk"),
+        r#"
+import errno
+M = 2**20
+assert h.can_fast_zero()
+h.zero(16 * M, 8 * M, nbd.CMD_FLAG_FAST_ZERO)
+assert h.pread(16 * M, 8 * M) == bytes(16 * M)
+try:
+    h.zero(M, 32 * M, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE)
+    raise SystemExit("fast zero without hole punching succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.ENOTSUP, e
+assert h.pread(M, 32 * M) == b'\xab' * M
+print("fast zero ok")
+"#,
+    );
+    assert!(out.contains("fast zero ok"), "nbdsh output: {out}");
+    srv.terminate();
+    let data = read_all(lo.path());
+    assert!(data[8 * MIB as usize..24 * MIB as usize]
+        .iter()
+        .all(|&b| b == 0));
+    assert!(data[32 * MIB as usize..33 * MIB as usize]
+        .iter()
+        .all(|&b| b == 0xab));
+}

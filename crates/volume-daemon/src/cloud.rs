@@ -5,6 +5,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use volume_api::ErrorCode;
+
 /// A boxed future returned by [`Cloud`] methods.
 pub type CloudFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, CloudError>> + Send + 'a>>;
 
@@ -23,24 +25,25 @@ pub enum CloudErrorKind {
 }
 
 impl CloudErrorKind {
-    pub fn as_str(self) -> &'static str {
+    /// The failure kind callers see.
+    pub fn code(self) -> ErrorCode {
         match self {
-            Self::NotFound => "cloud_not_found",
-            Self::InvalidParameter => "cloud_invalid_parameter",
-            Self::InUse => "cloud_in_use",
-            Self::LimitExceeded => "cloud_limit_exceeded",
-            Self::Unauthorized => "cloud_unauthorized",
-            Self::Unavailable => "cloud_unavailable",
-            Self::JobFailed => "cloud_job_failed",
-            Self::JobStillRunning => "cloud_job_timeout",
-            Self::Other => "cloud_error",
+            Self::NotFound => ErrorCode::CloudNotFound,
+            Self::InvalidParameter => ErrorCode::CloudInvalidParameter,
+            Self::InUse => ErrorCode::CloudInUse,
+            Self::LimitExceeded => ErrorCode::CloudLimitExceeded,
+            Self::Unauthorized => ErrorCode::CloudUnauthorized,
+            Self::Unavailable => ErrorCode::CloudUnavailable,
+            Self::JobFailed => ErrorCode::CloudJobFailed,
+            Self::JobStillRunning => ErrorCode::CloudJobTimeout,
+            Self::Other => ErrorCode::CloudError,
         }
     }
 }
 
 /// A failed cloud call.
 #[derive(Debug, thiserror::Error)]
-#[error("CloudStack {action} failed ({})", kind.as_str())]
+#[error("CloudStack {action} failed ({})", kind.code())]
 pub struct CloudError {
     pub kind: CloudErrorKind,
     pub action: &'static str,

@@ -45,6 +45,16 @@ pub struct Config {
     pub nbd_listen: SocketAddr,
     /// Port advertised in export records (defaults to the NBD listener's port).
     pub nbd_advertised_port: Option<u16>,
+    /// NBD TLS (nbdkit's `--tls`): `off`, `on` or `require`. A non-loopback `nbd_listen` requires `require`.
+    pub nbd_tls: NbdTls,
+    /// Directory with `server-cert.pem`, `server-key.pem` and `ca-cert.pem` (nbdkit's layout).
+    pub nbd_tls_certificates: Option<PathBuf>,
+    /// Require NBD client certificates signed by `ca-cert.pem`. A non-loopback `nbd_listen` requires it.
+    pub nbd_tls_verify_peer: bool,
+    /// Close NBD sessions without requests for this long; 0 never closes them.
+    pub nbd_idle_timeout_secs: u64,
+    /// MiB of NBD request data held at once over all connections (back-pressure beyond). At least 32.
+    pub nbd_budget_mib: usize,
     /// Database URL: `sqlite:PATH`, `postgres://…`, `mysql://…`/`mariadb://…`. Default: SQLite under `state_dir`.
     pub database_url: Option<String>,
     /// Directory for the daemon's own files. Default `/var/lib/volume-daemon`.
@@ -99,6 +109,28 @@ pub struct SimSettings {
     pub job_delay_ms: u64,
 }
 
+/// How the NBD server offers TLS (nbdkit's `--tls=off|on|require`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdTls {
+    #[default]
+    Off,
+    On,
+    Require,
+}
+
+impl std::str::FromStr for NbdTls {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "off" => Ok(NbdTls::Off),
+            "on" => Ok(NbdTls::On),
+            "require" => Ok(NbdTls::Require),
+            _ => Err(()),
+        }
+    }
+}
+
 /// Documented defaults of the built-in simulator's credentials.
 pub const SIM_DEFAULT_API_KEY: &str = "sim-api-key";
 pub const SIM_DEFAULT_SECRET_KEY: &str = "sim-secret-key";
@@ -121,6 +153,11 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8090)),
             nbd_listen: SocketAddr::from(([127, 0, 0, 1], 10809)),
             nbd_advertised_port: None,
+            nbd_tls: NbdTls::Off,
+            nbd_tls_certificates: None,
+            nbd_tls_verify_peer: false,
+            nbd_idle_timeout_secs: 0,
+            nbd_budget_mib: 256,
             database_url: None,
             state_dir: PathBuf::from("/var/lib/volume-daemon"),
             names_dir: None,
@@ -198,6 +235,13 @@ impl Config {
             "nbd_advertised_port" => {
                 self.nbd_advertised_port = Some(parse(var, &value, "a port number")?)
             }
+            "nbd_tls" => self.nbd_tls = parse(var, &value, "off, on or require")?,
+            "nbd_tls_certificates" => self.nbd_tls_certificates = opt(value).map(PathBuf::from),
+            "nbd_tls_verify_peer" => {
+                self.nbd_tls_verify_peer = parse(var, &value, "true or false")?
+            }
+            "nbd_idle_timeout_secs" => self.nbd_idle_timeout_secs = parse(var, &value, "seconds")?,
+            "nbd_budget_mib" => self.nbd_budget_mib = parse(var, &value, "MiB, at least 32")?,
             "database_url" => self.database_url = opt(value),
             "state_dir" => self.state_dir = PathBuf::from(value),
             "names_dir" => self.names_dir = opt(value).map(PathBuf::from),
@@ -268,6 +312,31 @@ impl Config {
                     .into(),
             ));
         }
+        let nbd_guarded = self.nbd_tls == NbdTls::Require && self.nbd_tls_verify_peer;
+        if !(self.nbd_listen.ip().is_loopback() || nbd_guarded) {
+            return Err(ConfigError::Invalid(format!(
+                "nbd_listen address {} is not loopback: set nbd_tls = \"require\", nbd_tls_verify_peer = true and \
+                 nbd_tls_certificates, or listen on 127.0.0.1 (e.g. behind an SSH tunnel)",
+                self.nbd_listen
+            )));
+        }
+        if self.nbd_tls != NbdTls::Off && self.nbd_tls_certificates.is_none() {
+            return Err(ConfigError::Invalid(
+                "nbd_tls is on or require: set nbd_tls_certificates to the directory holding server-cert.pem, \
+                 server-key.pem and ca-cert.pem"
+                    .into(),
+            ));
+        }
+        if self.nbd_tls_verify_peer && self.nbd_tls == NbdTls::Off {
+            return Err(ConfigError::Invalid(
+                "nbd_tls_verify_peer needs nbd_tls = \"on\" or \"require\"".into(),
+            ));
+        }
+        if self.nbd_budget_mib < 32 {
+            return Err(ConfigError::Invalid(
+                "nbd_budget_mib must be at least 32 (one largest NBD request)".into(),
+            ));
+        }
         if self.max_concurrent_operations == 0 {
             return Err(ConfigError::Invalid(
                 "max_concurrent_operations must be at least 1".into(),
@@ -321,7 +390,7 @@ impl Config {
         Duration::from_secs(self.device_timeout_secs)
     }
     /// The REST listener's limits.
-    pub fn api_limits(&self) -> crate::api::ListenerLimits {
+    pub(crate) fn api_limits(&self) -> crate::api::ListenerLimits {
         crate::api::ListenerLimits {
             max_connections: self.api_max_connections,
             header_timeout: Duration::from_secs(self.api_header_timeout_secs),
@@ -331,6 +400,9 @@ impl Config {
 
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
+    }
+    pub fn nbd_idle_timeout(&self) -> Option<Duration> {
+        (self.nbd_idle_timeout_secs > 0).then(|| Duration::from_secs(self.nbd_idle_timeout_secs))
     }
 }
 
@@ -392,5 +464,39 @@ mod tests {
             .contains("api_token"));
         cfg.api_token = Some(Secret::new("t"));
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn non_loopback_nbd_needs_tls_with_verified_peers() {
+        let mut cfg = Config {
+            nbd_listen: "0.0.0.0:10809".parse().unwrap(),
+            ..Config::default()
+        };
+        cfg.sim.enabled = true;
+        assert!(cfg.validate().unwrap_err().to_string().contains("nbd_tls"));
+        cfg.nbd_tls = NbdTls::On;
+        cfg.nbd_tls_verify_peer = true;
+        cfg.nbd_tls_certificates = Some("/etc/volume-daemon/nbd-tls".into());
+        assert!(
+            cfg.validate().is_err(),
+            "tls=on still lets clients in clear text"
+        );
+        cfg.nbd_tls = NbdTls::Require;
+        cfg.nbd_tls_verify_peer = false;
+        assert!(cfg.validate().is_err(), "unverified clients are not enough");
+        cfg.nbd_tls_verify_peer = true;
+        cfg.validate().unwrap();
+        cfg.nbd_tls_certificates = None;
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("nbd_tls_certificates"));
+        let env = Config::load(
+            None,
+            vec![("VOLUME_DAEMON_NBD_TLS".into(), "sometimes".into())],
+        )
+        .unwrap_err();
+        assert!(env.to_string().contains("off, on or require"));
     }
 }

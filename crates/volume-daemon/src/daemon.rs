@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState, HealthState};
 use crate::cloud::{Cloud, CloudStack};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, NbdTls};
 use crate::devices::Devices;
 use crate::engine::{Engine, EngineConfig, EngineError, Parts};
 use crate::exports::Exports;
@@ -46,6 +46,8 @@ pub enum DaemonError {
     },
     #[error("start-up recovery failed")]
     Recovery(#[source] EngineError),
+    #[error("cannot set up the NBD server; check nbd_tls_certificates and nbd_budget_mib")]
+    Nbd(#[source] nbd::NbdError),
 }
 
 /// A running daemon (API, NBD listener, engine and, with `--sim`, the simulator).
@@ -79,6 +81,27 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Daemo
     TcpListener::bind(addr)
         .await
         .map_err(|source| DaemonError::Listen { what, addr, source })
+}
+
+/// The NBD server's limits and TLS policy from the configuration.
+fn nbd_server_config(cfg: &Config) -> Result<nbd::ServerConfig, DaemonError> {
+    let settings = match (&cfg.nbd_tls, &cfg.nbd_tls_certificates) {
+        (NbdTls::Off, _) | (_, None) => None,
+        (_, Some(dir)) => Some(std::sync::Arc::new(
+            nbd::TlsSettings::from_dir(dir, cfg.nbd_tls_verify_peer).map_err(DaemonError::Nbd)?,
+        )),
+    };
+    let tls = match (cfg.nbd_tls, settings) {
+        (NbdTls::On, Some(s)) => nbd::Tls::On(s),
+        (NbdTls::Require, Some(s)) => nbd::Tls::Require(s),
+        _ => nbd::Tls::Off,
+    };
+    Ok(nbd::ServerConfig {
+        in_flight_budget: cfg.nbd_budget_mib << 20,
+        idle_timeout: cfg.nbd_idle_timeout(),
+        tls,
+        ..nbd::ServerConfig::default()
+    })
 }
 
 fn cloud_client(cfg: &Config) -> Result<cloudstack::Client, DaemonError> {
@@ -182,7 +205,8 @@ impl RunningDaemon {
             })?;
         let registry = nbd::Registry::new();
         let (stop_nbd, nbd_stop_rx) = oneshot::channel::<()>();
-        let server = nbd::Server::new(registry.clone(), nbd::ServerConfig::default());
+        let server = nbd::Server::try_new(registry.clone(), nbd_server_config(&cfg)?)
+            .map_err(DaemonError::Nbd)?;
         let nbd_task = tokio::spawn(async move {
             let stop = async move {
                 let _ = nbd_stop_rx.await;
@@ -285,10 +309,6 @@ impl RunningDaemon {
 
     pub fn nbd_addr(&self) -> SocketAddr {
         self.nbd_addr
-    }
-
-    pub fn engine(&self) -> &Engine {
-        &self.engine
     }
 
     pub fn sim(&self) -> Option<&cloudsim::RunningSimulator> {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use blockdev::{ErrorKind, ResolvedDevice, Resolver, StableNames};
 use uuid::Uuid;
+use volume_api::ErrorCode;
 
 /// A verified device of an appliance volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +55,7 @@ pub enum DeviceError {
         volume_id: Uuid,
         what: &'static str,
         #[source]
-        source: tokio::task::JoinError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("the stable-name bookkeeping is poisoned by an earlier panic; restart the daemon")]
     Poisoned,
@@ -62,18 +63,23 @@ pub enum DeviceError {
 
 impl DeviceError {
     /// Stable failure kind, used as the operation's `error_code`.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
             Self::Blockdev { source, .. } => match source.kind() {
-                ErrorKind::NotFound => "device_not_found",
-                ErrorKind::Timeout => "device_timeout",
-                ErrorKind::Mismatch => "device_mismatch",
-                ErrorKind::NotBlockDevice => "device_not_block_device",
-                ErrorKind::Permission => "device_permission",
-                ErrorKind::Io | ErrorKind::Invalid => "device_error",
+                ErrorKind::NotFound => ErrorCode::DeviceNotFound,
+                ErrorKind::Timeout => ErrorCode::DeviceTimeout,
+                ErrorKind::Mismatch => ErrorCode::DeviceMismatch,
+                ErrorKind::NotBlockDevice => ErrorCode::DeviceNotBlockDevice,
+                ErrorKind::Permission => ErrorCode::DevicePermission,
+                ErrorKind::Io | ErrorKind::Invalid => ErrorCode::DeviceError,
             },
-            Self::Task { .. } | Self::Poisoned => "internal",
+            Self::Task { .. } | Self::Poisoned => ErrorCode::Internal,
         }
+    }
+
+    /// Whether no device has the volume's identity.
+    pub fn is_not_found(&self) -> bool {
+        self.code() == ErrorCode::DeviceNotFound
     }
 }
 
@@ -88,7 +94,7 @@ async fn blocking<T: Send + 'static>(
         .map_err(|join| DeviceError::Task {
             volume_id,
             what,
-            source: join,
+            source: Box::new(join),
         })?
         .map_err(|source| DeviceError::Blockdev {
             volume_id,
@@ -125,10 +131,6 @@ impl Devices {
         }
     }
 
-    pub fn names_dir(&self) -> &Path {
-        &self.names_dir
-    }
-
     /// Waits (event driven, with a deadline) for the volume's device, verified against `size`.
     pub async fn wait_for(
         &self,
@@ -155,6 +157,46 @@ impl Devices {
         })
         .await
         .map(Into::into)
+    }
+
+    /// Finds and verifies several devices now, together on one blocking thread; results in input order.
+    pub async fn verify_all(&self, volumes: Vec<(Uuid, u64)>) -> Vec<Result<(), DeviceError>> {
+        if volumes.is_empty() {
+            return Vec::new();
+        }
+        let resolver = Arc::clone(&self.resolver);
+        let ids: Vec<Uuid> = volumes.iter().map(|(v, _)| *v).collect();
+        let checked = tokio::task::spawn_blocking(move || {
+            volumes
+                .iter()
+                .map(|(v, size)| resolver.resolve(v, *size).map(|_| ()))
+                .collect::<Vec<_>>()
+        })
+        .await;
+        match checked {
+            Ok(results) => results
+                .into_iter()
+                .zip(&ids)
+                .map(|(r, v)| {
+                    r.map_err(|source| DeviceError::Blockdev {
+                        volume_id: *v,
+                        what: "verifying it",
+                        source,
+                    })
+                })
+                .collect(),
+            Err(join) => {
+                let msg = join.to_string();
+                ids.into_iter()
+                    .map(|volume_id| DeviceError::Task {
+                        volume_id,
+                        what: "verifying it",
+                        source: Box::new(std::io::Error::other(msg.clone())),
+                    })
+                    .map(Err)
+                    .collect()
+            }
+        }
     }
 
     /// Waits until the volume's device is gone; returns at once when there is none.

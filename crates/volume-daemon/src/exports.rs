@@ -64,10 +64,6 @@ impl Exports {
         self.port
     }
 
-    pub fn registry(&self) -> &nbd::Registry {
-        &self.registry
-    }
-
     /// Serves `device` as the volume's export (read-write), replacing an export of the same name that serves a
     /// different device. Returns the live export (a new generation unless the same device was already served).
     pub async fn open(

@@ -12,27 +12,8 @@ use tokio::sync::RwLock;
 use crate::cloud::{Cloud, CloudErrorKind};
 use crate::store::{ApplianceRecord, Store};
 
-/// Where an identity came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdentitySource {
-    Config,
-    Simulator,
-    Database,
-    Detected,
-    Unknown,
-}
-
-impl IdentitySource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Config => "config",
-            Self::Simulator => "simulator",
-            Self::Database => "database",
-            Self::Detected => "detected",
-            Self::Unknown => "unknown",
-        }
-    }
-}
+/// Where an identity came from (the wire's `source`).
+pub use volume_api::ApplianceSource as IdentitySource;
 
 /// The current identity and what is known about it.
 #[derive(Debug, Clone, PartialEq, Eq)]

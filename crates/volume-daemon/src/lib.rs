@@ -19,17 +19,4 @@ pub mod sim;
 pub mod statedir;
 pub mod store;
 
-/// Renders an error and its `source()` chain as one line: `outer: inner: root`.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let m = e.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = e.source();
-    }
-    s
-}
+pub(crate) use volume_api::error_chain;

@@ -160,7 +160,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = serve_config(args)?;
     init_logging(&cfg.log_format);
-    tracing::info!(state_dir = %cfg.state_dir.display(), database = %redact_url(&cfg.effective_database_url()), "starting");
+    tracing::info!(state_dir = %cfg.state_dir.display(), database = %volume_daemon::store::redact_url(&cfg.effective_database_url()), "starting");
     let daemon = RunningDaemon::start(cfg)
         .await
         .context("volume-daemon could not start")?;
@@ -186,20 +186,6 @@ fn default_sim_state_dir() -> PathBuf {
 /// the empty string (no-color.org).
 fn colour_logs(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
     stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
-}
-
-/// Hides the password of a database URL.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.find(':') {
-                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -253,11 +239,11 @@ mod tests {
     #[test]
     fn database_passwords_are_hidden() {
         assert_eq!(
-            redact_url("postgres://vd:s3cret@db:5432/vd"),
+            volume_daemon::store::redact_url("postgres://vd:s3cret@db:5432/vd"),
             "postgres://vd:***@db:5432/vd"
         );
         assert_eq!(
-            redact_url("sqlite:///x.db?mode=rwc"),
+            volume_daemon::store::redact_url("sqlite:///x.db?mode=rwc"),
             "sqlite:///x.db?mode=rwc"
         );
     }

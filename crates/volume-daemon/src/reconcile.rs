@@ -1,19 +1,19 @@
 //! The reconciler: compares the database, the cloud, the appliance's devices and the live NBD exports, reports
-//! every disagreement and, when asked, repairs the ones that have one safe repair. Volumes with an unfinished
-//! operation are left to that operation.
+//! every disagreement and, when asked, repairs the ones that have one safe repair (through the engine, in the
+//! volume's turn). Volumes with an unfinished operation are left to that operation.
 
 use std::collections::HashSet;
 
 use uuid::Uuid;
-use volume_api::{Drift, ReconcileReport};
+use volume_api::{Drift, DriftKind, ReconcileReport};
 
-use crate::engine::{Engine, EngineError, Repair};
-use crate::store::{AttachTarget, AttachmentFilter};
+use crate::engine::{DeviceCheck, Engine, EngineError, Repair};
+use crate::store::AttachTarget;
 
-fn drift(volume_id: Option<Uuid>, kind: &str, detail: String, action: &str) -> Drift {
+fn drift(volume_id: Option<Uuid>, kind: DriftKind, detail: String, action: &str) -> Drift {
     Drift {
         volume_id,
-        kind: kind.into(),
+        kind,
         detail,
         action: action.into(),
         applied: false,
@@ -22,145 +22,128 @@ fn drift(volume_id: Option<Uuid>, kind: &str, detail: String, action: &str) -> D
 
 /// Checks every known volume and live export; repairs when `apply`.
 pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, EngineError> {
-    let store = engine.store();
-    let busy: HashSet<Uuid> = store
-        .unfinished_operations()
-        .await?
-        .iter()
-        .filter_map(|o| o.volume_id)
-        .collect();
-    let volumes = store.list_volumes(false).await?;
-    let appliance = engine.identity().current().await.vm_id;
+    let busy = engine.busy_volumes().await?;
+    let (views, checked_volumes) = engine.reconcile_views(&busy).await?;
+    let appliance = engine.appliance().await.vm_id;
     let mut out = Vec::new();
-    for v in &volumes {
-        if busy.contains(&v.id) {
-            continue;
-        }
-        let att = store.get_attachment(v.id).await?;
-        let cloud = match engine.cloud().get_volume(&v.id.to_string()).await {
-            Ok(c) => c,
-            Err(e) => {
+    let mut repairs = Vec::new();
+    for v in &views {
+        let id = v.volume.id;
+        let cv = match &v.cloud {
+            Some(Ok(Some(cv))) => cv,
+            Some(Err(e)) => {
                 out.push(drift(
-                    Some(v.id),
-                    "cloud_unavailable",
+                    Some(id),
+                    DriftKind::CloudUnavailable,
                     format!("cannot ask CloudStack: {}", e.chain()),
                     "none; retry when CloudStack answers",
                 ));
                 continue;
             }
+            Some(Ok(None)) | None => {
+                out.push(drift(
+                    Some(id),
+                    DriftKind::MissingInCloud,
+                    "the database knows this volume but CloudStack does not".into(),
+                    "none; delete it through DELETE /api/v1/volumes/{id} to record the deletion",
+                ));
+                continue;
+            }
         };
-        let Some(cv) = cloud else {
-            out.push(drift(
-                Some(v.id),
-                "missing_in_cloud",
-                "the database knows this volume but CloudStack does not".into(),
-                "none; delete it through DELETE /api/v1/volumes/{id} to record the deletion",
-            ));
-            continue;
-        };
-        match (&att, cv.vm_id.as_deref()) {
+        match (&v.attachment, cv.vm_id.as_deref()) {
             (Some(a), None) => {
-                let mut d = drift(
-                    Some(v.id),
-                    "attached_only_in_database",
+                out.push(drift(
+                    Some(id),
+                    DriftKind::AttachedOnlyInDatabase,
                     format!(
                         "the database records an attachment to VM {} that CloudStack does not have",
                         a.vm_id
                     ),
                     "remove the attachment (and its export) from the daemon",
-                );
-                if apply {
-                    engine.repair(v.id, Repair::ForgetAttachment).await?;
-                    d.applied = true;
-                }
-                out.push(d);
+                ));
+                repairs.push((out.len() - 1, id, Repair::ForgetAttachment));
             }
             (None, Some(vm)) => out.push(drift(
-                Some(v.id),
-                "attached_only_in_cloud",
+                Some(id),
+                DriftKind::AttachedOnlyInCloud,
                 format!(
                     "CloudStack has the volume attached to VM {vm}; the database has no attachment"
                 ),
                 "none automatic; detach it (POST /api/v1/volumes/{id}/detach) and attach it again",
             )),
             (Some(a), Some(vm)) if a.vm_id != vm => out.push(drift(
-                Some(v.id),
-                "attached_elsewhere",
+                Some(id),
+                DriftKind::AttachedElsewhere,
                 format!("the database says VM {}, CloudStack says VM {vm}", a.vm_id),
                 "none automatic; detach it and attach it again",
             )),
             (Some(a), Some(_)) if a.target == AttachTarget::Appliance => {
-                match engine.devices().resolve(v.id, v.size_bytes).await {
-                    Ok(_) => {}
-                    Err(e) => {
-                        out.push(drift(
-                            Some(v.id),
-                            "device_problem",
-                            crate::error_chain(&e),
-                            "none automatic; see docs/operations.md (device never appeared / size mismatch)",
-                        ));
-                        continue;
+                if let Some(problem) = match &v.device {
+                    Some(DeviceCheck::Present) | None => None,
+                    Some(DeviceCheck::Missing) => {
+                        Some("no device has the volume's identity".to_string())
                     }
+                    Some(DeviceCheck::Unverified(e)) => Some(crate::error_chain(e)),
+                } {
+                    out.push(drift(
+                        Some(id),
+                        DriftKind::DeviceProblem,
+                        problem,
+                        "none automatic; see docs/operations.md (device never appeared / size mismatch)",
+                    ));
+                    continue;
                 }
-                let live = engine.exports().get(v.id);
-                let rec = store.get_export(v.id).await?;
-                let served = match (&live, &rec) {
-                    (Some(l), Some(r)) => l.generation == r.generation,
-                    _ => false,
-                };
-                if !served {
-                    let mut d = drift(
-                        Some(v.id),
-                        "export_missing",
+                if v.export.as_ref().is_none_or(|e| e.live.is_none()) {
+                    out.push(drift(
+                        Some(id),
+                        DriftKind::ExportMissing,
                         "attached to the appliance but its NBD export is not served".into(),
                         "re-verify the device and serve the export again",
-                    );
-                    if apply {
-                        engine.repair(v.id, Repair::Reexport).await?;
-                        d.applied = true;
-                    }
-                    out.push(d);
+                    ));
+                    repairs.push((out.len() - 1, id, Repair::Reexport));
                 }
             }
             _ => {}
         }
     }
     // Live exports without an appliance attachment.
-    let attached: HashSet<Uuid> = store
-        .list_attachments(&AttachmentFilter {
-            vm_id: None,
-            target: Some(AttachTarget::Appliance),
-        })
-        .await?
+    let attached: HashSet<Uuid> = views
         .iter()
-        .map(|a| a.volume_id)
+        .filter(|v| {
+            v.attachment
+                .as_ref()
+                .is_some_and(|a| a.target == AttachTarget::Appliance)
+        })
+        .map(|v| v.volume.id)
         .collect();
-    for snap in engine.exports().list() {
+    for snap in engine.live_exports() {
         let Some(id) = volume_api::volume_of_export(&snap.name) else {
             continue;
         };
         if attached.contains(&id) || busy.contains(&id) {
             continue;
         }
-        let mut d = drift(
+        out.push(drift(
             Some(id),
-            "export_without_attachment",
+            DriftKind::ExportWithoutAttachment,
             format!(
                 "export {} is served but the volume is not attached to the appliance",
                 snap.name
             ),
             "remove the export",
-        );
-        if apply {
-            engine.repair(id, Repair::RemoveOrphanExport).await?;
-            d.applied = true;
+        ));
+        repairs.push((out.len() - 1, id, Repair::RemoveOrphanExport));
+    }
+    if apply {
+        for (i, id, repair) in repairs {
+            engine.repair(id, repair).await?;
+            out[i].applied = true;
         }
-        out.push(d);
     }
     if appliance.is_none() {
         out.push(drift(
             None,
-            "appliance_identity_unknown",
+            DriftKind::ApplianceIdentityUnknown,
             "the appliance VM id is unknown, so appliance attachments cannot be checked against it"
                 .into(),
             "set appliance_vm_id or PUT /api/v1/appliance",
@@ -168,7 +151,7 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
     }
     Ok(ReconcileReport {
         dry_run: !apply,
-        checked_volumes: volumes.len(),
+        checked_volumes,
         drift: out,
     })
 }

@@ -503,7 +503,7 @@ mod tests {
             status: StatusCode::BAD_REQUEST,
             body: ErrorBody {
                 error: "size must be positive".into(),
-                code: "invalid_request".into(),
+                code: volume_api::ErrorCode::InvalidRequest,
                 field: Some("size".into()),
             },
         };
@@ -512,7 +512,7 @@ mod tests {
             status: StatusCode::UNAUTHORIZED,
             body: ErrorBody {
                 error: "missing or wrong bearer token".into(),
-                code: "unauthorized".into(),
+                code: volume_api::ErrorCode::Unauthorized,
                 field: None,
             },
         };

@@ -7,8 +7,8 @@ use clap::CommandFactory;
 use serde::Serialize;
 use uuid::Uuid;
 use volume_api::{
-    AttachVolumeRequest, CreateVolumeRequest, Operation, OperationStatus, SetApplianceRequest,
-    VolumeStatus,
+    AttachVolumeRequest, CreateVolumeRequest, HealthStatus, Operation, OperationStatus,
+    SetApplianceRequest, VolumeStatus,
 };
 
 use crate::cli::{
@@ -112,11 +112,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Health => {
             let h = client.health().await?;
             out.show(&h, render::health_report)?;
-            if h.value.status == "healthy" {
+            if h.value.status == HealthStatus::Healthy {
                 Ok(())
             } else {
                 Err(CliError::Unhealthy {
-                    status: h.value.status,
+                    status: h.value.status.to_string(),
                 })
             }
         }
@@ -225,7 +225,7 @@ async fn volumes(client: &Client, out: &Out, c: VolumesCommand) -> Result<(), Cl
                         .is_some_and(|a| ids.contains(&a.vm_id))
                 }) && state
                     .as_ref()
-                    .is_none_or(|s| v.state.eq_ignore_ascii_case(s))
+                    .is_none_or(|s| v.state.to_string().eq_ignore_ascii_case(s))
                     && name
                         .as_ref()
                         .is_none_or(|n| v.name.to_lowercase().contains(n))

@@ -65,12 +65,7 @@ pub enum CliError {
 }
 
 fn failed_message(op: &Operation) -> String {
-    let mut m = format!(
-        "operation {} ({}) {}",
-        op.id,
-        op.op_type.as_str(),
-        op.status.as_str()
-    );
+    let mut m = format!("operation {} ({}) {}", op.id, op.op_type(), op.status);
     if let Some(e) = &op.error {
         m.push_str(&format!(": {e}"));
     }
@@ -107,18 +102,8 @@ pub fn exit_of_kind(kind: ClientErrorKind) -> Exit {
 }
 
 /// The error and its sources on one line, each cause once.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    volume_api::error_chain(e)
 }
 
 #[cfg(test)]
@@ -132,7 +117,7 @@ mod tests {
             status,
             body: ErrorBody {
                 error: "x".into(),
-                code: "c".into(),
+                code: volume_api::ErrorCode::Conflict,
                 field: None,
             },
         })

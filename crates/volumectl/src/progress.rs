@@ -100,15 +100,10 @@ impl Drop for Progress {
     }
 }
 
-/// `operation 1234… (attach) executing: cloud_attach`.
+/// `operation 1234… (attach) executing: cloud_attach_job`.
 pub fn describe(op: &Operation) -> String {
-    let mut s = format!(
-        "operation {} ({}) {}",
-        op.id,
-        op.op_type.as_str(),
-        op.status.as_str()
-    );
-    if !op.step.is_empty() && !op.status.is_terminal() {
+    let mut s = format!("operation {} ({}) {}", op.id, op.op_type(), op.status);
+    if !op.status.is_terminal() {
         s.push_str(&format!(": {}", op.step));
     }
     if let Some(job) = op
@@ -126,21 +121,24 @@ mod tests {
     use super::*;
     use chrono::{DateTime, Utc};
     use uuid::Uuid;
-    use volume_api::{OperationStatus, OperationType};
+    use volume_api::{OperationKind, OperationStatus, OperationStep, VolumeOperationRequest};
 
     #[test]
     fn descriptions_name_the_step_until_the_end() {
         let mut op = Operation {
             id: Uuid::nil(),
-            op_type: OperationType::Detach,
+            kind: OperationKind::Detach {
+                request: VolumeOperationRequest {
+                    volume_id: Uuid::nil(),
+                },
+                response: None,
+            },
             status: OperationStatus::Executing,
             volume_id: None,
             vm_id: None,
-            request: serde_json::json!({}),
-            response: None,
             error: None,
             error_code: None,
-            step: "drain_exports".into(),
+            step: OperationStep::CloudDetachJob,
             cloudstack_job_id: Some("job-1".into()),
             created_at: DateTime::<Utc>::UNIX_EPOCH,
             updated_at: DateTime::<Utc>::UNIX_EPOCH,
@@ -148,7 +146,7 @@ mod tests {
         };
         let d = describe(&op);
         assert!(
-            d.ends_with("(detach) executing: drain_exports (cloud job job-1)"),
+            d.ends_with("(detach) executing: cloud_detach_job (cloud job job-1)"),
             "{d}"
         );
         op.status = OperationStatus::Completed;

@@ -1,12 +1,12 @@
 //! Human output: aligned tables and key/value blocks built from the wire types, as pure functions returning
 //! text, plus size parsing and formatting. `--json` output does not pass through here.
 
-use chrono::{DateTime, SecondsFormat, Utc};
 use std::collections::HashMap;
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use volume_api::{
-    Appliance, CloudOffering, CloudVm, CloudZone, Export, ExportList, Health, Operation,
-    OperationStatus, OperationType, ReconcileReport, VolumeStatus,
+    Appliance, AttachTarget, CloudOffering, CloudVm, CloudZone, DiskRole, Export, ExportList,
+    Health, Operation, OperationKind, OperationStatus, ReconcileReport, VolumeStatus,
 };
 
 /// Shown for an absent value.
@@ -213,8 +213,10 @@ pub fn vm_label(id: &str, names: &VmNames) -> String {
 fn attached_to(v: &VolumeStatus, names: &VmNames) -> String {
     match &v.attachment {
         None => NONE.into(),
-        Some(a) if a.target == "appliance" => format!("{} [appliance]", vm_label(&a.vm_id, names)),
-        Some(a) if a.role == "root" => format!("{} [root]", vm_label(&a.vm_id, names)),
+        Some(a) if a.target == AttachTarget::Appliance => {
+            format!("{} [appliance]", vm_label(&a.vm_id, names))
+        }
+        Some(a) if a.role == DiskRole::Root => format!("{} [root]", vm_label(&a.vm_id, names)),
         Some(a) => vm_label(&a.vm_id, names),
     }
 }
@@ -234,12 +236,12 @@ pub fn volumes_table(vols: &[VolumeStatus], names: &VmNames) -> String {
             v.volume_id.to_string(),
             v.name.clone(),
             human_bytes(v.size),
-            v.state.clone(),
+            v.state.to_string(),
             attached_to(v, names),
             opt(v.attachment.as_ref().and_then(|a| a.device_path.clone())),
             v.export
                 .as_ref()
-                .map(|e| e.status.clone())
+                .map(|e| e.status.to_string())
                 .unwrap_or_else(|| NONE.into()),
         ]);
     }
@@ -247,12 +249,7 @@ pub fn volumes_table(vols: &[VolumeStatus], names: &VmNames) -> String {
 }
 
 pub fn volume_detail(v: &VolumeStatus, names: &VmNames) -> String {
-    let cloud_state = v
-        .cloudstack_data
-        .as_ref()
-        .and_then(|d| d.get("state"))
-        .and_then(|s| s.as_str())
-        .map(str::to_string);
+    let cloud_state = v.cloudstack_data.as_ref().map(|d| d.state.clone());
     let mut pairs = vec![
         ("volume", v.volume_id.to_string()),
         ("name", v.name.clone()),
@@ -260,7 +257,7 @@ pub fn volume_detail(v: &VolumeStatus, names: &VmNames) -> String {
             "size",
             format!("{} ({} bytes)", human_bytes(v.size), v.size),
         ),
-        ("state", v.state.clone()),
+        ("state", v.state.to_string()),
         ("disk offering", v.disk_offering_id.clone()),
         ("zone", v.zone_id.clone()),
         (
@@ -279,7 +276,10 @@ pub fn volume_detail(v: &VolumeStatus, names: &VmNames) -> String {
         pairs.push(("kernel device", opt(a.kernel_device.clone())));
         pairs.push(("stable name", opt(a.symlink_path.clone())));
     }
-    pairs.push(("linux state", opt(v.linux_state.clone())));
+    pairs.push(("linux state", opt(v.linux_state)));
+    if let Some(p) = &v.linux_problem {
+        pairs.push(("linux problem", p.clone()));
+    }
     match &v.export {
         Some(e) => {
             pairs.push((
@@ -297,7 +297,7 @@ pub fn volume_detail(v: &VolumeStatus, names: &VmNames) -> String {
     if let Some(op) = &v.last_operation {
         pairs.push((
             "last operation",
-            format!("{} {} {}", op.id, op.op_type.as_str(), op.status.as_str()),
+            format!("{} {} {}", op.id, op.op_type(), op.status),
         ));
     }
     pairs.push(("created", time(v.created_at)));
@@ -319,15 +319,11 @@ pub fn operations_table(ops: &[Operation], names: &VmNames) -> String {
     for o in ops {
         t.row(vec![
             o.id.to_string(),
-            o.op_type.as_str().into(),
-            o.status.as_str().into(),
+            o.op_type().to_string(),
+            o.status.to_string(),
             opt(o.volume_id),
             opt(o.vm_id.as_deref().map(|id| vm_label(id, names))),
-            if o.step.is_empty() {
-                NONE.into()
-            } else {
-                o.step.clone()
-            },
+            o.step.to_string(),
             time(o.created_at),
             opt(o.error.clone()),
         ]);
@@ -338,18 +334,11 @@ pub fn operations_table(ops: &[Operation], names: &VmNames) -> String {
 pub fn operation_detail(o: &Operation) -> String {
     let mut pairs = vec![
         ("operation", o.id.to_string()),
-        ("type", o.op_type.as_str().to_string()),
-        ("status", o.status.as_str().to_string()),
+        ("type", o.op_type().to_string()),
+        ("status", o.status.to_string()),
         ("volume", opt(o.volume_id)),
         ("vm", opt(o.vm_id.clone())),
-        (
-            "step",
-            if o.step.is_empty() {
-                NONE.into()
-            } else {
-                o.step.clone()
-            },
-        ),
+        ("step", o.step.to_string()),
         ("cloudstack job", opt(o.cloudstack_job_id.clone())),
     ];
     if o.status == OperationStatus::Failed || o.error.is_some() {
@@ -361,12 +350,14 @@ pub fn operation_detail(o: &Operation) -> String {
         };
         pairs.push(("error", err));
     }
-    if let Some(r) = o.response.as_ref().and_then(|r| r.as_object()) {
-        for key in ["volume_id", "device_path", "export_name"] {
-            if let Some(v) = r.get(key).and_then(|v| v.as_str()) {
-                pairs.push((key, v.to_string()));
-            }
-        }
+    if let Some(v) = o.response_volume_id() {
+        pairs.push(("volume_id", v.to_string()));
+    }
+    if let Some(d) = o.response_device_path() {
+        pairs.push(("device_path", d.to_string()));
+    }
+    if let Some(e) = o.response_export_name() {
+        pairs.push(("export_name", e.to_string()));
     }
     pairs.push(("created", time(o.created_at)));
     pairs.push(("updated", time(o.updated_at)));
@@ -377,42 +368,26 @@ pub fn operation_detail(o: &Operation) -> String {
 /// The one-line outcome of a finished mutation.
 /// `nbd_host` is where the daemon runs, for the NBD URL of an appliance attachment.
 pub fn operation_outcome(o: &Operation, nbd_host: &str) -> String {
-    let subject = o
-        .response
-        .as_ref()
-        .and_then(|r| r.get("volume_id"))
-        .and_then(|v| v.as_str())
-        .map(str::to_string)
-        .or_else(|| o.volume_id.map(|v| v.to_string()));
-    let mut s = format!(
-        "operation {} ({}) {}",
-        o.id,
-        o.op_type.as_str(),
-        o.status.as_str()
-    );
+    let subject = o.response_volume_id().or(o.volume_id);
+    let mut s = format!("operation {} ({}) {}", o.id, o.op_type(), o.status);
     if let Some(v) = subject {
         s.push_str(&format!(": volume {v}"));
     }
-    let response = o.response.as_ref();
-    let text = |key: &str| {
-        response
-            .and_then(|r| r.get(key))
-            .and_then(|v| v.as_str())
-            .filter(|v| !v.is_empty())
-    };
-    if let Some(d) = text("device_path") {
+    if let Some(d) = o.response_device_path() {
         s.push_str(&format!(", device {d}"));
     }
-    if o.op_type == OperationType::Detach
-        && o.status == OperationStatus::Completed
-        && response.is_some_and(|r| r.get("vm_id").is_some_and(|v| v.is_null()))
+    if let OperationKind::Detach {
+        response: Some(r), ..
+    } = &o.kind
     {
-        s.push_str(": it was not attached, nothing to detach");
+        if r.vm_id.is_none() {
+            s.push_str(": it was not attached, nothing to detach");
+        }
     }
     if let Some(e) = &o.error {
         s.push_str(&format!(": {e}"));
     }
-    if o.op_type == OperationType::Attach {
+    if let OperationKind::Attach { .. } = &o.kind {
         if let Some(url) = operation_subject(o, nbd_host) {
             s.push('\n');
             s.push_str(&url);
@@ -424,17 +399,16 @@ pub fn operation_outcome(o: &Operation, nbd_host: &str) -> String {
 /// What `-q` prints for a completed mutation: the export's NBD URL after an appliance attach, the volume's
 /// id after a create, nothing otherwise.
 pub fn operation_subject(o: &Operation, nbd_host: &str) -> Option<String> {
-    let response = o.response.as_ref()?;
-    let export = response.get("export_name").and_then(|v| v.as_str());
-    let port = response.get("nbd_port").and_then(|v| v.as_u64());
-    match (o.op_type, export, port) {
-        (OperationType::Attach, Some(e), Some(p)) => {
-            Some(format!("nbd://{}:{p}/{e}", url_host(nbd_host)))
-        }
-        (OperationType::Create, _, _) => response
-            .get("volume_id")
-            .and_then(|v| v.as_str())
-            .map(str::to_string),
+    match &o.kind {
+        OperationKind::Attach {
+            response: Some(r), ..
+        } => match (&r.export_name, r.nbd_port) {
+            (Some(e), Some(p)) => Some(format!("nbd://{}:{p}/{e}", url_host(nbd_host))),
+            _ => None,
+        },
+        OperationKind::Create {
+            response: Some(r), ..
+        } => Some(r.volume_id.to_string()),
         _ => None,
     }
 }
@@ -501,7 +475,7 @@ pub fn exports_table(list: &ExportList) -> String {
     for e in &list.exports {
         t.row(vec![
             e.export_name.clone(),
-            e.status.clone(),
+            e.status.to_string(),
             e.device_path.clone(),
             e.port.to_string(),
             human_bytes(e.size),
@@ -521,7 +495,7 @@ pub fn export_detail(e: &Export) -> String {
     fields(&[
         ("export", e.export_name.clone()),
         ("volume", e.volume_id.to_string()),
-        ("status", e.status.clone()),
+        ("status", e.status.to_string()),
         ("device", e.device_path.clone()),
         ("port", e.port.to_string()),
         ("read only", e.read_only.to_string()),
@@ -557,7 +531,7 @@ pub fn export_detail(e: &Export) -> String {
 pub fn appliance_detail(a: &Appliance) -> String {
     let mut pairs = vec![
         ("vm", opt(a.vm_id.clone())),
-        ("source", a.source.clone()),
+        ("source", a.source.to_string()),
         ("verified", a.verified.to_string()),
         ("name", opt(a.vm_name.clone())),
         ("state", opt(a.vm_state.clone())),
@@ -570,13 +544,13 @@ pub fn appliance_detail(a: &Appliance) -> String {
 
 pub fn health_report(h: &Health) -> String {
     let mut out = fields(&[
-        ("status", h.status.clone()),
+        ("status", h.status.to_string()),
         ("ready", h.ready.to_string()),
         ("version", format!("{} {}", h.service, h.version)),
     ]);
     let mut t = Table::new(&["COMPONENT", "STATUS", "DETAIL"]);
     for (name, c) in &h.components {
-        t.row(vec![name.clone(), c.status.clone(), c.detail.clone()]);
+        t.row(vec![name.clone(), c.status.to_string(), c.detail.clone()]);
     }
     out.push('\n');
     out.push_str(&t.render());
@@ -595,7 +569,7 @@ pub fn reconcile_report(r: &ReconcileReport) -> String {
         for d in &r.drift {
             t.row(vec![
                 opt(d.volume_id),
-                d.kind.clone(),
+                d.kind.to_string(),
                 d.action.clone(),
                 if d.applied { "yes".into() } else { "no".into() },
                 d.detail.clone(),
@@ -615,7 +589,13 @@ mod tests {
     use super::*;
     use serde_json::json;
     use uuid::Uuid;
-    use volume_api::{AttachmentInfo, ComponentHealth, Drift, OperationType, SnapshotInfo};
+    use volume_api::{
+        ApplianceSource, AttachOperationRequest, AttachVolumeResponse, AttachmentInfo,
+        CloudVolumeData, ComponentHealth, ComponentStatus, Drift, DriftKind, ErrorCode,
+        ExportStatus, HealthStatus, LinuxState, OperationKind, OperationStep, SnapshotInfo,
+        VolumeState,
+    };
+    use volume_api::{DetachVolumeResponse, VolumeOperationRequest};
 
     fn t0() -> DateTime<Utc> {
         DateTime::<Utc>::UNIX_EPOCH
@@ -633,11 +613,11 @@ mod tests {
             disk_offering_id: "off".into(),
             zone_id: "zone".into(),
             metadata: json!({}),
-            state: "attached".into(),
+            state: VolumeState::Attached,
             attachment: Some(AttachmentInfo {
                 vm_id: "vm-app".into(),
-                target: "appliance".into(),
-                role: "data".into(),
+                target: AttachTarget::Appliance,
+                role: DiskRole::Data,
                 device_id: Some(1),
                 device_path: Some("/dev/disk/by-id/virtio-6033803592fb4d2798d4".into()),
                 kernel_device: Some("vdb".into()),
@@ -645,22 +625,21 @@ mod tests {
                 symlink_path: None,
             }),
             export: None,
-            cloudstack_data: Some(json!({"state": "Ready"})),
+            cloudstack_data: Some(CloudVolumeData {
+                state: "Ready".into(),
+                virtualmachineid: Some("vm-app".into()),
+                deviceid: Some(1),
+                size: 1 << 30,
+                volume_type: Some("DATADISK".into()),
+            }),
             cloudstack_error: None,
-            linux_state: Some("present".into()),
+            linux_state: Some(LinuxState::Present),
+            linux_problem: None,
             snapshot: SnapshotInfo::default(),
             last_operation: None,
             created_at: t0(),
             updated_at: t0(),
         }
-    }
-
-    #[test]
-    fn tables_align_columns_and_trim_trailing_space() {
-        let mut t = Table::new(&["A", "LONGER"]);
-        t.row(vec!["wide cell".into(), "x".into()]);
-        t.row(vec!["y".into()]);
-        assert_eq!(t.render_fit(None), "A          LONGER\nwide cell  x\ny\n");
     }
 
     #[test]
@@ -677,6 +656,14 @@ mod tests {
         );
         // Wide: every cell in full.
         assert!(t.render_fit(None).contains(&"a".repeat(40)));
+    }
+
+    #[test]
+    fn tables_align_columns_and_trim_trailing_space() {
+        let mut t = Table::new(&["A", "LONGER"]);
+        t.row(vec!["wide cell".into(), "x".into()]);
+        t.row(vec!["y".into()]);
+        assert_eq!(t.render_fit(None), "A          LONGER\nwide cell  x\ny\n");
     }
 
     #[test]
@@ -733,15 +720,35 @@ mod tests {
     fn op(status: OperationStatus) -> Operation {
         Operation {
             id: Uuid::nil(),
-            op_type: OperationType::Attach,
+            kind: OperationKind::Attach {
+                request: AttachOperationRequest {
+                    volume_id: vid(),
+                    vm_id: "vm-app".into(),
+                    device_id: None,
+                    attach_as: None,
+                },
+                response: Some(AttachVolumeResponse {
+                    volume_id: vid(),
+                    vm_id: "vm-app".into(),
+                    device_path: Some("/dev/disk/by-id/virtio-x".into()),
+                    device_id: Some(1),
+                    attach_as: None,
+                    kernel_device: None,
+                    persistent_device_name: None,
+                    symlink_path: None,
+                    export_name: None,
+                    nbd_port: None,
+                    export_generation: None,
+                    device_appeared_ms: None,
+                    message: "volume attached".into(),
+                }),
+            },
             status,
             volume_id: Some(vid()),
             vm_id: Some("vm-app".into()),
-            request: json!({}),
-            response: Some(json!({"device_path": "/dev/disk/by-id/virtio-x"})),
             error: (status == OperationStatus::Failed).then(|| "device never appeared".into()),
-            error_code: (status == OperationStatus::Failed).then(|| "device_timeout".into()),
-            step: "commit".into(),
+            error_code: (status == OperationStatus::Failed).then_some(ErrorCode::DeviceTimeout),
+            step: OperationStep::Exported,
             cloudstack_job_id: None,
             created_at: t0(),
             updated_at: t0(),
@@ -767,16 +774,25 @@ mod tests {
     #[test]
     fn appliance_attach_prints_the_nbd_url_and_a_detach_of_nothing_says_so() {
         let mut a = op(OperationStatus::Completed);
-        a.response = Some(
-            json!({"device_path": "/dev/x", "export_name": "migration-vol-x", "nbd_port": 10809}),
-        );
+        if let OperationKind::Attach {
+            response: Some(r), ..
+        } = &mut a.kind
+        {
+            r.export_name = Some("migration-vol-x".into());
+            r.nbd_port = Some(10809);
+        }
         let o = operation_outcome(&a, "::1");
         assert!(o.ends_with("\nnbd://[::1]:10809/migration-vol-x"), "{o}");
         let mut d = op(OperationStatus::Completed);
-        d.op_type = OperationType::Detach;
-        d.response = Some(
-            json!({"volume_id": vid(), "device_path": "", "vm_id": null, "message": "volume was not attached"}),
-        );
+        d.kind = OperationKind::Detach {
+            request: VolumeOperationRequest { volume_id: vid() },
+            response: Some(DetachVolumeResponse {
+                volume_id: vid(),
+                device_path: String::new(),
+                vm_id: None,
+                message: "volume was not attached".into(),
+            }),
+        };
         let o = operation_outcome(&d, "127.0.0.1");
         assert!(o.contains("it was not attached, nothing to detach"), "{o}");
         assert!(!o.contains("device"), "{o}");
@@ -789,7 +805,7 @@ mod tests {
             volume_id: vid(),
             device_path: "/dev/vdb".into(),
             port: 10809,
-            status: "active".into(),
+            status: ExportStatus::Active,
             read_only: false,
             generation: 1,
             size: 1 << 30,
@@ -821,20 +837,23 @@ mod tests {
         components.insert(
             "privileges".to_string(),
             ComponentHealth {
-                status: "failed".into(),
+                status: ComponentStatus::Failed,
                 detail: "cannot open /dev/vdb".into(),
             },
         );
         let h = Health {
-            status: "degraded".into(),
-            ready: true,
+            status: HealthStatus::Unhealthy,
+            ready: false,
             service: "volume-daemon".into(),
             version: "0.1.0".into(),
             timestamp: t0(),
             components,
         };
         let out = health_report(&h);
-        assert!(out.contains("status:") && out.contains("degraded"), "{out}");
+        assert!(
+            out.contains("status:") && out.contains("unhealthy"),
+            "{out}"
+        );
         assert!(
             out.contains("privileges  failed  cannot open /dev/vdb"),
             "{out}"
@@ -844,7 +863,7 @@ mod tests {
             checked_volumes: 3,
             drift: vec![Drift {
                 volume_id: Some(vid()),
-                kind: "export_missing".into(),
+                kind: DriftKind::ExportMissing,
                 detail: "not served".into(),
                 action: "recreate export".into(),
                 applied: false,
@@ -863,7 +882,7 @@ mod tests {
     fn appliance_shows_problem() {
         let out = appliance_detail(&Appliance {
             vm_id: None,
-            source: "unknown".into(),
+            source: ApplianceSource::Unknown,
             verified: false,
             vm_name: None,
             vm_state: None,

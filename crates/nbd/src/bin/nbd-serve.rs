@@ -137,6 +137,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             })
             .with_context(|| format!("cannot add export {name:?}"))?;
     }
+    if let Some(name) = allowed.keys().next() {
+        anyhow::bail!("--allow names export {name:?}, which is not served");
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -155,9 +158,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    if let Some(name) = allowed.keys().next() {
-        anyhow::bail!("--allow names export {name:?}, which is not served");
-    }
     let cfg = nbd::ServerConfig {
         max_connections_per_client: args.max_connections_per_client,
         max_in_flight: args.max_in_flight,

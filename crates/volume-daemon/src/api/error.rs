@@ -4,7 +4,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use volume_api::ErrorBody;
+use volume_api::{ErrorBody, ErrorCode};
 
 use crate::cloud::CloudErrorKind;
 use crate::engine::EngineError;
@@ -26,8 +26,6 @@ pub enum ApiError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
     Identity(#[from] IdentitySetError),
 }
 
@@ -39,39 +37,38 @@ impl ApiError {
         }
     }
 
-    fn parts(&self) -> (StatusCode, String, Option<String>) {
+    fn parts(&self) -> (StatusCode, ErrorCode, Option<String>) {
         match self {
             Self::BadRequest { field, .. } => (
                 StatusCode::BAD_REQUEST,
-                "invalid_request".into(),
+                ErrorCode::InvalidRequest,
                 field.clone(),
             ),
-            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found".into(), None),
-            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized".into(), None),
-            Self::Store(e) => (store_status(e), "database_error".into(), None),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound, None),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, None),
             Self::Identity(e) => match e {
                 IdentitySetError::Identity(IdentityError::Fixed(_)) => (
                     StatusCode::CONFLICT,
-                    "appliance_identity_fixed".into(),
+                    ErrorCode::ApplianceIdentityFixed,
                     Some("vm_id".into()),
                 ),
                 IdentitySetError::Identity(IdentityError::NoSuchVm(_)) => (
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    "no_such_vm".into(),
+                    ErrorCode::NoSuchVm,
                     Some("vm_id".into()),
                 ),
                 IdentitySetError::Identity(IdentityError::CloudUnavailable { .. }) => (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "cloud_unavailable".into(),
+                    ErrorCode::CloudUnavailable,
                     None,
                 ),
                 IdentitySetError::Identity(IdentityError::Unknown(_))
                 | IdentitySetError::Identity(IdentityError::Unverified { .. }) => (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "appliance_identity_unknown".into(),
+                    ErrorCode::ApplianceIdentityUnknown,
                     None,
                 ),
-                IdentitySetError::Store(e) => (store_status(e), "database_error".into(), None),
+                IdentitySetError::Store(e) => (store_status(e), ErrorCode::DatabaseError, None),
             },
             Self::Engine(e) => {
                 let code = e.code();
@@ -91,12 +88,10 @@ impl ApiError {
                         (StatusCode::SERVICE_UNAVAILABLE, code, None)
                     }
                     EngineError::Cloud(_) => (StatusCode::BAD_GATEWAY, code, None),
-                    EngineError::Device(_) => (StatusCode::INTERNAL_SERVER_ERROR, code, None),
-                    EngineError::Export(_) => (StatusCode::INTERNAL_SERVER_ERROR, code, None),
-                    EngineError::Compensated { .. } => {
-                        (StatusCode::INTERNAL_SERVER_ERROR, code, None)
-                    }
-                    EngineError::CloudDisagrees(_)
+                    EngineError::Device(_)
+                    | EngineError::Export(_)
+                    | EngineError::Compensated { .. }
+                    | EngineError::CloudDisagrees(_)
                     | EngineError::Interrupted(_)
                     | EngineError::Journal { .. } => {
                         (StatusCode::INTERNAL_SERVER_ERROR, code, None)

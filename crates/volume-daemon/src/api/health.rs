@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use volume_api::{ComponentHealth, Health};
+use volume_api::{ComponentHealth, ComponentStatus, Health, HealthStatus};
 
 use super::AppState;
 
@@ -48,7 +48,11 @@ impl HealthState {
 
 fn component(ok: bool, detail: impl Into<String>) -> ComponentHealth {
     ComponentHealth {
-        status: if ok { "ok" } else { "failed" }.into(),
+        status: if ok {
+            ComponentStatus::Ok
+        } else {
+            ComponentStatus::Failed
+        },
         detail: detail.into(),
     }
 }
@@ -57,7 +61,7 @@ fn component(ok: bool, detail: impl Into<String>) -> ComponentHealth {
 pub async fn report(st: &AppState) -> Health {
     let engine = &st.engine;
     let mut components = st.health.facts();
-    let db = engine.store().get_appliance().await;
+    let db = engine.check_database().await;
     components.insert(
         "database".into(),
         match db {
@@ -65,7 +69,7 @@ pub async fn report(st: &AppState) -> Health {
             Err(e) => component(false, crate::error_chain(&e)),
         },
     );
-    let cloud = tokio::time::timeout(CLOUD_CHECK_TIMEOUT, engine.cloud().ping()).await;
+    let cloud = tokio::time::timeout(CLOUD_CHECK_TIMEOUT, engine.check_cloud()).await;
     components.insert(
         "cloudstack".into(),
         match cloud {
@@ -77,7 +81,7 @@ pub async fn report(st: &AppState) -> Health {
             ),
         },
     );
-    let id = engine.identity().current().await;
+    let id = engine.appliance().await;
     components.insert(
         "appliance_identity".into(),
         match (&id.vm_id, id.verified) {
@@ -109,9 +113,13 @@ pub async fn report(st: &AppState) -> Health {
             },
         ),
     );
-    let all_ok = components.values().all(|c| c.status == "ok");
+    let all_ok = components.values().all(|c| c.status == ComponentStatus::Ok);
     Health {
-        status: if all_ok { "healthy" } else { "unhealthy" }.into(),
+        status: if all_ok {
+            HealthStatus::Healthy
+        } else {
+            HealthStatus::Unhealthy
+        },
         ready: all_ok,
         service: "volume-daemon".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -120,6 +128,15 @@ pub async fn report(st: &AppState) -> Health {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "meta",
+    responses(
+        (status = 200, description = "every component ok (also at /health)", body = Health),
+        (status = 503, description = "a component failed: the daemon cannot serve", body = Health),
+    )
+)]
 pub async fn health(State(st): State<AppState>) -> Response {
     let h = report(&st).await;
     let status = if h.ready {

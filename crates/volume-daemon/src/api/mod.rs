@@ -6,6 +6,7 @@ mod error;
 mod extract;
 mod health;
 mod listener;
+mod openapi;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,16 +21,21 @@ use serde::Deserialize;
 use uuid::Uuid;
 use volume_api::{
     AttachVolumeRequest, CloudOffering, CloudVm, CloudZone, CreateExportRequest,
-    CreateVolumeRequest, ExportList, ReconcileRequest, SetApplianceRequest, VolumeOperationRequest,
-    IDEMPOTENCY_KEY_HEADER,
+    CreateVolumeRequest, ExportList, ExportRemoved, OperationStatus, OperationType,
+    ReconcileRequest, SetApplianceRequest, VolumeOperationRequest, IDEMPOTENCY_KEY_HEADER,
+};
+// Named only in the OpenAPI annotations of the handlers.
+#[allow(unused_imports)]
+use volume_api::{
+    Appliance, DeviceMapping, ErrorBody, Export, Operation, ReconcileReport, VmVolume, VolumeStatus,
 };
 
-pub use error::ApiError;
-pub use health::HealthState;
-pub use listener::{serve, ListenerLimits};
+pub(crate) use error::ApiError;
+pub(crate) use health::HealthState;
+pub(crate) use listener::{serve, ListenerLimits};
 
 use crate::config::Secret;
-use crate::engine::{Engine, EngineError, Request};
+use crate::engine::{Engine, Request};
 use crate::store::OperationFilter;
 use extract::JsonBody;
 
@@ -146,7 +152,7 @@ async fn submit(st: &AppState, req: Request, headers: &HeaderMap) -> Result<Resp
     let sub = st.engine.submit(req, key).await?;
     let mut resp = (
         StatusCode::CREATED,
-        Json(convert::operation(&sub.operation)),
+        Json(convert::operation(&sub.operation)?),
     )
         .into_response();
     if !sub.created {
@@ -158,6 +164,20 @@ async fn submit(st: &AppState, req: Request, headers: &HeaderMap) -> Result<Resp
     Ok(resp)
 }
 
+/// Answers of every mutation.
+#[utoipa::path(
+    post,
+    path = "/volumes",
+    tag = "volumes",
+    request_body = CreateVolumeRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+    responses(
+        (status = 201, description = "journaled; `type` is `create`", body = Operation),
+        (status = 400, description = "invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "missing or wrong bearer token (when `api_token` is set; on every endpoint but health)", body = ErrorBody),
+        (status = 503, description = "starting up or shutting down", body = ErrorBody),
+    )
+)]
 async fn create_volume(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -185,6 +205,22 @@ async fn attach_common(
     submit(&st, Request::attach(volume_id, body.vm_id, root), &headers).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/volumes/{id}/attach",
+    tag = "volumes",
+    request_body = AttachVolumeRequest,
+    params(("id" = Uuid, Path, description = "volume id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+    responses(
+        (status = 201, description = "journaled; `type` is `attach`; the appliance gets a device, a stable name and an export", body = Operation),
+        (status = 400, description = "invalid input", body = ErrorBody),
+        (status = 404, description = "unknown volume", body = ErrorBody),
+        (status = 409, description = "attached elsewhere", body = ErrorBody),
+        (status = 502, description = "CloudStack refused a synchronous check", body = ErrorBody),
+        (status = 503, description = "appliance identity unknown, or starting up", body = ErrorBody),
+    )
+)]
 async fn attach_volume(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -194,6 +230,20 @@ async fn attach_volume(
     attach_common(st, id, headers, body, false).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/volumes/{id}/attach-root",
+    tag = "volumes",
+    request_body = AttachVolumeRequest,
+    params(("id" = Uuid, Path, description = "volume id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+    responses(
+        (status = 201, description = "journaled; CloudStack device id 0 on a VM other than the appliance", body = Operation),
+        (status = 400, description = "invalid input, or the appliance named", body = ErrorBody),
+        (status = 404, description = "unknown volume", body = ErrorBody),
+        (status = 409, description = "attached elsewhere", body = ErrorBody),
+    )
+)]
 async fn attach_root(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -203,6 +253,17 @@ async fn attach_root(
     attach_common(st, id, headers, body, true).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/volumes/{id}/detach",
+    tag = "volumes",
+    params(("id" = Uuid, Path, description = "volume id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+    responses(
+        (status = 201, description = "journaled; `type` is `detach`; the export is drained first", body = Operation),
+        (status = 404, description = "unknown volume", body = ErrorBody),
+    )
+)]
 async fn detach_volume(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -217,6 +278,17 @@ async fn detach_volume(
     .await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/volumes/{id}",
+    tag = "volumes",
+    params(("id" = Uuid, Path, description = "volume id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+    responses(
+        (status = 201, description = "journaled; `type` is `delete`; detached first when attached", body = Operation),
+        (status = 404, description = "unknown or already deleted volume", body = ErrorBody),
+    )
+)]
 async fn delete_volume(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -231,43 +303,63 @@ async fn delete_volume(
     .await
 }
 
+#[utoipa::path(
+    get,
+    path = "/volumes",
+    tag = "volumes",
+    responses((status = 200, description = "every volume the daemon knows (the cloud is not asked)", body = Vec<VolumeStatus>))
+)]
 async fn list_volumes(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let vols = st.engine.store().list_volumes(false).await?;
-    let mut out = Vec::with_capacity(vols.len());
-    for v in vols {
-        out.push(convert::volume_status(&st.engine, v, false).await?);
-    }
+    let views = st.engine.volume_list().await?;
+    let out = views
+        .iter()
+        .map(convert::volume_status)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(out).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/volumes/{id}",
+    tag = "volumes",
+    params(("id" = Uuid, Path, description = "volume id")),
+    responses(
+        (status = 200, description = "the volume's real status: record, attachment, device, export, the cloud's view", body = VolumeStatus),
+        (status = 404, description = "unknown volume", body = ErrorBody),
+    )
+)]
 async fn get_volume(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
-    let v = st
-        .engine
-        .store()
-        .get_volume(volume_id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::NotFound(format!("volume {volume_id} is not known to the daemon"))
-        })?;
-    Ok(Json(convert::volume_status(&st.engine, v, true).await?).into_response())
+    let v = st.engine.volume_view(volume_id).await?.ok_or_else(|| {
+        ApiError::NotFound(format!("volume {volume_id} is not known to the daemon"))
+    })?;
+    Ok(Json(convert::volume_status(&v)?).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/volumes/{id}/device",
+    tag = "devices",
+    params(("id" = Uuid, Path, description = "volume id")),
+    responses(
+        (status = 200, description = "the device mapping of an attached volume", body = DeviceMapping),
+        (status = 404, description = "not attached", body = ErrorBody),
+    )
+)]
 async fn get_device(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
-    let a = st
+    let d = st
         .engine
-        .store()
-        .get_attachment(volume_id)
+        .device_of_volume(volume_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("mapping not found for volume: {volume_id}")))?;
-    Ok(Json(convert::device_mapping(&st.engine, a).await?).into_response())
+    Ok(Json(convert::device_mapping(&d)).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -276,48 +368,64 @@ struct DeviceQuery {
     path: String,
 }
 
+#[utoipa::path(
+    get,
+    path = "/devices/volume",
+    tag = "devices",
+    params(("path" = String, Query, description = "a device path: by-id, kernel or stable name")),
+    responses(
+        (status = 200, description = "the mapping of the volume with that device", body = DeviceMapping),
+        (status = 400, description = "no path given", body = ErrorBody),
+        (status = 404, description = "no attached volume has that device", body = ErrorBody),
+    )
+)]
 async fn device_to_volume(
     State(st): State<AppState>,
     q: Result<Query<DeviceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) =
         q.map_err(|e| ApiError::bad("path", format!("{e}: use ?path=/dev/disk/by-id/virtio-…")))?;
-    let a = st
-        .engine
-        .store()
-        .find_attachment_by_device(&q.path)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no attached volume has device {}", q.path)))?;
-    Ok(Json(convert::device_mapping(&st.engine, a).await?).into_response())
+    let d =
+        st.engine.device_by_path(&q.path).await?.ok_or_else(|| {
+            ApiError::NotFound(format!("no attached volume has device {}", q.path))
+        })?;
+    Ok(Json(convert::device_mapping(&d)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/vms/{vm_id}/volumes",
+    tag = "volumes",
+    params(("vm_id" = String, Path, description = "CloudStack VM id")),
+    responses((status = 200, description = "volumes attached to that VM", body = Vec<VmVolume>))
+)]
 async fn vm_volumes(
     State(st): State<AppState>,
     Path(vm_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let atts = st
-        .engine
-        .store()
-        .list_attachments(&crate::store::AttachmentFilter {
-            vm_id: Some(vm_id),
-            target: None,
-        })
-        .await?;
-    let mut out = Vec::with_capacity(atts.len());
-    for a in atts {
-        out.push(convert::vm_volume(&st.engine, a).await?);
-    }
+    let atts = st.engine.vm_volumes(vm_id).await?;
+    let out: Vec<_> = atts
+        .iter()
+        .map(|(a, v)| convert::vm_volume(a, v.as_ref()))
+        .collect();
     Ok(Json(out).into_response())
 }
 
 /// `GET /cloud/zones`: the zones the cloud lists, by name.
+#[utoipa::path(
+    get,
+    path = "/cloud/zones",
+    tag = "cloud",
+    responses(
+        (status = 200, description = "the cloud's zones, by name", body = Vec<CloudZone>),
+        (status = 503, description = "CloudStack cannot be reached", body = ErrorBody),
+    )
+)]
 async fn cloud_zones(State(st): State<AppState>) -> Result<Response, ApiError> {
     let mut out: Vec<CloudZone> = st
         .engine
-        .cloud()
-        .zones()
-        .await
-        .map_err(EngineError::from)?
+        .cloud_zones()
+        .await?
         .into_iter()
         .map(|z| CloudZone {
             id: z.id,
@@ -329,13 +437,20 @@ async fn cloud_zones(State(st): State<AppState>) -> Result<Response, ApiError> {
 }
 
 /// `GET /cloud/offerings`: the disk offerings the cloud lists, by name.
+#[utoipa::path(
+    get,
+    path = "/cloud/offerings",
+    tag = "cloud",
+    responses(
+        (status = 200, description = "the cloud's disk offerings, by name", body = Vec<CloudOffering>),
+        (status = 503, description = "CloudStack cannot be reached", body = ErrorBody),
+    )
+)]
 async fn cloud_offerings(State(st): State<AppState>) -> Result<Response, ApiError> {
     let mut out: Vec<CloudOffering> = st
         .engine
-        .cloud()
-        .disk_offerings()
-        .await
-        .map_err(EngineError::from)?
+        .cloud_offerings()
+        .await?
         .into_iter()
         .map(|o| CloudOffering {
             id: o.id,
@@ -350,14 +465,21 @@ async fn cloud_offerings(State(st): State<AppState>) -> Result<Response, ApiErro
 }
 
 /// `GET /cloud/vms`: the VMs the cloud lists, by name, the appliance marked.
+#[utoipa::path(
+    get,
+    path = "/cloud/vms",
+    tag = "cloud",
+    responses(
+        (status = 200, description = "the cloud's VMs, by name, the appliance marked", body = Vec<CloudVm>),
+        (status = 503, description = "CloudStack cannot be reached", body = ErrorBody),
+    )
+)]
 async fn cloud_vms(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let appliance = st.engine.identity().current().await.vm_id;
+    let appliance = st.engine.appliance().await.vm_id;
     let mut out: Vec<CloudVm> = st
         .engine
-        .cloud()
-        .vms()
-        .await
-        .map_err(EngineError::from)?
+        .cloud_vms()
+        .await?
         .into_iter()
         .map(|vm| CloudVm {
             appliance: appliance.as_deref() == Some(vm.id.as_str()),
@@ -381,6 +503,22 @@ struct OpsQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/operations",
+    tag = "operations",
+    params(
+        ("type" = Option<OperationType>, Query, description = "only this kind"),
+        ("status" = Option<OperationStatus>, Query, description = "only this status"),
+        ("volume_id" = Option<Uuid>, Query, description = "only on this volume"),
+        ("vm_id" = Option<String>, Query, description = "only for this VM"),
+        ("limit" = Option<u32>, Query, description = "at most this many (1 to 1000)"),
+    ),
+    responses(
+        (status = 200, description = "newest first; an empty array when none match", body = Vec<Operation>),
+        (status = 400, description = "an unknown filter value; `field` names it", body = ErrorBody),
+    )
+)]
 async fn list_operations(
     State(st): State<AppState>,
     q: Result<Query<OpsQuery>, axum::extract::rejection::QueryRejection>,
@@ -391,29 +529,23 @@ async fn list_operations(
     })?;
     let op_type = match q.op_type.as_deref() {
         None | Some("") => None,
-        Some(t) => Some(
-            volume_api::OperationType::parse(t)
-                .map(convert::op_type_to_store)
-                .ok_or_else(|| {
-                    ApiError::bad(
-                        "type",
-                        format!("type {t:?} is not one of create, attach, detach, delete"),
-                    )
-                })?,
-        ),
+        Some(t) => Some(OperationType::parse(t).ok_or_else(|| {
+            ApiError::bad(
+                "type",
+                format!("type {t:?} is not one of create, attach, detach, delete"),
+            )
+        })?),
     };
     let status = match q.status.as_deref() {
         None | Some("") => None,
-        Some(s) => Some(
-            volume_api::OperationStatus::parse(s)
-                .map(convert::op_status_to_store)
-                .ok_or_else(|| {
-                    ApiError::bad(
-                        "status",
-                        format!("status {s:?} is not one of pending, executing, completed, failed, cancelled"),
-                    )
-                })?,
-        ),
+        Some(s) => Some(OperationStatus::parse(s).ok_or_else(|| {
+            ApiError::bad(
+                "status",
+                format!(
+                    "status {s:?} is not one of pending, executing, completed, failed, cancelled"
+                ),
+            )
+        })?),
     };
     let volume_id = match q.volume_id.as_deref() {
         None | Some("") => None,
@@ -426,8 +558,7 @@ async fn list_operations(
     }
     let ops = st
         .engine
-        .store()
-        .list_operations(&OperationFilter {
+        .operations(&OperationFilter {
             op_type,
             status,
             volume_id,
@@ -435,7 +566,7 @@ async fn list_operations(
             limit: q.limit,
         })
         .await?;
-    Ok(Json(ops.iter().map(convert::operation).collect::<Vec<_>>()).into_response())
+    Ok(Json(convert::operations(&ops)?).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -444,6 +575,18 @@ struct WaitQuery {
     wait: Option<f64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/operations/{id}",
+    tag = "operations",
+    params(("id" = Uuid, Path, description = "operation id"),
+           ("wait" = Option<f64>, Query, description = "long-poll up to this many seconds (at most 300) until terminal")),
+    responses(
+        (status = 200, description = "the operation", body = Operation),
+        (status = 400, description = "not a UUID, or a bad wait", body = ErrorBody),
+        (status = 404, description = "unknown operation", body = ErrorBody),
+    )
+)]
 async fn get_operation(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -470,9 +613,20 @@ async fn get_operation(
         .operation(id, wait)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("operation not found: {id}")))?;
-    Ok(Json(convert::operation(&op)).into_response())
+    Ok(Json(convert::operation(&op)?).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/exports",
+    tag = "exports",
+    request_body = CreateExportRequest,
+    responses(
+        (status = 201, description = "the volume's export, served again when it was not", body = Export),
+        (status = 400, description = "invalid input (`read_only` is not supported)", body = ErrorBody),
+        (status = 409, description = "not attached to the appliance, or not its device", body = ErrorBody),
+    )
+)]
 async fn create_export(
     State(st): State<AppState>,
     JsonBody(body): JsonBody<CreateExportRequest>,
@@ -488,14 +642,26 @@ async fn create_export(
         .engine
         .ensure_export(volume_id, body.device_path.as_deref())
         .await?;
-    Ok((StatusCode::CREATED, Json(convert::export(&st.engine, &rec))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(convert::export(&st.engine.export_of(rec))),
+    )
+        .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/exports",
+    tag = "exports",
+    responses((status = 200, description = "every recorded export with its live state", body = ExportList))
+)]
 async fn list_exports(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let recs = st.engine.store().list_exports().await?;
-    let exports: Vec<_> = recs
+    let exports: Vec<_> = st
+        .engine
+        .export_list()
+        .await?
         .iter()
-        .map(|r| convert::export(&st.engine, r))
+        .map(convert::export)
         .collect();
     Ok(Json(ExportList {
         count: exports.len(),
@@ -504,38 +670,78 @@ async fn list_exports(State(st): State<AppState>) -> Result<Response, ApiError> 
     .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/exports/{volume_id}",
+    tag = "exports",
+    params(("volume_id" = Uuid, Path, description = "volume id")),
+    responses(
+        (status = 200, description = "the export", body = Export),
+        (status = 404, description = "no export for that volume", body = ErrorBody),
+    )
+)]
 async fn get_export(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
-    let rec = st
+    let e = st
         .engine
-        .store()
-        .get_export(volume_id)
+        .export(volume_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no export for volume {volume_id}")))?;
-    Ok(Json(convert::export(&st.engine, &rec)).into_response())
+    Ok(Json(convert::export(&e)).into_response())
 }
 
+#[utoipa::path(
+    delete,
+    path = "/exports/{volume_id}",
+    tag = "exports",
+    params(("volume_id" = Uuid, Path, description = "volume id")),
+    responses((status = 200, description = "the export is drained and removed; the attachment stays", body = ExportRemoved))
+)]
 async fn delete_export(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
     let removed = st.engine.remove_export(volume_id).await?;
-    Ok(Json(serde_json::json!({
-        "message": if removed { "NBD export deleted successfully" } else { "no export existed for this volume" },
-        "volume_id": volume_id,
-        "removed": removed,
-    }))
+    Ok(Json(ExportRemoved {
+        message: if removed {
+            "NBD export deleted successfully"
+        } else {
+            "no export existed for this volume"
+        }
+        .into(),
+        volume_id,
+        removed,
+    })
     .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/appliance",
+    tag = "appliance",
+    responses((status = 200, description = "the appliance identity, its source and verification", body = Appliance))
+)]
 async fn get_appliance(State(st): State<AppState>) -> Response {
-    Json(convert::appliance(&st.engine.identity().current().await)).into_response()
+    Json(convert::appliance(&st.engine.appliance().await)).into_response()
 }
 
+#[utoipa::path(
+    put,
+    path = "/appliance",
+    tag = "appliance",
+    request_body = SetApplianceRequest,
+    responses(
+        (status = 200, description = "stored and verified", body = Appliance),
+        (status = 400, description = "empty vm_id", body = ErrorBody),
+        (status = 409, description = "fixed by configuration", body = ErrorBody),
+        (status = 422, description = "no such VM", body = ErrorBody),
+        (status = 503, description = "CloudStack cannot verify it now", body = ErrorBody),
+    )
+)]
 async fn put_appliance(
     State(st): State<AppState>,
     JsonBody(body): JsonBody<SetApplianceRequest>,
@@ -543,10 +749,17 @@ async fn put_appliance(
     if body.vm_id.trim().is_empty() {
         return Err(ApiError::bad("vm_id", "vm_id must not be empty"));
     }
-    let s = st.engine.identity().set(body.vm_id.trim()).await?;
+    let s = st.engine.set_appliance(body.vm_id.trim()).await?;
     Ok(Json(convert::appliance(&s)).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/reconcile",
+    tag = "reconcile",
+    request_body(content = Option<ReconcileRequest>, description = "dry run unless `apply`"),
+    responses((status = 200, description = "the drift found (and repaired with `apply`)", body = ReconcileReport))
+)]
 async fn reconcile(
     State(st): State<AppState>,
     body: Option<JsonBody<ReconcileRequest>>,
@@ -556,43 +769,43 @@ async fn reconcile(
     Ok(Json(report).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "meta",
+    responses((status = 200, description = "this document, generated from the wire types", content_type = "application/json", body = serde_json::Value))
+)]
 async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        include_str!("openapi.json"),
-    )
-        .into_response()
+    Json(openapi::document()).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "meta",
+    responses((status = 200, description = "Prometheus text (also at /metrics)", content_type = "text/plain", body = String))
+)]
 async fn metrics(State(st): State<AppState>) -> Response {
-    let exports = st.engine.exports().list();
+    let exports = st.engine.live_exports().len();
     let unfinished = st
         .engine
-        .store()
-        .unfinished_operations()
+        .unfinished_count()
         .await
-        .map(|v| v.len() as f64)
+        .map(|n| n as f64)
         .unwrap_or(f64::NAN);
     let ready = if st.health.is_ready() { 1.0 } else { 0.0 };
-    let body = st.engine.metrics().render(
-        &exports,
-        &[
-            (
-                "volume_daemon_ready",
-                "1 when the daemon serves requests.",
-                ready,
-            ),
-            (
-                "volume_daemon_operations_unfinished",
-                "Operations pending or executing.",
-                unfinished,
-            ),
-            (
-                "volume_daemon_exports",
-                "Live NBD exports.",
-                exports.len() as f64,
-            ),
-        ],
-    );
+    let body = st.engine.metrics_text(&[
+        (
+            "volume_daemon_ready",
+            "1 when the daemon serves requests.",
+            ready,
+        ),
+        (
+            "volume_daemon_operations_unfinished",
+            "Operations pending or executing.",
+            unfinished,
+        ),
+        ("volume_daemon_exports", "Live NBD exports.", exports as f64),
+    ]);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

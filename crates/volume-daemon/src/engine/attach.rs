@@ -155,6 +155,14 @@ impl Inner {
             .await?;
         self.metrics.device_appeared(took);
         tracing::info!(volume = %volume_id, device = %dev.dev_path.display(), took_ms = took.as_millis() as u64, "device found");
+        if volume.size_bytes != size {
+            // The device was verified against the cloud's size: that is the volume's size from now on (a
+            // stale record would fail every later verification, at restart and in status reads).
+            let mut updated = volume.clone();
+            updated.size_bytes = size;
+            updated.updated_at = Utc::now();
+            self.store.upsert_volume(&updated).await?;
+        }
         self.step(op, AttachStep::DeviceFound).await?;
         let link_target = dev.link_target().to_path_buf();
         let name = self.devices.name(volume_id, &link_target)?;

@@ -2,6 +2,7 @@
 //! `error_code`, each keeping its cause as `source`.
 
 use uuid::Uuid;
+use volume_api::ErrorCode;
 
 use crate::cloud::CloudError;
 use crate::devices::DeviceError;
@@ -58,27 +59,28 @@ pub enum EngineError {
 
 impl EngineError {
     /// Stable failure kind (the API's `code`, an operation's `error_code`).
-    pub fn code(&self) -> String {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Invalid { .. } => "invalid_request".into(),
-            Self::NotFound(_) => "not_found".into(),
-            Self::Conflict(_) => "conflict".into(),
-            Self::NoSuchVm(_) => "no_such_vm".into(),
-            Self::Identity(_) => "appliance_identity_unknown".into(),
-            Self::NotAccepting => "unavailable".into(),
-            Self::Store(_) => "database_error".into(),
-            Self::Cloud(e) => e.kind.as_str().into(),
-            Self::CloudDisagrees(_) => "internal".into(),
-            Self::Device(e) => e.code().into(),
-            Self::Export(_) => "export_failed".into(),
+            Self::Invalid { .. } => ErrorCode::InvalidRequest,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::Conflict(_) => ErrorCode::Conflict,
+            Self::NoSuchVm(_) => ErrorCode::NoSuchVm,
+            Self::Identity(_) => ErrorCode::ApplianceIdentityUnknown,
+            Self::NotAccepting => ErrorCode::Unavailable,
+            Self::Store(_) => ErrorCode::DatabaseError,
+            Self::Cloud(e) => e.kind.code(),
+            Self::Device(e) => e.code(),
+            Self::Export(_) => ErrorCode::ExportFailed,
             Self::Compensated { cause, .. } => cause.code(),
-            Self::Interrupted(_) | Self::Journal { .. } => "internal".into(),
+            Self::CloudDisagrees(_) | Self::Interrupted(_) | Self::Journal { .. } => {
+                ErrorCode::Internal
+            }
         }
     }
 
     pub(super) fn to_op_error(&self) -> OpError {
         OpError {
-            code: self.code(),
+            code: self.code().as_str().to_string(),
             message: crate::error_chain(self),
         }
     }

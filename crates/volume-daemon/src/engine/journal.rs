@@ -16,7 +16,8 @@ use std::future::Future;
 
 use uuid::Uuid;
 use volume_api::{
-    AttachOperationRequest, CreateVolumeRequest, DiskRole, OperationStep, VolumeOperationRequest,
+    AttachOperationRequest, CreateVolumeRequest, DiskRole, OperationKind, OperationStep,
+    VolumeOperationRequest,
 };
 
 use super::{EngineError, Inner};
@@ -190,7 +191,7 @@ impl Parsed {
         fn entry<R: serde::de::DeserializeOwned, S: Step>(
             op: &OperationRecord,
         ) -> Result<Entry<R, S>, EngineError> {
-            let step = OperationStep::parse(&op.step)
+            let step = OperationStep::parse_stored(&op.step)
                 .and_then(S::from_wire)
                 .ok_or_else(|| EngineError::Journal {
                     operation: op.id,
@@ -222,9 +223,49 @@ impl Parsed {
     }
 }
 
+/// A stored entry's kind with its request and response as the wire shows them.
+pub(crate) fn wire_kind(op: &OperationRecord) -> Result<OperationKind, EngineError> {
+    fn read<T: serde::de::DeserializeOwned>(
+        op: &OperationRecord,
+        what: &str,
+        v: &serde_json::Value,
+    ) -> Result<T, EngineError> {
+        serde_json::from_value(v.clone()).map_err(|e| EngineError::Journal {
+            operation: op.id,
+            problem: format!("its {} {what} cannot be read: {e}", op.op_type.as_str()),
+        })
+    }
+    fn response<T: serde::de::DeserializeOwned>(
+        op: &OperationRecord,
+    ) -> Result<Option<T>, EngineError> {
+        op.response
+            .as_ref()
+            .map(|r| read(op, "response", r))
+            .transpose()
+    }
+    Ok(match op.op_type {
+        OpType::Create => OperationKind::Create {
+            request: read(op, "request", &op.request)?,
+            response: response(op)?,
+        },
+        OpType::Attach => OperationKind::Attach {
+            request: read(op, "request", &op.request)?,
+            response: response(op)?,
+        },
+        OpType::Detach => OperationKind::Detach {
+            request: read(op, "request", &op.request)?,
+            response: response(op)?,
+        },
+        OpType::Delete => OperationKind::Delete {
+            request: read(op, "request", &op.request)?,
+            response: response(op)?,
+        },
+    })
+}
+
 /// The step recorded when an operation (re)starts: a fresh one says `started`, a resumed one keeps its step.
 pub(crate) fn resume_step(stored: &str) -> &str {
-    match OperationStep::parse(stored) {
+    match OperationStep::parse_stored(stored) {
         Some(OperationStep::Accepted) => OperationStep::Started.as_str(),
         _ => stored,
     }
@@ -318,7 +359,7 @@ mod tests {
         assert_eq!(OperationStep::ALL.len(), STORED.len());
         assert_eq!(crate::store::INITIAL_STEP, "accepted");
         assert_eq!(
-            OperationStep::parse("compensating: detach failed"),
+            OperationStep::parse_stored("compensating: detach failed"),
             Some(OperationStep::Compensating)
         );
         assert_eq!(OperationStep::parse("cloud_attach"), None);
@@ -354,7 +395,7 @@ mod tests {
             };
             for s in OperationStep::ALL {
                 let parsed = Parsed::from_record(&record(kind, s.as_str(), request.clone()));
-                assert_eq!(parsed.is_ok(), steps.contains(&s), "{kind:?} {s:?}");
+                assert_eq!(parsed.is_ok(), steps.contains(s), "{kind:?} {s:?}");
             }
         }
     }

@@ -5,7 +5,8 @@
 //!
 //! Modules: [`journal`] (steps and requests as types, the cloud-job helper), [`validate`], one per workflow
 //! ([`create`], [`attach`], [`detach`], [`delete`]), [`export`] (export lifecycle, the one teardown) and
-//! [`recovery`] (start-up), [`repair`] (the reconciler's repairs). This file holds the handle, submission, queuing and the run loop.
+//! [`recovery`] (start-up), [`repair`] (the reconciler's repairs) and [`reads`] (records joined with live state
+//! for the API). This file holds the handle, submission, queuing and the run loop.
 
 mod attach;
 mod create;
@@ -14,6 +15,7 @@ mod detach;
 mod error;
 mod export;
 mod journal;
+mod reads;
 mod recovery;
 mod repair;
 mod validate;
@@ -30,7 +32,8 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 pub use error::EngineError;
-pub(crate) use journal::Request;
+pub(crate) use journal::{wire_kind, Request};
+pub(crate) use reads::{DeviceCheck, DeviceView, ExportView, VolumeView};
 pub(crate) use repair::Repair;
 
 use crate::cloud::{Cloud, CloudDiskOffering, CloudErrorKind, CloudVolume};
@@ -122,28 +125,6 @@ impl Engine {
                 offerings: Default::default(),
             }),
         }
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.inner.store
-    }
-    pub fn cloud(&self) -> &Arc<dyn Cloud> {
-        &self.inner.cloud
-    }
-    pub fn devices(&self) -> &Devices {
-        &self.inner.devices
-    }
-    pub fn exports(&self) -> &Exports {
-        &self.inner.exports
-    }
-    pub fn identity(&self) -> &Identity {
-        &self.inner.identity
-    }
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.inner.metrics
-    }
-    pub fn config(&self) -> &EngineConfig {
-        &self.inner.cfg
     }
 
     /// Whether new operations are accepted (after start-up recovery, before shutdown).

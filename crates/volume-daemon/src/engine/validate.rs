@@ -8,8 +8,8 @@ use super::journal::Request;
 use super::{EngineError, Inner};
 use crate::cloud::{CloudDiskOffering, CloudErrorKind};
 
-/// One GiB: volume sizes are rounded up to whole GiB.
-pub(crate) const GIB: u64 = 1 << 30;
+/// One GiB: volume sizes are rounded up to whole GiB (CloudStack sizes volumes in GB).
+use cloudstack::GIB;
 
 /// Validation of `POST /volumes`.
 pub(crate) fn validate_create(c: &CreateVolumeRequest) -> Result<(), EngineError> {

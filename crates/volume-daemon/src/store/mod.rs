@@ -18,7 +18,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Executor as _};
 use uuid::Uuid;
 
-pub use dialect::Dialect;
+pub use dialect::{redact as redact_url, Dialect};
 pub use error::{StoreError, StoreErrorKind};
 pub use records::{
     ApplianceRecord, AttachTarget, AttachmentFilter, AttachmentRecord, DiskRole, ExportRecord,

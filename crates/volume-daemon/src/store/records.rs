@@ -3,111 +3,16 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
-use volume_api::{OperationStatus, OperationType};
 
 /// The step a freshly journaled operation starts in.
 pub const INITIAL_STEP: &str = volume_api::OperationStep::Accepted.as_str();
 
-/// The kind of a journaled operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum OpType {
-    Create,
-    Attach,
-    Detach,
-    Delete,
-}
+/// The kind of a journaled operation (stored with its wire spelling).
+pub use volume_api::OperationType as OpType;
 
-impl OpType {
-    pub const ALL: [OpType; 4] = [Self::Create, Self::Attach, Self::Detach, Self::Delete];
-
-    /// The stored (and wire) name.
-    pub fn as_str(self) -> &'static str {
-        OperationType::from(self).as_str()
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        OperationType::parse(s).map(Self::from)
-    }
-}
-
-impl From<OperationType> for OpType {
-    fn from(t: OperationType) -> Self {
-        match t {
-            OperationType::Create => Self::Create,
-            OperationType::Attach => Self::Attach,
-            OperationType::Detach => Self::Detach,
-            OperationType::Delete => Self::Delete,
-        }
-    }
-}
-
-impl From<OpType> for OperationType {
-    fn from(t: OpType) -> Self {
-        match t {
-            OpType::Create => Self::Create,
-            OpType::Attach => Self::Attach,
-            OpType::Detach => Self::Detach,
-            OpType::Delete => Self::Delete,
-        }
-    }
-}
-
-/// Where an operation is in its life. `Pending` and `Executing` are unfinished; the rest are terminal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum OpStatus {
-    Pending,
-    Executing,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl OpStatus {
-    pub const ALL: [OpStatus; 5] = [
-        Self::Pending,
-        Self::Executing,
-        Self::Completed,
-        Self::Failed,
-        Self::Cancelled,
-    ];
-
-    /// The stored (and wire) name.
-    pub fn as_str(self) -> &'static str {
-        OperationStatus::from(self).as_str()
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        OperationStatus::parse(s).map(Self::from)
-    }
-
-    pub fn is_terminal(self) -> bool {
-        OperationStatus::from(self).is_terminal()
-    }
-}
-
-impl From<OperationStatus> for OpStatus {
-    fn from(s: OperationStatus) -> Self {
-        match s {
-            OperationStatus::Pending => Self::Pending,
-            OperationStatus::Executing => Self::Executing,
-            OperationStatus::Completed => Self::Completed,
-            OperationStatus::Failed => Self::Failed,
-            OperationStatus::Cancelled => Self::Cancelled,
-        }
-    }
-}
-
-impl From<OpStatus> for OperationStatus {
-    fn from(s: OpStatus) -> Self {
-        match s {
-            OpStatus::Pending => Self::Pending,
-            OpStatus::Executing => Self::Executing,
-            OpStatus::Completed => Self::Completed,
-            OpStatus::Failed => Self::Failed,
-            OpStatus::Cancelled => Self::Cancelled,
-        }
-    }
-}
+/// Where an operation is in its life (stored with its wire spelling). `Pending` and `Executing` are
+/// unfinished; the rest are terminal.
+pub use volume_api::OperationStatus as OpStatus;
 
 /// Why an operation failed: a stable code and a readable message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,31 +107,8 @@ pub struct VolumeRecord {
     pub deleted_at: Option<DateTime<Utc>>,
 }
 
-/// Where an attached volume is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AttachTarget {
-    /// The appliance the daemon runs on: a local device, a stable name and an NBD export.
-    Appliance,
-    /// Any other VM.
-    Remote,
-}
-
-impl AttachTarget {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Appliance => "appliance",
-            Self::Remote => "remote",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "appliance" => Some(Self::Appliance),
-            "remote" => Some(Self::Remote),
-            _ => None,
-        }
-    }
-}
+/// Where an attached volume is attached (stored with its wire spelling).
+pub use volume_api::AttachTarget;
 
 /// The role of an attached disk in its VM (stored with the wire spelling).
 pub use volume_api::DiskRole;

@@ -1,0 +1,319 @@
+//! Every enum-like field of the wire contract, with its stable spelling in one place.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// An enum serialized as one of a fixed set of strings, with `as_str`, `parse`, `ALL` and `Display`. The
+/// serialized spelling is the variant's name in snake case (`rename_all`, which the schema derive reads too);
+/// each variant also states it, for `as_str`, and a test checks the two agree.
+macro_rules! wire_enum {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $v:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name {
+            $($(#[$vm])* $v),+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$v),+];
+
+            /// The wire (and stored) spelling.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$v => $s),+
+                }
+            }
+
+            pub fn parse(s: &str) -> Option<Self> {
+                match s {
+                    $($s => Some(Self::$v),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// The kind of a journaled operation.
+    pub enum OperationType {
+        Create = "create",
+        Attach = "attach",
+        Detach = "detach",
+        Delete = "delete",
+    }
+}
+
+wire_enum! {
+    /// Where an operation is in its life. `pending` and `executing` are unfinished; the rest are terminal.
+    pub enum OperationStatus {
+        Pending = "pending",
+        Executing = "executing",
+        Completed = "completed",
+        Failed = "failed",
+        Cancelled = "cancelled",
+    }
+}
+
+impl OperationStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+wire_enum! {
+    /// The last journaled step of an operation. Stored as text in the journal and shown as `step`; the
+    /// spellings never change, so a journal written by an earlier version resumes. Each operation kind uses a
+    /// subset (the daemon's journal types them per kind).
+    pub enum OperationStep {
+        /// Journaled, not yet started.
+        Accepted = "accepted",
+        /// Started (a resumed operation keeps its last step instead).
+        Started = "started",
+        /// `create`: createVolume is being sent (its job id is not known yet).
+        CloudCreateSent = "cloud_create_sent",
+        /// `create`: the createVolume job id is journaled.
+        CloudCreateJob = "cloud_create_job",
+        /// `attach`: the attachVolume job id is journaled.
+        CloudAttachJob = "cloud_attach_job",
+        /// `attach`: the cloud reports the volume attached.
+        CloudAttached = "cloud_attached",
+        /// `attach` (appliance): the device was found by identity and verified.
+        DeviceFound = "device_found",
+        /// `attach` (appliance): the stable name link exists.
+        Named = "named",
+        /// `attach` (appliance): the NBD export is served.
+        Exported = "exported",
+        /// `attach`: a later step failed; the attach is being undone.
+        Compensating = "compensating",
+        /// `attach`: the undoing detachVolume job id is journaled.
+        CompensateDetachJob = "compensate_detach_job",
+        /// `detach`/`delete`: the appliance's export and stable name are gone.
+        ExportRemoved = "export_removed",
+        /// `detach`/`delete`: the detachVolume job id is journaled.
+        CloudDetachJob = "cloud_detach_job",
+        /// `detach`/`delete`: the cloud reports the volume detached.
+        CloudDetached = "cloud_detached",
+        /// `delete`: deleteVolume is being sent.
+        CloudDeleteSent = "cloud_delete_sent",
+    }
+}
+
+impl OperationStep {
+    /// Parses a stored step; journals of earlier versions may carry a suffix after `compensating`.
+    pub fn parse_stored(s: &str) -> Option<Self> {
+        Self::parse(s).or_else(|| s.starts_with("compensating").then_some(Self::Compensating))
+    }
+}
+
+wire_enum! {
+    /// The role of a disk in the VM it is attached to.
+    pub enum DiskRole {
+        Data = "data",
+        /// Attached as CloudStack device id 0 (`attach-root`).
+        Root = "root",
+    }
+}
+
+wire_enum! {
+    /// Where a volume is attached.
+    pub enum AttachTarget {
+        /// The appliance the daemon runs on: a local device, a stable name and an NBD export.
+        Appliance = "appliance",
+        /// Any other VM.
+        Remote = "remote",
+    }
+}
+
+wire_enum! {
+    /// The predecessor's name for the attach target: `oma` for the appliance, `failover` for another VM.
+    pub enum OperationMode {
+        Oma = "oma",
+        Failover = "failover",
+    }
+}
+
+impl From<AttachTarget> for OperationMode {
+    fn from(t: AttachTarget) -> Self {
+        match t {
+            AttachTarget::Appliance => Self::Oma,
+            AttachTarget::Remote => Self::Failover,
+        }
+    }
+}
+
+wire_enum! {
+    /// A volume's state as the daemon recorded it.
+    pub enum VolumeState {
+        Attached = "attached",
+        Detached = "detached",
+        Deleted = "deleted",
+    }
+}
+
+wire_enum! {
+    /// The local device's state of an attached volume.
+    pub enum LinuxState {
+        /// Found by identity and verified.
+        Present = "present",
+        /// No device with the volume's identity.
+        Missing = "missing",
+        /// A device was found but failed verification (`linux_problem` says why).
+        Unverified = "unverified",
+        /// Attached to another VM: there is no local device.
+        Remote = "remote",
+    }
+}
+
+wire_enum! {
+    /// Whether an export is served.
+    pub enum ExportStatus {
+        /// Served by the NBD server under the recorded generation.
+        Active = "active",
+        /// Recorded but not served (`POST /exports` or `POST /reconcile` with `apply` serves it again).
+        Inactive = "inactive",
+    }
+}
+
+wire_enum! {
+    /// Where the appliance identity came from.
+    pub enum ApplianceSource {
+        Config = "config",
+        Simulator = "simulator",
+        Database = "database",
+        Detected = "detected",
+        Unknown = "unknown",
+    }
+}
+
+wire_enum! {
+    /// The state of one `/health` component.
+    pub enum ComponentStatus {
+        Ok = "ok",
+        Failed = "failed",
+    }
+}
+
+wire_enum! {
+    /// The overall `/health` status.
+    pub enum HealthStatus {
+        /// Every component is ok (HTTP 200).
+        Healthy = "healthy",
+        /// A component failed; the daemon cannot serve (HTTP 503).
+        Unhealthy = "unhealthy",
+    }
+}
+
+wire_enum! {
+    /// The kind of a difference the reconciler found.
+    pub enum DriftKind {
+        /// CloudStack could not be asked about the volume.
+        CloudUnavailable = "cloud_unavailable",
+        /// The database knows the volume, CloudStack does not.
+        MissingInCloud = "missing_in_cloud",
+        /// The database records an attachment CloudStack does not have (repairable).
+        AttachedOnlyInDatabase = "attached_only_in_database",
+        /// CloudStack has an attachment the database does not.
+        AttachedOnlyInCloud = "attached_only_in_cloud",
+        /// The database and CloudStack name different VMs.
+        AttachedElsewhere = "attached_elsewhere",
+        /// The device of an appliance volume is missing or fails verification.
+        DeviceProblem = "device_problem",
+        /// Attached to the appliance but not served (repairable).
+        ExportMissing = "export_missing",
+        /// Served without an appliance attachment (repairable).
+        ExportWithoutAttachment = "export_without_attachment",
+        /// The appliance identity is unknown.
+        ApplianceIdentityUnknown = "appliance_identity_unknown",
+    }
+}
+
+wire_enum! {
+    /// The stable kind of a failure: the `code` of an error body and the `error_code` of a failed operation.
+    pub enum ErrorCode {
+        /// The request is malformed or a field is invalid (`field` names it).
+        InvalidRequest = "invalid_request",
+        /// Missing or wrong bearer token.
+        Unauthorized = "unauthorized",
+        /// No such volume, operation, export or endpoint.
+        NotFound = "not_found",
+        /// The request conflicts with the current state (e.g. attached elsewhere).
+        Conflict = "conflict",
+        /// The daemon is starting up or shutting down.
+        Unavailable = "unavailable",
+        /// The database failed or is unreachable.
+        DatabaseError = "database_error",
+        /// The appliance VM identity is unknown or unverified.
+        ApplianceIdentityUnknown = "appliance_identity_unknown",
+        /// The appliance identity is fixed by configuration.
+        ApplianceIdentityFixed = "appliance_identity_fixed",
+        /// The VM named as the appliance does not exist.
+        NoSuchVm = "no_such_vm",
+        CloudNotFound = "cloud_not_found",
+        CloudInvalidParameter = "cloud_invalid_parameter",
+        CloudInUse = "cloud_in_use",
+        CloudLimitExceeded = "cloud_limit_exceeded",
+        CloudUnauthorized = "cloud_unauthorized",
+        /// CloudStack cannot be reached or answers with a server error.
+        CloudUnavailable = "cloud_unavailable",
+        /// A CloudStack job failed.
+        CloudJobFailed = "cloud_job_failed",
+        /// A CloudStack job did not finish in time.
+        CloudJobTimeout = "cloud_job_timeout",
+        CloudError = "cloud_error",
+        /// The volume's device did not appear on the appliance.
+        DeviceNotFound = "device_not_found",
+        DeviceTimeout = "device_timeout",
+        /// The device found does not match the volume (serial or size).
+        DeviceMismatch = "device_mismatch",
+        DeviceNotBlockDevice = "device_not_block_device",
+        /// The daemon lacks permission on the device.
+        DevicePermission = "device_permission",
+        DeviceError = "device_error",
+        /// Opening or removing an NBD export failed.
+        ExportFailed = "export_failed",
+        /// A bug or an unexpected state; the message says what failed.
+        Internal = "internal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agree<T: Serialize + Copy + std::fmt::Display + std::fmt::Debug>(all: &[T]) {
+        for v in all {
+            assert_eq!(
+                serde_json::to_value(v).unwrap(),
+                serde_json::Value::String(v.to_string()),
+                "{v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn serialized_spellings_are_the_stated_ones() {
+        agree(OperationType::ALL);
+        agree(OperationStatus::ALL);
+        agree(OperationStep::ALL);
+        agree(DiskRole::ALL);
+        agree(AttachTarget::ALL);
+        agree(OperationMode::ALL);
+        agree(VolumeState::ALL);
+        agree(LinuxState::ALL);
+        agree(ExportStatus::ALL);
+        agree(ApplianceSource::ALL);
+        agree(ComponentStatus::ALL);
+        agree(HealthStatus::ALL);
+        agree(DriftKind::ALL);
+        agree(ErrorCode::ALL);
+    }
+}

@@ -1,0 +1,334 @@
+//! Reads for the API and the reconciler: records joined with the live state only the engine's parts can see
+//! (the export registry, the devices, the cloud), gathered here so that the API only converts. Device checks
+//! of one request run together on one blocking thread.
+
+use std::collections::HashSet;
+
+use uuid::Uuid;
+
+use super::{Engine, EngineError};
+use crate::cloud::{CloudDiskOffering, CloudError, CloudVm, CloudVolume, CloudZone};
+use crate::devices::DeviceError;
+use crate::identity::{IdentitySetError, IdentityState};
+use crate::store::{
+    AttachTarget, AttachmentFilter, AttachmentRecord, ExportRecord, OperationFilter,
+    OperationRecord, VolumeRecord,
+};
+
+/// The local device of an appliance attachment, as checked now.
+#[derive(Debug)]
+pub(crate) enum DeviceCheck {
+    Present,
+    Missing,
+    /// Found but failed verification, or could not be checked.
+    Unverified(DeviceError),
+}
+
+impl From<Result<(), DeviceError>> for DeviceCheck {
+    fn from(r: Result<(), DeviceError>) -> Self {
+        match r {
+            Ok(()) => Self::Present,
+            Err(e) if e.is_not_found() => Self::Missing,
+            Err(e) => Self::Unverified(e),
+        }
+    }
+}
+
+/// An export record with its live registry entry (when served under the recorded generation).
+#[derive(Debug, Clone)]
+pub(crate) struct ExportView {
+    pub record: ExportRecord,
+    pub live: Option<nbd::ExportSnapshot>,
+    pub port: u16,
+}
+
+/// A volume with everything `GET /volumes/{id}` shows.
+#[derive(Debug)]
+pub(crate) struct VolumeView {
+    pub volume: VolumeRecord,
+    pub attachment: Option<AttachmentRecord>,
+    pub export: Option<ExportView>,
+    /// The cloud's answer, when it was asked.
+    pub cloud: Option<Result<Option<CloudVolume>, CloudError>>,
+    /// The local device, for appliance attachments.
+    pub device: Option<DeviceCheck>,
+    pub last_operation: Option<OperationRecord>,
+}
+
+/// An attachment with its volume and device (`GET /volumes/{id}/device`).
+#[derive(Debug)]
+pub(crate) struct DeviceView {
+    pub attachment: AttachmentRecord,
+    pub volume: Option<VolumeRecord>,
+    pub device: Option<DeviceCheck>,
+    /// The cloud's answer now.
+    pub cloud: Result<Option<CloudVolume>, CloudError>,
+}
+
+impl Engine {
+    fn export_view(&self, record: ExportRecord) -> ExportView {
+        let live = self
+            .inner
+            .exports
+            .get(record.volume_id)
+            .filter(|s| s.generation == record.generation);
+        ExportView {
+            record,
+            live,
+            port: self.inner.exports.port(),
+        }
+    }
+
+    /// Checks the devices of the appliance attachments among `items` (volume, attachment, size) together.
+    async fn check_devices(
+        &self,
+        items: &[(Uuid, Option<&AttachmentRecord>, u64)],
+    ) -> Vec<Option<DeviceCheck>> {
+        let wanted: Vec<(Uuid, u64)> = items
+            .iter()
+            .filter(|(_, a, _)| a.is_some_and(|a| a.target == AttachTarget::Appliance))
+            .map(|(v, _, size)| (*v, *size))
+            .collect();
+        let mut results = self.inner.devices.verify_all(wanted).await.into_iter();
+        items
+            .iter()
+            .map(|(_, a, _)| {
+                a.filter(|a| a.target == AttachTarget::Appliance)
+                    .and_then(|_| results.next())
+                    .map(DeviceCheck::from)
+            })
+            .collect()
+    }
+
+    async fn volume_views(
+        &self,
+        volumes: Vec<VolumeRecord>,
+        ask_cloud: bool,
+    ) -> Result<Vec<VolumeView>, EngineError> {
+        let store = &self.inner.store;
+        let mut partial = Vec::with_capacity(volumes.len());
+        for v in volumes {
+            let attachment = store.get_attachment(v.id).await?;
+            let export = store.get_export(v.id).await?.map(|r| self.export_view(r));
+            let last_operation = store
+                .list_operations(&OperationFilter {
+                    volume_id: Some(v.id),
+                    limit: Some(1),
+                    ..Default::default()
+                })
+                .await?
+                .into_iter()
+                .next();
+            let cloud = if ask_cloud {
+                Some(self.inner.cloud.get_volume(&v.id.to_string()).await)
+            } else {
+                None
+            };
+            partial.push((v, attachment, export, cloud, last_operation));
+        }
+        let items: Vec<_> = partial
+            .iter()
+            .map(|(v, a, ..)| (v.id, a.as_ref(), v.size_bytes))
+            .collect();
+        let devices = self.check_devices(&items).await;
+        Ok(partial
+            .into_iter()
+            .zip(devices)
+            .map(
+                |((volume, attachment, export, cloud, last_operation), device)| VolumeView {
+                    volume,
+                    attachment,
+                    export,
+                    cloud,
+                    device,
+                    last_operation,
+                },
+            )
+            .collect())
+    }
+
+    /// `GET /volumes/{id}`: the volume with its attachment, export, device and the cloud's view.
+    pub(crate) async fn volume_view(&self, id: Uuid) -> Result<Option<VolumeView>, EngineError> {
+        let Some(v) = self.inner.store.get_volume(id).await? else {
+            return Ok(None);
+        };
+        Ok(self.volume_views(vec![v], true).await?.pop())
+    }
+
+    /// `GET /volumes`: every live volume, without asking the cloud; device checks in one batch.
+    pub(crate) async fn volume_list(&self) -> Result<Vec<VolumeView>, EngineError> {
+        let vols = self.inner.store.list_volumes(false).await?;
+        self.volume_views(vols, false).await
+    }
+
+    /// Volumes with an unfinished operation (the reconciler leaves them to it).
+    pub(crate) async fn busy_volumes(&self) -> Result<HashSet<Uuid>, EngineError> {
+        Ok(self
+            .inner
+            .store
+            .unfinished_operations()
+            .await?
+            .iter()
+            .filter_map(|o| o.volume_id)
+            .collect())
+    }
+
+    /// The reconciler's view: every live volume not in `skip`, with the cloud asked and devices checked,
+    /// and how many live volumes there are in all.
+    pub(crate) async fn reconcile_views(
+        &self,
+        skip: &HashSet<Uuid>,
+    ) -> Result<(Vec<VolumeView>, usize), EngineError> {
+        let all = self.inner.store.list_volumes(false).await?;
+        let total = all.len();
+        let vols = all.into_iter().filter(|v| !skip.contains(&v.id)).collect();
+        Ok((self.volume_views(vols, true).await?, total))
+    }
+
+    async fn device_view(&self, attachment: AttachmentRecord) -> Result<DeviceView, EngineError> {
+        let volume = self.inner.store.get_volume(attachment.volume_id).await?;
+        let size = volume.as_ref().map(|v| v.size_bytes).unwrap_or(0);
+        let device = self
+            .check_devices(&[(attachment.volume_id, Some(&attachment), size)])
+            .await
+            .pop()
+            .flatten();
+        let cloud = self
+            .inner
+            .cloud
+            .get_volume(&attachment.volume_id.to_string())
+            .await;
+        Ok(DeviceView {
+            attachment,
+            volume,
+            device,
+            cloud,
+        })
+    }
+
+    /// `GET /cloud/zones`.
+    pub(crate) async fn cloud_zones(&self) -> Result<Vec<CloudZone>, EngineError> {
+        Ok(self.inner.cloud.zones().await?)
+    }
+
+    /// `GET /cloud/offerings`.
+    pub(crate) async fn cloud_offerings(&self) -> Result<Vec<CloudDiskOffering>, EngineError> {
+        Ok(self.inner.cloud.disk_offerings().await?)
+    }
+
+    /// `GET /cloud/vms`.
+    pub(crate) async fn cloud_vms(&self) -> Result<Vec<CloudVm>, EngineError> {
+        Ok(self.inner.cloud.vms().await?)
+    }
+
+    /// `GET /volumes/{id}/device`.
+    pub(crate) async fn device_of_volume(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<DeviceView>, EngineError> {
+        match self.inner.store.get_attachment(id).await? {
+            Some(a) => Ok(Some(self.device_view(a).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// `GET /devices/volume?path=…`.
+    pub(crate) async fn device_by_path(
+        &self,
+        path: &str,
+    ) -> Result<Option<DeviceView>, EngineError> {
+        match self.inner.store.find_attachment_by_device(path).await? {
+            Some(a) => Ok(Some(self.device_view(a).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// `GET /vms/{vm_id}/volumes`: the VM's attachments with their volumes.
+    pub(crate) async fn vm_volumes(
+        &self,
+        vm_id: String,
+    ) -> Result<Vec<(AttachmentRecord, Option<VolumeRecord>)>, EngineError> {
+        let atts = self
+            .inner
+            .store
+            .list_attachments(&AttachmentFilter {
+                vm_id: Some(vm_id),
+                target: None,
+            })
+            .await?;
+        let mut out = Vec::with_capacity(atts.len());
+        for a in atts {
+            let v = self.inner.store.get_volume(a.volume_id).await?;
+            out.push((a, v));
+        }
+        Ok(out)
+    }
+
+    /// `GET /operations`.
+    pub(crate) async fn operations(
+        &self,
+        filter: &OperationFilter,
+    ) -> Result<Vec<OperationRecord>, EngineError> {
+        Ok(self.inner.store.list_operations(filter).await?)
+    }
+
+    /// `GET /exports`: every recorded export with its live state.
+    pub(crate) async fn export_list(&self) -> Result<Vec<ExportView>, EngineError> {
+        let recs = self.inner.store.list_exports().await?;
+        Ok(recs.into_iter().map(|r| self.export_view(r)).collect())
+    }
+
+    /// `GET /exports/{volume_id}`.
+    pub(crate) async fn export(&self, volume_id: Uuid) -> Result<Option<ExportView>, EngineError> {
+        Ok(self
+            .inner
+            .store
+            .get_export(volume_id)
+            .await?
+            .map(|r| self.export_view(r)))
+    }
+
+    /// Exports an `ensure_export` produced, with its live state.
+    pub(crate) fn export_of(&self, record: ExportRecord) -> ExportView {
+        self.export_view(record)
+    }
+
+    /// The live NBD exports (metrics).
+    pub(crate) fn live_exports(&self) -> Vec<nbd::ExportSnapshot> {
+        self.inner.exports.list()
+    }
+
+    /// How many operations are pending or executing.
+    pub(crate) async fn unfinished_count(&self) -> Result<usize, EngineError> {
+        Ok(self.inner.store.unfinished_operations().await?.len())
+    }
+
+    /// The appliance identity and what is known about it.
+    pub(crate) async fn appliance(&self) -> IdentityState {
+        self.inner.identity.current().await
+    }
+
+    /// `PUT /appliance`.
+    pub(crate) async fn set_appliance(
+        &self,
+        vm_id: &str,
+    ) -> Result<IdentityState, IdentitySetError> {
+        self.inner.identity.set(vm_id).await
+    }
+
+    /// Whether the database answers (health).
+    pub(crate) async fn check_database(&self) -> Result<(), EngineError> {
+        self.inner.store.get_appliance().await?;
+        Ok(())
+    }
+
+    /// Whether the cloud answers (health).
+    pub(crate) async fn check_cloud(&self) -> Result<(), CloudError> {
+        self.inner.cloud.ping().await
+    }
+
+    /// The engine's counters, rendered with `extra` gauges (metrics).
+    pub(crate) fn metrics_text(&self, extra: &[(&str, &str, f64)]) -> String {
+        self.inner.metrics.render(&self.inner.exports.list(), extra)
+    }
+}

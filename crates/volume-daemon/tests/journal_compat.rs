@@ -1,0 +1,158 @@
+//! A journal written by an earlier version resumes: operations journaled with the stored spellings of
+//! earlier versions (steps as text, the attach-root request as `{"device_id": 0, "attach_as": "root"}`)
+//! are found unfinished at start-up and finished with the same meaning.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod support;
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+use volume_daemon::daemon::RunningDaemon;
+use volume_daemon::store::{NewOperation, OpStatus, OpType, Store};
+
+async fn call(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let mut req = reqwest::Client::new().request(method, format!("{base}{path}"));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+async fn created_volume(base: &str, zone: &str, offering: &str, name: &str) -> Uuid {
+    let op = call(
+        base,
+        reqwest::Method::POST,
+        "/volumes",
+        Some(json!({"name": name, "size": support::GIB, "disk_offering_id": offering, "zone_id": zone})),
+    )
+    .await;
+    let done = call(
+        base,
+        reqwest::Method::GET,
+        &format!("/operations/{}?wait=60", op["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    Uuid::parse_str(done["response"]["volume_id"].as_str().unwrap()).unwrap()
+}
+
+/// Journals an operation the way earlier versions wrote it, stopped at `step`.
+async fn journal_old(
+    store: &Store,
+    op_type: OpType,
+    volume: Uuid,
+    vm: Option<&str>,
+    request: Value,
+    step: &str,
+) -> Uuid {
+    let id = Uuid::new_v4();
+    store
+        .insert_operation(&NewOperation {
+            id,
+            op_type,
+            volume_id: Some(volume),
+            vm_id: vm.map(str::to_string),
+            request,
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    store
+        .set_operation_step(id, OpStatus::Executing, step)
+        .await
+        .unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_journaled_by_an_earlier_version_resume_with_the_same_meaning() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = support::config(dir.path());
+    let db_url = cfg.effective_database_url();
+    let first = RunningDaemon::start(cfg).await.unwrap();
+    let base = format!("http://{}/api/v1", first.api_addr());
+    let sim = first.sim().unwrap();
+    let (zone, other) = (sim.zone_id().to_string(), sim.other_vm_ids()[0].clone());
+    let offering = sim
+        .disk_offerings()
+        .into_iter()
+        .find(|(_, _, gb)| gb.is_none())
+        .unwrap()
+        .0;
+    let to_attach = created_volume(&base, &zone, &offering, "old-attach").await;
+    let to_delete = created_volume(&base, &zone, &offering, "old-delete").await;
+    first.shutdown().await;
+
+    // Rows as an earlier version left them when it stopped.
+    let store = Store::connect(&db_url).await.unwrap();
+    let attach = journal_old(
+        &store,
+        OpType::Attach,
+        to_attach,
+        Some(&other),
+        json!({"volume_id": to_attach, "vm_id": other, "device_id": 0, "attach_as": "root"}),
+        "started",
+    )
+    .await;
+    let delete = journal_old(
+        &store,
+        OpType::Delete,
+        to_delete,
+        None,
+        json!({"volume_id": to_delete}),
+        "cloud_delete_sent",
+    )
+    .await;
+    store.close().await;
+
+    // Start-up resumes both before it returns.
+    let second = RunningDaemon::start(support::config(dir.path()))
+        .await
+        .unwrap();
+    let base = format!("http://{}/api/v1", second.api_addr());
+    let a = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/operations/{attach}"),
+        None,
+    )
+    .await;
+    assert_eq!(a["status"], "completed", "{a}");
+    assert_eq!(a["request"]["attach_as"], "root", "{a}");
+    assert_eq!(a["response"]["attach_as"], "root", "{a}");
+    let on_vm = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/vms/{other}/volumes"),
+        None,
+    )
+    .await;
+    assert_eq!(on_vm[0]["volume_id"], to_attach.to_string(), "{on_vm}");
+    assert_eq!(on_vm[0]["role"], "root", "{on_vm}");
+    assert_eq!(on_vm[0]["device_id"], 0, "{on_vm}");
+    let d = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/operations/{delete}"),
+        None,
+    )
+    .await;
+    assert_eq!(d["status"], "completed", "{d}");
+    let v = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/volumes/{to_delete}"),
+        None,
+    )
+    .await;
+    assert_eq!(v["state"], "deleted", "{v}");
+    assert!(
+        v["cloudstack_data"].is_null(),
+        "deleted in the cloud too: {v}"
+    );
+    if let Some(s) = second.sim() {
+        s.detach_all_devices();
+    }
+    second.shutdown().await;
+}
