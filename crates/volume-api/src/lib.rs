@@ -22,9 +22,10 @@ pub use operations::{
     VolumeOperationRequest,
 };
 pub use resources::{
-    Appliance, AttachmentInfo, CloudVolumeData, ComponentHealth, CreateExportRequest,
-    DeviceMapping, Drift, ErrorBody, Export, ExportList, ExportRemoved, Health, ReconcileReport,
-    ReconcileRequest, SetApplianceRequest, SnapshotInfo, VmVolume, VolumeStatus,
+    Appliance, AttachmentInfo, CloudOffering, CloudVm, CloudVolumeData, CloudZone, ComponentHealth,
+    CreateExportRequest, DeviceMapping, Drift, ErrorBody, Export, ExportList, ExportRemoved,
+    Health, ReconcileReport, ReconcileRequest, SetApplianceRequest, SnapshotInfo, VmVolume,
+    VolumeStatus,
 };
 
 /// Path prefix of every versioned endpoint.

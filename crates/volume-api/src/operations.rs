@@ -114,8 +114,10 @@ impl Operation {
 #[serde(deny_unknown_fields)]
 pub struct CreateVolumeRequest {
     pub name: String,
-    /// Size in bytes; rounded up to whole GiB.
-    pub size: u64,
+    /// Size in bytes, rounded up to whole GiB: required for a custom-size offering; for a fixed-size
+    /// offering optional, and when given it must equal the offering's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
     pub disk_offering_id: String,
     pub zone_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

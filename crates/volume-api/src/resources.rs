@@ -149,6 +149,36 @@ pub struct CloudVolumeData {
     pub volume_type: Option<String>,
 }
 
+/// A zone of the cloud (`GET /cloud/zones`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CloudZone {
+    pub id: String,
+    pub name: String,
+}
+
+/// A disk offering of the cloud (`GET /cloud/offerings`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CloudOffering {
+    pub id: String,
+    pub name: String,
+    /// True when `POST /volumes` must give `size`; false for a fixed-size offering.
+    pub custom: bool,
+    /// The fixed size in bytes; null for a custom-size offering.
+    pub size: Option<u64>,
+    pub description: Option<String>,
+}
+
+/// A VM of the cloud (`GET /cloud/vms`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CloudVm {
+    pub id: String,
+    pub name: String,
+    /// CloudStack's state: `Running`, `Stopped`, …
+    pub state: String,
+    /// True for the daemon's own appliance VM.
+    pub appliance: bool,
+}
+
 /// Snapshot tracking kept on the volume record.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotInfo {

@@ -80,6 +80,23 @@ pub struct CloudVm {
     pub state: String,
 }
 
+/// A zone as the cloud reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudZone {
+    pub id: String,
+    pub name: String,
+}
+
+/// A disk offering as the cloud reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudDiskOffering {
+    pub id: String,
+    pub name: String,
+    /// The fixed size in bytes; `None` for an offering that takes a custom size.
+    pub size_bytes: Option<u64>,
+    pub display_text: Option<String>,
+}
+
 /// An asynchronous job the cloud started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloudJob {
@@ -94,7 +111,8 @@ pub struct NewCloudVolume {
     pub name: String,
     pub disk_offering_id: String,
     pub zone_id: String,
-    pub size_bytes: u64,
+    /// Sent only for custom-size offerings; CloudStack refuses a size on a fixed offering.
+    pub size_bytes: Option<u64>,
 }
 
 /// The cloud verbs the engine uses. Each call is one CloudStack request (retried inside for transient errors);
@@ -119,6 +137,10 @@ pub trait Cloud: Send + Sync + 'static {
     fn get_volume<'a>(&'a self, volume_id: &'a str) -> CloudFuture<'a, Option<CloudVolume>>;
     fn volumes_named<'a>(&'a self, name: &'a str) -> CloudFuture<'a, Vec<CloudVolume>>;
     fn get_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, Option<CloudVm>>;
+    /// Every VM the credentials can see.
+    fn vms(&self) -> CloudFuture<'_, Vec<CloudVm>>;
+    fn zones(&self) -> CloudFuture<'_, Vec<CloudZone>>;
+    fn disk_offerings(&self) -> CloudFuture<'_, Vec<CloudDiskOffering>>;
     /// A cheap authenticated call, for health checks.
     fn ping(&self) -> CloudFuture<'_, ()>;
 }
@@ -190,7 +212,7 @@ impl Cloud for CloudStack {
                     name: spec.name.clone(),
                     zone_id: spec.zone_id.clone(),
                     disk_offering_id: spec.disk_offering_id.clone(),
-                    size_bytes: Some(spec.size_bytes),
+                    size_bytes: spec.size_bytes,
                 })
                 .await
                 .map_err(wrap("createVolume"))?;
@@ -304,6 +326,61 @@ impl Cloud for CloudStack {
                     name: vm.name,
                     state: vm.state,
                 }))
+        })
+    }
+
+    fn vms(&self) -> CloudFuture<'_, Vec<CloudVm>> {
+        Box::pin(async move {
+            let q = cloudstack::ListVms {
+                list_all: true,
+                ..Default::default()
+            };
+            Ok(self
+                .client
+                .list_virtual_machines(&q)
+                .await
+                .map_err(wrap("listVirtualMachines"))?
+                .into_iter()
+                .map(|vm| CloudVm {
+                    id: vm.id,
+                    name: vm.name,
+                    state: vm.state,
+                })
+                .collect())
+        })
+    }
+
+    fn zones(&self) -> CloudFuture<'_, Vec<CloudZone>> {
+        Box::pin(async move {
+            Ok(self
+                .client
+                .list_zones()
+                .await
+                .map_err(wrap("listZones"))?
+                .into_iter()
+                .map(|z| CloudZone {
+                    id: z.id,
+                    name: z.name,
+                })
+                .collect())
+        })
+    }
+
+    fn disk_offerings(&self) -> CloudFuture<'_, Vec<CloudDiskOffering>> {
+        Box::pin(async move {
+            Ok(self
+                .client
+                .list_disk_offerings()
+                .await
+                .map_err(wrap("listDiskOfferings"))?
+                .into_iter()
+                .map(|o| CloudDiskOffering {
+                    id: o.id,
+                    name: o.name,
+                    size_bytes: (!o.custom).then_some(o.disk_size_gb * cloudstack::GIB),
+                    display_text: o.display_text,
+                })
+                .collect())
         })
     }
 

@@ -654,3 +654,96 @@ async fn root_attach_follows_cloudstack_refused_while_running_or_rooted_then_dev
     d.delete_ok(vol).await;
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_offerings_take_no_size_and_custom_ones_need_one() {
+    let d = TestDaemon::start().await;
+    let (fixed, fixed_gb) = d
+        .sim()
+        .disk_offerings()
+        .into_iter()
+        .find_map(|(id, _, gb)| gb.map(|gb| (id, gb)))
+        .expect("a fixed-size offering");
+    let create = |name: &str, size: Option<u64>, offering: &str| {
+        let mut body = json!({"name": name, "disk_offering_id": offering, "zone_id": d.zone()});
+        if let Some(s) = size {
+            body["size"] = json!(s);
+        }
+        body
+    };
+
+    // Fixed offering, no size: CloudStack is not sent one and the volume has the offering's size.
+    let op = d.run_ok("/volumes", create("fixed-0", None, &fixed)).await;
+    assert_eq!(op["response"]["size"], fixed_gb * GIB, "{op}");
+    // Fixed offering, its own size: accepted too.
+    let op = d
+        .run_ok("/volumes", create("fixed-1", Some(fixed_gb * GIB), &fixed))
+        .await;
+    assert_eq!(op["response"]["size"], fixed_gb * GIB, "{op}");
+
+    // Fixed offering, another size; custom offering, no size: 400 naming `size`, nothing recorded.
+    for body in [
+        create("bad-0", Some((fixed_gb + 1) * GIB), &fixed),
+        create("bad-1", None, &d.custom_offering()),
+    ] {
+        let (s, v) = d.post("/volumes", body.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert_eq!(v["field"], "size", "{v}");
+    }
+    // An unknown offering names `disk_offering_id`.
+    let (s, v) = d
+        .post("/volumes", create("bad-2", Some(GIB), "no-such-offering"))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["field"], "disk_offering_id", "{v}");
+    let (_, ops) = d.get("/operations").await;
+    assert_eq!(ops.as_array().unwrap().len(), 2, "{ops}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_reports_the_clouds_state_and_cloud_listings_have_names() {
+    let d = TestDaemon::start().await;
+    let vol = d.create_volume("state-0", GIB).await;
+    d.run_ok(
+        &format!("/volumes/{vol}/attach"),
+        json!({"vm_id": d.other_vm(0)}),
+    )
+    .await;
+    let (s, dev) = d.get(&format!("/volumes/{vol}/device")).await;
+    assert_eq!(s, StatusCode::OK, "{dev}");
+    assert_eq!(dev["cloudstack_state"], "Ready", "{dev}");
+
+    let (s, zones) = d.get("/cloud/zones").await;
+    assert_eq!(s, StatusCode::OK, "{zones}");
+    assert_eq!(zones[0]["id"], d.zone(), "{zones}");
+    assert!(!zones[0]["name"].as_str().unwrap().is_empty(), "{zones}");
+    let (_, offerings) = d.get("/cloud/offerings").await;
+    let custom = offerings
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["id"] == d.custom_offering())
+        .expect("the custom offering is listed");
+    assert_eq!(custom["custom"], true, "{offerings}");
+    assert_eq!(custom["size"], Value::Null, "{offerings}");
+    assert!(
+        offerings
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["custom"] == false && o["size"].as_u64().unwrap_or(0) > 0),
+        "{offerings}"
+    );
+    let (_, vms) = d.get("/cloud/vms").await;
+    let vms = vms.as_array().unwrap();
+    let appliance: Vec<_> = vms.iter().filter(|v| v["appliance"] == true).collect();
+    assert_eq!(appliance.len(), 1, "{vms:?}");
+    assert_eq!(appliance[0]["id"], d.appliance());
+    assert!(vms
+        .iter()
+        .any(|v| v["id"] == d.other_vm(0) && !v["name"].as_str().unwrap().is_empty()));
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    d.delete_ok(vol).await;
+    d.stop().await;
+}

@@ -15,7 +15,8 @@ Environment:
   VOLUMECTL_TOKEN   bearer token, the daemon's api_token (same as --token)
 
 Output:
-  Tables for people; --json prints the daemon's JSON answer unchanged, one document per command.
+  Tables for people; --json prints the daemon's JSON answer unchanged, one document per command;
+  -q prints only ids (for shell variables).
   Mutations (create, attach, detach, delete) wait for their operation and print it when it ends;
   with --no-wait they print only the operation id (the whole operation with --json).
 
@@ -28,7 +29,11 @@ Exit codes:
   5  the daemon is unreachable (connection refused, timed out, DNS failure)
   6  the daemon failed (HTTP 5xx other than 503) or answered something volumectl cannot read
   7  the daemon is up but cannot serve the request now (HTTP 503: cloud or database down, identity unknown)
-  8  gave up waiting: the operation is still running (see `volumectl ops wait ID`)";
+  8  gave up waiting: the operation is still running (see `volumectl ops wait ID`)
+  130  interrupted (Ctrl-C) while waiting: the operation goes on in the daemon (see `volumectl ops wait ID`)
+
+Tables fit the terminal's width (else $COLUMNS, else 100 columns), truncating long cells with '~';
+--wide prints every cell in full.";
 
 /// Command-line client of volume-daemon: volumes, operations, NBD exports, appliance identity, health.
 #[derive(Debug, Parser)]
@@ -48,6 +53,13 @@ pub struct Cli {
     /// Print JSON for scripts instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Print only ids, for shell variables: one per line for lists, the new volume's id for
+    /// `volumes create`, the NBD URL for `volumes attach --appliance`, nothing for other commands.
+    #[arg(long, short = 'q', global = true, conflicts_with = "json")]
+    pub quiet: bool,
+    /// Print tables with every cell in full, however wide.
+    #[arg(long, global = true)]
+    pub wide: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -66,6 +78,9 @@ pub enum Command {
     /// The appliance VM identity the daemon uses.
     #[command(subcommand)]
     Appliance(ApplianceCommand),
+    /// What the cloud offers: zones, disk offerings and VMs, with names and ids.
+    #[command(subcommand)]
+    Cloud(CloudCommand),
     /// The daemon's health, per component; exits 1 unless healthy.
     Health,
     /// Compare the database with the cloud, the devices and the exports; repair with --apply.
@@ -102,13 +117,14 @@ pub enum VolumesCommand {
         /// Volume name.
         #[arg(long)]
         name: String,
-        /// Size: bytes, or with a unit (10G, 512MiB, 1T); rounded up to whole GiB by the daemon.
+        /// Size: bytes, or with a unit (10G, 512MiB, 1T); rounded up to whole GiB by the daemon. Required for a
+        /// custom-size offering; a fixed-size offering has its own size.
         #[arg(long, value_parser = parse_size)]
-        size: u64,
-        /// CloudStack disk offering id.
+        size: Option<u64>,
+        /// CloudStack disk offering: its id or its name (`volumectl cloud offerings`).
         #[arg(long)]
         disk_offering_id: String,
-        /// CloudStack zone id.
+        /// CloudStack zone: its id or its name (`volumectl cloud zones`).
         #[arg(long)]
         zone_id: String,
         /// Metadata entry KEY=VALUE (VALUE is read as JSON when it parses, else as a string); repeatable.
@@ -150,8 +166,28 @@ pub enum VolumesCommand {
     },
     /// A volume's real status: cloud state, attachment, device, export.
     Show { volume_id: Uuid },
-    /// All volumes the daemon knows.
-    List,
+    /// The volumes the daemon knows, optionally filtered.
+    List {
+        /// Only volumes attached to this VM (id or name).
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only volumes in this state: attached, detached or deleted.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only volumes whose name contains this text (case-insensitive).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CloudCommand {
+    /// The cloud's zones.
+    Zones,
+    /// The cloud's disk offerings: fixed size, or custom (create with --size).
+    Offerings,
+    /// The cloud's VMs, the appliance marked.
+    Vms,
 }
 
 #[derive(Debug, Subcommand)]

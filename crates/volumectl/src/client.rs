@@ -9,9 +9,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
 use volume_api::{
-    Appliance, AttachVolumeRequest, CreateVolumeRequest, ErrorBody, Export, ExportList, Health,
-    Operation, ReconcileReport, ReconcileRequest, SetApplianceRequest, VolumeStatus, API_PREFIX,
-    IDEMPOTENCY_KEY_HEADER,
+    Appliance, AttachVolumeRequest, CloudOffering, CloudVm, CloudZone, CreateVolumeRequest,
+    ErrorBody, Export, ExportList, Health, Operation, ReconcileReport, ReconcileRequest,
+    SetApplianceRequest, VolumeStatus, API_PREFIX, IDEMPOTENCY_KEY_HEADER,
 };
 
 /// Longest server-side wait asked for in one `GET /operations/{id}?wait=` request.
@@ -336,6 +336,26 @@ impl Client {
             ..Call::new(Method::GET, "/operations")
         })
         .await
+    }
+
+    pub async fn cloud_zones(&self) -> Result<Answer<Vec<CloudZone>>, ClientError> {
+        self.get("/cloud/zones").await
+    }
+
+    pub async fn cloud_offerings(&self) -> Result<Answer<Vec<CloudOffering>>, ClientError> {
+        self.get("/cloud/offerings").await
+    }
+
+    pub async fn cloud_vms(&self) -> Result<Answer<Vec<CloudVm>>, ClientError> {
+        self.get("/cloud/vms").await
+    }
+
+    /// The daemon's host as the URL names it (where its NBD exports are served too).
+    pub fn host(&self) -> String {
+        reqwest::Url::parse(&self.base)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_else(|| "127.0.0.1".into())
     }
 
     pub async fn exports(&self) -> Result<Answer<ExportList>, ClientError> {

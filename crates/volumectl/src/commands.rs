@@ -8,16 +8,17 @@ use serde::Serialize;
 use uuid::Uuid;
 use volume_api::{
     AttachVolumeRequest, CreateVolumeRequest, HealthStatus, Operation, OperationStatus,
-    SetApplianceRequest,
+    SetApplianceRequest, VolumeStatus,
 };
 
 use crate::cli::{
-    ApplianceCommand, Cli, Command, ExportsCommand, OpsCommand, VolumesCommand, WaitArgs,
+    ApplianceCommand, Cli, CloudCommand, Command, ExportsCommand, OpsCommand, VolumesCommand,
+    WaitArgs,
 };
 use crate::client::{Answer, Client, OpsFilter};
 use crate::error::CliError;
 use crate::progress::{Mode, Progress};
-use crate::render;
+use crate::render::{self, VmNames};
 
 /// How often the spinner moves.
 const SPINNER_TICK: Duration = Duration::from_millis(120);
@@ -25,6 +26,7 @@ const SPINNER_TICK: Duration = Duration::from_millis(120);
 /// Output settings of one invocation.
 struct Out {
     json: bool,
+    quiet: bool,
 }
 
 impl Out {
@@ -48,9 +50,29 @@ impl Out {
         self.text(&s)
     }
 
-    /// Prints the raw answer with `--json`, else the rendered text.
+    /// Prints a list: ids alone with `-q`, else as [`Out::show`] does.
+    fn list<T>(
+        &self,
+        a: &Answer<Vec<T>>,
+        id: impl Fn(&T) -> String,
+        human: impl FnOnce(&[T]) -> String,
+    ) -> Result<(), CliError> {
+        if self.quiet {
+            let ids: Vec<String> = a.value.iter().map(id).collect();
+            if ids.is_empty() {
+                return Ok(());
+            }
+            self.text(&ids.join("\n"))
+        } else {
+            self.show(a, |v| human(v))
+        }
+    }
+
+    /// Prints the raw answer with `--json`, nothing with `-q`, else the rendered text.
     fn show<T>(&self, a: &Answer<T>, human: impl FnOnce(&T) -> String) -> Result<(), CliError> {
-        if self.json {
+        if self.quiet {
+            Ok(())
+        } else if self.json {
             self.json(&a.raw)
         } else {
             self.text(&human(&a.value))
@@ -68,7 +90,11 @@ fn quiet_on_closed_pipe(r: std::io::Result<()>) -> Result<(), CliError> {
 
 /// Runs `cli`; `Ok` means the command did what was asked.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let out = Out { json: cli.json };
+    let out = Out {
+        json: cli.json,
+        quiet: cli.quiet,
+    };
+    render::set_width((!cli.wide).then(render::terminal_width));
     if let Command::Completions { shell } = cli.command {
         let mut cmd = Cli::command();
         let mut buf = Vec::new();
@@ -82,6 +108,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Ops(c) => ops(&client, &out, c).await,
         Command::Exports(c) => exports(&client, &out, c).await,
         Command::Appliance(c) => appliance(&client, &out, c).await,
+        Command::Cloud(c) => cloud(&client, &out, c).await,
         Command::Health => {
             let h = client.health().await?;
             out.show(&h, render::health_report)?;
@@ -111,6 +138,14 @@ async fn volumes(client: &Client, out: &Out, c: VolumesCommand) -> Result<(), Cl
             metadata,
             wait,
         } => {
+            let zone_id = match client.cloud_zones().await {
+                Ok(z) => by_id_or_name(&zone_id, z.value.iter().map(|z| (&z.id, &z.name))),
+                Err(_) => zone_id,
+            };
+            let disk_offering_id = match client.cloud_offerings().await {
+                Ok(o) => by_id_or_name(&disk_offering_id, o.value.iter().map(|o| (&o.id, &o.name))),
+                Err(_) => disk_offering_id,
+            };
             let req = CreateVolumeRequest {
                 name,
                 size,
@@ -161,9 +196,107 @@ async fn volumes(client: &Client, out: &Out, c: VolumesCommand) -> Result<(), Cl
             finish_mutation(client, out, op, &wait).await
         }
         VolumesCommand::Show { volume_id } => {
-            out.show(&client.volume(volume_id).await?, render::volume_detail)
+            let v = client.volume(volume_id).await?;
+            let names = vm_names(client, out).await;
+            out.show(&v, |v| render::volume_detail(v, &names))
         }
-        VolumesCommand::List => out.show(&client.volumes().await?, |v| render::volumes_table(v)),
+        VolumesCommand::List { vm, state, name } => {
+            let mut all = client.volumes().await?;
+            let names = if out.json && vm.is_none() {
+                VmNames::new()
+            } else {
+                cloud_vm_names(client).await
+            };
+            let vm_ids: Option<Vec<String>> = vm.map(|want| {
+                let mut ids = vec![want.clone()];
+                ids.extend(
+                    names
+                        .iter()
+                        .filter(|(_, n)| n.eq_ignore_ascii_case(&want))
+                        .map(|(id, _)| id.clone()),
+                );
+                ids
+            });
+            let name = name.map(|n| n.to_lowercase());
+            let keep = |v: &VolumeStatus| {
+                vm_ids.as_ref().is_none_or(|ids| {
+                    v.attachment
+                        .as_ref()
+                        .is_some_and(|a| ids.contains(&a.vm_id))
+                }) && state
+                    .as_ref()
+                    .is_none_or(|s| v.state.to_string().eq_ignore_ascii_case(s))
+                    && name
+                        .as_ref()
+                        .is_none_or(|n| v.name.to_lowercase().contains(n))
+            };
+            all.value.retain(|v| keep(v));
+            if let serde_json::Value::Array(items) = &mut all.raw {
+                items.retain(|raw| {
+                    serde_json::from_value::<VolumeStatus>(raw.clone())
+                        .map(|v| keep(&v))
+                        .unwrap_or(false)
+                });
+            }
+            out.list(
+                &all,
+                |v| v.volume_id.to_string(),
+                |v| render::volumes_table(v, &names),
+            )
+        }
+    }
+}
+
+/// The id `given` names: itself when it is an id, else the id of the one entry of that name (ignoring case).
+/// Anything else is passed on as given, for the daemon to judge.
+fn by_id_or_name<'a>(
+    given: &str,
+    entries: impl Iterator<Item = (&'a String, &'a String)> + Clone,
+) -> String {
+    if entries.clone().any(|(id, _)| id == given) {
+        return given.to_string();
+    }
+    let mut named = entries.filter(|(_, name)| name.eq_ignore_ascii_case(given));
+    match (named.next(), named.next()) {
+        (Some((id, _)), None) => id.clone(),
+        _ => given.to_string(),
+    }
+}
+
+/// VM names by id for people's tables; empty for `--json` or when the cloud cannot be asked (ids alone
+/// are shown then).
+async fn vm_names(client: &Client, out: &Out) -> VmNames {
+    if out.json || out.quiet {
+        return VmNames::new();
+    }
+    cloud_vm_names(client).await
+}
+
+/// VM names by id as the cloud lists them; empty when it cannot be asked.
+async fn cloud_vm_names(client: &Client) -> VmNames {
+    match client.cloud_vms().await {
+        Ok(vms) => vms.value.into_iter().map(|v| (v.id, v.name)).collect(),
+        Err(_) => VmNames::new(),
+    }
+}
+
+async fn cloud(client: &Client, out: &Out, c: CloudCommand) -> Result<(), CliError> {
+    match c {
+        CloudCommand::Zones => out.list(
+            &client.cloud_zones().await?,
+            |z| z.id.clone(),
+            render::zones_table,
+        ),
+        CloudCommand::Offerings => out.list(
+            &client.cloud_offerings().await?,
+            |o| o.id.clone(),
+            render::offerings_table,
+        ),
+        CloudCommand::Vms => out.list(
+            &client.cloud_vms().await?,
+            |v| v.id.clone(),
+            render::vms_table,
+        ),
     }
 }
 
@@ -184,9 +317,9 @@ async fn ops(client: &Client, out: &Out, c: OpsCommand) -> Result<(), CliError> 
                 vm_id,
                 limit,
             };
-            out.show(&client.operations(&filter).await?, |o| {
-                render::operations_table(o)
-            })
+            let ops = client.operations(&filter).await?;
+            let names = vm_names(client, out).await;
+            out.show(&ops, |o| render::operations_table(o, &names))
         }
         OpsCommand::Wait { id, timeout } => {
             let op = client.operation(id).await?;
@@ -241,19 +374,31 @@ async fn finish_mutation(
         };
     }
     let done = wait_for(client, op, wait.timeout, progress_mode(out)).await?;
-    report_finished(out, &done, render::operation_outcome)
+    let host = client.host();
+    if out.quiet && done.value.status == OperationStatus::Completed {
+        if let Some(id) = render::operation_subject(&done.value, &host) {
+            out.text(&id)?;
+        }
+        return Ok(());
+    }
+    report_finished(out, &done, |o| render::operation_outcome(o, &host))
 }
 
-/// Prints a finished operation; a failed or cancelled one is an error (exit 1) after it is printed.
+/// Prints a finished operation; a failed or cancelled one is an error (exit 1) printed once, on standard
+/// error (with `--json` the operation is also printed on standard output, for scripts).
 fn report_finished(
     out: &Out,
     done: &Answer<Operation>,
     human: impl FnOnce(&Operation) -> String,
 ) -> Result<(), CliError> {
-    out.show(done, human)?;
     match done.value.status {
-        OperationStatus::Completed => Ok(()),
-        _ => Err(CliError::OperationFailed(Box::new(done.value.clone()))),
+        OperationStatus::Completed => out.show(done, human),
+        _ => {
+            if out.json {
+                out.json(&done.raw)?;
+            }
+            Err(CliError::OperationFailed(Box::new(done.value.clone())))
+        }
     }
 }
 
@@ -268,6 +413,10 @@ async fn wait_for(
     let id: Uuid = first.value.id;
     let mut progress = Progress::new(mode);
     let mut cur = first;
+    // Ctrl-C ends the wait, not the operation: the daemon goes on with it. Registered before the first
+    // progress line, so a Ctrl-C after it is always caught.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(CliError::Signal)?;
     loop {
         progress.update(&cur.value);
         if cur.value.status.is_terminal() {
@@ -301,6 +450,10 @@ async fn wait_for(
             tokio::select! {
                 r = &mut fut => break r?,
                 _ = tick.tick() => progress.tick(),
+                _ = interrupt.recv() => {
+                    progress.finish();
+                    return Err(CliError::Interrupted { id });
+                }
             }
         };
     }

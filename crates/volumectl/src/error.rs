@@ -27,6 +27,8 @@ pub enum Exit {
     Unavailable = 7,
     /// Gave up waiting; the operation is still running.
     WaitTimedOut = 8,
+    /// Interrupted (Ctrl-C, SIGINT) while waiting; the operation is still running. 128 + SIGINT, as shells do.
+    Interrupted = 130,
 }
 
 impl From<Exit> for ExitCode {
@@ -48,6 +50,10 @@ pub enum CliError {
         status: &'static str,
         waited: Duration,
     },
+    #[error("interrupted while waiting for operation {id}, which goes on in the daemon; wait for it again with `volumectl ops wait {id}`")]
+    Interrupted { id: Uuid },
+    #[error("cannot watch for Ctrl-C")]
+    Signal(#[source] std::io::Error),
     #[error("the daemon reports {status}: see the components above and docs/operations.md")]
     Unhealthy { status: String },
     #[error("the daemon does not know its appliance identity: set it with `volumectl appliance set VM_ID` or appliance_vm_id in its configuration")]
@@ -76,8 +82,9 @@ impl CliError {
             Self::Client(e) => exit_of_kind(e.kind()),
             Self::OperationFailed(_) | Self::Unhealthy { .. } => Exit::Failed,
             Self::WaitTimedOut { .. } => Exit::WaitTimedOut,
+            Self::Interrupted { .. } => Exit::Interrupted,
             Self::NoAppliance => Exit::Unavailable,
-            Self::Output(_) | Self::Runtime(_) => Exit::Server,
+            Self::Output(_) | Self::Runtime(_) | Self::Signal(_) => Exit::Server,
         }
     }
 }
@@ -149,7 +156,7 @@ mod tests {
 
     #[test]
     fn every_documented_code_is_in_the_help_text() {
-        for code in 0..=8u8 {
+        for code in (0..=8u8).chain([130]) {
             assert!(
                 crate::cli::AFTER_LONG_HELP.contains(&format!("\n  {code}  ")),
                 "exit code {code} is not documented"

@@ -1,10 +1,12 @@
 //! Human output: aligned tables and key/value blocks built from the wire types, as pure functions returning
 //! text, plus size parsing and formatting. `--json` output does not pass through here.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use volume_api::{
-    Appliance, AttachTarget, DiskRole, Export, ExportList, Health, Operation, OperationStatus,
-    ReconcileReport, VolumeStatus,
+    Appliance, AttachTarget, CloudOffering, CloudVm, CloudZone, DiskRole, Export, ExportList,
+    Health, Operation, OperationKind, OperationStatus, ReconcileReport, VolumeStatus,
 };
 
 /// Shown for an absent value.
@@ -32,11 +34,38 @@ impl Table {
         self.rows.push(cells);
     }
 
+    /// Renders at the width set by [`set_width`] (every cell in full when none is set).
     pub fn render(&self) -> String {
+        self.render_fit(WIDTH.get().copied().flatten())
+    }
+
+    /// Renders within `width` columns when given: the widest columns are narrowed first (never below their
+    /// header) and cells cut to fit end in `~`. `None` prints every cell in full.
+    pub fn render_fit(&self, width: Option<usize>) -> String {
         let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
         for r in &self.rows {
             for (w, c) in widths.iter_mut().zip(r) {
                 *w = (*w).max(c.chars().count());
+            }
+        }
+        if let Some(limit) = width {
+            let floor: Vec<usize> = self
+                .header
+                .iter()
+                .map(|h| h.chars().count().max(MIN_COLUMN))
+                .collect();
+            let gaps = 2 * widths.len().saturating_sub(1);
+            while widths.iter().sum::<usize>() + gaps > limit {
+                let widest = widths
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, w)| **w > floor[*i])
+                    .max_by_key(|(_, w)| **w)
+                    .map(|(i, _)| i);
+                match widest {
+                    Some(i) => widths[i] -= 1,
+                    None => break,
+                }
             }
         }
         let mut out = String::new();
@@ -46,7 +75,8 @@ impl Table {
                 if i > 0 {
                     line.push_str("  ");
                 }
-                line.push_str(c);
+                let c = cut(c, *w);
+                line.push_str(&c);
                 if i + 1 < r.len() {
                     line.extend(std::iter::repeat_n(' ', w - c.chars().count()));
                 }
@@ -56,6 +86,42 @@ impl Table {
         }
         out
     }
+}
+
+/// The narrowest a fitted column gets (or its header's width, when wider).
+const MIN_COLUMN: usize = 6;
+
+/// The table width of this invocation, set once at start; `None` prints every cell in full.
+static WIDTH: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+
+/// Sets the width tables fit into (`None`: every cell in full, as with `--wide`). Later calls are ignored.
+pub fn set_width(width: Option<usize>) {
+    let _ = WIDTH.set(width);
+}
+
+/// The width of the terminal on standard output, else `$COLUMNS`, else 100.
+pub fn terminal_width() -> usize {
+    let stdout = std::io::stdout();
+    if let Ok(ws) = rustix::termios::tcgetwinsize(&stdout) {
+        if ws.ws_col > 0 {
+            return usize::from(ws.ws_col);
+        }
+    }
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse::<usize>().ok())
+        .filter(|c| *c > 0)
+        .unwrap_or(100)
+}
+
+/// `s` cut to `width` characters, the last one `~` when something was cut.
+fn cut(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(width.saturating_sub(1)).collect();
+    out.push('~');
+    out
 }
 
 /// Key/value lines with aligned values.
@@ -132,17 +198,30 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
-/// Where a volume is attached, in a few words.
-fn attached_to(v: &VolumeStatus) -> String {
-    match &v.attachment {
-        None => NONE.into(),
-        Some(a) if a.target == AttachTarget::Appliance => format!("{} (appliance)", a.vm_id),
-        Some(a) if a.role == DiskRole::Root => format!("{} (root)", a.vm_id),
-        Some(a) => a.vm_id.clone(),
+/// VM names by id, as the cloud lists them (empty when it could not be asked).
+pub type VmNames = HashMap<String, String>;
+
+/// A VM as `name (id)`, or its id alone when its name is unknown.
+pub fn vm_label(id: &str, names: &VmNames) -> String {
+    match names.get(id) {
+        Some(n) if !n.is_empty() => format!("{n} ({id})"),
+        _ => id.to_string(),
     }
 }
 
-pub fn volumes_table(vols: &[VolumeStatus]) -> String {
+/// Where a volume is attached, in a few words.
+fn attached_to(v: &VolumeStatus, names: &VmNames) -> String {
+    match &v.attachment {
+        None => NONE.into(),
+        Some(a) if a.target == AttachTarget::Appliance => {
+            format!("{} [appliance]", vm_label(&a.vm_id, names))
+        }
+        Some(a) if a.role == DiskRole::Root => format!("{} [root]", vm_label(&a.vm_id, names)),
+        Some(a) => vm_label(&a.vm_id, names),
+    }
+}
+
+pub fn volumes_table(vols: &[VolumeStatus], names: &VmNames) -> String {
     let mut t = Table::new(&[
         "VOLUME",
         "NAME",
@@ -158,7 +237,7 @@ pub fn volumes_table(vols: &[VolumeStatus]) -> String {
             v.name.clone(),
             human_bytes(v.size),
             v.state.to_string(),
-            attached_to(v),
+            attached_to(v, names),
             opt(v.attachment.as_ref().and_then(|a| a.device_path.clone())),
             v.export
                 .as_ref()
@@ -169,7 +248,7 @@ pub fn volumes_table(vols: &[VolumeStatus]) -> String {
     t.render()
 }
 
-pub fn volume_detail(v: &VolumeStatus) -> String {
+pub fn volume_detail(v: &VolumeStatus, names: &VmNames) -> String {
     let cloud_state = v.cloudstack_data.as_ref().map(|d| d.state.clone());
     let mut pairs = vec![
         ("volume", v.volume_id.to_string()),
@@ -189,7 +268,7 @@ pub fn volume_detail(v: &VolumeStatus) -> String {
                 (None, None) => NONE.into(),
             },
         ),
-        ("attached to", attached_to(v)),
+        ("attached to", attached_to(v, names)),
     ];
     if let Some(a) = &v.attachment {
         pairs.push(("device id", opt(a.device_id)));
@@ -226,7 +305,7 @@ pub fn volume_detail(v: &VolumeStatus) -> String {
     fields(&pairs)
 }
 
-pub fn operations_table(ops: &[Operation]) -> String {
+pub fn operations_table(ops: &[Operation], names: &VmNames) -> String {
     let mut t = Table::new(&[
         "OPERATION",
         "TYPE",
@@ -243,7 +322,7 @@ pub fn operations_table(ops: &[Operation]) -> String {
             o.op_type().to_string(),
             o.status.to_string(),
             opt(o.volume_id),
-            opt(o.vm_id.clone()),
+            opt(o.vm_id.as_deref().map(|id| vm_label(id, names))),
             o.step.to_string(),
             time(o.created_at),
             opt(o.error.clone()),
@@ -287,7 +366,8 @@ pub fn operation_detail(o: &Operation) -> String {
 }
 
 /// The one-line outcome of a finished mutation.
-pub fn operation_outcome(o: &Operation) -> String {
+/// `nbd_host` is where the daemon runs, for the NBD URL of an appliance attachment.
+pub fn operation_outcome(o: &Operation, nbd_host: &str) -> String {
     let subject = o.response_volume_id().or(o.volume_id);
     let mut s = format!("operation {} ({}) {}", o.id, o.op_type(), o.status);
     if let Some(v) = subject {
@@ -296,10 +376,87 @@ pub fn operation_outcome(o: &Operation) -> String {
     if let Some(d) = o.response_device_path() {
         s.push_str(&format!(", device {d}"));
     }
+    if let OperationKind::Detach {
+        response: Some(r), ..
+    } = &o.kind
+    {
+        if r.vm_id.is_none() {
+            s.push_str(": it was not attached, nothing to detach");
+        }
+    }
     if let Some(e) = &o.error {
         s.push_str(&format!(": {e}"));
     }
+    if let OperationKind::Attach { .. } = &o.kind {
+        if let Some(url) = operation_subject(o, nbd_host) {
+            s.push('\n');
+            s.push_str(&url);
+        }
+    }
     s
+}
+
+/// What `-q` prints for a completed mutation: the export's NBD URL after an appliance attach, the volume's
+/// id after a create, nothing otherwise.
+pub fn operation_subject(o: &Operation, nbd_host: &str) -> Option<String> {
+    match &o.kind {
+        OperationKind::Attach {
+            response: Some(r), ..
+        } => match (&r.export_name, r.nbd_port) {
+            (Some(e), Some(p)) => Some(format!("nbd://{}:{p}/{e}", url_host(nbd_host))),
+            _ => None,
+        },
+        OperationKind::Create {
+            response: Some(r), ..
+        } => Some(r.volume_id.to_string()),
+        _ => None,
+    }
+}
+
+/// A host for a URL: IPv6 addresses in brackets.
+fn url_host(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+pub fn zones_table(zones: &[CloudZone]) -> String {
+    let mut t = Table::new(&["NAME", "ZONE"]);
+    for z in zones {
+        t.row(vec![z.name.clone(), z.id.clone()]);
+    }
+    t.render()
+}
+
+pub fn offerings_table(offerings: &[CloudOffering]) -> String {
+    let mut t = Table::new(&["NAME", "OFFERING", "SIZE", "DESCRIPTION"]);
+    for o in offerings {
+        t.row(vec![
+            o.name.clone(),
+            o.id.clone(),
+            match o.size {
+                Some(b) => human_bytes(b),
+                None => "custom (--size)".into(),
+            },
+            opt(o.description.clone()),
+        ]);
+    }
+    t.render()
+}
+
+pub fn vms_table(vms: &[CloudVm]) -> String {
+    let mut t = Table::new(&["NAME", "VM", "STATE", "ROLE"]);
+    for v in vms {
+        t.row(vec![
+            v.name.clone(),
+            v.id.clone(),
+            v.state.clone(),
+            if v.appliance { "appliance" } else { NONE }.into(),
+        ]);
+    }
+    t.render()
 }
 
 pub fn exports_table(list: &ExportList) -> String {
@@ -438,6 +595,7 @@ mod tests {
         ExportStatus, HealthStatus, LinuxState, OperationKind, OperationStep, SnapshotInfo,
         VolumeState,
     };
+    use volume_api::{DetachVolumeResponse, VolumeOperationRequest};
 
     fn t0() -> DateTime<Utc> {
         DateTime::<Utc>::UNIX_EPOCH
@@ -485,11 +643,27 @@ mod tests {
     }
 
     #[test]
+    fn tables_fit_the_width_by_cutting_the_widest_column() {
+        let mut t = Table::new(&["ID", "NAME"]);
+        t.row(vec!["a".repeat(40), "short".into()]);
+        let out = t.render_fit(Some(30));
+        for line in out.lines() {
+            assert!(line.chars().count() <= 30, "{out}");
+        }
+        assert!(
+            out.contains(&format!("{}~  short", "a".repeat(22))),
+            "{out}"
+        );
+        // Wide: every cell in full.
+        assert!(t.render_fit(None).contains(&"a".repeat(40)));
+    }
+
+    #[test]
     fn tables_align_columns_and_trim_trailing_space() {
         let mut t = Table::new(&["A", "LONGER"]);
         t.row(vec!["wide cell".into(), "x".into()]);
         t.row(vec!["y".into()]);
-        assert_eq!(t.render(), "A          LONGER\nwide cell  x\ny\n");
+        assert_eq!(t.render_fit(None), "A          LONGER\nwide cell  x\ny\n");
     }
 
     #[test]
@@ -516,13 +690,17 @@ mod tests {
 
     #[test]
     fn volume_table_shows_attachment_and_device() {
-        let out = volumes_table(&[volume()]);
+        let names = VmNames::from([("vm-app".to_string(), "appliance-1".to_string())]);
+        let out = volumes_table(&[volume()], &names);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 2);
         assert!(lines[0].starts_with("VOLUME"));
         assert!(lines[1].contains("disk-0"));
         assert!(lines[1].contains("10 GiB"));
-        assert!(lines[1].contains("vm-app (appliance)"));
+        assert!(
+            lines[1].contains("appliance-1 (vm-app) [appliance]"),
+            "{out}"
+        );
         assert!(lines[1].contains("/dev/disk/by-id/virtio-6033803592fb4d2798d4"));
         // Columns line up: the SIZE header starts where the size cell starts.
         assert_eq!(lines[0].find("SIZE"), lines[1].find("10 GiB"));
@@ -533,7 +711,7 @@ mod tests {
         let mut v = volume();
         v.cloudstack_data = None;
         v.cloudstack_error = Some("cloud unreachable".into());
-        let out = volume_detail(&v);
+        let out = volume_detail(&v, &VmNames::new());
         assert!(out.contains("cloud state:"), "{out}");
         assert!(out.contains("unknown: cloud unreachable"), "{out}");
         assert!(out.contains("export:"), "{out}");
@@ -580,14 +758,44 @@ mod tests {
 
     #[test]
     fn operations_render_status_and_error() {
-        let out = operations_table(&[op(OperationStatus::Completed), op(OperationStatus::Failed)]);
+        let out = operations_table(
+            &[op(OperationStatus::Completed), op(OperationStatus::Failed)],
+            &VmNames::new(),
+        );
         assert_eq!(out.lines().count(), 3);
         assert!(out.contains("device never appeared"));
         let d = operation_detail(&op(OperationStatus::Failed));
         assert!(d.contains("device never appeared [device_timeout]"), "{d}");
-        let o = operation_outcome(&op(OperationStatus::Completed));
+        let o = operation_outcome(&op(OperationStatus::Completed), "127.0.0.1");
         assert!(o.contains("(attach) completed"), "{o}");
         assert!(o.contains("device /dev/disk/by-id/virtio-x"), "{o}");
+    }
+
+    #[test]
+    fn appliance_attach_prints_the_nbd_url_and_a_detach_of_nothing_says_so() {
+        let mut a = op(OperationStatus::Completed);
+        if let OperationKind::Attach {
+            response: Some(r), ..
+        } = &mut a.kind
+        {
+            r.export_name = Some("migration-vol-x".into());
+            r.nbd_port = Some(10809);
+        }
+        let o = operation_outcome(&a, "::1");
+        assert!(o.ends_with("\nnbd://[::1]:10809/migration-vol-x"), "{o}");
+        let mut d = op(OperationStatus::Completed);
+        d.kind = OperationKind::Detach {
+            request: VolumeOperationRequest { volume_id: vid() },
+            response: Some(DetachVolumeResponse {
+                volume_id: vid(),
+                device_path: String::new(),
+                vm_id: None,
+                message: "volume was not attached".into(),
+            }),
+        };
+        let o = operation_outcome(&d, "127.0.0.1");
+        assert!(o.contains("it was not attached, nothing to detach"), "{o}");
+        assert!(!o.contains("device"), "{o}");
     }
 
     #[test]

@@ -188,6 +188,50 @@ impl Daemon {
         )
     }
 
+    /// Adds a fault to the simulator (`POST /sim/faults`).
+    fn fault(&self, spec: Value) {
+        reqwest::blocking::Client::new()
+            .post(format!("{}/sim/faults", self.sim))
+            .json(&spec)
+            .send()
+            .and_then(|r| r.error_for_status())
+            .unwrap_or_else(|e| panic!("adding fault {spec} failed: {e}"));
+    }
+
+    /// Runs volumectl and asserts its exit code; returns its standard error.
+    fn exits(&self, code: i32, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "volumectl {args:?}: stdout {}\nstderr {}",
+            String::from_utf8_lossy(&o.stdout),
+            stderr(&o)
+        );
+        stderr(&o)
+    }
+
+    /// Creates a 1 GiB volume on the custom offering and returns its id.
+    fn create(&self, name: &str) -> String {
+        let (zone, offering) = self.zone_and_offering();
+        let op = self.json(&[
+            "volumes",
+            "create",
+            "--name",
+            name,
+            "--size",
+            "1G",
+            "--zone-id",
+            &zone,
+            "--disk-offering-id",
+            &offering,
+        ]);
+        op["response"]["volume_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("create printed no volume id: {op}"))
+            .to_string()
+    }
+
     fn appliance_id(&self) -> String {
         let a = self.json(&["appliance", "show"]);
         a["vm_id"]
@@ -218,6 +262,7 @@ fn run_ctl(url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_volumectl"))
         .args(args)
         .env("VOLUMECTL_URL", url)
+        .env("COLUMNS", "1000")
         .env_remove("VOLUMECTL_TOKEN")
         .stdin(Stdio::null())
         .output()
@@ -385,7 +430,7 @@ fn ext_volume_lifecycle_with_tables() {
     let out = d.ok(&["volumes", "list"]);
     assert!(
         out.lines()
-            .any(|l| l.starts_with(&vol) && l.contains("(appliance)")),
+            .any(|l| l.starts_with(&vol) && l.contains("[appliance]")),
         "{out}"
     );
 
@@ -611,4 +656,350 @@ fn completions_are_generated_for_each_shell() {
             "{shell}"
         );
     }
+}
+
+#[test]
+fn ext_cloud_listings_show_names_and_tables_fit_the_width() {
+    let d = Daemon::start();
+    let zone = &d.cloud_list("listZones", "zone")[0];
+    let out = d.ok(&["cloud", "zones"]);
+    assert!(out.starts_with("NAME"), "{out}");
+    assert!(
+        out.contains(zone["name"].as_str().expect("zone name"))
+            && out.contains(zone["id"].as_str().expect("zone id")),
+        "{out}"
+    );
+    let out = d.ok(&["cloud", "offerings"]);
+    for o in d.cloud_list("listDiskOfferings", "diskoffering") {
+        assert!(out.contains(o["name"].as_str().expect("name")), "{out}");
+    }
+    assert!(
+        out.contains("custom (--size)") && out.contains("5 GiB"),
+        "{out}"
+    );
+    let vms = d.json(&["cloud", "vms"]);
+    let appliance = d.appliance_id();
+    let out = d.ok(&["cloud", "vms"]);
+    for vm in vms.as_array().expect("array") {
+        let (id, name) = (vm["id"].as_str().unwrap(), vm["name"].as_str().unwrap());
+        let line = out
+            .lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("{id} not listed: {out}"));
+        assert!(line.starts_with(name), "{line}");
+        assert_eq!(line.contains("appliance"), id == appliance, "{line}");
+    }
+
+    // Tables fit COLUMNS when standard output is not a terminal; --wide prints every cell in full.
+    let narrow = Command::new(env!("CARGO_BIN_EXE_volumectl"))
+        .args(["cloud", "vms"])
+        .env("VOLUMECTL_URL", &d.api)
+        .env("COLUMNS", "40")
+        .output()
+        .expect("run volumectl");
+    let text = String::from_utf8_lossy(&narrow.stdout);
+    assert!(text.lines().count() > 1, "{text}");
+    for line in text.lines() {
+        assert!(
+            line.chars().count() <= 40,
+            "{line:?} is wider than 40:\n{text}"
+        );
+    }
+    assert!(text.contains('~'), "{text}");
+    let wide = Command::new(env!("CARGO_BIN_EXE_volumectl"))
+        .args(["--wide", "cloud", "vms"])
+        .env("VOLUMECTL_URL", &d.api)
+        .env("COLUMNS", "40")
+        .output()
+        .expect("run volumectl");
+    assert!(String::from_utf8_lossy(&wide.stdout).contains(&appliance));
+}
+
+#[test]
+fn ext_volumes_list_filters_and_names_vms() {
+    let d = Daemon::start();
+    let appliance = d.appliance_id();
+    let vms = d.json(&["cloud", "vms"]);
+    let other = vms
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|v| v["id"] != appliance.as_str() && v["state"] == "Running")
+        .expect("a running VM besides the appliance")
+        .clone();
+    let (other_id, other_name) = (
+        other["id"].as_str().unwrap(),
+        other["name"].as_str().unwrap(),
+    );
+    let a = d.create("filter-alpha");
+    let b = d.create("filter-beta");
+    d.ok(&["volumes", "attach", &a, "--vm-id", other_id]);
+
+    let out = d.ok(&["volumes", "list", "--vm", other_name]);
+    assert!(out.contains(&a) && !out.contains(&b), "{out}");
+    assert!(out.contains(&format!("{other_name} ({other_id})")), "{out}");
+    let out = d.ok(&["volumes", "list", "--vm", other_id]);
+    assert!(out.contains(&a) && !out.contains(&b), "{out}");
+    let out = d.ok(&["volumes", "list", "--state", "detached"]);
+    assert!(!out.contains(&a) && out.contains(&b), "{out}");
+    let list = d.json(&["volumes", "list", "--name", "BETA"]);
+    let ids: Vec<&str> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| v["volume_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![b.as_str()]);
+    let out = d.ok(&["ops", "list", "--type", "attach"]);
+    assert!(out.contains(&format!("{other_name} ({other_id})")), "{out}");
+}
+
+#[test]
+fn ext_appliance_attach_prints_the_nbd_url_and_a_second_detach_says_so() {
+    let d = Daemon::start();
+    let vol = d.create("url-disk");
+    let out = d.ok(&["volumes", "attach", &vol, "--appliance"]);
+    let port: u16 = d.json(&["exports", "show", &vol])["port"]
+        .as_u64()
+        .expect("export port") as u16;
+    assert!(
+        out.lines()
+            .any(|l| l == format!("nbd://127.0.0.1:{port}/migration-vol-{vol}")),
+        "{out}"
+    );
+    d.ok(&["volumes", "detach", &vol]);
+    let out = d.ok(&["volumes", "detach", &vol]);
+    assert!(
+        out.contains("it was not attached, nothing to detach"),
+        "{out}"
+    );
+    assert!(!out.contains("device"), "{out}");
+}
+
+#[test]
+fn ext_exit_codes_are_the_documented_ones() {
+    let d = Daemon::start();
+    let vol = d.create("codes-disk");
+    let appliance = d.appliance_id();
+    let zone = d.zone_and_offering().0;
+    let fixed = d
+        .cloud_list("listDiskOfferings", "diskoffering")
+        .into_iter()
+        .find(|o| o["iscustomized"] == Value::Bool(false))
+        .expect("a fixed-size offering");
+    let fixed = fixed["id"].as_str().unwrap();
+
+    // 0: a fixed-size offering needs no size.
+    d.ok(&[
+        "volumes",
+        "create",
+        "--name",
+        "fixed",
+        "--zone-id",
+        &zone,
+        "--disk-offering-id",
+        fixed,
+    ]);
+    // 2: the daemon rejects the request as invalid, naming the field.
+    let err = d.exits(
+        2,
+        &[
+            "volumes",
+            "create",
+            "--name",
+            "x",
+            "--size",
+            "3G",
+            "--zone-id",
+            &zone,
+            "--disk-offering-id",
+            fixed,
+        ],
+    );
+    assert!(err.contains("size"), "{err}");
+    // 3: not found.
+    d.exits(3, &["volumes", "show", &Uuid::new_v4().to_string()]);
+    // 4: an unknown VM.
+    let err = d.exits(4, &["volumes", "attach", &vol, "--vm-id", "no-such-vm"]);
+    assert!(
+        err.contains("no-such-vm") && err.contains("cloud vms"),
+        "{err}"
+    );
+    // 1: the operation failed (CloudStack refuses a root disk on a running VM); its error once, on stderr.
+    let running = d
+        .json(&["cloud", "vms"])
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|v| v["id"] != appliance.as_str() && v["state"] == "Running")
+        .expect("a running VM")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = d.ctl(&["volumes", "attach", &vol, "--vm-id", &running, "--root"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(
+        stderr(&o).matches("[cloud_invalid_parameter]").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+    // 6: CloudStack refused a synchronous call (HTTP 502 from the daemon).
+    d.fault(serde_json::json!({"type": "fail_command", "command": "listZones", "errorcode": 431, "errortext": "refused"}));
+    d.exits(6, &["cloud", "zones"]);
+    // 7: the cloud is down (HTTP 503 from the daemon).
+    d.fault(serde_json::json!({"type": "fail_command", "command": "listZones", "count": 1000, "errorcode": 503}));
+    let err = d.exits(7, &["cloud", "zones"]);
+    assert!(
+        err.contains("cloud_unavailable") || err.contains("listZones"),
+        "{err}"
+    );
+    // 8: gave up waiting; 130: interrupted while waiting. Both say how to wait again.
+    let d = Daemon::start_with(&["--sim-job-delay-ms", "3000"]);
+    let (zone, offering) = d.zone_and_offering();
+    let create = |name: &'static str| {
+        vec![
+            "volumes".to_string(),
+            "create".into(),
+            "--name".into(),
+            name.into(),
+            "--size".into(),
+            "1G".into(),
+            "--zone-id".into(),
+            zone.clone(),
+            "--disk-offering-id".into(),
+            offering.clone(),
+        ]
+    };
+    let mut args = create("slow");
+    args.extend(["--timeout".to_string(), "200ms".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = d.exits(8, &args);
+    assert!(err.contains("volumectl ops wait "), "{err}");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_volumectl"))
+        .args(create("interrupted"))
+        .env("VOLUMECTL_URL", &d.api)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn volumectl");
+    let mut err = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut first = String::new();
+    err.read_line(&mut first).expect("a progress line");
+    assert!(first.starts_with("operation "), "{first}");
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped; no memory is involved.
+    let _ = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let status = child.wait().expect("volumectl ends");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).expect("stderr");
+    assert_eq!(status.code(), Some(130), "{first}{rest}");
+    let op_id = &first["operation ".len().."operation ".len() + 36];
+    assert!(
+        rest.contains(&format!("`volumectl ops wait {op_id}`")) && rest.contains("goes on"),
+        "{first}{rest}"
+    );
+    let done = d.json(&["ops", "wait", op_id]);
+    assert_eq!(done["status"], "completed", "{done}");
+}
+
+/// The ```sh blocks of README.md's Quickstart section, in order.
+fn quickstart_blocks() -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md at the workspace root");
+    let start = readme
+        .find("\n## Quickstart")
+        .expect("README.md has a Quickstart section");
+    let section = &readme[start + 1..];
+    let section = match section[3..].find("\n## ") {
+        Some(end) => &section[..end + 3],
+        None => section,
+    };
+    let mut blocks = Vec::new();
+    let mut rest = section;
+    while let Some(open) = rest.find("```sh\n") {
+        let body = &rest[open + "```sh\n".len()..];
+        let close = body.find("```").expect("a closed code block");
+        blocks.push(body[..close].to_string());
+        rest = &body[close + 3..];
+    }
+    blocks
+}
+
+/// A program on PATH, or a failure naming how to install it.
+fn require_tool(name: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is not installed: `sudo apt-get install -y {package}` (or run scripts/test)"
+    );
+}
+
+#[test]
+fn ext_readme_quickstart_runs_verbatim() {
+    require_tool("nbdcopy", "libnbd-bin");
+    require_tool("nbdinfo", "libnbd-bin");
+    let blocks = quickstart_blocks();
+    assert!(
+        blocks.len() >= 3,
+        "the Quickstart has its sh blocks: {blocks:?}"
+    );
+    let d = Daemon::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let ctl_dir = PathBuf::from(env!("CARGO_BIN_EXE_volumectl"))
+        .parent()
+        .expect("invariant: a binary path has a directory")
+        .to_path_buf();
+    let path = std::env::join_paths(std::iter::once(ctl_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .expect("PATH");
+    let script = format!("set -euo pipefail\n{}", blocks.join("\n"));
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(work.path())
+        .env("PATH", path)
+        .env("VOLUMECTL_URL", &d.api)
+        .env_remove("VOLUMECTL_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the Quickstart failed:\n{script}\nstdout:\n{stdout}\nstderr:\n{}\ndaemon log:\n{}",
+        stderr(&out),
+        d.log()
+    );
+    assert!(stdout.contains("nbd://127.0.0.1:"), "{stdout}");
+    assert!(
+        std::fs::read_dir(work.path())
+            .expect("work dir")
+            .next()
+            .is_none(),
+        "the Quickstart removes what it creates"
+    );
+    let left = d.json(&[
+        "volumes",
+        "list",
+        "--name",
+        "quickstart-disk",
+        "--state",
+        "detached",
+    ]);
+    assert_eq!(
+        left,
+        Value::Array(vec![]),
+        "the Quickstart deletes its volume"
+    );
 }

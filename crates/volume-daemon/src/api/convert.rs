@@ -170,11 +170,16 @@ pub fn volume_status(v: &VolumeView) -> Result<VolumeStatus, EngineError> {
 pub fn device_mapping(d: &crate::engine::DeviceView) -> DeviceMapping {
     let a = &d.attachment;
     let size = d.volume.as_ref().map(|v| v.size_bytes).unwrap_or(0);
-    let cloud_state = d
-        .volume
-        .as_ref()
-        .and_then(|v| v.cloud_state.clone())
-        .unwrap_or_else(|| "Ready".into());
+    // The cloud's state now; the last one recorded when the cloud cannot be asked.
+    let cloud_state = match &d.cloud {
+        Ok(Some(cv)) => cv.state.clone(),
+        Ok(None) => "unknown to CloudStack".into(),
+        Err(_) => d
+            .volume
+            .as_ref()
+            .and_then(|v| v.cloud_state.clone())
+            .unwrap_or_else(|| "unknown".into()),
+    };
     let (linux_state, linux_problem) = match &d.device {
         Some(c) => linux_state(c),
         None => (LinuxState::Remote, None),

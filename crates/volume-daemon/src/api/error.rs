@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use volume_api::{ErrorBody, ErrorCode};
 
+use crate::cloud::CloudErrorKind;
 use crate::engine::EngineError;
 use crate::identity::{IdentityError, IdentitySetError};
 use crate::store::{StoreError, StoreErrorKind};
@@ -78,9 +79,15 @@ impl ApiError {
                     }
                     EngineError::NotFound(_) => (StatusCode::NOT_FOUND, code, None),
                     EngineError::Conflict(_) => (StatusCode::CONFLICT, code, None),
+                    EngineError::NoSuchVm(_) => {
+                        (StatusCode::UNPROCESSABLE_ENTITY, code, Some("vm_id".into()))
+                    }
                     EngineError::Identity(_) => (StatusCode::SERVICE_UNAVAILABLE, code, None),
                     EngineError::NotAccepting => (StatusCode::SERVICE_UNAVAILABLE, code, None),
                     EngineError::Store(s) => (store_status(s), code, None),
+                    EngineError::Cloud(c) if c.kind == CloudErrorKind::Unavailable => {
+                        (StatusCode::SERVICE_UNAVAILABLE, code, None)
+                    }
                     EngineError::Cloud(_) => (StatusCode::BAD_GATEWAY, code, None),
                     EngineError::Device(_)
                     | EngineError::Export(_)

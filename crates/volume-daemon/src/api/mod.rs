@@ -20,9 +20,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use uuid::Uuid;
 use volume_api::{
-    AttachVolumeRequest, CreateExportRequest, CreateVolumeRequest, ExportList, ExportRemoved,
-    OperationStatus, OperationType, ReconcileRequest, SetApplianceRequest, VolumeOperationRequest,
-    IDEMPOTENCY_KEY_HEADER,
+    AttachVolumeRequest, CloudOffering, CloudVm, CloudZone, CreateExportRequest,
+    CreateVolumeRequest, ExportList, ExportRemoved, OperationStatus, OperationType,
+    ReconcileRequest, SetApplianceRequest, VolumeOperationRequest, IDEMPOTENCY_KEY_HEADER,
 };
 // Named only in the OpenAPI annotations of the handlers.
 #[allow(unused_imports)]
@@ -62,6 +62,9 @@ pub fn router(state: AppState) -> Router {
         .route("/volumes/{id}/device", get(get_device))
         .route("/devices/volume", get(device_to_volume))
         .route("/vms/{vm_id}/volumes", get(vm_volumes))
+        .route("/cloud/zones", get(cloud_zones))
+        .route("/cloud/offerings", get(cloud_offerings))
+        .route("/cloud/vms", get(cloud_vms))
         .route("/operations", get(list_operations))
         .route("/operations/{id}", get(get_operation))
         .route("/exports", post(create_export).get(list_exports))
@@ -405,6 +408,87 @@ async fn vm_volumes(
         .iter()
         .map(|(a, v)| convert::vm_volume(a, v.as_ref()))
         .collect();
+    Ok(Json(out).into_response())
+}
+
+/// `GET /cloud/zones`: the zones the cloud lists, by name.
+#[utoipa::path(
+    get,
+    path = "/cloud/zones",
+    tag = "cloud",
+    responses(
+        (status = 200, description = "the cloud's zones, by name", body = Vec<CloudZone>),
+        (status = 503, description = "CloudStack cannot be reached", body = ErrorBody),
+    )
+)]
+async fn cloud_zones(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let mut out: Vec<CloudZone> = st
+        .engine
+        .cloud_zones()
+        .await?
+        .into_iter()
+        .map(|z| CloudZone {
+            id: z.id,
+            name: z.name,
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(out).into_response())
+}
+
+/// `GET /cloud/offerings`: the disk offerings the cloud lists, by name.
+#[utoipa::path(
+    get,
+    path = "/cloud/offerings",
+    tag = "cloud",
+    responses(
+        (status = 200, description = "the cloud's disk offerings, by name", body = Vec<CloudOffering>),
+        (status = 503, description = "CloudStack cannot be reached", body = ErrorBody),
+    )
+)]
+async fn cloud_offerings(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let mut out: Vec<CloudOffering> = st
+        .engine
+        .cloud_offerings()
+        .await?
+        .into_iter()
+        .map(|o| CloudOffering {
+            id: o.id,
+            name: o.name,
+            custom: o.size_bytes.is_none(),
+            size: o.size_bytes,
+            description: o.display_text,
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(out).into_response())
+}
+
+/// `GET /cloud/vms`: the VMs the cloud lists, by name, the appliance marked.
+#[utoipa::path(
+    get,
+    path = "/cloud/vms",
+    tag = "cloud",
+    responses(
+        (status = 200, description = "the cloud's VMs, by name, the appliance marked", body = Vec<CloudVm>),
+        (status = 503, description = "CloudStack cannot be reached", body = ErrorBody),
+    )
+)]
+async fn cloud_vms(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let appliance = st.engine.appliance().await.vm_id;
+    let mut out: Vec<CloudVm> = st
+        .engine
+        .cloud_vms()
+        .await?
+        .into_iter()
+        .map(|vm| CloudVm {
+            appliance: appliance.as_deref() == Some(vm.id.as_str()),
+            id: vm.id,
+            name: vm.name,
+            state: vm.state,
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(out).into_response())
 }
 

@@ -4,13 +4,13 @@
 use utoipa::OpenApi;
 use volume_api::{
     Appliance, ApplianceSource, AttachOperationRequest, AttachTarget, AttachVolumeRequest,
-    AttachVolumeResponse, AttachmentInfo, CloudVolumeData, ComponentHealth, ComponentStatus,
-    CreateExportRequest, CreateVolumeRequest, CreateVolumeResponse, DeleteVolumeResponse,
-    DetachVolumeResponse, DeviceMapping, DiskRole, Drift, DriftKind, ErrorBody, ErrorCode, Export,
-    ExportList, ExportRemoved, ExportStatus, Health, HealthStatus, LinuxState, Operation,
-    OperationKind, OperationMode, OperationStatus, OperationStep, OperationType, ReconcileReport,
-    ReconcileRequest, SetApplianceRequest, SnapshotInfo, VmVolume, VolumeOperationRequest,
-    VolumeState, VolumeStatus,
+    AttachVolumeResponse, AttachmentInfo, CloudOffering, CloudVm, CloudVolumeData, CloudZone,
+    ComponentHealth, ComponentStatus, CreateExportRequest, CreateVolumeRequest,
+    CreateVolumeResponse, DeleteVolumeResponse, DetachVolumeResponse, DeviceMapping, DiskRole,
+    Drift, DriftKind, ErrorBody, ErrorCode, Export, ExportList, ExportRemoved, ExportStatus,
+    Health, HealthStatus, LinuxState, Operation, OperationKind, OperationMode, OperationStatus,
+    OperationStep, OperationType, ReconcileReport, ReconcileRequest, SetApplianceRequest,
+    SnapshotInfo, VmVolume, VolumeOperationRequest, VolumeState, VolumeStatus,
 };
 
 #[derive(OpenApi)]
@@ -34,6 +34,9 @@ use volume_api::{
         super::get_device,
         super::device_to_volume,
         super::vm_volumes,
+        super::cloud_zones,
+        super::cloud_offerings,
+        super::cloud_vms,
         super::list_operations,
         super::get_operation,
         super::create_export,
@@ -54,7 +57,10 @@ use volume_api::{
         AttachVolumeRequest,
         AttachVolumeResponse,
         AttachmentInfo,
+        CloudOffering,
+        CloudVm,
         CloudVolumeData,
+        CloudZone,
         ComponentHealth,
         ComponentStatus,
         CreateExportRequest,

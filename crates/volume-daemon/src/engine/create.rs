@@ -7,7 +7,7 @@ use uuid::Uuid;
 use volume_api::{CreateVolumeRequest, CreateVolumeResponse};
 
 use super::journal::{json_of, CreateStep, Entry};
-use super::validate::{round_up_gib, validate_create};
+use super::validate::{create_size, validate_create};
 use super::{EngineError, Inner};
 use crate::cloud::NewCloudVolume;
 use crate::store::VolumeRecord;
@@ -28,7 +28,8 @@ impl Inner {
     ) -> Result<(), EngineError> {
         let c = &op.request;
         validate_create(c)?;
-        let size = round_up_gib(c.size);
+        let offering = self.disk_offering(&c.disk_offering_id).await?;
+        let (size_sent, size) = create_size(c, &offering)?;
         let mut volume_id = op.volume_id;
         if volume_id.is_none()
             && op.cloud_job_id.is_none()
@@ -49,7 +50,7 @@ impl Inner {
                                 name: c.name.clone(),
                                 disk_offering_id: c.disk_offering_id.clone(),
                                 zone_id: c.zone_id.clone(),
-                                size_bytes: size,
+                                size_bytes: size_sent,
                             })
                             .await?;
                         if let Some(rid) = &job.resource_id {

@@ -22,6 +22,9 @@ pub enum EngineError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The VM named in the request does not exist in the cloud.
+    #[error("VM {0} does not exist in CloudStack; list the VMs with `volumectl cloud vms`")]
+    NoSuchVm(String),
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(
@@ -61,6 +64,7 @@ impl EngineError {
             Self::Invalid { .. } => ErrorCode::InvalidRequest,
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::Conflict(_) => ErrorCode::Conflict,
+            Self::NoSuchVm(_) => ErrorCode::NoSuchVm,
             Self::Identity(_) => ErrorCode::ApplianceIdentityUnknown,
             Self::NotAccepting => ErrorCode::Unavailable,
             Self::Store(_) => ErrorCode::DatabaseError,

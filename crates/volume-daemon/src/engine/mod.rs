@@ -20,6 +20,7 @@ mod recovery;
 mod repair;
 mod validate;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ pub(crate) use journal::{wire_kind, Request};
 pub(crate) use reads::{DeviceCheck, DeviceView, ExportView, VolumeView};
 pub(crate) use repair::Repair;
 
-use crate::cloud::{Cloud, CloudErrorKind, CloudVolume};
+use crate::cloud::{Cloud, CloudDiskOffering, CloudErrorKind, CloudVolume};
 use crate::devices::Devices;
 use crate::exports::Exports;
 use crate::identity::Identity;
@@ -77,6 +78,8 @@ struct Inner {
     changes: watch::Sender<u64>,
     tasks: TaskTracker,
     accepting: AtomicBool,
+    /// Disk offerings by id, as the cloud listed them (offerings do not change under a running daemon).
+    offerings: tokio::sync::Mutex<HashMap<String, CloudDiskOffering>>,
 }
 
 /// Handle to the engine (cheap to clone).
@@ -119,6 +122,7 @@ impl Engine {
                 changes,
                 tasks: TaskTracker::new(),
                 accepting: AtomicBool::new(false),
+                offerings: Default::default(),
             }),
         }
     }

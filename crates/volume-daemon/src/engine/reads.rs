@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use uuid::Uuid;
 
 use super::{Engine, EngineError};
-use crate::cloud::{CloudError, CloudVolume};
+use crate::cloud::{CloudDiskOffering, CloudError, CloudVm, CloudVolume, CloudZone};
 use crate::devices::DeviceError;
 use crate::identity::{IdentitySetError, IdentityState};
 use crate::store::{
@@ -61,6 +61,8 @@ pub(crate) struct DeviceView {
     pub attachment: AttachmentRecord,
     pub volume: Option<VolumeRecord>,
     pub device: Option<DeviceCheck>,
+    /// The cloud's answer now.
+    pub cloud: Result<Option<CloudVolume>, CloudError>,
 }
 
 impl Engine {
@@ -191,11 +193,32 @@ impl Engine {
             .await
             .pop()
             .flatten();
+        let cloud = self
+            .inner
+            .cloud
+            .get_volume(&attachment.volume_id.to_string())
+            .await;
         Ok(DeviceView {
             attachment,
             volume,
             device,
+            cloud,
         })
+    }
+
+    /// `GET /cloud/zones`.
+    pub(crate) async fn cloud_zones(&self) -> Result<Vec<CloudZone>, EngineError> {
+        Ok(self.inner.cloud.zones().await?)
+    }
+
+    /// `GET /cloud/offerings`.
+    pub(crate) async fn cloud_offerings(&self) -> Result<Vec<CloudDiskOffering>, EngineError> {
+        Ok(self.inner.cloud.disk_offerings().await?)
+    }
+
+    /// `GET /cloud/vms`.
+    pub(crate) async fn cloud_vms(&self) -> Result<Vec<CloudVm>, EngineError> {
+        Ok(self.inner.cloud.vms().await?)
     }
 
     /// `GET /volumes/{id}/device`.

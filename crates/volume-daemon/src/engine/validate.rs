@@ -6,7 +6,7 @@ use volume_api::CreateVolumeRequest;
 
 use super::journal::Request;
 use super::{EngineError, Inner};
-use crate::cloud::CloudErrorKind;
+use crate::cloud::{CloudDiskOffering, CloudErrorKind};
 
 /// One GiB: volume sizes are rounded up to whole GiB (CloudStack sizes volumes in GB).
 use cloudstack::GIB;
@@ -25,10 +25,10 @@ pub(crate) fn validate_create(c: &CreateVolumeRequest) -> Result<(), EngineError
     if c.name.len() > 255 {
         return invalid("name", "name must be at most 255 bytes");
     }
-    if c.size == 0 {
+    if c.size == Some(0) {
         return invalid("size", "size must be a positive number of bytes");
     }
-    if c.size > 64 * 1024 * GIB {
+    if c.size.is_some_and(|s| s > 64 * 1024 * GIB) {
         return invalid("size", "size must be at most 64 TiB");
     }
     if c.disk_offering_id.trim().is_empty() {
@@ -40,6 +40,35 @@ pub(crate) fn validate_create(c: &CreateVolumeRequest) -> Result<(), EngineError
     Ok(())
 }
 
+/// The size a new volume gets from its request and its offering: `(size to send to CloudStack, size
+/// expected)`. A custom-size offering needs `size` (sent rounded up to whole GiB); a fixed-size offering
+/// takes none (CloudStack refuses one), so a given `size` must equal the offering's.
+pub(crate) fn create_size(
+    c: &CreateVolumeRequest,
+    offering: &CloudDiskOffering,
+) -> Result<(Option<u64>, u64), EngineError> {
+    match (offering.size_bytes, c.size) {
+        (None, Some(size)) => Ok((Some(round_up_gib(size)), round_up_gib(size))),
+        (None, None) => Err(EngineError::Invalid {
+            field: "size",
+            message: format!(
+                "size is required: disk offering {} ({}) takes a custom size",
+                offering.id, offering.name
+            ),
+        }),
+        (Some(fixed), None) => Ok((None, fixed)),
+        (Some(fixed), Some(size)) if round_up_gib(size) == fixed => Ok((None, fixed)),
+        (Some(fixed), Some(size)) => Err(EngineError::Invalid {
+            field: "size",
+            message: format!(
+                "size {size} does not match disk offering {} ({}), which has the fixed size {fixed} bytes; \
+                 leave size out or give {fixed}",
+                offering.id, offering.name
+            ),
+        }),
+    }
+}
+
 /// `size` rounded up to whole GiB.
 pub(crate) fn round_up_gib(size: u64) -> u64 {
     size.div_ceil(GIB) * GIB
@@ -49,7 +78,11 @@ impl Inner {
     /// Synchronous checks that make a request a 4xx instead of a failed operation.
     pub(super) async fn precheck(&self, req: &Request) -> Result<(), EngineError> {
         match req {
-            Request::Create(c) => validate_create(c),
+            Request::Create(c) => {
+                validate_create(c)?;
+                let offering = self.disk_offering(&c.disk_offering_id).await?;
+                create_size(c, &offering).map(|_| ())
+            }
             Request::Attach(a) => {
                 if a.vm_id.trim().is_empty() {
                     return Err(EngineError::Invalid {
@@ -64,6 +97,9 @@ impl Inner {
                         message: "a volume cannot be attached as the root disk of the appliance"
                             .into(),
                     });
+                }
+                if a.vm_id != appliance {
+                    self.require_vm(&a.vm_id).await?;
                 }
                 self.require_volume(a.volume_id).await?;
                 if !self.has_unfinished(a.volume_id).await? {
@@ -80,6 +116,24 @@ impl Inner {
         }
     }
 
+    /// The disk offering `id`, from the cache, else from the cloud (the cache is refilled with every offering
+    /// the cloud lists); an unknown id is a 400 naming `disk_offering_id`.
+    pub(super) async fn disk_offering(&self, id: &str) -> Result<CloudDiskOffering, EngineError> {
+        let mut cache = self.offerings.lock().await;
+        if let Some(o) = cache.get(id) {
+            return Ok(o.clone());
+        }
+        for o in self.cloud.disk_offerings().await? {
+            cache.insert(o.id.clone(), o);
+        }
+        cache.get(id).cloned().ok_or_else(|| EngineError::Invalid {
+            field: "disk_offering_id",
+            message: format!(
+                "disk offering {id} does not exist in CloudStack; list them with `volumectl cloud offerings`"
+            ),
+        })
+    }
+
     async fn has_unfinished(&self, volume_id: Uuid) -> Result<bool, EngineError> {
         Ok(self
             .store
@@ -87,6 +141,25 @@ impl Inner {
             .await?
             .iter()
             .any(|o| o.volume_id == Some(volume_id)))
+    }
+
+    /// 422 naming `vm_id` when the cloud says it has no such VM.
+    async fn require_vm(&self, vm_id: &str) -> Result<(), EngineError> {
+        match self.cloud.get_vm(vm_id).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(EngineError::NoSuchVm(vm_id.to_string())),
+            // CloudStack refuses an id that is not one of its ids as an invalid parameter.
+            Err(e)
+                if matches!(
+                    e.kind,
+                    CloudErrorKind::NotFound | CloudErrorKind::InvalidParameter
+                ) =>
+            {
+                Err(EngineError::NoSuchVm(vm_id.to_string()))
+            }
+            // The cloud will be asked again when the operation runs.
+            Err(_) => Ok(()),
+        }
     }
 
     /// 404 unless the volume is known to the store or to the cloud.
@@ -127,10 +200,46 @@ mod tests {
     }
 
     #[test]
+    fn custom_offerings_need_a_size_and_fixed_ones_take_none() {
+        let req = |size| CreateVolumeRequest {
+            name: "disk-0".into(),
+            size,
+            disk_offering_id: "o".into(),
+            zone_id: "z".into(),
+            metadata: None,
+        };
+        let custom = CloudDiskOffering {
+            id: "o".into(),
+            name: "Custom".into(),
+            size_bytes: None,
+            display_text: None,
+        };
+        let fixed = CloudDiskOffering {
+            size_bytes: Some(5 * GIB),
+            ..custom.clone()
+        };
+        assert_eq!(
+            create_size(&req(Some(GIB + 1)), &custom).unwrap(),
+            (Some(2 * GIB), 2 * GIB)
+        );
+        assert_eq!(create_size(&req(None), &fixed).unwrap(), (None, 5 * GIB));
+        assert_eq!(
+            create_size(&req(Some(5 * GIB)), &fixed).unwrap(),
+            (None, 5 * GIB)
+        );
+        for (r, o) in [(req(None), &custom), (req(Some(GIB)), &fixed)] {
+            match create_size(&r, o) {
+                Err(EngineError::Invalid { field, .. }) => assert_eq!(field, "size"),
+                other => panic!("expected invalid size, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn create_validation_names_the_field() {
         let ok = CreateVolumeRequest {
             name: "disk-0".into(),
-            size: 1,
+            size: Some(1),
             disk_offering_id: "o".into(),
             zone_id: "z".into(),
             metadata: None,
@@ -146,7 +255,7 @@ mod tests {
             ),
             (
                 CreateVolumeRequest {
-                    size: 0,
+                    size: Some(0),
                     ..ok.clone()
                 },
                 "size",
