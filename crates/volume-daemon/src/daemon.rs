@@ -61,6 +61,8 @@ pub struct RunningDaemon {
     stop_nbd: Option<oneshot::Sender<()>>,
     api_task: JoinHandle<()>,
     nbd_task: JoinHandle<()>,
+    /// Saves export byte counters every [`COUNTER_SAVE_INTERVAL`].
+    counters_task: JoinHandle<()>,
     /// Held until the daemon is dropped: one daemon per state directory.
     _state_lock: StateDirLock,
 }
@@ -73,6 +75,9 @@ impl std::fmt::Debug for RunningDaemon {
             .finish_non_exhaustive()
     }
 }
+
+/// How often the byte counters of live exports are saved (they survive a restart up to this much).
+const COUNTER_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long shutdown waits for running operations before leaving them to the next start.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -144,6 +149,11 @@ impl RunningDaemon {
             .await
             .map_err(DaemonError::Store)?;
         store.migrate().await.map_err(DaemonError::Store)?;
+        // What the previous run counted on each export becomes part of the totals of earlier runs.
+        store
+            .fold_export_run_bytes()
+            .await
+            .map_err(DaemonError::Store)?;
 
         let health = Arc::new(HealthState::default());
         let names_dir = cfg.effective_names_dir();
@@ -286,6 +296,15 @@ impl RunningDaemon {
             };
             api::serve(api_listener, app, limits, stop).await;
         });
+        let counters_task = {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(COUNTER_SAVE_INTERVAL).await;
+                    engine.save_export_counters().await;
+                }
+            })
+        };
         println!("api listening on {api_addr}");
         crate::sdnotify::ready(&format!("serving API on {api_addr}, NBD on {nbd_addr}"));
         tracing::info!(api = %api_addr, nbd = %nbd_addr, "ready");
@@ -299,6 +318,7 @@ impl RunningDaemon {
             stop_nbd: Some(stop_nbd),
             api_task,
             nbd_task,
+            counters_task,
             _state_lock: state_lock,
         })
     }
@@ -325,6 +345,8 @@ impl RunningDaemon {
             let _ = tx.send(());
         }
         let _ = self.api_task.await;
+        self.counters_task.abort();
+        self.engine.save_export_counters().await;
         self.engine.close_all_exports().await;
         if let Some(tx) = self.stop_nbd.take() {
             let _ = tx.send(());

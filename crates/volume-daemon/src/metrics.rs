@@ -176,13 +176,13 @@ impl Metrics {
             (
                 "volume_daemon_export_read_bytes_total",
                 "counter",
-                "Bytes read through each export.",
+                "Bytes read through each export since the daemon started (the API reports totals across restarts).",
                 |e| e.counters.bytes_read,
             ),
             (
                 "volume_daemon_export_written_bytes_total",
                 "counter",
-                "Bytes written through each export.",
+                "Bytes written through each export since the daemon started (the API reports totals across restarts).",
                 |e| e.counters.bytes_written,
             ),
             (

@@ -127,6 +127,8 @@ fn export(volume_id: Uuid, generation: u64) -> ExportRecord {
         read_only: false,
         created_at: t,
         updated_at: t,
+        bytes_read_before: 0,
+        bytes_written_before: 0,
     }
 }
 
@@ -830,6 +832,34 @@ async fn exports_upsert_list_delete(db: &TestDb) -> Result<()> {
     Ok(())
 }
 
+async fn export_byte_counters_survive_restarts(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let v = volume("bytes");
+    store.upsert_volume(&v).await?;
+    store.upsert_export(&export(v.id, 1)).await?;
+    let before = |e: ExportRecord| (e.bytes_read_before, e.bytes_written_before);
+
+    // A run saves its live counters (each save overwrites the previous one of that run).
+    store.save_export_run_bytes(v.id, 1, 10, 20).await?;
+    store.save_export_run_bytes(v.id, 1, 100, 200).await?;
+    // A save for another generation is not this export's.
+    store.save_export_run_bytes(v.id, 9, 5, 5).await?;
+    ensure!(before(store.get_export(v.id).await?.context("export")?) == (0, 0));
+
+    // The next start folds them into the totals, once.
+    store.fold_export_run_bytes().await?;
+    store.fold_export_run_bytes().await?;
+    ensure!(before(store.get_export(v.id).await?.context("export")?) == (100, 200));
+
+    // Re-serving under a new generation keeps the totals; the next run adds to them.
+    store.upsert_export(&export(v.id, 2)).await?;
+    store.save_export_run_bytes(v.id, 2, 1, 2).await?;
+    store.fold_export_run_bytes().await?;
+    let got = store.get_export(v.id).await?.context("export")?;
+    ensure!(before(got) == (101, 202));
+    Ok(())
+}
+
 async fn appliance_get_and_set(db: &TestDb) -> Result<()> {
     let store = open(db).await?;
     ensure!(store.get_appliance().await?.is_none());
@@ -1068,6 +1098,7 @@ suite!(
     volume_records_round_trip_and_delete,
     attachments_filter_and_device_lookup,
     exports_upsert_list_delete,
+    export_byte_counters_survive_restarts,
     appliance_get_and_set,
     schema_newer_than_the_binary_is_refused,
     concurrent_inserts_lose_nothing,

@@ -98,8 +98,9 @@ pub fn export(e: &ExportView) -> Export {
         connections: c.connections_current,
         total_connections: c.connections_total,
         peers: c.peers.iter().map(|p| p.to_string()).collect(),
-        bytes_read: c.bytes_read,
-        bytes_written: c.bytes_written,
+        // Totals across the daemon's runs: earlier runs' (stored) plus this run's (live).
+        bytes_read: r.bytes_read_before.saturating_add(c.bytes_read),
+        bytes_written: r.bytes_written_before.saturating_add(c.bytes_written),
         highest_offset_written: c.highest_offset_written,
         last_activity: to_utc(c.last_activity),
         created_at: r.created_at,

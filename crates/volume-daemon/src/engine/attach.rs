@@ -195,6 +195,8 @@ impl Inner {
             read_only: false,
             created_at: now,
             updated_at: now,
+            bytes_read_before: 0,
+            bytes_written_before: 0,
         };
         let response = AttachVolumeResponse {
             volume_id,

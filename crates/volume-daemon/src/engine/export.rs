@@ -67,6 +67,12 @@ impl Inner {
             .open(volume_id, &dev.dev_path, self.cfg.drain_timeout)
             .await?;
         let now = chrono::Utc::now();
+        let (bytes_read_before, bytes_written_before) = self
+            .store
+            .get_export(volume_id)
+            .await?
+            .map(|e| (e.bytes_read_before, e.bytes_written_before))
+            .unwrap_or_default();
         let rec = ExportRecord {
             volume_id,
             export_name: snap.name.clone(),
@@ -75,6 +81,8 @@ impl Inner {
             read_only: false,
             created_at: now,
             updated_at: now,
+            bytes_read_before,
+            bytes_written_before,
         };
         self.store.upsert_export(&rec).await?;
         Ok(rec)
@@ -144,6 +152,25 @@ impl Engine {
     }
 
     /// Shutdown: every live export is drained and closed; names and records stay for the next start.
+    /// Saves the byte counters of every live export as the current run's (every few seconds and at
+    /// stop), so that totals survive a restart; see `Store::fold_export_run_bytes`.
+    pub async fn save_export_counters(&self) {
+        for snap in self.inner.exports.list() {
+            let Some(volume_id) = volume_api::volume_of_export(&snap.name) else {
+                continue;
+            };
+            let c = &snap.counters;
+            if let Err(e) = self
+                .inner
+                .store
+                .save_export_run_bytes(volume_id, snap.generation, c.bytes_read, c.bytes_written)
+                .await
+            {
+                tracing::warn!(export = %snap.name, error = %crate::error_chain(&e), "export byte counters not saved");
+            }
+        }
+    }
+
     pub async fn close_all_exports(&self) {
         for snap in self.inner.exports.list() {
             let Some(volume_id) = volume_api::volume_of_export(&snap.name) else {

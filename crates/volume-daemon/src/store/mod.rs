@@ -68,6 +68,8 @@ const EXPORT_COLS: [&str; 7] = [
     "created_at",
     "updated_at",
 ];
+/// Read with an export, never written by [`Store::upsert_export`].
+const EXPORT_COUNTER_COLS: [&str; 2] = ["bytes_read_before", "bytes_written_before"];
 const UNFINISHED: &str = "status IN ('pending', 'executing')";
 
 /// How long a caller waits for a free connection before the database counts as unavailable.
@@ -738,8 +740,9 @@ impl Store {
 
     pub async fn get_export(&self, volume_id: Uuid) -> Result<Option<ExportRecord>, StoreError> {
         let sql = self.dialect.sql(&format!(
-            "SELECT {} FROM exports WHERE volume_id = ?",
-            cols(&EXPORT_COLS)
+            "SELECT {}, {} FROM exports WHERE volume_id = ?",
+            cols(&EXPORT_COLS),
+            cols(&EXPORT_COUNTER_COLS)
         ));
         sqlx::query(&sql)
             .bind(volume_id.to_string())
@@ -753,8 +756,9 @@ impl Store {
     /// All exports, by export name.
     pub async fn list_exports(&self) -> Result<Vec<ExportRecord>, StoreError> {
         let sql = format!(
-            "SELECT {} FROM exports ORDER BY export_name ASC",
-            cols(&EXPORT_COLS)
+            "SELECT {}, {} FROM exports ORDER BY export_name ASC",
+            cols(&EXPORT_COLS),
+            cols(&EXPORT_COUNTER_COLS)
         );
         sqlx::query(&sql)
             .fetch_all(&self.pool)
@@ -763,6 +767,44 @@ impl Store {
             .iter()
             .map(export_from_row)
             .collect()
+    }
+
+    /// Saves what the current run has counted on the volume's export of `generation` (overwriting the
+    /// previous save of this run).
+    pub async fn save_export_run_bytes(
+        &self,
+        volume_id: Uuid,
+        generation: u64,
+        read: u64,
+        written: u64,
+    ) -> Result<(), StoreError> {
+        let sql = self.dialect.sql(
+            "UPDATE exports SET bytes_read_run = ?, bytes_written_run = ? \
+             WHERE volume_id = ? AND generation = ?",
+        );
+        sqlx::query(&sql)
+            .bind(int("bytes read", read)?)
+            .bind(int("bytes written", written)?)
+            .bind(volume_id.to_string())
+            .bind(int("export generation", generation)?)
+            .execute(&self.pool)
+            .await
+            .map_err(q("saving export byte counters"))?;
+        Ok(())
+    }
+
+    /// At start-up: adds what the previous run counted to the totals of earlier runs.
+    pub async fn fold_export_run_bytes(&self) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE exports SET bytes_read_before = bytes_read_before + bytes_read_run, \
+             bytes_written_before = bytes_written_before + bytes_written_run, \
+             bytes_read_run = 0, bytes_written_run = 0 \
+             WHERE bytes_read_run <> 0 OR bytes_written_run <> 0",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(q("folding export byte counters"))?;
+        Ok(())
     }
 
     /// Removes the volume's export record. Returns whether one existed.
@@ -1101,5 +1143,7 @@ fn export_from_row(row: &AnyRow) -> Result<ExportRecord, StoreError> {
         read_only: r.i64("read_only")? != 0,
         created_at: r.ts("created_at")?,
         updated_at: r.ts("updated_at")?,
+        bytes_read_before: r.u64("bytes_read_before")?,
+        bytes_written_before: r.u64("bytes_written_before")?,
     })
 }

@@ -151,6 +151,10 @@ pub struct ExportRecord {
     pub read_only: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Bytes read and written through this export by earlier runs of the daemon (kept by the store;
+    /// writing a record leaves them as they are).
+    pub bytes_read_before: u64,
+    pub bytes_written_before: u64,
 }
 
 /// The appliance identity stored by `PUT /api/v1/appliance`.

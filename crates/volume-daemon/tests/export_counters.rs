@@ -1,0 +1,113 @@
+//! Export byte counters are totals across the daemon's runs: what an NBD client wrote before a restart is
+//! still counted after it.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod support;
+
+use serde_json::{json, Value};
+use volume_daemon::daemon::RunningDaemon;
+
+async fn call(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let mut req = reqwest::Client::new().request(method, format!("{base}{path}"));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+async fn run(base: &str, method: reqwest::Method, path: &str, body: Value) -> Value {
+    let op = call(base, method, path, Some(body)).await;
+    let done = call(
+        base,
+        reqwest::Method::GET,
+        &format!("/operations/{}?wait=60", op["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    done
+}
+
+async fn write_mib(daemon: &RunningDaemon, export: &str, mib: u64) {
+    let mut c = nbd::client::Handshake::connect(daemon.nbd_addr())
+        .await
+        .unwrap()
+        .go(export)
+        .await
+        .unwrap();
+    let chunk = vec![0xa5u8; 1 << 20];
+    for i in 0..mib {
+        c.write(i << 20, &chunk, 0).await.unwrap();
+    }
+    c.flush().await.unwrap();
+}
+
+async fn bytes_written(base: &str, volume: &str) -> u64 {
+    let e = call(
+        base,
+        reqwest::Method::GET,
+        &format!("/exports/{volume}"),
+        None,
+    )
+    .await;
+    e["bytes_written"].as_u64().unwrap_or_else(|| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_byte_counters_are_totals_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = RunningDaemon::start(support::config(dir.path()))
+        .await
+        .unwrap();
+    let base = format!("http://{}/api/v1", first.api_addr());
+    let sim = first.sim().unwrap();
+    let appliance = sim.appliance_vm_id().to_string();
+    let offering = sim
+        .disk_offerings()
+        .into_iter()
+        .find(|(_, _, gb)| gb.is_none())
+        .unwrap()
+        .0;
+    let body = json!({"name": "counted", "size": support::GIB, "disk_offering_id": offering,
+        "zone_id": sim.zone_id()});
+    let created = run(&base, reqwest::Method::POST, "/volumes", body).await;
+    let volume = created["response"]["volume_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let attached = run(
+        &base,
+        reqwest::Method::POST,
+        &format!("/volumes/{volume}/attach"),
+        json!({"vm_id": appliance}),
+    )
+    .await;
+    let export = attached["response"]["export_name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    write_mib(&first, &export, 2).await;
+    assert_eq!(bytes_written(&base, &volume).await, 2 << 20);
+    first.shutdown().await;
+
+    // The volume stays attached across the restart; its export is served again with the total.
+    let second = RunningDaemon::start(support::config(dir.path()))
+        .await
+        .unwrap();
+    let base = format!("http://{}/api/v1", second.api_addr());
+    assert_eq!(bytes_written(&base, &volume).await, 2 << 20);
+    write_mib(&second, &export, 1).await;
+    assert_eq!(bytes_written(&base, &volume).await, 3 << 20);
+
+    run(
+        &base,
+        reqwest::Method::POST,
+        &format!("/volumes/{volume}/detach"),
+        json!({}),
+    )
+    .await;
+    let sim = second.sim().unwrap();
+    sim.detach_all_devices();
+    second.shutdown().await;
+}
