@@ -46,8 +46,15 @@ class Api:
     def call(self, method, path, body=None):
         headers = {"content-type": "application/json"} if body is not None else {}
         data = json.dumps(body) if body is not None else None
-        self.conn.request(method, "/api/v1" + path, body=data, headers=headers)
-        resp = self.conn.getresponse()
+        try:
+            self.conn.request(method, "/api/v1" + path, body=data, headers=headers)
+            resp = self.conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            # The server closes keep-alive connections idle longer than api_header_timeout_secs:
+            # a request that found its connection closed was never read; send it on a new one.
+            self.conn.close()
+            self.conn.request(method, "/api/v1" + path, body=data, headers=headers)
+            resp = self.conn.getresponse()
         raw = resp.read()
         return resp.status, raw, resp
 
