@@ -86,6 +86,7 @@ class Daemon:
         self.startup = None
 
     def start(self):
+        DAEMONS.append(self)
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             [self.binary, "serve", "--sim", "--state-dir", self.state_dir,
@@ -285,6 +286,9 @@ def bench_scale(binary, sizes, page, lifecycle_secs):
         return d.startup, idle_rss, peak_rss, after_rss, per_min, rows
 
 
+DAEMONS = []
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--daemon", required=True)
@@ -322,4 +326,8 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:
+        for daemon in DAEMONS:  # also when a measurement failed: leave no daemon behind
+            daemon.stop()
