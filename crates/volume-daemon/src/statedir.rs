@@ -47,12 +47,15 @@ pub(crate) fn holder(dir: &Path) -> Option<String> {
     let mut file = File::open(dir.join(LOCK_FILE)).ok()?;
     match flock(&file, FlockOperation::NonBlockingLockShared) {
         Ok(()) => None, // free (the shared lock goes with the file)
-        Err(_) => {
-            let mut text = String::new();
-            file.read_to_string(&mut text).ok()?;
-            Some(text.trim().to_owned()).filter(|t| !t.is_empty())
-        }
+        Err(_) => holder_text(&mut file),
     }
+}
+
+/// The text the holder wrote into the lock file, when there is any.
+fn holder_text(file: &mut File) -> Option<String> {
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    Some(text.trim().to_owned()).filter(|t| !t.is_empty())
 }
 
 /// The file of an SQLite database URL (`sqlite://PATH?…` or `sqlite:PATH`), unless in memory.
@@ -108,16 +111,9 @@ impl StateDirLock {
             .map_err(lock_err)?;
         if let Err(e) = flock(&file, FlockOperation::NonBlockingLockExclusive) {
             if e == rustix::io::Errno::WOULDBLOCK {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
                 return Err(StateDirError::Held {
                     dir: dir.to_path_buf(),
-                    holder: if holder.is_empty() {
-                        "holder unknown".to_owned()
-                    } else {
-                        holder.to_owned()
-                    },
+                    holder: holder_text(&mut file).unwrap_or_else(|| "holder unknown".to_owned()),
                 });
             }
             return Err(lock_err(e.into()));

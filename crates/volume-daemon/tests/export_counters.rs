@@ -4,16 +4,10 @@
 
 mod support;
 
+use support::call;
+
 use serde_json::{json, Value};
 use volume_daemon::daemon::RunningDaemon;
-
-async fn call(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-    let mut req = reqwest::Client::new().request(method, format!("{base}{path}"));
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    req.send().await.unwrap().json().await.unwrap()
-}
 
 async fn run(base: &str, method: reqwest::Method, path: &str, body: Value) -> Value {
     let op = call(base, method, path, Some(body)).await;

@@ -5,18 +5,12 @@
 
 mod support;
 
+use support::call;
+
 use serde_json::{json, Value};
 use uuid::Uuid;
 use volume_daemon::daemon::RunningDaemon;
 use volume_daemon::store::{NewOperation, OpStatus, OpType, Store};
-
-async fn call(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-    let mut req = reqwest::Client::new().request(method, format!("{base}{path}"));
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    req.send().await.unwrap().json().await.unwrap()
-}
 
 async fn created_volume(base: &str, zone: &str, offering: &str, name: &str) -> Uuid {
     let op = call(

@@ -203,6 +203,15 @@ impl Drop for TestDaemon {
 }
 
 /// Waits until `f` is true, polling; panics after `deadline`.
+/// One JSON request to the API at `base` (a daemon started without [`TestDaemon`]); the body as JSON.
+pub async fn call(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let mut req = reqwest::Client::new().request(method, format!("{base}{path}"));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    req.send().await.unwrap().json().await.unwrap()
+}
+
 pub async fn eventually(deadline: Duration, mut f: impl FnMut() -> bool) {
     let end = std::time::Instant::now() + deadline;
     while !f() {
