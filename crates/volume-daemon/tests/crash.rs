@@ -182,7 +182,8 @@ fn wait_step(api: &str, id: &str, step: &str) {
     }
 }
 
-fn create_volume(api: &str, sim_url: &str) -> String {
+/// The simulator's zone and its custom-size disk offering.
+fn zone_and_offering(sim_url: &str) -> (String, String) {
     let zones = cloud(sim_url, "listZones", &[]);
     let zone = zones["zone"][0]["id"].as_str().unwrap().to_string();
     let offs = cloud(sim_url, "listDiskOfferings", &[]);
@@ -195,15 +196,24 @@ fn create_volume(api: &str, sim_url: &str) -> String {
         .as_str()
         .unwrap()
         .to_string();
+    (zone, off)
+}
+
+/// Submits a create of a 1 GiB volume named `name`; returns the operation id.
+fn submit_create(api: &str, sim_url: &str, name: &str) -> String {
+    let (zone, off) = zone_and_offering(sim_url);
     let (s, op) = call(
         reqwest::Method::POST,
         &format!("{api}/volumes"),
-        Some(
-            json!({"name": "crash", "size": 1u64 << 30, "zone_id": zone, "disk_offering_id": off}),
-        ),
+        Some(json!({"name": name, "size": 1u64 << 30, "zone_id": zone, "disk_offering_id": off})),
     );
     assert_eq!(s, 201, "{op}");
-    let done = wait_terminal(api, op["id"].as_str().unwrap());
+    op["id"].as_str().unwrap().to_string()
+}
+
+fn create_volume(api: &str, sim_url: &str) -> String {
+    let id = submit_create(api, sim_url, "crash");
+    let done = wait_terminal(api, &id);
     assert_eq!(done["status"], "completed", "{done}");
     done["response"]["volume_id"].as_str().unwrap().to_string()
 }
@@ -377,5 +387,151 @@ fn detach_all(api: &str, vol: &str) {
     assert_eq!(
         wait_terminal(api, op["id"].as_str().unwrap())["status"],
         "completed"
+    );
+}
+
+/// The ids of the cloud volumes named `name`.
+fn cloud_volumes_named(sim_url: &str, name: &str) -> Vec<String> {
+    let v = cloud(sim_url, "listVolumes", &[("name", name.to_string())]);
+    v["volume"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|v| v["name"] == name)
+                .map(|v| v["id"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn sim_faults(sim_url: &str) -> String {
+    sim_url.replace("/client/api", "/sim/faults")
+}
+
+#[test]
+fn ext_crash_before_create_reaches_the_cloud_never_adopts_a_same_named_foreign_volume() {
+    let w = World::new(0);
+    let (mut d, api) = w.daemon();
+    // Someone else's volume with the name the caller is about to use.
+    let (zone, off) = zone_and_offering(&w.sim_url);
+    let foreign = cloud(
+        &w.sim_url,
+        "createVolume",
+        &[
+            ("name", "shared-name".into()),
+            ("zoneid", zone),
+            ("diskofferingid", off),
+            ("size", "1".into()),
+        ],
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // createVolume never gets through: the daemon journals `cloud_create_sent` and keeps retrying.
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &sim_faults(&w.sim_url),
+        Some(
+            json!({"type": "fail_command", "command": "createVolume", "count": 1000, "errorcode": 503}),
+        ),
+    );
+    assert!(s < 300, "{s} {v}");
+    let op = submit_create(&api, &w.sim_url, "shared-name");
+    wait_step(&api, &op, "cloud_create_sent");
+    kill(&mut d);
+    let (s, _) = call(reqwest::Method::DELETE, &sim_faults(&w.sim_url), None);
+    assert!(s < 300, "{s}");
+    assert_eq!(
+        cloud_volumes_named(&w.sim_url, "shared-name"),
+        vec![foreign.clone()]
+    );
+
+    let (_d2, api) = w.daemon();
+    let done = wait_terminal(&api, &op);
+    assert_eq!(done["status"], "completed", "{done}");
+    let made = done["response"]["volume_id"].as_str().unwrap().to_string();
+    assert_ne!(
+        made, foreign,
+        "the interrupted create adopted someone else's volume: {done}"
+    );
+    let mut named = cloud_volumes_named(&w.sim_url, "shared-name");
+    named.sort();
+    let mut want = vec![foreign.clone(), made.clone()];
+    want.sort();
+    assert_eq!(named, want, "the create was sent again exactly once");
+    // The daemon knows only its own volume.
+    let (s, _) = call(
+        reqwest::Method::GET,
+        &format!("{api}/volumes/{foreign}"),
+        None,
+    );
+    assert_eq!(s, 404);
+    let (s, _) = call(reqwest::Method::GET, &format!("{api}/volumes/{made}"), None);
+    assert_eq!(s, 200);
+}
+
+#[test]
+fn ext_crash_after_create_reached_the_cloud_adopts_the_volume_it_made() {
+    let w = World::new(0);
+    let (mut d, api) = w.daemon();
+    let (zone, off) = zone_and_offering(&w.sim_url);
+    let foreign = cloud(
+        &w.sim_url,
+        "createVolume",
+        &[
+            ("name", "mine-and-theirs".into()),
+            ("zoneid", zone),
+            ("diskofferingid", off),
+            ("size", "1".into()),
+        ],
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The job runs long enough to kill the daemon while it waits.
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &sim_faults(&w.sim_url),
+        Some(json!({"type": "slow_job", "command": "createVolume", "extra_delay_ms": 3000})),
+    );
+    assert!(s < 300, "{s} {v}");
+    let op = submit_create(&api, &w.sim_url, "mine-and-theirs");
+    wait_step(&api, &op, "cloud_create_job");
+    kill(&mut d);
+    // Rewind the journal to the moment between sending createVolume and journaling its answer.
+    let db = w.dir.path().join("daemon").join("volume-daemon.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use sqlx::ConnectOptions;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .connect()
+            .await
+            .unwrap();
+        let done = sqlx::query(
+            "UPDATE operations SET step = 'cloud_create_sent', cloud_job_id = NULL, volume_id = NULL \
+             WHERE id = ?",
+        )
+        .bind(&op)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(done.rows_affected(), 1);
+    });
+    let named = cloud_volumes_named(&w.sim_url, "mine-and-theirs");
+    assert_eq!(named.len(), 2, "{named:?}");
+    let made = named.iter().find(|v| **v != foreign).unwrap().clone();
+
+    let (_d2, api) = w.daemon();
+    let done = wait_terminal(&api, &op);
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["response"]["volume_id"], made.as_str(), "{done}");
+    assert_eq!(
+        cloud_volumes_named(&w.sim_url, "mine-and-theirs").len(),
+        2,
+        "not sent twice"
     );
 }

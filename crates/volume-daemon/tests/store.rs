@@ -1029,6 +1029,39 @@ async fn concurrent_commits_attach_once(db: &TestDb) -> Result<()> {
     Ok(())
 }
 
+async fn create_send_journals_the_preexisting_volumes_with_its_step(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let op = insert(&store, &new_op(OpType::Create, None, None, None)).await?;
+    ensure!(
+        store.create_preexisting(op).await?.is_none(),
+        "nothing recorded yet"
+    );
+    store
+        .journal_create_send(op, "cloud_create_sent", &["a".into(), "b".into()])
+        .await?;
+    let r = store.get_operation(op).await?.context("op")?;
+    ensure!(
+        r.step == "cloud_create_sent" && r.status == OpStatus::Executing,
+        "{r:?}"
+    );
+    ensure!(store.create_preexisting(op).await? == Some(vec!["a".to_string(), "b".to_string()]));
+    // Sent again after an interruption: the newer list replaces the older one.
+    store
+        .journal_create_send(op, "cloud_create_sent", &[])
+        .await?;
+    ensure!(store.create_preexisting(op).await? == Some(vec![]));
+    // A finished operation cannot be journaled again, and nothing is recorded for it.
+    store
+        .finish_operation(op, OpStatus::Completed, None, None)
+        .await?;
+    ensure!(store
+        .journal_create_send(op, "cloud_create_sent", &["c".into()])
+        .await
+        .is_err());
+    ensure!(store.create_preexisting(op).await? == Some(vec![]));
+    Ok(())
+}
+
 async fn unreadable_rows_are_corrupt(db: &TestDb) -> Result<()> {
     let store = open(db).await?;
     let id = insert(&store, &new_op(OpType::Create, None, None, None)).await?;
@@ -1104,6 +1137,7 @@ suite!(
     concurrent_inserts_lose_nothing,
     concurrent_commits_attach_once,
     unreadable_rows_are_corrupt,
+    create_send_journals_the_preexisting_volumes_with_its_step,
 );
 
 #[tokio::test]

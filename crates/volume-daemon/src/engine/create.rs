@@ -1,12 +1,14 @@
-//! The `create` workflow: createVolume (its job id journaled), then the volume record, in one commit. An entry
-//! interrupted while createVolume was in flight adopts the one volume of that name the daemon does not know.
+//! The `create` workflow: createVolume (its job id journaled), then the volume record, in one commit. Before
+//! sending, the ids of the cloud volumes that already carry the name are journaled with the
+//! `cloud_create_sent` step; an entry interrupted while createVolume was in flight adopts only a volume of that
+//! name outside that list (so never one that existed before its request), and sends again when there is none.
 
 use chrono::Utc;
 use serde_json::json;
 use uuid::Uuid;
 use volume_api::{CreateVolumeRequest, CreateVolumeResponse};
 
-use super::journal::{json_of, CreateStep, Entry};
+use super::journal::{json_of, CreateStep, Entry, Step};
 use super::validate::{create_size, validate_create};
 use super::{EngineError, Inner};
 use crate::cloud::NewCloudVolume;
@@ -43,7 +45,21 @@ impl Inner {
             _ => {
                 let job_id = self
                     .start_or_resume_job(op, CreateStep::CloudCreateJob, async {
-                        self.step(op, CreateStep::CloudCreateSent).await?;
+                        let preexisting = self
+                            .cloud
+                            .volumes_named(&c.name)
+                            .await?
+                            .into_iter()
+                            .map(|v| v.id)
+                            .collect::<Vec<_>>();
+                        self.store
+                            .journal_create_send(
+                                op.id,
+                                CreateStep::CloudCreateSent.wire().as_str(),
+                                &preexisting,
+                            )
+                            .await?;
+                        self.notify();
                         let job = self
                             .cloud
                             .create_volume(&NewCloudVolume {
@@ -100,31 +116,51 @@ impl Inner {
         Ok(())
     }
 
-    /// Interrupted between sending createVolume and journaling its answer: adopts the volume if the cloud has
-    /// exactly one by that name that the daemon does not know; `None` when it never reached the cloud.
+    /// Interrupted between journaling `cloud_create_sent` and journaling createVolume's answer: adopts the one
+    /// volume of the name that neither existed before the request (the journaled list) nor is known to the
+    /// daemon; `None` when there is none (the request never reached the cloud, so it is sent again).
     async fn adopt_interrupted_create(
         &self,
         op: &Entry<CreateVolumeRequest, CreateStep>,
     ) -> Result<Option<Uuid>, EngineError> {
         let name = &op.request.name;
-        let mut unknown = Vec::new();
+        let preexisting = self.store.create_preexisting(op.id).await?;
+        let mut candidates = Vec::new();
         for v in self.cloud.volumes_named(name).await? {
+            if preexisting.as_ref().is_some_and(|p| p.contains(&v.id)) {
+                continue;
+            }
             if let Ok(id) = Uuid::parse_str(&v.id) {
                 if self.store.get_volume(id).await?.is_none() {
-                    unknown.push(id);
+                    candidates.push(id);
                 }
             }
         }
-        match unknown.as_slice() {
-            [one] => {
+        let list = || {
+            candidates
+                .iter()
+                .map(Uuid::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match (preexisting.is_some(), candidates.as_slice()) {
+            (_, []) => Ok(None),
+            (true, [one]) => {
                 self.store.set_operation_volume(op.id, *one).await?;
+                tracing::info!(op = %op.id, volume = %one, "adopted the volume an interrupted create made");
                 Ok(Some(*one))
             }
-            [] => Ok(None),
-            _ => Err(EngineError::Conflict(format!(
-                "interrupted while createVolume was in flight and CloudStack now has {} unknown volumes named {name:?}; \
-                 delete the extra ones and create again",
-                unknown.len(),
+            (true, _) => Err(EngineError::Conflict(format!(
+                "interrupted while createVolume was in flight, and CloudStack now has {} new volumes named {name:?} \
+                 ({}); keep the one this create made, delete the others, and create again",
+                candidates.len(),
+                list(),
+            ))),
+            (false, _) => Err(EngineError::Conflict(format!(
+                "interrupted while createVolume was in flight, journaled without the list of volumes that existed \
+                 before it, so it cannot prove which of the volumes named {name:?} unknown to the daemon ({}) it \
+                 made; check them in CloudStack, delete the one it made if any, and create again",
+                list(),
             ))),
         }
     }

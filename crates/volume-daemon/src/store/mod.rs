@@ -448,6 +448,76 @@ impl Store {
         .await
     }
 
+    /// Journals that a create is about to send createVolume (`step`) together with the ids of the cloud volumes
+    /// that already carry its name, in one transaction: recovery adopts only a volume outside that list.
+    pub async fn journal_create_send(
+        &self,
+        id: Uuid,
+        step: &str,
+        preexisting: &[String],
+    ) -> Result<(), StoreError> {
+        let ids = serde_json::to_string(preexisting).map_err(|e| StoreError::Corrupt {
+            what: format!("the pre-existing volume ids of operation {id}"),
+            detail: e.to_string(),
+        })?;
+        let mut tx = self.begin().await?;
+        self.update_unfinished(
+            &mut tx,
+            id,
+            "status = ?, step = ?, updated_at = ?",
+            vec![
+                Some(OpStatus::Executing.as_str().into()),
+                Some(step.into()),
+                Some(now()),
+            ],
+            "journaling the step of an operation",
+        )
+        .await?;
+        for (sql, action) in [
+            (
+                "DELETE FROM create_preexisting WHERE operation_id = ?",
+                "replacing the pre-existing volume ids of a create",
+            ),
+            (
+                "INSERT INTO create_preexisting (operation_id, volume_ids) VALUES (?, ?)",
+                "journaling the pre-existing volume ids of a create",
+            ),
+        ] {
+            let sql = self.dialect.sql(sql);
+            let mut query = sqlx::query(&sql).bind(id.to_string());
+            if sql.contains("INSERT") {
+                query = query.bind(ids.clone());
+            }
+            query.execute(&mut *tx).await.map_err(q(action))?;
+        }
+        tx.commit()
+            .await
+            .map_err(q("committing the send of a create"))
+    }
+
+    /// The ids a create recorded with [`Store::journal_create_send`]; `None` when it recorded none (an entry
+    /// journaled before this record existed).
+    pub async fn create_preexisting(&self, id: Uuid) -> Result<Option<Vec<String>>, StoreError> {
+        let sql = self
+            .dialect
+            .sql("SELECT operation_id, volume_ids FROM create_preexisting WHERE operation_id = ?");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&mut *self.conn().await?)
+            .await
+            .map_err(q("reading the pre-existing volume ids of a create"))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let text = Reader::new(&row, "create_preexisting", "operation_id").text("volume_ids")?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                what: format!("the pre-existing volume ids of operation {id}"),
+                detail: e.to_string(),
+            })
+    }
+
     /// Finishes an unfinished operation with a terminal status. Conflict when it has already finished.
     pub async fn finish_operation(
         &self,
