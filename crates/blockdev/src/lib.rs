@@ -17,3 +17,4 @@ pub use error::{Error, ErrorKind};
 pub use loopdev::LoopDevice;
 pub use names::StableNames;
 pub use resolve::{by_id_names, serial_for_volume, ResolvedDevice, Resolver};
+pub use wait::DeviceEvents;

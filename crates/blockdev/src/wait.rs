@@ -55,14 +55,16 @@ fn register<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
         .map_err(|e| e.into_parts().1)
 }
 
-/// The wake-up sources of one wait. Either source may be missing; the rescan still runs.
-struct Events {
+/// Wake-ups for anything that may have changed the devices: inotify on the by-id directory and kernel
+/// block uevents. Either source may be missing; callers rescan on a timeout as well.
+pub struct DeviceEvents {
     inotify: Option<AsyncFd<Inotify>>,
     uevent: Option<AsyncFd<OwnedFd>>,
 }
 
-impl Events {
-    fn open(by_id_dir: &Path) -> Self {
+impl DeviceEvents {
+    /// Opens both sources (each one that cannot be opened is left out, logged at debug level).
+    pub fn open(by_id_dir: &Path) -> Self {
         let inotify = match dir_watch(by_id_dir).and_then(register) {
             Ok(fd) => Some(fd),
             Err(e) => {
@@ -81,7 +83,7 @@ impl Events {
     }
 
     /// Returns when something may have changed, or after `timeout`.
-    async fn next(&mut self, timeout: Duration) {
+    pub async fn next(&mut self, timeout: Duration) {
         let Self { inotify, uevent } = self;
         tokio::select! {
             r = drain_inotify(inotify) => if let Err(e) = r {
@@ -166,7 +168,7 @@ impl Resolver {
         deadline: Duration,
     ) -> Result<(ResolvedDevice, Duration), Error> {
         let start = Instant::now();
-        let mut events = Events::open(&self.by_id_dir);
+        let mut events = DeviceEvents::open(&self.by_id_dir);
         let id = *volume_id;
         loop {
             let r = self.clone();
@@ -203,7 +205,7 @@ impl Resolver {
         deadline: Duration,
     ) -> Result<Duration, Error> {
         let start = Instant::now();
-        let mut events = Events::open(&self.by_id_dir);
+        let mut events = DeviceEvents::open(&self.by_id_dir);
         let id = *volume_id;
         loop {
             let r = self.clone();
@@ -376,7 +378,7 @@ mod tests {
             .expect("create")
             .set_len(1 << 20)
             .expect("size");
-        let mut events = Events::open(dir.path());
+        let mut events = DeviceEvents::open(dir.path());
         assert!(events.uevent.is_some(), "uevent socket must open as root");
         // Drop the inotify source so only a uevent can wake us.
         events.inotify = None;

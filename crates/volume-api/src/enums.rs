@@ -198,6 +198,9 @@ wire_enum! {
     /// The state of one `/health` component.
     pub enum ComponentStatus {
         Ok = "ok",
+        /// Needs attention, but the daemon still serves (e.g. drift found by the reconciler); `ready` stays true.
+        Degraded = "degraded",
+        /// The daemon cannot serve; `/health` answers 503.
         Failed = "failed",
     }
 }

@@ -90,6 +90,11 @@ pub struct Config {
     pub api_request_timeout_secs: u64,
     /// Operations executing at once (per-volume and per-VM serialization apply within that).
     pub max_concurrent_operations: usize,
+    /// Run the reconciler this often (seconds; 0: only after an export was fenced). Its findings show on
+    /// `/health` (component `drift`) and in the metrics.
+    pub reconcile_interval_secs: u64,
+    /// Let the scheduled reconcile apply the repairs that have one safe outcome.
+    pub reconcile_repair: bool,
     /// Accept a regular file where a block device is required (simulator without root only).
     pub allow_regular_files: bool,
     /// Log format: `text` or `json`.
@@ -176,6 +181,8 @@ impl Default for Config {
             api_header_timeout_secs: 20,
             api_request_timeout_secs: 330,
             max_concurrent_operations: 16,
+            reconcile_interval_secs: 300,
+            reconcile_repair: true,
             allow_regular_files: false,
             log_format: "text".into(),
             sim: SimSettings::default(),
@@ -268,6 +275,10 @@ impl Config {
             "max_concurrent_operations" => {
                 self.max_concurrent_operations = parse(var, &value, "a positive number")?
             }
+            "reconcile_interval_secs" => {
+                self.reconcile_interval_secs = parse(var, &value, "seconds")?
+            }
+            "reconcile_repair" => self.reconcile_repair = parse(var, &value, "true or false")?,
             "allow_regular_files" => {
                 self.allow_regular_files = parse(var, &value, "true or false")?
             }
@@ -400,6 +411,10 @@ impl Config {
 
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
+    }
+    pub fn reconcile_interval(&self) -> Option<Duration> {
+        (self.reconcile_interval_secs > 0)
+            .then(|| Duration::from_secs(self.reconcile_interval_secs))
     }
     pub fn nbd_idle_timeout(&self) -> Option<Duration> {
         (self.nbd_idle_timeout_secs > 0).then(|| Duration::from_secs(self.nbd_idle_timeout_secs))

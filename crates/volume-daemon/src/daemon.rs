@@ -63,6 +63,7 @@ pub struct RunningDaemon {
     nbd_task: JoinHandle<()>,
     /// Saves export byte counters every [`COUNTER_SAVE_INTERVAL`].
     counters_task: JoinHandle<()>,
+    watch_task: JoinHandle<()>,
     /// Held until the daemon is dropped: one daemon per state directory.
     _state_lock: StateDirLock,
 }
@@ -233,6 +234,7 @@ impl RunningDaemon {
             cfg.by_id_dir.clone(),
         )
         .allow_regular_files(cfg.allow_regular_files);
+        let metrics = Arc::new(Metrics::default());
         let engine = Engine::new(
             Parts {
                 store,
@@ -240,7 +242,7 @@ impl RunningDaemon {
                 devices: Devices::new(resolver, names_dir),
                 exports: Exports::new(registry, cfg.nbd_advertised_port.unwrap_or(nbd_addr.port())),
                 identity,
-                metrics: Arc::new(Metrics::default()),
+                metrics: Arc::clone(&metrics),
             },
             EngineConfig {
                 job_timeout: cfg.job_timeout(),
@@ -305,6 +307,16 @@ impl RunningDaemon {
                 }
             })
         };
+        let watch_task = tokio::spawn(crate::watch::run(
+            engine.clone(),
+            Arc::clone(&health),
+            metrics,
+            crate::watch::WatchConfig {
+                by_id_dir: cfg.by_id_dir.clone(),
+                reconcile_every: cfg.reconcile_interval(),
+                repair: cfg.reconcile_repair,
+            },
+        ));
         println!("api listening on {api_addr}");
         crate::sdnotify::ready(&format!("serving API on {api_addr}, NBD on {nbd_addr}"));
         tracing::info!(api = %api_addr, nbd = %nbd_addr, "ready");
@@ -319,6 +331,7 @@ impl RunningDaemon {
             api_task,
             nbd_task,
             counters_task,
+            watch_task,
             _state_lock: state_lock,
         })
     }
@@ -346,6 +359,7 @@ impl RunningDaemon {
         }
         let _ = self.api_task.await;
         self.counters_task.abort();
+        self.watch_task.abort();
         self.engine.save_export_counters().await;
         self.engine.close_all_exports().await;
         if let Some(tx) = self.stop_nbd.take() {

@@ -18,5 +18,6 @@ mod sdnotify;
 pub mod sim;
 pub mod statedir;
 pub mod store;
+mod watch;
 
 pub(crate) use volume_api::error_chain;

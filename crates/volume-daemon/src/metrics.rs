@@ -67,6 +67,9 @@ struct Inner {
     device_wait: Histogram,
     compensations: u64,
     resumed: u64,
+    fenced: u64,
+    /// Findings of the last reconcile by drift kind (every kind present, zero when none).
+    drift: BTreeMap<&'static str, u64>,
 }
 
 /// The daemon's counters. Cheap to update from any task.
@@ -96,6 +99,26 @@ impl Metrics {
 
     pub fn device_appeared(&self, took: Duration) {
         self.with(|m| m.device_wait.observe(took.as_secs_f64()));
+    }
+
+    pub fn fenced(&self) {
+        self.with(|m| m.fenced += 1);
+    }
+
+    /// Records the findings of the latest reconcile that were left unrepaired, by drift kind.
+    pub fn set_drift(&self, findings: &[volume_api::Drift]) {
+        self.with(|m| {
+            m.drift = volume_api::DriftKind::ALL
+                .iter()
+                .map(|k| {
+                    let n = findings
+                        .iter()
+                        .filter(|d| d.kind == *k && !d.applied)
+                        .count() as u64;
+                    (k.as_str(), n)
+                })
+                .collect();
+        });
     }
 
     pub fn compensated(&self) {
@@ -153,6 +176,16 @@ impl Metrics {
         );
         out.push_str("# TYPE volume_daemon_operations_resumed_total counter\n");
         let _ = writeln!(out, "volume_daemon_operations_resumed_total {}", m.resumed);
+        out.push_str("# HELP volume_daemon_exports_fenced_total Exports no longer served because their device vanished or stopped verifying.\n");
+        out.push_str("# TYPE volume_daemon_exports_fenced_total counter\n");
+        let _ = writeln!(out, "volume_daemon_exports_fenced_total {}", m.fenced);
+        out.push_str(
+            "# HELP volume_daemon_drift Unrepaired findings of the latest reconcile, by kind.\n",
+        );
+        out.push_str("# TYPE volume_daemon_drift gauge\n");
+        for (k, n) in &m.drift {
+            let _ = writeln!(out, "volume_daemon_drift{{kind=\"{k}\"}} {n}");
+        }
         drop(m);
         for (name, help, value) in gauges {
             let _ = writeln!(

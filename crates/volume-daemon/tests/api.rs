@@ -6,6 +6,7 @@ mod support;
 
 use std::collections::HashSet;
 use std::process::Command;
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -745,5 +746,134 @@ async fn device_reports_the_clouds_state_and_cloud_listings_have_names() {
         .any(|v| v["id"] == d.other_vm(0) && !v["name"].as_str().unwrap().is_empty()));
     d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
     d.delete_ok(vol).await;
+    d.stop().await;
+}
+
+/// The text of `/metrics`.
+async fn metrics_text(d: &TestDaemon) -> String {
+    reqwest::get(format!("http://{}/metrics", d.daemon().api_addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Detaches `vol` directly in CloudStack, as an operator or another tool would.
+async fn detach_behind_the_daemons_back(d: &TestDaemon, vol: Uuid) {
+    let cs = cloudstack::Client::new(cloudstack::Config {
+        url: d.sim().api_url(),
+        api_key: "sim-api-key".into(),
+        secret_key: cloudstack::Secret::new("sim-secret-key"),
+        ..cloudstack::Config::default()
+    })
+    .unwrap();
+    let job = cs.detach_volume(&vol.to_string()).await.unwrap();
+    cs.wait_job(&job.job_id, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_detached_behind_the_daemons_back_is_fenced_and_reported_within_seconds() {
+    let d = TestDaemon::start_with(|c| c.reconcile_repair = false).await;
+    let vol = d.create_volume("vanishing", GIB).await;
+    d.run_ok(
+        &format!("/volumes/{vol}/attach"),
+        json!({"vm_id": d.appliance()}),
+    )
+    .await;
+    let (_, e) = d.get(&format!("/exports/{vol}")).await;
+    assert_eq!(e["status"], "active", "{e}");
+    let (_, h) = d.get("/health").await;
+    assert!(
+        h["components"].get("drift").is_none(),
+        "no reconcile ran yet: {h}"
+    );
+    assert!(!nbd_export_refused(&d.nbd_url(vol)).await, "served before");
+
+    detach_behind_the_daemons_back(&d, vol).await;
+    let fenced_at = std::time::Instant::now();
+    let mut last = Value::Null;
+    while fenced_at.elapsed() < Duration::from_secs(10) {
+        let (_, e) = d.get(&format!("/exports/{vol}")).await;
+        let (_, h) = d.get("/health").await;
+        if e["status"] == "inactive" && h["components"]["drift"]["status"] == "degraded" {
+            last = h;
+            break;
+        }
+        last = json!({"export": e, "health": h});
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        fenced_at.elapsed() < Duration::from_secs(10),
+        "export not fenced or drift not reported: {last}"
+    );
+    // Drift needs attention, but the daemon still serves.
+    let (s, h) = d.get("/health").await;
+    assert_eq!(s, StatusCode::OK, "{h}");
+    assert_eq!(h["status"], "healthy");
+    let detail = h["components"]["drift"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("attached_only_in_database volume {vol}")),
+        "{detail}"
+    );
+    assert!(
+        nbd_export_refused(&d.nbd_url(vol)).await,
+        "a fenced export is not served"
+    );
+    let text = metrics_text(&d).await;
+    assert!(
+        text.contains("volume_daemon_exports_fenced_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("volume_daemon_drift{kind=\"attached_only_in_database\"} 1"),
+        "{text}"
+    );
+    // The report-only run after a fence changed no record.
+    let (_, st) = d.get(&format!("/volumes/{vol}")).await;
+    assert_eq!(st["state"], "attached", "{st}");
+    d.stop().await;
+}
+
+/// Whether an NBD client is refused the export at `url` (nbd://host:port/name).
+async fn nbd_export_refused(url: &str) -> bool {
+    let rest = url.strip_prefix("nbd://").unwrap();
+    let (addr, name) = rest.split_once('/').unwrap();
+    let hs = nbd::client::Handshake::connect(addr).await.unwrap();
+    hs.go(name).await.is_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_reconcile_repairs_what_is_safe_and_health_says_so() {
+    let d = TestDaemon::start_with(|c| c.reconcile_interval_secs = 1).await;
+    let vol = d.create_volume("repaired", GIB).await;
+    d.run_ok(
+        &format!("/volumes/{vol}/attach"),
+        json!({"vm_id": d.appliance()}),
+    )
+    .await;
+    detach_behind_the_daemons_back(&d, vol).await;
+    let start = std::time::Instant::now();
+    loop {
+        let (_, st) = d.get(&format!("/volumes/{vol}")).await;
+        let (_, h) = d.get("/health").await;
+        if st["state"] == "detached" && h["components"]["drift"]["status"] == "ok" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "not repaired: {st} {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, exports) = d.get("/exports").await;
+    assert_eq!(exports["count"], 0, "{exports}");
+    let text = metrics_text(&d).await;
+    assert!(
+        text.contains("volume_daemon_drift{kind=\"attached_only_in_database\"} 0"),
+        "{text}"
+    );
     d.stop().await;
 }

@@ -41,6 +41,13 @@ impl HealthState {
         }
     }
 
+    /// Records a component reported by a background task (the reconciler's drift).
+    pub fn set_component(&self, name: &str, c: ComponentHealth) {
+        if let Ok(mut f) = self.facts.lock() {
+            f.insert(name.to_string(), c);
+        }
+    }
+
     fn facts(&self) -> BTreeMap<String, ComponentHealth> {
         self.facts.lock().map(|f| f.clone()).unwrap_or_default()
     }
@@ -113,7 +120,10 @@ pub async fn report(st: &AppState) -> Health {
             },
         ),
     );
-    let all_ok = components.values().all(|c| c.status == ComponentStatus::Ok);
+    // A degraded component (drift) needs attention but does not stop the daemon from serving.
+    let all_ok = components
+        .values()
+        .all(|c| c.status != ComponentStatus::Failed);
     Health {
         status: if all_ok {
             HealthStatus::Healthy

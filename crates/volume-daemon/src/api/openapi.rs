@@ -293,7 +293,7 @@ mod tests {
             ["GET /volumes/{id}/colour"]
         );
         assert_eq!(unknown_in("answers 418", &doc), ["HTTP 418"]);
-        assert_eq!(unknown_in("`degraded`", &doc), ["degraded"]);
+        assert_eq!(unknown_in("`stalled`", &doc), ["stalled"]);
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //!
 //! Modules: [`journal`] (steps and requests as types, the cloud-job helper), [`validate`], one per workflow
 //! ([`create`], [`attach`], [`detach`], [`delete`]), [`export`] (export lifecycle, the one teardown) and
-//! [`recovery`] (start-up), [`repair`] (the reconciler's repairs) and [`reads`] (records joined with live state
-//! for the API). This file holds the handle, submission, queuing and the run loop.
+//! [`recovery`] (start-up), [`repair`] (the reconciler's repairs), [`fence`] (exports whose device vanished)
+//! and [`reads`] (records joined with live state for the API). This file holds the handle, submission, queuing and the run loop.
 
 mod attach;
 mod create;
@@ -14,6 +14,7 @@ mod delete;
 mod detach;
 mod error;
 mod export;
+mod fence;
 mod journal;
 mod reads;
 mod recovery;
