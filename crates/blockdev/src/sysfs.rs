@@ -145,6 +145,61 @@ pub fn device(root: &SysRoot, name: &str) -> Result<Option<BlockDeviceInfo>, Err
     }))
 }
 
+/// Why a whole disk is in use by the machine itself, if it is: a holder stacked on it or on one of its
+/// partitions (device-mapper, LVM, md), or the disk or a partition mounted or used as swap. `mountinfo` is
+/// the text of `/proc/self/mountinfo`, `swaps` that of `/proc/swaps`.
+pub fn in_use(
+    root: &SysRoot,
+    disk: &BlockDeviceInfo,
+    mountinfo: &str,
+    swaps: &str,
+) -> Result<Option<String>, Error> {
+    if let Some(h) = disk.holders.first() {
+        return Ok(Some(format!("{} is held by {h}", disk.name)));
+    }
+    let mut devices = vec![(disk.name.clone(), (disk.major, disk.minor))];
+    for part in &disk.partitions {
+        let dir = root.sys.join("block").join(&disk.name).join(part);
+        if let Some(h) = list_names(&dir.join("holders"))?.first() {
+            return Ok(Some(format!(
+                "partition {part} of {} is held by {h}",
+                disk.name
+            )));
+        }
+        if let Some(mm) = read_opt(&dir.join("dev"))?
+            .as_deref()
+            .and_then(parse_major_minor)
+        {
+            devices.push((part.clone(), mm));
+        }
+    }
+    for line in mountinfo.lines() {
+        // id parent major:minor root mountpoint …
+        let mut fields = line.split_whitespace();
+        let (Some(mm), Some(mount_point)) = (fields.nth(2), fields.nth(1)) else {
+            continue;
+        };
+        let Some(mm) = parse_major_minor(mm) else {
+            continue;
+        };
+        if let Some((name, _)) = devices.iter().find(|(_, d)| *d == mm) {
+            return Ok(Some(format!("{name} is mounted at {mount_point}")));
+        }
+    }
+    for line in swaps.lines().skip(1) {
+        let Some(path) = line.split_whitespace().next() else {
+            continue;
+        };
+        let base = Path::new(path)
+            .file_name()
+            .map(|b| b.to_string_lossy().into_owned());
+        if let Some((name, _)) = devices.iter().find(|(n, _)| Some(n) == base.as_ref()) {
+            return Ok(Some(format!("{name} is used as swap")));
+        }
+    }
+    Ok(None)
+}
+
 /// Parses `MAJOR:MINOR`.
 pub fn parse_major_minor(text: &str) -> Option<(u32, u32)> {
     let (a, b) = text.trim().split_once(':')?;
@@ -286,6 +341,44 @@ pub(crate) mod fixture {
 mod tests {
     use super::fixture::Tree;
     use super::*;
+
+    #[test]
+    fn a_disk_mounted_held_or_swapped_is_in_use_and_a_bare_one_is_not() {
+        let t = Tree::new();
+        t.disk("vdb", 252, 16, 10 << 20, None);
+        t.attr("vdb", "vdb1/partition", b"1\n");
+        t.attr("vdb", "vdb1/dev", b"252:17\n");
+        t.disk("vdc", 252, 32, 10 << 20, None);
+        t.disk("vdd", 252, 48, 10 << 20, None);
+        t.attr("vdd", "holders/dm-3", b"");
+        t.disk("vde", 252, 64, 10 << 20, None);
+        let mountinfo = "22 1 252:1 / / rw - ext4 /dev/vda1 rw\n\
+                         40 22 252:17 / /srv/data rw,relatime - xfs /dev/vdb1 rw\n";
+        let swaps = "Filename Type Size Used Priority\n/dev/vde partition 1024 0 -2\n";
+        let info = |n: &str| device(&t.root, n).unwrap().unwrap();
+        assert_eq!(
+            in_use(&t.root, &info("vdb"), mountinfo, swaps)
+                .unwrap()
+                .as_deref(),
+            Some("vdb1 is mounted at /srv/data")
+        );
+        assert_eq!(
+            in_use(&t.root, &info("vdc"), mountinfo, swaps).unwrap(),
+            None
+        );
+        assert_eq!(
+            in_use(&t.root, &info("vdd"), mountinfo, swaps)
+                .unwrap()
+                .as_deref(),
+            Some("vdd is held by dm-3")
+        );
+        assert_eq!(
+            in_use(&t.root, &info("vde"), mountinfo, swaps)
+                .unwrap()
+                .as_deref(),
+            Some("vde is used as swap")
+        );
+    }
 
     #[test]
     fn snapshot_reads_every_attribute() {
