@@ -5,21 +5,23 @@
 //! callers of the predecessor service send and read. Runtime and persisted types live in the daemon and are
 //! converted to these explicitly.
 
+mod cloud_states;
 mod enums;
 mod operations;
 mod resources;
 
 use uuid::Uuid;
 
+pub use cloud_states::{CloudVmState, CloudVolumeState};
 pub use enums::{
-    ApplianceSource, AttachTarget, ComponentStatus, DiskRole, DriftKind, ErrorCode, ExportStatus,
-    HealthStatus, LinuxState, OperationMode, OperationStatus, OperationStep, OperationType,
-    VolumeState,
+    ApplianceSource, AttachTarget, ComponentStatus, DiskRole, DriftAction, DriftKind, ErrorCode,
+    ExportStatus, HealthStatus, LinuxState, OperationMode, OperationStatus, OperationStep,
+    OperationType, RepairKind, VolumeState,
 };
 pub use operations::{
     AttachOperationRequest, AttachVolumeRequest, AttachVolumeResponse, CreateVolumeRequest,
     CreateVolumeResponse, DeleteVolumeResponse, DetachVolumeResponse, Operation, OperationKind,
-    VolumeOperationRequest,
+    RepairRequest, RepairResponse, VolumeOperationRequest,
 };
 pub use resources::{
     Appliance, AttachmentInfo, CloudOffering, CloudVm, CloudVolumeData, CloudZone, ComponentHealth,

@@ -196,7 +196,7 @@ pub enum OpsCommand {
     Show { id: Uuid },
     /// Operations, newest first, optionally filtered.
     List {
-        /// create, attach, detach or delete.
+        /// create, attach, detach, delete or repair.
         #[arg(long = "type", value_parser = parse_op_type)]
         op_type: Option<OperationType>,
         /// pending, executing, completed, failed or cancelled.
@@ -220,8 +220,10 @@ pub enum OpsCommand {
 }
 
 fn parse_op_type(s: &str) -> Result<OperationType, String> {
-    OperationType::parse(s)
-        .ok_or_else(|| "expected one of create, attach, detach, delete".to_string())
+    OperationType::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = OperationType::ALL.iter().map(|t| t.as_str()).collect();
+        format!("expected one of {}", all.join(", "))
+    })
 }
 
 fn parse_op_status(s: &str) -> Result<OperationStatus, String> {

@@ -263,7 +263,7 @@ pub fn volume_detail(v: &VolumeStatus, names: &VmNames) -> String {
         (
             "cloud state",
             match (&cloud_state, &v.cloudstack_error) {
-                (Some(s), _) => s.clone(),
+                (Some(s), _) => s.to_string(),
                 (None, Some(e)) => format!("unknown: {e}"),
                 (None, None) => NONE.into(),
             },
@@ -359,6 +359,9 @@ pub fn operation_detail(o: &Operation) -> String {
     if let Some(e) = o.response_export_name() {
         pairs.push(("export_name", e.to_string()));
     }
+    if let OperationKind::Repair { request, .. } = &o.kind {
+        pairs.push(("repair", request.repair.to_string()));
+    }
     pairs.push(("created", time(o.created_at)));
     pairs.push(("updated", time(o.updated_at)));
     pairs.push(("completed", opt(o.completed_at.map(time))));
@@ -452,7 +455,7 @@ pub fn vms_table(vms: &[CloudVm]) -> String {
         t.row(vec![
             v.name.clone(),
             v.id.clone(),
-            v.state.clone(),
+            v.state.to_string(),
             if v.appliance { "appliance" } else { NONE }.into(),
         ]);
     }
@@ -565,14 +568,24 @@ pub fn reconcile_report(r: &ReconcileReport) -> String {
         r.drift.len()
     );
     if !r.drift.is_empty() {
-        let mut t = Table::new(&["VOLUME", "KIND", "ACTION", "APPLIED", "DETAIL"]);
+        let mut t = Table::new(&[
+            "VOLUME",
+            "KIND",
+            "ACTION",
+            "APPLIED",
+            "OPERATION",
+            "DETAIL",
+            "HINT",
+        ]);
         for d in &r.drift {
             t.row(vec![
                 opt(d.volume_id),
                 d.kind.to_string(),
-                d.action.clone(),
+                d.action.to_string(),
                 if d.applied { "yes".into() } else { "no".into() },
+                opt(d.operation_id),
                 d.detail.clone(),
+                d.hint.clone(),
             ]);
         }
         out.push('\n');
@@ -591,9 +604,9 @@ mod tests {
     use uuid::Uuid;
     use volume_api::{
         ApplianceSource, AttachOperationRequest, AttachVolumeResponse, AttachmentInfo,
-        CloudVolumeData, ComponentHealth, ComponentStatus, Drift, DriftKind, ErrorCode,
-        ExportStatus, HealthStatus, LinuxState, OperationKind, OperationStep, SnapshotInfo,
-        VolumeState,
+        CloudVolumeData, ComponentHealth, ComponentStatus, Drift, DriftAction, DriftKind,
+        ErrorCode, ExportStatus, HealthStatus, LinuxState, OperationKind, OperationStep,
+        SnapshotInfo, VolumeState,
     };
     use volume_api::{DetachVolumeResponse, VolumeOperationRequest};
 
@@ -865,7 +878,9 @@ mod tests {
                 volume_id: Some(vid()),
                 kind: DriftKind::ExportMissing,
                 detail: "not served".into(),
-                action: "recreate export".into(),
+                action: DriftAction::Reexport,
+                hint: "re-verify the device and serve the export again".into(),
+                operation_id: None,
                 applied: false,
             }],
         };
@@ -875,6 +890,7 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("export_missing"), "{out}");
+        assert!(out.contains("reexport"), "{out}");
         assert!(out.contains("--apply"), "{out}");
     }
 

@@ -5,7 +5,7 @@
 //!
 //! Modules: [`journal`] (steps and requests as types, the cloud-job helper), [`validate`], one per workflow
 //! ([`create`], [`attach`], [`detach`], [`delete`]), [`export`] (export lifecycle, the one teardown) and
-//! [`recovery`] (start-up), [`repair`] (the reconciler's repairs) and [`reads`] (records joined with live state
+//! [`recovery`] (start-up), [`repair`] (the reconciler's repairs, journaled as `repair` operations) and [`reads`] (records joined with live state
 //! for the API). This file holds the handle, submission, queuing and the run loop.
 
 mod attach;
@@ -34,7 +34,6 @@ use uuid::Uuid;
 pub use error::EngineError;
 pub(crate) use journal::{wire_kind, Request};
 pub(crate) use reads::{DeviceCheck, DeviceView, ExportView, VolumeView};
-pub(crate) use repair::Repair;
 
 use crate::cloud::{Cloud, CloudDiskOffering, CloudErrorKind, CloudVolume};
 use crate::devices::Devices;
@@ -276,6 +275,7 @@ impl Inner {
             Ok(Parsed::Attach(e)) => self.attach(&e).await,
             Ok(Parsed::Detach(e)) => self.detach(&e).await,
             Ok(Parsed::Delete(e)) => self.delete(&e).await,
+            Ok(Parsed::Repair(e)) => self.repair(&e).await,
             Err(e) => Err(e),
         };
         let status = match result {

@@ -113,6 +113,8 @@ impl Inner {
                 Ok(())
             }
             Request::Detach(r) | Request::Delete(r) => self.require_volume(r.volume_id).await,
+            // Submitted by the reconciler for what it found; the repair itself checks the state in its turn.
+            Request::Repair(_) => Ok(()),
         }
     }
 
