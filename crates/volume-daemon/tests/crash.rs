@@ -199,7 +199,7 @@ fn create_volume(api: &str, sim_url: &str) -> String {
         reqwest::Method::POST,
         &format!("{api}/volumes"),
         Some(
-            json!({"name": "crash", "size": 1u64 << 30, "zone_id": zone, "disk_offering_id": off}),
+            json!({"name": "crash", "size": cloudstack::GIB, "zone_id": zone, "disk_offering_id": off}),
         ),
     );
     assert_eq!(s, 201, "{op}");

@@ -673,7 +673,7 @@ async fn clear_attachment_removes_export_and_attachment_together(db: &TestDb) ->
 async fn volume_records_round_trip_and_delete(db: &TestDb) -> Result<()> {
     let store = open(db).await?;
     let mut vol = volume("disk-rt");
-    vol.size_bytes = 64 * 1024 * (1 << 30);
+    vol.size_bytes = 64 * 1024 * cloudstack::GIB;
     vol.cloud_state = None;
     store.upsert_volume(&vol).await?;
     ensure!(store.get_volume(vol.id).await?.as_ref() == Some(&vol));
