@@ -142,6 +142,10 @@ pub struct AttachVolumeRequest {
     /// Accepted for compatibility; when present it must equal the volume id in the path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_id: Option<String>,
+    /// Appliance only: the NBD client identities (names in verified client certificates) that may list and
+    /// open the export; absent takes the daemon's `nbd_default_clients`. See [`check_nbd_clients`](crate::check_nbd_clients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_clients: Option<Vec<String>>,
 }
 
 /// The `request` of an `attach` operation, as journaled.
@@ -155,6 +159,9 @@ pub struct AttachOperationRequest {
     /// `root` for `attach-root`; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attach_as: Option<DiskRole>,
+    /// The NBD client identities asked for; absent when the daemon's default applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_clients: Option<Vec<String>>,
 }
 
 impl AttachOperationRequest {

@@ -113,6 +113,10 @@ pub struct AttachmentInfo {
     pub kernel_device: Option<String>,
     pub persistent_device_name: Option<String>,
     pub symlink_path: Option<String>,
+    /// Appliance only: the NBD client identities that may open the export; empty admits every client that
+    /// passes the server's TLS policy.
+    #[serde(default)]
+    pub nbd_clients: Vec<String>,
 }
 
 /// `GET /volumes/{id}`: the volume's real status.
@@ -249,6 +253,13 @@ pub struct Export {
     pub connections: u64,
     pub total_connections: u64,
     pub peers: Vec<String>,
+    /// The client identities the served export admits (names in verified client certificates); empty admits
+    /// every client that passes the server's TLS policy.
+    #[serde(default)]
+    pub nbd_clients: Vec<String>,
+    /// The verified identity of each open session that has one.
+    #[serde(default)]
+    pub client_identities: Vec<String>,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub highest_offset_written: Option<u64>,

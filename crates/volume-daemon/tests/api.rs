@@ -58,6 +58,26 @@ async fn bad_input_is_refused_naming_the_problem_and_nothing_is_recorded() {
             json!({}),
             "vm_id",
         ),
+        (
+            "/volumes/60338035-92fb-4d27-98d4-b60ad4b38b87/attach",
+            json!({"vm_id": d.appliance(), "nbd_clients": ["writer-1", ""]}),
+            "nbd_clients",
+        ),
+        (
+            "/volumes/60338035-92fb-4d27-98d4-b60ad4b38b87/attach",
+            json!({"vm_id": d.appliance(), "nbd_clients": ["wri\u{7}ter"]}),
+            "nbd_clients",
+        ),
+        (
+            "/volumes/60338035-92fb-4d27-98d4-b60ad4b38b87/attach",
+            json!({"vm_id": d.appliance(), "nbd_clients": (0..65).map(|i| format!("w{i}")).collect::<Vec<_>>()}),
+            "nbd_clients",
+        ),
+        (
+            "/volumes/60338035-92fb-4d27-98d4-b60ad4b38b87/attach",
+            json!({"vm_id": d.other_vm(0), "nbd_clients": ["writer-1"]}),
+            "nbd_clients",
+        ),
     ];
     for (path, body, field) in cases {
         let (s, v) = d.post(path, body.clone()).await;

@@ -149,6 +149,10 @@ pub enum VolumesCommand {
         /// Attach as the VM's root disk (CloudStack device id 0).
         #[arg(long)]
         root: bool,
+        /// Appliance only: a client identity (name in a verified NBD client certificate) that may open the
+        /// export; repeat for several. Without it the daemon's nbd_default_clients apply.
+        #[arg(long = "nbd-client", value_name = "NAME")]
+        nbd_clients: Vec<String>,
         #[command(flatten)]
         wait: WaitArgs,
     },

@@ -462,6 +462,15 @@ pub fn vms_table(vms: &[CloudVm]) -> String {
     t.render()
 }
 
+/// The client identities an export admits; `any` when it admits every client the TLS policy admits.
+fn clients(names: &[String]) -> String {
+    if names.is_empty() {
+        "any".into()
+    } else {
+        names.join(",")
+    }
+}
+
 pub fn exports_table(list: &ExportList) -> String {
     let mut t = Table::new(&[
         "EXPORT",
@@ -474,6 +483,7 @@ pub fn exports_table(list: &ExportList) -> String {
         "WRITTEN",
         "READ",
         "LAST ACTIVITY",
+        "CLIENTS",
     ]);
     for e in &list.exports {
         t.row(vec![
@@ -487,6 +497,7 @@ pub fn exports_table(list: &ExportList) -> String {
             human_bytes(e.bytes_written),
             human_bytes(e.bytes_read),
             opt(e.last_activity.map(time)),
+            clients(&e.nbd_clients),
         ]);
     }
     let mut out = t.render();
@@ -506,6 +517,15 @@ pub fn export_detail(e: &Export) -> String {
         (
             "size",
             format!("{} ({} bytes)", human_bytes(e.size), e.size),
+        ),
+        ("clients allowed", clients(&e.nbd_clients)),
+        (
+            "client identities",
+            if e.client_identities.is_empty() {
+                NONE.into()
+            } else {
+                e.client_identities.join(", ")
+            },
         ),
         ("connections", e.connections.to_string()),
         ("total connections", e.total_connections.to_string()),
@@ -636,6 +656,7 @@ mod tests {
                 kernel_device: Some("vdb".into()),
                 persistent_device_name: None,
                 symlink_path: None,
+                nbd_clients: Vec::new(),
             }),
             export: None,
             cloudstack_data: Some(CloudVolumeData {
@@ -739,6 +760,7 @@ mod tests {
                     vm_id: "vm-app".into(),
                     device_id: None,
                     attach_as: None,
+                    nbd_clients: None,
                 },
                 response: Some(AttachVolumeResponse {
                     volume_id: vid(),
@@ -825,6 +847,8 @@ mod tests {
             connections: 2,
             total_connections: 5,
             peers: vec!["127.0.0.1:5000".into()],
+            nbd_clients: vec!["writer-1".into()],
+            client_identities: vec!["writer-1".into()],
             bytes_read: 0,
             bytes_written: 3 << 20,
             highest_offset_written: Some(3 << 20),
@@ -837,6 +861,7 @@ mod tests {
             count: 1,
         });
         assert!(out.contains("CONNS"), "{out}");
+        assert!(out.contains("CLIENTS") && out.contains("writer-1"), "{out}");
         assert!(out.contains("3 MiB"), "{out}");
         assert!(out.ends_with("1 export(s)\n"), "{out}");
         let d = export_detail(&e);

@@ -58,6 +58,7 @@ fn attachment_info(a: &AttachmentRecord) -> AttachmentInfo {
         kernel_device: a.kernel_device.clone(),
         persistent_device_name: a.stable_name.as_deref().and_then(file_name),
         symlink_path: a.stable_name.clone(),
+        nbd_clients: a.nbd_clients.clone(),
     }
 }
 
@@ -98,6 +99,12 @@ pub fn export(e: &ExportView) -> Export {
         connections: c.connections_current,
         total_connections: c.connections_total,
         peers: c.peers.iter().map(|p| p.to_string()).collect(),
+        nbd_clients: e
+            .live
+            .as_ref()
+            .map(|s| crate::exports::clients_of(&s.access))
+            .unwrap_or_default(),
+        client_identities: c.identities.iter().flatten().cloned().collect(),
         // Totals across the daemon's runs: earlier runs' (stored) plus this run's (live).
         bytes_read: r.bytes_read_before.saturating_add(c.bytes_read),
         bytes_written: r.bytes_written_before.saturating_add(c.bytes_written),

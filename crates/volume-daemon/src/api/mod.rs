@@ -202,7 +202,12 @@ async fn attach_common(
             ));
         }
     }
-    submit(&st, Request::attach(volume_id, body.vm_id, root), &headers).await
+    submit(
+        &st,
+        Request::attach(volume_id, body.vm_id, root, body.nbd_clients),
+        &headers,
+    )
+    .await
 }
 
 #[utoipa::path(

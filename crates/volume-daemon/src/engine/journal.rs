@@ -133,13 +133,20 @@ pub(crate) enum Request {
 }
 
 impl Request {
-    /// An attach to `vm_id`, as the root disk when `root`.
-    pub fn attach(volume_id: Uuid, vm_id: String, root: bool) -> Self {
+    /// An attach to `vm_id`, as the root disk when `root`; `nbd_clients` (appliance only) limits who may open
+    /// the export.
+    pub fn attach(
+        volume_id: Uuid,
+        vm_id: String,
+        root: bool,
+        nbd_clients: Option<Vec<String>>,
+    ) -> Self {
         Self::Attach(AttachOperationRequest {
             volume_id,
             vm_id,
             device_id: root.then_some(0),
             attach_as: root.then_some(DiskRole::Root),
+            nbd_clients,
         })
     }
 
@@ -443,13 +450,13 @@ mod tests {
         assert_eq!(e.journaled_job(AttachStep::CloudAttachJob), Some("job-1"));
         assert_eq!(e.journaled_job(AttachStep::CompensateDetachJob), None);
         assert_eq!(
-            Request::attach(Uuid::nil(), "vm-7".into(), true).to_json(),
+            Request::attach(Uuid::nil(), "vm-7".into(), true, None).to_json(),
             old
         );
         // A plain attach stores no role.
         let plain = json!({"volume_id": Uuid::nil(), "vm_id": "vm-7"});
         assert_eq!(
-            Request::attach(Uuid::nil(), "vm-7".into(), false).to_json(),
+            Request::attach(Uuid::nil(), "vm-7".into(), false, None).to_json(),
             plain
         );
         let Parsed::Attach(e) =

@@ -51,6 +51,8 @@ pub struct EngineConfig {
     pub device_timeout: Duration,
     pub drain_timeout: Duration,
     pub max_concurrent: usize,
+    /// The NBD client identities an appliance export admits when the attach names none (empty: anyone).
+    pub nbd_default_clients: Vec<String>,
 }
 
 /// The parts the engine drives.
