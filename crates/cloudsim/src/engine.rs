@@ -183,14 +183,7 @@ fn list_body(key: &str, items: Vec<Value>, total: usize) -> Value {
 }
 
 fn internal(e: &SimError) -> CsError {
-    let mut text = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        src = s.source();
-    }
-    CsError::internal(text)
+    CsError::internal(volume_api::error_chain(e))
 }
 
 impl crate::faults::Actions for Engine {

@@ -12,8 +12,8 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-/// Bytes in one GiB; CloudStack sizes in requests are GiB.
-pub const GIB: u64 = 1 << 30;
+/// Bytes in one GiB (CloudStack sizes in requests are GiB): the client library's constant.
+pub use cloudstack::GIB;
 /// Data disks a KVM VM may hold: `hypervisor_capabilities.max_data_volumes_limit`, whose column default is
 /// 6 (CloudStack `setup/db/db/schema-40to410.sql`) and which no upgrade raises for KVM.
 pub const MAX_DATA_VOLUMES: u32 = 6;

@@ -5,6 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use cloudstack::GIB;
 use common::{future_expiry, signed, Harness, KEY, SECRET};
 use serde_json::json;
 
@@ -170,7 +171,7 @@ async fn volume_lifecycle_with_the_rust_client() {
             name: "lifecycle".into(),
             zone_id: h.sim.zone_id().into(),
             disk_offering_id: custom,
-            size_bytes: Some(1 << 30),
+            size_bytes: Some(GIB),
         })
         .await
         .expect("create");
@@ -184,11 +185,11 @@ async fn volume_lifecycle_with_the_rust_client() {
         .expect("create job");
     assert_eq!(vol.id, id);
     assert_eq!(vol.state, "Allocated");
-    assert_eq!(vol.size, 1 << 30);
+    assert_eq!(vol.size, GIB);
     let backing = h.backing_of(&id);
     assert_eq!(
         std::fs::metadata(&backing).expect("backing file").len(),
-        1 << 30
+        GIB
     );
 
     let appliance = h.sim.appliance_vm_id().to_owned();
@@ -671,15 +672,15 @@ async fn fault_wrong_size() {
         delta_bytes: -(1 << 20),
     });
     let v = h.volume(&id).await.expect("vol");
-    assert_eq!(v["size"], (2u64 << 30) - (1 << 20));
+    assert_eq!(v["size"], 2 * GIB - (1 << 20));
     assert_eq!(
         std::fs::metadata(h.backing_of(&id)).expect("file").len(),
-        2u64 << 30
+        2 * GIB
     );
     let job = h.attach(&id, h.sim.other_vm_ids()[0].as_str(), None).await;
-    assert_eq!(job["jobresult"]["volume"]["size"], (2u64 << 30) - (1 << 20));
+    assert_eq!(job["jobresult"]["volume"]["size"], 2 * GIB - (1 << 20));
     h.sim.faults().clear();
-    assert_eq!(h.volume(&id).await.expect("vol")["size"], 2u64 << 30);
+    assert_eq!(h.volume(&id).await.expect("vol")["size"], 2 * GIB);
     h.sim.shutdown().await;
 }
 

@@ -49,6 +49,8 @@ wire_enum! {
         Attach = "attach",
         Detach = "detach",
         Delete = "delete",
+        /// A repair the reconciler found safe (`POST /reconcile` with `apply`).
+        Repair = "repair",
     }
 }
 
@@ -240,6 +242,57 @@ wire_enum! {
 }
 
 wire_enum! {
+    /// A repair with one safe outcome, run as an operation of type `repair`.
+    pub enum RepairKind {
+        /// The cloud no longer attaches the volume: forget the attachment, its export and its stable name.
+        ForgetAttachment = "forget_attachment",
+        /// Attached to the appliance but not served: re-verify the device and serve it again.
+        Reexport = "reexport",
+        /// Served without an appliance attachment: stop serving it and drop its record.
+        RemoveOrphanExport = "remove_orphan_export",
+    }
+}
+
+wire_enum! {
+    /// What the reconciler does, or what an operator should do, about a drift. The three repairs are done by
+    /// `POST /reconcile` with `apply` (as `repair` operations); the others need an operator.
+    pub enum DriftAction {
+        /// Repair: forget the attachment the cloud no longer has.
+        ForgetAttachment = "forget_attachment",
+        /// Repair: re-verify the device and serve the export again.
+        Reexport = "reexport",
+        /// Repair: stop serving the export and drop its record.
+        RemoveOrphanExport = "remove_orphan_export",
+        /// Nothing to do now; run the reconciler again when CloudStack answers.
+        RetryLater = "retry_later",
+        /// Delete the volume through the API to record that it is gone.
+        DeleteVolume = "delete_volume",
+        /// Detach the volume through the API and attach it again.
+        DetachAndReattach = "detach_and_reattach",
+        /// Look at the device (see the operations guide: device never appeared, size mismatch).
+        CheckDevice = "check_device",
+        /// Set `appliance_vm_id` or `PUT /api/v1/appliance`.
+        SetApplianceIdentity = "set_appliance_identity",
+    }
+}
+
+impl DriftAction {
+    /// The repair `apply` runs for this action, when it has one.
+    pub fn repair(self) -> Option<RepairKind> {
+        match self {
+            Self::ForgetAttachment => Some(RepairKind::ForgetAttachment),
+            Self::Reexport => Some(RepairKind::Reexport),
+            Self::RemoveOrphanExport => Some(RepairKind::RemoveOrphanExport),
+            Self::RetryLater
+            | Self::DeleteVolume
+            | Self::DetachAndReattach
+            | Self::CheckDevice
+            | Self::SetApplianceIdentity => None,
+        }
+    }
+}
+
+wire_enum! {
     /// The stable kind of a failure: the `code` of an error body and the `error_code` of a failed operation.
     pub enum ErrorCode {
         /// The request is malformed or a field is invalid (`field` names it).
@@ -317,6 +370,8 @@ mod tests {
         agree(ComponentStatus::ALL);
         agree(HealthStatus::ALL);
         agree(DriftKind::ALL);
+        agree(RepairKind::ALL);
+        agree(DriftAction::ALL);
         agree(ErrorCode::ALL);
     }
 }

@@ -5,21 +5,23 @@
 //! callers of the predecessor service send and read. Runtime and persisted types live in the daemon and are
 //! converted to these explicitly.
 
+mod cloud_states;
 mod enums;
 mod operations;
 mod resources;
 
 use uuid::Uuid;
 
+pub use cloud_states::{CloudVmState, CloudVolumeState};
 pub use enums::{
-    ApplianceSource, AttachTarget, ComponentStatus, DiskRole, DriftKind, ErrorCode, ExportStatus,
-    HealthStatus, LinuxState, OperationMode, OperationStatus, OperationStep, OperationType,
-    VolumeState,
+    ApplianceSource, AttachTarget, ComponentStatus, DiskRole, DriftAction, DriftKind, ErrorCode,
+    ExportStatus, HealthStatus, LinuxState, OperationMode, OperationStatus, OperationStep,
+    OperationType, RepairKind, VolumeState,
 };
 pub use operations::{
     AttachOperationRequest, AttachVolumeRequest, AttachVolumeResponse, CreateVolumeRequest,
     CreateVolumeResponse, DeleteVolumeResponse, DetachVolumeResponse, Operation, OperationKind,
-    VolumeOperationRequest,
+    RepairRequest, RepairResponse, VolumeOperationRequest,
 };
 pub use resources::{
     Appliance, AttachmentInfo, CloudOffering, CloudVm, CloudVolumeData, CloudZone, ComponentHealth,
@@ -44,6 +46,43 @@ pub fn export_name(volume_id: Uuid) -> String {
 pub fn volume_of_export(name: &str) -> Option<Uuid> {
     name.strip_prefix(EXPORT_NAME_PREFIX)
         .and_then(|s| Uuid::parse_str(s).ok())
+}
+
+/// Most client identities one export may admit.
+pub const MAX_NBD_CLIENTS: usize = 64;
+/// Longest client identity, in bytes (a certificate name).
+pub const MAX_NBD_CLIENT_LEN: usize = 255;
+
+/// Checks a list of NBD client identities (`nbd_clients`, `nbd_default_clients`): at most
+/// [`MAX_NBD_CLIENTS`] names, each non-empty, at most [`MAX_NBD_CLIENT_LEN`] bytes, without control characters
+/// or surrounding spaces. Says what is wrong with the first bad one.
+pub fn check_nbd_clients(names: &[String]) -> Result<(), String> {
+    if names.len() > MAX_NBD_CLIENTS {
+        return Err(format!(
+            "at most {MAX_NBD_CLIENTS} client identities, not {}",
+            names.len()
+        ));
+    }
+    for n in names {
+        if n.is_empty() {
+            return Err("a client identity must not be empty".into());
+        }
+        if n.len() > MAX_NBD_CLIENT_LEN {
+            return Err(format!(
+                "client identity {:?}… is longer than {MAX_NBD_CLIENT_LEN} bytes",
+                n.chars().take(16).collect::<String>()
+            ));
+        }
+        if n.chars().any(char::is_control) {
+            return Err(format!(
+                "client identity {n:?} contains a control character"
+            ));
+        }
+        if n.trim() != n {
+            return Err(format!("client identity {n:?} starts or ends with a space"));
+        }
+    }
+    Ok(())
 }
 
 /// Renders an error and its `source()` chain as one line, `outer: inner: root`, each cause once (a cause whose
@@ -86,6 +125,7 @@ mod tests {
                     vm_id: "vm".into(),
                     device_id: Some(0),
                     attach_as: Some(DiskRole::Root),
+                    nbd_clients: None,
                 },
                 response,
             },
@@ -184,6 +224,23 @@ mod tests {
             Some(Box::new(E("disk full", Some(Box::new(E("ENOSPC", None)))))),
         );
         assert_eq!(error_chain(&e), "cannot attach: disk full: ENOSPC");
+    }
+
+    #[test]
+    fn client_identity_lists_are_bounded_and_plain_text() {
+        let ok = vec!["writer-1".to_string(), "writer.example.com".into()];
+        assert_eq!(check_nbd_clients(&ok), Ok(()));
+        assert_eq!(check_nbd_clients(&[]), Ok(()));
+        for bad in [
+            "",
+            " writer",
+            "wri\nter",
+            &"x".repeat(MAX_NBD_CLIENT_LEN + 1),
+        ] {
+            assert!(check_nbd_clients(&[bad.to_string()]).is_err(), "{bad:?}");
+        }
+        let many: Vec<String> = (0..=MAX_NBD_CLIENTS).map(|i| format!("w{i}")).collect();
+        assert!(check_nbd_clients(&many).is_err());
     }
 
     #[test]

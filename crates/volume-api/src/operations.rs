@@ -9,7 +9,10 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::enums::{DiskRole, ErrorCode, OperationStatus, OperationStep, OperationType};
+use crate::cloud_states::CloudVolumeState;
+use crate::enums::{
+    DiskRole, ErrorCode, OperationStatus, OperationStep, OperationType, RepairKind,
+};
 
 /// A journaled operation as the API shows it (`GET /operations/{id}`, and the 201 answer of every mutation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -57,6 +60,11 @@ pub enum OperationKind {
         request: VolumeOperationRequest,
         response: Option<DeleteVolumeResponse>,
     },
+    /// A repair submitted by `POST /reconcile` with `apply`.
+    Repair {
+        request: RepairRequest,
+        response: Option<RepairResponse>,
+    },
 }
 
 impl OperationKind {
@@ -66,6 +74,7 @@ impl OperationKind {
             Self::Attach { .. } => OperationType::Attach,
             Self::Detach { .. } => OperationType::Detach,
             Self::Delete { .. } => OperationType::Delete,
+            Self::Repair { .. } => OperationType::Repair,
         }
     }
 }
@@ -82,6 +91,7 @@ impl Operation {
             OperationKind::Attach { response, .. } => response.as_ref().map(|r| r.volume_id),
             OperationKind::Detach { response, .. } => response.as_ref().map(|r| r.volume_id),
             OperationKind::Delete { response, .. } => response.as_ref().map(|r| r.volume_id),
+            OperationKind::Repair { response, .. } => response.as_ref().map(|r| r.volume_id),
         }
     }
 
@@ -132,6 +142,10 @@ pub struct AttachVolumeRequest {
     /// Accepted for compatibility; when present it must equal the volume id in the path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_id: Option<String>,
+    /// Appliance only: the NBD client identities (names in verified client certificates) that may list and
+    /// open the export; absent takes the daemon's `nbd_default_clients`. See [`check_nbd_clients`](crate::check_nbd_clients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_clients: Option<Vec<String>>,
 }
 
 /// The `request` of an `attach` operation, as journaled.
@@ -145,6 +159,9 @@ pub struct AttachOperationRequest {
     /// `root` for `attach-root`; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attach_as: Option<DiskRole>,
+    /// The NBD client identities asked for; absent when the daemon's default applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_clients: Option<Vec<String>>,
 }
 
 impl AttachOperationRequest {
@@ -167,7 +184,7 @@ pub struct CreateVolumeResponse {
     /// Size in bytes as the cloud created it.
     pub size: u64,
     /// CloudStack's state of the new volume (its own spelling, e.g. `Ready`, `Allocated`).
-    pub cloudstack_state: String,
+    pub cloudstack_state: CloudVolumeState,
     pub message: String,
 }
 
@@ -215,5 +232,23 @@ pub struct DeleteVolumeResponse {
     pub volume_id: Uuid,
     /// The VM it was detached from first, if it was attached.
     pub detached_from: Option<String>,
+    pub message: String,
+}
+
+/// The `request` of a `repair` operation, as journaled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RepairRequest {
+    pub volume_id: Uuid,
+    pub repair: RepairKind,
+}
+
+/// The `response` of a completed `repair`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RepairResponse {
+    pub volume_id: Uuid,
+    pub repair: RepairKind,
+    /// The export generation now served, after a `reexport`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_generation: Option<u64>,
     pub message: String,
 }

@@ -8,9 +8,10 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::cloud_states::{CloudVmState, CloudVolumeState};
 use crate::enums::{
-    ApplianceSource, AttachTarget, ComponentStatus, DiskRole, DriftKind, ErrorCode, ExportStatus,
-    HealthStatus, LinuxState, OperationMode, VolumeState,
+    ApplianceSource, AttachTarget, ComponentStatus, DiskRole, DriftAction, DriftKind, ErrorCode,
+    ExportStatus, HealthStatus, LinuxState, OperationMode, VolumeState,
 };
 use crate::operations::Operation;
 
@@ -61,7 +62,7 @@ pub struct Appliance {
     pub verified: bool,
     pub vm_name: Option<String>,
     /// CloudStack's state of the VM (its own spelling, e.g. `Running`).
-    pub vm_state: Option<String>,
+    pub vm_state: Option<CloudVmState>,
     /// Why the identity is not usable, when it is not.
     pub problem: Option<String>,
 }
@@ -81,8 +82,14 @@ pub struct Drift {
     pub volume_id: Option<Uuid>,
     pub kind: DriftKind,
     pub detail: String,
-    /// What `apply` does (or did) about it; starts with `none` when it needs an operator.
-    pub action: String,
+    /// What `apply` does (or did) about it, or what an operator should do.
+    pub action: DriftAction,
+    /// The action in words, with the call to make when it needs an operator.
+    pub hint: String,
+    /// The `repair` operation that `apply` submitted for it.
+    #[serde(default)]
+    pub operation_id: Option<Uuid>,
+    /// Whether that operation completed.
     pub applied: bool,
 }
 
@@ -106,6 +113,10 @@ pub struct AttachmentInfo {
     pub kernel_device: Option<String>,
     pub persistent_device_name: Option<String>,
     pub symlink_path: Option<String>,
+    /// Appliance only: the NBD client identities that may open the export; empty admits every client that
+    /// passes the server's TLS policy.
+    #[serde(default)]
+    pub nbd_clients: Vec<String>,
 }
 
 /// `GET /volumes/{id}`: the volume's real status.
@@ -141,7 +152,7 @@ pub struct VolumeStatus {
 /// The cloud's view of a volume, in CloudStack's own field names and spellings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CloudVolumeData {
-    pub state: String,
+    pub state: CloudVolumeState,
     pub virtualmachineid: Option<String>,
     pub deviceid: Option<u32>,
     pub size: u64,
@@ -174,7 +185,7 @@ pub struct CloudVm {
     pub id: String,
     pub name: String,
     /// CloudStack's state: `Running`, `Stopped`, …
-    pub state: String,
+    pub state: CloudVmState,
     /// True for the daemon's own appliance VM.
     pub appliance: bool,
 }
@@ -203,8 +214,9 @@ pub struct DeviceMapping {
     pub symlink_path: Option<String>,
     pub kernel_device: Option<String>,
     pub size: u64,
-    /// CloudStack's state of the volume as last recorded (its own spelling).
-    pub cloudstack_state: String,
+    /// CloudStack's state of the volume now, else as last recorded (its own spelling); `Other` text when it
+    /// was never recorded.
+    pub cloudstack_state: CloudVolumeState,
     pub linux_state: LinuxState,
     /// Why the device is `unverified`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -241,6 +253,13 @@ pub struct Export {
     pub connections: u64,
     pub total_connections: u64,
     pub peers: Vec<String>,
+    /// The client identities the served export admits (names in verified client certificates); empty admits
+    /// every client that passes the server's TLS policy.
+    #[serde(default)]
+    pub nbd_clients: Vec<String>,
+    /// The verified identity of each open session that has one.
+    #[serde(default)]
+    pub client_identities: Vec<String>,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub highest_offset_written: Option<u64>,

@@ -51,6 +51,11 @@ pub struct Config {
     pub nbd_tls_certificates: Option<PathBuf>,
     /// Require NBD client certificates signed by `ca-cert.pem`. A non-loopback `nbd_listen` requires it.
     pub nbd_tls_verify_peer: bool,
+    /// The NBD client identities (names in verified client certificates: common name, DNS, e-mail or URI
+    /// subject alternative names) an appliance export admits when its attach names none (`nbd_clients`).
+    /// Empty (the default) admits every client that passes the server's TLS policy. Environment: a
+    /// comma-separated list.
+    pub nbd_default_clients: Vec<String>,
     /// Close NBD sessions without requests for this long; 0 never closes them.
     pub nbd_idle_timeout_secs: u64,
     /// MiB of NBD request data held at once over all connections (back-pressure beyond). At least 32.
@@ -161,6 +166,7 @@ impl Default for Config {
             nbd_tls: NbdTls::Off,
             nbd_tls_certificates: None,
             nbd_tls_verify_peer: false,
+            nbd_default_clients: Vec::new(),
             nbd_idle_timeout_secs: 0,
             nbd_budget_mib: 256,
             database_url: None,
@@ -246,6 +252,14 @@ impl Config {
             "nbd_tls_certificates" => self.nbd_tls_certificates = opt(value).map(PathBuf::from),
             "nbd_tls_verify_peer" => {
                 self.nbd_tls_verify_peer = parse(var, &value, "true or false")?
+            }
+            "nbd_default_clients" => {
+                self.nbd_default_clients = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_string)
+                    .collect()
             }
             "nbd_idle_timeout_secs" => self.nbd_idle_timeout_secs = parse(var, &value, "seconds")?,
             "nbd_budget_mib" => self.nbd_budget_mib = parse(var, &value, "MiB, at least 32")?,
@@ -342,6 +356,9 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "nbd_tls_verify_peer needs nbd_tls = \"on\" or \"require\"".into(),
             ));
+        }
+        if let Err(e) = volume_api::check_nbd_clients(&self.nbd_default_clients) {
+            return Err(ConfigError::Invalid(format!("nbd_default_clients: {e}")));
         }
         if self.nbd_budget_mib < 32 {
             return Err(ConfigError::Invalid(
@@ -513,5 +530,26 @@ mod tests {
         )
         .unwrap_err();
         assert!(env.to_string().contains("off, on or require"));
+    }
+
+    #[test]
+    fn default_nbd_clients_come_from_a_list_and_are_checked() {
+        let mut cfg = Config::load(
+            None,
+            vec![(
+                "VOLUME_DAEMON_NBD_DEFAULT_CLIENTS".into(),
+                "writer-1, writer-2.example,".into(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(cfg.nbd_default_clients, ["writer-1", "writer-2.example"]);
+        cfg.sim.enabled = true;
+        cfg.validate().unwrap();
+        cfg.nbd_default_clients.push("bad\u{1b}name".into());
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("nbd_default_clients"));
     }
 }

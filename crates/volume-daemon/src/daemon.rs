@@ -249,6 +249,7 @@ impl RunningDaemon {
                 device_timeout: cfg.device_timeout(),
                 drain_timeout: cfg.drain_timeout(),
                 max_concurrent: cfg.max_concurrent_operations,
+                nbd_default_clients: cfg.nbd_default_clients.clone(),
             },
         );
 

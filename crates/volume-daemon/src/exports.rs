@@ -31,6 +31,23 @@ pub enum ExportError {
     },
 }
 
+/// The access of an export admitting `clients`; none named admits anyone.
+pub fn access(clients: &[String]) -> nbd::Access {
+    if clients.is_empty() {
+        nbd::Access::Anyone
+    } else {
+        nbd::Access::Clients(clients.to_vec())
+    }
+}
+
+/// The client identities an access admits; empty for anyone.
+pub fn clients_of(access: &nbd::Access) -> Vec<String> {
+    match access {
+        nbd::Access::Anyone => Vec::new(),
+        nbd::Access::Clients(c) => c.clone(),
+    }
+}
+
 /// What removing an export did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Closed {
@@ -64,12 +81,14 @@ impl Exports {
         self.port
     }
 
-    /// Serves `device` as the volume's export (read-write), replacing an export of the same name that serves a
+    /// Serves `device` as the volume's export (read-write) to the client identities `clients` (empty: every
+    /// client that passes the server's TLS policy), replacing an export of the same name that serves a
     /// different device. Returns the live export (a new generation unless the same device was already served).
     pub async fn open(
         &self,
         volume_id: Uuid,
         device: &Path,
+        clients: &[String],
         drain: Duration,
     ) -> Result<nbd::ExportSnapshot, ExportError> {
         let name = volume_api::export_name(volume_id);
@@ -97,7 +116,7 @@ impl Exports {
                 read_only: false,
                 max_connections: None,
                 description: Some(format!("volume {volume_id} ({})", device.display())),
-                access: nbd::Access::Anyone,
+                access: access(clients),
             })
             .map_err(|source| ExportError::Register { name, source })
     }

@@ -1,21 +1,31 @@
 //! The reconciler: compares the database, the cloud, the appliance's devices and the live NBD exports, reports
-//! every disagreement and, when asked, repairs the ones that have one safe repair (through the engine, in the
-//! volume's turn). Volumes with an unfinished operation are left to that operation.
+//! every disagreement and, when asked, repairs the ones that have one safe repair: each repair is submitted to
+//! the engine as a journaled `repair` operation (queued in the volume's FIFO like any other), and the report
+//! names that operation and whether it completed. Volumes with an unfinished operation are left to that
+//! operation.
 
 use std::collections::HashSet;
 
 use uuid::Uuid;
-use volume_api::{Drift, DriftKind, ReconcileReport};
+use volume_api::{Drift, DriftAction, DriftKind, OperationStatus, ReconcileReport};
 
-use crate::engine::{DeviceCheck, Engine, EngineError, Repair};
+use crate::engine::{DeviceCheck, Engine, EngineError};
 use crate::store::AttachTarget;
 
-fn drift(volume_id: Option<Uuid>, kind: DriftKind, detail: String, action: &str) -> Drift {
+fn drift(
+    volume_id: Option<Uuid>,
+    kind: DriftKind,
+    detail: String,
+    action: DriftAction,
+    hint: &str,
+) -> Drift {
     Drift {
         volume_id,
         kind,
         detail,
-        action: action.into(),
+        action,
+        hint: hint.into(),
+        operation_id: None,
         applied: false,
     }
 }
@@ -26,7 +36,6 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
     let (views, checked_volumes) = engine.reconcile_views(&busy).await?;
     let appliance = engine.appliance().await.vm_id;
     let mut out = Vec::new();
-    let mut repairs = Vec::new();
     for v in &views {
         let id = v.volume.id;
         let cv = match &v.cloud {
@@ -36,6 +45,7 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
                     Some(id),
                     DriftKind::CloudUnavailable,
                     format!("cannot ask CloudStack: {}", e.chain()),
+                    DriftAction::RetryLater,
                     "none; retry when CloudStack answers",
                 ));
                 continue;
@@ -45,6 +55,7 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
                     Some(id),
                     DriftKind::MissingInCloud,
                     "the database knows this volume but CloudStack does not".into(),
+                    DriftAction::DeleteVolume,
                     "none; delete it through DELETE /api/v1/volumes/{id} to record the deletion",
                 ));
                 continue;
@@ -59,9 +70,9 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
                         "the database records an attachment to VM {} that CloudStack does not have",
                         a.vm_id
                     ),
+                    DriftAction::ForgetAttachment,
                     "remove the attachment (and its export) from the daemon",
                 ));
-                repairs.push((out.len() - 1, id, Repair::ForgetAttachment));
             }
             (None, Some(vm)) => out.push(drift(
                 Some(id),
@@ -69,12 +80,14 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
                 format!(
                     "CloudStack has the volume attached to VM {vm}; the database has no attachment"
                 ),
+                DriftAction::DetachAndReattach,
                 "none automatic; detach it (POST /api/v1/volumes/{id}/detach) and attach it again",
             )),
             (Some(a), Some(vm)) if a.vm_id != vm => out.push(drift(
                 Some(id),
                 DriftKind::AttachedElsewhere,
                 format!("the database says VM {}, CloudStack says VM {vm}", a.vm_id),
+                DriftAction::DetachAndReattach,
                 "none automatic; detach it and attach it again",
             )),
             (Some(a), Some(_)) if a.target == AttachTarget::Appliance => {
@@ -89,6 +102,7 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
                         Some(id),
                         DriftKind::DeviceProblem,
                         problem,
+                        DriftAction::CheckDevice,
                         "none automatic; see docs/operations.md (device never appeared / size mismatch)",
                     ));
                     continue;
@@ -98,9 +112,9 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
                         Some(id),
                         DriftKind::ExportMissing,
                         "attached to the appliance but its NBD export is not served".into(),
+                        DriftAction::Reexport,
                         "re-verify the device and serve the export again",
                     ));
-                    repairs.push((out.len() - 1, id, Repair::Reexport));
                 }
             }
             _ => {}
@@ -130,15 +144,12 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
                 "export {} is served but the volume is not attached to the appliance",
                 snap.name
             ),
+            DriftAction::RemoveOrphanExport,
             "remove the export",
         ));
-        repairs.push((out.len() - 1, id, Repair::RemoveOrphanExport));
     }
     if apply {
-        for (i, id, repair) in repairs {
-            engine.repair(id, repair).await?;
-            out[i].applied = true;
-        }
+        apply_repairs(engine, &mut out).await?;
     }
     if appliance.is_none() {
         out.push(drift(
@@ -146,6 +157,7 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
             DriftKind::ApplianceIdentityUnknown,
             "the appliance VM id is unknown, so appliance attachments cannot be checked against it"
                 .into(),
+            DriftAction::SetApplianceIdentity,
             "set appliance_vm_id or PUT /api/v1/appliance",
         ));
     }
@@ -154,4 +166,23 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
         checked_volumes,
         drift: out,
     })
+}
+
+/// Submits a `repair` operation for every drift that has one (all first, so repairs of different volumes run
+/// side by side), then waits for each and records its id and whether it completed.
+async fn apply_repairs(engine: &Engine, out: &mut [Drift]) -> Result<(), EngineError> {
+    for d in out.iter_mut() {
+        if let (Some(volume_id), Some(repair)) = (d.volume_id, d.action.repair()) {
+            d.operation_id = Some(engine.submit_repair(volume_id, repair).await?);
+        }
+    }
+    for d in out.iter_mut() {
+        let Some(id) = d.operation_id else { continue };
+        let op = engine.wait_repair(id).await?;
+        d.applied = op.is_some_and(|o| o.status == OperationStatus::Completed);
+        if !d.applied {
+            tracing::warn!(op = %id, volume = ?d.volume_id, action = %d.action, "a repair did not complete; GET /api/v1/operations/{id} says why");
+        }
+    }
+    Ok(())
 }

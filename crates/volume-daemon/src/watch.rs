@@ -124,14 +124,16 @@ fn drift_component(report: &ReconcileReport) -> ComponentHealth {
 mod tests {
     use super::*;
     use uuid::Uuid;
-    use volume_api::{Drift, DriftKind};
+    use volume_api::{Drift, DriftAction, DriftKind};
 
     fn drift(kind: DriftKind, applied: bool) -> Drift {
         Drift {
             volume_id: Some(Uuid::nil()),
             kind,
             detail: "d".into(),
-            action: "a".into(),
+            action: DriftAction::ForgetAttachment,
+            hint: "h".into(),
+            operation_id: None,
             applied,
         }
     }

@@ -59,6 +59,26 @@ async fn bad_input_is_refused_naming_the_problem_and_nothing_is_recorded() {
             json!({}),
             "vm_id",
         ),
+        (
+            "/volumes/60338035-92fb-4d27-98d4-b60ad4b38b87/attach",
+            json!({"vm_id": d.appliance(), "nbd_clients": ["writer-1", ""]}),
+            "nbd_clients",
+        ),
+        (
+            "/volumes/60338035-92fb-4d27-98d4-b60ad4b38b87/attach",
+            json!({"vm_id": d.appliance(), "nbd_clients": ["wri\u{7}ter"]}),
+            "nbd_clients",
+        ),
+        (
+            "/volumes/60338035-92fb-4d27-98d4-b60ad4b38b87/attach",
+            json!({"vm_id": d.appliance(), "nbd_clients": (0..65).map(|i| format!("w{i}")).collect::<Vec<_>>()}),
+            "nbd_clients",
+        ),
+        (
+            "/volumes/60338035-92fb-4d27-98d4-b60ad4b38b87/attach",
+            json!({"vm_id": d.other_vm(0), "nbd_clients": ["writer-1"]}),
+            "nbd_clients",
+        ),
     ];
     for (path, body, field) in cases {
         let (s, v) = d.post(path, body.clone()).await;
@@ -516,17 +536,71 @@ async fn reconcile_reports_drift_and_repairs_only_when_asked() {
     assert_eq!(report["dry_run"], true);
     let drift = &report["drift"][0];
     assert_eq!(drift["kind"], "attached_only_in_database", "{report}");
+    assert_eq!(drift["action"], "forget_attachment", "{report}");
     assert_eq!(drift["applied"], false);
+    assert!(drift["operation_id"].is_null(), "{report}");
     let (_, st) = d.get(&format!("/volumes/{vol}")).await;
     assert_eq!(st["state"], "attached", "a dry run changes nothing: {st}");
+    let (_, ops) = d.get("/operations?type=repair").await;
+    assert_eq!(ops, json!([]), "a dry run journals nothing");
     let (_, fixed) = d.post("/reconcile", json!({"apply": true})).await;
     assert_eq!(fixed["drift"][0]["applied"], true, "{fixed}");
+    // The repair is a journaled operation of its own, listed with the others.
+    let repair_id = fixed["drift"][0]["operation_id"].as_str().unwrap();
+    let (_, ops) = d.get("/operations?type=repair").await;
+    assert_eq!(ops.as_array().unwrap().len(), 1, "{ops}");
+    assert_eq!(ops[0]["id"], repair_id, "{ops}");
+    assert_eq!(ops[0]["status"], "completed", "{ops}");
+    assert_eq!(ops[0]["volume_id"], vol.to_string(), "{ops}");
+    assert_eq!(ops[0]["request"]["repair"], "forget_attachment", "{ops}");
+    assert_eq!(ops[0]["response"]["repair"], "forget_attachment", "{ops}");
+    assert_eq!(ops[0]["step"], "export_removed", "{ops}");
     let (_, st) = d.get(&format!("/volumes/{vol}")).await;
     assert_eq!(st["state"], "detached", "{st}");
     let (_, exports) = d.get("/exports").await;
     assert_eq!(exports["count"], 0);
     let (_, after) = d.post("/reconcile", json!({})).await;
     assert_eq!(after["drift"], json!([]), "{after}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_serves_an_unserved_export_again_through_a_repair_operation() {
+    let d = TestDaemon::start().await;
+    let vol = d.create_volume("unserved", GIB).await;
+    d.run_ok(
+        &format!("/volumes/{vol}/attach"),
+        json!({"vm_id": d.appliance()}),
+    )
+    .await;
+    let resp = d
+        .send(reqwest::Method::DELETE, &format!("/exports/{vol}"), None)
+        .await;
+    assert_eq!(resp.0, StatusCode::OK, "{}", resp.1);
+    let (_, fixed) = d.post("/reconcile", json!({"apply": true})).await;
+    assert_eq!(fixed["dry_run"], false, "{fixed}");
+    let drift = &fixed["drift"][0];
+    assert_eq!(drift["kind"], "export_missing", "{fixed}");
+    assert_eq!(drift["action"], "reexport", "{fixed}");
+    assert_eq!(drift["applied"], true, "{fixed}");
+    let (_, op) = d
+        .get(&format!(
+            "/operations/{}",
+            drift["operation_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(op["type"], "repair", "{op}");
+    assert_eq!(op["status"], "completed", "{op}");
+    assert_eq!(op["response"]["repair"], "reexport", "{op}");
+    let (_, export) = d.get(&format!("/exports/{vol}")).await;
+    assert_eq!(export["status"], "active", "{export}");
+    assert_eq!(
+        export["generation"], op["response"]["export_generation"],
+        "{export} {op}"
+    );
+    let (_, after) = d.post("/reconcile", json!({})).await;
+    assert_eq!(after["drift"], json!([]), "{after}");
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
     d.stop().await;
 }
 

@@ -156,3 +156,86 @@ async fn operations_journaled_by_an_earlier_version_resume_with_the_same_meaning
     }
     second.shutdown().await;
 }
+
+/// A reconciler's repair journaled by a daemon that stopped before running it (as `POST /reconcile` with
+/// `apply` leaves it when the process dies) is resumed at the next start and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journaled_repair_that_never_ran_resumes_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = support::config(dir.path());
+    let db_url = cfg.effective_database_url();
+    let first = RunningDaemon::start(cfg).await.unwrap();
+    let base = format!("http://{}/api/v1", first.api_addr());
+    let sim = first.sim().unwrap();
+    let (zone, appliance) = (sim.zone_id().to_string(), sim.appliance_vm_id().to_string());
+    let offering = sim
+        .disk_offerings()
+        .into_iter()
+        .find(|(_, _, gb)| gb.is_none())
+        .unwrap()
+        .0;
+    let vol = created_volume(&base, &zone, &offering, "to-repair").await;
+    let op = call(
+        &base,
+        reqwest::Method::POST,
+        &format!("/volumes/{vol}/attach"),
+        Some(json!({"vm_id": appliance})),
+    )
+    .await;
+    let done = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/operations/{}?wait=60", op["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    // Detached behind the daemon's back; the daemon stops before it repairs what it journaled.
+    sim.faults().detach_volume(&vol.to_string()).unwrap();
+    first.shutdown().await;
+    let store = Store::connect(&db_url).await.unwrap();
+    let repair = journal_old(
+        &store,
+        OpType::Repair,
+        vol,
+        None,
+        json!({"volume_id": vol, "repair": "forget_attachment"}),
+        "accepted",
+    )
+    .await;
+    store.close().await;
+
+    let second = RunningDaemon::start(support::config(dir.path()))
+        .await
+        .unwrap();
+    let base = format!("http://{}/api/v1", second.api_addr());
+    let r = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/operations/{repair}"),
+        None,
+    )
+    .await;
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["type"], "repair", "{r}");
+    assert_eq!(r["request"]["repair"], "forget_attachment", "{r}");
+    assert_eq!(r["response"]["volume_id"], vol.to_string(), "{r}");
+    let listed = call(&base, reqwest::Method::GET, "/operations?type=repair", None).await;
+    assert_eq!(listed[0]["id"], repair.to_string(), "{listed}");
+    let v = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/volumes/{vol}"),
+        None,
+    )
+    .await;
+    assert_eq!(v["state"], "detached", "{v}");
+    let exports = call(&base, reqwest::Method::GET, "/exports", None).await;
+    assert_eq!(exports["count"], 0, "{exports}");
+    let report = call(&base, reqwest::Method::POST, "/reconcile", Some(json!({}))).await;
+    assert_eq!(report["drift"], json!([]), "{report}");
+    if let Some(s) = second.sim() {
+        s.detach_all_devices();
+    }
+    second.shutdown().await;
+}

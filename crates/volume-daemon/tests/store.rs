@@ -90,6 +90,7 @@ fn appliance_attachment(volume_id: Uuid, vm: &str, generation: u64) -> Attachmen
         kernel_device: Some(format!("/dev/vd{}", &volume_id.to_string()[..4])),
         stable_name: Some(format!("/dev/migration/vol-{volume_id}")),
         export_generation: Some(generation),
+        nbd_clients: vec!["writer-1".into(), "writer-2.example".into()],
         created_at: t,
         updated_at: t,
     }
@@ -112,6 +113,7 @@ fn remote_attachment(
         kernel_device: None,
         stable_name: None,
         export_generation: None,
+        nbd_clients: Vec::new(),
         created_at: t,
         updated_at: t,
     }
@@ -486,6 +488,7 @@ async fn commit_attach_is_atomic(db: &TestDb) -> Result<()> {
     let att3 = AttachmentRecord {
         kernel_device: Some("/dev/vdz".into()),
         export_generation: Some(2),
+        nbd_clients: vec!["writer-3".into()],
         ..att.clone()
     };
     store
@@ -493,6 +496,10 @@ async fn commit_attach_is_atomic(db: &TestDb) -> Result<()> {
         .await?;
     let got = store.get_attachment(vol.id).await?.context("attachment")?;
     ensure!(got.kernel_device.as_deref() == Some("/dev/vdz") && got.export_generation == Some(2));
+    ensure!(
+        got.nbd_clients == ["writer-3"],
+        "client identities replaced: {got:?}"
+    );
     ensure!(got.created_at == att.created_at, "creation time kept");
 
     // A completed operation cannot commit again.
@@ -673,7 +680,7 @@ async fn clear_attachment_removes_export_and_attachment_together(db: &TestDb) ->
 async fn volume_records_round_trip_and_delete(db: &TestDb) -> Result<()> {
     let store = open(db).await?;
     let mut vol = volume("disk-rt");
-    vol.size_bytes = 64 * 1024 * (1 << 30);
+    vol.size_bytes = 64 * 1024 * cloudstack::GIB;
     vol.cloud_state = None;
     store.upsert_volume(&vol).await?;
     ensure!(store.get_volume(vol.id).await?.as_ref() == Some(&vol));

@@ -149,6 +149,10 @@ pub enum VolumesCommand {
         /// Attach as the VM's root disk (CloudStack device id 0).
         #[arg(long)]
         root: bool,
+        /// Appliance only: a client identity (name in a verified NBD client certificate) that may open the
+        /// export; repeat for several. Without it the daemon's nbd_default_clients apply.
+        #[arg(long = "nbd-client", value_name = "NAME")]
+        nbd_clients: Vec<String>,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -196,7 +200,7 @@ pub enum OpsCommand {
     Show { id: Uuid },
     /// Operations, newest first, optionally filtered.
     List {
-        /// create, attach, detach or delete.
+        /// create, attach, detach, delete or repair.
         #[arg(long = "type", value_parser = parse_op_type)]
         op_type: Option<OperationType>,
         /// pending, executing, completed, failed or cancelled.
@@ -220,8 +224,10 @@ pub enum OpsCommand {
 }
 
 fn parse_op_type(s: &str) -> Result<OperationType, String> {
-    OperationType::parse(s)
-        .ok_or_else(|| "expected one of create, attach, detach, delete".to_string())
+    OperationType::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = OperationType::ALL.iter().map(|t| t.as_str()).collect();
+        format!("expected one of {}", all.join(", "))
+    })
 }
 
 fn parse_op_status(s: &str) -> Result<OperationStatus, String> {

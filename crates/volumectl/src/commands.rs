@@ -163,6 +163,7 @@ async fn volumes(client: &Client, out: &Out, c: VolumesCommand) -> Result<(), Cl
             vm_id,
             appliance,
             root,
+            nbd_clients,
             wait,
         } => {
             let vm_id = match (vm_id, appliance) {
@@ -177,6 +178,7 @@ async fn volumes(client: &Client, out: &Out, c: VolumesCommand) -> Result<(), Cl
             let req = AttachVolumeRequest {
                 vm_id,
                 volume_id: None,
+                nbd_clients: (!nbd_clients.is_empty()).then_some(nbd_clients),
             };
             let op = client
                 .attach_volume(volume_id, &req, root, wait.idempotency_key.as_deref())

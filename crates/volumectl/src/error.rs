@@ -101,11 +101,6 @@ pub fn exit_of_kind(kind: ClientErrorKind) -> Exit {
     }
 }
 
-/// The error and its sources on one line, each cause once.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    volume_api::error_chain(e)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,14 +157,5 @@ mod tests {
                 "exit code {code} is not documented"
             );
         }
-    }
-
-    #[test]
-    fn chains_do_not_repeat_causes() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("outer failed")]
-        struct Outer(#[source] std::io::Error);
-        let e = Outer(std::io::Error::other("disk on fire"));
-        assert_eq!(chain(&e), "outer failed: disk on fire");
     }
 }

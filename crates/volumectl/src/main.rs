@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
-            eprintln!("volumectl: {}", error::chain(&e));
+            eprintln!("volumectl: {}", volume_api::error_chain(&e));
             e.exit().into()
         }
     }

@@ -263,7 +263,7 @@ pub fn volume_detail(v: &VolumeStatus, names: &VmNames) -> String {
         (
             "cloud state",
             match (&cloud_state, &v.cloudstack_error) {
-                (Some(s), _) => s.clone(),
+                (Some(s), _) => s.to_string(),
                 (None, Some(e)) => format!("unknown: {e}"),
                 (None, None) => NONE.into(),
             },
@@ -359,6 +359,9 @@ pub fn operation_detail(o: &Operation) -> String {
     if let Some(e) = o.response_export_name() {
         pairs.push(("export_name", e.to_string()));
     }
+    if let OperationKind::Repair { request, .. } = &o.kind {
+        pairs.push(("repair", request.repair.to_string()));
+    }
     pairs.push(("created", time(o.created_at)));
     pairs.push(("updated", time(o.updated_at)));
     pairs.push(("completed", opt(o.completed_at.map(time))));
@@ -452,11 +455,20 @@ pub fn vms_table(vms: &[CloudVm]) -> String {
         t.row(vec![
             v.name.clone(),
             v.id.clone(),
-            v.state.clone(),
+            v.state.to_string(),
             if v.appliance { "appliance" } else { NONE }.into(),
         ]);
     }
     t.render()
+}
+
+/// The client identities an export admits; `any` when it admits every client the TLS policy admits.
+fn clients(names: &[String]) -> String {
+    if names.is_empty() {
+        "any".into()
+    } else {
+        names.join(",")
+    }
 }
 
 pub fn exports_table(list: &ExportList) -> String {
@@ -471,6 +483,7 @@ pub fn exports_table(list: &ExportList) -> String {
         "WRITTEN",
         "READ",
         "LAST ACTIVITY",
+        "CLIENTS",
     ]);
     for e in &list.exports {
         t.row(vec![
@@ -484,6 +497,7 @@ pub fn exports_table(list: &ExportList) -> String {
             human_bytes(e.bytes_written),
             human_bytes(e.bytes_read),
             opt(e.last_activity.map(time)),
+            clients(&e.nbd_clients),
         ]);
     }
     let mut out = t.render();
@@ -503,6 +517,15 @@ pub fn export_detail(e: &Export) -> String {
         (
             "size",
             format!("{} ({} bytes)", human_bytes(e.size), e.size),
+        ),
+        ("clients allowed", clients(&e.nbd_clients)),
+        (
+            "client identities",
+            if e.client_identities.is_empty() {
+                NONE.into()
+            } else {
+                e.client_identities.join(", ")
+            },
         ),
         ("connections", e.connections.to_string()),
         ("total connections", e.total_connections.to_string()),
@@ -565,14 +588,24 @@ pub fn reconcile_report(r: &ReconcileReport) -> String {
         r.drift.len()
     );
     if !r.drift.is_empty() {
-        let mut t = Table::new(&["VOLUME", "KIND", "ACTION", "APPLIED", "DETAIL"]);
+        let mut t = Table::new(&[
+            "VOLUME",
+            "KIND",
+            "ACTION",
+            "APPLIED",
+            "OPERATION",
+            "DETAIL",
+            "HINT",
+        ]);
         for d in &r.drift {
             t.row(vec![
                 opt(d.volume_id),
                 d.kind.to_string(),
-                d.action.clone(),
+                d.action.to_string(),
                 if d.applied { "yes".into() } else { "no".into() },
+                opt(d.operation_id),
                 d.detail.clone(),
+                d.hint.clone(),
             ]);
         }
         out.push('\n');
@@ -591,9 +624,9 @@ mod tests {
     use uuid::Uuid;
     use volume_api::{
         ApplianceSource, AttachOperationRequest, AttachVolumeResponse, AttachmentInfo,
-        CloudVolumeData, ComponentHealth, ComponentStatus, Drift, DriftKind, ErrorCode,
-        ExportStatus, HealthStatus, LinuxState, OperationKind, OperationStep, SnapshotInfo,
-        VolumeState,
+        CloudVolumeData, ComponentHealth, ComponentStatus, Drift, DriftAction, DriftKind,
+        ErrorCode, ExportStatus, HealthStatus, LinuxState, OperationKind, OperationStep,
+        SnapshotInfo, VolumeState,
     };
     use volume_api::{DetachVolumeResponse, VolumeOperationRequest};
 
@@ -623,6 +656,7 @@ mod tests {
                 kernel_device: Some("vdb".into()),
                 persistent_device_name: None,
                 symlink_path: None,
+                nbd_clients: Vec::new(),
             }),
             export: None,
             cloudstack_data: Some(CloudVolumeData {
@@ -726,6 +760,7 @@ mod tests {
                     vm_id: "vm-app".into(),
                     device_id: None,
                     attach_as: None,
+                    nbd_clients: None,
                 },
                 response: Some(AttachVolumeResponse {
                     volume_id: vid(),
@@ -812,6 +847,8 @@ mod tests {
             connections: 2,
             total_connections: 5,
             peers: vec!["127.0.0.1:5000".into()],
+            nbd_clients: vec!["writer-1".into()],
+            client_identities: vec!["writer-1".into()],
             bytes_read: 0,
             bytes_written: 3 << 20,
             highest_offset_written: Some(3 << 20),
@@ -824,6 +861,7 @@ mod tests {
             count: 1,
         });
         assert!(out.contains("CONNS"), "{out}");
+        assert!(out.contains("CLIENTS") && out.contains("writer-1"), "{out}");
         assert!(out.contains("3 MiB"), "{out}");
         assert!(out.ends_with("1 export(s)\n"), "{out}");
         let d = export_detail(&e);
@@ -865,7 +903,9 @@ mod tests {
                 volume_id: Some(vid()),
                 kind: DriftKind::ExportMissing,
                 detail: "not served".into(),
-                action: "recreate export".into(),
+                action: DriftAction::Reexport,
+                hint: "re-verify the device and serve the export again".into(),
+                operation_id: None,
                 applied: false,
             }],
         };
@@ -875,6 +915,7 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("export_missing"), "{out}");
+        assert!(out.contains("reexport"), "{out}");
         assert!(out.contains("--apply"), "{out}");
     }
 

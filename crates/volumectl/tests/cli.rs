@@ -425,7 +425,14 @@ fn ext_volume_lifecycle_with_tables() {
         "{out}"
     );
 
-    let out = d.ok(&["volumes", "attach", &vol, "--appliance"]);
+    let out = d.ok(&[
+        "volumes",
+        "attach",
+        &vol,
+        "--appliance",
+        "--nbd-client",
+        "writer-1",
+    ]);
     assert!(out.contains("(attach) completed"), "{out}");
     let out = d.ok(&["volumes", "list"]);
     assert!(
@@ -438,11 +445,13 @@ fn ext_volume_lifecycle_with_tables() {
     assert!(out.starts_with("EXPORT"), "{out}");
     assert!(out.contains("CONNS") && out.contains("WRITTEN"), "{out}");
     assert!(out.contains(&format!("migration-vol-{vol}")), "{out}");
+    assert!(out.contains("CLIENTS") && out.contains("writer-1"), "{out}");
     let out = d.ok(&["exports", "show", &vol]);
     assert!(
         out.contains("connections:") && out.contains("bytes written:"),
         "{out}"
     );
+    assert!(out.contains("clients allowed:"), "{out}");
 
     let out = d.ok(&["ops", "list"]);
     assert!(out.starts_with("OPERATION"), "{out}");

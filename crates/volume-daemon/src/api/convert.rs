@@ -4,9 +4,9 @@
 
 use chrono::{DateTime, Utc};
 use volume_api::{
-    Appliance, AttachmentInfo, CloudVolumeData, DeviceMapping, ErrorCode, Export, ExportStatus,
-    LinuxState, Operation, OperationMode, OperationStep, SnapshotInfo, VmVolume, VolumeState,
-    VolumeStatus,
+    Appliance, AttachmentInfo, CloudVmState, CloudVolumeData, CloudVolumeState, DeviceMapping,
+    ErrorCode, Export, ExportStatus, LinuxState, Operation, OperationMode, OperationStep,
+    SnapshotInfo, VmVolume, VolumeState, VolumeStatus,
 };
 
 use crate::engine::{DeviceCheck, EngineError, ExportView, VolumeView};
@@ -58,6 +58,7 @@ fn attachment_info(a: &AttachmentRecord) -> AttachmentInfo {
         kernel_device: a.kernel_device.clone(),
         persistent_device_name: a.stable_name.as_deref().and_then(file_name),
         symlink_path: a.stable_name.clone(),
+        nbd_clients: a.nbd_clients.clone(),
     }
 }
 
@@ -98,6 +99,12 @@ pub fn export(e: &ExportView) -> Export {
         connections: c.connections_current,
         total_connections: c.connections_total,
         peers: c.peers.iter().map(|p| p.to_string()).collect(),
+        nbd_clients: e
+            .live
+            .as_ref()
+            .map(|s| crate::exports::clients_of(&s.access))
+            .unwrap_or_default(),
+        client_identities: c.identities.iter().flatten().cloned().collect(),
         // Totals across the daemon's runs: earlier runs' (stored) plus this run's (live).
         bytes_read: r.bytes_read_before.saturating_add(c.bytes_read),
         bytes_written: r.bytes_written_before.saturating_add(c.bytes_written),
@@ -115,7 +122,7 @@ pub fn volume_status(v: &VolumeView) -> Result<VolumeStatus, EngineError> {
         None => (None, None),
         Some(Ok(Some(cv))) => (
             Some(CloudVolumeData {
-                state: cv.state.clone(),
+                state: CloudVolumeState::from(cv.state.as_str()),
                 virtualmachineid: cv.vm_id.clone(),
                 deviceid: cv.device_id,
                 size: cv.size,
@@ -172,15 +179,16 @@ pub fn device_mapping(d: &crate::engine::DeviceView) -> DeviceMapping {
     let a = &d.attachment;
     let size = d.volume.as_ref().map(|v| v.size_bytes).unwrap_or(0);
     // The cloud's state now; the last one recorded when the cloud cannot be asked.
-    let cloud_state = match &d.cloud {
-        Ok(Some(cv)) => cv.state.clone(),
-        Ok(None) => "unknown to CloudStack".into(),
+    // The predecessor's texts when there is neither stay as they were (kept as `Other`).
+    let cloud_state = CloudVolumeState::from(match &d.cloud {
+        Ok(Some(cv)) => cv.state.as_str(),
+        Ok(None) => "unknown to CloudStack",
         Err(_) => d
             .volume
             .as_ref()
-            .and_then(|v| v.cloud_state.clone())
-            .unwrap_or_else(|| "unknown".into()),
-    };
+            .and_then(|v| v.cloud_state.as_deref())
+            .unwrap_or("unknown"),
+    });
     let (linux_state, linux_problem) = match &d.device {
         Some(c) => linux_state(c),
         None => (LinuxState::Remote, None),
@@ -225,7 +233,7 @@ pub fn appliance(s: &IdentityState) -> Appliance {
         source: s.source,
         verified: s.verified,
         vm_name: s.vm_name.clone(),
-        vm_state: s.vm_state.clone(),
+        vm_state: s.vm_state.as_deref().map(CloudVmState::from),
         problem: s.problem.clone(),
     }
 }

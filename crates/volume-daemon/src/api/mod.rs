@@ -202,7 +202,12 @@ async fn attach_common(
             ));
         }
     }
-    submit(&st, Request::attach(volume_id, body.vm_id, root), &headers).await
+    submit(
+        &st,
+        Request::attach(volume_id, body.vm_id, root, body.nbd_clients),
+        &headers,
+    )
+    .await
 }
 
 #[utoipa::path(
@@ -485,7 +490,7 @@ async fn cloud_vms(State(st): State<AppState>) -> Result<Response, ApiError> {
             appliance: appliance.as_deref() == Some(vm.id.as_str()),
             id: vm.id,
             name: vm.name,
-            state: vm.state,
+            state: vm.state.as_str().into(),
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));

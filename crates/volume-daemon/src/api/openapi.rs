@@ -4,13 +4,14 @@
 use utoipa::OpenApi;
 use volume_api::{
     Appliance, ApplianceSource, AttachOperationRequest, AttachTarget, AttachVolumeRequest,
-    AttachVolumeResponse, AttachmentInfo, CloudOffering, CloudVm, CloudVolumeData, CloudZone,
-    ComponentHealth, ComponentStatus, CreateExportRequest, CreateVolumeRequest,
-    CreateVolumeResponse, DeleteVolumeResponse, DetachVolumeResponse, DeviceMapping, DiskRole,
-    Drift, DriftKind, ErrorBody, ErrorCode, Export, ExportList, ExportRemoved, ExportStatus,
-    Health, HealthStatus, LinuxState, Operation, OperationKind, OperationMode, OperationStatus,
-    OperationStep, OperationType, ReconcileReport, ReconcileRequest, SetApplianceRequest,
-    SnapshotInfo, VmVolume, VolumeOperationRequest, VolumeState, VolumeStatus,
+    AttachVolumeResponse, AttachmentInfo, CloudOffering, CloudVm, CloudVmState, CloudVolumeData,
+    CloudVolumeState, CloudZone, ComponentHealth, ComponentStatus, CreateExportRequest,
+    CreateVolumeRequest, CreateVolumeResponse, DeleteVolumeResponse, DetachVolumeResponse,
+    DeviceMapping, DiskRole, Drift, DriftAction, DriftKind, ErrorBody, ErrorCode, Export,
+    ExportList, ExportRemoved, ExportStatus, Health, HealthStatus, LinuxState, Operation,
+    OperationKind, OperationMode, OperationStatus, OperationStep, OperationType, ReconcileReport,
+    ReconcileRequest, RepairKind, RepairRequest, RepairResponse, SetApplianceRequest, SnapshotInfo,
+    VmVolume, VolumeOperationRequest, VolumeState, VolumeStatus,
 };
 
 #[derive(OpenApi)]
@@ -60,6 +61,8 @@ use volume_api::{
         CloudOffering,
         CloudVm,
         CloudVolumeData,
+        CloudVolumeState,
+        CloudVmState,
         CloudZone,
         ComponentHealth,
         ComponentStatus,
@@ -71,6 +74,7 @@ use volume_api::{
         DeviceMapping,
         DiskRole,
         Drift,
+        DriftAction,
         DriftKind,
         ErrorBody,
         ErrorCode,
@@ -89,6 +93,9 @@ use volume_api::{
         OperationType,
         ReconcileReport,
         ReconcileRequest,
+        RepairKind,
+        RepairRequest,
+        RepairResponse,
         SetApplianceRequest,
         SnapshotInfo,
         VmVolume,

@@ -112,6 +112,7 @@ impl Inner {
             kernel_device: None,
             stable_name: None,
             export_generation: None,
+            nbd_clients: Vec::new(),
             created_at: now,
             updated_at: now,
         };
@@ -167,9 +168,14 @@ impl Inner {
         let link_target = dev.link_target().to_path_buf();
         let name = self.devices.name(volume_id, &link_target)?;
         self.step(op, AttachStep::Named).await?;
+        let clients = op
+            .request
+            .nbd_clients
+            .clone()
+            .unwrap_or_else(|| self.cfg.nbd_default_clients.clone());
         let snap = self
             .exports
-            .open(volume_id, &dev.dev_path, self.cfg.drain_timeout)
+            .open(volume_id, &dev.dev_path, &clients, self.cfg.drain_timeout)
             .await?;
         self.step(op, AttachStep::Exported).await?;
         let now = Utc::now();
@@ -184,6 +190,7 @@ impl Inner {
             kernel_device: Some(dev.dev_path.display().to_string()),
             stable_name: Some(name.display().to_string()),
             export_generation: Some(snap.generation),
+            nbd_clients: clients,
             created_at: now,
             updated_at: now,
         };

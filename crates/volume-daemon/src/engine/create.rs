@@ -107,7 +107,7 @@ impl Inner {
         let response = CreateVolumeResponse {
             volume_id: id,
             size: rec.size_bytes,
-            cloudstack_state: cv.state,
+            cloudstack_state: cv.state.as_str().into(),
             message: "volume created".into(),
         };
         self.store

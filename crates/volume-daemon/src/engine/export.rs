@@ -64,7 +64,12 @@ impl Inner {
         self.devices.name(volume_id, &link_target)?;
         let snap = self
             .exports
-            .open(volume_id, &dev.dev_path, self.cfg.drain_timeout)
+            .open(
+                volume_id,
+                &dev.dev_path,
+                &att.nbd_clients,
+                self.cfg.drain_timeout,
+            )
             .await?;
         let now = chrono::Utc::now();
         let (bytes_read_before, bytes_written_before) = self

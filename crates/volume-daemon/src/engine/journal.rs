@@ -10,6 +10,8 @@
 //!                      any later failure on the appliance → compensating → compensate_detach_job → (failed)
 //! detach  accepted → started → export_removed → cloud_detach_job → cloud_detached → (commit)
 //! delete  the detach steps, then cloud_delete_sent → (commit)
+//! repair  accepted → started → export_removed (forget_attachment, remove_orphan_export) → (commit)
+//!                             → exported (reexport) → (commit)
 //! ```
 
 use std::future::Future;
@@ -17,7 +19,7 @@ use std::future::Future;
 use uuid::Uuid;
 use volume_api::{
     AttachOperationRequest, CreateVolumeRequest, DiskRole, OperationKind, OperationStep,
-    VolumeOperationRequest,
+    RepairKind, RepairRequest, VolumeOperationRequest,
 };
 
 use super::{EngineError, Inner};
@@ -82,6 +84,11 @@ kind_steps!(
     DeleteStep { Accepted, Started, ExportRemoved, CloudDetachJob, CloudDetached, CloudDeleteSent }
 );
 
+kind_steps!(
+    /// Steps of `repair`: the export torn down (before the records are dropped), or served again.
+    RepairStep { Accepted, Started, ExportRemoved, Exported }
+);
+
 impl From<DetachStep> for DeleteStep {
     fn from(s: DetachStep) -> Self {
         match s {
@@ -122,16 +129,24 @@ pub(crate) enum Request {
     Attach(AttachOperationRequest),
     Detach(VolumeOperationRequest),
     Delete(VolumeOperationRequest),
+    Repair(RepairRequest),
 }
 
 impl Request {
-    /// An attach to `vm_id`, as the root disk when `root`.
-    pub fn attach(volume_id: Uuid, vm_id: String, root: bool) -> Self {
+    /// An attach to `vm_id`, as the root disk when `root`; `nbd_clients` (appliance only) limits who may open
+    /// the export.
+    pub fn attach(
+        volume_id: Uuid,
+        vm_id: String,
+        root: bool,
+        nbd_clients: Option<Vec<String>>,
+    ) -> Self {
         Self::Attach(AttachOperationRequest {
             volume_id,
             vm_id,
             device_id: root.then_some(0),
             attach_as: root.then_some(DiskRole::Root),
+            nbd_clients,
         })
     }
 
@@ -141,7 +156,13 @@ impl Request {
             Self::Attach(_) => OpType::Attach,
             Self::Detach(_) => OpType::Detach,
             Self::Delete(_) => OpType::Delete,
+            Self::Repair(_) => OpType::Repair,
         }
+    }
+
+    /// A reconciler's repair of the volume.
+    pub fn repair(volume_id: Uuid, repair: RepairKind) -> Self {
+        Self::Repair(RepairRequest { volume_id, repair })
     }
 
     pub fn volume_id(&self) -> Option<Uuid> {
@@ -149,6 +170,7 @@ impl Request {
             Self::Create(_) => None,
             Self::Attach(a) => Some(a.volume_id),
             Self::Detach(r) | Self::Delete(r) => Some(r.volume_id),
+            Self::Repair(r) => Some(r.volume_id),
         }
     }
 
@@ -165,6 +187,7 @@ impl Request {
             Self::Create(c) => json_of(c),
             Self::Attach(a) => json_of(a),
             Self::Detach(r) | Self::Delete(r) => json_of(r),
+            Self::Repair(r) => json_of(r),
         }
     }
 }
@@ -183,6 +206,7 @@ pub(crate) enum Parsed {
     Attach(Entry<AttachOperationRequest, AttachStep>),
     Detach(Entry<VolumeOperationRequest, DetachStep>),
     Delete(Entry<VolumeOperationRequest, DeleteStep>),
+    Repair(Entry<RepairRequest, RepairStep>),
 }
 
 impl Parsed {
@@ -219,6 +243,7 @@ impl Parsed {
             OpType::Attach => Self::Attach(entry(op)?),
             OpType::Detach => Self::Detach(entry(op)?),
             OpType::Delete => Self::Delete(entry(op)?),
+            OpType::Repair => Self::Repair(entry(op)?),
         })
     }
 }
@@ -257,6 +282,10 @@ pub(crate) fn wire_kind(op: &OperationRecord) -> Result<OperationKind, EngineErr
             response: response(op)?,
         },
         OpType::Delete => OperationKind::Delete {
+            request: read(op, "request", &op.request)?,
+            response: response(op)?,
+        },
+        OpType::Repair => OperationKind::Repair {
             request: read(op, "request", &op.request)?,
             response: response(op)?,
         },
@@ -367,7 +396,7 @@ mod tests {
 
     #[test]
     fn each_kind_accepts_exactly_its_own_steps() {
-        let kinds: [(&[OperationStep], OpType); 4] = [
+        let kinds: [(&[OperationStep], OpType); 5] = [
             (
                 &CreateStep::ALL.iter().map(|s| s.wire()).collect::<Vec<_>>(),
                 OpType::Create,
@@ -384,6 +413,10 @@ mod tests {
                 &DeleteStep::ALL.iter().map(|s| s.wire()).collect::<Vec<_>>(),
                 OpType::Delete,
             ),
+            (
+                &RepairStep::ALL.iter().map(|s| s.wire()).collect::<Vec<_>>(),
+                OpType::Repair,
+            ),
         ];
         for (steps, kind) in kinds {
             let request = match kind {
@@ -391,6 +424,7 @@ mod tests {
                     json!({"name": "n", "size": 1, "disk_offering_id": "o", "zone_id": "z"})
                 }
                 OpType::Attach => json!({"volume_id": Uuid::nil(), "vm_id": "vm"}),
+                OpType::Repair => json!({"volume_id": Uuid::nil(), "repair": "reexport"}),
                 _ => json!({"volume_id": Uuid::nil()}),
             };
             for s in OperationStep::ALL {
@@ -416,13 +450,13 @@ mod tests {
         assert_eq!(e.journaled_job(AttachStep::CloudAttachJob), Some("job-1"));
         assert_eq!(e.journaled_job(AttachStep::CompensateDetachJob), None);
         assert_eq!(
-            Request::attach(Uuid::nil(), "vm-7".into(), true).to_json(),
+            Request::attach(Uuid::nil(), "vm-7".into(), true, None).to_json(),
             old
         );
         // A plain attach stores no role.
         let plain = json!({"volume_id": Uuid::nil(), "vm_id": "vm-7"});
         assert_eq!(
-            Request::attach(Uuid::nil(), "vm-7".into(), false).to_json(),
+            Request::attach(Uuid::nil(), "vm-7".into(), false, None).to_json(),
             plain
         );
         let Parsed::Attach(e) =

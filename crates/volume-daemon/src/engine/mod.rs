@@ -5,8 +5,9 @@
 //!
 //! Modules: [`journal`] (steps and requests as types, the cloud-job helper), [`validate`], one per workflow
 //! ([`create`], [`attach`], [`detach`], [`delete`]), [`export`] (export lifecycle, the one teardown) and
-//! [`recovery`] (start-up), [`repair`] (the reconciler's repairs), [`fence`] (exports whose device vanished)
-//! and [`reads`] (records joined with live state for the API). This file holds the handle, submission, queuing and the run loop.
+//! [`recovery`] (start-up), [`repair`] (the reconciler's repairs, journaled as `repair` operations), [`fence`]
+//! (exports whose device vanished) and [`reads`] (records joined with live state for the API). This file holds
+//! the handle, submission, queuing and the run loop.
 
 mod attach;
 mod create;
@@ -35,7 +36,6 @@ use uuid::Uuid;
 pub use error::EngineError;
 pub(crate) use journal::{wire_kind, Request};
 pub(crate) use reads::{DeviceCheck, DeviceView, ExportView, VolumeView};
-pub(crate) use repair::Repair;
 
 use crate::cloud::{Cloud, CloudDiskOffering, CloudErrorKind, CloudVolume};
 use crate::devices::Devices;
@@ -53,6 +53,8 @@ pub struct EngineConfig {
     pub device_timeout: Duration,
     pub drain_timeout: Duration,
     pub max_concurrent: usize,
+    /// The NBD client identities an appliance export admits when the attach names none (empty: anyone).
+    pub nbd_default_clients: Vec<String>,
 }
 
 /// The parts the engine drives.
@@ -277,6 +279,7 @@ impl Inner {
             Ok(Parsed::Attach(e)) => self.attach(&e).await,
             Ok(Parsed::Detach(e)) => self.detach(&e).await,
             Ok(Parsed::Delete(e)) => self.delete(&e).await,
+            Ok(Parsed::Repair(e)) => self.repair(&e).await,
             Err(e) => Err(e),
         };
         let status = match result {

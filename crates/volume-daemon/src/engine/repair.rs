@@ -1,54 +1,108 @@
-//! The reconciler's repairs, run by the engine in the volume's turn (so they never interleave with an
-//! operation on it) through the same teardown and export code the workflows use.
+//! The `repair` workflow: the reconciler's repairs, journaled and run like every other operation (in the
+//! volume's FIFO turn, so they never interleave with an operation on it, and resumed at start-up from their
+//! step) through the same teardown and export code the workflows use.
+//!
+//! Each repair converges: tearing down an export that is gone, or dropping a record that is gone, does
+//! nothing, so a repair interrupted at any step finishes when it runs again.
+
+use std::time::Duration;
 
 use uuid::Uuid;
+use volume_api::{RepairKind, RepairRequest, RepairResponse};
 
 use super::export::Teardown;
-use super::{Engine, EngineError};
-use crate::store::AttachTarget;
-
-/// A repair with one safe outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Repair {
-    /// The cloud no longer attaches the volume: forget the attachment, its export and its stable name.
-    ForgetAttachment,
-    /// Attached to the appliance but not served: re-verify the device and serve it again.
-    Reexport,
-    /// Served without an appliance attachment: stop serving it and drop its record.
-    RemoveOrphanExport,
-}
+use super::journal::{json_of, Entry, RepairStep, Request};
+use super::{Engine, EngineError, Inner};
+use crate::store::{AttachTarget, OpStatus, OperationRecord};
 
 impl Engine {
-    /// Applies one repair to the volume.
-    pub(crate) async fn repair(&self, volume_id: Uuid, repair: Repair) -> Result<(), EngineError> {
-        let inner = &self.inner;
-        self.in_turn(volume_id, async {
-            match repair {
-                Repair::ForgetAttachment => {
-                    inner.teardown(volume_id, Teardown::ExportAndName).await?;
-                    inner.store.clear_attachment(volume_id).await?;
+    /// Journals a repair of the volume and queues it behind the volume's other operations.
+    pub(crate) async fn submit_repair(
+        &self,
+        volume_id: Uuid,
+        repair: RepairKind,
+    ) -> Result<Uuid, EngineError> {
+        let sub = self
+            .submit(Request::repair(volume_id, repair), None)
+            .await?;
+        Ok(sub.operation.id)
+    }
+
+    /// Waits for a repair to end, as long as its longest step may take (a device wait plus a drain).
+    pub(crate) async fn wait_repair(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<OperationRecord>, EngineError> {
+        let cfg = &self.inner.cfg;
+        let bound = cfg.device_timeout + cfg.drain_timeout + Duration::from_secs(60);
+        self.operation(id, bound).await
+    }
+}
+
+impl Inner {
+    pub(super) async fn repair(
+        &self,
+        op: &Entry<RepairRequest, RepairStep>,
+    ) -> Result<(), EngineError> {
+        let volume_id = op.request.volume_id;
+        let repair = op.request.repair;
+        let mut export_generation = None;
+        let message = match repair {
+            RepairKind::ForgetAttachment => {
+                if op.step != RepairStep::ExportRemoved {
+                    self.teardown(volume_id, Teardown::ExportAndName).await?;
+                    self.step(op, RepairStep::ExportRemoved).await?;
                 }
-                Repair::Reexport => {
-                    let att = inner
-                        .store
-                        .get_attachment(volume_id)
-                        .await?
-                        .filter(|a| a.target == AttachTarget::Appliance)
-                        .ok_or_else(|| {
-                            EngineError::Conflict(format!(
-                                "volume {volume_id} is no longer attached to the appliance"
-                            ))
-                        })?;
-                    inner.reexport(&att).await?;
-                }
-                Repair::RemoveOrphanExport => {
-                    inner.teardown(volume_id, Teardown::Export).await?;
-                    inner.store.delete_export(volume_id).await?;
-                }
+                self.store.clear_attachment(volume_id).await?;
+                "the attachment, its export and its stable name are forgotten"
             }
-            tracing::info!(volume = %volume_id, ?repair, "repaired");
-            Ok(())
-        })
-        .await
+            RepairKind::Reexport => {
+                let att = self
+                    .store
+                    .get_attachment(volume_id)
+                    .await?
+                    .filter(|a| a.target == AttachTarget::Appliance)
+                    .ok_or_else(|| {
+                        EngineError::Conflict(format!(
+                            "volume {volume_id} is no longer attached to the appliance"
+                        ))
+                    })?;
+                let served = self.store.get_export(volume_id).await?.filter(|rec| {
+                    self.exports
+                        .get(volume_id)
+                        .is_some_and(|s| s.generation == rec.generation)
+                });
+                let (rec, message) = match served {
+                    // Served meanwhile (start-up restores every export before resuming).
+                    Some(rec) => (rec, "the export was already served again"),
+                    None => (
+                        self.reexport(&att).await?,
+                        "the device was verified and the export is served again",
+                    ),
+                };
+                self.step(op, RepairStep::Exported).await?;
+                export_generation = Some(rec.generation);
+                message
+            }
+            RepairKind::RemoveOrphanExport => {
+                if op.step != RepairStep::ExportRemoved {
+                    self.teardown(volume_id, Teardown::Export).await?;
+                    self.step(op, RepairStep::ExportRemoved).await?;
+                }
+                self.store.delete_export(volume_id).await?;
+                "the export is no longer served and its record is dropped"
+            }
+        };
+        let response = RepairResponse {
+            volume_id,
+            repair,
+            export_generation,
+            message: message.into(),
+        };
+        self.store
+            .finish_operation(op.id, OpStatus::Completed, Some(&json_of(&response)), None)
+            .await?;
+        tracing::info!(volume = %volume_id, op = %op.id, %repair, "repaired");
+        Ok(())
     }
 }

@@ -98,6 +98,23 @@ impl Inner {
                             .into(),
                     });
                 }
+                if let Some(clients) = &a.nbd_clients {
+                    if a.vm_id != appliance {
+                        return Err(EngineError::Invalid {
+                            field: "nbd_clients",
+                            message:
+                                "nbd_clients applies only to an attach to the appliance (which \
+                                      exports the volume over NBD)"
+                                    .into(),
+                        });
+                    }
+                    volume_api::check_nbd_clients(clients).map_err(|message| {
+                        EngineError::Invalid {
+                            field: "nbd_clients",
+                            message,
+                        }
+                    })?;
+                }
                 if a.vm_id != appliance {
                     self.require_vm(&a.vm_id).await?;
                 }
@@ -113,6 +130,8 @@ impl Inner {
                 Ok(())
             }
             Request::Detach(r) | Request::Delete(r) => self.require_volume(r.volume_id).await,
+            // Submitted by the reconciler for what it found; the repair itself checks the state in its turn.
+            Request::Repair(_) => Ok(()),
         }
     }
 

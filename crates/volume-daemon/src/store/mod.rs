@@ -46,7 +46,7 @@ const VOLUME_COLS: [&str; 15] = [
     "updated_at",
     "deleted_at",
 ];
-const ATTACHMENT_COLS: [&str; 11] = [
+const ATTACHMENT_COLS: [&str; 12] = [
     "volume_id",
     "vm_id",
     "target",
@@ -56,6 +56,7 @@ const ATTACHMENT_COLS: [&str; 11] = [
     "kernel_device",
     "stable_name",
     "export_generation",
+    "nbd_clients",
     "created_at",
     "updated_at",
 ];
@@ -986,6 +987,8 @@ impl Store {
             a.export_generation
                 .map(|g| int("export generation", g))
                 .transpose()?,
+            (!a.nbd_clients.is_empty())
+                .then(|| serde_json::Value::from(a.nbd_clients.clone()).to_string()),
         );
         match existing {
             Some(row) => {
@@ -995,8 +998,8 @@ impl Store {
                 }
                 let sql = self.dialect.sql(
                     "UPDATE attachments SET vm_id = ?, target = ?, role = ?, device_id = ?, by_id_path = ?, \
-                     kernel_device = ?, stable_name = ?, export_generation = ?, updated_at = ? \
-                     WHERE volume_id = ?",
+                     kernel_device = ?, stable_name = ?, export_generation = ?, nbd_clients = ?, \
+                     updated_at = ? WHERE volume_id = ?",
                 );
                 sqlx::query(&sql)
                     .bind(values.0)
@@ -1007,6 +1010,7 @@ impl Store {
                     .bind(values.5)
                     .bind(values.6)
                     .bind(values.7)
+                    .bind(values.8)
                     .bind(ts(a.updated_at))
                     .bind(volume_id.to_string())
                     .execute(&mut *tx)
@@ -1015,7 +1019,7 @@ impl Store {
             }
             None => {
                 let sql = format!(
-                    "INSERT INTO attachments ({}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO attachments ({}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     cols(&ATTACHMENT_COLS)
                 );
                 let res = sqlx::query(&self.dialect.sql(&sql))
@@ -1028,6 +1032,7 @@ impl Store {
                     .bind(values.5)
                     .bind(values.6)
                     .bind(values.7)
+                    .bind(values.8)
                     .bind(ts(a.created_at))
                     .bind(ts(a.updated_at))
                     .execute(&mut *tx)
@@ -1198,6 +1203,7 @@ fn attachment_from_row(row: &AnyRow) -> Result<AttachmentRecord, StoreError> {
         kernel_device: r.opt_text("kernel_device")?,
         stable_name: r.opt_text("stable_name")?,
         export_generation: r.opt_u64("export_generation")?,
+        nbd_clients: r.opt_json_as("nbd_clients")?.unwrap_or_default(),
         created_at: r.ts("created_at")?,
         updated_at: r.ts("updated_at")?,
     })

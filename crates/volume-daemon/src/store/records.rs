@@ -130,6 +130,9 @@ pub struct AttachmentRecord {
     pub stable_name: Option<String>,
     /// The generation of the export serving it (appliance only).
     pub export_generation: Option<u64>,
+    /// The NBD client identities that may open its export (appliance only); empty lets every client that
+    /// passes the server's TLS policy.
+    pub nbd_clients: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

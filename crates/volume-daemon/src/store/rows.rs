@@ -138,6 +138,16 @@ impl<'r> Reader<'r> {
             .transpose()
     }
 
+    /// A JSON text column read as `T`.
+    pub fn opt_json_as<T: serde::de::DeserializeOwned>(
+        &self,
+        col: &str,
+    ) -> Result<Option<T>, StoreError> {
+        self.opt_text(col)?
+            .map(|s| serde_json::from_str(&s).map_err(|e| self.corrupt(col, e)))
+            .transpose()
+    }
+
     pub fn json(&self, col: &str) -> Result<Value, StoreError> {
         self.opt_json(col)?
             .ok_or_else(|| self.corrupt(col, "unexpected NULL"))

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use volume_daemon::config::Config;
 use volume_daemon::daemon::RunningDaemon;
 
-pub const GIB: u64 = 1 << 30;
+pub use cloudstack::GIB;
 
 pub struct TestDaemon {
     daemon: Option<RunningDaemon>,
