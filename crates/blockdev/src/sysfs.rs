@@ -200,6 +200,23 @@ pub fn in_use(
     Ok(None)
 }
 
+/// [`in_use`] for the disk `name` on this machine now: reads `/proc/self/mountinfo` (an unreadable one is an
+/// error, never "not in use") and `/proc/swaps` (absent without swap support). `None` also when sysfs has no
+/// such disk.
+pub fn in_use_now(root: &SysRoot, name: &str) -> Result<Option<String>, Error> {
+    let Some(info) = device(root, name)? else {
+        return Ok(None);
+    };
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(Error::io("read", "/proc/self/mountinfo"))?;
+    let swaps = match fs::read_to_string("/proc/swaps") {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Error::io("read", "/proc/swaps")(e)),
+    };
+    in_use(root, &info, &mountinfo, &swaps)
+}
+
 /// Parses `MAJOR:MINOR`.
 pub fn parse_major_minor(text: &str) -> Option<(u32, u32)> {
     let (a, b) = text.trim().split_once(':')?;

@@ -238,6 +238,9 @@ wire_enum! {
         ExportWithoutAttachment = "export_without_attachment",
         /// The appliance identity is unknown.
         ApplianceIdentityUnknown = "appliance_identity_unknown",
+        /// CloudStack has a (non-root) volume attached to the appliance that the daemon does not manage, e.g.
+        /// one attached before an upgrade (adoptable).
+        UnknownApplianceVolume = "unknown_appliance_volume",
     }
 }
 
@@ -250,6 +253,9 @@ wire_enum! {
         Reexport = "reexport",
         /// Served without an appliance attachment: stop serving it and drop its record.
         RemoveOrphanExport = "remove_orphan_export",
+        /// Attached to the appliance in CloudStack but not managed by the daemon: verify its device like any
+        /// attach, name and serve it, and record the attachment. CloudStack is not asked to change anything.
+        Adopt = "adopt",
     }
 }
 
@@ -263,6 +269,9 @@ wire_enum! {
         Reexport = "reexport",
         /// Repair: stop serving the export and drop its record.
         RemoveOrphanExport = "remove_orphan_export",
+        /// Adopt the volume attached to the appliance (verified like any attach); done by `apply` and by
+        /// `POST /volumes/{id}/adopt`, never by the scheduled reconcile.
+        Adopt = "adopt",
         /// Nothing to do now; run the reconciler again when CloudStack answers.
         RetryLater = "retry_later",
         /// Delete the volume through the API to record that it is gone.
@@ -283,6 +292,7 @@ impl DriftAction {
             Self::ForgetAttachment => Some(RepairKind::ForgetAttachment),
             Self::Reexport => Some(RepairKind::Reexport),
             Self::RemoveOrphanExport => Some(RepairKind::RemoveOrphanExport),
+            Self::Adopt => Some(RepairKind::Adopt),
             Self::RetryLater
             | Self::DeleteVolume
             | Self::DetachAndReattach

@@ -136,6 +136,8 @@ pub trait Cloud: Send + Sync + 'static {
     ) -> CloudFuture<'a, Option<CloudVolume>>;
     fn get_volume<'a>(&'a self, volume_id: &'a str) -> CloudFuture<'a, Option<CloudVolume>>;
     fn volumes_named<'a>(&'a self, name: &'a str) -> CloudFuture<'a, Vec<CloudVolume>>;
+    /// The volumes CloudStack has attached to `vm_id`.
+    fn volumes_of_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, Vec<CloudVolume>>;
     fn get_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, Option<CloudVm>>;
     /// Every VM the credentials can see.
     fn vms(&self) -> CloudFuture<'_, Vec<CloudVm>>;
@@ -310,6 +312,24 @@ impl Cloud for CloudStack {
                 .into_iter()
                 .filter(|v| v.name == name)
                 .map(Into::into)
+                .collect())
+        })
+    }
+
+    fn volumes_of_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, Vec<CloudVolume>> {
+        Box::pin(async move {
+            let q = cloudstack::ListVolumes {
+                virtualmachine_id: Some(vm_id.to_string()),
+                ..Default::default()
+            };
+            Ok(self
+                .client
+                .list_volumes(&q)
+                .await
+                .map_err(wrap("listVolumes"))?
+                .into_iter()
+                .map(Into::<CloudVolume>::into)
+                .filter(|v| v.vm_id.as_deref() == Some(vm_id))
                 .collect())
         })
     }

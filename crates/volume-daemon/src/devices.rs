@@ -159,6 +159,25 @@ impl Devices {
         .map(Into::into)
     }
 
+    /// Why the appliance itself uses the device (mounted, swap, or held by device-mapper, LVM or md), if it
+    /// does: such a disk is never served. A file-backed device (simulator mode) is never in use.
+    pub async fn in_use(
+        &self,
+        volume_id: Uuid,
+        dev: &Device,
+    ) -> Result<Option<String>, DeviceError> {
+        let Some(name) = dev.kernel_name.clone() else {
+            return Ok(None);
+        };
+        let resolver = Arc::clone(&self.resolver);
+        blocking(
+            volume_id,
+            "checking whether the appliance uses it",
+            move || blockdev::sysfs::in_use_now(resolver.root(), &name),
+        )
+        .await
+    }
+
     /// Finds and verifies several devices now, together on one blocking thread; results in input order.
     pub async fn verify_all(&self, volumes: Vec<(Uuid, u64)>) -> Vec<Result<(), DeviceError>> {
         if volumes.is_empty() {

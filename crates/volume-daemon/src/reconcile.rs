@@ -30,8 +30,42 @@ fn drift(
     }
 }
 
-/// Checks every known volume and live export; repairs when `apply`.
+/// Checks every known volume, live export and volume CloudStack has attached to the appliance; with `apply`
+/// repairs what has one safe repair and adopts unmanaged appliance volumes.
 pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, EngineError> {
+    run_with(engine, apply, apply).await
+}
+
+/// The scheduled reconcile: like [`run`], but it never adopts (a person decides that).
+pub async fn run_scheduled(engine: &Engine, repair: bool) -> Result<ReconcileReport, EngineError> {
+    run_with(engine, repair, false).await
+}
+
+/// Whether CloudStack reports the volume as a VM's root disk.
+fn is_root_disk(cv: &crate::cloud::CloudVolume) -> bool {
+    cv.device_id == Some(0) || cv.volume_type.as_deref() == Some("ROOT")
+}
+
+fn unmanaged_on_appliance(id: Uuid, cv: &crate::cloud::CloudVolume) -> Drift {
+    drift(
+        Some(id),
+        DriftKind::UnknownApplianceVolume,
+        format!(
+            "CloudStack has volume {:?} attached to the appliance (device id {}); the daemon does not manage it",
+            cv.name,
+            cv.device_id.map_or("unknown".to_string(), |d| d.to_string())
+        ),
+        DriftAction::Adopt,
+        "adopt it (volumectl adopt ID, POST /api/v1/volumes/{id}/adopt, or reconcile with apply): its device is \
+         verified like any attach, then named and served",
+    )
+}
+
+async fn run_with(
+    engine: &Engine,
+    apply: bool,
+    adopt: bool,
+) -> Result<ReconcileReport, EngineError> {
     let busy = engine.busy_volumes().await?;
     let (views, checked_volumes) = engine.reconcile_views(&busy).await?;
     let appliance = engine.appliance().await.vm_id;
@@ -73,6 +107,9 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
                     DriftAction::ForgetAttachment,
                     "remove the attachment (and its export) from the daemon",
                 ));
+            }
+            (None, Some(vm)) if Some(vm) == appliance.as_deref() && !is_root_disk(cv) => {
+                out.push(unmanaged_on_appliance(id, cv));
             }
             (None, Some(vm)) => out.push(drift(
                 Some(id),
@@ -148,8 +185,35 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
             "remove the export",
         ));
     }
+    // Volumes attached to the appliance that the daemon does not know at all (e.g. attached before an upgrade).
+    if let Some(app) = appliance.as_deref() {
+        let known: HashSet<Uuid> = views.iter().map(|v| v.volume.id).collect();
+        match engine.cloud_volumes_of(app).await {
+            Ok(volumes) => {
+                for cv in volumes.iter().filter(|cv| !is_root_disk(cv)) {
+                    let Ok(id) = Uuid::parse_str(&cv.id) else {
+                        continue;
+                    };
+                    if known.contains(&id) || busy.contains(&id) {
+                        continue;
+                    }
+                    out.push(unmanaged_on_appliance(id, cv));
+                }
+            }
+            Err(e) => out.push(drift(
+                None,
+                DriftKind::CloudUnavailable,
+                format!(
+                    "cannot list the volumes CloudStack has attached to the appliance: {}",
+                    e.chain()
+                ),
+                DriftAction::RetryLater,
+                "none; retry when CloudStack answers",
+            )),
+        }
+    }
     if apply {
-        apply_repairs(engine, &mut out).await?;
+        apply_repairs(engine, &mut out, adopt).await?;
     }
     if appliance.is_none() {
         out.push(drift(
@@ -170,8 +234,11 @@ pub async fn run(engine: &Engine, apply: bool) -> Result<ReconcileReport, Engine
 
 /// Submits a `repair` operation for every drift that has one (all first, so repairs of different volumes run
 /// side by side), then waits for each and records its id and whether it completed.
-async fn apply_repairs(engine: &Engine, out: &mut [Drift]) -> Result<(), EngineError> {
+async fn apply_repairs(engine: &Engine, out: &mut [Drift], adopt: bool) -> Result<(), EngineError> {
     for d in out.iter_mut() {
+        if d.action == DriftAction::Adopt && !adopt {
+            continue;
+        }
         if let (Some(volume_id), Some(repair)) = (d.volume_id, d.action.repair()) {
             d.operation_id = Some(engine.submit_repair(volume_id, repair).await?);
         }

@@ -67,7 +67,7 @@ pub(crate) async fn reconcile_once(
     metrics: &Metrics,
     repair: bool,
 ) {
-    match crate::reconcile::run(engine, repair).await {
+    match crate::reconcile::run_scheduled(engine, repair).await {
         Ok(report) => {
             metrics.set_drift(&report.drift);
             health.set_component("drift", drift_component(&report));

@@ -833,15 +833,20 @@ async fn metrics_text(d: &TestDaemon) -> String {
         .unwrap()
 }
 
-/// Detaches `vol` directly in CloudStack, as an operator or another tool would.
-async fn detach_behind_the_daemons_back(d: &TestDaemon, vol: Uuid) {
-    let cs = cloudstack::Client::new(cloudstack::Config {
+/// A CloudStack client of the test's simulator, acting behind the daemon's back.
+fn cloud_client(d: &TestDaemon) -> cloudstack::Client {
+    cloudstack::Client::new(cloudstack::Config {
         url: d.sim().api_url(),
         api_key: "sim-api-key".into(),
         secret_key: cloudstack::Secret::new("sim-secret-key"),
         ..cloudstack::Config::default()
     })
-    .unwrap();
+    .unwrap()
+}
+
+/// Detaches `vol` directly in CloudStack, as an operator or another tool would.
+async fn detach_behind_the_daemons_back(d: &TestDaemon, vol: Uuid) {
+    let cs = cloud_client(d);
     let job = cs.detach_volume(&vol.to_string()).await.unwrap();
     cs.wait_job(&job.job_id, std::time::Duration::from_secs(30))
         .await
@@ -948,6 +953,86 @@ async fn the_scheduled_reconcile_repairs_what_is_safe_and_health_says_so() {
     assert!(
         text.contains("volume_daemon_drift{kind=\"attached_only_in_database\"} 0"),
         "{text}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_attached_to_the_appliance_before_the_daemon_knew_it_is_reported_and_adopted_on_request(
+) {
+    let d = TestDaemon::start_with(|c| c.reconcile_interval_secs = 1).await;
+    // Made and attached to the appliance directly in CloudStack (e.g. by the daemon this one replaced).
+    let cs = cloud_client(&d);
+    let made = cs
+        .create_volume(&cloudstack::CreateVolume {
+            name: "left-by-predecessor".into(),
+            zone_id: d.zone(),
+            disk_offering_id: d.custom_offering(),
+            size_bytes: Some(GIB),
+        })
+        .await
+        .unwrap();
+    let vol: Uuid = made.resource_id.clone().unwrap().parse().unwrap();
+    cs.wait_job(&made.job_id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let job = cs
+        .attach_volume(&vol.to_string(), &d.appliance(), None)
+        .await
+        .unwrap();
+    cs.wait_job(&job.job_id, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let (_, report) = d.post("/reconcile", json!({})).await;
+    let drift = report["drift"].as_array().unwrap();
+    assert_eq!(
+        drift.len(),
+        1,
+        "only the unmanaged data disk, never the appliance's root: {report}"
+    );
+    assert_eq!(drift[0]["kind"], "unknown_appliance_volume", "{report}");
+    assert_eq!(drift[0]["action"], "adopt");
+    assert_eq!(drift[0]["volume_id"], vol.to_string());
+    // The scheduled reconcile reports it but never adopts on its own.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, h) = d.get("/health").await;
+    assert_eq!(h["components"]["drift"]["status"], "degraded", "{h}");
+    let (_, exports) = d.get("/exports").await;
+    assert_eq!(exports["count"], 0, "{exports}");
+
+    let op = d.run_ok(&format!("/volumes/{vol}/adopt"), json!({})).await;
+    assert_eq!(op["type"], "repair", "{op}");
+    assert_eq!(op["request"]["repair"], "adopt", "{op}");
+    let (_, v) = d.get(&format!("/volumes/{vol}")).await;
+    assert_eq!(v["state"], "attached", "{v}");
+    assert_eq!(v["attachment"]["vm_id"], d.appliance(), "{v}");
+    let (_, e) = d.get(&format!("/exports/{vol}")).await;
+    assert_eq!(e["status"], "active", "{e}");
+    assert!(
+        !nbd_export_refused(&d.nbd_url(vol)).await,
+        "the adopted volume is served"
+    );
+    let (_, after) = d.post("/reconcile", json!({})).await;
+    assert_eq!(after["drift"], json!([]), "{after}");
+    // CloudStack was not asked to change anything.
+    let cv = cs.get_volume(&vol.to_string()).await.unwrap().unwrap();
+    assert_eq!(
+        cv.virtualmachine_id.as_deref(),
+        Some(d.appliance().as_str())
+    );
+    // Adopting what the daemon does not have on the appliance is refused with the reason.
+    let other = d.create_volume("not-on-the-appliance", GIB).await;
+    let (s, op) = d.post(&format!("/volumes/{other}/adopt"), json!({})).await;
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    let done = d.wait_op(&op).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap()
+            .contains("attach it instead"),
+        "{done}"
     );
     d.stop().await;
 }

@@ -205,7 +205,9 @@ fn submit_create(api: &str, sim_url: &str, name: &str) -> String {
     let (s, op) = call(
         reqwest::Method::POST,
         &format!("{api}/volumes"),
-        Some(json!({"name": name, "size": cloudstack::GIB, "zone_id": zone, "disk_offering_id": off})),
+        Some(
+            json!({"name": name, "size": cloudstack::GIB, "zone_id": zone, "disk_offering_id": off}),
+        ),
     );
     assert_eq!(s, 201, "{op}");
     op["id"].as_str().unwrap().to_string()

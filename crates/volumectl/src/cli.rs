@@ -17,7 +17,7 @@ Environment:
 Output:
   Tables for people; --json prints the daemon's JSON answer unchanged, one document per command;
   -q prints only ids (for shell variables).
-  Mutations (create, attach, detach, delete) wait for their operation and print it when it ends;
+  Mutations (create, attach, detach, delete, adopt) wait for their operation and print it when it ends;
   with --no-wait they print only the operation id (the whole operation with --json).
 
 Exit codes:
@@ -88,6 +88,14 @@ pub enum Command {
         /// Repair the drift found (default: only report it).
         #[arg(long)]
         apply: bool,
+    },
+    /// Take over a volume CloudStack has attached to the appliance but the daemon does not manage (e.g. one
+    /// attached before an upgrade): its device is verified like any attach, then named and served. CloudStack
+    /// is not asked to change anything.
+    Adopt {
+        volume_id: Uuid,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Print a shell completion script, e.g. `volumectl completions bash > /etc/bash_completion.d/volumectl`.
     Completions {

@@ -275,6 +275,20 @@ impl Client {
         .await
     }
 
+    pub async fn adopt_volume(
+        &self,
+        volume_id: Uuid,
+        key: Option<&str>,
+    ) -> Result<Answer<Operation>, ClientError> {
+        self.mutate(
+            Method::POST,
+            &format!("/volumes/{volume_id}/adopt"),
+            None,
+            key,
+        )
+        .await
+    }
+
     pub async fn delete_volume(
         &self,
         volume_id: Uuid,

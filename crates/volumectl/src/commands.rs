@@ -124,6 +124,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let r = client.reconcile(apply).await?;
             out.show(&r, render::reconcile_report)
         }
+        Command::Adopt { volume_id, wait } => {
+            let op = client
+                .adopt_volume(volume_id, wait.idempotency_key.as_deref())
+                .await?;
+            finish_mutation(&client, &out, op, &wait).await
+        }
         Command::Completions { .. } => Ok(()),
     }
 }

@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/volumes/{id}/attach", post(attach_volume))
         .route("/volumes/{id}/attach-root", post(attach_root))
         .route("/volumes/{id}/detach", post(detach_volume))
+        .route("/volumes/{id}/adopt", post(adopt_volume))
         .route("/volumes/{id}/device", get(get_device))
         .route("/devices/volume", get(device_to_volume))
         .route("/vms/{vm_id}/volumes", get(vm_volumes))
@@ -278,6 +279,31 @@ async fn detach_volume(
     submit(
         &st,
         Request::Detach(VolumeOperationRequest { volume_id }),
+        &headers,
+    )
+    .await
+}
+
+#[utoipa::path(
+    post,
+    path = "/volumes/{id}/adopt",
+    tag = "volumes",
+    params(("id" = Uuid, Path, description = "volume id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+    responses(
+        (status = 201, description = "journaled as a `repair` operation with `repair` `adopt`: a volume CloudStack has attached to the appliance is verified, named and served; CloudStack is not asked to change anything", body = Operation),
+        (status = 404, description = "unknown volume", body = ErrorBody),
+    )
+)]
+async fn adopt_volume(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let volume_id = parse_volume_id(&id)?;
+    submit(
+        &st,
+        Request::repair(volume_id, volume_api::RepairKind::Adopt),
         &headers,
     )
     .await

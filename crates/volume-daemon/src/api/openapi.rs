@@ -32,6 +32,7 @@ use volume_api::{
         super::attach_volume,
         super::attach_root,
         super::detach_volume,
+        super::adopt_volume,
         super::get_device,
         super::device_to_volume,
         super::vm_volumes,

@@ -206,6 +206,14 @@ impl Engine {
         })
     }
 
+    /// The volumes CloudStack has attached to `vm_id` (the reconciler's search for unmanaged ones).
+    pub(crate) async fn cloud_volumes_of(
+        &self,
+        vm_id: &str,
+    ) -> Result<Vec<crate::cloud::CloudVolume>, crate::cloud::CloudError> {
+        self.inner.cloud.volumes_of_vm(vm_id).await
+    }
+
     /// `GET /cloud/zones`.
     pub(crate) async fn cloud_zones(&self) -> Result<Vec<CloudZone>, EngineError> {
         Ok(self.inner.cloud.zones().await?)

@@ -10,10 +10,13 @@ use std::time::Duration;
 use uuid::Uuid;
 use volume_api::{RepairKind, RepairRequest, RepairResponse};
 
+use chrono::Utc;
+use volume_api::DiskRole;
+
 use super::export::Teardown;
 use super::journal::{json_of, Entry, RepairStep, Request};
 use super::{Engine, EngineError, Inner};
-use crate::store::{AttachTarget, OpStatus, OperationRecord};
+use crate::store::{AttachTarget, AttachmentRecord, ExportRecord, OpStatus, OperationRecord};
 
 impl Engine {
     /// Journals a repair of the volume and queues it behind the volume's other operations.
@@ -48,6 +51,8 @@ impl Inner {
         let repair = op.request.repair;
         let mut export_generation = None;
         let message = match repair {
+            // Commits the attachment and completes the operation itself.
+            RepairKind::Adopt => return self.adopt(op).await,
             RepairKind::ForgetAttachment => {
                 if op.step != RepairStep::ExportRemoved {
                     self.teardown(volume_id, Teardown::ExportAndName).await?;
@@ -103,6 +108,119 @@ impl Inner {
             .finish_operation(op.id, OpStatus::Completed, Some(&json_of(&response)), None)
             .await?;
         tracing::info!(volume = %volume_id, op = %op.id, %repair, "repaired");
+        Ok(())
+    }
+
+    /// Adopts a volume CloudStack has attached to the appliance but the daemon does not manage: the cloud
+    /// attachment is proven first, the device is verified by identity like any attach and must not be in use
+    /// by the appliance itself, then it is named and served and the attachment is recorded with the
+    /// operation's completion. Nothing is asked of CloudStack, and a failure leaves the cloud as it was.
+    async fn adopt(&self, op: &Entry<RepairRequest, RepairStep>) -> Result<(), EngineError> {
+        let volume_id = op.request.volume_id;
+        let appliance = self.identity.require().await?;
+        let _vm = self.vm_locks.lock(&appliance).await;
+        if let Some(a) = self.store.get_attachment(volume_id).await? {
+            if a.vm_id != appliance {
+                return Err(EngineError::Conflict(format!(
+                    "the daemon records volume {volume_id} as attached to VM {}; it is not adopted",
+                    a.vm_id
+                )));
+            }
+        }
+        let cv = self.cloud_volume(volume_id).await?.ok_or_else(|| {
+            EngineError::NotFound(format!("volume {volume_id} does not exist in CloudStack"))
+        })?;
+        if cv.vm_id.as_deref() != Some(appliance.as_str()) {
+            return Err(EngineError::Conflict(format!(
+                "CloudStack does not have volume {volume_id} attached to the appliance {appliance}; attach it \
+                 instead (POST /api/v1/volumes/{volume_id}/attach)"
+            )));
+        }
+        if cv.device_id == Some(0) || cv.volume_type.as_deref() == Some("ROOT") {
+            return Err(EngineError::Conflict(format!(
+                "volume {volume_id} is the appliance's own root disk; it is never adopted"
+            )));
+        }
+        let volume = self.volume_record(volume_id).await?;
+        let size = if cv.size > 0 {
+            cv.size
+        } else {
+            volume.size_bytes
+        };
+        let dev = self.devices.resolve(volume_id, size).await?;
+        if let Some(why) = self.devices.in_use(volume_id, &dev).await? {
+            return Err(EngineError::Conflict(format!(
+                "the device of volume {volume_id} is in use by the appliance itself ({why}); it is not adopted"
+            )));
+        }
+        if volume.size_bytes != size {
+            let mut updated = volume.clone();
+            updated.size_bytes = size;
+            updated.updated_at = Utc::now();
+            self.store.upsert_volume(&updated).await?;
+        }
+        let link_target = dev.link_target().to_path_buf();
+        let name = self.devices.name(volume_id, &link_target)?;
+        let clients = self.cfg.nbd_default_clients.clone();
+        let snap = match self
+            .exports
+            .open(volume_id, &dev.dev_path, &clients, self.cfg.drain_timeout)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self.devices.unname(volume_id);
+                return Err(e.into());
+            }
+        };
+        self.step(op, RepairStep::Exported).await?;
+        let now = Utc::now();
+        let device_path = link_target.display().to_string();
+        let att = AttachmentRecord {
+            volume_id,
+            vm_id: appliance.clone(),
+            target: AttachTarget::Appliance,
+            role: DiskRole::Data,
+            device_id: cv.device_id,
+            by_id_path: dev.by_id_path.as_ref().map(|p| p.display().to_string()),
+            kernel_device: Some(dev.dev_path.display().to_string()),
+            stable_name: Some(name.display().to_string()),
+            export_generation: Some(snap.generation),
+            nbd_clients: clients,
+            created_at: now,
+            updated_at: now,
+        };
+        let export = ExportRecord {
+            volume_id,
+            export_name: snap.name.clone(),
+            device_path,
+            generation: snap.generation,
+            read_only: false,
+            created_at: now,
+            updated_at: now,
+            bytes_read_before: 0,
+            bytes_written_before: 0,
+        };
+        let response = RepairResponse {
+            volume_id,
+            repair: RepairKind::Adopt,
+            export_generation: Some(snap.generation),
+            message: format!(
+                "adopted: device {} verified, named {} and served as {}",
+                dev.dev_path.display(),
+                name.display(),
+                snap.name
+            ),
+        };
+        if let Err(e) = self
+            .store
+            .commit_attach(op.id, &att, Some(&export), &json_of(&response))
+            .await
+        {
+            let _ = self.teardown(volume_id, Teardown::ExportAndName).await;
+            return Err(e.into());
+        }
+        tracing::info!(volume = %volume_id, op = %op.id, export = %snap.name, "adopted an appliance volume");
         Ok(())
     }
 }

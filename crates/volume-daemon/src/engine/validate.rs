@@ -130,6 +130,10 @@ impl Inner {
                 Ok(())
             }
             Request::Detach(r) | Request::Delete(r) => self.require_volume(r.volume_id).await,
+            // An adoption asked for by a caller names a volume that must exist.
+            Request::Repair(r) if r.repair == volume_api::RepairKind::Adopt => {
+                self.require_volume(r.volume_id).await
+            }
             // Submitted by the reconciler for what it found; the repair itself checks the state in its turn.
             Request::Repair(_) => Ok(()),
         }
