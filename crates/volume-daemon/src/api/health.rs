@@ -102,16 +102,28 @@ pub async fn report(st: &AppState) -> Health {
         },
     );
     let ready = st.health.is_ready();
+    let stuck = engine.stuck_operations();
     components.insert(
         "journal".into(),
-        component(
-            ready,
-            if ready {
-                "recovered; accepting operations"
-            } else {
-                "not accepting operations (starting up or shutting down)"
-            },
-        ),
+        if !stuck.is_empty() {
+            component(
+                false,
+                stuck
+                    .iter()
+                    .map(|(id, why)| format!("operation {id} is stuck: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        } else {
+            component(
+                ready,
+                if ready {
+                    "recovered; accepting operations"
+                } else {
+                    "not accepting operations (starting up or shutting down)"
+                },
+            )
+        },
     );
     let all_ok = components.values().all(|c| c.status == ComponentStatus::Ok);
     Health {

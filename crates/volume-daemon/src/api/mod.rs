@@ -1,6 +1,7 @@
 //! The REST API: the compatibility contract of `docs/api.md` plus the daemon's own endpoints. The app is a
 //! function of its state ([`router`]); handlers only translate between HTTP and the engine.
 
+mod control;
 mod convert;
 mod error;
 mod extract;
@@ -75,10 +76,12 @@ pub fn router(state: AppState) -> Router {
         .route("/appliance", get(get_appliance).put(put_appliance))
         .route("/reconcile", post(reconcile))
         .route("/openapi.json", get(openapi))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn(control::refuse_control_characters));
     Router::new()
         .route("/health", get(health::health))
         .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn(control::refuse_control_characters))
         .nest(volume_api::API_PREFIX, v1)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -170,9 +173,10 @@ async fn submit(st: &AppState, req: Request, headers: &HeaderMap) -> Result<Resp
     path = "/volumes",
     tag = "volumes",
     request_body = CreateVolumeRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "looked up before anything else: the same request again returns the first operation with `Idempotent-Replayed: true`; another request with the key is a 422 `idempotency_key_reused`")),
     responses(
-        (status = 201, description = "journaled; `type` is `create`", body = Operation),
+        (status = 201, description = "journaled; `type` is `create` (also a replay of an earlier request with the same Idempotency-Key)", body = Operation),
+        (status = 422, description = "the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 400, description = "invalid input; `field` names it", body = ErrorBody),
         (status = 401, description = "missing or wrong bearer token (when `api_token` is set; on every endpoint but health)", body = ErrorBody),
         (status = 503, description = "starting up or shutting down", body = ErrorBody),
@@ -211,9 +215,10 @@ async fn attach_common(
     tag = "volumes",
     request_body = AttachVolumeRequest,
     params(("id" = Uuid, Path, description = "volume id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+           ("Idempotency-Key" = Option<String>, Header, description = "looked up before anything else: the same request again returns the first operation with `Idempotent-Replayed: true`; another request with the key is a 422 `idempotency_key_reused`")),
     responses(
         (status = 201, description = "journaled; `type` is `attach`; the appliance gets a device, a stable name and an export", body = Operation),
+        (status = 422, description = "no such VM, or the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 400, description = "invalid input", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
         (status = 409, description = "attached elsewhere", body = ErrorBody),
@@ -236,9 +241,10 @@ async fn attach_volume(
     tag = "volumes",
     request_body = AttachVolumeRequest,
     params(("id" = Uuid, Path, description = "volume id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+           ("Idempotency-Key" = Option<String>, Header, description = "looked up before anything else: the same request again returns the first operation with `Idempotent-Replayed: true`; another request with the key is a 422 `idempotency_key_reused`")),
     responses(
         (status = 201, description = "journaled; CloudStack device id 0 on a VM other than the appliance", body = Operation),
+        (status = 422, description = "no such VM, or the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 400, description = "invalid input, or the appliance named", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
         (status = 409, description = "attached elsewhere", body = ErrorBody),
@@ -258,9 +264,11 @@ async fn attach_root(
     path = "/volumes/{id}/detach",
     tag = "volumes",
     params(("id" = Uuid, Path, description = "volume id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+           ("Idempotency-Key" = Option<String>, Header, description = "looked up before anything else: the same request again returns the first operation with `Idempotent-Replayed: true`; another request with the key is a 422 `idempotency_key_reused`")),
     responses(
         (status = 201, description = "journaled; `type` is `detach`; the export is drained first", body = Operation),
+        (status = 400, description = "invalid volume id or Idempotency-Key", body = ErrorBody),
+        (status = 422, description = "the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
     )
 )]
@@ -283,9 +291,11 @@ async fn detach_volume(
     path = "/volumes/{id}",
     tag = "volumes",
     params(("id" = Uuid, Path, description = "volume id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+           ("Idempotency-Key" = Option<String>, Header, description = "looked up before anything else: the same request again returns the first operation with `Idempotent-Replayed: true`; another request with the key is a 422 `idempotency_key_reused`")),
     responses(
         (status = 201, description = "journaled; `type` is `delete`; detached first when attached", body = Operation),
+        (status = 400, description = "invalid volume id or Idempotency-Key", body = ErrorBody),
+        (status = 422, description = "the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 404, description = "unknown or already deleted volume", body = ErrorBody),
     )
 )]

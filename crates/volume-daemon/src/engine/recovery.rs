@@ -40,16 +40,21 @@ impl Engine {
         Ok(problems)
     }
 
-    /// Resumes every unfinished operation (oldest first) and waits until each is terminal.
+    /// Resumes every unfinished operation (oldest first) and waits until each has run: to its end, or, when
+    /// its journal cannot be written, until it is recorded as stuck (bounded either way, so start-up always
+    /// completes).
     pub async fn resume_all(&self) -> Result<usize, EngineError> {
         let ops = self.inner.store.unfinished_operations().await?;
         let n = ops.len();
+        let mut runs = Vec::with_capacity(n);
         for op in ops {
             tracing::info!(op = %op.id, kind = op.op_type.as_str(), step = %op.step, "resuming operation");
             self.inner.metrics.resumed();
-            self.spawn(op);
+            runs.push(self.spawn(op));
         }
-        self.wait_idle().await;
+        for run in runs {
+            let _ = run.await;
+        }
         Ok(n)
     }
 }
