@@ -94,19 +94,22 @@ async fn auth(
     next: Next,
 ) -> Result<Response, ApiError> {
     let open = matches!(req.uri().path(), "/health" | "/api/v1/health");
-    if let Some(token) = st.api_token.as_ref().filter(|t| !t.is_empty()) {
-        if !open {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes())) {
-                return Err(ApiError::Unauthorized);
-            }
-        }
+    if !open && !authorized(&st, req.headers()) {
+        return Err(ApiError::Unauthorized);
     }
     Ok(next.run(req).await)
+}
+
+/// Whether the request may see everything: no `api_token` is configured, or it sends the right one.
+pub(crate) fn authorized(st: &AppState, headers: &HeaderMap) -> bool {
+    let Some(token) = st.api_token.as_ref().filter(|t| !t.is_empty()) else {
+        return true;
+    };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -47,6 +47,11 @@ use crate::metrics::Metrics;
 use crate::store::{Inserted, NewOperation, OpStatus, OperationRecord, Store, VolumeRecord};
 use journal::Parsed;
 
+/// The first wait before an operation is run again while the cloud is unavailable; doubled up to
+/// [`MAX_CLOUD_BACKOFF`].
+const FIRST_CLOUD_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_CLOUD_BACKOFF: Duration = Duration::from_secs(15);
+
 /// Timeouts and limits of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -303,16 +308,7 @@ impl Inner {
         self.notify();
         let result = match start {
             Err(e) => Err(EngineError::Store(e)),
-            // A request an earlier version journaled with text no database can store fails before it acts.
-            Ok(()) => match validate::refuse_control(&op.request)
-                .and_then(|()| Parsed::from_record(&op))
-            {
-                Ok(Parsed::Create(e)) => self.create(&e).await,
-                Ok(Parsed::Attach(e)) => self.attach(&e).await,
-                Ok(Parsed::Detach(e)) => self.detach(&e).await,
-                Ok(Parsed::Delete(e)) => self.delete(&e).await,
-                Err(e) => Err(e),
-            },
+            Ok(()) => self.converge(op.clone(), started).await,
         };
         let status = match result {
             Ok(()) => "completed",
@@ -326,6 +322,45 @@ impl Inner {
         self.metrics
             .op_finished(op.op_type.as_str(), status, started.elapsed());
         self.notify();
+    }
+
+    /// Runs the operation's workflow from its journaled step. While the cloud is unavailable (unreachable,
+    /// throttling, server errors) the workflow is run again from its then journaled step, with backoff, until
+    /// `job_timeout` after the operation started: an outage shorter than that delays an operation, it does not
+    /// fail it.
+    async fn converge(&self, mut op: OperationRecord, started: Instant) -> Result<(), EngineError> {
+        let deadline = started + self.cfg.job_timeout;
+        let mut backoff = FIRST_CLOUD_BACKOFF;
+        loop {
+            // A request an earlier version journaled with text no database can store fails before it acts.
+            let result = match validate::refuse_control(&op.request)
+                .and_then(|()| Parsed::from_record(&op))
+            {
+                Ok(Parsed::Create(e)) => self.create(&e).await,
+                Ok(Parsed::Attach(e)) => self.attach(&e).await,
+                Ok(Parsed::Detach(e)) => self.detach(&e).await,
+                Ok(Parsed::Delete(e)) => self.delete(&e).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(EngineError::Cloud(e))
+                    if e.kind == CloudErrorKind::Unavailable
+                        && Instant::now() + backoff < deadline =>
+                {
+                    tracing::warn!(op = %op.id, error = %e.chain(), retry_in = ?backoff, "CloudStack unavailable; the operation goes on when it answers");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_CLOUD_BACKOFF);
+                    op = match self
+                        .journal_write("reading an operation", || self.store.get_operation(op.id))
+                        .await?
+                    {
+                        Some(again) if !again.status.is_terminal() => again,
+                        _ => return Ok(()),
+                    };
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn cloud_volume(&self, volume_id: Uuid) -> Result<Option<CloudVolume>, EngineError> {
