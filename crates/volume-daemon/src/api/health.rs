@@ -117,6 +117,14 @@ pub async fn report(st: &AppState) -> Health {
                     .collect::<Vec<_>>()
                     .join("; "),
             )
+        } else if ready && engine.recovering() > 0 {
+            component(
+                false,
+                format!(
+                    "recovery in progress: {} resumed operations have not ended yet; new ones queue behind them",
+                    engine.recovering()
+                ),
+            )
         } else {
             component(
                 ready,

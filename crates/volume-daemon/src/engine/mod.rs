@@ -22,7 +22,7 @@ mod repair;
 mod validate;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,8 @@ struct Inner {
     accepting: AtomicBool,
     /// Operations whose journal entry cannot be written (named by `/health`).
     stuck: persist::StuckOperations,
+    /// Operations resumed at start-up that have not ended yet.
+    recovering: AtomicUsize,
     /// Disk offerings by id, as the cloud listed them (offerings do not change under a running daemon).
     offerings: tokio::sync::Mutex<HashMap<String, CloudDiskOffering>>,
 }
@@ -132,6 +134,7 @@ impl Engine {
                 tasks: TaskTracker::new(),
                 accepting: AtomicBool::new(false),
                 stuck: Default::default(),
+                recovering: AtomicUsize::new(0),
                 offerings: Default::default(),
             }),
         }

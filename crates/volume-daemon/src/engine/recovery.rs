@@ -3,6 +3,7 @@
 //! and resumed from its last step.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use uuid::Uuid;
 
@@ -40,9 +41,9 @@ impl Engine {
         Ok(problems)
     }
 
-    /// Resumes every unfinished operation (oldest first) and waits until each has run: to its end, or, when
-    /// its journal cannot be written, until it is recorded as stuck (bounded either way, so start-up always
-    /// completes).
+    /// Re-queues every unfinished operation (oldest first) in its volume's turn and returns how many, without
+    /// waiting for them: new requests queue behind them. [`Engine::recovering`] counts those not yet ended.
+    /// Each ends bounded (to its end, or recorded as stuck when its journal cannot be written).
     pub async fn resume_all(&self) -> Result<usize, EngineError> {
         let ops = self.inner.store.unfinished_operations().await?;
         let n = ops.len();
@@ -50,11 +51,24 @@ impl Engine {
         for op in ops {
             tracing::info!(op = %op.id, kind = op.op_type.as_str(), step = %op.step, "resuming operation");
             self.inner.metrics.resumed();
+            self.inner.recovering.fetch_add(1, Ordering::SeqCst);
             runs.push(self.spawn(op));
         }
-        for run in runs {
-            let _ = run.await;
-        }
+        let inner = std::sync::Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            for run in runs {
+                let _ = run.await;
+                inner.recovering.fetch_sub(1, Ordering::SeqCst);
+            }
+            if n > 0 {
+                tracing::info!(resumed = n, "journal recovered");
+            }
+        });
         Ok(n)
+    }
+
+    /// Resumed operations that have not ended yet (recovery is in progress while above zero).
+    pub fn recovering(&self) -> usize {
+        self.inner.recovering.load(Ordering::SeqCst)
     }
 }
