@@ -144,3 +144,103 @@ async fn the_api_serves_while_resumed_operations_run_and_new_ones_queue_behind_t
     }
     second.shutdown().await;
 }
+
+/// A detach interrupted after the cloud detached the volume (its device is gone): start-up does not try to
+/// serve the volume again, so `/health` reports no export problem, and the resumed detach completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_with_an_interrupted_detach_is_not_exported_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = support::config(dir.path());
+    let url = cfg.effective_database_url();
+    let first = RunningDaemon::start(cfg.clone()).await.unwrap();
+    let base = format!("http://{}/api/v1", first.api_addr());
+    let sim = first.sim().unwrap();
+    let appliance = sim.appliance_vm_id().to_string();
+    let offering = sim
+        .disk_offerings()
+        .into_iter()
+        .find(|(_, _, gb)| gb.is_none())
+        .unwrap()
+        .0;
+    let wait = |op: serde_json::Value| {
+        let base = base.clone();
+        async move {
+            call(
+                &base,
+                reqwest::Method::GET,
+                &format!("/operations/{}?wait=60", op["id"].as_str().unwrap()),
+                None,
+            )
+            .await
+        }
+    };
+    let created = wait(
+        call(
+            &base,
+            reqwest::Method::POST,
+            "/volumes",
+            Some(json!({"name": "leaving", "size": GIB, "disk_offering_id": offering, "zone_id": sim.zone_id()})),
+        )
+        .await,
+    )
+    .await;
+    let vol = Uuid::parse_str(created["response"]["volume_id"].as_str().unwrap()).unwrap();
+    let attached = wait(
+        call(
+            &base,
+            reqwest::Method::POST,
+            &format!("/volumes/{vol}/attach"),
+            Some(json!({"vm_id": appliance})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(attached["status"], "completed", "{attached}");
+    // The previous run had removed the export and the cloud had detached the volume when it stopped.
+    sim.faults().detach_volume(&vol.to_string()).unwrap();
+    first.shutdown().await;
+    let store = Store::connect(&url).await.unwrap();
+    let detach = Uuid::new_v4();
+    store
+        .insert_operation(&NewOperation {
+            id: detach,
+            op_type: OpType::Detach,
+            volume_id: Some(vol),
+            vm_id: None,
+            request: json!({"volume_id": vol}),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    store
+        .set_operation_step(detach, OpStatus::Executing, "export_removed")
+        .await
+        .unwrap();
+    store.close().await;
+
+    let second = RunningDaemon::start(cfg).await.unwrap();
+    let base = format!("http://{}/api/v1", second.api_addr());
+    let health = call(&base, reqwest::Method::GET, "/health", None).await;
+    assert_eq!(
+        health["components"]["exports"]["status"], "ok",
+        "no attempt to serve a volume that is leaving: {health}"
+    );
+    let done = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/operations/{detach}?wait=60"),
+        None,
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let volume = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/volumes/{vol}"),
+        None,
+    )
+    .await;
+    assert_eq!(volume["state"], "detached", "{volume}");
+    second.sim().unwrap().detach_all_devices();
+    second.shutdown().await;
+}

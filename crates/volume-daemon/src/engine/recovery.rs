@@ -8,10 +8,11 @@ use std::sync::atomic::Ordering;
 use uuid::Uuid;
 
 use super::{Engine, EngineError};
-use crate::store::{AttachTarget, AttachmentFilter};
+use crate::store::{AttachTarget, AttachmentFilter, OpType};
 
 impl Engine {
-    /// Re-verifies the device of every appliance attachment and re-creates its stable name and export.
+    /// Re-verifies the device of every appliance attachment and re-creates its stable name and export, except
+    /// for volumes with an unfinished detach or delete.
     /// Returns the volumes that could not be restored and why.
     pub async fn restore_appliance_volumes(&self) -> Result<Vec<(Uuid, String)>, EngineError> {
         let inner = &self.inner;
@@ -22,8 +23,22 @@ impl Engine {
                 target: Some(AttachTarget::Appliance),
             })
             .await?;
+        // A volume whose last operation is an interrupted detach or delete is leaving the appliance: it is not
+        // served again (its device may already be gone); the resumed operation finishes the teardown.
+        let leaving: std::collections::HashSet<Uuid> = inner
+            .store
+            .unfinished_operations()
+            .await?
+            .into_iter()
+            .filter(|op| matches!(op.op_type, OpType::Detach | OpType::Delete))
+            .filter_map(|op| op.volume_id)
+            .collect();
         let mut problems = Vec::new();
         for att in atts {
+            if leaving.contains(&att.volume_id) {
+                tracing::info!(volume = %att.volume_id, "not exported again: an interrupted detach resumes");
+                continue;
+            }
             if let Some(name) = &att.stable_name {
                 inner.devices.remember(att.volume_id, Path::new(name))?;
             }
