@@ -76,13 +76,16 @@ pub struct CountersSnapshot {
 }
 
 /// What removing an export did.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct RemoveReport {
     pub generation: u64,
     /// Sessions open when removal started; all of them are closed when it returns.
     pub sessions_closed: usize,
     /// Whether every in-flight request finished before the deadline.
     pub drained_in_time: bool,
+    /// Why the final flush of a writable export failed (`None`: flushed, or read-only). Data written
+    /// through the export may not be on stable storage then.
+    pub flush_error: Option<std::sync::Arc<std::io::Error>>,
 }
 
 #[derive(Default)]
@@ -413,15 +416,18 @@ pub(crate) async fn close_export(export: &Arc<Export>, drain: Duration) -> Remov
     let deadline = tokio::time::Instant::now() + drain;
     let drained_in_time = export.wait_idle(deadline).await;
     let backend = Arc::clone(&export.backend);
+    let mut flush_error = None;
     if !export.read_only {
         let flushed = tokio::task::spawn_blocking(move || backend.flush()).await;
         match flushed {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                tracing::warn!(export = %export.name, error = %e, "flush on removal failed")
+                tracing::warn!(export = %export.name, error = %e, "flush on removal failed");
+                flush_error = Some(Arc::new(e));
             }
             Err(e) => {
-                tracing::warn!(export = %export.name, error = %e, "flush on removal panicked")
+                tracing::warn!(export = %export.name, error = %e, "flush on removal panicked");
+                flush_error = Some(Arc::new(std::io::Error::other(e)));
             }
         }
     }
@@ -460,5 +466,6 @@ pub(crate) async fn close_export(export: &Arc<Export>, drain: Duration) -> Remov
         generation: export.generation,
         sessions_closed: sessions_at_start,
         drained_in_time,
+        flush_error,
     }
 }

@@ -323,6 +323,8 @@ wire_enum! {
         ApplianceIdentityFixed = "appliance_identity_fixed",
         /// The VM named as the appliance does not exist.
         NoSuchVm = "no_such_vm",
+        /// The `Idempotency-Key` was used before for a different request (another kind or another body).
+        IdempotencyKeyReused = "idempotency_key_reused",
         CloudNotFound = "cloud_not_found",
         CloudInvalidParameter = "cloud_invalid_parameter",
         CloudInUse = "cloud_in_use",

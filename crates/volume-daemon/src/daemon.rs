@@ -271,9 +271,11 @@ impl RunningDaemon {
                     .join("; ")
             },
         );
+        // Re-queued, not awaited: the API serves at once, new requests queue behind the resumed operations and
+        // /health says recovery is in progress until they end.
         let resumed = engine.resume_all().await.map_err(DaemonError::Recovery)?;
         if resumed > 0 {
-            tracing::info!(resumed, "journal recovered");
+            tracing::info!(resumed, "unfinished operations re-queued");
         }
         engine.set_accepting(true);
         health.set_ready(true);

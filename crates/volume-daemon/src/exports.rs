@@ -29,6 +29,13 @@ pub enum ExportError {
         #[source]
         source: nbd::NbdError,
     },
+    /// The export was closed but its final flush failed: what was written may not be on the device.
+    #[error("the final flush of export {name} failed; what was written may not be on the device")]
+    Flush {
+        name: String,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
 }
 
 /// The access of an export admitting `clients`; none named admits anyone.
@@ -122,7 +129,8 @@ impl Exports {
     }
 
     /// Stops new connections, drains in-flight requests up to `drain`, flushes and closes the sessions.
-    /// `Ok(None)` when there was no such export.
+    /// `Ok(None)` when there was no such export; [`ExportError::Flush`] when it was closed but its final flush
+    /// failed.
     pub async fn close(
         &self,
         volume_id: Uuid,
@@ -133,6 +141,10 @@ impl Exports {
             return Ok(None);
         }
         match self.registry.remove(&name, drain).await {
+            Ok(nbd::RemoveReport {
+                flush_error: Some(source),
+                ..
+            }) => Err(ExportError::Flush { name, source }),
             Ok(r) => Ok(Some(Closed {
                 generation: r.generation,
                 sessions_closed: r.sessions_closed,

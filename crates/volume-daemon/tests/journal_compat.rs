@@ -106,7 +106,7 @@ async fn operations_journaled_by_an_earlier_version_resume_with_the_same_meaning
     .await;
     store.close().await;
 
-    // Start-up resumes both before it returns.
+    // Start-up re-queues both; they finish soon after.
     let second = RunningDaemon::start(support::config(dir.path()))
         .await
         .unwrap();
@@ -114,7 +114,7 @@ async fn operations_journaled_by_an_earlier_version_resume_with_the_same_meaning
     let a = call(
         &base,
         reqwest::Method::GET,
-        &format!("/operations/{attach}"),
+        &format!("/operations/{attach}?wait=60"),
         None,
     )
     .await;
@@ -134,7 +134,7 @@ async fn operations_journaled_by_an_earlier_version_resume_with_the_same_meaning
     let d = call(
         &base,
         reqwest::Method::GET,
-        &format!("/operations/{delete}"),
+        &format!("/operations/{delete}?wait=60"),
         None,
     )
     .await;

@@ -82,6 +82,11 @@ impl ApiError {
                     EngineError::NoSuchVm(_) => {
                         (StatusCode::UNPROCESSABLE_ENTITY, code, Some("vm_id".into()))
                     }
+                    EngineError::IdempotencyKeyReused(_) => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        code,
+                        Some(volume_api::IDEMPOTENCY_KEY_HEADER.into()),
+                    ),
                     EngineError::Identity(_) => (StatusCode::SERVICE_UNAVAILABLE, code, None),
                     EngineError::NotAccepting => (StatusCode::SERVICE_UNAVAILABLE, code, None),
                     EngineError::Store(s) => (store_status(s), code, None),

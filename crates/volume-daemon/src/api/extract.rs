@@ -1,5 +1,6 @@
 //! The JSON body extractor: a missing body, malformed JSON, a wrong content type, unknown or missing fields
-//! all become a 400 naming the problem and, where there is one, the field at fault.
+//! all become a 400 naming the problem and, where there is one, the field at fault; so does a control
+//! character in any string of the body.
 
 use axum::extract::{FromRequest, OptionalFromRequest, Request};
 use axum::http::header;
@@ -16,6 +17,7 @@ const MAX_BODY: usize = 1 << 20;
 pub struct JsonBody<T>(pub T);
 
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    super::control::check_json(bytes)?;
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

@@ -7,12 +7,15 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use volume_api::{ComponentHealth, ComponentStatus, Health, HealthStatus};
 
 use super::AppState;
+
+/// The detail of every component for a caller without the bearer token (when `api_token` is set).
+const REDACTED: &str = "details need the bearer token";
 
 /// How long `/health` waits for the cloud before calling it unreachable.
 const CLOUD_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -109,16 +112,36 @@ pub async fn report(st: &AppState) -> Health {
         },
     );
     let ready = st.health.is_ready();
+    let stuck = engine.stuck_operations();
     components.insert(
         "journal".into(),
-        component(
-            ready,
-            if ready {
-                "recovered; accepting operations"
-            } else {
-                "not accepting operations (starting up or shutting down)"
-            },
-        ),
+        if !stuck.is_empty() {
+            component(
+                false,
+                stuck
+                    .iter()
+                    .map(|(id, why)| format!("operation {id} is stuck: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        } else if ready && engine.recovering() > 0 {
+            component(
+                false,
+                format!(
+                    "recovery in progress: {} resumed operations have not ended yet; new ones queue behind them",
+                    engine.recovering()
+                ),
+            )
+        } else {
+            component(
+                ready,
+                if ready {
+                    "recovered; accepting operations"
+                } else {
+                    "not accepting operations (starting up or shutting down)"
+                },
+            )
+        },
     );
     // A degraded component (drift) needs attention but does not stop the daemon from serving.
     let all_ok = components
@@ -143,12 +166,19 @@ pub async fn report(st: &AppState) -> Health {
     path = "/health",
     tag = "meta",
     responses(
-        (status = 200, description = "every component ok (also at /health)", body = Health),
+        (status = 200, description = "every component ok (also at /health); without the bearer token (when `api_token` is set) each component's detail is withheld", body = Health),
         (status = 503, description = "a component failed: the daemon cannot serve", body = Health),
     )
 )]
-pub async fn health(State(st): State<AppState>) -> Response {
-    let h = report(&st).await;
+pub async fn health(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let mut h = report(&st).await;
+    if !super::authorized(&st, &headers) {
+        // Open to load balancers: the status of each component, never the text of an error (which may
+        // name hosts, URLs or paths).
+        for c in h.components.values_mut() {
+            c.detail = REDACTED.into();
+        }
+    }
     let status = if h.ready {
         StatusCode::OK
     } else {

@@ -1,6 +1,7 @@
 //! The REST API: the compatibility contract of `docs/api.md` plus the daemon's own endpoints. The app is a
 //! function of its state ([`router`]); handlers only translate between HTTP and the engine.
 
+mod control;
 mod convert;
 mod error;
 mod extract;
@@ -76,10 +77,12 @@ pub fn router(state: AppState) -> Router {
         .route("/appliance", get(get_appliance).put(put_appliance))
         .route("/reconcile", post(reconcile))
         .route("/openapi.json", get(openapi))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn(control::refuse_control_characters));
     Router::new()
         .route("/health", get(health::health))
         .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn(control::refuse_control_characters))
         .nest(volume_api::API_PREFIX, v1)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -92,19 +95,22 @@ async fn auth(
     next: Next,
 ) -> Result<Response, ApiError> {
     let open = matches!(req.uri().path(), "/health" | "/api/v1/health");
-    if let Some(token) = st.api_token.as_ref().filter(|t| !t.is_empty()) {
-        if !open {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes())) {
-                return Err(ApiError::Unauthorized);
-            }
-        }
+    if !open && !authorized(&st, req.headers()) {
+        return Err(ApiError::Unauthorized);
     }
     Ok(next.run(req).await)
+}
+
+/// Whether the request may see everything: no `api_token` is configured, or it sends the right one.
+pub(crate) fn authorized(st: &AppState, headers: &HeaderMap) -> bool {
+    let Some(token) = st.api_token.as_ref().filter(|t| !t.is_empty()) else {
+        return true;
+    };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -171,9 +177,10 @@ async fn submit(st: &AppState, req: Request, headers: &HeaderMap) -> Result<Resp
     path = "/volumes",
     tag = "volumes",
     request_body = CreateVolumeRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "looked up before anything else: the same request again returns the first operation with `Idempotent-Replayed: true`; another request with the key is a 422 `idempotency_key_reused`")),
     responses(
-        (status = 201, description = "journaled; `type` is `create`", body = Operation),
+        (status = 201, description = "journaled; `type` is `create` (also a replay of an earlier request with the same Idempotency-Key)", body = Operation),
+        (status = 422, description = "the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 400, description = "invalid input; `field` names it", body = ErrorBody),
         (status = 401, description = "missing or wrong bearer token (when `api_token` is set; on every endpoint but health)", body = ErrorBody),
         (status = 503, description = "starting up or shutting down", body = ErrorBody),
@@ -217,9 +224,10 @@ async fn attach_common(
     tag = "volumes",
     request_body = AttachVolumeRequest,
     params(("id" = Uuid, Path, description = "volume id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+           ("Idempotency-Key" = Option<String>, Header, description = "looked up before anything else: the same request again returns the first operation with `Idempotent-Replayed: true`; another request with the key is a 422 `idempotency_key_reused`")),
     responses(
         (status = 201, description = "journaled; `type` is `attach`; the appliance gets a device, a stable name and an export", body = Operation),
+        (status = 422, description = "no such VM, or the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 400, description = "invalid input", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
         (status = 409, description = "attached elsewhere", body = ErrorBody),
@@ -242,9 +250,10 @@ async fn attach_volume(
     tag = "volumes",
     request_body = AttachVolumeRequest,
     params(("id" = Uuid, Path, description = "volume id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+           ("Idempotency-Key" = Option<String>, Header, description = "looked up before anything else: the same request again returns the first operation with `Idempotent-Replayed: true`; another request with the key is a 422 `idempotency_key_reused`")),
     responses(
         (status = 201, description = "journaled; CloudStack device id 0 on a VM other than the appliance", body = Operation),
+        (status = 422, description = "no such VM, or the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 400, description = "invalid input, or the appliance named", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
         (status = 409, description = "attached elsewhere", body = ErrorBody),
@@ -264,9 +273,11 @@ async fn attach_root(
     path = "/volumes/{id}/detach",
     tag = "volumes",
     params(("id" = Uuid, Path, description = "volume id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+           ("Idempotency-Key" = Option<String>, Header, description = "looked up before anything else: the same request again returns the first operation with `Idempotent-Replayed: true`; another request with the key is a 422 `idempotency_key_reused`")),
     responses(
         (status = 201, description = "journaled; `type` is `detach`; the export is drained first", body = Operation),
+        (status = 400, description = "invalid volume id or Idempotency-Key", body = ErrorBody),
+        (status = 422, description = "the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
     )
 )]
@@ -314,9 +325,11 @@ async fn adopt_volume(
     path = "/volumes/{id}",
     tag = "volumes",
     params(("id" = Uuid, Path, description = "volume id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
+           ("Idempotency-Key" = Option<String>, Header, description = "looked up before anything else: the same request again returns the first operation with `Idempotent-Replayed: true`; another request with the key is a 422 `idempotency_key_reused`")),
     responses(
         (status = 201, description = "journaled; `type` is `delete`; detached first when attached", body = Operation),
+        (status = 400, description = "invalid volume id or Idempotency-Key", body = ErrorBody),
+        (status = 422, description = "the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 404, description = "unknown or already deleted volume", body = ErrorBody),
     )
 )]

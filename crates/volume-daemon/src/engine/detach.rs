@@ -8,7 +8,7 @@ use volume_api::{DetachVolumeResponse, VolumeOperationRequest};
 
 use super::journal::{json_of, DetachStep, Entry, Step};
 use super::{EngineError, Inner};
-use crate::store::AttachTarget;
+use crate::store::{AttachTarget, AttachmentRecord};
 
 /// What the detach part of `detach` or `delete` found and did.
 pub(super) struct DetachOutcome {
@@ -69,39 +69,21 @@ impl Inner {
             .is_some_and(|a| a.target == AttachTarget::Appliance)
             || appliance.as_deref() == Some(vm.as_str());
         let _vm = self.vm_locks.lock(&vm).await;
+        // Serving stops before the cloud is asked: a failed flush (or any other teardown failure) fails the
+        // detach here, with the volume still attached and served again.
+        let appliance_att = att
+            .as_ref()
+            .filter(|a| local && a.target == AttachTarget::Appliance);
         if local {
-            self.teardown_local(volume_id).await?;
+            if let Err(cause) = self.teardown_local(volume_id).await {
+                return Err(self.serve_again(appliance_att, cause).await);
+            }
             self.step(op, DetachStep::ExportRemoved.into()).await?;
         }
         if cloud_vm.is_some() {
             if let Err(cause) = self.cloud_detach(op, volume_id).await {
                 // Still attached: an appliance volume is served again rather than left attached unexported.
-                return Err(
-                    match att
-                        .as_ref()
-                        .filter(|a| local && a.target == AttachTarget::Appliance)
-                    {
-                        None => cause,
-                        Some(a) => {
-                            self.metrics.compensated();
-                            let outcome = match self.reexport(a).await {
-                            Ok(rec) => format!(
-                                "the volume stays attached to the appliance and export {} is served again",
-                                rec.export_name
-                            ),
-                            Err(e) => format!(
-                                "the volume stays attached to the appliance but serving it again failed: {}; \
-                                 run POST /api/v1/reconcile with apply",
-                                crate::error_chain(&e)
-                            ),
-                        };
-                            EngineError::Compensated {
-                                cause: Box::new(cause),
-                                outcome,
-                            }
-                        }
-                    },
-                );
+                return Err(self.serve_again(appliance_att, cause).await);
             }
         }
         self.step(op, DetachStep::CloudDetached.into()).await?;
@@ -121,6 +103,34 @@ impl Inner {
             vm_id: Some(vm),
             previous_device_path: att.and_then(|a| a.by_id_path.or(a.kernel_device)),
         })
+    }
+
+    /// After a detach failed with the volume still attached: an appliance volume's export is opened again
+    /// (a new generation, after re-verifying the device) and the error says how that went.
+    async fn serve_again(
+        &self,
+        appliance_att: Option<&AttachmentRecord>,
+        cause: EngineError,
+    ) -> EngineError {
+        let Some(a) = appliance_att else {
+            return cause;
+        };
+        self.metrics.compensated();
+        let outcome = match self.reexport(a).await {
+            Ok(rec) => format!(
+                "the volume stays attached to the appliance and export {} is served again",
+                rec.export_name
+            ),
+            Err(e) => format!(
+                "the volume stays attached to the appliance but serving it again failed: {}; \
+                 run POST /api/v1/reconcile with apply",
+                crate::error_chain(&e)
+            ),
+        };
+        EngineError::Compensated {
+            cause: Box::new(cause),
+            outcome,
+        }
     }
 
     /// detachVolume (or the journaled job), until the cloud reports the volume detached.

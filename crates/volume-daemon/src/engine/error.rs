@@ -25,6 +25,9 @@ pub enum EngineError {
     /// The VM named in the request does not exist in the cloud.
     #[error("VM {0} does not exist in CloudStack; list the VMs with `volumectl cloud vms`")]
     NoSuchVm(String),
+    /// The idempotency key was used before for another request; the message names the first operation.
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(
@@ -65,6 +68,7 @@ impl EngineError {
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::NoSuchVm(_) => ErrorCode::NoSuchVm,
+            Self::IdempotencyKeyReused(_) => ErrorCode::IdempotencyKeyReused,
             Self::Identity(_) => ErrorCode::ApplianceIdentityUnknown,
             Self::NotAccepting => ErrorCode::Unavailable,
             Self::Store(_) => ErrorCode::DatabaseError,
@@ -81,7 +85,8 @@ impl EngineError {
     pub(super) fn to_op_error(&self) -> OpError {
         OpError {
             code: self.code().as_str().to_string(),
-            message: crate::error_chain(self),
+            // A cause may quote what the request or the cloud said, control characters included.
+            message: super::persist::printable(&crate::error_chain(self)),
         }
     }
 }

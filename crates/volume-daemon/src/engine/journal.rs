@@ -307,9 +307,11 @@ impl Inner {
         entry: &Entry<R, S>,
         step: S,
     ) -> Result<(), EngineError> {
-        self.store
-            .set_operation_step(entry.id, OpStatus::Executing, step.wire().as_str())
-            .await?;
+        self.journal_write("journaling the step of an operation", || {
+            self.store
+                .set_operation_step(entry.id, OpStatus::Executing, step.wire().as_str())
+        })
+        .await?;
         self.notify();
         Ok(())
     }
@@ -326,9 +328,11 @@ impl Inner {
             return Ok(job.to_string());
         }
         let job = start.await?;
-        self.store
-            .set_operation_job(entry.id, job_step.wire().as_str(), &job.job_id)
-            .await?;
+        self.journal_write("journaling the job id of an operation", || {
+            self.store
+                .set_operation_job(entry.id, job_step.wire().as_str(), &job.job_id)
+        })
+        .await?;
         self.notify();
         Ok(job.job_id)
     }

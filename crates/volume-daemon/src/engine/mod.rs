@@ -17,13 +17,14 @@ mod error;
 mod export;
 mod fence;
 mod journal;
+mod persist;
 mod reads;
 mod recovery;
 mod repair;
 mod validate;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,7 @@ use uuid::Uuid;
 pub use error::EngineError;
 pub(crate) use journal::{wire_kind, Request};
 pub(crate) use reads::{DeviceCheck, DeviceView, ExportView, VolumeView};
+pub(crate) use validate::{control_in_json, has_control};
 
 use crate::cloud::{Cloud, CloudDiskOffering, CloudErrorKind, CloudVolume};
 use crate::devices::Devices;
@@ -45,6 +47,11 @@ use crate::locks::{KeyedMutex, Queues};
 use crate::metrics::Metrics;
 use crate::store::{Inserted, NewOperation, OpStatus, OperationRecord, Store, VolumeRecord};
 use journal::Parsed;
+
+/// The first wait before an operation is run again while the cloud is unavailable; doubled up to
+/// [`MAX_CLOUD_BACKOFF`].
+const FIRST_CLOUD_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_CLOUD_BACKOFF: Duration = Duration::from_secs(15);
 
 /// Timeouts and limits of the engine.
 #[derive(Debug, Clone)]
@@ -81,6 +88,10 @@ struct Inner {
     changes: watch::Sender<u64>,
     tasks: TaskTracker,
     accepting: AtomicBool,
+    /// Operations whose journal entry cannot be written (named by `/health`).
+    stuck: persist::StuckOperations,
+    /// Operations resumed at start-up that have not ended yet.
+    recovering: AtomicUsize,
     /// Disk offerings by id, as the cloud listed them (offerings do not change under a running daemon).
     offerings: tokio::sync::Mutex<HashMap<String, CloudDiskOffering>>,
 }
@@ -125,6 +136,8 @@ impl Engine {
                 changes,
                 tasks: TaskTracker::new(),
                 accepting: AtomicBool::new(false),
+                stuck: Default::default(),
+                recovering: AtomicUsize::new(0),
                 offerings: Default::default(),
             }),
         }
@@ -148,6 +161,13 @@ impl Engine {
         if !self.is_accepting() {
             return Err(EngineError::NotAccepting);
         }
+        // The key first: a replay answers as the first request did, whatever has happened since.
+        if let Some(key) = &idempotency_key {
+            if let Some(first) = self.inner.store.operation_by_idempotency_key(key).await? {
+                return replay(first, &req, key);
+            }
+        }
+        validate::refuse_control(&req.to_json())?;
         self.inner.precheck(&req).await?;
         let new = NewOperation {
             id: Uuid::new_v4(),
@@ -157,18 +177,27 @@ impl Engine {
             request: req.to_json(),
             idempotency_key,
         };
-        let (operation, created) = match self.inner.store.insert_operation(&new).await? {
-            Inserted::Created(op) => (op, true),
-            Inserted::Existing(op) => (op, false),
+        let operation = match self.inner.store.insert_operation(&new).await? {
+            Inserted::Created(op) => op,
+            // The same key, journaled by a concurrent request since the look-up above.
+            Inserted::Existing(first) => {
+                return replay(
+                    first,
+                    &req,
+                    new.idempotency_key.as_deref().unwrap_or_default(),
+                )
+            }
         };
-        if created {
-            self.inner.metrics.op_submitted(operation.op_type.as_str());
-            self.spawn(operation.clone());
-        }
-        Ok(Submitted { operation, created })
+        self.inner.metrics.op_submitted(operation.op_type.as_str());
+        drop(self.spawn(operation.clone()));
+        Ok(Submitted {
+            operation,
+            created: true,
+        })
     }
 
-    fn spawn(&self, op: OperationRecord) {
+    /// Queues `op` in its volume's turn; the handle ends when it has run.
+    fn spawn(&self, op: OperationRecord) -> tokio::task::JoinHandle<()> {
         let key = op
             .volume_id
             .map(|v| v.to_string())
@@ -180,26 +209,13 @@ impl Engine {
             let _permit = inner.permits.acquire().await;
             inner.run(op.id).await;
             drop(turn);
-        });
+        })
     }
 
-    /// Waits until no operation is running.
-    pub async fn wait_idle(&self) {
-        loop {
-            let mut rx = self.inner.changes.subscribe();
-            if self
-                .inner
-                .store
-                .unfinished_operations()
-                .await
-                .map(|v| v.is_empty())
-                .unwrap_or(true)
-                && self.inner.permits.available_permits() == self.inner.cfg.max_concurrent.max(1)
-            {
-                return;
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
-        }
+    /// Operations whose journal entry could not be written in this run, with why: they stay unfinished in
+    /// the journal and are resumed at the next start.
+    pub fn stuck_operations(&self) -> Vec<(Uuid, String)> {
+        self.inner.stuck.list()
     }
 
     /// Stops accepting operations and waits up to `grace` for running ones; the rest resume at next start.
@@ -250,6 +266,22 @@ impl Engine {
     }
 }
 
+/// The first operation of an idempotency key, when `req` is the request it was journaled for.
+fn replay(first: OperationRecord, req: &Request, key: &str) -> Result<Submitted, EngineError> {
+    if first.op_type == req.op_type() && first.request == req.to_json() {
+        return Ok(Submitted {
+            operation: first,
+            created: false,
+        });
+    }
+    Err(EngineError::IdempotencyKeyReused(format!(
+        "Idempotency-Key {key:?} was used for operation {} ({} of a different request); \
+         use a new key for a new request",
+        first.id,
+        first.op_type.as_str()
+    )))
+}
+
 impl Inner {
     fn notify(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
@@ -257,49 +289,85 @@ impl Inner {
 
     async fn run(&self, id: Uuid) {
         let started = Instant::now();
-        let op = match self.store.get_operation(id).await {
+        let op = match self
+            .journal_write("reading an operation", || self.store.get_operation(id))
+            .await
+        {
             Ok(Some(op)) if !op.status.is_terminal() => op,
             Ok(_) => return,
             Err(e) => {
-                tracing::error!(op = %id, error = %crate::error_chain(&e), "cannot read operation; it resumes at next start");
+                let why = format!("cannot be read: {}", crate::error_chain(&e));
+                tracing::error!(op = %id, error = %why, "operation stuck; it resumes at next start");
+                self.stuck.insert(id, why);
                 return;
             }
         };
-        if let Err(e) = self
-            .store
-            .set_operation_step(id, OpStatus::Executing, journal::resume_step(&op.step))
-            .await
-        {
-            tracing::error!(op = %id, error = %crate::error_chain(&e), "cannot journal operation start");
-            return;
-        }
+        let start = self
+            .journal_write("journaling the start of an operation", || {
+                self.store.set_operation_step(
+                    id,
+                    OpStatus::Executing,
+                    journal::resume_step(&op.step),
+                )
+            })
+            .await;
         self.notify();
-        let result = match Parsed::from_record(&op) {
-            Ok(Parsed::Create(e)) => self.create(&e).await,
-            Ok(Parsed::Attach(e)) => self.attach(&e).await,
-            Ok(Parsed::Detach(e)) => self.detach(&e).await,
-            Ok(Parsed::Delete(e)) => self.delete(&e).await,
-            Ok(Parsed::Repair(e)) => self.repair(&e).await,
-            Err(e) => Err(e),
+        let result = match start {
+            Err(e) => Err(EngineError::Store(e)),
+            Ok(()) => self.converge(op.clone(), started).await,
         };
         let status = match result {
             Ok(()) => "completed",
             Err(e) => {
                 let err = e.to_op_error();
                 tracing::warn!(op = %id, kind = op.op_type.as_str(), code = %err.code, error = %err.message, "operation failed");
-                if let Err(se) = self
-                    .store
-                    .finish_operation(id, OpStatus::Failed, None, Some(&err))
-                    .await
-                {
-                    tracing::error!(op = %id, error = %crate::error_chain(&se), "cannot journal failure; it resumes at next start");
-                }
+                self.journal_failure(id, &e).await;
                 "failed"
             }
         };
         self.metrics
             .op_finished(op.op_type.as_str(), status, started.elapsed());
         self.notify();
+    }
+
+    /// Runs the operation's workflow from its journaled step. While the cloud is unavailable (unreachable,
+    /// throttling, server errors) the workflow is run again from its then journaled step, with backoff, until
+    /// `job_timeout` after the operation started: an outage shorter than that delays an operation, it does not
+    /// fail it.
+    async fn converge(&self, mut op: OperationRecord, started: Instant) -> Result<(), EngineError> {
+        let deadline = started + self.cfg.job_timeout;
+        let mut backoff = FIRST_CLOUD_BACKOFF;
+        loop {
+            // A request an earlier version journaled with text no database can store fails before it acts.
+            let result = match validate::refuse_control(&op.request)
+                .and_then(|()| Parsed::from_record(&op))
+            {
+                Ok(Parsed::Create(e)) => self.create(&e).await,
+                Ok(Parsed::Attach(e)) => self.attach(&e).await,
+                Ok(Parsed::Detach(e)) => self.detach(&e).await,
+                Ok(Parsed::Delete(e)) => self.delete(&e).await,
+                Ok(Parsed::Repair(e)) => self.repair(&e).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(EngineError::Cloud(e))
+                    if e.kind == CloudErrorKind::Unavailable
+                        && Instant::now() + backoff < deadline =>
+                {
+                    tracing::warn!(op = %op.id, error = %e.chain(), retry_in = ?backoff, "CloudStack unavailable; the operation goes on when it answers");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_CLOUD_BACKOFF);
+                    op = match self
+                        .journal_write("reading an operation", || self.store.get_operation(op.id))
+                        .await?
+                    {
+                        Some(again) if !again.status.is_terminal() => again,
+                        _ => return Ok(()),
+                    };
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn cloud_volume(&self, volume_id: Uuid) -> Result<Option<CloudVolume>, EngineError> {

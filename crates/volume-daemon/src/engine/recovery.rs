@@ -3,14 +3,16 @@
 //! and resumed from its last step.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use uuid::Uuid;
 
 use super::{Engine, EngineError};
-use crate::store::{AttachTarget, AttachmentFilter};
+use crate::store::{AttachTarget, AttachmentFilter, OpType};
 
 impl Engine {
-    /// Re-verifies the device of every appliance attachment and re-creates its stable name and export.
+    /// Re-verifies the device of every appliance attachment and re-creates its stable name and export, except
+    /// for volumes with an unfinished detach or delete.
     /// Returns the volumes that could not be restored and why.
     pub async fn restore_appliance_volumes(&self) -> Result<Vec<(Uuid, String)>, EngineError> {
         let inner = &self.inner;
@@ -21,8 +23,22 @@ impl Engine {
                 target: Some(AttachTarget::Appliance),
             })
             .await?;
+        // A volume whose last operation is an interrupted detach or delete is leaving the appliance: it is not
+        // served again (its device may already be gone); the resumed operation finishes the teardown.
+        let leaving: std::collections::HashSet<Uuid> = inner
+            .store
+            .unfinished_operations()
+            .await?
+            .into_iter()
+            .filter(|op| matches!(op.op_type, OpType::Detach | OpType::Delete))
+            .filter_map(|op| op.volume_id)
+            .collect();
         let mut problems = Vec::new();
         for att in atts {
+            if leaving.contains(&att.volume_id) {
+                tracing::info!(volume = %att.volume_id, "not exported again: an interrupted detach resumes");
+                continue;
+            }
             if let Some(name) = &att.stable_name {
                 inner.devices.remember(att.volume_id, Path::new(name))?;
             }
@@ -40,16 +56,34 @@ impl Engine {
         Ok(problems)
     }
 
-    /// Resumes every unfinished operation (oldest first) and waits until each is terminal.
+    /// Re-queues every unfinished operation (oldest first) in its volume's turn and returns how many, without
+    /// waiting for them: new requests queue behind them. [`Engine::recovering`] counts those not yet ended.
+    /// Each ends bounded (to its end, or recorded as stuck when its journal cannot be written).
     pub async fn resume_all(&self) -> Result<usize, EngineError> {
         let ops = self.inner.store.unfinished_operations().await?;
         let n = ops.len();
+        let mut runs = Vec::with_capacity(n);
         for op in ops {
             tracing::info!(op = %op.id, kind = op.op_type.as_str(), step = %op.step, "resuming operation");
             self.inner.metrics.resumed();
-            self.spawn(op);
+            self.inner.recovering.fetch_add(1, Ordering::SeqCst);
+            runs.push(self.spawn(op));
         }
-        self.wait_idle().await;
+        let inner = std::sync::Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            for run in runs {
+                let _ = run.await;
+                inner.recovering.fetch_sub(1, Ordering::SeqCst);
+            }
+            if n > 0 {
+                tracing::info!(resumed = n, "journal recovered");
+            }
+        });
         Ok(n)
+    }
+
+    /// Resumed operations that have not ended yet (recovery is in progress while above zero).
+    pub fn recovering(&self) -> usize {
+        self.inner.recovering.load(Ordering::SeqCst)
     }
 }

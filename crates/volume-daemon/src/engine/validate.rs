@@ -1,6 +1,7 @@
 //! Validation: the checks that make a bad request a 4xx naming the field at fault instead of a failed
 //! operation, run before anything is journaled (and `create`'s again when it runs).
 
+use serde_json::Value;
 use uuid::Uuid;
 use volume_api::CreateVolumeRequest;
 
@@ -10,6 +11,74 @@ use crate::cloud::{CloudDiskOffering, CloudErrorKind};
 
 /// One GiB: volume sizes are rounded up to whole GiB (CloudStack sizes volumes in GB).
 use cloudstack::GIB;
+
+/// Whether `s` holds a control character.
+pub(crate) fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+/// The first string in `v` that holds a control character, as a path like `metadata.owner` (the notation
+/// of the body's other field errors), or the object whose key holds one; `None` when there is none.
+pub(crate) fn control_in_json(v: &Value) -> Option<String> {
+    fn walk(v: &Value, path: &mut Vec<String>) -> Option<String> {
+        let here = |path: &Vec<String>| {
+            if path.is_empty() {
+                "body".to_string()
+            } else {
+                path.join(".").replace(".[", "[")
+            }
+        };
+        match v {
+            Value::String(s) if has_control(s) => Some(here(path)),
+            Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+                path.push(format!("[{i}]"));
+                let found = walk(item, path);
+                path.pop();
+                found
+            }),
+            Value::Object(map) => map.iter().find_map(|(k, item)| {
+                // A bad key is reported as its object (the key itself is not printable).
+                if has_control(k) {
+                    return Some(here(path));
+                }
+                path.push(k.clone());
+                let found = walk(item, path);
+                path.pop();
+                found
+            }),
+            _ => None,
+        }
+    }
+    walk(v, &mut Vec::new())
+}
+
+/// Refuses a request (as journaled) with a control character in any of its strings: such text cannot be
+/// stored by every database, so the operation could be neither recorded nor finished.
+pub(crate) fn refuse_control(request: &Value) -> Result<(), EngineError> {
+    match control_in_json(request) {
+        None => Ok(()),
+        Some(path) => {
+            let top = path.split(['.', '[']).next().unwrap_or_default();
+            let field = [
+                "name",
+                "zone_id",
+                "disk_offering_id",
+                "vm_id",
+                "metadata",
+                "volume_id",
+            ]
+            .into_iter()
+            .find(|f| *f == top)
+            .unwrap_or("request");
+            Err(EngineError::Invalid {
+                field,
+                message: format!(
+                    "{path} contains a control character (such as NUL); send printable text"
+                ),
+            })
+        }
+    }
+}
 
 /// Validation of `POST /volumes`.
 pub(crate) fn validate_create(c: &CreateVolumeRequest) -> Result<(), EngineError> {
@@ -213,6 +282,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn sizes_round_up_to_whole_gib() {
@@ -303,5 +373,29 @@ mod tests {
                 other => panic!("expected invalid {field}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn the_first_control_character_is_named_by_its_path() {
+        assert_eq!(
+            control_in_json(&json!({"name": "ok", "zone_id": "a\u{0}"})).as_deref(),
+            Some("zone_id")
+        );
+        assert_eq!(
+            control_in_json(&json!({"metadata": {"owner": "x\ty"}})).as_deref(),
+            Some("metadata.owner")
+        );
+        assert_eq!(
+            control_in_json(&json!({"metadata": {"k\u{7f}": "v"}})).as_deref(),
+            Some("metadata")
+        );
+        assert_eq!(
+            control_in_json(&json!({"a": ["x", "\u{85}"]})).as_deref(),
+            Some("a[1]")
+        );
+        assert_eq!(
+            control_in_json(&json!({"name": "grüße, 名前 ✓", "n": 1})),
+            None
+        );
     }
 }

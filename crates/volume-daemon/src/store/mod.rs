@@ -253,6 +253,23 @@ impl Store {
         }
     }
 
+    /// The operation first journaled with idempotency key `key`, of whatever kind.
+    pub async fn operation_by_idempotency_key(
+        &self,
+        key: &str,
+    ) -> Result<Option<OperationRecord>, StoreError> {
+        let sql = self.dialect.sql(&format!(
+            "SELECT {OP_COLS} FROM operations WHERE idempotency_key = ? ORDER BY created_at ASC, id ASC"
+        ));
+        sqlx::query(&sql)
+            .bind(key.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading the operation of an idempotency key"))?
+            .map(|r| operation_from_row(&r))
+            .transpose()
+    }
+
     async fn fetch_operation(
         &self,
         conn: &mut AnyConnection,

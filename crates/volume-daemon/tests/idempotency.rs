@@ -1,0 +1,184 @@
+//! Idempotency keys as Stripe's API defines them: the key is looked up before anything else, so a replay
+//! (also after the operation completed and changed what the pre-checks see) answers as the first request did,
+//! with `Idempotent-Replayed: true`; the same key for another request is a 422 `idempotency_key_reused`.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod support;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::{TestDaemon, GIB};
+
+struct Answer {
+    status: StatusCode,
+    replayed: Option<String>,
+    body: Value,
+}
+
+async fn send(
+    d: &TestDaemon,
+    method: reqwest::Method,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> Answer {
+    let mut req = d
+        .http
+        .request(method, format!("{}{path}", d.base))
+        .header("Idempotency-Key", key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    Answer {
+        status: resp.status(),
+        replayed: resp
+            .headers()
+            .get("Idempotent-Replayed")
+            .map(|v| v.to_str().unwrap().to_string()),
+        body: resp.json().await.unwrap(),
+    }
+}
+
+/// Runs a mutation with `key` to completion, then sends it again: the replay is the first operation.
+async fn run_then_replay(
+    d: &TestDaemon,
+    method: reqwest::Method,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> Value {
+    let first = send(d, method.clone(), path, key, body.clone()).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{path}: {}", first.body);
+    assert_eq!(first.replayed, None, "{path}: a first request is no replay");
+    let done = d.wait_op(&first.body).await;
+    assert_eq!(done["status"], "completed", "{path}: {done}");
+    let again = send(d, method, path, key, body).await;
+    assert_eq!(
+        again.status,
+        StatusCode::CREATED,
+        "{path}: a replay after completion answers as the first request did: {}",
+        again.body
+    );
+    assert_eq!(again.replayed.as_deref(), Some("true"), "{path}");
+    assert_eq!(
+        again.body["id"], first.body["id"],
+        "{path}: the first operation"
+    );
+    assert_eq!(again.body["status"], "completed", "{path}: {}", again.body);
+    done
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_after_completion_return_the_first_operation_for_every_kind() {
+    let d = TestDaemon::start().await;
+    let create = json!({"name": "idem", "size": GIB, "disk_offering_id": d.custom_offering(), "zone_id": d.zone()});
+    let done = run_then_replay(
+        &d,
+        reqwest::Method::POST,
+        "/volumes",
+        "create-1",
+        Some(create),
+    )
+    .await;
+    let vol = done["response"]["volume_id"].as_str().unwrap().to_string();
+    let vm = d.other_vm(0);
+    // The attach's pre-check would now say "already attached" (409): the key comes first.
+    run_then_replay(
+        &d,
+        reqwest::Method::POST,
+        &format!("/volumes/{vol}/attach"),
+        "attach-1",
+        Some(json!({"vm_id": vm})),
+    )
+    .await;
+    run_then_replay(
+        &d,
+        reqwest::Method::POST,
+        &format!("/volumes/{vol}/detach"),
+        "detach-1",
+        None,
+    )
+    .await;
+    // The delete's pre-check would now say "no such volume" (404).
+    run_then_replay(
+        &d,
+        reqwest::Method::DELETE,
+        &format!("/volumes/{vol}"),
+        "delete-1",
+        None,
+    )
+    .await;
+    let (_, ops) = d.get("/operations").await;
+    assert_eq!(
+        ops.as_array().unwrap().len(),
+        4,
+        "no replay journaled anything: {ops}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reused_for_another_request_is_refused() {
+    let d = TestDaemon::start().await;
+    let body = |name: &str| json!({"name": name, "size": GIB, "disk_offering_id": d.custom_offering(), "zone_id": d.zone()});
+    let first = send(
+        &d,
+        reqwest::Method::POST,
+        "/volumes",
+        "k",
+        Some(body("one")),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    let done = d.wait_op(&first.body).await;
+    let vol = done["response"]["volume_id"].as_str().unwrap().to_string();
+
+    // Another body of the same kind, then another kind.
+    let other_body = send(
+        &d,
+        reqwest::Method::POST,
+        "/volumes",
+        "k",
+        Some(body("two")),
+    )
+    .await;
+    let other_kind = send(
+        &d,
+        reqwest::Method::POST,
+        &format!("/volumes/{vol}/detach"),
+        "k",
+        None,
+    )
+    .await;
+    for (what, a) in [("another body", other_body), ("another kind", other_kind)] {
+        assert_eq!(
+            a.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{what}: {}",
+            a.body
+        );
+        assert_eq!(
+            a.body["code"], "idempotency_key_reused",
+            "{what}: {}",
+            a.body
+        );
+        assert_eq!(a.body["field"], "Idempotency-Key", "{what}: {}", a.body);
+        assert!(
+            a.body["error"]
+                .as_str()
+                .unwrap()
+                .contains(first.body["id"].as_str().unwrap()),
+            "{what}: the error names the first operation: {}",
+            a.body
+        );
+        assert_eq!(a.replayed, None, "{what}");
+    }
+    let (_, ops) = d.get("/operations").await;
+    assert_eq!(
+        ops.as_array().unwrap().len(),
+        1,
+        "nothing else journaled: {ops}"
+    );
+    d.stop().await;
+}

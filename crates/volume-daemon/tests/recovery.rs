@@ -1,0 +1,246 @@
+//! Recovery that serves at once: start-up re-queues the unfinished operations and serves the API without
+//! waiting for them; reads answer, a new request on the same volume queues behind the resumed operation, and
+//! `/health` says recovery is in progress until the resumed operations have ended.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::{call, GIB};
+use uuid::Uuid;
+use volume_daemon::daemon::RunningDaemon;
+use volume_daemon::store::{NewOperation, OpStatus, OpType, Store};
+
+/// How long each of the simulator's jobs takes in the second run.
+const SLOW_JOB: Duration = Duration::from_secs(4);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_while_resumed_operations_run_and_new_ones_queue_behind_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = support::config(dir.path());
+    let url = cfg.effective_database_url();
+    let first = RunningDaemon::start(cfg.clone()).await.unwrap();
+    let base = format!("http://{}/api/v1", first.api_addr());
+    let sim = first.sim().unwrap();
+    let vm = sim.other_vm_ids()[0].clone();
+    let offering = sim
+        .disk_offerings()
+        .into_iter()
+        .find(|(_, _, gb)| gb.is_none())
+        .unwrap()
+        .0;
+    let op = call(
+        &base,
+        reqwest::Method::POST,
+        "/volumes",
+        Some(json!({"name": "resumed", "size": GIB, "disk_offering_id": offering, "zone_id": sim.zone_id()})),
+    )
+    .await;
+    let done = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/operations/{}?wait=60", op["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    let vol = Uuid::parse_str(done["response"]["volume_id"].as_str().unwrap()).unwrap();
+    first.shutdown().await;
+
+    // An attach the previous run had started when it stopped.
+    let store = Store::connect(&url).await.unwrap();
+    let attach = Uuid::new_v4();
+    store
+        .insert_operation(&NewOperation {
+            id: attach,
+            op_type: OpType::Attach,
+            volume_id: Some(vol),
+            vm_id: Some(vm.clone()),
+            request: json!({"volume_id": vol, "vm_id": vm}),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    store
+        .set_operation_step(attach, OpStatus::Executing, "started")
+        .await
+        .unwrap();
+    store.close().await;
+
+    let mut slow = cfg;
+    slow.sim.job_delay_ms = SLOW_JOB.as_millis() as u64;
+    let begun = Instant::now();
+    let second = RunningDaemon::start(slow).await.unwrap();
+    assert!(
+        begun.elapsed() < SLOW_JOB,
+        "the API serves before the resumed attach's job ends ({:?})",
+        begun.elapsed()
+    );
+    let base = format!("http://{}/api/v1", second.api_addr());
+    let health = call(&base, reqwest::Method::GET, "/health", None).await;
+    let journal = &health["components"]["journal"];
+    assert_eq!(journal["status"], "failed", "{health}");
+    assert!(
+        journal["detail"]
+            .as_str()
+            .unwrap()
+            .contains("recovery in progress"),
+        "{health}"
+    );
+    let volume = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/volumes/{vol}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        volume["volume_id"],
+        vol.to_string(),
+        "reads answer: {volume}"
+    );
+
+    // A detach submitted now runs after the resumed attach.
+    let detach = call(
+        &base,
+        reqwest::Method::POST,
+        &format!("/volumes/{vol}/detach"),
+        None,
+    )
+    .await;
+    let detached = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/operations/{}?wait=60", detach["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(detached["status"], "completed", "{detached}");
+    assert_eq!(
+        detached["response"]["vm_id"], vm,
+        "it detached what the attach attached: {detached}"
+    );
+    let attached = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/operations/{attach}"),
+        None,
+    )
+    .await;
+    assert_eq!(attached["status"], "completed", "{attached}");
+    assert!(
+        attached["completed_at"].as_str().unwrap() <= detached["completed_at"].as_str().unwrap(),
+        "the resumed attach ended first: {attached} {detached}"
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let health = call(&base, reqwest::Method::GET, "/health", None).await;
+        if health["components"]["journal"]["status"] == "ok" {
+            break;
+        }
+        assert!(Instant::now() < end, "recovery never ends: {health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    second.shutdown().await;
+}
+
+/// A detach interrupted after the cloud detached the volume (its device is gone): start-up does not try to
+/// serve the volume again, so `/health` reports no export problem, and the resumed detach completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_with_an_interrupted_detach_is_not_exported_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = support::config(dir.path());
+    let url = cfg.effective_database_url();
+    let first = RunningDaemon::start(cfg.clone()).await.unwrap();
+    let base = format!("http://{}/api/v1", first.api_addr());
+    let sim = first.sim().unwrap();
+    let appliance = sim.appliance_vm_id().to_string();
+    let offering = sim
+        .disk_offerings()
+        .into_iter()
+        .find(|(_, _, gb)| gb.is_none())
+        .unwrap()
+        .0;
+    let wait = |op: serde_json::Value| {
+        let base = base.clone();
+        async move {
+            call(
+                &base,
+                reqwest::Method::GET,
+                &format!("/operations/{}?wait=60", op["id"].as_str().unwrap()),
+                None,
+            )
+            .await
+        }
+    };
+    let created = wait(
+        call(
+            &base,
+            reqwest::Method::POST,
+            "/volumes",
+            Some(json!({"name": "leaving", "size": GIB, "disk_offering_id": offering, "zone_id": sim.zone_id()})),
+        )
+        .await,
+    )
+    .await;
+    let vol = Uuid::parse_str(created["response"]["volume_id"].as_str().unwrap()).unwrap();
+    let attached = wait(
+        call(
+            &base,
+            reqwest::Method::POST,
+            &format!("/volumes/{vol}/attach"),
+            Some(json!({"vm_id": appliance})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(attached["status"], "completed", "{attached}");
+    // The previous run had removed the export and the cloud had detached the volume when it stopped.
+    sim.faults().detach_volume(&vol.to_string()).unwrap();
+    first.shutdown().await;
+    let store = Store::connect(&url).await.unwrap();
+    let detach = Uuid::new_v4();
+    store
+        .insert_operation(&NewOperation {
+            id: detach,
+            op_type: OpType::Detach,
+            volume_id: Some(vol),
+            vm_id: None,
+            request: json!({"volume_id": vol}),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    store
+        .set_operation_step(detach, OpStatus::Executing, "export_removed")
+        .await
+        .unwrap();
+    store.close().await;
+
+    let second = RunningDaemon::start(cfg).await.unwrap();
+    let base = format!("http://{}/api/v1", second.api_addr());
+    let health = call(&base, reqwest::Method::GET, "/health", None).await;
+    assert_eq!(
+        health["components"]["exports"]["status"], "ok",
+        "no attempt to serve a volume that is leaving: {health}"
+    );
+    let done = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/operations/{detach}?wait=60"),
+        None,
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let volume = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/volumes/{vol}"),
+        None,
+    )
+    .await;
+    assert_eq!(volume["state"], "detached", "{volume}");
+    second.sim().unwrap().detach_all_devices();
+    second.shutdown().await;
+}
