@@ -104,7 +104,8 @@ impl Inner {
                 );
             }
         }
-        self.step(op, DetachStep::CloudDetached.into()).await?;
+        // `cloud_detached` is not journaled on its own: an entry resumed after this point finds the cloud
+        // reporting the volume detached, skips the job and only waits for the device and commits.
         if local {
             if let Err(e) = self
                 .devices

@@ -293,12 +293,24 @@ impl Inner {
         job_step: S,
         start: impl Future<Output = Result<CloudJob, EngineError>>,
     ) -> Result<String, EngineError> {
+        self.start_or_resume_job_of(entry, job_step, async { Ok((start.await?, None)) })
+            .await
+    }
+
+    /// [`Self::start_or_resume_job`] for a job that names the volume it acts on when it starts (`create`):
+    /// the job id and the volume are journaled in one write.
+    pub(super) async fn start_or_resume_job_of<R, S: Step>(
+        &self,
+        entry: &Entry<R, S>,
+        job_step: S,
+        start: impl Future<Output = Result<(CloudJob, Option<Uuid>), EngineError>>,
+    ) -> Result<String, EngineError> {
         if let Some(job) = entry.journaled_job(job_step) {
             return Ok(job.to_string());
         }
-        let job = start.await?;
+        let (job, volume_id) = start.await?;
         self.store
-            .set_operation_job(entry.id, job_step.wire().as_str(), &job.job_id)
+            .set_operation_job_of(entry.id, job_step.wire().as_str(), &job.job_id, volume_id)
             .await?;
         self.notify();
         Ok(job.job_id)

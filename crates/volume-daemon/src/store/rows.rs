@@ -38,16 +38,46 @@ pub struct Reader<'r> {
     row: &'r AnyRow,
     table: &'static str,
     key: String,
+    /// Prepended to every column name: a joined table's columns are selected as `<prefix><column>`.
+    prefix: &'static str,
 }
 
 impl<'r> Reader<'r> {
     pub fn new(row: &'r AnyRow, table: &'static str, key_col: &str) -> Self {
+        Self::prefixed(row, table, key_col, "")
+    }
+
+    /// A reader of the columns of `table` that a join selected as `<prefix><column>`.
+    pub fn prefixed(
+        row: &'r AnyRow,
+        table: &'static str,
+        key_col: &str,
+        prefix: &'static str,
+    ) -> Self {
         let key = row
-            .try_get::<Option<String>, _>(key_col)
+            .try_get::<Option<String>, _>(format!("{prefix}{key_col}").as_str())
             .ok()
             .flatten()
             .unwrap_or_else(|| "?".into());
-        Self { row, table, key }
+        Self {
+            row,
+            table,
+            key,
+            prefix,
+        }
+    }
+
+    /// Whether the row has this table's part (a left join leaves its key NULL when not).
+    pub fn present(&self, key_col: &str) -> bool {
+        self.opt_text(key_col).ok().flatten().is_some()
+    }
+
+    fn name<'c>(&self, col: &'c str) -> std::borrow::Cow<'c, str> {
+        if self.prefix.is_empty() {
+            std::borrow::Cow::Borrowed(col)
+        } else {
+            std::borrow::Cow::Owned(format!("{}{col}", self.prefix))
+        }
     }
 
     fn corrupt(&self, col: &str, detail: impl std::fmt::Display) -> StoreError {
@@ -59,9 +89,10 @@ impl<'r> Reader<'r> {
 
     /// Text; MariaDB reports TEXT columns as blobs, which are read as UTF-8.
     pub fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError> {
-        match self.row.try_get::<Option<String>, _>(col) {
+        let name = self.name(col);
+        match self.row.try_get::<Option<String>, _>(name.as_ref()) {
             Ok(v) => Ok(v),
-            Err(first) => match self.row.try_get::<Option<Vec<u8>>, _>(col) {
+            Err(first) => match self.row.try_get::<Option<Vec<u8>>, _>(name.as_ref()) {
                 Ok(None) => Ok(None),
                 Ok(Some(bytes)) => String::from_utf8(bytes)
                     .map(Some)
@@ -78,7 +109,7 @@ impl<'r> Reader<'r> {
 
     pub fn opt_i64(&self, col: &str) -> Result<Option<i64>, StoreError> {
         self.row
-            .try_get::<Option<i64>, _>(col)
+            .try_get::<Option<i64>, _>(self.name(col).as_ref())
             .map_err(|e| self.corrupt(col, e))
     }
 
