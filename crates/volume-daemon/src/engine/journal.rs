@@ -5,12 +5,17 @@
 //! Step life cycles (stored spellings in `volume_api::OperationStep`):
 //!
 //! ```text
-//! create  accepted → started → cloud_create_sent → cloud_create_job → (commit)
-//! attach  accepted → started → cloud_attach_job → cloud_attached → device_found → named → exported → (commit)
+//! create  accepted → started → cloud_create_sent → cloud_create_job (with the volume id) → (commit)
+//! attach  accepted → started → cloud_attach_job → cloud_attached → (device, name, export: commit)
 //!                      any later failure on the appliance → compensating → compensate_detach_job → (failed)
-//! detach  accepted → started → export_removed → cloud_detach_job → cloud_detached → (commit)
+//!         to another VM: accepted → started → cloud_attach_job → (commit)
+//! detach  accepted → started → export_removed → cloud_detach_job → (device gone: commit)
 //! delete  the detach steps, then cloud_delete_sent → (commit)
 //! ```
+//!
+//! `device_found`, `named`, `exported` and `cloud_detached` are no longer written (what they marked is redone from
+//! the step before them, see `docs/architecture.md`, guarantee 5a); journals of earlier versions that stopped
+//! at one of them resume like the step before.
 
 use std::future::Future;
 
