@@ -161,7 +161,7 @@ async fn volume_pages_join_filter_and_concatenate(db: &TestDb) -> Result<()> {
     store.upsert_volume(&vols[6]).await?;
 
     let mut live: Vec<&VolumeRecord> = vols[..6].iter().collect();
-    live.sort_by(|a, b| (a.created_at, a.id).cmp(&(b.created_at, b.id)));
+    live.sort_by_key(|a| (a.created_at, a.id));
     let want: Vec<Uuid> = live.iter().map(|v| v.id).collect();
 
     let full = store.page_volumes(&VolumeFilter::default()).await?;
