@@ -235,7 +235,7 @@ pub(crate) fn wire_kind(op: &OperationRecord) -> Result<OperationKind, EngineErr
         what: &str,
         v: &serde_json::Value,
     ) -> Result<T, EngineError> {
-        serde_json::from_value(v.clone()).map_err(|e| EngineError::Journal {
+        T::deserialize(v).map_err(|e| EngineError::Journal {
             operation: op.id,
             problem: format!("its {} {what} cannot be read: {e}", op.op_type.as_str()),
         })

@@ -673,22 +673,26 @@ impl Store {
         if let Some(l) = filter.limit {
             sql.push_str(&format!(" LIMIT {}", u64::from(l) + 1));
         }
+        // Columns are read by position: the volume's, the attachment's, the export's, then the operation's.
+        let export_cols: Vec<&str> = EXPORT_COLS
+            .iter()
+            .chain(&EXPORT_COUNTER_COLS)
+            .copied()
+            .collect();
+        let a_at = VOLUME_COLS.len();
+        let e_at = a_at + ATTACHMENT_COLS.len();
+        let o_at = e_at + export_cols.len();
         let rows = self
             .read_all(&sql, args, "listing volumes", |row| {
-                let a = Reader::prefixed(row, "attachments", "volume_id", "a_");
-                let e = Reader::prefixed(row, "exports", "volume_id", "e_");
-                let o = Reader::prefixed(row, "operations", "id", "o_");
+                let v = Reader::at(row, "volumes", "id", &VOLUME_COLS, 0);
+                let a = Reader::at(row, "attachments", "volume_id", &ATTACHMENT_COLS, a_at);
+                let e = Reader::at(row, "exports", "volume_id", &export_cols, e_at);
+                let o = Reader::at(row, "operations", "id", &op_cols, o_at);
                 Ok(VolumeRow {
-                    volume: volume_from_row(row)?,
-                    attachment: a
-                        .present("volume_id")
-                        .then(|| attachment_from(&a))
-                        .transpose()?,
-                    export: e
-                        .present("volume_id")
-                        .then(|| export_from(&e))
-                        .transpose()?,
-                    last_operation: o.present("id").then(|| operation_from(&o)).transpose()?,
+                    volume: volume_from(&v)?,
+                    attachment: a.present().then(|| attachment_from(&a)).transpose()?,
+                    export: e.present().then(|| export_from(&e)).transpose()?,
+                    last_operation: o.present().then(|| operation_from(&o)).transpose()?,
                 })
             })
             .await?;
