@@ -70,8 +70,9 @@ impl Inner {
             || appliance.as_deref() == Some(vm.as_str());
         let _vm = self.vm_locks.lock(&vm).await;
         if local {
+            // Not journaled on its own (`export_removed`): the teardown is local and idempotent, and an entry
+            // resumed from any later point does it again before anything else.
             self.teardown_local(volume_id).await?;
-            self.step(op, DetachStep::ExportRemoved.into()).await?;
         }
         if cloud_vm.is_some() {
             if let Err(cause) = self.cloud_detach(op, volume_id).await {

@@ -9,11 +9,11 @@
 //! attach  accepted → started → cloud_attach_job → cloud_attached → (device, name, export: commit)
 //!                      any later failure on the appliance → compensating → compensate_detach_job → (failed)
 //!         to another VM: accepted → started → cloud_attach_job → (commit)
-//! detach  accepted → started → export_removed → cloud_detach_job → (device gone: commit)
+//! detach  accepted → started → (export removed) → cloud_detach_job → (device gone: commit)
 //! delete  the detach steps, then cloud_delete_sent → (commit)
 //! ```
 //!
-//! `device_found`, `named`, `exported` and `cloud_detached` are no longer written (what they marked is redone from
+//! `device_found`, `named`, `exported`, `export_removed` and `cloud_detached` are no longer written (what they marked is redone from
 //! the step before them, see `docs/architecture.md`, guarantee 5a); journals of earlier versions that stopped
 //! at one of them resume like the step before.
 
