@@ -223,6 +223,7 @@ async fn operations_insert_get_list_with_filters(db: &TestDb) -> Result<()> {
             vm_id: Some("vm-a".into()),
             volume_id: Some(v1),
             limit: Some(10),
+            after: None,
         })
         .await?;
     ensure!(combined.len() == 1 && combined[0].id == a1.id);

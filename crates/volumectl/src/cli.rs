@@ -60,6 +60,15 @@ pub struct Cli {
     /// Print tables with every cell in full, however wide.
     #[arg(long, global = true)]
     pub wide: bool,
+    /// Items per request when reading a whole listing (volumes, operations, exports are read page by page).
+    #[arg(
+        long,
+        global = true,
+        env = "VOLUMECTL_PAGE_SIZE",
+        default_value_t = crate::client::PAGE,
+        value_parser = clap::value_parser!(u32).range(1..=1000)
+    )]
+    pub page_size: u32,
     #[command(subcommand)]
     pub command: Command,
 }

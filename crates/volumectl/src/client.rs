@@ -11,7 +11,7 @@ use uuid::Uuid;
 use volume_api::{
     Appliance, AttachVolumeRequest, CloudOffering, CloudVm, CloudZone, CreateVolumeRequest,
     ErrorBody, Export, ExportList, Health, Operation, ReconcileReport, ReconcileRequest,
-    SetApplianceRequest, VolumeStatus, API_PREFIX, IDEMPOTENCY_KEY_HEADER,
+    SetApplianceRequest, VolumeState, VolumeStatus, API_PREFIX, IDEMPOTENCY_KEY_HEADER,
 };
 
 /// Longest server-side wait asked for in one `GET /operations/{id}?wait=` request.
@@ -125,6 +125,8 @@ pub struct Answer<T> {
 pub struct Client {
     http: reqwest::Client,
     base: String,
+    /// Items per page when reading a whole listing.
+    page: u32,
 }
 
 impl Client {
@@ -153,10 +155,74 @@ impl Client {
         Ok(Self {
             http,
             base: trimmed.to_string(),
+            page: PAGE,
         })
     }
 
+    /// Reads whole listings `page` items at a time.
+    pub fn with_page_size(mut self, page: u32) -> Self {
+        self.page = page.max(1);
+        self
+    }
+
     async fn call<T: DeserializeOwned>(&self, c: Call<'_>) -> Result<Answer<T>, ClientError> {
+        Ok(self.call_linked(c).await?.0)
+    }
+
+    /// Reads a whole listing page by page (the client's page size at a time), following each answer's
+    /// `Link: <…>; rel="next"` header; `items` finds the page's array in an answer. The answer is the first
+    /// page's with every later page's items appended (and `count`, where the body has one, set to the total).
+    async fn all_pages<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        mut query: Vec<(&'static str, String)>,
+        items: fn(&mut serde_json::Value) -> Option<&mut Vec<serde_json::Value>>,
+    ) -> Result<Answer<T>, ClientError> {
+        query.push(("limit", self.page.to_string()));
+        let (first, mut next) = self
+            .call_linked::<serde_json::Value>(Call {
+                query,
+                ..Call::new(Method::GET, path)
+            })
+            .await?;
+        let mut raw = first.raw;
+        let mut pages = 1;
+        while let Some(target) = next {
+            pages += 1;
+            let (mut page, link) = self
+                .call_linked::<serde_json::Value>(Call::new(Method::GET, target))
+                .await?;
+            let more = items(&mut page.raw).map(std::mem::take).unwrap_or_default();
+            if let Some(all) = items(&mut raw) {
+                all.extend(more);
+            }
+            next = link;
+            if pages > MAX_PAGES {
+                break;
+            }
+        }
+        let total = items(&mut raw).map(|a| a.len());
+        if let (Some(n), Some(obj)) = (total, raw.as_object_mut()) {
+            if obj.contains_key("count") {
+                obj.insert("count".into(), n.into());
+            }
+        }
+        let value = serde_json::from_value(raw.clone()).map_err(|e| ClientError::Unexpected {
+            method: Method::GET,
+            path: path.to_string(),
+            url: self.base.clone(),
+            status: StatusCode::OK,
+            source: Box::new(e),
+        })?;
+        Ok(Answer { value, raw })
+    }
+
+    /// [`Self::call`], also returning the target of the answer's `Link: <…>; rel="next"` header. `path` is
+    /// below `/api/v1`, or a link target that already starts with it.
+    async fn call_linked<T: DeserializeOwned>(
+        &self,
+        c: Call<'_>,
+    ) -> Result<(Answer<T>, Option<String>), ClientError> {
         let Call {
             method,
             path,
@@ -167,7 +233,11 @@ impl Client {
             accept_status,
         } = c;
         let path = path.as_str();
-        let url = format!("{}{API_PREFIX}{path}", self.base);
+        let url = if path.starts_with(API_PREFIX) {
+            format!("{}{path}", self.base)
+        } else {
+            format!("{}{API_PREFIX}{path}", self.base)
+        };
         let mut req = self
             .http
             .request(method.clone(), &url)
@@ -181,6 +251,12 @@ impl Client {
         }
         let resp = req.send().await.map_err(|e| self.transport(e))?;
         let status = resp.status();
+        let next = resp
+            .headers()
+            .get_all(reqwest::header::LINK)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(next_link);
         let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
         let unexpected =
             |source: Box<dyn std::error::Error + Send + Sync>| ClientError::Unexpected {
@@ -194,7 +270,7 @@ impl Client {
             let raw: serde_json::Value =
                 serde_json::from_slice(&bytes).map_err(|e| unexpected(Box::new(e)))?;
             let value = serde_json::from_value(raw.clone()).map_err(|e| unexpected(Box::new(e)))?;
-            return Ok(Answer { value, raw });
+            return Ok((Answer { value, raw }, next));
         }
         match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(body) => Err(ClientError::Api { status, body }),
@@ -302,8 +378,17 @@ impl Client {
         self.get(&format!("/volumes/{volume_id}")).await
     }
 
-    pub async fn volumes(&self) -> Result<Answer<Vec<VolumeStatus>>, ClientError> {
-        self.get("/volumes").await
+    /// Every volume (in the given state, when one is given), read page by page.
+    pub async fn volumes(
+        &self,
+        state: Option<VolumeState>,
+    ) -> Result<Answer<Vec<VolumeStatus>>, ClientError> {
+        let query = state
+            .map(|s| ("state", s.to_string()))
+            .into_iter()
+            .collect();
+        self.all_pages("/volumes", query, serde_json::Value::as_array_mut)
+            .await
     }
 
     pub async fn operation(&self, id: Uuid) -> Result<Answer<Operation>, ClientError> {
@@ -342,14 +427,20 @@ impl Client {
         if let Some(v) = &filter.vm_id {
             q.push(("vm_id", v.clone()));
         }
-        if let Some(l) = filter.limit {
-            q.push(("limit", l.to_string()));
+        match filter.limit {
+            Some(l) => {
+                q.push(("limit", l.to_string()));
+                self.call(Call {
+                    query: q,
+                    ..Call::new(Method::GET, "/operations")
+                })
+                .await
+            }
+            None => {
+                self.all_pages("/operations", q, serde_json::Value::as_array_mut)
+                    .await
+            }
         }
-        self.call(Call {
-            query: q,
-            ..Call::new(Method::GET, "/operations")
-        })
-        .await
     }
 
     pub async fn cloud_zones(&self) -> Result<Answer<Vec<CloudZone>>, ClientError> {
@@ -372,8 +463,13 @@ impl Client {
             .unwrap_or_else(|| "127.0.0.1".into())
     }
 
+    /// Every export, read page by page.
     pub async fn exports(&self) -> Result<Answer<ExportList>, ClientError> {
-        self.get("/exports").await
+        self.all_pages("/exports", Vec::new(), |v| {
+            v.get_mut("exports")
+                .and_then(serde_json::Value::as_array_mut)
+        })
+        .await
     }
 
     pub async fn export(&self, volume_id: Uuid) -> Result<Answer<Export>, ClientError> {
@@ -441,6 +537,27 @@ impl Call<'_> {
     }
 }
 
+/// Items per page when volumectl reads a whole listing, unless told otherwise.
+pub const PAGE: u32 = 500;
+/// A listing longer than this many pages is cut off (a daemon that keeps answering with a next page).
+const MAX_PAGES: usize = 100_000;
+
+/// The target of the `rel="next"` link of one `Link` header value (RFC 8288: `<URL>; rel="next"`, several
+/// links separated by commas).
+fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|link| {
+        let (target, params) = link.trim().split_once('>')?;
+        let target = target.strip_prefix('<')?;
+        params
+            .split(';')
+            .any(|p| {
+                let p = p.trim();
+                p == "rel=\"next\"" || p == "rel=next"
+            })
+            .then(|| target.to_string())
+    })
+}
+
 /// Deadline of one ordinary request.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deadline of a reconcile run (it asks the cloud about every volume).
@@ -489,6 +606,20 @@ mod tests {
             kind_of_status(StatusCode::INTERNAL_SERVER_ERROR),
             ClientErrorKind::Server
         );
+    }
+
+    #[test]
+    fn the_next_link_is_found_among_links() {
+        assert_eq!(
+            next_link("</api/v1/volumes?limit=2&after=ab>; rel=\"next\"").as_deref(),
+            Some("/api/v1/volumes?limit=2&after=ab")
+        );
+        assert_eq!(
+            next_link("</a>; rel=\"prev\", </b>; rel=\"next\"").as_deref(),
+            Some("/b")
+        );
+        assert_eq!(next_link("</a>; rel=\"prev\""), None);
+        assert_eq!(next_link("garbage"), None);
     }
 
     #[test]

@@ -102,7 +102,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         let mut o = std::io::stdout().lock();
         return quiet_on_closed_pipe(o.write_all(&buf).and_then(|()| o.flush()));
     }
-    let client = Client::new(&cli.url, cli.token.as_deref())?;
+    let client = Client::new(&cli.url, cli.token.as_deref())?.with_page_size(cli.page_size);
     match cli.command {
         Command::Volumes(c) => volumes(&client, &out, c).await,
         Command::Ops(c) => ops(&client, &out, c).await,
@@ -209,7 +209,11 @@ async fn volumes(client: &Client, out: &Out, c: VolumesCommand) -> Result<(), Cl
             out.show(&v, |v| render::volume_detail(v, &names))
         }
         VolumesCommand::List { vm, state, name } => {
-            let mut all = client.volumes().await?;
+            // The daemon filters by state; the name and VM (which may be a VM's name) are matched here.
+            let server_state = state
+                .as_deref()
+                .and_then(|s| volume_api::VolumeState::parse(&s.to_ascii_lowercase()));
+            let mut all = client.volumes(server_state).await?;
             let names = if out.json && vm.is_none() {
                 VmNames::new()
             } else {

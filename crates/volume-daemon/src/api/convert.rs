@@ -38,10 +38,6 @@ pub fn operation(op: &OperationRecord) -> Result<Operation, EngineError> {
     })
 }
 
-pub fn operations(ops: &[OperationRecord]) -> Result<Vec<Operation>, EngineError> {
-    ops.iter().map(operation).collect()
-}
-
 fn file_name(p: &str) -> Option<String> {
     std::path::Path::new(p)
         .file_name()

@@ -8,6 +8,7 @@ mod extract;
 mod health;
 mod listener;
 mod openapi;
+mod page;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,8 @@ use uuid::Uuid;
 use volume_api::{
     AttachVolumeRequest, CloudOffering, CloudVm, CloudZone, CreateExportRequest,
     CreateVolumeRequest, ExportList, ExportRemoved, OperationStatus, OperationType,
-    ReconcileRequest, SetApplianceRequest, VolumeOperationRequest, IDEMPOTENCY_KEY_HEADER,
+    ReconcileRequest, SetApplianceRequest, VolumeOperationRequest, VolumeState,
+    IDEMPOTENCY_KEY_HEADER,
 };
 // Named only in the OpenAPI annotations of the handlers.
 #[allow(unused_imports)]
@@ -37,7 +39,7 @@ pub(crate) use listener::{serve, ListenerLimits};
 
 use crate::config::Secret;
 use crate::engine::{Engine, Request};
-use crate::store::OperationFilter;
+use crate::store::{OperationFilter, VolumeFilter};
 use extract::JsonBody;
 
 /// Everything a handler needs.
@@ -347,19 +349,78 @@ async fn delete_volume(
     .await
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumesQuery {
+    vm_id: Option<String>,
+    state: Option<String>,
+    name: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
+}
+
 #[utoipa::path(
     get,
     path = "/volumes",
     tag = "volumes",
-    responses((status = 200, description = "every volume the daemon knows (the cloud is not asked)", body = Vec<VolumeStatus>))
+    params(
+        ("vm_id" = Option<String>, Query, description = "only volumes attached to this VM"),
+        ("state" = Option<VolumeState>, Query, description = "only volumes in this state (deleted volumes are listed only with `deleted`)"),
+        ("name" = Option<String>, Query, description = "only volumes of exactly this name"),
+        ("limit" = Option<u32>, Query, description = "a page of at most this many (1 to 1000); a `Link: <…>; rel=\"next\"` header names the next page"),
+        ("after" = Option<String>, Query, description = "the cursor of the next page, as the `Link` header of the previous one gives it"),
+    ),
+    responses(
+        (status = 200, description = "the volumes the daemon knows, oldest first (the cloud is not asked); with `limit`, one page and a `Link` header when there are more",
+         body = Vec<VolumeStatus>,
+         headers(("Link" = String, description = "`<URL>; rel=\"next\"` (RFC 8288) when another page follows"))),
+        (status = 400, description = "an unknown filter value, a bad limit or cursor; `field` names it", body = ErrorBody),
+    )
 )]
-async fn list_volumes(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let views = st.engine.volume_list().await?;
-    let out = views
-        .iter()
-        .map(convert::volume_status)
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(out).into_response())
+async fn list_volumes(
+    State(st): State<AppState>,
+    q: Result<Query<VolumesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest {
+        field: None,
+        message: format!("{e}: filters are vm_id, state, name, limit, after"),
+    })?;
+    let state = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(VolumeState::parse(s).ok_or_else(|| {
+            ApiError::bad(
+                "state",
+                format!("state {s:?} is not one of attached, detached, deleted"),
+            )
+        })?),
+    };
+    let filter = VolumeFilter {
+        vm_id: q.vm_id.filter(|s| !s.is_empty()),
+        state,
+        name: q.name.filter(|s| !s.is_empty()),
+        limit: page::limit(q.limit.as_deref())?,
+        after: page::after(q.after.as_deref())?,
+    };
+    let (views, next) = st.engine.volume_page(&filter).await?;
+    let link = match (next, filter.limit) {
+        (Some(next), Some(limit)) => Some(page::next_link(
+            "/volumes",
+            &[
+                ("vm_id", filter.vm_id.clone()),
+                ("state", filter.state.map(|s| s.to_string())),
+                ("name", filter.name.clone()),
+            ],
+            limit,
+            &next,
+        )?),
+        _ => None,
+    };
+    page::json_array(
+        views
+            .iter()
+            .map(|v| convert::volume_status(v).map_err(ApiError::from)),
+        link,
+    )
 }
 
 #[utoipa::path(
@@ -544,7 +605,8 @@ struct OpsQuery {
     status: Option<String>,
     volume_id: Option<String>,
     vm_id: Option<String>,
-    limit: Option<u32>,
+    limit: Option<String>,
+    after: Option<String>,
 }
 
 #[utoipa::path(
@@ -556,11 +618,14 @@ struct OpsQuery {
         ("status" = Option<OperationStatus>, Query, description = "only this status"),
         ("volume_id" = Option<Uuid>, Query, description = "only on this volume"),
         ("vm_id" = Option<String>, Query, description = "only for this VM"),
-        ("limit" = Option<u32>, Query, description = "at most this many (1 to 1000)"),
+        ("limit" = Option<u32>, Query, description = "a page of at most this many (1 to 1000); a `Link: <…>; rel=\"next\"` header names the next page"),
+        ("after" = Option<String>, Query, description = "the cursor of the next page, as the `Link` header of the previous one gives it"),
     ),
     responses(
-        (status = 200, description = "newest first; an empty array when none match", body = Vec<Operation>),
-        (status = 400, description = "an unknown filter value; `field` names it", body = ErrorBody),
+        (status = 200, description = "newest first; an empty array when none match; with `limit`, one page and a `Link` header when there are more",
+         body = Vec<Operation>,
+         headers(("Link" = String, description = "`<URL>; rel=\"next\"` (RFC 8288) when another page follows"))),
+        (status = 400, description = "an unknown filter value, a bad limit or cursor; `field` names it", body = ErrorBody),
     )
 )]
 async fn list_operations(
@@ -569,7 +634,7 @@ async fn list_operations(
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest {
         field: None,
-        message: format!("{e}: filters are type, status, volume_id, vm_id, limit"),
+        message: format!("{e}: filters are type, status, volume_id, vm_id, limit, after"),
     })?;
     let op_type = match q.op_type.as_deref() {
         None | Some("") => None,
@@ -595,22 +660,35 @@ async fn list_operations(
         None | Some("") => None,
         Some(v) => Some(parse_volume_id(v)?),
     };
-    if let Some(l) = q.limit {
-        if l == 0 || l > 1000 {
-            return Err(ApiError::bad("limit", "limit must be between 1 and 1000"));
-        }
-    }
-    let ops = st
-        .engine
-        .operations(&OperationFilter {
-            op_type,
-            status,
-            volume_id,
-            vm_id: q.vm_id.filter(|s| !s.is_empty()),
-            limit: q.limit,
-        })
-        .await?;
-    Ok(Json(convert::operations(&ops)?).into_response())
+    let filter = OperationFilter {
+        op_type,
+        status,
+        volume_id,
+        vm_id: q.vm_id.filter(|s| !s.is_empty()),
+        limit: page::limit(q.limit.as_deref())?,
+        after: page::after(q.after.as_deref())?,
+    };
+    let ops = st.engine.operations(&filter).await?;
+    let link = match (ops.next, filter.limit) {
+        (Some(next), Some(limit)) => Some(page::next_link(
+            "/operations",
+            &[
+                ("type", filter.op_type.map(|t| t.as_str().to_string())),
+                ("status", filter.status.map(|s| s.as_str().to_string())),
+                ("volume_id", filter.volume_id.map(|v| v.to_string())),
+                ("vm_id", filter.vm_id.clone()),
+            ],
+            limit,
+            &next,
+        )?),
+        _ => None,
+    };
+    page::json_array(
+        ops.items
+            .iter()
+            .map(|o| convert::operation(o).map_err(ApiError::from)),
+        link,
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -693,25 +771,52 @@ async fn create_export(
         .into_response())
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportsQuery {
+    limit: Option<String>,
+    after: Option<String>,
+}
+
 #[utoipa::path(
     get,
     path = "/exports",
     tag = "exports",
-    responses((status = 200, description = "every recorded export with its live state", body = ExportList))
+    params(
+        ("limit" = Option<u32>, Query, description = "a page of at most this many (1 to 1000); a `Link: <…>; rel=\"next\"` header names the next page"),
+        ("after" = Option<String>, Query, description = "the cursor of the next page, as the `Link` header of the previous one gives it"),
+    ),
+    responses(
+        (status = 200, description = "the recorded exports with their live state, by export name; `count` counts this page; with `limit`, a `Link` header when there are more",
+         body = ExportList,
+         headers(("Link" = String, description = "`<URL>; rel=\"next\"` (RFC 8288) when another page follows"))),
+        (status = 400, description = "a bad limit or cursor; `field` names it", body = ErrorBody),
+    )
 )]
-async fn list_exports(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let exports: Vec<_> = st
-        .engine
-        .export_list()
-        .await?
-        .iter()
-        .map(convert::export)
-        .collect();
-    Ok(Json(ExportList {
+async fn list_exports(
+    State(st): State<AppState>,
+    q: Result<Query<ExportsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest {
+        field: None,
+        message: format!("{e}: parameters are limit, after"),
+    })?;
+    let limit = page::limit(q.limit.as_deref())?;
+    let after = page::after(q.after.as_deref())?;
+    let (views, next) = st.engine.export_list(limit, after.as_ref()).await?;
+    let exports: Vec<_> = views.iter().map(convert::export).collect();
+    let mut resp = Json(ExportList {
         count: exports.len(),
         exports,
     })
-    .into_response())
+    .into_response();
+    if let (Some(next), Some(limit)) = (next, limit) {
+        resp.headers_mut().insert(
+            header::LINK,
+            page::next_link("/exports", &[], limit, &next)?,
+        );
+    }
+    Ok(resp)
 }
 
 #[utoipa::path(

@@ -74,10 +74,11 @@ impl Inner {
                 v
             }
         };
-        self.step(op, AttachStep::CloudAttached).await?;
         if !local {
+            // Nothing local follows: the commit itself records that the cloud attach is done.
             return self.commit_remote_attach(op, &cv).await;
         }
+        self.step(op, AttachStep::CloudAttached).await?;
         match self.attach_local(op, &volume, &cv).await {
             Ok(()) => Ok(()),
             Err(cause) => {
@@ -137,7 +138,7 @@ impl Inner {
         Ok(())
     }
 
-    /// Device by identity → verify → stable name → export → commit.
+    /// Device by identity → verify → stable name → export → commit, with one journal write: the commit.
     async fn attach_local(
         &self,
         op: &AttachEntry,
@@ -164,10 +165,11 @@ impl Inner {
             updated.updated_at = Utc::now();
             self.store.upsert_volume(&updated).await?;
         }
-        self.step(op, AttachStep::DeviceFound).await?;
+        // Device found, named and exported are not journaled one by one: all three are local and idempotent,
+        // an entry stopped at `cloud_attached` redoes them, and their results are committed with the
+        // attachment in one transaction.
         let link_target = dev.link_target().to_path_buf();
         let name = self.devices.name(volume_id, &link_target)?;
-        self.step(op, AttachStep::Named).await?;
         let clients = op
             .request
             .nbd_clients
@@ -177,7 +179,6 @@ impl Inner {
             .exports
             .open(volume_id, &dev.dev_path, &clients, self.cfg.drain_timeout)
             .await?;
-        self.step(op, AttachStep::Exported).await?;
         let now = Utc::now();
         let device_path = link_target.display().to_string();
         let att = AttachmentRecord {

@@ -44,7 +44,7 @@ impl Inner {
             (Some(v), None) => self.cloud_volume(v).await?,
             _ => {
                 let job_id = self
-                    .start_or_resume_job(op, CreateStep::CloudCreateJob, async {
+                    .start_or_resume_job_of(op, CreateStep::CloudCreateJob, async {
                         let preexisting = self
                             .cloud
                             .volumes_named(&c.name)
@@ -69,12 +69,12 @@ impl Inner {
                                 size_bytes: size_sent,
                             })
                             .await?;
-                        if let Some(rid) = &job.resource_id {
-                            let id = volume_uuid(rid)?;
-                            self.store.set_operation_volume(op.id, id).await?;
-                            volume_id = Some(id);
+                        // The volume is journaled with the job id, in the same write.
+                        let named = job.resource_id.as_deref().map(volume_uuid).transpose()?;
+                        if named.is_some() {
+                            volume_id = named;
                         }
-                        Ok(job)
+                        Ok((job, named))
                     })
                     .await?;
                 match volume_id {

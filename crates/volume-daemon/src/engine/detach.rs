@@ -75,10 +75,12 @@ impl Inner {
             .as_ref()
             .filter(|a| local && a.target == AttachTarget::Appliance);
         if local {
+            // Not journaled on its own (`export_removed`): the teardown is local and idempotent, and an entry
+            // resumed from any later point does it again before anything else. A failed teardown (a failed
+            // final flush) stops the detach before the cloud and serves the volume again.
             if let Err(cause) = self.teardown_local(volume_id).await {
                 return Err(self.serve_again(appliance_att, cause).await);
             }
-            self.step(op, DetachStep::ExportRemoved.into()).await?;
         }
         if cloud_vm.is_some() {
             if let Err(cause) = self.cloud_detach(op, volume_id).await {
@@ -86,7 +88,8 @@ impl Inner {
                 return Err(self.serve_again(appliance_att, cause).await);
             }
         }
-        self.step(op, DetachStep::CloudDetached.into()).await?;
+        // `cloud_detached` is not journaled on its own: an entry resumed after this point finds the cloud
+        // reporting the volume detached, skips the job and only waits for the device and commits.
         if local {
             if let Err(e) = self
                 .devices

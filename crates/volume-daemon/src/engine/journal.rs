@@ -5,14 +5,19 @@
 //! Step life cycles (stored spellings in `volume_api::OperationStep`):
 //!
 //! ```text
-//! create  accepted → started → cloud_create_sent → cloud_create_job → (commit)
-//! attach  accepted → started → cloud_attach_job → cloud_attached → device_found → named → exported → (commit)
+//! create  accepted → started → cloud_create_sent → cloud_create_job (with the volume id) → (commit)
+//! attach  accepted → started → cloud_attach_job → cloud_attached → (device, name, export: commit)
 //!                      any later failure on the appliance → compensating → compensate_detach_job → (failed)
-//! detach  accepted → started → export_removed → cloud_detach_job → cloud_detached → (commit)
+//!         to another VM: accepted → started → cloud_attach_job → (commit)
+//! detach  accepted → started → (export removed) → cloud_detach_job → (device gone: commit)
 //! delete  the detach steps, then cloud_delete_sent → (commit)
 //! repair  accepted → started → export_removed (forget_attachment, remove_orphan_export) → (commit)
 //!                             → exported (reexport) → (commit)
 //! ```
+//!
+//! `device_found`, `named`, `exported`, `export_removed` and `cloud_detached` are no longer written (what they marked is redone from
+//! the step before them, see `docs/architecture.md`, guarantee 5a); journals of earlier versions that stopped
+//! at one of them resume like the step before.
 
 use std::future::Future;
 
@@ -255,7 +260,7 @@ pub(crate) fn wire_kind(op: &OperationRecord) -> Result<OperationKind, EngineErr
         what: &str,
         v: &serde_json::Value,
     ) -> Result<T, EngineError> {
-        serde_json::from_value(v.clone()).map_err(|e| EngineError::Journal {
+        T::deserialize(v).map_err(|e| EngineError::Journal {
             operation: op.id,
             problem: format!("its {} {what} cannot be read: {e}", op.op_type.as_str()),
         })
@@ -324,13 +329,29 @@ impl Inner {
         job_step: S,
         start: impl Future<Output = Result<CloudJob, EngineError>>,
     ) -> Result<String, EngineError> {
+        self.start_or_resume_job_of(entry, job_step, async { Ok((start.await?, None)) })
+            .await
+    }
+
+    /// [`Self::start_or_resume_job`] for a job that names the volume it acts on when it starts (`create`):
+    /// the job id and the volume are journaled in one write.
+    pub(super) async fn start_or_resume_job_of<R, S: Step>(
+        &self,
+        entry: &Entry<R, S>,
+        job_step: S,
+        start: impl Future<Output = Result<(CloudJob, Option<Uuid>), EngineError>>,
+    ) -> Result<String, EngineError> {
         if let Some(job) = entry.journaled_job(job_step) {
             return Ok(job.to_string());
         }
-        let job = start.await?;
+        let (job, volume_id) = start.await?;
         self.journal_write("journaling the job id of an operation", || {
-            self.store
-                .set_operation_job(entry.id, job_step.wire().as_str(), &job.job_id)
+            self.store.set_operation_job_of(
+                entry.id,
+                job_step.wire().as_str(),
+                &job.job_id,
+                volume_id,
+            )
         })
         .await?;
         self.notify();

@@ -11,8 +11,8 @@ use crate::cloud::{CloudDiskOffering, CloudError, CloudVm, CloudVolume, CloudZon
 use crate::devices::DeviceError;
 use crate::identity::{IdentitySetError, IdentityState};
 use crate::store::{
-    AttachTarget, AttachmentFilter, AttachmentRecord, ExportRecord, OperationFilter,
-    OperationRecord, VolumeRecord,
+    AttachTarget, AttachmentFilter, AttachmentRecord, Cursor, ExportRecord, OperationFilter,
+    OperationRecord, Page, VolumeFilter, VolumeRecord,
 };
 
 /// The local device of an appliance attachment, as checked now.
@@ -155,10 +155,35 @@ impl Engine {
         Ok(self.volume_views(vec![v], true).await?.pop())
     }
 
-    /// `GET /volumes`: every live volume, without asking the cloud; device checks in one batch.
-    pub(crate) async fn volume_list(&self) -> Result<Vec<VolumeView>, EngineError> {
-        let vols = self.inner.store.list_volumes(false).await?;
-        self.volume_views(vols, false).await
+    /// `GET /volumes`: one page of the volumes matching `filter`, from one store query (volume, attachment,
+    /// export and newest operation joined), without asking the cloud. The live export state comes from the
+    /// in-memory registry; the devices of the page's appliance attachments (a handful: CloudStack limits a
+    /// VM's data disks) are checked together in one blocking task.
+    pub(crate) async fn volume_page(
+        &self,
+        filter: &VolumeFilter,
+    ) -> Result<(Vec<VolumeView>, Option<Cursor>), EngineError> {
+        let page = self.inner.store.page_volumes(filter).await?;
+        let items: Vec<_> = page
+            .items
+            .iter()
+            .map(|r| (r.volume.id, r.attachment.as_ref(), r.volume.size_bytes))
+            .collect();
+        let devices = self.check_devices(&items).await;
+        let views = page
+            .items
+            .into_iter()
+            .zip(devices)
+            .map(|(r, device)| VolumeView {
+                volume: r.volume,
+                attachment: r.attachment,
+                export: r.export.map(|e| self.export_view(e)),
+                cloud: None,
+                device,
+                last_operation: r.last_operation,
+            })
+            .collect();
+        Ok((views, page.next))
     }
 
     /// Volumes with an unfinished operation (the reconciler leaves them to it).
@@ -272,18 +297,28 @@ impl Engine {
         Ok(out)
     }
 
-    /// `GET /operations`.
+    /// `GET /operations`: one page (its `limit` is the page size).
     pub(crate) async fn operations(
         &self,
         filter: &OperationFilter,
-    ) -> Result<Vec<OperationRecord>, EngineError> {
-        Ok(self.inner.store.list_operations(filter).await?)
+    ) -> Result<Page<OperationRecord>, EngineError> {
+        Ok(self.inner.store.page_operations(filter).await?)
     }
 
-    /// `GET /exports`: every recorded export with its live state.
-    pub(crate) async fn export_list(&self) -> Result<Vec<ExportView>, EngineError> {
-        let recs = self.inner.store.list_exports().await?;
-        Ok(recs.into_iter().map(|r| self.export_view(r)).collect())
+    /// `GET /exports`: one page of the recorded exports with their live state.
+    pub(crate) async fn export_list(
+        &self,
+        limit: Option<u32>,
+        after: Option<&Cursor>,
+    ) -> Result<(Vec<ExportView>, Option<Cursor>), EngineError> {
+        let page = self.inner.store.page_exports(limit, after).await?;
+        Ok((
+            page.items
+                .into_iter()
+                .map(|r| self.export_view(r))
+                .collect(),
+            page.next,
+        ))
     }
 
     /// `GET /exports/{volume_id}`.

@@ -21,9 +21,9 @@ use uuid::Uuid;
 pub use dialect::{redact as redact_url, Dialect};
 pub use error::{StoreError, StoreErrorKind};
 pub use records::{
-    ApplianceRecord, AttachTarget, AttachmentFilter, AttachmentRecord, DiskRole, ExportRecord,
-    Inserted, NewOperation, OpError, OpStatus, OpType, OperationFilter, OperationRecord,
-    SnapshotTracking, VolumeRecord, INITIAL_STEP,
+    ApplianceRecord, AttachTarget, AttachmentFilter, AttachmentRecord, Cursor, DiskRole,
+    ExportRecord, Inserted, NewOperation, OpError, OpStatus, OpType, OperationFilter,
+    OperationRecord, Page, SnapshotTracking, VolumeFilter, VolumeRecord, VolumeRow, INITIAL_STEP,
 };
 use rows::{int, now, opt_ts, ts, Reader};
 
@@ -315,6 +315,11 @@ impl Store {
             conds.push("vm_id = ?");
             args.push(Arg::Text(vm.clone()));
         }
+        if let Some(c) = &filter.after {
+            // Newest first: the next page holds the older rows.
+            conds.push("(created_at < ? OR (created_at = ? AND id < ?))");
+            args.extend(keyset_args(c));
+        }
         let mut sql = format!("SELECT {OP_COLS} FROM operations");
         if !conds.is_empty() {
             sql.push_str(" WHERE ");
@@ -324,20 +329,47 @@ impl Store {
         if let Some(l) = filter.limit {
             sql.push_str(&format!(" LIMIT {l}"));
         }
-        let sql = self.dialect.sql(&sql);
+        self.read_all(&sql, args, "listing operations", operation_from_row)
+            .await
+    }
+
+    /// One page of the operations matching `filter` (its `limit` is the page size), newest first.
+    pub async fn page_operations(
+        &self,
+        filter: &OperationFilter,
+    ) -> Result<Page<OperationRecord>, StoreError> {
+        let mut f = filter.clone();
+        f.limit = filter.limit.map(|l| l.saturating_add(1));
+        let rows = self.list_operations(&f).await?;
+        Ok(paged(rows, filter.limit, |o| Cursor {
+            key: ts(o.created_at),
+            id: o.id.to_string(),
+        }))
+    }
+
+    /// Runs a listing statement (`?` placeholders, bound in order) and converts each row as it arrives, so
+    /// that the driver's rows of a large listing are never all held at once.
+    async fn read_all<T>(
+        &self,
+        sql: &str,
+        args: Vec<Arg>,
+        action: &'static str,
+        convert: impl Fn(&AnyRow) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        use futures::TryStreamExt as _;
+        let sql = self.dialect.sql(sql);
         let mut query = sqlx::query(&sql);
         for a in args {
             match a {
                 Arg::Text(s) => query = query.bind(s),
             }
         }
-        query
-            .fetch_all(&self.pool)
-            .await
-            .map_err(q("listing operations"))?
-            .iter()
-            .map(operation_from_row)
-            .collect()
+        let mut rows = query.fetch(&self.pool);
+        let mut out = Vec::new();
+        while let Some(row) = rows.try_next().await.map_err(q(action))? {
+            out.push(convert(&row)?);
+        }
+        Ok(out)
     }
 
     /// Operations that are `pending` or `executing`, oldest first.
@@ -442,12 +474,29 @@ impl Store {
         step: &str,
         job_id: &str,
     ) -> Result<(), StoreError> {
+        self.set_operation_job_of(id, step, job_id, None).await
+    }
+
+    /// [`Store::set_operation_job`], also recording the volume the job acts on when it is given (one write).
+    pub async fn set_operation_job_of(
+        &self,
+        id: Uuid,
+        step: &str,
+        job_id: &str,
+        volume_id: Option<Uuid>,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
+        let mut set = String::from("step = ?, cloud_job_id = ?, updated_at = ?");
+        let mut args = vec![Some(step.into()), Some(job_id.into()), Some(now())];
+        if let Some(v) = volume_id {
+            set.push_str(", volume_id = ?");
+            args.push(Some(v.to_string()));
+        }
         self.update_unfinished(
             &mut conn,
             id,
-            "step = ?, cloud_job_id = ?, updated_at = ?",
-            vec![Some(step.into()), Some(job_id.into()), Some(now())],
+            &set,
+            args,
             "journaling the job id of an operation",
         )
         .await
@@ -660,6 +709,87 @@ impl Store {
             .collect()
     }
 
+    /// One page of the volumes matching `filter`, oldest first, each with its attachment, export and newest
+    /// operation: one statement, whatever the number of volumes.
+    pub async fn page_volumes(&self, filter: &VolumeFilter) -> Result<Page<VolumeRow>, StoreError> {
+        let join = |alias: &str, cols_of: &[&str], prefix: &str| {
+            cols_of
+                .iter()
+                .map(|c| format!("{alias}.{c} AS {prefix}{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let op_cols: Vec<&str> = OP_COLS.split(',').map(str::trim).collect();
+        let mut sql = format!(
+            "SELECT {}, {}, {}, {}, {} FROM volumes v \
+             LEFT JOIN attachments a ON a.volume_id = v.id \
+             LEFT JOIN exports e ON e.volume_id = v.id \
+             LEFT JOIN operations o ON o.id = (SELECT o2.id FROM operations o2 WHERE o2.volume_id = v.id \
+             ORDER BY o2.created_at DESC, o2.id DESC LIMIT 1)",
+            join("v", &VOLUME_COLS, ""),
+            join("a", &ATTACHMENT_COLS, "a_"),
+            join("e", &EXPORT_COLS, "e_"),
+            join("e", &EXPORT_COUNTER_COLS, "e_"),
+            join("o", &op_cols, "o_"),
+        );
+        let mut conds = vec![match filter.state {
+            None => "v.deleted_at IS NULL",
+            Some(volume_api::VolumeState::Attached) => {
+                "v.deleted_at IS NULL AND a.volume_id IS NOT NULL"
+            }
+            Some(volume_api::VolumeState::Detached) => {
+                "v.deleted_at IS NULL AND a.volume_id IS NULL"
+            }
+            Some(volume_api::VolumeState::Deleted) => "v.deleted_at IS NOT NULL",
+        }];
+        let mut args = Vec::new();
+        if let Some(vm) = &filter.vm_id {
+            conds.push("a.vm_id = ?");
+            args.push(Arg::Text(vm.clone()));
+        }
+        if let Some(n) = &filter.name {
+            conds.push("v.name = ?");
+            args.push(Arg::Text(n.clone()));
+        }
+        if let Some(c) = &filter.after {
+            conds.push("(v.created_at > ? OR (v.created_at = ? AND v.id > ?))");
+            args.extend(keyset_args(c));
+        }
+        sql.push_str(" WHERE ");
+        sql.push_str(&conds.join(" AND "));
+        sql.push_str(" ORDER BY v.created_at ASC, v.id ASC");
+        if let Some(l) = filter.limit {
+            sql.push_str(&format!(" LIMIT {}", u64::from(l) + 1));
+        }
+        // Columns are read by position: the volume's, the attachment's, the export's, then the operation's.
+        let export_cols: Vec<&str> = EXPORT_COLS
+            .iter()
+            .chain(&EXPORT_COUNTER_COLS)
+            .copied()
+            .collect();
+        let a_at = VOLUME_COLS.len();
+        let e_at = a_at + ATTACHMENT_COLS.len();
+        let o_at = e_at + export_cols.len();
+        let rows = self
+            .read_all(&sql, args, "listing volumes", |row| {
+                let v = Reader::at(row, "volumes", "id", &VOLUME_COLS, 0);
+                let a = Reader::at(row, "attachments", "volume_id", &ATTACHMENT_COLS, a_at);
+                let e = Reader::at(row, "exports", "volume_id", &export_cols, e_at);
+                let o = Reader::at(row, "operations", "id", &op_cols, o_at);
+                Ok(VolumeRow {
+                    volume: volume_from(&v)?,
+                    attachment: a.present().then(|| attachment_from(&a)).transpose()?,
+                    export: e.present().then(|| export_from(&e)).transpose()?,
+                    last_operation: o.present().then(|| operation_from(&o)).transpose()?,
+                })
+            })
+            .await?;
+        Ok(paged(rows, filter.limit, |r| Cursor {
+            key: ts(r.volume.created_at),
+            id: r.volume.id.to_string(),
+        }))
+    }
+
     /// Removes the volume's record for good (deletion through the API keeps a tombstone instead). Conflict
     /// while it has an attachment or an export. Returns whether a record existed.
     pub async fn delete_volume(&self, id: Uuid) -> Result<bool, StoreError> {
@@ -855,6 +985,35 @@ impl Store {
             .iter()
             .map(export_from_row)
             .collect()
+    }
+
+    /// One page of the exports, by export name: at most `limit` (all when `None`), after `after`.
+    pub async fn page_exports(
+        &self,
+        limit: Option<u32>,
+        after: Option<&Cursor>,
+    ) -> Result<Page<ExportRecord>, StoreError> {
+        let mut sql = format!(
+            "SELECT {}, {} FROM exports",
+            cols(&EXPORT_COLS),
+            cols(&EXPORT_COUNTER_COLS)
+        );
+        let mut args = Vec::new();
+        if let Some(c) = after {
+            sql.push_str(" WHERE (export_name > ? OR (export_name = ? AND volume_id > ?))");
+            args.extend(keyset_args(c));
+        }
+        sql.push_str(" ORDER BY export_name ASC, volume_id ASC");
+        if let Some(l) = limit {
+            sql.push_str(&format!(" LIMIT {}", u64::from(l) + 1));
+        }
+        let rows = self
+            .read_all(&sql, args, "listing exports", export_from_row)
+            .await?;
+        Ok(paged(rows, limit, |e| Cursor {
+            key: e.export_name.clone(),
+            id: e.volume_id.to_string(),
+        }))
     }
 
     /// Saves what the current run has counted on the volume's export of `generation` (overwriting the
@@ -1125,6 +1284,28 @@ impl Store {
     }
 }
 
+/// The binds of a keyset condition `(key <op> ? OR (key = ? AND id <op> ?))`.
+fn keyset_args(c: &Cursor) -> [Arg; 3] {
+    [
+        Arg::Text(c.key.clone()),
+        Arg::Text(c.key.clone()),
+        Arg::Text(c.id.clone()),
+    ]
+}
+
+/// Cuts rows read with one more than `limit` into a page: the extra row only says that there is more, and
+/// the cursor names the last row kept.
+fn paged<T>(mut rows: Vec<T>, limit: Option<u32>, cursor: impl Fn(&T) -> Cursor) -> Page<T> {
+    let next = match limit {
+        Some(l) if rows.len() > l as usize => {
+            rows.truncate(l as usize);
+            rows.last().map(cursor)
+        }
+        _ => None,
+    };
+    Page { items: rows, next }
+}
+
 fn update_cols<'a>(all: &[&'a str], keep: &[&str]) -> Vec<&'a str> {
     all.iter().copied().filter(|c| !keep.contains(c)).collect()
 }
@@ -1159,7 +1340,10 @@ async fn delete_by_volume(
 }
 
 fn operation_from_row(row: &AnyRow) -> Result<OperationRecord, StoreError> {
-    let r = Reader::new(row, "operations", "id");
+    operation_from(&Reader::new(row, "operations", "id"))
+}
+
+fn operation_from(r: &Reader<'_>) -> Result<OperationRecord, StoreError> {
     let error = match (r.opt_text("error_code")?, r.opt_text("error_message")?) {
         (None, None) => None,
         (code, message) => Some(OpError {
@@ -1186,7 +1370,10 @@ fn operation_from_row(row: &AnyRow) -> Result<OperationRecord, StoreError> {
 }
 
 fn volume_from_row(row: &AnyRow) -> Result<VolumeRecord, StoreError> {
-    let r = Reader::new(row, "volumes", "id");
+    volume_from(&Reader::new(row, "volumes", "id"))
+}
+
+fn volume_from(r: &Reader<'_>) -> Result<VolumeRecord, StoreError> {
     Ok(VolumeRecord {
         id: r.uuid("id")?,
         name: r.text("name")?,
@@ -1209,7 +1396,10 @@ fn volume_from_row(row: &AnyRow) -> Result<VolumeRecord, StoreError> {
 }
 
 fn attachment_from_row(row: &AnyRow) -> Result<AttachmentRecord, StoreError> {
-    let r = Reader::new(row, "attachments", "volume_id");
+    attachment_from(&Reader::new(row, "attachments", "volume_id"))
+}
+
+fn attachment_from(r: &Reader<'_>) -> Result<AttachmentRecord, StoreError> {
     Ok(AttachmentRecord {
         volume_id: r.uuid("volume_id")?,
         vm_id: r.text("vm_id")?,
@@ -1227,7 +1417,10 @@ fn attachment_from_row(row: &AnyRow) -> Result<AttachmentRecord, StoreError> {
 }
 
 fn export_from_row(row: &AnyRow) -> Result<ExportRecord, StoreError> {
-    let r = Reader::new(row, "exports", "volume_id");
+    export_from(&Reader::new(row, "exports", "volume_id"))
+}
+
+fn export_from(r: &Reader<'_>) -> Result<ExportRecord, StoreError> {
     Ok(ExportRecord {
         volume_id: r.uuid("volume_id")?,
         export_name: r.text("export_name")?,

@@ -79,6 +79,47 @@ pub struct OperationFilter {
     pub volume_id: Option<Uuid>,
     pub vm_id: Option<String>,
     pub limit: Option<u32>,
+    /// Only operations listed after this one (see [`Cursor`]).
+    pub after: Option<Cursor>,
+}
+
+/// Where a listing continues: the sort key and the id of the last row of the previous page. Rows are read in
+/// (key, id) order, and a row's key never changes (creation time, export name), so a row inserted meanwhile
+/// sorts before the cursor or after it, never moving a row across it: paging neither repeats nor skips rows
+/// that existed when it began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub key: String,
+    pub id: String,
+}
+
+/// One page of a listing: at most the limit asked for, and the cursor of the next page when there is more.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<Cursor>,
+}
+
+/// Filters of [`crate::store::Store::page_volumes`]; unset fields match everything. Oldest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VolumeFilter {
+    /// Only volumes attached to this VM.
+    pub vm_id: Option<String>,
+    /// Only volumes in this state; deleted volumes (tombstones) are listed only when asked for.
+    pub state: Option<volume_api::VolumeState>,
+    /// Only volumes of exactly this name.
+    pub name: Option<String>,
+    pub limit: Option<u32>,
+    pub after: Option<Cursor>,
+}
+
+/// A volume with its attachment, export and newest operation, as one listing query reads them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeRow {
+    pub volume: VolumeRecord,
+    pub attachment: Option<AttachmentRecord>,
+    pub export: Option<ExportRecord>,
+    pub last_operation: Option<OperationRecord>,
 }
 
 /// Snapshot tracking of a volume (kept for the predecessor's callers).

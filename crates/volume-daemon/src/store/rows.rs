@@ -38,6 +38,8 @@ pub struct Reader<'r> {
     row: &'r AnyRow,
     table: &'static str,
     key: String,
+    /// Where a joined table's columns are: their names in select order and the index of the first.
+    layout: Option<(&'r [&'r str], usize)>,
 }
 
 impl<'r> Reader<'r> {
@@ -47,7 +49,54 @@ impl<'r> Reader<'r> {
             .ok()
             .flatten()
             .unwrap_or_else(|| "?".into());
-        Self { row, table, key }
+        Self {
+            row,
+            table,
+            key,
+            layout: None,
+        }
+    }
+
+    /// A reader of the columns of `table` that a join selected as `names`, in that order, from index `first`
+    /// on (read by position: no name lookups).
+    pub fn at(
+        row: &'r AnyRow,
+        table: &'static str,
+        key_col: &str,
+        names: &'r [&'r str],
+        first: usize,
+    ) -> Self {
+        let mut r = Self {
+            row,
+            table,
+            key: String::new(),
+            layout: Some((names, first)),
+        };
+        r.key = r
+            .opt_text(key_col)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "?".into());
+        r
+    }
+
+    /// Whether the row has this table's part (a left join leaves its key NULL when not).
+    pub fn present(&self) -> bool {
+        self.key != "?"
+    }
+
+    fn get<T>(&self, col: &str) -> Result<T, StoreError>
+    where
+        T: for<'a> sqlx::Decode<'a, sqlx::Any> + sqlx::Type<sqlx::Any>,
+    {
+        match self.layout {
+            None => self.row.try_get::<T, _>(col),
+            Some((names, first)) => match names.iter().position(|n| *n == col) {
+                Some(i) => self.row.try_get::<T, _>(first + i),
+                None => return Err(self.corrupt(col, "not selected")),
+            },
+        }
+        .map_err(|e| self.corrupt(col, e))
     }
 
     fn corrupt(&self, col: &str, detail: impl std::fmt::Display) -> StoreError {
@@ -59,14 +108,14 @@ impl<'r> Reader<'r> {
 
     /// Text; MariaDB reports TEXT columns as blobs, which are read as UTF-8.
     pub fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError> {
-        match self.row.try_get::<Option<String>, _>(col) {
+        match self.get::<Option<String>>(col) {
             Ok(v) => Ok(v),
-            Err(first) => match self.row.try_get::<Option<Vec<u8>>, _>(col) {
+            Err(first) => match self.get::<Option<Vec<u8>>>(col) {
                 Ok(None) => Ok(None),
                 Ok(Some(bytes)) => String::from_utf8(bytes)
                     .map(Some)
                     .map_err(|e| self.corrupt(col, e)),
-                Err(_) => Err(self.corrupt(col, first)),
+                Err(_) => Err(first),
             },
         }
     }
@@ -77,9 +126,7 @@ impl<'r> Reader<'r> {
     }
 
     pub fn opt_i64(&self, col: &str) -> Result<Option<i64>, StoreError> {
-        self.row
-            .try_get::<Option<i64>, _>(col)
-            .map_err(|e| self.corrupt(col, e))
+        self.get::<Option<i64>>(col)
     }
 
     pub fn i64(&self, col: &str) -> Result<i64, StoreError> {
