@@ -212,7 +212,7 @@ async fn a_journaled_repair_that_never_ran_resumes_at_start_up() {
     let r = call(
         &base,
         reqwest::Method::GET,
-        &format!("/operations/{repair}"),
+        &format!("/operations/{repair}?wait=60"),
         None,
     )
     .await;
