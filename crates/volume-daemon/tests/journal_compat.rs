@@ -49,6 +49,7 @@ async fn journal_old(
             vm_id: vm.map(str::to_string),
             request,
             idempotency_key: None,
+            queue_seq: None,
         })
         .await
         .unwrap();

@@ -150,6 +150,7 @@ async fn journal_create(url: &str, request: Value) -> Uuid {
             vm_id: None,
             request,
             idempotency_key: None,
+            queue_seq: None,
         })
         .await
         .unwrap();

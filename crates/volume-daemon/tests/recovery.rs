@@ -59,6 +59,7 @@ async fn the_api_serves_while_resumed_operations_run_and_new_ones_queue_behind_t
             vm_id: Some(vm.clone()),
             request: json!({"volume_id": vol, "vm_id": vm}),
             idempotency_key: None,
+            queue_seq: None,
         })
         .await
         .unwrap();
@@ -209,6 +210,7 @@ async fn a_volume_with_an_interrupted_detach_is_not_exported_again() {
             vm_id: None,
             request: json!({"volume_id": vol}),
             idempotency_key: None,
+            queue_seq: None,
         })
         .await
         .unwrap();

@@ -48,6 +48,7 @@ fn new_op(
         vm_id: vm_id.map(str::to_string),
         request: json!({ "volume_id": volume_id, "vm_id": vm_id, "note": "ünïcode ✓" }),
         idempotency_key: key.map(str::to_string),
+        queue_seq: None,
     }
 }
 
@@ -1070,6 +1071,35 @@ async fn create_send_journals_the_preexisting_volumes_with_its_step(db: &TestDb)
     Ok(())
 }
 
+async fn unfinished_operations_come_in_queue_order_not_creation_order(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let v = Uuid::new_v4();
+    ensure!(store.max_queue_seq().await? == 0, "nothing numbered yet");
+    // Journaled the way earlier versions did (no number): first, by creation time.
+    let legacy = insert(&store, &new_op(OpType::Detach, Some(v), None, None)).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    // Created in one order, queued in the other.
+    let mut later = new_op(OpType::Attach, Some(v), Some("vm"), None);
+    later.queue_seq = Some(8);
+    let created_first = insert(&store, &later).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    let mut earlier = new_op(OpType::Attach, Some(v), Some("vm"), None);
+    earlier.queue_seq = Some(7);
+    let created_second = insert(&store, &earlier).await?;
+    let order: Vec<Uuid> = store
+        .unfinished_operations()
+        .await?
+        .iter()
+        .map(|o| o.id)
+        .collect();
+    ensure!(
+        order == vec![legacy, created_second, created_first],
+        "queue order: {order:?}"
+    );
+    ensure!(store.max_queue_seq().await? == 8);
+    Ok(())
+}
+
 async fn unreadable_rows_are_corrupt(db: &TestDb) -> Result<()> {
     let store = open(db).await?;
     let id = insert(&store, &new_op(OpType::Create, None, None, None)).await?;
@@ -1146,6 +1176,7 @@ suite!(
     concurrent_commits_attach_once,
     unreadable_rows_are_corrupt,
     create_send_journals_the_preexisting_volumes_with_its_step,
+    unfinished_operations_come_in_queue_order_not_creation_order,
 );
 
 #[tokio::test]

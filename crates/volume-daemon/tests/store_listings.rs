@@ -94,6 +94,7 @@ async fn op(store: &Store, op_type: OpType, volume_id: Uuid, vm: Option<&str>) -
         vm_id: vm.map(str::to_string),
         request: json!({ "volume_id": volume_id, "vm_id": vm }),
         idempotency_key: None,
+        queue_seq: None,
     };
     match store.insert_operation(&new).await? {
         Inserted::Created(r) => Ok(r.id),

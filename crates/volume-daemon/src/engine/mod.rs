@@ -24,7 +24,7 @@ mod repair;
 mod validate;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,10 @@ struct Inner {
     cfg: EngineConfig,
     queues: Arc<Queues>,
     vm_locks: KeyedMutex,
+    /// Held while an operation on the volume is numbered, journaled and queued.
+    submit_locks: KeyedMutex,
+    /// The next `queue_seq` (continues above the journal's highest at start-up).
+    next_seq: AtomicI64,
     permits: Semaphore,
     changes: watch::Sender<u64>,
     tasks: TaskTracker,
@@ -133,6 +137,8 @@ impl Engine {
                 cfg,
                 queues: Arc::new(Queues::default()),
                 vm_locks: KeyedMutex::default(),
+                submit_locks: KeyedMutex::default(),
+                next_seq: AtomicI64::new(1),
                 changes,
                 tasks: TaskTracker::new(),
                 accepting: AtomicBool::new(false),
@@ -169,6 +175,12 @@ impl Engine {
         }
         validate::refuse_control(&req.to_json())?;
         self.inner.precheck(&req).await?;
+        // Numbering, journaling and queuing happen under the volume's submission lock, so the journal's order
+        // (`queue_seq`) is the order of the volume's queue, which recovery re-creates.
+        let _queuing = match req.volume_id() {
+            Some(v) => Some(self.inner.submit_locks.lock(&v.to_string()).await),
+            None => None,
+        };
         let new = NewOperation {
             id: Uuid::new_v4(),
             op_type: req.op_type(),
@@ -176,6 +188,7 @@ impl Engine {
             vm_id: req.vm_id().map(str::to_string),
             request: req.to_json(),
             idempotency_key,
+            queue_seq: Some(self.inner.next_seq.fetch_add(1, Ordering::SeqCst)),
         };
         let operation = match self.inner.store.insert_operation(&new).await? {
             Inserted::Created(op) => op,

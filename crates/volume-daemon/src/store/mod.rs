@@ -204,7 +204,7 @@ impl Store {
         let t = now();
         let sql = self.dialect.sql(
             "INSERT INTO operations (id, op_type, status, step, volume_id, vm_id, request, idempotency_key, \
-             created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             created_at, updated_at, queue_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         );
         let res = sqlx::query(&sql)
             .bind(new.id.to_string())
@@ -217,6 +217,7 @@ impl Store {
             .bind(new.idempotency_key.clone())
             .bind(t.clone())
             .bind(t)
+            .bind(new.queue_seq)
             .execute(&mut *conn)
             .await;
         match res {
@@ -373,9 +374,12 @@ impl Store {
     }
 
     /// Operations that are `pending` or `executing`, oldest first.
+    /// Unfinished operations in the order they were queued: by `queue_seq`, rows of earlier versions (without
+    /// one) first and among themselves by `created_at`.
     pub async fn unfinished_operations(&self) -> Result<Vec<OperationRecord>, StoreError> {
         let sql = format!(
-            "SELECT {OP_COLS} FROM operations WHERE {UNFINISHED} ORDER BY created_at ASC, id ASC"
+            "SELECT {OP_COLS} FROM operations WHERE {UNFINISHED} \
+             ORDER BY CASE WHEN queue_seq IS NULL THEN 0 ELSE 1 END, queue_seq ASC, created_at ASC, id ASC"
         );
         sqlx::query(&sql)
             .fetch_all(&self.pool)
@@ -384,6 +388,15 @@ impl Store {
             .iter()
             .map(operation_from_row)
             .collect()
+    }
+
+    /// The highest `queue_seq` journaled (0 when none): numbering continues above it after a restart.
+    pub async fn max_queue_seq(&self) -> Result<i64, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT MAX(queue_seq) FROM operations")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("reading the highest queue sequence number"))?;
+        Ok(found.unwrap_or(0))
     }
 
     /// Updates an unfinished operation with `SET …` (placeholders first, then the id). NotFound when it does

@@ -52,6 +52,9 @@ pub struct NewOperation {
     pub request: Value,
     /// Unique per operation type: a second insert with the same type and key returns the first entry.
     pub idempotency_key: Option<String>,
+    /// Its place in its volume's queue (see `Store::unfinished_operations`); `None` for rows written the way
+    /// earlier versions wrote them.
+    pub queue_seq: Option<i64>,
 }
 
 /// The outcome of [`crate::store::Store::insert_operation`].
