@@ -157,6 +157,23 @@ impl CloudStack {
     pub fn new(client: cloudstack::Client) -> Self {
         Self { client }
     }
+
+    /// Every page of `listVolumes` for `q`, keeping the volumes `keep` accepts.
+    async fn volumes_where(
+        &self,
+        q: cloudstack::ListVolumes,
+        keep: impl Fn(&CloudVolume) -> bool,
+    ) -> Result<Vec<CloudVolume>, CloudError> {
+        Ok(self
+            .client
+            .list_volumes(&q)
+            .await
+            .map_err(wrap("listVolumes"))?
+            .into_iter()
+            .map(CloudVolume::from)
+            .filter(|v| keep(v))
+            .collect())
+    }
 }
 
 fn kind_of(e: &cloudstack::Error) -> CloudErrorKind {
@@ -299,39 +316,20 @@ impl Cloud for CloudStack {
     }
 
     fn volumes_named<'a>(&'a self, name: &'a str) -> CloudFuture<'a, Vec<CloudVolume>> {
-        Box::pin(async move {
-            let q = cloudstack::ListVolumes {
-                name: Some(name.to_string()),
-                ..Default::default()
-            };
-            Ok(self
-                .client
-                .list_volumes(&q)
-                .await
-                .map_err(wrap("listVolumes"))?
-                .into_iter()
-                .filter(|v| v.name == name)
-                .map(Into::into)
-                .collect())
-        })
+        let q = cloudstack::ListVolumes {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        // CloudStack's name filter also matches other names; keep exact ones.
+        Box::pin(self.volumes_where(q, move |v| v.name == name))
     }
 
     fn volumes_of_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, Vec<CloudVolume>> {
-        Box::pin(async move {
-            let q = cloudstack::ListVolumes {
-                virtualmachine_id: Some(vm_id.to_string()),
-                ..Default::default()
-            };
-            Ok(self
-                .client
-                .list_volumes(&q)
-                .await
-                .map_err(wrap("listVolumes"))?
-                .into_iter()
-                .map(Into::<CloudVolume>::into)
-                .filter(|v| v.vm_id.as_deref() == Some(vm_id))
-                .collect())
-        })
+        let q = cloudstack::ListVolumes {
+            virtualmachine_id: Some(vm_id.to_string()),
+            ..Default::default()
+        };
+        Box::pin(self.volumes_where(q, move |v| v.vm_id.as_deref() == Some(vm_id)))
     }
 
     fn get_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, Option<CloudVm>> {

@@ -359,6 +359,26 @@ struct VolumesQuery {
     after: Option<String>,
 }
 
+/// A query filter naming a value of a wire enum: absent or empty filters nothing; anything else must be one of
+/// the enum's spellings, and the 400 lists them all.
+fn enum_filter<T: Copy + std::fmt::Display>(
+    field: &'static str,
+    value: Option<&str>,
+    parse: fn(&str) -> Option<T>,
+    all: &[T],
+) -> Result<Option<T>, ApiError> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(v) => parse(v).map(Some).ok_or_else(|| {
+            let names: Vec<String> = all.iter().map(T::to_string).collect();
+            ApiError::bad(
+                field,
+                format!("{field} {v:?} is not one of {}", names.join(", ")),
+            )
+        }),
+    }
+}
+
 #[utoipa::path(
     get,
     path = "/volumes",
@@ -385,15 +405,12 @@ async fn list_volumes(
         field: None,
         message: format!("{e}: filters are vm_id, state, name, limit, after"),
     })?;
-    let state = match q.state.as_deref() {
-        None | Some("") => None,
-        Some(s) => Some(VolumeState::parse(s).ok_or_else(|| {
-            ApiError::bad(
-                "state",
-                format!("state {s:?} is not one of attached, detached, deleted"),
-            )
-        })?),
-    };
+    let state = enum_filter(
+        "state",
+        q.state.as_deref(),
+        VolumeState::parse,
+        VolumeState::ALL,
+    )?;
     let filter = VolumeFilter {
         vm_id: q.vm_id.filter(|s| !s.is_empty()),
         state,
@@ -636,26 +653,18 @@ async fn list_operations(
         field: None,
         message: format!("{e}: filters are type, status, volume_id, vm_id, limit, after"),
     })?;
-    let op_type = match q.op_type.as_deref() {
-        None | Some("") => None,
-        Some(t) => Some(OperationType::parse(t).ok_or_else(|| {
-            ApiError::bad(
-                "type",
-                format!("type {t:?} is not one of create, attach, detach, delete"),
-            )
-        })?),
-    };
-    let status = match q.status.as_deref() {
-        None | Some("") => None,
-        Some(s) => Some(OperationStatus::parse(s).ok_or_else(|| {
-            ApiError::bad(
-                "status",
-                format!(
-                    "status {s:?} is not one of pending, executing, completed, failed, cancelled"
-                ),
-            )
-        })?),
-    };
+    let op_type = enum_filter(
+        "type",
+        q.op_type.as_deref(),
+        OperationType::parse,
+        OperationType::ALL,
+    )?;
+    let status = enum_filter(
+        "status",
+        q.status.as_deref(),
+        OperationStatus::parse,
+        OperationStatus::ALL,
+    )?;
     let volume_id = match q.volume_id.as_deref() {
         None | Some("") => None,
         Some(v) => Some(parse_volume_id(v)?),

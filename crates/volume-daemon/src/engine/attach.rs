@@ -7,10 +7,11 @@ use chrono::Utc;
 use uuid::Uuid;
 use volume_api::{AttachOperationRequest, AttachVolumeResponse, DiskRole};
 
+use super::export::Served;
 use super::journal::{json_of, AttachStep, Entry};
 use super::{EngineError, Inner};
 use crate::cloud::CloudVolume;
-use crate::store::{AttachTarget, AttachmentRecord, ExportRecord, VolumeRecord};
+use crate::store::{AttachTarget, AttachmentRecord, VolumeRecord};
 
 type AttachEntry = Entry<AttachOperationRequest, AttachStep>;
 
@@ -157,55 +158,23 @@ impl Inner {
             .await?;
         self.metrics.device_appeared(took);
         tracing::info!(volume = %volume_id, device = %dev.dev_path.display(), took_ms = took.as_millis() as u64, "device found");
-        if volume.size_bytes != size {
-            // The device was verified against the cloud's size: that is the volume's size from now on (a
-            // stale record would fail every later verification, at restart and in status reads).
-            let mut updated = volume.clone();
-            updated.size_bytes = size;
-            updated.updated_at = Utc::now();
-            self.store.upsert_volume(&updated).await?;
-        }
         // Device found, named and exported are not journaled one by one: all three are local and idempotent,
         // an entry stopped at `cloud_attached` redoes them, and their results are committed with the
         // attachment in one transaction.
-        let link_target = dev.link_target().to_path_buf();
-        let name = self.devices.name(volume_id, &link_target)?;
         let clients = op
             .request
             .nbd_clients
             .clone()
             .unwrap_or_else(|| self.cfg.nbd_default_clients.clone());
-        let snap = self
-            .exports
-            .open(volume_id, &dev.dev_path, &clients, self.cfg.drain_timeout)
+        let Served {
+            attachment: att,
+            export,
+            name,
+            snap,
+        } = self
+            .serve_verified(volume, size, &dev, &op.request.vm_id, cv.device_id, clients)
             .await?;
-        let now = Utc::now();
-        let device_path = link_target.display().to_string();
-        let att = AttachmentRecord {
-            volume_id,
-            vm_id: op.request.vm_id.clone(),
-            target: AttachTarget::Appliance,
-            role: DiskRole::Data,
-            device_id: cv.device_id,
-            by_id_path: dev.by_id_path.as_ref().map(|p| p.display().to_string()),
-            kernel_device: Some(dev.dev_path.display().to_string()),
-            stable_name: Some(name.display().to_string()),
-            export_generation: Some(snap.generation),
-            nbd_clients: clients,
-            created_at: now,
-            updated_at: now,
-        };
-        let export = ExportRecord {
-            volume_id,
-            export_name: snap.name.clone(),
-            device_path: device_path.clone(),
-            generation: snap.generation,
-            read_only: false,
-            created_at: now,
-            updated_at: now,
-            bytes_read_before: 0,
-            bytes_written_before: 0,
-        };
+        let device_path = export.device_path.clone();
         let response = AttachVolumeResponse {
             volume_id,
             vm_id: op.request.vm_id.clone(),

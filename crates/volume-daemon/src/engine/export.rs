@@ -2,11 +2,25 @@
 //! teardown (stop new connections, drain in-flight requests, flush, close sessions, then optionally remove
 //! the stable name) that detach, compensation, `DELETE /exports`, the reconciler and shutdown all use.
 
+use std::path::PathBuf;
+
+use chrono::Utc;
 use uuid::Uuid;
+use volume_api::DiskRole;
 
 use super::{Engine, EngineError, Inner};
+use crate::devices::Device;
 use crate::exports::Closed;
-use crate::store::{AttachTarget, AttachmentRecord, ExportRecord};
+use crate::store::{AttachTarget, AttachmentRecord, ExportRecord, VolumeRecord};
+
+/// A verified device named and served: the records an attach or an adoption commits with its operation.
+pub(super) struct Served {
+    pub attachment: AttachmentRecord,
+    pub export: ExportRecord,
+    /// The stable name's path.
+    pub name: PathBuf,
+    pub snap: nbd::ExportSnapshot,
+}
 
 /// What a teardown removes besides the export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +59,65 @@ impl Inner {
         self.teardown(volume_id, Teardown::ExportAndName)
             .await
             .map(|_| ())
+    }
+
+    /// Names a device verified against `size` and serves it under a new export generation for `clients`;
+    /// returns the attachment (to the appliance `vm_id`) and export records to commit. The volume record takes
+    /// the verified size when it differed (a stale size would fail every later verification).
+    pub(super) async fn serve_verified(
+        &self,
+        volume: &VolumeRecord,
+        size: u64,
+        dev: &Device,
+        vm_id: &str,
+        device_id: Option<u32>,
+        clients: Vec<String>,
+    ) -> Result<Served, EngineError> {
+        let volume_id = volume.id;
+        if volume.size_bytes != size {
+            let mut updated = volume.clone();
+            updated.size_bytes = size;
+            updated.updated_at = Utc::now();
+            self.store.upsert_volume(&updated).await?;
+        }
+        let link_target = dev.link_target().to_path_buf();
+        let name = self.devices.name(volume_id, &link_target)?;
+        let snap = self
+            .exports
+            .open(volume_id, &dev.dev_path, &clients, self.cfg.drain_timeout)
+            .await?;
+        let now = Utc::now();
+        let attachment = AttachmentRecord {
+            volume_id,
+            vm_id: vm_id.to_string(),
+            target: AttachTarget::Appliance,
+            role: DiskRole::Data,
+            device_id,
+            by_id_path: dev.by_id_path.as_ref().map(|p| p.display().to_string()),
+            kernel_device: Some(dev.dev_path.display().to_string()),
+            stable_name: Some(name.display().to_string()),
+            export_generation: Some(snap.generation),
+            nbd_clients: clients,
+            created_at: now,
+            updated_at: now,
+        };
+        let export = ExportRecord {
+            volume_id,
+            export_name: snap.name.clone(),
+            device_path: link_target.display().to_string(),
+            generation: snap.generation,
+            read_only: false,
+            created_at: now,
+            updated_at: now,
+            bytes_read_before: 0,
+            bytes_written_before: 0,
+        };
+        Ok(Served {
+            attachment,
+            export,
+            name,
+            snap,
+        })
     }
 
     /// Verifies the attachment's device, re-creates its stable name and opens a new export generation.

@@ -10,13 +10,10 @@ use std::time::Duration;
 use uuid::Uuid;
 use volume_api::{RepairKind, RepairRequest, RepairResponse};
 
-use chrono::Utc;
-use volume_api::DiskRole;
-
-use super::export::Teardown;
+use super::export::{Served, Teardown};
 use super::journal::{json_of, Entry, RepairStep, Request};
 use super::{Engine, EngineError, Inner};
-use crate::store::{AttachTarget, AttachmentRecord, ExportRecord, OpStatus, OperationRecord};
+use crate::store::{AttachTarget, OpStatus, OperationRecord};
 
 impl Engine {
     /// Journals a repair of the volume and queues it behind the volume's other operations.
@@ -153,54 +150,29 @@ impl Inner {
                 "the device of volume {volume_id} is in use by the appliance itself ({why}); it is not adopted"
             )));
         }
-        if volume.size_bytes != size {
-            let mut updated = volume.clone();
-            updated.size_bytes = size;
-            updated.updated_at = Utc::now();
-            self.store.upsert_volume(&updated).await?;
-        }
-        let link_target = dev.link_target().to_path_buf();
-        let name = self.devices.name(volume_id, &link_target)?;
-        let clients = self.cfg.nbd_default_clients.clone();
-        let snap = match self
-            .exports
-            .open(volume_id, &dev.dev_path, &clients, self.cfg.drain_timeout)
-            .await
-        {
+        let served = self
+            .serve_verified(
+                &volume,
+                size,
+                &dev,
+                &appliance,
+                cv.device_id,
+                self.cfg.nbd_default_clients.clone(),
+            )
+            .await;
+        let Served {
+            attachment: att,
+            export,
+            name,
+            snap,
+        } = match served {
             Ok(s) => s,
             Err(e) => {
-                let _ = self.devices.unname(volume_id);
-                return Err(e.into());
+                let _ = self.teardown(volume_id, Teardown::ExportAndName).await;
+                return Err(e);
             }
         };
         self.step(op, RepairStep::Exported).await?;
-        let now = Utc::now();
-        let device_path = link_target.display().to_string();
-        let att = AttachmentRecord {
-            volume_id,
-            vm_id: appliance.clone(),
-            target: AttachTarget::Appliance,
-            role: DiskRole::Data,
-            device_id: cv.device_id,
-            by_id_path: dev.by_id_path.as_ref().map(|p| p.display().to_string()),
-            kernel_device: Some(dev.dev_path.display().to_string()),
-            stable_name: Some(name.display().to_string()),
-            export_generation: Some(snap.generation),
-            nbd_clients: clients,
-            created_at: now,
-            updated_at: now,
-        };
-        let export = ExportRecord {
-            volume_id,
-            export_name: snap.name.clone(),
-            device_path,
-            generation: snap.generation,
-            read_only: false,
-            created_at: now,
-            updated_at: now,
-            bytes_read_before: 0,
-            bytes_written_before: 0,
-        };
         let response = RepairResponse {
             volume_id,
             repair: RepairKind::Adopt,
