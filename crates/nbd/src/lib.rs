@@ -7,6 +7,7 @@
 //! ([`Tls`]); each export's [`Access`] says which verified client identities may list and open it.
 
 mod backend;
+mod bufpool;
 pub mod client;
 mod error;
 #[doc(hidden)]

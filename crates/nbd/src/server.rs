@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bufpool::{BufPool, DEFAULT_POOL_BYTES};
 use crate::error::NbdError;
 use crate::negotiate::{self, Context, Negotiated, Outcome};
 use crate::proto::BLOCK_MAX;
@@ -162,6 +163,7 @@ impl Server {
             idle_timeout: cfg.idle_timeout,
             send_timeout: cfg.send_timeout,
             shutdown_drain: cfg.shutdown_drain,
+            buffers: Arc::new(BufPool::new(DEFAULT_POOL_BYTES)),
         });
         Ok(Server {
             registry,

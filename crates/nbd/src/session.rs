@@ -25,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Extent;
+use crate::bufpool::BufPool;
 use crate::proto::*;
 use crate::registry::Export;
 
@@ -53,6 +54,8 @@ pub(crate) struct Shared {
     pub idle_timeout: Option<Duration>,
     pub send_timeout: Duration,
     pub shutdown_drain: Duration,
+    /// Buffers for WRITE payloads and READ data, reused across requests.
+    pub buffers: Arc<BufPool>,
 }
 
 /// What negotiation decided for this session.
@@ -145,7 +148,7 @@ where
         end
     };
     let writer = async {
-        let r = write_replies(wr, rx, shared.send_timeout).await;
+        let r = write_replies(wr, rx, shared.send_timeout, &shared.buffers).await;
         if r.is_err() {
             broken.cancel();
         }
@@ -291,7 +294,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             None
         };
         let payload = if req.command == CMD_WRITE {
-            let mut buf = Vec::with_capacity(req.length as usize);
+            let mut buf = conn.shared.buffers.take(req.length as usize);
             // The payload holds budget while it arrives: a client that stalls mid-payload is closed.
             let mut limited = (&mut *rd).take(u64::from(req.length));
             let read = limited.read_to_end(&mut buf);
@@ -359,7 +362,7 @@ async fn dispatch(
     if req.length <= INLINE_MAX {
         match req.command {
             CMD_READ => {
-                let mut data = Vec::new();
+                let mut data = conn.shared.buffers.take(req.length as usize);
                 match b.read_nowait(&mut data, req.offset, req.length as usize) {
                     Ok(true) => {
                         count_read(export, req.length);
@@ -368,8 +371,9 @@ async fn dispatch(
                             .send(read_reply(req.cookie, req.offset, data, structured, hold));
                         return;
                     }
-                    Ok(false) => {}
+                    Ok(false) => conn.shared.buffers.give(data),
                     Err(e) => {
+                        conn.shared.buffers.give(data);
                         let _ =
                             conn.tx
                                 .send(error_reply(req.cookie, structured, errno_of(&e), hold));
@@ -381,19 +385,23 @@ async fn dispatch(
                 let data = payload
                     .as_deref()
                     .expect("WRITE requests carry their payload (invariant)");
-                match b.write_nowait(data, req.offset) {
+                let error = match b.write_nowait(data, req.offset) {
                     Ok(n) if n == data.len() && !fua => {
                         count_write(export, req.offset, req.length);
-                        let _ = conn.tx.send(error_reply(req.cookie, false, 0, hold));
-                        return;
+                        Some(0)
                     }
-                    Ok(n) => done_prefix = n,
-                    Err(e) => {
-                        let _ = conn
-                            .tx
-                            .send(error_reply(req.cookie, false, errno_of(&e), hold));
-                        return;
+                    Ok(n) => {
+                        done_prefix = n;
+                        None
                     }
+                    Err(e) => Some(errno_of(&e)),
+                };
+                if let Some(error) = error {
+                    if let Some(p) = payload {
+                        conn.shared.buffers.give(p);
+                    }
+                    let _ = conn.tx.send(error_reply(req.cookie, false, error, hold));
+                    return;
                 }
             }
             _ => {}
@@ -406,6 +414,7 @@ async fn dispatch(
     };
     let export = Arc::clone(export);
     let tx = conn.tx.clone();
+    let buffers = Arc::clone(&conn.shared.buffers);
     if let Some(p) = payload.as_mut() {
         if done_prefix > 0 {
             p.drain(..done_prefix);
@@ -413,7 +422,7 @@ async fn dispatch(
     }
     let skip = done_prefix as u64;
     tokio::task::spawn_blocking(move || {
-        let reply = execute(&export, req, payload, skip, structured, hold);
+        let reply = execute(&export, &buffers, req, payload, skip, structured, hold);
         drop(permit);
         let _ = tx.send(reply);
     });
@@ -506,6 +515,7 @@ fn block_status_reply(cookie: u64, extents: &[Extent], hold: Hold) -> Reply {
 /// Runs one request with blocking calls (on the pool). `skip` bytes of a WRITE were already written.
 fn execute(
     export: &Export,
+    buffers: &BufPool,
     req: Request,
     payload: Option<Vec<u8>>,
     skip: u64,
@@ -532,18 +542,22 @@ fn execute(
     };
     match req.command {
         CMD_READ => {
-            let mut data = Vec::new();
+            let mut data = buffers.take(req.length as usize);
             match b.read_at(&mut data, off, req.length as usize) {
                 Ok(()) => {
                     count_read(export, req.length);
                     read_reply(cookie, off, data, structured, hold)
                 }
-                Err(e) => error_reply(cookie, structured, errno_of(&e), hold),
+                Err(e) => {
+                    buffers.give(data);
+                    error_reply(cookie, structured, errno_of(&e), hold)
+                }
             }
         }
         CMD_WRITE => {
             let data = payload.expect("WRITE requests carry their payload (invariant)");
             let r = then_fua(b.write_at(&data, off + skip));
+            buffers.give(data);
             if r.is_ok() {
                 count_write(export, off, req.length);
             }
@@ -597,6 +611,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: UnboundedReceiver<Reply>,
     send_timeout: Duration,
+    buffers: &BufPool,
 ) -> io::Result<()> {
     let mut batch: Vec<Reply> = Vec::with_capacity(BATCH);
     while let Some(first) = rx.recv().await {
@@ -624,7 +639,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             }
         }
         drop(slices);
-        batch.clear();
+        for r in batch.drain(..) {
+            if r.data.capacity() > 0 {
+                buffers.give(r.data);
+            }
+        }
     }
     wr.flush().await?;
     let _ = wr.shutdown().await;
