@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -296,11 +296,13 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let payload = if req.command == CMD_WRITE {
             let mut buf = conn.shared.buffers.take(req.length as usize);
             // The payload holds budget while it arrives: a client that stalls mid-payload is closed.
-            let mut limited = (&mut *rd).take(u64::from(req.length));
-            let read = limited.read_to_end(&mut buf);
+            let read = read_payload(rd, &mut buf, req.length as usize);
             match tokio::time::timeout(conn.shared.send_timeout, read).await {
-                Ok(Ok(n)) if n == req.length as usize => Some(buf),
-                _ => return End::Client,
+                Ok(Ok(())) => Some(buf),
+                _ => {
+                    conn.shared.buffers.give(buf);
+                    return End::Client;
+                }
             }
         } else {
             None
@@ -318,6 +320,30 @@ async fn read_requests<R: AsyncRead + Unpin>(
         dispatch(conn, req, payload, hold, stop, broken).await;
         since_yield += 1;
     }
+}
+
+/// Appends `len` bytes of payload to `buf`: what the read buffer already holds, then the rest straight
+/// from the socket into `buf`, so a large payload is not copied through the read buffer.
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    buf: &mut Vec<u8>,
+    len: usize,
+) -> io::Result<()> {
+    let target = buf.len() + len;
+    let held = rd.buffer();
+    let n = held.len().min(len);
+    buf.extend_from_slice(&held[..n]);
+    std::pin::Pin::new(&mut *rd).consume(n);
+    buf.reserve(target - buf.len());
+    let inner = rd.get_mut();
+    while buf.len() < target {
+        let want = target - buf.len();
+        let mut limited = (&mut *inner).take(want as u64);
+        if limited.read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
 }
 
 /// The error a request is refused with before it runs, if any.
