@@ -466,6 +466,43 @@ mod tests {
         assert!(!format!("{cfg:?}").contains("s3cret"));
     }
 
+    /// The shipped example names every key an operator may set, and with every line uncommented it still
+    /// parses (the simulator's `sim` table and the simulator-only `allow_regular_files` are left out).
+    #[test]
+    fn the_example_configuration_names_every_key_and_parses_uncommented() {
+        let example = include_str!("../../../deploy/volume-daemon.example.toml");
+        let keys: Vec<String> = format!("{:#?}", Config::default())
+            .lines()
+            .filter_map(|l| l.strip_prefix("    ")?.split_once(": ").map(|(k, _)| k))
+            .filter(|k| !k.starts_with(' ') && !matches!(*k, "sim" | "allow_regular_files"))
+            .map(str::to_string)
+            .collect();
+        assert!(keys.len() > 20, "keys read from the Debug output: {keys:?}");
+        let uncommented: String = example
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if rest
+                        .split_once(" = ")
+                        .is_some_and(|(k, _)| !k.contains(' ')) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        for k in &keys {
+            assert!(
+                uncommented
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{k} = "))),
+                "the example configuration does not mention `{k}`"
+            );
+        }
+        toml::from_str::<Config>(&uncommented).expect("the uncommented example parses");
+    }
+
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         let err = Config::load(None, vec![("VOLUME_DAEMON_NOPE".into(), "1".into())]).unwrap_err();

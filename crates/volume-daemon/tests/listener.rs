@@ -103,3 +103,63 @@ async fn a_request_over_its_time_limit_gets_503() {
     assert!(started.elapsed() < Duration::from_secs(3));
     d.stop().await;
 }
+
+/// Resident memory of this process (the daemon runs in it), in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_returns_to_its_baseline_after_a_flood_of_half_open_connections() {
+    let d = TestDaemon::start_with(|c| {
+        c.api_header_timeout_secs = 1;
+        c.api_max_connections = 4096;
+    })
+    .await;
+    let addr = d
+        .base
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    // Warm up: every lazily built part of a request's path exists before the baseline is taken.
+    for _ in 0..20 {
+        let (status, _) = d.get("/volumes").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let baseline = rss_kib();
+
+    for _round in 0..2 {
+        let mut flood = Vec::new();
+        for _ in 0..2000 {
+            let mut s = TcpStream::connect(&addr).await.unwrap();
+            s.write_all(b"GET /api/v1/volumes HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+            flood.push(s);
+        }
+        for s in &mut flood {
+            assert!(
+                closed_within(s, Duration::from_secs(20)).await.is_some(),
+                "a half-open connection outlived the header deadline"
+            );
+        }
+        drop(flood);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib();
+    assert!(
+        after <= baseline + 4 * 1024,
+        "RSS grew from {baseline} KiB to {after} KiB after the connections closed"
+    );
+    let (status, _) = d.get("/health").await;
+    assert!(status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE);
+    d.stop().await;
+}

@@ -2,7 +2,6 @@
 //! a deadline for each request's headers that also closes idle keep-alive connections, a time limit on
 //! each request, and a graceful stop.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -10,7 +9,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 /// Limits of the REST listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +24,9 @@ pub struct ListenerLimits {
 
 /// How long a stop waits for open requests before closing their connections.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// When this many connections were open at once, the last of them to close hands the memory they used
+/// back to the kernel, so a flood leaves no lasting growth.
+const CROWD: usize = 64;
 
 /// Serves `app` on `listener` until `stop` resolves; then stops accepting, lets open requests end
 /// (at most [`STOP_GRACE`]) and returns.
@@ -39,46 +40,50 @@ pub async fn serve(
         axum::http::StatusCode::SERVICE_UNAVAILABLE,
         limits.request_timeout,
     ));
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let max = limits.max_connections.max(1);
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
+    // One task per connection; finished ones are reaped as they end, so what they held is freed at once.
     let mut conns = tokio::task::JoinSet::new();
+    // Whether many connections were open at once since memory was last handed back.
+    let mut crowded = false;
     tokio::pin!(stop);
     loop {
-        while conns.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            p = Arc::clone(&slots).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break, // closed: never happens, the semaphore lives here
-            },
+        tokio::select! {
             () = &mut stop => break,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait a little rather than spin.
-                    tracing::warn!(error = %e, "REST API accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+            Some(_) = conns.join_next(), if !conns.is_empty() => {
+                if conns.is_empty() && crowded {
+                    crowded = false;
+                    super::page::release_free_memory();
                 }
-            },
-            () = &mut stop => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let conn =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
-        conns.spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "REST API connection ended with an error");
             }
-            drop(permit);
-        });
+            // At the cap, further clients wait in the kernel's accept queue.
+            r = listener.accept(), if conns.len() < max => {
+                let (stream, peer) = match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait a little rather than spin.
+                        tracing::warn!(error = %e, "REST API accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+                let conn = graceful.watch(conn);
+                conns.spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "REST API connection ended with an error");
+                    }
+                });
+                crowded |= conns.len() >= CROWD.min(max);
+            }
+        }
     }
     drop(listener);
     if tokio::time::timeout(STOP_GRACE, graceful.shutdown())

@@ -175,8 +175,9 @@ impl Drop for Released {
     }
 }
 
+/// Returns the allocator's free memory to the kernel (glibc keeps freed memory in its arenas otherwise).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_memory() {
+pub(crate) fn release_free_memory() {
     // SAFETY: malloc_trim(3) only returns free memory of the allocator's arenas to the kernel; it takes the
     // arenas' locks itself and touches no memory in use.
     unsafe {
@@ -185,7 +186,7 @@ fn release_free_memory() {
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}
+pub(crate) fn release_free_memory() {}
 
 #[cfg(test)]
 mod tests {
