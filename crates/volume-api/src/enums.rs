@@ -325,6 +325,8 @@ wire_enum! {
         NoSuchVm = "no_such_vm",
         /// The `Idempotency-Key` was used before for a different request (another kind or another body).
         IdempotencyKeyReused = "idempotency_key_reused",
+        /// The volume belongs to another appliance that shares the database; ask that appliance's daemon.
+        VolumeOwnedByOtherAppliance = "volume_owned_by_other_appliance",
         CloudNotFound = "cloud_not_found",
         CloudInvalidParameter = "cloud_invalid_parameter",
         CloudInUse = "cloud_in_use",

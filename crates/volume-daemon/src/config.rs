@@ -100,6 +100,11 @@ pub struct Config {
     pub reconcile_interval_secs: u64,
     /// Let the scheduled reconcile apply the repairs that have one safe outcome.
     pub reconcile_repair: bool,
+    /// The appliance lease in the database lasts this long after the holder's last heartbeat; a daemon that
+    /// stopped heartbeating for longer may be replaced by another one for the same appliance.
+    pub lease_ttl_secs: u64,
+    /// The holder renews its appliance lease this often; at most a third of `lease_ttl_secs`.
+    pub lease_heartbeat_secs: u64,
     /// Accept a regular file where a block device is required (simulator without root only).
     pub allow_regular_files: bool,
     /// Log format: `text` or `json`.
@@ -189,6 +194,8 @@ impl Default for Config {
             max_concurrent_operations: 16,
             reconcile_interval_secs: 300,
             reconcile_repair: true,
+            lease_ttl_secs: 30,
+            lease_heartbeat_secs: 5,
             allow_regular_files: false,
             log_format: "text".into(),
             sim: SimSettings::default(),
@@ -293,6 +300,8 @@ impl Config {
                 self.reconcile_interval_secs = parse(var, &value, "seconds")?
             }
             "reconcile_repair" => self.reconcile_repair = parse(var, &value, "true or false")?,
+            "lease_ttl_secs" => self.lease_ttl_secs = parse(var, &value, "seconds")?,
+            "lease_heartbeat_secs" => self.lease_heartbeat_secs = parse(var, &value, "seconds")?,
             "allow_regular_files" => {
                 self.allow_regular_files = parse(var, &value, "true or false")?
             }
@@ -336,6 +345,15 @@ impl Config {
                 "api_max_connections, api_header_timeout_secs and api_request_timeout_secs must be at least 1"
                     .into(),
             ));
+        }
+        if self.lease_heartbeat_secs == 0
+            || self.lease_heartbeat_secs.saturating_mul(3) > self.lease_ttl_secs
+        {
+            return Err(ConfigError::Invalid(format!(
+                "lease_heartbeat_secs ({}) must be at least 1 and at most a third of lease_ttl_secs ({}), so \
+                 that a late heartbeat or two does not lose the lease",
+                self.lease_heartbeat_secs, self.lease_ttl_secs
+            )));
         }
         let nbd_guarded = self.nbd_tls == NbdTls::Require && self.nbd_tls_verify_peer;
         if !(self.nbd_listen.ip().is_loopback() || nbd_guarded) {
@@ -426,6 +444,12 @@ impl Config {
         }
     }
 
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_ttl_secs)
+    }
+    pub fn lease_heartbeat(&self) -> Duration {
+        Duration::from_secs(self.lease_heartbeat_secs)
+    }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState, HealthState};
@@ -20,7 +20,7 @@ use crate::identity::{DetectionSources, Identity, IdentitySource};
 use crate::metrics::Metrics;
 use crate::sim::{self, Sim, SimError};
 use crate::statedir::{self, StateDirError, StateDirLock};
-use crate::store::{Store, StoreError};
+use crate::store::{LeaseHolder, Store, StoreError, StoreErrorKind};
 
 /// Start-up failed.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot take the appliance lease in the database")]
+    Lease(#[source] StoreError),
     #[error("start-up recovery failed")]
     Recovery(#[source] EngineError),
     #[error("cannot set up the NBD server; check nbd_tls_certificates and nbd_budget_mib")]
@@ -64,6 +66,14 @@ pub struct RunningDaemon {
     /// Saves export byte counters every [`COUNTER_SAVE_INTERVAL`].
     counters_task: JoinHandle<()>,
     watch_task: JoinHandle<()>,
+    /// Renews the appliance lease every `lease_heartbeat_secs`.
+    lease_task: JoinHandle<()>,
+    /// Stops serving once the lease is lost.
+    fence_task: JoinHandle<()>,
+    /// Becomes `true` once the lease was lost and the exports are closed.
+    fenced: watch::Receiver<bool>,
+    /// The store bound to the appliance lease (released at shutdown).
+    store: Store,
     /// Held until the daemon is dropped: one daemon per state directory.
     _state_lock: StateDirLock,
 }
@@ -130,6 +140,7 @@ impl RunningDaemon {
     pub async fn start(mut cfg: Config) -> Result<Self, DaemonError> {
         // Before anything else (the simulator, the database, any listener): one daemon per state directory.
         let state_lock = StateDirLock::acquire(&cfg.state_dir)?;
+        let holder_id = state_lock.instance_id()?;
         let sim = if cfg.sim.enabled {
             let s = sim::start(&mut cfg).await?;
             println!("cloudsim listening on {}", s.running.addr());
@@ -150,11 +161,6 @@ impl RunningDaemon {
             .await
             .map_err(DaemonError::Store)?;
         store.migrate().await.map_err(DaemonError::Store)?;
-        // What the previous run counted on each export becomes part of the totals of earlier runs.
-        store
-            .fold_export_run_bytes()
-            .await
-            .map_err(DaemonError::Store)?;
 
         let health = Arc::new(HealthState::default());
         let names_dir = cfg.effective_names_dir();
@@ -206,6 +212,58 @@ impl RunningDaemon {
         )
         .await;
 
+        // Before any write, recovery or listener: the appliance's lease. From here on every write of the store
+        // checks its fencing token.
+        let appliance_id = identity.current().await.vm_id.unwrap_or_default();
+        let store = store
+            .acquire_lease(
+                &appliance_id,
+                &LeaseHolder {
+                    holder_id,
+                    host: rustix::system::uname()
+                        .nodename()
+                        .to_string_lossy()
+                        .into_owned(),
+                    pid: std::process::id(),
+                },
+                cfg.lease_ttl(),
+            )
+            .await
+            .map_err(DaemonError::Lease)?;
+        let lease = store
+            .lease()
+            .cloned()
+            .ok_or_else(|| DaemonError::Lease(StoreError::not_found("the lease just taken")))?;
+        tracing::info!(appliance = %appliance_id, token = lease.token(), "appliance lease taken");
+        health.set_fact(
+            "lease",
+            true,
+            format!(
+                "appliance {} held with fencing token {}",
+                if appliance_id.is_empty() {
+                    "(identity unknown)"
+                } else {
+                    &appliance_id
+                },
+                lease.token()
+            ),
+        );
+        let identity = identity.with_store(store.clone());
+        let (volumes, operations) = store.claim_unowned().await.map_err(DaemonError::Store)?;
+        if volumes + operations > 0 {
+            tracing::info!(
+                volumes,
+                operations,
+                "records without an owner claimed for this appliance"
+            );
+        }
+        // What the previous run counted on each export becomes part of the totals of earlier runs.
+        store
+            .fold_export_run_bytes()
+            .await
+            .map_err(DaemonError::Store)?;
+        let lease_task = tokio::spawn(heartbeat(store.clone(), cfg.lease_heartbeat()));
+
         let nbd_listener = bind("NBD", cfg.nbd_listen).await?;
         let nbd_addr = nbd_listener
             .local_addr()
@@ -237,7 +295,7 @@ impl RunningDaemon {
         let metrics = Arc::new(Metrics::default());
         let engine = Engine::new(
             Parts {
-                store,
+                store: store.clone(),
                 cloud,
                 devices: Devices::new(resolver, names_dir),
                 exports: Exports::new(registry, cfg.nbd_advertised_port.unwrap_or(nbd_addr.port())),
@@ -320,6 +378,30 @@ impl RunningDaemon {
                 repair: cfg.reconcile_repair,
             },
         ));
+        let (fenced_tx, fenced) = watch::channel(false);
+        let fence_task = {
+            let engine = engine.clone();
+            let health = Arc::clone(&health);
+            let mut lost = lease.lost();
+            tokio::spawn(async move {
+                if lost.wait_for(|l| *l).await.is_err() {
+                    return;
+                }
+                tracing::error!(
+                    "the appliance lease is lost: no more operations, every export is closed, the daemon stops"
+                );
+                engine.set_accepting(false);
+                health.set_ready(false);
+                health.set_fact(
+                    "lease",
+                    false,
+                    "lost to another daemon (or not renewed in time): this daemon stops"
+                        .to_string(),
+                );
+                engine.close_all_exports().await;
+                fenced_tx.send_replace(true);
+            })
+        };
         println!("api listening on {api_addr}");
         crate::sdnotify::ready(&format!("serving API on {api_addr}, NBD on {nbd_addr}"));
         tracing::info!(api = %api_addr, nbd = %nbd_addr, "ready");
@@ -335,8 +417,21 @@ impl RunningDaemon {
             nbd_task,
             counters_task,
             watch_task,
+            lease_task,
+            fence_task,
+            fenced,
+            store,
             _state_lock: state_lock,
         })
+    }
+
+    /// Resolves once the appliance lease was lost (taken over by another daemon, or not renewed before it
+    /// expired) and every export is closed: the caller then exits non-zero. Pending while the lease holds.
+    pub async fn lease_lost(&self) {
+        let mut rx = self.fenced.clone();
+        if rx.wait_for(|f| *f).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     pub fn api_addr(&self) -> SocketAddr {
@@ -369,8 +464,42 @@ impl RunningDaemon {
             let _ = tx.send(());
         }
         let _ = self.nbd_task.await;
+        self.fence_task.abort();
+        self.lease_task.abort();
+        // The next daemon for this appliance need not wait for the lease to expire.
+        if let Err(e) = self.store.release_lease().await {
+            tracing::warn!(error = %crate::error_chain(&e), "appliance lease not released; it expires by itself");
+        }
         if let Some(s) = self.sim.take() {
             s.running.shutdown().await;
+        }
+    }
+}
+
+/// Renews the store's appliance lease every `every`. Marks the lease lost (which stops the daemon) when a
+/// renewal finds it taken over, or when renewals keep failing until it has expired.
+async fn heartbeat(store: Store, every: Duration) {
+    let Some(lease) = store.lease().cloned() else {
+        return;
+    };
+    let mut valid_until = chrono::Utc::now()
+        + chrono::Duration::from_std(lease.ttl()).unwrap_or(chrono::Duration::zero());
+    loop {
+        tokio::time::sleep(every).await;
+        match store.renew_lease().await {
+            Ok(until) => valid_until = until,
+            Err(e) if e.kind() == StoreErrorKind::Fenced => {
+                tracing::error!(error = %crate::error_chain(&e), "appliance lease lost");
+                return;
+            }
+            Err(e) if chrono::Utc::now() >= valid_until => {
+                tracing::error!(error = %crate::error_chain(&e), "appliance lease expired without a renewal");
+                lease.mark_lost();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "appliance lease not renewed; retrying");
+            }
         }
     }
 }
@@ -548,7 +677,7 @@ pub async fn check(cfg: &Config) -> Vec<CheckLine> {
             cfg.appliance_vm_id
                 .clone()
                 .map(|id| (id, IdentitySource::Config)),
-            store,
+            store.clone(),
             cloud,
             &DetectionSources::under(&cfg.sys_dir),
         )
@@ -568,6 +697,35 @@ pub async fn check(cfg: &Config) -> Vec<CheckLine> {
                 }),
             ),
         }
+        if let Some(id) = &s.vm_id {
+            lease_line(&mut line, &store, id).await;
+        }
     }
     out
+}
+
+/// The `check` line naming who holds the appliance's lease (a held lease is fine: `serve` says the rest).
+async fn lease_line(line: &mut impl FnMut(&str, bool, String), store: &Store, appliance_id: &str) {
+    let now = chrono::Utc::now();
+    match store.lease_of(appliance_id).await {
+        Ok(Some(l)) if l.expires_at > now => line(
+            "appliance lease",
+            true,
+            format!(
+                "held by pid {} on {} (token {}, last heartbeat {} s ago); serve exits unless that daemon stops",
+                l.pid,
+                l.host,
+                l.token,
+                (now - l.heartbeat_at).num_seconds().max(0)
+            ),
+        ),
+        Ok(Some(l)) => line(
+            "appliance lease",
+            true,
+            format!("free (last held by pid {} on {}, token {})", l.pid, l.host, l.token),
+        ),
+        Ok(None) => line("appliance lease", true, "never taken".into()),
+        // A database without the lease table yet (start migrates it).
+        Err(_) => line("appliance lease", true, "not readable yet; start migrates the database".into()),
+    }
 }

@@ -192,6 +192,12 @@ impl Identity {
         this
     }
 
+    /// The same identity, storing through `store` (the store bound to the appliance's lease).
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.store = store;
+        self
+    }
+
     /// The state as it is now.
     pub async fn current(&self) -> IdentityState {
         self.state.read().await.clone()

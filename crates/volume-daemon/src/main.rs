@@ -164,7 +164,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let daemon = RunningDaemon::start(cfg)
         .await
         .context("volume-daemon could not start")?;
-    wait_for_signal().await?;
+    tokio::select! {
+        r = wait_for_signal() => r?,
+        () = daemon.lease_lost() => anyhow::bail!(
+            "the appliance lease was lost to another volume-daemon (or could not be renewed before it expired): \
+             every export is closed and nothing more is written; check which daemon should serve this appliance"
+        ),
+    }
     tracing::info!("shutting down");
     daemon.shutdown().await;
     Ok(())

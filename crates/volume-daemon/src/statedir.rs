@@ -10,6 +10,8 @@ use rustix::fs::{flock, FlockOperation};
 
 /// The lock file's name inside the state directory.
 pub(crate) const LOCK_FILE: &str = "volume-daemon.lock";
+/// The file holding the installation's id: who holds the appliance lease (see [`StateDirLock::instance_id`]).
+const INSTANCE_FILE: &str = "instance-id";
 
 /// The state directory could not be prepared or is held by another daemon.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,7 @@ pub(crate) fn precreate_sqlite(url: &str) -> Result<(), StateDirError> {
 #[derive(Debug)]
 pub struct StateDirLock {
     _file: File,
+    dir: PathBuf,
 }
 
 impl StateDirLock {
@@ -130,7 +133,39 @@ impl StateDirLock {
         file.set_len(0).map_err(lock_err)?;
         file.seek(SeekFrom::Start(0)).map_err(lock_err)?;
         file.write_all(text.as_bytes()).map_err(lock_err)?;
-        Ok(Self { _file: file })
+        Ok(Self {
+            _file: file,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The id of this state directory (made at its first use, kept in `instance-id`): the appliance lease's
+    /// holder id. Only the daemon holding this lock runs with it, so a lease found under this id was left by
+    /// an earlier run here that is gone, and may be taken over at once.
+    pub fn instance_id(&self) -> Result<String, StateDirError> {
+        let path = self.dir.join(INSTANCE_FILE);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(id) = uuid::Uuid::parse_str(text.trim()) {
+                return Ok(id.to_string());
+            }
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let err = |source| StateDirError::Create {
+            path: path.clone(),
+            source,
+        };
+        let tmp = self.dir.join(format!("{INSTANCE_FILE}.new"));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o640)
+            .open(&tmp)
+            .map_err(err)?;
+        f.write_all(id.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)?;
+        Ok(id)
     }
 }
 

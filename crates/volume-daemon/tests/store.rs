@@ -14,8 +14,8 @@ use serde_json::json;
 use uuid::Uuid;
 use volume_daemon::store::{
     ApplianceRecord, AttachTarget, AttachmentFilter, AttachmentRecord, DiskRole, ExportRecord,
-    Inserted, NewOperation, OpError, OpStatus, OpType, OperationFilter, SnapshotTracking, Store,
-    StoreErrorKind, VolumeRecord, INITIAL_STEP,
+    Inserted, LeaseHolder, NewOperation, OpError, OpStatus, OpType, OperationFilter,
+    SnapshotTracking, Store, StoreError, StoreErrorKind, VolumeRecord, INITIAL_STEP,
 };
 
 use db::TestDb;
@@ -258,12 +258,14 @@ async fn idempotency_key_returns_the_existing_operation(db: &TestDb) -> Result<(
         "the second id was not written"
     );
 
-    // The key is unique per operation type, and operations without a key never collide.
-    insert(
-        &store,
-        &new_op(OpType::Detach, Some(v), None, Some("key-1")),
-    )
-    .await?;
+    // The key names one request of the appliance, whatever its type; operations without a key never collide.
+    match store
+        .insert_operation(&new_op(OpType::Detach, Some(v), None, Some("key-1")))
+        .await?
+    {
+        Inserted::Existing(r) => ensure!(r.id == first_id, "the first operation is returned"),
+        Inserted::Created(r) => anyhow::bail!("a key reused for another type created {}", r.id),
+    }
     insert(&store, &new_op(OpType::Attach, Some(v), None, None)).await?;
     insert(&store, &new_op(OpType::Attach, Some(v), None, None)).await?;
     ensure!(
@@ -271,7 +273,7 @@ async fn idempotency_key_returns_the_existing_operation(db: &TestDb) -> Result<(
             .list_operations(&OperationFilter::default())
             .await?
             .len()
-            == 4
+            == 3
     );
 
     // Reusing an id is a conflict, not an idempotent replay.
@@ -1120,6 +1122,136 @@ async fn unreadable_rows_are_corrupt(db: &TestDb) -> Result<()> {
     Ok(())
 }
 
+fn holder(id: &str) -> LeaseHolder {
+    LeaseHolder {
+        holder_id: id.into(),
+        host: format!("host-of-{id}"),
+        pid: 4242,
+    }
+}
+
+fn fenced<T: std::fmt::Debug>(r: Result<T, StoreError>, what: &str) -> Result<()> {
+    match r {
+        Err(e) if e.kind() == StoreErrorKind::Fenced => Ok(()),
+        other => anyhow::bail!("{what}: a stale token wrote or failed otherwise: {other:?}"),
+    }
+}
+
+async fn stale_tokens_cannot_write_and_takeover_after_expiry_increments_the_token(
+    db: &TestDb,
+) -> Result<()> {
+    let store = open(db).await?;
+    let ttl = std::time::Duration::from_secs(1);
+    let a = store
+        .acquire_lease("appliance-1", &holder("a"), ttl)
+        .await?;
+    ensure!(a.lease().map(|l| l.token()) == Some(1));
+    ensure!(a.owner() == "appliance-1");
+
+    // Held and live: another holder is refused, told who holds it.
+    let err = store
+        .acquire_lease("appliance-1", &holder("b"), ttl)
+        .await
+        .expect_err("the lease is held");
+    ensure!(
+        matches!(err, StoreError::LeaseHeld { .. })
+            && err.to_string().contains("pid 4242 on host host-of-a")
+            && err.to_string().contains("last heartbeat"),
+        "{err}"
+    );
+
+    // The holder writes and renews.
+    let v = volume("of-a");
+    a.upsert_volume(&v).await?;
+    let op = new_op(OpType::Attach, Some(v.id), Some("vm-1"), Some("key-1"));
+    let op_id = insert(&a, &op).await?;
+    a.renew_lease().await?;
+
+    // It stops heartbeating; after the TTL another daemon takes over, with the next token.
+    tokio::time::sleep(ttl + std::time::Duration::from_millis(300)).await;
+    let b = store
+        .acquire_lease("appliance-1", &holder("b"), ttl)
+        .await?;
+    ensure!(
+        b.lease().map(|l| l.token()) == Some(2),
+        "takeover increments the token"
+    );
+    let row = store.lease_of("appliance-1").await?.context("lease row")?;
+    ensure!(row.token == 2 && row.holder_id == "b" && row.host == "host-of-b");
+
+    // Every write of the old holder is fenced, and it knows it lost the lease.
+    let lost = a.lease().context("lease")?.lost();
+    let stale = volume("stale");
+    fenced(a.upsert_volume(&stale).await, "upsert_volume")?;
+    fenced(
+        a.insert_operation(&new_op(OpType::Detach, Some(v.id), None, None))
+            .await,
+        "insert_operation",
+    )?;
+    fenced(
+        a.set_operation_step(op_id, OpStatus::Executing, "stale_step")
+            .await,
+        "set_operation_step",
+    )?;
+    fenced(
+        a.finish_operation(op_id, OpStatus::Failed, None, None)
+            .await,
+        "finish_operation",
+    )?;
+    fenced(a.upsert_export(&export(v.id, 1)).await, "upsert_export")?;
+    fenced(a.delete_volume(v.id).await, "delete_volume")?;
+    fenced(a.renew_lease().await, "renew_lease")?;
+    ensure!(*lost.borrow(), "the lease is marked lost");
+    // Nothing of it was written; the new holder sees the appliance's records and writes.
+    ensure!(b.get_volume(stale.id).await?.is_none());
+    ensure!(b.get_volume(v.id).await?.is_some());
+    let got = b.get_operation(op_id).await?.context("operation")?;
+    ensure!(
+        got.step == INITIAL_STEP && !got.status.is_terminal(),
+        "{got:?}"
+    );
+    b.set_operation_step(op_id, OpStatus::Executing, "resumed")
+        .await?;
+
+    // The same holder restarting (its own id on the lease) takes it at once, fencing its earlier run.
+    let b2 = store
+        .acquire_lease("appliance-1", &holder("b"), ttl)
+        .await?;
+    ensure!(b2.lease().map(|l| l.token()) == Some(3));
+    fenced(
+        b.set_operation_step(op_id, OpStatus::Executing, "stale")
+            .await,
+        "an earlier run's write",
+    )?;
+    // A released lease is free at once, and the token still only grows.
+    b2.release_lease().await?;
+    let c = store
+        .acquire_lease("appliance-1", &holder("c"), ttl)
+        .await?;
+    ensure!(c.lease().map(|l| l.token()) == Some(4));
+
+    // Another appliance on the same database: its own lease and records, none of the first's.
+    let other = store
+        .acquire_lease("appliance-2", &holder("d"), ttl)
+        .await?;
+    ensure!(other.lease().map(|l| l.token()) == Some(1));
+    ensure!(other.get_volume(v.id).await?.is_none());
+    ensure!(other.list_volumes(true).await?.is_empty());
+    ensure!(other.get_operation(op_id).await?.is_none());
+    ensure!(other.unfinished_operations().await?.is_empty());
+    ensure!(other.foreign_owner(v.id).await?.as_deref() == Some("appliance-1"));
+    ensure!(c.foreign_owner(v.id).await?.is_none());
+    let err = other.upsert_volume(&v).await.expect_err("not its volume");
+    ensure!(err.kind() == StoreErrorKind::Conflict, "{err}");
+    // The first appliance's Idempotency-Key is free for the second.
+    insert(
+        &other,
+        &new_op(OpType::Attach, None, Some("vm-2"), Some("key-1")),
+    )
+    .await?;
+    Ok(())
+}
+
 macro_rules! suite {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -1177,6 +1309,7 @@ suite!(
     unreadable_rows_are_corrupt,
     create_send_journals_the_preexisting_volumes_with_its_step,
     unfinished_operations_come_in_queue_order_not_creation_order,
+    stale_tokens_cannot_write_and_takeover_after_expiry_increments_the_token,
 );
 
 #[tokio::test]

@@ -78,7 +78,9 @@ impl ApiError {
                         (StatusCode::BAD_REQUEST, code, Some((*field).to_string()))
                     }
                     EngineError::NotFound(_) => (StatusCode::NOT_FOUND, code, None),
-                    EngineError::Conflict(_) => (StatusCode::CONFLICT, code, None),
+                    EngineError::Conflict(_) | EngineError::OwnedElsewhere { .. } => {
+                        (StatusCode::CONFLICT, code, None)
+                    }
                     EngineError::NoSuchVm(_) => {
                         (StatusCode::UNPROCESSABLE_ENTITY, code, Some("vm_id".into()))
                     }
@@ -112,7 +114,7 @@ fn store_status(e: &StoreError) -> StatusCode {
     match e.kind() {
         StoreErrorKind::NotFound => StatusCode::NOT_FOUND,
         StoreErrorKind::Conflict => StatusCode::CONFLICT,
-        StoreErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        StoreErrorKind::Unavailable | StoreErrorKind::Fenced => StatusCode::SERVICE_UNAVAILABLE,
         StoreErrorKind::SchemaTooNew | StoreErrorKind::Corrupt | StoreErrorKind::Other => {
             StatusCode::INTERNAL_SERVER_ERROR
         }

@@ -232,7 +232,7 @@ async fn attach_common(
         (status = 422, description = "no such VM, or the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 400, description = "invalid input", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
-        (status = 409, description = "attached elsewhere", body = ErrorBody),
+        (status = 409, description = "attached elsewhere, or volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
         (status = 502, description = "CloudStack refused a synchronous check", body = ErrorBody),
         (status = 503, description = "appliance identity unknown, or starting up", body = ErrorBody),
     )
@@ -258,7 +258,7 @@ async fn attach_volume(
         (status = 422, description = "no such VM, or the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 400, description = "invalid input, or the appliance named", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
-        (status = 409, description = "attached elsewhere", body = ErrorBody),
+        (status = 409, description = "attached elsewhere, or volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
 async fn attach_root(
@@ -281,6 +281,7 @@ async fn attach_root(
         (status = 400, description = "invalid volume id or Idempotency-Key", body = ErrorBody),
         (status = 422, description = "the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
+        (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
 async fn detach_volume(
@@ -306,6 +307,7 @@ async fn detach_volume(
     responses(
         (status = 201, description = "journaled as a `repair` operation with `repair` `adopt`: a volume CloudStack has attached to the appliance is verified, named and served; CloudStack is not asked to change anything", body = Operation),
         (status = 404, description = "unknown volume", body = ErrorBody),
+        (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
 async fn adopt_volume(
@@ -333,6 +335,7 @@ async fn adopt_volume(
         (status = 400, description = "invalid volume id or Idempotency-Key", body = ErrorBody),
         (status = 422, description = "the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 404, description = "unknown or already deleted volume", body = ErrorBody),
+        (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
 async fn delete_volume(
@@ -448,6 +451,7 @@ async fn list_volumes(
     responses(
         (status = 200, description = "the volume's real status: record, attachment, device, export, the cloud's view", body = VolumeStatus),
         (status = 404, description = "unknown volume", body = ErrorBody),
+        (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
 async fn get_volume(
@@ -469,6 +473,7 @@ async fn get_volume(
     responses(
         (status = 200, description = "the device mapping of an attached volume", body = DeviceMapping),
         (status = 404, description = "not attached", body = ErrorBody),
+        (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
 async fn get_device(
@@ -755,7 +760,7 @@ async fn get_operation(
     responses(
         (status = 201, description = "the volume's export, served again when it was not", body = Export),
         (status = 400, description = "invalid input (`read_only` is not supported)", body = ErrorBody),
-        (status = 409, description = "not attached to the appliance, or not its device", body = ErrorBody),
+        (status = 409, description = "not attached to the appliance, or not its device, or volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
 async fn create_export(
@@ -836,6 +841,7 @@ async fn list_exports(
     responses(
         (status = 200, description = "the export", body = Export),
         (status = 404, description = "no export for that volume", body = ErrorBody),
+        (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
 async fn get_export(
@@ -856,7 +862,10 @@ async fn get_export(
     path = "/exports/{volume_id}",
     tag = "exports",
     params(("volume_id" = Uuid, Path, description = "volume id")),
-    responses((status = 200, description = "the export is drained and removed; the attachment stays", body = ExportRemoved))
+    responses(
+        (status = 200, description = "the export is drained and removed; the attachment stays", body = ExportRemoved),
+        (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
+    )
 )]
 async fn delete_export(
     State(st): State<AppState>,

@@ -28,6 +28,12 @@ pub enum EngineError {
     /// The idempotency key was used before for another request; the message names the first operation.
     #[error("{0}")]
     IdempotencyKeyReused(String),
+    /// The volume is recorded for another appliance sharing the database.
+    #[error(
+        "volume {volume_id} belongs to appliance {owner}, which shares this database; send the request to \
+         that appliance's volume-daemon"
+    )]
+    OwnedElsewhere { volume_id: Uuid, owner: String },
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(
@@ -69,6 +75,7 @@ impl EngineError {
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::NoSuchVm(_) => ErrorCode::NoSuchVm,
             Self::IdempotencyKeyReused(_) => ErrorCode::IdempotencyKeyReused,
+            Self::OwnedElsewhere { .. } => ErrorCode::VolumeOwnedByOtherAppliance,
             Self::Identity(_) => ErrorCode::ApplianceIdentityUnknown,
             Self::NotAccepting => ErrorCode::Unavailable,
             Self::Store(_) => ErrorCode::DatabaseError,

@@ -175,6 +175,7 @@ impl Engine {
         volume_id: Uuid,
         device_path: Option<&str>,
     ) -> Result<ExportRecord, EngineError> {
+        self.inner.refuse_foreign(volume_id).await?;
         self.in_turn(volume_id, async {
             let inner = &self.inner;
             let att = inner
@@ -220,6 +221,7 @@ impl Engine {
 
     /// `DELETE /exports/{volume_id}`: stops serving the volume (drained); the attachment stays.
     pub async fn remove_export(&self, volume_id: Uuid) -> Result<bool, EngineError> {
+        self.inner.refuse_foreign(volume_id).await?;
         self.in_turn(volume_id, async {
             let inner = &self.inner;
             let closed = inner.teardown(volume_id, Teardown::Export).await?;

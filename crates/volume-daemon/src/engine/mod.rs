@@ -174,6 +174,9 @@ impl Engine {
             }
         }
         validate::refuse_control(&req.to_json())?;
+        if let Some(v) = req.volume_id() {
+            self.inner.refuse_foreign(v).await?;
+        }
         self.inner.precheck(&req).await?;
         // Numbering, journaling and queuing happen under the volume's submission lock, so the journal's order
         // (`queue_seq`) is the order of the volume's queue, which recovery re-creates.
@@ -296,6 +299,14 @@ fn replay(first: OperationRecord, req: &Request, key: &str) -> Result<Submitted,
 }
 
 impl Inner {
+    /// `OwnedElsewhere` when the volume is recorded for another appliance sharing the database.
+    pub(crate) async fn refuse_foreign(&self, volume_id: Uuid) -> Result<(), EngineError> {
+        match self.store.foreign_owner(volume_id).await? {
+            Some(owner) => Err(EngineError::OwnedElsewhere { volume_id, owner }),
+            None => Ok(()),
+        }
+    }
+
     fn notify(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }

@@ -36,11 +36,12 @@ impl StuckOperations {
     }
 }
 
-/// Whether trying the same write again may succeed (a missing or finished operation stays so).
+/// Whether trying the same write again may succeed (a missing or finished operation stays so, and a daemon
+/// whose lease was taken over stays fenced: that is fatal, the daemon stops).
 fn retryable(e: &StoreError) -> bool {
     !matches!(
         e.kind(),
-        StoreErrorKind::NotFound | StoreErrorKind::Conflict
+        StoreErrorKind::NotFound | StoreErrorKind::Conflict | StoreErrorKind::Fenced
     )
 }
 
@@ -102,6 +103,12 @@ impl Inner {
         {
             Ok(()) => return,
             Err(e) if e.kind() == StoreErrorKind::Conflict => return,
+            // Nothing can be journaled any more; the operation stays unfinished for the lease's holder.
+            Err(e) if e.kind() == StoreErrorKind::Fenced => {
+                tracing::error!(op = %id, error = %crate::error_chain(&e), "operation not journaled: fenced");
+                self.stuck.insert(id, crate::error_chain(&e));
+                return;
+            }
             Err(e) => e,
         };
         let fallback = OpError {

@@ -150,6 +150,7 @@ impl Engine {
     /// `GET /volumes/{id}`: the volume with its attachment, export, device and the cloud's view.
     pub(crate) async fn volume_view(&self, id: Uuid) -> Result<Option<VolumeView>, EngineError> {
         let Some(v) = self.inner.store.get_volume(id).await? else {
+            self.inner.refuse_foreign(id).await?;
             return Ok(None);
         };
         Ok(self.volume_views(vec![v], true).await?.pop())
@@ -261,7 +262,10 @@ impl Engine {
     ) -> Result<Option<DeviceView>, EngineError> {
         match self.inner.store.get_attachment(id).await? {
             Some(a) => Ok(Some(self.device_view(a).await?)),
-            None => Ok(None),
+            None => {
+                self.inner.refuse_foreign(id).await?;
+                Ok(None)
+            }
         }
     }
 
@@ -323,12 +327,11 @@ impl Engine {
 
     /// `GET /exports/{volume_id}`.
     pub(crate) async fn export(&self, volume_id: Uuid) -> Result<Option<ExportView>, EngineError> {
-        Ok(self
-            .inner
-            .store
-            .get_export(volume_id)
-            .await?
-            .map(|r| self.export_view(r)))
+        let rec = self.inner.store.get_export(volume_id).await?;
+        if rec.is_none() {
+            self.inner.refuse_foreign(volume_id).await?;
+        }
+        Ok(rec.map(|r| self.export_view(r)))
     }
 
     /// Exports an `ensure_export` produced, with its live state.

@@ -16,6 +16,9 @@ pub enum StoreErrorKind {
     SchemaTooNew,
     /// A stored value cannot be read back.
     Corrupt,
+    /// This daemon's appliance lease was taken over by another daemon: it must not write any more. Fatal,
+    /// never retried.
+    Fenced,
     /// Anything else (bad URL, failed migration, unexpected database error).
     Other,
 }
@@ -28,6 +31,7 @@ impl StoreErrorKind {
             Self::Unavailable => "unavailable",
             Self::SchemaTooNew => "schema_too_new",
             Self::Corrupt => "corrupt",
+            Self::Fenced => "fenced",
             Self::Other => "other",
         }
     }
@@ -69,6 +73,30 @@ pub enum StoreError {
     #[error("stored {what} is unreadable ({detail}); repair or remove that row")]
     Corrupt { what: String, detail: String },
 
+    #[error(
+        "appliance {appliance_id} is served by another volume-daemon: pid {pid} on host {host} \
+         (holder {holder_id}), last heartbeat {heartbeat_age_secs} s ago, lease expires in {expires_in_secs} s; \
+         stop that daemon (or wait for its lease to expire), or give this one its own appliance identity"
+    )]
+    LeaseHeld {
+        appliance_id: String,
+        holder_id: String,
+        host: String,
+        pid: i64,
+        heartbeat_age_secs: i64,
+        expires_in_secs: i64,
+    },
+
+    #[error(
+        "the lease of appliance {appliance_id} was taken over (this daemon's fencing token {token} is no \
+         longer current; the lease is held by {holder}): this daemon writes nothing more and stops"
+    )]
+    Fenced {
+        appliance_id: String,
+        token: i64,
+        holder: String,
+    },
+
     #[error("database call failed while {action}")]
     Query {
         action: &'static str,
@@ -101,6 +129,8 @@ impl StoreError {
             Self::NotFound { .. } => StoreErrorKind::NotFound,
             Self::Conflict { .. } => StoreErrorKind::Conflict,
             Self::Corrupt { .. } => StoreErrorKind::Corrupt,
+            Self::LeaseHeld { .. } => StoreErrorKind::Conflict,
+            Self::Fenced { .. } => StoreErrorKind::Fenced,
             Self::Query { source, .. } => classify(source),
         }
     }

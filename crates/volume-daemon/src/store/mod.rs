@@ -7,10 +7,11 @@
 
 mod dialect;
 mod error;
+mod lease;
 mod records;
 mod rows;
 
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -20,6 +21,7 @@ use uuid::Uuid;
 
 pub use dialect::{redact as redact_url, Dialect};
 pub use error::{StoreError, StoreErrorKind};
+pub use lease::{Lease, LeaseHolder, LeaseRecord};
 pub use records::{
     ApplianceRecord, AttachTarget, AttachmentFilter, AttachmentRecord, Cursor, DiskRole,
     ExportRecord, Inserted, NewOperation, OpError, OpStatus, OpType, OperationFilter,
@@ -72,15 +74,19 @@ const EXPORT_COLS: [&str; 7] = [
 /// Read with an export, never written by [`Store::upsert_export`].
 const EXPORT_COUNTER_COLS: [&str; 2] = ["bytes_read_before", "bytes_written_before"];
 const UNFINISHED: &str = "status IN ('pending', 'executing')";
+/// The condition that a row keyed by `volume_id` (attachments, exports) belongs to the appliance bound as `?`.
+const OWN_VOLUME: &str = "volume_id IN (SELECT id FROM volumes WHERE appliance_id = ?)";
 
 /// How long a caller waits for a free connection before the database counts as unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The store: a pool of connections to one database. Cheap to clone.
+/// The store: a pool of connections to one database. Cheap to clone. Bound to an appliance lease
+/// ([`Store::acquire_lease`]), it reads only that appliance's records and writes only while it holds the lease.
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
+    lease: Option<Arc<Lease>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -132,7 +138,11 @@ impl Store {
                 url: dialect::redact(url),
                 source,
             })?;
-        Ok(Self { pool, dialect })
+        Ok(Self {
+            pool,
+            dialect,
+            lease: None,
+        })
     }
 
     /// The dialect of the connected database.
@@ -187,6 +197,7 @@ impl Store {
             .map_err(q("waiting for a database connection"))
     }
 
+    /// A transaction without the lease check: for the lease itself. Writes use [`Store::begin_write`].
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
         match self.dialect.begin() {
             Some(stmt) => self.pool.begin_with(stmt).await,
@@ -200,11 +211,11 @@ impl Store {
     /// Journals a new operation (`pending`, step [`INITIAL_STEP`]). When its idempotency key was already used
     /// for an operation of the same type, returns that operation unchanged instead.
     pub async fn insert_operation(&self, new: &NewOperation) -> Result<Inserted, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut tx = self.begin_write().await?;
         let t = now();
         let sql = self.dialect.sql(
             "INSERT INTO operations (id, op_type, status, step, volume_id, vm_id, request, idempotency_key, \
-             created_at, updated_at, queue_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             created_at, updated_at, queue_seq, appliance_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         );
         let res = sqlx::query(&sql)
             .bind(new.id.to_string())
@@ -218,31 +229,26 @@ impl Store {
             .bind(t.clone())
             .bind(t)
             .bind(new.queue_seq)
-            .execute(&mut *conn)
+            .bind(self.owner().to_string())
+            .execute(&mut *tx)
             .await;
         match res {
             Ok(_) => {
                 let rec = self
-                    .fetch_operation(&mut conn, new.id)
+                    .fetch_operation(&mut tx, new.id)
                     .await?
                     .ok_or_else(|| {
                         StoreError::not_found(format!("operation {} just written", new.id))
                     })?;
+                tx.commit().await.map_err(q("committing a new operation"))?;
                 Ok(Inserted::Created(rec))
             }
             Err(e) if StoreError::is_constraint_violation(&e) => {
+                // The failed statement ends the transaction (PostgreSQL refuses anything more in it).
+                drop(tx);
                 if let Some(key) = &new.idempotency_key {
-                    let sql = self.dialect.sql(&format!(
-                        "SELECT {OP_COLS} FROM operations WHERE op_type = ? AND idempotency_key = ?"
-                    ));
-                    let row = sqlx::query(&sql)
-                        .bind(new.op_type.as_str())
-                        .bind(key.clone())
-                        .fetch_optional(&mut *conn)
-                        .await
-                        .map_err(q("reading the operation of an idempotency key"))?;
-                    if let Some(row) = row {
-                        return Ok(Inserted::Existing(operation_from_row(&row)?));
+                    if let Some(first) = self.operation_by_idempotency_key(key).await? {
+                        return Ok(Inserted::Existing(first));
                     }
                 }
                 Err(StoreError::conflict(format!(
@@ -260,9 +266,11 @@ impl Store {
         key: &str,
     ) -> Result<Option<OperationRecord>, StoreError> {
         let sql = self.dialect.sql(&format!(
-            "SELECT {OP_COLS} FROM operations WHERE idempotency_key = ? ORDER BY created_at ASC, id ASC"
+            "SELECT {OP_COLS} FROM operations WHERE appliance_id = ? AND idempotency_key = ? \
+             ORDER BY created_at ASC, id ASC"
         ));
         sqlx::query(&sql)
+            .bind(self.owner().to_string())
             .bind(key.to_string())
             .fetch_optional(&self.pool)
             .await
@@ -276,11 +284,12 @@ impl Store {
         conn: &mut AnyConnection,
         id: Uuid,
     ) -> Result<Option<OperationRecord>, StoreError> {
-        let sql = self
-            .dialect
-            .sql(&format!("SELECT {OP_COLS} FROM operations WHERE id = ?"));
+        let sql = self.dialect.sql(&format!(
+            "SELECT {OP_COLS} FROM operations WHERE id = ? AND appliance_id = ?"
+        ));
         sqlx::query(&sql)
             .bind(id.to_string())
+            .bind(self.owner().to_string())
             .fetch_optional(conn)
             .await
             .map_err(q("reading an operation"))?
@@ -298,8 +307,8 @@ impl Store {
         &self,
         filter: &OperationFilter,
     ) -> Result<Vec<OperationRecord>, StoreError> {
-        let mut conds = Vec::new();
-        let mut args = Vec::new();
+        let mut conds = vec!["appliance_id = ?"];
+        let mut args = vec![Arg::Text(self.owner().to_string())];
         if let Some(t) = filter.op_type {
             conds.push("op_type = ?");
             args.push(Arg::Text(t.as_str().into()));
@@ -321,11 +330,8 @@ impl Store {
             conds.push("(created_at < ? OR (created_at = ? AND id < ?))");
             args.extend(keyset_args(c));
         }
-        let mut sql = format!("SELECT {OP_COLS} FROM operations");
-        if !conds.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&conds.join(" AND "));
-        }
+        let mut sql = format!("SELECT {OP_COLS} FROM operations WHERE ");
+        sql.push_str(&conds.join(" AND "));
         sql.push_str(" ORDER BY created_at DESC, id DESC");
         if let Some(l) = filter.limit {
             sql.push_str(&format!(" LIMIT {l}"));
@@ -373,15 +379,15 @@ impl Store {
         Ok(out)
     }
 
-    /// Operations that are `pending` or `executing`, oldest first.
-    /// Unfinished operations in the order they were queued: by `queue_seq`, rows of earlier versions (without
-    /// one) first and among themselves by `created_at`.
+    /// This appliance's operations that are `pending` or `executing`, in the order they were queued: by
+    /// `queue_seq`, rows of earlier versions (without one) first and among themselves by `created_at`.
     pub async fn unfinished_operations(&self) -> Result<Vec<OperationRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {OP_COLS} FROM operations WHERE {UNFINISHED} \
+        let sql = self.dialect.sql(&format!(
+            "SELECT {OP_COLS} FROM operations WHERE appliance_id = ? AND {UNFINISHED} \
              ORDER BY CASE WHEN queue_seq IS NULL THEN 0 ELSE 1 END, queue_seq ASC, created_at ASC, id ASC"
-        );
+        ));
         sqlx::query(&sql)
+            .bind(self.owner().to_string())
             .fetch_all(&self.pool)
             .await
             .map_err(q("listing unfinished operations"))?
@@ -469,15 +475,18 @@ impl Store {
                 status.as_str()
             )));
         }
-        let mut conn = self.conn().await?;
+        let mut tx = self.begin_write().await?;
         self.update_unfinished(
-            &mut conn,
+            &mut tx,
             id,
             "status = ?, step = ?, updated_at = ?",
             vec![Some(status.as_str().into()), Some(step.into()), Some(now())],
             "journaling the step of an operation",
         )
-        .await
+        .await?;
+        tx.commit()
+            .await
+            .map_err(q("committing the step of an operation"))
     }
 
     /// Records the CloudStack job an unfinished operation waits for, with the step that started it.
@@ -498,7 +507,7 @@ impl Store {
         job_id: &str,
         volume_id: Option<Uuid>,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
+        let mut tx = self.begin_write().await?;
         let mut set = String::from("step = ?, cloud_job_id = ?, updated_at = ?");
         let mut args = vec![Some(step.into()), Some(job_id.into()), Some(now())];
         if let Some(v) = volume_id {
@@ -506,26 +515,32 @@ impl Store {
             args.push(Some(v.to_string()));
         }
         self.update_unfinished(
-            &mut conn,
+            &mut tx,
             id,
             &set,
             args,
             "journaling the job id of an operation",
         )
-        .await
+        .await?;
+        tx.commit()
+            .await
+            .map_err(q("committing the job id of an operation"))
     }
 
     /// Records the volume an unfinished operation acts on (for `create`, once the cloud named it).
     pub async fn set_operation_volume(&self, id: Uuid, volume_id: Uuid) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
+        let mut tx = self.begin_write().await?;
         self.update_unfinished(
-            &mut conn,
+            &mut tx,
             id,
             "volume_id = ?, updated_at = ?",
             vec![Some(volume_id.to_string()), Some(now())],
             "journaling the volume of an operation",
         )
-        .await
+        .await?;
+        tx.commit()
+            .await
+            .map_err(q("committing the volume of an operation"))
     }
 
     /// Journals that a create is about to send createVolume (`step`) together with the ids of the cloud volumes
@@ -540,7 +555,7 @@ impl Store {
             what: format!("the pre-existing volume ids of operation {id}"),
             detail: e.to_string(),
         })?;
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_write().await?;
         self.update_unfinished(
             &mut tx,
             id,
@@ -606,8 +621,11 @@ impl Store {
         response: Option<&Value>,
         error: Option<&OpError>,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        self.finish_in(&mut conn, id, status, response, error).await
+        let mut tx = self.begin_write().await?;
+        self.finish_in(&mut tx, id, status, response, error).await?;
+        tx.commit()
+            .await
+            .map_err(q("committing a finished operation"))
     }
 
     async fn finish_in(
@@ -649,11 +667,32 @@ impl Store {
         conn: &mut AnyConnection,
         v: &VolumeRecord,
     ) -> Result<(), StoreError> {
+        // A volume recorded by another appliance stays that appliance's.
+        let sql = self.dialect.sql(&format!(
+            "SELECT appliance_id FROM volumes WHERE id = ?{}",
+            self.dialect.for_update()
+        ));
+        let owner: Option<String> = sqlx::query_scalar(&sql)
+            .bind(v.id.to_string())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(q("reading the owner of a volume"))?;
+        if let Some(other) = owner.filter(|o| o != self.owner()) {
+            return Err(StoreError::conflict(format!(
+                "volume {} belongs to appliance {other}; only that appliance's daemon may change it",
+                v.id
+            )));
+        }
+        let all: Vec<&str> = VOLUME_COLS
+            .iter()
+            .copied()
+            .chain(["appliance_id"])
+            .collect();
         let sql = self.dialect.upsert(
             "volumes",
             "id",
-            &VOLUME_COLS,
-            &update_cols(&VOLUME_COLS, &["id", "created_at"]),
+            &all,
+            &update_cols(&all, &["id", "created_at", "appliance_id"]),
         );
         let sql = self.dialect.sql(&sql);
         sqlx::query(&sql)
@@ -672,6 +711,7 @@ impl Store {
             .bind(ts(v.created_at))
             .bind(ts(v.updated_at))
             .bind(opt_ts(v.deleted_at))
+            .bind(self.owner().to_string())
             .execute(conn)
             .await
             .map_err(q("writing a volume"))?;
@@ -680,18 +720,20 @@ impl Store {
 
     /// Inserts the volume or replaces everything but its creation time.
     pub async fn upsert_volume(&self, v: &VolumeRecord) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        self.upsert_volume_in(&mut conn, v).await
+        let mut tx = self.begin_write().await?;
+        self.upsert_volume_in(&mut tx, v).await?;
+        tx.commit().await.map_err(q("committing a volume"))
     }
 
     /// The volume, including a deleted one (`deleted_at` set).
     pub async fn get_volume(&self, id: Uuid) -> Result<Option<VolumeRecord>, StoreError> {
         let sql = self.dialect.sql(&format!(
-            "SELECT {} FROM volumes WHERE id = ?",
+            "SELECT {} FROM volumes WHERE id = ? AND appliance_id = ?",
             cols(&VOLUME_COLS)
         ));
         sqlx::query(&sql)
             .bind(id.to_string())
+            .bind(self.owner().to_string())
             .fetch_optional(&self.pool)
             .await
             .map_err(q("reading a volume"))?
@@ -707,13 +749,14 @@ impl Store {
         let filter = if include_deleted {
             ""
         } else {
-            " WHERE deleted_at IS NULL"
+            " AND deleted_at IS NULL"
         };
-        let sql = format!(
-            "SELECT {} FROM volumes{filter} ORDER BY created_at ASC, id ASC",
+        let sql = self.dialect.sql(&format!(
+            "SELECT {} FROM volumes WHERE appliance_id = ?{filter} ORDER BY created_at ASC, id ASC",
             cols(&VOLUME_COLS)
-        );
+        ));
         sqlx::query(&sql)
+            .bind(self.owner().to_string())
             .fetch_all(&self.pool)
             .await
             .map_err(q("listing volumes"))?
@@ -755,7 +798,8 @@ impl Store {
             }
             Some(volume_api::VolumeState::Deleted) => "v.deleted_at IS NOT NULL",
         }];
-        let mut args = Vec::new();
+        conds.push("v.appliance_id = ?");
+        let mut args = vec![Arg::Text(self.owner().to_string())];
         if let Some(vm) = &filter.vm_id {
             conds.push("a.vm_id = ?");
             args.push(Arg::Text(vm.clone()));
@@ -806,13 +850,22 @@ impl Store {
     /// Removes the volume's record for good (deletion through the API keeps a tombstone instead). Conflict
     /// while it has an attachment or an export. Returns whether a record existed.
     pub async fn delete_volume(&self, id: Uuid) -> Result<bool, StoreError> {
-        let sql = self.dialect.sql("DELETE FROM volumes WHERE id = ?");
+        let mut tx = self.begin_write().await?;
+        let sql = self
+            .dialect
+            .sql("DELETE FROM volumes WHERE id = ? AND appliance_id = ?");
         match sqlx::query(&sql)
             .bind(id.to_string())
-            .execute(&self.pool)
+            .bind(self.owner().to_string())
+            .execute(&mut *tx)
             .await
         {
-            Ok(r) => Ok(r.rows_affected() > 0),
+            Ok(r) => {
+                tx.commit()
+                    .await
+                    .map_err(q("committing the removal of a volume"))?;
+                Ok(r.rows_affected() > 0)
+            }
             Err(e) if StoreError::is_constraint_violation(&e) => Err(StoreError::conflict(
                 format!("volume {id} still has an attachment or an export; detach it first"),
             )),
@@ -827,11 +880,12 @@ impl Store {
         volume_id: Uuid,
     ) -> Result<Option<AttachmentRecord>, StoreError> {
         let sql = self.dialect.sql(&format!(
-            "SELECT {} FROM attachments WHERE volume_id = ?",
+            "SELECT {} FROM attachments WHERE volume_id = ? AND {OWN_VOLUME}",
             cols(&ATTACHMENT_COLS)
         ));
         sqlx::query(&sql)
             .bind(volume_id.to_string())
+            .bind(self.owner().to_string())
             .fetch_optional(&self.pool)
             .await
             .map_err(q("reading an attachment"))?
@@ -844,8 +898,8 @@ impl Store {
         &self,
         filter: &AttachmentFilter,
     ) -> Result<Vec<AttachmentRecord>, StoreError> {
-        let mut conds = Vec::new();
-        let mut args = Vec::new();
+        let mut conds = vec![OWN_VOLUME];
+        let mut args = vec![Arg::Text(self.owner().to_string())];
         if let Some(vm) = &filter.vm_id {
             conds.push("vm_id = ?");
             args.push(Arg::Text(vm.clone()));
@@ -854,11 +908,8 @@ impl Store {
             conds.push("target = ?");
             args.push(Arg::Text(t.as_str().into()));
         }
-        let mut sql = format!("SELECT {} FROM attachments", cols(&ATTACHMENT_COLS));
-        if !conds.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&conds.join(" AND "));
-        }
+        let mut sql = format!("SELECT {} FROM attachments WHERE ", cols(&ATTACHMENT_COLS));
+        sql.push_str(&conds.join(" AND "));
         // NULL device ids last on every backend.
         sql.push_str(" ORDER BY vm_id ASC, (device_id IS NULL) ASC, device_id ASC, volume_id ASC");
         let sql = self.dialect.sql(&sql);
@@ -883,14 +934,15 @@ impl Store {
         path: &str,
     ) -> Result<Option<AttachmentRecord>, StoreError> {
         let sql = self.dialect.sql(&format!(
-            "SELECT {} FROM attachments WHERE by_id_path = ? OR kernel_device = ? OR stable_name = ? \
-             ORDER BY volume_id ASC",
+            "SELECT {} FROM attachments WHERE (by_id_path = ? OR kernel_device = ? OR stable_name = ?) \
+             AND {OWN_VOLUME} ORDER BY volume_id ASC",
             cols(&ATTACHMENT_COLS)
         ));
         let rows = sqlx::query(&sql)
             .bind(path)
             .bind(path)
             .bind(path)
+            .bind(self.owner().to_string())
             .fetch_all(&self.pool)
             .await
             .map_err(q("looking up an attachment by device"))?;
@@ -899,15 +951,24 @@ impl Store {
 
     /// Removes the volume's attachment record (the volume stays). Returns whether one existed.
     pub async fn delete_attachment(&self, volume_id: Uuid) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        delete_by_volume(&mut conn, self.dialect, "attachments", volume_id).await
+        let mut tx = self.begin_write().await?;
+        let existed = delete_by_volume(
+            &mut tx,
+            self.dialect,
+            self.owner(),
+            "attachments",
+            volume_id,
+        )
+        .await?;
+        tx.commit().await.map_err(q("committing a removal"))?;
+        Ok(existed)
     }
 
     /// Removes the volume's export and attachment records together (one transaction); `true` when an
     /// attachment existed. For undoing an attach and for repairs, where no operation completes with it.
     pub async fn clear_attachment(&self, volume_id: Uuid) -> Result<bool, StoreError> {
-        let mut tx = self.begin().await?;
-        let existed = clear_attachment_in(&mut tx, self.dialect, volume_id).await?;
+        let mut tx = self.begin_write().await?;
+        let existed = clear_attachment_in(&mut tx, self.dialect, self.owner(), volume_id).await?;
         tx.commit()
             .await
             .map_err(q("committing the removal of an attachment"))?;
@@ -964,19 +1025,20 @@ impl Store {
     /// Inserts or replaces the volume's export (and records its generation on the volume's attachment), in
     /// one transaction.
     pub async fn upsert_export(&self, e: &ExportRecord) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_write().await?;
         self.upsert_export_in(&mut tx, e).await?;
         tx.commit().await.map_err(q("committing an export"))
     }
 
     pub async fn get_export(&self, volume_id: Uuid) -> Result<Option<ExportRecord>, StoreError> {
         let sql = self.dialect.sql(&format!(
-            "SELECT {}, {} FROM exports WHERE volume_id = ?",
+            "SELECT {}, {} FROM exports WHERE volume_id = ? AND {OWN_VOLUME}",
             cols(&EXPORT_COLS),
             cols(&EXPORT_COUNTER_COLS)
         ));
         sqlx::query(&sql)
             .bind(volume_id.to_string())
+            .bind(self.owner().to_string())
             .fetch_optional(&self.pool)
             .await
             .map_err(q("reading an export"))?
@@ -986,12 +1048,13 @@ impl Store {
 
     /// All exports, by export name.
     pub async fn list_exports(&self) -> Result<Vec<ExportRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {}, {} FROM exports ORDER BY export_name ASC",
+        let sql = self.dialect.sql(&format!(
+            "SELECT {}, {} FROM exports WHERE {OWN_VOLUME} ORDER BY export_name ASC",
             cols(&EXPORT_COLS),
             cols(&EXPORT_COUNTER_COLS)
-        );
+        ));
         sqlx::query(&sql)
+            .bind(self.owner().to_string())
             .fetch_all(&self.pool)
             .await
             .map_err(q("listing exports"))?
@@ -1007,13 +1070,13 @@ impl Store {
         after: Option<&Cursor>,
     ) -> Result<Page<ExportRecord>, StoreError> {
         let mut sql = format!(
-            "SELECT {}, {} FROM exports",
+            "SELECT {}, {} FROM exports WHERE {OWN_VOLUME}",
             cols(&EXPORT_COLS),
             cols(&EXPORT_COUNTER_COLS)
         );
-        let mut args = Vec::new();
+        let mut args = vec![Arg::Text(self.owner().to_string())];
         if let Some(c) = after {
-            sql.push_str(" WHERE (export_name > ? OR (export_name = ? AND volume_id > ?))");
+            sql.push_str(" AND (export_name > ? OR (export_name = ? AND volume_id > ?))");
             args.extend(keyset_args(c));
         }
         sql.push_str(" ORDER BY export_name ASC, volume_id ASC");
@@ -1042,35 +1105,46 @@ impl Store {
             "UPDATE exports SET bytes_read_run = ?, bytes_written_run = ? \
              WHERE volume_id = ? AND generation = ?",
         );
+        let mut tx = self.begin_write().await?;
         sqlx::query(&sql)
             .bind(int("bytes read", read)?)
             .bind(int("bytes written", written)?)
             .bind(volume_id.to_string())
             .bind(int("export generation", generation)?)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(q("saving export byte counters"))?;
-        Ok(())
+        tx.commit()
+            .await
+            .map_err(q("committing export byte counters"))
     }
 
     /// At start-up: adds what the previous run counted to the totals of earlier runs.
     pub async fn fold_export_run_bytes(&self) -> Result<(), StoreError> {
-        sqlx::query(
+        let sql = self.dialect.sql(&format!(
             "UPDATE exports SET bytes_read_before = bytes_read_before + bytes_read_run, \
              bytes_written_before = bytes_written_before + bytes_written_run, \
              bytes_read_run = 0, bytes_written_run = 0 \
-             WHERE bytes_read_run <> 0 OR bytes_written_run <> 0",
-        )
-        .execute(&self.pool)
-        .await
-        .map_err(q("folding export byte counters"))?;
-        Ok(())
+             WHERE (bytes_read_run <> 0 OR bytes_written_run <> 0) AND {OWN_VOLUME}"
+        ));
+        let mut tx = self.begin_write().await?;
+        sqlx::query(&sql)
+            .bind(self.owner().to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("folding export byte counters"))?;
+        tx.commit()
+            .await
+            .map_err(q("committing folded export byte counters"))
     }
 
     /// Removes the volume's export record. Returns whether one existed.
     pub async fn delete_export(&self, volume_id: Uuid) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        delete_by_volume(&mut conn, self.dialect, "exports", volume_id).await
+        let mut tx = self.begin_write().await?;
+        let existed =
+            delete_by_volume(&mut tx, self.dialect, self.owner(), "exports", volume_id).await?;
+        tx.commit().await.map_err(q("committing a removal"))?;
+        Ok(existed)
     }
 
     // ---- appliance ----------------------------------------------------------------------------------------
@@ -1099,15 +1173,18 @@ impl Store {
             &["singleton", "vm_id", "source", "updated_at"],
             &["vm_id", "source", "updated_at"],
         );
+        let mut tx = self.begin_write().await?;
         sqlx::query(&self.dialect.sql(&sql))
             .bind(1_i64)
             .bind(a.vm_id.clone())
             .bind(a.source.clone())
             .bind(ts(a.updated_at))
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(q("storing the appliance identity"))?;
-        Ok(())
+        tx.commit()
+            .await
+            .map_err(q("committing the appliance identity"))
     }
 
     // ---- commits: one transaction each ---------------------------------------------------------------------
@@ -1119,7 +1196,7 @@ impl Store {
         volume: &VolumeRecord,
         response: &Value,
     ) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_write().await?;
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
         self.upsert_volume_in(&mut tx, volume).await?;
@@ -1148,7 +1225,7 @@ impl Store {
         response: &Value,
     ) -> Result<(), StoreError> {
         let volume_id = attachment.volume_id;
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_write().await?;
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
         let sql = self
@@ -1259,10 +1336,10 @@ impl Store {
         volume_id: Uuid,
         response: &Value,
     ) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_write().await?;
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
-        clear_attachment_in(&mut tx, self.dialect, volume_id).await?;
+        clear_attachment_in(&mut tx, self.dialect, self.owner(), volume_id).await?;
         self.finish_in(&mut tx, op_id, OpStatus::Completed, Some(response), None)
             .await?;
         tx.commit().await.map_err(q("committing a detach"))
@@ -1276,10 +1353,10 @@ impl Store {
         volume_id: Uuid,
         response: &Value,
     ) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_write().await?;
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
-        clear_attachment_in(&mut tx, self.dialect, volume_id).await?;
+        clear_attachment_in(&mut tx, self.dialect, self.owner(), volume_id).await?;
         let t = now();
         let sql = self.dialect.sql(
             "UPDATE volumes SET deleted_at = ?, updated_at = ? WHERE id = ? AND deleted_at IS NULL",
@@ -1328,21 +1405,27 @@ fn update_cols<'a>(all: &[&'a str], keep: &[&str]) -> Vec<&'a str> {
 async fn clear_attachment_in(
     conn: &mut AnyConnection,
     dialect: Dialect,
+    owner: &str,
     volume_id: Uuid,
 ) -> Result<bool, StoreError> {
-    delete_by_volume(conn, dialect, "exports", volume_id).await?;
-    delete_by_volume(conn, dialect, "attachments", volume_id).await
+    delete_by_volume(conn, dialect, owner, "exports", volume_id).await?;
+    delete_by_volume(conn, dialect, owner, "attachments", volume_id).await
 }
 
+/// Deletes the row of `table` of one of `owner`'s volumes.
 async fn delete_by_volume(
     conn: &mut AnyConnection,
     dialect: Dialect,
+    owner: &str,
     table: &'static str,
     volume_id: Uuid,
 ) -> Result<bool, StoreError> {
-    let sql = dialect.sql(&format!("DELETE FROM {table} WHERE volume_id = ?"));
+    let sql = dialect.sql(&format!(
+        "DELETE FROM {table} WHERE volume_id = ? AND {OWN_VOLUME}"
+    ));
     let res = sqlx::query(&sql)
         .bind(volume_id.to_string())
+        .bind(owner.to_string())
         .execute(conn)
         .await
         .map_err(q(match table {
