@@ -9,6 +9,7 @@ mod dialect;
 mod error;
 mod records;
 mod rows;
+mod snapshots;
 
 use std::sync::Once;
 use std::time::Duration;
