@@ -14,7 +14,7 @@ use crate::jobs::{self, JobBoard, Outcome};
 use crate::sign;
 use crate::types::{
     bytes_to_gib_rounded_up, AsyncJob, AsyncJobInfo, CreateVolume, DiskOffering, JobStatus,
-    ListVms, ListVolumes, VirtualMachine, Volume, Zone,
+    ListSnapshots, ListVms, ListVolumes, Snapshot, VirtualMachine, Volume, Zone,
 };
 
 /// Upper bound of pages fetched by one list call (protects against servers that ignore paging).
@@ -523,6 +523,68 @@ impl Client {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// `createSnapshot` of a volume (asynchronous); `name` `None` lets CloudStack name it. Returns at once
+    /// with the job id and the new snapshot's id.
+    pub async fn create_snapshot(
+        &self,
+        volume_id: &str,
+        name: Option<&str>,
+    ) -> Result<AsyncJob, Error> {
+        if volume_id.is_empty() {
+            return Err(Error::InvalidInput {
+                command: "createSnapshot".to_owned(),
+                reason: "volume_id is empty".to_owned(),
+            });
+        }
+        let mut params = vec![("volumeid", volume_id.to_owned())];
+        if let Some(n) = name.filter(|n| !n.is_empty()) {
+            params.push(("name", n.to_owned()));
+        }
+        self.async_command("createSnapshot", &params).await
+    }
+
+    /// `revertSnapshot` (asynchronous): the volume's content becomes the snapshot's. CloudStack refuses it
+    /// while the volume is attached to a VM that is not stopped.
+    pub async fn revert_snapshot(&self, snapshot_id: &str) -> Result<AsyncJob, Error> {
+        self.async_command("revertSnapshot", &[("id", snapshot_id.to_owned())])
+            .await
+    }
+
+    /// `deleteSnapshot` (asynchronous).
+    pub async fn delete_snapshot(&self, snapshot_id: &str) -> Result<AsyncJob, Error> {
+        self.async_command("deleteSnapshot", &[("id", snapshot_id.to_owned())])
+            .await
+    }
+
+    /// `listSnapshots` with the given filters, all pages.
+    pub async fn list_snapshots(&self, q: &ListSnapshots) -> Result<Vec<Snapshot>, Error> {
+        let mut params = Vec::new();
+        let opt = [("id", &q.id), ("volumeid", &q.volume_id), ("name", &q.name)];
+        params.extend(
+            opt.into_iter()
+                .filter_map(|(k, v)| v.clone().map(|v| (k, v))),
+        );
+        if q.list_all {
+            params.push(("listall", "true".to_owned()));
+        }
+        self.list_all("listSnapshots", "snapshot", params, q.page_size)
+            .await
+    }
+
+    /// Waits for a job whose result carries a snapshot (`createSnapshot`, `revertSnapshot`) and decodes it.
+    pub async fn wait_snapshot_job(
+        &self,
+        job_id: &str,
+        deadline: Duration,
+    ) -> Result<Snapshot, Error> {
+        let result = self.wait_job(job_id, deadline).await?;
+        decode::object(
+            "queryAsyncJobResult",
+            &result["snapshot"],
+            "jobresult.snapshot",
+        )
     }
 
     /// `listVirtualMachines` with the given filters, all pages.

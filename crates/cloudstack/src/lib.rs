@@ -19,5 +19,5 @@ pub use config::{Config, JobPollPolicy, RetryPolicy, Secret};
 pub use error::{classify, Error, ErrorKind};
 pub use types::{
     bytes_to_gib_rounded_up, AsyncJob, AsyncJobInfo, CreateVolume, DiskOffering, JobError,
-    JobStatus, ListVms, ListVolumes, VirtualMachine, Volume, Zone, GIB,
+    JobStatus, ListSnapshots, ListVms, ListVolumes, Snapshot, VirtualMachine, Volume, Zone, GIB,
 };

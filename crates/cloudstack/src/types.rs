@@ -1,4 +1,4 @@
-//! Typed CloudStack resources (volumes, VMs, zones, disk offerings, asynchronous jobs) and the query
+//! Typed CloudStack resources (volumes, VMs, zones, disk offerings, snapshots, asynchronous jobs) and the query
 //! parameters of the calls that return them. Field names on the wire are CloudStack's; sizes are bytes.
 
 use serde::{Deserialize, Serialize};
@@ -184,6 +184,56 @@ pub struct DiskOffering {
     pub custom: bool,
     #[serde(rename = "displaytext", default, deserialize_with = "de::opt_string")]
     pub display_text: Option<String>,
+}
+
+/// Filters of `listSnapshots`. Every set field is sent; all pages are fetched.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListSnapshots {
+    pub id: Option<String>,
+    pub volume_id: Option<String>,
+    pub name: Option<String>,
+    /// Sends `listall=true` (needed to see snapshots of other accounts in the domain).
+    pub list_all: bool,
+    /// Page size used to fetch all pages; the client's default when `None`.
+    pub page_size: Option<u32>,
+}
+
+/// A CloudStack volume snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    #[serde(deserialize_with = "de::string")]
+    pub id: String,
+    #[serde(default, deserialize_with = "de::string")]
+    pub name: String,
+    #[serde(rename = "volumeid", default, deserialize_with = "de::string")]
+    pub volume_id: String,
+    #[serde(rename = "volumename", default, deserialize_with = "de::opt_string")]
+    pub volume_name: Option<String>,
+    /// `ROOT` or `DATADISK`.
+    #[serde(rename = "volumetype", default, deserialize_with = "de::opt_string")]
+    pub volume_type: Option<String>,
+    /// `Allocated`, `Creating`, `CreatedOnPrimary`, `BackingUp`, `BackedUp`, `Copying`, `Destroying`,
+    /// `Destroyed`, `Error`.
+    #[serde(default, deserialize_with = "de::string")]
+    pub state: String,
+    /// `MANUAL`, `RECURRING`, …
+    #[serde(rename = "snapshottype", default, deserialize_with = "de::opt_string")]
+    pub snapshot_type: Option<String>,
+    #[serde(rename = "intervaltype", default, deserialize_with = "de::opt_string")]
+    pub interval_type: Option<String>,
+    #[serde(default, deserialize_with = "de::opt_string")]
+    pub created: Option<String>,
+    #[serde(rename = "zoneid", default, deserialize_with = "de::opt_string")]
+    pub zone_id: Option<String>,
+    /// Bytes the snapshot takes on storage.
+    #[serde(rename = "physicalsize", default, deserialize_with = "de::opt_u64")]
+    pub physical_size: Option<u64>,
+    /// Bytes of the volume it was taken of.
+    #[serde(rename = "virtualsize", default, deserialize_with = "de::opt_u64")]
+    pub virtual_size: Option<u64>,
+    /// Whether CloudStack can revert the volume to it.
+    #[serde(default, deserialize_with = "de::opt_bool")]
+    pub revertable: Option<bool>,
 }
 
 /// The error a failed asynchronous job reports in its `jobresult`.

@@ -10,8 +10,8 @@ use axum::extract::{Form, State};
 use axum::http::{Method as HttpMethod, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cloudstack::{
-    sign, Client, Config, CreateVolume, ErrorKind, JobPollPolicy, ListVms, ListVolumes,
-    RetryPolicy, Secret,
+    sign, Client, Config, CreateVolume, ErrorKind, JobPollPolicy, JobStatus, ListSnapshots,
+    ListVms, ListVolumes, Method, RetryPolicy, Secret,
 };
 use serde_json::{json, Value};
 
@@ -1025,4 +1025,98 @@ async fn transport_errors_never_show_the_signed_url() {
     for secret in [API_KEY, "signature", "apiKey", "expires"] {
         assert!(!text.contains(secret), "{secret:?} shown in {text}");
     }
+}
+
+#[tokio::test]
+async fn snapshot_calls_decode_real_bodies() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "createSnapshot",
+        vec![ok(fixture("createSnapshot_default.json"))],
+    );
+    srv.script(
+        "deleteSnapshot",
+        vec![ok(fixture("deleteSnapshot_default.json"))],
+    );
+    srv.script(
+        "revertSnapshot",
+        vec![ok(
+            json!({"revertsnapshotresponse": {"jobid": "9c1d-revert"}}),
+        )],
+    );
+    srv.script(
+        "listSnapshots",
+        vec![ok(fixture("listSnapshots_default.json"))],
+    );
+    srv.script(
+        "queryAsyncJobResult",
+        vec![
+            ok(fixture("queryAsyncJobResult_createsnapshotjob.json")),
+            ok(fixture("queryAsyncJobResult_deletesnapshotjob.json")),
+        ],
+    );
+    let client = srv.client();
+    let job = client
+        .create_snapshot("fe1ada16-57a0-40ae-b577-01a153690fb4", Some("before-test"))
+        .await
+        .expect("createSnapshot");
+    assert_eq!(job.job_id, "1300001");
+    assert_eq!(job.resource_id.as_deref(), Some("190547"));
+    let call = &srv.calls_of("createSnapshot")[0];
+    assert_eq!(
+        call.param("volumeid"),
+        Some("fe1ada16-57a0-40ae-b577-01a153690fb4")
+    );
+    assert_eq!(call.param("name"), Some("before-test"));
+    let snap = client
+        .wait_snapshot_job(&job.job_id, Duration::from_secs(5))
+        .await
+        .expect("job result");
+    assert_eq!(snap.id, "190547");
+    assert_eq!(snap.volume_id, "fe1ada16-57a0-40ae-b577-01a153690fb4");
+    assert_eq!(snap.state, "CreatedOnPrimary");
+    assert_eq!(snap.volume_type.as_deref(), Some("ROOT"));
+    assert_eq!(snap.snapshot_type.as_deref(), Some("MANUAL"));
+    let list = client
+        .list_snapshots(&ListSnapshots {
+            volume_id: Some("89341".into()),
+            list_all: true,
+            ..ListSnapshots::default()
+        })
+        .await
+        .expect("listSnapshots");
+    assert_eq!(list.len(), 3);
+    assert_eq!(list[0].id, "188402");
+    assert_eq!(list[0].volume_id, "89341", "numeric ids decode as text");
+    assert_eq!(list[0].state, "BackedUp");
+    assert_eq!(list[0].created.as_deref(), Some("2014-09-17T19:55:48+0900"));
+    let q = &srv.calls_of("listSnapshots")[0];
+    assert_eq!(q.param("volumeid"), Some("89341"));
+    assert_eq!(q.param("listall"), Some("true"));
+    let del = client
+        .delete_snapshot("188402")
+        .await
+        .expect("deleteSnapshot");
+    assert_eq!(del.job_id, "1300002");
+    assert_eq!(del.resource_id, None);
+    assert_eq!(
+        srv.calls_of("deleteSnapshot")[0].param("id"),
+        Some("188402")
+    );
+    match client.query_async_job(&del.job_id).await.expect("job") {
+        JobStatus::Succeeded(r) => assert_eq!(r["success"], true),
+        other => panic!("the delete job finished: {other:?}"),
+    }
+    let rev = client
+        .revert_snapshot("188401")
+        .await
+        .expect("revertSnapshot");
+    assert_eq!(rev.job_id, "9c1d-revert");
+    assert_eq!(
+        srv.calls_of("revertSnapshot")[0].param("id"),
+        Some("188401")
+    );
+    // Snapshot-changing calls are POST forms, the list a GET.
+    assert_eq!(Method::for_command("revertSnapshot"), Method::Post);
+    assert_eq!(Method::for_command("listSnapshots"), Method::Get);
 }

@@ -51,6 +51,12 @@ wire_enum! {
         Delete = "delete",
         /// A repair the reconciler found safe (`POST /reconcile` with `apply`).
         Repair = "repair",
+        /// A CloudStack snapshot of the volume (`POST /volumes/{id}/snapshots`).
+        SnapshotCreate = "snapshot_create",
+        /// The volume reverted to one of its snapshots (detached volumes only).
+        SnapshotRevert = "snapshot_revert",
+        /// A snapshot of the volume deleted.
+        SnapshotDelete = "snapshot_delete",
     }
 }
 
@@ -106,6 +112,12 @@ wire_enum! {
         CloudDetached = "cloud_detached",
         /// `delete`: deleteVolume is being sent.
         CloudDeleteSent = "cloud_delete_sent",
+        /// `snapshot_create`: the createSnapshot job id is journaled.
+        CloudSnapshotJob = "cloud_snapshot_job",
+        /// `snapshot_revert`: the revertSnapshot job id is journaled.
+        CloudRevertJob = "cloud_revert_job",
+        /// `snapshot_delete`: the deleteSnapshot job id is journaled.
+        CloudSnapshotDeleteJob = "cloud_snapshot_delete_job",
     }
 }
 
@@ -327,6 +339,8 @@ wire_enum! {
         IdempotencyKeyReused = "idempotency_key_reused",
         /// The volume belongs to another appliance that shares the database; ask that appliance's daemon.
         VolumeOwnedByOtherAppliance = "volume_owned_by_other_appliance",
+        /// The volume is attached to a VM; detach it first (a snapshot revert needs a detached volume).
+        VolumeAttached = "volume_attached",
         CloudNotFound = "cloud_not_found",
         CloudInvalidParameter = "cloud_invalid_parameter",
         CloudInUse = "cloud_in_use",

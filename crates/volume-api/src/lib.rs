@@ -6,13 +6,19 @@
 //! converted to these explicitly.
 
 mod cloud_states;
+mod compat;
 mod enums;
 mod operations;
 mod resources;
+mod snapshots;
 
 use uuid::Uuid;
 
 pub use cloud_states::{CloudVmState, CloudVolumeState};
+pub use compat::{
+    ExportAgeCleanupRequest, ExportCleanupRequest, ExportCleanupResult, ExportValidation,
+    ForceSyncResult, OrphanedExport, OrphanedExportCount,
+};
 pub use enums::{
     ApplianceSource, AttachTarget, ComponentStatus, DiskRole, DriftAction, DriftKind, ErrorCode,
     ExportStatus, HealthStatus, LinuxState, OperationMode, OperationStatus, OperationStep,
@@ -26,8 +32,13 @@ pub use operations::{
 pub use resources::{
     Appliance, AttachmentInfo, CloudOffering, CloudVm, CloudVolumeData, CloudZone, ComponentHealth,
     CreateExportRequest, DeviceMapping, Drift, ErrorBody, Export, ExportList, ExportRemoved,
-    Health, ReconcileReport, ReconcileRequest, SetApplianceRequest, SnapshotInfo, VmVolume,
-    VolumeStatus,
+    Health, HealthDetails, ReconcileReport, ReconcileRequest, SetApplianceRequest, SnapshotInfo,
+    VmVolume, VolumeStatus, IMPLEMENTATION_STATUS,
+};
+pub use snapshots::{
+    CreateSnapshotRequest, SnapshotOperationRequest, SnapshotOperationResponse, SnapshotTracked,
+    SnapshotUpdated, TrackSnapshotRequest, UpdateSnapshotRequest, VmSnapshots, VmSnapshotsCleared,
+    VolumeSnapshot, VolumeSnapshotInfo,
 };
 
 /// Path prefix of every versioned endpoint.

@@ -13,6 +13,7 @@ use crate::cloud_states::CloudVolumeState;
 use crate::enums::{
     DiskRole, ErrorCode, OperationStatus, OperationStep, OperationType, RepairKind,
 };
+use crate::snapshots::{SnapshotOperationRequest, SnapshotOperationResponse};
 
 /// A journaled operation as the API shows it (`GET /operations/{id}`, and the 201 answer of every mutation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -65,6 +66,21 @@ pub enum OperationKind {
         request: RepairRequest,
         response: Option<RepairResponse>,
     },
+    #[serde(rename = "snapshot_create")]
+    SnapshotCreate {
+        request: SnapshotOperationRequest,
+        response: Option<SnapshotOperationResponse>,
+    },
+    #[serde(rename = "snapshot_revert")]
+    SnapshotRevert {
+        request: SnapshotOperationRequest,
+        response: Option<SnapshotOperationResponse>,
+    },
+    #[serde(rename = "snapshot_delete")]
+    SnapshotDelete {
+        request: SnapshotOperationRequest,
+        response: Option<SnapshotOperationResponse>,
+    },
 }
 
 impl OperationKind {
@@ -75,6 +91,9 @@ impl OperationKind {
             Self::Detach { .. } => OperationType::Detach,
             Self::Delete { .. } => OperationType::Delete,
             Self::Repair { .. } => OperationType::Repair,
+            Self::SnapshotCreate { .. } => OperationType::SnapshotCreate,
+            Self::SnapshotRevert { .. } => OperationType::SnapshotRevert,
+            Self::SnapshotDelete { .. } => OperationType::SnapshotDelete,
         }
     }
 }
@@ -92,6 +111,11 @@ impl Operation {
             OperationKind::Detach { response, .. } => response.as_ref().map(|r| r.volume_id),
             OperationKind::Delete { response, .. } => response.as_ref().map(|r| r.volume_id),
             OperationKind::Repair { response, .. } => response.as_ref().map(|r| r.volume_id),
+            OperationKind::SnapshotCreate { response, .. }
+            | OperationKind::SnapshotRevert { response, .. }
+            | OperationKind::SnapshotDelete { response, .. } => {
+                response.as_ref().map(|r| r.volume_id)
+            }
         }
     }
 

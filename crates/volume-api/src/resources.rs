@@ -293,7 +293,34 @@ pub struct Health {
     pub timestamp: DateTime<Utc>,
     /// By name: `database`, `cloudstack`, `appliance_identity`, `journal`, `privileges`, `nbd`, `exports`.
     pub components: BTreeMap<String, ComponentHealth>,
+    /// The predecessor's summary of component `cloudstack`: `healthy`, `degraded` or `unhealthy` (the status
+    /// only, never an error's text).
+    #[serde(default)]
+    pub cloudstack_health: String,
+    /// The predecessor's summary of component `database`, as `cloudstack_health`.
+    #[serde(default)]
+    pub database_health: String,
+    /// The predecessor's summary of component `privileges` (device access), as `cloudstack_health`.
+    #[serde(default)]
+    pub device_monitor: String,
+    /// Fixed facts the predecessor's deployment scripts read; never an error's text, so open without the
+    /// token.
+    #[serde(default)]
+    pub details: HealthDetails,
 }
+
+/// `details` of `GET /health`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HealthDetails {
+    /// `complete`: the predecessor's upgrade script takes any value but its first release's
+    /// `phase_1_foundation` as the sign that the upgraded service runs.
+    pub implementation_status: String,
+    pub service: String,
+    pub version: String,
+}
+
+/// `details.implementation_status` of `GET /health`.
+pub const IMPLEMENTATION_STATUS: &str = "complete";
 
 /// Every error body: `{"error": "...", "code": "..."}`, plus the offending field when one is at fault.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -105,6 +105,19 @@ pub struct CloudJob {
     pub resource_id: Option<String>,
 }
 
+/// A volume snapshot as the cloud reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudSnapshot {
+    pub id: String,
+    pub name: String,
+    pub volume_id: String,
+    /// CloudStack's spelling: `BackedUp`, `CreatedOnPrimary`, `Creating`, …
+    pub state: String,
+    pub created: Option<String>,
+    /// Bytes of the volume it was taken of, when the cloud says.
+    pub size: Option<u64>,
+}
+
 /// Parameters of a new volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewCloudVolume {
@@ -145,6 +158,26 @@ pub trait Cloud: Send + Sync + 'static {
     fn disk_offerings(&self) -> CloudFuture<'_, Vec<CloudDiskOffering>>;
     /// A cheap authenticated call, for health checks.
     fn ping(&self) -> CloudFuture<'_, ()>;
+    /// Starts a snapshot of the volume; the job's `resource_id` is the snapshot's id.
+    fn create_snapshot<'a>(
+        &'a self,
+        volume_id: &'a str,
+        name: Option<&'a str>,
+    ) -> CloudFuture<'a, CloudJob>;
+    /// Starts reverting the snapshot's volume to it.
+    fn revert_snapshot<'a>(&'a self, snapshot_id: &'a str) -> CloudFuture<'a, CloudJob>;
+    /// Starts deleting a snapshot.
+    fn delete_snapshot<'a>(&'a self, snapshot_id: &'a str) -> CloudFuture<'a, CloudJob>;
+    /// Waits for a snapshot job; returns the snapshot in its result when it has one.
+    fn wait_snapshot_job<'a>(
+        &'a self,
+        job_id: &'a str,
+        deadline: Duration,
+    ) -> CloudFuture<'a, Option<CloudSnapshot>>;
+    /// The snapshots of a volume.
+    fn snapshots_of<'a>(&'a self, volume_id: &'a str) -> CloudFuture<'a, Vec<CloudSnapshot>>;
+    /// One snapshot; `None` when the cloud does not know it.
+    fn get_snapshot<'a>(&'a self, snapshot_id: &'a str) -> CloudFuture<'a, Option<CloudSnapshot>>;
 }
 
 /// [`Cloud`] over the real CloudStack client (also used against the simulator).
@@ -219,6 +252,26 @@ impl From<cloudstack::Volume> for CloudVolume {
             zone_id: v.zone_id,
             disk_offering_id: v.disk_offering_id,
         }
+    }
+}
+
+impl From<cloudstack::Snapshot> for CloudSnapshot {
+    fn from(s: cloudstack::Snapshot) -> Self {
+        Self {
+            id: s.id,
+            name: s.name,
+            volume_id: s.volume_id,
+            state: s.state,
+            created: s.created,
+            size: s.virtual_size,
+        }
+    }
+}
+
+fn job_of(job: cloudstack::AsyncJob) -> CloudJob {
+    CloudJob {
+        job_id: job.job_id,
+        resource_id: job.resource_id,
     }
 }
 
@@ -406,6 +459,96 @@ impl Cloud for CloudStack {
         Box::pin(async move {
             self.client.list_zones().await.map_err(wrap("listZones"))?;
             Ok(())
+        })
+    }
+
+    fn create_snapshot<'a>(
+        &'a self,
+        volume_id: &'a str,
+        name: Option<&'a str>,
+    ) -> CloudFuture<'a, CloudJob> {
+        Box::pin(async move {
+            self.client
+                .create_snapshot(volume_id, name)
+                .await
+                .map(job_of)
+                .map_err(wrap("createSnapshot"))
+        })
+    }
+
+    fn revert_snapshot<'a>(&'a self, snapshot_id: &'a str) -> CloudFuture<'a, CloudJob> {
+        Box::pin(async move {
+            self.client
+                .revert_snapshot(snapshot_id)
+                .await
+                .map(job_of)
+                .map_err(wrap("revertSnapshot"))
+        })
+    }
+
+    fn delete_snapshot<'a>(&'a self, snapshot_id: &'a str) -> CloudFuture<'a, CloudJob> {
+        Box::pin(async move {
+            self.client
+                .delete_snapshot(snapshot_id)
+                .await
+                .map(job_of)
+                .map_err(wrap("deleteSnapshot"))
+        })
+    }
+
+    fn wait_snapshot_job<'a>(
+        &'a self,
+        job_id: &'a str,
+        deadline: Duration,
+    ) -> CloudFuture<'a, Option<CloudSnapshot>> {
+        Box::pin(async move {
+            let result = self
+                .client
+                .wait_job(job_id, deadline)
+                .await
+                .map_err(wrap("queryAsyncJobResult"))?;
+            Ok(result
+                .get("snapshot")
+                .cloned()
+                .and_then(|v| serde_json::from_value::<cloudstack::Snapshot>(v).ok())
+                .map(Into::into))
+        })
+    }
+
+    fn snapshots_of<'a>(&'a self, volume_id: &'a str) -> CloudFuture<'a, Vec<CloudSnapshot>> {
+        Box::pin(async move {
+            let q = cloudstack::ListSnapshots {
+                volume_id: Some(volume_id.to_string()),
+                list_all: true,
+                ..Default::default()
+            };
+            Ok(self
+                .client
+                .list_snapshots(&q)
+                .await
+                .map_err(wrap("listSnapshots"))?
+                .into_iter()
+                .map(CloudSnapshot::from)
+                .filter(|s| s.volume_id == volume_id)
+                .collect())
+        })
+    }
+
+    fn get_snapshot<'a>(&'a self, snapshot_id: &'a str) -> CloudFuture<'a, Option<CloudSnapshot>> {
+        Box::pin(async move {
+            let q = cloudstack::ListSnapshots {
+                id: Some(snapshot_id.to_string()),
+                list_all: true,
+                ..Default::default()
+            };
+            match self.client.list_snapshots(&q).await {
+                Ok(list) => Ok(list
+                    .into_iter()
+                    .map(CloudSnapshot::from)
+                    .find(|s| s.id == snapshot_id)),
+                Err(e) if e.kind() == cloudstack::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(wrap("listSnapshots")(e)),
+            }
         })
     }
 }

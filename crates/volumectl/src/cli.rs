@@ -17,7 +17,7 @@ Environment:
 Output:
   Tables for people; --json prints the daemon's JSON answer unchanged, one document per command;
   -q prints only ids (for shell variables).
-  Mutations (create, attach, detach, delete, adopt) wait for their operation and print it when it ends;
+  Mutations (create, attach, detach, delete, adopt, snapshots create/revert/delete) wait for their operation and print it when it ends;
   with --no-wait they print only the operation id (the whole operation with --json).
 
 Exit codes:
@@ -90,6 +90,9 @@ pub enum Command {
     /// What the cloud offers: zones, disk offerings and VMs, with names and ids.
     #[command(subcommand)]
     Cloud(CloudCommand),
+    /// CloudStack snapshots of a volume: list, take, revert a detached volume to one, delete.
+    #[command(subcommand)]
+    Snapshots(SnapshotsCommand),
     /// The daemon's health, per component; exits 1 unless healthy.
     Health,
     /// Compare the database with the cloud, the devices and the exports; repair with --apply.
@@ -202,6 +205,38 @@ pub enum VolumesCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum SnapshotsCommand {
+    /// The cloud's snapshots of a volume; the one the volume record tracks is marked.
+    List { volume_id: Uuid },
+    /// Take a snapshot of a volume (journaled; the volume record tracks it).
+    Create {
+        volume_id: Uuid,
+        /// The snapshot's name in CloudStack (CloudStack names it otherwise).
+        #[arg(long)]
+        name: Option<String>,
+        /// The migration context the snapshot belongs to (`vm_context_id`).
+        #[arg(long)]
+        vm_context: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Revert a detached volume to one of its snapshots (an attached volume is refused: detach it first).
+    Revert {
+        volume_id: Uuid,
+        snapshot_id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Delete one of a volume's snapshots.
+    Delete {
+        volume_id: Uuid,
+        snapshot_id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum CloudCommand {
     /// The cloud's zones.
     Zones,
@@ -217,7 +252,7 @@ pub enum OpsCommand {
     Show { id: Uuid },
     /// Operations, newest first, optionally filtered.
     List {
-        /// create, attach, detach, delete or repair.
+        /// create, attach, detach, delete, repair, snapshot_create, snapshot_revert or snapshot_delete.
         #[arg(long = "type", value_parser = parse_op_type)]
         op_type: Option<OperationType>,
         /// pending, executing, completed, failed or cancelled.

@@ -11,7 +11,8 @@ use uuid::Uuid;
 use volume_api::{
     Appliance, AttachVolumeRequest, CloudOffering, CloudVm, CloudZone, CreateVolumeRequest,
     ErrorBody, Export, ExportList, Health, Operation, ReconcileReport, ReconcileRequest,
-    SetApplianceRequest, VolumeState, VolumeStatus, API_PREFIX, IDEMPOTENCY_KEY_HEADER,
+    SetApplianceRequest, VolumeSnapshot, VolumeState, VolumeStatus, API_PREFIX,
+    IDEMPOTENCY_KEY_HEADER,
 };
 
 /// Longest server-side wait asked for in one `GET /operations/{id}?wait=` request.
@@ -374,6 +375,65 @@ impl Client {
             .await
     }
 
+    /// `GET /volumes/{id}/snapshots`.
+    pub async fn snapshots(
+        &self,
+        volume_id: Uuid,
+    ) -> Result<Answer<Vec<VolumeSnapshot>>, ClientError> {
+        self.get(&format!("/volumes/{volume_id}/snapshots")).await
+    }
+
+    pub async fn create_snapshot(
+        &self,
+        volume_id: Uuid,
+        req: &volume_api::CreateSnapshotRequest,
+        key: Option<&str>,
+    ) -> Result<Answer<Operation>, ClientError> {
+        self.mutate(
+            Method::POST,
+            &format!("/volumes/{volume_id}/snapshots"),
+            Some(to_json(req)),
+            key,
+        )
+        .await
+    }
+
+    pub async fn revert_snapshot(
+        &self,
+        volume_id: Uuid,
+        snapshot_id: &str,
+        key: Option<&str>,
+    ) -> Result<Answer<Operation>, ClientError> {
+        self.mutate(
+            Method::POST,
+            &format!(
+                "/volumes/{volume_id}/snapshots/{}/revert",
+                path_segment(snapshot_id)
+            ),
+            None,
+            key,
+        )
+        .await
+    }
+
+    pub async fn delete_snapshot(
+        &self,
+        volume_id: Uuid,
+        snapshot_id: &str,
+        key: Option<&str>,
+    ) -> Result<Answer<Operation>, ClientError> {
+        self.mutate(
+            Method::DELETE,
+            &format!(
+                "/volumes/{volume_id}/snapshots/{}",
+                path_segment(snapshot_id)
+            ),
+            None,
+            key,
+        )
+        .await
+    }
+
     pub async fn volume(&self, volume_id: Uuid) -> Result<Answer<VolumeStatus>, ClientError> {
         self.get(&format!("/volumes/{volume_id}")).await
     }
@@ -664,4 +724,17 @@ mod tests {
         assert!(e.to_string().contains("VOLUMECTL_TOKEN"));
         assert_eq!(e.kind(), ClientErrorKind::Refused);
     }
+}
+
+/// A caller's text as one URL path segment: everything but unreserved characters percent-encoded.
+fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

@@ -12,8 +12,8 @@ use volume_api::{
 };
 
 use crate::cli::{
-    ApplianceCommand, Cli, CloudCommand, Command, ExportsCommand, OpsCommand, VolumesCommand,
-    WaitArgs,
+    ApplianceCommand, Cli, CloudCommand, Command, ExportsCommand, OpsCommand, SnapshotsCommand,
+    VolumesCommand, WaitArgs,
 };
 use crate::client::{Answer, Client, OpsFilter};
 use crate::error::CliError;
@@ -109,6 +109,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Exports(c) => exports(&client, &out, c).await,
         Command::Appliance(c) => appliance(&client, &out, c).await,
         Command::Cloud(c) => cloud(&client, &out, c).await,
+        Command::Snapshots(c) => snapshots(&client, &out, c).await,
         Command::Health => {
             let h = client.health().await?;
             out.show(&h, render::health_report)?;
@@ -346,6 +347,51 @@ async fn exports(client: &Client, out: &Out, c: ExportsCommand) -> Result<(), Cl
         ExportsCommand::List => out.show(&client.exports().await?, render::exports_table),
         ExportsCommand::Show { volume_id } => {
             out.show(&client.export(volume_id).await?, render::export_detail)
+        }
+    }
+}
+
+async fn snapshots(client: &Client, out: &Out, c: SnapshotsCommand) -> Result<(), CliError> {
+    match c {
+        SnapshotsCommand::List { volume_id } => out.list(
+            &client.snapshots(volume_id).await?,
+            |s| s.id.clone(),
+            render::snapshots_table,
+        ),
+        SnapshotsCommand::Create {
+            volume_id,
+            name,
+            vm_context,
+            wait,
+        } => {
+            let req = volume_api::CreateSnapshotRequest {
+                name,
+                vm_context_id: vm_context,
+            };
+            let op = client
+                .create_snapshot(volume_id, &req, wait.idempotency_key.as_deref())
+                .await?;
+            finish_mutation(client, out, op, &wait).await
+        }
+        SnapshotsCommand::Revert {
+            volume_id,
+            snapshot_id,
+            wait,
+        } => {
+            let op = client
+                .revert_snapshot(volume_id, &snapshot_id, wait.idempotency_key.as_deref())
+                .await?;
+            finish_mutation(client, out, op, &wait).await
+        }
+        SnapshotsCommand::Delete {
+            volume_id,
+            snapshot_id,
+            wait,
+        } => {
+            let op = client
+                .delete_snapshot(volume_id, &snapshot_id, wait.idempotency_key.as_deref())
+                .await?;
+            finish_mutation(client, out, op, &wait).await
         }
     }
 }

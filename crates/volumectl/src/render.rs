@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, SecondsFormat, Utc};
 use volume_api::{
     Appliance, AttachTarget, CloudOffering, CloudVm, CloudZone, DiskRole, Export, ExportList,
-    Health, Operation, OperationKind, OperationStatus, ReconcileReport, VolumeStatus,
+    Health, Operation, OperationKind, OperationStatus, ReconcileReport, VolumeSnapshot,
+    VolumeStatus,
 };
 
 /// Shown for an absent value.
@@ -387,6 +388,18 @@ pub fn operation_outcome(o: &Operation, nbd_host: &str) -> String {
             s.push_str(": it was not attached, nothing to detach");
         }
     }
+    if let OperationKind::SnapshotCreate {
+        response: Some(r), ..
+    }
+    | OperationKind::SnapshotRevert {
+        response: Some(r), ..
+    }
+    | OperationKind::SnapshotDelete {
+        response: Some(r), ..
+    } = &o.kind
+    {
+        s.push_str(&format!(", snapshot {}", r.snapshot_id));
+    }
     if let Some(e) = &o.error {
         s.push_str(&format!(": {e}"));
     }
@@ -400,7 +413,7 @@ pub fn operation_outcome(o: &Operation, nbd_host: &str) -> String {
 }
 
 /// What `-q` prints for a completed mutation: the export's NBD URL after an appliance attach, the volume's
-/// id after a create, nothing otherwise.
+/// id after a create, the snapshot's id after a snapshot create, nothing otherwise.
 pub fn operation_subject(o: &Operation, nbd_host: &str) -> Option<String> {
     match &o.kind {
         OperationKind::Attach {
@@ -412,6 +425,9 @@ pub fn operation_subject(o: &Operation, nbd_host: &str) -> Option<String> {
         OperationKind::Create {
             response: Some(r), ..
         } => Some(r.volume_id.to_string()),
+        OperationKind::SnapshotCreate {
+            response: Some(r), ..
+        } => Some(r.snapshot_id.clone()),
         _ => None,
     }
 }
@@ -423,6 +439,20 @@ fn url_host(host: &str) -> String {
     } else {
         host.to_string()
     }
+}
+
+pub fn snapshots_table(snaps: &[VolumeSnapshot]) -> String {
+    let mut t = Table::new(&["SNAPSHOT", "NAME", "STATE", "CREATED", "TRACKED"]);
+    for s in snaps {
+        t.row(vec![
+            s.id.clone(),
+            s.name.clone(),
+            s.state.clone(),
+            s.created.clone().unwrap_or_default(),
+            if s.tracked { "yes" } else { "" }.to_string(),
+        ]);
+    }
+    t.render()
 }
 
 pub fn zones_table(zones: &[CloudZone]) -> String {
@@ -886,6 +916,10 @@ mod tests {
             version: "0.1.0".into(),
             timestamp: t0(),
             components,
+            cloudstack_health: "healthy".into(),
+            database_health: "healthy".into(),
+            device_monitor: "unhealthy".into(),
+            details: volume_api::HealthDetails::default(),
         };
         let out = health_report(&h);
         assert!(

@@ -1012,3 +1012,49 @@ fn ext_readme_quickstart_runs_verbatim() {
         "the Quickstart deletes its volume"
     );
 }
+
+#[test]
+fn ext_snapshots_create_list_revert_delete() {
+    let d = Daemon::start();
+    let vol = d.create("snap-disk");
+    // Taken while detached; -q prints the snapshot's id.
+    let snap = d.ok(&[
+        "-q",
+        "snapshots",
+        "create",
+        &vol,
+        "--name",
+        "before-test",
+        "--vm-context",
+        "ctx-9",
+    ]);
+    let snap = snap.trim().to_string();
+    assert!(!snap.is_empty(), "snapshots create -q prints the id");
+    let list = d.json(&["snapshots", "list", &vol]);
+    assert_eq!(list[0]["id"], snap.as_str(), "{list}");
+    assert_eq!(list[0]["tracked"], true);
+    let table = d.ok(&["snapshots", "list", &vol]);
+    assert!(
+        table.contains("SNAPSHOT") && table.contains("before-test"),
+        "{table}"
+    );
+    assert!(table.contains(&snap), "{table}");
+    let shown = d.json(&["volumes", "show", &vol]);
+    assert_eq!(shown["snapshot"]["vm_context_id"], "ctx-9", "{shown}");
+
+    // An attached volume is refused (exit 4, conflict) and names the way out.
+    d.ok(&["volumes", "attach", &vol, "--appliance"]);
+    let out = d.ctl(&["snapshots", "revert", &vol, &snap]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("detach"), "{}", stderr(&out));
+    d.ok(&["volumes", "detach", &vol]);
+    let op = d.json(&["snapshots", "revert", &vol, &snap]);
+    assert_eq!(op["type"], "snapshot_revert", "{op}");
+    assert_eq!(op["status"], "completed", "{op}");
+    let out = d.ok(&["snapshots", "delete", &vol, &snap]);
+    assert!(
+        out.contains("snapshot_delete") && out.contains(&snap),
+        "{out}"
+    );
+    assert_eq!(d.json(&["snapshots", "list", &vol]), serde_json::json!([]));
+}

@@ -78,7 +78,9 @@ impl ApiError {
                         (StatusCode::BAD_REQUEST, code, Some((*field).to_string()))
                     }
                     EngineError::NotFound(_) => (StatusCode::NOT_FOUND, code, None),
-                    EngineError::Conflict(_) | EngineError::OwnedElsewhere { .. } => {
+                    EngineError::Conflict(_)
+                    | EngineError::OwnedElsewhere { .. }
+                    | EngineError::VolumeAttached(_) => {
                         (StatusCode::CONFLICT, code, None)
                     }
                     EngineError::NoSuchVm(_) => {

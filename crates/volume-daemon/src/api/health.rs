@@ -10,7 +10,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use volume_api::{ComponentHealth, ComponentStatus, Health, HealthStatus};
+use volume_api::{
+    ComponentHealth, ComponentStatus, Health, HealthDetails, HealthStatus, IMPLEMENTATION_STATUS,
+};
 
 use super::AppState;
 
@@ -147,7 +149,28 @@ pub async fn report(st: &AppState) -> Health {
     let all_ok = components
         .values()
         .all(|c| c.status != ComponentStatus::Failed);
+    let summary = |name: &str| {
+        match components.get(name).map(|c| c.status) {
+            Some(ComponentStatus::Ok) => "healthy",
+            Some(ComponentStatus::Degraded) => "degraded",
+            Some(ComponentStatus::Failed) => "unhealthy",
+            None => "unknown",
+        }
+        .to_string()
+    };
+    let cloudstack_health = summary("cloudstack");
+    let database_health = summary("database");
+    let device_monitor = summary("privileges");
+    let details = HealthDetails {
+        implementation_status: IMPLEMENTATION_STATUS.into(),
+        service: "volume-daemon".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
     Health {
+        cloudstack_health,
+        database_health,
+        device_monitor,
+        details,
         status: if all_ok {
             HealthStatus::Healthy
         } else {

@@ -1,6 +1,7 @@
 //! The REST API: the compatibility contract of `docs/api.md` plus the daemon's own endpoints. The app is a
 //! function of its state ([`router`]); handlers only translate between HTTP and the engine.
 
+mod compat;
 mod control;
 mod convert;
 mod error;
@@ -9,6 +10,7 @@ mod health;
 mod listener;
 mod openapi;
 mod page;
+mod snapshots;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +82,8 @@ pub fn router(state: AppState) -> Router {
         .route("/reconcile", post(reconcile))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        .merge(compat::routes())
+        .merge(snapshots::routes())
         .route_layer(middleware::from_fn(control::refuse_control_characters));
     Router::new()
         .route("/health", get(health::health))

@@ -22,6 +22,9 @@ pub enum EngineError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The volume is attached to a VM and the operation needs it detached (a snapshot revert).
+    #[error("{0}")]
+    VolumeAttached(String),
     /// The VM named in the request does not exist in the cloud.
     #[error("VM {0} does not exist in CloudStack; list the VMs with `volumectl cloud vms`")]
     NoSuchVm(String),
@@ -73,6 +76,7 @@ impl EngineError {
             Self::Invalid { .. } => ErrorCode::InvalidRequest,
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::Conflict(_) => ErrorCode::Conflict,
+            Self::VolumeAttached(_) => ErrorCode::VolumeAttached,
             Self::NoSuchVm(_) => ErrorCode::NoSuchVm,
             Self::IdempotencyKeyReused(_) => ErrorCode::IdempotencyKeyReused,
             Self::OwnedElsewhere { .. } => ErrorCode::VolumeOwnedByOtherAppliance,

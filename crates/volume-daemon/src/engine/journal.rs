@@ -13,6 +13,9 @@
 //! delete  the detach steps, then cloud_delete_sent → (commit)
 //! repair  accepted → started → export_removed (forget_attachment, remove_orphan_export) → (commit)
 //!                             → exported (reexport) → (commit)
+//! snapshot_create  accepted → started → cloud_snapshot_job → (commit)
+//! snapshot_revert  accepted → started → cloud_revert_job → (commit)
+//! snapshot_delete  accepted → started → cloud_snapshot_delete_job → (commit)
 //! ```
 //!
 //! `device_found`, `named`, `exported`, `export_removed` and `cloud_detached` are no longer written (what they marked is redone from
@@ -24,7 +27,7 @@ use std::future::Future;
 use uuid::Uuid;
 use volume_api::{
     AttachOperationRequest, CreateVolumeRequest, DiskRole, OperationKind, OperationStep,
-    RepairKind, RepairRequest, VolumeOperationRequest,
+    RepairKind, RepairRequest, SnapshotOperationRequest, VolumeOperationRequest,
 };
 
 use super::{EngineError, Inner};
@@ -94,6 +97,19 @@ kind_steps!(
     RepairStep { Accepted, Started, ExportRemoved, Exported }
 );
 
+kind_steps!(
+    /// Steps of `snapshot_create`.
+    SnapshotCreateStep { Accepted, Started, CloudSnapshotJob }
+);
+kind_steps!(
+    /// Steps of `snapshot_revert`.
+    SnapshotRevertStep { Accepted, Started, CloudRevertJob }
+);
+kind_steps!(
+    /// Steps of `snapshot_delete`.
+    SnapshotDeleteStep { Accepted, Started, CloudSnapshotDeleteJob }
+);
+
 impl From<DetachStep> for DeleteStep {
     fn from(s: DetachStep) -> Self {
         match s {
@@ -135,6 +151,9 @@ pub(crate) enum Request {
     Detach(VolumeOperationRequest),
     Delete(VolumeOperationRequest),
     Repair(RepairRequest),
+    SnapshotCreate(SnapshotOperationRequest),
+    SnapshotRevert(SnapshotOperationRequest),
+    SnapshotDelete(SnapshotOperationRequest),
 }
 
 impl Request {
@@ -162,6 +181,9 @@ impl Request {
             Self::Detach(_) => OpType::Detach,
             Self::Delete(_) => OpType::Delete,
             Self::Repair(_) => OpType::Repair,
+            Self::SnapshotCreate(_) => OpType::SnapshotCreate,
+            Self::SnapshotRevert(_) => OpType::SnapshotRevert,
+            Self::SnapshotDelete(_) => OpType::SnapshotDelete,
         }
     }
 
@@ -176,6 +198,9 @@ impl Request {
             Self::Attach(a) => Some(a.volume_id),
             Self::Detach(r) | Self::Delete(r) => Some(r.volume_id),
             Self::Repair(r) => Some(r.volume_id),
+            Self::SnapshotCreate(r) | Self::SnapshotRevert(r) | Self::SnapshotDelete(r) => {
+                Some(r.volume_id)
+            }
         }
     }
 
@@ -193,6 +218,9 @@ impl Request {
             Self::Attach(a) => json_of(a),
             Self::Detach(r) | Self::Delete(r) => json_of(r),
             Self::Repair(r) => json_of(r),
+            Self::SnapshotCreate(r) | Self::SnapshotRevert(r) | Self::SnapshotDelete(r) => {
+                json_of(r)
+            }
         }
     }
 }
@@ -212,6 +240,9 @@ pub(crate) enum Parsed {
     Detach(Entry<VolumeOperationRequest, DetachStep>),
     Delete(Entry<VolumeOperationRequest, DeleteStep>),
     Repair(Entry<RepairRequest, RepairStep>),
+    SnapshotCreate(Entry<SnapshotOperationRequest, SnapshotCreateStep>),
+    SnapshotRevert(Entry<SnapshotOperationRequest, SnapshotRevertStep>),
+    SnapshotDelete(Entry<SnapshotOperationRequest, SnapshotDeleteStep>),
 }
 
 impl Parsed {
@@ -249,6 +280,9 @@ impl Parsed {
             OpType::Detach => Self::Detach(entry(op)?),
             OpType::Delete => Self::Delete(entry(op)?),
             OpType::Repair => Self::Repair(entry(op)?),
+            OpType::SnapshotCreate => Self::SnapshotCreate(entry(op)?),
+            OpType::SnapshotRevert => Self::SnapshotRevert(entry(op)?),
+            OpType::SnapshotDelete => Self::SnapshotDelete(entry(op)?),
         })
     }
 }
@@ -291,6 +325,18 @@ pub(crate) fn wire_kind(op: &OperationRecord) -> Result<OperationKind, EngineErr
             response: response(op)?,
         },
         OpType::Repair => OperationKind::Repair {
+            request: read(op, "request", &op.request)?,
+            response: response(op)?,
+        },
+        OpType::SnapshotCreate => OperationKind::SnapshotCreate {
+            request: read(op, "request", &op.request)?,
+            response: response(op)?,
+        },
+        OpType::SnapshotRevert => OperationKind::SnapshotRevert {
+            request: read(op, "request", &op.request)?,
+            response: response(op)?,
+        },
+        OpType::SnapshotDelete => OperationKind::SnapshotDelete {
             request: read(op, "request", &op.request)?,
             response: response(op)?,
         },
@@ -366,7 +412,7 @@ mod tests {
     use serde_json::json;
 
     /// The spellings journals written by earlier versions contain.
-    const STORED: [&str; 15] = [
+    const STORED: [&str; 18] = [
         "accepted",
         "started",
         "cloud_create_sent",
@@ -382,6 +428,9 @@ mod tests {
         "cloud_detach_job",
         "cloud_detached",
         "cloud_delete_sent",
+        "cloud_snapshot_job",
+        "cloud_revert_job",
+        "cloud_snapshot_delete_job",
     ];
 
     fn record(op_type: OpType, step: &str, request: serde_json::Value) -> OperationRecord {
@@ -421,7 +470,7 @@ mod tests {
 
     #[test]
     fn each_kind_accepts_exactly_its_own_steps() {
-        let kinds: [(&[OperationStep], OpType); 5] = [
+        let kinds: [(&[OperationStep], OpType); 8] = [
             (
                 &CreateStep::ALL.iter().map(|s| s.wire()).collect::<Vec<_>>(),
                 OpType::Create,
@@ -441,6 +490,27 @@ mod tests {
             (
                 &RepairStep::ALL.iter().map(|s| s.wire()).collect::<Vec<_>>(),
                 OpType::Repair,
+            ),
+            (
+                &SnapshotCreateStep::ALL
+                    .iter()
+                    .map(|s| s.wire())
+                    .collect::<Vec<_>>(),
+                OpType::SnapshotCreate,
+            ),
+            (
+                &SnapshotRevertStep::ALL
+                    .iter()
+                    .map(|s| s.wire())
+                    .collect::<Vec<_>>(),
+                OpType::SnapshotRevert,
+            ),
+            (
+                &SnapshotDeleteStep::ALL
+                    .iter()
+                    .map(|s| s.wire())
+                    .collect::<Vec<_>>(),
+                OpType::SnapshotDelete,
             ),
         ];
         for (steps, kind) in kinds {

@@ -5,7 +5,8 @@
 //!
 //! Modules: [`journal`] (steps and requests as types, the cloud-job helper), [`validate`], one per workflow
 //! ([`create`], [`attach`], [`detach`], [`delete`]), [`export`] (export lifecycle, the one teardown) and
-//! [`recovery`] (start-up), [`repair`] (the reconciler's repairs, journaled as `repair` operations), [`fence`]
+//! [`recovery`] (start-up), [`repair`] (the reconciler's repairs, journaled as `repair` operations), [`orphans`] (the export
+//! audit and orphan clean-up), [`snapshot`] (snapshot create, revert and delete), [`fence`]
 //! (exports whose device vanished) and [`reads`] (records joined with live state for the API). This file holds
 //! the handle, submission, queuing and the run loop.
 
@@ -17,10 +18,12 @@ mod error;
 mod export;
 mod fence;
 mod journal;
+mod orphans;
 mod persist;
 mod reads;
 mod recovery;
 mod repair;
+mod snapshot;
 mod validate;
 
 use std::collections::HashMap;
@@ -37,6 +40,7 @@ use uuid::Uuid;
 pub use error::EngineError;
 pub(crate) use journal::{wire_kind, Request};
 pub(crate) use reads::{DeviceCheck, DeviceView, ExportView, VolumeView};
+pub(crate) use snapshot::{STATUS_NONE as SNAPSHOT_NONE, STATUS_READY as SNAPSHOT_READY};
 pub(crate) use validate::{control_in_json, has_control};
 
 use crate::cloud::{Cloud, CloudDiskOffering, CloudErrorKind, CloudVolume};
@@ -371,6 +375,9 @@ impl Inner {
                 Ok(Parsed::Detach(e)) => self.detach(&e).await,
                 Ok(Parsed::Delete(e)) => self.delete(&e).await,
                 Ok(Parsed::Repair(e)) => self.repair(&e).await,
+                Ok(Parsed::SnapshotCreate(e)) => self.snapshot_create(&e).await,
+                Ok(Parsed::SnapshotRevert(e)) => self.snapshot_revert(&e).await,
+                Ok(Parsed::SnapshotDelete(e)) => self.snapshot_delete(&e).await,
                 Err(e) => Err(e),
             };
             match result {

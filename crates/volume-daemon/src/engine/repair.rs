@@ -88,6 +88,19 @@ impl Inner {
             }
             RepairKind::RemoveOrphanExport => {
                 if op.step != RepairStep::ExportRemoved {
+                    // Re-checked in the volume's turn: an attach since the export was found makes it no orphan.
+                    if let Some(a) = self
+                        .store
+                        .get_attachment(volume_id)
+                        .await?
+                        .filter(|a| a.target == AttachTarget::Appliance)
+                    {
+                        return Err(EngineError::Conflict(format!(
+                            "the export of volume {volume_id} is no orphan: the volume is attached to the \
+                             appliance ({}) again; nothing was removed",
+                            a.vm_id
+                        )));
+                    }
                     self.teardown(volume_id, Teardown::Export).await?;
                     self.step(op, RepairStep::ExportRemoved).await?;
                 }

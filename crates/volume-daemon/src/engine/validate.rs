@@ -205,6 +205,37 @@ impl Inner {
             }
             // Submitted by the reconciler for what it found; the repair itself checks the state in its turn.
             Request::Repair(_) => Ok(()),
+            Request::SnapshotCreate(r) => {
+                if let Some(n) = &r.name {
+                    if n.trim().is_empty() || n.len() > 255 {
+                        return Err(EngineError::Invalid {
+                            field: "name",
+                            message: "a snapshot name must be 1 to 255 bytes, not only spaces"
+                                .into(),
+                        });
+                    }
+                }
+                self.require_volume(r.volume_id).await
+            }
+            Request::SnapshotRevert(r) | Request::SnapshotDelete(r) => {
+                let revert = matches!(req, Request::SnapshotRevert(_));
+                let Some(snapshot_id) = r.snapshot_id.as_deref().filter(|s| !s.is_empty()) else {
+                    return Err(EngineError::Invalid {
+                        field: "snapshot_id",
+                        message:
+                            "name the snapshot (GET /api/v1/volumes/{id}/snapshots lists them)"
+                                .into(),
+                    });
+                };
+                self.require_volume(r.volume_id).await?;
+                self.require_snapshot_of(r.volume_id, snapshot_id).await?;
+                if revert && !self.has_unfinished(r.volume_id).await? {
+                    if let Some(att) = self.store.get_attachment(r.volume_id).await? {
+                        return Err(super::snapshot::attached(r.volume_id, &att.vm_id));
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
@@ -255,6 +286,32 @@ impl Inner {
     }
 
     /// 404 unless the volume is known to the store or to the cloud.
+    /// 404 when the cloud does not know the snapshot, 400 naming `snapshot_id` when it is another volume's;
+    /// when the cloud cannot be asked the operation finds out in its turn.
+    async fn require_snapshot_of(
+        &self,
+        volume_id: Uuid,
+        snapshot_id: &str,
+    ) -> Result<(), EngineError> {
+        match self.cloud.get_snapshot(snapshot_id).await {
+            Ok(Some(s)) if s.volume_id == volume_id.to_string() => Ok(()),
+            Ok(Some(s)) => Err(EngineError::Invalid {
+                field: "snapshot_id",
+                message: format!(
+                    "snapshot {snapshot_id} is a snapshot of volume {}, not of {volume_id}",
+                    s.volume_id
+                ),
+            }),
+            Ok(None) => Err(EngineError::NotFound(format!(
+                "CloudStack has no snapshot {snapshot_id}; GET /api/v1/volumes/{volume_id}/snapshots lists them"
+            ))),
+            Err(e) if e.kind == CloudErrorKind::NotFound => Err(EngineError::NotFound(format!(
+                "CloudStack has no snapshot {snapshot_id}"
+            ))),
+            Err(_) => Ok(()),
+        }
+    }
+
     async fn require_volume(&self, volume_id: Uuid) -> Result<(), EngineError> {
         if let Some(v) = self.store.get_volume(volume_id).await? {
             if v.deleted_at.is_none() {

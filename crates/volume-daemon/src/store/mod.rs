@@ -10,6 +10,7 @@ mod error;
 mod lease;
 mod records;
 mod rows;
+mod snapshots;
 
 use std::sync::{Arc, Once};
 use std::time::Duration;

@@ -1,0 +1,318 @@
+//! The snapshot workflows, journaled like every operation and run in the volume's FIFO turn: create a
+//! CloudStack snapshot of a volume, revert a detached volume to one of its snapshots, delete a snapshot. Each
+//! journals its cloud job id before waiting, resumes by polling that job again, and commits the volume
+//! record's snapshot tracking with the operation's completion.
+//!
+//! A revert needs a detached volume: an attached one (recorded by the daemon or reported by the cloud) is
+//! refused with `volume_attached` before anything is asked of the cloud, at submission and again in the
+//! volume's turn. CloudStack itself refuses to revert a volume attached to a VM that is not stopped, and
+//! the appliance, which serves its volumes, always runs.
+
+use chrono::Utc;
+use uuid::Uuid;
+use volume_api::{SnapshotOperationRequest, SnapshotOperationResponse, VolumeSnapshot};
+
+use super::journal::{json_of, Entry, SnapshotCreateStep, SnapshotDeleteStep, SnapshotRevertStep};
+use super::{Engine, EngineError, Inner};
+use crate::cloud::{CloudErrorKind, CloudSnapshot};
+use crate::store::SnapshotTracking;
+
+/// `snapshot_status` after a snapshot is taken or tracked.
+pub(crate) const STATUS_READY: &str = "ready";
+/// `snapshot_status` after the volume was reverted to its tracked snapshot.
+pub(crate) const STATUS_REVERTED: &str = "reverted";
+/// `snapshot_status` when nothing is tracked.
+pub(crate) const STATUS_NONE: &str = "none";
+
+/// The refusal of a revert of an attached volume.
+pub(super) fn attached(volume_id: Uuid, vm_id: &str) -> EngineError {
+    EngineError::VolumeAttached(format!(
+        "volume {volume_id} is attached to VM {vm_id}; a snapshot revert needs a detached volume: \
+         detach it (POST /api/v1/volumes/{volume_id}/detach), revert, then attach it again"
+    ))
+}
+
+impl Inner {
+    fn snapshot_id_of(&self, request: &SnapshotOperationRequest) -> Result<String, EngineError> {
+        request
+            .snapshot_id
+            .clone()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| EngineError::Invalid {
+                field: "snapshot_id",
+                message: "the operation names no snapshot".into(),
+            })
+    }
+
+    /// The volume's current tracking (the volume must be live).
+    async fn tracking(&self, volume_id: Uuid) -> Result<SnapshotTracking, EngineError> {
+        Ok(self.volume_record(volume_id).await?.snapshot)
+    }
+
+    pub(super) async fn snapshot_create(
+        &self,
+        op: &Entry<SnapshotOperationRequest, SnapshotCreateStep>,
+    ) -> Result<(), EngineError> {
+        let volume_id = op.request.volume_id;
+        let mut tracking = self.tracking(volume_id).await?;
+        let vid = volume_id.to_string();
+        let job = self
+            .start_or_resume_job(op, SnapshotCreateStep::CloudSnapshotJob, async {
+                Ok(self
+                    .cloud
+                    .create_snapshot(&vid, op.request.name.as_deref())
+                    .await?)
+            })
+            .await?;
+        let snap = match self
+            .cloud
+            .wait_snapshot_job(&job, self.cfg.job_timeout)
+            .await
+        {
+            Ok(Some(s)) => s,
+            // The job's result says nothing, or the cloud forgot the job: a named snapshot is found by name.
+            Ok(None)
+            | Err(crate::cloud::CloudError {
+                kind: CloudErrorKind::NotFound,
+                ..
+            }) => {
+                self.find_named(volume_id, op.request.name.as_deref())
+                    .await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tracking.snapshot_id = Some(snap.id.clone());
+        tracking.snapshot_name = Some(snap.name.clone());
+        tracking.snapshot_status = Some(STATUS_READY.into());
+        tracking.snapshot_created_at = Some(Utc::now());
+        if let Some(ctx) = &op.request.vm_context_id {
+            tracking.vm_context_id = Some(ctx.clone());
+        }
+        let response = SnapshotOperationResponse {
+            volume_id,
+            snapshot_id: snap.id.clone(),
+            snapshot_name: Some(snap.name),
+            snapshot_status: STATUS_READY.into(),
+            message: format!("snapshot {} of volume {volume_id} taken", snap.id),
+        };
+        self.store
+            .commit_snapshot(op.id, volume_id, &tracking, &json_of(&response))
+            .await?;
+        tracing::info!(volume = %volume_id, snapshot = %response.snapshot_id, op = %op.id, "snapshot taken");
+        Ok(())
+    }
+
+    async fn find_named(
+        &self,
+        volume_id: Uuid,
+        name: Option<&str>,
+    ) -> Result<CloudSnapshot, EngineError> {
+        let lost = || {
+            EngineError::CloudDisagrees(format!(
+                "the snapshot job of volume {volume_id} ended without naming its snapshot; \
+                 GET /api/v1/volumes/{volume_id}/snapshots lists what CloudStack has"
+            ))
+        };
+        let Some(name) = name else {
+            return Err(lost());
+        };
+        self.cloud
+            .snapshots_of(&volume_id.to_string())
+            .await?
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(lost)
+    }
+
+    pub(super) async fn snapshot_revert(
+        &self,
+        op: &Entry<SnapshotOperationRequest, SnapshotRevertStep>,
+    ) -> Result<(), EngineError> {
+        let volume_id = op.request.volume_id;
+        let snapshot_id = self.snapshot_id_of(&op.request)?;
+        let mut tracking = self.tracking(volume_id).await?;
+        if op.step != SnapshotRevertStep::CloudRevertJob {
+            // Checked again in the volume's turn: an attach may have been queued before this revert.
+            if let Some(att) = self.store.get_attachment(volume_id).await? {
+                return Err(attached(volume_id, &att.vm_id));
+            }
+            if let Some(vm) = self.cloud_volume(volume_id).await?.and_then(|cv| cv.vm_id) {
+                return Err(attached(volume_id, &vm));
+            }
+        }
+        let job = self
+            .start_or_resume_job(op, SnapshotRevertStep::CloudRevertJob, async {
+                Ok(self.cloud.revert_snapshot(&snapshot_id).await?)
+            })
+            .await?;
+        self.cloud
+            .wait_snapshot_job(&job, self.cfg.job_timeout)
+            .await?;
+        let tracked = tracking.snapshot_id.as_deref() == Some(snapshot_id.as_str());
+        if tracked {
+            tracking.snapshot_status = Some(STATUS_REVERTED.into());
+        }
+        let response = SnapshotOperationResponse {
+            volume_id,
+            snapshot_id: snapshot_id.clone(),
+            snapshot_name: tracking.snapshot_name.clone().filter(|_| tracked),
+            snapshot_status: tracking
+                .snapshot_status
+                .clone()
+                .unwrap_or_else(|| STATUS_NONE.into()),
+            message: format!("volume {volume_id} reverted to snapshot {snapshot_id}"),
+        };
+        self.store
+            .commit_snapshot(op.id, volume_id, &tracking, &json_of(&response))
+            .await?;
+        tracing::info!(volume = %volume_id, snapshot = %snapshot_id, op = %op.id, "volume reverted to its snapshot");
+        Ok(())
+    }
+
+    pub(super) async fn snapshot_delete(
+        &self,
+        op: &Entry<SnapshotOperationRequest, SnapshotDeleteStep>,
+    ) -> Result<(), EngineError> {
+        let volume_id = op.request.volume_id;
+        let snapshot_id = self.snapshot_id_of(&op.request)?;
+        let mut tracking = self.tracking(volume_id).await?;
+        let started = self
+            .start_or_resume_job(op, SnapshotDeleteStep::CloudSnapshotDeleteJob, async {
+                Ok(self.cloud.delete_snapshot(&snapshot_id).await?)
+            })
+            .await;
+        let gone = match started {
+            Ok(job) => match self
+                .cloud
+                .wait_snapshot_job(&job, self.cfg.job_timeout)
+                .await
+            {
+                Ok(_) => true,
+                // A job the cloud forgot: the snapshot's absence says it was deleted.
+                Err(e) if e.kind == CloudErrorKind::NotFound => {
+                    self.cloud.get_snapshot(&snapshot_id).await?.is_none()
+                }
+                Err(e) => return Err(e.into()),
+            },
+            // Refused because it is gone already (deleted by another client, or by this operation before a
+            // restart lost its job): its absence is the outcome asked for.
+            Err(EngineError::Cloud(e))
+                if matches!(
+                    e.kind,
+                    CloudErrorKind::NotFound | CloudErrorKind::InvalidParameter
+                ) =>
+            {
+                if self.cloud.get_snapshot(&snapshot_id).await?.is_some() {
+                    return Err(EngineError::Cloud(e));
+                }
+                true
+            }
+            Err(e) => return Err(e),
+        };
+        if !gone {
+            return Err(EngineError::CloudDisagrees(format!(
+                "the deleteSnapshot job of snapshot {snapshot_id} is unknown and CloudStack still lists the snapshot"
+            )));
+        }
+        if tracking.snapshot_id.as_deref() == Some(snapshot_id.as_str()) {
+            tracking.snapshot_id = None;
+            tracking.snapshot_name = None;
+            tracking.snapshot_created_at = None;
+            tracking.snapshot_status = Some(STATUS_NONE.into());
+        }
+        let response = SnapshotOperationResponse {
+            volume_id,
+            snapshot_id: snapshot_id.clone(),
+            snapshot_name: None,
+            snapshot_status: tracking
+                .snapshot_status
+                .clone()
+                .unwrap_or_else(|| STATUS_NONE.into()),
+            message: format!("snapshot {snapshot_id} of volume {volume_id} deleted"),
+        };
+        self.store
+            .commit_snapshot(op.id, volume_id, &tracking, &json_of(&response))
+            .await?;
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// `GET /volumes/{id}/snapshots`: the cloud's snapshots of a volume the daemon knows, the tracked one
+    /// marked.
+    pub(crate) async fn volume_snapshots(
+        &self,
+        volume_id: Uuid,
+    ) -> Result<Vec<VolumeSnapshot>, EngineError> {
+        let rec = self
+            .inner
+            .store
+            .get_volume(volume_id)
+            .await?
+            .filter(|v| v.deleted_at.is_none())
+            .ok_or_else(|| {
+                EngineError::NotFound(format!("volume {volume_id} is not known to the daemon"))
+            })?;
+        let tracked = rec.snapshot.snapshot_id;
+        Ok(self
+            .inner
+            .cloud
+            .snapshots_of(&volume_id.to_string())
+            .await?
+            .into_iter()
+            .map(|s| VolumeSnapshot {
+                tracked: tracked.as_deref() == Some(s.id.as_str()),
+                id: s.id,
+                name: s.name,
+                volume_id,
+                state: s.state,
+                created: s.created,
+                size: s.size,
+            })
+            .collect())
+    }
+
+    /// Changes the volume's snapshot tracking in its turn (never between the steps of an operation on it);
+    /// `NotFound` for an unknown or deleted volume.
+    pub(crate) async fn update_snapshot_tracking(
+        &self,
+        volume_id: Uuid,
+        change: impl FnOnce(&mut SnapshotTracking),
+    ) -> Result<SnapshotTracking, EngineError> {
+        self.in_turn(volume_id, async {
+            let store = &self.inner.store;
+            let mut t = store
+                .get_volume(volume_id)
+                .await?
+                .filter(|v| v.deleted_at.is_none())
+                .ok_or_else(|| {
+                    EngineError::NotFound(format!("volume {volume_id} is not known to the daemon"))
+                })?
+                .snapshot;
+            change(&mut t);
+            store.set_snapshot_tracking(volume_id, &t).await?;
+            Ok(t)
+        })
+        .await
+    }
+
+    /// The volumes of a migration context with their attachments (the predecessor's `/snapshots/vm/…`).
+    pub(crate) async fn context_volumes(
+        &self,
+        vm_context_id: &str,
+    ) -> Result<
+        Vec<(
+            crate::store::VolumeRecord,
+            Option<crate::store::AttachmentRecord>,
+        )>,
+        EngineError,
+    > {
+        let store = &self.inner.store;
+        let mut out = Vec::new();
+        for v in store.volumes_of_context(vm_context_id).await? {
+            let a = store.get_attachment(v.id).await?;
+            out.push((v, a));
+        }
+        Ok(out)
+    }
+}

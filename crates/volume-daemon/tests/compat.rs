@@ -1,0 +1,273 @@
+//! The predecessor's remaining routes end to end, with their shapes: `/health`'s summary fields, device path to
+//! volume, export validation, the orphan count and clean-up, `admin/force-sync`. A real daemon with the
+//! built-in simulator over real HTTP; an orphan is made by removing an attachment row behind the daemon's back.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod support;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::{TestDaemon, GIB};
+use uuid::Uuid;
+use volume_daemon::store::Store;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_carries_the_predecessors_fields_and_only_status_words_without_the_token() {
+    let d =
+        TestDaemon::start_with(|c| c.api_token = Some(volume_daemon::config::Secret::new("t0ken")))
+            .await;
+    let (s, open) = d.get("/health").await;
+    assert_eq!(s, StatusCode::OK, "{open}");
+    assert_eq!(
+        open["details"]["implementation_status"], "complete",
+        "{open}"
+    );
+    assert_eq!(open["details"]["service"], "volume-daemon");
+    assert_eq!(open["details"]["version"], open["version"]);
+    for f in ["cloudstack_health", "database_health", "device_monitor"] {
+        assert_eq!(open[f], "healthy", "{f}: {open}");
+    }
+    for (name, c) in open["components"].as_object().unwrap() {
+        assert_eq!(
+            c["detail"], "details need the bearer token",
+            "{name} without the token: {open}"
+        );
+    }
+    let full: Value = d
+        .http
+        .get(format!("{}/health", d.base))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(
+        full["components"]["database"]["detail"],
+        "details need the bearer token"
+    );
+    for f in [
+        "cloudstack_health",
+        "database_health",
+        "device_monitor",
+        "details",
+    ] {
+        assert_eq!(
+            open[f], full[f],
+            "{f} is the same with or without the token"
+        );
+    }
+    // The root path answers the same shape.
+    let root: Value = reqwest::get(format!("http://{}/health", d.daemon().api_addr()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(root["details"]["implementation_status"], "complete");
+    d.stop().await;
+}
+
+/// The daemon's own database, opened beside it.
+async fn store_of(d: &TestDaemon) -> Store {
+    let url = support::config(d.dir.path()).effective_database_url();
+    Store::connect(&url).await.unwrap()
+}
+
+async fn attach_to_appliance(d: &TestDaemon, name: &str) -> (Uuid, String) {
+    let vol = d.create_volume(name, GIB).await;
+    let op = d
+        .run_ok(
+            &format!("/volumes/{vol}/attach"),
+            json!({"vm_id": d.appliance()}),
+        )
+        .await;
+    (
+        vol,
+        op["response"]["device_path"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_path_in_one_segment_names_its_volume() {
+    let d = TestDaemon::start().await;
+    let (vol, path) = attach_to_appliance(&d, "by-path").await;
+    let (s, m) = d
+        .get(&format!("/devices/{}/volume", path.replace('/', "%2F")))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{m}");
+    assert_eq!(m["volume_id"], vol.to_string());
+    assert_eq!(m["device_path"], path);
+    assert_eq!(m["operation_mode"], "oma");
+    // Without the leading slash, as the predecessor's handler took it.
+    let (s, m) = d
+        .get(&format!(
+            "/devices/{}/volume",
+            path.trim_start_matches('/').replace('/', "%2F")
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{m}");
+    assert_eq!(m["volume_id"], vol.to_string());
+    let (s, e) = d.get("/devices/%2Fdev%2Fvdz/volume").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
+    assert_eq!(e["code"], "not_found");
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    let (s, _) = d
+        .get(&format!("/devices/{}/volume", path.replace('/', "%2F")))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "a detached volume has no device");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_cleanup_is_a_dry_run_by_default_and_removes_only_true_orphans() {
+    let d = TestDaemon::start().await;
+    let (kept, _) = attach_to_appliance(&d, "kept").await;
+    let (orphan, _) = attach_to_appliance(&d, "orphan").await;
+
+    // All consistent: nothing orphaned, validation passes.
+    let (s, c) = d.get("/exports/orphaned/count").await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(c["orphaned_exports_count"], 0, "{c}");
+    assert!(c["timestamp"].is_string());
+    let (s, v) = d.post("/exports/validate", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["valid"], true, "{v}");
+    assert_eq!(v["recorded_exports"], 2);
+    assert_eq!(v["served_exports"], 2);
+    assert_eq!(v["inconsistencies"], json!([]));
+    assert!(v["message"].as_str().unwrap().contains("successfully"));
+
+    // The attachment row of one volume disappears behind the daemon's back: its export is now an orphan.
+    let store = store_of(&d).await;
+    assert!(store.delete_attachment(orphan).await.unwrap());
+    store.close().await;
+
+    let (_, c) = d.get("/exports/orphaned/count").await;
+    assert_eq!(c["orphaned_exports_count"], 1, "{c}");
+    let (_, v) = d.post("/exports/validate", json!({})).await;
+    assert_eq!(v["valid"], false, "{v}");
+    assert!(
+        v["inconsistencies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i.as_str().unwrap().contains(&orphan.to_string())),
+        "{v}"
+    );
+
+    // No body: a dry run. Nothing is removed.
+    let resp = d
+        .http
+        .post(format!("{}/exports/cleanup", d.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let dry: Value = resp.json().await.unwrap();
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert_eq!(dry["total_exports"], 2, "{dry}");
+    assert_eq!(dry["orphaned_exports"], 1, "{dry}");
+    assert_eq!(dry["cleaned_exports"], 0);
+    assert_eq!(dry["failed_cleanups"], 0);
+    assert_eq!(dry["config_files_validated"], true);
+    assert!(dry["operation_time"].as_u64().is_some(), "{dry}");
+    assert!(!dry["database_inconsistencies"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let o = &dry["orphaned_export_details"][0];
+    assert_eq!(o["volume_id"], orphan.to_string(), "{dry}");
+    assert_eq!(o["export_name"], format!("migration-vol-{orphan}"));
+    assert_eq!(o["status"], "active");
+    assert_eq!(o["device_mapping_exists"], false);
+    assert_eq!(o["volume_exists"], true);
+    assert_eq!(o["device_exists"], true);
+    assert!(o["device_mapping_uuid"].is_null());
+    assert!(o["created_at"].is_string());
+    assert!(o["operation_id"].is_null());
+    assert!(!o["orphan_reason"].as_str().unwrap().is_empty());
+    let (_, dry2) = d.post("/exports/cleanup", json!({})).await;
+    assert_eq!(dry2["dry_run"], true, "an empty body is a dry run too");
+    let (_, exports) = d.get("/exports").await;
+    assert_eq!(exports["count"], 2, "a dry run removes nothing: {exports}");
+
+    // By age: recorded just now, so younger than an hour; max_age_hours is required; a dry run by default.
+    let (s, young) = d
+        .post("/exports/cleanup/age", json!({"max_age_hours": 1}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{young}");
+    assert_eq!(young["dry_run"], true, "{young}");
+    assert_eq!(young["orphaned_exports"], 0, "{young}");
+    let (s, e) = d
+        .post("/exports/cleanup/age", json!({"dry_run": false}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["field"], "max_age_hours", "{e}");
+    let (s, old) = d
+        .post("/exports/cleanup/age", json!({"max_age_hours": 0}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{old}");
+    assert_eq!(old["orphaned_exports"], 1, "{old}");
+
+    // The clean-up itself: a repair operation removes the orphan's export; the attached volume's stays.
+    let (s, done) = d.post("/exports/cleanup", json!({"dry_run": false})).await;
+    assert_eq!(s, StatusCode::OK, "{done}");
+    assert_eq!(done["dry_run"], false);
+    assert_eq!(done["orphaned_exports"], 1, "{done}");
+    assert_eq!(done["cleaned_exports"], 1, "{done}");
+    assert_eq!(done["failed_cleanups"], 0, "{done}");
+    assert_eq!(done["cleanup_errors"], json!([]));
+    let o = &done["orphaned_export_details"][0];
+    assert_eq!(o["cleaned"], true);
+    let op_id = o["operation_id"].as_str().unwrap();
+    let (_, op) = d.get(&format!("/operations/{op_id}")).await;
+    assert_eq!(op["type"], "repair", "{op}");
+    assert_eq!(op["request"]["repair"], "remove_orphan_export");
+    assert_eq!(op["status"], "completed");
+    let (_, exports) = d.get("/exports").await;
+    assert_eq!(exports["count"], 1, "{exports}");
+    assert_eq!(exports["exports"][0]["volume_id"], kept.to_string());
+    assert_eq!(exports["exports"][0]["status"], "active");
+    let (_, c) = d.get("/exports/orphaned/count").await;
+    assert_eq!(c["orphaned_exports_count"], 0, "{c}");
+    let (_, again) = d.post("/exports/cleanup", json!({"dry_run": false})).await;
+    assert_eq!(again["orphaned_exports"], 0, "{again}");
+
+    // admin/force-sync: a reconcile with apply, in the predecessor's envelope.
+    let (s, sync) = d.post("/admin/force-sync", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{sync}");
+    assert_eq!(sync["message"], "Force sync completed successfully");
+    assert!(sync["timestamp"].is_string());
+    assert_eq!(sync["report"]["dry_run"], false, "{sync}");
+    d.run_ok(&format!("/volumes/{kept}/detach"), json!({}))
+        .await;
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_new_routes_are_in_the_openapi_document() {
+    let d = TestDaemon::start().await;
+    let (_, spec) = d.get("/openapi.json").await;
+    for (m, p) in [
+        ("get", "/devices/{path}/volume"),
+        ("post", "/exports/validate"),
+        ("get", "/exports/orphaned/count"),
+        ("post", "/exports/cleanup"),
+        ("post", "/exports/cleanup/age"),
+        ("post", "/admin/force-sync"),
+    ] {
+        assert!(spec["paths"][p][m].is_object(), "openapi lacks {m} {p}");
+    }
+    let health = &spec["components"]["schemas"]["Health"]["properties"];
+    for f in [
+        "cloudstack_health",
+        "database_health",
+        "device_monitor",
+        "details",
+    ] {
+        assert!(health[f].is_object(), "Health lacks {f}");
+    }
+    d.stop().await;
+}

@@ -1,0 +1,300 @@
+//! Snapshots through the daemon end to end: create, list, revert (refused while attached), delete, each a
+//! journaled operation against the built-in simulator over real HTTP, with the data checked through the
+//! appliance's device before and after the revert; and the predecessor's `/snapshots/*` bookkeeping routes.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod support;
+
+use std::os::unix::fs::FileExt as _;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use support::{TestDaemon, GIB};
+use uuid::Uuid;
+
+const OFFSET: u64 = 1 << 20;
+
+/// Attaches the volume to the appliance and returns its device path.
+async fn attach(d: &TestDaemon, vol: Uuid) -> String {
+    let op = d
+        .run_ok(
+            &format!("/volumes/{vol}/attach"),
+            json!({"vm_id": d.appliance()}),
+        )
+        .await;
+    op["response"]["device_path"].as_str().unwrap().to_string()
+}
+
+fn write_at(device: &str, data: &[u8]) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(device)
+        .unwrap();
+    f.write_all_at(data, OFFSET).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_at(device: &str, n: usize) -> Vec<u8> {
+    let f = std::fs::File::open(device).unwrap();
+    let mut buf = vec![0u8; n];
+    f.read_exact_at(&mut buf, OFFSET).unwrap();
+    buf
+}
+
+async fn ops_of_type(d: &TestDaemon, t: &str) -> Vec<Value> {
+    let (s, v) = d.get(&format!("/operations?type={t}")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v.as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_taken_reverted_only_when_detached_and_deleted_with_the_data_restored() {
+    let d = TestDaemon::start().await;
+    let vol = d.create_volume("snap-data", GIB).await;
+    let dev = attach(&d, vol).await;
+    write_at(&dev, b"before the snapshot");
+
+    // Take it (the volume may stay attached): a journaled snapshot_create.
+    let op = d
+        .run_ok(
+            &format!("/volumes/{vol}/snapshots"),
+            json!({"name": "pre-test", "vm_context_id": "ctx-1"}),
+        )
+        .await;
+    assert_eq!(op["type"], "snapshot_create", "{op}");
+    assert_eq!(op["volume_id"], vol.to_string());
+    assert_eq!(op["request"]["name"], "pre-test");
+    assert_eq!(op["step"], "cloud_snapshot_job", "{op}");
+    assert!(op["cloudstack_job_id"].is_string(), "{op}");
+    let snap = op["response"]["snapshot_id"].as_str().unwrap().to_string();
+    assert_eq!(op["response"]["snapshot_name"], "pre-test");
+    assert_eq!(op["response"]["snapshot_status"], "ready");
+    let (_, v) = d.get(&format!("/volumes/{vol}")).await;
+    assert_eq!(v["snapshot"]["snapshot_id"], snap, "{v}");
+    assert_eq!(v["snapshot"]["snapshot_name"], "pre-test");
+    assert_eq!(v["snapshot"]["snapshot_status"], "ready");
+    assert_eq!(v["snapshot"]["vm_context_id"], "ctx-1");
+    assert!(v["snapshot"]["snapshot_created_at"].is_string());
+
+    let (s, list) = d.get(&format!("/volumes/{vol}/snapshots")).await;
+    assert_eq!(s, StatusCode::OK, "{list}");
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["id"], snap);
+    assert_eq!(list[0]["name"], "pre-test");
+    assert_eq!(list[0]["volume_id"], vol.to_string());
+    assert_eq!(list[0]["state"], "BackedUp");
+    assert_eq!(list[0]["tracked"], true);
+
+    write_at(&dev, b"written after it!!!");
+    assert_eq!(read_at(&dev, 19), b"written after it!!!");
+
+    // Attached: refused with volume_attached before anything is journaled or asked of the cloud.
+    let (s, e) = d
+        .post(
+            &format!("/volumes/{vol}/snapshots/{snap}/revert"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    assert_eq!(e["code"], "volume_attached", "{e}");
+    assert!(e["error"].as_str().unwrap().contains("detach"), "{e}");
+    assert!(ops_of_type(&d, "snapshot_revert").await.is_empty());
+
+    // Detached, the revert runs; attached again, the device holds the snapshot's data.
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    let op = d
+        .run_ok(
+            &format!("/volumes/{vol}/snapshots/{snap}/revert"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(op["type"], "snapshot_revert", "{op}");
+    assert_eq!(op["step"], "cloud_revert_job", "{op}");
+    assert_eq!(op["response"]["snapshot_id"], snap);
+    assert_eq!(op["response"]["snapshot_status"], "reverted");
+    let (_, v) = d.get(&format!("/volumes/{vol}")).await;
+    assert_eq!(v["snapshot"]["snapshot_status"], "reverted", "{v}");
+    let dev = attach(&d, vol).await;
+    assert_eq!(
+        read_at(&dev, 19),
+        b"before the snapshot",
+        "the revert restored the data as of the snapshot"
+    );
+
+    // Unknown snapshot: 404; another volume's snapshot: 400 naming snapshot_id.
+    let (s, e) = d
+        .post(
+            &format!("/volumes/{vol}/snapshots/no-such-snapshot/revert"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
+    assert_eq!(e["code"], "not_found", "{e}");
+    let other = d.create_volume("snap-other", GIB).await;
+    let (s, e) = d
+        .post(
+            &format!("/volumes/{other}/snapshots/{snap}/revert"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["field"], "snapshot_id", "{e}");
+
+    // Delete: journaled; the cloud no longer lists it and the record stops tracking it.
+    let (s, op) = d
+        .send(
+            Method::DELETE,
+            &format!("/volumes/{vol}/snapshots/{snap}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    let op = d.wait_op(&op).await;
+    assert_eq!(op["status"], "completed", "{op}");
+    assert_eq!(op["type"], "snapshot_delete");
+    assert_eq!(op["step"], "cloud_snapshot_delete_job");
+    let (_, list) = d.get(&format!("/volumes/{vol}/snapshots")).await;
+    assert_eq!(list, json!([]));
+    let (_, v) = d.get(&format!("/volumes/{vol}")).await;
+    assert!(v["snapshot"]["snapshot_id"].is_null(), "{v}");
+    assert_eq!(v["snapshot"]["snapshot_status"], "none");
+    assert_eq!(v["snapshot"]["vm_context_id"], "ctx-1", "the context stays");
+    // The three kinds are listed by type.
+    for t in ["snapshot_create", "snapshot_revert", "snapshot_delete"] {
+        assert_eq!(ops_of_type(&d, t).await.len(), 1, "{t}");
+    }
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_predecessors_snapshot_routes_keep_their_shapes_and_outlive_detach() {
+    let d = TestDaemon::start().await;
+    let a = d.create_volume("ctx-a", GIB).await;
+    let b = d.create_volume("ctx-b", GIB).await;
+    let dev = attach(&d, a).await;
+
+    // track: bookkeeping on the volume record.
+    let (s, t) = d
+        .post(
+            "/snapshots/track",
+            json!({"volume_uuid": a, "vm_context_id": "ctx-7", "snapshot_id": "snap-a",
+                   "snapshot_name": "a-before", "disk_id": "disk-2000"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    assert_eq!(
+        t,
+        json!({"message": "Volume snapshot tracked successfully", "volume_uuid": a,
+               "snapshot_id": "snap-a", "vm_context_id": "ctx-7"})
+    );
+    let (s, _) = d
+        .post(
+            "/snapshots/track",
+            json!({"volume_uuid": b, "vm_context_id": "ctx-7", "snapshot_id": "snap-b",
+                   "snapshot_status": "creating"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    for (body, field) in [
+        (
+            json!({"volume_uuid": a, "vm_context_id": "ctx-7"}),
+            "snapshot_id",
+        ),
+        (
+            json!({"volume_uuid": a, "vm_context_id": "", "snapshot_id": "s"}),
+            "vm_context_id",
+        ),
+        (
+            json!({"volume_uuid": "nope", "vm_context_id": "c", "snapshot_id": "s"}),
+            "volume_uuid",
+        ),
+    ] {
+        let (s, e) = d.post("/snapshots/track", body.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {e}");
+        assert_eq!(e["field"], field, "{e}");
+    }
+    let (s, _) = d
+        .post(
+            "/snapshots/track",
+            json!({"volume_uuid": Uuid::new_v4(), "vm_context_id": "c", "snapshot_id": "s"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let (s, g) = d.get("/snapshots/vm/ctx-7").await;
+    assert_eq!(s, StatusCode::OK, "{g}");
+    assert_eq!(g["vm_context_id"], "ctx-7");
+    assert_eq!(g["count"], 2, "{g}");
+    let first = &g["snapshots"][0];
+    assert_eq!(
+        first["volume_uuid"],
+        a.to_string(),
+        "oldest volume first: {g}"
+    );
+    assert_eq!(first["vm_context_id"], "ctx-7");
+    assert_eq!(first["snapshot_id"], "snap-a");
+    assert_eq!(first["snapshot_status"], "ready");
+    assert_eq!(first["operation_mode"], "oma");
+    assert_eq!(first["device_path"], dev);
+    assert!(first["snapshot_created_at"].is_string());
+    let second = &g["snapshots"][1];
+    assert_eq!(second["snapshot_status"], "creating");
+    assert!(second["operation_mode"].is_null(), "b is detached: {g}");
+    assert_eq!(second["device_path"], "");
+
+    // The tracking is on the volume, so it survives a detach (the predecessor lost it with the mapping).
+    d.run_ok(&format!("/volumes/{a}/detach"), json!({})).await;
+    let (_, g) = d.get("/snapshots/vm/ctx-7").await;
+    assert_eq!(g["snapshots"][0]["snapshot_id"], "snap-a", "{g}");
+
+    // PUT: a partial update; a new id sets the time.
+    let (s, u) = d
+        .send(
+            Method::PUT,
+            &format!("/snapshots/{b}"),
+            Some(json!({"snapshot_id": "snap-b2", "snapshot_status": "ready"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{u}");
+    assert_eq!(
+        u,
+        json!({"message": "Volume snapshot updated successfully", "volume_uuid": b})
+    );
+    let (_, v) = d.get(&format!("/volumes/{b}")).await;
+    assert_eq!(v["snapshot"]["snapshot_id"], "snap-b2", "{v}");
+    assert_eq!(v["snapshot"]["snapshot_status"], "ready");
+    assert!(v["snapshot"]["snapshot_created_at"].is_string());
+    let (s, _) = d
+        .send(
+            Method::PUT,
+            &format!("/snapshots/{}", Uuid::new_v4()),
+            Some(json!({"snapshot_status": "ready"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // DELETE: clears the tracking of the context's volumes; the count says how many had some.
+    let (s, c) = d.send(Method::DELETE, "/snapshots/vm/ctx-7", None).await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(
+        c,
+        json!({"message": "VM volume snapshots cleared successfully", "vm_context_id": "ctx-7",
+               "snapshots_cleared": 2})
+    );
+    let (_, g) = d.get("/snapshots/vm/ctx-7").await;
+    assert_eq!(g["count"], 2);
+    for s in g["snapshots"].as_array().unwrap() {
+        assert!(s["snapshot_id"].is_null(), "{g}");
+        assert_eq!(s["snapshot_status"], "none");
+    }
+    let (_, c) = d.send(Method::DELETE, "/snapshots/vm/ctx-7", None).await;
+    assert_eq!(c["snapshots_cleared"], 0, "nothing left to clear: {c}");
+    let (_, g) = d.get("/snapshots/vm/unknown-context").await;
+    assert_eq!(
+        g,
+        json!({"vm_context_id": "unknown-context", "snapshots": [], "count": 0})
+    );
+    d.stop().await;
+}
