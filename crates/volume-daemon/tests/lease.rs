@@ -328,17 +328,16 @@ async fn distinct_identities_share_the_database(db: db::TestDb) {
     for (api, own, other) in [(&api_a, &vol_a, &vol_b), (&api_b, &vol_b, &vol_a)] {
         let (s, list) = call(reqwest::Method::GET, &format!("{api}/volumes"), None).await;
         assert_eq!(s, 200, "{list}");
-        let ids: Vec<&str> = list["volumes"]
+        let ids: Vec<&str> = list
             .as_array()
             .unwrap()
             .iter()
-            .filter_map(|v| v["id"].as_str())
+            .filter_map(|v| v["volume_id"].as_str())
             .collect();
         assert_eq!(ids, vec![own.as_str()], "{list}");
         let (_, ops) = call(reqwest::Method::GET, &format!("{api}/operations"), None).await;
         assert!(
-            ops["operations"]
-                .as_array()
+            ops.as_array()
                 .unwrap()
                 .iter()
                 .all(|o| o["volume_id"] != other.as_str()),
@@ -436,7 +435,7 @@ async fn lost_lease_stops_the_daemon(db: db::TestDb) {
     // for the same appliance takes it over.
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(first.pid() as i32).unwrap(),
-        rustix::process::Signal::Stop,
+        rustix::process::Signal::STOP,
     )
     .unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -447,7 +446,7 @@ async fn lost_lease_stops_the_daemon(db: db::TestDb) {
     // Woken, the first finds its lease gone at its next heartbeat: it closes its exports and exits non-zero.
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(first.pid() as i32).unwrap(),
-        rustix::process::Signal::Cont,
+        rustix::process::Signal::CONT,
     )
     .unwrap();
     let (status, stderr) = first
