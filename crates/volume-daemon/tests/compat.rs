@@ -9,7 +9,6 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::{TestDaemon, GIB};
 use uuid::Uuid;
-use volume_daemon::store::Store;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_carries_the_predecessors_fields_and_only_status_words_without_the_token() {
@@ -70,9 +69,18 @@ async fn health_carries_the_predecessors_fields_and_only_status_words_without_th
 }
 
 /// The daemon's own database, opened beside it.
-async fn store_of(d: &TestDaemon) -> Store {
+/// Removes a volume's attachment row directly in the daemon's database, as a change behind its back would.
+async fn delete_attachment_row(d: &TestDaemon, volume: Uuid) {
+    use sqlx::Connection;
     let url = support::config(d.dir.path()).effective_database_url();
-    Store::connect(&url).await.unwrap()
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let gone = sqlx::query("DELETE FROM attachments WHERE volume_id = ?")
+        .bind(volume.to_string())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(gone.rows_affected(), 1);
+    conn.close().await.unwrap();
 }
 
 async fn attach_to_appliance(d: &TestDaemon, name: &str) -> (Uuid, String) {
@@ -140,9 +148,7 @@ async fn export_cleanup_is_a_dry_run_by_default_and_removes_only_true_orphans() 
     assert!(v["message"].as_str().unwrap().contains("successfully"));
 
     // The attachment row of one volume disappears behind the daemon's back: its export is now an orphan.
-    let store = store_of(&d).await;
-    assert!(store.delete_attachment(orphan).await.unwrap());
-    store.close().await;
+    delete_attachment_row(&d, orphan).await;
 
     let (_, c) = d.get("/exports/orphaned/count").await;
     assert_eq!(c["orphaned_exports_count"], 1, "{c}");

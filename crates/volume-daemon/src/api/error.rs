@@ -80,9 +80,7 @@ impl ApiError {
                     EngineError::NotFound(_) => (StatusCode::NOT_FOUND, code, None),
                     EngineError::Conflict(_)
                     | EngineError::OwnedElsewhere { .. }
-                    | EngineError::VolumeAttached(_) => {
-                        (StatusCode::CONFLICT, code, None)
-                    }
+                    | EngineError::VolumeAttached(_) => (StatusCode::CONFLICT, code, None),
                     EngineError::NoSuchVm(_) => {
                         (StatusCode::UNPROCESSABLE_ENTITY, code, Some("vm_id".into()))
                     }
