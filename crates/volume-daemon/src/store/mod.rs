@@ -7,6 +7,7 @@
 
 mod dialect;
 mod error;
+mod outbox;
 mod records;
 mod rows;
 
@@ -20,6 +21,7 @@ use uuid::Uuid;
 
 pub use dialect::{redact as redact_url, Dialect};
 pub use error::{StoreError, StoreErrorKind};
+pub use outbox::{HubAttachment, HubChange, HubExport, OsseaChange, OutboxBacklog, OutboxEntry};
 pub use records::{
     ApplianceRecord, AttachTarget, AttachmentFilter, AttachmentRecord, Cursor, DiskRole,
     ExportRecord, Inserted, NewOperation, OpError, OpStatus, OpType, OperationFilter,
@@ -81,6 +83,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
+    /// Set when the hub projection is on: commits journal hub changes (see [`outbox`]) and notify this.
+    hub_outbox: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -132,7 +136,11 @@ impl Store {
                 url: dialect::redact(url),
                 source,
             })?;
-        Ok(Self { pool, dialect })
+        Ok(Self {
+            pool,
+            dialect,
+            hub_outbox: None,
+        })
     }
 
     /// The dialect of the connected database.
@@ -908,9 +916,13 @@ impl Store {
     pub async fn clear_attachment(&self, volume_id: Uuid) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
         let existed = clear_attachment_in(&mut tx, self.dialect, volume_id).await?;
+        if existed {
+            outbox::record_in(self, &mut tx, volume_id, OsseaChange::Detached).await?;
+        }
         tx.commit()
             .await
             .map_err(q("committing the removal of an attachment"))?;
+        self.outbox_committed();
         Ok(existed)
     }
 
@@ -966,7 +978,10 @@ impl Store {
     pub async fn upsert_export(&self, e: &ExportRecord) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         self.upsert_export_in(&mut tx, e).await?;
-        tx.commit().await.map_err(q("committing an export"))
+        outbox::record_in(self, &mut tx, e.volume_id, OsseaChange::Unchanged).await?;
+        tx.commit().await.map_err(q("committing an export"))?;
+        self.outbox_committed();
+        Ok(())
     }
 
     pub async fn get_export(&self, volume_id: Uuid) -> Result<Option<ExportRecord>, StoreError> {
@@ -1069,8 +1084,16 @@ impl Store {
 
     /// Removes the volume's export record. Returns whether one existed.
     pub async fn delete_export(&self, volume_id: Uuid) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        delete_by_volume(&mut conn, self.dialect, "exports", volume_id).await
+        let mut tx = self.begin().await?;
+        let existed = delete_by_volume(&mut tx, self.dialect, "exports", volume_id).await?;
+        if existed {
+            outbox::record_in(self, &mut tx, volume_id, OsseaChange::Unchanged).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(q("committing the removal of an export"))?;
+        self.outbox_committed();
+        Ok(existed)
     }
 
     // ---- appliance ----------------------------------------------------------------------------------------
@@ -1247,9 +1270,12 @@ impl Store {
             }
             self.upsert_export_in(&mut tx, e).await?;
         }
+        outbox::record_in(self, &mut tx, volume_id, OsseaChange::Attached).await?;
         self.finish_in(&mut tx, op_id, OpStatus::Completed, Some(response), None)
             .await?;
-        tx.commit().await.map_err(q("committing an attachment"))
+        tx.commit().await.map_err(q("committing an attachment"))?;
+        self.outbox_committed();
+        Ok(())
     }
 
     /// Removes the volume's export and attachment records and completes the detach operation with `response`.
@@ -1263,9 +1289,12 @@ impl Store {
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
         clear_attachment_in(&mut tx, self.dialect, volume_id).await?;
+        outbox::record_in(self, &mut tx, volume_id, OsseaChange::Detached).await?;
         self.finish_in(&mut tx, op_id, OpStatus::Completed, Some(response), None)
             .await?;
-        tx.commit().await.map_err(q("committing a detach"))
+        tx.commit().await.map_err(q("committing a detach"))?;
+        self.outbox_committed();
+        Ok(())
     }
 
     /// Removes the volume's export and attachment records, marks the volume deleted (its record stays as a
@@ -1279,7 +1308,13 @@ impl Store {
         let mut tx = self.begin().await?;
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
-        clear_attachment_in(&mut tx, self.dialect, volume_id).await?;
+        let was_attached = clear_attachment_in(&mut tx, self.dialect, volume_id).await?;
+        let ossea = if was_attached {
+            OsseaChange::Detached
+        } else {
+            OsseaChange::Unchanged
+        };
+        outbox::record_in(self, &mut tx, volume_id, ossea).await?;
         let t = now();
         let sql = self.dialect.sql(
             "UPDATE volumes SET deleted_at = ?, updated_at = ? WHERE id = ? AND deleted_at IS NULL",
@@ -1293,7 +1328,9 @@ impl Store {
             .map_err(q("marking a volume deleted"))?;
         self.finish_in(&mut tx, op_id, OpStatus::Completed, Some(response), None)
             .await?;
-        tx.commit().await.map_err(q("committing a delete"))
+        tx.commit().await.map_err(q("committing a delete"))?;
+        self.outbox_committed();
+        Ok(())
     }
 }
 
