@@ -204,6 +204,8 @@ wire_enum! {
         Simulator = "simulator",
         Database = "database",
         Detected = "detected",
+        /// `ossea_configs.oma_vm_id` of the active row in the hub database (`hub_database_url`).
+        Hub = "hub",
         Unknown = "unknown",
     }
 }

@@ -109,6 +109,15 @@ pub struct Config {
     pub allow_regular_files: bool,
     /// Log format: `text` or `json`.
     pub log_format: String,
+    /// The migration platform's hub database (`mysql://USER:PASSWORD@HOST:PORT/DATABASE`). When set, the
+    /// daemon keeps the hub's `device_mappings`, `nbd_exports` and `ossea_volumes` rows true (through an
+    /// outbox in its own database) and reads the appliance identity from `ossea_configs` when
+    /// `appliance_vm_id` is not set. Unset (the default): no hub.
+    pub hub_database_url: Option<String>,
+    /// At every start, before resuming the journal, adopt what a predecessor left: the appliance's
+    /// CloudStack attachments the daemon does not manage and the hub's `device_mappings` rows (as
+    /// `volume-daemon import` does). Needs `hub_database_url`. Default false.
+    pub hub_import_on_start: bool,
     /// Built-in simulator settings (`serve --sim`).
     pub sim: SimSettings,
 }
@@ -198,6 +207,8 @@ impl Default for Config {
             lease_heartbeat_secs: 5,
             allow_regular_files: false,
             log_format: "text".into(),
+            hub_database_url: None,
+            hub_import_on_start: false,
             sim: SimSettings::default(),
         }
     }
@@ -306,6 +317,10 @@ impl Config {
                 self.allow_regular_files = parse(var, &value, "true or false")?
             }
             "log_format" => self.log_format = value,
+            "hub_database_url" => self.hub_database_url = opt(value),
+            "hub_import_on_start" => {
+                self.hub_import_on_start = parse(var, &value, "true or false")?
+            }
             "sim_enabled" => self.sim.enabled = parse(var, &value, "true or false")?,
             "sim_listen" => self.sim.listen = parse(var, &value, "an address")?,
             "sim_api_key" => self.sim.api_key = Secret::new(value),
@@ -393,6 +408,19 @@ impl Config {
                 "log_format {:?} is not one of text, json",
                 self.log_format
             )));
+        }
+        if let Some(url) = &self.hub_database_url {
+            if !(url.starts_with("mysql://") || url.starts_with("mariadb://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "hub_database_url {:?} is not a MariaDB/MySQL URL; use mysql://USER:PASSWORD@HOST:PORT/DATABASE",
+                    crate::store::redact_url(url)
+                )));
+            }
+        }
+        if self.hub_import_on_start && self.hub_database_url.is_none() {
+            return Err(ConfigError::Invalid(
+                "hub_import_on_start needs hub_database_url".into(),
+            ));
         }
         if !self.sim.enabled && self.cloudstack_url.is_none() {
             return Err(ConfigError::Invalid(

@@ -50,6 +50,10 @@ pub enum DaemonError {
     Recovery(#[source] EngineError),
     #[error("cannot set up the NBD server; check nbd_tls_certificates and nbd_budget_mib")]
     Nbd(#[source] nbd::NbdError),
+    #[error("cannot set up the hub projection")]
+    Hub(#[source] crate::hub::HubError),
+    #[error("cannot journal the hub's state at start-up")]
+    HubResync(#[source] StoreError),
 }
 
 /// A running daemon (API, NBD listener, engine and, with `--sim`, the simulator).
@@ -74,6 +78,8 @@ pub struct RunningDaemon {
     fenced: watch::Receiver<bool>,
     /// The store bound to the appliance lease (released at shutdown).
     store: Store,
+    /// Delivers the hub outbox (with `hub_database_url`).
+    hub_task: Option<JoinHandle<()>>,
     /// Held until the daemon is dropped: one daemon per state directory.
     _state_lock: StateDirLock,
 }
@@ -120,7 +126,7 @@ fn nbd_server_config(cfg: &Config) -> Result<nbd::ServerConfig, DaemonError> {
     })
 }
 
-fn cloud_client(cfg: &Config) -> Result<cloudstack::Client, DaemonError> {
+pub(crate) fn cloud_client(cfg: &Config) -> Result<cloudstack::Client, DaemonError> {
     cloudstack::Client::new(cloudstack::Config {
         url: cfg.cloudstack_url.clone().unwrap_or_default(),
         api_key: cfg
@@ -157,10 +163,18 @@ impl RunningDaemon {
         cfg.validate()?;
 
         statedir::precreate_sqlite(&cfg.effective_database_url())?;
-        let store = Store::connect(&cfg.effective_database_url())
+        let mut store = Store::connect(&cfg.effective_database_url())
             .await
             .map_err(DaemonError::Store)?;
         store.migrate().await.map_err(DaemonError::Store)?;
+        // Before the store is shared: with a hub, every commit also journals its hub change.
+        let hub = cfg
+            .hub_database_url
+            .as_deref()
+            .map(|url| crate::hub::Hub::new(url, 0))
+            .transpose()
+            .map_err(DaemonError::Hub)?;
+        let hub_wake = hub.as_ref().map(|_| store.enable_hub_outbox());
 
         let health = Arc::new(HealthState::default());
         let names_dir = cfg.effective_names_dir();
@@ -202,7 +216,12 @@ impl RunningDaemon {
                 s.running.appliance_vm_id().to_string(),
                 IdentitySource::Simulator,
             )),
-            (None, None) => None,
+            (None, None) => match &hub {
+                Some(h) => crate::hub::appliance_identity(h)
+                    .await
+                    .map(|id| (id, IdentitySource::Hub)),
+                None => None,
+            },
         };
         let identity = Identity::establish(
             configured,
@@ -293,6 +312,8 @@ impl RunningDaemon {
         )
         .allow_regular_files(cfg.allow_regular_files);
         let metrics = Arc::new(Metrics::default());
+        let hub_store = store.clone();
+        let hub_cloud = Arc::clone(&cloud);
         let engine = Engine::new(
             Parts {
                 store: store.clone(),
@@ -329,6 +350,20 @@ impl RunningDaemon {
                     .join("; ")
             },
         );
+        if let (true, Some(h)) = (cfg.hub_import_on_start, &hub) {
+            let id = engine.appliance().await;
+            let appliance = id.vm_id.filter(|_| id.verified);
+            import_on_start(&hub_store, hub_cloud.as_ref(), h, appliance, &health).await;
+        }
+        if hub.is_some() {
+            let n = crate::hub::resync(&hub_store)
+                .await
+                .map_err(DaemonError::HubResync)?;
+            tracing::info!(
+                attachments = n,
+                "the hub is brought in line with the daemon's attachments"
+            );
+        }
         // Re-queued, not awaited: the API serves at once, new requests queue behind the resumed operations and
         // /health says recovery is in progress until they end.
         let resumed = engine.resume_all().await.map_err(DaemonError::Recovery)?;
@@ -367,6 +402,23 @@ impl RunningDaemon {
                     engine.save_export_counters().await;
                 }
             })
+        };
+        let hub_task = match (hub, hub_wake) {
+            (Some(hub), Some(wake)) => {
+                let hub = hub.with_nbd_port(cfg.nbd_advertised_port.unwrap_or(nbd_addr.port()));
+                let (health, metrics) = (Arc::clone(&health), Arc::clone(&metrics));
+                Some(tokio::spawn(crate::hub::outbox::run(
+                    hub_store,
+                    hub,
+                    wake,
+                    crate::hub::HubMonitor::default(),
+                    move |r| {
+                        health.set_component("hub", r.component());
+                        metrics.set_hub(r);
+                    },
+                )))
+            }
+            _ => None,
         };
         let watch_task = tokio::spawn(crate::watch::run(
             engine.clone(),
@@ -421,6 +473,7 @@ impl RunningDaemon {
             fence_task,
             fenced,
             store,
+            hub_task,
             _state_lock: state_lock,
         })
     }
@@ -458,6 +511,9 @@ impl RunningDaemon {
         let _ = self.api_task.await;
         self.counters_task.abort();
         self.watch_task.abort();
+        if let Some(t) = self.hub_task.take() {
+            t.abort();
+        }
         self.engine.save_export_counters().await;
         self.engine.close_all_exports().await;
         if let Some(tx) = self.stop_nbd.take() {
@@ -502,6 +558,56 @@ async fn heartbeat(store: Store, every: Duration) {
             }
         }
     }
+}
+
+/// `hub_import_on_start`: adopts what a predecessor left (journaled before the journal is resumed, so the
+/// adoptions run with the resumed operations). A failure is reported (`/health` component `hub_import`,
+/// degraded) and does not stop the daemon.
+async fn import_on_start(
+    store: &Store,
+    cloud: &dyn Cloud,
+    hub: &crate::hub::Hub,
+    appliance: Option<String>,
+    health: &HealthState,
+) {
+    use volume_api::{ComponentHealth, ComponentStatus};
+    let outcome = match appliance {
+        None => Err("the appliance identity is not verified; nothing is adopted".to_string()),
+        Some(app) => match crate::hub::import::plan(store, cloud, Some(hub), &app).await {
+            Err(e) => Err(crate::error_chain(&e)),
+            Ok(plan) => crate::hub::import::journal(store, &plan)
+                .await
+                .map(|ops| (plan, ops))
+                .map_err(|e| crate::error_chain(&e)),
+        },
+    };
+    let component = match outcome {
+        Ok((plan, ops)) => {
+            use crate::hub::import::ImportAction as A;
+            tracing::info!(
+                adoptions = ops.len(),
+                hub_rows_rewritten = plan.count(A::RewriteHubRow),
+                "import at start-up journaled"
+            );
+            ComponentHealth {
+                status: ComponentStatus::Ok,
+                detail: format!(
+                    "{} adoptions journaled, {} hub rows rewritten, {} already managed",
+                    ops.len(),
+                    plan.count(A::RewriteHubRow),
+                    plan.count(A::AlreadyManaged)
+                ),
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "import at start-up failed; run volume-daemon import --dry-run to see why");
+            ComponentHealth {
+                status: ComponentStatus::Degraded,
+                detail: format!("import at start-up failed: {e}"),
+            }
+        }
+    };
+    health.set_component("hub_import", component);
 }
 
 /// One line of the `check` report.
@@ -606,6 +712,29 @@ pub async fn check(cfg: &Config) -> Vec<CheckLine> {
             Err(e) => line(name, false, format!("cannot listen on {addr}: {e}")),
         }
     }
+    let hub = match cfg
+        .hub_database_url
+        .as_deref()
+        .map(|u| crate::hub::Hub::new(u, 0))
+    {
+        None => None,
+        Some(Err(e)) => {
+            line("hub", false, crate::error_chain(&e));
+            None
+        }
+        Some(Ok(h)) => {
+            match h.check_schema().await {
+                Ok(r) if r.is_ok() => line("hub", true, "reachable, tables as expected".into()),
+                Ok(r) => line(
+                    "hub",
+                    false,
+                    format!("the hub's tables differ: {}", r.problems.join("; ")),
+                ),
+                Err(e) => line("hub", false, crate::error_chain(&e)),
+            }
+            Some(h)
+        }
+    };
     let db_url = cfg.effective_database_url();
     let sqlite_missing = statedir::sqlite_path(&db_url).is_some_and(|p| !p.exists());
     let store = if sqlite_missing {
@@ -673,10 +802,15 @@ pub async fn check(cfg: &Config) -> Vec<CheckLine> {
         Err(e) => line("cloudstack", false, e.chain()),
     }
     if let Some(store) = store {
+        let configured = match (&cfg.appliance_vm_id, &hub) {
+            (Some(id), _) => Some((id.clone(), IdentitySource::Config)),
+            (None, Some(h)) => crate::hub::appliance_identity(h)
+                .await
+                .map(|id| (id, IdentitySource::Hub)),
+            (None, None) => None,
+        };
         let identity = Identity::establish(
-            cfg.appliance_vm_id
-                .clone()
-                .map(|id| (id, IdentitySource::Config)),
+            configured,
             store.clone(),
             cloud,
             &DetectionSources::under(&cfg.sys_dir),

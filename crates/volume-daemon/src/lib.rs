@@ -10,6 +10,7 @@ pub mod daemon;
 mod devices;
 mod engine;
 mod exports;
+pub mod hub;
 mod identity;
 mod locks;
 mod metrics;

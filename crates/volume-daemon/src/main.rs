@@ -25,6 +25,19 @@ enum Command {
     /// Check configuration, state directory, privileges, database, listeners, cloud and appliance identity
     /// without side effects; takes the same flags as `serve`; exits non-zero when any check fails.
     Check(ServeArgs),
+    /// Adopt what a predecessor left (upgrade in place): the appliance's CloudStack attachments the daemon
+    /// does not manage and the hub's device_mappings rows. Run with the daemon stopped; the adoptions run
+    /// (each device verified, then named and exported) when it starts. --dry-run only lists them.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// List what would be adopted and change nothing (works while the daemon runs).
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -221,12 +234,48 @@ async fn check(args: ServeArgs) -> anyhow::Result<bool> {
     Ok(lines.iter().all(|l| l.ok))
 }
 
+async fn import(args: ImportArgs) -> anyhow::Result<bool> {
+    let cfg = load(&args.common)?;
+    init_logging("text");
+    let (plan, ops) = volume_daemon::hub::import::run(&cfg, args.dry_run)
+        .await
+        .context("import failed")?;
+    for i in &plan.items {
+        println!(
+            "{:<16} {}  vm {}  {}",
+            i.action.as_str(),
+            i.volume_id,
+            i.vm_id.as_deref().unwrap_or("-"),
+            i.detail
+        );
+    }
+    use volume_daemon::hub::import::ImportAction as A;
+    let summary = format!(
+        "{} to adopt on the appliance, {} attached to other VMs, {} hub rows to rewrite, {} already managed, {} skipped",
+        plan.count(A::Adopt),
+        plan.count(A::AdoptRemote),
+        plan.count(A::RewriteHubRow),
+        plan.count(A::AlreadyManaged),
+        plan.count(A::Skip)
+    );
+    if args.dry_run {
+        println!("dry run: {summary}; nothing was changed");
+    } else {
+        println!(
+            "{summary}; {} adoptions journaled: they run when the daemon starts (watch GET /api/v1/operations?type=repair)",
+            ops.len()
+        );
+    }
+    Ok(true)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(a) => serve(a).await.map(|()| true),
         Command::Check(a) => check(a).await,
+        Command::Import(a) => import(a).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

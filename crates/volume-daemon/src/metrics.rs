@@ -70,6 +70,8 @@ struct Inner {
     fenced: u64,
     /// Findings of the last reconcile by drift kind (every kind present, zero when none).
     drift: BTreeMap<&'static str, u64>,
+    /// The hub projection's delivery state (only with `hub_database_url`).
+    hub: Option<crate::hub::HubReport>,
 }
 
 /// The daemon's counters. Cheap to update from any task.
@@ -119,6 +121,11 @@ impl Metrics {
                 })
                 .collect();
         });
+    }
+
+    /// Records the hub projection's delivery state.
+    pub fn set_hub(&self, report: &crate::hub::HubReport) {
+        self.with(|m| m.hub = Some(report.clone()));
     }
 
     pub fn compensated(&self) {
@@ -185,6 +192,47 @@ impl Metrics {
         out.push_str("# TYPE volume_daemon_drift gauge\n");
         for (k, n) in &m.drift {
             let _ = writeln!(out, "volume_daemon_drift{{kind=\"{k}\"}} {n}");
+        }
+        if let Some(h) = &m.hub {
+            let schema_ok = h.schema.as_ref().is_some_and(|s| s.is_ok());
+            let rows: [(&str, &str, &str, u64); 5] = [
+                (
+                    "volume_daemon_hub_pending_changes",
+                    "gauge",
+                    "Hub changes journaled and not yet applied to the hub.",
+                    h.pending,
+                ),
+                (
+                    "volume_daemon_hub_oldest_pending_seconds",
+                    "gauge",
+                    "Age of the oldest hub change not yet applied (0 when none).",
+                    h.oldest_pending_secs,
+                ),
+                (
+                    "volume_daemon_hub_delivered_total",
+                    "counter",
+                    "Hub changes applied to the hub since the daemon started.",
+                    h.delivered_total,
+                ),
+                (
+                    "volume_daemon_hub_delivery_failures_total",
+                    "counter",
+                    "Failed attempts to apply a hub change since the daemon started.",
+                    h.failures_total,
+                ),
+                (
+                    "volume_daemon_hub_schema_ok",
+                    "gauge",
+                    "1 when the hub's tables have every column the projection uses.",
+                    u64::from(schema_ok),
+                ),
+            ];
+            for (name, kind, help, v) in rows {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+                );
+            }
         }
         drop(m);
         for (name, help, value) in gauges {

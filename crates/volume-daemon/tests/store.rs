@@ -14,7 +14,7 @@ use serde_json::json;
 use uuid::Uuid;
 use volume_daemon::store::{
     ApplianceRecord, AttachTarget, AttachmentFilter, AttachmentRecord, DiskRole, ExportRecord,
-    Inserted, LeaseHolder, NewOperation, OpError, OpStatus, OpType, OperationFilter,
+    Inserted, LeaseHolder, NewOperation, OpError, OpStatus, OpType, OperationFilter, OsseaChange,
     SnapshotTracking, Store, StoreError, StoreErrorKind, VolumeRecord, INITIAL_STEP,
 };
 
@@ -1252,6 +1252,77 @@ async fn stale_tokens_cannot_write_and_takeover_after_expiry_increments_the_toke
     Ok(())
 }
 
+async fn hub_outbox_journals_each_commit_in_order_only_when_on(db: &TestDb) -> Result<()> {
+    let mut store = open(db).await?;
+    let vol = volume("disk-hub");
+    store.upsert_volume(&vol).await?;
+    let attach = insert(
+        &store,
+        &new_op(OpType::Attach, Some(vol.id), Some("appliance"), None),
+    )
+    .await?;
+    store
+        .commit_attach(
+            attach,
+            &appliance_attachment(vol.id, "appliance", 1),
+            Some(&export(vol.id, 1)),
+            &json!({}),
+        )
+        .await?;
+    ensure!(
+        store.pending_hub_changes(10).await?.is_empty(),
+        "nothing is journaled while the outbox is off"
+    );
+    let _wake = store.enable_hub_outbox();
+    store.clear_attachment(vol.id).await?;
+    let again = insert(
+        &store,
+        &new_op(OpType::Attach, Some(vol.id), Some("vm-2"), None),
+    )
+    .await?;
+    store
+        .commit_attach(
+            again,
+            &remote_attachment(vol.id, "vm-2", DiskRole::Root, Some(0)),
+            None,
+            &json!({}),
+        )
+        .await?;
+    let detach = insert(&store, &new_op(OpType::Detach, Some(vol.id), None, None)).await?;
+    store.commit_detach(detach, vol.id, &json!({})).await?;
+    let rows = store.pending_hub_changes(10).await?;
+    ensure!(rows.len() == 3, "one row per commit: {rows:?}");
+    ensure!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
+    ensure!(rows[0].change.attachment.is_none() && rows[0].change.ossea == OsseaChange::Detached);
+    let a = rows[1]
+        .change
+        .attachment
+        .as_ref()
+        .context("the remote attachment")?;
+    ensure!(a.vm_id == "vm-2" && a.role == DiskRole::Root && a.device_id == Some(0));
+    ensure!(rows[1].change.ossea == OsseaChange::Attached && rows[1].change.export.is_none());
+    ensure!(rows[2].change.attachment.is_none() && rows[2].change.ossea == OsseaChange::Detached);
+    ensure!(rows[1].change.size_bytes == vol.size_bytes);
+    let backlog = store.hub_backlog().await?;
+    ensure!(backlog.pending == 3 && backlog.oldest_created_at.is_some());
+    store
+        .note_hub_change_failed(rows[0].seq, "hub down\u{7}")
+        .await?;
+    let first = &store.pending_hub_changes(1).await?[0];
+    ensure!(first.attempts == 1 && first.last_error.as_deref() == Some("hub down\\u{7}"));
+    store.mark_hub_change_delivered(rows[0].seq).await?;
+    store.mark_hub_change_delivered(rows[0].seq).await?;
+    ensure!(store.pending_hub_changes(10).await?.len() == 2);
+    ensure!(store.hub_backlog().await?.pending == 2);
+    ensure!(
+        store
+            .prune_hub_outbox(Utc::now() + TimeDelta::seconds(1))
+            .await?
+            == 1
+    );
+    Ok(())
+}
+
 macro_rules! suite {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -1310,6 +1381,7 @@ suite!(
     create_send_journals_the_preexisting_volumes_with_its_step,
     unfinished_operations_come_in_queue_order_not_creation_order,
     stale_tokens_cannot_write_and_takeover_after_expiry_increments_the_token,
+    hub_outbox_journals_each_commit_in_order_only_when_on,
 );
 
 #[tokio::test]

@@ -140,11 +140,16 @@ impl Inner {
         let cv = self.cloud_volume(volume_id).await?.ok_or_else(|| {
             EngineError::NotFound(format!("volume {volume_id} does not exist in CloudStack"))
         })?;
-        if cv.vm_id.as_deref() != Some(appliance.as_str()) {
-            return Err(EngineError::Conflict(format!(
-                "CloudStack does not have volume {volume_id} attached to the appliance {appliance}; attach it \
-                 instead (POST /api/v1/volumes/{volume_id}/attach)"
-            )));
+        match cv.vm_id.as_deref() {
+            Some(vm) if vm == appliance => {}
+            // Attached to another VM (e.g. by a predecessor during failover): recorded as it is.
+            Some(vm) => return self.adopt_remote(op, &cv, vm.to_string()).await,
+            None => {
+                return Err(EngineError::Conflict(format!(
+                    "CloudStack does not have volume {volume_id} attached to the appliance {appliance} or any \
+                     other VM; attach it instead (POST /api/v1/volumes/{volume_id}/attach)"
+                )))
+            }
         }
         if cv.device_id == Some(0) || cv.volume_type.as_deref() == Some("ROOT") {
             return Err(EngineError::Conflict(format!(
@@ -206,6 +211,50 @@ impl Inner {
             return Err(e.into());
         }
         tracing::info!(volume = %volume_id, op = %op.id, export = %snap.name, "adopted an appliance volume");
+        Ok(())
+    }
+
+    /// Adopts a volume CloudStack has attached to a VM other than the appliance: nothing is local, so the
+    /// cloud's attachment (proven by the caller) is recorded as a remote one with the operation's completion.
+    async fn adopt_remote(
+        &self,
+        op: &Entry<RepairRequest, RepairStep>,
+        cv: &crate::cloud::CloudVolume,
+        vm_id: String,
+    ) -> Result<(), EngineError> {
+        let volume_id = op.request.volume_id;
+        let _vm = self.vm_locks.lock(&vm_id).await;
+        self.volume_record(volume_id).await?;
+        let now = chrono::Utc::now();
+        let root = cv.device_id == Some(0) || cv.volume_type.as_deref() == Some("ROOT");
+        let att = crate::store::AttachmentRecord {
+            volume_id,
+            vm_id: vm_id.clone(),
+            target: AttachTarget::Remote,
+            role: if root {
+                volume_api::DiskRole::Root
+            } else {
+                volume_api::DiskRole::Data
+            },
+            device_id: cv.device_id,
+            by_id_path: None,
+            kernel_device: None,
+            stable_name: None,
+            export_generation: None,
+            nbd_clients: Vec::new(),
+            created_at: now,
+            updated_at: now,
+        };
+        let response = RepairResponse {
+            volume_id,
+            repair: RepairKind::Adopt,
+            export_generation: None,
+            message: format!("adopted: CloudStack has it attached to VM {vm_id}; recorded as a remote attachment"),
+        };
+        self.store
+            .commit_attach(op.id, &att, None, &json_of(&response))
+            .await?;
+        tracing::info!(volume = %volume_id, op = %op.id, vm = %vm_id, "adopted a remote attachment");
         Ok(())
     }
 }

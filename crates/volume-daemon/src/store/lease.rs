@@ -112,6 +112,21 @@ impl Store {
         self.lease.as_ref().map_or("", |l| l.appliance_id.as_str())
     }
 
+    /// A store that reads `appliance_id`'s records and cannot write (its token, 0, is never a lease's): for
+    /// looking at an appliance's state without taking its lease (`import --dry-run`).
+    pub fn reading_as(&self, appliance_id: &str) -> Store {
+        let (lost, _) = watch::channel(true);
+        let mut scoped = self.clone();
+        scoped.lease = Some(Arc::new(Lease {
+            appliance_id: appliance_id.to_string(),
+            holder_id: String::new(),
+            token: 0,
+            ttl: Duration::ZERO,
+            lost,
+        }));
+        scoped
+    }
+
     /// The lease this store writes under, when it is bound to one.
     pub fn lease(&self) -> Option<&Arc<Lease>> {
         self.lease.as_ref()

@@ -8,6 +8,7 @@
 mod dialect;
 mod error;
 mod lease;
+mod outbox;
 mod records;
 mod rows;
 mod snapshots;
@@ -23,6 +24,7 @@ use uuid::Uuid;
 pub use dialect::{redact as redact_url, Dialect};
 pub use error::{StoreError, StoreErrorKind};
 pub use lease::{Lease, LeaseHolder, LeaseRecord};
+pub use outbox::{HubAttachment, HubChange, HubExport, OsseaChange, OutboxBacklog, OutboxEntry};
 pub use records::{
     ApplianceRecord, AttachTarget, AttachmentFilter, AttachmentRecord, Cursor, DiskRole,
     ExportRecord, Inserted, NewOperation, OpError, OpStatus, OpType, OperationFilter,
@@ -88,6 +90,8 @@ pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
     lease: Option<Arc<Lease>>,
+    /// Set when the hub projection is on: commits journal hub changes (see [`outbox`]) and notify this.
+    hub_outbox: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -143,6 +147,7 @@ impl Store {
             pool,
             dialect,
             lease: None,
+            hub_outbox: None,
         })
     }
 
@@ -970,9 +975,13 @@ impl Store {
     pub async fn clear_attachment(&self, volume_id: Uuid) -> Result<bool, StoreError> {
         let mut tx = self.begin_write().await?;
         let existed = clear_attachment_in(&mut tx, self.dialect, self.owner(), volume_id).await?;
+        if existed {
+            outbox::record_in(self, &mut tx, volume_id, OsseaChange::Detached).await?;
+        }
         tx.commit()
             .await
             .map_err(q("committing the removal of an attachment"))?;
+        self.outbox_committed();
         Ok(existed)
     }
 
@@ -1028,7 +1037,10 @@ impl Store {
     pub async fn upsert_export(&self, e: &ExportRecord) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
         self.upsert_export_in(&mut tx, e).await?;
-        tx.commit().await.map_err(q("committing an export"))
+        outbox::record_in(self, &mut tx, e.volume_id, OsseaChange::Unchanged).await?;
+        tx.commit().await.map_err(q("committing an export"))?;
+        self.outbox_committed();
+        Ok(())
     }
 
     pub async fn get_export(&self, volume_id: Uuid) -> Result<Option<ExportRecord>, StoreError> {
@@ -1144,7 +1156,13 @@ impl Store {
         let mut tx = self.begin_write().await?;
         let existed =
             delete_by_volume(&mut tx, self.dialect, self.owner(), "exports", volume_id).await?;
-        tx.commit().await.map_err(q("committing a removal"))?;
+        if existed {
+            outbox::record_in(self, &mut tx, volume_id, OsseaChange::Unchanged).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(q("committing the removal of an export"))?;
+        self.outbox_committed();
         Ok(existed)
     }
 
@@ -1325,9 +1343,12 @@ impl Store {
             }
             self.upsert_export_in(&mut tx, e).await?;
         }
+        outbox::record_in(self, &mut tx, volume_id, OsseaChange::Attached).await?;
         self.finish_in(&mut tx, op_id, OpStatus::Completed, Some(response), None)
             .await?;
-        tx.commit().await.map_err(q("committing an attachment"))
+        tx.commit().await.map_err(q("committing an attachment"))?;
+        self.outbox_committed();
+        Ok(())
     }
 
     /// Removes the volume's export and attachment records and completes the detach operation with `response`.
@@ -1341,9 +1362,12 @@ impl Store {
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
         clear_attachment_in(&mut tx, self.dialect, self.owner(), volume_id).await?;
+        outbox::record_in(self, &mut tx, volume_id, OsseaChange::Detached).await?;
         self.finish_in(&mut tx, op_id, OpStatus::Completed, Some(response), None)
             .await?;
-        tx.commit().await.map_err(q("committing a detach"))
+        tx.commit().await.map_err(q("committing a detach"))?;
+        self.outbox_committed();
+        Ok(())
     }
 
     /// Removes the volume's export and attachment records, marks the volume deleted (its record stays as a
@@ -1357,7 +1381,14 @@ impl Store {
         let mut tx = self.begin_write().await?;
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
-        clear_attachment_in(&mut tx, self.dialect, self.owner(), volume_id).await?;
+        let was_attached =
+            clear_attachment_in(&mut tx, self.dialect, self.owner(), volume_id).await?;
+        let ossea = if was_attached {
+            OsseaChange::Detached
+        } else {
+            OsseaChange::Unchanged
+        };
+        outbox::record_in(self, &mut tx, volume_id, ossea).await?;
         let t = now();
         let sql = self.dialect.sql(
             "UPDATE volumes SET deleted_at = ?, updated_at = ? WHERE id = ? AND deleted_at IS NULL",
@@ -1371,7 +1402,9 @@ impl Store {
             .map_err(q("marking a volume deleted"))?;
         self.finish_in(&mut tx, op_id, OpStatus::Completed, Some(response), None)
             .await?;
-        tx.commit().await.map_err(q("committing a delete"))
+        tx.commit().await.map_err(q("committing a delete"))?;
+        self.outbox_committed();
+        Ok(())
     }
 }
 

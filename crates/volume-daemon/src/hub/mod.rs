@@ -1,0 +1,212 @@
+//! The hub projection: the migration platform's MariaDB tables (`device_mappings`, `nbd_exports`,
+//! `ossea_volumes`, read-only `ossea_configs`) kept true from the daemon's own journal.
+//!
+//! Commits journal a hub change in the daemon's own database (`store::outbox`); [`outbox`] delivers those
+//! rows to the hub in order, retrying through outages; [`projection`] turns one row into the hub's rows and
+//! writes only what differs (so a row applied twice writes nothing the second time); [`schema`] checks the
+//! hub's tables (the daemon never creates or drops them); [`import`] adopts what a predecessor left.
+
+pub mod import;
+pub mod outbox;
+pub mod projection;
+pub mod schema;
+
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::Row;
+
+pub use outbox::{HubMonitor, HubReport};
+pub use projection::{remote_device_path, Applied};
+pub use schema::SchemaReport;
+
+/// How long a hub call waits for a connection before the hub counts as unreachable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A failed hub call.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("hub_database_url {url:?} is not a MariaDB/MySQL URL; use mysql://USER:PASSWORD@HOST:PORT/DATABASE")]
+    BadUrl {
+        /// The URL without its password.
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(
+        "{action} in the hub database failed; check that it is reachable and hub_database_url"
+    )]
+    Query {
+        action: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("the hub's tables are not as expected: {0}")]
+    Schema(String),
+}
+
+/// The stable kind of a [`HubError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubErrorKind {
+    Config,
+    Unavailable,
+    Schema,
+}
+
+impl HubError {
+    pub fn kind(&self) -> HubErrorKind {
+        match self {
+            Self::BadUrl { .. } => HubErrorKind::Config,
+            Self::Query { .. } => HubErrorKind::Unavailable,
+            Self::Schema(_) => HubErrorKind::Schema,
+        }
+    }
+}
+
+fn q(action: &'static str) -> impl FnOnce(sqlx::Error) -> HubError {
+    move |source| HubError::Query { action, source }
+}
+
+/// The hub's database: a small pool, connected lazily (start-up never waits for the hub).
+#[derive(Clone)]
+pub struct Hub {
+    pool: MySqlPool,
+    /// The NBD port written into `nbd_exports.port`.
+    nbd_port: u16,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("nbd_port", &self.nbd_port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// A hub at `url` (`mysql://…` or `mariadb://…`); nothing is connected until the first call.
+    pub fn new(url: &str, nbd_port: u16) -> Result<Self, HubError> {
+        let url_for_driver = match url.strip_prefix("mariadb://") {
+            Some(rest) => format!("mysql://{rest}"),
+            None => url.to_string(),
+        };
+        let opts: MySqlConnectOptions =
+            url_for_driver.parse().map_err(|source| HubError::BadUrl {
+                url: crate::store::redact_url(url),
+                source,
+            })?;
+        let pool = MySqlPoolOptions::new()
+            .max_connections(4)
+            .min_connections(0)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .idle_timeout(Some(Duration::from_secs(60)))
+            .connect_lazy_with(opts);
+        Ok(Self { pool, nbd_port })
+    }
+
+    /// The same hub, writing `port` into export rows.
+    pub fn with_nbd_port(mut self, port: u16) -> Self {
+        self.nbd_port = port;
+        self
+    }
+
+    /// The NBD port written into export rows.
+    pub fn nbd_port(&self) -> u16 {
+        self.nbd_port
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// The appliance's own VM id as the hub knows it: `ossea_configs.oma_vm_id` of the active configuration
+    /// (`None` when there is no active row or it has none).
+    pub async fn appliance_vm_id(&self) -> Result<Option<String>, HubError> {
+        let row = sqlx::query(
+            "SELECT CAST(oma_vm_id AS CHAR) AS oma_vm_id FROM ossea_configs WHERE is_active = 1 \
+             ORDER BY id ASC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q(
+            "reading ossea_configs.oma_vm_id of the active configuration",
+        ))?;
+        Ok(row
+            .and_then(|r| r.try_get::<Option<String>, _>("oma_vm_id").ok().flatten())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty()))
+    }
+
+    /// The `device_mappings` rows, by volume (for import).
+    pub async fn device_mappings(&self) -> Result<Vec<HubMapping>, HubError> {
+        let rows = sqlx::query(
+            "SELECT CAST(volume_uuid AS CHAR) AS volume_uuid, CAST(vm_id AS CHAR) AS vm_id, \
+             CAST(operation_mode AS CHAR) AS operation_mode, CAST(device_path AS CHAR) AS device_path \
+             FROM device_mappings ORDER BY volume_uuid",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("reading device_mappings"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(HubMapping {
+                    volume_uuid: r
+                        .try_get("volume_uuid")
+                        .map_err(q("reading device_mappings"))?,
+                    vm_id: r.try_get("vm_id").map_err(q("reading device_mappings"))?,
+                    operation_mode: r
+                        .try_get::<Option<String>, _>("operation_mode")
+                        .map_err(q("reading device_mappings"))?,
+                    device_path: r
+                        .try_get("device_path")
+                        .map_err(q("reading device_mappings"))?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One `device_mappings` row as a predecessor (or this daemon) left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubMapping {
+    pub volume_uuid: String,
+    pub vm_id: String,
+    pub operation_mode: Option<String>,
+    pub device_path: String,
+}
+
+/// The identity source `hub`: the active configuration's `oma_vm_id`, when the hub has one. A hub that cannot
+/// be read is logged and skipped (the stored identity or detection is used then); the identity is verified
+/// with CloudStack like every source.
+pub async fn appliance_identity(hub: &Hub) -> Option<String> {
+    match hub.appliance_vm_id().await {
+        Ok(Some(id)) => {
+            tracing::info!(vm_id = %id, "appliance identity read from the hub (ossea_configs.oma_vm_id)");
+            Some(id)
+        }
+        Ok(None) => {
+            tracing::warn!("the hub has no active ossea_configs row with an oma_vm_id; the identity comes from elsewhere");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot read the appliance identity from the hub; the identity comes from elsewhere");
+            None
+        }
+    }
+}
+
+/// Journals the current state of every attached volume as a hub change, so that the hub is brought in line
+/// with the daemon at start-up (a change the hub already holds writes nothing when delivered). Runs before
+/// any operation does.
+pub async fn resync(store: &crate::store::Store) -> Result<usize, crate::store::StoreError> {
+    let attachments = store
+        .list_attachments(&crate::store::AttachmentFilter::default())
+        .await?;
+    for a in &attachments {
+        store
+            .record_hub_state(a.volume_id, crate::store::OsseaChange::Attached)
+            .await?;
+    }
+    Ok(attachments.len())
+}

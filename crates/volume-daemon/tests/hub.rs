@@ -1,0 +1,822 @@
+//! The hub projection end to end: a real MariaDB holding the hub's four tables, the simulator over real HTTP
+//! and the daemon, with a TCP proxy in front of the hub for outages. Every write the daemon makes to the hub
+//! is counted by triggers, so "exactly once" is checked, not assumed. Every test needs the MariaDB server
+//! binaries (`ext_`).
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+#[path = "common/db.rs"]
+mod db;
+#[path = "common/hub.rs"]
+mod hub;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+use volume_daemon::config::{Config, Secret};
+use volume_daemon::daemon::RunningDaemon;
+use volume_daemon::store::{
+    AttachTarget, AttachmentRecord, DiskRole, NewOperation, OpType, Store, VolumeRecord,
+};
+
+use hub::{Proxy, TestHub};
+
+const GIB: u64 = 1 << 30;
+
+/// The simulator, the hub behind its proxy and a state directory for the daemon.
+struct Env {
+    sim: cloudsim::RunningSimulator,
+    hub: TestHub,
+    proxy: Proxy,
+    dir: tempfile::TempDir,
+    /// The daemon's own database (SQLite under the state dir when `None`).
+    db_url: Option<String>,
+}
+
+impl Env {
+    async fn new() -> Self {
+        Self::with_hub(TestHub::new().await).await
+    }
+
+    async fn with_hub(hub: TestHub) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let mut sc = cloudsim::SimConfig::new(dir.path().join("sim"), dir.path().join("by-id"));
+        sc.listen = "127.0.0.1:0".parse().unwrap();
+        sc.job_delay = Duration::from_millis(20);
+        let sim = cloudsim::Simulator::start(sc).await.unwrap();
+        let proxy = Proxy::start(hub.port()).await;
+        Self {
+            sim,
+            hub,
+            proxy,
+            dir,
+            db_url: None,
+        }
+    }
+
+    fn appliance(&self) -> String {
+        self.sim.appliance_vm_id().to_string()
+    }
+
+    fn other_vm(&self, i: usize) -> String {
+        self.sim.other_vm_ids()[i].clone()
+    }
+
+    fn config(&self) -> Config {
+        let mut cfg = Config {
+            state_dir: self.dir.path().join("state"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            nbd_listen: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        cfg.cloudstack_url = Some(self.sim.api_url());
+        cfg.cloudstack_api_key = Some(Secret::new(cloudsim::DEFAULT_API_KEY));
+        cfg.cloudstack_secret_key = Some(Secret::new(cloudsim::DEFAULT_SECRET_KEY));
+        cfg.by_id_dir = self.dir.path().join("by-id");
+        cfg.allow_regular_files = !volume_daemon::sim::running_as_root();
+        cfg.device_timeout_secs = 5;
+        cfg.job_timeout_secs = 60;
+        cfg.drain_timeout_secs = 5;
+        cfg.reconcile_interval_secs = 0;
+        cfg.database_url = self.db_url.clone();
+        cfg.hub_database_url = Some(self.hub.url_via(self.proxy.addr));
+        cfg
+    }
+
+    async fn start(&self) -> Daemon {
+        self.start_with(|_| {}).await
+    }
+
+    async fn start_with(&self, f: impl FnOnce(&mut Config)) -> Daemon {
+        let mut cfg = self.config();
+        f(&mut cfg);
+        let d = RunningDaemon::start(cfg).await.unwrap();
+        Daemon {
+            base: format!("http://{}", d.api_addr()),
+            d: Some(d),
+        }
+    }
+
+    fn cloud(&self) -> cloudstack::Client {
+        cloudstack::Client::new(cloudstack::Config {
+            url: self.sim.api_url(),
+            api_key: cloudsim::DEFAULT_API_KEY.into(),
+            secret_key: Secret::new(cloudsim::DEFAULT_SECRET_KEY),
+            ..cloudstack::Config::default()
+        })
+        .unwrap()
+    }
+
+    fn custom_offering(&self) -> String {
+        self.sim
+            .disk_offerings()
+            .into_iter()
+            .find(|(_, _, gb)| gb.is_none())
+            .unwrap()
+            .0
+    }
+
+    /// A volume made directly in CloudStack (as a predecessor did), attached to `vm` when given.
+    async fn cloud_volume(&self, name: &str, vm: Option<&str>, device_id: Option<u32>) -> Uuid {
+        let cs = self.cloud();
+        let made = cs
+            .create_volume(&cloudstack::CreateVolume {
+                name: name.into(),
+                zone_id: self.sim.zone_id().into(),
+                disk_offering_id: self.custom_offering(),
+                size_bytes: Some(GIB),
+            })
+            .await
+            .unwrap();
+        cs.wait_job(&made.job_id, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let vol: Uuid = made.resource_id.unwrap().parse().unwrap();
+        if let Some(vm) = vm {
+            let job = cs
+                .attach_volume(&vol.to_string(), vm, device_id)
+                .await
+                .unwrap();
+            cs.wait_job(&job.job_id, Duration::from_secs(30))
+                .await
+                .unwrap();
+        }
+        vol
+    }
+
+    async fn stop(self) {
+        self.sim.detach_all_devices();
+        self.sim.shutdown().await;
+    }
+}
+
+struct Daemon {
+    d: Option<RunningDaemon>,
+    base: String,
+}
+
+impl Daemon {
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = reqwest::Client::new().request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let text = req.send().await.unwrap().text().await.unwrap();
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.send(reqwest::Method::GET, &format!("/api/v1{path}"), None)
+            .await
+    }
+
+    async fn health(&self) -> Value {
+        self.send(reqwest::Method::GET, "/health", None).await
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Submits and waits for the operation; panics unless it completed.
+    async fn run_ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let op = self.send(method, &format!("/api/v1{path}"), body).await;
+        let id = op["id"].as_str().unwrap_or_else(|| panic!("{path}: {op}"));
+        let done = self.wait_op(id).await;
+        assert_eq!(done["status"], "completed", "{path}: {done}");
+        done
+    }
+
+    async fn wait_op(&self, id: &str) -> Value {
+        for _ in 0..10 {
+            let v = self.get(&format!("/operations/{id}?wait=30")).await;
+            if matches!(v["status"].as_str(), Some("completed" | "failed")) {
+                return v;
+            }
+        }
+        panic!("operation {id} did not finish");
+    }
+
+    async fn post_ok(&self, path: &str, body: Value) -> Value {
+        self.run_ok(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn create(&self, env: &Env, name: &str) -> Uuid {
+        let op = self
+            .post_ok(
+                "/volumes",
+                json!({"name": name, "size": GIB, "disk_offering_id": env.custom_offering(), "zone_id": env.sim.zone_id()}),
+            )
+            .await;
+        op["response"]["volume_id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(d) = self.d.take() {
+            d.shutdown().await;
+        }
+    }
+}
+
+/// Waits until `f` holds, polling; panics after `secs`.
+async fn until<F, Fut>(secs: u64, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < end, "{what}: not reached in {secs} s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `/health` says the hub is in step after at least `delivered` changes (counted since the
+/// daemon started), so that a state published before the last commit does not count.
+async fn synced(d: &Daemon, delivered: u64) {
+    let end = Instant::now() + Duration::from_secs(40);
+    loop {
+        let h = d.health().await;
+        let c = &h["components"]["hub"];
+        let n = c["detail"]
+            .as_str()
+            .and_then(|s| s.strip_prefix("in step ("))
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        if c["status"] == "ok" && n.is_some_and(|n| n >= delivered) {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "the hub not in step after {delivered} changes: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_hub_rows_follow_attach_detach_root_attach_and_a_failover() {
+    let env = Env::new().await;
+    // The active configuration names the appliance; an inactive one names something else.
+    env.hub
+        .set_appliance(&env.appliance(), "00000000-0000-0000-0000-00000000dead")
+        .await;
+    let d = env.start().await;
+    let app = d.get("/appliance").await;
+    assert_eq!(app["source"], "hub", "{app}");
+    assert_eq!(app["vm_id"], env.appliance(), "{app}");
+    assert_eq!(app["verified"], true, "{app}");
+
+    let a = d.create(&env, "disk-a").await;
+    let b = d.create(&env, "disk-b").await;
+    let (sa, sb) = (a.to_string(), b.to_string());
+    env.hub.add_volume(&sa, "ctx-1").await;
+    env.hub.add_volume(&sb, "ctx-1").await;
+    synced(&d, 0).await;
+    assert_eq!(env.hub.daemon_writes().await, 0, "create writes nothing");
+
+    // Attach to the appliance: a mapping, an export row and the volume marked attached.
+    d.post_ok(
+        &format!("/volumes/{a}/attach"),
+        json!({"vm_id": env.appliance()}),
+    )
+    .await;
+    synced(&d, 1).await;
+    let dev = d.get(&format!("/volumes/{a}/device")).await;
+    let m = env.hub.mapping(&sa).await.expect("a mapping row");
+    assert_eq!(m.vm_id, env.appliance());
+    assert_eq!(m.operation_mode, "oma");
+    assert_eq!(
+        Some(m.device_path.as_str()),
+        dev["device_path"].as_str(),
+        "{dev}"
+    );
+    assert!(m.device_path.contains("virtio-"), "{m:?}");
+    assert_eq!(m.cloudstack_state, "attached");
+    assert_eq!(m.linux_state, "detected");
+    assert_eq!(m.size, GIB as i64);
+    assert_eq!(m.symlink_path.as_deref(), dev["symlink_path"].as_str());
+    assert_eq!(
+        m.persistent_device_name.as_deref(),
+        dev["persistent_device_name"].as_str()
+    );
+    assert_eq!(m.vm_context_id.as_deref(), Some("ctx-1"));
+    let ex = env.hub.exports(&sa).await;
+    assert_eq!(ex.len(), 1, "{ex:?}");
+    assert_eq!(ex[0].export_name, format!("migration-vol-{a}"));
+    assert_eq!(ex[0].status, "active");
+    assert_eq!(ex[0].device_mapping_uuid.as_deref(), Some(sa.as_str()));
+    assert_eq!(ex[0].vm_context_id.as_deref(), Some("ctx-1"));
+    let export = d.get(&format!("/exports/{a}")).await;
+    assert_eq!(ex[0].port, export["port"].as_i64().unwrap(), "{export}");
+    assert_eq!(
+        env.hub.volume(&sa).await,
+        (Some("attached".into()), Some(m.device_path.clone()))
+    );
+    assert_eq!(env.hub.writes("device_mappings", "INSERT").await, 1);
+    assert_eq!(env.hub.writes("nbd_exports", "INSERT").await, 1);
+    assert_eq!(env.hub.writes("ossea_volumes", "UPDATE").await, 1);
+
+    // Failover: both data disks leave the appliance and go to another VM, then its root is swapped.
+    d.post_ok(&format!("/volumes/{a}/detach"), json!({})).await;
+    synced(&d, 2).await;
+    assert_eq!(env.hub.mapping(&sa).await, None);
+    assert!(env.hub.exports(&sa).await.is_empty());
+    assert_eq!(env.hub.volume(&sa).await, (Some("detached".into()), None));
+    let vm = env.other_vm(0);
+    for v in [a, b] {
+        d.post_ok(&format!("/volumes/{v}/attach"), json!({"vm_id": vm}))
+            .await;
+    }
+    synced(&d, 4).await;
+    let (ma, mb) = (
+        env.hub.mapping(&sa).await.unwrap(),
+        env.hub.mapping(&sb).await.unwrap(),
+    );
+    // Two data disks on one VM: the predecessor's `remote-vm-<vm>` would have collided here.
+    assert_eq!(ma.device_path, format!("remote-vm-{vm}-vol-{a}"));
+    assert_eq!(mb.device_path, format!("remote-vm-{vm}-vol-{b}"));
+    for m in [&ma, &mb] {
+        assert_eq!(m.vm_id, vm);
+        assert_eq!(m.operation_mode, "failover");
+        assert_eq!(m.linux_state, "n/a");
+        assert_eq!(m.size, 0);
+    }
+    assert!(env.hub.exports(&sa).await.is_empty());
+    assert_eq!(
+        env.hub.volume(&sb).await,
+        (Some("attached".into()), Some(mb.device_path.clone()))
+    );
+    // The hub flips operation_mode itself; the daemon keeps that while the attachment stays.
+    sqlx::query("UPDATE device_mappings SET operation_mode = 'oma' WHERE volume_uuid = ?")
+        .bind(&sb)
+        .execute(&env.hub.pool)
+        .await
+        .unwrap();
+
+    let root = d.create(&env, "os-disk").await;
+    let sroot = root.to_string();
+    let faults = env.sim.faults();
+    faults.stop_vm(&vm).unwrap();
+    if let Some(old) = env.sim.root_volume_id(&vm) {
+        faults.detach_volume(&old).unwrap();
+    }
+    d.post_ok(
+        &format!("/volumes/{root}/attach-root"),
+        json!({"vm_id": vm}),
+    )
+    .await;
+    synced(&d, 5).await;
+    let mr = env.hub.mapping(&sroot).await.unwrap();
+    assert_eq!(mr.device_path, format!("remote-vm-root-{vm}-vol-{root}"));
+    assert_eq!(mr.cloudstack_device_id, Some(0));
+    assert_eq!(mr.operation_mode, "failover");
+    assert_eq!(
+        env.hub.mapping(&sb).await.unwrap().operation_mode,
+        "oma",
+        "the hub's own change was kept"
+    );
+
+    // Failback of disk A to the appliance: its row returns to the appliance's device path.
+    d.post_ok(&format!("/volumes/{a}/detach"), json!({})).await;
+    d.post_ok(
+        &format!("/volumes/{a}/attach"),
+        json!({"vm_id": env.appliance()}),
+    )
+    .await;
+    synced(&d, 7).await;
+    let back = env.hub.mapping(&sa).await.unwrap();
+    assert_eq!(back.operation_mode, "oma");
+    assert_eq!(back.device_path, m.device_path);
+    assert_eq!(env.hub.exports(&sa).await.len(), 1);
+
+    // Delete of an attached volume: detached, then gone from the hub's mappings.
+    d.run_ok(reqwest::Method::DELETE, &format!("/volumes/{a}"), None)
+        .await;
+    synced(&d, 8).await;
+    assert_eq!(env.hub.mapping(&sa).await, None);
+    assert!(env.hub.exports(&sa).await.is_empty());
+    assert_eq!(env.hub.volume(&sa).await, (Some("detached".into()), None));
+
+    let text = d.metrics().await;
+    assert!(
+        text.contains("volume_daemon_hub_pending_changes 0"),
+        "{text}"
+    );
+    assert!(text.contains("volume_daemon_hub_schema_ok 1"), "{text}");
+    assert!(
+        !text.contains("volume_daemon_hub_delivered_total 0"),
+        "{text}"
+    );
+    d.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_a_hub_outage_and_a_restart_delay_changes_that_then_arrive_once_and_in_order() {
+    let env = Env::new().await;
+    let d = env
+        .start_with(|c| c.appliance_vm_id = Some(env.appliance()))
+        .await;
+    let v = d.create(&env, "disk").await;
+    let sv = v.to_string();
+    env.hub.add_volume(&sv, "ctx-9").await;
+    synced(&d, 0).await;
+
+    env.proxy.down();
+    // Three changes of one volume during the outage; the hub must end with the last.
+    d.post_ok(
+        &format!("/volumes/{v}/attach"),
+        json!({"vm_id": env.appliance()}),
+    )
+    .await;
+    d.post_ok(&format!("/volumes/{v}/detach"), json!({})).await;
+    let vm = env.other_vm(1);
+    d.post_ok(&format!("/volumes/{v}/attach"), json!({"vm_id": vm}))
+        .await;
+    until(
+        20,
+        "the hub component degraded with pending changes",
+        || async {
+            let h = d.health().await;
+            let c = &h["components"]["hub"];
+            c["status"] == "degraded"
+                && c["detail"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("3 changes pending"))
+                && h["ready"] == true
+        },
+    )
+    .await;
+    let text = d.metrics().await;
+    assert!(
+        text.contains("volume_daemon_hub_pending_changes 3"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("volume_daemon_hub_delivery_failures_total 0"),
+        "{text}"
+    );
+    assert_eq!(env.hub.daemon_writes().await, 0);
+
+    // The daemon stops (its commits are journaled, the hub never saw them) and starts again, still cut off.
+    d.stop().await;
+    let d = env
+        .start_with(|c| c.appliance_vm_id = Some(env.appliance()))
+        .await;
+    until(20, "still pending after the restart", || async {
+        let h = d.health().await;
+        h["components"]["hub"]["detail"]
+            .as_str()
+            .is_some_and(|s| s.contains("changes pending"))
+    })
+    .await;
+    assert_eq!(env.hub.daemon_writes().await, 0);
+
+    env.proxy.up();
+    synced(&d, 4).await;
+    let m = env.hub.mapping(&sv).await.expect("the final mapping");
+    assert_eq!(m.vm_id, vm);
+    assert_eq!(m.device_path, format!("remote-vm-{vm}-vol-{v}"));
+    assert!(env.hub.exports(&sv).await.is_empty());
+    assert_eq!(
+        env.hub.volume(&sv).await,
+        (Some("attached".into()), Some(m.device_path.clone()))
+    );
+    // In order: the appliance mapping was inserted and removed before the remote one was inserted; each
+    // change was applied once.
+    assert_eq!(env.hub.writes("device_mappings", "INSERT").await, 2);
+    assert_eq!(env.hub.writes("device_mappings", "DELETE").await, 1);
+    assert_eq!(env.hub.writes("nbd_exports", "INSERT").await, 1);
+    assert_eq!(env.hub.writes("nbd_exports", "DELETE").await, 1);
+    assert_eq!(env.hub.writes("ossea_volumes", "UPDATE").await, 3);
+    d.stop().await;
+    env.stop().await;
+}
+
+/// One journaled attach, as an operation's commit writes it.
+async fn commit_an_attach(store: &Store, vm: &str) -> Uuid {
+    let volume = Uuid::new_v4();
+    let now = chrono::Utc::now();
+    store
+        .upsert_volume(&VolumeRecord {
+            id: volume,
+            name: "v".into(),
+            size_bytes: GIB,
+            disk_offering_id: "o".into(),
+            zone_id: "z".into(),
+            metadata: json!({}),
+            cloud_state: None,
+            snapshot: Default::default(),
+            created_at: now,
+            updated_at: now,
+            deleted_at: None,
+        })
+        .await
+        .unwrap();
+    let op = Uuid::new_v4();
+    store
+        .insert_operation(&NewOperation {
+            id: op,
+            op_type: OpType::Attach,
+            volume_id: Some(volume),
+            vm_id: Some(vm.into()),
+            request: json!({}),
+            idempotency_key: None,
+            queue_seq: Some(1),
+        })
+        .await
+        .unwrap();
+    let att = AttachmentRecord {
+        volume_id: volume,
+        vm_id: vm.into(),
+        target: AttachTarget::Remote,
+        role: DiskRole::Data,
+        device_id: Some(3),
+        by_id_path: None,
+        kernel_device: None,
+        stable_name: None,
+        export_generation: None,
+        nbd_clients: Vec::new(),
+        created_at: now,
+        updated_at: now,
+    };
+    store
+        .commit_attach(op, &att, None, &json!({}))
+        .await
+        .unwrap();
+    volume
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_a_change_applied_to_the_hub_but_not_marked_delivered_is_not_applied_twice() {
+    // The daemon's own journal in MariaDB too; the hub directly (no daemon: the crash is between two steps).
+    let hub_db = TestHub::new().await;
+    let own = db::mariadb().await;
+    let mut store = Store::connect(&own.url).await.unwrap();
+    store.migrate().await.unwrap();
+    let _wake = store.enable_hub_outbox();
+    let hub = volume_daemon::hub::Hub::new(&hub_db.db.url, 10809).unwrap();
+    assert!(hub.check_schema().await.unwrap().is_ok());
+
+    let vm = "7f1c2d3e-0000-4000-8000-000000000001";
+    let volume = commit_an_attach(&store, vm).await;
+    hub_db.add_volume(&volume.to_string(), "ctx-2").await;
+    let pending = store.pending_hub_changes(10).await.unwrap();
+    assert_eq!(pending.len(), 1, "the commit journaled its hub change");
+    let entry = &pending[0];
+    assert_eq!(entry.change.volume_id, volume);
+
+    // Applied, then the daemon dies before marking it delivered.
+    let applied = hub.apply(&entry.change, true).await.unwrap();
+    assert_eq!(
+        applied.writes, 2,
+        "a mapping inserted and the volume marked attached"
+    );
+    let first = hub_db.mapping(&volume.to_string()).await.unwrap();
+    let writes = hub_db.all_writes().await;
+    // Meanwhile the hub changes the row itself (failover bookkeeping).
+    sqlx::query("UPDATE device_mappings SET operation_mode = 'oma' WHERE volume_uuid = ?")
+        .bind(volume.to_string())
+        .execute(&hub_db.pool)
+        .await
+        .unwrap();
+
+    // After the restart the row is still pending and is delivered again: nothing is written twice.
+    let again = store.pending_hub_changes(10).await.unwrap();
+    assert_eq!(again, pending);
+    volume_daemon::hub::outbox::deliver_one(&store, &hub, &again[0], true)
+        .await
+        .unwrap();
+    assert_eq!(
+        hub_db.all_writes().await,
+        writes + 1,
+        "only the hub's own update"
+    );
+    let after = hub_db.mapping(&volume.to_string()).await.unwrap();
+    assert_eq!(after.id, first.id, "the same row, not a new one");
+    assert_eq!(after.operation_mode, "oma", "the hub's change is kept");
+    assert_eq!(after.device_path, format!("remote-vm-{vm}-vol-{volume}"));
+    assert_eq!(after.vm_context_id.as_deref(), Some("ctx-2"));
+    assert!(store.pending_hub_changes(10).await.unwrap().is_empty());
+    assert_eq!(store.hub_backlog().await.unwrap().pending, 0);
+    // Marking it again changes nothing either.
+    store.mark_hub_change_delivered(entry.seq).await.unwrap();
+    assert!(store.pending_hub_changes(10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_missing_hub_tables_are_reported_never_created_and_changes_wait_for_them() {
+    // A hub without nbd_exports.
+    let tables: Vec<&str> = hub::TABLES
+        .iter()
+        .copied()
+        .filter(|t| !t.contains("CREATE TABLE nbd_exports"))
+        .collect();
+    let env = Env::with_hub(TestHub::with_tables(&tables).await).await;
+    let d = env
+        .start_with(|c| c.appliance_vm_id = Some(env.appliance()))
+        .await;
+    until(20, "the missing table reported", || async {
+        let h = d.health().await;
+        let c = &h["components"]["hub"];
+        c["status"] == "degraded"
+            && c["detail"]
+                .as_str()
+                .is_some_and(|s| s.contains("table nbd_exports is missing"))
+            && h["ready"] == true
+    })
+    .await;
+    let v = d.create(&env, "disk").await;
+    d.post_ok(
+        &format!("/volumes/{v}/attach"),
+        json!({"vm_id": env.appliance()}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        env.hub.all_writes().await,
+        0,
+        "nothing is delivered to a hub that differs"
+    );
+    let tables_now: Vec<String> = sqlx::query_scalar("SHOW TABLES")
+        .fetch_all(&env.hub.pool)
+        .await
+        .unwrap();
+    assert!(
+        !tables_now.iter().any(|t| t == "nbd_exports"),
+        "{tables_now:?}"
+    );
+    let text = d.metrics().await;
+    assert!(text.contains("volume_daemon_hub_schema_ok 0"), "{text}");
+
+    // The operator creates the table: the pending change is delivered.
+    let create = hub::TABLES
+        .iter()
+        .find(|t| t.contains("CREATE TABLE nbd_exports"))
+        .unwrap();
+    sqlx::query(create).execute(&env.hub.pool).await.unwrap();
+    until(40, "the change delivered after the fix", || async {
+        !env.hub.exports(&v.to_string()).await.is_empty()
+    })
+    .await;
+    synced(&d, 1).await;
+    d.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_an_identity_in_the_hub_that_the_cloud_does_not_know_is_not_used() {
+    let env = Env::new().await;
+    env.hub
+        .set_appliance("00000000-0000-0000-0000-00000000beef", &env.appliance())
+        .await;
+    let d = env.start().await;
+    let app = d.get("/appliance").await;
+    assert_eq!(app["source"], "hub", "{app}");
+    assert_eq!(app["verified"], false, "{app}");
+    let h = d.health().await;
+    assert_eq!(
+        h["components"]["appliance_identity"]["status"], "failed",
+        "{h}"
+    );
+    d.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_an_upgrade_in_place_adopts_the_predecessors_rows_and_attachments() {
+    let mut env = Env::new().await;
+    let own = db::mariadb().await;
+    env.db_url = Some(own.url.clone());
+    env.hub.set_appliance(&env.appliance(), "").await;
+    let app = env.appliance();
+    let vm = env.other_vm(0);
+    // What the predecessor left: a volume on the appliance with its mapping and export rows, one on another
+    // VM with the old placeholder, a row the cloud contradicts, and an appliance volume without a row.
+    let p1 = env.cloud_volume("p1", Some(&app), None).await;
+    let p2 = env.cloud_volume("p2", Some(&vm), None).await;
+    let p3 = env.cloud_volume("p3", None, None).await;
+    let p4 = env.cloud_volume("p4", Some(&app), None).await;
+    for (v, vm_id, mode, path) in [
+        (
+            p1,
+            app.as_str(),
+            "oma",
+            "/dev/disk/by-id/virtio-old-p1".to_string(),
+        ),
+        (p2, vm.as_str(), "failover", format!("remote-vm-{vm}")),
+        (p3, app.as_str(), "oma", "/dev/vdz".to_string()),
+    ] {
+        env.hub.add_volume(&v.to_string(), "ctx-up").await;
+        sqlx::query(
+            "INSERT INTO device_mappings (vm_context_id, volume_uuid, vm_id, operation_mode, device_path, \
+             cloudstack_state, linux_state, size) VALUES ('ctx-up', ?, ?, ?, ?, 'attached', 'detected', 0)",
+        )
+        .bind(v.to_string())
+        .bind(vm_id)
+        .bind(mode)
+        .bind(path)
+        .execute(&env.hub.pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO nbd_exports (volume_id, export_name, port, device_path, config_path, status) \
+         VALUES (?, ?, 10809, '/dev/disk/by-id/virtio-old-p1', '/etc/nbd-server/conf.d/x.conf', 'active')",
+    )
+    .bind(p1.to_string())
+    .bind(format!("migration-vol-{p1}"))
+    .execute(&env.hub.pool)
+    .await
+    .unwrap();
+    let before = env.hub.all_writes().await;
+
+    // The dry run lists what would be adopted and changes nothing (not even the daemon's database).
+    let cfg = env.config();
+    let (plan, ops) = volume_daemon::hub::import::run(&cfg, true).await.unwrap();
+    assert!(ops.is_empty());
+    use volume_daemon::hub::import::ImportAction as A;
+    let action = |v: Uuid| {
+        plan.items
+            .iter()
+            .find(|i| i.volume_id == v.to_string())
+            .map(|i| i.action)
+    };
+    assert_eq!(action(p1), Some(A::Adopt), "{plan:?}");
+    assert_eq!(action(p2), Some(A::AdoptRemote), "{plan:?}");
+    assert_eq!(action(p3), Some(A::RewriteHubRow), "{plan:?}");
+    assert_eq!(action(p4), Some(A::Adopt), "{plan:?}");
+    assert!(
+        plan.items.iter().any(|i| i.action == A::Skip),
+        "the appliance's own root disk is listed and skipped: {plan:?}"
+    );
+    assert_eq!(env.hub.all_writes().await, before);
+    let probe = Store::connect(&own.url).await.unwrap();
+    assert_eq!(
+        probe.schema_versions().await.0,
+        None,
+        "the dry run did not migrate"
+    );
+    probe.close().await;
+
+    // The real import journals the adoptions; the daemon runs them at start.
+    let (plan2, ops) = volume_daemon::hub::import::run(&cfg, false).await.unwrap();
+    assert_eq!(plan2, plan);
+    assert_eq!(ops.len(), 3);
+    let d = env.start().await;
+    for id in &ops {
+        let done = d.wait_op(&id.to_string()).await;
+        assert_eq!(done["status"], "completed", "{done}");
+    }
+    synced(&d, 4).await;
+    for v in [p1, p4] {
+        let vol = d.get(&format!("/volumes/{v}")).await;
+        assert_eq!(vol["state"], "attached", "{vol}");
+        let e = d.get(&format!("/exports/{v}")).await;
+        assert_eq!(e["status"], "active", "{e}");
+        let m = env.hub.mapping(&v.to_string()).await.unwrap();
+        let dev = d.get(&format!("/volumes/{v}/device")).await;
+        assert_eq!(Some(m.device_path.as_str()), dev["device_path"].as_str());
+        let ex = env.hub.exports(&v.to_string()).await;
+        assert_eq!(ex.len(), 1, "{ex:?}");
+        assert_eq!(
+            ex[0].device_mapping_uuid.as_deref(),
+            Some(v.to_string().as_str())
+        );
+    }
+    let listed = d.get(&format!("/vms/{vm}/volumes")).await;
+    assert!(listed.to_string().contains(&p2.to_string()), "{listed}");
+    assert_eq!(
+        env.hub.mapping(&p2.to_string()).await.unwrap().device_path,
+        format!("remote-vm-{vm}-vol-{p2}")
+    );
+    assert_eq!(
+        env.hub.mapping(&p3.to_string()).await,
+        None,
+        "the contradicted row is gone"
+    );
+    let report = d
+        .send(reqwest::Method::POST, "/api/v1/reconcile", Some(json!({})))
+        .await;
+    assert_eq!(report["drift"], json!([]), "{report}");
+    // Importing again finds everything managed.
+    d.stop().await;
+    let (third, ops) = volume_daemon::hub::import::run(&cfg, false).await.unwrap();
+    assert!(ops.is_empty(), "{third:?}");
+    assert_eq!(third.count(A::AlreadyManaged), 3, "{third:?}");
+    env.stop().await;
+}
