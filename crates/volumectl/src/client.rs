@@ -628,6 +628,19 @@ fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).expect("invariant: wire request types always serialize")
 }
 
+/// A caller's text as one URL path segment: everything but unreserved characters percent-encoded.
+fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -724,17 +737,4 @@ mod tests {
         assert!(e.to_string().contains("VOLUMECTL_TOKEN"));
         assert_eq!(e.kind(), ClientErrorKind::Refused);
     }
-}
-
-/// A caller's text as one URL path segment: everything but unreserved characters percent-encoded.
-fn path_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
