@@ -268,13 +268,20 @@ impl RunningDaemon {
             ),
         );
         let identity = identity.with_store(store.clone());
-        let (volumes, operations) = store.claim_unowned().await.map_err(DaemonError::Store)?;
-        if volumes + operations > 0 {
-            tracing::info!(
-                volumes,
-                operations,
-                "records without an owner claimed for this appliance"
-            );
+        // Records without an owner stay readable and writable by every appliance until claimed; a row the
+        // database refuses to change must not keep the daemon from serving.
+        match store.claim_unowned().await {
+            Ok((volumes, operations)) if volumes + operations > 0 => {
+                tracing::info!(
+                    volumes,
+                    operations,
+                    "records without an owner claimed for this appliance"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "records without an owner not claimed; retried at next start");
+            }
         }
         // What the previous run counted on each export becomes part of the totals of earlier runs.
         store

@@ -106,8 +106,9 @@ fn share_lock(dialect: Dialect) -> &'static str {
 }
 
 impl Store {
-    /// The appliance whose records this store reads and writes: its lease's, or `""` (records from before
-    /// records had an owner) for a store bound to no lease.
+    /// The appliance whose records this store writes: its lease's, or `""` for a store bound to no lease. It
+    /// reads its own records and those without an owner (`""`: journaled before records had one and not
+    /// claimed yet, see [`Store::claim_unowned`]).
     pub fn owner(&self) -> &str {
         self.lease.as_ref().map_or("", |l| l.appliance_id.as_str())
     }
@@ -382,6 +383,6 @@ impl Store {
             .fetch_optional(&self.pool)
             .await
             .map_err(q("reading the owner of a volume"))?;
-        Ok(owner.filter(|o| o != self.owner()))
+        Ok(owner.filter(|o| o != self.owner() && !o.is_empty()))
     }
 }

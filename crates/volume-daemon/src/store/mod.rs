@@ -78,7 +78,7 @@ const EXPORT_COLS: [&str; 7] = [
 const EXPORT_COUNTER_COLS: [&str; 2] = ["bytes_read_before", "bytes_written_before"];
 const UNFINISHED: &str = "status IN ('pending', 'executing')";
 /// The condition that a row keyed by `volume_id` (attachments, exports) belongs to the appliance bound as `?`.
-const OWN_VOLUME: &str = "volume_id IN (SELECT id FROM volumes WHERE appliance_id = ?)";
+const OWN_VOLUME: &str = "volume_id IN (SELECT id FROM volumes WHERE appliance_id IN (?, ''))";
 
 /// How long a caller waits for a free connection before the database counts as unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -272,7 +272,7 @@ impl Store {
         key: &str,
     ) -> Result<Option<OperationRecord>, StoreError> {
         let sql = self.dialect.sql(&format!(
-            "SELECT {OP_COLS} FROM operations WHERE appliance_id = ? AND idempotency_key = ? \
+            "SELECT {OP_COLS} FROM operations WHERE appliance_id IN (?, '') AND idempotency_key = ? \
              ORDER BY created_at ASC, id ASC"
         ));
         sqlx::query(&sql)
@@ -291,7 +291,7 @@ impl Store {
         id: Uuid,
     ) -> Result<Option<OperationRecord>, StoreError> {
         let sql = self.dialect.sql(&format!(
-            "SELECT {OP_COLS} FROM operations WHERE id = ? AND appliance_id = ?"
+            "SELECT {OP_COLS} FROM operations WHERE id = ? AND appliance_id IN (?, '')"
         ));
         sqlx::query(&sql)
             .bind(id.to_string())
@@ -313,7 +313,7 @@ impl Store {
         &self,
         filter: &OperationFilter,
     ) -> Result<Vec<OperationRecord>, StoreError> {
-        let mut conds = vec!["appliance_id = ?"];
+        let mut conds = vec!["appliance_id IN (?, '')"];
         let mut args = vec![Arg::Text(self.owner().to_string())];
         if let Some(t) = filter.op_type {
             conds.push("op_type = ?");
@@ -389,7 +389,7 @@ impl Store {
     /// `queue_seq`, rows of earlier versions (without one) first and among themselves by `created_at`.
     pub async fn unfinished_operations(&self) -> Result<Vec<OperationRecord>, StoreError> {
         let sql = self.dialect.sql(&format!(
-            "SELECT {OP_COLS} FROM operations WHERE appliance_id = ? AND {UNFINISHED} \
+            "SELECT {OP_COLS} FROM operations WHERE appliance_id IN (?, '') AND {UNFINISHED} \
              ORDER BY CASE WHEN queue_seq IS NULL THEN 0 ELSE 1 END, queue_seq ASC, created_at ASC, id ASC"
         ));
         sqlx::query(&sql)
@@ -683,7 +683,7 @@ impl Store {
             .fetch_optional(&mut *conn)
             .await
             .map_err(q("reading the owner of a volume"))?;
-        if let Some(other) = owner.filter(|o| o != self.owner()) {
+        if let Some(other) = owner.filter(|o| o != self.owner() && !o.is_empty()) {
             return Err(StoreError::conflict(format!(
                 "volume {} belongs to appliance {other}; only that appliance's daemon may change it",
                 v.id
@@ -734,7 +734,7 @@ impl Store {
     /// The volume, including a deleted one (`deleted_at` set).
     pub async fn get_volume(&self, id: Uuid) -> Result<Option<VolumeRecord>, StoreError> {
         let sql = self.dialect.sql(&format!(
-            "SELECT {} FROM volumes WHERE id = ? AND appliance_id = ?",
+            "SELECT {} FROM volumes WHERE id = ? AND appliance_id IN (?, '')",
             cols(&VOLUME_COLS)
         ));
         sqlx::query(&sql)
@@ -758,7 +758,7 @@ impl Store {
             " AND deleted_at IS NULL"
         };
         let sql = self.dialect.sql(&format!(
-            "SELECT {} FROM volumes WHERE appliance_id = ?{filter} ORDER BY created_at ASC, id ASC",
+            "SELECT {} FROM volumes WHERE appliance_id IN (?, ''){filter} ORDER BY created_at ASC, id ASC",
             cols(&VOLUME_COLS)
         ));
         sqlx::query(&sql)
@@ -804,7 +804,7 @@ impl Store {
             }
             Some(volume_api::VolumeState::Deleted) => "v.deleted_at IS NOT NULL",
         }];
-        conds.push("v.appliance_id = ?");
+        conds.push("v.appliance_id IN (?, '')");
         let mut args = vec![Arg::Text(self.owner().to_string())];
         if let Some(vm) = &filter.vm_id {
             conds.push("a.vm_id = ?");
@@ -859,7 +859,7 @@ impl Store {
         let mut tx = self.begin_write().await?;
         let sql = self
             .dialect
-            .sql("DELETE FROM volumes WHERE id = ? AND appliance_id = ?");
+            .sql("DELETE FROM volumes WHERE id = ? AND appliance_id IN (?, '')");
         match sqlx::query(&sql)
             .bind(id.to_string())
             .bind(self.owner().to_string())
