@@ -55,6 +55,15 @@ impl StableNames {
         format!("{PREFIX}{hex}")
     }
 
+    /// Every name `volume_id` can have, shortest first (which one it has depends on the names taken).
+    pub fn candidates(volume_id: &Uuid) -> Vec<String> {
+        let hex = volume_id.simple().to_string();
+        LENGTHS
+            .iter()
+            .map(|len| format!("{PREFIX}{}", &hex[..*len]))
+            .collect()
+    }
+
     /// Points link `name` at `target`, atomically; a link already pointing there is left alone.
     /// Returns the link's path.
     pub fn link(&self, name: &str, target: &Path) -> Result<PathBuf, Error> {
