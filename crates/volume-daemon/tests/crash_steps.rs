@@ -382,3 +382,34 @@ fn ext_postgres_crash_at_every_journal_step_recovers_consistently() {
     let db = rt.block_on(db::postgres());
     crash_at_every_step(Some(&db.url));
 }
+
+/// A commit that lands but whose answer is lost (`attach.commit.after` fails once) is retried like any journal
+/// write; the retry finds the operation completed, so the attach stands and is not undone.
+#[test]
+fn ext_an_attach_whose_commit_answer_is_lost_stands() {
+    let w = World::new(0);
+    let run = Run {
+        world: &w,
+        database: None,
+        log: w.dir.path().join("daemon.log"),
+    };
+    let (_d, api) = World::start_daemon(&mut run.command(Some("attach.commit.after=1*return")));
+    let mut volume = None;
+    act(&w, &api, Action::Create, "lost-answer", &mut volume).unwrap();
+    let v = volume.unwrap();
+    let done = submit(
+        &api,
+        Method::POST,
+        &format!("/volumes/{v}/attach"),
+        Some(json!({"vm_id": APPLIANCE})),
+    )
+    .unwrap();
+    let log = std::fs::read_to_string(&run.log).unwrap_or_default();
+    assert!(
+        log.contains("fail point attach.commit.after reached: the journal write fails"),
+        "{log}"
+    );
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_invariants(&w, &api, "attach.commit.after (answer lost)");
+    assert!(export_served(&api, &v));
+}
