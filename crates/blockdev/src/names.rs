@@ -179,6 +179,18 @@ mod tests {
     }
 
     #[test]
+    fn a_volume_only_ever_gets_one_of_its_candidate_names() {
+        let n = StableNames::new(PathBuf::from("/unused"));
+        let a = u("12345678-aaaa-4bbb-8ccc-000000000001");
+        let b = u("12345678-aaaa-4bbb-8ccc-000000000002");
+        let c = StableNames::candidates(&b);
+        assert_eq!(c.first().map(String::as_str), Some("vol12345678"));
+        assert_eq!(c.last().map(String::len), Some(35));
+        let taken = vec![(a, n.name_for(&a, &[]))];
+        assert!(c.contains(&n.name_for(&b, &taken)));
+    }
+
+    #[test]
     fn names_grow_deterministically_on_prefix_collision() {
         let n = StableNames::new(PathBuf::from("/unused"));
         let a = u("12345678-aaaa-4bbb-8ccc-000000000001");
