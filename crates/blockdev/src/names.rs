@@ -55,6 +55,15 @@ impl StableNames {
         format!("{PREFIX}{hex}")
     }
 
+    /// Every name `volume_id` can have, shortest first (which one it has depends on the names taken).
+    pub fn candidates(volume_id: &Uuid) -> Vec<String> {
+        let hex = volume_id.simple().to_string();
+        LENGTHS
+            .iter()
+            .map(|len| format!("{PREFIX}{}", &hex[..*len]))
+            .collect()
+    }
+
     /// Points link `name` at `target`, atomically; a link already pointing there is left alone.
     /// Returns the link's path.
     pub fn link(&self, name: &str, target: &Path) -> Result<PathBuf, Error> {
@@ -167,6 +176,18 @@ mod tests {
 
     fn u(s: &str) -> Uuid {
         Uuid::parse_str(s).expect("uuid")
+    }
+
+    #[test]
+    fn a_volume_only_ever_gets_one_of_its_candidate_names() {
+        let n = StableNames::new(PathBuf::from("/unused"));
+        let a = u("12345678-aaaa-4bbb-8ccc-000000000001");
+        let b = u("12345678-aaaa-4bbb-8ccc-000000000002");
+        let c = StableNames::candidates(&b);
+        assert_eq!(c.first().map(String::as_str), Some("vol12345678"));
+        assert_eq!(c.last().map(String::len), Some(35));
+        let taken = vec![(a, n.name_for(&a, &[]))];
+        assert!(c.contains(&n.name_for(&b, &taken)));
     }
 
     #[test]

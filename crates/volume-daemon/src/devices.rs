@@ -260,10 +260,19 @@ impl Devices {
         Ok(path)
     }
 
-    /// Removes the volume's stable-name link, if it has one.
+    /// Removes the volume's stable-name link, if it has one. A volume this run has not named (its link was
+    /// made before a crash, and its attach never committed it) loses each link its own names would have that
+    /// no other known volume holds.
     pub fn unname(&self, volume_id: Uuid) -> Result<(), DeviceError> {
         let mut named = self.named.lock().map_err(|_| DeviceError::Poisoned)?;
-        if let Some(name) = named.get(&volume_id).cloned() {
+        let names = match named.get(&volume_id) {
+            Some(name) => vec![name.clone()],
+            None => StableNames::candidates(&volume_id)
+                .into_iter()
+                .filter(|c| !named.values().any(|n| n == c))
+                .collect(),
+        };
+        for name in names {
             self.names
                 .unlink(&name)
                 .map_err(|source| DeviceError::Blockdev {
@@ -271,8 +280,8 @@ impl Devices {
                     what: "removing its stable name",
                     source,
                 })?;
-            named.remove(&volume_id);
         }
+        named.remove(&volume_id);
         Ok(())
     }
 

@@ -7,6 +7,8 @@ mod api;
 mod cloud;
 pub mod config;
 pub mod daemon;
+/// Fail points at every journal write (armed only in a build with the `failpoints` feature).
+pub use engine::failpoints;
 mod devices;
 mod engine;
 mod exports;

@@ -173,6 +173,9 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = serve_config(args)?;
     init_logging(&cfg.log_format);
+    // Only the crash test's build has fail points; `FAILPOINTS` arms them.
+    #[cfg(feature = "failpoints")]
+    volume_daemon::failpoints::arm_from_env().map_err(anyhow::Error::msg)?;
     tracing::info!(state_dir = %cfg.state_dir.display(), database = %volume_daemon::store::redact_url(&cfg.effective_database_url()), "starting");
     let daemon = RunningDaemon::start(cfg)
         .await

@@ -133,10 +133,11 @@ impl Inner {
             device_appeared_ms: None,
             message: "volume attached".into(),
         };
-        self.store
-            .commit_attach(op.id, &att, None, &json_of(&response))
-            .await?;
-        Ok(())
+        let response = json_of(&response);
+        self.commit(op, || {
+            self.store.commit_attach(op.id, &att, None, &response)
+        })
+        .await
     }
 
     /// Device by identity → verify → stable name → export → commit, with one journal write: the commit.
@@ -190,10 +191,12 @@ impl Inner {
             device_appeared_ms: Some(took.as_millis() as u64),
             message: "volume attached to the appliance and exported".into(),
         };
-        self.store
-            .commit_attach(op.id, &att, Some(&export), &json_of(&response))
-            .await?;
-        Ok(())
+        let response = json_of(&response);
+        self.commit(op, || {
+            self.store
+                .commit_attach(op.id, &att, Some(&export), &response)
+        })
+        .await
     }
 
     /// Undoes an appliance attach whose later step failed; returns what happened, for the operation's error.

@@ -52,13 +52,14 @@ impl Inner {
                             .into_iter()
                             .map(|v| v.id)
                             .collect::<Vec<_>>();
-                        self.store
-                            .journal_create_send(
-                                op.id,
-                                CreateStep::CloudCreateSent.wire().as_str(),
-                                &preexisting,
-                            )
-                            .await?;
+                        let sent = CreateStep::CloudCreateSent.wire().as_str();
+                        self.journal_step(
+                            CreateStep::KIND,
+                            sent,
+                            "journaling the send of a create",
+                            || self.store.journal_create_send(op.id, sent, &preexisting),
+                        )
+                        .await?;
                         self.notify();
                         let job = self
                             .cloud
@@ -110,10 +111,9 @@ impl Inner {
             cloudstack_state: cv.state.as_str().into(),
             message: "volume created".into(),
         };
-        self.store
-            .commit_create(op.id, &rec, &json_of(&response))
-            .await?;
-        Ok(())
+        let response = json_of(&response);
+        self.commit(op, || self.store.commit_create(op.id, &rec, &response))
+            .await
     }
 
     /// Interrupted between journaling `cloud_create_sent` and journaling createVolume's answer: adopts the one

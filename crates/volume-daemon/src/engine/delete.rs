@@ -45,10 +45,9 @@ impl Inner {
             }
             .into(),
         };
-        self.store
-            .commit_delete(op.id, volume_id, &json_of(&response))
-            .await?;
-        Ok(())
+        let response = json_of(&response);
+        self.commit(op, || self.store.commit_delete(op.id, volume_id, &response))
+            .await
     }
 
     async fn tombstone(&self, volume_id: Uuid) -> Result<(), EngineError> {

@@ -43,10 +43,9 @@ impl Inner {
             }
             .into(),
         };
-        self.store
-            .commit_detach(op.id, volume_id, &json_of(&response))
-            .await?;
-        Ok(())
+        let response = json_of(&response);
+        self.commit(op, || self.store.commit_detach(op.id, volume_id, &response))
+            .await
     }
 
     /// The detach steps, journaled in the entry's own kind of step (`detach` or `delete`).

@@ -36,8 +36,13 @@ use crate::store::{OpStatus, OpType, OperationRecord};
 
 /// The steps of one operation kind.
 pub(crate) trait Step: Copy + Eq + std::fmt::Debug + Send + Sync + 'static {
+    /// The kind of operation these are the steps of.
+    const KIND: OpType;
     /// Every step of the kind.
     const ALL: &'static [Self];
+    /// The steps this version journals (the others are only read from journals of earlier versions); each
+    /// has its fail points (`failpoints`).
+    const WRITTEN: &'static [Self];
     /// The common (stored) spelling.
     fn wire(self) -> OperationStep;
     /// The step of this kind a stored step names, if it is one of this kind's.
@@ -46,19 +51,27 @@ pub(crate) trait Step: Copy + Eq + std::fmt::Debug + Send + Sync + 'static {
     }
 }
 
+/// The name written in place of a step when an operation commits (only a fail point's name uses it: the
+/// commit ends the operation, its row keeps the last step).
+pub(crate) const COMMIT: &str = "commit";
+
 macro_rules! kind_steps {
-    ($(#[$m:meta])* $name:ident { $($v:ident),+ $(,)? }) => {
+    ($(#[$m:meta])* $name:ident ($kind:ident) { $($v:ident),+ $(,)? } $(earlier { $($old:ident),+ $(,)? })?) => {
         $(#[$m])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         pub(crate) enum $name {
-            $($v),+
+            $($v,)+
+            $($($old,)+)?
         }
 
         impl Step for $name {
-            const ALL: &'static [Self] = &[$(Self::$v),+];
+            const KIND: OpType = OpType::$kind;
+            const ALL: &'static [Self] = &[$(Self::$v,)+ $($(Self::$old,)+)?];
+            const WRITTEN: &'static [Self] = &[$(Self::$v),+];
             fn wire(self) -> OperationStep {
                 match self {
-                    $(Self::$v => OperationStep::$v),+
+                    $(Self::$v => OperationStep::$v,)+
+                    $($(Self::$old => OperationStep::$old,)+)?
                 }
             }
         }
@@ -67,34 +80,33 @@ macro_rules! kind_steps {
 
 kind_steps!(
     /// Steps of `create`.
-    CreateStep { Accepted, Started, CloudCreateSent, CloudCreateJob }
+    CreateStep (Create) { Accepted, Started, CloudCreateSent, CloudCreateJob }
 );
 kind_steps!(
     /// Steps of `attach`.
-    AttachStep {
+    AttachStep (Attach) {
         Accepted,
         Started,
         CloudAttachJob,
         CloudAttached,
-        DeviceFound,
-        Named,
-        Exported,
         Compensating,
         CompensateDetachJob,
     }
+    earlier { DeviceFound, Named, Exported }
 );
 kind_steps!(
     /// Steps of `detach`.
-    DetachStep { Accepted, Started, ExportRemoved, CloudDetachJob, CloudDetached }
+    DetachStep (Detach) { Accepted, Started, CloudDetachJob } earlier { ExportRemoved, CloudDetached }
 );
 kind_steps!(
     /// Steps of `delete`: the detach steps, then the deletion.
-    DeleteStep { Accepted, Started, ExportRemoved, CloudDetachJob, CloudDetached, CloudDeleteSent }
+    DeleteStep (Delete) { Accepted, Started, CloudDetachJob, CloudDeleteSent }
+    earlier { ExportRemoved, CloudDetached }
 );
 
 kind_steps!(
     /// Steps of `repair`: the export torn down (before the records are dropped), or served again.
-    RepairStep { Accepted, Started, ExportRemoved, Exported }
+    RepairStep (Repair) { Accepted, Started, ExportRemoved, Exported }
 );
 
 kind_steps!(
@@ -358,9 +370,10 @@ impl Inner {
         entry: &Entry<R, S>,
         step: S,
     ) -> Result<(), EngineError> {
-        self.journal_write("journaling the step of an operation", || {
+        let wire = step.wire().as_str();
+        self.journal_step(S::KIND, wire, "journaling the step of an operation", || {
             self.store
-                .set_operation_step(entry.id, OpStatus::Executing, step.wire().as_str())
+                .set_operation_step(entry.id, OpStatus::Executing, wire)
         })
         .await?;
         self.notify();
@@ -391,14 +404,16 @@ impl Inner {
             return Ok(job.to_string());
         }
         let (job, volume_id) = start.await?;
-        self.journal_write("journaling the job id of an operation", || {
-            self.store.set_operation_job_of(
-                entry.id,
-                job_step.wire().as_str(),
-                &job.job_id,
-                volume_id,
-            )
-        })
+        let wire = job_step.wire().as_str();
+        self.journal_step(
+            S::KIND,
+            wire,
+            "journaling the job id of an operation",
+            || {
+                self.store
+                    .set_operation_job_of(entry.id, wire, &job.job_id, volume_id)
+            },
+        )
         .await?;
         self.notify();
         Ok(job.job_id)

@@ -16,6 +16,7 @@ mod delete;
 mod detach;
 mod error;
 mod export;
+pub mod failpoints;
 mod fence;
 mod journal;
 mod orphans;
@@ -49,7 +50,9 @@ use crate::exports::Exports;
 use crate::identity::Identity;
 use crate::locks::{KeyedMutex, Queues};
 use crate::metrics::Metrics;
-use crate::store::{Inserted, NewOperation, OpStatus, OperationRecord, Store, VolumeRecord};
+use crate::store::{
+    Inserted, NewOperation, OpStatus, OperationRecord, Store, VolumeRecord, INITIAL_STEP,
+};
 use journal::Parsed;
 
 /// The first wait before an operation is run again while the cloud is unavailable; doubled up to
@@ -197,7 +200,8 @@ impl Engine {
             idempotency_key,
             queue_seq: Some(self.inner.next_seq.fetch_add(1, Ordering::SeqCst)),
         };
-        let operation = match self.inner.store.insert_operation(&new).await? {
+        let insert = self.inner.store.insert_operation(&new);
+        let operation = match failpoints::around(new.op_type, INITIAL_STEP, insert).await? {
             Inserted::Created(op) => op,
             // The same key, journaled by a concurrent request since the look-up above.
             Inserted::Existing(first) => {
@@ -330,14 +334,14 @@ impl Inner {
                 return;
             }
         };
+        let step = journal::resume_step(&op.step);
         let start = self
-            .journal_write("journaling the start of an operation", || {
-                self.store.set_operation_step(
-                    id,
-                    OpStatus::Executing,
-                    journal::resume_step(&op.step),
-                )
-            })
+            .journal_step(
+                op.op_type,
+                step,
+                "journaling the start of an operation",
+                || self.store.set_operation_step(id, OpStatus::Executing, step),
+            )
             .await;
         self.notify();
         let result = match start {

@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use super::failpoints;
+use super::journal::{Entry, Step, COMMIT};
 use super::{EngineError, Inner};
-use crate::store::{OpError, OpStatus, StoreError, StoreErrorKind};
+use crate::store::{OpError, OpStatus, OpType, StoreError, StoreErrorKind};
 
 /// How often one journal write is tried before it counts as failed.
 pub(super) const JOURNAL_ATTEMPTS: u32 = 5;
@@ -85,6 +87,57 @@ impl Inner {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// The journal write of `step` (a stored step spelling, or `commit`) of an operation of `kind`: retried like
+    /// every journal write, each attempt between the step's two fail points (see `failpoints`). Every step
+    /// and commit an operation journals goes through here.
+    pub(super) async fn journal_step<T, F, Fut>(
+        &self,
+        kind: OpType,
+        step: &str,
+        what: &'static str,
+        mut f: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        self.journal_write(what, || failpoints::around(kind, step, f()))
+            .await
+    }
+
+    /// Commits operation `op`: `f` is the one transaction that records its outcome and completes it. A retry
+    /// that finds the operation already completed means an earlier attempt committed and only its answer was
+    /// lost: the commit is done (nothing else completes an operation while its workflow runs).
+    pub(super) async fn commit<R, S: Step, F, Fut>(
+        &self,
+        op: &Entry<R, S>,
+        f: F,
+    ) -> Result<(), EngineError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), StoreError>>,
+    {
+        match self
+            .journal_step(S::KIND, COMMIT, "committing an operation", f)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == StoreErrorKind::Conflict => {
+                let committed = self
+                    .journal_write("reading an operation", || self.store.get_operation(op.id))
+                    .await?
+                    .is_some_and(|o| o.status == OpStatus::Completed);
+                if committed {
+                    tracing::info!(op = %op.id, "the commit was written; only its answer was lost");
+                    Ok(())
+                } else {
+                    Err(e.into())
+                }
+            }
+            Err(e) => Err(e.into()),
         }
     }
 

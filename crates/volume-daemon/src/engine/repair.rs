@@ -114,9 +114,12 @@ impl Inner {
             export_generation,
             message: message.into(),
         };
-        self.store
-            .finish_operation(op.id, OpStatus::Completed, Some(&json_of(&response)), None)
-            .await?;
+        let response = json_of(&response);
+        self.commit(op, || {
+            self.store
+                .finish_operation(op.id, OpStatus::Completed, Some(&response), None)
+        })
+        .await?;
         tracing::info!(volume = %volume_id, op = %op.id, %repair, "repaired");
         Ok(())
     }
@@ -202,13 +205,16 @@ impl Inner {
                 snap.name
             ),
         };
+        let response = json_of(&response);
         if let Err(e) = self
-            .store
-            .commit_attach(op.id, &att, Some(&export), &json_of(&response))
+            .commit(op, || {
+                self.store
+                    .commit_attach(op.id, &att, Some(&export), &response)
+            })
             .await
         {
             let _ = self.teardown(volume_id, Teardown::ExportAndName).await;
-            return Err(e.into());
+            return Err(e);
         }
         tracing::info!(volume = %volume_id, op = %op.id, export = %snap.name, "adopted an appliance volume");
         Ok(())

@@ -10,7 +10,10 @@ use uuid::Uuid;
 use volume_daemon::config::Config;
 use volume_daemon::daemon::RunningDaemon;
 
+#[allow(unused_imports)] // not every test that includes the harness uses it
 pub use cloudstack::GIB;
+
+pub mod processes;
 
 pub struct TestDaemon {
     daemon: Option<RunningDaemon>,
