@@ -111,15 +111,15 @@ kind_steps!(
 
 kind_steps!(
     /// Steps of `snapshot_create`.
-    SnapshotCreateStep { Accepted, Started, CloudSnapshotJob }
+    SnapshotCreateStep (SnapshotCreate) { Accepted, Started, CloudSnapshotJob }
 );
 kind_steps!(
     /// Steps of `snapshot_revert`.
-    SnapshotRevertStep { Accepted, Started, CloudRevertJob }
+    SnapshotRevertStep (SnapshotRevert) { Accepted, Started, CloudRevertJob }
 );
 kind_steps!(
     /// Steps of `snapshot_delete`.
-    SnapshotDeleteStep { Accepted, Started, CloudSnapshotDeleteJob }
+    SnapshotDeleteStep (SnapshotDelete) { Accepted, Started, CloudSnapshotDeleteJob }
 );
 
 impl From<DetachStep> for DeleteStep {

@@ -263,10 +263,10 @@ impl Store {
              WHERE delivered_at IS NULL AND appliance_id = ?",
         );
         let row = sqlx::query(&sql)
-        .bind(self.owner().to_string())
-        .fetch_one(&self.pool)
-        .await
-        .map_err(q("counting pending hub changes"))?;
+            .bind(self.owner().to_string())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("counting pending hub changes"))?;
         let r = Reader::new(&row, "hub_outbox", "pending");
         Ok(OutboxBacklog {
             pending: u64::try_from(r.i64("pending")?).unwrap_or(0),
