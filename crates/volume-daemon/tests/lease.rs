@@ -7,30 +7,18 @@
 
 #[path = "common/db.rs"]
 mod db;
+mod support;
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::processes::bin;
 use volume_daemon::store::Store;
 
 const APPLIANCE: &str = "5d0c7e8a-3a5e-4c43-9f0e-6f0b7a1d2c31";
-
-fn bin(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_volume-daemon"))
-        .parent()
-        .expect("target dir")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build all binaries first (cargo build --workspace --bins; scripts/test does)",
-        p.display()
-    );
-    p
-}
 
 /// A child process killed on drop, with the lines it printed on stdout arriving on `lines`.
 struct Proc {

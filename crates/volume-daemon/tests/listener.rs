@@ -12,6 +12,16 @@ use support::{TestDaemon, GIB};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// The host:port the daemon's API listens on.
+fn api_addr(d: &TestDaemon) -> String {
+    d.base
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
 /// Waits until the server closes `s` (EOF or reset); returns how long that took, `None` after `limit`.
 async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
@@ -32,13 +42,7 @@ async fn slow_and_idle_connections_are_closed_and_real_clients_get_in() {
         c.api_max_connections = 8;
     })
     .await;
-    let addr = d
-        .base
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let addr = api_addr(&d);
 
     // Slowloris: 24 connections that never finish their headers, three times the cap.
     let mut slow = Vec::new();
@@ -121,13 +125,7 @@ async fn memory_returns_to_its_baseline_after_a_flood_of_half_open_connections()
         c.api_max_connections = 4096;
     })
     .await;
-    let addr = d
-        .base
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let addr = api_addr(&d);
     // Warm up: every lazily built part of a request's path exists before the baseline is taken.
     for _ in 0..20 {
         let (status, _) = d.get("/volumes").await;
