@@ -21,6 +21,9 @@ const LOOP_CONTROL: &str = "/dev/loop-control";
 const ATTACH_ATTEMPTS: usize = 32;
 /// How long a new `/dev/loopN` node may take to appear.
 const NODE_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a detach waits for the kernel to finish it. While another process (udev probing a new
+/// device, say) holds the device open, `LOOP_CLR_FD` only marks it for detaching at the last close.
+const RELEASE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// An attached loop device; dropping it detaches the device (`LOOP_CLR_FD`) unless it was kept.
 #[derive(Debug)]
@@ -106,7 +109,7 @@ impl LoopDevice {
     /// Detaches the device now.
     pub fn detach(mut self) -> Result<(), Error> {
         match self.file.take() {
-            Some(f) => clear_fd(&f).map_err(Error::io("detach", self.path.clone())),
+            Some(f) => detach_open(f, &self.path).map_err(Error::io("detach", self.path.clone())),
             None => Ok(()),
         }
     }
@@ -115,7 +118,7 @@ impl LoopDevice {
 impl Drop for LoopDevice {
     fn drop(&mut self) {
         if let Some(f) = self.file.take() {
-            if let Err(e) = clear_fd(&f) {
+            if let Err(e) = detach_open(f, &self.path) {
                 tracing::warn!(device = %self.path.display(), error = %e, "could not detach loop device");
             }
         }
@@ -146,7 +149,29 @@ pub fn detach_path(dev: &Path) -> Result<(), Error> {
         .custom_flags(libc::O_CLOEXEC)
         .open(dev)
         .map_err(Error::io("open", dev))?;
-    clear_fd(&f).map_err(Error::io("detach", dev))
+    detach_open(f, dev).map_err(Error::io("detach", dev))
+}
+
+/// Detaches the loop device open as `f` (node `dev`), closes it, and waits (bounded) until the kernel has
+/// released it, so the caller sees the device gone when this returns. A device still held open elsewhere
+/// past the deadline is detached by the kernel at its last close.
+fn detach_open(f: File, dev: &Path) -> io::Result<()> {
+    clear_fd(&f)?;
+    drop(f);
+    let Some(name) = dev.file_name() else {
+        return Ok(());
+    };
+    let backing = Path::new("/sys/block").join(name).join("loop/backing_file");
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    while backing.exists() && start.elapsed() < RELEASE_DEADLINE {
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+    if backing.exists() {
+        tracing::warn!(device = %dev.display(), "loop device still open elsewhere; the kernel detaches it at its last close");
+    }
+    Ok(())
 }
 
 /// The loop devices (`/dev/loopN`) whose backing file is `file`, in index order.

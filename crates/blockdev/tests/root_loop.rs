@@ -9,7 +9,12 @@ use blockdev::{ioctl, ErrorKind};
 
 const SIZE: u64 = 8 << 20;
 
-fn require_root() {
+/// Serialises this file's tests: a freed loop number is handed out again at once, so one test's check on a
+/// device node it just detached would otherwise hit the device another test attached meanwhile.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[must_use]
+fn require_root() -> std::sync::MutexGuard<'static, ()> {
     assert!(
         rustix::process::geteuid().is_root(),
         "this test needs root (loop devices); run it as root or skip tests named root_*"
@@ -18,6 +23,7 @@ fn require_root() {
         Path::new("/dev/loop-control").exists(),
         "this test needs /dev/loop-control (loop module)"
     );
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn backing(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
@@ -29,7 +35,7 @@ fn backing(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
 
 #[test]
 fn root_attach_find_detach() {
-    require_root();
+    let _serial = require_root();
     let dir = tempfile::tempdir().expect("tempdir");
     let file = backing(dir.path(), "a.img", SIZE);
     let dev = LoopDevice::attach(&file, false).expect("attach");
@@ -53,7 +59,7 @@ fn root_attach_find_detach() {
 
 #[test]
 fn root_drop_detaches_and_keep_persists() {
-    require_root();
+    let _serial = require_root();
     let dir = tempfile::tempdir().expect("tempdir");
     let file = backing(dir.path(), "b.img", SIZE);
     {
@@ -75,7 +81,7 @@ fn root_drop_detaches_and_keep_persists() {
 
 #[test]
 fn root_read_only_attach() {
-    require_root();
+    let _serial = require_root();
     let dir = tempfile::tempdir().expect("tempdir");
     let file = backing(dir.path(), "c.img", SIZE);
     let dev = LoopDevice::attach(&file, true).expect("attach");
@@ -99,7 +105,7 @@ fn root_read_only_attach() {
 
 #[test]
 fn root_parallel_attach_gets_distinct_devices() {
-    require_root();
+    let _serial = require_root();
     let dir = tempfile::tempdir().expect("tempdir");
     let files: Vec<_> = (0..6)
         .map(|i| backing(dir.path(), &format!("p{i}.img"), SIZE))
@@ -127,7 +133,7 @@ fn root_parallel_attach_gets_distinct_devices() {
 
 #[test]
 fn root_zero_discard_flush_read_back() {
-    require_root();
+    let _serial = require_root();
     let dir = tempfile::tempdir().expect("tempdir");
     let file = backing(dir.path(), "z.img", SIZE);
     let dev = LoopDevice::attach(&file, false).expect("attach");
