@@ -13,7 +13,6 @@ const SIZE: u64 = 8 << 20;
 /// device node it just detached would otherwise hit the device another test attached meanwhile.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-#[must_use]
 fn require_root() -> std::sync::MutexGuard<'static, ()> {
     assert!(
         rustix::process::geteuid().is_root(),
