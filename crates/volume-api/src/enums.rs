@@ -112,6 +112,8 @@ wire_enum! {
         CloudDetached = "cloud_detached",
         /// `delete`: deleteVolume is being sent.
         CloudDeleteSent = "cloud_delete_sent",
+        /// `snapshot_create`: createSnapshot is being sent (its job id is not known yet).
+        CloudSnapshotSent = "cloud_snapshot_sent",
         /// `snapshot_create`: the createSnapshot job id is journaled.
         CloudSnapshotJob = "cloud_snapshot_job",
         /// `snapshot_revert`: the revertSnapshot job id is journaled.

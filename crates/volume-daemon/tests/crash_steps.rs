@@ -3,15 +3,25 @@
 //! started with that point armed (`FAILPOINTS=NAME=return(kill)`), driven through the workflow that reaches it
 //! until it kills itself there (SIGKILL), and restarted without it. Then every operation must be terminal and
 //! the database, the cloud (the simulator, a separate process, over its API) and the exports (the API and
-//! nbdinfo) must agree, with no cloud volume, export or stable name the daemon does not account for. A point
-//! the workflows never reach fails the test. Runs on SQLite and on PostgreSQL (started by the harness).
+//! nbdinfo) must agree, with no cloud volume, export or stable name the daemon does not account for; a
+//! snapshot operation must have its outcome exactly once (one CloudStack snapshot taken, the volume reverted,
+//! the snapshot deleted). A point the workflows never reach fails the test. Runs on SQLite and on PostgreSQL
+//! (started by the harness).
+//!
+//! The hub outbox's delivery is killed the same way at its two points (`failpoints::HUB_OUTBOX_POINTS`:
+//! after the daemon's commit but before the hub update, and after the hub update but before the change is
+//! marked delivered), against a MariaDB hub behind a proxy; after the restart each change must have been
+//! applied exactly once and in order (counted by the hub's write audit).
 //!
 //! Run with `cargo test -p volume-daemon --features failpoints --test crash_steps` after
-//! `cargo build --workspace --bins` (scripts/test does both).
+//! `cargo build --workspace --bins` (scripts/test does both); `CRASH_STEPS_KINDS=snapshot_create,…` limits a
+//! run by hand to the points of those operation kinds.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 #[path = "common/db.rs"]
 mod db;
+#[path = "common/hub.rs"]
+mod hub;
 mod support;
 
 use std::collections::BTreeSet;
@@ -67,6 +77,19 @@ enum Action {
     DetachInCloudAndReconcile,
     /// Attaches the volume directly in the cloud, then adopts it (an `adopt` repair).
     AttachInCloudAndAdopt,
+    /// Takes a snapshot of the (detached) volume (the round's snapshot).
+    TakeSnapshot,
+    /// Reverts the volume to the round's snapshot.
+    RevertSnapshot,
+    /// Deletes the round's snapshot.
+    DeleteSnapshot,
+}
+
+/// What a round's workflow made so far.
+#[derive(Debug, Default)]
+struct Made {
+    volume: Option<String>,
+    snapshot: Option<String>,
 }
 
 /// The actions that reach every point of `kind`, and the fail points armed with the one under test.
@@ -92,6 +115,9 @@ fn workflow(point: &str) -> (Vec<Action>, Vec<String>) {
             DetachInCloudAndReconcile,
             AttachInCloudAndAdopt,
         ],
+        "snapshot_create" => vec![Create, TakeSnapshot],
+        "snapshot_revert" => vec![Create, TakeSnapshot, RevertSnapshot],
+        "snapshot_delete" => vec![Create, TakeSnapshot, DeleteSnapshot],
         other => panic!("no workflow drives operations of kind {other}"),
     };
     (actions, extra)
@@ -108,13 +134,8 @@ fn submit(api: &str, method: Method, path: &str, body: Option<Value>) -> Option<
 }
 
 /// Runs one action; `None` when the daemon died during it.
-fn act(
-    w: &World,
-    api: &str,
-    action: Action,
-    name: &str,
-    volume: &mut Option<String>,
-) -> Option<()> {
+fn act(w: &World, api: &str, action: Action, name: &str, made: &mut Made) -> Option<()> {
+    let volume = &mut made.volume;
     match action {
         Action::Create => {
             let done = submit(
@@ -160,6 +181,39 @@ fn act(
             let v = volume.as_deref().unwrap();
             attach_in_cloud(w, v);
             let done = submit(api, Method::POST, &format!("/volumes/{v}/adopt"), None)?;
+            assert_eq!(done["status"], "completed", "{done}");
+        }
+        Action::TakeSnapshot => {
+            let v = volume.as_deref().unwrap();
+            let done = submit(
+                api,
+                Method::POST,
+                &format!("/volumes/{v}/snapshots"),
+                Some(json!({"name": format!("{name}-snap")})),
+            )?;
+            assert_eq!(done["status"], "completed", "{done}");
+            made.snapshot = Some(done["response"]["snapshot_id"].as_str().unwrap().into());
+        }
+        Action::RevertSnapshot => {
+            let v = volume.as_deref().unwrap();
+            let s = made.snapshot.as_deref().unwrap();
+            let done = submit(
+                api,
+                Method::POST,
+                &format!("/volumes/{v}/snapshots/{s}/revert"),
+                Some(json!({})),
+            )?;
+            assert_eq!(done["status"], "completed", "{done}");
+        }
+        Action::DeleteSnapshot => {
+            let v = volume.as_deref().unwrap();
+            let s = made.snapshot.as_deref().unwrap();
+            let done = submit(
+                api,
+                Method::DELETE,
+                &format!("/volumes/{v}/snapshots/{s}"),
+                None,
+            )?;
             assert_eq!(done["status"], "completed", "{done}");
         }
     }
@@ -304,6 +358,83 @@ fn assert_invariants(w: &World, api: &str, point: &str) {
     );
 }
 
+/// The outcome of the snapshot operation a crash at `point` interrupted, after recovery: journaled (any point
+/// but its `accepted.before`), it completed exactly once; never journaled, it left no trace in the cloud.
+fn assert_snapshot_outcome(w: &World, api: &str, point: &str, made: &Made) {
+    let kind = point.split('.').next().unwrap();
+    if !kind.starts_with("snapshot_") {
+        return;
+    }
+    let journaled = !point.ends_with(".accepted.before");
+    let volume = made.volume.as_deref().unwrap();
+    let (_, ops) =
+        support::processes::call(Method::GET, &format!("{api}/operations?type={kind}"), None);
+    let ops: Vec<&Value> = ops
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["volume_id"] == volume)
+        .collect();
+    assert_eq!(
+        ops.len(),
+        usize::from(journaled),
+        "after a crash at {point}: {kind} operations {ops:?}"
+    );
+    if let Some(op) = ops.first() {
+        assert_eq!(op["status"], "completed", "after a crash at {point}: {op}");
+    }
+    let listed = cloud(
+        &w.sim_url,
+        "listSnapshots",
+        &[("volumeid", volume.to_string())],
+    );
+    let snaps: Vec<Value> = listed["snapshot"].as_array().cloned().unwrap_or_default();
+    let (_, record) =
+        support::processes::call(Method::GET, &format!("{api}/volumes/{volume}"), None);
+    let tracked = &record["snapshot"];
+    match kind {
+        "snapshot_create" => {
+            // Exactly one CloudStack snapshot when the operation was journaled (never a second one taken by
+            // the resumed operation), none otherwise.
+            assert_eq!(
+                snaps.len(),
+                usize::from(journaled),
+                "after a crash at {point}: the cloud's snapshots of volume {volume}: {snaps:?}"
+            );
+            if let (Some(op), Some(snap)) = (ops.first(), snaps.first()) {
+                assert_eq!(op["response"]["snapshot_id"], snap["id"], "{op}");
+                assert_eq!(snap["state"], "BackedUp", "{snap}");
+                assert_eq!(tracked["snapshot_id"], snap["id"], "{record}");
+                assert_eq!(tracked["snapshot_status"], "ready", "{record}");
+            } else {
+                assert!(tracked["snapshot_id"].is_null(), "{record}");
+            }
+        }
+        "snapshot_revert" => {
+            assert_eq!(snaps.len(), 1, "after a crash at {point}: {snaps:?}");
+            let status = if journaled { "reverted" } else { "ready" };
+            assert_eq!(
+                tracked["snapshot_status"], status,
+                "after a crash at {point}: {record}"
+            );
+        }
+        "snapshot_delete" => {
+            assert_eq!(
+                snaps.len(),
+                usize::from(!journaled),
+                "after a crash at {point}: {snaps:?}"
+            );
+            if journaled {
+                assert!(tracked["snapshot_id"].is_null(), "{record}");
+                assert_eq!(tracked["snapshot_status"], "none", "{record}");
+            } else {
+                assert_eq!(tracked["snapshot_id"], snaps[0]["id"], "{record}");
+            }
+        }
+        other => panic!("no outcome known for {other}"),
+    }
+}
+
 /// Deletes every live volume (detaching it first), so that each round starts from an empty appliance.
 fn delete_all(api: &str, point: &str) {
     let (_, live) = support::processes::call(Method::GET, &format!("{api}/volumes"), None);
@@ -322,6 +453,23 @@ fn delete_all(api: &str, point: &str) {
 fn crash_at_every_step(database: Option<&str>) {
     let points = volume_daemon::failpoints::all();
     assert!(points.len() >= 40, "{points:?}");
+    // CRASH_STEPS_KINDS=snapshot_create,attach narrows a run by hand to the points of those kinds.
+    let points: Vec<String> = match std::env::var("CRASH_STEPS_KINDS") {
+        Ok(kinds) => {
+            let kinds: Vec<&str> = kinds.split(',').map(str::trim).collect();
+            let chosen: Vec<String> = points
+                .into_iter()
+                .filter(|p| kinds.contains(&p.split('.').next().unwrap()))
+                .collect();
+            assert!(
+                !chosen.is_empty(),
+                "CRASH_STEPS_KINDS={kinds:?} names no kind"
+            );
+            eprintln!("CRASH_STEPS_KINDS: only {} points", chosen.len());
+            chosen
+        }
+        Err(_) => points,
+    };
     let w = World::new(0);
     let run = Run {
         world: &w,
@@ -337,11 +485,11 @@ fn crash_at_every_step(database: Option<&str>) {
             .join(";");
         let _ = std::fs::remove_file(&run.log);
         let (mut d, api) = World::start_daemon(&mut run.command(Some(&armed)));
-        let mut volume = None;
+        let mut made = Made::default();
         let name = format!("step-{i}");
         let reached = actions
             .iter()
-            .all(|a| act(&w, &api, *a, &name, &mut volume).is_some());
+            .all(|a| act(&w, &api, *a, &name, &mut made).is_some());
         if reached {
             let text = std::fs::read_to_string(&run.log).unwrap_or_default();
             panic!("fail point {point} was never reached by {actions:?}; daemon log:\n{text}");
@@ -360,6 +508,7 @@ fn crash_at_every_step(database: Option<&str>) {
             assert_eq!(s, 200, "after a crash at {point}: {report}");
         }
         assert_invariants(&w, &api, point);
+        assert_snapshot_outcome(&w, &api, point, &made);
         delete_all(&api, point);
         eprintln!(
             "crash at {point}: recovered and consistent ({:.1} s in)",
@@ -394,9 +543,9 @@ fn ext_an_attach_whose_commit_answer_is_lost_stands() {
         log: w.dir.path().join("daemon.log"),
     };
     let (_d, api) = World::start_daemon(&mut run.command(Some("attach.commit.after=1*return")));
-    let mut volume = None;
-    act(&w, &api, Action::Create, "lost-answer", &mut volume).unwrap();
-    let v = volume.unwrap();
+    let mut made = Made::default();
+    act(&w, &api, Action::Create, "lost-answer", &mut made).unwrap();
+    let v = made.volume.unwrap();
     let done = submit(
         &api,
         Method::POST,
@@ -412,4 +561,119 @@ fn ext_an_attach_whose_commit_answer_is_lost_stands() {
     assert_eq!(done["status"], "completed", "{done}");
     assert_invariants(&w, &api, "attach.commit.after (answer lost)");
     assert!(export_served(&api, &v));
+}
+
+/// The hub component of the daemon's `/health` (`api` is its API base URL).
+fn hub_health(api: &str) -> Value {
+    let base = api.trim_end_matches("/api/v1");
+    let (_, h) = support::processes::call(Method::GET, &format!("{base}/health"), None);
+    h["components"]["hub"].clone()
+}
+
+/// Waits until the hub component says `want` holds of its detail.
+fn wait_hub(api: &str, what: &str, want: impl Fn(&str) -> bool) -> Value {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = hub_health(api);
+        if c["detail"].as_str().is_some_and(&want) {
+            return c;
+        }
+        assert!(Instant::now() < end, "{what}: the hub component is {c}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The daemon, killed by SIGKILL inside the hub outbox's delivery (at each of its fail points), with an attach
+/// and a detach of one volume journaled but not yet delivered: after the restart the hub holds what the
+/// journal says (no mapping, no export row, the volume `detached`), each change was applied exactly once
+/// (one insert and one delete per table, never a second insert) and in commit order.
+#[test]
+fn ext_a_daemon_killed_between_its_commit_and_the_hub_update_delivers_each_change_once_in_order() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for point in volume_daemon::failpoints::HUB_OUTBOX_POINTS {
+        let hub = rt.block_on(hub::TestHub::new());
+        let proxy = rt.block_on(hub::Proxy::start(hub.port()));
+        let w = World::new(0);
+        let run = Run {
+            world: &w,
+            database: None,
+            log: w.dir.path().join("daemon.log"),
+        };
+        let hub_url = hub.url_via(proxy.addr);
+        let command = |failpoints: Option<&str>| {
+            let mut cmd = run.command(failpoints);
+            // The port the hub's export rows name stays the same across the restart, as on an appliance.
+            cmd.env("VOLUME_DAEMON_HUB_DATABASE_URL", &hub_url)
+                .env("VOLUME_DAEMON_NBD_ADVERTISED_PORT", "10809");
+            cmd
+        };
+
+        // The hub is unreachable while the attach and the detach commit, so both wait in the outbox.
+        proxy.down();
+        let (mut d, api) = World::start_daemon(&mut command(Some(&format!("{point}={KILL}"))));
+        let mut made = Made::default();
+        act(&w, &api, Action::Create, "hub-crash", &mut made).unwrap();
+        let v = made.volume.clone().unwrap();
+        rt.block_on(hub.add_volume(&v, "ctx-crash"));
+        act(&w, &api, Action::AttachToAppliance, "hub-crash", &mut made).unwrap();
+        act(&w, &api, Action::Detach, "hub-crash", &mut made).unwrap();
+        let c = wait_hub(&api, "both changes pending", |d| {
+            d.starts_with("2 changes pending")
+        });
+        assert_eq!(c["status"], "degraded", "{c}");
+        assert_eq!(rt.block_on(hub.daemon_writes()), 0);
+
+        // The hub comes back: the delivery of the attach kills the daemon at the point.
+        proxy.up();
+        assert_died_at(&mut d, point, &run.log);
+        drop(d);
+        let applied_before_death = rt.block_on(hub.mapping(&v)).is_some();
+        assert_eq!(
+            applied_before_death,
+            point.starts_with("hub_outbox.mark_delivered"),
+            "at {point} the attach is applied to the hub exactly when the kill came after the hub update"
+        );
+
+        let (_d, api) = World::start_daemon(&mut command(None));
+        wait_hub(&api, "the hub in step after the restart", |d| {
+            d.starts_with("in step")
+        });
+        assert_eq!(
+            rt.block_on(hub.mapping(&v)),
+            None,
+            "after a crash at {point}"
+        );
+        assert!(
+            rt.block_on(hub.exports(&v)).is_empty(),
+            "after a crash at {point}"
+        );
+        assert_eq!(
+            rt.block_on(hub.volume(&v)),
+            (Some("detached".into()), None),
+            "after a crash at {point}"
+        );
+        for (tbl, op, n) in [
+            ("device_mappings", "INSERT", 1),
+            ("device_mappings", "DELETE", 1),
+            ("nbd_exports", "INSERT", 1),
+            ("nbd_exports", "DELETE", 1),
+            ("ossea_volumes", "UPDATE", 2),
+        ] {
+            assert_eq!(
+                rt.block_on(hub.writes(tbl, op)),
+                n,
+                "after a crash at {point}: {op}s of {tbl}"
+            );
+        }
+        assert_eq!(
+            rt.block_on(hub.daemon_writes()),
+            6,
+            "after a crash at {point}: nothing else was written"
+        );
+        eprintln!("hub delivery killed at {point}: each change applied once, in order");
+    }
 }

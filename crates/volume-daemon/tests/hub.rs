@@ -820,3 +820,314 @@ async fn ext_an_upgrade_in_place_adopts_the_predecessors_rows_and_attachments() 
     assert_eq!(third.count(A::AlreadyManaged), 3, "{third:?}");
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_hub_rows_follow_attach_and_detach_with_the_daemons_database_on_postgresql() {
+    // The daemon's journal and its outbox in PostgreSQL; the hub, as always, in MariaDB.
+    let mut env = Env::new().await;
+    let own = db::postgres().await;
+    env.db_url = Some(own.url.clone());
+    let d = env
+        .start_with(|c| c.appliance_vm_id = Some(env.appliance()))
+        .await;
+    let a = d.create(&env, "pg-a").await;
+    let b = d.create(&env, "pg-b").await;
+    let (sa, sb) = (a.to_string(), b.to_string());
+    env.hub.add_volume(&sa, "ctx-pg").await;
+    env.hub.add_volume(&sb, "ctx-pg").await;
+    synced(&d, 0).await;
+
+    let vm = env.other_vm(0);
+    d.post_ok(
+        &format!("/volumes/{a}/attach"),
+        json!({"vm_id": env.appliance()}),
+    )
+    .await;
+    d.post_ok(&format!("/volumes/{b}/attach"), json!({"vm_id": vm}))
+        .await;
+    synced(&d, 2).await;
+    let dev = d.get(&format!("/volumes/{a}/device")).await;
+    let ma = env
+        .hub
+        .mapping(&sa)
+        .await
+        .expect("a mapping of the appliance volume");
+    assert_eq!(ma.vm_id, env.appliance());
+    assert_eq!(ma.operation_mode, "oma");
+    assert_eq!(Some(ma.device_path.as_str()), dev["device_path"].as_str());
+    assert_eq!(ma.vm_context_id.as_deref(), Some("ctx-pg"));
+    let ex = env.hub.exports(&sa).await;
+    assert_eq!(ex.len(), 1, "{ex:?}");
+    assert_eq!(ex[0].export_name, format!("migration-vol-{a}"));
+    assert_eq!(ex[0].device_mapping_uuid.as_deref(), Some(sa.as_str()));
+    let mb = env
+        .hub
+        .mapping(&sb)
+        .await
+        .expect("a mapping of the remote volume");
+    assert_eq!(mb.vm_id, vm);
+    assert_eq!(mb.operation_mode, "failover");
+    assert_eq!(mb.device_path, format!("remote-vm-{vm}-vol-{b}"));
+    assert!(env.hub.exports(&sb).await.is_empty());
+    assert_eq!(
+        env.hub.volume(&sa).await,
+        (Some("attached".into()), Some(ma.device_path.clone()))
+    );
+
+    for v in [a, b] {
+        d.post_ok(&format!("/volumes/{v}/detach"), json!({})).await;
+    }
+    synced(&d, 4).await;
+    for s in [&sa, &sb] {
+        assert_eq!(env.hub.mapping(s).await, None);
+        assert!(env.hub.exports(s).await.is_empty());
+        assert_eq!(env.hub.volume(s).await, (Some("detached".into()), None));
+    }
+    for (tbl, op, n) in [
+        ("device_mappings", "INSERT", 2),
+        ("device_mappings", "DELETE", 2),
+        ("nbd_exports", "INSERT", 1),
+        ("nbd_exports", "DELETE", 1),
+        ("ossea_volumes", "UPDATE", 4),
+    ] {
+        assert_eq!(env.hub.writes(tbl, op).await, n, "{op}s of {tbl}");
+    }
+    assert_eq!(
+        env.hub.daemon_writes().await,
+        10,
+        "nothing but the writes above"
+    );
+    d.stop().await;
+
+    // The outbox rows are PostgreSQL's: four changes, each delivered.
+    let pg = sqlx::PgPool::connect(&own.url).await.unwrap();
+    let (all, delivered): (i64, i64) =
+        sqlx::query_as("SELECT COUNT(*), COUNT(delivered_at) FROM hub_outbox")
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+    assert_eq!((all, delivered), (4, 4));
+    pg.close().await;
+    env.stop().await;
+}
+
+/// What a predecessor left for the import tests: a volume on the appliance with its mapping and export rows,
+/// one on another VM with the old placeholder, and a row the cloud contradicts (the volume is detached).
+/// Returns the three volumes.
+async fn predecessor_rows(env: &Env) -> (Uuid, Uuid, Uuid) {
+    let app = env.appliance();
+    let vm = env.other_vm(0);
+    let p1 = env.cloud_volume("p1", Some(&app), None).await;
+    let p2 = env.cloud_volume("p2", Some(&vm), None).await;
+    let p3 = env.cloud_volume("p3", None, None).await;
+    for (v, vm_id, mode, path) in [
+        (
+            p1,
+            app.as_str(),
+            "oma",
+            "/dev/disk/by-id/virtio-old-p1".to_string(),
+        ),
+        (p2, vm.as_str(), "failover", format!("remote-vm-{vm}")),
+        (p3, app.as_str(), "oma", "/dev/vdz".to_string()),
+    ] {
+        env.hub.add_volume(&v.to_string(), "ctx-up").await;
+        sqlx::query(
+            "INSERT INTO device_mappings (vm_context_id, volume_uuid, vm_id, operation_mode, device_path, \
+             cloudstack_state, linux_state, size) VALUES ('ctx-up', ?, ?, ?, ?, 'attached', 'detected', 0)",
+        )
+        .bind(v.to_string())
+        .bind(vm_id)
+        .bind(mode)
+        .bind(path)
+        .execute(&env.hub.pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO nbd_exports (volume_id, export_name, port, device_path, config_path, status) \
+         VALUES (?, ?, 10809, '/dev/disk/by-id/virtio-old-p1', '/etc/nbd-server/conf.d/x.conf', 'active')",
+    )
+    .bind(p1.to_string())
+    .bind(format!("migration-vol-{p1}"))
+    .execute(&env.hub.pool)
+    .await
+    .unwrap();
+    (p1, p2, p3)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_import_on_start_adopts_the_predecessors_rows_and_attachments_once() {
+    let env = Env::new().await;
+    env.hub.set_appliance(&env.appliance(), "").await;
+    let vm = env.other_vm(0);
+    let (p1, p2, p3) = predecessor_rows(&env).await;
+
+    // `hub_import_on_start`: no `volume-daemon import`, the daemon adopts at start.
+    // The advertised NBD port stays the same across the restart, as on an appliance.
+    let on_start = |c: &mut Config| {
+        c.hub_import_on_start = true;
+        c.nbd_advertised_port = Some(10809);
+    };
+    let d = env.start_with(on_start).await;
+    let h = d.health().await;
+    let c = &h["components"]["hub_import"];
+    assert_eq!(c["status"], "ok", "{h}");
+    assert_eq!(
+        c["detail"], "2 adoptions journaled, 1 hub rows rewritten, 0 already managed",
+        "{h}"
+    );
+    let ops = d.get("/operations?type=repair").await;
+    let ops = ops.as_array().unwrap().clone();
+    assert_eq!(ops.len(), 2, "{ops:?}");
+    for op in &ops {
+        let done = d.wait_op(op["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "completed", "{done}");
+        assert_eq!(done["request"]["repair"], "adopt", "{done}");
+    }
+    synced(&d, 3).await;
+
+    // The appliance volume: named, served, and its hub rows rewritten to the daemon's device path.
+    let vol = d.get(&format!("/volumes/{p1}")).await;
+    assert_eq!(vol["state"], "attached", "{vol}");
+    let e = d.get(&format!("/exports/{p1}")).await;
+    assert_eq!(e["status"], "active", "{e}");
+    let dev = d.get(&format!("/volumes/{p1}/device")).await;
+    let m1 = env.hub.mapping(&p1.to_string()).await.unwrap();
+    assert_eq!(Some(m1.device_path.as_str()), dev["device_path"].as_str());
+    assert_eq!(m1.operation_mode, "oma");
+    let ex = env.hub.exports(&p1.to_string()).await;
+    assert_eq!(ex.len(), 1, "one export row, not a second: {ex:?}");
+    assert_eq!(ex[0].export_name, format!("migration-vol-{p1}"));
+    assert_eq!(
+        ex[0].device_mapping_uuid.as_deref(),
+        Some(p1.to_string().as_str())
+    );
+    // The remote one: recorded, with the unique placeholder.
+    let vol = d.get(&format!("/volumes/{p2}")).await;
+    assert_eq!(vol["attachment"]["vm_id"], vm, "{vol}");
+    assert_eq!(
+        env.hub.mapping(&p2.to_string()).await.unwrap().device_path,
+        format!("remote-vm-{vm}-vol-{p2}")
+    );
+    // The contradicted row: gone.
+    assert_eq!(env.hub.mapping(&p3.to_string()).await, None);
+    let report = d
+        .send(reqwest::Method::POST, "/api/v1/reconcile", Some(json!({})))
+        .await;
+    assert_eq!(report["drift"], json!([]), "{report}");
+    let writes = env.hub.daemon_writes().await;
+    d.stop().await;
+
+    // The next start finds everything managed: nothing is journaled or written again.
+    let d = env.start_with(on_start).await;
+    let h = d.health().await;
+    assert_eq!(
+        h["components"]["hub_import"]["detail"],
+        "0 adoptions journaled, 0 hub rows rewritten, 2 already managed",
+        "{h}"
+    );
+    // The start re-queues both attachments for the hub; applied again, they write nothing.
+    synced(&d, 2).await;
+    let ops = d.get("/operations?type=repair").await;
+    assert_eq!(ops.as_array().unwrap().len(), 2, "{ops}");
+    assert_eq!(env.hub.daemon_writes().await, writes);
+    d.stop().await;
+    env.stop().await;
+}
+
+/// Runs `volume-daemon check` against the environment's simulator with `hub_url`; its exit code and stdout.
+fn run_check(env: &Env, hub_url: &str) -> (Option<i32>, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_volume-daemon"));
+    cmd.arg("check")
+        .args(["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(env.dir.path().join("state"))
+        .args(["--cloudstack-url", &env.sim.api_url()])
+        .args(["--cloudstack-api-key", cloudsim::DEFAULT_API_KEY])
+        .args(["--cloudstack-secret-key", cloudsim::DEFAULT_SECRET_KEY])
+        .args(["--appliance-vm-id", &env.appliance()])
+        .arg("--by-id-dir")
+        .arg(env.dir.path().join("by-id"))
+        .env("VOLUME_DAEMON_HUB_DATABASE_URL", hub_url)
+        .env("RUST_LOG", "error");
+    if !volume_daemon::sim::running_as_root() {
+        cmd.env("VOLUME_DAEMON_ALLOW_REGULAR_FILES", "true");
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The `hub` line of a check report.
+fn hub_line(report: &str) -> &str {
+    report
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("hub"))
+        .unwrap_or_else(|| panic!("no hub line in:\n{report}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_check_reports_the_hub_good_missing_different_and_unreachable() {
+    let env = Env::new().await;
+    let url = env.hub.url_via(env.proxy.addr);
+    let (code, report) = run_check(&env, &url);
+    let line = hub_line(&report);
+    assert!(
+        line.starts_with("ok ") && line.ends_with("reachable, tables as expected"),
+        "{report}"
+    );
+    assert_eq!(code, Some(0), "every check passes:\n{report}");
+
+    // A column of another type and a missing column: each named, the exit code says the check failed.
+    sqlx::query("ALTER TABLE device_mappings MODIFY cloudstack_device_id varchar(16)")
+        .execute(&env.hub.pool)
+        .await
+        .unwrap();
+    sqlx::query("ALTER TABLE nbd_exports DROP COLUMN config_path")
+        .execute(&env.hub.pool)
+        .await
+        .unwrap();
+    let (code, report) = run_check(&env, &url);
+    let line = hub_line(&report);
+    assert!(line.starts_with("FAIL"), "{report}");
+    assert!(
+        line.contains("the hub's tables differ")
+            && line.contains("column device_mappings.cloudstack_device_id is varchar")
+            && line.contains("column nbd_exports.config_path is missing"),
+        "{report}"
+    );
+    assert_eq!(code, Some(1), "{report}");
+    // Nothing was created or changed by the check.
+    let cols: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE() \
+         AND table_name = 'nbd_exports' AND column_name = 'config_path'",
+    )
+    .fetch_one(&env.hub.pool)
+    .await
+    .unwrap();
+    assert_eq!(cols, 0);
+
+    // A missing table.
+    let bare = TestHub::with_tables(&hub::TABLES[..1]).await;
+    let (code, report) = run_check(&env, &bare.db.url);
+    let line = hub_line(&report);
+    assert!(line.starts_with("FAIL"), "{report}");
+    for t in ["device_mappings", "nbd_exports", "ossea_volumes"] {
+        assert!(line.contains(&format!("table {t} is missing")), "{report}");
+    }
+    assert_eq!(code, Some(1), "{report}");
+
+    // An unreachable hub.
+    env.proxy.down();
+    let (code, report) = run_check(&env, &url);
+    let line = hub_line(&report);
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains("check that it is reachable and hub_database_url"),
+        "{report}"
+    );
+    assert_eq!(code, Some(1), "{report}");
+    env.stop().await;
+}

@@ -8,10 +8,17 @@
 //! arms them at start-up (`NAME=ACTIONS;…`, the `fail` crate's syntax): `return(kill)` kills the daemon with
 //! SIGKILL at that point, `return` (any other argument) makes that attempt of the write fail with a database
 //! error, e.g. `FAILPOINTS='attach.cloud_attached.after=return(kill)'`, `FAILPOINTS='create.commit.before=1*return'`.
+//!
+//! The delivery of the hub outbox has two more points, [`HUB_OUTBOX_POINTS`] (not journal writes, so not in
+//! [`all`]): before a change is applied to the hub, and after the hub committed it but before it is marked
+//! delivered in the daemon's database.
 
 use std::future::Future;
 
-use super::journal::{AttachStep, CreateStep, DeleteStep, DetachStep, RepairStep, Step, COMMIT};
+use super::journal::{
+    AttachStep, CreateStep, DeleteStep, DetachStep, RepairStep, SnapshotCreateStep,
+    SnapshotDeleteStep, SnapshotRevertStep, Step, COMMIT,
+};
 use crate::store::{OpType, StoreError};
 
 /// Where a fail point sits relative to its journal write.
@@ -51,8 +58,18 @@ pub fn journaled_steps() -> Vec<(OpType, Vec<&'static str>)> {
         of::<DetachStep>(),
         of::<DeleteStep>(),
         of::<RepairStep>(),
+        of::<SnapshotCreateStep>(),
+        of::<SnapshotRevertStep>(),
+        of::<SnapshotDeleteStep>(),
     ]
 }
+
+/// The fail points of the hub outbox's delivery, in the order one change passes them.
+pub const HUB_OUTBOX_POINTS: [&str; 2] = [HUB_OUTBOX_APPLY, HUB_OUTBOX_MARK];
+/// Before a change of the hub outbox is applied to the hub.
+pub(crate) const HUB_OUTBOX_APPLY: &str = "hub_outbox.apply.before";
+/// After the hub committed a change, before it is marked delivered.
+pub(crate) const HUB_OUTBOX_MARK: &str = "hub_outbox.mark_delivered.before";
 
 /// Every fail point, in workflow order: for each kind, each journaled step before and after its write.
 pub fn all() -> Vec<String> {
@@ -86,8 +103,27 @@ fn hit(_kind: OpType, _step: &str, _at: At) -> Result<(), StoreError> {
 
 #[cfg(feature = "failpoints")]
 fn hit(kind: OpType, step: &str, at: At) -> Result<(), StoreError> {
-    let point = name(kind, step, at);
-    match fail::eval(&point, |arg| arg) {
+    eval(&name(kind, step, at))
+}
+
+/// Evaluates one of the [`HUB_OUTBOX_POINTS`]: `return` makes that attempt fail like a database error of the
+/// daemon's own database.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) fn hub_outbox(_point: &'static str) -> Result<(), StoreError> {
+    Ok(())
+}
+
+/// Evaluates one of the [`HUB_OUTBOX_POINTS`]: `return` makes that attempt fail like a database error of the
+/// daemon's own database.
+#[cfg(feature = "failpoints")]
+pub(crate) fn hub_outbox(point: &'static str) -> Result<(), StoreError> {
+    eval(point)
+}
+
+#[cfg(feature = "failpoints")]
+fn eval(point: &str) -> Result<(), StoreError> {
+    match fail::eval(point, |arg| arg) {
         None => Ok(()),
         Some(Some(arg)) if arg == "kill" => {
             eprintln!("fail point {point} reached: killing the daemon");
@@ -117,7 +153,8 @@ pub fn arm_from_env() -> Result<(), String> {
     let Ok(spec) = std::env::var("FAILPOINTS") else {
         return Ok(());
     };
-    let known = all();
+    let mut known = all();
+    known.extend(HUB_OUTBOX_POINTS.map(String::from));
     for item in spec.split(';').map(str::trim).filter(|s| !s.is_empty()) {
         let (point, actions) = item
             .split_once('=')
@@ -145,9 +182,13 @@ mod tests {
         assert!(all.contains(&"attach.compensate_detach_job.after".to_string()));
         assert!(all.contains(&"delete.commit.after".to_string()));
         assert!(all.contains(&"repair.export_removed.before".to_string()));
+        assert!(all.contains(&"snapshot_create.cloud_snapshot_sent.after".to_string()));
+        assert!(all.contains(&"snapshot_revert.cloud_revert_job.before".to_string()));
+        assert!(all.contains(&"snapshot_delete.commit.after".to_string()));
         // Steps only earlier versions wrote have none: nothing reaches them.
         assert!(!all.iter().any(|p| p.starts_with("attach.device_found.")));
         assert!(!all.iter().any(|p| p.starts_with("detach.cloud_detached.")));
+        assert!(!all.iter().any(|p| HUB_OUTBOX_POINTS.contains(&p.as_str())));
         let unique: std::collections::BTreeSet<_> = all.iter().collect();
         assert_eq!(unique.len(), all.len());
         assert_eq!(

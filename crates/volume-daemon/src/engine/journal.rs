@@ -13,7 +13,7 @@
 //! delete  the detach steps, then cloud_delete_sent → (commit)
 //! repair  accepted → started → export_removed (forget_attachment, remove_orphan_export) → (commit)
 //!                             → exported (reexport) → (commit)
-//! snapshot_create  accepted → started → cloud_snapshot_job → (commit)
+//! snapshot_create  accepted → started → cloud_snapshot_sent → cloud_snapshot_job → (commit)
 //! snapshot_revert  accepted → started → cloud_revert_job → (commit)
 //! snapshot_delete  accepted → started → cloud_snapshot_delete_job → (commit)
 //! ```
@@ -111,7 +111,7 @@ kind_steps!(
 
 kind_steps!(
     /// Steps of `snapshot_create`.
-    SnapshotCreateStep (SnapshotCreate) { Accepted, Started, CloudSnapshotJob }
+    SnapshotCreateStep (SnapshotCreate) { Accepted, Started, CloudSnapshotSent, CloudSnapshotJob }
 );
 kind_steps!(
     /// Steps of `snapshot_revert`.
@@ -427,7 +427,7 @@ mod tests {
     use serde_json::json;
 
     /// The spellings journals written by earlier versions contain.
-    const STORED: [&str; 18] = [
+    const STORED: [&str; 19] = [
         "accepted",
         "started",
         "cloud_create_sent",
@@ -443,6 +443,7 @@ mod tests {
         "cloud_detach_job",
         "cloud_detached",
         "cloud_delete_sent",
+        "cloud_snapshot_sent",
         "cloud_snapshot_job",
         "cloud_revert_job",
         "cloud_snapshot_delete_job",

@@ -3,6 +3,13 @@
 //! journals its cloud job id before waiting, resumes by polling that job again, and commits the volume
 //! record's snapshot tracking with the operation's completion.
 //!
+//! Before sending createSnapshot, a create journals `cloud_snapshot_sent` with the ids of the volume's
+//! snapshots that exist already (like a volume create). Interrupted before its job id was journaled, it adopts
+//! the one snapshot of the volume outside that list (of the requested name, when it names one) instead of
+//! taking a second one, and sends again only when there is none. A revert or delete interrupted that way is
+//! sent again: reverting twice to the same snapshot ends in the same state, and deleting a snapshot that is
+//! gone is the outcome asked for.
+//!
 //! A revert needs a detached volume: an attached one (recorded by the daemon or reported by the cloud) is
 //! refused with `volume_attached` before anything is asked of the cloud, at submission and again in the
 //! volume's turn. CloudStack itself refuses to revert a volume attached to a VM that is not stopped, and
@@ -12,7 +19,9 @@ use chrono::Utc;
 use uuid::Uuid;
 use volume_api::{SnapshotOperationRequest, SnapshotOperationResponse, VolumeSnapshot};
 
-use super::journal::{json_of, Entry, SnapshotCreateStep, SnapshotDeleteStep, SnapshotRevertStep};
+use super::journal::{
+    json_of, Entry, SnapshotCreateStep, SnapshotDeleteStep, SnapshotRevertStep, Step,
+};
 use super::{Engine, EngineError, Inner};
 use crate::cloud::{CloudErrorKind, CloudSnapshot};
 use crate::store::SnapshotTracking;
@@ -23,6 +32,10 @@ pub(crate) const STATUS_READY: &str = "ready";
 pub(crate) const STATUS_REVERTED: &str = "reverted";
 /// `snapshot_status` when nothing is tracked.
 pub(crate) const STATUS_NONE: &str = "none";
+/// CloudStack's state of a snapshot that is taken.
+const SNAPSHOT_BACKED_UP: &str = "BackedUp";
+/// How often an adopted snapshot that is still being taken is looked at again.
+const ADOPT_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The refusal of a revert of an attached volume.
 pub(super) fn attached(volume_id: Uuid, vm_id: &str) -> EngineError {
@@ -56,30 +69,58 @@ impl Inner {
         let volume_id = op.request.volume_id;
         let mut tracking = self.tracking(volume_id).await?;
         let vid = volume_id.to_string();
-        let job = self
-            .start_or_resume_job(op, SnapshotCreateStep::CloudSnapshotJob, async {
-                Ok(self
+        let adopted =
+            if op.cloud_job_id.is_none() && op.step == SnapshotCreateStep::CloudSnapshotSent {
+                self.adopt_interrupted_snapshot(op).await?
+            } else {
+                None
+            };
+        let snap = match adopted {
+            Some(snap) => snap,
+            None => {
+                let job = self
+                    .start_or_resume_job(op, SnapshotCreateStep::CloudSnapshotJob, async {
+                        let preexisting = self
+                            .cloud
+                            .snapshots_of(&vid)
+                            .await?
+                            .into_iter()
+                            .map(|s| s.id)
+                            .collect::<Vec<_>>();
+                        let sent = SnapshotCreateStep::CloudSnapshotSent.wire().as_str();
+                        self.journal_step(
+                            SnapshotCreateStep::KIND,
+                            sent,
+                            "journaling the send of a snapshot create",
+                            || self.store.journal_create_send(op.id, sent, &preexisting),
+                        )
+                        .await?;
+                        self.notify();
+                        Ok(self
+                            .cloud
+                            .create_snapshot(&vid, op.request.name.as_deref())
+                            .await?)
+                    })
+                    .await?;
+                match self
                     .cloud
-                    .create_snapshot(&vid, op.request.name.as_deref())
-                    .await?)
-            })
-            .await?;
-        let snap = match self
-            .cloud
-            .wait_snapshot_job(&job, self.cfg.job_timeout)
-            .await
-        {
-            Ok(Some(s)) => s,
-            // The job's result says nothing, or the cloud forgot the job: a named snapshot is found by name.
-            Ok(None)
-            | Err(crate::cloud::CloudError {
-                kind: CloudErrorKind::NotFound,
-                ..
-            }) => {
-                self.find_named(volume_id, op.request.name.as_deref())
-                    .await?
+                    .wait_snapshot_job(&job, self.cfg.job_timeout)
+                    .await
+                {
+                    Ok(Some(s)) => s,
+                    // The job's result says nothing, or the cloud forgot the job: a named snapshot is found
+                    // by name.
+                    Ok(None)
+                    | Err(crate::cloud::CloudError {
+                        kind: CloudErrorKind::NotFound,
+                        ..
+                    }) => {
+                        self.find_named(volume_id, op.request.name.as_deref())
+                            .await?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
-            Err(e) => return Err(e.into()),
         };
         tracking.snapshot_id = Some(snap.id.clone());
         tracking.snapshot_name = Some(snap.name.clone());
@@ -95,11 +136,73 @@ impl Inner {
             snapshot_status: STATUS_READY.into(),
             message: format!("snapshot {} of volume {volume_id} taken", snap.id),
         };
-        self.store
-            .commit_snapshot(op.id, volume_id, &tracking, &json_of(&response))
-            .await?;
-        tracing::info!(volume = %volume_id, snapshot = %response.snapshot_id, op = %op.id, "snapshot taken");
+        let response = json_of(&response);
+        self.commit(op, || {
+            self.store
+                .commit_snapshot(op.id, volume_id, &tracking, &response)
+        })
+        .await?;
+        tracing::info!(volume = %volume_id, snapshot = tracking.snapshot_id.as_deref().unwrap_or_default(), op = %op.id, "snapshot taken");
         Ok(())
+    }
+
+    /// Interrupted between journaling `cloud_snapshot_sent` and journaling createSnapshot's job: the one
+    /// snapshot of the volume (of the requested name, when there is one) that is not in the journaled list of
+    /// those that existed before, once CloudStack has backed it up; `None` when there is none (the request
+    /// never reached the cloud, so it is sent again).
+    async fn adopt_interrupted_snapshot(
+        &self,
+        op: &Entry<SnapshotOperationRequest, SnapshotCreateStep>,
+    ) -> Result<Option<CloudSnapshot>, EngineError> {
+        let volume_id = op.request.volume_id;
+        let Some(preexisting) = self.store.create_preexisting(op.id).await? else {
+            return Ok(None);
+        };
+        let new_ones = |all: Vec<CloudSnapshot>| {
+            all.into_iter()
+                .filter(|s| !preexisting.contains(&s.id))
+                .filter(|s| op.request.name.as_deref().is_none_or(|n| s.name == n))
+                .collect::<Vec<_>>()
+        };
+        let found = new_ones(self.cloud.snapshots_of(&volume_id.to_string()).await?);
+        let snap = match found.as_slice() {
+            [] => return Ok(None),
+            [one] => one.clone(),
+            many => {
+                return Err(EngineError::Conflict(format!(
+                    "interrupted while createSnapshot was in flight, and CloudStack now has {} new snapshots of \
+                     volume {volume_id} ({}); keep the one this operation took, delete the others \
+                     (DELETE /api/v1/volumes/{volume_id}/snapshots/ID), and take it again",
+                    many.len(),
+                    many.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ")
+                )))
+            }
+        };
+        tracing::info!(op = %op.id, volume = %volume_id, snapshot = %snap.id, "adopted the snapshot an interrupted snapshot create took");
+        let deadline = tokio::time::Instant::now() + self.cfg.job_timeout;
+        let mut snap = snap;
+        while snap.state != SNAPSHOT_BACKED_UP {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(EngineError::CloudDisagrees(format!(
+                    "snapshot {} of volume {volume_id} is still {} after {} s; check it in CloudStack",
+                    snap.id,
+                    snap.state,
+                    self.cfg.job_timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(ADOPT_POLL).await;
+            snap = self
+                .cloud
+                .get_snapshot(&snap.id)
+                .await?
+                .ok_or_else(|| {
+                    EngineError::CloudDisagrees(format!(
+                        "snapshot {} of volume {volume_id} disappeared while it was being taken; take it again",
+                        snap.id
+                    ))
+                })?;
+        }
+        Ok(Some(snap))
     }
 
     async fn find_named(
@@ -162,9 +265,12 @@ impl Inner {
                 .unwrap_or_else(|| STATUS_NONE.into()),
             message: format!("volume {volume_id} reverted to snapshot {snapshot_id}"),
         };
-        self.store
-            .commit_snapshot(op.id, volume_id, &tracking, &json_of(&response))
-            .await?;
+        let response = json_of(&response);
+        self.commit(op, || {
+            self.store
+                .commit_snapshot(op.id, volume_id, &tracking, &response)
+        })
+        .await?;
         tracing::info!(volume = %volume_id, snapshot = %snapshot_id, op = %op.id, "volume reverted to its snapshot");
         Ok(())
     }
@@ -230,10 +336,12 @@ impl Inner {
                 .unwrap_or_else(|| STATUS_NONE.into()),
             message: format!("snapshot {snapshot_id} of volume {volume_id} deleted"),
         };
-        self.store
-            .commit_snapshot(op.id, volume_id, &tracking, &json_of(&response))
-            .await?;
-        Ok(())
+        let response = json_of(&response);
+        self.commit(op, || {
+            self.store
+                .commit_snapshot(op.id, volume_id, &tracking, &response)
+        })
+        .await
     }
 }
 

@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use volume_api::{ComponentHealth, ComponentStatus};
 
 use super::{Hub, HubError, SchemaReport};
+use crate::engine::failpoints;
 use crate::store::{OutboxEntry, Store};
 
 /// The first wait after a failed delivery; doubled up to [`MAX_BACKOFF`].
@@ -227,11 +228,13 @@ pub async fn deliver_one(
     entry: &OutboxEntry,
     volume_context: bool,
 ) -> Result<(), DeliveryError> {
+    failpoints::hub_outbox(failpoints::HUB_OUTBOX_APPLY).map_err(DeliveryError::Store)?;
     let applied = hub
         .apply(&entry.change, volume_context)
         .await
         .map_err(DeliveryError::Hub)?;
     tracing::debug!(seq = entry.seq, volume = %entry.change.volume_id, writes = applied.writes, "hub change applied");
+    failpoints::hub_outbox(failpoints::HUB_OUTBOX_MARK).map_err(DeliveryError::Store)?;
     store
         .mark_hub_change_delivered(entry.seq)
         .await

@@ -550,7 +550,8 @@ impl Store {
     }
 
     /// Journals that a create is about to send createVolume (`step`) together with the ids of the cloud volumes
-    /// that already carry its name, in one transaction: recovery adopts only a volume outside that list.
+    /// that already carry its name, in one transaction: recovery adopts only a volume outside that list. A
+    /// `snapshot_create` journals the ids of the volume's existing snapshots the same way before createSnapshot.
     pub async fn journal_create_send(
         &self,
         id: Uuid,
