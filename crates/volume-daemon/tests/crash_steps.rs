@@ -67,6 +67,10 @@ enum Action {
     DetachInCloudAndReconcile,
     /// Attaches the volume directly in the cloud, then adopts it (an `adopt` repair).
     AttachInCloudAndAdopt,
+    /// Deploys a running test VM in the cloud and attaches the volume to it (a test failover).
+    AttachToTestVm,
+    /// `POST /cleanup/test-failover` with `delete_vm`: stop, detach, destroy, attach to the appliance.
+    CleanupTestFailover,
 }
 
 /// The actions that reach every point of `kind`, and the fail points armed with the one under test.
@@ -92,6 +96,13 @@ fn workflow(point: &str) -> (Vec<Action>, Vec<String>) {
             DetachInCloudAndReconcile,
             AttachInCloudAndAdopt,
         ],
+        "test_failover_cleanup" => {
+            if matches!(step, "compensating" | "compensate_detach_job") {
+                // Compensation follows a failure after the appliance attach: the commit fails for good.
+                extra.push("test_failover_cleanup.commit.before=return".to_string());
+            }
+            vec![Create, AttachToTestVm, CleanupTestFailover]
+        }
         other => panic!("no workflow drives operations of kind {other}"),
     };
     (actions, extra)
@@ -107,14 +118,16 @@ fn submit(api: &str, method: Method, path: &str, body: Option<Value>) -> Option<
     Some(done)
 }
 
+/// What a round's actions made: its volume and its test VM.
+#[derive(Debug, Default)]
+struct Made {
+    volume: Option<String>,
+    test_vm: Option<String>,
+}
+
 /// Runs one action; `None` when the daemon died during it.
-fn act(
-    w: &World,
-    api: &str,
-    action: Action,
-    name: &str,
-    volume: &mut Option<String>,
-) -> Option<()> {
+fn act(w: &World, api: &str, action: Action, name: &str, made: &mut Made) -> Option<()> {
+    let volume = &mut made.volume;
     match action {
         Action::Create => {
             let done = submit(
@@ -161,6 +174,39 @@ fn act(
             attach_in_cloud(w, v);
             let done = submit(api, Method::POST, &format!("/volumes/{v}/adopt"), None)?;
             assert_eq!(done["status"], "completed", "{done}");
+        }
+        Action::AttachToTestVm => {
+            let v = volume.as_deref().unwrap();
+            let url = w.sim_url.replace("/client/api", "/sim/vms");
+            let (s, vm) = support::processes::call(
+                Method::POST,
+                &url,
+                Some(json!({"name": format!("test-{name}")})),
+            );
+            assert_eq!(s, 200, "deploy a test VM: {vm}");
+            let vm = vm["id"].as_str().unwrap().to_string();
+            let done = submit(
+                api,
+                Method::POST,
+                &format!("/volumes/{v}/attach"),
+                Some(json!({"vm_id": vm})),
+            )?;
+            assert_eq!(done["status"], "completed", "{done}");
+            made.test_vm = Some(vm);
+        }
+        Action::CleanupTestFailover => {
+            let v = volume.as_deref().unwrap();
+            let vm = made.test_vm.as_deref().unwrap();
+            // May fail (an injected failure of its commit): its compensation is what is under test.
+            submit(
+                api,
+                Method::POST,
+                "/cleanup/test-failover",
+                Some(
+                    json!({"test_vm_id": vm, "volume_id": v, "oma_vm_id": APPLIANCE,
+                            "delete_vm": true, "force_clean": false}),
+                ),
+            )?;
         }
     }
     Some(())
@@ -337,11 +383,11 @@ fn crash_at_every_step(database: Option<&str>) {
             .join(";");
         let _ = std::fs::remove_file(&run.log);
         let (mut d, api) = World::start_daemon(&mut run.command(Some(&armed)));
-        let mut volume = None;
+        let mut made = Made::default();
         let name = format!("step-{i}");
         let reached = actions
             .iter()
-            .all(|a| act(&w, &api, *a, &name, &mut volume).is_some());
+            .all(|a| act(&w, &api, *a, &name, &mut made).is_some());
         if reached {
             let text = std::fs::read_to_string(&run.log).unwrap_or_default();
             panic!("fail point {point} was never reached by {actions:?}; daemon log:\n{text}");
@@ -394,9 +440,9 @@ fn ext_an_attach_whose_commit_answer_is_lost_stands() {
         log: w.dir.path().join("daemon.log"),
     };
     let (_d, api) = World::start_daemon(&mut run.command(Some("attach.commit.after=1*return")));
-    let mut volume = None;
-    act(&w, &api, Action::Create, "lost-answer", &mut volume).unwrap();
-    let v = volume.unwrap();
+    let mut made = Made::default();
+    act(&w, &api, Action::Create, "lost-answer", &mut made).unwrap();
+    let v = made.volume.unwrap();
     let done = submit(
         &api,
         Method::POST,

@@ -11,7 +11,9 @@
 
 use std::future::Future;
 
-use super::journal::{AttachStep, CreateStep, DeleteStep, DetachStep, RepairStep, Step, COMMIT};
+use super::journal::{
+    AttachStep, CleanupStep, CreateStep, DeleteStep, DetachStep, RepairStep, Step, COMMIT,
+};
 use crate::store::{OpType, StoreError};
 
 /// Where a fail point sits relative to its journal write.
@@ -51,6 +53,7 @@ pub fn journaled_steps() -> Vec<(OpType, Vec<&'static str>)> {
         of::<DetachStep>(),
         of::<DeleteStep>(),
         of::<RepairStep>(),
+        of::<CleanupStep>(),
     ]
 }
 
@@ -145,6 +148,8 @@ mod tests {
         assert!(all.contains(&"attach.compensate_detach_job.after".to_string()));
         assert!(all.contains(&"delete.commit.after".to_string()));
         assert!(all.contains(&"repair.export_removed.before".to_string()));
+        assert!(all.contains(&"test_failover_cleanup.cloud_destroy_job.after".to_string()));
+        assert!(all.contains(&"test_failover_cleanup.compensate_detach_job.before".to_string()));
         // Steps only earlier versions wrote have none: nothing reaches them.
         assert!(!all.iter().any(|p| p.starts_with("attach.device_found.")));
         assert!(!all.iter().any(|p| p.starts_with("detach.cloud_detached.")));
