@@ -14,8 +14,8 @@ use crate::devices::Devices;
 use crate::error::SimError;
 use crate::faults::FaultHandle;
 use crate::model::{
-    check_root_change, now_string, page_window, Attachment, CsError, DetachTarget, Job, JobAction,
-    JobOutcome, Snapshot, State, Tag, Vm, VmState, Volume, VolumeState, GIB,
+    check_root_change, now_string, page_window, Attachment, CsError, DetachTarget, Hypervisor, Job,
+    JobAction, JobOutcome, Snapshot, State, Tag, Vm, VmState, Volume, VolumeState, GIB, ROOT_SIZE,
 };
 use crate::store::Store;
 
@@ -44,6 +44,7 @@ pub(crate) const COMMANDS: &[&str] = &[
     "deleteVolume",
     "stopVirtualMachine",
     "startVirtualMachine",
+    "destroyVirtualMachine",
     "createSnapshot",
     "deleteSnapshot",
     "revertSnapshot",
@@ -192,6 +193,9 @@ impl crate::faults::Actions for Engine {
     }
     fn force_detach(&self, volume_id: &str) -> Result<Value, CsError> {
         Engine::force_detach(self, volume_id)
+    }
+    fn deploy_vm(&self, name: &str) -> Result<Value, CsError> {
+        Engine::deploy_vm(self, name)
     }
 }
 
@@ -520,6 +524,15 @@ impl Engine {
             "deleteVolume" => self.delete_volume(command, p),
             "stopVirtualMachine" => self.vm_job(command, p, JobAction::StopVm),
             "startVirtualMachine" => self.vm_job(command, p, JobAction::StartVm),
+            "destroyVirtualMachine" => {
+                let expunge = match p.get("expunge") {
+                    None => false,
+                    Some(v) if v.eq_ignore_ascii_case("true") => true,
+                    Some(v) if v.eq_ignore_ascii_case("false") => false,
+                    Some(v) => return Err(CsError::invalid(command, "expunge", v)),
+                };
+                self.vm_job(command, p, JobAction::DestroyVm { expunge })
+            }
             "createSnapshot" => self.create_snapshot(command, p),
             "deleteSnapshot" => self.snapshot_job(command, p, JobAction::DeleteSnapshot),
             "revertSnapshot" => self.snapshot_job(command, p, JobAction::RevertSnapshot),
@@ -1107,6 +1120,85 @@ impl Engine {
         Ok(self.volume_json(&g.st, v, true))
     }
 
+    /// Adds a running KVM VM with its ROOT volume at once, without a job (as if it had been deployed, e.g.
+    /// a test-failover VM); returns the VM object.
+    pub fn deploy_vm(&self, name: &str) -> Result<Value, CsError> {
+        let mut g = self.lock();
+        let st = &mut g.st;
+        let n = st.vms.len() + st.next_seq as usize;
+        let (id, nic_id, root_id) = (st.next_id(), st.next_id(), st.next_id());
+        let created = now_string();
+        st.insert_vm(Vm {
+            id: id.clone(),
+            name: name.to_owned(),
+            instance_name: format!("i-2-{}-VM", 100 + n),
+            created: created.clone(),
+            state: VmState::Running,
+            hypervisor: Hypervisor::Kvm,
+            ip: format!("10.1.{}.{}", 2 + (n / 250) % 250, 10 + n % 240),
+            mac: format!("02:00:4c:5b:{:02x}:{:02x}", (n >> 8) & 0xff, n & 0xff),
+            nic_id,
+        });
+        st.insert_volume(Volume {
+            id: root_id.clone(),
+            name: format!("ROOT-{}", 100 + n),
+            size: ROOT_SIZE,
+            offering_id: None,
+            state: VolumeState::Ready,
+            created: created.clone(),
+            attachment: Some(Attachment {
+                vm_id: id.clone(),
+                device_id: 0,
+                attached: created,
+                device: None,
+                link: None,
+                loop_device: false,
+            }),
+            tags: Vec::new(),
+        });
+        self.commit(&mut g)?;
+        let vm = g.st.vm(&id).expect("invariant: the VM was just added");
+        Ok(Self::vm_json(&g.st, vm))
+    }
+
+    /// `UserVmManagerImpl.destroyVm`: a running VM is stopped first. Without `expunge` the VM stays, in
+    /// state `Destroyed`, with its volumes attached (recoverable). With `expunge` it is removed
+    /// (`VolumeOrchestrator.cleanupVolumes`): its ROOT volume is destroyed and its data volumes are detached
+    /// and kept (`Ready`, no VM); an appliance data volume's device and link go as on a detach.
+    fn destroy_vm(&self, st: &mut State, vm_id: &str, expunge: bool) -> Result<Value, CsError> {
+        let gone = || CsError::param(format!("Unable to find VM with ID: {vm_id}"));
+        let vm = st.vm(vm_id).ok_or_else(gone)?;
+        if vm.state == VmState::Destroyed && !expunge {
+            return Err(CsError::param(format!(
+                "VM {} ({}) is already in state Destroyed",
+                vm.name, vm.id
+            )));
+        }
+        st.vm_mut(vm_id).ok_or_else(gone)?.state = VmState::Destroyed;
+        let mut result = Self::vm_json(st, st.vm(vm_id).ok_or_else(gone)?);
+        if !expunge {
+            return Ok(json!({ "virtualmachine": result }));
+        }
+        let attached: Vec<(String, bool, Attachment)> = st
+            .attached_to(vm_id)
+            .filter_map(|v| v.attachment.clone().map(|a| (v.id.clone(), v.is_root(), a)))
+            .collect();
+        for (vol, root, att) in attached {
+            self.release_attachment(st, &vol, &att)?;
+            if root {
+                self.devices
+                    .remove_backing(&vol)
+                    .map_err(|e| internal(&e))?;
+                st.remove_volume(&vol);
+            } else if let Some(v) = st.volume_mut(&vol) {
+                v.attachment = None;
+            }
+        }
+        st.remove_vm(vm_id);
+        result["state"] = json!("Expunging");
+        Ok(json!({ "virtualmachine": result }))
+    }
+
     // ---- jobs ------------------------------------------------------------------------------------
 
     fn submit(
@@ -1296,6 +1388,12 @@ impl Engine {
                 let vm = st
                     .vm(vid)
                     .ok_or_else(|| CsError::param(format!("Unable to find VM with ID: {vid}")))?;
+                if vm.state == VmState::Destroyed {
+                    return Err(CsError::param(format!(
+                        "VM {} ({}) is in state Destroyed; recover it first",
+                        vm.name, vm.id
+                    )));
+                }
                 if start && vm.state == VmState::Stopped && !st.used_device_ids(vid).contains(&0) {
                     return Err(CsError::internal(format!(
                         "Unable to start VM {} ({}): it has no ROOT volume",
@@ -1314,6 +1412,7 @@ impl Engine {
                 let vm = st.vm(vid).ok_or_else(gone)?;
                 Ok(json!({ "virtualmachine": Self::vm_json(st, vm) }))
             }
+            JobAction::DestroyVm { expunge } => self.destroy_vm(st, vid, *expunge),
             JobAction::CreateSnapshot { snapshot_id } => {
                 let snap = st.snapshot(snapshot_id).cloned().ok_or_else(|| {
                     CsError::param(format!("Unable to find snapshot with ID: {snapshot_id}"))

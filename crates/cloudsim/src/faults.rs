@@ -16,6 +16,7 @@ use crate::model::{CsError, VmState};
 pub(crate) trait Actions: Send + Sync + std::fmt::Debug {
     fn set_vm_state(&self, vm_id: &str, state: VmState) -> Result<serde_json::Value, CsError>;
     fn force_detach(&self, volume_id: &str) -> Result<serde_json::Value, CsError>;
+    fn deploy_vm(&self, name: &str) -> Result<serde_json::Value, CsError>;
 }
 
 fn one() -> u32 {
@@ -164,6 +165,11 @@ impl FaultHandle {
     /// disappear as on a real detach).
     pub fn detach_volume(&self, volume_id: &str) -> Result<(), ActionError> {
         self.act(|a| a.force_detach(volume_id)).map(drop)
+    }
+
+    /// Adds a running KVM VM named `name` with its ROOT volume (as if deployed); returns the VM object.
+    pub fn deploy_vm(&self, name: &str) -> Result<serde_json::Value, ActionError> {
+        self.act(|a| a.deploy_vm(name))
     }
 
     /// Like [`FaultHandle::stop_vm`]/[`FaultHandle::start_vm`], returning the VM object (for `/sim/vms`).

@@ -37,6 +37,7 @@ pub(crate) fn router(state: AppState) -> Router {
             "/sim/faults",
             get(list_faults).post(add_faults).delete(clear_faults),
         )
+        .route("/sim/vms", post(deploy_vm))
         .route("/sim/vms/{id}/stop", post(stop_vm))
         .route("/sim/vms/{id}/start", post(start_vm))
         .route("/sim/volumes/{id}/detach", post(force_detach))
@@ -234,6 +235,26 @@ async fn act(
             )
         }
     }
+}
+
+/// `POST /sim/vms` with `{"name": …}` (optional): a new running KVM VM.
+async fn deploy_vm(State(app): State<AppState>, body: Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Deploy {
+        name: Option<String>,
+    }
+    let name = match serde_json::from_slice::<Deploy>(&body) {
+        Ok(d) => d.name,
+        Err(_) if body.is_empty() => None,
+        Err(e) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({ "error": format!("the body must be {{\"name\": \"…\"}}: {e}") }),
+            )
+        }
+    };
+    let name = name.unwrap_or_else(|| "deployed-vm".to_owned());
+    act(app, move |f| f.deploy_vm(&name)).await
 }
 
 async fn stop_vm(State(app): State<AppState>, Path(id): Path<String>) -> Response {

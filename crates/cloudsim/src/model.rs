@@ -179,6 +179,8 @@ impl Hypervisor {
 pub enum VmState {
     Running,
     Stopped,
+    /// `destroyVirtualMachine` without `expunge`: kept (with its volumes attached) until expunged.
+    Destroyed,
 }
 
 impl VmState {
@@ -186,6 +188,7 @@ impl VmState {
         match self {
             Self::Running => "Running",
             Self::Stopped => "Stopped",
+            Self::Destroyed => "Destroyed",
         }
     }
 }
@@ -306,6 +309,10 @@ pub enum JobAction {
     },
     StopVm,
     StartVm,
+    /// `destroyVirtualMachine`; with `expunge` the VM is removed at once.
+    DestroyVm {
+        expunge: bool,
+    },
     CreateSnapshot {
         snapshot_id: String,
     },
@@ -330,6 +337,7 @@ impl JobAction {
             Self::Detach { .. } => "detachVolume",
             Self::StopVm => "stopVirtualMachine",
             Self::StartVm => "startVirtualMachine",
+            Self::DestroyVm { .. } => "destroyVirtualMachine",
             Self::CreateSnapshot { .. } => "createSnapshot",
             Self::DeleteSnapshot => "deleteSnapshot",
             Self::RevertSnapshot => "revertSnapshot",
@@ -345,6 +353,7 @@ impl JobAction {
             Self::Detach { .. } => "org.apache.cloudstack.api.command.user.volume.DetachVolumeCmd",
             Self::StopVm => "org.apache.cloudstack.api.command.user.vm.StopVMCmd",
             Self::StartVm => "org.apache.cloudstack.api.command.user.vm.StartVMCmd",
+            Self::DestroyVm { .. } => "org.apache.cloudstack.api.command.user.vm.DestroyVMCmd",
             Self::CreateSnapshot { .. } => {
                 "org.apache.cloudstack.api.command.user.snapshot.CreateSnapshotCmd"
             }
@@ -362,7 +371,7 @@ impl JobAction {
     pub fn instance_type(&self) -> Option<&'static str> {
         match self {
             Self::Create | Self::Attach { .. } | Self::Detach { .. } => Some("Volume"),
-            Self::StopVm | Self::StartVm => Some("VirtualMachine"),
+            Self::StopVm | Self::StartVm | Self::DestroyVm { .. } => Some("VirtualMachine"),
             Self::CreateSnapshot { .. } | Self::DeleteSnapshot | Self::RevertSnapshot => {
                 Some("Snapshot")
             }
@@ -616,6 +625,17 @@ impl State {
         self.vms.iter_mut().find(|v| v.id == id)
     }
 
+    pub fn insert_vm(&mut self, vm: Vm) {
+        self.dirty.insert(Key::Vm(vm.id.clone()));
+        self.vms.push(vm);
+    }
+
+    pub fn remove_vm(&mut self, id: &str) -> Option<Vm> {
+        self.dirty.insert(Key::Vm(id.to_owned()));
+        let at = self.vms.iter().position(|v| v.id == id)?;
+        Some(self.vms.remove(at))
+    }
+
     pub fn volume(&self, id: &str) -> Option<&Volume> {
         self.volumes.get(id)
     }
@@ -712,6 +732,11 @@ impl State {
         let vm = self
             .vm(vm_id)
             .ok_or_else(|| CsError::param(format!("Unable to find VM with ID: {vm_id}")))?;
+        if !matches!(vm.state, VmState::Running | VmState::Stopped) {
+            return Err(CsError::param(
+                "Please specify a VM that is either running or stopped.",
+            ));
+        }
         if requested == Some(0) {
             check_root_change(vm)?;
             if self.used_device_ids(vm_id).contains(&0) {
@@ -729,7 +754,7 @@ impl State {
 
 /// `validateRootVolumeDetachAttach`: a ROOT volume is attached or detached only while the VM is stopped.
 pub fn check_root_change(vm: &Vm) -> Result<(), CsError> {
-    if vm.state == VmState::Stopped {
+    if matches!(vm.state, VmState::Stopped | VmState::Destroyed) {
         Ok(())
     } else {
         Err(CsError::param(

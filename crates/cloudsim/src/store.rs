@@ -32,6 +32,9 @@ enum Record {
     Vm {
         vm: Vm,
     },
+    VmGone {
+        id: String,
+    },
     Volume {
         volume: Volume,
     },
@@ -77,6 +80,7 @@ fn apply(st: &mut State, rec: Record) {
                 st.vms.push(vm);
             }
         }
+        Record::VmGone { id } => st.vms.retain(|v| v.id != id),
         Record::Volume { volume } => {
             st.volumes.insert(volume.id.clone(), volume);
         }
@@ -193,7 +197,10 @@ impl Store {
                     next_seq: st.next_seq,
                     leftover_links: st.leftover_links.clone(),
                 }),
-                Key::Vm(id) => st.vm(&id).cloned().map(|vm| Record::Vm { vm }),
+                Key::Vm(id) => Some(match st.vm(&id) {
+                    Some(vm) => Record::Vm { vm: vm.clone() },
+                    None => Record::VmGone { id },
+                }),
                 Key::Volume(id) => Some(match st.volume(&id) {
                     Some(v) => Record::Volume { volume: v.clone() },
                     None => Record::VolumeGone { id },

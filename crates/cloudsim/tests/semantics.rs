@@ -499,3 +499,107 @@ async fn restart_keeps_vm_states_snapshots_and_tags() {
     assert_eq!(h.volume(&id).await.expect("vol")["tags"][0]["value"], "v");
     h.sim.shutdown().await;
 }
+
+/// destroyVirtualMachine as `UserVmManagerImpl.destroyVm` and `VolumeOrchestrator.cleanupVolumes` do it: an
+/// asynchronous job on the VM; without `expunge` the VM stays `Destroyed` with its volumes attached, with
+/// `expunge` it is removed, its ROOT volume with it, and its data volumes are detached and kept. The change
+/// survives a restart of the simulator.
+#[tokio::test]
+async fn destroy_virtual_machine_detaches_data_volumes_when_expunged() {
+    let h = Harness::start().await;
+    let (s, body) = h
+        .call("destroyVirtualMachine", &[("id", "no-such-vm")])
+        .await;
+    assert_eq!(s, 431, "{body}");
+    let faults = h.sim.faults();
+    let test_vm = faults.deploy_vm("test-failover-1").expect("deploy")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let kept_vm = faults.deploy_vm("test-failover-2").expect("deploy")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let listed = h.ok("listVirtualMachines", &[("id", &test_vm)]).await;
+    assert_eq!(listed["virtualmachine"][0]["state"], "Running", "{listed}");
+    let root = h
+        .sim
+        .root_volume_id(&test_vm)
+        .expect("a deployed VM has a root");
+    let data = h.create_volume("failover-data", 1).await;
+    assert_eq!(h.attach(&data, &test_vm, None).await["jobstatus"], 1);
+
+    // Without expunge: Destroyed, volumes still attached, no new attachment, no stop or start.
+    let other = h.create_volume("kept-data", 1).await;
+    assert_eq!(h.attach(&other, &kept_vm, None).await["jobstatus"], 1);
+    let job = h.vm_job("destroyVirtualMachine", &kept_vm).await;
+    assert_eq!(job["jobresult"]["virtualmachine"]["state"], "Destroyed");
+    assert_eq!(
+        h.volume(&other).await.expect("kept")["virtualmachineid"],
+        kept_vm
+    );
+    let late = h.create_volume("late", 1).await;
+    let job = h.attach(&late, &kept_vm, None).await;
+    assert_eq!(job["jobstatus"], 2, "{job}");
+    assert_eq!(
+        job["jobresult"]["errortext"],
+        "Please specify a VM that is either running or stopped."
+    );
+    let r = h.ok("startVirtualMachine", &[("id", &kept_vm)]).await;
+    let job = h.wait_job(r["jobid"].as_str().expect("jobid")).await;
+    assert_eq!(job["jobstatus"], 2, "{job}");
+
+    // With expunge: gone, its ROOT volume with it, its data volume detached and kept.
+    let r = h
+        .ok(
+            "destroyVirtualMachine",
+            &[("id", &test_vm), ("expunge", "true")],
+        )
+        .await;
+    let job = h.wait_job(r["jobid"].as_str().expect("jobid")).await;
+    assert_eq!(job["jobstatus"], 1, "{job}");
+    assert_eq!(job["jobinstancetype"], "VirtualMachine");
+    assert_eq!(job["jobinstanceid"], test_vm);
+    assert_eq!(
+        job["cmd"],
+        "org.apache.cloudstack.api.command.user.vm.DestroyVMCmd"
+    );
+    assert_eq!(job["jobresult"]["virtualmachine"]["id"], test_vm);
+    let listed = h.ok("listVirtualMachines", &[("id", &test_vm)]).await;
+    assert!(listed.get("virtualmachine").is_none(), "{listed}");
+    assert!(
+        h.volume(&root).await.is_none(),
+        "the ROOT volume is expunged"
+    );
+    let v = h.volume(&data).await.expect("the data volume is kept");
+    assert!(v.get("virtualmachineid").is_none(), "{v}");
+    assert_eq!(v["state"], "Ready");
+    // The VM id is unknown from now on.
+    let (s, _) = h
+        .call(
+            "destroyVirtualMachine",
+            &[("id", &test_vm), ("expunge", "true")],
+        )
+        .await;
+    assert_eq!(s, 431);
+
+    // The state survives a restart.
+    let common::Harness { dir, sim, http } = h;
+    sim.shutdown().await;
+    let sim = cloudsim::Simulator::start(common::config(&dir))
+        .await
+        .expect("restart");
+    let h = Harness { dir, sim, http };
+    let listed = h.ok("listVirtualMachines", &[("id", &test_vm)]).await;
+    assert!(listed.get("virtualmachine").is_none(), "{listed}");
+    let listed = h.ok("listVirtualMachines", &[("id", &kept_vm)]).await;
+    assert_eq!(listed["virtualmachine"][0]["state"], "Destroyed");
+    assert!(h.volume(&root).await.is_none());
+    assert!(h
+        .volume(&data)
+        .await
+        .expect("kept")
+        .get("virtualmachineid")
+        .is_none());
+    h.sim.shutdown().await;
+}

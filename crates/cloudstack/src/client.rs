@@ -587,6 +587,44 @@ impl Client {
         )
     }
 
+    /// `stopVirtualMachine` (asynchronous); `forced` stops the VM even when its guest does not shut down.
+    pub async fn stop_virtual_machine(&self, vm_id: &str, forced: bool) -> Result<AsyncJob, Error> {
+        let mut params = vec![("id", vm_id.to_owned())];
+        if forced {
+            params.push(("forced", "true".to_owned()));
+        }
+        self.async_command("stopVirtualMachine", &params).await
+    }
+
+    /// `destroyVirtualMachine` (asynchronous); a running VM is stopped first. With `expunge` the VM is removed
+    /// at once (not kept `Destroyed` for recovery): its ROOT volume goes with it and its data volumes are
+    /// detached and kept.
+    pub async fn destroy_virtual_machine(
+        &self,
+        vm_id: &str,
+        expunge: bool,
+    ) -> Result<AsyncJob, Error> {
+        let mut params = vec![("id", vm_id.to_owned())];
+        if expunge {
+            params.push(("expunge", "true".to_owned()));
+        }
+        self.async_command("destroyVirtualMachine", &params).await
+    }
+
+    /// Waits for a job whose result carries a VM (`stopVirtualMachine`, `destroyVirtualMachine`) and decodes it.
+    pub async fn wait_vm_job(
+        &self,
+        job_id: &str,
+        deadline: Duration,
+    ) -> Result<VirtualMachine, Error> {
+        let result = self.wait_job(job_id, deadline).await?;
+        decode::object(
+            "queryAsyncJobResult",
+            &result["virtualmachine"],
+            "jobresult.virtualmachine",
+        )
+    }
+
     /// `listVirtualMachines` with the given filters, all pages.
     pub async fn list_virtual_machines(&self, q: &ListVms) -> Result<Vec<VirtualMachine>, Error> {
         let mut params = Vec::new();

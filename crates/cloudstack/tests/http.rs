@@ -1120,3 +1120,81 @@ async fn snapshot_calls_decode_real_bodies() {
     assert_eq!(Method::for_command("revertSnapshot"), Method::Post);
     assert_eq!(Method::for_command("listSnapshots"), Method::Get);
 }
+
+/// stopVirtualMachine and destroyVirtualMachine as CloudStack answers them: a `{"jobid"}` kick-off, then the VM
+/// under `jobresult.virtualmachine` (the shape of cloudstack-go's `VirtualMachineService.json` stop result).
+#[tokio::test]
+async fn vm_stop_and_destroy_decode_real_bodies() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "stopVirtualMachine",
+        vec![ok(
+            json!({"stopvirtualmachineresponse": {"jobid": "5c1e0d2b-stop"}}),
+        )],
+    );
+    srv.script(
+        "destroyVirtualMachine",
+        vec![ok(
+            json!({"destroyvirtualmachineresponse": {"jobid": "8a4f66c3-destroy"}}),
+        )],
+    );
+    let vm = |state: &str| {
+        json!({"id": "915d3c63-1f5b-4e0b-a3b2-0a6f1d2c7e11", "name": "test-vm-1",
+               "displayname": "test-vm-1", "instancename": "i-2-104-VM", "state": state,
+               "zoneid": "1128bd56-b4d9-4ac6-a7b9-c715b187ce11", "hypervisor": "KVM",
+               "created": "2024-03-02T10:01:02+0000"})
+    };
+    let job = |id: &str, cmd: &str, state: &str| {
+        ok(json!({"queryasyncjobresultresponse": {
+            "accountid": "02c9bf08-6f36-44b1-a57f-df0708f90de4", "cmd": cmd, "created": "2024-03-02T10:05:00+0000",
+            "completed": "2024-03-02T10:05:03+0000", "jobid": id, "jobinstanceid": "915d3c63-1f5b-4e0b-a3b2-0a6f1d2c7e11",
+            "jobinstancetype": "VirtualMachine", "jobprocstatus": 0, "jobresultcode": 0, "jobresulttype": "object",
+            "jobstatus": 1, "jobresult": {"virtualmachine": vm(state)}}}))
+    };
+    srv.script(
+        "queryAsyncJobResult",
+        vec![
+            job(
+                "5c1e0d2b-stop",
+                "org.apache.cloudstack.api.command.user.vm.StopVMCmd",
+                "Stopped",
+            ),
+            job(
+                "8a4f66c3-destroy",
+                "org.apache.cloudstack.api.command.user.vm.DestroyVMCmd",
+                "Expunging",
+            ),
+        ],
+    );
+    let client = srv.client();
+    let id = "915d3c63-1f5b-4e0b-a3b2-0a6f1d2c7e11";
+    let stop = client
+        .stop_virtual_machine(id, true)
+        .await
+        .expect("stopVirtualMachine");
+    assert_eq!(stop.job_id, "5c1e0d2b-stop");
+    let call = &srv.calls_of("stopVirtualMachine")[0];
+    assert_eq!(call.param("id"), Some(id));
+    assert_eq!(call.param("forced"), Some("true"));
+    let stopped = client
+        .wait_vm_job(&stop.job_id, Duration::from_secs(5))
+        .await
+        .expect("stop job");
+    assert_eq!(stopped.state, "Stopped");
+    assert_eq!(stopped.id, id);
+    let destroy = client
+        .destroy_virtual_machine(id, true)
+        .await
+        .expect("destroyVirtualMachine");
+    assert_eq!(destroy.job_id, "8a4f66c3-destroy");
+    let call = &srv.calls_of("destroyVirtualMachine")[0];
+    assert_eq!(call.param("id"), Some(id));
+    assert_eq!(call.param("expunge"), Some("true"));
+    let gone = client
+        .wait_vm_job(&destroy.job_id, Duration::from_secs(5))
+        .await
+        .expect("destroy job");
+    assert_eq!(gone.state, "Expunging");
+    assert_eq!(gone.instance_name.as_deref(), Some("i-2-104-VM"));
+    assert_eq!(Method::for_command("destroyVirtualMachine"), Method::Post);
+}

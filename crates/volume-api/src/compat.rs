@@ -9,6 +9,46 @@ use uuid::Uuid;
 use crate::enums::ExportStatus;
 use crate::resources::ReconcileReport;
 
+/// `POST /cleanup/test-failover`; also the `request` of a `test_failover_cleanup` operation. The predecessor's
+/// field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestFailoverCleanupRequest {
+    /// The test VM the volume is attached to (recorded by the daemon, or in CloudStack).
+    pub test_vm_id: String,
+    pub volume_id: Uuid,
+    /// Must be the appliance the daemon runs on (`GET /appliance`).
+    pub oma_vm_id: String,
+    /// Destroy the test VM (expunged) once the volume is detached from it.
+    #[serde(default)]
+    pub delete_vm: bool,
+    /// Detach without making sure the test VM is stopped first.
+    #[serde(default)]
+    pub force_clean: bool,
+}
+
+/// The `response` of a completed `test_failover_cleanup`: the predecessor's keys, then where the volume is
+/// served now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TestFailoverCleanupResponse {
+    pub test_vm_id: String,
+    pub volume_id: Uuid,
+    pub oma_vm_id: String,
+    /// The by-id path on the appliance.
+    pub device_path: String,
+    /// Whether the test VM was destroyed (by this operation, or found gone when `delete_vm` was asked).
+    pub vm_deleted: bool,
+    pub message: String,
+    /// The kernel device on the appliance (`/dev/vdX`).
+    pub kernel_device: Option<String>,
+    /// The stable name's path.
+    pub symlink_path: Option<String>,
+    pub persistent_device_name: Option<String>,
+    pub export_name: String,
+    pub nbd_port: u16,
+    pub export_generation: u64,
+}
+
 /// `POST /exports/cleanup`: a dry run unless `dry_run` is `false`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -57,6 +57,10 @@ wire_enum! {
         SnapshotRevert = "snapshot_revert",
         /// A snapshot of the volume deleted.
         SnapshotDelete = "snapshot_delete",
+        /// After a test failover: the volume detached from the test VM (stopped first unless `force_clean`),
+        /// the test VM destroyed when asked, and the volume attached, named and exported on the appliance
+        /// again (`POST /cleanup/test-failover`).
+        TestFailoverCleanup = "test_failover_cleanup",
     }
 }
 
@@ -120,6 +124,10 @@ wire_enum! {
         CloudRevertJob = "cloud_revert_job",
         /// `snapshot_delete`: the deleteSnapshot job id is journaled.
         CloudSnapshotDeleteJob = "cloud_snapshot_delete_job",
+        /// `test_failover_cleanup`: the stopVirtualMachine job id (the test VM, forced) is journaled.
+        CloudStopJob = "cloud_stop_job",
+        /// `test_failover_cleanup`: the destroyVirtualMachine job id (the test VM, expunged) is journaled.
+        CloudDestroyJob = "cloud_destroy_job",
     }
 }
 

@@ -17,7 +17,8 @@ use uuid::Uuid;
 pub use cloud_states::{CloudVmState, CloudVolumeState};
 pub use compat::{
     ExportAgeCleanupRequest, ExportCleanupRequest, ExportCleanupResult, ExportValidation,
-    ForceSyncResult, OrphanedExport, OrphanedExportCount,
+    ForceSyncResult, OrphanedExport, OrphanedExportCount, TestFailoverCleanupRequest,
+    TestFailoverCleanupResponse,
 };
 pub use enums::{
     ApplianceSource, AttachTarget, ComponentStatus, DiskRole, DriftAction, DriftKind, ErrorCode,

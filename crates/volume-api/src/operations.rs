@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::cloud_states::CloudVolumeState;
+use crate::compat::{TestFailoverCleanupRequest, TestFailoverCleanupResponse};
 use crate::enums::{
     DiskRole, ErrorCode, OperationStatus, OperationStep, OperationType, RepairKind,
 };
@@ -81,6 +82,12 @@ pub enum OperationKind {
         request: SnapshotOperationRequest,
         response: Option<SnapshotOperationResponse>,
     },
+    /// `POST /cleanup/test-failover`.
+    #[serde(rename = "test_failover_cleanup")]
+    TestFailoverCleanup {
+        request: TestFailoverCleanupRequest,
+        response: Option<TestFailoverCleanupResponse>,
+    },
 }
 
 impl OperationKind {
@@ -94,6 +101,7 @@ impl OperationKind {
             Self::SnapshotCreate { .. } => OperationType::SnapshotCreate,
             Self::SnapshotRevert { .. } => OperationType::SnapshotRevert,
             Self::SnapshotDelete { .. } => OperationType::SnapshotDelete,
+            Self::TestFailoverCleanup { .. } => OperationType::TestFailoverCleanup,
         }
     }
 }
@@ -116,6 +124,9 @@ impl Operation {
             | OperationKind::SnapshotDelete { response, .. } => {
                 response.as_ref().map(|r| r.volume_id)
             }
+            OperationKind::TestFailoverCleanup { response, .. } => {
+                response.as_ref().map(|r| r.volume_id)
+            }
         }
     }
 
@@ -128,16 +139,22 @@ impl Operation {
             OperationKind::Detach {
                 response: Some(r), ..
             } => Some(r.device_path.as_str()).filter(|p| !p.is_empty()),
+            OperationKind::TestFailoverCleanup {
+                response: Some(r), ..
+            } => Some(r.device_path.as_str()).filter(|p| !p.is_empty()),
             _ => None,
         }
     }
 
-    /// The export a completed appliance attach opened.
+    /// The export a completed appliance attach (or test-failover clean-up) opened.
     pub fn response_export_name(&self) -> Option<&str> {
         match &self.kind {
             OperationKind::Attach {
                 response: Some(r), ..
             } => r.export_name.as_deref(),
+            OperationKind::TestFailoverCleanup {
+                response: Some(r), ..
+            } => Some(r.export_name.as_str()),
             _ => None,
         }
     }

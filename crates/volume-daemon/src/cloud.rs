@@ -152,6 +152,16 @@ pub trait Cloud: Send + Sync + 'static {
     /// The volumes CloudStack has attached to `vm_id`.
     fn volumes_of_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, Vec<CloudVolume>>;
     fn get_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, Option<CloudVm>>;
+    /// stopVirtualMachine, forced (the guest is not asked to shut down).
+    fn stop_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, CloudJob>;
+    /// destroyVirtualMachine with expunge: the VM and its ROOT volume go, its data volumes are detached.
+    fn destroy_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, CloudJob>;
+    /// Waits for a job on a VM (stop, destroy); the VM as the job left it, when it reports one.
+    fn wait_vm_job<'a>(
+        &'a self,
+        job_id: &'a str,
+        deadline: Duration,
+    ) -> CloudFuture<'a, Option<CloudVm>>;
     /// Every VM the credentials can see.
     fn vms(&self) -> CloudFuture<'_, Vec<CloudVm>>;
     fn zones(&self) -> CloudFuture<'_, Vec<CloudZone>>;
@@ -392,6 +402,49 @@ impl Cloud for CloudStack {
                 .get_virtual_machine(vm_id)
                 .await
                 .map_err(wrap("listVirtualMachines"))?
+                .map(|vm| CloudVm {
+                    id: vm.id,
+                    name: vm.name,
+                    state: vm.state,
+                }))
+        })
+    }
+
+    fn stop_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, CloudJob> {
+        Box::pin(async move {
+            self.client
+                .stop_virtual_machine(vm_id, true)
+                .await
+                .map(job_of)
+                .map_err(wrap("stopVirtualMachine"))
+        })
+    }
+
+    fn destroy_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, CloudJob> {
+        Box::pin(async move {
+            self.client
+                .destroy_virtual_machine(vm_id, true)
+                .await
+                .map(job_of)
+                .map_err(wrap("destroyVirtualMachine"))
+        })
+    }
+
+    fn wait_vm_job<'a>(
+        &'a self,
+        job_id: &'a str,
+        deadline: Duration,
+    ) -> CloudFuture<'a, Option<CloudVm>> {
+        Box::pin(async move {
+            let result = self
+                .client
+                .wait_job(job_id, deadline)
+                .await
+                .map_err(wrap("queryAsyncJobResult"))?;
+            Ok(result
+                .get("virtualmachine")
+                .cloned()
+                .and_then(|v| serde_json::from_value::<cloudstack::VirtualMachine>(v).ok())
                 .map(|vm| CloudVm {
                     id: vm.id,
                     name: vm.name,

@@ -83,13 +83,18 @@ enum Action {
     RevertSnapshot,
     /// Deletes the round's snapshot.
     DeleteSnapshot,
+    /// Deploys a running test VM in the cloud and attaches the volume to it (a test failover).
+    AttachToTestVm,
+    /// `POST /cleanup/test-failover` with `delete_vm`: stop, detach, destroy, attach to the appliance.
+    CleanupTestFailover,
 }
 
-/// What a round's workflow made so far.
+/// What a round's workflow made so far: its volume, snapshot and test VM.
 #[derive(Debug, Default)]
 struct Made {
     volume: Option<String>,
     snapshot: Option<String>,
+    test_vm: Option<String>,
 }
 
 /// The actions that reach every point of `kind`, and the fail points armed with the one under test.
@@ -118,6 +123,13 @@ fn workflow(point: &str) -> (Vec<Action>, Vec<String>) {
         "snapshot_create" => vec![Create, TakeSnapshot],
         "snapshot_revert" => vec![Create, TakeSnapshot, RevertSnapshot],
         "snapshot_delete" => vec![Create, TakeSnapshot, DeleteSnapshot],
+        "test_failover_cleanup" => {
+            if matches!(step, "compensating" | "compensate_detach_job") {
+                // Compensation follows a failure after the appliance attach: the commit fails for good.
+                extra.push("test_failover_cleanup.commit.before=return".to_string());
+            }
+            vec![Create, AttachToTestVm, CleanupTestFailover]
+        }
         other => panic!("no workflow drives operations of kind {other}"),
     };
     (actions, extra)
@@ -215,6 +227,38 @@ fn act(w: &World, api: &str, action: Action, name: &str, made: &mut Made) -> Opt
                 None,
             )?;
             assert_eq!(done["status"], "completed", "{done}");
+        Action::AttachToTestVm => {
+            let v = volume.as_deref().unwrap();
+            let url = w.sim_url.replace("/client/api", "/sim/vms");
+            let (s, vm) = support::processes::call(
+                Method::POST,
+                &url,
+                Some(json!({"name": format!("test-{name}")})),
+            );
+            assert_eq!(s, 200, "deploy a test VM: {vm}");
+            let vm = vm["id"].as_str().unwrap().to_string();
+            let done = submit(
+                api,
+                Method::POST,
+                &format!("/volumes/{v}/attach"),
+                Some(json!({"vm_id": vm})),
+            )?;
+            assert_eq!(done["status"], "completed", "{done}");
+            made.test_vm = Some(vm);
+        }
+        Action::CleanupTestFailover => {
+            let v = volume.as_deref().unwrap();
+            let vm = made.test_vm.as_deref().unwrap();
+            // May fail (an injected failure of its commit): its compensation is what is under test.
+            submit(
+                api,
+                Method::POST,
+                "/cleanup/test-failover",
+                Some(
+                    json!({"test_vm_id": vm, "volume_id": v, "oma_vm_id": APPLIANCE,
+                            "delete_vm": true, "force_clean": false}),
+                ),
+            )?;
         }
     }
     Some(())

@@ -425,6 +425,61 @@ async fn ext_hub_rows_follow_attach_detach_root_attach_and_a_failover() {
     env.stop().await;
 }
 
+/// A test failover ends with `POST /cleanup/test-failover`: the volume's row moves from the test VM
+/// (`failover`, the remote placeholder) back to the appliance (`oma`, the by-id path), its export row
+/// appears and the volume is marked attached there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_hub_rows_follow_a_test_failover_clean_up() {
+    let env = Env::new().await;
+    env.hub
+        .set_appliance(&env.appliance(), "00000000-0000-0000-0000-00000000dead")
+        .await;
+    let d = env.start().await;
+    let vol = d.create(&env, "tf-disk").await;
+    let sv = vol.to_string();
+    env.hub.add_volume(&sv, "ctx-tf").await;
+    let test_vm = env.sim.faults().deploy_vm("test-failover").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.post_ok(&format!("/volumes/{vol}/attach"), json!({"vm_id": test_vm}))
+        .await;
+    synced(&d, 1).await;
+    let m = env.hub.mapping(&sv).await.expect("a mapping row");
+    assert_eq!(m.operation_mode, "failover");
+    assert_eq!(m.device_path, format!("remote-vm-{test_vm}-vol-{vol}"));
+
+    let done = d
+        .post_ok(
+            "/cleanup/test-failover",
+            json!({"test_vm_id": test_vm, "volume_id": vol, "oma_vm_id": env.appliance(),
+                   "delete_vm": true, "force_clean": false}),
+        )
+        .await;
+    synced(&d, 2).await;
+    let m = env.hub.mapping(&sv).await.expect("the mapping row");
+    assert_eq!(m.vm_id, env.appliance());
+    assert_eq!(m.operation_mode, "oma");
+    assert_eq!(
+        Some(m.device_path.as_str()),
+        done["response"]["device_path"].as_str(),
+        "{done}"
+    );
+    assert!(m.device_path.contains("virtio-"), "{m:?}");
+    assert_eq!(m.linux_state, "detected");
+    assert_eq!(m.vm_context_id.as_deref(), Some("ctx-tf"));
+    let ex = env.hub.exports(&sv).await;
+    assert_eq!(ex.len(), 1, "{ex:?}");
+    assert_eq!(ex[0].export_name, format!("migration-vol-{vol}"));
+    assert_eq!(ex[0].status, "active");
+    assert_eq!(
+        env.hub.volume(&sv).await,
+        (Some("attached".into()), Some(m.device_path.clone()))
+    );
+    d.stop().await;
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ext_a_hub_outage_and_a_restart_delay_changes_that_then_arrive_once_and_in_order() {
     let env = Env::new().await;

@@ -109,6 +109,23 @@ pub enum Command {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// After a test failover: detach a volume from its test VM (stopped first unless --force-clean), destroy the
+    /// test VM with --delete-vm, and attach, name and export the volume on the appliance again, as one
+    /// journaled operation.
+    CleanupTestFailover {
+        volume_id: Uuid,
+        /// The test VM the volume is attached to.
+        #[arg(long)]
+        test_vm_id: String,
+        /// Destroy (and expunge) the test VM once the volume is detached from it.
+        #[arg(long)]
+        delete_vm: bool,
+        /// Detach without stopping the test VM first.
+        #[arg(long)]
+        force_clean: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Print a shell completion script, e.g. `volumectl completions bash > /etc/bash_completion.d/volumectl`.
     Completions {
         #[arg(value_enum)]
@@ -252,7 +269,8 @@ pub enum OpsCommand {
     Show { id: Uuid },
     /// Operations, newest first, optionally filtered.
     List {
-        /// create, attach, detach, delete, repair, snapshot_create, snapshot_revert or snapshot_delete.
+        /// create, attach, detach, delete, repair, snapshot_create, snapshot_revert, snapshot_delete or
+        /// test_failover_cleanup.
         #[arg(long = "type", value_parser = parse_op_type)]
         op_type: Option<OperationType>,
         /// pending, executing, completed, failed or cancelled.

@@ -11,8 +11,8 @@ use uuid::Uuid;
 use volume_api::{
     Appliance, AttachVolumeRequest, CloudOffering, CloudVm, CloudZone, CreateVolumeRequest,
     ErrorBody, Export, ExportList, Health, Operation, ReconcileReport, ReconcileRequest,
-    SetApplianceRequest, VolumeSnapshot, VolumeState, VolumeStatus, API_PREFIX,
-    IDEMPOTENCY_KEY_HEADER,
+    SetApplianceRequest, TestFailoverCleanupRequest, VolumeSnapshot, VolumeState, VolumeStatus,
+    API_PREFIX, IDEMPOTENCY_KEY_HEADER,
 };
 
 /// Longest server-side wait asked for in one `GET /operations/{id}?wait=` request.
@@ -361,6 +361,21 @@ impl Client {
             Method::POST,
             &format!("/volumes/{volume_id}/adopt"),
             None,
+            key,
+        )
+        .await
+    }
+
+    /// `POST /cleanup/test-failover`.
+    pub async fn cleanup_test_failover(
+        &self,
+        req: &TestFailoverCleanupRequest,
+        key: Option<&str>,
+    ) -> Result<Answer<Operation>, ClientError> {
+        self.mutate(
+            Method::POST,
+            "/cleanup/test-failover",
+            Some(to_json(req)),
             key,
         )
         .await

@@ -8,7 +8,7 @@ use serde::Serialize;
 use uuid::Uuid;
 use volume_api::{
     AttachVolumeRequest, CreateVolumeRequest, HealthStatus, Operation, OperationStatus,
-    SetApplianceRequest, VolumeStatus,
+    SetApplianceRequest, TestFailoverCleanupRequest, VolumeStatus,
 };
 
 use crate::cli::{
@@ -128,6 +128,31 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Adopt { volume_id, wait } => {
             let op = client
                 .adopt_volume(volume_id, wait.idempotency_key.as_deref())
+                .await?;
+            finish_mutation(&client, &out, op, &wait).await
+        }
+        Command::CleanupTestFailover {
+            volume_id,
+            test_vm_id,
+            delete_vm,
+            force_clean,
+            wait,
+        } => {
+            let oma_vm_id = client
+                .appliance()
+                .await?
+                .value
+                .vm_id
+                .ok_or(CliError::NoAppliance)?;
+            let req = TestFailoverCleanupRequest {
+                test_vm_id,
+                volume_id,
+                oma_vm_id,
+                delete_vm,
+                force_clean,
+            };
+            let op = client
+                .cleanup_test_failover(&req, wait.idempotency_key.as_deref())
                 .await?;
             finish_mutation(&client, &out, op, &wait).await
         }

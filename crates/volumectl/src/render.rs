@@ -403,7 +403,7 @@ pub fn operation_outcome(o: &Operation, nbd_host: &str) -> String {
     if let Some(e) = &o.error {
         s.push_str(&format!(": {e}"));
     }
-    if let OperationKind::Attach { .. } = &o.kind {
+    if let OperationKind::Attach { .. } | OperationKind::TestFailoverCleanup { .. } = &o.kind {
         if let Some(url) = operation_subject(o, nbd_host) {
             s.push('\n');
             s.push_str(&url);
@@ -412,7 +412,8 @@ pub fn operation_outcome(o: &Operation, nbd_host: &str) -> String {
     s
 }
 
-/// What `-q` prints for a completed mutation: the export's NBD URL after an appliance attach, the volume's
+/// What `-q` prints for a completed mutation: the export's NBD URL after an appliance attach (or a
+/// test-failover clean-up), the volume's
 /// id after a create, the snapshot's id after a snapshot create, nothing otherwise.
 pub fn operation_subject(o: &Operation, nbd_host: &str) -> Option<String> {
     match &o.kind {
@@ -422,6 +423,14 @@ pub fn operation_subject(o: &Operation, nbd_host: &str) -> Option<String> {
             (Some(e), Some(p)) => Some(format!("nbd://{}:{p}/{e}", url_host(nbd_host))),
             _ => None,
         },
+        OperationKind::TestFailoverCleanup {
+            response: Some(r), ..
+        } => Some(format!(
+            "nbd://{}:{}/{}",
+            url_host(nbd_host),
+            r.nbd_port,
+            r.export_name
+        )),
         OperationKind::Create {
             response: Some(r), ..
         } => Some(r.volume_id.to_string()),

@@ -1,20 +1,23 @@
 //! The predecessor's remaining routes, with its request and response shapes: device path to volume, export
 //! validation, the orphan count and clean-up (a dry run unless asked), and `admin/force-sync` (a reconcile
-//! with `apply`).
+//! with `apply`), and the test-failover clean-up (journaled, as `test_failover_cleanup`).
 
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use volume_api::{
     ExportAgeCleanupRequest, ExportCleanupRequest, ForceSyncResult, OrphanedExportCount,
+    TestFailoverCleanupRequest,
 };
 // Named only in the OpenAPI annotations of the handlers.
 #[allow(unused_imports)]
-use volume_api::{DeviceMapping, ErrorBody, ExportCleanupResult, ExportValidation};
+use volume_api::{DeviceMapping, ErrorBody, ExportCleanupResult, ExportValidation, Operation};
 
 use super::extract::JsonBody;
-use super::{convert, ApiError, AppState};
+use super::{convert, submit, ApiError, AppState};
+use crate::engine::Request;
 
 /// The routes, to be nested under the API prefix.
 pub(super) fn routes() -> Router<AppState> {
@@ -25,6 +28,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/exports/cleanup", post(cleanup_exports))
         .route("/exports/cleanup/age", post(cleanup_exports_by_age))
         .route("/admin/force-sync", post(force_sync))
+        .route("/cleanup/test-failover", post(cleanup_test_failover))
 }
 
 /// The device path a `/devices/{path}/volume` segment names: the segment percent-decoded, with a leading `/`
@@ -139,6 +143,27 @@ pub(super) async fn force_sync(State(st): State<AppState>) -> Result<Response, A
         report,
     })
     .into_response())
+}
+
+#[utoipa::path(
+    post,
+    path = "/cleanup/test-failover",
+    tag = "volumes",
+    request_body = TestFailoverCleanupRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same request again returns the first operation with `Idempotent-Replayed: true`")),
+    responses(
+        (status = 201, description = "journaled; `type` is `test_failover_cleanup`, `vm_id` the test VM; the test VM is stopped (unless `force_clean`), the volume detached from it, the test VM destroyed (`delete_vm`), and the volume attached, named and exported on the appliance", body = Operation),
+        (status = 400, description = "invalid input, or `oma_vm_id` is not this daemon's appliance", body = ErrorBody),
+        (status = 404, description = "unknown volume", body = ErrorBody),
+        (status = 409, description = "the volume is not attached to the test VM, or belongs to another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
+    )
+)]
+pub(super) async fn cleanup_test_failover(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<TestFailoverCleanupRequest>,
+) -> Result<Response, ApiError> {
+    submit(&st, Request::TestFailoverCleanup(body), &headers).await
 }
 
 #[cfg(test)]

@@ -14,9 +14,9 @@ use volume_api::{
     OperationStatus, OperationStep, OperationType, OrphanedExport, OrphanedExportCount,
     ReconcileReport, ReconcileRequest, RepairKind, RepairRequest, RepairResponse,
     SetApplianceRequest, SnapshotInfo, SnapshotOperationRequest, SnapshotOperationResponse,
-    SnapshotTracked, SnapshotUpdated, TrackSnapshotRequest, UpdateSnapshotRequest, VmSnapshots,
-    VmSnapshotsCleared, VmVolume, VolumeOperationRequest, VolumeSnapshot, VolumeSnapshotInfo,
-    VolumeState, VolumeStatus,
+    SnapshotTracked, SnapshotUpdated, TestFailoverCleanupRequest, TestFailoverCleanupResponse,
+    TrackSnapshotRequest, UpdateSnapshotRequest, VmSnapshots, VmSnapshotsCleared, VmVolume,
+    VolumeOperationRequest, VolumeSnapshot, VolumeSnapshotInfo, VolumeState, VolumeStatus,
 };
 
 #[derive(OpenApi)]
@@ -61,6 +61,7 @@ use volume_api::{
         super::compat::cleanup_exports,
         super::compat::cleanup_exports_by_age,
         super::compat::force_sync,
+        super::compat::cleanup_test_failover,
         super::snapshots::create_snapshot,
         super::snapshots::list_snapshots,
         super::snapshots::revert_snapshot,
@@ -89,6 +90,8 @@ use volume_api::{
         ForceSyncResult,
         OrphanedExport,
         OrphanedExportCount,
+        TestFailoverCleanupRequest,
+        TestFailoverCleanupResponse,
         Appliance,
         ApplianceSource,
         AttachOperationRequest,

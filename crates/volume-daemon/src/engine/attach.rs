@@ -1,17 +1,30 @@
 //! The `attach` workflow (guarantee 4): cloud attach (job id journaled) → for the appliance: device by identity
 //! → verify → stable name → export (new generation) → commit; for any other VM: commit. A failure after the
 //! cloud attach on the appliance is compensated (export and name removed, the volume detached again), and an
-//! entry interrupted while compensating finishes compensating.
+//! entry interrupted while compensating finishes compensating. The cloud attach, the appliance's part and the
+//! compensation are generic over the journal's step type, so that a test-failover clean-up journals them as
+//! its own steps.
+
+use std::time::Duration;
 
 use chrono::Utc;
 use uuid::Uuid;
 use volume_api::{AttachOperationRequest, AttachVolumeResponse, DiskRole};
 
 use super::export::Served;
-use super::journal::{json_of, AttachStep, Entry};
+use super::journal::{json_of, AttachStep, Entry, Step};
 use super::{EngineError, Inner};
 use crate::cloud::CloudVolume;
+use crate::devices::Device;
 use crate::store::{AttachTarget, AttachmentRecord, VolumeRecord};
+
+/// A volume's device on the appliance, verified, named and served: what an attach to the appliance commits.
+pub(super) struct OnAppliance {
+    pub served: Served,
+    pub device: Device,
+    /// How long the device took to appear.
+    pub took: Duration,
+}
 
 type AttachEntry = Entry<AttachOperationRequest, AttachStep>;
 
@@ -27,7 +40,7 @@ impl Inner {
             AttachStep::Compensating | AttachStep::CompensateDetachJob
         ) {
             // Interrupted while undoing a failed attach: finish undoing it.
-            let outcome = self.compensate_attach(op).await;
+            let outcome = self.compensate_attach(op, volume_id, vm_id).await;
             return Err(EngineError::Compensated {
                 cause: Box::new(EngineError::Interrupted("the attach")),
                 outcome,
@@ -53,26 +66,8 @@ impl Inner {
                 )))
             }
             None => {
-                let job_id = self
-                    .start_or_resume_job(op, AttachStep::CloudAttachJob, async {
-                        Ok(self
-                            .cloud
-                            .attach_volume(&volume_id.to_string(), vm_id, req.device_id)
-                            .await?)
-                    })
-                    .await?;
-                let v = self.finish_job(&job_id, volume_id).await?.ok_or_else(|| {
-                    EngineError::NotFound(format!(
-                        "volume {volume_id} disappeared from CloudStack during attach"
-                    ))
-                })?;
-                if v.vm_id.as_deref() != Some(vm_id) {
-                    return Err(EngineError::CloudDisagrees(format!(
-                        "CloudStack finished the attach job {job_id} but reports volume {volume_id} attached to {:?}",
-                        v.vm_id
-                    )));
-                }
-                v
+                self.cloud_attach(op, volume_id, vm_id, req.device_id)
+                    .await?
             }
         };
         if !local {
@@ -82,15 +77,89 @@ impl Inner {
         self.step(op, AttachStep::CloudAttached).await?;
         match self.attach_local(op, &volume, &cv).await {
             Ok(()) => Ok(()),
-            Err(cause) => {
-                self.metrics.compensated();
-                let outcome = self.compensate_attach(op).await;
-                Err(EngineError::Compensated {
-                    cause: Box::new(cause),
-                    outcome,
-                })
-            }
+            Err(cause) => Err(self.undo_attach(op, volume_id, vm_id, cause).await),
         }
+    }
+
+    /// attachVolume (or the journaled job), journaled with the entry's `cloud_attach_job`, until the cloud
+    /// reports the volume attached to `vm_id`.
+    pub(super) async fn cloud_attach<R, S: Step + From<AttachStep>>(
+        &self,
+        op: &Entry<R, S>,
+        volume_id: Uuid,
+        vm_id: &str,
+        device_id: Option<u32>,
+    ) -> Result<CloudVolume, EngineError> {
+        let job_id = self
+            .start_or_resume_job(op, AttachStep::CloudAttachJob.into(), async {
+                Ok(self
+                    .cloud
+                    .attach_volume(&volume_id.to_string(), vm_id, device_id)
+                    .await?)
+            })
+            .await?;
+        let v = self.finish_job(&job_id, volume_id).await?.ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "volume {volume_id} disappeared from CloudStack during attach"
+            ))
+        })?;
+        if v.vm_id.as_deref() != Some(vm_id) {
+            return Err(EngineError::CloudDisagrees(format!(
+                "CloudStack finished the attach job {job_id} but reports volume {volume_id} attached to {:?}",
+                v.vm_id
+            )));
+        }
+        Ok(v)
+    }
+
+    /// After a failure of the appliance's part of an attach: undoes the attach and returns the error that
+    /// says what failed and what the undoing did.
+    pub(super) async fn undo_attach<R, S: Step + From<AttachStep>>(
+        &self,
+        op: &Entry<R, S>,
+        volume_id: Uuid,
+        vm_id: &str,
+        cause: EngineError,
+    ) -> EngineError {
+        self.metrics.compensated();
+        let outcome = self.compensate_attach(op, volume_id, vm_id).await;
+        EngineError::Compensated {
+            cause: Box::new(cause),
+            outcome,
+        }
+    }
+
+    /// The appliance's part of an attach, once the cloud reports the volume attached to the appliance: device
+    /// by identity → verify → stable name → export. Nothing is journaled: all of it is local and idempotent,
+    /// an entry stopped at `cloud_attached` redoes it, and its results are committed with the attachment in
+    /// one transaction.
+    pub(super) async fn serve_on_appliance(
+        &self,
+        volume: &VolumeRecord,
+        cv: &CloudVolume,
+        vm_id: &str,
+        clients: Vec<String>,
+    ) -> Result<OnAppliance, EngineError> {
+        let volume_id = volume.id;
+        let size = if cv.size > 0 {
+            cv.size
+        } else {
+            volume.size_bytes
+        };
+        let (dev, took) = self
+            .devices
+            .wait_for(volume_id, size, self.cfg.device_timeout)
+            .await?;
+        self.metrics.device_appeared(took);
+        tracing::info!(volume = %volume_id, device = %dev.dev_path.display(), took_ms = took.as_millis() as u64, "device found");
+        let served = self
+            .serve_verified(volume, size, &dev, vm_id, cv.device_id, clients)
+            .await?;
+        Ok(OnAppliance {
+            served,
+            device: dev,
+            took,
+        })
     }
 
     async fn commit_remote_attach(
@@ -140,7 +209,7 @@ impl Inner {
         .await
     }
 
-    /// Device by identity → verify → stable name → export → commit, with one journal write: the commit.
+    /// The appliance's part ([`Self::serve_on_appliance`]) → commit, with one journal write: the commit.
     async fn attach_local(
         &self,
         op: &AttachEntry,
@@ -148,32 +217,23 @@ impl Inner {
         cv: &CloudVolume,
     ) -> Result<(), EngineError> {
         let volume_id = volume.id;
-        let size = if cv.size > 0 {
-            cv.size
-        } else {
-            volume.size_bytes
-        };
-        let (dev, took) = self
-            .devices
-            .wait_for(volume_id, size, self.cfg.device_timeout)
-            .await?;
-        self.metrics.device_appeared(took);
-        tracing::info!(volume = %volume_id, device = %dev.dev_path.display(), took_ms = took.as_millis() as u64, "device found");
-        // Device found, named and exported are not journaled one by one: all three are local and idempotent,
-        // an entry stopped at `cloud_attached` redoes them, and their results are committed with the
-        // attachment in one transaction.
         let clients = op
             .request
             .nbd_clients
             .clone()
             .unwrap_or_else(|| self.cfg.nbd_default_clients.clone());
-        let Served {
-            attachment: att,
-            export,
-            name,
-            snap,
+        let OnAppliance {
+            served:
+                Served {
+                    attachment: att,
+                    export,
+                    name,
+                    snap,
+                },
+            device: dev,
+            took,
         } = self
-            .serve_verified(volume, size, &dev, &op.request.vm_id, cv.device_id, clients)
+            .serve_on_appliance(volume, cv, &op.request.vm_id, clients)
             .await?;
         let device_path = export.device_path.clone();
         let response = AttachVolumeResponse {
@@ -200,9 +260,13 @@ impl Inner {
     }
 
     /// Undoes an appliance attach whose later step failed; returns what happened, for the operation's error.
-    async fn compensate_attach(&self, op: &AttachEntry) -> String {
-        let (volume_id, vm_id) = (op.request.volume_id, op.request.vm_id.as_str());
-        let _ = self.step(op, AttachStep::Compensating).await;
+    pub(super) async fn compensate_attach<R, S: Step + From<AttachStep>>(
+        &self,
+        op: &Entry<R, S>,
+        volume_id: Uuid,
+        vm_id: &str,
+    ) -> String {
+        let _ = self.step(op, AttachStep::Compensating.into()).await;
         let mut problems = Vec::new();
         if let Err(e) = self.teardown_local(volume_id).await {
             problems.push(format!(
@@ -242,9 +306,9 @@ impl Inner {
     }
 
     /// The compensation's cloud detach; `false` when the cloud no longer has it attached to `vm_id`.
-    async fn detach_again(
+    async fn detach_again<R, S: Step + From<AttachStep>>(
         &self,
-        op: &AttachEntry,
+        op: &Entry<R, S>,
         volume_id: Uuid,
         vm_id: &str,
     ) -> Result<bool, EngineError> {
@@ -253,7 +317,7 @@ impl Inner {
             return Ok(false);
         }
         let job_id = self
-            .start_or_resume_job(op, AttachStep::CompensateDetachJob, async {
+            .start_or_resume_job(op, AttachStep::CompensateDetachJob.into(), async {
                 Ok(self.cloud.detach_volume(&volume_id.to_string()).await?)
             })
             .await?;

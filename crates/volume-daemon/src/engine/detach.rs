@@ -136,7 +136,7 @@ impl Inner {
     }
 
     /// detachVolume (or the journaled job), until the cloud reports the volume detached.
-    async fn cloud_detach<R, S: Step + From<DetachStep>>(
+    pub(super) async fn cloud_detach<R, S: Step + From<DetachStep>>(
         &self,
         op: &Entry<R, S>,
         volume_id: Uuid,

@@ -16,7 +16,7 @@
 use std::future::Future;
 
 use super::journal::{
-    AttachStep, CreateStep, DeleteStep, DetachStep, RepairStep, SnapshotCreateStep,
+    AttachStep, CleanupStep, CreateStep, DeleteStep, DetachStep, RepairStep, SnapshotCreateStep,
     SnapshotDeleteStep, SnapshotRevertStep, Step, COMMIT,
 };
 use crate::store::{OpType, StoreError};
@@ -61,6 +61,7 @@ pub fn journaled_steps() -> Vec<(OpType, Vec<&'static str>)> {
         of::<SnapshotCreateStep>(),
         of::<SnapshotRevertStep>(),
         of::<SnapshotDeleteStep>(),
+        of::<CleanupStep>(),
     ]
 }
 
@@ -185,6 +186,8 @@ mod tests {
         assert!(all.contains(&"snapshot_create.cloud_snapshot_sent.after".to_string()));
         assert!(all.contains(&"snapshot_revert.cloud_revert_job.before".to_string()));
         assert!(all.contains(&"snapshot_delete.commit.after".to_string()));
+        assert!(all.contains(&"test_failover_cleanup.cloud_destroy_job.after".to_string()));
+        assert!(all.contains(&"test_failover_cleanup.compensate_detach_job.before".to_string()));
         // Steps only earlier versions wrote have none: nothing reaches them.
         assert!(!all.iter().any(|p| p.starts_with("attach.device_found.")));
         assert!(!all.iter().any(|p| p.starts_with("detach.cloud_detached.")));

@@ -16,6 +16,9 @@
 //! snapshot_create  accepted → started → cloud_snapshot_sent → cloud_snapshot_job → (commit)
 //! snapshot_revert  accepted → started → cloud_revert_job → (commit)
 //! snapshot_delete  accepted → started → cloud_snapshot_delete_job → (commit)
+//! test_failover_cleanup  accepted → started → [cloud_stop_job] → cloud_detach_job → [cloud_destroy_job]
+//!                        → cloud_attach_job → cloud_attached → (device, name, export: commit)
+//!                        a failure after the appliance attach → compensating → compensate_detach_job → (failed)
 //! ```
 //!
 //! `device_found`, `named`, `exported`, `export_removed` and `cloud_detached` are no longer written (what they marked is redone from
@@ -27,7 +30,8 @@ use std::future::Future;
 use uuid::Uuid;
 use volume_api::{
     AttachOperationRequest, CreateVolumeRequest, DiskRole, OperationKind, OperationStep,
-    RepairKind, RepairRequest, SnapshotOperationRequest, VolumeOperationRequest,
+    RepairKind, RepairRequest, SnapshotOperationRequest, TestFailoverCleanupRequest,
+    VolumeOperationRequest,
 };
 
 use super::{EngineError, Inner};
@@ -122,6 +126,54 @@ kind_steps!(
     SnapshotDeleteStep (SnapshotDelete) { Accepted, Started, CloudSnapshotDeleteJob }
 );
 
+kind_steps!(
+    /// Steps of `test_failover_cleanup`: the test VM stopped (unless `force_clean`), the volume detached from
+    /// it, the test VM destroyed (with `delete_vm`), then the attach to the appliance with its steps.
+    CleanupStep (TestFailoverCleanup) {
+        Accepted,
+        Started,
+        CloudStopJob,
+        CloudDetachJob,
+        CloudDestroyJob,
+        CloudAttachJob,
+        CloudAttached,
+        Compensating,
+        CompensateDetachJob,
+    }
+);
+
+/// The detach part of a clean-up journals the detach's steps as its own.
+impl From<DetachStep> for CleanupStep {
+    fn from(s: DetachStep) -> Self {
+        match s {
+            DetachStep::Accepted => Self::Accepted,
+            DetachStep::Started => Self::Started,
+            // Earlier versions' spellings; never written, so never passed here.
+            DetachStep::CloudDetachJob | DetachStep::ExportRemoved | DetachStep::CloudDetached => {
+                Self::CloudDetachJob
+            }
+        }
+    }
+}
+
+/// The attach part of a clean-up journals the attach's steps as its own.
+impl From<AttachStep> for CleanupStep {
+    fn from(s: AttachStep) -> Self {
+        match s {
+            AttachStep::Accepted => Self::Accepted,
+            AttachStep::Started => Self::Started,
+            AttachStep::CloudAttachJob => Self::CloudAttachJob,
+            // Earlier versions' spellings; never written, so never passed here.
+            AttachStep::CloudAttached
+            | AttachStep::DeviceFound
+            | AttachStep::Named
+            | AttachStep::Exported => Self::CloudAttached,
+            AttachStep::Compensating => Self::Compensating,
+            AttachStep::CompensateDetachJob => Self::CompensateDetachJob,
+        }
+    }
+}
+
 impl From<DetachStep> for DeleteStep {
     fn from(s: DetachStep) -> Self {
         match s {
@@ -166,6 +218,7 @@ pub(crate) enum Request {
     SnapshotCreate(SnapshotOperationRequest),
     SnapshotRevert(SnapshotOperationRequest),
     SnapshotDelete(SnapshotOperationRequest),
+    TestFailoverCleanup(TestFailoverCleanupRequest),
 }
 
 impl Request {
@@ -196,6 +249,7 @@ impl Request {
             Self::SnapshotCreate(_) => OpType::SnapshotCreate,
             Self::SnapshotRevert(_) => OpType::SnapshotRevert,
             Self::SnapshotDelete(_) => OpType::SnapshotDelete,
+            Self::TestFailoverCleanup(_) => OpType::TestFailoverCleanup,
         }
     }
 
@@ -213,12 +267,15 @@ impl Request {
             Self::SnapshotCreate(r) | Self::SnapshotRevert(r) | Self::SnapshotDelete(r) => {
                 Some(r.volume_id)
             }
+            Self::TestFailoverCleanup(r) => Some(r.volume_id),
         }
     }
 
+    /// The VM the operation is about: the attach's VM, the clean-up's test VM.
     pub fn vm_id(&self) -> Option<&str> {
         match self {
             Self::Attach(a) => Some(&a.vm_id),
+            Self::TestFailoverCleanup(r) => Some(&r.test_vm_id),
             _ => None,
         }
     }
@@ -233,6 +290,7 @@ impl Request {
             Self::SnapshotCreate(r) | Self::SnapshotRevert(r) | Self::SnapshotDelete(r) => {
                 json_of(r)
             }
+            Self::TestFailoverCleanup(r) => json_of(r),
         }
     }
 }
@@ -255,6 +313,7 @@ pub(crate) enum Parsed {
     SnapshotCreate(Entry<SnapshotOperationRequest, SnapshotCreateStep>),
     SnapshotRevert(Entry<SnapshotOperationRequest, SnapshotRevertStep>),
     SnapshotDelete(Entry<SnapshotOperationRequest, SnapshotDeleteStep>),
+    TestFailoverCleanup(Entry<TestFailoverCleanupRequest, CleanupStep>),
 }
 
 impl Parsed {
@@ -295,6 +354,7 @@ impl Parsed {
             OpType::SnapshotCreate => Self::SnapshotCreate(entry(op)?),
             OpType::SnapshotRevert => Self::SnapshotRevert(entry(op)?),
             OpType::SnapshotDelete => Self::SnapshotDelete(entry(op)?),
+            OpType::TestFailoverCleanup => Self::TestFailoverCleanup(entry(op)?),
         })
     }
 }
@@ -349,6 +409,10 @@ pub(crate) fn wire_kind(op: &OperationRecord) -> Result<OperationKind, EngineErr
             response: response(op)?,
         },
         OpType::SnapshotDelete => OperationKind::SnapshotDelete {
+            request: read(op, "request", &op.request)?,
+            response: response(op)?,
+        },
+        OpType::TestFailoverCleanup => OperationKind::TestFailoverCleanup {
             request: read(op, "request", &op.request)?,
             response: response(op)?,
         },
@@ -427,7 +491,7 @@ mod tests {
     use serde_json::json;
 
     /// The spellings journals written by earlier versions contain.
-    const STORED: [&str; 19] = [
+    const STORED: [&str; 21] = [
         "accepted",
         "started",
         "cloud_create_sent",
@@ -447,6 +511,8 @@ mod tests {
         "cloud_snapshot_job",
         "cloud_revert_job",
         "cloud_snapshot_delete_job",
+        "cloud_stop_job",
+        "cloud_destroy_job",
     ];
 
     fn record(op_type: OpType, step: &str, request: serde_json::Value) -> OperationRecord {
@@ -486,7 +552,7 @@ mod tests {
 
     #[test]
     fn each_kind_accepts_exactly_its_own_steps() {
-        let kinds: [(&[OperationStep], OpType); 8] = [
+        let kinds: [(&[OperationStep], OpType); 9] = [
             (
                 &CreateStep::ALL.iter().map(|s| s.wire()).collect::<Vec<_>>(),
                 OpType::Create,
@@ -528,6 +594,13 @@ mod tests {
                     .collect::<Vec<_>>(),
                 OpType::SnapshotDelete,
             ),
+            (
+                &CleanupStep::ALL
+                    .iter()
+                    .map(|s| s.wire())
+                    .collect::<Vec<_>>(),
+                OpType::TestFailoverCleanup,
+            ),
         ];
         for (steps, kind) in kinds {
             let request = match kind {
@@ -536,6 +609,8 @@ mod tests {
                 }
                 OpType::Attach => json!({"volume_id": Uuid::nil(), "vm_id": "vm"}),
                 OpType::Repair => json!({"volume_id": Uuid::nil(), "repair": "reexport"}),
+                OpType::TestFailoverCleanup => json!({"volume_id": Uuid::nil(),
+                    "test_vm_id": "vm", "oma_vm_id": "appliance"}),
                 _ => json!({"volume_id": Uuid::nil()}),
             };
             for s in OperationStep::ALL {

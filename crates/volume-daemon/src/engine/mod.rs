@@ -6,11 +6,13 @@
 //! Modules: [`journal`] (steps and requests as types, the cloud-job helper), [`validate`], one per workflow
 //! ([`create`], [`attach`], [`detach`], [`delete`]), [`export`] (export lifecycle, the one teardown) and
 //! [`recovery`] (start-up), [`repair`] (the reconciler's repairs, journaled as `repair` operations), [`orphans`] (the export
-//! audit and orphan clean-up), [`snapshot`] (snapshot create, revert and delete), [`fence`]
+//! audit and orphan clean-up), [`snapshot`] (snapshot create, revert and delete), [`cleanup`] (the
+//! test-failover clean-up: test VM to appliance), [`fence`]
 //! (exports whose device vanished) and [`reads`] (records joined with live state for the API). This file holds
 //! the handle, submission, queuing and the run loop.
 
 mod attach;
+mod cleanup;
 mod create;
 mod delete;
 mod detach;
@@ -382,6 +384,7 @@ impl Inner {
                 Ok(Parsed::SnapshotCreate(e)) => self.snapshot_create(&e).await,
                 Ok(Parsed::SnapshotRevert(e)) => self.snapshot_revert(&e).await,
                 Ok(Parsed::SnapshotDelete(e)) => self.snapshot_delete(&e).await,
+                Ok(Parsed::TestFailoverCleanup(e)) => self.test_failover_cleanup(&e).await,
                 Err(e) => Err(e),
             };
             match result {

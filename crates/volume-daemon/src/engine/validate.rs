@@ -66,6 +66,8 @@ pub(crate) fn refuse_control(request: &Value) -> Result<(), EngineError> {
                 "vm_id",
                 "metadata",
                 "volume_id",
+                "test_vm_id",
+                "oma_vm_id",
             ]
             .into_iter()
             .find(|f| *f == top)
@@ -216,6 +218,59 @@ impl Inner {
                     }
                 }
                 self.require_volume(r.volume_id).await
+            }
+            Request::TestFailoverCleanup(r) => {
+                for (field, value) in [("test_vm_id", &r.test_vm_id), ("oma_vm_id", &r.oma_vm_id)] {
+                    if value.trim().is_empty() {
+                        return Err(EngineError::Invalid {
+                            field,
+                            message: format!("{field} must not be empty"),
+                        });
+                    }
+                }
+                let appliance = self.identity.require().await?;
+                if r.oma_vm_id != appliance {
+                    return Err(super::cleanup::wrong_appliance(&r.oma_vm_id, &appliance));
+                }
+                if r.test_vm_id == appliance {
+                    return Err(EngineError::Invalid {
+                        field: "test_vm_id",
+                        message: format!(
+                            "test_vm_id names the appliance {appliance}; name the test VM the volume was attached \
+                             to for the test failover"
+                        ),
+                    });
+                }
+                self.require_volume(r.volume_id).await?;
+                if !self.has_unfinished(r.volume_id).await? {
+                    // Attached to the test VM as the daemon records it, or as CloudStack reports it (the hub
+                    // may have attached it without the daemon).
+                    let recorded = self
+                        .store
+                        .get_attachment(r.volume_id)
+                        .await?
+                        .map(|a| a.vm_id);
+                    if recorded.as_deref() != Some(r.test_vm_id.as_str()) {
+                        let cloud = self
+                            .cloud
+                            .get_volume(&r.volume_id.to_string())
+                            .await
+                            .or_else(|e| match e.kind {
+                                CloudErrorKind::NotFound => Ok(None),
+                                _ => Err(e),
+                            })?
+                            .and_then(|v| v.vm_id);
+                        if cloud.as_deref() != Some(r.test_vm_id.as_str()) {
+                            return Err(super::cleanup::not_attached(
+                                r.volume_id,
+                                &r.test_vm_id,
+                                recorded,
+                                Some(cloud),
+                            ));
+                        }
+                    }
+                }
+                Ok(())
             }
             Request::SnapshotRevert(r) | Request::SnapshotDelete(r) => {
                 let revert = matches!(req, Request::SnapshotRevert(_));

@@ -1244,6 +1244,20 @@ impl Store {
         export: Option<&ExportRecord>,
         response: &Value,
     ) -> Result<(), StoreError> {
+        self.commit_attach_replacing(op_id, None, attachment, export, response)
+            .await
+    }
+
+    /// [`Self::commit_attach`] that also replaces a recorded attachment to `replaces` (a test-failover
+    /// clean-up moves the volume from its test VM to the appliance: the cloud has detached it from there).
+    pub async fn commit_attach_replacing(
+        &self,
+        op_id: Uuid,
+        replaces: Option<&str>,
+        attachment: &AttachmentRecord,
+        export: Option<&ExportRecord>,
+        response: &Value,
+    ) -> Result<(), StoreError> {
         let volume_id = attachment.volume_id;
         let mut tx = self.begin_write().await?;
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
@@ -1279,7 +1293,7 @@ impl Store {
         match existing {
             Some(row) => {
                 let vm = Reader::new(&row, "attachments", "volume_id").text("vm_id")?;
-                if vm != a.vm_id {
+                if vm != a.vm_id && replaces != Some(vm.as_str()) {
                     return Err(conflict(&vm));
                 }
                 let sql = self.dialect.sql(
