@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Control-path benchmark of volume-daemon against its built-in simulator.
+"""Control-path benchmark of volume-daemon against the CloudStack simulator (`cloudsim` in its own process,
+so that the daemon's RSS is the daemon's alone; `--sim-in-process` runs `serve --sim` instead).
 
 Measures, client-side (POST, then GET /operations/{id}?wait=):
   - per-operation overhead beyond the cloud job (create, attach, detach; delete has no job) at the
@@ -10,7 +11,10 @@ Measures, client-side (POST, then GET /operations/{id}?wait=):
   - GET /volumes at 100, 1,000 and 10,000 volumes, unpaginated and one page of 100;
   - start-up time to a healthy API, and the daemon's RSS idle and after the largest listing.
 
-Usage: bench/control-bench.sh [--quick] [--max-volumes N]   (builds the release binary, then runs this)
+Each figure is measured against a fresh daemon and simulator in a temporary directory, every listener on
+port 0.
+
+Usage: bench/control-bench.sh [--quick] [--max-volumes N] [--sim-in-process]   (builds the release binary, then runs this)
        bench/control_bench.py --daemon target/release/volume-daemon [...]
 """
 
@@ -75,36 +79,97 @@ class Api:
         return elapsed, done
 
 
+# The appliance VM of the out-of-process simulator (any UUID; the daemon is told it).
+APPLIANCE_VM = "1b2f6a7e-0c55-4d0f-9a41-3c3f9e0e2a11"
+
+
+def spawn_until(cmd, marker, env):
+    """Starts `cmd` and reads its stdout up to the line starting with `marker`; returns (process, rest of
+    that line), and keeps draining stdout so the child never blocks on a full pipe."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    found = None
+    for line in proc.stdout:
+        if line.startswith(marker):
+            found = line[len(marker):].strip()
+            break
+    if found is None:
+        proc.wait()
+        raise RuntimeError(f"{cmd[0]} exited before printing {marker!r}")
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    return proc, found
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def stop(proc):
+    if proc and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Daemon:
-    def __init__(self, binary, job_delay_ms, state_dir):
+    """The daemon under test and its simulator: by default `cloudsim` in its own process (so that the
+    daemon's RSS is its own), with `in_process` the simulator inside the daemon (`serve --sim`)."""
+
+    def __init__(self, binary, job_delay_ms, state_dir, in_process=False):
         self.binary = binary
         self.job_delay_ms = job_delay_ms
         self.state_dir = state_dir
+        self.in_process = in_process
         self.proc = None
+        self.sim = None
         self.addr = None
         self.sim_addr = None
         self.startup = None
 
     def start(self):
         DAEMONS.append(self)
+        env = {**os.environ, "RUST_LOG": "warn"}
+        common = ["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"]
+        if self.in_process:
+            cmd = [self.binary, "serve", "--sim", "--state-dir", self.state_dir, *common,
+                   "--sim-listen", "127.0.0.1:0", "--sim-job-delay-ms", str(self.job_delay_ms)]
+        else:
+            cloudsim = os.path.join(os.path.dirname(self.binary), "cloudsim")
+            by_id = os.path.join(self.state_dir, "by-id")
+            self.sim, self.sim_addr = spawn_until(
+                [cloudsim, "--listen", "127.0.0.1:0", "--state-dir", os.path.join(self.state_dir, "sim"),
+                 "--by-id-dir", by_id, "--appliance-vm-id", APPLIANCE_VM,
+                 "--job-delay-ms", str(self.job_delay_ms)],
+                "listening on ", env)
+            cmd = [self.binary, "serve", "--state-dir", os.path.join(self.state_dir, "daemon"), *common,
+                   "--cloudstack-url", f"http://{self.sim_addr}/client/api",
+                   "--cloudstack-api-key", "sim-api-key", "--cloudstack-secret-key", "sim-secret-key",
+                   "--appliance-vm-id", APPLIANCE_VM, "--by-id-dir", by_id]
+            if os.geteuid() != 0:  # the simulator backs attachments with plain files then
+                env["VOLUME_DAEMON_ALLOW_REGULAR_FILES"] = "true"
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [self.binary, "serve", "--sim", "--state-dir", self.state_dir,
-             "--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0", "--sim-listen", "127.0.0.1:0",
-             "--sim-job-delay-ms", str(self.job_delay_ms)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env={**os.environ, "RUST_LOG": "warn"})
-        for line in self.proc.stdout:
-            m = re.match(r"cloudsim listening on (\S+)", line)
-            if m:
-                self.sim_addr = m.group(1)
-            m = re.match(r"api listening on (\S+)", line)
-            if m:
-                self.addr = m.group(1)
-                break
-        if self.addr is None:
-            raise RuntimeError("the daemon exited before printing its API address")
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        if self.in_process:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                         env=env)
+            for line in self.proc.stdout:
+                m = re.match(r"cloudsim listening on (\S+)", line)
+                if m:
+                    self.sim_addr = m.group(1)
+                m = re.match(r"api listening on (\S+)", line)
+                if m:
+                    self.addr = m.group(1)
+                    break
+            if self.addr is None:
+                raise RuntimeError("the daemon exited before printing its API address")
+            threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        else:
+            self.proc, self.addr = spawn_until(cmd, "api listening on ", env)
         api = Api(self.addr)
         while True:
             status, _, _ = api.call("GET", "/health")
@@ -115,20 +180,14 @@ class Daemon:
         return api
 
     def rss_mb(self):
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-        return float("nan")
+        return rss_mb(self.proc.pid)
+
+    def sim_rss_mb(self):
+        return rss_mb(self.sim.pid) if self.sim else float("nan")
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
+        stop(self.sim)
 
 
 def sim_catalog(daemon):
@@ -197,9 +256,9 @@ def ms(x):
     return f"{x * 1000:.1f}"
 
 
-def bench_delay(binary, delay_ms, seq, streams, per_stream):
+def bench_delay(binary, delay_ms, seq, streams, per_stream, in_process):
     with tempfile.TemporaryDirectory(prefix="vd-bench-") as state:
-        d = Daemon(binary, delay_ms, state)
+        d = Daemon(binary, delay_ms, state, in_process)
         api = d.start()
         zone, offering = sim_catalog(d)
         appliance = api.json("GET", "/appliance")["vm_id"]
@@ -224,10 +283,10 @@ def bench_delay(binary, delay_ms, seq, streams, per_stream):
         return d.startup, out, conc
 
 
-def bench_scale(binary, sizes, page, lifecycle_secs):
+def bench_scale(binary, sizes, page, lifecycle_secs, in_process):
     rows = []
     with tempfile.TemporaryDirectory(prefix="vd-bench-") as state:
-        d = Daemon(binary, 0, state)
+        d = Daemon(binary, 0, state, in_process)
         api = d.start()
         zone, offering = sim_catalog(d)
         idle_rss = d.rss_mb()
@@ -285,8 +344,9 @@ def bench_scale(binary, sizes, page, lifecycle_secs):
             rows.append((n, create_rate, statistics.median(full), statistics.median(paged), page_len))
         time.sleep(2)
         after_rss = d.rss_mb()
+        sim_rss = d.sim_rss_mb()
         d.stop()
-        return d.startup, idle_rss, before_rss, peak_rss, after_rss, per_min, rows
+        return d.startup, idle_rss, before_rss, peak_rss, after_rss, sim_rss, per_min, rows
 
 
 DAEMONS = []
@@ -297,6 +357,8 @@ def main():
     ap.add_argument("--daemon", required=True)
     ap.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
     ap.add_argument("--max-volumes", type=int, default=10000)
+    ap.add_argument("--sim-in-process", action="store_true",
+                    help="run the simulator inside the daemon (serve --sim): its state counts in the RSS")
     args = ap.parse_args()
 
     seq, streams, per_stream, secs = (20, 50, 2, 20.0)
@@ -305,9 +367,12 @@ def main():
         seq, streams, per_stream, secs = (5, 10, 1, 3.0)
         sizes = [s for s in (100, 1000) if s <= args.max_volumes]
 
-    print(f"# volume-daemon control path (load average {os.getloadavg()[0]:.1f})")
+    where = "in the daemon's process" if args.sim_in_process else "in its own process"
+    print(f"# volume-daemon control path (simulator {where}; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})")
     for delay in (0, 200):
-        startup, out, conc = bench_delay(args.daemon, delay, seq, streams, per_stream)
+        startup, out, conc = bench_delay(args.daemon, delay, seq, streams, per_stream,
+                                           args.sim_in_process)
         print(f"\n## job delay {delay} ms  (start-up to healthy: {ms(startup)} ms)")
         print("| operation | sequential median (ms beyond job) | sequential p99 | "
               f"{streams} streams p50 | {streams} streams p99 |")
@@ -316,7 +381,8 @@ def main():
             print(f"| {k} | {ms(statistics.median(out[k]))} | {ms(pct(out[k], 99))} | "
                   f"{ms(pct(conc[k], 50))} | {ms(pct(conc[k], 99))} |")
 
-    startup, idle, before, peak, after, per_min, rows = bench_scale(args.daemon, sizes, 100, secs)
+    startup, idle, before, peak, after, sim_rss, per_min, rows = bench_scale(
+        args.daemon, sizes, 100, secs, args.sim_in_process)
     print("\n## scale (job delay 0)\n")
     print(f"create+delete lifecycles per minute (50 streams): {per_min:.0f}")
     print("\n| volumes | create rate (/s) | GET /volumes median (ms) | "
@@ -325,7 +391,9 @@ def main():
     for n, rate, full, paged, page_len in rows:
         print(f"| {n} | {rate:.0f} | {ms(full)} | {ms(paged)} | {page_len} |")
     print(f"\nstart-up to healthy: {ms(startup)} ms; RSS idle {idle:.1f} MB, before the largest listing "
-          f"{before:.1f} MB, peak while listing {peak:.1f} MB, 2 s after the largest listing {after:.1f} MB")
+          f"{before:.1f} MB, peak while listing {peak:.1f} MB, 2 s after the largest listing {after:.1f} MB"
+          + ("" if args.sim_in_process else f" (the simulator's own process: {sim_rss:.1f} MB)"))
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

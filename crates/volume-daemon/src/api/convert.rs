@@ -112,17 +112,24 @@ pub fn export(e: &ExportView) -> Export {
 }
 
 /// `GET /volumes/{id}`: the record, its attachment, live export and device, and the cloud's view.
-pub fn volume_status(v: &VolumeView) -> Result<VolumeStatus, EngineError> {
-    let rec = &v.volume;
-    let (cloudstack_data, cloudstack_error) = match &v.cloud {
+pub fn volume_status(v: VolumeView) -> Result<VolumeStatus, EngineError> {
+    let VolumeView {
+        volume: rec,
+        attachment,
+        export: live_export,
+        cloud,
+        device,
+        last_operation,
+    } = v;
+    let (cloudstack_data, cloudstack_error) = match cloud {
         None => (None, None),
         Some(Ok(Some(cv))) => (
             Some(CloudVolumeData {
                 state: CloudVolumeState::from(cv.state.as_str()),
-                virtualmachineid: cv.vm_id.clone(),
+                virtualmachineid: cv.vm_id,
                 deviceid: cv.device_id,
                 size: cv.size,
-                volume_type: cv.volume_type.clone(),
+                volume_type: cv.volume_type,
             }),
             None,
         ),
@@ -134,37 +141,38 @@ pub fn volume_status(v: &VolumeView) -> Result<VolumeStatus, EngineError> {
     };
     let state = if rec.deleted_at.is_some() {
         VolumeState::Deleted
-    } else if v.attachment.is_some() {
+    } else if attachment.is_some() {
         VolumeState::Attached
     } else {
         VolumeState::Detached
     };
-    let (linux_state, linux_problem) = match v.device.as_ref().map(linux_state) {
+    let (linux_state, linux_problem) = match device.as_ref().map(linux_state) {
         Some((s, p)) => (Some(s), p),
         None => (None, None),
     };
+    let snapshot = rec.snapshot;
     Ok(VolumeStatus {
         volume_id: rec.id,
-        name: rec.name.clone(),
+        name: rec.name,
         size: rec.size_bytes,
-        disk_offering_id: rec.disk_offering_id.clone(),
-        zone_id: rec.zone_id.clone(),
-        metadata: rec.metadata.clone(),
+        disk_offering_id: rec.disk_offering_id,
+        zone_id: rec.zone_id,
+        metadata: rec.metadata,
         state,
         linux_state,
         linux_problem,
-        attachment: v.attachment.as_ref().map(attachment_info),
-        export: v.export.as_ref().map(export),
+        attachment: attachment.as_ref().map(attachment_info),
+        export: live_export.as_ref().map(export),
         cloudstack_data,
         cloudstack_error,
         snapshot: SnapshotInfo {
-            snapshot_id: rec.snapshot.snapshot_id.clone(),
-            snapshot_name: rec.snapshot.snapshot_name.clone(),
-            snapshot_status: rec.snapshot.snapshot_status.clone(),
-            vm_context_id: rec.snapshot.vm_context_id.clone(),
-            snapshot_created_at: rec.snapshot.snapshot_created_at,
+            snapshot_id: snapshot.snapshot_id,
+            snapshot_name: snapshot.snapshot_name,
+            snapshot_status: snapshot.snapshot_status,
+            vm_context_id: snapshot.vm_context_id,
+            snapshot_created_at: snapshot.snapshot_created_at,
         },
-        last_operation: v.last_operation.as_ref().map(operation).transpose()?,
+        last_operation: last_operation.as_ref().map(operation).transpose()?,
         created_at: rec.created_at,
         updated_at: rec.updated_at,
     })
@@ -210,16 +218,16 @@ pub fn device_mapping(d: &crate::engine::DeviceView) -> DeviceMapping {
 }
 
 /// One entry of `GET /vms/{vm_id}/volumes`.
-pub fn vm_volume(a: &AttachmentRecord, v: Option<&VolumeRecord>) -> VmVolume {
+pub fn vm_volume(a: &AttachmentRecord, v: &VolumeRecord) -> VmVolume {
     VmVolume {
         volume_id: a.volume_id,
-        name: v.map(|v| v.name.clone()).unwrap_or_default(),
+        name: v.name.clone(),
         vm_id: a.vm_id.clone(),
         device_path: a.by_id_path.clone().or_else(|| a.kernel_device.clone()),
         device_id: a.device_id,
         role: a.role,
         state: VolumeState::Attached,
-        size: v.map(|v| v.size_bytes).unwrap_or(0),
+        size: v.size_bytes,
     }
 }
 

@@ -439,12 +439,11 @@ async fn list_volumes(
         )?),
         _ => None,
     };
-    page::json_array(
-        views
-            .iter()
-            .map(|v| convert::volume_status(v).map_err(ApiError::from)),
-        link,
-    )
+    let items = views
+        .into_iter()
+        .map(convert::volume_status)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(page::json_array(items, link))
 }
 
 #[utoipa::path(
@@ -466,7 +465,7 @@ async fn get_volume(
     let v = st.engine.volume_view(volume_id).await?.ok_or_else(|| {
         ApiError::NotFound(format!("volume {volume_id} is not known to the daemon"))
     })?;
-    Ok(Json(convert::volume_status(&v)?).into_response())
+    Ok(Json(convert::volume_status(v)?).into_response())
 }
 
 #[utoipa::path(
@@ -535,10 +534,7 @@ async fn vm_volumes(
     Path(vm_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let atts = st.engine.vm_volumes(vm_id).await?;
-    let out: Vec<_> = atts
-        .iter()
-        .map(|(a, v)| convert::vm_volume(a, v.as_ref()))
-        .collect();
+    let out: Vec<_> = atts.iter().map(|(a, v)| convert::vm_volume(a, v)).collect();
     Ok(Json(out).into_response())
 }
 
@@ -701,12 +697,12 @@ async fn list_operations(
         )?),
         _ => None,
     };
-    page::json_array(
-        ops.items
-            .iter()
-            .map(|o| convert::operation(o).map_err(ApiError::from)),
-        link,
-    )
+    let items = ops
+        .items
+        .iter()
+        .map(convert::operation)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(page::json_array(items, link))
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,6 +1,7 @@
 //! Paged listings (`GET /volumes`, `/operations`, `/exports`): `?limit=N` and an opaque `?after=` cursor, the
 //! next page announced in an RFC 8288 `Link: <…>; rel="next"` header so that bodies keep their shape, and
-//! large JSON bodies written compactly, item by item, with freed memory handed back to the system afterwards.
+//! JSON array bodies written compactly while they are sent, with freed memory handed back to the system after
+//! a large one.
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue};
@@ -124,52 +125,84 @@ pub fn next_link(
     })
 }
 
-/// A JSON array written item by item into one compact buffer (no intermediate list of wire values), sent
-/// with the `Link` header of the next page when there is one.
-pub fn json_array<T: Serialize>(
-    items: impl ExactSizeIterator<Item = Result<T, ApiError>>,
+/// A JSON array of `items`, sent with the `Link` header of the next page when there is one. The items are
+/// converted before anything is sent (a conversion error still answers with its status); the body is then
+/// written compactly while it is sent, a chunk of about [`CHUNK`] bytes at a time, each item dropped once
+/// written, so that no copy of a large listing's whole body is ever held.
+pub fn json_array<T: Serialize + Send + 'static>(
+    items: Vec<T>,
     link: Option<HeaderValue>,
-) -> Result<Response, ApiError> {
-    let mut buf = Vec::with_capacity(2 + items.len() * 512);
-    buf.push(b'[');
-    for (i, item) in items.enumerate() {
-        if i > 0 {
-            buf.push(b',');
-        }
-        serde_json::to_writer(&mut buf, &item?)
-            .expect("invariant: wire types have string keys and always serialize");
-    }
-    buf.push(b']');
+) -> Response {
+    let chunks = Chunks {
+        items: items.into_iter(),
+        started: false,
+        done: false,
+        written: 0,
+    };
+    let stream = futures::stream::iter(chunks.map(Ok::<_, std::convert::Infallible>));
     let mut resp = (
         [(header::CONTENT_TYPE, "application/json")],
-        Body::from(bytes::Bytes::from_owner(Released(buf))),
+        Body::from_stream(stream),
     )
         .into_response();
     if let Some(l) = link {
         resp.headers_mut().insert(header::LINK, l);
     }
-    Ok(resp)
+    resp
 }
 
-/// A response body that, once sent and dropped, hands freed heap memory back to the system when it was
-/// large: glibc keeps freed memory of its arenas otherwise, and one listing of 10,000 volumes would leave the
-/// daemon tens of megabytes larger for good.
-struct Released(Vec<u8>);
+/// Bytes of body written per chunk (at least; an item is never split).
+const CHUNK: usize = 64 * 1024;
+
+/// The chunks of a JSON array body. Once dropped (sent, or the client went away) after writing a large body,
+/// it hands freed heap memory back to the system: glibc keeps freed memory of its arenas otherwise, and one
+/// listing of 10,000 volumes would leave the daemon tens of megabytes larger for good.
+struct Chunks<T> {
+    items: std::vec::IntoIter<T>,
+    started: bool,
+    done: bool,
+    written: usize,
+}
 
 /// Bodies at least this large release memory when dropped.
 const RELEASE_ABOVE: usize = 1 << 20;
 
-impl AsRef<[u8]> for Released {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
+impl<T: Serialize> Iterator for Chunks<T> {
+    type Item = bytes::Bytes;
+
+    fn next(&mut self) -> Option<bytes::Bytes> {
+        if self.done {
+            return None;
+        }
+        let mut buf = Vec::with_capacity(CHUNK + CHUNK / 4);
+        if !self.started {
+            self.started = true;
+            buf.push(b'[');
+        } else if self.items.len() > 0 {
+            buf.push(b',');
+        }
+        while buf.len() < CHUNK {
+            let Some(item) = self.items.next() else {
+                buf.push(b']');
+                self.done = true;
+                break;
+            };
+            serde_json::to_writer(&mut buf, &item)
+                .expect("invariant: wire types have string keys and always serialize");
+            if buf.len() < CHUNK && self.items.len() > 0 {
+                buf.push(b',');
+            }
+        }
+        self.written += buf.len();
+        Some(bytes::Bytes::from(buf))
     }
 }
 
-impl Drop for Released {
+impl<T> Drop for Chunks<T> {
     fn drop(&mut self) {
-        let large = self.0.capacity() >= RELEASE_ABOVE;
-        drop(std::mem::take(&mut self.0));
-        if large {
+        if self.written >= RELEASE_ABOVE {
+            // What is still unsent goes first (the client may have gone away mid-body).
+            drop(std::mem::take(&mut self.items));
             release_free_memory();
         }
     }
@@ -191,6 +224,7 @@ pub(crate) fn release_free_memory() {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
     #[test]
     fn cursors_round_trip_and_anything_else_is_refused() {
@@ -204,6 +238,36 @@ mod tests {
         assert_eq!(after(None).unwrap(), None);
         for bad in ["zz", "abc", "6162", &"61".repeat(600)] {
             assert!(after(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn array_bodies_in_chunks_are_the_compact_json_of_the_items() {
+        let big = "x".repeat(CHUNK / 3);
+        for n in [0, 1, 2, 3, 7, 40] {
+            let items: Vec<Value> = (0..n).map(|i| json!({"i": i, "pad": big})).collect();
+            let want = serde_json::to_vec(&items).unwrap();
+            let chunks: Vec<bytes::Bytes> = Chunks {
+                items: items.into_iter(),
+                started: false,
+                done: false,
+                written: 0,
+            }
+            .collect();
+            assert_eq!(chunks.concat(), want, "{n} items");
+            // Every chunk but the last holds at least CHUNK bytes: the body is not one item per write.
+            let short = chunks
+                .iter()
+                .rev()
+                .skip(1)
+                .filter(|c| c.len() < CHUNK)
+                .count();
+            assert_eq!(
+                short,
+                0,
+                "{n} items: {:?}",
+                chunks.iter().map(|c| c.len()).collect::<Vec<_>>()
+            );
         }
     }
 

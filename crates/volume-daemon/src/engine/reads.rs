@@ -11,8 +11,8 @@ use crate::cloud::{CloudDiskOffering, CloudError, CloudVm, CloudVolume, CloudZon
 use crate::devices::DeviceError;
 use crate::identity::{IdentitySetError, IdentityState};
 use crate::store::{
-    AttachTarget, AttachmentFilter, AttachmentRecord, Cursor, ExportRecord, OperationFilter,
-    OperationRecord, Page, VolumeFilter, VolumeRecord,
+    AttachTarget, AttachmentRecord, Cursor, ExportRecord, OperationFilter, OperationRecord, Page,
+    VolumeFilter, VolumeRecord, VolumeRow,
 };
 
 /// The local device of an appliance attachment, as checked now.
@@ -100,91 +100,56 @@ impl Engine {
             .collect()
     }
 
-    async fn volume_views(
+    /// Views of volumes read with their attachment, export and newest operation (one store query): the live
+    /// export state from the in-memory registry, the cloud asked when `ask_cloud`, and the devices of the
+    /// appliance attachments among them checked together in one blocking task.
+    async fn views_of(
         &self,
-        volumes: Vec<VolumeRecord>,
+        rows: Vec<VolumeRow>,
         ask_cloud: bool,
     ) -> Result<Vec<VolumeView>, EngineError> {
-        let store = &self.inner.store;
-        let mut partial = Vec::with_capacity(volumes.len());
-        for v in volumes {
-            let attachment = store.get_attachment(v.id).await?;
-            let export = store.get_export(v.id).await?.map(|r| self.export_view(r));
-            let last_operation = store
-                .list_operations(&OperationFilter {
-                    volume_id: Some(v.id),
-                    limit: Some(1),
-                    ..Default::default()
-                })
-                .await?
-                .into_iter()
-                .next();
+        let items: Vec<_> = rows
+            .iter()
+            .map(|r| (r.volume.id, r.attachment.as_ref(), r.volume.size_bytes))
+            .collect();
+        let devices = self.check_devices(&items).await;
+        let mut views = Vec::with_capacity(rows.len());
+        for (r, device) in rows.into_iter().zip(devices) {
             let cloud = if ask_cloud {
-                Some(self.inner.cloud.get_volume(&v.id.to_string()).await)
+                Some(self.inner.cloud.get_volume(&r.volume.id.to_string()).await)
             } else {
                 None
             };
-            partial.push((v, attachment, export, cloud, last_operation));
+            views.push(VolumeView {
+                volume: r.volume,
+                attachment: r.attachment,
+                export: r.export.map(|e| self.export_view(e)),
+                cloud,
+                device,
+                last_operation: r.last_operation,
+            });
         }
-        let items: Vec<_> = partial
-            .iter()
-            .map(|(v, a, ..)| (v.id, a.as_ref(), v.size_bytes))
-            .collect();
-        let devices = self.check_devices(&items).await;
-        Ok(partial
-            .into_iter()
-            .zip(devices)
-            .map(
-                |((volume, attachment, export, cloud, last_operation), device)| VolumeView {
-                    volume,
-                    attachment,
-                    export,
-                    cloud,
-                    device,
-                    last_operation,
-                },
-            )
-            .collect())
+        Ok(views)
     }
 
     /// `GET /volumes/{id}`: the volume with its attachment, export, device and the cloud's view.
     pub(crate) async fn volume_view(&self, id: Uuid) -> Result<Option<VolumeView>, EngineError> {
-        let Some(v) = self.inner.store.get_volume(id).await? else {
+        let Some(row) = self.inner.store.get_volume_row(id).await? else {
             self.inner.refuse_foreign(id).await?;
             return Ok(None);
         };
-        Ok(self.volume_views(vec![v], true).await?.pop())
+        Ok(self.views_of(vec![row], true).await?.pop())
     }
 
-    /// `GET /volumes`: one page of the volumes matching `filter`, from one store query (volume, attachment,
-    /// export and newest operation joined), without asking the cloud. The live export state comes from the
-    /// in-memory registry; the devices of the page's appliance attachments (a handful: CloudStack limits a
-    /// VM's data disks) are checked together in one blocking task.
+    /// `GET /volumes`: one page of the volumes matching `filter`, from one store query, without asking the
+    /// cloud (see [`Self::views_of`]; a page's appliance attachments are a handful: CloudStack limits a VM's
+    /// data disks).
     pub(crate) async fn volume_page(
         &self,
         filter: &VolumeFilter,
     ) -> Result<(Vec<VolumeView>, Option<Cursor>), EngineError> {
         let page = self.inner.store.page_volumes(filter).await?;
-        let items: Vec<_> = page
-            .items
-            .iter()
-            .map(|r| (r.volume.id, r.attachment.as_ref(), r.volume.size_bytes))
-            .collect();
-        let devices = self.check_devices(&items).await;
-        let views = page
-            .items
-            .into_iter()
-            .zip(devices)
-            .map(|(r, device)| VolumeView {
-                volume: r.volume,
-                attachment: r.attachment,
-                export: r.export.map(|e| self.export_view(e)),
-                cloud: None,
-                device,
-                last_operation: r.last_operation,
-            })
-            .collect();
-        Ok((views, page.next))
+        Ok((self.views_of(page.items, false).await?, page.next))
     }
 
     /// Volumes with an unfinished operation (the reconciler leaves them to it).
@@ -205,10 +170,18 @@ impl Engine {
         &self,
         skip: &HashSet<Uuid>,
     ) -> Result<(Vec<VolumeView>, usize), EngineError> {
-        let all = self.inner.store.list_volumes(false).await?;
+        let all = self
+            .inner
+            .store
+            .page_volumes(&VolumeFilter::default())
+            .await?
+            .items;
         let total = all.len();
-        let vols = all.into_iter().filter(|v| !skip.contains(&v.id)).collect();
-        Ok((self.volume_views(vols, true).await?, total))
+        let rows = all
+            .into_iter()
+            .filter(|r| !skip.contains(&r.volume.id))
+            .collect();
+        Ok((self.views_of(rows, true).await?, total))
     }
 
     async fn device_view(&self, attachment: AttachmentRecord) -> Result<DeviceView, EngineError> {
@@ -280,24 +253,26 @@ impl Engine {
         }
     }
 
-    /// `GET /vms/{vm_id}/volumes`: the VM's attachments with their volumes.
+    /// `GET /vms/{vm_id}/volumes`: the VM's attachments with their volumes, in device order (a device id
+    /// missing last, then by volume), from the one listing query.
     pub(crate) async fn vm_volumes(
         &self,
         vm_id: String,
-    ) -> Result<Vec<(AttachmentRecord, Option<VolumeRecord>)>, EngineError> {
-        let atts = self
+    ) -> Result<Vec<(AttachmentRecord, VolumeRecord)>, EngineError> {
+        let rows = self
             .inner
             .store
-            .list_attachments(&AttachmentFilter {
+            .page_volumes(&VolumeFilter {
                 vm_id: Some(vm_id),
-                target: None,
+                ..Default::default()
             })
-            .await?;
-        let mut out = Vec::with_capacity(atts.len());
-        for a in atts {
-            let v = self.inner.store.get_volume(a.volume_id).await?;
-            out.push((a, v));
-        }
+            .await?
+            .items;
+        let mut out: Vec<_> = rows
+            .into_iter()
+            .filter_map(|r| r.attachment.map(|a| (a, r.volume)))
+            .collect();
+        out.sort_by_key(|(a, _)| (a.device_id.is_none(), a.device_id, a.volume_id));
         Ok(out)
     }
 

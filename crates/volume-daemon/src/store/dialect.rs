@@ -48,6 +48,16 @@ impl Dialect {
         }
     }
 
+    /// `col` written so that a condition on it does not pick an index: SQLite's planner otherwise prefers
+    /// the index of an equality (`appliance_id IN (…)`) over the one that gives the listing's order, and
+    /// then sorts every row. SQLite's unary `+` does that; the other servers plan by their statistics.
+    pub fn not_indexed(self, col: &str) -> String {
+        match self {
+            Self::Sqlite => format!("+{col}"),
+            Self::Postgres | Self::MySql => col.to_string(),
+        }
+    }
+
     /// Statements run on every new connection.
     pub fn session_setup(self) -> &'static [&'static str] {
         match self {

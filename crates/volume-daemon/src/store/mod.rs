@@ -115,12 +115,36 @@ fn cols(c: &[&str]) -> String {
     c.join(", ")
 }
 
+/// Turns SQLite's memory statistics off before this process opens its first SQLite connection. With them on,
+/// every allocation and free inside the library takes one process-wide mutex: a large listing, whose values
+/// are copied on the connection's thread and freed on the runtime's, spent much of its time waiting on it.
+fn sqlite_without_memory_statistics() {
+    // SAFETY: `sqlite3_config` must not run while another thread uses SQLite. It runs once, before the first
+    // connection of the store, which is this process's only user of the library; once the library is
+    // initialized it changes nothing and returns SQLITE_MISUSE.
+    let rc = unsafe {
+        libsqlite3_sys::sqlite3_config(
+            libsqlite3_sys::SQLITE_CONFIG_MEMSTATUS,
+            std::ffi::c_int::from(0u8),
+        )
+    };
+    if rc != libsqlite3_sys::SQLITE_OK {
+        tracing::debug!(
+            rc,
+            "SQLite was already initialized; its memory statistics stay on"
+        );
+    }
+}
+
 impl Store {
     /// Connects to `url`: `sqlite://PATH?mode=rwc`, `postgres://…`, `mysql://…` or `mariadb://…`. Does not
     /// migrate; call [`Store::migrate`] next.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         static DRIVERS: Once = Once::new();
-        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        DRIVERS.call_once(|| {
+            sqlite_without_memory_statistics();
+            sqlx::any::install_default_drivers();
+        });
         let (dialect, driver_url) = Dialect::from_url(url)?;
         let setup = dialect.session_setup();
         let pool = AnyPoolOptions::new()
@@ -775,6 +799,55 @@ impl Store {
     /// One page of the volumes matching `filter`, oldest first, each with its attachment, export and newest
     /// operation: one statement, whatever the number of volumes.
     pub async fn page_volumes(&self, filter: &VolumeFilter) -> Result<Page<VolumeRow>, StoreError> {
+        let mut conds = vec![match filter.state {
+            None => "v.deleted_at IS NULL",
+            Some(volume_api::VolumeState::Attached) => {
+                "v.deleted_at IS NULL AND a.volume_id IS NOT NULL"
+            }
+            Some(volume_api::VolumeState::Detached) => {
+                "v.deleted_at IS NULL AND a.volume_id IS NULL"
+            }
+            Some(volume_api::VolumeState::Deleted) => "v.deleted_at IS NOT NULL",
+        }];
+        let mut args = Vec::new();
+        if let Some(vm) = &filter.vm_id {
+            conds.push("a.vm_id = ?");
+            args.push(Arg::Text(vm.clone()));
+        }
+        if let Some(n) = &filter.name {
+            conds.push("v.name = ?");
+            args.push(Arg::Text(n.clone()));
+        }
+        if let Some(c) = &filter.after {
+            conds.push("(v.created_at > ? OR (v.created_at = ? AND v.id > ?))");
+            args.extend(keyset_args(c));
+        }
+        let rows = self
+            .volume_rows(&conds, args, filter.limit.map(|l| u64::from(l) + 1))
+            .await?;
+        Ok(paged(rows, filter.limit, |r| Cursor {
+            key: ts(r.volume.created_at),
+            id: r.volume.id.to_string(),
+        }))
+    }
+
+    /// The volume (also a deleted one) with its attachment, export and newest operation, in one statement.
+    pub async fn get_volume_row(&self, id: Uuid) -> Result<Option<VolumeRow>, StoreError> {
+        Ok(self
+            .volume_rows(&["v.id = ?"], vec![Arg::Text(id.to_string())], Some(1))
+            .await?
+            .pop())
+    }
+
+    /// The one statement behind [`Store::page_volumes`] and [`Store::get_volume_row`]: this appliance's
+    /// volumes meeting every condition of `conds` (over `v`, `a`, `e`, `o`; `?` bound from `args` in
+    /// order), oldest first, at most `limit`, joined with their attachment, export and newest operation.
+    async fn volume_rows(
+        &self,
+        conds: &[&str],
+        args: Vec<Arg>,
+        limit: Option<u64>,
+    ) -> Result<Vec<VolumeRow>, StoreError> {
         let join = |alias: &str, cols_of: &[&str], prefix: &str| {
             cols_of
                 .iter()
@@ -788,43 +861,26 @@ impl Store {
              LEFT JOIN attachments a ON a.volume_id = v.id \
              LEFT JOIN exports e ON e.volume_id = v.id \
              LEFT JOIN operations o ON o.id = (SELECT o2.id FROM operations o2 WHERE o2.volume_id = v.id \
-             ORDER BY o2.created_at DESC, o2.id DESC LIMIT 1)",
+             ORDER BY o2.created_at DESC, o2.id DESC LIMIT 1) WHERE {} IN (?, '')",
             join("v", &VOLUME_COLS, ""),
             join("a", &ATTACHMENT_COLS, "a_"),
             join("e", &EXPORT_COLS, "e_"),
             join("e", &EXPORT_COUNTER_COLS, "e_"),
             join("o", &op_cols, "o_"),
+            // The rows come in the order of the index on (created_at, id), so no sort of whole rows (which
+            // SQLite spills to temporary files) and a page stops after its last row.
+            self.dialect.not_indexed("v.appliance_id"),
         );
-        let mut conds = vec![match filter.state {
-            None => "v.deleted_at IS NULL",
-            Some(volume_api::VolumeState::Attached) => {
-                "v.deleted_at IS NULL AND a.volume_id IS NOT NULL"
-            }
-            Some(volume_api::VolumeState::Detached) => {
-                "v.deleted_at IS NULL AND a.volume_id IS NULL"
-            }
-            Some(volume_api::VolumeState::Deleted) => "v.deleted_at IS NOT NULL",
-        }];
-        conds.push("v.appliance_id IN (?, '')");
-        let mut args = vec![Arg::Text(self.owner().to_string())];
-        if let Some(vm) = &filter.vm_id {
-            conds.push("a.vm_id = ?");
-            args.push(Arg::Text(vm.clone()));
+        for c in conds {
+            sql.push_str(" AND ");
+            sql.push_str(c);
         }
-        if let Some(n) = &filter.name {
-            conds.push("v.name = ?");
-            args.push(Arg::Text(n.clone()));
-        }
-        if let Some(c) = &filter.after {
-            conds.push("(v.created_at > ? OR (v.created_at = ? AND v.id > ?))");
-            args.extend(keyset_args(c));
-        }
-        sql.push_str(" WHERE ");
-        sql.push_str(&conds.join(" AND "));
         sql.push_str(" ORDER BY v.created_at ASC, v.id ASC");
-        if let Some(l) = filter.limit {
-            sql.push_str(&format!(" LIMIT {}", u64::from(l) + 1));
+        if let Some(l) = limit {
+            sql.push_str(&format!(" LIMIT {l}"));
         }
+        let mut all_args = vec![Arg::Text(self.owner().to_string())];
+        all_args.extend(args);
         // Columns are read by position: the volume's, the attachment's, the export's, then the operation's.
         let export_cols: Vec<&str> = EXPORT_COLS
             .iter()
@@ -834,24 +890,19 @@ impl Store {
         let a_at = VOLUME_COLS.len();
         let e_at = a_at + ATTACHMENT_COLS.len();
         let o_at = e_at + export_cols.len();
-        let rows = self
-            .read_all(&sql, args, "listing volumes", |row| {
-                let v = Reader::at(row, "volumes", "id", &VOLUME_COLS, 0);
-                let a = Reader::at(row, "attachments", "volume_id", &ATTACHMENT_COLS, a_at);
-                let e = Reader::at(row, "exports", "volume_id", &export_cols, e_at);
-                let o = Reader::at(row, "operations", "id", &op_cols, o_at);
-                Ok(VolumeRow {
-                    volume: volume_from(&v)?,
-                    attachment: a.present().then(|| attachment_from(&a)).transpose()?,
-                    export: e.present().then(|| export_from(&e)).transpose()?,
-                    last_operation: o.present().then(|| operation_from(&o)).transpose()?,
-                })
+        self.read_all(&sql, all_args, "listing volumes", |row| {
+            let v = Reader::at(row, "volumes", "id", &VOLUME_COLS, 0);
+            let a = Reader::at(row, "attachments", "volume_id", &ATTACHMENT_COLS, a_at);
+            let e = Reader::at(row, "exports", "volume_id", &export_cols, e_at);
+            let o = Reader::at(row, "operations", "id", &op_cols, o_at);
+            Ok(VolumeRow {
+                volume: volume_from(&v)?,
+                attachment: a.present().then(|| attachment_from(&a)).transpose()?,
+                export: e.present().then(|| export_from(&e)).transpose()?,
+                last_operation: o.present().then(|| operation_from(&o)).transpose()?,
             })
-            .await?;
-        Ok(paged(rows, filter.limit, |r| Cursor {
-            key: ts(r.volume.created_at),
-            id: r.volume.id.to_string(),
-        }))
+        })
+        .await
     }
 
     /// Removes the volume's record for good (deletion through the API keeps a tombstone instead). Conflict
