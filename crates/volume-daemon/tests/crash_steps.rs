@@ -227,6 +227,7 @@ fn act(w: &World, api: &str, action: Action, name: &str, made: &mut Made) -> Opt
                 None,
             )?;
             assert_eq!(done["status"], "completed", "{done}");
+        }
         Action::AttachToTestVm => {
             let v = volume.as_deref().unwrap();
             let url = w.sim_url.replace("/client/api", "/sim/vms");
