@@ -201,6 +201,24 @@ impl CloudStack {
         Self { client }
     }
 
+    /// Waits for a job and decodes the object its result carries under `key` (`None` when it carries none).
+    async fn job_result<T: serde::de::DeserializeOwned>(
+        &self,
+        job_id: &str,
+        deadline: Duration,
+        key: &str,
+    ) -> Result<Option<T>, CloudError> {
+        let result = self
+            .client
+            .wait_job(job_id, deadline)
+            .await
+            .map_err(wrap("queryAsyncJobResult"))?;
+        Ok(result
+            .get(key)
+            .cloned()
+            .and_then(|v| serde_json::from_value::<T>(v).ok()))
+    }
+
     /// Every page of `listVolumes` for `q`, keeping the volumes `keep` accepts.
     async fn volumes_where(
         &self,
@@ -261,6 +279,16 @@ impl From<cloudstack::Volume> for CloudVolume {
             volume_type: v.volume_type,
             zone_id: v.zone_id,
             disk_offering_id: v.disk_offering_id,
+        }
+    }
+}
+
+impl From<cloudstack::VirtualMachine> for CloudVm {
+    fn from(vm: cloudstack::VirtualMachine) -> Self {
+        Self {
+            id: vm.id,
+            name: vm.name,
+            state: vm.state,
         }
     }
 }
@@ -354,15 +382,9 @@ impl Cloud for CloudStack {
         deadline: Duration,
     ) -> CloudFuture<'a, Option<CloudVolume>> {
         Box::pin(async move {
-            let result = self
-                .client
-                .wait_job(job_id, deadline)
-                .await
-                .map_err(wrap("queryAsyncJobResult"))?;
-            Ok(result
-                .get("volume")
-                .cloned()
-                .and_then(|v| serde_json::from_value::<cloudstack::Volume>(v).ok())
+            Ok(self
+                .job_result::<cloudstack::Volume>(job_id, deadline, "volume")
+                .await?
                 .map(Into::into))
         })
     }
@@ -402,11 +424,7 @@ impl Cloud for CloudStack {
                 .get_virtual_machine(vm_id)
                 .await
                 .map_err(wrap("listVirtualMachines"))?
-                .map(|vm| CloudVm {
-                    id: vm.id,
-                    name: vm.name,
-                    state: vm.state,
-                }))
+                .map(Into::into))
         })
     }
 
@@ -436,20 +454,10 @@ impl Cloud for CloudStack {
         deadline: Duration,
     ) -> CloudFuture<'a, Option<CloudVm>> {
         Box::pin(async move {
-            let result = self
-                .client
-                .wait_job(job_id, deadline)
-                .await
-                .map_err(wrap("queryAsyncJobResult"))?;
-            Ok(result
-                .get("virtualmachine")
-                .cloned()
-                .and_then(|v| serde_json::from_value::<cloudstack::VirtualMachine>(v).ok())
-                .map(|vm| CloudVm {
-                    id: vm.id,
-                    name: vm.name,
-                    state: vm.state,
-                }))
+            Ok(self
+                .job_result::<cloudstack::VirtualMachine>(job_id, deadline, "virtualmachine")
+                .await?
+                .map(Into::into))
         })
     }
 
@@ -465,11 +473,7 @@ impl Cloud for CloudStack {
                 .await
                 .map_err(wrap("listVirtualMachines"))?
                 .into_iter()
-                .map(|vm| CloudVm {
-                    id: vm.id,
-                    name: vm.name,
-                    state: vm.state,
-                })
+                .map(Into::into)
                 .collect())
         })
     }
@@ -555,15 +559,9 @@ impl Cloud for CloudStack {
         deadline: Duration,
     ) -> CloudFuture<'a, Option<CloudSnapshot>> {
         Box::pin(async move {
-            let result = self
-                .client
-                .wait_job(job_id, deadline)
-                .await
-                .map_err(wrap("queryAsyncJobResult"))?;
-            Ok(result
-                .get("snapshot")
-                .cloned()
-                .and_then(|v| serde_json::from_value::<cloudstack::Snapshot>(v).ok())
+            Ok(self
+                .job_result::<cloudstack::Snapshot>(job_id, deadline, "snapshot")
+                .await?
                 .map(Into::into))
         })
     }
