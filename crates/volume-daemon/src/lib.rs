@@ -3,6 +3,8 @@
 //! Public only where the binary and the integration tests need it (configuration, start-up, the store and its
 //! shared test suite); everything else is crate-private so that unused items are reported.
 
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod alloc;
 mod api;
 mod cloud;
 pub mod config;

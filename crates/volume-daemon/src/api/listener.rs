@@ -24,9 +24,6 @@ pub struct ListenerLimits {
 
 /// How long a stop waits for open requests before closing their connections.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// When this many connections were open at once, the last of them to close hands the memory they used
-/// back to the kernel, so a flood leaves no lasting growth.
-const CROWD: usize = 64;
 
 /// Serves `app` on `listener` until `stop` resolves; then stops accepting, lets open requests end
 /// (at most [`STOP_GRACE`]) and returns.
@@ -49,18 +46,11 @@ pub async fn serve(
         .keep_alive(true);
     // One task per connection; finished ones are reaped as they end, so what they held is freed at once.
     let mut conns = tokio::task::JoinSet::new();
-    // Whether many connections were open at once since memory was last handed back.
-    let mut crowded = false;
     tokio::pin!(stop);
     loop {
         tokio::select! {
             () = &mut stop => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {
-                if conns.is_empty() && crowded {
-                    crowded = false;
-                    super::page::release_free_memory();
-                }
-            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
             // At the cap, further clients wait in the kernel's accept queue.
             r = listener.accept(), if conns.len() < max => {
                 let (stream, peer) = match r {
@@ -81,7 +71,6 @@ pub async fn serve(
                         tracing::debug!(%peer, error = %e, "REST API connection ended with an error");
                     }
                 });
-                crowded |= conns.len() >= CROWD.min(max);
             }
         }
     }

@@ -1,7 +1,6 @@
 //! Paged listings (`GET /volumes`, `/operations`, `/exports`): `?limit=N` and an opaque `?after=` cursor, the
 //! next page announced in an RFC 8288 `Link: <…>; rel="next"` header so that bodies keep their shape, and
-//! JSON array bodies written compactly while they are sent, with freed memory handed back to the system after
-//! a large one.
+//! JSON array bodies written compactly while they are sent.
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue};
@@ -137,7 +136,6 @@ pub fn json_array<T: Serialize + Send + 'static>(
         items: items.into_iter(),
         started: false,
         done: false,
-        written: 0,
     };
     let stream = futures::stream::iter(chunks.map(Ok::<_, std::convert::Infallible>));
     let mut resp = (
@@ -154,18 +152,13 @@ pub fn json_array<T: Serialize + Send + 'static>(
 /// Bytes of body written per chunk (at least; an item is never split).
 const CHUNK: usize = 64 * 1024;
 
-/// The chunks of a JSON array body. Once dropped (sent, or the client went away) after writing a large body,
-/// it hands freed heap memory back to the system: glibc keeps freed memory of its arenas otherwise, and one
-/// listing of 10,000 volumes would leave the daemon tens of megabytes larger for good.
+/// The chunks of a JSON array body (memory freed as they are sent goes back to the system: see the
+/// daemon's allocator, `alloc.rs`).
 struct Chunks<T> {
     items: std::vec::IntoIter<T>,
     started: bool,
     done: bool,
-    written: usize,
 }
-
-/// Bodies at least this large release memory when dropped.
-const RELEASE_ABOVE: usize = 1 << 20;
 
 impl<T: Serialize> Iterator for Chunks<T> {
     type Item = bytes::Bytes;
@@ -193,33 +186,9 @@ impl<T: Serialize> Iterator for Chunks<T> {
                 buf.push(b',');
             }
         }
-        self.written += buf.len();
         Some(bytes::Bytes::from(buf))
     }
 }
-
-impl<T> Drop for Chunks<T> {
-    fn drop(&mut self) {
-        if self.written >= RELEASE_ABOVE {
-            // What is still unsent goes first (the client may have gone away mid-body).
-            drop(std::mem::take(&mut self.items));
-            release_free_memory();
-        }
-    }
-}
-
-/// Returns the allocator's free memory to the kernel (glibc keeps freed memory in its arenas otherwise).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub(crate) fn release_free_memory() {
-    // SAFETY: malloc_trim(3) only returns free memory of the allocator's arenas to the kernel; it takes the
-    // arenas' locks itself and touches no memory in use.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub(crate) fn release_free_memory() {}
 
 #[cfg(test)]
 mod tests {
@@ -251,7 +220,6 @@ mod tests {
                 items: items.into_iter(),
                 started: false,
                 done: false,
-                written: 0,
             }
             .collect();
             assert_eq!(chunks.concat(), want, "{n} items");
