@@ -74,7 +74,6 @@ impl Inner {
             // Nothing local follows: the commit itself records that the cloud attach is done.
             return self.commit_remote_attach(op, &cv).await;
         }
-        self.step(op, AttachStep::CloudAttached).await?;
         match self.attach_local(op, &volume, &cv).await {
             Ok(()) => Ok(()),
             Err(cause) => Err(self.undo_attach(op, volume_id, vm_id, cause).await),
@@ -131,8 +130,8 @@ impl Inner {
 
     /// The appliance's part of an attach, once the cloud reports the volume attached to the appliance: device
     /// by identity → verify → stable name → export. Nothing is journaled: all of it is local and idempotent,
-    /// an entry stopped at `cloud_attached` redoes it, and its results are committed with the attachment in
-    /// one transaction.
+    /// an entry stopped before the commit (at `cloud_attach_job`) finds the volume attached in the cloud and
+    /// redoes it, and its results are committed with the attachment in one transaction.
     pub(super) async fn serve_on_appliance(
         &self,
         volume: &VolumeRecord,

@@ -138,7 +138,6 @@ impl Inner {
                     .map(|v| v.state.as_str()),
             );
         let _vm = self.vm_locks.lock(&appliance).await;
-        self.step(op, CleanupStep::CloudAttached).await?;
         let clients = self.cfg.nbd_default_clients.clone();
         let on = match self
             .serve_on_appliance(&volume, &cv, &appliance, clients)

@@ -7,7 +7,7 @@
 //! binary has none and [`around`] is the write alone. In such a build the `FAILPOINTS` environment variable
 //! arms them at start-up (`NAME=ACTIONS;…`, the `fail` crate's syntax): `return(kill)` kills the daemon with
 //! SIGKILL at that point, `return` (any other argument) makes that attempt of the write fail with a database
-//! error, e.g. `FAILPOINTS='attach.cloud_attached.after=return(kill)'`, `FAILPOINTS='create.commit.before=1*return'`.
+//! error, e.g. `FAILPOINTS='attach.cloud_attach_job.after=return(kill)'`, `FAILPOINTS='create.commit.before=1*return'`.
 //!
 //! The delivery of the hub outbox has two more points, [`HUB_OUTBOX_POINTS`] (not journal writes, so not in
 //! [`all`]): before a change is applied to the hub, and after the hub committed it but before it is marked

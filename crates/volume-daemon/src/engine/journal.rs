@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! create  accepted → started → cloud_create_sent → cloud_create_job (with the volume id) → (commit)
-//! attach  accepted → started → cloud_attach_job → cloud_attached → (device, name, export: commit)
+//! attach  accepted → started → cloud_attach_job → (job done; device, name, export: commit)
 //!                      any later failure on the appliance → compensating → compensate_detach_job → (failed)
 //!         to another VM: accepted → started → cloud_attach_job → (commit)
 //! detach  accepted → started → (export removed) → cloud_detach_job → (device gone: commit)
@@ -17,11 +17,12 @@
 //! snapshot_revert  accepted → started → cloud_revert_job → (commit)
 //! snapshot_delete  accepted → started → cloud_snapshot_delete_job → (commit)
 //! test_failover_cleanup  accepted → started → [cloud_stop_job] → cloud_detach_job → [cloud_destroy_job]
-//!                        → cloud_attach_job → cloud_attached → (device, name, export: commit)
+//!                        → cloud_attach_job → (job done; device, name, export: commit)
 //!                        a failure after the appliance attach → compensating → compensate_detach_job → (failed)
 //! ```
 //!
-//! `device_found`, `named`, `exported`, `export_removed` and `cloud_detached` are no longer written (what they marked is redone from
+//! `cloud_attached`, `device_found`, `named`, `exported`, `export_removed` and `cloud_detached` are no longer
+//! written (what they marked is redone from
 //! the step before them, see `docs/architecture.md`, guarantee 5a); journals of earlier versions that stopped
 //! at one of them resume like the step before.
 
@@ -92,11 +93,10 @@ kind_steps!(
         Accepted,
         Started,
         CloudAttachJob,
-        CloudAttached,
         Compensating,
         CompensateDetachJob,
     }
-    earlier { DeviceFound, Named, Exported }
+    earlier { CloudAttached, DeviceFound, Named, Exported }
 );
 kind_steps!(
     /// Steps of `detach`.
@@ -136,10 +136,10 @@ kind_steps!(
         CloudDetachJob,
         CloudDestroyJob,
         CloudAttachJob,
-        CloudAttached,
         Compensating,
         CompensateDetachJob,
     }
+    earlier { CloudAttached }
 );
 
 /// The detach part of a clean-up journals the detach's steps as its own.
