@@ -31,10 +31,12 @@ use crate::registry::Export;
 
 /// Socket read buffer of a session.
 const READ_BUFFER: usize = 256 * 1024;
-/// READ and WRITE requests up to this size may run on the session's own thread; larger ones always go
-/// to the blocking pool, so one request never holds the runtime for long and the copy of a large request
-/// overlaps receiving the next one.
-const INLINE_MAX: u32 = 256 * 1024;
+/// READ and WRITE requests up to this size may run on the session's own thread (when they cannot wait for a
+/// device); larger ones always go to the blocking pool, so one request never holds a runtime thread for more
+/// than a copy of this size (well under a millisecond). Handing 1 MiB writes to the pool instead cost a
+/// context switch each and made several pool threads contend for the file's inode lock: fio's 1 MiB
+/// sequential writes ran 15-25 % slower than in place.
+const INLINE_MAX: u32 = 4 * 1024 * 1024;
 /// After running this many requests in a row, the reader lets the writer send their replies before it
 /// reads on: a client that sent a burst gets answers while the rest of the burst runs, instead of in one
 /// block at the end (which would leave it idle meanwhile).
