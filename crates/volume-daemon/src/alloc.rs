@@ -26,7 +26,8 @@ mod tests {
     fn opt<T: Copy>(name: &str) -> T {
         let key = format!("opt.{name}\0");
         // SAFETY: each name below is one of jemalloc's `opt.*` keys whose value has type T.
-        unsafe { tikv_jemalloc_ctl::raw::read::<T>(key.as_bytes()) }.unwrap()
+        unsafe { tikv_jemalloc_ctl::raw::read::<T>(key.as_bytes()) }
+            .unwrap_or_else(|e| panic!("reading jemalloc option {name}: {e}"))
     }
 
     #[test]
