@@ -15,10 +15,12 @@
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options (a C string, read once at start-up): one background thread returns freed pages to the
-/// system half a second after they are freed, with no second, "muzzy", stage in between.
+/// jemalloc's options (a C string, read once at start-up): one background thread (jemalloc would start one per
+/// CPU) returns freed pages to the system half a second after they are freed, with no second, "muzzy", stage
+/// in between.
 #[export_name = "malloc_conf"]
-pub static MALLOC_CONF: &[u8; 59] = b"background_thread:true,dirty_decay_ms:500,muzzy_decay_ms:0\0";
+pub static MALLOC_CONF: &[u8; 84] =
+    b"background_thread:true,max_background_threads:1,dirty_decay_ms:500,muzzy_decay_ms:0\0";
 
 #[cfg(test)]
 mod tests {
@@ -34,6 +36,7 @@ mod tests {
     fn jemalloc_serves_the_process_with_the_compiled_in_options() {
         // These are read from jemalloc itself: the options symbol was linked in and parsed.
         assert!(opt::<bool>("background_thread"));
+        assert_eq!(opt::<usize>("max_background_threads"), 1);
         assert_eq!(opt::<isize>("dirty_decay_ms"), 500);
         assert_eq!(opt::<isize>("muzzy_decay_ms"), 0);
         // C code's malloc is jemalloc's too: a block from libc's malloc has jemalloc's usable size.
