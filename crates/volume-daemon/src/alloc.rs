@@ -1,6 +1,6 @@
 //! The memory allocator of the daemon (and of every test binary linking this library): jemalloc, for every
 //! allocation of the process (Rust's and SQLite's), with freed memory handed back to the system within about
-//! half a second.
+//! a second.
 //!
 //! Why not glibc's malloc: a listing reads rows on SQLite's worker thread and frees them on a runtime thread.
 //! glibc frees a block into the arena that allocated it, under that arena's lock, so both threads queued on
@@ -16,8 +16,8 @@
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options (a C string, read once at start-up): one background thread (jemalloc would start one per
-/// CPU) returns freed pages to the system half a second after they are freed, with no second, "muzzy", stage
-/// in between.
+/// CPU) returns freed pages to the system gradually over the half second after they are freed, with no second,
+/// "muzzy", stage in between.
 #[export_name = "malloc_conf"]
 pub static MALLOC_CONF: &[u8; 84] =
     b"background_thread:true,max_background_threads:1,dirty_decay_ms:500,muzzy_decay_ms:0\0";
