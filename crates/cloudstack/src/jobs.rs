@@ -5,7 +5,8 @@
 //! - the first poll is immediate (a job may already be done when its id comes back);
 //! - then every `initial` (default 50 ms), each delay 1.5× the previous, up to `max` (default 1 s);
 //! - once jobs of the same command (`cmd` of the job) have been seen to finish, the poller also polls
-//!   densely in a window around the learned duration (an average of the last durations): from 20 ms
+//!   densely in a window around the learned duration (an average of the last durations, each taken as
+//!   the middle between the last poll that found the job pending and the one that found it finished): from 20 ms
 //!   (twice `dense`) before it to a quarter of it (at most 100 ms) plus 20 ms after it, every 1/40 of it,
 //!   at least every 2 ms and at most every `dense` (default 10 ms). A job that takes as long as the
 //!   previous ones is noticed within 1/40 of its duration (5 ms for a 200 ms job), at a cost of at most
@@ -75,6 +76,8 @@ struct BoardState {
 #[derive(Debug)]
 struct Entry {
     registered: Instant,
+    /// When a poll last found the job still pending.
+    last_pending: Option<Instant>,
     next_poll: Instant,
     delay: Duration,
     cmd: Option<String>,
@@ -132,6 +135,7 @@ pub(crate) fn watch(client: &Client, job_id: &str) -> Watch {
                 job_id.to_owned(),
                 Entry {
                     registered: now,
+                    last_pending: None,
                     next_poll: now,
                     delay: inner.job_poll.initial,
                     cmd: None,
@@ -317,7 +321,7 @@ fn settle(inner: &ClientInner, polled: Polled) {
             };
             if let (Some(cmd), Outcome::Succeeded(_) | Outcome::Failed(_)) = (&entry.cmd, &outcome)
             {
-                let took = now - entry.registered;
+                let took = duration_estimate(entry.registered, entry.last_pending, now);
                 let learned = match st.learned.get(cmd) {
                     Some(prev) => prev.mul_f64(1.0 - LEARN_WEIGHT) + took.mul_f64(LEARN_WEIGHT),
                     None => took,
@@ -328,11 +332,25 @@ fn settle(inner: &ClientInner, polled: Polled) {
             let _ = entry.tx.send(Some(outcome));
         }
         None => {
+            entry.last_pending = Some(now);
             let learned = entry.cmd.as_ref().and_then(|c| st.learned.get(c)).copied();
             entry.next_poll = next_poll(policy, entry.registered, entry.delay, learned, now);
             entry.delay = entry.delay.mul_f64(1.5).min(policy.max);
         }
     }
+}
+
+/// How long a job took, as learned: it finished between the last poll that found it pending (or its
+/// registration) and `done`, the poll that found it finished; the middle of that gap. Taking `done` itself
+/// would learn every duration late by the gap, and a dense window placed by a late average only finds the
+/// next job finished at its start, so the average would come down by a few milliseconds per job.
+fn duration_estimate(
+    registered: Instant,
+    last_pending: Option<Instant>,
+    done: Instant,
+) -> Duration {
+    let since = last_pending.unwrap_or(registered).max(registered);
+    (since - registered) + done.saturating_duration_since(since) / 2
 }
 
 /// When to poll a pending job next: the growing schedule, or sooner inside the window around the
@@ -411,6 +429,24 @@ mod tests {
         let now = t0 + Duration::from_millis(400);
         let next = next_poll(&p, t0, Duration::from_millis(500), Some(expected), now);
         assert!(next - now >= Duration::from_millis(399), "{:?}", next - now);
+    }
+
+    #[test]
+    fn a_duration_is_learned_as_the_middle_of_the_last_gap_between_polls() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Pending at 125 ms, finished at 237 ms: it ended somewhere in between.
+        assert_eq!(
+            duration_estimate(t0, Some(t0 + ms(125)), t0 + ms(237)),
+            ms(181)
+        );
+        // Finished at the first poll: somewhere since registration.
+        assert_eq!(duration_estimate(t0, None, t0 + ms(8)), ms(4));
+        // Dense polls 5 ms apart pin it within 2.5 ms.
+        assert_eq!(
+            duration_estimate(t0, Some(t0 + ms(198)), t0 + ms(203)),
+            ms(200) + ms(1) / 2
+        );
     }
 
     #[test]
