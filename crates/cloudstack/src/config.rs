@@ -92,7 +92,8 @@ pub(crate) fn jitter(d: Duration) -> Duration {
 
 /// How [`crate::Client::wait_job`] polls (the whole schedule is described in the `jobs` module): the
 /// first poll is immediate, then the delay grows by half from `initial` up to `max` (±20 % jitter), with
-/// polls at most every `dense` (and down to every 2 ms for short jobs) around the learned duration of jobs of the same command.
+/// polls at most every `dense` (down to every 2 ms for short jobs) around the learned duration of jobs of
+/// the same command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobPollPolicy {
     pub initial: Duration,

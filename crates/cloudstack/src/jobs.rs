@@ -6,9 +6,9 @@
 //! - then every `initial` (default 50 ms), each delay 1.5× the previous, up to `max` (default 1 s);
 //! - once jobs of the same command (`cmd` of the job) have been seen to finish, the poller also polls
 //!   densely in a window around the learned duration (an average of the last durations, each taken as
-//!   the middle between the last poll that found the job pending and the one that found it finished): from 20 ms
-//!   (twice `dense`) before it to a quarter of it (at most 100 ms) plus 20 ms after it, every 1/40 of it,
-//!   at least every 2 ms and at most every `dense` (default 10 ms). A job that takes as long as the
+//!   the middle between the last poll that found the job pending and the one that found it finished):
+//!   from 20 ms (twice `dense`) before it to a quarter of it (at most 100 ms) plus 20 ms after it, every
+//!   1/40 of it, at least every 2 ms and at most every `dense` (default 10 ms). A job that takes as long as the
 //!   previous ones is noticed within 1/40 of its duration (5 ms for a 200 ms job), at a cost of at most
 //!   about 30 polls per job;
 //! - a throttled (429), failed (5xx) or unreachable poll pauses every poll of the client for the
@@ -349,7 +349,7 @@ fn duration_estimate(
     last_pending: Option<Instant>,
     done: Instant,
 ) -> Duration {
-    let since = last_pending.unwrap_or(registered).max(registered);
+    let since = last_pending.unwrap_or(registered);
     (since - registered) + done.saturating_duration_since(since) / 2
 }
 

@@ -22,9 +22,8 @@
 //! ```
 //!
 //! `cloud_attached`, `device_found`, `named`, `exported`, `export_removed` and `cloud_detached` are no longer
-//! written (what they marked is redone from
-//! the step before them, see `docs/architecture.md`, guarantee 5a); journals of earlier versions that stopped
-//! at one of them resume like the step before.
+//! written (what they marked is redone from the step before them, see `docs/architecture.md`, guarantee 5a);
+//! journals of earlier versions that stopped at one of them resume like the step before.
 
 use std::future::Future;
 
