@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +42,11 @@ pub trait Backend: Send + Sync + 'static {
     /// default writes nothing.
     fn write_nowait(&self, _data: &[u8], _offset: u64) -> io::Result<usize> {
         Ok(0)
+    }
+    /// The descriptor to splice READ and WRITE payloads to and from, for storage whose I/O is memory
+    /// copies that never wait (see `splice.rs`); `None` (the default) keeps the buffered path.
+    fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
     }
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
@@ -382,6 +387,10 @@ impl Backend for FileBackend {
 
     fn can_fast_zero(&self) -> bool {
         true
+    }
+
+    fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.memory_backed.then(|| self.file.as_fd())
     }
 
     fn read_nowait(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<bool> {

@@ -17,6 +17,7 @@ pub mod proto;
 mod registry;
 mod server;
 mod session;
+mod splice;
 mod tls;
 
 pub use backend::{Backend, Extent, FileBackend, MemoryBackend};

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -339,18 +339,25 @@ impl Server {
             meta_allocation,
         } = n;
         tracing::debug!(export = %export.name, generation = export.generation, "session started");
-        let end = session::run(
-            stream,
-            SessionParams {
-                export: Arc::clone(&export),
-                structured,
-                meta_allocation,
-            },
-            Arc::clone(&self.shared),
-            kill,
-            stop.clone(),
-        )
-        .await;
+        let params = SessionParams {
+            export: Arc::clone(&export),
+            structured,
+            meta_allocation,
+        };
+        let shared = Arc::clone(&self.shared);
+        // A plain TCP stream gets the session that can splice payloads; anything else (TLS, a Unix socket,
+        // an in-memory pipe) the buffered one.
+        let mut slot = Some(stream);
+        let end = match (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<TcpStream>>() {
+            Some(tcp) => {
+                let tcp = tcp.take().expect("the slot was just filled (invariant)");
+                session::run_tcp(tcp, params, shared, kill, stop.clone()).await
+            }
+            None => {
+                let stream = slot.take().expect("the slot was just filled (invariant)");
+                session::run(stream, params, shared, kill, stop.clone()).await
+            }
+        };
         tracing::debug!(export = %export.name, ?end, "session ended");
         drop(guard);
     }

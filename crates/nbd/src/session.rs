@@ -19,7 +19,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, Take,
+};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +32,7 @@ use crate::backend::Extent;
 use crate::bufpool::BufPool;
 use crate::proto::*;
 use crate::registry::Export;
+use crate::splice::{self, Pipe, SocketError};
 
 /// Socket read buffer of a session.
 const READ_BUFFER: usize = 256 * 1024;
@@ -41,6 +46,9 @@ const INLINE_MAX: u32 = 4 * 1024 * 1024;
 /// reads on: a client that sent a burst gets answers while the rest of the burst runs, instead of in one
 /// block at the end (which would leave it idle meanwhile).
 const REPLY_EVERY: u32 = 4;
+/// WRITE payloads at least this large are spliced from a plain TCP socket into a memory-backed file
+/// (see `splice.rs`); smaller ones are copied, since a splice costs two calls and a pipe round trip.
+const SPLICE_MIN: u32 = 64 * 1024;
 /// Most replies gathered into one vectored write.
 const BATCH: usize = 64;
 
@@ -128,6 +136,48 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
+    run_halves(rd, wr, params, shared, kill, stop).await
+}
+
+/// [`run`] on a plain TCP connection, whose payloads may be spliced (see `splice.rs`).
+pub(crate) async fn run_tcp(
+    stream: TcpStream,
+    params: SessionParams,
+    shared: Arc<Shared>,
+    kill: CancellationToken,
+    stop: CancellationToken,
+) -> End {
+    let (rd, wr) = stream.into_split();
+    run_halves(rd, wr, params, shared, kill, stop).await
+}
+
+/// The reading half of a session's stream, and the TCP socket under it when there is nothing between
+/// them (no TLS), for splicing.
+pub(crate) trait Half {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl<S> Half for tokio::io::ReadHalf<S> {}
+impl Half for OwnedReadHalf {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+async fn run_halves<R, W>(
+    rd: R,
+    wr: W,
+    params: SessionParams,
+    shared: Arc<Shared>,
+    kill: CancellationToken,
+    stop: CancellationToken,
+) -> End
+where
+    R: AsyncRead + Half + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let (tx, rx) = unbounded_channel();
     let export = Arc::clone(&params.export);
     let read_only = export.read_only;
@@ -144,7 +194,7 @@ where
     // Cancelled by the writer when the client stops taking replies, so the reader stops too.
     let broken = CancellationToken::new();
     let reader = async {
-        let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+        let mut rd = BufReader::with_capacity(READ_BUFFER, rd.take(u64::MAX));
         let end = read_requests(&mut rd, &conn, &stop, &broken).await;
         drop(conn);
         end
@@ -179,7 +229,7 @@ enum Next {
 }
 
 async fn next_header<R: AsyncRead + Unpin>(
-    rd: &mut BufReader<R>,
+    rd: &mut BufReader<Take<R>>,
     conn: &Conn,
     stop: &CancellationToken,
     broken: &CancellationToken,
@@ -210,20 +260,35 @@ async fn next_header<R: AsyncRead + Unpin>(
 
 /// Reads and dispatches requests until the client disconnects, breaks the protocol, idles out or the
 /// server stops.
-async fn read_requests<R: AsyncRead + Unpin>(
-    rd: &mut BufReader<R>,
+async fn read_requests<R: AsyncRead + Half + Unpin>(
+    rd: &mut BufReader<Take<R>>,
     conn: &Conn,
     stop: &CancellationToken,
     broken: &CancellationToken,
 ) -> End {
     let export = &conn.params.export;
     let mut since_yield = 0u32;
+    // The pipe for spliced WRITE payloads, made at the first one; `splicing` turns false if it cannot be.
+    let mut pipe: Option<Pipe> = None;
+    let mut splicing =
+        rd.get_ref().get_ref().tcp().is_some() && export.backend.splice_fd().is_some();
+    let mut last_spliced = false;
     loop {
         if since_yield >= REPLY_EVERY {
             since_yield = 0;
             tokio::task::yield_now().await;
         }
-        let hdr = match next_header(rd, conn, stop, broken).await {
+        // After a spliced payload the next one is likely spliced too: read only the next header, so the
+        // read buffer does not take (and copy) the start of its payload.
+        rd.get_mut().set_limit(if last_spliced {
+            REQUEST_LEN as u64
+        } else {
+            u64::MAX
+        });
+        let next = next_header(rd, conn, stop, broken).await;
+        rd.get_mut().set_limit(u64::MAX);
+        last_spliced = false;
+        let hdr = match next {
             Next::Header(h) => h,
             Next::End(e) => {
                 if e == End::Idle {
@@ -295,6 +360,47 @@ async fn read_requests<R: AsyncRead + Unpin>(
         } else {
             None
         };
+        if splicing
+            && req.command == CMD_WRITE
+            && req.length >= SPLICE_MIN
+            && req.flags & CMD_FLAG_FUA == 0
+        {
+            if pipe.is_none() {
+                match Pipe::new() {
+                    Ok(p) => pipe = Some(p),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot make a pipe; payloads are copied instead of spliced");
+                        splicing = false;
+                    }
+                }
+            }
+            if let Some(p) = pipe.as_ref() {
+                export.request_start();
+                let hold = Hold {
+                    export: Arc::clone(export),
+                    _depth: depth,
+                    _bytes: bytes,
+                };
+                match splice_write(rd, p, conn, &req).await {
+                    Some(result) => {
+                        export.counters.touch();
+                        conn.wrote.store(true, Ordering::Relaxed);
+                        let error = match result {
+                            Ok(()) => {
+                                count_write(export, req.offset, req.length);
+                                0
+                            }
+                            Err(e) => errno_of(&e),
+                        };
+                        let _ = conn.tx.send(error_reply(req.cookie, false, error, hold));
+                    }
+                    None => return End::Client,
+                }
+                last_spliced = true;
+                since_yield += 1;
+                continue;
+            }
+        }
         let payload = if req.command == CMD_WRITE {
             let mut buf = conn.shared.buffers.take(req.length as usize);
             // The payload holds budget while it arrives: a client that stalls mid-payload is closed.
@@ -324,10 +430,49 @@ async fn read_requests<R: AsyncRead + Unpin>(
     }
 }
 
+/// Writes a WRITE request's payload to the file by splicing it from the socket: what the read buffer
+/// already holds with a plain write, the rest through `pipe`. `None` when the connection failed or stalled
+/// mid-payload; otherwise the file's result.
+async fn splice_write<R: AsyncRead + Half + Unpin>(
+    rd: &mut BufReader<Take<R>>,
+    pipe: &Pipe,
+    conn: &Conn,
+    req: &Request,
+) -> Option<io::Result<()>> {
+    let b = &conn.params.export.backend;
+    let len = req.length as usize;
+    let held = rd.buffer();
+    let n = held.len().min(len);
+    let mut result = if n > 0 {
+        b.write_at(&held[..n], req.offset)
+    } else {
+        Ok(())
+    };
+    std::pin::Pin::new(&mut *rd).consume(n);
+    let sock = rd
+        .get_ref()
+        .get_ref()
+        .tcp()
+        .expect("splicing is chosen only on a TCP stream (invariant)");
+    let file = b
+        .splice_fd()
+        .expect("splicing is chosen only for a backend that has a splice descriptor (invariant)");
+    let timeout = conn.shared.send_timeout;
+    match splice::socket_to_file(sock, pipe, file, req.offset + n as u64, len - n, timeout).await {
+        Ok(r) => {
+            if result.is_ok() {
+                result = r;
+            }
+            Some(result)
+        }
+        Err(SocketError::Closed | SocketError::Stalled) => None,
+    }
+}
+
 /// Appends `len` bytes of payload to `buf`: what the read buffer already holds, then the rest straight
 /// from the socket into `buf`, so a large payload is not copied through the read buffer.
 async fn read_payload<R: AsyncRead + Unpin>(
-    rd: &mut BufReader<R>,
+    rd: &mut BufReader<Take<R>>,
     buf: &mut Vec<u8>,
     len: usize,
 ) -> io::Result<()> {
