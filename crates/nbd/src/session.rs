@@ -381,7 +381,7 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
                     _depth: depth,
                     _bytes: bytes,
                 };
-                match splice_write(rd, p, conn, &req).await {
+                match splice_write(rd, p, conn, &req, &mut splicing).await {
                     Some(result) => {
                         export.counters.touch();
                         conn.wrote.store(true, Ordering::Relaxed);
@@ -395,6 +395,9 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
                         let _ = conn.tx.send(error_reply(req.cookie, false, error, hold));
                     }
                     None => return End::Client,
+                }
+                if !splicing {
+                    pipe = None;
                 }
                 last_spliced = true;
                 since_yield += 1;
@@ -432,12 +435,14 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
 
 /// Writes a WRITE request's payload to the file by splicing it from the socket: what the read buffer
 /// already holds with a plain write, the rest through `pipe`. `None` when the connection failed or stalled
-/// mid-payload; otherwise the file's result.
+/// mid-payload; otherwise the file's result. When the kernel refuses `splice` (a seccomp filter), the
+/// payload is read and written the ordinary way and `splicing` is turned off for the session.
 async fn splice_write<R: AsyncRead + Half + Unpin>(
     rd: &mut BufReader<Take<R>>,
     pipe: &Pipe,
     conn: &Conn,
     req: &Request,
+    splicing: &mut bool,
 ) -> Option<io::Result<()>> {
     let b = &conn.params.export.backend;
     let len = req.length as usize;
@@ -458,15 +463,28 @@ async fn splice_write<R: AsyncRead + Half + Unpin>(
         .splice_fd()
         .expect("splicing is chosen only for a backend that has a splice descriptor (invariant)");
     let timeout = conn.shared.send_timeout;
-    match splice::socket_to_file(sock, pipe, file, req.offset + n as u64, len - n, timeout).await {
-        Ok(r) => {
-            if result.is_ok() {
-                result = r;
+    let rest = (req.offset + n as u64, len - n);
+    let r = match splice::socket_to_file(sock, pipe, file, rest.0, rest.1, timeout).await {
+        Ok(r) => r,
+        Err(SocketError::Closed | SocketError::Stalled) => return None,
+        Err(SocketError::Refused) => {
+            tracing::warn!("the kernel refuses splice(2); WRITE payloads are copied instead");
+            *splicing = false;
+            let mut buf = conn.shared.buffers.take(rest.1);
+            let read = read_payload(rd, &mut buf, rest.1);
+            if !matches!(tokio::time::timeout(timeout, read).await, Ok(Ok(()))) {
+                conn.shared.buffers.give(buf);
+                return None;
             }
-            Some(result)
+            let r = b.write_at(&buf, rest.0);
+            conn.shared.buffers.give(buf);
+            r
         }
-        Err(SocketError::Closed | SocketError::Stalled) => None,
+    };
+    if result.is_ok() {
+        result = r;
     }
+    Some(result)
 }
 
 /// Appends `len` bytes of payload to `buf`: what the read buffer already holds, then the rest straight

@@ -67,11 +67,23 @@ pub(crate) enum SocketError {
     Closed,
     /// The client sent nothing for `timeout` in the middle of a payload.
     Stalled,
+    /// `splice` itself is refused (a seccomp filter, a kernel without it); nothing was read from the
+    /// socket, so the caller can read the payload the ordinary way.
+    Refused,
+}
+
+/// Whether a failed splice out of a connected TCP socket means the call is refused, not that the
+/// connection failed.
+fn refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPERM | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
+    )
 }
 
 /// Moves `len` payload bytes from `sock` into `file` at `offset`. Socket problems end the session
-/// (`Err`); a file error is returned inside `Ok` after the rest of the payload was read and discarded,
-/// so the connection stays in step.
+/// (`Err`, except [`SocketError::Refused`]); a file error is returned inside `Ok` after the rest of the
+/// payload was read and discarded, so the connection stays in step.
 pub(crate) async fn socket_to_file(
     sock: &TcpStream,
     pipe: &Pipe,
@@ -108,6 +120,7 @@ pub(crate) async fn socket_to_file(
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if left == len && refused(&e) => return Err(SocketError::Refused),
                 Err(_) => return Err(SocketError::Closed),
             }
         };

@@ -23,11 +23,68 @@ fn require(tools: &[&str]) {
     }
 }
 
-/// How clients reach the server: in clear text, or over TLS with verified client certificates.
+/// How clients reach the server: in clear text, or over TLS with verified client certificates; or in
+/// clear text to a server whose `splice(2)` calls a seccomp filter refuses.
 #[derive(Clone, Copy)]
 enum Mode<'a> {
     Plain,
     Tls(&'a common::Pki),
+    SpliceRefused,
+}
+
+/// A seccomp filter that fails `splice(2)` with EPERM and allows every other call: what a unit's
+/// `SystemCallFilter=` without it and `SystemCallErrorNumber=EPERM` does.
+static DENY_SPLICE: [libc::sock_filter; 4] = [
+    // A = seccomp_data.nr
+    libc::sock_filter {
+        code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    },
+    libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 1,
+        k: libc::SYS_splice as u32,
+    },
+    libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+    },
+    libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: libc::SECCOMP_RET_ALLOW,
+    },
+];
+
+/// Installs [`DENY_SPLICE`] in the calling process (a child between fork and exec).
+fn deny_splice() -> std::io::Result<()> {
+    let prog = libc::sock_fprog {
+        len: DENY_SPLICE.len() as u16,
+        filter: DENY_SPLICE.as_ptr().cast_mut(),
+    };
+    // SAFETY: plain prctl calls; `prog` points at a static filter that outlives them, and the kernel copies it.
+    let rc = unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            -1
+        } else {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            )
+        }
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// A running `nbd-serve`, killed (by its own pid) when dropped.
@@ -49,6 +106,11 @@ impl Served {
         cmd.args(["--listen", "127.0.0.1:0"]).args(extra);
         let client_dir = match mode {
             Mode::Plain => None,
+            Mode::SpliceRefused => {
+                // SAFETY: the closure only makes two prctl calls, which are async-signal-safe.
+                unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, deny_splice) };
+                None
+            }
             Mode::Tls(pki) => {
                 cmd.arg("--tls=require")
                     .arg(format!("--tls-certificates={}", pki.server_dir().display()))
@@ -464,6 +526,13 @@ fn ext_nbdcopy_in_and_out_with_1_and_4_connections() {
     require(&["nbdcopy"]);
     let t = shm_file(256 * MIB);
     nbdcopy_round_trip(Mode::Plain, t.path(), 256 * MIB);
+}
+
+#[test]
+fn ext_nbdcopy_in_and_out_when_seccomp_refuses_splice() {
+    require(&["nbdcopy"]);
+    let t = shm_file(256 * MIB);
+    nbdcopy_round_trip(Mode::SpliceRefused, t.path(), 256 * MIB);
 }
 
 #[test]
