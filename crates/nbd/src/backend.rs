@@ -162,6 +162,14 @@ impl FileBackend {
         self.block_device
     }
 
+    /// Whether every page of a memory-backed file is allocated, so it has no hole: tmpfs counts exactly
+    /// the pages it holds in `st_blocks`. One `fstat` instead of `SEEK_HOLE`, which walks the file's
+    /// pages up to the next hole or the end (5.5 ms from the start of a 1 GiB file).
+    fn fully_allocated(&self) -> io::Result<bool> {
+        let st = rustix::fs::fstat(&self.file)?;
+        Ok((st.st_blocks as u64).saturating_mul(512) >= st.st_size as u64)
+    }
+
     fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
         let end = offset + len;
         while offset < end {
@@ -330,7 +338,7 @@ impl Backend for FileBackend {
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let end = offset + len;
-        if self.block_device {
+        if self.block_device || (self.memory_backed && self.fully_allocated()?) {
             return Ok(vec![Extent {
                 length: len,
                 flags: 0,
@@ -569,6 +577,48 @@ impl Backend for MemoryBackend {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_fully_written_tmpfs_file_is_one_data_extent_and_a_punched_hole_shows() {
+        let mut f = tempfile::Builder::new()
+            .prefix("nbd-extents-")
+            .tempfile_in("/dev/shm")
+            .unwrap();
+        f.write_all(&vec![0x5au8; 8 << 20]).unwrap();
+        let b = FileBackend::open(f.path(), false).unwrap();
+        assert!(b.memory_backed, "/dev/shm is tmpfs");
+        assert!(b.fully_allocated().unwrap());
+        assert_eq!(
+            b.block_status(4096, (8 << 20) - 4096).unwrap(),
+            [Extent {
+                length: (8 << 20) - 4096,
+                flags: 0
+            }]
+        );
+        // A hole anywhere, even outside the range asked about, makes the file's extents be looked up.
+        b.zero(1 << 20, 1 << 20, true, false).unwrap();
+        assert!(!b.fully_allocated().unwrap());
+        let hole = STATE_HOLE | STATE_ZERO;
+        let ext: Vec<(u64, u32)> = b
+            .block_status(0, 8 << 20)
+            .unwrap()
+            .iter()
+            .map(|e| (e.length, e.flags))
+            .collect();
+        assert_eq!(ext, [(1 << 20, 0), (1 << 20, hole), (6 << 20, 0)]);
+        // A sparse tail (the file grew without writes) is a hole too.
+        let c = tempfile::Builder::new().tempfile_in("/dev/shm").unwrap();
+        c.as_file().set_len(4 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(c.as_file(), &[1u8; 4096], 0).unwrap();
+        let b = FileBackend::open(c.path(), false).unwrap();
+        let ext: Vec<(u64, u32)> = b
+            .block_status(0, 4 << 20)
+            .unwrap()
+            .iter()
+            .map(|e| (e.length, e.flags))
+            .collect();
+        assert_eq!(ext, [(4096, 0), ((4 << 20) - 4096, hole)]);
+    }
 
     #[test]
     fn file_zero_and_block_status() {
