@@ -585,6 +585,10 @@ mod tests {
             .tempfile_in("/dev/shm")
             .unwrap();
         f.write_all(&vec![0x5au8; 8 << 20]).unwrap();
+        let extents = |b: &FileBackend, offset: u64, len: u64| -> Vec<(u64, u32)> {
+            let ext = b.block_status(offset, len).unwrap();
+            ext.iter().map(|e| (e.length, e.flags)).collect()
+        };
         let b = FileBackend::open(f.path(), false).unwrap();
         assert!(b.memory_backed, "/dev/shm is tmpfs");
         assert!(b.fully_allocated().unwrap());
@@ -599,25 +603,19 @@ mod tests {
         b.zero(1 << 20, 1 << 20, true, false).unwrap();
         assert!(!b.fully_allocated().unwrap());
         let hole = STATE_HOLE | STATE_ZERO;
-        let ext: Vec<(u64, u32)> = b
-            .block_status(0, 8 << 20)
-            .unwrap()
-            .iter()
-            .map(|e| (e.length, e.flags))
-            .collect();
-        assert_eq!(ext, [(1 << 20, 0), (1 << 20, hole), (6 << 20, 0)]);
+        assert_eq!(
+            extents(&b, 0, 8 << 20),
+            [(1 << 20, 0), (1 << 20, hole), (6 << 20, 0)]
+        );
         // A sparse tail (the file grew without writes) is a hole too.
         let c = tempfile::Builder::new().tempfile_in("/dev/shm").unwrap();
         c.as_file().set_len(4 << 20).unwrap();
         std::os::unix::fs::FileExt::write_all_at(c.as_file(), &[1u8; 4096], 0).unwrap();
         let b = FileBackend::open(c.path(), false).unwrap();
-        let ext: Vec<(u64, u32)> = b
-            .block_status(0, 4 << 20)
-            .unwrap()
-            .iter()
-            .map(|e| (e.length, e.flags))
-            .collect();
-        assert_eq!(ext, [(4096, 0), ((4 << 20) - 4096, hole)]);
+        assert_eq!(
+            extents(&b, 0, 4 << 20),
+            [(4096, 0), ((4 << 20) - 4096, hole)]
+        );
     }
 
     #[test]
