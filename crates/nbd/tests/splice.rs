@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nbd::client::Handshake;
+use nbd::client::{Client, Handshake};
 use nbd::proto::*;
 use nbd::{ExportConfig, FileBackend, Registry, Server, ServerConfig};
 
@@ -33,6 +33,16 @@ fn open_pipes() -> usize {
 }
 
 /// Serves `path` as export "f" on a fresh listener; returns its address and the server's stop handle.
+/// A client in transmission on the export `serve` makes.
+async fn open(addr: SocketAddr) -> Client {
+    Handshake::connect(addr)
+        .await
+        .unwrap()
+        .go("f")
+        .await
+        .unwrap()
+}
+
 async fn serve(path: &Path) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let registry = Registry::new();
     registry
@@ -76,12 +86,7 @@ async fn large_writes_over_tcp_are_spliced_and_land_exactly() {
     file.as_file().set_len(32 * MIB as u64).unwrap();
     let (addr, stop) = serve(file.path()).await;
     let pipes_before = open_pipes();
-    let mut c = Handshake::connect(addr)
-        .await
-        .unwrap()
-        .go("f")
-        .await
-        .unwrap();
+    let mut c = open(addr).await;
 
     // Sizes on both sides of the splicing threshold, sent back to back before any reply is read, so the
     // server's read buffer holds headers and the first bytes of payloads that are then spliced. Two are
@@ -177,12 +182,7 @@ async fn root_a_full_file_system_fails_a_spliced_write_with_enospc_and_the_sessi
         .set_len(16 * MIB as u64)
         .unwrap();
     let (addr, stop) = serve(&path).await;
-    let mut c = Handshake::connect(addr)
-        .await
-        .unwrap()
-        .go("f")
-        .await
-        .unwrap();
+    let mut c = open(addr).await;
     let big = pattern(4 * MIB, 9);
     let err = c.write(4 * MIB as u64, &big, 0).await.unwrap_err();
     assert_eq!(err.remote_code(), Some(ENOSPC), "{err}");
