@@ -3,10 +3,11 @@
 //! buffer, then to the page cache).
 //!
 //! Only for files whose I/O is memory copies (tmpfs, ramfs: [`crate::Backend::splice_fd`]): a splice into
-//! such a file never waits for a device, so it runs on the session's own thread. TLS sessions, other
-//! streams and block devices use the buffered path. READ replies are not spliced: on this path the
-//! client's copy out of cold page-cache pages cost what the server saved (nbdcopy, 4 connections: 5 %
-//! slower, with 40 % less server CPU).
+//! such a file never waits for a device, so it runs on the session's own thread. Data lands as it arrives:
+//! a payload cut off by a failed or stalled connection may be in the file in part (the request was never
+//! acknowledged). TLS sessions, other streams and block devices use the buffered path. READ replies are
+//! not spliced: on this path the client's copy out of cold page-cache pages cost what the server saved
+//! (nbdcopy, 4 connections: 5 % slower, with 40 % less server CPU).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

@@ -32,7 +32,6 @@ fn open_pipes() -> usize {
         .count()
 }
 
-/// Serves `path` as export "f" on a fresh listener; returns its address and the server's stop handle.
 /// A client in transmission on the export `serve` makes.
 async fn open(addr: SocketAddr) -> Client {
     Handshake::connect(addr)
@@ -43,7 +42,17 @@ async fn open(addr: SocketAddr) -> Client {
         .unwrap()
 }
 
+/// Serves `path` as export "f" on a fresh listener; returns its address and the server's stop handle.
 async fn serve(path: &Path) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let (addr, stop, _) = serve_with(path, ServerConfig::default()).await;
+    (addr, stop)
+}
+
+/// [`serve`] with `cfg`, also returning the registry (for the export's counters).
+async fn serve_with(
+    path: &Path,
+    cfg: ServerConfig,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, Registry) {
     let registry = Registry::new();
     registry
         .add(ExportConfig {
@@ -59,11 +68,11 @@ async fn serve(path: &Path) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(
-        Server::new(registry, ServerConfig::default()).serve(listener, async move {
+        Server::new(registry.clone(), cfg).serve(listener, async move {
             let _ = rx.await;
         }),
     );
-    (addr, tx)
+    (addr, tx, registry)
 }
 
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -199,5 +208,58 @@ async fn root_a_full_file_system_fails_a_spliced_write_with_enospc_and_the_sessi
         "what fit of the failed write is there"
     );
     c.disconnect().await.unwrap();
+    stop.send(()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_vanish_or_stall_mid_spliced_payload_are_closed_and_others_go_on() {
+    let _serial = SERIAL.lock().await;
+    let file = tempfile::Builder::new()
+        .prefix("nbd-splice-")
+        .tempfile_in("/dev/shm")
+        .unwrap();
+    file.as_file().set_len(8 * MIB as u64).unwrap();
+    let cfg = ServerConfig {
+        send_timeout: Duration::from_secs(1),
+        ..ServerConfig::default()
+    };
+    let (addr, stop, registry) = serve_with(file.path(), cfg).await;
+    let pipes_before = open_pipes();
+    let hdr = |offset: u64| {
+        Request {
+            flags: 0,
+            command: CMD_WRITE,
+            cookie: 7,
+            offset,
+            length: MIB as u32,
+        }
+        .encode()
+    };
+    // One client's session is splicing (its first large write landed) when it vanishes mid-payload.
+    let mut gone = open(addr).await;
+    gone.write(0, &pattern(256 * 1024, 1), 0).await.unwrap();
+    gone.send_raw(&hdr(MIB as u64)).await.unwrap();
+    gone.send_raw(&pattern(300_000, 2)).await.unwrap();
+    drop(gone);
+    // Another stops sending in the middle of a payload and stays connected.
+    let mut stalled = open(addr).await;
+    stalled.send_raw(&hdr(2 * MIB as u64)).await.unwrap();
+    stalled.send_raw(&pattern(100_000, 3)).await.unwrap();
+    eventually("both sessions closed by the server", || {
+        registry.get("f").unwrap().counters.connections_current == 0
+    })
+    .await;
+    assert_eq!(
+        open_pipes(),
+        pipes_before,
+        "the sessions' pipes were closed"
+    );
+    // A new client is served, and its write lands whole over what the others left.
+    let mut c = open(addr).await;
+    let data = pattern(MIB, 4);
+    c.write(2 * MIB as u64, &data, 0).await.unwrap();
+    assert_eq!(c.read(2 * MIB as u64, MIB as u32).await.unwrap(), data);
+    c.disconnect().await.unwrap();
+    drop(stalled);
     stop.send(()).unwrap();
 }
