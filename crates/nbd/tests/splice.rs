@@ -32,6 +32,16 @@ fn open_pipes() -> usize {
         .count()
 }
 
+/// A sparse file of `len` bytes on tmpfs, removed when dropped.
+fn shm_file(len: usize) -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new()
+        .prefix("nbd-splice-")
+        .tempfile_in("/dev/shm")
+        .unwrap();
+    file.as_file().set_len(len as u64).unwrap();
+    file
+}
+
 /// A client in transmission on the export `serve` makes.
 async fn open(addr: SocketAddr) -> Client {
     Handshake::connect(addr)
@@ -88,11 +98,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_writes_over_tcp_are_spliced_and_land_exactly() {
     let _serial = SERIAL.lock().await;
-    let file = tempfile::Builder::new()
-        .prefix("nbd-splice-")
-        .tempfile_in("/dev/shm")
-        .unwrap();
-    file.as_file().set_len(32 * MIB as u64).unwrap();
+    let file = shm_file(32 * MIB);
     let (addr, stop) = serve(file.path()).await;
     let pipes_before = open_pipes();
     let mut c = open(addr).await;
@@ -214,11 +220,7 @@ async fn root_a_full_file_system_fails_a_spliced_write_with_enospc_and_the_sessi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_vanish_or_stall_mid_spliced_payload_are_closed_and_others_go_on() {
     let _serial = SERIAL.lock().await;
-    let file = tempfile::Builder::new()
-        .prefix("nbd-splice-")
-        .tempfile_in("/dev/shm")
-        .unwrap();
-    file.as_file().set_len(8 * MIB as u64).unwrap();
+    let file = shm_file(8 * MIB);
     let cfg = ServerConfig {
         send_timeout: Duration::from_secs(1),
         ..ServerConfig::default()
