@@ -3,16 +3,18 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{OnceLock, RwLock};
+use std::time::Instant;
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::ReadWriteFlags;
 
 use crate::error::NbdError;
+use crate::mapping::Mapping;
 use crate::proto::{STATE_HOLE, STATE_ZERO};
 
 /// One run of blocks with the same allocation state (`base:allocation` flags).
@@ -43,10 +45,16 @@ pub trait Backend: Send + Sync + 'static {
     fn write_nowait(&self, _data: &[u8], _offset: u64) -> io::Result<usize> {
         Ok(0)
     }
-    /// The descriptor to splice READ and WRITE payloads to and from, for storage whose I/O is memory
-    /// copies that never wait (see `splice.rs`); `None` (the default) keeps the buffered path.
-    fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
+    /// The shared mapping through which a plain TCP session moves payloads directly between socket and
+    /// storage, for storage whose I/O is memory copies that never wait (see `mapping.rs`); `None` (the
+    /// default) keeps the buffered path.
+    fn mapping(&self) -> Option<&Mapping> {
         None
+    }
+    /// Whether a READ through [`Backend::mapping`] allocates nothing now (tmpfs allocates a page for
+    /// any hole a mapping touches, where `pread` reads zeros).
+    fn mapped_reads(&self) -> bool {
+        false
     }
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
@@ -84,6 +92,16 @@ pub trait Backend: Send + Sync + 'static {
 const TMPFS_MAGIC: u64 = 0x0102_1994;
 const RAMFS_MAGIC: u64 = 0x8584_58f6;
 
+/// How often a mapped file is looked at again for holes (see [`FileBackend::mapping`]).
+const DENSE_RECHECK_MS: u64 = 1000;
+
+/// Milliseconds since the first call: a monotonic clock for [`FileBackend::mapping`].
+fn millis() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Largest chunk written when zeros must be written explicitly.
 const ZERO_CHUNK: usize = 1 << 20;
 static ZEROS: [u8; ZERO_CHUNK] = [0u8; ZERO_CHUNK];
@@ -101,6 +119,12 @@ pub struct FileBackend {
     sector: u64,
     /// The file lives on tmpfs or ramfs: reads and writes are memory copies and never wait for a device.
     memory_backed: bool,
+    /// The file mapped for direct socket I/O (memory-backed files only).
+    mapping: Option<Mapping>,
+    /// Whether the file had no holes when last looked at (see [`FileBackend::mapping`]).
+    dense: AtomicBool,
+    /// When `dense` was last refreshed, as [`millis`].
+    dense_checked: AtomicU64,
     /// Whether `RWF_NOWAIT` reads and writes are still worth trying (cleared when the kernel refuses them).
     nowait_reads: AtomicBool,
     nowait_writes: AtomicBool,
@@ -130,6 +154,9 @@ impl FileBackend {
                 block_device: true,
                 sector: u64::from(sector.max(512)),
                 memory_backed: false,
+                mapping: None,
+                dense: AtomicBool::new(false),
+                dense_checked: AtomicU64::new(0),
                 nowait_reads: AtomicBool::new(true),
                 nowait_writes: AtomicBool::new(true),
             })
@@ -140,15 +167,28 @@ impl FileBackend {
                     magic == TMPFS_MAGIC || magic == RAMFS_MAGIC
                 })
                 .unwrap_or(false);
-            Ok(FileBackend {
+            let mapping = if memory_backed {
+                Mapping::new(&file, meta.len(), !read_only).unwrap_or_else(|e| {
+                    tracing::debug!(error = %e, path = %path.display(), "cannot map the export file; payloads are copied through buffers");
+                    None
+                })
+            } else {
+                None
+            };
+            let backend = FileBackend {
                 file,
                 size: meta.len(),
                 block_device: false,
                 sector: 1,
                 memory_backed,
+                mapping,
+                dense: AtomicBool::new(false),
+                dense_checked: AtomicU64::new(0),
                 nowait_reads: AtomicBool::new(true),
                 nowait_writes: AtomicBool::new(true),
-            })
+            };
+            backend.refresh_dense();
+            Ok(backend)
         } else {
             Err(NbdError::Invalid(format!(
                 "{} is neither a regular file nor a block device",
@@ -162,12 +202,28 @@ impl FileBackend {
         self.block_device
     }
 
-    /// Whether every page of a memory-backed file is allocated, so it has no hole: tmpfs counts exactly
-    /// the pages it holds in `st_blocks`. One `fstat` instead of `SEEK_HOLE`, which walks the file's
-    /// pages up to the next hole or the end (5.5 ms from the start of a 1 GiB file).
+    /// Whether every page of a memory-backed file is allocated up to the export's size, so it has no
+    /// hole and has not shrunk: tmpfs counts exactly the pages it holds in `st_blocks`. One `fstat`
+    /// instead of `SEEK_HOLE`, which walks the file's pages up to the next hole or the end (5.5 ms from
+    /// the start of a 1 GiB file).
     fn fully_allocated(&self) -> io::Result<bool> {
         let st = rustix::fs::fstat(&self.file)?;
-        Ok((st.st_blocks as u64).saturating_mul(512) >= st.st_size as u64)
+        let allocated = (st.st_blocks as u64).saturating_mul(512);
+        Ok(st.st_size as u64 >= self.size && allocated >= self.size)
+    }
+
+    /// Looks again whether the file has holes (see [`FileBackend::fully_allocated`]).
+    fn refresh_dense(&self) {
+        let dense = self.mapping.is_some() && self.fully_allocated().unwrap_or(false);
+        self.dense.store(dense, Ordering::Relaxed);
+        self.dense_checked.store(millis(), Ordering::Relaxed);
+    }
+
+    /// The file may have holes now (after a trim or zero punched some).
+    fn punched(&self) {
+        if self.mapping.is_some() {
+            self.dense.store(false, Ordering::Relaxed);
+        }
     }
 
     fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
@@ -253,6 +309,7 @@ impl Backend for FileBackend {
             }
             return Ok(());
         }
+        self.punched();
         match rustix::fs::fallocate(
             &self.file,
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
@@ -298,6 +355,7 @@ impl Backend for FileBackend {
             }
             return self.write_zeros(offset, len);
         }
+        self.punched();
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         let zero_range = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
         if may_trim {
@@ -397,8 +455,22 @@ impl Backend for FileBackend {
         true
     }
 
-    fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.memory_backed.then(|| self.file.as_fd())
+    fn mapping(&self) -> Option<&Mapping> {
+        self.mapping.as_ref()
+    }
+
+    /// Only while the file has no holes. That is looked at again at least every [`DENSE_RECHECK_MS`]
+    /// (a second), and at once after this backend punched a hole, so a hole punched by another process
+    /// can be filled by reads only within that time, and never beyond the file's size.
+    fn mapped_reads(&self) -> bool {
+        if self.mapping.is_none() {
+            return false;
+        }
+        let now = millis();
+        if now.saturating_sub(self.dense_checked.load(Ordering::Relaxed)) >= DENSE_RECHECK_MS {
+            self.refresh_dense();
+        }
+        self.dense.load(Ordering::Relaxed)
     }
 
     fn read_nowait(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<bool> {

@@ -12,16 +12,17 @@ pub mod client;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+mod mapping;
 mod negotiate;
 pub mod proto;
 mod registry;
 mod server;
 mod session;
-mod splice;
 mod tls;
 
 pub use backend::{Backend, Extent, FileBackend, MemoryBackend};
 pub use error::{NbdError, NbdErrorKind};
+pub use mapping::Mapping;
 pub use registry::{CountersSnapshot, ExportConfig, ExportSnapshot, Registry, RemoveReport};
 pub use server::{BudgetProbe, Server, ServerConfig};
 pub use tls::{Access, ClientIdentity, Tls, TlsSettings, CA_CERT, SERVER_CERT, SERVER_KEY};

@@ -345,8 +345,8 @@ impl Server {
             meta_allocation,
         };
         let shared = Arc::clone(&self.shared);
-        // A plain TCP stream gets the session that can splice payloads; anything else (TLS, a Unix socket,
-        // an in-memory pipe) the buffered one.
+        // A plain TCP stream gets the session that moves payloads through the export's mapping; anything
+        // else (TLS, a Unix socket, an in-memory pipe) the buffered one.
         let mut slot = Some(stream);
         let end = match (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<TcpStream>>() {
             Some(tcp) => {

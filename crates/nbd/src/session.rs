@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::io::{
     AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, Take,
 };
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Extent;
 use crate::bufpool::BufPool;
+use crate::mapping::{self, SocketError};
 use crate::proto::*;
 use crate::registry::Export;
-use crate::splice::{self, Pipe, SocketError};
 
 /// Socket read buffer of a session.
 const READ_BUFFER: usize = 256 * 1024;
@@ -50,9 +50,10 @@ const REPLY_EVERY: u32 = 4;
 /// a client with few large requests in flight (fio, 1 MiB, queue depth 8) gets each reply as soon as its
 /// request is done instead of four at a time: 9 % more throughput on one connection.
 const REPLY_BYTES: u32 = 256 * 1024;
-/// WRITE payloads at least this large are spliced from a plain TCP socket into a memory-backed file
-/// (see `splice.rs`); smaller ones are copied, since a splice costs two calls and a pipe round trip.
-const SPLICE_MIN: u32 = 64 * 1024;
+/// WRITE payloads at least this large are received from a plain TCP socket straight into a mapped
+/// memory-backed file (see `mapping.rs`); smaller ones mostly arrived in the read buffer with their
+/// header already, and are written from there.
+const DIRECT_MIN: u32 = 64 * 1024;
 /// Most replies gathered into one vectored write.
 const BATCH: usize = 64;
 
@@ -113,8 +114,31 @@ impl Drop for Hold {
 /// An encoded reply: a header (with any small body) and optional READ data.
 struct Reply {
     head: Vec<u8>,
-    data: Vec<u8>,
+    data: Data,
     _hold: Hold,
+}
+
+/// The data of a READ reply.
+enum Data {
+    None,
+    /// Read into a buffer (from the pool).
+    Owned(Vec<u8>),
+    /// `len` bytes at `offset` of the export's mapped file, sent by the kernel straight from it (plain TCP
+    /// sessions only, see `mapping.rs`). The reply's hold keeps the export, and so the mapping, alive.
+    Mapped {
+        offset: u64,
+        len: usize,
+    },
+}
+
+impl Data {
+    fn len(&self) -> usize {
+        match self {
+            Data::None => 0,
+            Data::Owned(v) => v.len(),
+            Data::Mapped { len, .. } => *len,
+        }
+    }
 }
 
 struct Conn {
@@ -123,6 +147,8 @@ struct Conn {
     depth: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     tx: UnboundedSender<Reply>,
+    /// A plain TCP session: READ replies and large WRITE payloads may move through the export's mapping.
+    direct: bool,
     /// Whether any write-like request ran (flush on graceful shutdown).
     wrote: Arc<AtomicBool>,
 }
@@ -143,7 +169,8 @@ where
     run_halves(rd, wr, params, shared, kill, stop).await
 }
 
-/// [`run`] on a plain TCP connection, whose payloads may be spliced (see `splice.rs`).
+/// [`run`] on a plain TCP connection, whose payloads may move through the export's mapping (see
+/// `mapping.rs`).
 pub(crate) async fn run_tcp(
     stream: TcpStream,
     params: SessionParams,
@@ -155,8 +182,8 @@ pub(crate) async fn run_tcp(
     run_halves(rd, wr, params, shared, kill, stop).await
 }
 
-/// The reading half of a session's stream, and the TCP socket under it when there is nothing between
-/// them (no TLS), for splicing.
+/// A half of a session's stream, and the TCP socket under it when there is nothing between them (no
+/// TLS), for direct I/O through the export's mapping.
 pub(crate) trait Half {
     fn tcp(&self) -> Option<&TcpStream> {
         None
@@ -164,7 +191,13 @@ pub(crate) trait Half {
 }
 
 impl<S> Half for tokio::io::ReadHalf<S> {}
+impl<S> Half for tokio::io::WriteHalf<S> {}
 impl Half for OwnedReadHalf {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+impl Half for OwnedWriteHalf {
     fn tcp(&self) -> Option<&TcpStream> {
         Some(self.as_ref())
     }
@@ -180,9 +213,10 @@ async fn run_halves<R, W>(
 ) -> End
 where
     R: AsyncRead + Half + Unpin + Send,
-    W: AsyncWrite + Unpin + Send,
+    W: AsyncWrite + Half + Unpin + Send,
 {
     let (tx, rx) = unbounded_channel();
+    let direct = rd.tcp().is_some() && wr.tcp().is_some();
     let export = Arc::clone(&params.export);
     let read_only = export.read_only;
     let wrote = Arc::new(AtomicBool::new(false));
@@ -193,6 +227,7 @@ where
         params,
         shared: Arc::clone(&shared),
         tx,
+        direct,
         wrote: Arc::clone(&wrote),
     };
     // Cancelled by the writer when the client stops taking replies, so the reader stops too.
@@ -272,26 +307,23 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
 ) -> End {
     let export = &conn.params.export;
     let mut since_yield = 0u32;
-    // The pipe for spliced WRITE payloads, made at the first one; `splicing` turns false if it cannot be.
-    let mut pipe: Option<Pipe> = None;
-    let mut splicing =
-        rd.get_ref().get_ref().tcp().is_some() && export.backend.splice_fd().is_some();
-    let mut last_spliced = false;
+    let direct_writes = conn.direct && export.backend.mapping().is_some_and(|m| m.writable());
+    let mut last_direct = false;
     loop {
         if since_yield >= REPLY_EVERY {
             since_yield = 0;
             tokio::task::yield_now().await;
         }
-        // After a spliced payload the next one is likely spliced too: read only the next header, so the
-        // read buffer does not take (and copy) the start of its payload.
-        rd.get_mut().set_limit(if last_spliced {
+        // After a payload received into the mapping the next one likely is too: read only the next
+        // header, so the read buffer does not take (and copy) the start of its payload.
+        rd.get_mut().set_limit(if last_direct {
             REQUEST_LEN as u64
         } else {
             u64::MAX
         });
         let next = next_header(rd, conn, stop, broken).await;
         rd.get_mut().set_limit(u64::MAX);
-        last_spliced = false;
+        last_direct = false;
         let hdr = match next {
             Next::Header(h) => h,
             Next::End(e) => {
@@ -364,49 +396,33 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
         } else {
             None
         };
-        if splicing
+        if direct_writes
             && req.command == CMD_WRITE
-            && req.length >= SPLICE_MIN
+            && req.length >= DIRECT_MIN
             && req.flags & CMD_FLAG_FUA == 0
         {
-            if pipe.is_none() {
-                match Pipe::new() {
-                    Ok(p) => pipe = Some(p),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "cannot make a pipe; payloads are copied instead of spliced");
-                        splicing = false;
-                    }
+            export.request_start();
+            let hold = Hold {
+                export: Arc::clone(export),
+                _depth: depth,
+                _bytes: bytes,
+            };
+            let Some(result) = direct_write(rd, conn, &req).await else {
+                return End::Client;
+            };
+            export.counters.touch();
+            conn.wrote.store(true, Ordering::Relaxed);
+            let error = match result {
+                Ok(()) => {
+                    count_write(export, req.offset, req.length);
+                    0
                 }
-            }
-            if let Some(p) = pipe.as_ref() {
-                export.request_start();
-                let hold = Hold {
-                    export: Arc::clone(export),
-                    _depth: depth,
-                    _bytes: bytes,
-                };
-                match splice_write(rd, p, conn, &req, &mut splicing).await {
-                    Some(result) => {
-                        export.counters.touch();
-                        conn.wrote.store(true, Ordering::Relaxed);
-                        let error = match result {
-                            Ok(()) => {
-                                count_write(export, req.offset, req.length);
-                                0
-                            }
-                            Err(e) => errno_of(&e),
-                        };
-                        let _ = conn.tx.send(error_reply(req.cookie, false, error, hold));
-                    }
-                    None => return End::Client,
-                }
-                if !splicing {
-                    pipe = None;
-                }
-                last_spliced = true;
-                since_yield += 1 + req.length / REPLY_BYTES;
-                continue;
-            }
+                Err(e) => errno_of(&e),
+            };
+            let _ = conn.tx.send(error_reply(req.cookie, false, error, hold));
+            last_direct = true;
+            since_yield += 1 + req.length / REPLY_BYTES;
+            continue;
         }
         let payload = if req.command == CMD_WRITE {
             let mut buf = conn.shared.buffers.take(req.length as usize);
@@ -437,16 +453,15 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
     }
 }
 
-/// Writes a WRITE request's payload to the file by splicing it from the socket: what the read buffer
-/// already holds with a plain write, the rest through `pipe`. `None` when the connection failed or stalled
-/// mid-payload; otherwise the file's result. When the kernel refuses `splice` (a seccomp filter), the
-/// payload is read and written the ordinary way and `splicing` is turned off for the session.
-async fn splice_write<R: AsyncRead + Half + Unpin>(
+/// Writes a WRITE request's payload to the export's mapped file: what the read buffer already holds with
+/// a plain write, the rest received from the socket straight into the mapping. What the mapping cannot
+/// take (a page tmpfs has no room for, a file shrunk under the server, a kernel without
+/// `MADV_POPULATE_WRITE`) is read into a buffer and written the ordinary way, which reports the file's
+/// error. `None` when the connection failed or stalled mid-payload; otherwise the file's result.
+async fn direct_write<R: AsyncRead + Half + Unpin>(
     rd: &mut BufReader<Take<R>>,
-    pipe: &Pipe,
     conn: &Conn,
     req: &Request,
-    splicing: &mut bool,
 ) -> Option<io::Result<()>> {
     let b = &conn.params.export.backend;
     let len = req.length as usize;
@@ -462,31 +477,32 @@ async fn splice_write<R: AsyncRead + Half + Unpin>(
         .get_ref()
         .get_ref()
         .tcp()
-        .expect("splicing is chosen only on a TCP stream (invariant)");
-    let file = b
-        .splice_fd()
-        .expect("splicing is chosen only for a backend that has a splice descriptor (invariant)");
+        .expect("direct writes are chosen only on a TCP stream (invariant)");
+    let map = b
+        .mapping()
+        .expect("direct writes are chosen only for a backend with a writable mapping (invariant)");
     let timeout = conn.shared.send_timeout;
-    let rest = (req.offset + n as u64, len - n);
-    let r = match splice::socket_to_file(sock, pipe, file, rest.0, rest.1, timeout).await {
-        Ok(r) => r,
-        Err(SocketError::Closed | SocketError::Stalled) => return None,
-        Err(SocketError::Refused) => {
-            tracing::warn!("the kernel refuses splice(2); WRITE payloads are copied instead");
-            *splicing = false;
-            let mut buf = conn.shared.buffers.take(rest.1);
-            let read = read_payload(rd, &mut buf, rest.1);
-            if !matches!(tokio::time::timeout(timeout, read).await, Ok(Ok(()))) {
-                conn.shared.buffers.give(buf);
-                return None;
-            }
-            let r = b.write_at(&buf, rest.0);
-            conn.shared.buffers.give(buf);
-            r
+    let mut pos = req.offset + n as u64;
+    let mut left = len - n;
+    match map.receive(sock, pos, left, timeout).await {
+        Ok(k) => {
+            pos += k as u64;
+            left -= k;
         }
-    };
-    if result.is_ok() {
-        result = r;
+        Err(SocketError::Closed | SocketError::Stalled) => return None,
+    }
+    if left > 0 {
+        let mut buf = conn.shared.buffers.take(left);
+        let read = read_payload(rd, &mut buf, left);
+        if !matches!(tokio::time::timeout(timeout, read).await, Ok(Ok(()))) {
+            conn.shared.buffers.give(buf);
+            return None;
+        }
+        let r = b.write_at(&buf, pos);
+        conn.shared.buffers.give(buf);
+        if result.is_ok() {
+            result = r;
+        }
     }
     Some(result)
 }
@@ -557,10 +573,22 @@ async fn dispatch(
     if req.length <= INLINE_MAX {
         match req.command {
             CMD_READ => {
+                if conn.direct && b.mapped_reads() {
+                    count_read(export, req.length);
+                    let data = Data::Mapped {
+                        offset: req.offset,
+                        len: req.length as usize,
+                    };
+                    let _ = conn
+                        .tx
+                        .send(read_reply(req.cookie, req.offset, data, structured, hold));
+                    return;
+                }
                 let mut data = conn.shared.buffers.take(req.length as usize);
                 match b.read_nowait(&mut data, req.offset, req.length as usize) {
                     Ok(true) => {
                         count_read(export, req.length);
+                        let data = Data::Owned(data);
                         let _ = conn
                             .tx
                             .send(read_reply(req.cookie, req.offset, data, structured, hold));
@@ -652,19 +680,19 @@ fn error_reply(cookie: u64, structured_err: bool, error: u32, hold: Hold) -> Rep
         head.extend_from_slice(msg);
         Reply {
             head,
-            data: Vec::new(),
+            data: Data::None,
             _hold: hold,
         }
     } else {
         Reply {
             head: simple_reply(error, cookie).to_vec(),
-            data: Vec::new(),
+            data: Data::None,
             _hold: hold,
         }
     }
 }
 
-fn read_reply(cookie: u64, offset: u64, data: Vec<u8>, structured: bool, hold: Hold) -> Reply {
+fn read_reply(cookie: u64, offset: u64, data: Data, structured: bool, hold: Hold) -> Reply {
     let head = if structured {
         let len = u32::try_from(8 + data.len()).expect("reads are at most BLOCK_MAX (invariant)");
         let mut h = Vec::with_capacity(28);
@@ -702,7 +730,7 @@ fn block_status_reply(cookie: u64, extents: &[Extent], hold: Hold) -> Reply {
     }
     Reply {
         head,
-        data: Vec::new(),
+        data: Data::None,
         _hold: hold,
     }
 }
@@ -741,7 +769,7 @@ fn execute(
             match b.read_at(&mut data, off, req.length as usize) {
                 Ok(()) => {
                     count_read(export, req.length);
-                    read_reply(cookie, off, data, structured, hold)
+                    read_reply(cookie, off, Data::Owned(data), structured, hold)
                 }
                 Err(e) => {
                     buffers.give(data);
@@ -802,13 +830,14 @@ fn execute(
 /// Writes replies as they complete, gathering all that are ready into one vectored write. Each reply's
 /// hold (queue slot, budget) is released once its bytes are handed to the socket. Ends when every sender
 /// is gone; fails when the client does not take a batch within `send_timeout`.
-async fn write_replies<W: AsyncWrite + Unpin>(
+async fn write_replies<W: AsyncWrite + Half + Unpin>(
     mut wr: W,
     mut rx: UnboundedReceiver<Reply>,
     send_timeout: Duration,
     buffers: &BufPool,
 ) -> io::Result<()> {
     let mut batch: Vec<Reply> = Vec::with_capacity(BATCH);
+    let mut segments: Vec<(usize, usize)> = Vec::with_capacity(BATCH * 2);
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < BATCH {
@@ -817,26 +846,72 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
-        for r in &batch {
-            slices.push(IoSlice::new(&r.head));
-            if !r.data.is_empty() {
-                slices.push(IoSlice::new(&r.data));
+        let sent = match wr.tcp() {
+            Some(sock) => {
+                // By address: mapped READ data can only be named that way (see `mapping.rs`).
+                segments.clear();
+                for r in &batch {
+                    segments.push((r.head.as_ptr() as usize, r.head.len()));
+                    match &r.data {
+                        Data::None => {}
+                        Data::Owned(v) => segments.push((v.as_ptr() as usize, v.len())),
+                        Data::Mapped { offset, len } => {
+                            let map = r._hold.export.backend.mapping();
+                            let addr =
+                                map.and_then(|m| m.addr(*offset, *len)).ok_or_else(|| {
+                                    io::Error::other("a mapped READ reply outlived its mapping")
+                                })?;
+                            segments.push((addr, *len));
+                        }
+                    }
+                }
+                mapping::send_segments(sock, &mut segments, send_timeout).await
             }
-        }
-        match tokio::time::timeout(send_timeout, write_all_vectored(&mut wr, &mut slices)).await {
-            Ok(r) => r?,
-            Err(_) => {
+            None => {
+                let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+                for r in &batch {
+                    slices.push(IoSlice::new(&r.head));
+                    match &r.data {
+                        Data::None => {}
+                        Data::Owned(v) => slices.push(IoSlice::new(v)),
+                        Data::Mapped { .. } => {
+                            return Err(io::Error::other(
+                                "mapped READ data on a stream that is not plain TCP",
+                            ))
+                        }
+                    }
+                }
+                match tokio::time::timeout(send_timeout, write_all_vectored(&mut wr, &mut slices))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(io::ErrorKind::TimedOut.into()),
+                }
+            }
+        };
+        match sent {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                 tracing::info!(
                     "client took no reply data for the send timeout; closing the session"
                 );
-                return Err(io::ErrorKind::TimedOut.into());
+                return Err(e);
             }
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
+                tracing::warn!("a READ reply could not be read from the export's file (did the file shrink under the server?); closing the session");
+                return Err(e);
+            }
+            Err(e) => return Err(e),
         }
-        drop(slices);
         for r in batch.drain(..) {
-            if r.data.capacity() > 0 {
-                buffers.give(r.data);
+            match r.data {
+                Data::Owned(v) => buffers.give(v),
+                Data::Mapped { len, .. } => {
+                    if let Some(m) = r._hold.export.backend.mapping() {
+                        m.moved(len);
+                    }
+                }
+                Data::None => {}
             }
         }
     }

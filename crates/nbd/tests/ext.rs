@@ -24,17 +24,17 @@ fn require(tools: &[&str]) {
 }
 
 /// How clients reach the server: in clear text, or over TLS with verified client certificates; or in
-/// clear text to a server whose `splice(2)` calls a seccomp filter refuses.
+/// clear text to a server whose `madvise(2)` calls a seccomp filter refuses.
 #[derive(Clone, Copy)]
 enum Mode<'a> {
     Plain,
     Tls(&'a common::Pki),
-    SpliceRefused,
+    MadviseRefused,
 }
 
-/// A seccomp filter that fails `splice(2)` with EPERM and allows every other call: what a unit's
+/// A seccomp filter that fails `madvise(2)` with EPERM and allows every other call: what a unit's
 /// `SystemCallFilter=` without it and `SystemCallErrorNumber=EPERM` does.
-static DENY_SPLICE: [libc::sock_filter; 4] = [
+static DENY_MADVISE: [libc::sock_filter; 4] = [
     // A = seccomp_data.nr
     libc::sock_filter {
         code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
@@ -46,7 +46,7 @@ static DENY_SPLICE: [libc::sock_filter; 4] = [
         code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
         jt: 0,
         jf: 1,
-        k: libc::SYS_splice as u32,
+        k: libc::SYS_madvise as u32,
     },
     libc::sock_filter {
         code: (libc::BPF_RET | libc::BPF_K) as u16,
@@ -62,11 +62,11 @@ static DENY_SPLICE: [libc::sock_filter; 4] = [
     },
 ];
 
-/// Installs [`DENY_SPLICE`] in the calling process (a child between fork and exec).
-fn deny_splice() -> std::io::Result<()> {
+/// Installs [`DENY_MADVISE`] in the calling process (a child between fork and exec).
+fn deny_madvise() -> std::io::Result<()> {
     let prog = libc::sock_fprog {
-        len: DENY_SPLICE.len() as u16,
-        filter: DENY_SPLICE.as_ptr().cast_mut(),
+        len: DENY_MADVISE.len() as u16,
+        filter: DENY_MADVISE.as_ptr().cast_mut(),
     };
     // SAFETY: plain prctl calls; `prog` points at a static filter that outlives them, and the kernel copies it.
     let rc = unsafe {
@@ -106,9 +106,9 @@ impl Served {
         cmd.args(["--listen", "127.0.0.1:0"]).args(extra);
         let client_dir = match mode {
             Mode::Plain => None,
-            Mode::SpliceRefused => {
+            Mode::MadviseRefused => {
                 // SAFETY: the closure only makes two prctl calls, which are async-signal-safe.
-                unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, deny_splice) };
+                unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, deny_madvise) };
                 None
             }
             Mode::Tls(pki) => {
@@ -529,10 +529,10 @@ fn ext_nbdcopy_in_and_out_with_1_and_4_connections() {
 }
 
 #[test]
-fn ext_nbdcopy_in_and_out_when_seccomp_refuses_splice() {
+fn ext_nbdcopy_in_and_out_when_seccomp_refuses_madvise() {
     require(&["nbdcopy"]);
     let t = shm_file(256 * MIB);
-    nbdcopy_round_trip(Mode::SpliceRefused, t.path(), 256 * MIB);
+    nbdcopy_round_trip(Mode::MadviseRefused, t.path(), 256 * MIB);
 }
 
 #[test]
