@@ -50,9 +50,12 @@ const REPLY_EVERY: u32 = 4;
 /// a client with few large requests in flight (fio, 1 MiB, queue depth 8) gets each reply as soon as its
 /// request is done instead of four at a time: 9 % more throughput on one connection.
 const REPLY_BYTES: u32 = 256 * 1024;
-/// WRITE payloads at least this large are received from a plain TCP socket straight into a mapped
-/// memory-backed file (see `mapping.rs`); smaller ones mostly arrived in the read buffer with their
-/// header already, and are written from there.
+/// READ replies and WRITE payloads at least this large move directly between a plain TCP socket and a
+/// mapped memory-backed file (see `mapping.rs`). Smaller WRITE payloads mostly arrived in the read buffer
+/// with their header already, and are written from there. Smaller READs are copied with `pread`: each
+/// scattered small read through the mapping would take a page fault (the mapping's pages are dropped
+/// every 32 MiB moved), which cost more than the copy it saved (fio 4k random reads, 4 jobs: 25 % fewer
+/// IOPS).
 const DIRECT_MIN: u32 = 64 * 1024;
 /// Most replies gathered into one vectored write.
 const BATCH: usize = 64;
@@ -115,7 +118,8 @@ impl Drop for Hold {
 struct Reply {
     head: Vec<u8>,
     data: Data,
-    _hold: Hold,
+    /// Released when the reply is written or dropped; also keeps the export (and its mapping) alive.
+    hold: Hold,
 }
 
 /// The data of a READ reply.
@@ -573,7 +577,7 @@ async fn dispatch(
     if req.length <= INLINE_MAX {
         match req.command {
             CMD_READ => {
-                if conn.direct && b.mapped_reads() {
+                if conn.direct && req.length >= DIRECT_MIN && b.mapped_reads() {
                     count_read(export, req.length);
                     let data = Data::Mapped {
                         offset: req.offset,
@@ -681,13 +685,13 @@ fn error_reply(cookie: u64, structured_err: bool, error: u32, hold: Hold) -> Rep
         Reply {
             head,
             data: Data::None,
-            _hold: hold,
+            hold,
         }
     } else {
         Reply {
             head: simple_reply(error, cookie).to_vec(),
             data: Data::None,
-            _hold: hold,
+            hold,
         }
     }
 }
@@ -707,11 +711,7 @@ fn read_reply(cookie: u64, offset: u64, data: Data, structured: bool, hold: Hold
     } else {
         simple_reply(0, cookie).to_vec()
     };
-    Reply {
-        head,
-        data,
-        _hold: hold,
-    }
+    Reply { head, data, hold }
 }
 
 fn block_status_reply(cookie: u64, extents: &[Extent], hold: Hold) -> Reply {
@@ -731,7 +731,7 @@ fn block_status_reply(cookie: u64, extents: &[Extent], hold: Hold) -> Reply {
     Reply {
         head,
         data: Data::None,
-        _hold: hold,
+        hold,
     }
 }
 
@@ -856,7 +856,7 @@ async fn write_replies<W: AsyncWrite + Half + Unpin>(
                         Data::None => {}
                         Data::Owned(v) => segments.push((v.as_ptr() as usize, v.len())),
                         Data::Mapped { offset, len } => {
-                            let map = r._hold.export.backend.mapping();
+                            let map = r.hold.export.backend.mapping();
                             let addr =
                                 map.and_then(|m| m.addr(*offset, *len)).ok_or_else(|| {
                                     io::Error::other("a mapped READ reply outlived its mapping")
@@ -907,7 +907,7 @@ async fn write_replies<W: AsyncWrite + Half + Unpin>(
             match r.data {
                 Data::Owned(v) => buffers.give(v),
                 Data::Mapped { len, .. } => {
-                    if let Some(m) = r._hold.export.backend.mapping() {
+                    if let Some(m) = r.hold.export.backend.mapping() {
                         m.moved(len);
                     }
                 }
