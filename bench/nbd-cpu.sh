@@ -12,33 +12,10 @@ set -euo pipefail
 
 ROUNDS=${ROUNDS:-5}
 CONNECTIONS=${CONNECTIONS:-4}
-root=$(cd "$(dirname "$0")/.." && pwd)
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
-
-for tool in nbdkit nbdcopy nbdinfo python3; do
-    command -v "$tool" >/dev/null || {
-        echo "missing $tool: apt-get install nbdkit libnbd-bin python3" >&2
-        exit 1
-    }
-done
-
-cargo build --quiet --release -p nbd --bin nbd-serve --manifest-path "$root/Cargo.toml"
-ours_bin=$CARGO_TARGET_DIR/release/nbd-serve
-
-work=$(mktemp -d /dev/shm/nbd-cpu.XXXXXX)
-server_pid=""
-stop_server() {
-    if [[ -n $server_pid ]]; then
-        kill "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-        server_pid=""
-    fi
-}
-cleanup() {
-    stop_server
-    rm -rf "$work"
-}
-trap cleanup EXIT
+SIZE_MIB=1024
+TOOLS="nbdkit nbdcopy nbdinfo python3"
+# shellcheck source=bench/nbd-lib.sh
+source "$(dirname "$0")/nbd-lib.sh"
 
 img=$work/disk.img
 src=$work/src.img
@@ -47,31 +24,6 @@ results=$work/results.tsv
 head -c 1G /dev/urandom >"$src"
 cp "$src" "$img"
 tick=$(getconf CLK_TCK)
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# start_server NAME: starts it on a free port and sets $uri and $server_pid.
-start_server() {
-    local port
-    port=$(free_port)
-    case $1 in
-    nbd-serve) "$ours_bin" --listen "127.0.0.1:$port" "disk=$img" >/dev/null 2>&1 & ;;
-    nbdkit) nbdkit -f --exit-with-parent -p "$port" -e disk file "$img" >/dev/null 2>&1 & ;;
-    null) nbdkit -f --exit-with-parent -p "$port" -e disk null 1G >/dev/null 2>&1 & ;;
-    esac
-    server_pid=$!
-    uri=nbd://127.0.0.1:$port/disk
-    local deadline=$((SECONDS + 10))
-    until nbdinfo --size "$uri" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || {
-            echo "$1 did not come up" >&2
-            exit 1
-        }
-        sleep 0.05
-    done
-}
 
 proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 machine_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
@@ -96,10 +48,10 @@ for round in $(seq "$ROUNDS"); do
     echo "round $round" >&2
     cp "$src" "$img"
     measure "dd into tmpfs" - dd if="$src" of="$img" bs=1M conv=notrunc status=none
-    for s in nbd-serve nbdkit null; do
+    for s in nbd-serve nbdkit nbdkit-null; do
         start_server "$s"
         measure "$s write" "$server_pid" nbdcopy -C "$CONNECTIONS" "$src" "$uri"
-        if [[ $s != null ]]; then
+        if [[ $s != nbdkit-null ]]; then
             measure "$s read" "$server_pid" nbdcopy -C "$CONNECTIONS" "$uri" null:
         fi
         stop_server
