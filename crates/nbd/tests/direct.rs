@@ -4,6 +4,8 @@
 //! shrunk under the server.
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -21,28 +23,10 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// KiB of `path` resident in this process's mappings of it (`Rss` in /proc/self/smaps): pages the
-/// kernel mapped for I/O through the server's mapping. `None` when the file is not mapped.
+/// KiB of `path` resident in this process's mappings of it: pages the kernel mapped for I/O through the
+/// server's mapping. `None` when the file is not mapped.
 fn mapped_rss_kib(path: &Path) -> Option<u64> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let name = path.to_str().unwrap();
-    let mut total = None;
-    let mut ours = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            ours = line.ends_with(name) || line.ends_with(&format!("{name} (deleted)"));
-            if ours {
-                total.get_or_insert(0);
-            }
-        } else if ours {
-            if let Some(v) = line.strip_prefix("Rss:") {
-                let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap();
-                *total.get_or_insert(0) += kib;
-            }
-        }
-    }
-    total
+    common::smaps::mapped_rss_kib(std::process::id(), path)
 }
 
 /// A sparse file of `len` bytes on tmpfs, removed when dropped.

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 mod common;
+use common::smaps::mapped_rss_kib;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -533,6 +534,40 @@ fn ext_nbdcopy_in_and_out_when_seccomp_refuses_madvise() {
     require(&["nbdcopy"]);
     let t = shm_file(256 * MIB);
     nbdcopy_round_trip(Mode::MadviseRefused, t.path(), 256 * MIB);
+}
+
+#[test]
+fn ext_nbdcopy_and_qemu_img_read_a_tmpfs_file_without_holes_through_the_mapping() {
+    require(&["nbdcopy", "qemu-img"]);
+    // Written whole, so it has no holes and READs of 64 KiB or more are sent from the server's mapping.
+    // 40 MiB: the server drops the mapping's pages every 32 MiB, so some stay resident after each copy.
+    let disk = random_file(40 * MIB);
+    let want = read_all(disk.path());
+    let srv = Served::start(&["--read-only"], &[("disk", disk.path())]);
+    let mut resident = Vec::new();
+    for conns in ["1", "4"] {
+        let dst = shm_file(0);
+        run(Command::new("nbdcopy")
+            .args(["-C", conns])
+            .arg(srv.uri("disk"))
+            .arg(dst.path()));
+        assert!(
+            read_all(dst.path()) == want,
+            "nbdcopy -C {conns} read the file exactly"
+        );
+        resident.push(mapped_rss_kib(srv.child.id(), disk.path()).unwrap_or(0));
+    }
+    let (_, image) = srv.qemu_image("disk");
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(disk.path())
+        .arg(&image));
+    resident.push(mapped_rss_kib(srv.child.id(), disk.path()).unwrap_or(0));
+    assert!(
+        resident.iter().all(|&kib| kib > 0),
+        "the server sent the replies from its mapping of the file (KiB resident after each: {resident:?})"
+    );
+    srv.terminate();
 }
 
 #[test]

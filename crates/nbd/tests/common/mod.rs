@@ -1,5 +1,8 @@
-//! Test certificates in nbdkit's and libnbd's directory layouts, made fresh for each test with rcgen.
+//! Helpers shared by the test binaries: test certificates in nbdkit's and libnbd's directory layouts,
+//! made fresh for each test with rcgen, and (`smaps`) what a process keeps resident of a mapped file.
 #![allow(dead_code)] // each test binary uses a part of it
+
+pub mod smaps;
 
 use std::path::{Path, PathBuf};
 
