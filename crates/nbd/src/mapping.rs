@@ -43,15 +43,6 @@ unsafe impl Send for Mapping {}
 // SAFETY: as for `Send`; the only state changed through `&self` is an atomic counter.
 unsafe impl Sync for Mapping {}
 
-/// Why moving a payload from the socket into the mapping ended the session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SocketError {
-    /// The client closed the connection or the socket failed.
-    Closed,
-    /// The client sent nothing for the send timeout in the middle of a payload.
-    Stalled,
-}
-
 impl Mapping {
     /// Maps the first `len` bytes of `file` (`None` for an empty file, which has nothing to map).
     pub(crate) fn new(file: &File, len: u64, writable: bool) -> io::Result<Option<Self>> {
@@ -108,7 +99,7 @@ impl Mapping {
         let addr = self
             .addr(offset, len)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let page = page_size();
+        let page = rustix::param::page_size();
         let start = addr & !(page - 1);
         // SAFETY: the range lies inside this mapping (checked above, widened down to its page start,
         // which is inside the page-aligned mapping); populating changes no contents.
@@ -128,16 +119,17 @@ impl Mapping {
 
     /// Receives `len` payload bytes from `sock` into the file at `offset`. Returns how many arrived
     /// before a page of the file failed (`len` when all did): the caller reads the rest the ordinary way,
-    /// which reports the file's error. `Err` when the connection failed or stalled for `timeout`.
+    /// which reports the file's error. `None` when the connection failed, or the client sent nothing for
+    /// `timeout` in the middle of the payload: the session ends.
     pub(crate) async fn receive(
         &self,
         sock: &TcpStream,
         offset: u64,
         len: usize,
         timeout: Duration,
-    ) -> Result<usize, SocketError> {
+    ) -> Option<usize> {
         if !self.writable || len == 0 || self.populate_for_write(offset, len).is_err() {
-            return Ok(0);
+            return Some(0);
         }
         let base = self
             .addr(offset, len)
@@ -162,22 +154,23 @@ impl Mapping {
                 }
             });
             match r {
-                Ok(0) => return Err(SocketError::Closed),
+                Ok(0) => return None,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match tokio::time::timeout(timeout, sock.readable()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return Err(SocketError::Closed),
-                        Err(_) => return Err(SocketError::Stalled),
+                    if !matches!(
+                        tokio::time::timeout(timeout, sock.readable()).await,
+                        Ok(Ok(()))
+                    ) {
+                        return None;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.raw_os_error() == Some(libc::EFAULT) => break,
-                Err(_) => return Err(SocketError::Closed),
+                Err(_) => return None,
             }
         }
         self.moved(done);
-        Ok(done)
+        Some(done)
     }
 
     /// Counts `n` bytes moved through the mapping, and drops its page-table entries every
@@ -204,10 +197,6 @@ impl Drop for Mapping {
             libc::munmap(self.base.as_ptr().cast(), self.len);
         }
     }
-}
-
-fn page_size() -> usize {
-    rustix::param::page_size()
 }
 
 /// Sends `segments` (address, length) in order on `sock` with `sendmsg`, waiting for room up to

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Extent;
 use crate::bufpool::BufPool;
-use crate::mapping::{self, SocketError};
+use crate::mapping;
 use crate::proto::*;
 use crate::registry::Export;
 
@@ -429,16 +429,10 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
             continue;
         }
         let payload = if req.command == CMD_WRITE {
-            let mut buf = conn.shared.buffers.take(req.length as usize);
-            // The payload holds budget while it arrives: a client that stalls mid-payload is closed.
-            let read = read_payload(rd, &mut buf, req.length as usize);
-            match tokio::time::timeout(conn.shared.send_timeout, read).await {
-                Ok(Ok(())) => Some(buf),
-                _ => {
-                    conn.shared.buffers.give(buf);
-                    return End::Client;
-                }
-            }
+            let Some(buf) = take_payload(rd, conn, req.length as usize).await else {
+                return End::Client;
+            };
+            Some(buf)
         } else {
             None
         };
@@ -485,23 +479,18 @@ async fn direct_write<R: AsyncRead + Half + Unpin>(
     let map = b
         .mapping()
         .expect("direct writes are chosen only for a backend with a writable mapping (invariant)");
-    let timeout = conn.shared.send_timeout;
-    let mut pos = req.offset + n as u64;
-    let mut left = len - n;
-    match map.receive(sock, pos, left, timeout).await {
-        Ok(k) => {
-            pos += k as u64;
-            left -= k;
-        }
-        Err(SocketError::Closed | SocketError::Stalled) => return None,
-    }
+    let received = map
+        .receive(
+            sock,
+            req.offset + n as u64,
+            len - n,
+            conn.shared.send_timeout,
+        )
+        .await?;
+    let pos = req.offset + (n + received) as u64;
+    let left = len - n - received;
     if left > 0 {
-        let mut buf = conn.shared.buffers.take(left);
-        let read = read_payload(rd, &mut buf, left);
-        if !matches!(tokio::time::timeout(timeout, read).await, Ok(Ok(()))) {
-            conn.shared.buffers.give(buf);
-            return None;
-        }
+        let buf = take_payload(rd, conn, left).await?;
         let r = b.write_at(&buf, pos);
         conn.shared.buffers.give(buf);
         if result.is_ok() {
@@ -509,6 +498,26 @@ async fn direct_write<R: AsyncRead + Half + Unpin>(
         }
     }
     Some(result)
+}
+
+/// Reads `len` bytes of WRITE payload into a pooled buffer. The payload holds budget while it arrives, so
+/// `None` (the buffer given back) when the client stalls for the send timeout or the connection fails.
+async fn take_payload<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<Take<R>>,
+    conn: &Conn,
+    len: usize,
+) -> Option<Vec<u8>> {
+    let mut buf = conn.shared.buffers.take(len);
+    let read = read_payload(rd, &mut buf, len);
+    if matches!(
+        tokio::time::timeout(conn.shared.send_timeout, read).await,
+        Ok(Ok(()))
+    ) {
+        Some(buf)
+    } else {
+        conn.shared.buffers.give(buf);
+        None
+    }
 }
 
 /// Appends `len` bytes of payload to `buf`: what the read buffer already holds, then the rest straight
