@@ -943,8 +943,12 @@ async fn a_job_is_noticed_soon_and_sooner_once_its_duration_is_learned() {
     let learned = client
         .learned_job_duration(ATTACH_CMD)
         .expect("a duration is learned");
+    // Each job's duration is learned as the middle of the gap between the poll that last found it pending
+    // and the one that found it done, so each estimate is within half a gap of 200 ms. With the 50 ms
+    // schedule (50, 75, 112 ms delays, each spread by up to 20 %) a gap around 200 ms is at most 135 ms:
+    // an estimate, and so their average, is at least 200 - 68 ms.
     assert!(
-        learned >= Duration::from_millis(190) && learned < Duration::from_millis(400),
+        learned >= Duration::from_millis(130) && learned < Duration::from_millis(400),
         "learned {learned:?}"
     );
     // Without a learned duration the 50 ms schedule notices the job within about one delay; with it,
