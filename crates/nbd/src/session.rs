@@ -454,8 +454,9 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
 /// Writes a WRITE request's payload to the export's mapped file: what the read buffer already holds with
 /// a plain write, the rest received from the socket straight into the mapping. What the mapping cannot
 /// take (a page tmpfs has no room for, a file shrunk under the server, a kernel without
-/// `MADV_POPULATE_READ`, a seccomp filter refusing `madvise`) is read into a buffer and written the ordinary way, which reports the file's
-/// error. `None` when the connection failed or stalled mid-payload; otherwise the file's result.
+/// `MADV_POPULATE_READ`, a seccomp filter refusing `madvise`) is read into a buffer and written the
+/// ordinary way, which reports the file's error. `None` when the connection failed or stalled
+/// mid-payload; otherwise the file's result.
 async fn direct_write<R: AsyncRead + Half + Unpin>(
     rd: &mut BufReader<Take<R>>,
     conn: &Conn,
