@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Throughput of nbd-serve against nbdkit (file plugin) and qemu-nbd, all serving the same file in /dev/shm,
 # interleaved over several rounds, with 1 and 4 connections (nbdcopy) or jobs (fio). `nbdkit null` (no I/O
-# at all) gives the ceiling for writes. Prints, per workload, the median value per server and the median
-# of the per-round ratios of nbd-serve to each peer; then context switches and futex calls per request of
-# nbd-serve and nbdkit.
+# at all) gives the ceiling for writes over the network; `store` (bench/store_ceiling.py: the same bytes
+# copied into the file by local threads, no network) the ceiling for storing them. Prints, per workload, the
+# median value per server and the median of the per-round ratios of nbd-serve to each peer, and where 0.9
+# of `null` is beyond what storing allows; then context switches and futex calls per request of nbd-serve
+# and nbdkit.
 #
 # Needs: nbdkit, qemu-utils (qemu-nbd), libnbd-bin (nbdcopy, nbdinfo), fio (with the nbd engine), strace,
 # python3. Environment: ROUNDS (default 3), FIO_SECONDS (default 6), SIZE_MIB (default 1024),
@@ -37,13 +39,14 @@ ctx_switches() {
         awk '/^(non)?voluntary_ctxt_switches/ {s += $2} END {print s + 0}'
 }
 
-# fio_run RW BS IODEPTH JOBS -> prints IOPS (4k) or MB/s (1M). For 4k runs of nbd-serve and nbdkit it also
-# records context switches per request, sampled while every connection (and nbdkit's threads) is alive.
+# fio_run RW BS IODEPTH JOBS -> prints IOPS (4k) or MB/s (1M) of all jobs together, context switches of the
+# server per request (sampled while every connection, and nbdkit's threads, is alive), and the slowest job's
+# share of the mean job (1.00: every connection served alike).
 fio_run() {
     local rw=$1 bs=$2 qd=$3 jobs=$4 dir c0 c1
     [[ $rw == *read* ]] && dir=read || dir=write
     fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs="$jobs" \
-        --group_reporting --time_based --runtime="$FIO_SECONDS" --ramp_time=1 \
+        --time_based --runtime="$FIO_SECONDS" --ramp_time=1 \
         --output-format=json >"$work/fio.json" 2>"$work/fio.err" &
     local fio_pid=$!
     sleep 1.5
@@ -61,20 +64,24 @@ fio_run() {
     python3 - "$work/fio.json" "$dir" "$bs" "$c0" "$c1" "$t0" "$t1" <<'PY'
 import json, sys
 text = open(sys.argv[1]).read()
-j = json.loads(text[text.index("{"):])["jobs"][0][sys.argv[2]]
+jobs = [j[sys.argv[2]] for j in json.loads(text[text.index("{"):])["jobs"]]
+iops, bw = sum(j["iops"] for j in jobs), sum(j["bw_bytes"] for j in jobs)
 c0, c1, t0, t1 = map(float, sys.argv[4:8])
-per_req = (c1 - c0) / max(1.0, j["iops"] * (t1 - t0))
-print(f"{j['bw_bytes'] / 1e6:.0f}" if sys.argv[3] == "1M" else f"{j['iops']:.0f}", f"{per_req:.3f}")
+per_req = (c1 - c0) / max(1.0, iops * (t1 - t0))
+fair = min(j["iops"] for j in jobs) / max(1.0, iops / len(jobs))
+print(f"{bw / 1e6:.0f}" if sys.argv[3] == "1M" else f"{iops:.0f}", f"{per_req:.3f}", f"{fair:.3f}")
 PY
 }
 
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$results"; }
 
 workload_fio() { # SERVER ROUND LABEL RW BS QD JOBS
-    local out
+    local out value ctx fair
     out=$(fio_run "$4" "$5" "$6" "$7")
-    record "$1" "$3" "$2" "${out% *}"
-    [[ $5 == 4k ]] && printf '%s\tctx\t%s\t%s\n' "$1" "$3" "${out#* }" >>"$costs"
+    read -r value ctx fair <<<"$out"
+    record "$1" "$3" "$2" "$value"
+    [[ $5 == 4k ]] && printf '%s\tctx\t%s\t%s\n' "$1" "$3" "$ctx" >>"$costs"
+    (($7 > 1)) && printf '%s\tfair\t%s\t%s\n' "$1" "$3" "$fair" >>"$costs"
     return 0
 }
 
@@ -102,6 +109,14 @@ for round in $(seq 1 "$ROUNDS"); do
             workload_fio "$s" "$round" "fio 1M seq write qd8 ${j}j (MB/s)" write 1M 8 "$j"
         done
         stop_server
+    done
+    # The no-network ceiling of the write workloads: the same bytes copied into the file by local threads.
+    echo "round $round: store ceiling" >&2
+    for c in 1 4; do
+        record store "nbdcopy write $c conn (MB/s)" "$round" "$(python3 "$root/bench/store_ceiling.py" "$img" "$c" source "$src")"
+    done
+    for j in 1 4; do
+        record store "fio 1M seq write qd8 ${j}j (MB/s)" "$round" "$(python3 "$root/bench/store_ceiling.py" "$img" "$j" buffer)"
     done
 done
 
@@ -141,12 +156,19 @@ def ratio(w, peer):
 def med(w, s):
     v = vals[w].get(s)
     return statistics.median(v.values()) if v else float("nan")
-hdr = f"{'workload':34} {'nbd-serve':>9} {'nbdkit':>9} {'qemu-nbd':>9} {'null':>9} {'/nbdkit':>8} {'/qemu':>7} {'/null':>7}"
+hdr = (f"{'workload':34} {'nbd-serve':>9} {'nbdkit':>9} {'qemu-nbd':>9} {'null':>9} {'store':>9} "
+       f"{'/nbdkit':>8} {'/qemu':>7} {'/null':>7} {'/store':>7}")
 print(hdr)
 print("-" * len(hdr))
 for w in order:
     print(f"{w:34} {med(w, 'nbd-serve'):9.0f} {med(w, 'nbdkit'):9.0f} {med(w, 'qemu-nbd'):9.0f} "
-          f"{med(w, 'nbdkit-null'):9.0f} {ratio(w, 'nbdkit'):8.2f} {ratio(w, 'qemu-nbd'):7.2f} {ratio(w, 'nbdkit-null'):7.2f}")
+          f"{med(w, 'nbdkit-null'):9.0f} {med(w, 'store'):9.0f} {ratio(w, 'nbdkit'):8.2f} {ratio(w, 'qemu-nbd'):7.2f} "
+          f"{ratio(w, 'nbdkit-null'):7.2f} {ratio(w, 'store'):7.2f}")
+for w in order:
+    null, store = med(w, "nbdkit-null"), med(w, "store")
+    if 0.9 * null > store:
+        print(f"{w}: 0.9 of null ({0.9 * null:.0f}) is above the store ceiling ({store:.0f}): "
+              "no server that stores the data can reach it on this machine")
 rounds = len(next(iter(vals[order[0]].values())))
 print(f"(value: median of {rounds} interleaved rounds; ratio: median of per-round ratios; "
       f"load average at the end {sys.argv[3]})")
@@ -156,11 +178,12 @@ for line in open(sys.argv[2]):
     costs[(what, workload, server)].append(float(value))
 if costs:
     print()
-    print(f"{'per request':48} {'nbd-serve':>10} {'nbdkit':>10}")
+    print(f"{'per request, and fairness':56} {'nbd-serve':>10} {'nbdkit':>10}")
     for what, workload in sorted({(k[0], k[1]) for k in costs}):
         o = costs.get((what, workload, "nbd-serve"))
         k = costs.get((what, workload, "nbdkit"))
         f = lambda v: f"{statistics.median(v):10.3f}" if v else f"{'-':>10}"
-        label = {"ctx": "context switches", "futex": "futex calls"}[what]
-        print(f"{label + ', ' + workload:48} {f(o)} {f(k)}")
+        label = {"ctx": "context switches", "fair": "slowest job / mean job",
+                 "futex": "futex calls"}[what]
+        print(f"{label + ', ' + workload:56} {f(o)} {f(k)}")
 PY
