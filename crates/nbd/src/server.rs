@@ -164,6 +164,7 @@ impl Server {
             send_timeout: cfg.send_timeout,
             shutdown_drain: cfg.shutdown_drain,
             buffers: Arc::new(BufPool::new(DEFAULT_POOL_BYTES)),
+            busy: Arc::new(AtomicUsize::new(0)),
         });
         Ok(Server {
             registry,
@@ -182,6 +183,7 @@ impl Server {
         BudgetProbe {
             total: self.cfg.in_flight_budget,
             budget: Arc::clone(&self.shared.budget),
+            busy: Arc::clone(&self.shared.busy),
         }
     }
 
@@ -363,16 +365,24 @@ impl Server {
     }
 }
 
-/// Reads how much of a server's in-flight budget is held (for tests and metrics).
+/// Reads how much of a server's in-flight budget is held, and how many sessions are busy (for tests and
+/// metrics).
 #[derive(Debug, Clone)]
 pub struct BudgetProbe {
     total: usize,
     budget: Arc<Semaphore>,
+    busy: Arc<AtomicUsize>,
 }
 
 impl BudgetProbe {
     /// Bytes held right now.
     pub fn in_use(&self) -> usize {
         self.total - self.budget.available_permits()
+    }
+
+    /// Sessions with a request being run or answered right now. While there are more of them than the
+    /// runtime has worker threads, each session answers in larger batches.
+    pub fn busy_sessions(&self) -> usize {
+        self.busy.load(Ordering::Relaxed)
     }
 }

@@ -15,7 +15,7 @@
 //! [`Backend::read_nowait`]: crate::Backend::read_nowait
 
 use std::io::{self, IoSlice};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,13 @@ const INLINE_MAX: u32 = 4 * 1024 * 1024;
 /// reads on: a client that sent a burst gets answers while the rest of the burst runs, instead of in one
 /// block at the end (which would leave it idle meanwhile).
 const REPLY_EVERY: u32 = 4;
+/// [`REPLY_EVERY`] while more sessions are busy than the runtime has workers. Letting the writer run means
+/// yielding the session's task, which then waits behind every other runnable session; with sessions
+/// queueing for workers, each yield costs a round of them. fio with 4 jobs on 2 workers: 15 % more 4k
+/// IOPS and 24 % more 1 MiB throughput than yielding every 4 requests. With a worker to spare, yielding
+/// is cheap and early replies keep the client busy: one job with 16 lost 3-4 % of 4k IOPS and 13 % of
+/// 1 MiB throughput.
+const REPLY_EVERY_CROWDED: u32 = 16;
 /// Each this many bytes of a request's payload count as one more request towards [`REPLY_EVERY`], so
 /// a client with few large requests in flight (fio, 1 MiB, queue depth 8) gets each reply as soon as its
 /// request is done instead of four at a time: 9 % more throughput on one connection.
@@ -74,6 +81,43 @@ pub(crate) struct Shared {
     pub shutdown_drain: Duration,
     /// Buffers for WRITE payloads and READ data, reused across requests.
     pub buffers: Arc<BufPool>,
+    /// Sessions with a request being run or answered (see [`Busy`]).
+    pub busy: Arc<AtomicUsize>,
+}
+
+/// Requests a session's reader runs before it yields to its writer (see [`REPLY_EVERY_CROWDED`]).
+fn reply_every(busy: usize, workers: usize) -> u32 {
+    if busy > workers {
+        REPLY_EVERY_CROWDED
+    } else {
+        REPLY_EVERY
+    }
+}
+
+/// A session's place in [`Shared::busy`]: counted from the first request it reads while idle until it
+/// waits for the next one with every reply written.
+struct Busy<'a> {
+    count: &'a AtomicUsize,
+    on: bool,
+}
+
+impl Busy<'_> {
+    fn set(&mut self, on: bool) {
+        if on != self.on {
+            self.on = on;
+            if on {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.set(false);
+    }
 }
 
 /// What negotiation decided for this session.
@@ -313,11 +357,17 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
     let mut since_yield = 0u32;
     let direct_writes = conn.direct && export.backend.mapping().is_some_and(|m| m.writable());
     let mut last_direct = false;
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let mut busy = Busy {
+        count: &conn.shared.busy,
+        on: false,
+    };
     loop {
-        if since_yield >= REPLY_EVERY {
+        if since_yield >= reply_every(conn.shared.busy.load(Ordering::Relaxed), workers) {
             since_yield = 0;
             tokio::task::yield_now().await;
         }
+        busy.set(conn.depth.available_permits() < conn.shared.max_in_flight.max(1));
         // After a payload received into the mapping the next one likely is too: read only the next
         // header, so the read buffer does not take (and copy) the start of its payload.
         rd.get_mut().set_limit(if last_direct {
@@ -328,6 +378,7 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
         let next = next_header(rd, conn, stop, broken).await;
         rd.get_mut().set_limit(u64::MAX);
         last_direct = false;
+        busy.set(true);
         let hdr = match next {
             Next::Header(h) => h,
             Next::End(e) => {

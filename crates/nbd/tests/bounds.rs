@@ -1,5 +1,6 @@
 //! Abuse cases: clients that pipeline large READs and never take the replies, idle sessions that fill the
-//! connection table, many connections from one address, and clients that skip TLS on a TLS-only server.
+//! connection table, many connections from one address, and clients that skip TLS on a TLS-only server;
+//! and the busy-session count that sets how replies are batched.
 //! Run against the in-process server and against the `nbd-serve` binary (its memory and threads).
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
@@ -145,6 +146,83 @@ async fn clients_that_never_read_replies_hold_at_most_the_budget_and_are_closed(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(abusers);
+    h.shutdown().await;
+}
+
+/// Sessions are counted busy while they hold requests, idle ones are not, and the count falls back to zero
+/// when they go. With more busy sessions than workers (here 3 stuck ones and a fourth on 2 workers) replies
+/// go out in larger batches; every pipelined request is still answered, with the right data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_sessions_are_counted_and_a_crowded_server_answers_every_pipelined_request() {
+    let h = Harness::start(ServerConfig::default()).await;
+    h.add_mem("a", 64 * MIB, Access::Anyone);
+    let idle = h.go("a").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        h.probe.busy_sessions(),
+        0,
+        "a negotiated, idle session is not busy"
+    );
+    // Three clients each ask for 32 MiB and never read it: their replies cannot be written, so their
+    // sessions stay busy.
+    let mut stuck = Vec::new();
+    for _ in 0..3 {
+        let mut c = h.go("a").await;
+        c.send(CMD_READ, 0, 0, 32 * MIB as u32, &[]).await.unwrap();
+        stuck.push(c);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.probe.busy_sessions() != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "3 sessions busy, counted {}",
+            h.probe.busy_sessions()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A fourth pipelines 128 writes and 128 reads of distinct 4 KiB blocks before reading any reply.
+    let mut c = h.go("a").await;
+    let block = |i: usize| vec![(i % 251) as u8 + 1; 4096];
+    for i in 0..128 {
+        c.send(CMD_WRITE, 0, (i * 4096) as u64, 4096, &block(i))
+            .await
+            .unwrap();
+    }
+    let mut reads = std::collections::HashMap::new();
+    for i in 0..128 {
+        let cookie = c
+            .send(CMD_READ, 0, (i * 4096) as u64, 4096, &[])
+            .await
+            .unwrap();
+        reads.insert(cookie, i);
+    }
+    let mut writes_answered = 0;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        for _ in 0..256 {
+            let r = c.recv().await.unwrap();
+            assert_eq!(r.error, 0, "request {} failed", r.cookie);
+            match reads.remove(&r.cookie) {
+                Some(i) => assert_eq!(r.data, block(i), "READ of block {i}"),
+                None => writes_answered += 1,
+            }
+        }
+    })
+    .await
+    .expect("every pipelined request is answered");
+    assert_eq!(writes_answered, 128);
+    assert!(reads.is_empty(), "READs left unanswered: {}", reads.len());
+    drop(c);
+    drop(stuck);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.probe.busy_sessions() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "busy count back to 0 after the clients left, still {}",
+            h.probe.busy_sessions()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(idle);
     h.shutdown().await;
 }
 
