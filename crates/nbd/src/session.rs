@@ -48,9 +48,9 @@ const INLINE_MAX: u32 = 4 * 1024 * 1024;
 const REPLY_EVERY: u32 = 4;
 /// [`REPLY_EVERY`] while more sessions are busy than the runtime has workers. Letting the writer run means
 /// yielding the session's task, which then waits behind every other runnable session; with sessions
-/// queueing for workers, each yield costs a round of them. fio with 4 jobs on 2 workers: 15 % more 4k
+/// queueing for workers, each yield costs a round of them. fio with 4 jobs on 2 workers: 13-17 % more 4k
 /// IOPS and 24 % more 1 MiB throughput than yielding every 4 requests. With a worker to spare, yielding
-/// is cheap and early replies keep the client busy: one job with 16 lost 3-4 % of 4k IOPS and 13 % of
+/// is cheap and early replies keep the client busy: one job with 16 lost 2-5 % of 4k IOPS and 12 % of
 /// 1 MiB throughput.
 const REPLY_EVERY_CROWDED: u32 = 16;
 /// Each this many bytes of a request's payload count as one more request towards [`REPLY_EVERY`], so
