@@ -4,8 +4,8 @@
 # at all) gives the ceiling for writes over the network; `store` (bench/store_ceiling.py: the same bytes
 # copied into the file by local threads, no network) the ceiling for storing them. Prints, per workload, the
 # median value per server and the median of the per-round ratios of nbd-serve to each peer, and where 0.9
-# of `null` is beyond what storing allows; then context switches and futex calls per request of nbd-serve
-# and nbdkit.
+# of `null` is beyond what storing allows; then, for nbd-serve, nbdkit and `null`, context switches and
+# futex calls per request and how evenly 4 jobs were served.
 #
 # Needs: nbdkit, qemu-utils (qemu-nbd), libnbd-bin (nbdcopy, nbdinfo), fio (with the nbd engine), strace,
 # python3. Environment: ROUNDS (default 3), FIO_SECONDS (default 6), SIZE_MIB (default 1024),
@@ -178,12 +178,13 @@ for line in open(sys.argv[2]):
     costs[(what, workload, server)].append(float(value))
 if costs:
     print()
-    print(f"{'per request, and fairness':56} {'nbd-serve':>10} {'nbdkit':>10}")
+    print(f"{'per request, and fairness':56} {'nbd-serve':>10} {'nbdkit':>10} {'null':>10}")
     for what, workload in sorted({(k[0], k[1]) for k in costs}):
         o = costs.get((what, workload, "nbd-serve"))
         k = costs.get((what, workload, "nbdkit"))
+        n = costs.get((what, workload, "nbdkit-null"))
         f = lambda v: f"{statistics.median(v):10.3f}" if v else f"{'-':>10}"
         label = {"ctx": "context switches", "fair": "slowest job / mean job",
                  "futex": "futex calls"}[what]
-        print(f"{label + ', ' + workload:56} {f(o)} {f(k)}")
+        print(f"{label + ', ' + workload:56} {f(o)} {f(k)} {f(n)}")
 PY
