@@ -95,6 +95,23 @@ async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool 
     .is_ok()
 }
 
+/// Waits up to 10 s for `done` to hold, checking every 10 ms; panics with `what` and the last `value`.
+async fn eventually<T: std::fmt::Debug>(
+    what: &str,
+    value: impl Fn() -> T,
+    done: impl Fn(&T) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = value();
+        if done(&v) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {v:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_never_read_replies_hold_at_most_the_budget_and_are_closed() {
     let budget = 64 * MIB;
@@ -136,15 +153,12 @@ async fn clients_that_never_read_replies_hold_at_most_the_budget_and_are_closed(
     .await
     .expect("a real client is served after the stuck sessions time out");
     assert!(start.elapsed() < Duration::from_secs(15));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.probe.in_use() != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "budget released after the abusers were closed: {} in use",
-            h.probe.in_use()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "budget released after the abusers were closed (bytes in use)",
+        || h.probe.in_use(),
+        |&n| n == 0,
+    )
+    .await;
     drop(abusers);
     h.shutdown().await;
 }
@@ -171,15 +185,7 @@ async fn busy_sessions_are_counted_and_a_crowded_server_answers_every_pipelined_
         c.send(CMD_READ, 0, 0, 32 * MIB as u32, &[]).await.unwrap();
         stuck.push(c);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.probe.busy_sessions() != 3 {
-        assert!(
-            Instant::now() < deadline,
-            "3 sessions busy, counted {}",
-            h.probe.busy_sessions()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("3 sessions busy", || h.probe.busy_sessions(), |&n| n == 3).await;
     // A fourth pipelines 128 writes and 128 reads of distinct 4 KiB blocks before reading any reply.
     let mut c = h.go("a").await;
     let block = |i: usize| vec![(i % 251) as u8 + 1; 4096];
@@ -213,15 +219,12 @@ async fn busy_sessions_are_counted_and_a_crowded_server_answers_every_pipelined_
     assert!(reads.is_empty(), "READs left unanswered: {}", reads.len());
     drop(c);
     drop(stuck);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.probe.busy_sessions() != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "busy count back to 0 after the clients left, still {}",
-            h.probe.busy_sessions()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "busy count back to 0 after the clients left",
+        || h.probe.busy_sessions(),
+        |&n| n == 0,
+    )
+    .await;
     drop(idle);
     h.shutdown().await;
 }
