@@ -201,6 +201,13 @@ struct Conn {
     wrote: Arc<AtomicBool>,
 }
 
+impl Conn {
+    /// Whether a request of this session is being run or answered (its queue depth is not all free).
+    fn holds_requests(&self) -> bool {
+        self.depth.available_permits() < self.shared.max_in_flight.max(1)
+    }
+}
+
 /// Runs the transmission phase on `stream` until the client leaves, the export is removed (`kill`) or the
 /// server stops (`stop`: stop reading, answer what is in flight within the drain time, flush).
 pub(crate) async fn run<S>(
@@ -322,10 +329,7 @@ async fn next_header<R: AsyncRead + Unpin>(
     broken: &CancellationToken,
 ) -> Next {
     let mut hdr = [0u8; REQUEST_LEN];
-    let idle = conn
-        .shared
-        .idle_timeout
-        .filter(|_| conn.depth.available_permits() == conn.shared.max_in_flight.max(1));
+    let idle = conn.shared.idle_timeout.filter(|_| !conn.holds_requests());
     let read = async {
         match idle {
             Some(t) => tokio::time::timeout(t, rd.read_exact(&mut hdr))
@@ -367,7 +371,7 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
             since_yield = 0;
             tokio::task::yield_now().await;
         }
-        busy.set(conn.depth.available_permits() < conn.shared.max_in_flight.max(1));
+        busy.set(conn.holds_requests());
         // After a payload received into the mapping the next one likely is too: read only the next
         // header, so the read buffer does not take (and copy) the start of its payload.
         rd.get_mut().set_limit(if last_direct {
