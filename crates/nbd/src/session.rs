@@ -53,9 +53,10 @@ const REPLY_EVERY: u32 = 4;
 /// is cheap and early replies keep the client busy: one job with 16 lost 2-5 % of 4k IOPS and 12 % of
 /// 1 MiB throughput.
 const REPLY_EVERY_CROWDED: u32 = 16;
-/// Each this many bytes of a request's payload count as one more request towards [`REPLY_EVERY`], so
-/// a client with few large requests in flight (fio, 1 MiB, queue depth 8) gets each reply as soon as its
-/// request is done instead of four at a time: 9 % more throughput on one connection.
+/// Each this many bytes of a request's payload count as one more request towards the batch
+/// ([`reply_every`]), so a client with few large requests in flight (fio, 1 MiB, queue depth 8) alone on
+/// the server gets each reply as soon as its request is done instead of four at a time: 9 % more
+/// throughput on one connection.
 const REPLY_BYTES: u32 = 256 * 1024;
 /// READ replies and WRITE payloads at least this large move directly between a plain TCP socket and a
 /// mapped memory-backed file (see `mapping.rs`). Smaller WRITE payloads mostly arrived in the read buffer
