@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Throughput of nbd-serve against nbdkit (file plugin) and qemu-nbd, all serving the same file in /dev/shm,
-# interleaved over several rounds, with 1 and 4 connections (nbdcopy) or jobs (fio). `nbdkit null` (no I/O
+# interleaved over several rounds, with 1, 2 and 4 connections (nbdcopy) or 1 and 4 jobs (fio). `nbdkit null` (no I/O
 # at all) gives the ceiling for writes over the network; `store` (bench/store_ceiling.py: the same bytes
 # copied into the file by local threads, no network) the ceiling for storing them. Prints, per workload, the
 # median value per server and the median of the per-round ratios of nbd-serve to each peer, and where 0.9
@@ -90,14 +90,16 @@ for round in $(seq 1 "$ROUNDS"); do
     for s in "${servers[@]}"; do
         echo "round $round: $s (load average $(cut -d' ' -f1-3 /proc/loadavg))" >&2
         start_server "$s"
-        for c in 1 4; do
+        # nbdcopy opens at most one connection per thread, and runs one thread per CPU by default: -T makes
+        # the number of connections the one asked for on any machine.
+        for c in 1 2 4; do
             t0=$(now)
-            nbdcopy --flush -C "$c" "$src" "$uri"
+            nbdcopy --flush -C "$c" -T "$c" "$src" "$uri"
             t1=$(now)
             record "$s" "nbdcopy write $c conn (MB/s)" "$round" "$(mbps "$t0" "$t1")"
             if [[ $s != nbdkit-null ]]; then
                 t0=$(now)
-                nbdcopy -C "$c" "$uri" null:
+                nbdcopy -C "$c" -T "$c" "$uri" null:
                 t1=$(now)
                 record "$s" "nbdcopy read $c conn (MB/s)" "$round" "$(mbps "$t0" "$t1")"
             fi
@@ -112,7 +114,7 @@ for round in $(seq 1 "$ROUNDS"); do
     done
     # The no-network ceiling of the write workloads: the same bytes copied into the file by local threads.
     echo "round $round: store ceiling" >&2
-    for c in 1 4; do
+    for c in 1 2 4; do
         record store "nbdcopy write $c conn (MB/s)" "$round" "$(python3 "$root/bench/store_ceiling.py" "$img" "$c" source "$src")"
     done
     for j in 1 4; do

@@ -50,9 +50,9 @@ for round in $(seq "$ROUNDS"); do
     measure "dd into tmpfs" - dd if="$src" of="$img" bs=1M conv=notrunc status=none
     for s in nbd-serve nbdkit nbdkit-null; do
         start_server "$s"
-        measure "$s write" "$server_pid" nbdcopy -C "$CONNECTIONS" "$src" "$uri"
+        measure "$s write" "$server_pid" nbdcopy -C "$CONNECTIONS" -T "$CONNECTIONS" "$src" "$uri"
         if [[ $s != nbdkit-null ]]; then
-            measure "$s read" "$server_pid" nbdcopy -C "$CONNECTIONS" "$uri" null:
+            measure "$s read" "$server_pid" nbdcopy -C "$CONNECTIONS" -T "$CONNECTIONS" "$uri" null:
         fi
         stop_server
     done

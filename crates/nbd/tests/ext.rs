@@ -277,14 +277,16 @@ fn nbdsh(uri: &str, script: &str) -> String {
 fn nbdcopy_round_trip(mode: Mode<'_>, target: &Path, size: u64) {
     let src = random_file(size);
     let srv = Served::start_mode(mode, &[], &[("disk", target)]);
+    // nbdcopy opens at most one connection per thread and runs one thread per CPU by default; -T makes it
+    // open as many connections as asked for on any machine.
     for conns in ["1", "4"] {
         let dst = shm_file(0);
         run(Command::new("nbdcopy")
-            .args(["--flush", "-C", conns])
+            .args(["--flush", "-C", conns, "-T", conns])
             .arg(src.path())
             .arg(srv.uri("disk")));
         run(Command::new("nbdcopy")
-            .args(["-C", conns])
+            .args(["-C", conns, "-T", conns])
             .arg(srv.uri("disk"))
             .arg(dst.path()));
         let want = read_all(src.path());
@@ -548,7 +550,7 @@ fn ext_nbdcopy_and_qemu_img_read_a_tmpfs_file_without_holes_through_the_mapping(
     for conns in ["1", "4"] {
         let dst = shm_file(0);
         run(Command::new("nbdcopy")
-            .args(["-C", conns])
+            .args(["-C", conns, "-T", conns])
             .arg(srv.uri("disk"))
             .arg(dst.path()));
         assert!(
