@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Throughput of nbd-serve against nbdkit (file plugin) and qemu-nbd, all serving the same file in /dev/shm,
-# interleaved over several rounds, with 1, 2 and 4 connections (nbdcopy) or 1 and 4 jobs (fio). `nbdkit null` (no I/O
-# at all) gives the ceiling for writes over the network; `store` (bench/store_ceiling.py: the same bytes
-# copied into the file by local threads, no network) the ceiling for storing them. Prints, per workload, the
+# interleaved over several rounds, with 1, 2 and 4 connections (nbdcopy) or 1 and 4 jobs (fio). `nbdkit
+# null` (no I/O at all) gives the ceiling for writes over the network; `store` (bench/store_ceiling.py: the
+# same bytes copied into the file by local threads, no network) the ceiling for storing them. Prints, per workload, the
 # median value per server and the median of the per-round ratios of nbd-serve to each peer, and where 0.9
 # of `null` is beyond what storing allows; then, for nbd-serve, nbdkit and `null`, context switches and
 # futex calls per request and how evenly 4 jobs were served.
