@@ -18,6 +18,8 @@ use nbd::{Access, ExportConfig, MemoryBackend, Registry, Server, ServerConfig, T
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
+use common::eventually;
+
 const MIB: usize = 1 << 20;
 
 struct Harness {
@@ -93,23 +95,6 @@ async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool 
     })
     .await
     .is_ok()
-}
-
-/// Waits up to 10 s for `done` to hold, checking every 10 ms; panics with `what` and the last `value`.
-async fn eventually<T: std::fmt::Debug>(
-    what: &str,
-    value: impl Fn() -> T,
-    done: impl Fn(&T) -> bool,
-) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = value();
-        if done(&v) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: still {v:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,8 @@ use nbd::client::{Client, Handshake};
 use nbd::proto::*;
 use nbd::{ExportConfig, FileBackend, Registry, Server, ServerConfig};
 
+use common::eventually;
+
 const MIB: usize = 1 << 20;
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -81,16 +83,6 @@ async fn serve_with(
         }),
     );
     (addr, tx, registry)
-}
-
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,9 +233,11 @@ async fn clients_that_vanish_or_stall_mid_payload_are_closed_and_others_go_on() 
     let mut stalled = open(addr).await;
     stalled.send_raw(&hdr(2 * MIB as u64)).await.unwrap();
     stalled.send_raw(&pattern(100_000, 3)).await.unwrap();
-    eventually("both sessions closed by the server", || {
-        registry.get("f").unwrap().counters.connections_current == 0
-    })
+    eventually(
+        "both sessions closed by the server (connections)",
+        || registry.get("f").unwrap().counters.connections_current,
+        |&n| n == 0,
+    )
     .await;
     // A new client is served, and its write lands whole over what the others left.
     let mut c = open(addr).await;

@@ -1,6 +1,8 @@
 //! Protocol edge cases and registry semantics, through the in-process client against an in-process server.
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +12,8 @@ use nbd::proto::*;
 use nbd::{ExportConfig, MemoryBackend, NbdErrorKind, Registry, Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
+
+use common::eventually;
 
 struct Harness {
     addr: SocketAddr,
@@ -67,18 +71,6 @@ impl Harness {
             .expect("server stops within the deadline")
             .unwrap()
             .unwrap();
-    }
-}
-
-/// Polls `f` until it holds, failing after 10 s.
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -189,9 +181,11 @@ async fn bad_request_magic_closes_only_that_connection() {
     other.write(0, b"alive", 0).await.unwrap();
     assert_eq!(other.read(0, 5).await.unwrap(), b"alive");
     let reg = h.registry.clone();
-    eventually("bad session to be gone", || {
-        reg.get("a").unwrap().counters.connections_current == 1
-    })
+    eventually(
+        "bad session to be gone (connections)",
+        || reg.get("a").unwrap().counters.connections_current,
+        |&n| n == 1,
+    )
     .await;
     h.shutdown().await;
 }
@@ -443,9 +437,11 @@ async fn big_zero_trim_flush_and_counters() {
     assert!(s.last_activity.is_some());
     c.disconnect().await.unwrap();
     let reg = h.registry.clone();
-    eventually("session gone", || {
-        reg.get("a").unwrap().counters.connections_current == 0
-    })
+    eventually(
+        "session gone (connections)",
+        || reg.get("a").unwrap().counters.connections_current,
+        |&n| n == 0,
+    )
     .await;
     h.shutdown().await;
 }
@@ -471,9 +467,11 @@ async fn disconnect_mid_request_leaves_server_healthy() {
     half.send_raw(&hdr[..10]).await.unwrap();
     drop(half);
     let reg = h.registry.clone();
-    eventually("both sessions gone", || {
-        reg.get("a").unwrap().counters.connections_current == 0
-    })
+    eventually(
+        "both sessions gone (connections)",
+        || reg.get("a").unwrap().counters.connections_current,
+        |&n| n == 0,
+    )
     .await;
     assert!(
         mem.contents().iter().all(|&b| b == 0),
@@ -503,9 +501,11 @@ async fn remove_while_writing_stops_that_client_only() {
         }
     });
     let reg = h.registry.clone();
-    eventually("writes flowing", || {
-        reg.get("a").unwrap().counters.writes > 20
-    })
+    eventually(
+        "writes flowing (writes)",
+        || reg.get("a").unwrap().counters.writes,
+        |&n| n > 20,
+    )
     .await;
     let report = h
         .registry

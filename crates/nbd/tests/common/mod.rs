@@ -1,8 +1,30 @@
 //! Helpers shared by the test binaries: test certificates in nbdkit's and libnbd's directory layouts,
-//! made fresh for each test with rcgen, and (`smaps`) what a process keeps resident of a mapped file.
+//! made fresh for each test with rcgen, waiting for a condition ([`eventually`]), and (`smaps`) what a
+//! process keeps resident of a mapped file.
 #![allow(dead_code)] // each test binary uses a part of it
 
 pub mod smaps;
+
+/// Waits up to 10 s for `done` to hold of `value()`, checking every 10 ms; panics with `what` and the last
+/// value.
+pub async fn eventually<T: std::fmt::Debug>(
+    what: &str,
+    value: impl Fn() -> T,
+    done: impl Fn(&T) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let v = value();
+        if done(&v) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: still {v:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
 
 use std::path::{Path, PathBuf};
 
