@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Throughput of nbd-serve against nbdkit (file plugin) and qemu-nbd, all serving the same file in /dev/shm,
-# interleaved over several rounds, with 1, 2 and 4 connections (nbdcopy) or 1 and 4 jobs (fio). `nbdkit
-# null` (no I/O at all) gives the ceiling for writes over the network; `store` (bench/store_ceiling.py: the
-# same bytes copied into the file by local threads, no network) the ceiling for storing them. Prints, per workload, the
-# median value per server and the median of the per-round ratios of nbd-serve to each peer, and where 0.9
-# of `null` is beyond what storing allows; then, for nbd-serve, nbdkit and `null`, context switches and
-# futex calls per request and how evenly 4 jobs were served.
+# interleaved over several rounds, with 1, 2 and 4 connections (nbdcopy) or 1 and 4 jobs (fio). Three
+# yardsticks for writes:
+# - `null` (`nbdkit null`, no I/O at all): the ceiling for writes over the network;
+# - `store` (bench/store_ceiling.py: the same bytes copied into the file by local threads, no network):
+#   the ceiling for storing them;
+# - `lean` (crates/nbd/examples/lean_server.rs: a thread per connection receiving each payload straight
+#   into the file's mapping, nothing else): what the leanest server storing the way nbd-serve does reaches
+#   over the network with large writes.
+# Prints, per workload, the median value per server and the median of the per-round ratios of nbd-serve to
+# each; where nbd-serve is below 0.9 of `null`, whether that is beyond what storing allows; then, for
+# nbd-serve, nbdkit and `null`, context switches and futex calls per request and how evenly 4 jobs were
+# served. Before the rounds, nbd-serve and the lean server each receive the source into an empty image,
+# which must then equal it.
 #
 # Needs: nbdkit, qemu-utils (qemu-nbd), libnbd-bin (nbdcopy, nbdinfo), fio (with the nbd engine), strace,
 # python3. Environment: ROUNDS (default 3), FIO_SECONDS (default 6), SIZE_MIB (default 1024),
@@ -85,7 +92,23 @@ workload_fio() { # SERVER ROUND LABEL RW BS QD JOBS
     return 0
 }
 
-servers=(nbd-serve nbdkit qemu-nbd nbdkit-null)
+# The servers built here must store what they are sent, or their figures mean nothing: each receives the
+# source once into an empty image.
+for s in nbd-serve lean; do
+    truncate -s 0 "$img"
+    truncate -s "$((SIZE_MIB << 20))" "$img"
+    start_server "$s"
+    nbdcopy --flush -C 4 -T 4 "$src" "$uri"
+    stop_server
+    cmp -s "$src" "$img" || {
+        echo "$s did not store what nbdcopy sent" >&2
+        exit 1
+    }
+done
+
+servers=(nbd-serve nbdkit qemu-nbd nbdkit-null lean)
+# `null` and the lean server are yardsticks for writes only.
+reads() { [[ $1 != nbdkit-null && $1 != lean ]]; }
 for round in $(seq 1 "$ROUNDS"); do
     for s in "${servers[@]}"; do
         echo "round $round: $s (load average $(cut -d' ' -f1-3 /proc/loadavg))" >&2
@@ -97,7 +120,7 @@ for round in $(seq 1 "$ROUNDS"); do
             nbdcopy --flush -C "$c" -T "$c" "$src" "$uri"
             t1=$(now)
             record "$s" "nbdcopy write $c conn (MB/s)" "$round" "$(mbps "$t0" "$t1")"
-            if [[ $s != nbdkit-null ]]; then
+            if reads "$s"; then
                 t0=$(now)
                 nbdcopy -C "$c" -T "$c" "$uri" null:
                 t1=$(now)
@@ -106,7 +129,7 @@ for round in $(seq 1 "$ROUNDS"); do
         done
         for j in 1 4; do
             workload_fio "$s" "$round" "fio 4k randwrite qd32 ${j}j (IOPS)" randwrite 4k 32 "$j"
-            [[ $s != nbdkit-null ]] &&
+            reads "$s" &&
                 workload_fio "$s" "$round" "fio 4k randread qd32 ${j}j (IOPS)" randread 4k 32 "$j"
             workload_fio "$s" "$round" "fio 1M seq write qd8 ${j}j (MB/s)" write 1M 8 "$j"
         done
@@ -159,18 +182,23 @@ def med(w, s):
     v = vals[w].get(s)
     return statistics.median(v.values()) if v else float("nan")
 hdr = (f"{'workload':34} {'nbd-serve':>9} {'nbdkit':>9} {'qemu-nbd':>9} {'null':>9} {'store':>9} "
-       f"{'/nbdkit':>8} {'/qemu':>7} {'/null':>7} {'/store':>7}")
+       f"{'lean':>9} {'/nbdkit':>8} {'/qemu':>7} {'/null':>7} {'/store':>7} {'/lean':>7}")
 print(hdr)
 print("-" * len(hdr))
 for w in order:
     print(f"{w:34} {med(w, 'nbd-serve'):9.0f} {med(w, 'nbdkit'):9.0f} {med(w, 'qemu-nbd'):9.0f} "
-          f"{med(w, 'nbdkit-null'):9.0f} {med(w, 'store'):9.0f} {ratio(w, 'nbdkit'):8.2f} {ratio(w, 'qemu-nbd'):7.2f} "
-          f"{ratio(w, 'nbdkit-null'):7.2f} {ratio(w, 'store'):7.2f}")
+          f"{med(w, 'nbdkit-null'):9.0f} {med(w, 'store'):9.0f} {med(w, 'lean'):9.0f} {ratio(w, 'nbdkit'):8.2f} "
+          f"{ratio(w, 'qemu-nbd'):7.2f} {ratio(w, 'nbdkit-null'):7.2f} {ratio(w, 'store'):7.2f} {ratio(w, 'lean'):7.2f}")
 for w in order:
-    null, store = med(w, "nbdkit-null"), med(w, "store")
+    null, store, lean = med(w, "nbdkit-null"), med(w, "store"), med(w, "lean")
+    if not ratio(w, "nbdkit-null") < 0.9:
+        continue
     if 0.9 * null > store:
         print(f"{w}: 0.9 of null ({0.9 * null:.0f}) is above the store ceiling ({store:.0f}): "
               "no server that stores the data can reach it on this machine")
+    elif 0.9 * null > lean:
+        print(f"{w}: 0.9 of null ({0.9 * null:.0f}) is above the lean server ({lean:.0f}): "
+              "the leanest server storing the way nbd-serve does falls short of it")
 rounds = len(next(iter(vals[order[0]].values())))
 print(f"(value: median of {rounds} interleaved rounds; ratio: median of per-round ratios; "
       f"load average at the end {sys.argv[3]})")

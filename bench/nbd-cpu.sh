@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Where the CPU goes when nbdcopy moves 1 GiB over 4 loopback connections: CPU time per GiB of the server
 # (utime + stime from /proc/PID/stat) and of the whole machine (/proc/stat), for nbd-serve, nbdkit's file
-# plugin and `nbdkit null` (writes only: it stores nothing), serving one file of random data in /dev/shm.
+# plugin, `nbdkit null` (writes only: it stores nothing) and the lean server (writes only:
+# crates/nbd/examples/lean_server.rs, the leanest server that stores as nbd-serve does), serving one file of
+# random data in /dev/shm.
 # `dd` of the same GiB from the source into the served file makes two copies (source to a buffer, buffer to
 # the file). Prints the median of ROUNDS runs per figure, then the CPU time of the one copy a storing server
 # adds (a GiB copied from a cached buffer into the file's mapping) and what 0.9 of `nbdkit null`'s write
@@ -49,10 +51,10 @@ for round in $(seq "$ROUNDS"); do
     echo "round $round" >&2
     cp "$src" "$img"
     measure "dd into tmpfs" - dd if="$src" of="$img" bs=1M conv=notrunc status=none
-    for s in nbd-serve nbdkit nbdkit-null; do
+    for s in nbd-serve nbdkit nbdkit-null lean; do
         start_server "$s"
         measure "$s write" "$server_pid" nbdcopy -C "$CONNECTIONS" -T "$CONNECTIONS" "$src" "$uri"
-        if [[ $s != nbdkit-null ]]; then
+        if [[ $s != nbdkit-null && $s != lean ]]; then
             measure "$s read" "$server_pid" nbdcopy -C "$CONNECTIONS" -T "$CONNECTIONS" "$uri" null:
         fi
         stop_server

@@ -12,8 +12,9 @@ for tool in $TOOLS; do
     }
 done
 
-cargo build --quiet --release -p nbd --bin nbd-serve --manifest-path "$root/Cargo.toml"
+cargo build --quiet --release -p nbd --bin nbd-serve --example lean_server --manifest-path "$root/Cargo.toml"
 ours_bin=$CARGO_TARGET_DIR/release/nbd-serve
+lean_bin=$CARGO_TARGET_DIR/release/examples/lean_server
 
 work=$(mktemp -d /dev/shm/nbd-bench.XXXXXX)
 server_pid=""
@@ -46,24 +47,35 @@ wait_ready() {
     done
 }
 
-# start_server NAME: starts it on a free port and sets $uri and $server_pid.
+# start_printing COMMAND...: starts a server that prints `listening on ADDR` (nbd-serve, the lean server)
+# and sets $uri and $server_pid.
+start_printing() {
+    local out
+    out=$(mktemp "$work/server.XXXXXX")
+    "$@" >"$out" &
+    server_pid=$!
+    local deadline=$((SECONDS + 10))
+    until grep -q '^listening on ' "$out"; do
+        ((SECONDS < deadline)) || {
+            echo "$1 did not print its address" >&2
+            exit 1
+        }
+        sleep 0.02
+    done
+    uri="nbd://$(head -1 "$out" | awk '{print $3}')/disk"
+}
+
+# start_server NAME: starts it on a free port and sets $uri and $server_pid. NAME is nbd-serve, nbdkit,
+# nbdkit-null, qemu-nbd or lean (crates/nbd/examples/lean_server.rs: the leanest server that stores
+# WRITE payloads the way nbd-serve does).
 start_server() {
     local port
     case $1 in
     nbd-serve)
-        local out
-        out=$(mktemp "$work/ours.XXXXXX")
-        "$ours_bin" --listen 127.0.0.1:0 "disk=$img" >"$out" &
-        server_pid=$!
-        local deadline=$((SECONDS + 10))
-        until grep -q '^listening on ' "$out"; do
-            ((SECONDS < deadline)) || {
-                echo "nbd-serve did not print its address" >&2
-                exit 1
-            }
-            sleep 0.02
-        done
-        uri="nbd://$(head -1 "$out" | awk '{print $3}')/disk"
+        start_printing "$ours_bin" --listen 127.0.0.1:0 "disk=$img"
+        ;;
+    lean)
+        start_printing "$lean_bin" "$img" --listen 127.0.0.1:0
         ;;
     nbdkit)
         port=$(free_port)
