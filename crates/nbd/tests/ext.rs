@@ -1,4 +1,5 @@
-//! Real NBD clients (nbdinfo, nbdcopy, nbdsh, qemu-img, fio) against `nbd-serve`, on files in /dev/shm
+//! Real NBD clients (nbdinfo, nbdcopy, nbdsh, qemu-img, fio) against `nbd-serve` (and nbdcopy against the
+//! benchmarks' lean server), on files in /dev/shm
 //! (`ext_` tests) and on loop devices created here (`root_` tests).
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
@@ -122,16 +123,7 @@ impl Served {
         for (name, path) in exports {
             cmd.arg(format!("{name}={}", path.display()));
         }
-        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start nbd-serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout piped"))
-            .read_line(&mut line)
-            .expect("read nbd-serve's first line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let (child, addr) = spawn_listening(&mut cmd);
         Served {
             child,
             addr,
@@ -197,6 +189,25 @@ impl Drop for Served {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts a server that prints `listening on ADDR` first (nbd-serve, the benchmarks' lean server), and
+/// returns it with that address.
+fn spawn_listening(cmd: &mut Command) -> (Child, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout piped"))
+        .read_line(&mut line)
+        .expect("read the server's first line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, addr)
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -529,6 +540,50 @@ fn ext_nbdcopy_in_and_out_with_1_and_4_connections() {
     require(&["nbdcopy"]);
     let t = shm_file(256 * MIB);
     nbdcopy_round_trip(Mode::Plain, t.path(), 256 * MIB);
+}
+
+/// The benchmarks' yardstick (`examples/lean_server.rs`) must store what it is sent, or the ratios to it
+/// mean nothing: nbdcopy writes a file through it over 4 connections, and reads it back.
+#[test]
+fn ext_lean_server_stores_and_returns_what_nbdcopy_sends() {
+    require(&["nbdcopy"]);
+    // Tests run from target/<profile>/deps; `cargo test` builds the examples into target/<profile>/examples.
+    let exe = std::env::current_exe().unwrap();
+    let lean = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("examples/lean_server");
+    assert!(
+        lean.is_file(),
+        "{} is missing: build it with `cargo build -p nbd --example lean_server` (cargo test builds it)",
+        lean.display()
+    );
+    let src = random_file(40 * MIB);
+    let img = shm_file(40 * MIB);
+    let (child, addr) = spawn_listening(Command::new(&lean).arg(img.path()));
+    let srv = Served {
+        child,
+        addr,
+        client_dir: None,
+    };
+    run(Command::new("nbdcopy")
+        .args(["--flush", "-C", "4", "-T", "4"])
+        .arg(src.path())
+        .arg(srv.uri("disk")));
+    assert!(
+        read_all(img.path()) == read_all(src.path()),
+        "the lean server stored exactly what nbdcopy sent"
+    );
+    let back = shm_file(0);
+    run(Command::new("nbdcopy")
+        .args(["-C", "4", "-T", "4"])
+        .arg(srv.uri("disk"))
+        .arg(back.path()));
+    assert!(
+        read_all(back.path()) == read_all(src.path()),
+        "the lean server returned what it stored"
+    );
 }
 
 #[test]
