@@ -1,6 +1,6 @@
 //! Real NBD clients (nbdinfo, nbdcopy, nbdsh, qemu-img, fio) against `nbd-serve` (and nbdcopy against the
-//! benchmarks' lean server), on files in /dev/shm
-//! (`ext_` tests) and on loop devices created here (`root_` tests).
+//! benchmarks' lean server), on files in /dev/shm (`ext_` tests) and on loop devices created here (`root_`
+//! tests).
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 mod common;
