@@ -107,8 +107,6 @@ for s in nbd-serve lean; do
 done
 
 servers=(nbd-serve nbdkit qemu-nbd nbdkit-null lean)
-# `null` and the lean server are yardsticks for writes only.
-reads() { [[ $1 != nbdkit-null && $1 != lean ]]; }
 for round in $(seq 1 "$ROUNDS"); do
     for s in "${servers[@]}"; do
         echo "round $round: $s (load average $(cut -d' ' -f1-3 /proc/loadavg))" >&2

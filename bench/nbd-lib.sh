@@ -65,6 +65,10 @@ start_printing() {
     uri="nbd://$(head -1 "$out" | awk '{print $3}')/disk"
 }
 
+# reads NAME: whether the workloads that read run against server NAME. `nbdkit null` and the lean server are
+# yardsticks for writes only.
+reads() { [[ $1 != nbdkit-null && $1 != lean ]]; }
+
 # start_server NAME: starts it on a free port and sets $uri and $server_pid. NAME is nbd-serve, nbdkit,
 # nbdkit-null, qemu-nbd or lean (crates/nbd/examples/lean_server.rs: the leanest server that stores
 # WRITE payloads the way nbd-serve does).
