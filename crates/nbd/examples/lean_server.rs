@@ -173,7 +173,7 @@ fn serve(mut s: TcpStream, map: &Map) -> io::Result<()> {
             .flatten();
         match (command, range) {
             (CMD_WRITE, Some(addr)) => {
-                let page = 4096;
+                let page = rustix::param::page_size();
                 let start = addr & !(page - 1);
                 // SAFETY: the range lies inside the mapping (checked), widened down to its page start,
                 // which is inside the page-aligned mapping; populating changes no contents.
