@@ -1,9 +1,9 @@
 //! The benchmarks' lean server: the least a server can do to store NBD writes the way nbd-serve does. A
 //! thread per connection blocks in `recv(MSG_WAITALL)` and receives each payload straight into a shared
-//! mapping of the file (pages mapped first with `MADV_POPULATE_READ`, page tables dropped every 32 MiB
-//! moved, as nbd-serve bounds its resident set), then answers at once. No budgets, queue bounds,
-//! timeouts, TLS or structured replies, and one request at a time per connection: a yardstick for large
-//! writes in `bench/`, not a server to run.
+//! mapping of the file (pages mapped first with `MADV_POPULATE_READ`, page tables dropped every
+//! [`nbd::UNMAP_EVERY`] bytes moved, as nbd-serve bounds its resident set), then answers at once. No
+//! budgets, queue bounds, timeouts, TLS or structured replies, and one request at a time per connection: a
+//! yardstick for large writes in `bench/`, not a server to run.
 //!
 //! `cargo run --release -p nbd --example lean_server -- FILE [--listen ADDR]` prints `listening on ADDR`
 //! and serves FILE under any export name, with READ, WRITE, FLUSH and multi-conn.
@@ -17,11 +17,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use nbd::proto::*;
-
-/// Bytes moved through the mapping between two drops of its page tables (nbd-serve's figure).
-const UNMAP_EVERY: usize = 32 << 20;
-/// The largest READ or WRITE accepted (nbd-serve's limit).
-const MAX_REQUEST: u32 = 32 << 20;
+use nbd::UNMAP_EVERY;
 
 struct Map {
     base: usize,
@@ -125,7 +121,7 @@ fn serve(mut s: TcpStream, map: &Map) -> io::Result<()> {
         s.read_exact(&mut h)?;
         let opt = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
         let olen = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
-        if olen > 4096 {
+        if olen > MAX_OPTION_LEN {
             return Ok(());
         }
         let mut data = vec![0u8; olen as usize];
@@ -156,19 +152,20 @@ fn serve(mut s: TcpStream, map: &Map) -> io::Result<()> {
     }
     let fd = s.as_raw_fd();
     loop {
-        let mut h = [0u8; 28];
+        let mut h = [0u8; REQUEST_LEN];
         s.read_exact(&mut h)?;
-        if u32::from_be_bytes([h[0], h[1], h[2], h[3]]) != REQUEST_MAGIC {
+        let Some(Request {
+            command,
+            cookie,
+            offset,
+            length,
+            ..
+        }) = Request::decode(&h)
+        else {
             return Ok(());
-        }
-        let command = u16::from_be_bytes([h[6], h[7]]);
-        let cookie: [u8; 8] = h[8..16].try_into().expect("8 bytes of a 28-byte header");
-        let offset = u64::from_be_bytes(h[16..24].try_into().expect("8 bytes of a 28-byte header"));
-        let length = u32::from_be_bytes([h[24], h[25], h[26], h[27]]);
-        let mut reply = [0u8; 16];
-        reply[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        reply[8..].copy_from_slice(&cookie);
-        let range = (length <= MAX_REQUEST)
+        };
+        let mut reply = simple_reply(0, cookie);
+        let range = (length <= BLOCK_MAX)
             .then(|| map.range(offset, length))
             .flatten();
         match (command, range) {
@@ -235,19 +232,13 @@ fn serve(mut s: TcpStream, map: &Map) -> io::Result<()> {
             }
             (CMD_DISC, _) => return Ok(()),
             (CMD_FLUSH, _) => s.write_all(&reply)?,
-            _ => {
-                reply[4..8].copy_from_slice(&(libc::EINVAL as u32).to_be_bytes());
-                s.write_all(&reply)?;
-            }
+            _ => s.write_all(&simple_reply(libc::EINVAL as u32, cookie))?,
         }
     }
 }
 
 fn option_reply(s: &mut TcpStream, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
-    let mut r = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
-    r.extend_from_slice(&opt.to_be_bytes());
-    r.extend_from_slice(&kind.to_be_bytes());
-    r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let mut r = option_reply_header(opt, kind, data.len() as u32).to_vec();
     r.extend_from_slice(data);
     s.write_all(&r)
 }

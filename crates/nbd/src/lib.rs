@@ -22,7 +22,7 @@ mod tls;
 
 pub use backend::{Backend, Extent, FileBackend, MemoryBackend};
 pub use error::{NbdError, NbdErrorKind};
-pub use mapping::Mapping;
+pub use mapping::{Mapping, UNMAP_EVERY};
 pub use registry::{CountersSnapshot, ExportConfig, ExportSnapshot, Registry, RemoveReport};
 pub use server::{BudgetProbe, Server, ServerConfig};
 pub use tls::{Access, ClientIdentity, Tls, TlsSettings, CA_CERT, SERVER_CERT, SERVER_KEY};

@@ -24,7 +24,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// Bytes moved through one mapping between two drops of its page-table entries.
-pub(crate) const UNMAP_EVERY: usize = 32 * 1024 * 1024;
+pub const UNMAP_EVERY: usize = 32 * 1024 * 1024;
 
 /// A `MAP_SHARED` mapping of a whole export file, writable unless the export is read-only.
 #[derive(Debug)]
