@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{
-    AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, Take,
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+    Take,
 };
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -406,16 +407,10 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
             p = Arc::clone(&conn.depth).acquire_owned() => p.expect("session semaphores are never closed (invariant)"),
         };
         if let Some(error) = refusal(&conn.params, &req) {
-            if req.command == CMD_WRITE {
-                // The payload is drained without buffering it, so the connection stays in step.
-                let n = tokio::io::copy(
-                    &mut (&mut *rd).take(u64::from(req.length)),
-                    &mut tokio::io::sink(),
-                )
-                .await;
-                if !matches!(n, Ok(n) if n == u64::from(req.length)) {
-                    return End::Client;
-                }
+            if req.command == CMD_WRITE
+                && !drain_payload(rd, u64::from(req.length), conn.shared.send_timeout).await
+            {
+                return End::Client;
             }
             export.request_start();
             let hold = Hold {
@@ -575,6 +570,29 @@ async fn take_payload<R: AsyncRead + Unpin>(
         conn.shared.buffers.give(buf);
         None
     }
+}
+
+/// Reads and drops the `len` payload bytes of a refused WRITE through the read buffer, so the connection
+/// stays in step without holding the payload. `false` when the client leaves, or sends nothing for
+/// `stall`, in the middle of it: a refused request must not keep a session open past the timeouts an
+/// accepted one has.
+async fn drain_payload<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<Take<R>>,
+    len: u64,
+    stall: Duration,
+) -> bool {
+    let mut left = len;
+    while left > 0 {
+        let n = match tokio::time::timeout(stall, rd.fill_buf()).await {
+            Ok(Ok(held)) if !held.is_empty() => {
+                held.len().min(usize::try_from(left).unwrap_or(usize::MAX))
+            }
+            _ => return false,
+        };
+        std::pin::Pin::new(&mut *rd).consume(n);
+        left -= n as u64;
+    }
+    true
 }
 
 /// Appends `len` bytes of payload to `buf`: what the read buffer already holds, then the rest straight

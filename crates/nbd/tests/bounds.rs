@@ -1,6 +1,6 @@
 //! Abuse cases: clients that pipeline large READs and never take the replies, idle sessions that fill the
-//! connection table, many connections from one address, and clients that skip TLS on a TLS-only server;
-//! and the busy-session count that sets how replies are batched.
+//! connection table, many connections from one address, clients that skip TLS on a TLS-only server, and
+//! clients that stall in the payload of a refused WRITE; and the busy-session count that sets how replies are batched.
 //! Run against the in-process server and against the `nbd-serve` binary (its memory and threads).
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
@@ -250,6 +250,64 @@ async fn idle_sessions_are_closed_and_a_real_client_gets_in() {
         .expect("a real client connects once idle sessions are gone");
     real.write(8, b"real", 0).await.unwrap();
     assert_eq!(real.read(0, 12).await.unwrap(), b"busy\0\0\0\0real");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_writes_whose_payload_stalls_are_closed_after_the_send_timeout() {
+    let h = Harness::start(ServerConfig {
+        send_timeout: Duration::from_secs(1),
+        ..ServerConfig::default()
+    })
+    .await;
+    h.add_mem("a", MIB, Access::Anyone);
+    h.registry
+        .add(ExportConfig {
+            name: "ro".into(),
+            backend: Arc::new(MemoryBackend::new(MIB)),
+            read_only: true,
+            max_connections: None,
+            description: None,
+            access: Access::Anyone,
+        })
+        .unwrap();
+    // A refused WRITE's payload is read and dropped, so the connection stays in step: sent whole, the
+    // client gets its error and goes on.
+    let mut whole = h.go("ro").await;
+    whole
+        .send(CMD_WRITE, 0, 0, 64 * 1024, &vec![1u8; 64 * 1024])
+        .await
+        .unwrap();
+    assert_eq!(whole.recv().await.unwrap().error, EPERM);
+    assert_eq!(whole.read(0, 4).await.unwrap(), vec![0u8; 4]);
+    // Each of these stops in the middle of a refused WRITE's payload: to a read-only export (EPERM), past
+    // the end (ENOSPC), and larger than any request may be (EINVAL).
+    let mut stalled = Vec::new();
+    for (export, offset, length) in [
+        ("ro", 0, MIB as u32),
+        ("a", MIB as u64, MIB as u32),
+        ("a", 0, 64 * MIB as u32),
+    ] {
+        let mut c = h.go(export).await;
+        c.send(CMD_WRITE, 0, offset, length, &vec![2u8; 100_000])
+            .await
+            .unwrap();
+        stalled.push((export, length, c));
+    }
+    let t0 = Instant::now();
+    for (export, length, c) in &mut stalled {
+        let r = tokio::time::timeout(Duration::from_secs(10), c.recv()).await;
+        assert!(
+            matches!(r, Ok(Err(_))),
+            "a client stalled in a refused {length}-byte WRITE to {export:?} is closed, got {r:?}"
+        );
+    }
+    assert!(t0.elapsed() >= Duration::from_millis(900));
+    assert_eq!(
+        whole.read(0, 4).await.unwrap(),
+        vec![0u8; 4],
+        "the other sessions go on"
+    );
     h.shutdown().await;
 }
 
