@@ -630,6 +630,9 @@ fn refusal(p: &SessionParams, req: &Request) -> Option<u32> {
     if export.is_closing() {
         return Some(ESHUTDOWN);
     }
+    if req.flags & !allowed_flags(p, req.command) != 0 {
+        return Some(EINVAL);
+    }
     match req.command {
         CMD_READ | CMD_WRITE if len == 0 || len > BLOCK_MAX => Some(EINVAL),
         CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if export.read_only => Some(EPERM),
@@ -641,6 +644,29 @@ fn refusal(p: &SessionParams, req: &Request) -> Option<u32> {
         | CMD_BLOCK_STATUS => None,
         _ => Some(EINVAL),
     }
+}
+
+/// The command flags a request of `command` may carry in this session: FUA on any command (the server
+/// advertises `NBD_FLAG_SEND_FUA`), DF on READ once structured replies are negotiated, NO_HOLE and (where
+/// advertised) FAST_ZERO on WRITE_ZEROES, REQ_ONE on BLOCK_STATUS. The protocol asks a server to answer
+/// `EINVAL` to any other flag, unknown or not applicable (NetworkBlockDevice/nbd `doc/proto.md`, "Error
+/// values"), as nbdkit does; a flag the server ignored could change what the client believes happened.
+fn allowed_flags(p: &SessionParams, command: u16) -> u16 {
+    CMD_FLAG_FUA
+        | match command {
+            CMD_READ if p.structured => CMD_FLAG_DF,
+            CMD_WRITE_ZEROES => {
+                let b = &p.export.backend;
+                CMD_FLAG_NO_HOLE
+                    | if b.can_fast_zero() {
+                        CMD_FLAG_FAST_ZERO
+                    } else {
+                        0
+                    }
+            }
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        }
 }
 
 /// Runs a request in place when it cannot wait for a device, otherwise on the blocking pool.

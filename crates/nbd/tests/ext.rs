@@ -649,6 +649,51 @@ fn ext_nbdsh_trim_flush_fua() {
 }
 
 #[test]
+fn ext_nbdsh_flags_not_documented_for_a_command_get_einval() {
+    require(&["nbdsh"]);
+    let t = shm_file(4 * MIB);
+    fill(t.path(), 0x22, 4 * MIB);
+    let srv = Served::start_mode(Mode::Plain, &[], &[("disk", t.path())]);
+    // libnbd refuses to send such flags unless strict mode is off; a client that sends them anyway gets
+    // EINVAL, nothing changes, and the connection goes on.
+    let out = nbdsh(
+        &srv.uri("disk"),
+        r#"
+import errno
+h.set_strict_mode(0)
+refused = [
+    lambda: h.pwrite(b'X' * 4096, 0, nbd.CMD_FLAG_DF),
+    lambda: h.pwrite(b'X' * 4096, 0, nbd.CMD_FLAG_NO_HOLE),
+    lambda: h.pwrite(b'X' * 4096, 0, 0x40),
+    lambda: h.pread(4096, 0, nbd.CMD_FLAG_REQ_ONE),
+    lambda: h.trim(4096, 0, nbd.CMD_FLAG_FAST_ZERO),
+    lambda: h.zero(4096, 0, nbd.CMD_FLAG_DF),
+]
+for i, f in enumerate(refused):
+    try:
+        f()
+        raise SystemExit("request %d was taken" % i)
+    except nbd.Error as e:
+        assert e.errnum == errno.EINVAL, (i, e)
+assert h.pread(4096, 0, nbd.CMD_FLAG_DF) == b'\x22' * 4096
+h.pwrite(b'Y' * 4096, 4096, nbd.CMD_FLAG_FUA)
+h.zero(4096, 8192, nbd.CMD_FLAG_NO_HOLE)
+print("refused", len(refused))
+"#,
+    );
+    assert!(out.contains("refused 6"), "nbdsh output: {out}");
+    srv.terminate();
+    let data = read_all(t.path());
+    assert!(
+        data[..4096].iter().all(|&b| b == 0x22),
+        "refused writes changed nothing"
+    );
+    assert!(data[4096..8192].iter().all(|&b| b == b'Y'));
+    assert!(data[8192..12288].iter().all(|&b| b == 0));
+    assert!(data[12288..].iter().all(|&b| b == 0x22));
+}
+
+#[test]
 fn ext_fio_randwrite_verify_crc32c() {
     require(&["fio"]);
     let t = shm_file(64 * MIB);

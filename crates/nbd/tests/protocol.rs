@@ -191,6 +191,95 @@ async fn bad_request_magic_closes_only_that_connection() {
 }
 
 #[tokio::test]
+async fn command_flags_not_documented_for_the_command_get_einval_and_change_nothing() {
+    let h = Harness::start(ServerConfig::default()).await;
+    h.add_mem("a", 1 << 20, false);
+    let data = pattern(4096, 3);
+    for structured in [false, true] {
+        let mut hs = Handshake::connect(h.addr).await.unwrap();
+        if structured {
+            hs.structured_replies().await.unwrap();
+        }
+        let mut c = hs.go("a").await.unwrap();
+        c.write(0, &data, 0).await.unwrap();
+        let mut refused = vec![
+            (CMD_WRITE, CMD_FLAG_NO_HOLE),
+            (CMD_WRITE, CMD_FLAG_DF),
+            (CMD_WRITE, CMD_FLAG_REQ_ONE),
+            (CMD_WRITE, CMD_FLAG_FAST_ZERO),
+            (CMD_WRITE, 1 << 5),
+            (CMD_WRITE, 1 << 15),
+            (CMD_READ, CMD_FLAG_NO_HOLE),
+            (CMD_READ, CMD_FLAG_REQ_ONE),
+            (CMD_READ, 1 << 9),
+            (CMD_TRIM, CMD_FLAG_NO_HOLE),
+            (CMD_TRIM, CMD_FLAG_FAST_ZERO),
+            (CMD_FLUSH, CMD_FLAG_DF),
+            (CMD_CACHE, CMD_FLAG_REQ_ONE),
+            (CMD_WRITE_ZEROES, CMD_FLAG_DF),
+            (CMD_WRITE_ZEROES, CMD_FLAG_REQ_ONE),
+        ];
+        if !structured {
+            // DF asks for an unfragmented structured reply: meaningless without structured replies.
+            refused.push((CMD_READ, CMD_FLAG_DF));
+        }
+        for (cmd, flag) in refused {
+            let (offset, len) = if cmd == CMD_FLUSH { (0, 0) } else { (0, 4096) };
+            let payload = if cmd == CMD_WRITE {
+                vec![0xEE; 4096]
+            } else {
+                Vec::new()
+            };
+            let cookie = c.send(cmd, flag, offset, len, &payload).await.unwrap();
+            let r = c.recv().await.unwrap();
+            assert_eq!(
+                (r.cookie, r.error),
+                (cookie, EINVAL),
+                "command {cmd} with flag {flag:#x} (structured replies: {structured})"
+            );
+        }
+        // Nothing was written, trimmed or zeroed, and the session goes on.
+        assert_eq!(c.read(0, 4096).await.unwrap(), data);
+        // The documented flags are taken: FUA on any command, DF on READ with structured replies,
+        // NO_HOLE and FAST_ZERO on WRITE_ZEROES, REQ_ONE on BLOCK_STATUS.
+        let mut taken = vec![
+            (CMD_WRITE, CMD_FLAG_FUA),
+            (CMD_READ, CMD_FLAG_FUA),
+            (CMD_FLUSH, CMD_FLAG_FUA),
+            (CMD_CACHE, CMD_FLAG_FUA),
+            (
+                CMD_WRITE_ZEROES,
+                CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO | CMD_FLAG_FUA,
+            ),
+        ];
+        if structured {
+            taken.push((CMD_READ, CMD_FLAG_DF));
+        }
+        for (cmd, flag) in taken {
+            let (offset, len) = match cmd {
+                CMD_FLUSH => (0, 0),
+                CMD_WRITE_ZEROES => (8192, 4096),
+                _ => (0, 4096),
+            };
+            let payload = if cmd == CMD_WRITE {
+                data.clone()
+            } else {
+                Vec::new()
+            };
+            let cookie = c.send(cmd, flag, offset, len, &payload).await.unwrap();
+            let r = c.recv().await.unwrap();
+            assert_eq!(
+                (r.cookie, r.error),
+                (cookie, 0),
+                "command {cmd} with flag {flag:#x} (structured replies: {structured})"
+            );
+        }
+        c.disconnect().await.unwrap();
+    }
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn oversized_and_out_of_range_requests_get_errors_and_connection_lives() {
     let h = Harness::start(ServerConfig::default()).await;
     let size = 1 << 20;
