@@ -126,9 +126,12 @@ impl<'a> Cur<'a> {
         self.0 = t;
         Some(h)
     }
+    /// A protocol string: UTF-8, no NUL, at most [`MAX_STRING`] bytes; anything else is a malformed
+    /// option (`NBD_REP_ERR_INVALID`).
     fn string(&mut self) -> Option<String> {
         let n = self.u32()? as usize;
-        String::from_utf8(self.bytes(n)?.to_vec()).ok()
+        let s = String::from_utf8(self.bytes(n)?.to_vec()).ok()?;
+        (s.len() <= MAX_STRING && !s.contains('\0')).then_some(s)
     }
     fn done(&self) -> bool {
         self.0.is_empty()
@@ -208,7 +211,12 @@ fn info_replies(
         .filter(|_| requested.contains(&INFO_DESCRIPTION))
     {
         let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
-        d.extend_from_slice(&desc.as_bytes()[..desc.len().min(4096)]);
+        // At most MAX_STRING bytes, cut at a character boundary so the client gets valid UTF-8.
+        let mut end = desc.len().min(MAX_STRING);
+        while !desc.is_char_boundary(end) {
+            end -= 1;
+        }
+        d.extend_from_slice(&desc.as_bytes()[..end]);
         opt_reply(out, option, REP_INFO, &d);
     }
     let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();

@@ -116,6 +116,10 @@ pub const BLOCK_MIN: u32 = 1;
 pub const BLOCK_PREFERRED: u32 = 4096;
 pub const BLOCK_MAX: u32 = 32 * 1024 * 1024;
 
+/// Longest string (export name, description, metadata context) the protocol allows, in bytes. Strings are
+/// UTF-8 and carry no NUL.
+pub const MAX_STRING: usize = 4096;
+
 /// Largest option payload accepted during negotiation.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// Length of a transmission request header.

@@ -12,10 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::error::NbdError;
+use crate::proto::MAX_STRING;
 use crate::tls::{Access, ClientIdentity};
-
-/// Longest export name accepted (the protocol's limit for a string is 4096 bytes).
-pub const MAX_NAME_LEN: usize = 4096;
 
 /// What to serve under a name.
 pub struct ExportConfig {
@@ -325,11 +323,16 @@ impl Registry {
 
     /// Adds an export under a new generation. `Conflict` if the name is live.
     pub fn add(&self, cfg: ExportConfig) -> Result<ExportSnapshot, NbdError> {
-        if cfg.name.len() > MAX_NAME_LEN {
+        if cfg.name.len() > MAX_STRING {
             return Err(NbdError::Invalid(format!(
-                "export name is {} bytes; at most {MAX_NAME_LEN} are allowed",
+                "export name is {} bytes; at most {MAX_STRING} are allowed",
                 cfg.name.len()
             )));
+        }
+        if cfg.name.contains('\0') {
+            return Err(NbdError::Invalid(
+                "export name contains a NUL character, which no NBD client can send".into(),
+            ));
         }
         if cfg.max_connections == Some(0) {
             return Err(NbdError::Invalid(

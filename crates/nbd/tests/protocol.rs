@@ -161,6 +161,58 @@ async fn unknown_option_gets_err_unsup_and_negotiation_continues() {
 }
 
 #[tokio::test]
+async fn strings_are_utf8_without_nul_and_at_most_4096_bytes_both_ways() {
+    let h = Harness::start(ServerConfig::default()).await;
+    h.registry
+        .add(ExportConfig {
+            name: "d".into(),
+            backend: Arc::new(MemoryBackend::new(65536)),
+            read_only: false,
+            max_connections: None,
+            // 3 bytes a character: 4096 bytes would end inside the 1366th.
+            description: Some("€".repeat(2000)),
+            access: nbd::Access::Anyone,
+        })
+        .unwrap();
+    let mut hs = Handshake::connect(h.addr).await.unwrap();
+    for (name, code) in [
+        ("d\0".to_string(), REP_ERR_INVALID),
+        ("x".repeat(MAX_STRING + 1), REP_ERR_INVALID),
+        ("x".repeat(MAX_STRING), REP_ERR_UNKNOWN),
+    ] {
+        let e = hs.info(&name).await.unwrap_err();
+        assert_eq!(e.remote_code(), Some(code), "a {}-byte name", name.len());
+    }
+    // Not UTF-8.
+    hs.send_option(OPT_INFO, &[0, 0, 0, 2, 0xff, 0xfe, 0, 0])
+        .await
+        .unwrap();
+    assert_eq!(hs.read_option_reply().await.unwrap().reply, REP_ERR_INVALID);
+    // A description longer than the protocol allows is cut at a character boundary.
+    let info = hs.info("d").await.unwrap();
+    assert_eq!(info.description, Some("€".repeat(MAX_STRING / 3)));
+    let mut c = hs.go("d").await.unwrap();
+    c.write(0, b"still negotiated", 0).await.unwrap();
+    // The registry takes no name a client could not send.
+    for (name, ok) in [
+        ("e\0".to_string(), false),
+        ("e".repeat(MAX_STRING + 1), false),
+        ("e".repeat(MAX_STRING), true),
+    ] {
+        let r = h.registry.add(ExportConfig {
+            name: name.clone(),
+            backend: Arc::new(MemoryBackend::new(4096)),
+            read_only: false,
+            max_connections: None,
+            description: None,
+            access: nbd::Access::Anyone,
+        });
+        assert_eq!(r.is_ok(), ok, "a {}-byte name: {:?}", name.len(), r.err());
+    }
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn bad_request_magic_closes_only_that_connection() {
     let h = Harness::start(ServerConfig::default()).await;
     h.add_mem("a", 65536, false);
