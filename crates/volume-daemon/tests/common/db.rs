@@ -150,16 +150,29 @@ fn system_user(name: &str) -> Option<(u32, u32)> {
         return None;
     }
     let cname = std::ffi::CString::new(name).expect("user name without NUL");
-    // SAFETY: cname is a valid NUL-terminated string; the returned record is read before any other
-    // getpw* call could overwrite it.
-    let pw = unsafe { libc::getpwnam(cname.as_ptr()) };
+    // getpwnam_r, not getpwnam: tests start PostgreSQL and MariaDB from parallel threads, and getpwnam's
+    // one static record would let one thread read the other's user (a server dir chowned to the wrong
+    // user, so the server cannot create its socket there).
+    // SAFETY: an all-zero passwd is a valid value to be overwritten.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: cname is NUL-terminated; pwd, buf (with its true length) and found outlive the call, which
+    // writes only into them.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
     assert!(
-        !pw.is_null(),
-        "system user {name:?} does not exist; install the server package that creates it"
+        rc == 0 && !found.is_null(),
+        "system user {name:?} does not exist (getpwnam_r: {rc}); install the server package that creates it"
     );
-    // SAFETY: pw is non-null and points to libc's static passwd record.
-    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-    Some((uid, gid))
+    Some((pwd.pw_uid, pwd.pw_gid))
 }
 
 fn chown_tree(path: &Path, ids: Option<(u32, u32)>) {
