@@ -8,7 +8,12 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 /// Sends `state` (newline-separated `KEY=VALUE` lines) to the service manager; `Ok(false)` when not
 /// running under one.
 pub fn notify(state: &str) -> io::Result<bool> {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+    notify_to(std::env::var_os("NOTIFY_SOCKET"), state)
+}
+
+/// [`notify`] to the socket `$NOTIFY_SOCKET` names (a path, or `@` and an abstract name).
+fn notify_to(socket: Option<std::ffi::OsString>, state: &str) -> io::Result<bool> {
+    let Some(path) = socket else {
         return Ok(false);
     };
     let path = path.to_string_lossy().into_owned();
@@ -44,10 +49,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let server = UnixDatagram::bind(&path).unwrap();
-        // No other test in this binary reads NOTIFY_SOCKET.
-        std::env::set_var("NOTIFY_SOCKET", &path);
-        assert!(notify("READY=1\nSTATUS=test").unwrap());
-        std::env::remove_var("NOTIFY_SOCKET");
+        // The socket is passed in, not set in the environment: changing the environment while other
+        // tests' threads read it is undefined behaviour in C's getenv.
+        assert!(notify_to(Some(path.clone().into_os_string()), "READY=1\nSTATUS=test").unwrap());
+        assert!(!notify_to(None, "READY=1").unwrap());
         let mut buf = [0u8; 64];
         let n = server.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1\nSTATUS=test");
