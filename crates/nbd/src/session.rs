@@ -408,7 +408,7 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
         };
         if let Some(error) = refusal(&conn.params, &req) {
             if req.command == CMD_WRITE
-                && !drain_payload(rd, u64::from(req.length), conn.shared.send_timeout).await
+                && !drain_payload(rd, req.length as usize, conn.shared.send_timeout).await
             {
                 return End::Client;
             }
@@ -578,19 +578,17 @@ async fn take_payload<R: AsyncRead + Unpin>(
 /// accepted one has.
 async fn drain_payload<R: AsyncRead + Unpin>(
     rd: &mut BufReader<Take<R>>,
-    len: u64,
+    len: usize,
     stall: Duration,
 ) -> bool {
     let mut left = len;
     while left > 0 {
         let n = match tokio::time::timeout(stall, rd.fill_buf()).await {
-            Ok(Ok(held)) if !held.is_empty() => {
-                held.len().min(usize::try_from(left).unwrap_or(usize::MAX))
-            }
+            Ok(Ok(held)) if !held.is_empty() => held.len().min(left),
             _ => return false,
         };
         std::pin::Pin::new(&mut *rd).consume(n);
-        left -= n as u64;
+        left -= n;
     }
     true
 }

@@ -51,7 +51,7 @@ mod tests {
         let server = UnixDatagram::bind(&path).unwrap();
         // The socket is passed in, not set in the environment: changing the environment while other
         // tests' threads read it is undefined behaviour in C's getenv.
-        assert!(notify_to(Some(path.clone().into_os_string()), "READY=1\nSTATUS=test").unwrap());
+        assert!(notify_to(Some(path.into_os_string()), "READY=1\nSTATUS=test").unwrap());
         assert!(!notify_to(None, "READY=1").unwrap());
         let mut buf = [0u8; 64];
         let n = server.recv(&mut buf).unwrap();
