@@ -19,6 +19,8 @@ pub enum ApiError {
         field: Option<String>,
         message: String,
     },
+    #[error("request body is larger than {limit} bytes; send at most {limit}")]
+    TooLarge { limit: usize },
     #[error("{0}")]
     NotFound(String),
     #[error("missing or wrong bearer token: send Authorization: Bearer <api_token>")]
@@ -43,6 +45,11 @@ impl ApiError {
                 StatusCode::BAD_REQUEST,
                 ErrorCode::InvalidRequest,
                 field.clone(),
+            ),
+            Self::TooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::InvalidRequest,
+                None,
             ),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound, None),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, None),

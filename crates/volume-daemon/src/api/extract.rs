@@ -1,16 +1,16 @@
 //! The JSON body extractor: a missing body, malformed JSON, a wrong content type, unknown or missing fields
 //! all become a 400 naming the problem and, where there is one, the field at fault; so does a control
-//! character in any string of the body.
+//! character in any string of the body. A body over [`MAX_BODY`] is a 413.
 
 use axum::extract::{FromRequest, OptionalFromRequest, Request};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
-/// Largest request body accepted.
-const MAX_BODY: usize = 1 << 20;
+/// Largest request body accepted (the router's body limit too, so a larger one is never buffered).
+pub const MAX_BODY: usize = 1 << 20;
 
 /// A JSON request body of type `T`.
 #[derive(Debug)]
@@ -48,17 +48,18 @@ async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Option<By
             });
         }
     }
-    let bytes = Bytes::from_request(req, state)
-        .await
-        .map_err(|e| ApiError::BadRequest {
-            field: None,
-            message: format!("cannot read the request body: {e}"),
-        })?;
+    let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge { limit: MAX_BODY }
+        } else {
+            ApiError::BadRequest {
+                field: None,
+                message: format!("cannot read the request body: {}", e.body_text()),
+            }
+        }
+    })?;
     if bytes.len() > MAX_BODY {
-        return Err(ApiError::BadRequest {
-            field: None,
-            message: format!("request body is larger than {MAX_BODY} bytes"),
-        });
+        return Err(ApiError::TooLarge { limit: MAX_BODY });
     }
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);

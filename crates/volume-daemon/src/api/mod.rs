@@ -91,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn(control::refuse_control_characters))
         .nest(volume_api::API_PREFIX, v1)
         .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(extract::MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
 }
