@@ -78,6 +78,61 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// What one CloudStack answer means: its HTTP status, `Retry-After` and body become the call's result or a
+/// retryable error. An error object in the body wins over the status (CloudStack answers errors with 4xx and
+/// 5xx statuses, and some proxies with 200).
+pub(crate) fn interpret(
+    command: &str,
+    status: u16,
+    retry_after: Option<Duration>,
+    bytes: &[u8],
+    attempts: u32,
+) -> Attempt {
+    let body: Option<Value> = serde_json::from_slice(bytes).ok();
+    let api_error = body
+        .as_ref()
+        .and_then(|b| decode::error_in_body(command, b));
+    if let Some(e) = api_error {
+        let kind = classify(e.errorcode, e.cserrorcode, &e.errortext);
+        let retry = api_error_retryable(e.errorcode, kind) || status == 429;
+        let err = Error::Api {
+            command: command.to_owned(),
+            http_status: status,
+            errorcode: e.errorcode,
+            cserrorcode: e.cserrorcode,
+            errortext: e.errortext,
+            kind,
+            attempts,
+        };
+        return if retry {
+            Attempt::Retry(err, retry_after)
+        } else {
+            Attempt::Done(Err(err))
+        };
+    }
+    if !(200..300).contains(&status) {
+        let err = Error::Http {
+            command: command.to_owned(),
+            status,
+            attempts,
+        };
+        let retry = status == 429 || (500..=599).contains(&status);
+        return if retry {
+            Attempt::Retry(err, retry_after)
+        } else {
+            Attempt::Done(Err(err))
+        };
+    }
+    let Some(body) = body else {
+        return Attempt::Done(Err(Error::Decode {
+            command: command.to_owned(),
+            what: "the body is not JSON".to_owned(),
+            source: serde_json::from_slice::<Value>(bytes).err(),
+        }));
+    };
+    Attempt::Done(decode::unwrap_response(command, &body))
+}
+
 fn config_err(reason: impl Into<String>) -> Error {
     Error::Config {
         reason: reason.into(),
@@ -335,49 +390,7 @@ impl Client {
                 };
             }
         };
-        let body: Option<Value> = serde_json::from_slice(&bytes).ok();
-        let api_error = body
-            .as_ref()
-            .and_then(|b| decode::error_in_body(command, b));
-        if let Some(e) = api_error {
-            let kind = classify(e.errorcode, e.cserrorcode, &e.errortext);
-            let retry = api_error_retryable(e.errorcode, kind) || status == 429;
-            let err = Error::Api {
-                command: command.to_owned(),
-                http_status: status,
-                errorcode: e.errorcode,
-                cserrorcode: e.cserrorcode,
-                errortext: e.errortext,
-                kind,
-                attempts,
-            };
-            return if retry {
-                Attempt::Retry(err, retry_after)
-            } else {
-                Attempt::Done(Err(err))
-            };
-        }
-        if !(200..300).contains(&status) {
-            let err = Error::Http {
-                command: command.to_owned(),
-                status,
-                attempts,
-            };
-            let retry = status == 429 || (500..=599).contains(&status);
-            return if retry {
-                Attempt::Retry(err, retry_after)
-            } else {
-                Attempt::Done(Err(err))
-            };
-        }
-        let Some(body) = body else {
-            return Attempt::Done(Err(Error::Decode {
-                command: command.to_owned(),
-                what: "the body is not JSON".to_owned(),
-                source: serde_json::from_slice::<Value>(&bytes).err(),
-            }));
-        };
-        Attempt::Done(decode::unwrap_response(command, &body))
+        interpret(command, status, retry_after, &bytes, attempts)
     }
 
     async fn list_all<T: DeserializeOwned>(

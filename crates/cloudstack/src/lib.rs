@@ -10,6 +10,8 @@ mod config;
 mod de;
 mod decode;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod jobs;
 pub mod sign;
 mod types;
