@@ -20,6 +20,10 @@ use crate::types::{
 /// Upper bound of pages fetched by one list call (protects against servers that ignore paging).
 const MAX_PAGES: u32 = 10_000;
 
+/// Largest answer body read: a page of 500 volumes is about 1 MiB, so anything near this is not CloudStack's,
+/// and reading it whole could exhaust the daemon's memory.
+pub const MAX_ANSWER: usize = 64 << 20;
+
 /// Parameters the client sets itself; callers may not pass them.
 const RESERVED_PARAMS: [&str; 6] = [
     "apikey",
@@ -378,18 +382,34 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let bytes = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                let retry = method == Method::Get;
-                let err = transport(e);
-                return if retry {
-                    Attempt::Retry(err, None)
-                } else {
-                    Attempt::Done(Err(err))
-                };
+        let mut resp = resp;
+        let mut bytes = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) if bytes.len() + chunk.len() > MAX_ANSWER => {
+                    return Attempt::Done(Err(Error::Decode {
+                        command: command.to_owned(),
+                        what: format!(
+                            "the answer is larger than {} MiB, more than any CloudStack answer of this \
+                             client; check that the URL names the CloudStack API",
+                            MAX_ANSWER >> 20
+                        ),
+                        source: None,
+                    }));
+                }
+                Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+                Ok(None) => break,
+                Err(e) => {
+                    let retry = method == Method::Get;
+                    let err = transport(e);
+                    return if retry {
+                        Attempt::Retry(err, None)
+                    } else {
+                        Attempt::Done(Err(err))
+                    };
+                }
             }
-        };
+        }
         interpret(command, status, retry_after, &bytes, attempts)
     }
 

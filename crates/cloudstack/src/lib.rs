@@ -3,7 +3,8 @@
 //! Signing follows `ApiServer.verifyRequest` ([`sign`]); every call is signed with signature version 3
 //! (`expires`) unless configured otherwise, sent as GET (queries) or a POST form (changes), retried with
 //! bounded backoff when the failure may pass, and decoded tolerantly (ids as numbers or strings,
-//! booleans as strings, `{}` as the empty list, unknown fields ignored).
+//! booleans as strings, `{}` as the empty list, unknown fields ignored). An answer body over [`MAX_ANSWER`]
+//! (64 MiB) is not read further: the call fails with a decode error, unretried.
 
 mod client;
 mod config;
@@ -16,7 +17,7 @@ mod jobs;
 pub mod sign;
 mod types;
 
-pub use client::{Client, Method};
+pub use client::{Client, Method, MAX_ANSWER};
 pub use config::{Config, JobPollPolicy, RetryPolicy, Secret};
 pub use error::{classify, Error, ErrorKind};
 pub use types::{
