@@ -3,7 +3,8 @@
 //! Public only where the binary and the integration tests need it (configuration, start-up, the store and its
 //! shared test suite); everything else is crate-private so that unused items are reported.
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+// Not in fuzz builds: their address sanitizer must see every allocation.
+#[cfg(all(target_os = "linux", target_env = "gnu", not(fuzzing)))]
 mod alloc;
 mod api;
 mod cloud;
@@ -14,6 +15,9 @@ pub use engine::failpoints;
 mod devices;
 mod engine;
 mod exports;
+/// Harness of the REST API's fuzz target (not a stable API).
+#[doc(hidden)]
+pub use api::fuzzing;
 pub mod hub;
 mod identity;
 mod locks;

@@ -20,12 +20,13 @@ fn refused(field: &str, what: &str) -> ApiError {
     )
 }
 
-/// Refuses a JSON body with a control character in any string, naming the field.
+/// Refuses a body that is not one JSON value (trailing text included), and one with a control character in
+/// any string, naming the field. Every body the typed parse may accept has been through this check.
 pub(crate) fn check_json(bytes: &[u8]) -> Result<(), ApiError> {
-    // A body that is not JSON is reported by the typed parse that follows.
-    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
-        return Ok(());
-    };
+    let v = serde_json::from_slice::<Value>(bytes).map_err(|e| ApiError::BadRequest {
+        field: None,
+        message: format!("request body is not valid JSON: {e}"),
+    })?;
     match control_in_json(&v) {
         Some(field) => Err(refused(&field, "request body field")),
         None => Ok(()),

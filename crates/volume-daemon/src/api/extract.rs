@@ -3,23 +3,27 @@
 //! character in any string of the body. A body over [`MAX_BODY`] is a 413.
 
 use axum::extract::{FromRequest, OptionalFromRequest, Request};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use bytes::Bytes;
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
-/// Largest request body accepted (the router's body limit too, so a larger one is never buffered).
+/// Largest request body accepted (the router's body limit too).
 pub const MAX_BODY: usize = 1 << 20;
+
+/// A body over [`MAX_BODY`] is still read, and dropped, up to this size before the 413 is sent.
+const DRAIN_LIMIT: usize = 16 << 20;
 
 /// A JSON request body of type `T`.
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 
-fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     super::control::check_json(bytes)?;
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let parsed = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let msg = inner.to_string();
@@ -35,10 +39,16 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             field,
             message: what,
         }
-    })
+    })?;
+    // `check_json` refused trailing text already; this keeps the typed parse itself strict too.
+    de.end().map_err(|e| ApiError::BadRequest {
+        field: None,
+        message: format!("request body is not valid JSON: {e}"),
+    })?;
+    Ok(parsed)
 }
 
-async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Option<Bytes>, ApiError> {
+async fn body_bytes(req: Request) -> Result<Option<Bytes>, ApiError> {
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("");
         if !ct.is_empty() && !ct.starts_with("application/json") && !ct.contains("+json") {
@@ -48,19 +58,35 @@ async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Option<By
             });
         }
     }
-    let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge { limit: MAX_BODY }
-        } else {
-            ApiError::BadRequest {
-                field: None,
-                message: format!("cannot read the request body: {}", e.body_text()),
-            }
-        }
-    })?;
-    if bytes.len() > MAX_BODY {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > DRAIN_LIMIT as u64) {
         return Err(ApiError::TooLarge { limit: MAX_BODY });
     }
+    // Read past the limit (dropping what comes) up to `DRAIN_LIMIT`, so that the 413 is not lost: a server
+    // that closes a connection with unread data resets it, and the client may then never see the answer.
+    let mut stream = req.into_body().into_data_stream();
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest {
+            field: None,
+            message: format!("cannot read the request body: {e}"),
+        })?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= MAX_BODY {
+            bytes.extend_from_slice(&chunk);
+        } else if seen > DRAIN_LIMIT {
+            break;
+        }
+    }
+    if seen > MAX_BODY {
+        return Err(ApiError::TooLarge { limit: MAX_BODY });
+    }
+    let bytes = Bytes::from(bytes);
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
@@ -70,8 +96,8 @@ async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Option<By
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match body_bytes(req, state).await? {
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        match body_bytes(req).await? {
             Some(b) => Ok(Self(parse(&b)?)),
             None => Err(ApiError::BadRequest {
                 field: None,
@@ -90,8 +116,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 impl<T: DeserializeOwned, S: Send + Sync> OptionalFromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
-        match body_bytes(req, state).await? {
+    async fn from_request(req: Request, _state: &S) -> Result<Option<Self>, Self::Rejection> {
+        match body_bytes(req).await? {
             Some(b) => Ok(Some(Self(parse(&b)?))),
             None => Ok(None),
         }

@@ -6,6 +6,8 @@ mod control;
 mod convert;
 mod error;
 mod extract;
+#[doc(hidden)]
+pub mod fuzzing;
 mod health;
 mod listener;
 mod openapi;
