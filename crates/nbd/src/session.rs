@@ -195,6 +195,8 @@ struct Conn {
     params: SessionParams,
     shared: Arc<Shared>,
     depth: Arc<Semaphore>,
+    /// The permits of `depth`: all of them are free when no request is held.
+    depth_total: u32,
     bytes: Arc<Semaphore>,
     tx: UnboundedSender<Reply>,
     /// A plain TCP session: READ replies and large WRITE payloads may move through the export's mapping.
@@ -206,7 +208,7 @@ struct Conn {
 impl Conn {
     /// Whether a request of this session is being run or answered (its queue depth is not all free).
     fn holds_requests(&self) -> bool {
-        self.depth.available_permits() < self.shared.max_in_flight.max(1)
+        self.depth.available_permits() < self.depth_total as usize
     }
 }
 
@@ -278,8 +280,11 @@ where
     let read_only = export.read_only;
     let wrote = Arc::new(AtomicBool::new(false));
     let conn_bytes = shared.max_connection_bytes.max(BLOCK_MAX as usize);
+    // Semaphore::acquire_many counts in u32; more requests in flight than that would be no bound anyway.
+    let depth_total = u32::try_from(shared.max_in_flight.max(1)).unwrap_or(u32::MAX);
     let conn = Conn {
-        depth: Arc::new(Semaphore::new(shared.max_in_flight.max(1))),
+        depth: Arc::new(Semaphore::new(depth_total as usize)),
+        depth_total,
         bytes: Arc::new(Semaphore::new(conn_bytes)),
         params,
         shared: Arc::clone(&shared),
@@ -331,19 +336,24 @@ async fn next_header<R: AsyncRead + Unpin>(
     broken: &CancellationToken,
 ) -> Next {
     let mut hdr = [0u8; REQUEST_LEN];
-    let idle = conn.shared.idle_timeout.filter(|_| !conn.holds_requests());
-    let read = async {
-        match idle {
-            Some(t) => tokio::time::timeout(t, rd.read_exact(&mut hdr))
-                .await
-                .map_err(|_| End::Idle)?
-                .map_err(|_| End::Client),
-            None => rd.read_exact(&mut hdr).await.map_err(|_| End::Client),
+    // The idle timer starts once every request read so far has been answered (its reply handed to the
+    // socket), which is often after this wait for the next header began: a session waiting for its own
+    // replies is not idle, one that was answered and sends nothing is. Holding every queue slot while the
+    // timer runs takes nothing from anyone: only this reader takes slots, and it is waiting here.
+    let idle = async {
+        match conn.shared.idle_timeout {
+            Some(t) => {
+                let _all_answered = conn.depth.acquire_many(conn.depth_total).await;
+                tokio::time::sleep(t).await;
+            }
+            None => std::future::pending().await,
         }
     };
+    let read = async { rd.read_exact(&mut hdr).await.map_err(|_| End::Client) };
     tokio::select! {
         _ = stop.cancelled() => Next::End(End::Stopped),
         _ = broken.cancelled() => Next::End(End::Send),
+        _ = idle => Next::End(End::Idle),
         r = read => match r {
             Ok(_) => Next::Header(hdr),
             Err(e) => Next::End(e),

@@ -311,6 +311,37 @@ async fn refused_writes_whose_payload_stalls_are_closed_after_the_send_timeout()
     h.shutdown().await;
 }
 
+/// The idle timer starts when the last request has been answered, not only before the first one: a client
+/// that is answered and then sends nothing is closed like one that never sent a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_fall_idle_after_requests_are_closed_after_the_idle_timeout() {
+    let h = Harness::start(ServerConfig {
+        idle_timeout: Some(Duration::from_millis(500)),
+        ..ServerConfig::default()
+    })
+    .await;
+    h.add_mem("a", MIB, Access::Anyone);
+    // One request each, then silence: a READ and a WRITE run in place, a FLUSH on the blocking pool.
+    let mut read = h.go("a").await;
+    assert_eq!(read.read(0, 4096).await.unwrap(), vec![0u8; 4096]);
+    let mut write = h.go("a").await;
+    write.write(0, b"once", 0).await.unwrap();
+    let mut flush = h.go("a").await;
+    flush.flush().await.unwrap();
+    for (what, c) in [
+        ("READ", &mut read),
+        ("WRITE", &mut write),
+        ("FLUSH", &mut flush),
+    ] {
+        let r = tokio::time::timeout(Duration::from_secs(5), c.recv()).await;
+        assert!(
+            matches!(r, Ok(Err(_))),
+            "a session idle since its {what} was answered is closed after the idle timeout, got {r:?}"
+        );
+    }
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn per_client_address_limit_refuses_only_that_address() {
     let h = Harness::start(ServerConfig {
