@@ -947,7 +947,8 @@ fn execute(
 
 /// Writes replies as they complete, gathering all that are ready into one vectored write. Each reply's
 /// hold (queue slot, budget) is released once its bytes are handed to the socket. Ends when every sender
-/// is gone; fails when the client does not take a batch within `send_timeout`.
+/// is gone; fails when the client does not take a batch, or the end of the stream (TLS close_notify), within
+/// `send_timeout`.
 async fn write_replies<W: AsyncWrite + Half + Unpin>(
     mut wr: W,
     mut rx: UnboundedReceiver<Reply>,
@@ -1033,9 +1034,22 @@ async fn write_replies<W: AsyncWrite + Half + Unpin>(
             }
         }
     }
-    wr.flush().await?;
-    let _ = wr.shutdown().await;
-    Ok(())
+    // Closing a TLS stream sends an alert (close_notify), a write like any reply: a client that takes
+    // nothing more must not hold the session past the send timeout here either.
+    let close = async {
+        wr.flush().await?;
+        let _ = wr.shutdown().await;
+        Ok(())
+    };
+    match tokio::time::timeout(send_timeout, close).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::info!(
+                "client took no data for the send timeout while the session was closing; closing it"
+            );
+            Err(io::ErrorKind::TimedOut.into())
+        }
+    }
 }
 
 async fn write_all_vectored<W: AsyncWrite + Unpin>(

@@ -1,6 +1,7 @@
 //! Abuse cases: clients that pipeline large READs and never take the replies, idle sessions that fill the
 //! connection table, many connections from one address, clients that skip TLS on a TLS-only server, and
-//! clients that stall in the payload of a refused WRITE; and the busy-session count that sets how replies are batched.
+//! clients that stall in the payload of a refused WRITE, sessions idle after their last reply, TLS clients that
+//! stop reading as their session closes; and the busy-session count that sets how replies are batched.
 //! Run against the in-process server and against the `nbd-serve` binary (its memory and threads).
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use nbd::client::Handshake;
 use nbd::proto::*;
 use nbd::{Access, ExportConfig, MemoryBackend, Registry, Server, ServerConfig, Tls, TlsSettings};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use common::eventually;
@@ -417,6 +418,139 @@ async fn tls_required_answers_nothing_but_starttls_before_the_handshake() {
     assert_eq!(e.remote_code(), Some(REP_ERR_UNKNOWN));
     plain.shutdown().await;
     h.shutdown().await;
+}
+
+/// A session whose last reply filled the way to its client, which then disconnects (DISC) without reading,
+/// cannot send TLS's closing alert (close_notify) either: that alert is bounded by the send timeout like
+/// every reply, and the session is closed. Over an in-memory pipe of `PIPE` bytes the reply's TLS record
+/// fills it exactly for one of the READ lengths tried; shorter ones leave room for the alert, longer ones
+/// stall in the reply itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_that_cannot_send_their_closing_alert_are_closed_after_the_send_timeout() {
+    const PIPE: usize = 8192;
+    // A simple reply's 16-byte header and READ data go in TLS 1.3 records of 22 bytes more each.
+    const OVERHEAD: usize = 16 + 22;
+    let pki = common::Pki::new();
+    let settings = Arc::new(TlsSettings::from_dir(&pki.server_dir(), false).unwrap());
+    let registry = Registry::new();
+    registry
+        .add(ExportConfig {
+            name: "a".into(),
+            backend: Arc::new(MemoryBackend::new(MIB)),
+            read_only: false,
+            max_connections: None,
+            description: None,
+            access: Access::Anyone,
+        })
+        .unwrap();
+    let server = Arc::new(
+        Server::try_new(
+            registry,
+            ServerConfig {
+                tls: Tls::Require(settings),
+                send_timeout: Duration::from_secs(1),
+                ..ServerConfig::default()
+            },
+        )
+        .unwrap(),
+    );
+    let connector = tls_connector(&pki.server_dir());
+    let mut sessions = Vec::new();
+    for length in PIPE - OVERHEAD - 48..=PIPE - OVERHEAD + 4 {
+        let (client, conn) = tokio::io::duplex(PIPE);
+        let s = Arc::clone(&server);
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let task = tokio::spawn(async move { s.serve_stream(conn, peer).await });
+        let mut tls = tls_go(client, &connector, "a").await;
+        let mut requests = request(CMD_READ, 1, 0, length as u32).to_vec();
+        requests.extend_from_slice(&request(CMD_DISC, 2, 0, 0));
+        tls.write_all(&requests).await.unwrap();
+        tls.flush().await.unwrap();
+        // The client keeps the stream open and never reads.
+        sessions.push((length, task, tls));
+    }
+    for (length, task, _tls) in &mut sessions {
+        let r = tokio::time::timeout(Duration::from_secs(10), task).await;
+        assert!(
+            matches!(r, Ok(Ok(_))),
+            "the session of a client that sent a {length}-byte READ and DISC and reads nothing ends within the send timeout"
+        );
+    }
+}
+
+fn request(command: u16, cookie: u64, offset: u64, length: u32) -> [u8; REQUEST_LEN] {
+    let mut r = [0u8; REQUEST_LEN];
+    r[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    r[6..8].copy_from_slice(&command.to_be_bytes());
+    r[8..16].copy_from_slice(&cookie.to_be_bytes());
+    r[16..24].copy_from_slice(&offset.to_be_bytes());
+    r[24..28].copy_from_slice(&length.to_be_bytes());
+    r
+}
+
+/// A TLS client that trusts the CA of a test certificate directory and presents no certificate.
+fn tls_connector(dir: &std::path::Path) -> tokio_rustls::TlsConnector {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(dir.join("ca-cert.pem")).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Negotiates `export` over TLS (STARTTLS, then GO without structured replies) on a raw stream.
+async fn tls_go<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    connector: &tokio_rustls::TlsConnector,
+    export: &str,
+) -> tokio_rustls::client::TlsStream<S> {
+    async fn option_reply<R: AsyncRead + Unpin>(r: &mut R) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        r.read_exact(&mut h).await.unwrap();
+        assert_eq!(
+            u64::from_be_bytes(h[..8].try_into().unwrap()),
+            OPT_REPLY_MAGIC
+        );
+        let reply = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let mut data = vec![0u8; u32::from_be_bytes(h[16..].try_into().unwrap()) as usize];
+        r.read_exact(&mut data).await.unwrap();
+        (reply, data)
+    }
+    fn option(code: u32, data: &[u8]) -> Vec<u8> {
+        let mut o = IHAVEOPT.to_be_bytes().to_vec();
+        o.extend_from_slice(&code.to_be_bytes());
+        o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        o.extend_from_slice(data);
+        o
+    }
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).await.unwrap();
+    s.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
+        .await
+        .unwrap();
+    s.write_all(&option(OPT_STARTTLS, &[])).await.unwrap();
+    assert_eq!(option_reply(&mut s).await.0, REP_ACK);
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, s).await.unwrap();
+    tls.write_all(&option(OPT_GO, &info_request(export)))
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    loop {
+        match option_reply(&mut tls).await.0 {
+            REP_ACK => return tls,
+            REP_INFO => {}
+            other => panic!("GO over TLS answered {other:#x}"),
+        }
+    }
 }
 
 fn info_request(name: &str) -> Vec<u8> {
