@@ -97,6 +97,7 @@ pub(super) async fn orphaned_count(State(st): State<AppState>) -> Result<Respons
     responses(
         (status = 200, description = "the orphaned exports; without the dry run each is removed by a `repair` operation (`remove_orphan_export`)", body = ExportCleanupResult),
         (status = 400, description = "invalid body", body = ErrorBody),
+        (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
     )
 )]
 pub(super) async fn cleanup_exports(
@@ -115,6 +116,7 @@ pub(super) async fn cleanup_exports(
     responses(
         (status = 200, description = "those orphaned exports; without the dry run each is removed by a `repair` operation", body = ExportCleanupResult),
         (status = 400, description = "`max_age_hours` missing or invalid", body = ErrorBody),
+        (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
     )
 )]
 pub(super) async fn cleanup_exports_by_age(
@@ -154,6 +156,7 @@ pub(super) async fn force_sync(State(st): State<AppState>) -> Result<Response, A
     responses(
         (status = 201, description = "journaled; `type` is `test_failover_cleanup`, `vm_id` the test VM; the test VM is stopped (unless `force_clean`), the volume detached from it, the test VM destroyed (`delete_vm`), and the volume attached, named and exported on the appliance", body = Operation),
         (status = 400, description = "invalid input, or `oma_vm_id` is not this daemon's appliance", body = ErrorBody),
+        (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
         (status = 409, description = "the volume is not attached to the test VM, or belongs to another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )

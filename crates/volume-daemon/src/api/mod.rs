@@ -191,6 +191,7 @@ async fn submit(st: &AppState, req: Request, headers: &HeaderMap) -> Result<Resp
         (status = 201, description = "journaled; `type` is `create` (also a replay of an earlier request with the same Idempotency-Key)", body = Operation),
         (status = 422, description = "the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 400, description = "invalid input; `field` names it", body = ErrorBody),
+        (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 401, description = "missing or wrong bearer token (when `api_token` is set; on every endpoint but health)", body = ErrorBody),
         (status = 503, description = "starting up or shutting down", body = ErrorBody),
     )
@@ -238,6 +239,7 @@ async fn attach_common(
         (status = 201, description = "journaled; `type` is `attach`; the appliance gets a device, a stable name and an export", body = Operation),
         (status = 422, description = "no such VM, or the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 400, description = "invalid input", body = ErrorBody),
+        (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
         (status = 409, description = "attached elsewhere, or volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
         (status = 502, description = "CloudStack refused a synchronous check", body = ErrorBody),
@@ -264,6 +266,7 @@ async fn attach_volume(
         (status = 201, description = "journaled; CloudStack device id 0 on a VM other than the appliance", body = Operation),
         (status = 422, description = "no such VM, or the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 400, description = "invalid input, or the appliance named", body = ErrorBody),
+        (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
         (status = 409, description = "attached elsewhere, or volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
@@ -763,6 +766,7 @@ async fn get_operation(
     responses(
         (status = 201, description = "the volume's export, served again when it was not", body = Export),
         (status = 400, description = "invalid input (`read_only` is not supported)", body = ErrorBody),
+        (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 409, description = "not attached to the appliance, or not its device, or volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
@@ -907,6 +911,7 @@ async fn get_appliance(State(st): State<AppState>) -> Response {
     responses(
         (status = 200, description = "stored and verified", body = Appliance),
         (status = 400, description = "empty vm_id", body = ErrorBody),
+        (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 409, description = "fixed by configuration", body = ErrorBody),
         (status = 422, description = "no such VM", body = ErrorBody),
         (status = 503, description = "CloudStack cannot verify it now", body = ErrorBody),
@@ -928,7 +933,11 @@ async fn put_appliance(
     path = "/reconcile",
     tag = "reconcile",
     request_body(content = Option<ReconcileRequest>, description = "dry run unless `apply`"),
-    responses((status = 200, description = "the drift found (and repaired with `apply`)", body = ReconcileReport))
+    responses(
+        (status = 200, description = "the drift found (and repaired with `apply`)", body = ReconcileReport),
+        (status = 400, description = "a body that is not a reconcile request", body = ErrorBody),
+        (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
+    )
 )]
 async fn reconcile(
     State(st): State<AppState>,

@@ -54,6 +54,7 @@ pub(super) fn routes() -> Router<AppState> {
     responses(
         (status = 201, description = "journaled; `type` is `snapshot_create`; on completion the volume's `snapshot` tracks the new snapshot", body = Operation),
         (status = 400, description = "invalid input", body = ErrorBody),
+        (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
     )
 )]
@@ -165,6 +166,7 @@ fn not_empty(field: &str, v: &str) -> Result<(), ApiError> {
     responses(
         (status = 200, description = "the volume record tracks the snapshot (bookkeeping only; CloudStack is not asked)", body = SnapshotTracked),
         (status = 400, description = "a required field is missing or empty", body = ErrorBody),
+        (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
     )
 )]
@@ -290,6 +292,7 @@ pub(super) async fn clear_context_snapshots(
     params(("volume_uuid" = Uuid, Path, description = "volume id")),
     request_body = UpdateSnapshotRequest,
     responses(
+        (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 200, description = "the given fields of the volume's snapshot tracking are set (bookkeeping only)", body = SnapshotUpdated),
         (status = 404, description = "unknown volume", body = ErrorBody),
     )
