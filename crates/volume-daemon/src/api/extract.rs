@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
-/// Largest request body accepted (the router's body limit too).
+/// Largest request body accepted (also the router's default body limit, for any other extractor).
 pub const MAX_BODY: usize = 1 << 20;
 
 /// A body over [`MAX_BODY`] is still read, and dropped, up to this size before the 413 is sent.
