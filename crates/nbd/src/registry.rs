@@ -146,7 +146,7 @@ pub(crate) struct Export {
 
 impl Export {
     pub(crate) fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::Acquire)
+        self.closing.load(Ordering::SeqCst)
     }
 
     /// Registers a session; `None` when the export is closing or at its connection limit.
@@ -189,7 +189,7 @@ impl Export {
 
     /// Counts a request in; it must be balanced by [`Export::request_done`].
     pub(crate) fn request_start(&self) {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
     }
 
     pub(crate) fn request_done(&self) {
@@ -203,11 +203,11 @@ impl Export {
             let notified = self.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.in_flight.load(Ordering::Acquire) == 0 {
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.in_flight.load(Ordering::Acquire) == 0;
+                return self.in_flight.load(Ordering::SeqCst) == 0;
             }
         }
     }
@@ -413,7 +413,7 @@ impl Registry {
 pub(crate) async fn close_export(export: &Arc<Export>, drain: Duration) -> RemoveReport {
     let sessions_at_start = {
         let sessions = export.sessions.lock().expect("sessions lock poisoned");
-        export.closing.store(true, Ordering::Release);
+        export.closing.store(true, Ordering::SeqCst);
         sessions.len()
     };
     let deadline = tokio::time::Instant::now() + drain;

@@ -472,6 +472,16 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
                 _depth: depth,
                 _bytes: bytes,
             };
+            if export.is_closing() {
+                // The export began closing while this WRITE waited for budget: refused as below.
+                if !drain_payload(rd, req.length as usize, conn.shared.send_timeout).await {
+                    return End::Client;
+                }
+                let _ = conn
+                    .tx
+                    .send(error_reply(req.cookie, false, ESHUTDOWN, hold));
+                continue;
+            }
             let Some(result) = direct_write(rd, conn, &req).await else {
                 return End::Client;
             };
@@ -498,15 +508,29 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
             None
         };
         export.request_start();
-        export.counters.touch();
-        if matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) {
-            conn.wrote.store(true, Ordering::Relaxed);
-        }
         let hold = Hold {
             export: Arc::clone(export),
             _depth: depth,
             _bytes: bytes,
         };
+        if export.is_closing() {
+            // The export began closing after the request was checked, while it waited for budget or its
+            // payload arrived. The drain, which counts requests from `request_start`, may already have
+            // found the export idle and the final flush begun: run now, the request could be acknowledged
+            // after that flush. It is refused like any request that arrives once the export is closing
+            // (`request_start` before this check, and the closer's `closing` before its count, both
+            // sequentially consistent, make sure one of the two sees the other).
+            let structured_err =
+                conn.params.structured && matches!(req.command, CMD_READ | CMD_BLOCK_STATUS);
+            let _ = conn
+                .tx
+                .send(error_reply(req.cookie, structured_err, ESHUTDOWN, hold));
+            continue;
+        }
+        export.counters.touch();
+        if matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) {
+            conn.wrote.store(true, Ordering::Relaxed);
+        }
         dispatch(conn, req, payload, hold, stop, broken).await;
         since_yield += 1 + req.length / REPLY_BYTES;
     }

@@ -1,7 +1,8 @@
 //! Abuse cases: clients that pipeline large READs and never take the replies, idle sessions that fill the
 //! connection table, many connections from one address, clients that skip TLS on a TLS-only server, and
 //! clients that stall in the payload of a refused WRITE, sessions idle after their last reply, TLS clients that
-//! stop reading as their session closes; and the busy-session count that sets how replies are batched.
+//! stop reading as their session closes, WRITEs whose payload completes while their export is being removed; and
+//! the busy-session count that sets how replies are batched.
 //! Run against the in-process server and against the `nbd-serve` binary (its memory and threads).
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
@@ -15,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use nbd::client::Handshake;
 use nbd::proto::*;
-use nbd::{Access, ExportConfig, MemoryBackend, Registry, Server, ServerConfig, Tls, TlsSettings};
+use nbd::{
+    Access, Backend, ExportConfig, MemoryBackend, Registry, Server, ServerConfig, Tls, TlsSettings,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -687,4 +690,146 @@ async fn nbd_serve_idle_sessions_cost_no_threads() {
         threads <= 24,
         "300 idle sessions made {threads} threads; sessions must not own threads"
     );
+}
+
+/// Memory storage whose flushes (and, when asked, writes) take a while, and which notes when a flush began
+/// and counts the writes that reach it after that.
+struct SlowStorage {
+    inner: MemoryBackend,
+    write_delay: Duration,
+    flush_delay: Duration,
+    flushing: std::sync::atomic::AtomicBool,
+    late_writes: std::sync::atomic::AtomicUsize,
+}
+
+impl SlowStorage {
+    fn new(write_delay: Duration, flush_delay: Duration) -> Arc<Self> {
+        Arc::new(SlowStorage {
+            inner: MemoryBackend::new(4 * MIB),
+            write_delay,
+            flush_delay,
+            flushing: false.into(),
+            late_writes: 0.into(),
+        })
+    }
+
+    fn flush_began(&self) -> bool {
+        self.flushing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn wrote(&self) {
+        if self.flush_began() {
+            self.late_writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn late_writes(&self) -> usize {
+        self.late_writes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut data = Vec::new();
+        self.inner.read_at(&mut data, offset, len).unwrap();
+        data
+    }
+}
+
+impl Backend for SlowStorage {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset, len)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.wrote();
+        std::thread::sleep(self.write_delay);
+        self.inner.write_at(data, offset)
+    }
+    fn write_nowait(&self, data: &[u8], offset: u64) -> std::io::Result<usize> {
+        if !self.write_delay.is_zero() {
+            return Ok(0);
+        }
+        self.wrote();
+        self.inner.write_nowait(data, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.flushing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(self.flush_delay);
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.trim(offset, len)
+    }
+    fn zero(&self, offset: u64, len: u64, may_trim: bool, fast: bool) -> std::io::Result<()> {
+        self.inner.zero(offset, len, may_trim, fast)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<Vec<nbd::Extent>> {
+        self.inner.block_status(offset, len)
+    }
+}
+
+fn add_backend(registry: &Registry, name: &str, backend: &Arc<SlowStorage>) {
+    registry
+        .add(ExportConfig {
+            name: name.into(),
+            backend: Arc::clone(backend) as Arc<dyn Backend>,
+            read_only: false,
+            max_connections: None,
+            description: None,
+            access: Access::Anyone,
+        })
+        .unwrap();
+}
+
+/// A WRITE whose header came before the export began closing but whose payload was still arriving is not
+/// counted by the drain; when its payload completes while the export closes (here during the final flush) it
+/// is refused with `ESHUTDOWN`, never carried out and acknowledged after the flush that covers every
+/// acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_payload_completes_while_the_export_closes_is_refused() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let backend = SlowStorage::new(Duration::ZERO, Duration::from_millis(1500));
+    add_backend(&h.registry, "a", &backend);
+    let mut c = h.go("a").await;
+    c.write(MIB as u64, &[5u8; 4096], 0).await.unwrap();
+    // Half of a 1 MiB WRITE's payload, then the export is removed.
+    c.send(CMD_WRITE, 0, 0, MIB as u32, &vec![7u8; MIB / 2])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let registry = h.registry.clone();
+    let removal = tokio::spawn(async move { registry.remove("a", Duration::from_secs(5)).await });
+    eventually("the final flush began", || backend.flush_began(), |&f| f).await;
+    // The rest of the payload arrives while the export is closing.
+    c.send_raw(&vec![7u8; MIB / 2]).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), c.recv())
+        .await
+        .expect("the client is answered or closed in bounded time");
+    if let Ok(r) = &reply {
+        assert_eq!(
+            r.error, ESHUTDOWN,
+            "a WRITE completed while the export closes is refused, not acknowledged"
+        );
+    }
+    let report = removal.await.unwrap().unwrap();
+    assert!(report.flush_error.is_none());
+    assert_eq!(
+        backend.late_writes(),
+        0,
+        "nothing written after the final flush began"
+    );
+    assert_eq!(
+        backend.bytes(0, 4),
+        vec![0u8; 4],
+        "the refused WRITE changed nothing"
+    );
+    assert_eq!(
+        backend.bytes(MIB as u64, 4),
+        vec![5u8; 4],
+        "the acknowledged WRITE is there"
+    );
+    h.shutdown().await;
 }
