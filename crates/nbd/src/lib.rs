@@ -1,8 +1,8 @@
 //! NBD protocol (NetworkBlockDevice/nbd doc/proto.md) and an asynchronous server with a run-time export registry.
 //!
 //! A [`Registry`] holds exports by name; a [`Server`] serves it on a TCP listener. Exports can be added and
-//! removed while clients are connected: removal drains in-flight requests, flushes and closes the sessions of
-//! that export's generation only. [`ServerConfig`] bounds what clients can make the server hold (in-flight
+//! removed while clients are connected: removal drains in-flight requests, closes the sessions of that export's
+//! generation only and flushes. [`ServerConfig`] bounds what clients can make the server hold (in-flight
 //! request bytes, queue depth, connections per address, idle and send timeouts) and sets the TLS policy
 //! ([`Tls`]); each export's [`Access`] says which verified client identities may list and open it.
 

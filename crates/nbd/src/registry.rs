@@ -1,5 +1,5 @@
 //! The run-time export registry: exports by name, each with a generation, counters, its live sessions,
-//! and removal with drain semantics (stop accepting, let in-flight requests finish, flush, close).
+//! and removal with drain semantics (stop accepting, let in-flight requests finish, close, flush).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -395,8 +395,8 @@ impl Registry {
     }
 
     /// Removes an export: new connections are refused at once, requests arriving from now on get
-    /// `ESHUTDOWN`, in-flight requests may finish until `drain` elapses, then the backend is flushed and
-    /// every session of this generation is closed. `NotFound` if no such export.
+    /// `ESHUTDOWN`, in-flight requests may finish until `drain` elapses, then every session of this generation is
+    /// closed (no reply is sent after that) and the backend is flushed. `NotFound` if no such export.
     pub async fn remove(&self, name: &str, drain: Duration) -> Result<RemoveReport, NbdError> {
         let export = self
             .inner
@@ -409,7 +409,9 @@ impl Registry {
     }
 }
 
-/// Drains, flushes and closes every session of one export generation.
+/// Drains, closes every session of one export generation and flushes. The sessions are closed before the
+/// flush: a request still running at the drain deadline must not be acknowledged once the flush has begun,
+/// which might not cover it (unanswered, the client has to repeat it as any unacknowledged write).
 pub(crate) async fn close_export(export: &Arc<Export>, drain: Duration) -> RemoveReport {
     let sessions_at_start = {
         let sessions = export.sessions.lock().expect("sessions lock poisoned");
@@ -418,22 +420,6 @@ pub(crate) async fn close_export(export: &Arc<Export>, drain: Duration) -> Remov
     };
     let deadline = tokio::time::Instant::now() + drain;
     let drained_in_time = export.wait_idle(deadline).await;
-    let backend = Arc::clone(&export.backend);
-    let mut flush_error = None;
-    if !export.read_only {
-        let flushed = tokio::task::spawn_blocking(move || backend.flush()).await;
-        match flushed {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(export = %export.name, error = %e, "flush on removal failed");
-                flush_error = Some(Arc::new(e));
-            }
-            Err(e) => {
-                tracing::warn!(export = %export.name, error = %e, "flush on removal panicked");
-                flush_error = Some(Arc::new(std::io::Error::other(e)));
-            }
-        }
-    }
     let cancels: Vec<CancellationToken> = export
         .sessions
         .lock()
@@ -444,7 +430,7 @@ pub(crate) async fn close_export(export: &Arc<Export>, drain: Duration) -> Remov
     for c in &cancels {
         c.cancel();
     }
-    // Wait (bounded) for the sessions to deregister so callers see them gone.
+    // Wait (bounded) for the sessions to deregister so callers see them gone and no reply follows.
     let close_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let notified = export.idle.notified();
@@ -463,6 +449,22 @@ pub(crate) async fn close_export(export: &Arc<Export>, drain: Duration) -> Remov
             .is_err()
         {
             break;
+        }
+    }
+    let backend = Arc::clone(&export.backend);
+    let mut flush_error = None;
+    if !export.read_only {
+        let flushed = tokio::task::spawn_blocking(move || backend.flush()).await;
+        match flushed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(export = %export.name, error = %e, "flush on removal failed");
+                flush_error = Some(Arc::new(e));
+            }
+            Err(e) => {
+                tracing::warn!(export = %export.name, error = %e, "flush on removal panicked");
+                flush_error = Some(Arc::new(std::io::Error::other(e)));
+            }
         }
     }
     RemoveReport {

@@ -1,7 +1,8 @@
 //! Abuse cases: clients that pipeline large READs and never take the replies, idle sessions that fill the
 //! connection table, many connections from one address, clients that skip TLS on a TLS-only server, and
 //! clients that stall in the payload of a refused WRITE, sessions idle after their last reply, TLS clients that
-//! stop reading as their session closes, WRITEs whose payload completes while their export is being removed; and
+//! stop reading as their session closes, WRITEs whose payload completes while their export is being removed or
+//! that still run at the drain deadline; and
 //! the busy-session count that sets how replies are batched.
 //! Run against the in-process server and against the `nbd-serve` binary (its memory and threads).
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
@@ -831,5 +832,34 @@ async fn a_write_whose_payload_completes_while_the_export_closes_is_refused() {
         vec![5u8; 4],
         "the acknowledged WRITE is there"
     );
+    h.shutdown().await;
+}
+
+/// A WRITE still running on the device when the drain deadline passes is not acknowledged once the final
+/// flush has begun (the flush may not cover it): the sessions are closed before the flush, so such a request
+/// is never answered and the client must repeat it, as for any unacknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_still_running_at_the_drain_deadline_is_not_acknowledged_after_the_final_flush_began(
+) {
+    let h = Harness::start(ServerConfig::default()).await;
+    let backend = SlowStorage::new(Duration::from_millis(1500), Duration::from_millis(2500));
+    add_backend(&h.registry, "a", &backend);
+    let mut c = h.go("a").await;
+    c.send(CMD_WRITE, 0, 0, 4096, &[7u8; 4096]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let registry = h.registry.clone();
+    let removal =
+        tokio::spawn(async move { registry.remove("a", Duration::from_millis(300)).await });
+    let reply = tokio::time::timeout(Duration::from_secs(10), c.recv())
+        .await
+        .expect("the client is answered or closed in bounded time");
+    if let Ok(r) = &reply {
+        assert!(
+            !backend.flush_began() || r.error != 0,
+            "a WRITE acknowledged after the final flush began: {r:?}"
+        );
+    }
+    let report = removal.await.unwrap().unwrap();
+    assert!(!report.drained_in_time);
     h.shutdown().await;
 }

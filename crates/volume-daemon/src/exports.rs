@@ -128,7 +128,7 @@ impl Exports {
             .map_err(|source| ExportError::Register { name, source })
     }
 
-    /// Stops new connections, drains in-flight requests up to `drain`, flushes and closes the sessions.
+    /// Stops new connections, drains in-flight requests up to `drain`, closes the sessions and flushes.
     /// `Ok(None)` when there was no such export; [`ExportError::Flush`] when it was closed but its final flush
     /// failed.
     pub async fn close(

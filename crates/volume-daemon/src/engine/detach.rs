@@ -1,5 +1,5 @@
 //! The `detach` workflow (guarantee 5): for the appliance, tear down the export (stop new connections, drain,
-//! flush, close sessions) and the stable name; then cloud detach (job id journaled); then wait until the
+//! close sessions, flush) and the stable name; then cloud detach (job id journaled); then wait until the
 //! device is gone; commit. Detaching from another VM never touches the appliance's exports. `delete` runs
 //! the same steps first.
 

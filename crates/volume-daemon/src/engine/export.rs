@@ -1,5 +1,5 @@
 //! Export lifecycle of appliance volumes: serving a verified device under a new generation, and the one
-//! teardown (stop new connections, drain in-flight requests, flush, close sessions, then optionally remove
+//! teardown (stop new connections, drain in-flight requests, close sessions, flush, then optionally remove
 //! the stable name) that detach, compensation, `DELETE /exports`, the reconciler and shutdown all use.
 
 use std::path::PathBuf;
