@@ -188,7 +188,7 @@ impl Server {
     }
 
     /// Accepts connections until `shutdown` completes, then stops accepting, lets in-flight requests
-    /// finish (up to `shutdown_drain`), flushes and closes every session.
+    /// finish (up to `shutdown_drain`), closes every session and flushes the exports it wrote to.
     pub async fn serve(
         self,
         listener: TcpListener,
