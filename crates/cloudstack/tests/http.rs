@@ -529,16 +529,7 @@ async fn transport_errors_are_transient_after_retries() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let mut cfg = Config::new(
-        format!("http://{closed}/client/api"),
-        API_KEY,
-        Secret::new(SECRET),
-    );
-    cfg.retry = RetryPolicy {
-        max_attempts: 3,
-        initial_backoff: Duration::from_millis(1),
-        max_backoff: Duration::from_millis(2),
-    };
+    let cfg = three_quick_attempts(format!("http://{closed}/client/api"));
     let err = Client::new(cfg)
         .expect("client")
         .list_zones()
@@ -817,6 +808,18 @@ fn config_errors() {
     assert!(Client::new(base()).is_ok());
 }
 
+/// A configuration for `url` that makes at most three attempts, a millisecond or two apart.
+fn three_quick_attempts(url: String) -> Config {
+    Config {
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        },
+        ..Config::new(url, API_KEY, Secret::new(SECRET))
+    }
+}
+
 /// A server that reads each request and closes the connection without answering; returns its URL and
 /// the number of connections it saw.
 async fn start_hang_up_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
@@ -847,14 +850,7 @@ async fn start_hang_up_server() -> (String, Arc<std::sync::atomic::AtomicUsize>)
 #[tokio::test]
 async fn a_post_lost_after_sending_is_not_retried_but_a_get_is() {
     let (url, seen) = start_hang_up_server().await;
-    let cfg = Config {
-        retry: RetryPolicy {
-            max_attempts: 3,
-            initial_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(2),
-        },
-        ..Config::new(url, API_KEY, Secret::new(SECRET))
-    };
+    let cfg = three_quick_attempts(url);
     let client = Client::new(cfg).expect("client");
     let err = client
         .attach_volume("v", "m", None)
@@ -920,14 +916,7 @@ async fn start_endless_answer_server(len: usize) -> (String, Arc<std::sync::atom
 #[tokio::test]
 async fn an_answer_over_the_bound_fails_without_being_read_whole_or_retried() {
     let (url, seen) = start_endless_answer_server(cloudstack::MAX_ANSWER + 1).await;
-    let cfg = Config {
-        retry: RetryPolicy {
-            max_attempts: 3,
-            initial_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(2),
-        },
-        ..Config::new(url, API_KEY, Secret::new(SECRET))
-    };
+    let cfg = three_quick_attempts(url);
     let client = Client::new(cfg).expect("client");
     let err = client
         .list_zones()

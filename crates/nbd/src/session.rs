@@ -324,6 +324,15 @@ where
     end
 }
 
+/// Answers a request that is not run with `errno` (a structured error chunk where the reply to a READ or
+/// BLOCK_STATUS is structured); its hold is released once the reply is sent.
+fn refuse(conn: &Conn, req: &Request, errno: u32, hold: Hold) {
+    let structured = conn.params.structured && matches!(req.command, CMD_READ | CMD_BLOCK_STATUS);
+    let _ = conn
+        .tx
+        .send(error_reply(req.cookie, structured, errno, hold));
+}
+
 enum Next {
     Header([u8; REQUEST_LEN]),
     End(End),
@@ -428,11 +437,7 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
                 _depth: depth,
                 _bytes: None,
             };
-            let structured_err =
-                conn.params.structured && matches!(req.command, CMD_READ | CMD_BLOCK_STATUS);
-            let _ = conn
-                .tx
-                .send(error_reply(req.cookie, structured_err, error, hold));
+            refuse(conn, &req, error, hold);
             continue;
         }
         let payload_len = match req.command {
@@ -520,11 +525,7 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
             // after that flush. It is refused like any request that arrives once the export is closing
             // (`request_start` before this check, and the closer's `closing` before its count, both
             // sequentially consistent, make sure one of the two sees the other).
-            let structured_err =
-                conn.params.structured && matches!(req.command, CMD_READ | CMD_BLOCK_STATUS);
-            let _ = conn
-                .tx
-                .send(error_reply(req.cookie, structured_err, ESHUTDOWN, hold));
+            refuse(conn, &req, ESHUTDOWN, hold);
             continue;
         }
         export.counters.touch();
