@@ -823,7 +823,16 @@ fn three_quick_attempts(url: String) -> Config {
 /// A server that reads each request and closes the connection without answering; returns its URL and
 /// the number of connections it saw.
 async fn start_hang_up_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-    use tokio::io::AsyncReadExt;
+    start_raw_server(None).await
+}
+
+/// A server over raw TCP: reads each request's head, then hangs up (`answer_len` `None`) or answers 200 with
+/// a JSON string of `answer_len` bytes and no length (read until the connection closes). Returns its URL and
+/// the number of connections it saw.
+async fn start_raw_server(
+    answer_len: Option<usize>,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind port 0");
@@ -833,15 +842,33 @@ async fn start_hang_up_server() -> (String, Arc<std::sync::atomic::AtomicUsize>)
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match tcp.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
                 }
-            }
-            drop(tcp);
+                let Some(len) = answer_len else {
+                    return;
+                };
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n\"";
+                if tcp.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let block = vec![b'a'; 1 << 20];
+                let mut sent = 0;
+                while sent < len {
+                    let n = block.len().min(len - sent);
+                    if tcp.write_all(&block[..n]).await.is_err() {
+                        return;
+                    }
+                    sent += n;
+                }
+                let _ = tcp.write_all(b"\"").await;
+            });
         }
     });
     (format!("http://{addr}/client/api"), seen)
@@ -871,51 +898,9 @@ async fn a_post_lost_after_sending_is_not_retried_but_a_get_is() {
     );
 }
 
-/// An endpoint that answers every request with `len` bytes of a JSON string, without a length (read until
-/// the connection closes); returns its URL and the number of requests it saw.
-async fn start_endless_answer_server(len: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind port 0");
-    let addr = listener.local_addr().expect("addr");
-    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = Arc::clone(&seen);
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n\"";
-                if tcp.write_all(head.as_bytes()).await.is_err() {
-                    return;
-                }
-                let block = vec![b'a'; 1 << 20];
-                let mut sent = 0;
-                while sent < len {
-                    let n = block.len().min(len - sent);
-                    if tcp.write_all(&block[..n]).await.is_err() {
-                        return;
-                    }
-                    sent += n;
-                }
-                let _ = tcp.write_all(b"\"").await;
-            });
-        }
-    });
-    (format!("http://{addr}/client/api"), seen)
-}
-
 #[tokio::test]
 async fn an_answer_over_the_bound_fails_without_being_read_whole_or_retried() {
-    let (url, seen) = start_endless_answer_server(cloudstack::MAX_ANSWER + 1).await;
+    let (url, seen) = start_raw_server(Some(cloudstack::MAX_ANSWER + 1)).await;
     let cfg = three_quick_attempts(url);
     let client = Client::new(cfg).expect("client");
     let err = client
@@ -930,7 +915,7 @@ async fn an_answer_over_the_bound_fails_without_being_read_whole_or_retried() {
         "not retried"
     );
     // Just under the bound is read (and is no CloudStack answer, so it fails to decode, differently).
-    let (url, _) = start_endless_answer_server(cloudstack::MAX_ANSWER - 2).await;
+    let (url, _) = start_raw_server(Some(cloudstack::MAX_ANSWER - 2)).await;
     let client = Client::new(Config::new(url, API_KEY, Secret::new(SECRET))).expect("client");
     let err = client
         .list_zones()
