@@ -60,6 +60,9 @@ pub struct Config {
     pub nbd_idle_timeout_secs: u64,
     /// MiB of NBD request data held at once over all connections (back-pressure beyond). At least 32.
     pub nbd_budget_mib: usize,
+    /// NBD connections allowed at once from one client address (writers behind one SSH tunnel all come
+    /// from 127.0.0.1 and share it). At least 1.
+    pub nbd_max_connections_per_client: usize,
     /// Database URL: `sqlite:PATH`, `postgres://…`, `mysql://…`/`mariadb://…`. Default: SQLite under `state_dir`.
     pub database_url: Option<String>,
     /// Directory for the daemon's own files. Default `/var/lib/volume-daemon`.
@@ -183,6 +186,7 @@ impl Default for Config {
             nbd_default_clients: Vec::new(),
             nbd_idle_timeout_secs: 0,
             nbd_budget_mib: 256,
+            nbd_max_connections_per_client: 64,
             database_url: None,
             state_dir: PathBuf::from("/var/lib/volume-daemon"),
             names_dir: None,
@@ -281,6 +285,9 @@ impl Config {
             }
             "nbd_idle_timeout_secs" => self.nbd_idle_timeout_secs = parse(var, &value, "seconds")?,
             "nbd_budget_mib" => self.nbd_budget_mib = parse(var, &value, "MiB, at least 32")?,
+            "nbd_max_connections_per_client" => {
+                self.nbd_max_connections_per_client = parse(var, &value, "a positive number")?
+            }
             "database_url" => self.database_url = opt(value),
             "state_dir" => self.state_dir = PathBuf::from(value),
             "names_dir" => self.names_dir = opt(value).map(PathBuf::from),
@@ -396,6 +403,11 @@ impl Config {
         if self.nbd_budget_mib < 32 {
             return Err(ConfigError::Invalid(
                 "nbd_budget_mib must be at least 32 (one largest NBD request)".into(),
+            ));
+        }
+        if self.nbd_max_connections_per_client == 0 {
+            return Err(ConfigError::Invalid(
+                "nbd_max_connections_per_client must be at least 1".into(),
             ));
         }
         if self.max_concurrent_operations == 0 {
@@ -640,5 +652,26 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("nbd_default_clients"));
+    }
+
+    #[test]
+    fn the_nbd_connection_allowance_per_client_is_set_and_checked() {
+        let mut cfg = Config::load(
+            None,
+            vec![(
+                "VOLUME_DAEMON_NBD_MAX_CONNECTIONS_PER_CLIENT".into(),
+                "256".into(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(cfg.nbd_max_connections_per_client, 256);
+        cfg.sim.enabled = true;
+        cfg.validate().unwrap();
+        cfg.nbd_max_connections_per_client = 0;
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("nbd_max_connections_per_client"));
     }
 }

@@ -1,0 +1,90 @@
+//! The NBD server's limits as the daemon's configuration sets them: connections open at once from one client
+//! address (`nbd_max_connections_per_client`) and the idle timeout of negotiated sessions
+//! (`nbd_idle_timeout_secs`).
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::json;
+use support::{TestDaemon, GIB};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// Connects and reads the server's 18-byte greeting; `None` when the server closes the connection first.
+async fn greeted(addr: SocketAddr) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut greeting = [0u8; 18];
+    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut greeting)).await {
+        Ok(Ok(_)) => {
+            assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT", "not an NBD greeting");
+            Some(s)
+        }
+        Ok(Err(_)) => None,
+        Err(_) => panic!("neither a greeting nor a close within 5 s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_from_one_address_beyond_the_allowance_are_closed_before_the_greeting() {
+    let d = TestDaemon::start_with(|c| c.nbd_max_connections_per_client = 2).await;
+    let addr = d.daemon().nbd_addr();
+    let first = greeted(addr)
+        .await
+        .expect("the first connection is greeted");
+    let _second = greeted(addr)
+        .await
+        .expect("the second connection is greeted");
+    assert!(
+        greeted(addr).await.is_none(),
+        "a third connection from 127.0.0.1 was greeted with nbd_max_connections_per_client = 2"
+    );
+    drop(first);
+    // The allowance comes back once the server has seen the first connection end.
+    let mut again = None;
+    for _ in 0..50 {
+        again = greeted(addr).await;
+        if again.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        again.is_some(),
+        "no connection was greeted after one of two closed"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_idle_for_nbd_idle_timeout_secs_are_closed() {
+    let d = TestDaemon::start_with(|c| c.nbd_idle_timeout_secs = 1).await;
+    let volume = d.create_volume("idle", GIB).await;
+    let attached = d
+        .run_ok(
+            &format!("/volumes/{volume}/attach"),
+            json!({"vm_id": d.appliance()}),
+        )
+        .await;
+    let export = attached["response"]["export_name"].as_str().unwrap();
+    let mut c = nbd::client::Handshake::connect(d.daemon().nbd_addr())
+        .await
+        .unwrap()
+        .go(export)
+        .await
+        .unwrap();
+    // Requests closer together than the timeout keep the session open.
+    for _ in 0..4 {
+        c.write(0, &[7u8; 4096], 0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(c.read(0, 4096).await.unwrap(), vec![7u8; 4096]);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        c.read(0, 4096).await.is_err(),
+        "a session idle for 2.5 s was still served with nbd_idle_timeout_secs = 1"
+    );
+    d.stop().await;
+}
