@@ -138,6 +138,39 @@ async fn bad_input_is_refused_naming_the_problem_and_nothing_is_recorded() {
             );
         }
     }
+    // A huge value in the path, a field or a field's name comes back cut, with its length: the answer stays
+    // small whatever the caller sent.
+    let huge = "z".repeat(900 << 10);
+    let long_id = "9".repeat(8000);
+    let huge_cases = [
+        (format!("/volumes/{long_id}/detach"), json!({}), "volume_id"),
+        (
+            "/volumes".to_string(),
+            json!({"name": "a", "size": huge, "disk_offering_id": off, "zone_id": zone}),
+            "size",
+        ),
+        (
+            "/volumes".to_string(),
+            json!({"name": "a", "size": 1, "disk_offering_id": off, "zone_id": zone, huge.as_str(): 1}),
+            "",
+        ),
+    ];
+    for (path, body, field) in huge_cases {
+        let (s, v) = d.post(&path, body).await;
+        let path = &path[..path.len().min(48)];
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {v}");
+        let answer = v.to_string();
+        assert!(
+            answer.len() < 5000,
+            "{path}: a {}-byte answer",
+            answer.len()
+        );
+        let error = v["error"].as_str().unwrap();
+        assert!(error.contains(" bytes)"), "{path}: {error}");
+        if !field.is_empty() {
+            assert_eq!(v["field"], field, "{path}: {v}");
+        }
+    }
     // Unknown volume: 404; unknown operation: 404.
     let (s, v) = d
         .post(

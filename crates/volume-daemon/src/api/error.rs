@@ -31,6 +31,36 @@ pub enum ApiError {
     Identity(#[from] IdentitySetError),
 }
 
+/// Characters of a caller's value an error message repeats.
+const ECHO_CHARS: usize = 64;
+/// Characters of an error message, and of its field, sent at most: no message the daemon writes is near
+/// this, but one that repeats a caller's value (serde's "invalid type: string …", an unknown field's name)
+/// could otherwise send back a body's worth of it.
+const MESSAGE_CHARS: usize = 4096;
+const FIELD_CHARS: usize = 256;
+
+/// `text` up to `max` characters when it is longer.
+fn cut(text: &str, max: usize) -> Option<&str> {
+    text.char_indices().nth(max).map(|(at, _)| &text[..at])
+}
+
+/// A caller's value as an error message shows it: quoted and escaped, cut after [`ECHO_CHARS`] characters
+/// with its length in bytes, so that a huge value is not sent back (or logged) whole.
+pub(super) fn echo(value: &str) -> String {
+    match cut(value, ECHO_CHARS) {
+        None => format!("{value:?}"),
+        Some(head) => format!("{head:?}… ({} bytes)", value.len()),
+    }
+}
+
+/// `text` cut after `max` characters, saying how long it was.
+fn clip(text: String, max: usize) -> String {
+    match cut(&text, max) {
+        None => text,
+        Some(head) => format!("{head}… ({} bytes)", text.len()),
+    }
+}
+
 impl ApiError {
     pub fn bad(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::BadRequest {
@@ -143,11 +173,47 @@ impl IntoResponse for ApiError {
         (
             status,
             Json(ErrorBody {
-                error: message,
+                error: clip(message, MESSAGE_CHARS),
                 code,
-                field,
+                field: field.map(|f| clip(f, FIELD_CHARS)),
             }),
         )
             .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_echoed_quoted_and_cut_at_a_character_boundary() {
+        assert_eq!(echo("vol-1"), "\"vol-1\"");
+        assert_eq!(echo("a\u{0}b"), "\"a\\0b\"");
+        let long = "é".repeat(100);
+        let shown = echo(&long);
+        assert_eq!(shown, format!("{:?}… (200 bytes)", "é".repeat(ECHO_CHARS)));
+        assert_eq!(
+            echo(&"x".repeat(ECHO_CHARS)),
+            format!("{:?}", "x".repeat(ECHO_CHARS))
+        );
+    }
+
+    #[test]
+    fn answers_never_carry_more_than_the_message_and_field_bounds() {
+        let huge = "y".repeat(1 << 20);
+        let err = ApiError::bad(huge.clone(), format!("invalid type: string {huge:?}"));
+        let body = clip(err.to_string(), MESSAGE_CHARS);
+        assert!(
+            body.chars().count() < MESSAGE_CHARS + 32,
+            "{} chars",
+            body.len()
+        );
+        assert!(
+            body.ends_with(&format!("… ({} bytes)", huge.len() + 23)),
+            "{}",
+            &body[body.len() - 40..]
+        );
+        assert_eq!(clip("short".into(), FIELD_CHARS), "short");
     }
 }

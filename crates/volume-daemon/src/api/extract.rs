@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
-use super::error::ApiError;
+use super::error::{echo, ApiError};
 
 /// Largest request body accepted (also the router's default body limit, for any other extractor).
 pub const MAX_BODY: usize = 1 << 20;
@@ -54,7 +54,7 @@ async fn body_bytes(req: Request) -> Result<Option<Bytes>, ApiError> {
         if !ct.is_empty() && !ct.starts_with("application/json") && !ct.contains("+json") {
             return Err(ApiError::BadRequest {
                 field: None,
-                message: format!("content type {ct:?} is not application/json"),
+                message: format!("content type {} is not application/json", echo(ct)),
             });
         }
     }

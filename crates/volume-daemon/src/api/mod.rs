@@ -37,6 +37,7 @@ use volume_api::{
     Appliance, DeviceMapping, ErrorBody, Export, Operation, ReconcileReport, VmVolume, VolumeStatus,
 };
 
+use error::echo;
 pub(crate) use error::ApiError;
 pub(crate) use health::HealthState;
 pub(crate) use listener::{serve, ListenerLimits};
@@ -137,7 +138,10 @@ fn parse_volume_id(s: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(s).map_err(|_| {
         ApiError::bad(
             "volume_id",
-            format!("volume id {s:?} is not a UUID like 60338035-92fb-4d27-98d4-b60ad4b38b87"),
+            format!(
+                "volume id {} is not a UUID like 60338035-92fb-4d27-98d4-b60ad4b38b87",
+                echo(s)
+            ),
         )
     })
 }
@@ -216,7 +220,10 @@ async fn attach_common(
         if Uuid::parse_str(v).ok() != Some(volume_id) {
             return Err(ApiError::bad(
                 "volume_id",
-                format!("body volume_id {v:?} differs from the volume in the path {volume_id}; leave it out"),
+                format!(
+                    "body volume_id {} differs from the volume in the path {volume_id}; leave it out",
+                    echo(v)
+                ),
             ));
         }
     }
@@ -386,7 +393,7 @@ fn enum_filter<T: Copy + std::fmt::Display>(
             let names: Vec<String> = all.iter().map(T::to_string).collect();
             ApiError::bad(
                 field,
-                format!("{field} {v:?} is not one of {}", names.join(", ")),
+                format!("{field} {} is not one of {}", echo(v), names.join(", ")),
             )
         }),
     }
@@ -735,7 +742,7 @@ async fn get_operation(
     q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id)
-        .map_err(|_| ApiError::bad("id", format!("operation id {id:?} is not a UUID")))?;
+        .map_err(|_| ApiError::bad("id", format!("operation id {} is not a UUID", echo(&id))))?;
     let Query(q) =
         q.map_err(|e| ApiError::bad("wait", format!("{e}: wait is a number of seconds")))?;
     let wait = match q.wait {

@@ -17,6 +17,7 @@ use volume_api::{
 #[allow(unused_imports)]
 use volume_api::{ErrorBody, Operation, VolumeSnapshot};
 
+use super::error::echo;
 use super::extract::JsonBody;
 use super::{parse_volume_id, submit, ApiError, AppState};
 use crate::engine::Request;
@@ -177,7 +178,7 @@ pub(super) async fn track_snapshot(
     let volume_id = Uuid::parse_str(&body.volume_uuid).map_err(|_| {
         ApiError::bad(
             "volume_uuid",
-            format!("volume_uuid {:?} is not a UUID", body.volume_uuid),
+            format!("volume_uuid {} is not a UUID", echo(&body.volume_uuid)),
         )
     })?;
     not_empty("vm_context_id", &body.vm_context_id)?;
