@@ -250,12 +250,20 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Outcome, NbdError> {
     // State negotiated before STARTTLS is forgotten: each call starts afresh (doc/proto.md requires it).
     let mut structured = false;
-    let mut meta_allocation = false;
+    // The export named by the last NBD_OPT_SET_META_CONTEXT, when that option selected `base:allocation`.
+    // The context holds only if transmission starts on that same export: doc/proto.md lets a client send
+    // NBD_CMD_BLOCK_STATUS only when the final SET_META_CONTEXT "referred to the same export name", and a
+    // SET_META_CONTEXT "replaces all previously-set metadata contexts (including when this command fails)".
+    let mut meta_export: Option<String> = None;
     let mut out = Vec::with_capacity(4096);
     loop {
         send(s, &mut out).await?;
         let opt = read_option(s).await?;
         let code = opt.code;
+        if code == OPT_SET_META_CONTEXT {
+            // Whatever the answer (an error included), the contexts selected before are gone.
+            meta_export = None;
+        }
         let tls_required = ctx.tls.required() && !ctx.secure;
         if tls_required && !matches!(code, OPT_STARTTLS | OPT_ABORT) {
             if code == OPT_EXPORT_NAME {
@@ -297,6 +305,7 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 send(s, &mut out).await?;
+                let meta_allocation = meta_export.as_deref() == Some(name.as_str());
                 return Ok(Outcome::Go(Negotiated {
                     export,
                     guard,
@@ -393,6 +402,7 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 info_replies(&mut out, code, &export, &infos, structured);
                 opt_reply(&mut out, code, REP_ACK, &[]);
                 send(s, &mut out).await?;
+                let meta_allocation = meta_export.as_deref() == Some(name.as_str());
                 return Ok(Outcome::Go(Negotiated {
                     export,
                     guard,
@@ -446,8 +456,8 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 } else {
                     queries.iter().any(|q| q == META_BASE_ALLOCATION)
                 };
-                if code == OPT_SET_META_CONTEXT {
-                    meta_allocation = matches;
+                if code == OPT_SET_META_CONTEXT && matches {
+                    meta_export = Some(name);
                 }
                 if matches {
                     let mut d = META_BASE_ALLOCATION_ID.to_be_bytes().to_vec();

@@ -538,6 +538,86 @@ async fn structured_reads_and_block_status() {
     h.shutdown().await;
 }
 
+/// doc/proto.md, NBD_OPT_SET_META_CONTEXT: the contexts hold only for the export the final SET_META_CONTEXT
+/// named, and each SET_META_CONTEXT replaces those set before "including when this command fails". A
+/// context kept past either would answer BLOCK_STATUS the client was not granted (nbdkit refuses it too).
+#[tokio::test]
+async fn meta_context_holds_only_for_its_export_and_a_failed_set_clears_it() {
+    let h = Harness::start(ServerConfig::default()).await;
+    h.add_mem("a", 65536, false);
+    h.add_mem("b", 65536, false);
+    let block_status_error = |mut c: nbd::client::Client| async move {
+        c.block_status(0, 4096, 0)
+            .await
+            .err()
+            .and_then(|e| e.remote_code())
+    };
+    let ready = || async {
+        let mut hs = Handshake::connect(h.addr).await.unwrap();
+        hs.structured_replies().await.unwrap();
+        hs
+    };
+
+    // Set for "b", transmission on "a" (GO and EXPORT_NAME): no context.
+    let mut hs = ready().await;
+    assert_eq!(
+        hs.set_meta_context("b", &["base:allocation"])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        block_status_error(hs.go("a").await.unwrap()).await,
+        Some(EINVAL)
+    );
+    let mut hs = ready().await;
+    hs.set_meta_context("b", &["base:allocation"])
+        .await
+        .unwrap();
+    let c = hs.export_name("a").await.unwrap();
+    assert_eq!(block_status_error(c).await, Some(EINVAL));
+
+    // Set for "a", then a SET_META_CONTEXT that fails (unknown export, malformed): no context.
+    let mut hs = ready().await;
+    hs.set_meta_context("a", &["base:allocation"])
+        .await
+        .unwrap();
+    let e = hs
+        .set_meta_context("nope", &["base:allocation"])
+        .await
+        .unwrap_err();
+    assert_eq!(e.remote_code(), Some(REP_ERR_UNKNOWN));
+    assert_eq!(
+        block_status_error(hs.go("a").await.unwrap()).await,
+        Some(EINVAL)
+    );
+    let mut hs = ready().await;
+    hs.set_meta_context("a", &["base:allocation"])
+        .await
+        .unwrap();
+    hs.send_option(OPT_SET_META_CONTEXT, &[0, 0, 0, 1, b'a', 0, 0, 0, 1])
+        .await
+        .unwrap();
+    assert_eq!(hs.read_option_reply().await.unwrap().reply, REP_ERR_INVALID);
+    assert_eq!(
+        block_status_error(hs.go("a").await.unwrap()).await,
+        Some(EINVAL)
+    );
+
+    // Set for "b", then for "a", transmission on "a": the context holds.
+    let mut hs = ready().await;
+    hs.set_meta_context("b", &["base:allocation"])
+        .await
+        .unwrap();
+    hs.set_meta_context("a", &["base:allocation"])
+        .await
+        .unwrap();
+    let mut c = hs.go("a").await.unwrap();
+    assert_eq!(c.block_status(0, 4096, 0).await.unwrap(), [(4096, 0)]);
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn big_zero_trim_flush_and_counters() {
     let h = Harness::start(ServerConfig::default()).await;
