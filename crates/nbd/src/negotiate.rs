@@ -460,7 +460,14 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                     meta_export = Some(name);
                 }
                 if matches {
-                    let mut d = META_BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                    // A listed context has no id yet: doc/proto.md reserves the field in LIST replies
+                    // ("SHOULD be set to zero; clients MUST disregard it").
+                    let id = if code == OPT_LIST_META_CONTEXT {
+                        0
+                    } else {
+                        META_BASE_ALLOCATION_ID
+                    };
+                    let mut d = id.to_be_bytes().to_vec();
                     d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
                     opt_reply(&mut out, code, REP_META_CONTEXT, &d);
                 }
