@@ -54,6 +54,13 @@ pub enum FaultSpec {
         #[serde(default)]
         probability: Option<f64>,
     },
+    /// The answers to the next `count` calls of `command` come `delay_ms` late (a management server under load).
+    SlowCommand {
+        command: String,
+        delay_ms: u64,
+        #[serde(default = "one")]
+        count: u32,
+    },
     /// The next `count` jobs of `command` take `extra_delay_ms` longer.
     SlowJob {
         command: String,
@@ -224,6 +231,7 @@ impl FaultHandle {
         let used_up = match &mut faults[i] {
             FaultSpec::FailCommand { count, .. }
             | FaultSpec::Throttle { count, .. }
+            | FaultSpec::SlowCommand { count, .. }
             | FaultSpec::SlowJob { count, .. }
             | FaultSpec::FailJob { count, .. }
             | FaultSpec::KeepLinkOnDetach { count, .. }
@@ -280,6 +288,19 @@ impl FaultHandle {
             }
             _ => None,
         })
+    }
+
+    /// How late the answer to this call of `command` comes.
+    pub(crate) fn take_command_delay(&self, command: &str) -> Duration {
+        self.fire(|f, _| match f {
+            FaultSpec::SlowCommand {
+                command: c,
+                delay_ms,
+                count,
+            } if *count > 0 && same_command(c, command) => Some(Duration::from_millis(*delay_ms)),
+            _ => None,
+        })
+        .unwrap_or_default()
     }
 
     /// Extra delay for a job of `command` being submitted now.

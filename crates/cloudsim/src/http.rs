@@ -186,6 +186,10 @@ async fn client_api(
     if let Some(e) = engine.faults.take_command_failure(&command) {
         return error_response(Some(&command), &e);
     }
+    let delay = engine.faults.take_command_delay(&command);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let result = {
         let engine = Arc::clone(engine);
         let command = command.clone();

@@ -5,6 +5,9 @@
 
 mod support;
 
+use std::time::{Duration, Instant};
+
+use cloudsim::FaultSpec;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::{TestDaemon, GIB};
@@ -275,5 +278,51 @@ async fn the_new_routes_are_in_the_openapi_document() {
     ] {
         assert!(health[f].is_object(), "Health lacks {f}");
     }
+    d.stop().await;
+}
+
+/// The predecessor answered from its database alone, and its clients give up on a request after 30 s (and take a
+/// failed `GET /volumes/{id}/device` for "not attached"): a CloudStack that answers late holds neither that
+/// mapping nor a mutation's checks for more than a few seconds. The mapping shows the last recorded state, and
+/// the attach is journaled at once and checked in its turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_cloud_holds_no_request_of_the_predecessors_clients() {
+    let d = TestDaemon::start().await;
+    let (on_appliance, path) = attach_to_appliance(&d, "late-cloud-1").await;
+    let detached = d.create_volume("late-cloud-2", GIB).await;
+    let (s, before) = d.get(&format!("/volumes/{on_appliance}/device")).await;
+    assert_eq!(s, StatusCode::OK, "{before}");
+    for command in ["listVolumes", "listVirtualMachines"] {
+        d.sim().faults().add(FaultSpec::SlowCommand {
+            command: command.into(),
+            delay_ms: 12_000,
+            count: 1000,
+        });
+    }
+
+    let t = Instant::now();
+    let (s, mapping) = d.get(&format!("/volumes/{on_appliance}/device")).await;
+    let took = t.elapsed();
+    assert_eq!(s, StatusCode::OK, "{mapping}");
+    assert!(took < Duration::from_secs(10), "the mapping took {took:?}");
+    assert_eq!(mapping["device_path"], path.as_str());
+    // The state recorded by the daemon (CloudStack's own is not waited for).
+    assert!(mapping["cloudstack_state"].is_string(), "{mapping}");
+    assert_eq!(mapping["linux_state"], before["linux_state"]);
+
+    let t = Instant::now();
+    let (s, op) = d
+        .post(
+            &format!("/volumes/{detached}/attach"),
+            json!({"vm_id": d.other_vm(0)}),
+        )
+        .await;
+    let took = t.elapsed();
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    assert!(took < Duration::from_secs(10), "the attach took {took:?}");
+
+    d.sim().faults().clear();
+    let done = d.wait_op(&op).await;
+    assert_eq!(done["status"], "completed", "{done}");
     d.stop().await;
 }

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 
 use uuid::Uuid;
 
+use super::validate::within_request;
 use super::{Engine, EngineError};
 use crate::cloud::{CloudDiskOffering, CloudError, CloudVm, CloudVolume, CloudZone};
 use crate::devices::DeviceError;
@@ -116,7 +117,13 @@ impl Engine {
         let mut views = Vec::with_capacity(rows.len());
         for (r, device) in rows.into_iter().zip(devices) {
             let cloud = if ask_cloud {
-                Some(self.inner.cloud.get_volume(&r.volume.id.to_string()).await)
+                Some(
+                    within_request(
+                        "listVolumes",
+                        self.inner.cloud.get_volume(&r.volume.id.to_string()),
+                    )
+                    .await,
+                )
             } else {
                 None
             };
@@ -192,11 +199,15 @@ impl Engine {
             .await
             .pop()
             .flatten();
-        let cloud = self
-            .inner
-            .cloud
-            .get_volume(&attachment.volume_id.to_string())
-            .await;
+        // Bounded: the predecessor's clients read this mapping with a 30 s timeout and take an error for "not
+        // attached"; when CloudStack does not answer in time the last recorded state is shown.
+        let cloud = within_request(
+            "listVolumes",
+            self.inner
+                .cloud
+                .get_volume(&attachment.volume_id.to_string()),
+        )
+        .await;
         Ok(DeviceView {
             attachment,
             volume,

@@ -1,16 +1,45 @@
 //! Validation: the checks that make a bad request a 4xx naming the field at fault instead of a failed
 //! operation, run before anything is journaled (and `create`'s again when it runs).
 
+use std::future::Future;
+use std::time::Duration;
+
 use serde_json::Value;
 use uuid::Uuid;
 use volume_api::CreateVolumeRequest;
 
 use super::journal::Request;
 use super::{EngineError, Inner};
-use crate::cloud::{CloudDiskOffering, CloudErrorKind};
+use crate::cloud::{CloudDiskOffering, CloudError, CloudErrorKind};
 
 /// One GiB: volume sizes are rounded up to whole GiB (CloudStack sizes volumes in GB).
 use cloudstack::GIB;
+
+/// How long a request waits for CloudStack before it is answered without it. The predecessor answered every
+/// request from its database alone, and its clients give up on a request after 30 s; a CloudStack that hangs
+/// would otherwise hold a request for its whole retry budget (five attempts of up to 30 s). A read then shows
+/// the last recorded state, and a check is left to the operation's turn.
+pub(crate) const CLOUD_WAIT_IN_REQUEST: Duration = Duration::from_secs(5);
+
+/// `call`, or a `cloud_unavailable` error when CloudStack has not answered within [`CLOUD_WAIT_IN_REQUEST`].
+pub(crate) async fn within_request<T>(
+    action: &'static str,
+    call: impl Future<Output = Result<T, CloudError>>,
+) -> Result<T, CloudError> {
+    tokio::time::timeout(CLOUD_WAIT_IN_REQUEST, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(CloudError {
+                kind: CloudErrorKind::Unavailable,
+                action,
+                source: format!(
+                    "CloudStack gave no answer within {} s",
+                    CLOUD_WAIT_IN_REQUEST.as_secs()
+                )
+                .into(),
+            })
+        })
+}
 
 /// Whether `s` holds a control character.
 pub(crate) fn has_control(s: &str) -> bool {
@@ -151,8 +180,16 @@ impl Inner {
         match req {
             Request::Create(c) => {
                 validate_create(c)?;
-                let offering = self.disk_offering(&c.disk_offering_id).await?;
-                create_size(c, &offering).map(|_| ())
+                match tokio::time::timeout(
+                    CLOUD_WAIT_IN_REQUEST,
+                    self.disk_offering(&c.disk_offering_id),
+                )
+                .await
+                {
+                    Ok(offering) => create_size(c, &offering?).map(|_| ()),
+                    // The operation looks the offering up again in its turn.
+                    Err(_) => Ok(()),
+                }
             }
             Request::Attach(a) => {
                 if a.vm_id.trim().is_empty() {
@@ -251,15 +288,16 @@ impl Inner {
                         .await?
                         .map(|a| a.vm_id);
                     if recorded.as_deref() != Some(r.test_vm_id.as_str()) {
-                        let cloud = self
-                            .cloud
-                            .get_volume(&r.volume_id.to_string())
-                            .await
-                            .or_else(|e| match e.kind {
-                                CloudErrorKind::NotFound => Ok(None),
-                                _ => Err(e),
-                            })?
-                            .and_then(|v| v.vm_id);
+                        let cloud = within_request(
+                            "listVolumes",
+                            self.cloud.get_volume(&r.volume_id.to_string()),
+                        )
+                        .await
+                        .or_else(|e| match e.kind {
+                            CloudErrorKind::NotFound => Ok(None),
+                            _ => Err(e),
+                        })?
+                        .and_then(|v| v.vm_id);
                         if cloud.as_deref() != Some(r.test_vm_id.as_str()) {
                             return Err(super::cleanup::not_attached(
                                 r.volume_id,
@@ -323,7 +361,7 @@ impl Inner {
 
     /// 422 naming `vm_id` when the cloud says it has no such VM.
     async fn require_vm(&self, vm_id: &str) -> Result<(), EngineError> {
-        match self.cloud.get_vm(vm_id).await {
+        match within_request("listVirtualMachines", self.cloud.get_vm(vm_id)).await {
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(EngineError::NoSuchVm(vm_id.to_string())),
             // CloudStack refuses an id that is not one of its ids as an invalid parameter.
@@ -348,7 +386,7 @@ impl Inner {
         volume_id: Uuid,
         snapshot_id: &str,
     ) -> Result<(), EngineError> {
-        match self.cloud.get_snapshot(snapshot_id).await {
+        match within_request("listSnapshots", self.cloud.get_snapshot(snapshot_id)).await {
             Ok(Some(s)) if s.volume_id == volume_id.to_string() => Ok(()),
             Ok(Some(s)) => Err(EngineError::Invalid {
                 field: "snapshot_id",
@@ -381,7 +419,7 @@ impl Inner {
                 "volume {volume_id} is not known to the daemon or to CloudStack"
             ))
         };
-        match self.cloud.get_volume(&volume_id.to_string()).await {
+        match within_request("listVolumes", self.cloud.get_volume(&volume_id.to_string())).await {
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(unknown()),
             Err(e) if e.kind == CloudErrorKind::NotFound => Err(unknown()),
