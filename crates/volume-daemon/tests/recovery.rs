@@ -246,3 +246,149 @@ async fn a_volume_with_an_interrupted_detach_is_not_exported_again() {
     second.sim().unwrap().detach_all_devices();
     second.shutdown().await;
 }
+
+/// An attach or a detach the previous run had sent to CloudStack when it stopped, before it journaled the
+/// job's id.
+#[derive(Clone, Copy, Debug)]
+enum LostCall {
+    Attach,
+    Detach,
+}
+
+/// The previous run sent attachVolume (to another VM) or detachVolume (from the appliance) and stopped
+/// before journaling the job's id: its job is still pending in the cloud at the restart. The resumed
+/// operation sends the call again; the first job ends first and the second fails ("already attached", "not
+/// attached"), yet the volume is where the operation wanted it, so the operation completes and the records
+/// say so.
+async fn a_call_whose_job_id_was_lost(lost: LostCall) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = support::config(dir.path());
+    // Slow enough that the first job is still pending when the first run stops.
+    cfg.sim.job_delay_ms = 1000;
+    let url = cfg.effective_database_url();
+    let first = RunningDaemon::start(cfg.clone()).await.unwrap();
+    let base = format!("http://{}/api/v1", first.api_addr());
+    let sim = first.sim().unwrap();
+    let appliance = sim.appliance_vm_id().to_string();
+    let vm = sim.other_vm_ids()[0].clone();
+    let offering = sim
+        .disk_offerings()
+        .into_iter()
+        .find(|(_, _, gb)| gb.is_none())
+        .unwrap()
+        .0;
+    let run = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
+        let base = base.clone();
+        async move {
+            let op = call(&base, method, &path, body).await;
+            let done = call(
+                &base,
+                reqwest::Method::GET,
+                &format!("/operations/{}?wait=60", op["id"].as_str().unwrap()),
+                None,
+            )
+            .await;
+            assert_eq!(done["status"], "completed", "{done}");
+            done
+        }
+    };
+    let created = run(
+        reqwest::Method::POST,
+        "/volumes".into(),
+        Some(json!({"name": "lost-job", "size": GIB, "disk_offering_id": offering, "zone_id": sim.zone_id()})),
+    )
+    .await;
+    let vol = Uuid::parse_str(created["response"]["volume_id"].as_str().unwrap()).unwrap();
+    if let LostCall::Detach = lost {
+        run(
+            reqwest::Method::POST,
+            format!("/volumes/{vol}/attach"),
+            Some(json!({"vm_id": appliance})),
+        )
+        .await;
+    }
+    let cloud = cloudstack::Client::new(cloudstack::Config {
+        url: sim.api_url(),
+        api_key: "sim-api-key".into(),
+        secret_key: cloudstack::Secret::new("sim-secret-key"),
+        ..cloudstack::Config::default()
+    })
+    .unwrap();
+    let (op_type, target, request) = match lost {
+        LostCall::Attach => {
+            cloud
+                .attach_volume(&vol.to_string(), &vm, None)
+                .await
+                .unwrap();
+            (
+                OpType::Attach,
+                Some(vm.clone()),
+                json!({"volume_id": vol, "vm_id": vm}),
+            )
+        }
+        LostCall::Detach => {
+            cloud.detach_volume(&vol.to_string()).await.unwrap();
+            (OpType::Detach, None, json!({"volume_id": vol}))
+        }
+    };
+    first.shutdown().await;
+    let store = Store::connect(&url).await.unwrap();
+    let id = Uuid::new_v4();
+    store
+        .insert_operation(&NewOperation {
+            id,
+            op_type,
+            volume_id: Some(vol),
+            vm_id: target,
+            request,
+            idempotency_key: None,
+            queue_seq: None,
+        })
+        .await
+        .unwrap();
+    store
+        .set_operation_step(id, OpStatus::Executing, "started")
+        .await
+        .unwrap();
+    store.close().await;
+
+    let second = RunningDaemon::start(cfg).await.unwrap();
+    let base = format!("http://{}/api/v1", second.api_addr());
+    let done = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/operations/{id}?wait=60"),
+        None,
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{lost:?}: {done}");
+    let volume = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/volumes/{vol}"),
+        None,
+    )
+    .await;
+    match lost {
+        LostCall::Attach => {
+            assert_eq!(volume["state"], "attached", "{volume}");
+            assert_eq!(volume["attachment"]["vm_id"], vm, "{volume}");
+        }
+        LostCall::Detach => {
+            assert_eq!(volume["state"], "detached", "{volume}");
+            assert!(volume["attachment"].is_null(), "{volume}");
+        }
+    }
+    second.sim().unwrap().detach_all_devices();
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_detach_whose_lost_first_request_detached_the_volume_completes() {
+    a_call_whose_job_id_was_lost(LostCall::Detach).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_attach_whose_lost_first_request_attached_the_volume_completes() {
+    a_call_whose_job_id_was_lost(LostCall::Attach).await;
+}

@@ -97,11 +97,16 @@ impl Inner {
                     .await?)
             })
             .await?;
-        let v = self.finish_job(&job_id, volume_id).await?.ok_or_else(|| {
-            EngineError::NotFound(format!(
-                "volume {volume_id} disappeared from CloudStack during attach"
-            ))
-        })?;
+        let v = self
+            .finish_job_or_reached(&job_id, volume_id, |v| {
+                v.is_some_and(|v| v.vm_id.as_deref() == Some(vm_id))
+            })
+            .await?
+            .ok_or_else(|| {
+                EngineError::NotFound(format!(
+                    "volume {volume_id} disappeared from CloudStack during attach"
+                ))
+            })?;
         if v.vm_id.as_deref() != Some(vm_id) {
             return Err(EngineError::CloudDisagrees(format!(
                 "CloudStack finished the attach job {job_id} but reports volume {volume_id} attached to {:?}",
@@ -320,7 +325,10 @@ impl Inner {
                 Ok(self.cloud.detach_volume(&volume_id.to_string()).await?)
             })
             .await?;
-        self.finish_job(&job_id, volume_id).await?;
+        self.finish_job_or_reached(&job_id, volume_id, |v| {
+            v.and_then(|v| v.vm_id.as_deref()) != Some(vm_id)
+        })
+        .await?;
         Ok(true)
     }
 }

@@ -146,7 +146,9 @@ impl Inner {
                 Ok(self.cloud.detach_volume(&volume_id.to_string()).await?)
             })
             .await?;
-        let after = self.finish_job(&job_id, volume_id).await?;
+        let after = self
+            .finish_job_or_reached(&job_id, volume_id, |v| v.is_none_or(|v| v.vm_id.is_none()))
+            .await?;
         if let Some(still) = after.and_then(|v| v.vm_id) {
             return Err(EngineError::CloudDisagrees(format!(
                 "CloudStack finished detach job {job_id} but still reports volume {volume_id} attached to {still}"

@@ -430,6 +430,36 @@ impl Inner {
         }
     }
 
+    /// Waits for an attach or detach job; when the job fails but the cloud already reports the volume as the
+    /// job was to leave it (`reached`), answers that state instead of the failure. An attachVolume or
+    /// detachVolume sent just before a crash, whose job id was never journaled, goes on in the cloud: the
+    /// resumed operation sends the call again, and when the first job finishes first, the second one fails
+    /// ("not attached", "already attached") though the volume is where the operation wanted it.
+    async fn finish_job_or_reached(
+        &self,
+        job_id: &str,
+        volume_id: Uuid,
+        reached: impl Fn(Option<&CloudVolume>) -> bool,
+    ) -> Result<Option<CloudVolume>, EngineError> {
+        let cause = match self.finish_job(job_id, volume_id).await {
+            Err(cause @ EngineError::Cloud(_)) => cause,
+            other => return other,
+        };
+        match self.cloud_volume(volume_id).await {
+            Ok(now) if reached(now.as_ref()) => {
+                tracing::warn!(
+                    volume = %volume_id,
+                    job = job_id,
+                    error = %crate::error_chain(&cause),
+                    "the job failed but CloudStack already reports the volume as it was to leave it \
+                     (an earlier request whose job id was lost did it); going on"
+                );
+                Ok(now)
+            }
+            _ => Err(cause),
+        }
+    }
+
     /// The volume's record, adopting a volume the daemon did not create from the cloud.
     async fn volume_record(&self, volume_id: Uuid) -> Result<VolumeRecord, EngineError> {
         if let Some(v) = self.store.get_volume(volume_id).await? {
