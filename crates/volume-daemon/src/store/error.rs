@@ -10,7 +10,8 @@ pub enum StoreErrorKind {
     NotFound,
     /// The change contradicts the stored state (already attached, operation already finished, key taken).
     Conflict,
-    /// The database cannot be reached or is overloaded; retrying may help.
+    /// The database cannot be reached, is overloaded, or cannot write (no space left, read-only); retrying
+    /// may help.
     Unavailable,
     /// The database was migrated by a newer binary.
     SchemaTooNew,
@@ -167,11 +168,12 @@ fn classify(e: &sqlx::Error) -> StoreErrorKind {
                 StoreErrorKind::Conflict
             }
             _ => match db.code().as_deref() {
-                // SQLite busy/locked; PostgreSQL serialization failure, deadlock, too many connections,
-                // shutting down; MariaDB lock wait timeout, deadlock, too many connections.
+                // SQLite busy/locked, disk full, read-only; PostgreSQL serialization failure, deadlock,
+                // disk full, too many connections, shutting down; MariaDB lock wait timeout, deadlock, too
+                // many connections, disk full, table full.
                 Some(
-                    "5" | "6" | "517" | "40001" | "40P01" | "53300" | "57P01" | "57P03" | "1205"
-                    | "1213" | "1040",
+                    "5" | "6" | "517" | "13" | "8" | "40001" | "40P01" | "53100" | "53300"
+                    | "57P01" | "57P03" | "1205" | "1213" | "1040" | "1021" | "1114",
                 ) => StoreErrorKind::Unavailable,
                 _ => StoreErrorKind::Other,
             },

@@ -153,6 +153,15 @@ impl Store {
                 Dialect::Postgres | Dialect::MySql => 10,
             })
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // A connection whose transaction could not be ended is closed rather than reused. When a write
+            // fails for lack of space (SQLITE_FULL), SQLite rolls the transaction back itself; the ROLLBACK
+            // sent when the transaction is dropped then fails, the driver keeps counting the transaction
+            // open, and every later BEGIN on that connection would fail, long after the space returned.
+            .before_acquire(|conn, _| {
+                Box::pin(async move {
+                    Ok(<sqlx::any::AnyTransactionManager as sqlx::TransactionManager>::get_transaction_depth(conn) == 0)
+                })
+            })
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     for stmt in setup {
