@@ -12,6 +12,7 @@ mod hub;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use sqlx::Connection as _;
 use uuid::Uuid;
 use volume_daemon::config::{Config, Secret};
 use volume_daemon::daemon::RunningDaemon;
@@ -1184,5 +1185,220 @@ async fn ext_check_reports_the_hub_good_missing_different_and_unreachable() {
         "{report}"
     );
     assert_eq!(code, Some(1), "{report}");
+    env.stop().await;
+}
+
+/// A hub that answers nothing (a table lock held by the platform, a stalled server): the operations go on,
+/// `/health` shows the changes pending (then degraded) instead of the state before, and once the hub answers
+/// again the change arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_a_hub_that_stops_answering_shows_pending_changes_and_then_catches_up() {
+    let env = Env::new().await;
+    let d = env
+        .start_with(|c| c.appliance_vm_id = Some(env.appliance()))
+        .await;
+    let v = d.create(&env, "disk").await;
+    let sv = v.to_string();
+    env.hub.add_volume(&sv, "ctx-7").await;
+    synced(&d, 0).await;
+
+    // The platform locks the tables the daemon writes; every statement of the daemon waits.
+    let mut locker =
+        sqlx::MySqlConnection::connect(&env.hub.db.url.replacen("mariadb://", "mysql://", 1))
+            .await
+            .unwrap();
+    sqlx::query("LOCK TABLES device_mappings WRITE, nbd_exports WRITE, ossea_volumes WRITE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    d.post_ok(
+        &format!("/volumes/{v}/attach"),
+        json!({"vm_id": env.appliance()}),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the attach waited for the hub"
+    );
+    until(10, "the change shown pending", || async {
+        let h = d.health().await;
+        h["components"]["hub"]["detail"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("1 changes pending"))
+    })
+    .await;
+    until(60, "the hub component degraded", || async {
+        d.health().await["components"]["hub"]["status"] == "degraded"
+    })
+    .await;
+    assert_eq!(env.hub.daemon_writes().await, 0);
+
+    sqlx::query("UNLOCK TABLES")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    synced(&d, 1).await;
+    let m = env.hub.mapping(&sv).await.expect("the mapping");
+    assert_eq!(m.vm_id, env.appliance());
+    assert_eq!(env.hub.exports(&sv).await.len(), 1);
+    assert_eq!(env.hub.writes("device_mappings", "INSERT").await, 1);
+    assert_eq!(env.hub.writes("nbd_exports", "INSERT").await, 1);
+    assert_eq!(env.hub.writes("ossea_volumes", "UPDATE").await, 1);
+    d.stop().await;
+    env.stop().await;
+}
+
+/// Thirty volumes created and eighteen attached (to the appliance and to other VMs) at once, then half detached
+/// and some deleted at once during an outage: the hub ends with exactly the daemon's attachments, and a restart
+/// writes nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_thirty_concurrent_volumes_and_an_outage_leave_the_hub_rows_true() {
+    let env = Env::new().await;
+    let d = env
+        .start_with(|c| {
+            c.appliance_vm_id = Some(env.appliance());
+            c.nbd_advertised_port = Some(10809);
+        })
+        .await;
+    let n = 30;
+    let vols: Vec<Uuid> = futures::future::join_all((0..n).map(|i| {
+        let (d, env) = (&d, &env);
+        async move { d.create(env, &format!("c'o\"n é{i}")).await }
+    }))
+    .await;
+    for v in &vols {
+        env.hub.add_volume(&v.to_string(), "ctx-c").await;
+    }
+    // At most six data disks per VM: the first 18 attached, a third to the appliance, the rest to the two others.
+    let others = env.sim.other_vm_ids();
+    let attached = 18;
+    let target = |i: usize| {
+        if i % 3 == 0 {
+            env.appliance()
+        } else {
+            others[i % 3 - 1].clone()
+        }
+    };
+    futures::future::join_all(vols.iter().enumerate().take(attached).map(|(i, v)| {
+        let d = &d;
+        let vm = target(i);
+        async move {
+            d.post_ok(&format!("/volumes/{v}/attach"), json!({"vm_id": vm}))
+                .await;
+        }
+    }))
+    .await;
+    env.proxy.down();
+    futures::future::join_all(
+        vols.iter()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 0)
+            .map(|(i, v)| {
+                let d = &d;
+                async move {
+                    if i < attached {
+                        d.post_ok(&format!("/volumes/{v}/detach"), json!({})).await;
+                    }
+                    if i % 4 == 0 {
+                        d.run_ok(reqwest::Method::DELETE, &format!("/volumes/{v}"), None)
+                            .await;
+                    }
+                }
+            }),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.proxy.up();
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let h = d.health().await;
+        if h["components"]["hub"]["status"] == "ok"
+            && h["components"]["hub"]["detail"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("in step"))
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "{h}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (i, v) in vols.iter().enumerate() {
+        let sv = v.to_string();
+        let m = env.hub.mapping(&sv).await;
+        let ex = env.hub.exports(&sv).await;
+        let vol = env.hub.volume(&sv).await;
+        if i >= attached {
+            assert_eq!(m, None, "{i}");
+            assert_eq!(vol, (Some("creating".into()), None), "{i}");
+        } else if i % 2 == 0 {
+            assert_eq!(m, None, "{i}");
+            assert!(ex.is_empty(), "{i}");
+            assert_eq!(vol, (Some("detached".into()), None), "{i}");
+        } else {
+            let m = m.unwrap_or_else(|| panic!("{i} mapping"));
+            assert_eq!(m.vm_id, target(i), "{i}");
+            if i % 3 == 0 {
+                assert_eq!(ex.len(), 1, "{i}");
+                assert_eq!(m.operation_mode, "oma");
+            } else {
+                assert!(ex.is_empty(), "{i}");
+                assert_eq!(m.operation_mode, "failover");
+            }
+            assert_eq!(vol.0.as_deref(), Some("attached"), "{i}");
+            assert_eq!(vol.1.as_deref(), Some(m.device_path.as_str()), "{i}");
+        }
+    }
+    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM device_mappings")
+        .fetch_one(&env.hub.pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 9);
+    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM nbd_exports")
+        .fetch_one(&env.hub.pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 3);
+    // A restart re-queues every attachment; nothing changes.
+    let writes = env.hub.daemon_writes().await;
+    d.stop().await;
+    let d = env
+        .start_with(|c| {
+            c.appliance_vm_id = Some(env.appliance());
+            c.nbd_advertised_port = Some(10809);
+        })
+        .await;
+    synced(&d, 9).await;
+    assert_eq!(env.hub.daemon_writes().await, writes);
+    d.stop().await;
+    env.stop().await;
+}
+
+/// A start-up whose hub holds `ossea_configs` locked (the identity source `hub` gets no answer) is not held
+/// by it for ever: the read is given up and the daemon serves (the identity then comes from elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_a_start_is_not_held_by_a_hub_that_does_not_answer() {
+    let env = Env::new().await;
+    env.hub.set_appliance(&env.appliance(), "").await;
+    let mut locker =
+        sqlx::MySqlConnection::connect(&env.hub.db.url.replacen("mariadb://", "mysql://", 1))
+            .await
+            .unwrap();
+    sqlx::query("LOCK TABLES ossea_configs WRITE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(60), env.start())
+        .await
+        .expect("the daemon started while the hub did not answer");
+    until(10, "the hub component published", || async {
+        d.health().await["components"]["hub"].is_object()
+    })
+    .await;
+    sqlx::query("UNLOCK TABLES")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    d.stop().await;
     env.stop().await;
 }

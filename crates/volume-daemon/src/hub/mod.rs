@@ -22,6 +22,10 @@ pub use schema::SchemaReport;
 
 /// How long a hub call waits for a connection before the hub counts as unreachable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one hub call (a whole change, a read) may take before it is given up and retried: a hub that
+/// accepts connections but answers nothing (a table lock held, a stalled server) must not hold delivery, the
+/// start-up or an import forever.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A failed hub call.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +45,11 @@ pub enum HubError {
         #[source]
         source: sqlx::Error,
     },
+    #[error(
+        "{action} in the hub database got no answer within {secs} s; check that it is reachable and that \
+         nothing holds its tables locked"
+    )]
+    Timeout { action: &'static str, secs: u64 },
     #[error("the hub's tables are not as expected: {0}")]
     Schema(String),
 }
@@ -57,7 +66,7 @@ impl HubError {
     pub fn kind(&self) -> HubErrorKind {
         match self {
             Self::BadUrl { .. } => HubErrorKind::Config,
-            Self::Query { .. } => HubErrorKind::Unavailable,
+            Self::Query { .. } | Self::Timeout { .. } => HubErrorKind::Unavailable,
             Self::Schema(_) => HubErrorKind::Schema,
         }
     }
@@ -65,6 +74,20 @@ impl HubError {
 
 fn q(action: &'static str) -> impl FnOnce(sqlx::Error) -> HubError {
     move |source| HubError::Query { action, source }
+}
+
+/// `call`, given up after [`CALL_TIMEOUT`] (its connection and an open transaction are dropped, which the
+/// hub rolls back).
+async fn within<T>(
+    action: &'static str,
+    call: impl std::future::Future<Output = Result<T, HubError>>,
+) -> Result<T, HubError> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| HubError::Timeout {
+            action,
+            secs: CALL_TIMEOUT.as_secs(),
+        })?
 }
 
 /// The hub's database: a small pool, connected lazily (start-up never waits for the hub).
@@ -123,6 +146,14 @@ impl Hub {
     /// The appliance's own VM id as the hub knows it: `ossea_configs.oma_vm_id` of the active configuration
     /// (`None` when there is no active row or it has none).
     pub async fn appliance_vm_id(&self) -> Result<Option<String>, HubError> {
+        within(
+            "reading ossea_configs.oma_vm_id of the active configuration",
+            self.appliance_vm_id_now(),
+        )
+        .await
+    }
+
+    async fn appliance_vm_id_now(&self) -> Result<Option<String>, HubError> {
         let row = sqlx::query(
             "SELECT CAST(oma_vm_id AS CHAR) AS oma_vm_id FROM ossea_configs WHERE is_active = 1 \
              ORDER BY id ASC LIMIT 1",
@@ -140,6 +171,10 @@ impl Hub {
 
     /// The `device_mappings` rows, by volume (for import).
     pub async fn device_mappings(&self) -> Result<Vec<HubMapping>, HubError> {
+        within("reading device_mappings", self.device_mappings_now()).await
+    }
+
+    async fn device_mappings_now(&self) -> Result<Vec<HubMapping>, HubError> {
         let rows = sqlx::query(
             "SELECT CAST(volume_uuid AS CHAR) AS volume_uuid, CAST(vm_id AS CHAR) AS vm_id, \
              CAST(operation_mode AS CHAR) AS operation_mode, CAST(device_path AS CHAR) AS device_path \

@@ -103,7 +103,21 @@ pub async fn run(
     let mut backoff = FIRST_BACKOFF;
     let mut last_prune = std::time::Instant::now();
     loop {
-        let outcome = deliver_pending(&store, &hub, &monitor).await;
+        // The published backlog is refreshed while a delivery waits for the hub, so that a hub that stops
+        // answering shows as changes pending, not as the state before.
+        let outcome = {
+            let delivery = deliver_pending(&store, &hub, &monitor);
+            tokio::pin!(delivery);
+            loop {
+                tokio::select! {
+                    outcome = &mut delivery => break outcome,
+                    () = tokio::time::sleep(REFRESH) => {
+                        refresh_backlog(&store, &monitor).await;
+                        publish(&monitor.report());
+                    }
+                }
+            }
+        };
         refresh_backlog(&store, &monitor).await;
         publish(&monitor.report());
         if last_prune.elapsed() > Duration::from_secs(3600) {

@@ -16,7 +16,7 @@ use sqlx::mysql::MySql;
 use sqlx::{Row, Transaction};
 use uuid::Uuid;
 
-use super::{q, Hub, HubError};
+use super::{q, within, Hub, HubError};
 use crate::store::{AttachTarget, DiskRole, HubAttachment, HubChange, OsseaChange};
 
 /// The `device_path` of a volume attached to a VM other than the appliance:
@@ -97,6 +97,14 @@ impl Hub {
     /// Applies one change in one hub transaction. `volume_context` says whether `ossea_volumes` has a
     /// `vm_context_id` to copy into new rows.
     pub async fn apply(
+        &self,
+        change: &HubChange,
+        volume_context: bool,
+    ) -> Result<Applied, HubError> {
+        within("applying a change", self.apply_now(change, volume_context)).await
+    }
+
+    async fn apply_now(
         &self,
         change: &HubChange,
         volume_context: bool,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use sqlx::Row;
 
-use super::{q, Hub, HubError};
+use super::{q, within, Hub, HubError};
 
 /// The kind of column a projection column needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +108,14 @@ impl SchemaReport {
 impl Hub {
     /// Reads the hub's columns from `information_schema` and compares them with what the projection uses.
     pub async fn check_schema(&self) -> Result<SchemaReport, HubError> {
+        within(
+            "reading the hub's table definitions",
+            self.check_schema_now(),
+        )
+        .await
+    }
+
+    async fn check_schema_now(&self) -> Result<SchemaReport, HubError> {
         let rows = sqlx::query(
             "SELECT CAST(TABLE_NAME AS CHAR) AS t, CAST(COLUMN_NAME AS CHAR) AS c, \
              CAST(DATA_TYPE AS CHAR) AS d FROM information_schema.COLUMNS \
