@@ -1402,3 +1402,93 @@ async fn ext_a_start_is_not_held_by_a_hub_that_does_not_answer() {
     d.stop().await;
     env.stop().await;
 }
+
+/// An import lists each volume once, whatever the spelling of its id in the hub, and a volume whose row
+/// CloudStack contradicts (detached there, or gone) is marked `detached` in the hub's `ossea_volumes`, as a
+/// detach does, not left `attached` at the predecessor's device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_an_import_lists_each_volume_once_and_marks_contradicted_volumes_detached() {
+    let env = Env::new().await;
+    env.hub.set_appliance(&env.appliance(), "").await;
+    let app = env.appliance();
+    let p1 = env.cloud_volume("p1", Some(&app), None).await;
+    let p3 = env.cloud_volume("p3", None, None).await;
+    let gone = Uuid::new_v4();
+    for (v, path) in [
+        (p1.to_string().to_uppercase(), "/dev/vdb"),
+        (p3.to_string(), "/dev/vdc"),
+        (gone.to_string(), "/dev/vdd"),
+    ] {
+        env.hub.add_volume(&v, "ctx-up").await;
+        sqlx::query(
+            "UPDATE ossea_volumes SET status = 'attached', device_path = ? WHERE volume_id = ?",
+        )
+        .bind(path)
+        .bind(&v)
+        .execute(&env.hub.pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO device_mappings (vm_context_id, volume_uuid, vm_id, operation_mode, device_path, \
+             cloudstack_state, linux_state, size) VALUES ('ctx-up', ?, ?, 'oma', ?, 'attached', 'detected', 0)",
+        )
+        .bind(&v)
+        .bind(&app)
+        .bind(path)
+        .execute(&env.hub.pool)
+        .await
+        .unwrap();
+    }
+    let cfg = env.config();
+    use volume_daemon::hub::import::ImportAction as A;
+    let (plan, _) = volume_daemon::hub::import::run(&cfg, true).await.unwrap();
+    let of = |v: Uuid| -> Vec<A> {
+        plan.items
+            .iter()
+            .filter(|i| i.volume_id.eq_ignore_ascii_case(&v.to_string()))
+            .map(|i| i.action)
+            .collect()
+    };
+    assert_eq!(of(p1), vec![A::Adopt], "{plan:#?}");
+    assert_eq!(of(p3), vec![A::RewriteHubRow], "{plan:#?}");
+    assert_eq!(of(gone), vec![A::RewriteHubRow], "{plan:#?}");
+
+    let (again, ops) = volume_daemon::hub::import::run(&cfg, false).await.unwrap();
+    assert_eq!(again, plan);
+    assert_eq!(ops.len(), 1);
+    let d = env
+        .start_with(|c| c.nbd_advertised_port = Some(10809))
+        .await;
+    let done = d.wait_op(&ops[0].to_string()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    synced(&d, 3).await;
+    let m = env
+        .hub
+        .mapping(&p1.to_string())
+        .await
+        .expect("p1's mapping");
+    assert_eq!(m.vm_id, app);
+    assert_eq!(
+        env.hub
+            .volume(&p1.to_string().to_uppercase())
+            .await
+            .0
+            .as_deref(),
+        Some("attached")
+    );
+    for v in [p3, gone] {
+        assert_eq!(env.hub.mapping(&v.to_string()).await, None);
+        assert_eq!(
+            env.hub.volume(&v.to_string()).await,
+            (Some("detached".into()), None),
+            "{v}"
+        );
+    }
+    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM device_mappings")
+        .fetch_one(&env.hub.pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 1);
+    d.stop().await;
+    env.stop().await;
+}

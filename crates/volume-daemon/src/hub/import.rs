@@ -117,7 +117,12 @@ pub async fn plan(
         );
     }
     if let Some(hub) = hub {
-        for m in hub.device_mappings().await? {
+        for mut m in hub.device_mappings().await? {
+            // A volume id written in another spelling (upper case) is the same volume: one item, by the
+            // id as CloudStack spells it.
+            if let Ok(id) = Uuid::parse_str(m.volume_uuid.trim()) {
+                m.volume_uuid = id.to_string();
+            }
             if items.contains_key(&m.volume_uuid) {
                 continue;
             }
@@ -235,7 +240,8 @@ fn classify(
 
 /// Journals the plan: an `adopt` repair per volume to adopt (run by the engine: at the next start when
 /// journaled by `volume-daemon import`, or right away at start-up with `hub_import_on_start`), and the
-/// daemon's state of each contradicted hub row as a hub change. Returns the ids of the journaled operations.
+/// daemon's state of each contradicted hub row as a hub change (its `ossea_volumes` row marked `detached`
+/// unless the daemon has the volume attached). Returns the ids of the journaled operations.
 pub async fn journal(store: &Store, plan: &ImportPlan) -> Result<Vec<Uuid>, ImportError> {
     let mut seq = store.max_queue_seq().await?;
     let mut ops = Vec::new();
@@ -262,9 +268,12 @@ pub async fn journal(store: &Store, plan: &ImportPlan) -> Result<Vec<Uuid>, Impo
                 ops.push(id);
             }
             ImportAction::RewriteHubRow => {
-                store
-                    .record_hub_state(volume_id, OsseaChange::Unchanged)
-                    .await?;
+                // The hub's record of the volume follows too: `detached` unless the daemon has it attached.
+                let ossea = match store.get_attachment(volume_id).await? {
+                    Some(_) => OsseaChange::Attached,
+                    None => OsseaChange::Detached,
+                };
+                store.record_hub_state(volume_id, ossea).await?;
             }
             ImportAction::AlreadyManaged | ImportAction::Skip => {}
         }
