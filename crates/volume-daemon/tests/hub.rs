@@ -1492,3 +1492,51 @@ async fn ext_an_import_lists_each_volume_once_and_marks_contradicted_volumes_det
     d.stop().await;
     env.stop().await;
 }
+
+/// An `nbd_exports` row the predecessor left for a volume without a mapping (its export is no longer served
+/// by anyone) is listed by the import and removed, whether CloudStack has the volume detached or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_an_import_removes_export_rows_of_volumes_without_a_mapping() {
+    let env = Env::new().await;
+    env.hub.set_appliance(&env.appliance(), "").await;
+    let detached = env.cloud_volume("detached", None, None).await;
+    let gone = Uuid::new_v4();
+    for v in [detached, gone] {
+        env.hub.add_volume(&v.to_string(), "ctx-up").await;
+        sqlx::query(
+            "INSERT INTO nbd_exports (volume_id, export_name, port, device_path, config_path, status) \
+             VALUES (?, ?, 10809, '/dev/vdx', '', 'active')",
+        )
+        .bind(v.to_string())
+        .bind(format!("migration-vol-{v}"))
+        .execute(&env.hub.pool)
+        .await
+        .unwrap();
+    }
+    let cfg = env.config();
+    use volume_daemon::hub::import::ImportAction as A;
+    let (plan, _) = volume_daemon::hub::import::run(&cfg, true).await.unwrap();
+    for v in [detached, gone] {
+        let item = plan
+            .items
+            .iter()
+            .find(|i| i.volume_id == v.to_string())
+            .unwrap_or_else(|| panic!("{v} listed: {plan:#?}"));
+        assert_eq!(item.action, A::RewriteHubRow, "{plan:#?}");
+        assert!(item.detail.contains("export"), "{item:?}");
+    }
+    let (again, ops) = volume_daemon::hub::import::run(&cfg, false).await.unwrap();
+    assert_eq!(again, plan);
+    assert!(ops.is_empty());
+    let d = env.start().await;
+    synced(&d, 2).await;
+    for v in [detached, gone] {
+        assert!(env.hub.exports(&v.to_string()).await.is_empty(), "{v}");
+        assert_eq!(
+            env.hub.volume(&v.to_string()).await,
+            (Some("detached".into()), None)
+        );
+    }
+    d.stop().await;
+    env.stop().await;
+}

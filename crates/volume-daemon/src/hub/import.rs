@@ -153,6 +153,32 @@ pub async fn plan(
             };
             items.insert(m.volume_uuid.clone(), item);
         }
+        // Export rows of volumes without a mapping: the predecessor's nbd-server no longer serves them.
+        for (volume, export_name) in hub.export_rows().await? {
+            let Ok(id) = Uuid::parse_str(volume.trim()) else {
+                continue;
+            };
+            let volume = id.to_string();
+            if items.contains_key(&volume) {
+                continue;
+            }
+            let stale = |what: &str| ImportItem {
+                volume_id: volume.clone(),
+                action: ImportAction::RewriteHubRow,
+                vm_id: None,
+                detail: format!("the hub has export {export_name:?} of it, but CloudStack {what}"),
+            };
+            let item = match cloud.get_volume(&volume).await {
+                Ok(Some(cv)) if cv.vm_id.is_some() => {
+                    classify(&cv, appliance, &managed, &queued, None)
+                }
+                Ok(Some(_)) => stale("has it detached"),
+                Ok(None) => stale("does not know the volume"),
+                Err(e) if e.kind == CloudErrorKind::NotFound => stale("does not know the volume"),
+                Err(e) => return Err(ImportError::Cloud(e)),
+            };
+            items.insert(volume, item);
+        }
     }
     Ok(ImportPlan {
         items: items.into_values().collect(),

@@ -202,6 +202,31 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// `(volume_id, export_name)` of every `nbd_exports` row (for import).
+    pub async fn export_rows(&self) -> Result<Vec<(String, String)>, HubError> {
+        within("reading nbd_exports", self.export_rows_now()).await
+    }
+
+    async fn export_rows_now(&self) -> Result<Vec<(String, String)>, HubError> {
+        let rows = sqlx::query(
+            "SELECT CAST(COALESCE(volume_id, '') AS CHAR) AS volume_id, CAST(export_name AS CHAR) AS export_name \
+             FROM nbd_exports ORDER BY volume_id, export_name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("reading nbd_exports"))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("volume_id").map_err(q("reading nbd_exports"))?,
+                    r.try_get("export_name").map_err(q("reading nbd_exports"))?,
+                ))
+            })
+            .collect()
+    }
+}
+
 /// One `device_mappings` row as a predecessor (or this daemon) left it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubMapping {
