@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
-use volume_api::{OperationStatus, OperationType};
+use volume_api::{OperationStatus, OperationType, VolumeState};
 
 use crate::render::parse_size;
 
@@ -16,7 +16,8 @@ Environment:
 
 Output:
   Tables for people; --json prints the daemon's JSON answer unchanged, one document per command;
-  -q prints only ids (for shell variables).
+  -q prints only ids (for shell variables). Control characters in text from the daemon or the cloud are
+  shown escaped (\\u{1b}) everywhere but in --json.
   Mutations (create, attach, detach, delete, adopt, snapshots create/revert/delete) wait for their operation and print it when it ends;
   with --no-wait they print only the operation id (the whole operation with --json).
 
@@ -213,8 +214,8 @@ pub enum VolumesCommand {
         #[arg(long)]
         vm: Option<String>,
         /// Only volumes in this state: attached, detached or deleted.
-        #[arg(long)]
-        state: Option<String>,
+        #[arg(long, value_parser = parse_volume_state)]
+        state: Option<VolumeState>,
         /// Only volumes whose name contains this text (case-insensitive).
         #[arg(long)]
         name: Option<String>,
@@ -298,6 +299,11 @@ fn parse_op_type(s: &str) -> Result<OperationType, String> {
         let all: Vec<&str> = OperationType::ALL.iter().map(|t| t.as_str()).collect();
         format!("expected one of {}", all.join(", "))
     })
+}
+
+fn parse_volume_state(s: &str) -> Result<VolumeState, String> {
+    VolumeState::parse(&s.to_ascii_lowercase())
+        .ok_or_else(|| "expected one of attached, detached, deleted".to_string())
 }
 
 fn parse_op_status(s: &str) -> Result<OperationStatus, String> {
@@ -395,6 +401,19 @@ mod tests {
         );
         assert!(parse_key_value("novalue").is_err());
         assert!(parse_key_value("=x").is_err());
+    }
+
+    #[test]
+    fn a_volume_state_filter_must_name_a_state() {
+        for ok in ["attached", "Detached", "DELETED"] {
+            assert!(
+                Cli::try_parse_from(["volumectl", "volumes", "list", "--state", ok]).is_ok(),
+                "{ok}"
+            );
+        }
+        let e = Cli::try_parse_from(["volumectl", "volumes", "list", "--state", "attched"])
+            .expect_err("a misspelt state is a usage error");
+        assert!(e.to_string().contains("attached, detached, deleted"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::cli::{
     ApplianceCommand, Cli, CloudCommand, Command, ExportsCommand, OpsCommand, SnapshotsCommand,
     VolumesCommand, WaitArgs,
 };
-use crate::client::{Answer, Client, OpsFilter};
+use crate::client::{Answer, Client, ClientErrorKind, OpsFilter};
 use crate::error::CliError;
 use crate::progress::{Mode, Progress};
 use crate::render::{self, VmNames};
@@ -30,7 +30,14 @@ struct Out {
 }
 
 impl Out {
+    /// Prints text for people: control characters from the daemon's answer are shown escaped
+    /// ([`render::printable`]), line breaks kept.
     fn text(&self, s: &str) -> Result<(), CliError> {
+        self.write(&render::printable(s, true))
+    }
+
+    /// Prints `s` as it is, ending it with a line break.
+    fn write(&self, s: &str) -> Result<(), CliError> {
         let mut o = std::io::stdout().lock();
         let written = o
             .write_all(s.as_bytes())
@@ -46,8 +53,9 @@ impl Out {
     }
 
     fn json<T: Serialize>(&self, v: &T) -> Result<(), CliError> {
+        // serde_json writes every control character in a string as an escape (`\u001b`).
         let s = serde_json::to_string_pretty(v).expect("invariant: JSON values always serialize");
-        self.text(&s)
+        self.write(&s)
     }
 
     /// Prints a list: ids alone with `-q`, else as [`Out::show`] does.
@@ -170,12 +178,16 @@ async fn volumes(client: &Client, out: &Out, c: VolumesCommand) -> Result<(), Cl
             metadata,
             wait,
         } => {
+            // Names are resolved when the cloud can be asked; otherwise the daemon judges the text given. A
+            // daemon that cannot be reached (or does not answer) ends the command at once, not after each lookup.
             let zone_id = match client.cloud_zones().await {
                 Ok(z) => by_id_or_name(&zone_id, z.value.iter().map(|z| (&z.id, &z.name))),
+                Err(e) if e.kind() == ClientErrorKind::Unreachable => return Err(e.into()),
                 Err(_) => zone_id,
             };
             let disk_offering_id = match client.cloud_offerings().await {
                 Ok(o) => by_id_or_name(&disk_offering_id, o.value.iter().map(|o| (&o.id, &o.name))),
+                Err(e) if e.kind() == ClientErrorKind::Unreachable => return Err(e.into()),
                 Err(_) => disk_offering_id,
             };
             let req = CreateVolumeRequest {
@@ -236,10 +248,7 @@ async fn volumes(client: &Client, out: &Out, c: VolumesCommand) -> Result<(), Cl
         }
         VolumesCommand::List { vm, state, name } => {
             // The daemon filters by state; the name and VM (which may be a VM's name) are matched here.
-            let server_state = state
-                .as_deref()
-                .and_then(|s| volume_api::VolumeState::parse(&s.to_ascii_lowercase()));
-            let mut all = client.volumes(server_state).await?;
+            let mut all = client.volumes(state).await?;
             let names = if out.json && vm.is_none() {
                 VmNames::new()
             } else {
@@ -261,9 +270,7 @@ async fn volumes(client: &Client, out: &Out, c: VolumesCommand) -> Result<(), Cl
                     v.attachment
                         .as_ref()
                         .is_some_and(|a| ids.contains(&a.vm_id))
-                }) && state
-                    .as_ref()
-                    .is_none_or(|s| v.state.to_string().eq_ignore_ascii_case(s))
+                }) && state.is_none_or(|s| v.state == s)
                     && name
                         .as_ref()
                         .is_none_or(|n| v.name.to_lowercase().contains(n))
@@ -516,7 +523,7 @@ async fn wait_for(
             return Err(CliError::WaitTimedOut {
                 id,
                 status: cur.value.status.as_str(),
-                waited: Duration::from_secs(started.elapsed().as_secs()),
+                waited: shown_duration(started.elapsed()),
             });
         }
         // Short polls keep the spinner's text current; long polls keep log lines few.
@@ -531,7 +538,7 @@ async fn wait_for(
         let mut tick = tokio::time::interval(SPINNER_TICK);
         cur = loop {
             tokio::select! {
-                r = &mut fut => break r?,
+                r = &mut fut => break r.map_err(|source| CliError::WaitFailed { id, source })?,
                 _ = tick.tick() => progress.tick(),
                 _ = interrupt.recv() => {
                     progress.finish();
@@ -539,5 +546,15 @@ async fn wait_for(
                 }
             }
         };
+    }
+}
+
+/// A waited time as the timeout message shows it: whole seconds, or milliseconds below a second (`500ms`, not
+/// `0ns`).
+fn shown_duration(d: Duration) -> Duration {
+    if d < Duration::from_secs(1) {
+        Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    } else {
+        Duration::from_secs(d.as_secs())
     }
 }

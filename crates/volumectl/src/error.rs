@@ -50,6 +50,13 @@ pub enum CliError {
         status: &'static str,
         waited: Duration,
     },
+    /// The daemon could not be asked about an accepted operation: the operation may well go on.
+    #[error("stopped following operation {id}, which may go on in the daemon (wait for it again with `volumectl ops wait {id}`)")]
+    WaitFailed {
+        id: Uuid,
+        #[source]
+        source: ClientError,
+    },
     #[error("interrupted while waiting for operation {id}, which goes on in the daemon; wait for it again with `volumectl ops wait {id}`")]
     Interrupted { id: Uuid },
     #[error("cannot watch for Ctrl-C")]
@@ -79,7 +86,7 @@ impl CliError {
     /// The exit code of this failure.
     pub fn exit(&self) -> Exit {
         match self {
-            Self::Client(e) => exit_of_kind(e.kind()),
+            Self::Client(e) | Self::WaitFailed { source: e, .. } => exit_of_kind(e.kind()),
             Self::OperationFailed(_) | Self::Unhealthy { .. } => Exit::Failed,
             Self::WaitTimedOut { .. } => Exit::WaitTimedOut,
             Self::Interrupted { .. } => Exit::Interrupted,

@@ -8,6 +8,7 @@ mod error;
 mod progress;
 mod render;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -24,7 +25,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
-            eprintln!("volumectl: {}", volume_api::error_chain(&e));
+            // The message may quote the daemon or the cloud: control characters are shown escaped. A closed or
+            // full standard error must not turn the documented exit code into a panic's.
+            let msg = render::printable(&volume_api::error_chain(&e), true);
+            let _ = writeln!(std::io::stderr().lock(), "volumectl: {msg}");
             e.exit().into()
         }
     }

@@ -47,7 +47,7 @@ impl Progress {
 
     /// Records the operation's latest state.
     pub fn update(&mut self, op: &Operation) {
-        self.state = describe(op);
+        self.state = crate::render::printable(&describe(op), false);
         match self.mode {
             Mode::Spinner => self.draw(),
             Mode::Lines => {

@@ -28,9 +28,10 @@ impl Table {
         }
     }
 
-    /// Adds a row; missing cells are blank, extra cells are dropped.
+    /// Adds a row; missing cells are blank, extra cells are dropped. Control characters in a cell are shown
+    /// escaped ([`printable`]), so a value cannot move the cursor, recolour the terminal or break the row.
     pub fn row(&mut self, cells: Vec<String>) {
-        let mut cells = cells;
+        let mut cells: Vec<String> = cells.iter().map(|c| printable(c, false)).collect();
         cells.resize(self.header.len(), String::new());
         self.rows.push(cells);
     }
@@ -125,13 +126,40 @@ fn cut(s: &str, width: usize) -> String {
     out
 }
 
-/// Key/value lines with aligned values.
+/// Key/value lines with aligned values (control characters in a value escaped, see [`printable`]).
 fn fields(pairs: &[(&str, String)]) -> String {
     // The key column includes the colon.
     let width = pairs.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     let mut out = String::new();
     for (k, v) in pairs {
-        out.push_str(&format!("{:width$}  {v}\n", format!("{k}:")));
+        out.push_str(&format!(
+            "{:width$}  {}\n",
+            format!("{k}:"),
+            printable(v, false)
+        ));
+    }
+    out
+}
+
+/// `s` safe to print on a terminal: every control character (C0 and C1, DEL, ESC, and line breaks unless
+/// `keep_newlines`) and every bidirectional override or isolate is replaced by its Rust escape (`\u{1b}`,
+/// `\n`, `\u{202e}`), so text from the daemon or the cloud (a VM's name, CloudStack's error text) cannot send
+/// escape sequences to the terminal or make what is shown differ from what is stored.
+pub fn printable(s: &str, keep_newlines: bool) -> String {
+    let unsafe_char = |c: char| {
+        (c.is_control() && !(keep_newlines && c == '\n'))
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(unsafe_char) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
     out
 }
@@ -729,6 +757,19 @@ mod tests {
         );
         // Wide: every cell in full.
         assert!(t.render_fit(None).contains(&"a".repeat(40)));
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(printable("disk-ü 名前", false), "disk-ü 名前");
+        assert_eq!(printable("a\u{1b}[31mb\u{7}", false), r"a\u{1b}[31mb\u{7}");
+        assert_eq!(printable("a\nb\tc", false), r"a\nb\tc");
+        assert_eq!(printable("a\nb\tc", true), "a\nb\\tc");
+        assert_eq!(printable("\u{9b}2J\u{202e}x", true), r"\u{9b}2J\u{202e}x");
+        let mut t = Table::new(&["NAME", "ID"]);
+        t.row(vec!["x\u{1b}[2J\ny".into(), "1".into()]);
+        let out = t.render_fit(None);
+        assert_eq!(out, "NAME           ID\nx\\u{1b}[2J\\ny  1\n", "{out}");
     }
 
     #[test]

@@ -645,6 +645,17 @@ fn usage_errors_exit_2_and_help_lists_exit_codes() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let o = run_ctl("not a url", &["volumes", "list"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // A misspelt state filter is refused, not taken as "no such volumes".
+    let o = run_ctl(
+        "http://127.0.0.1:1",
+        &["volumes", "list", "--state", "atached"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("attached, detached, deleted"),
+        "{}",
+        stderr(&o)
+    );
     let o = run_ctl("http://127.0.0.1:1", &["--help"]);
     assert_eq!(o.status.code(), Some(0));
     let help = String::from_utf8_lossy(&o.stdout);
