@@ -22,6 +22,9 @@ use crate::render::{self, VmNames};
 
 /// How often the spinner moves.
 const SPINNER_TICK: Duration = Duration::from_millis(120);
+/// How long past `--timeout` an answer still outstanding is awaited before the wait ends: a daemon that
+/// accepts and never answers must not stretch the wait by a whole request's time limit.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(1);
 
 /// Output settings of one invocation.
 struct Out {
@@ -500,6 +503,7 @@ async fn wait_for(
     mode: Mode,
 ) -> Result<Answer<Operation>, CliError> {
     let started = Instant::now();
+    let deadline = (!timeout.is_zero()).then(|| started + timeout + TIMEOUT_GRACE);
     let id: Uuid = first.value.id;
     let mut progress = Progress::new(mode);
     let mut cur = first;
@@ -544,8 +548,24 @@ async fn wait_for(
                     progress.finish();
                     return Err(CliError::Interrupted { id });
                 }
+                () = until(deadline) => {
+                    progress.finish();
+                    return Err(CliError::WaitTimedOut {
+                        id,
+                        status: cur.value.status.as_str(),
+                        waited: shown_duration(started.elapsed()),
+                    });
+                }
             }
         };
+    }
+}
+
+/// Sleeps until `deadline`; never ends without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
     }
 }
 

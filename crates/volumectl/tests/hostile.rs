@@ -1,7 +1,7 @@
 //! `volumectl` against answers it cannot trust and outputs it cannot write: text from the daemon (a VM name the
 //! cloud reports, an error message) is printed with its control characters escaped, a standard error that cannot
-//! be written keeps the documented exit code, and a daemon that does not answer ends a create at the first
-//! request. A small fake daemon stands in for volume-daemon; nothing else is needed.
+//! be written keeps the documented exit code, a daemon that does not answer ends a create at the first
+//! request, and `--timeout` bounds a wait on a daemon that stops answering. A small fake daemon stands in for volume-daemon; nothing else is needed.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -63,6 +63,11 @@ fn serve(mut conn: TcpStream, answer: fn(&str, &str) -> Option<(u16, String)>, n
         let Some((status, body)) = answer(method, path) else {
             return;
         };
+        if status == HOLD {
+            // Read, then say nothing while the client waits.
+            std::thread::sleep(std::time::Duration::from_secs(120));
+            return;
+        }
         let reply = format!(
             "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
@@ -72,6 +77,9 @@ fn serve(mut conn: TcpStream, answer: fn(&str, &str) -> Option<(u16, String)>, n
         }
     }
 }
+
+/// The status by which an answer function asks the fake daemon to keep the connection open and never answer.
+const HOLD: u16 = 0;
 
 fn ctl(url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_volumectl"))
@@ -276,4 +284,31 @@ fn losing_the_daemon_while_waiting_names_the_operation_to_wait_for() {
             "{err}"
         );
     }
+}
+
+/// The operation is pending when first asked; every later request is read and never answered.
+fn answers_once_then_hangs(method: &str, path: &str) -> Option<(u16, String)> {
+    static ASKED: AtomicUsize = AtomicUsize::new(0);
+    if ASKED.fetch_add(1, Ordering::SeqCst) == 0 {
+        return pending_operation(method, path);
+    }
+    Some((HOLD, String::new()))
+}
+
+#[test]
+fn the_timeout_bounds_a_wait_on_a_daemon_that_stops_answering() {
+    let (url, _) = fake_daemon(answers_once_then_hangs);
+    let started = std::time::Instant::now();
+    let o = ctl(&url, &["ops", "wait", OPERATION, "--timeout", "2s"]);
+    let took = started.elapsed();
+    assert_eq!(o.status.code(), Some(8), "{o:?}");
+    assert!(
+        took < std::time::Duration::from_secs(8),
+        "--timeout 2s took {took:?}"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("volumectl ops wait {OPERATION}")),
+        "{err}"
+    );
 }
