@@ -16,6 +16,38 @@ use volume_daemon::store::{NewOperation, OpStatus, OpType, Store};
 /// How long each of the simulator's jobs takes in the second run.
 const SLOW_JOB: Duration = Duration::from_secs(4);
 
+/// Journals an operation as a run that stopped mid-way leaves it: `op_type` on `volume`, executing at `step`.
+/// Returns its id.
+async fn journal_in_flight(
+    url: &str,
+    op_type: OpType,
+    volume: Uuid,
+    vm_id: Option<String>,
+    request: serde_json::Value,
+    step: &str,
+) -> Uuid {
+    let store = Store::connect(url).await.unwrap();
+    let id = Uuid::new_v4();
+    store
+        .insert_operation(&NewOperation {
+            id,
+            op_type,
+            volume_id: Some(volume),
+            vm_id,
+            request,
+            idempotency_key: None,
+            queue_seq: None,
+        })
+        .await
+        .unwrap();
+    store
+        .set_operation_step(id, OpStatus::Executing, step)
+        .await
+        .unwrap();
+    store.close().await;
+    id
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_serves_while_resumed_operations_run_and_new_ones_queue_behind_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -49,25 +81,15 @@ async fn the_api_serves_while_resumed_operations_run_and_new_ones_queue_behind_t
     first.shutdown().await;
 
     // An attach the previous run had started when it stopped.
-    let store = Store::connect(&url).await.unwrap();
-    let attach = Uuid::new_v4();
-    store
-        .insert_operation(&NewOperation {
-            id: attach,
-            op_type: OpType::Attach,
-            volume_id: Some(vol),
-            vm_id: Some(vm.clone()),
-            request: json!({"volume_id": vol, "vm_id": vm}),
-            idempotency_key: None,
-            queue_seq: None,
-        })
-        .await
-        .unwrap();
-    store
-        .set_operation_step(attach, OpStatus::Executing, "started")
-        .await
-        .unwrap();
-    store.close().await;
+    let attach = journal_in_flight(
+        &url,
+        OpType::Attach,
+        vol,
+        Some(vm.clone()),
+        json!({"volume_id": vol, "vm_id": vm}),
+        "started",
+    )
+    .await;
 
     let mut slow = cfg;
     slow.sim.job_delay_ms = SLOW_JOB.as_millis() as u64;
@@ -200,25 +222,15 @@ async fn a_volume_with_an_interrupted_detach_is_not_exported_again() {
     // The previous run had removed the export and the cloud had detached the volume when it stopped.
     sim.faults().detach_volume(&vol.to_string()).unwrap();
     first.shutdown().await;
-    let store = Store::connect(&url).await.unwrap();
-    let detach = Uuid::new_v4();
-    store
-        .insert_operation(&NewOperation {
-            id: detach,
-            op_type: OpType::Detach,
-            volume_id: Some(vol),
-            vm_id: None,
-            request: json!({"volume_id": vol}),
-            idempotency_key: None,
-            queue_seq: None,
-        })
-        .await
-        .unwrap();
-    store
-        .set_operation_step(detach, OpStatus::Executing, "export_removed")
-        .await
-        .unwrap();
-    store.close().await;
+    let detach = journal_in_flight(
+        &url,
+        OpType::Detach,
+        vol,
+        None,
+        json!({"volume_id": vol}),
+        "export_removed",
+    )
+    .await;
 
     let second = RunningDaemon::start(cfg).await.unwrap();
     let base = format!("http://{}/api/v1", second.api_addr());
@@ -332,25 +344,7 @@ async fn a_call_whose_job_id_was_lost(lost: LostCall) {
         }
     };
     first.shutdown().await;
-    let store = Store::connect(&url).await.unwrap();
-    let id = Uuid::new_v4();
-    store
-        .insert_operation(&NewOperation {
-            id,
-            op_type,
-            volume_id: Some(vol),
-            vm_id: target,
-            request,
-            idempotency_key: None,
-            queue_seq: None,
-        })
-        .await
-        .unwrap();
-    store
-        .set_operation_step(id, OpStatus::Executing, "started")
-        .await
-        .unwrap();
-    store.close().await;
+    let id = journal_in_flight(&url, op_type, vol, target, request, "started").await;
 
     let second = RunningDaemon::start(cfg).await.unwrap();
     let base = format!("http://{}/api/v1", second.api_addr());
