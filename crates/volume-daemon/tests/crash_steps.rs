@@ -333,8 +333,11 @@ fn assert_died_at(d: &mut support::processes::Proc, point: &str, log: &Path) {
 /// Every operation is terminal (waiting for those resumed), and database, cloud, exports and stable names
 /// agree, with nothing leaked.
 fn assert_invariants(w: &World, api: &str, point: &str) {
-    let (_, ops) = support::processes::call(Method::GET, &format!("{api}/operations"), None);
-    for op in ops.as_array().unwrap() {
+    let (status, ops) = support::processes::call(Method::GET, &format!("{api}/operations"), None);
+    let ops = ops.as_array().unwrap_or_else(|| {
+        panic!("after fail point {point}: GET /operations answered {status}: {ops}")
+    });
+    for op in ops {
         if !matches!(op["status"].as_str(), Some("completed" | "failed")) {
             wait_terminal(api, op["id"].as_str().unwrap());
         }
