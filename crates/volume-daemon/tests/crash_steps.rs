@@ -332,10 +332,11 @@ fn assert_died_at(d: &mut support::processes::Proc, point: &str, log: &Path) {
 
 /// Every operation is terminal (waiting for those resumed), and database, cloud, exports and stable names
 /// agree, with nothing leaked.
-fn assert_invariants(w: &World, api: &str, point: &str) {
+fn assert_invariants(w: &World, api: &str, point: &str, log: &Path) {
     let (status, ops) = support::processes::call(Method::GET, &format!("{api}/operations"), None);
     let ops = ops.as_array().unwrap_or_else(|| {
-        panic!("after fail point {point}: GET /operations answered {status}: {ops}")
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        panic!("after fail point {point}: GET /operations answered {status}: {ops}; daemon log:\n{text}")
     });
     for op in ops {
         if !matches!(op["status"].as_str(), Some("completed" | "failed")) {
@@ -576,7 +577,7 @@ fn crash_at_every_step(database: Option<&str>) {
             );
             assert_eq!(s, 200, "after a crash at {point}: {report}");
         }
-        assert_invariants(&w, &api, point);
+        assert_invariants(&w, &api, point, &run.log);
         assert_snapshot_outcome(&w, &api, point, &made);
         delete_all(&api, point);
         eprintln!(
@@ -628,7 +629,7 @@ fn ext_an_attach_whose_commit_answer_is_lost_stands() {
         "{log}"
     );
     assert_eq!(done["status"], "completed", "{done}");
-    assert_invariants(&w, &api, "attach.commit.after (answer lost)");
+    assert_invariants(&w, &api, "attach.commit.after (answer lost)", &run.log);
     assert!(export_served(&api, &v));
 }
 

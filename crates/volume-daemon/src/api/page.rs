@@ -168,11 +168,11 @@ impl<T: Serialize> Iterator for Chunks<T> {
             return None;
         }
         let mut buf = Vec::with_capacity(CHUNK + CHUNK / 4);
+        let mut first = false;
         if !self.started {
             self.started = true;
+            first = true;
             buf.push(b'[');
-        } else if self.items.len() > 0 {
-            buf.push(b',');
         }
         while buf.len() < CHUNK {
             let Some(item) = self.items.next() else {
@@ -180,11 +180,13 @@ impl<T: Serialize> Iterator for Chunks<T> {
                 self.done = true;
                 break;
             };
-            serde_json::to_writer(&mut buf, &item)
-                .expect("invariant: wire types have string keys and always serialize");
-            if buf.len() < CHUNK && self.items.len() > 0 {
+            // The separator goes before every item but the first, whichever chunk either falls in.
+            if !first {
                 buf.push(b',');
             }
+            first = false;
+            serde_json::to_writer(&mut buf, &item)
+                .expect("invariant: wire types have string keys and always serialize");
         }
         Some(bytes::Bytes::from(buf))
     }
@@ -235,6 +237,30 @@ mod tests {
                 0,
                 "{n} items: {:?}",
                 chunks.iter().map(|c| c.len()).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn an_item_ending_at_any_byte_near_a_chunk_boundary_keeps_the_body_valid_json() {
+        // The first item's length is swept so that the first chunk ends (with or without the comma that
+        // follows an item) at every byte around CHUNK.
+        for first in CHUNK - 40..CHUNK + 8 {
+            // `{"p":"…"}` is 8 bytes around the padding, and `[` comes before it.
+            let pad = "x".repeat(first - 9);
+            let items = vec![json!({"p": pad}), json!({"p": "y"}), json!({"p": "z"})];
+            let want = serde_json::to_vec(&items).unwrap();
+            let body = Chunks {
+                items: items.into_iter(),
+                started: false,
+                done: false,
+            }
+            .collect::<Vec<_>>()
+            .concat();
+            assert_eq!(
+                String::from_utf8_lossy(&body[first - 2..]),
+                String::from_utf8_lossy(&want[first - 2..]),
+                "first chunk of {first} bytes"
             );
         }
     }

@@ -171,7 +171,18 @@ pub fn try_call(method: reqwest::Method, url: &str, body: Option<Value>) -> Opti
     }
     let resp = req.send().ok()?;
     let status = resp.status().as_u16();
-    Some((status, resp.json().unwrap_or(Value::Null)))
+    // An empty body is `null`; a body cut short or not JSON is a string saying so, for the assertion to show.
+    let body = match resp.bytes() {
+        Err(e) => Value::String(format!("<the body could not be read: {e}>")),
+        Ok(b) if b.is_empty() => Value::Null,
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            Value::String(format!(
+                "<not JSON ({e}): {}>",
+                String::from_utf8_lossy(&b[..b.len().min(4096)])
+            ))
+        }),
+    };
+    Some((status, body))
 }
 
 /// One JSON request that must be answered.
