@@ -302,7 +302,12 @@ impl Server {
                     .expect("STARTTLS is acknowledged only when TLS is configured (invariant)");
                 let mut tls = tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
-                    r = tokio::time::timeout_at(deadline, settings.acceptor().accept(stream)) => r.map_err(|_| timed_out())?.map_err(NbdError::TlsHandshake)?,
+                    r = tokio::time::timeout_at(deadline, settings.acceptor().accept(stream)) => r.map_err(|_| timed_out())?.map_err(|e| {
+                        // A refused or missing client certificate, or a client that does not trust ours:
+                        // the client only sees an alert, so the reason is told here, as nbdkit does.
+                        tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                        NbdError::TlsHandshake(e)
+                    })?,
                 };
                 let identity = tls
                     .get_ref()

@@ -93,6 +93,8 @@ fn deny_madvise() -> std::io::Result<()> {
 struct Served {
     child: Child,
     addr: String,
+    /// What the server wrote to standard error (its log), shown when a test fails.
+    log: tempfile::NamedTempFile,
     /// libnbd/qemu certificate directory of the client, when the server requires TLS.
     client_dir: Option<PathBuf>,
 }
@@ -123,12 +125,14 @@ impl Served {
         for (name, path) in exports {
             cmd.arg(format!("{name}={}", path.display()));
         }
-        let (child, addr) = spawn_listening(&mut cmd);
-        Served {
-            child,
-            addr,
-            client_dir,
-        }
+        let mut srv = spawn_listening(&mut cmd);
+        srv.client_dir = client_dir;
+        srv
+    }
+
+    /// The server's log so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap()
     }
 
     fn uri(&self, name: &str) -> String {
@@ -152,17 +156,21 @@ impl Served {
     fn qemu_image(&self, name: &str) -> (Vec<String>, String) {
         match &self.client_dir {
             None => (Vec::new(), self.uri(name)),
-            Some(dir) => {
-                let (host, port) = self.addr.rsplit_once(':').unwrap();
-                (
-                    vec![
-                        "--object".into(),
-                        format!("tls-creds-x509,id=tls0,dir={},endpoint=client", dir.display()),
-                    ],
-                    format!("driver=nbd,server.type=inet,server.host={host},server.port={port},export={name},tls-creds=tls0"),
-                )
-            }
+            Some(dir) => self.qemu_tls_image(name, dir),
         }
+    }
+
+    /// qemu arguments naming the export over TLS with the credentials of `dir` (qemu's
+    /// `tls-creds-x509` layout: `ca-cert.pem`, and `client-cert.pem`/`client-key.pem` when present).
+    fn qemu_tls_image(&self, name: &str, dir: &Path) -> (Vec<String>, String) {
+        let (host, port) = self.addr.rsplit_once(':').unwrap();
+        (
+            vec![
+                "--object".into(),
+                format!("tls-creds-x509,id=tls0,dir={},endpoint=client", dir.display()),
+            ],
+            format!("driver=nbd,server.type=inet,server.host={host},server.port={port},export={name},tls-creds=tls0"),
+        )
     }
 
     /// Sends SIGTERM and checks a clean exit.
@@ -188,14 +196,20 @@ impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+            eprintln!("server log:\n{log}");
+        }
     }
 }
 
-/// Starts a server that prints `listening on ADDR` first (nbd-serve, the benchmarks' lean server), and
-/// returns it with that address.
-fn spawn_listening(cmd: &mut Command) -> (Child, String) {
+/// Starts a server that prints `listening on ADDR` first (nbd-serve, the benchmarks' lean server), with
+/// its standard error in a file, and returns it with that address (in clear text: no client directory).
+fn spawn_listening(cmd: &mut Command) -> Served {
+    let log = tempfile::NamedTempFile::new().unwrap();
     let mut child = cmd
         .stdout(Stdio::piped())
+        .stderr(log.reopen().unwrap())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     let mut line = String::new();
@@ -207,7 +221,12 @@ fn spawn_listening(cmd: &mut Command) -> (Child, String) {
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
-    (child, addr)
+    Served {
+        child,
+        addr,
+        log,
+        client_dir: None,
+    }
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -561,12 +580,7 @@ fn ext_lean_server_stores_and_returns_what_nbdcopy_sends() {
     );
     let src = random_file(40 * MIB);
     let img = shm_file(40 * MIB);
-    let (child, addr) = spawn_listening(Command::new(&lean).arg(img.path()));
-    let srv = Served {
-        child,
-        addr,
-        client_dir: None,
-    };
+    let srv = spawn_listening(Command::new(&lean).arg(img.path()));
     run(Command::new("nbdcopy")
         .args(["--flush", "-C", "4", "-T", "4"])
         .arg(src.path())
@@ -719,17 +733,41 @@ fn ext_tls_nbdinfo_nbdcopy_qemu_img_nbdsh_and_fio_over_tls() {
     fio_randwrite_verify(Mode::Tls(&pki), t.path());
 }
 
-/// Runs `cmd` and asserts that it fails; returns its stderr.
+/// Runs `cmd` and asserts that it fails, and within 8 s: a refusal must be prompt, not the server's
+/// 10 s handshake timeout or a hang. Returns its stderr.
 fn run_fails(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
+    let out_file = tempfile::tempfile().unwrap();
+    let err_file = tempfile::tempfile().unwrap();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out_file.try_clone().unwrap())
+        .stderr(err_file.try_clone().unwrap())
+        .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} was still running after 8 s instead of being refused");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let text = |mut f: File| {
+        let mut s = String::new();
+        std::io::Seek::rewind(&mut f).unwrap();
+        f.read_to_string(&mut s).unwrap();
+        s
+    };
     assert!(
-        !out.status.success(),
+        !status.success(),
         "{cmd:?} should have failed but printed:\n{}",
-        String::from_utf8_lossy(&out.stdout)
+        text(out_file)
     );
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    text(err_file)
 }
 
 fn listed(srv: &Served, uri: &str) -> Vec<String> {
@@ -790,6 +828,140 @@ fn ext_tls_unauthenticated_clients_list_and_read_nothing() {
     srv.terminate();
 }
 
+/// qemu's own NBD client (qemu-img, qemu-io, qemu-nbd --list) over TLS with client certificates, as it
+/// works against nbdkit: data written and read back with `qemu-img convert`, `qemu-io` write, write -z,
+/// discard, aio_write and flush; clients without a certificate, in clear text or expecting another host
+/// name are refused at once, and the server goes on serving.
+#[test]
+fn ext_tls_qemu_img_qemu_io_and_qemu_nbd_list_with_client_certificates() {
+    require(&["qemu-img", "qemu-io", "qemu-nbd"]);
+    let pki = common::Pki::new();
+    let t = shm_file(32 * MIB);
+    let src = random_file(16 * MIB);
+    let srv = Served::start_mode(Mode::Tls(&pki), &[], &[("disk", t.path())]);
+    let (objects, image) = srv.qemu_image("disk");
+    run(Command::new("qemu-img")
+        .args(["convert", "-n"])
+        .args(&objects)
+        .args(["-f", "raw", "--target-image-opts"])
+        .arg(src.path())
+        .arg(&image));
+    let back = shm_file(0);
+    run(Command::new("qemu-img")
+        .arg("convert")
+        .args(&objects)
+        .arg("--image-opts")
+        .arg(&image)
+        .args(["-O", "raw"])
+        .arg(back.path()));
+    let mut want = read_all(src.path());
+    want.resize(32 * MIB as usize, 0);
+    assert!(
+        read_all(back.path()) == want,
+        "qemu-img convert read back what it wrote"
+    );
+    // qemu-io exits with 1 when a command fails, also a `read -P` whose data differs.
+    run(Command::new("qemu-io")
+        .args(&objects)
+        .arg("--image-opts")
+        .arg(&image)
+        .args(["-c", "write -P 0xab 0 1M"])
+        .args(["-c", "write -z 1M 1M"])
+        .args(["-c", "discard 2M 1M"])
+        .args(["-c", "aio_write -P 0xcd 4M 64k"])
+        .args(["-c", "aio_flush"])
+        .args(["-c", "write -f -P 0xef 5M 4k"])
+        .args(["-c", "flush"])
+        .args(["-c", "read -P 0xab 0 1M"])
+        .args(["-c", "read -P 0 1M 1M"])
+        .args(["-c", "read -P 0xcd 4M 64k"])
+        .args(["-c", "read -P 0xef 5M 4k"]));
+    let list = run(Command::new("qemu-nbd")
+        .args(&objects)
+        .args(["--tls-creds=tls0", "--list", "--bind=127.0.0.1"])
+        .arg(format!("--port={}", srv.addr.rsplit_once(':').unwrap().1)));
+    assert!(list.contains("export: 'disk'"), "qemu-nbd --list: {list}");
+    // Refused: no client certificate, clear text against --tls=require, a host name the server's
+    // certificate does not carry.
+    let (anon_objects, anon_image) = srv.qemu_tls_image("disk", &pki.anonymous_client());
+    run_fails(
+        Command::new("qemu-io")
+            .args(&anon_objects)
+            .arg("--image-opts")
+            .arg(&anon_image)
+            .args(["-c", "write -P 0x11 0 64k"]),
+    );
+    let err = run_fails(
+        Command::new("qemu-img")
+            .args(["info", "-f", "raw"])
+            .arg(format!("nbd://{}/disk", srv.addr)),
+    );
+    assert!(
+        err.contains("TLS negotiation required"),
+        "qemu-img in clear text: {err}"
+    );
+    let err = run_fails(
+        Command::new("qemu-img")
+            .arg("info")
+            .args(&objects)
+            .arg("--image-opts")
+            .arg(format!("{image},tls-hostname=elsewhere.example")),
+    );
+    assert!(
+        err.contains("does not match the hostname"),
+        "qemu-img with another host name: {err}"
+    );
+    run(Command::new("qemu-img")
+        .arg("info")
+        .args(&objects)
+        .arg("--image-opts")
+        .arg(format!("{image},tls-hostname=localhost")));
+    // The server logs each refused handshake with its cause, and nothing about the sessions that ended
+    // normally (nbd-serve logs warnings and errors).
+    let log = srv.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("TLS handshake failed") && l.contains("no certificates")),
+        "the missing client certificate is logged: {log}"
+    );
+    assert!(
+        log.lines()
+            .all(|l| l.trim().is_empty() || l.contains("TLS handshake failed")),
+        "nothing but the refused handshakes is logged: {log}"
+    );
+    srv.terminate();
+    let data = read_all(t.path());
+    let m = MIB as usize;
+    assert!(
+        data[..m].iter().all(|&b| b == 0xab),
+        "refused client wrote nothing"
+    );
+    assert!(
+        data[m..3 * m].iter().all(|&b| b == 0),
+        "write -z and discard read as zeros"
+    );
+    assert!(data[3 * m..4 * m] == want[3 * m..4 * m]);
+    assert!(data[4 * m..4 * m + 65536].iter().all(|&b| b == 0xcd));
+    assert!(data[5 * m..5 * m + 4096].iter().all(|&b| b == 0xef));
+    assert!(data[6 * m..] == want[6 * m..]);
+    // A TLS client against a server without TLS is refused too, with the server's reason.
+    let plain = Served::start(&[], &[("disk", t.path())]);
+    let client = pki.client("writer-1");
+    let (objects, image) = plain.qemu_tls_image("disk", &client);
+    let err = run_fails(
+        Command::new("qemu-img")
+            .arg("info")
+            .args(&objects)
+            .arg("--image-opts")
+            .arg(&image),
+    );
+    assert!(
+        err.contains("starttls"),
+        "qemu-img with TLS against --tls=off: {err}"
+    );
+    plain.terminate();
+}
+
 #[test]
 fn ext_tls_export_access_lists_and_opens_only_permitted_exports() {
     require(&["nbdinfo", "nbdcopy"]);
@@ -820,29 +992,14 @@ fn ext_tls_export_access_lists_and_opens_only_permitted_exports() {
     assert!(read_all(dst.path()) == read_all(secret.path()));
     srv.terminate();
     // With --tls=on, clear-text clients are served, but never a restricted export.
-    let srv = {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbd-serve"));
-        cmd.args(["--listen", "127.0.0.1:0", "--tls=on", "--tls-verify-peer"])
+    let srv = spawn_listening(
+        Command::new(env!("CARGO_BIN_EXE_nbd-serve"))
+            .args(["--listen", "127.0.0.1:0", "--tls=on", "--tls-verify-peer"])
             .arg(format!("--tls-certificates={}", pki.server_dir().display()))
             .args(["--allow", "secret=writer-2"])
             .arg(format!("public={}", public.path().display()))
-            .arg(format!("secret={}", secret.path().display()));
-        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap()
-            .to_string();
-        Served {
-            child,
-            addr,
-            client_dir: None,
-        }
-    };
+            .arg(format!("secret={}", secret.path().display())),
+    );
     assert_eq!(listed(&srv, &srv.uri("")), ["public"]);
     run_fails(Command::new("nbdinfo").arg(srv.uri("secret")));
     assert_eq!(listed(&srv, &srv.tls_uri("", &w2)), ["public", "secret"]);
