@@ -265,6 +265,30 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever the items' sizes, the chunks join into exactly the compact JSON of the array: a large
+        /// item, then small ones that end at the bytes around the first chunk's end.
+        #[test]
+        fn any_items_join_into_the_arrays_json(
+            big in CHUNK - 300..CHUNK,
+            small in proptest::collection::vec(0usize..24, 0..40),
+        ) {
+            let items: Vec<Value> = std::iter::once(big)
+                .chain(small)
+                .map(|n| json!({"p": "x".repeat(n)}))
+                .collect();
+            let want = serde_json::to_vec(&items).unwrap();
+            let body = Chunks {
+                items: items.into_iter(),
+                started: false,
+                done: false,
+            }
+            .collect::<Vec<_>>()
+            .concat();
+            proptest::prop_assert_eq!(body, want);
+        }
+    }
+
     #[test]
     fn limits_are_one_to_the_maximum() {
         assert_eq!(limit(Some("1")).unwrap(), Some(1));
