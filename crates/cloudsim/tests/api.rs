@@ -696,3 +696,75 @@ async fn same_seed_gives_same_ids() {
         h.sim.shutdown().await;
     }
 }
+
+/// listAsyncJobs lists a job while it runs, in the shape CloudStack gives it (`jobstatus` 0, the command's
+/// class in `cmd`, the volume as `jobinstancetype`/`jobinstanceid`, `created`, no result yet), and again with
+/// its outcome once it ended: what a client needs to find a job whose id it lost.
+#[tokio::test]
+async fn list_async_jobs_shows_a_pending_job_with_its_command_and_volume() {
+    let h = Harness::start().await;
+    let id = h.create_volume("listed-job", 1).await;
+    let vm = h.sim.other_vm_ids()[0].clone();
+    h.sim.faults().add(cloudsim::FaultSpec::SlowJob {
+        command: "attachVolume".into(),
+        extra_delay_ms: 2_000,
+        count: 1,
+    });
+    let r = h
+        .ok("attachVolume", &[("id", &id), ("virtualmachineid", &vm)])
+        .await;
+    let jobid = r["jobid"].as_str().expect("jobid").to_owned();
+    let listed = h.ok("listAsyncJobs", &[]).await;
+    let jobs = listed["asyncjobs"].as_array().expect("asyncjobs array");
+    assert_eq!(listed["count"], jobs.len(), "{listed}");
+    let job = jobs
+        .iter()
+        .find(|j| j["jobid"] == jobid.as_str())
+        .unwrap_or_else(|| panic!("the attach job is listed: {listed}"));
+    assert_eq!(job["jobstatus"], 0, "{job}");
+    assert_eq!(job["jobresultcode"], 0, "{job}");
+    assert_eq!(job["jobprocstatus"], 0, "{job}");
+    assert_eq!(
+        job["cmd"],
+        "org.apache.cloudstack.api.command.user.volume.AttachVolumeCmd"
+    );
+    assert_eq!(job["jobinstancetype"], "Volume");
+    assert_eq!(job["jobinstanceid"], id.as_str());
+    assert!(job["created"].is_string(), "{job}");
+    assert!(
+        job["accountid"].is_string() && job["userid"].is_string(),
+        "{job}"
+    );
+    assert!(job.get("jobresult").is_none(), "{job}");
+    // The client decodes it.
+    let client = cloudstack::Client::new(cloudstack::Config {
+        url: h.sim.api_url(),
+        api_key: KEY.into(),
+        secret_key: cloudstack::Secret::new(SECRET),
+        ..cloudstack::Config::default()
+    })
+    .expect("client");
+    let info = client
+        .list_async_jobs()
+        .await
+        .expect("jobs")
+        .into_iter()
+        .find(|j| j.job_id == jobid)
+        .expect("decoded");
+    assert_eq!(info.job_status, Some(0));
+    assert_eq!(info.instance_type.as_deref(), Some("Volume"));
+    assert_eq!(info.instance_id.as_deref(), Some(id.as_str()));
+    // Once it ended, listed with its outcome.
+    assert_eq!(h.wait_job(&jobid).await["jobstatus"], 1);
+    let listed = h.ok("listAsyncJobs", &[]).await;
+    let job = listed["asyncjobs"]
+        .as_array()
+        .expect("asyncjobs array")
+        .iter()
+        .find(|j| j["jobid"] == jobid.as_str())
+        .expect("still listed")
+        .clone();
+    assert_eq!(job["jobstatus"], 1, "{job}");
+    assert_eq!(job["jobresult"]["volume"]["virtualmachineid"], vm.as_str());
+    h.sim.shutdown().await;
+}
