@@ -105,6 +105,42 @@ pub struct CloudJob {
     pub resource_id: Option<String>,
 }
 
+/// What a job on a volume does, as far as the engine tells jobs apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeJobKind {
+    /// attachVolume.
+    Attach,
+    /// detachVolume.
+    Detach,
+    /// Any other command on the volume (create, resize, snapshot, …).
+    Other,
+}
+
+impl VolumeJobKind {
+    /// The kind of a job from CloudStack's `cmd`, the command's Java class
+    /// (`org.apache.cloudstack.api.command.user.volume.AttachVolumeCmd`, or its admin variant
+    /// `….admin.volume.AttachVolumeCmdByAdmin` when the key is an administrator's).
+    fn of_cmd(cmd: &str) -> Self {
+        let class = cmd.rsplit('.').next().unwrap_or(cmd);
+        if class.starts_with("AttachVolumeCmd") {
+            Self::Attach
+        } else if class.starts_with("DetachVolumeCmd") {
+            Self::Detach
+        } else {
+            Self::Other
+        }
+    }
+}
+
+/// A job of the account on a volume that CloudStack reports still pending (`jobstatus` 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingVolumeJob {
+    pub job_id: String,
+    pub kind: VolumeJobKind,
+    /// When the job was created, as CloudStack spells it (ISO-8601), if it says.
+    pub created: Option<String>,
+}
+
 /// A volume snapshot as the cloud reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloudSnapshot {
@@ -148,6 +184,13 @@ pub trait Cloud: Send + Sync + 'static {
         deadline: Duration,
     ) -> CloudFuture<'a, Option<CloudVolume>>;
     fn get_volume<'a>(&'a self, volume_id: &'a str) -> CloudFuture<'a, Option<CloudVolume>>;
+    /// The account's jobs on the volume that have not finished (listAsyncJobs, `jobinstancetype` Volume and
+    /// `jobinstanceid` the volume), in the order the cloud lists them: how a resumed operation finds a job
+    /// it started before a crash but whose id it never journaled.
+    fn pending_volume_jobs<'a>(
+        &'a self,
+        volume_id: &'a str,
+    ) -> CloudFuture<'a, Vec<PendingVolumeJob>>;
     fn volumes_named<'a>(&'a self, name: &'a str) -> CloudFuture<'a, Vec<CloudVolume>>;
     /// The volumes CloudStack has attached to `vm_id`.
     fn volumes_of_vm<'a>(&'a self, vm_id: &'a str) -> CloudFuture<'a, Vec<CloudVolume>>;
@@ -306,6 +349,15 @@ impl From<cloudstack::Snapshot> for CloudSnapshot {
     }
 }
 
+/// Whether a listed job is still pending (`jobstatus` 0) and works on the volume `volume_id`.
+fn pending_on_volume(j: &cloudstack::AsyncJobInfo, volume_id: &str) -> bool {
+    j.job_status == Some(0)
+        && j.instance_type
+            .as_deref()
+            .is_some_and(|t| t.eq_ignore_ascii_case("Volume"))
+        && j.instance_id.as_deref() == Some(volume_id)
+}
+
 fn job_of(job: cloudstack::AsyncJob) -> CloudJob {
     CloudJob {
         job_id: job.job_id,
@@ -397,6 +449,30 @@ impl Cloud for CloudStack {
                 .await
                 .map_err(wrap("listVolumes"))?
                 .map(Into::into))
+        })
+    }
+
+    fn pending_volume_jobs<'a>(
+        &'a self,
+        volume_id: &'a str,
+    ) -> CloudFuture<'a, Vec<PendingVolumeJob>> {
+        Box::pin(async move {
+            Ok(self
+                .client
+                .list_async_jobs()
+                .await
+                .map_err(wrap("listAsyncJobs"))?
+                .into_iter()
+                .filter(|j| pending_on_volume(j, volume_id))
+                .map(|j| PendingVolumeJob {
+                    kind: j
+                        .cmd
+                        .as_deref()
+                        .map_or(VolumeJobKind::Other, VolumeJobKind::of_cmd),
+                    job_id: j.job_id,
+                    created: j.created,
+                })
+                .collect())
         })
     }
 
@@ -601,5 +677,63 @@ impl Cloud for CloudStack {
                 Err(e) => Err(wrap("listSnapshots")(e)),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(status: i64, kind: &str, instance: &str, cmd: &str) -> cloudstack::AsyncJobInfo {
+        cloudstack::AsyncJobInfo {
+            job_id: "job-1".into(),
+            cmd: Some(cmd.into()),
+            job_status: Some(status),
+            instance_type: Some(kind.into()),
+            instance_id: Some(instance.into()),
+            result_code: Some(0),
+            created: None,
+        }
+    }
+
+    #[test]
+    fn the_command_class_names_the_kind_of_a_volume_job() {
+        let of = VolumeJobKind::of_cmd;
+        assert_eq!(
+            of("org.apache.cloudstack.api.command.user.volume.AttachVolumeCmd"),
+            VolumeJobKind::Attach
+        );
+        assert_eq!(
+            of("org.apache.cloudstack.api.command.admin.volume.AttachVolumeCmdByAdmin"),
+            VolumeJobKind::Attach
+        );
+        assert_eq!(
+            of("org.apache.cloudstack.api.command.user.volume.DetachVolumeCmd"),
+            VolumeJobKind::Detach
+        );
+        assert_eq!(
+            of("org.apache.cloudstack.api.command.admin.volume.DetachVolumeCmdByAdmin"),
+            VolumeJobKind::Detach
+        );
+        assert_eq!(
+            of("org.apache.cloudstack.api.command.user.volume.ResizeVolumeCmd"),
+            VolumeJobKind::Other
+        );
+    }
+
+    #[test]
+    fn only_pending_jobs_on_that_volume_count() {
+        let attach = "org.apache.cloudstack.api.command.user.volume.AttachVolumeCmd";
+        assert!(pending_on_volume(&job(0, "Volume", "v1", attach), "v1"));
+        assert!(!pending_on_volume(&job(1, "Volume", "v1", attach), "v1"));
+        assert!(!pending_on_volume(&job(2, "Volume", "v1", attach), "v1"));
+        assert!(!pending_on_volume(&job(0, "Volume", "v2", attach), "v1"));
+        assert!(!pending_on_volume(
+            &job(0, "VirtualMachine", "v1", attach),
+            "v1"
+        ));
+        let mut unknown = job(0, "Volume", "v1", attach);
+        unknown.instance_id = None;
+        assert!(!pending_on_volume(&unknown, "v1"));
     }
 }

@@ -259,6 +259,17 @@ async fn a_volume_with_an_interrupted_detach_is_not_exported_again() {
     second.shutdown().await;
 }
 
+/// A CloudStack client of the daemon's built-in simulator (its default credentials).
+fn sim_client(sim: &cloudsim::RunningSimulator) -> cloudstack::Client {
+    cloudstack::Client::new(cloudstack::Config {
+        url: sim.api_url(),
+        api_key: "sim-api-key".into(),
+        secret_key: cloudstack::Secret::new("sim-secret-key"),
+        ..cloudstack::Config::default()
+    })
+    .unwrap()
+}
+
 /// An attach or a detach the previous run had sent to CloudStack when it stopped, before it journaled the
 /// job's id.
 #[derive(Clone, Copy, Debug)]
@@ -269,9 +280,9 @@ enum LostCall {
 
 /// The previous run sent attachVolume (to another VM) or detachVolume (from the appliance) and stopped
 /// before journaling the job's id: its job is still pending in the cloud at the restart. The resumed
-/// operation sends the call again; the first job ends first and the second fails ("already attached", "not
-/// attached"), yet the volume is where the operation wanted it, so the operation completes and the records
-/// say so.
+/// operation adopts that job (or, had it ended by then, would find the volume where it wanted it; a call sent
+/// again whose job fails because the first one got there is no failure either), so the operation completes
+/// and the records say so.
 async fn a_call_whose_job_id_was_lost(lost: LostCall) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = support::config(dir.path());
@@ -319,13 +330,7 @@ async fn a_call_whose_job_id_was_lost(lost: LostCall) {
         )
         .await;
     }
-    let cloud = cloudstack::Client::new(cloudstack::Config {
-        url: sim.api_url(),
-        api_key: "sim-api-key".into(),
-        secret_key: cloudstack::Secret::new("sim-secret-key"),
-        ..cloudstack::Config::default()
-    })
-    .unwrap();
+    let cloud = sim_client(sim);
     let (op_type, target, request) = match lost {
         LostCall::Attach => {
             cloud
@@ -385,4 +390,202 @@ async fn a_resumed_detach_whose_lost_first_request_detached_the_volume_completes
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_attach_whose_lost_first_request_attached_the_volume_completes() {
     a_call_whose_job_id_was_lost(LostCall::Attach).await;
+}
+
+impl LostCall {
+    /// The API command and the class CloudStack reports in a job's `cmd`.
+    fn command(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Attach => ("attachVolume", "AttachVolumeCmd"),
+            Self::Detach => ("detachVolume", "DetachVolumeCmd"),
+        }
+    }
+}
+
+/// The jobs of the simulator's account on `volume` whose command class ends with `class`: (id, jobstatus).
+async fn jobs_on(cloud: &cloudstack::Client, volume: Uuid, class: &str) -> Vec<(String, i64)> {
+    cloud
+        .list_async_jobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|j| j.instance_id.as_deref() == Some(volume.to_string().as_str()))
+        .filter(|j| j.cmd.as_deref().is_some_and(|c| c.ends_with(class)))
+        .map(|j| (j.job_id, j.job_status.unwrap()))
+        .collect()
+}
+
+/// The previous run sent attachVolume or detachVolume (a volume and another VM) and stopped before journaling
+/// the job's id; that job is slow and still pending when the daemon restarts, well after the resumed operation
+/// could have sent the call again and seen its own job end. The resumed operation must adopt the pending job
+/// rather than send a second one, or the first, running late, undoes what comes next: here the opposite
+/// operation, submitted once the resumed one completed. After every job on the volume has ended, the cloud
+/// and the daemon must agree that the volume is where that last operation left it, and the cloud must have
+/// run exactly one job of the lost command on the volume.
+async fn a_lost_call_still_running_is_adopted(lost: LostCall) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = support::config(dir.path());
+    let url = cfg.effective_database_url();
+    let first = RunningDaemon::start(cfg.clone()).await.unwrap();
+    let base = format!("http://{}/api/v1", first.api_addr());
+    let sim = first.sim().unwrap();
+    let vm = sim.other_vm_ids()[0].clone();
+    let offering = sim
+        .disk_offerings()
+        .into_iter()
+        .find(|(_, _, gb)| gb.is_none())
+        .unwrap()
+        .0;
+    let run = |base: String,
+               method: reqwest::Method,
+               path: String,
+               body: Option<serde_json::Value>| async move {
+        let op = call(&base, method, &path, body).await;
+        let done = call(
+            &base,
+            reqwest::Method::GET,
+            &format!("/operations/{}?wait=60", op["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+        assert_eq!(done["status"], "completed", "{path}: {done}");
+        done
+    };
+    let created = run(
+        base.clone(),
+        reqwest::Method::POST,
+        "/volumes".into(),
+        Some(json!({"name": "adopted-job", "size": GIB, "disk_offering_id": offering, "zone_id": sim.zone_id()})),
+    )
+    .await;
+    let vol = Uuid::parse_str(created["response"]["volume_id"].as_str().unwrap()).unwrap();
+    let attach_path = format!("/volumes/{vol}/attach");
+    let detach_path = format!("/volumes/{vol}/detach");
+    if let LostCall::Detach = lost {
+        run(
+            base.clone(),
+            reqwest::Method::POST,
+            attach_path.clone(),
+            Some(json!({"vm_id": vm})),
+        )
+        .await;
+    }
+    // The lost call: its job takes seconds, the others 20 ms.
+    let (command, class) = lost.command();
+    sim.faults().add(cloudsim::FaultSpec::SlowJob {
+        command: command.into(),
+        extra_delay_ms: 5_000,
+        count: 1,
+    });
+    let cloud = sim_client(sim);
+    let (op_type, target, request) = match lost {
+        LostCall::Attach => {
+            cloud
+                .attach_volume(&vol.to_string(), &vm, None)
+                .await
+                .unwrap();
+            (
+                OpType::Attach,
+                Some(vm.clone()),
+                json!({"volume_id": vol, "vm_id": vm}),
+            )
+        }
+        LostCall::Detach => {
+            cloud.detach_volume(&vol.to_string()).await.unwrap();
+            (OpType::Detach, None, json!({"volume_id": vol}))
+        }
+    };
+    first.shutdown().await;
+    let id = journal_in_flight(&url, op_type, vol, target, request, "started").await;
+
+    let second = RunningDaemon::start(cfg).await.unwrap();
+    let base = format!("http://{}/api/v1", second.api_addr());
+    let cloud = sim_client(second.sim().unwrap());
+    let pending = jobs_on(&cloud, vol, class).await;
+    assert!(
+        pending.iter().any(|(_, status)| *status == 0),
+        "{lost:?}: the lost job is still pending at the restart: {pending:?}"
+    );
+    let done = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/operations/{id}?wait=60"),
+        None,
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{lost:?}: {done}");
+    // What comes next: the opposite operation.
+    match lost {
+        LostCall::Attach => run(base.clone(), reqwest::Method::POST, detach_path, None).await,
+        LostCall::Detach => {
+            run(
+                base.clone(),
+                reqwest::Method::POST,
+                attach_path,
+                Some(json!({"vm_id": vm})),
+            )
+            .await
+        }
+    };
+    // Every job on the volume ends (the lost one within seconds of the restart).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending: Vec<_> = cloud
+            .list_async_jobs()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|j| j.instance_id.as_deref() == Some(vol.to_string().as_str()))
+            .filter(|j| j.job_status == Some(0))
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs still pending: {pending:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let in_cloud = cloud.get_volume(&vol.to_string()).await.unwrap().unwrap();
+    let volume = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/volumes/{vol}"),
+        None,
+    )
+    .await;
+    match lost {
+        LostCall::Attach => {
+            assert_eq!(
+                in_cloud.virtualmachine_id, None,
+                "the detach that followed the resumed attach was undone by the lost attach job"
+            );
+            assert_eq!(volume["state"], "detached", "{volume}");
+        }
+        LostCall::Detach => {
+            assert_eq!(
+                in_cloud.virtualmachine_id.as_deref(),
+                Some(vm.as_str()),
+                "the attach that followed the resumed detach was undone by the lost detach job"
+            );
+            assert_eq!(volume["state"], "attached", "{volume}");
+            assert_eq!(volume["attachment"]["vm_id"], vm, "{volume}");
+        }
+    }
+    // The lost call is the only one of its command on the volume (the operations around it ran the other).
+    let lost_jobs = jobs_on(&cloud, vol, class).await;
+    assert_eq!(
+        lost_jobs.len(),
+        1,
+        "{lost:?}: {command} was sent again: {lost_jobs:?}"
+    );
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_attach_adopts_its_lost_pending_job_and_a_later_detach_stays() {
+    a_lost_call_still_running_is_adopted(LostCall::Attach).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_detach_adopts_its_lost_pending_job_and_a_later_attach_stays() {
+    a_lost_call_still_running_is_adopted(LostCall::Detach).await;
 }

@@ -14,7 +14,7 @@ use volume_api::{AttachOperationRequest, AttachVolumeResponse, DiskRole};
 use super::export::Served;
 use super::journal::{json_of, AttachStep, Entry, Step};
 use super::{EngineError, Inner};
-use crate::cloud::CloudVolume;
+use crate::cloud::{CloudVolume, VolumeJobKind};
 use crate::devices::Device;
 use crate::store::{AttachTarget, AttachmentRecord, VolumeRecord};
 
@@ -90,12 +90,18 @@ impl Inner {
         device_id: Option<u32>,
     ) -> Result<CloudVolume, EngineError> {
         let job_id = self
-            .start_or_resume_job(op, AttachStep::CloudAttachJob.into(), async {
-                Ok(self
-                    .cloud
-                    .attach_volume(&volume_id.to_string(), vm_id, device_id)
-                    .await?)
-            })
+            .start_or_adopt_volume_job(
+                op,
+                AttachStep::CloudAttachJob.into(),
+                volume_id,
+                VolumeJobKind::Attach,
+                async {
+                    Ok(self
+                        .cloud
+                        .attach_volume(&volume_id.to_string(), vm_id, device_id)
+                        .await?)
+                },
+            )
             .await?;
         let v = self
             .finish_job_or_reached(&job_id, volume_id, |v| {
@@ -321,9 +327,13 @@ impl Inner {
             return Ok(false);
         }
         let job_id = self
-            .start_or_resume_job(op, AttachStep::CompensateDetachJob.into(), async {
-                Ok(self.cloud.detach_volume(&volume_id.to_string()).await?)
-            })
+            .start_or_adopt_volume_job(
+                op,
+                AttachStep::CompensateDetachJob.into(),
+                volume_id,
+                VolumeJobKind::Detach,
+                async { Ok(self.cloud.detach_volume(&volume_id.to_string()).await?) },
+            )
             .await?;
         self.finish_job_or_reached(&job_id, volume_id, |v| {
             v.and_then(|v| v.vm_id.as_deref()) != Some(vm_id)

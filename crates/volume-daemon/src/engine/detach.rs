@@ -8,6 +8,7 @@ use volume_api::{DetachVolumeResponse, VolumeOperationRequest};
 
 use super::journal::{json_of, DetachStep, Entry, Step};
 use super::{EngineError, Inner};
+use crate::cloud::VolumeJobKind;
 use crate::store::{AttachTarget, AttachmentRecord};
 
 /// What the detach part of `detach` or `delete` found and did.
@@ -142,9 +143,13 @@ impl Inner {
         volume_id: Uuid,
     ) -> Result<(), EngineError> {
         let job_id = self
-            .start_or_resume_job(op, DetachStep::CloudDetachJob.into(), async {
-                Ok(self.cloud.detach_volume(&volume_id.to_string()).await?)
-            })
+            .start_or_adopt_volume_job(
+                op,
+                DetachStep::CloudDetachJob.into(),
+                volume_id,
+                VolumeJobKind::Detach,
+                async { Ok(self.cloud.detach_volume(&volume_id.to_string()).await?) },
+            )
             .await?;
         let after = self
             .finish_job_or_reached(&job_id, volume_id, |v| v.is_none_or(|v| v.vm_id.is_none()))

@@ -1,6 +1,7 @@
 //! The journal as types: the steps of each operation kind, the request each kind journals, parsing a stored
-//! entry into them (the only place stored text becomes a step), recording steps, and the one helper that
-//! starts a cloud job or resumes the one whose id was journaled.
+//! entry into them (the only place stored text becomes a step), recording steps, the one helper that
+//! starts a cloud job or resumes the one whose id was journaled, and the one look-up that adopts an attach or
+//! detach job a crashed run started without journaling its id.
 //!
 //! Step life cycles (stored spellings in `volume_api::OperationStep`):
 //!
@@ -35,7 +36,7 @@ use volume_api::{
 };
 
 use super::{EngineError, Inner};
-use crate::cloud::CloudJob;
+use crate::cloud::{CloudJob, VolumeJobKind};
 use crate::store::{OpStatus, OpType, OperationRecord};
 
 /// The steps of one operation kind.
@@ -203,6 +204,13 @@ impl<R, S: Step> Entry<R, S> {
         self.cloud_job_id
             .as_deref()
             .filter(|_| self.step == job_step)
+    }
+
+    /// Whether an earlier run of the entry got past `accepted` (journaled `started` or a later step), and so may
+    /// have sent a call whose job id it never journaled: before a crash, or when an attempt that met an
+    /// unavailable cloud is run again. A run journals `started` before it sends anything.
+    fn resumed(&self) -> bool {
+        self.step.wire() != OperationStep::Accepted
     }
 }
 
@@ -480,6 +488,74 @@ impl Inner {
         .await?;
         self.notify();
         Ok(job.job_id)
+    }
+
+    /// [`Self::start_or_resume_job`] for attachVolume or detachVolume (`kind`) on `volume_id`. An entry resumed
+    /// with no job id journaled for `job_step` may have sent the call just before the crash, and that job may
+    /// still be running in the cloud: sent again, the second job could end first, and the first one, running
+    /// late, would then undo a later attach or detach of the volume. So such an entry first looks for that job
+    /// ([`Self::lost_volume_job`]) and adopts it (journals its id with `job_step` and waits for it) instead of
+    /// sending the call again; when there is none, or the cloud cannot list its jobs, the call is sent.
+    pub(super) async fn start_or_adopt_volume_job<R, S: Step>(
+        &self,
+        entry: &Entry<R, S>,
+        job_step: S,
+        volume_id: Uuid,
+        kind: VolumeJobKind,
+        start: impl Future<Output = Result<CloudJob, EngineError>>,
+    ) -> Result<String, EngineError> {
+        self.start_or_resume_job(entry, job_step, async {
+            if entry.resumed() {
+                if let Some(job) = self.lost_volume_job(volume_id, kind).await {
+                    return Ok(job);
+                }
+            }
+            start.await
+        })
+        .await
+    }
+
+    /// The account's pending job of `kind` on the volume (listAsyncJobs), when the cloud lists one: the newest
+    /// by creation time. Older pending ones of the same kind (several attempts lost the same way) are waited for
+    /// first, so that none of them runs after the operation has moved on. `None`, with a warning, when the
+    /// cloud cannot list its jobs: the caller then sends the call as it would without the look-up, and
+    /// [`Inner::finish_job_or_reached`] still covers a first job that ends first.
+    async fn lost_volume_job(&self, volume_id: Uuid, kind: VolumeJobKind) -> Option<CloudJob> {
+        let mut jobs: Vec<_> = match self.cloud.pending_volume_jobs(&volume_id.to_string()).await {
+            Ok(jobs) => jobs.into_iter().filter(|j| j.kind == kind).collect(),
+            Err(e) => {
+                tracing::warn!(
+                    volume = %volume_id,
+                    error = %e.chain(),
+                    "cannot list CloudStack's jobs to find one an earlier attempt started on the volume; \
+                     sending the call again"
+                );
+                return None;
+            }
+        };
+        // Stable: among equal creation times the cloud's order stands.
+        jobs.sort_by(|a, b| a.created.cmp(&b.created));
+        let newest = jobs.pop()?;
+        for older in jobs {
+            if let Err(e) = self
+                .cloud
+                .wait_job(&older.job_id, self.cfg.job_timeout)
+                .await
+            {
+                tracing::warn!(volume = %volume_id, job = %older.job_id, error = %e.chain(), "an older job of an earlier attempt on the volume did not succeed");
+            }
+        }
+        tracing::warn!(
+            volume = %volume_id,
+            job = %newest.job_id,
+            kind = ?kind,
+            "CloudStack is still running a job on the volume that an earlier attempt (before a crash or a \
+             lost answer) started without journaling its id; waiting for it instead of sending the call again"
+        );
+        Some(CloudJob {
+            job_id: newest.job_id,
+            resource_id: None,
+        })
     }
 }
 

@@ -432,9 +432,10 @@ impl Inner {
 
     /// Waits for an attach or detach job; when the job fails but the cloud already reports the volume as the
     /// job was to leave it (`reached`), answers that state instead of the failure. An attachVolume or
-    /// detachVolume sent just before a crash, whose job id was never journaled, goes on in the cloud: the
-    /// resumed operation sends the call again, and when the first job finishes first, the second one fails
-    /// ("not attached", "already attached") though the volume is where the operation wanted it.
+    /// detachVolume sent just before a crash, whose job id was never journaled, goes on in the cloud; the
+    /// resumed operation adopts it while the cloud lists it pending (`start_or_adopt_volume_job`), but sends
+    /// the call again when it ended in between (or the cloud could not list its jobs): then the second job
+    /// fails ("not attached", "already attached") though the volume is where the operation wanted it.
     async fn finish_job_or_reached(
         &self,
         job_id: &str,
