@@ -330,24 +330,7 @@ async fn a_call_whose_job_id_was_lost(lost: LostCall) {
         )
         .await;
     }
-    let cloud = sim_client(sim);
-    let (op_type, target, request) = match lost {
-        LostCall::Attach => {
-            cloud
-                .attach_volume(&vol.to_string(), &vm, None)
-                .await
-                .unwrap();
-            (
-                OpType::Attach,
-                Some(vm.clone()),
-                json!({"volume_id": vol, "vm_id": vm}),
-            )
-        }
-        LostCall::Detach => {
-            cloud.detach_volume(&vol.to_string()).await.unwrap();
-            (OpType::Detach, None, json!({"volume_id": vol}))
-        }
-    };
+    let (op_type, target, request) = lost.send(&sim_client(sim), vol, &vm).await;
     first.shutdown().await;
     let id = journal_in_flight(&url, op_type, vol, target, request, "started").await;
 
@@ -393,6 +376,33 @@ async fn a_resumed_attach_whose_lost_first_request_attached_the_volume_completes
 }
 
 impl LostCall {
+    /// Sends the call straight to the cloud (attachVolume to `vm`, or detachVolume) as the previous run did,
+    /// and returns what the operation journals: its type, its target VM and its request.
+    async fn send(
+        self,
+        cloud: &cloudstack::Client,
+        vol: Uuid,
+        vm: &str,
+    ) -> (OpType, Option<String>, serde_json::Value) {
+        match self {
+            Self::Attach => {
+                cloud
+                    .attach_volume(&vol.to_string(), vm, None)
+                    .await
+                    .unwrap();
+                (
+                    OpType::Attach,
+                    Some(vm.to_string()),
+                    json!({"volume_id": vol, "vm_id": vm}),
+                )
+            }
+            Self::Detach => {
+                cloud.detach_volume(&vol.to_string()).await.unwrap();
+                (OpType::Detach, None, json!({"volume_id": vol}))
+            }
+        }
+    }
+
     /// The API command and the class CloudStack reports in a job's `cmd`.
     fn command(self) -> (&'static str, &'static str) {
         match self {
@@ -477,24 +487,7 @@ async fn a_lost_call_still_running_is_adopted(lost: LostCall) {
         extra_delay_ms: 5_000,
         count: 1,
     });
-    let cloud = sim_client(sim);
-    let (op_type, target, request) = match lost {
-        LostCall::Attach => {
-            cloud
-                .attach_volume(&vol.to_string(), &vm, None)
-                .await
-                .unwrap();
-            (
-                OpType::Attach,
-                Some(vm.clone()),
-                json!({"volume_id": vol, "vm_id": vm}),
-            )
-        }
-        LostCall::Detach => {
-            cloud.detach_volume(&vol.to_string()).await.unwrap();
-            (OpType::Detach, None, json!({"volume_id": vol}))
-        }
-    };
+    let (op_type, target, request) = lost.send(&sim_client(sim), vol, &vm).await;
     first.shutdown().await;
     let id = journal_in_flight(&url, op_type, vol, target, request, "started").await;
 
