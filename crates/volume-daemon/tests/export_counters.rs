@@ -56,12 +56,7 @@ async fn export_byte_counters_are_totals_across_restarts() {
     let base = format!("http://{}/api/v1", first.api_addr());
     let sim = first.sim().unwrap();
     let appliance = sim.appliance_vm_id().to_string();
-    let offering = sim
-        .disk_offerings()
-        .into_iter()
-        .find(|(_, _, gb)| gb.is_none())
-        .unwrap()
-        .0;
+    let offering = support::custom_offering_of(sim);
     let body = json!({"name": "counted", "size": support::GIB, "disk_offering_id": offering,
         "zone_id": sim.zone_id()});
     let created = run(&base, reqwest::Method::POST, "/volumes", body).await;

@@ -48,12 +48,7 @@ async fn root_a_failed_flush_fails_the_detach_before_the_cloud_and_keeps_the_exp
     let base = format!("http://{}/api/v1", daemon.api_addr());
     let sim = daemon.sim().unwrap();
     let appliance = sim.appliance_vm_id().to_string();
-    let offering = sim
-        .disk_offerings()
-        .into_iter()
-        .find(|(_, _, gb)| gb.is_none())
-        .unwrap()
-        .0;
+    let offering = support::custom_offering_of(sim);
     let wait = |op: serde_json::Value| {
         let base = base.clone();
         async move {

@@ -69,12 +69,7 @@ async fn operations_journaled_by_an_earlier_version_resume_with_the_same_meaning
     let base = format!("http://{}/api/v1", first.api_addr());
     let sim = first.sim().unwrap();
     let (zone, other) = (sim.zone_id().to_string(), sim.other_vm_ids()[0].clone());
-    let offering = sim
-        .disk_offerings()
-        .into_iter()
-        .find(|(_, _, gb)| gb.is_none())
-        .unwrap()
-        .0;
+    let offering = support::custom_offering_of(sim);
     let to_attach = created_volume(&base, &zone, &offering, "old-attach").await;
     let to_delete = created_volume(&base, &zone, &offering, "old-delete").await;
     // As CloudStack requires for a root attach: the VM stopped and its old root detached.
@@ -169,12 +164,7 @@ async fn a_journaled_repair_that_never_ran_resumes_at_start_up() {
     let base = format!("http://{}/api/v1", first.api_addr());
     let sim = first.sim().unwrap();
     let (zone, appliance) = (sim.zone_id().to_string(), sim.appliance_vm_id().to_string());
-    let offering = sim
-        .disk_offerings()
-        .into_iter()
-        .find(|(_, _, gb)| gb.is_none())
-        .unwrap()
-        .0;
+    let offering = support::custom_offering_of(sim);
     let vol = created_volume(&base, &zone, &offering, "to-repair").await;
     let op = call(
         &base,

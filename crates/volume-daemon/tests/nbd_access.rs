@@ -90,12 +90,7 @@ async fn ext_an_export_admits_only_the_clients_its_attach_named_also_after_a_res
     let base = format!("http://{}/api/v1", first.api_addr());
     let sim = first.sim().unwrap();
     let (zone, appliance) = (sim.zone_id().to_string(), sim.appliance_vm_id().to_string());
-    let offering = sim
-        .disk_offerings()
-        .into_iter()
-        .find(|(_, _, gb)| gb.is_none())
-        .unwrap()
-        .0;
+    let offering = support::custom_offering_of(sim);
     let mut volumes = Vec::new();
     for (name, clients) in [("for-a", Some(json!(["writer-a"]))), ("open", None)] {
         let op = call(

@@ -170,14 +170,7 @@ async fn ext_postgres_a_journaled_request_with_nul_fails_at_start_without_touchi
     cfg.database_url = Some(db.url.clone());
     let first = start(cfg.clone()).await;
     let sim = first.sim().unwrap();
-    let (zone, off) = (
-        sim.zone_id().to_string(),
-        sim.disk_offerings()
-            .into_iter()
-            .find(|(_, _, gb)| gb.is_none())
-            .unwrap()
-            .0,
-    );
+    let (zone, off) = (sim.zone_id().to_string(), support::custom_offering_of(sim));
     first.shutdown().await;
 
     let bad_zone = journal_create(
@@ -236,14 +229,7 @@ async fn an_entry_the_database_refuses_to_write_leaves_the_daemon_serving_and_he
     let url = cfg.effective_database_url();
     let first = start(cfg.clone()).await;
     let sim = first.sim().unwrap();
-    let (zone, off) = (
-        sim.zone_id().to_string(),
-        sim.disk_offerings()
-            .into_iter()
-            .find(|(_, _, gb)| gb.is_none())
-            .unwrap()
-            .0,
-    );
+    let (zone, off) = (sim.zone_id().to_string(), support::custom_offering_of(sim));
     first.shutdown().await;
 
     let poisoned = journal_create(

@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{call, GIB};
+use support::{call, call_ok, GIB};
 use uuid::Uuid;
 use volume_daemon::daemon::RunningDaemon;
 use volume_daemon::store::{NewOperation, OpStatus, OpType, Store};
@@ -57,12 +57,7 @@ async fn the_api_serves_while_resumed_operations_run_and_new_ones_queue_behind_t
     let base = format!("http://{}/api/v1", first.api_addr());
     let sim = first.sim().unwrap();
     let vm = sim.other_vm_ids()[0].clone();
-    let offering = sim
-        .disk_offerings()
-        .into_iter()
-        .find(|(_, _, gb)| gb.is_none())
-        .unwrap()
-        .0;
+    let offering = support::custom_offering_of(sim);
     let op = call(
         &base,
         reqwest::Method::POST,
@@ -179,12 +174,7 @@ async fn a_volume_with_an_interrupted_detach_is_not_exported_again() {
     let base = format!("http://{}/api/v1", first.api_addr());
     let sim = first.sim().unwrap();
     let appliance = sim.appliance_vm_id().to_string();
-    let offering = sim
-        .disk_offerings()
-        .into_iter()
-        .find(|(_, _, gb)| gb.is_none())
-        .unwrap()
-        .0;
+    let offering = support::custom_offering_of(sim);
     let wait = |op: serde_json::Value| {
         let base = base.clone();
         async move {
@@ -294,38 +284,20 @@ async fn a_call_whose_job_id_was_lost(lost: LostCall) {
     let sim = first.sim().unwrap();
     let appliance = sim.appliance_vm_id().to_string();
     let vm = sim.other_vm_ids()[0].clone();
-    let offering = sim
-        .disk_offerings()
-        .into_iter()
-        .find(|(_, _, gb)| gb.is_none())
-        .unwrap()
-        .0;
-    let run = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
-        let base = base.clone();
-        async move {
-            let op = call(&base, method, &path, body).await;
-            let done = call(
-                &base,
-                reqwest::Method::GET,
-                &format!("/operations/{}?wait=60", op["id"].as_str().unwrap()),
-                None,
-            )
-            .await;
-            assert_eq!(done["status"], "completed", "{done}");
-            done
-        }
-    };
-    let created = run(
+    let offering = support::custom_offering_of(sim);
+    let created = call_ok(
+        &base,
         reqwest::Method::POST,
-        "/volumes".into(),
+        "/volumes",
         Some(json!({"name": "lost-job", "size": GIB, "disk_offering_id": offering, "zone_id": sim.zone_id()})),
     )
     .await;
     let vol = Uuid::parse_str(created["response"]["volume_id"].as_str().unwrap()).unwrap();
     if let LostCall::Detach = lost {
-        run(
+        call_ok(
+            &base,
             reqwest::Method::POST,
-            format!("/volumes/{vol}/attach"),
+            &format!("/volumes/{vol}/attach"),
             Some(json!({"vm_id": appliance})),
         )
         .await;
@@ -440,31 +412,11 @@ async fn a_lost_call_still_running_is_adopted(lost: LostCall) {
     let base = format!("http://{}/api/v1", first.api_addr());
     let sim = first.sim().unwrap();
     let vm = sim.other_vm_ids()[0].clone();
-    let offering = sim
-        .disk_offerings()
-        .into_iter()
-        .find(|(_, _, gb)| gb.is_none())
-        .unwrap()
-        .0;
-    let run = |base: String,
-               method: reqwest::Method,
-               path: String,
-               body: Option<serde_json::Value>| async move {
-        let op = call(&base, method, &path, body).await;
-        let done = call(
-            &base,
-            reqwest::Method::GET,
-            &format!("/operations/{}?wait=60", op["id"].as_str().unwrap()),
-            None,
-        )
-        .await;
-        assert_eq!(done["status"], "completed", "{path}: {done}");
-        done
-    };
-    let created = run(
-        base.clone(),
+    let offering = support::custom_offering_of(sim);
+    let created = call_ok(
+        &base,
         reqwest::Method::POST,
-        "/volumes".into(),
+        "/volumes",
         Some(json!({"name": "adopted-job", "size": GIB, "disk_offering_id": offering, "zone_id": sim.zone_id()})),
     )
     .await;
@@ -472,10 +424,10 @@ async fn a_lost_call_still_running_is_adopted(lost: LostCall) {
     let attach_path = format!("/volumes/{vol}/attach");
     let detach_path = format!("/volumes/{vol}/detach");
     if let LostCall::Detach = lost {
-        run(
-            base.clone(),
+        call_ok(
+            &base,
             reqwest::Method::POST,
-            attach_path.clone(),
+            &attach_path,
             Some(json!({"vm_id": vm})),
         )
         .await;
@@ -509,12 +461,12 @@ async fn a_lost_call_still_running_is_adopted(lost: LostCall) {
     assert_eq!(done["status"], "completed", "{lost:?}: {done}");
     // What comes next: the opposite operation.
     match lost {
-        LostCall::Attach => run(base.clone(), reqwest::Method::POST, detach_path, None).await,
+        LostCall::Attach => call_ok(&base, reqwest::Method::POST, &detach_path, None).await,
         LostCall::Detach => {
-            run(
-                base.clone(),
+            call_ok(
+                &base,
                 reqwest::Method::POST,
-                attach_path,
+                &attach_path,
                 Some(json!({"vm_id": vm})),
             )
             .await

@@ -132,11 +132,7 @@ pub fn json_array<T: Serialize + Send + 'static>(
     items: Vec<T>,
     link: Option<HeaderValue>,
 ) -> Response {
-    let chunks = Chunks {
-        items: items.into_iter(),
-        started: false,
-        done: false,
-    };
+    let chunks = Chunks::new(items);
     let stream = futures::stream::iter(chunks.map(Ok::<_, std::convert::Infallible>));
     let mut resp = (
         [(header::CONTENT_TYPE, "application/json")],
@@ -158,6 +154,16 @@ struct Chunks<T> {
     items: std::vec::IntoIter<T>,
     started: bool,
     done: bool,
+}
+
+impl<T> Chunks<T> {
+    fn new(items: Vec<T>) -> Self {
+        Self {
+            items: items.into_iter(),
+            started: false,
+            done: false,
+        }
+    }
 }
 
 impl<T: Serialize> Iterator for Chunks<T> {
@@ -218,12 +224,7 @@ mod tests {
         for n in [0, 1, 2, 3, 7, 40] {
             let items: Vec<Value> = (0..n).map(|i| json!({"i": i, "pad": big})).collect();
             let want = serde_json::to_vec(&items).unwrap();
-            let chunks: Vec<bytes::Bytes> = Chunks {
-                items: items.into_iter(),
-                started: false,
-                done: false,
-            }
-            .collect();
+            let chunks: Vec<bytes::Bytes> = Chunks::new(items).collect();
             assert_eq!(chunks.concat(), want, "{n} items");
             // Every chunk but the last holds at least CHUNK bytes: the body is not one item per write.
             let short = chunks
@@ -250,13 +251,7 @@ mod tests {
             let pad = "x".repeat(first - 9);
             let items = vec![json!({"p": pad}), json!({"p": "y"}), json!({"p": "z"})];
             let want = serde_json::to_vec(&items).unwrap();
-            let body = Chunks {
-                items: items.into_iter(),
-                started: false,
-                done: false,
-            }
-            .collect::<Vec<_>>()
-            .concat();
+            let body = Chunks::new(items).collect::<Vec<_>>().concat();
             assert_eq!(
                 String::from_utf8_lossy(&body[first - 2..]),
                 String::from_utf8_lossy(&want[first - 2..]),
@@ -278,11 +273,7 @@ mod tests {
                 .map(|n| json!({"p": "x".repeat(n)}))
                 .collect();
             let want = serde_json::to_vec(&items).unwrap();
-            let body = Chunks {
-                items: items.into_iter(),
-                started: false,
-                done: false,
-            }
+            let body = Chunks::new(items)
             .collect::<Vec<_>>()
             .concat();
             proptest::prop_assert_eq!(body, want);

@@ -176,12 +176,7 @@ impl TestDaemon {
 
     /// The custom-size disk offering.
     pub fn custom_offering(&self) -> String {
-        self.sim()
-            .disk_offerings()
-            .into_iter()
-            .find(|(_, _, gb)| gb.is_none())
-            .expect("a custom-size offering")
-            .0
+        custom_offering_of(self.sim())
     }
 
     pub async fn create_volume(&self, name: &str, size: u64) -> Uuid {
@@ -205,7 +200,15 @@ impl Drop for TestDaemon {
     }
 }
 
-/// Waits until `f` is true, polling; panics after `deadline`.
+/// The simulator's custom-size disk offering.
+pub fn custom_offering_of(sim: &cloudsim::RunningSimulator) -> String {
+    sim.disk_offerings()
+        .into_iter()
+        .find(|(_, _, gb)| gb.is_none())
+        .expect("a custom-size offering")
+        .0
+}
+
 /// One JSON request to the API at `base` (a daemon started without [`TestDaemon`]); the body as JSON.
 pub async fn call(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
     let mut req = reqwest::Client::new().request(method, format!("{base}{path}"));
@@ -215,6 +218,28 @@ pub async fn call(base: &str, method: reqwest::Method, path: &str, body: Option<
     req.send().await.unwrap().json().await.unwrap()
 }
 
+/// Submits a mutation to the API at `base` (a daemon started without [`TestDaemon`]) and waits for it;
+/// panics unless it completed.
+pub async fn call_ok(
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
+    let op = call(base, method, path, body).await;
+    let id = op["id"].as_str().expect("operation id");
+    let done = call(
+        base,
+        reqwest::Method::GET,
+        &format!("/operations/{id}?wait=60"),
+        None,
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{path}: {done}");
+    done
+}
+
+/// Waits until `f` is true, polling; panics after `deadline`.
 pub async fn eventually(deadline: Duration, mut f: impl FnMut() -> bool) {
     let end = std::time::Instant::now() + deadline;
     while !f() {
