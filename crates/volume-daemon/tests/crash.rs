@@ -243,3 +243,118 @@ fn ext_crash_after_create_reached_the_cloud_adopts_the_volume_it_made() {
         "not sent twice"
     );
 }
+
+/// A resumed attach whose first call's job is still running and whose job id was never journaled, when the
+/// cloud cannot list its jobs (listAsyncJobs fails): the daemon cannot adopt the lost job, so it says why
+/// and sends the call again; the operation completes, the cloud and the database agree once every job on
+/// the volume has ended, and the log names the fallback.
+#[test]
+fn ext_a_resumed_attach_that_cannot_list_the_clouds_jobs_sends_again_and_completes() {
+    let w = World::new(20);
+    let (mut d, api) = w.daemon();
+    let vol = create_volume(&api, &w.sim_url);
+    let vms = cloud(&w.sim_url, "listVirtualMachines", &[]);
+    let vm = vms["virtualmachine"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] != APPLIANCE && v["state"] == "Running")
+        .expect("a running VM besides the appliance")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The first attach job runs long enough to kill the daemon while it waits, and to be pending still
+    // when the next run resumes the operation.
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &w.sim_faults(),
+        Some(json!({"type": "slow_job", "command": "attachVolume", "extra_delay_ms": 4000})),
+    );
+    assert!(s < 300, "{s} {v}");
+    let (s, op) = call(
+        reqwest::Method::POST,
+        &format!("{api}/volumes/{vol}/attach"),
+        Some(json!({"vm_id": vm})),
+    );
+    assert_eq!(s, 201, "{op}");
+    let op = op["id"].as_str().unwrap().to_string();
+    wait_step(&api, &op, "cloud_attach_job");
+    kill(&mut d);
+    // Rewind the journal to the moment between sending attachVolume and journaling its job id.
+    let db = w.dir.path().join("daemon").join("volume-daemon.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use sqlx::ConnectOptions;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .connect()
+            .await
+            .unwrap();
+        let done =
+            sqlx::query("UPDATE operations SET step = 'started', cloud_job_id = NULL WHERE id = ?")
+                .bind(&op)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(done.rows_affected(), 1);
+    });
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &w.sim_faults(),
+        Some(json!({"type": "fail_command", "command": "listAsyncJobs", "count": 1000})),
+    );
+    assert!(s < 300, "{s} {v}");
+
+    let log = w.dir.path().join("second-run.log");
+    let mut cmd = w.daemon_command();
+    cmd.stderr(std::process::Stdio::from(
+        std::fs::File::create(&log).unwrap(),
+    ));
+    let (_d2, api) = World::start_daemon(&mut cmd);
+    let done = wait_terminal(&api, &op);
+    assert_eq!(done["status"], "completed", "{done}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("cannot list CloudStack's jobs"),
+        "the fallback is not logged: {logged}"
+    );
+
+    // Both attach jobs end: the lost one within seconds.
+    let (s, v) = call(reqwest::Method::DELETE, &w.sim_faults(), None);
+    assert!(s < 300, "{s} {v}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let attach_jobs = loop {
+        let jobs = cloud(&w.sim_url, "listAsyncJobs", &[]);
+        let on_volume: Vec<_> = jobs["asyncjobs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|j| j["jobinstanceid"] == vol.as_str())
+            .filter(|j| {
+                j["cmd"]
+                    .as_str()
+                    .is_some_and(|c| c.ends_with("AttachVolumeCmd"))
+            })
+            .collect();
+        if on_volume.iter().all(|j| j["jobstatus"] != 0) {
+            break on_volume;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "jobs still pending: {on_volume:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(
+        attach_jobs.len(),
+        2,
+        "the call was sent again: {attach_jobs:?}"
+    );
+    assert_consistent(&api, &w.sim_url, &vol);
+    let (_, st) = call(reqwest::Method::GET, &format!("{api}/volumes/{vol}"), None);
+    assert_eq!(st["attachment"]["vm_id"], vm.as_str(), "{st}");
+}
