@@ -546,6 +546,13 @@ fn ext_nbdinfo_json_reports_size_flags_and_list() {
         .collect();
     names.sort();
     assert_eq!(names, ["alpha", "beta"]);
+    // Neither the listing nor an export's details show where the server keeps its files.
+    for shown in [&list, &out] {
+        assert!(
+            !shown.contains(a.path().to_str().unwrap()),
+            "the file's path is shown: {shown}"
+        );
+    }
     srv.terminate();
     let ro = Served::start(&["--read-only"], &[("alpha", a.path())]);
     let out = run(Command::new("nbdinfo").arg("--json").arg(ro.uri("alpha")));

@@ -122,7 +122,8 @@ impl Exports {
                 backend: Arc::new(backend),
                 read_only: false,
                 max_connections: None,
-                description: Some(format!("volume {volume_id} ({})", device.display())),
+                // The volume it serves; the appliance's device paths are not the clients' business.
+                description: Some(format!("volume {volume_id}")),
                 access: access(clients),
             })
             .map_err(|source| ExportError::Register { name, source })

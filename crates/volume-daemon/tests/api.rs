@@ -510,6 +510,19 @@ async fn root_end_to_end_nbd_data_survives_detach_and_reattach() {
     assert!(st.success(), "nbdcopy into the export");
     let (_, exp) = d.get(&format!("/exports/{vol}")).await;
     assert!(exp["bytes_written"].as_u64().unwrap() >= 256 << 20, "{exp}");
+    // A client sees which volume it opened, not the appliance's device paths.
+    let info = Command::new("nbdinfo")
+        .arg("--json")
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "nbdinfo on the export");
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        info["exports"][0]["description"],
+        format!("volume {vol}").as_str(),
+        "{info}"
+    );
 
     d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
     let st = Command::new("nbdinfo").arg(&url).output().unwrap();

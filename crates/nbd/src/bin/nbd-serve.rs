@@ -129,7 +129,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 backend: Arc::new(backend),
                 read_only: args.read_only,
                 max_connections: args.max_connections,
-                description: Some(path.display().to_string()),
+                // The server's own paths are not the clients' business (nbdkit and qemu-nbd send none).
+                description: None,
                 access: match allowed.remove(&name) {
                     Some(ids) => nbd::Access::Clients(ids),
                     None => nbd::Access::Anyone,
