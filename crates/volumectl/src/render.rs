@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 use volume_api::{
     Appliance, AttachTarget, CloudOffering, CloudVm, CloudZone, DiskRole, Export, ExportList,
     Health, Operation, OperationKind, OperationStatus, ReconcileReport, VolumeSnapshot,
@@ -44,17 +45,17 @@ impl Table {
     /// Renders within `width` columns when given: the widest columns are narrowed first (never below their
     /// header) and cells cut to fit end in `~`. `None` prints every cell in full.
     pub fn render_fit(&self, width: Option<usize>) -> String {
-        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.width()).collect();
         for r in &self.rows {
             for (w, c) in widths.iter_mut().zip(r) {
-                *w = (*w).max(c.chars().count());
+                *w = (*w).max(c.width());
             }
         }
         if let Some(limit) = width {
             let floor: Vec<usize> = self
                 .header
                 .iter()
-                .map(|h| h.chars().count().max(MIN_COLUMN))
+                .map(|h| h.width().max(MIN_COLUMN))
                 .collect();
             let gaps = 2 * widths.len().saturating_sub(1);
             while widths.iter().sum::<usize>() + gaps > limit {
@@ -80,7 +81,7 @@ impl Table {
                 let c = cut(c, *w);
                 line.push_str(&c);
                 if i + 1 < r.len() {
-                    line.extend(std::iter::repeat_n(' ', w - c.chars().count()));
+                    line.extend(std::iter::repeat_n(' ', w.saturating_sub(c.width())));
                 }
             }
             out.push_str(line.trim_end());
@@ -116,12 +117,25 @@ pub fn terminal_width() -> usize {
         .unwrap_or(100)
 }
 
-/// `s` cut to `width` characters, the last one `~` when something was cut.
+/// `s` cut to `width` terminal columns (a wide character, as in CJK text, takes two), the last one `~`
+/// when something was cut.
 fn cut(s: &str, width: usize) -> String {
-    if s.chars().count() <= width {
+    if s.width() <= width {
         return s.to_string();
     }
-    let mut out: String = s.chars().take(width.saturating_sub(1)).collect();
+    let room = width.saturating_sub(1);
+    let mut out = String::new();
+    let mut used = 0;
+    for ch in s.chars() {
+        let w = ch.width().unwrap_or(0);
+        if used + w > room {
+            break;
+        }
+        used += w;
+        out.push(ch);
+    }
+    // A wide character that did not fit leaves a column: fill it, so the column stays aligned.
+    out.extend(std::iter::repeat_n(' ', room - used));
     out.push('~');
     out
 }
@@ -778,6 +792,29 @@ mod tests {
         t.row(vec!["wide cell".into(), "x".into()]);
         t.row(vec!["y".into()]);
         assert_eq!(t.render_fit(None), "A          LONGER\nwide cell  x\ny\n");
+    }
+
+    #[test]
+    fn wide_characters_take_two_columns_in_full_and_cut_cells() {
+        let mut t = Table::new(&["NAME", "STATE"]);
+        t.row(vec!["移行ディスク".into(), "attached".into()]);
+        t.row(vec!["disk-1".into(), "detached".into()]);
+        // Six wide characters are twelve columns: the next column starts at the same place on each line.
+        assert_eq!(
+            t.render_fit(None),
+            "NAME          STATE\n移行ディスク  attached\ndisk-1        detached\n"
+        );
+        // Cut to fit 18 columns, the name column gets 8: three wide characters take six, and the column a
+        // fourth cannot fill is a space before the mark, so the next column stays aligned.
+        let out = t.render_fit(Some(18));
+        assert_eq!(
+            out, "NAME      STATE\n移行デ ~  attached\ndisk-1    detached\n",
+            "{out}"
+        );
+        assert_eq!(cut("移行ディスク", 7), "移行デ~");
+        for line in out.lines() {
+            assert!(line.width() <= 18, "{out}");
+        }
     }
 
     #[test]
