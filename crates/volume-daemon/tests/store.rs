@@ -793,6 +793,74 @@ async fn attachments_filter_and_device_lookup(db: &TestDb) -> Result<()> {
     Ok(())
 }
 
+/// A kernel device node is recorded for one volume at a time: the one whose disk was verified under it last,
+/// by an attach's commit or by an export re-opened on the device found now.
+async fn a_kernel_device_is_recorded_for_one_volume_at_a_time(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let (a, b) = (volume("a"), volume("b"));
+    store.upsert_volume(&a).await?;
+    store.upsert_volume(&b).await?;
+    let mut att_a = appliance_attachment(a.id, "appliance", 1);
+    att_a.kernel_device = Some("/dev/vdb".into());
+    let op = insert(
+        &store,
+        &new_op(OpType::Attach, Some(a.id), Some("appliance"), None),
+    )
+    .await?;
+    store
+        .commit_attach(op, &att_a, Some(&export(a.id, 1)), &json!({}))
+        .await?;
+    // a's disk went away; b's disk takes its kernel name.
+    let mut att_b = appliance_attachment(b.id, "appliance", 1);
+    att_b.kernel_device = Some("/dev/vdb".into());
+    let op = insert(
+        &store,
+        &new_op(OpType::Attach, Some(b.id), Some("appliance"), None),
+    )
+    .await?;
+    store
+        .commit_attach(op, &att_b, Some(&export(b.id, 1)), &json!({}))
+        .await?;
+    let got_a = store
+        .get_attachment(a.id)
+        .await?
+        .context("a's attachment")?;
+    ensure!(got_a.kernel_device.is_none(), "{got_a:?}");
+    ensure!(got_a.by_id_path == att_a.by_id_path && got_a.stable_name == att_a.stable_name);
+    let found = store.find_attachment_by_device("/dev/vdb").await?;
+    ensure!(found.map(|f| f.volume_id) == Some(b.id));
+
+    // a's disk is back under /dev/vdb (b's went away): re-serving a records it, and b's record lets go.
+    let by_id = att_a.by_id_path.clone().context("by-id")?;
+    store
+        .upsert_export_on_device(&export(a.id, 2), Some(&by_id), "/dev/vdb")
+        .await?;
+    let got_a = store
+        .get_attachment(a.id)
+        .await?
+        .context("a's attachment")?;
+    ensure!(
+        got_a.kernel_device.as_deref() == Some("/dev/vdb") && got_a.export_generation == Some(2)
+    );
+    let got_b = store
+        .get_attachment(b.id)
+        .await?
+        .context("b's attachment")?;
+    ensure!(got_b.kernel_device.is_none(), "{got_b:?}");
+    let found = store.find_attachment_by_device("/dev/vdb").await?;
+    ensure!(found.map(|f| f.volume_id) == Some(a.id));
+    store
+        .upsert_export_on_device(&export(a.id, 3), Some(&by_id), "/dev/vdc")
+        .await?;
+    let got_a = store
+        .get_attachment(a.id)
+        .await?
+        .context("a's attachment")?;
+    ensure!(got_a.kernel_device.as_deref() == Some("/dev/vdc") && got_a.by_id_path == Some(by_id));
+    ensure!(store.find_attachment_by_device("/dev/vdb").await?.is_none());
+    Ok(())
+}
+
 async fn exports_upsert_list_delete(db: &TestDb) -> Result<()> {
     let store = open(db).await?;
     let v1 = volume("e1");
@@ -1371,6 +1439,7 @@ suite!(
     clear_attachment_removes_export_and_attachment_together,
     volume_records_round_trip_and_delete,
     attachments_filter_and_device_lookup,
+    a_kernel_device_is_recorded_for_one_volume_at_a_time,
     exports_upsert_list_delete,
     export_byte_counters_survive_restarts,
     appliance_get_and_set,

@@ -120,7 +120,8 @@ impl Inner {
         })
     }
 
-    /// Verifies the attachment's device, re-creates its stable name and opens a new export generation.
+    /// Verifies the attachment's device, re-creates its stable name and opens a new export generation; the
+    /// attachment records the device as found now.
     pub(super) async fn reexport(
         &self,
         att: &AttachmentRecord,
@@ -162,7 +163,15 @@ impl Inner {
             bytes_read_before,
             bytes_written_before,
         };
-        self.store.upsert_export(&rec).await?;
+        // The device may have come back under another kernel name: the attachment records the one verified now.
+        let by_id_path = dev.by_id_path.as_ref().map(|p| p.display().to_string());
+        self.store
+            .upsert_export_on_device(
+                &rec,
+                by_id_path.as_deref(),
+                &dev.dev_path.display().to_string(),
+            )
+            .await?;
         Ok(rec)
     }
 }

@@ -1093,11 +1093,65 @@ impl Store {
         Ok(())
     }
 
+    /// A kernel device node names one disk at a time: the one just verified as `volume_id`'s. Another of this
+    /// appliance's attachments still recording it (its disk went away behind the daemon's back, or did not come
+    /// back after a restart) records none any more, so that no read or look-up by that node finds the wrong
+    /// volume.
+    async fn disown_kernel_device_in(
+        &self,
+        conn: &mut AnyConnection,
+        kernel_device: &str,
+        volume_id: Uuid,
+    ) -> Result<(), StoreError> {
+        let sql = self.dialect.sql(&format!(
+            "UPDATE attachments SET kernel_device = NULL WHERE kernel_device = ? AND volume_id <> ? \
+             AND {OWN_VOLUME}"
+        ));
+        sqlx::query(&sql)
+            .bind(kernel_device.to_owned())
+            .bind(volume_id.to_string())
+            .bind(self.owner().to_string())
+            .execute(conn)
+            .await
+            .map_err(q("releasing a kernel device recorded for another volume"))?;
+        Ok(())
+    }
+
     /// Inserts or replaces the volume's export (and records its generation on the volume's attachment), in
     /// one transaction.
     pub async fn upsert_export(&self, e: &ExportRecord) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
         self.upsert_export_in(&mut tx, e).await?;
+        outbox::record_in(self, &mut tx, e.volume_id, OsseaChange::Unchanged).await?;
+        tx.commit().await.map_err(q("committing an export"))?;
+        self.outbox_committed();
+        Ok(())
+    }
+
+    /// [`Self::upsert_export`] for an export opened on a device verified now, which the volume's attachment
+    /// records too (its by-id link and kernel node), in the same transaction: a disk that came back under
+    /// another kernel name (the appliance restarted) is never reported or found under its old one, which
+    /// may name another volume's disk by now.
+    pub async fn upsert_export_on_device(
+        &self,
+        e: &ExportRecord,
+        by_id_path: Option<&str>,
+        kernel_device: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        self.upsert_export_in(&mut tx, e).await?;
+        self.disown_kernel_device_in(&mut tx, kernel_device, e.volume_id)
+            .await?;
+        let sql = self
+            .dialect
+            .sql("UPDATE attachments SET by_id_path = ?, kernel_device = ? WHERE volume_id = ?");
+        sqlx::query(&sql)
+            .bind(by_id_path.map(str::to_owned))
+            .bind(kernel_device.to_owned())
+            .bind(e.volume_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("recording the device of an attachment"))?;
         outbox::record_in(self, &mut tx, e.volume_id, OsseaChange::Unchanged).await?;
         tx.commit().await.map_err(q("committing an export"))?;
         self.outbox_committed();
@@ -1408,6 +1462,9 @@ impl Store {
                     Err(e) => return Err(q("recording an attachment")(e)),
                 }
             }
+        }
+        if let Some(k) = &a.kernel_device {
+            self.disown_kernel_device_in(&mut tx, k, volume_id).await?;
         }
         if let Some(e) = export {
             if e.volume_id != volume_id {

@@ -239,6 +239,19 @@ pub async fn call_ok(
     done
 }
 
+/// Detaches the loop devices over the volume files of the simulator whose state is under `state_dir`
+/// (`<state_dir>/sim/volumes`, as `serve --sim` keeps it), whatever made them.
+pub fn detach_loop_devices_of(state_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("sim").join("volumes")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        for dev in blockdev::loopdev::find_by_backing(&e.path()).unwrap_or_default() {
+            let _ = blockdev::loopdev::detach_path(&dev);
+        }
+    }
+}
+
 /// Waits until `f` is true, polling; panics after `deadline`.
 pub async fn eventually(deadline: Duration, mut f: impl FnMut() -> bool) {
     let end = std::time::Instant::now() + deadline;

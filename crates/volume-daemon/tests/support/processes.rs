@@ -145,14 +145,7 @@ impl World {
 impl Drop for World {
     /// Detaches the loop devices this test's simulator made over its own volume files, whatever the outcome.
     fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(self.dir.path().join("sim").join("volumes")) else {
-            return;
-        };
-        for e in entries.flatten() {
-            for dev in blockdev::loopdev::find_by_backing(&e.path()).unwrap_or_default() {
-                let _ = blockdev::loopdev::detach_path(&dev);
-            }
-        }
+        super::detach_loop_devices_of(self.dir.path());
     }
 }
 
