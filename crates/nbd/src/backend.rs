@@ -4,8 +4,8 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{OnceLock, RwLock};
 use std::time::Instant;
@@ -117,6 +117,8 @@ pub struct FileBackend {
     block_device: bool,
     /// Logical block size of a block device (1 for files).
     sector: u64,
+    /// The block device's `write_zeroes_max_bytes` in sysfs (`None` for files).
+    write_zeroes_limit: Option<PathBuf>,
     /// The file lives on tmpfs or ramfs: reads and writes are memory copies and never wait for a device.
     memory_backed: bool,
     /// The file mapped for direct socket I/O (memory-backed files only).
@@ -153,6 +155,7 @@ impl FileBackend {
                 size,
                 block_device: true,
                 sector: u64::from(sector.max(512)),
+                write_zeroes_limit: Some(write_zeroes_limit(meta.rdev())),
                 memory_backed: false,
                 mapping: None,
                 dense: AtomicBool::new(false),
@@ -180,6 +183,7 @@ impl FileBackend {
                 size: meta.len(),
                 block_device: false,
                 sector: 1,
+                write_zeroes_limit: None,
                 memory_backed,
                 mapping,
                 dense: AtomicBool::new(false),
@@ -237,11 +241,39 @@ impl FileBackend {
         Ok(())
     }
 
+    /// Whether the block device zeroes ranges with a command of its own (sysfs says so; `false` when
+    /// sysfs cannot be read). `fallocate` on a block device drops the range from the page cache, dirty
+    /// pages included, before it asks the device: on a device without the command it then fails with
+    /// `EOPNOTSUPP` having thrown away writes not yet written back, so it must not be tried there.
+    fn device_zeroes(&self) -> bool {
+        self.write_zeroes_limit
+            .as_deref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
+    }
+
     /// Aligned sub-range `[start, end)` of `[offset, offset+len)` on sector boundaries (may be empty).
     fn aligned(&self, offset: u64, len: u64) -> (u64, u64) {
         let s = offset.div_ceil(self.sector) * self.sector;
         let e = (offset + len) / self.sector * self.sector;
         (s, e.max(s))
+    }
+}
+
+/// Where sysfs tells how much a block device zeroes with one write-zeroes command of its own: 0 when it
+/// has none. A partition's directory has no `queue`; its disk's (the parent directory) applies.
+fn write_zeroes_limit(rdev: u64) -> PathBuf {
+    let dev = format!(
+        "/sys/dev/block/{}:{}",
+        rustix::fs::major(rdev),
+        rustix::fs::minor(rdev)
+    );
+    let own = Path::new(&dev).join("queue/write_zeroes_max_bytes");
+    if own.exists() {
+        own
+    } else {
+        Path::new(&dev).join("../queue/write_zeroes_max_bytes")
     }
 }
 
@@ -328,8 +360,10 @@ impl Backend for FileBackend {
             if fast {
                 // The kernel zeroes a block device range with `FALLOC_FL_PUNCH_HOLE` only through the
                 // device's own write-zeroes command (`BLKDEV_ZERO_NOFALLBACK`): it fails with EOPNOTSUPP
-                // instead of writing zeros. Without permission to deallocate there is no such call.
-                if !may_trim || e <= s {
+                // instead of writing zeros, but only after it dropped the range from the page cache, dirty
+                // pages included: it is asked only when the device has that command. Without permission
+                // to deallocate there is no such call.
+                if !may_trim || e <= s || !self.device_zeroes() {
                     return Err(not_fast());
                 }
                 let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;

@@ -1,0 +1,930 @@
+//! Model-based property test of the data path: random sequences of WRITE (with and without FUA),
+//! WRITE_ZEROES (NO_HOLE, FAST_ZERO), TRIM, READ, FLUSH, CACHE and BLOCK_STATUS, alone or pipelined over 1-3
+//! connections, at unaligned offsets and lengths around 4 KiB / 64 KiB / 1 MiB / 4 MiB and the export's end,
+//! checked against an in-memory model of the export: files on tmpfs (dense and sparse) and ext4, and
+//! (`root_`) loop devices with 512- and 4096-byte sectors, one of them without write-zeroes or discard.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
+use std::fs::OpenOptions;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use nbd::client::{Client, Handshake, Reply};
+use nbd::proto::*;
+use nbd::{ExportConfig, FileBackend, Registry, Server, ServerConfig};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+/// Bytes of random data payloads are cut from (any offset, up to the largest WRITE).
+const NOISE: usize = 8 << 20;
+/// Pipelined requests whose ranges touch the same page of this size are not sent together: their order
+/// is unspecified, and the model cannot tell what they should leave.
+const PAGE: u64 = 4096;
+
+// ---- what a case does ----
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Write {
+        fua: bool,
+        seed: u32,
+    },
+    Zero {
+        no_hole: bool,
+        fast: bool,
+        fua: bool,
+    },
+    Trim {
+        fua: bool,
+    },
+    Read,
+    Cache,
+    Status {
+        req_one: bool,
+    },
+    Flush,
+}
+
+impl Kind {
+    fn command(self) -> u16 {
+        match self {
+            Kind::Write { .. } => CMD_WRITE,
+            Kind::Zero { .. } => CMD_WRITE_ZEROES,
+            Kind::Trim { .. } => CMD_TRIM,
+            Kind::Read => CMD_READ,
+            Kind::Cache => CMD_CACHE,
+            Kind::Status { .. } => CMD_BLOCK_STATUS,
+            Kind::Flush => CMD_FLUSH,
+        }
+    }
+
+    fn flags(self) -> u16 {
+        let f = |on: bool, flag: u16| if on { flag } else { 0 };
+        match self {
+            Kind::Write { fua, .. } | Kind::Trim { fua } => f(fua, CMD_FLAG_FUA),
+            Kind::Zero { no_hole, fast, fua } => {
+                f(no_hole, CMD_FLAG_NO_HOLE) | f(fast, CMD_FLAG_FAST_ZERO) | f(fua, CMD_FLAG_FUA)
+            }
+            Kind::Status { req_one } => f(req_one, CMD_FLAG_REQ_ONE),
+            Kind::Read | Kind::Cache | Kind::Flush => 0,
+        }
+    }
+
+    fn mutates(self) -> bool {
+        matches!(
+            self,
+            Kind::Write { .. } | Kind::Zero { .. } | Kind::Trim { .. }
+        )
+    }
+}
+
+/// A length, resolved against the export's size.
+#[derive(Debug, Clone, Copy)]
+enum Len {
+    Small(u32),
+    /// `k * unit + delta` (at least 1).
+    Near {
+        unit: u64,
+        k: u64,
+        delta: i64,
+    },
+    Large(u32),
+    Zero,
+}
+
+/// Where a request starts, resolved against its length and the export's size.
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    Anywhere(u64),
+    /// `k * unit + delta`, moved back so that the request ends inside the export.
+    Near {
+        unit: u64,
+        k: u64,
+        delta: i64,
+    },
+    /// Ends exactly at the export's end.
+    AtEnd,
+    /// Starts `n` bytes after where it would end exactly at the export's end: past it.
+    PastEnd(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    conn: usize,
+    kind: Kind,
+    len: Len,
+    place: Place,
+}
+
+impl Op {
+    /// (offset, length) on an export of `size` bytes.
+    fn resolve(&self, size: u64) -> (u64, u32) {
+        if matches!(self.kind, Kind::Flush) {
+            return (0, 0);
+        }
+        let len = match self.len {
+            Len::Small(n) | Len::Large(n) => u64::from(n),
+            Len::Near { unit, k, delta } => (unit * k).saturating_add_signed(delta).max(1),
+            Len::Zero => 0,
+        };
+        let len = len.min(size);
+        let last = size - len;
+        let off = match self.place {
+            Place::Anywhere(r) => r % (last + 1),
+            Place::Near { unit, k, delta } => (unit * k).saturating_add_signed(delta).min(last),
+            Place::AtEnd => last,
+            Place::PastEnd(n) => last + n,
+        };
+        (off, u32::try_from(len).unwrap())
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    One(Op),
+    /// Sent back to back (on one or several connections) before any reply is read.
+    Batch(Vec<Op>),
+}
+
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        6 => (any::<bool>(), any::<u32>()).prop_map(|(f, seed)| Kind::Write { fua: f && seed % 3 == 0, seed }),
+        3 => (any::<bool>(), any::<bool>(), prop::bool::weighted(0.2))
+            .prop_map(|(no_hole, fast, fua)| Kind::Zero { no_hole, fast, fua }),
+        2 => prop::bool::weighted(0.2).prop_map(|fua| Kind::Trim { fua }),
+        5 => Just(Kind::Read),
+        1 => Just(Kind::Cache),
+        2 => any::<bool>().prop_map(|req_one| Kind::Status { req_one }),
+        1 => Just(Kind::Flush),
+    ]
+}
+
+fn unit() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        Just(512),
+        Just(4 * KIB),
+        Just(64 * KIB),
+        Just(MIB),
+        Just(4 * MIB)
+    ]
+}
+
+fn delta() -> impl Strategy<Value = i64> {
+    prop_oneof![Just(0i64), -3i64..=3, -600i64..=600]
+}
+
+fn len() -> impl Strategy<Value = Len> {
+    prop_oneof![
+        3 => (1u32..=600).prop_map(Len::Small),
+        5 => (unit(), 1u64..=3, delta()).prop_map(|(unit, k, delta)| Len::Near { unit, k, delta }),
+        2 => (64 * 1024u32..=4608 * 1024).prop_map(Len::Large),
+        1 => Just(Len::Zero),
+    ]
+}
+
+fn place() -> impl Strategy<Value = Place> {
+    prop_oneof![
+        4 => any::<u64>().prop_map(Place::Anywhere),
+        4 => (unit(), 0u64..=12, delta()).prop_map(|(unit, k, delta)| Place::Near { unit, k, delta }),
+        2 => Just(Place::AtEnd),
+        1 => prop_oneof![1u64..=3, 1u64..=8192].prop_map(Place::PastEnd),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    (0usize..3, kind(), len(), place()).prop_map(|(conn, kind, len, place)| Op {
+        conn,
+        kind,
+        len,
+        place,
+    })
+}
+
+/// 1-3 connections and the steps of a case.
+fn case() -> impl Strategy<Value = (usize, Vec<Step>)> {
+    let step = prop_oneof![
+        3 => op().prop_map(Step::One),
+        1 => prop::collection::vec(op(), 2..8).prop_map(Step::Batch),
+    ];
+    (1usize..=3, prop::collection::vec(step, 10..40))
+}
+
+// ---- the model ----
+
+/// What the export must hold: `data` wherever it is known; trimmed ranges are unknown until written again.
+struct Model {
+    data: Vec<u8>,
+    /// Sorted, disjoint, non-adjacent `[start, end)` ranges whose contents are unspecified.
+    unknown: Vec<(u64, u64)>,
+}
+
+impl Model {
+    fn forget(&mut self, s: u64, e: u64) {
+        self.know(s, e);
+        let i = self.unknown.partition_point(|&(a, _)| a < s);
+        self.unknown.insert(i, (s, e));
+        // Merge with touching neighbours.
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.unknown.len());
+        for &(a, b) in &self.unknown {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        self.unknown = merged;
+    }
+
+    fn know(&mut self, s: u64, e: u64) {
+        let mut out = Vec::with_capacity(self.unknown.len() + 1);
+        for &(a, b) in &self.unknown {
+            if b <= s || a >= e {
+                out.push((a, b));
+                continue;
+            }
+            if a < s {
+                out.push((a, s));
+            }
+            if b > e {
+                out.push((e, b));
+            }
+        }
+        self.unknown = out;
+    }
+
+    fn write(&mut self, off: u64, bytes: &[u8]) {
+        let s = off as usize;
+        self.data[s..s + bytes.len()].copy_from_slice(bytes);
+        self.know(off, off + bytes.len() as u64);
+    }
+
+    fn zero(&mut self, off: u64, len: u64) {
+        self.data[off as usize..(off + len) as usize].fill(0);
+        self.know(off, off + len);
+    }
+
+    /// Known sub-ranges of `[s, e)`.
+    fn known(&self, s: u64, e: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut pos = s;
+        for &(a, b) in &self.unknown {
+            if b <= pos {
+                continue;
+            }
+            if a >= e {
+                break;
+            }
+            if a > pos {
+                out.push((pos, a));
+            }
+            pos = b;
+        }
+        if pos < e {
+            out.push((pos, e));
+        }
+        out
+    }
+
+    /// Checks `got`, read at `off`, against every known byte.
+    fn check(&self, off: u64, got: &[u8], what: &str) -> Result<(), String> {
+        for (a, b) in self.known(off, off + got.len() as u64) {
+            let want = &self.data[a as usize..b as usize];
+            let have = &got[(a - off) as usize..(b - off) as usize];
+            if want != have {
+                let i = want.iter().zip(have).position(|(x, y)| x != y).unwrap();
+                let at = a + i as u64;
+                let run = want[i..]
+                    .iter()
+                    .zip(&have[i..])
+                    .take_while(|(x, y)| x != y)
+                    .count();
+                return Err(format!(
+                    "{what}: byte {at} (+{run} more differing) is {:#04x}, the model has {:#04x}",
+                    have[i], want[i]
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn noise() -> &'static [u8] {
+    static NOISE_BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    NOISE_BYTES.get_or_init(|| {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut v = Vec::with_capacity(NOISE + 8);
+        while v.len() < NOISE {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v.truncate(NOISE);
+        v
+    })
+}
+
+/// The payload of a WRITE of `len` bytes with `seed`.
+fn payload(seed: u32, len: u32) -> &'static [u8] {
+    let start = seed as usize % (NOISE - len as usize + 1);
+    &noise()[start..start + len as usize]
+}
+
+// ---- the server side ----
+
+/// What serves the export: how the case's backing store is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    /// A file on /dev/shm, fully written (mapped reads and writes).
+    ShmDense,
+    /// A sparse file on /dev/shm with a few written islands.
+    ShmSparse,
+    /// A sparse file with islands on the ext4 (or whatever) file system of /var/tmp.
+    VarTmp,
+    /// A loop device with this logical sector size over a sparse file with islands in /var/tmp.
+    Loop(u32),
+    /// A loop device over a file on a ramfs, which has no `fallocate`: the device has neither discard
+    /// nor write-zeroes.
+    LoopRamfs,
+}
+
+impl Store {
+    /// Export sizes: not a multiple of 512 where the store allows it.
+    fn size(self) -> u64 {
+        match self {
+            Store::ShmDense | Store::ShmSparse | Store::VarTmp => 6 * MIB + 3 * PAGE + 777,
+            Store::Loop(_) | Store::LoopRamfs => 6 * MIB + 3 * PAGE,
+        }
+    }
+}
+
+/// A ramfs mounted on a fresh directory, unmounted on drop.
+struct Ramfs {
+    dir: tempfile::TempDir,
+}
+
+impl Ramfs {
+    fn mount() -> Ramfs {
+        let dir = tempfile::Builder::new()
+            .prefix("nbd-model-ramfs-")
+            .tempdir()
+            .unwrap();
+        let target = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                c"ramfs".as_ptr(),
+                target.as_ptr(),
+                c"ramfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "mount a ramfs: {}", std::io::Error::last_os_error());
+        Ramfs { dir }
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(self.dir.path().to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// `LOOP_SET_BLOCK_SIZE` (`<linux/loop.h>`).
+const LOOP_SET_BLOCK_SIZE: libc::c_ulong = 0x4C09;
+
+/// The backing store of one case; removes what it made when dropped (loop device first).
+struct Backing {
+    path: PathBuf,
+    initial: Vec<u8>,
+    _loop: Option<blockdev::LoopDevice>,
+    _file: tempfile::NamedTempFile,
+}
+
+/// Fills `initial` (and the file) with noise at a few places, leaving the rest a hole.
+fn islands(file: &std::fs::File, initial: &mut [u8]) {
+    let size = initial.len() as u64;
+    for (i, &(off, len)) in [(0, 3000), (MIB - 100, 70_000), (3 * MIB + 5, 9000)]
+        .iter()
+        .enumerate()
+    {
+        let len = len.min(size - off) as u32;
+        let data = payload(i as u32 * 7919, len);
+        file.write_all_at(data, off).unwrap();
+        initial[off as usize..(off + u64::from(len)) as usize].copy_from_slice(data);
+    }
+}
+
+fn backing(store: Store, ramfs: Option<&Ramfs>) -> Backing {
+    let size = store.size();
+    let dir: &Path = match store {
+        Store::ShmDense | Store::ShmSparse => Path::new("/dev/shm"),
+        Store::VarTmp | Store::Loop(_) => Path::new("/var/tmp"),
+        Store::LoopRamfs => ramfs.unwrap().dir.path(),
+    };
+    let file = tempfile::Builder::new()
+        .prefix("nbd-model-")
+        .tempfile_in(dir)
+        .unwrap();
+    let mut initial = vec![0u8; size as usize];
+    match store {
+        Store::ShmDense => {
+            initial.copy_from_slice(payload(12345, size as u32));
+            file.as_file().write_all_at(&initial, 0).unwrap();
+        }
+        _ => {
+            file.as_file().set_len(size).unwrap();
+            islands(file.as_file(), &mut initial);
+        }
+    }
+    file.as_file().sync_all().unwrap();
+    let lo = match store {
+        Store::Loop(_) | Store::LoopRamfs => {
+            let lo = blockdev::LoopDevice::attach(file.path(), false).unwrap();
+            if let Store::Loop(sector) = store {
+                let dev = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(lo.path())
+                    .unwrap();
+                // SAFETY: an ioctl on an open loop device taking its argument by value.
+                let rc = unsafe {
+                    libc::ioctl(
+                        dev.as_raw_fd(),
+                        LOOP_SET_BLOCK_SIZE as _,
+                        libc::c_ulong::from(sector),
+                    )
+                };
+                assert_eq!(
+                    rc,
+                    0,
+                    "LOOP_SET_BLOCK_SIZE {sector}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            Some(lo)
+        }
+        _ => None,
+    };
+    let path = lo
+        .as_ref()
+        .map_or_else(|| file.path().to_path_buf(), |l| l.path().to_path_buf());
+    Backing {
+        path,
+        initial,
+        _loop: lo,
+        _file: file,
+    }
+}
+
+/// Serves `path` as export "f"; returns its address, the stop handle and the server task.
+async fn serve(
+    path: &Path,
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let registry = Registry::new();
+    registry
+        .add(ExportConfig {
+            name: "f".into(),
+            backend: Arc::new(FileBackend::open(path, false).unwrap()),
+            read_only: false,
+            max_connections: None,
+            description: None,
+            access: nbd::Access::Anyone,
+        })
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        Server::new(registry, ServerConfig::default())
+            .serve(listener, async move {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    (addr, tx, task)
+}
+
+/// Connection `i`: structured replies and `base:allocation` on the first two, simple replies on the third.
+async fn connect(addr: SocketAddr, i: usize) -> Client {
+    let mut h = Handshake::connect(addr).await.unwrap();
+    if i < 2 {
+        h.structured_replies().await.unwrap();
+        h.set_meta_context("f", &[META_BASE_ALLOCATION])
+            .await
+            .unwrap();
+    }
+    h.go("f").await.unwrap()
+}
+
+// ---- running a case ----
+
+/// One request as sent: what it was and where.
+struct Sent {
+    op: Op,
+    off: u64,
+    len: u32,
+    cookie: u64,
+}
+
+/// The error the server must refuse a request with, if any (README "Requests").
+fn refusal(op: &Op, off: u64, len: u32, size: u64, c: &Client) -> Option<u32> {
+    let in_range = off + u64::from(len) <= size;
+    let fast_ok = c.info.flags & TFLAG_SEND_FAST_ZERO != 0;
+    match op.kind {
+        Kind::Zero { fast: true, .. } if !fast_ok => Some(EINVAL),
+        Kind::Read | Kind::Write { .. } if len == 0 => Some(EINVAL),
+        Kind::Write { .. } | Kind::Zero { .. } if !in_range => Some(ENOSPC),
+        Kind::Read | Kind::Trim { .. } | Kind::Cache | Kind::Status { .. } if !in_range => {
+            Some(EINVAL)
+        }
+        Kind::Status { .. } if !c.structured() || len == 0 => Some(EINVAL),
+        Kind::Zero { .. } | Kind::Trim { .. } if len == 0 => Some(EINVAL),
+        _ => None,
+    }
+}
+
+async fn send(c: &mut Client, op: Op, size: u64) -> Sent {
+    let (off, len) = op.resolve(size);
+    let data: &[u8] = match op.kind {
+        Kind::Write { seed, .. } => payload(seed, len),
+        _ => &[],
+    };
+    let cookie = c
+        .send(op.kind.command(), op.kind.flags(), off, len, data)
+        .await
+        .unwrap();
+    Sent {
+        op,
+        off,
+        len,
+        cookie,
+    }
+}
+
+/// Checks a reply against the model as it was before the request, and returns ZERO extents to read back.
+/// Applies nothing: see [`apply`].
+fn check(
+    m: &Model,
+    s: &Sent,
+    r: &Reply,
+    expected_error: Option<u32>,
+) -> Result<Vec<(u64, u64)>, String> {
+    let what = format!("{:?} at {} len {}", s.op.kind, s.off, s.len);
+    if let Some(e) = expected_error {
+        if r.error != e {
+            return Err(format!("{what}: answered error {}, expected {e}", r.error));
+        }
+        return Ok(Vec::new());
+    }
+    match s.op.kind {
+        Kind::Zero { fast: true, .. } if r.error == ENOTSUP => {}
+        _ if r.error != 0 => return Err(format!("{what}: failed with error {}", r.error)),
+        _ => {}
+    }
+    match s.op.kind {
+        Kind::Read => {
+            if r.data.len() != s.len as usize {
+                return Err(format!("{what}: {} bytes came back", r.data.len()));
+            }
+            m.check(s.off, &r.data, &what)?;
+        }
+        Kind::Status { req_one } => {
+            let e = &r.extents;
+            if e.is_empty() {
+                return Err(format!("{what}: no extents"));
+            }
+            if req_one && e.len() != 1 {
+                return Err(format!("{what}: REQ_ONE answered {} extents", e.len()));
+            }
+            let total: u64 = e.iter().map(|&(l, _)| u64::from(l)).sum();
+            if e.iter().any(|&(l, _)| l == 0) || total > u64::from(s.len) {
+                return Err(format!("{what}: extents {e:?} do not tile the range"));
+            }
+            if e.iter().any(|&(_, f)| f & !(STATE_HOLE | STATE_ZERO) != 0) {
+                return Err(format!("{what}: unknown extent flags in {e:?}"));
+            }
+            let mut zeros = Vec::new();
+            let mut pos = s.off;
+            for &(l, f) in e {
+                let end = pos + u64::from(l);
+                if f & STATE_ZERO != 0 {
+                    for (a, b) in m.known(pos, end) {
+                        if let Some(i) = m.data[a as usize..b as usize].iter().position(|&x| x != 0)
+                        {
+                            return Err(format!(
+                                "{what}: extent [{pos}, {end}) is ZERO but the model has {:#04x} at {}",
+                                m.data[a as usize + i],
+                                a + i as u64
+                            ));
+                        }
+                    }
+                    zeros.push((pos, end));
+                }
+                pos = end;
+            }
+            return Ok(zeros);
+        }
+        _ => {}
+    }
+    Ok(Vec::new())
+}
+
+/// What a request that succeeded (or was refused, or failed with an allowed error) leaves in the model.
+fn apply(m: &mut Model, s: &Sent, r: &Reply, expected_error: Option<u32>) {
+    if expected_error.is_some() || r.error != 0 {
+        return;
+    }
+    let end = s.off + u64::from(s.len);
+    match s.op.kind {
+        Kind::Write { seed, .. } => m.write(s.off, payload(seed, s.len)),
+        Kind::Zero { .. } => m.zero(s.off, u64::from(s.len)),
+        Kind::Trim { .. } => m.forget(s.off, end),
+        _ => {}
+    }
+}
+
+/// The byte range a request may touch, widened to whole pages (`None` when it touches nothing).
+fn footprint(op: &Op, size: u64) -> Option<(u64, u64)> {
+    let (off, len) = op.resolve(size);
+    if matches!(op.kind, Kind::Flush | Kind::Cache) || len == 0 {
+        return None;
+    }
+    let end = (off + u64::from(len)).min(size);
+    Some((off / PAGE * PAGE, end.div_ceil(PAGE) * PAGE))
+}
+
+/// The ops of a batch that may be in flight together: a mutation shares no page with any other request.
+fn compatible(ops: &[Op], size: u64) -> Vec<Op> {
+    let mut kept: Vec<Op> = Vec::new();
+    for op in ops {
+        let clash = footprint(op, size).is_some_and(|(a, b)| {
+            kept.iter().any(|k| {
+                (k.kind.mutates() || op.kind.mutates())
+                    && footprint(k, size).is_some_and(|(c, d)| a < d && c < b)
+            })
+        });
+        if !clash {
+            kept.push(*op);
+        }
+    }
+    kept
+}
+
+/// Reads `[s, e)` on `c` in pieces; checks it against the model and, with `zeros`, that it is all zeros.
+async fn read_check(
+    c: &mut Client,
+    m: &Model,
+    s: u64,
+    e: u64,
+    zeros: bool,
+    what: &str,
+) -> Result<(), String> {
+    let mut pos = s;
+    while pos < e {
+        let n = (e - pos).min(4 * MIB) as u32;
+        let got = c
+            .read(pos, n)
+            .await
+            .map_err(|err| format!("{what}: read at {pos}: {err}"))?;
+        m.check(pos, &got, what)?;
+        if zeros {
+            if let Some(i) = got.iter().position(|&x| x != 0) {
+                return Err(format!(
+                    "{what}: byte {} is {:#04x}, not zero",
+                    pos + i as u64,
+                    got[i]
+                ));
+            }
+        }
+        pos += u64::from(n);
+    }
+    Ok(())
+}
+
+async fn run_case(
+    store: Store,
+    ramfs: Option<&Ramfs>,
+    conns: usize,
+    steps: &[Step],
+) -> Result<(), String> {
+    let b = backing(store, ramfs);
+    let size = store.size();
+    let (addr, stop, server) = serve(&b.path).await;
+    let mut cs = Vec::new();
+    for i in 0..conns {
+        cs.push(connect(addr, i).await);
+    }
+    for c in &cs {
+        assert_eq!(c.size(), size);
+        assert_ne!(c.info.flags & TFLAG_CAN_MULTI_CONN, 0);
+    }
+    let mut m = Model {
+        data: b.initial.clone(),
+        unknown: Vec::new(),
+    };
+    let result = async {
+        for (n, step) in steps.iter().enumerate() {
+            let ops = match step {
+                Step::One(op) => vec![*op],
+                Step::Batch(ops) => compatible(ops, size),
+            };
+            let mut sent: Vec<Vec<Sent>> = (0..conns).map(|_| Vec::new()).collect();
+            for op in &ops {
+                let i = op.conn % conns;
+                let s = send(&mut cs[i], *op, size).await;
+                sent[i].push(s);
+            }
+            let mut done: Vec<(Sent, Reply, Option<u32>)> = Vec::new();
+            for (i, list) in sent.into_iter().enumerate() {
+                let mut replies = Vec::new();
+                for _ in 0..list.len() {
+                    replies.push(cs[i].recv().await.map_err(|e| format!("step {n}: {e}"))?);
+                }
+                for s in list {
+                    let r = replies
+                        .iter()
+                        .position(|r| r.cookie == s.cookie)
+                        .map(|j| replies.swap_remove(j))
+                        .ok_or_else(|| format!("step {n}: no reply to cookie {}", s.cookie))?;
+                    let expected = refusal(&s.op, s.off, s.len, size, &cs[i]);
+                    done.push((s, r, expected));
+                }
+            }
+            if std::env::var_os("NBD_MODEL_TRACE").is_some() {
+                for (s, r, e) in &done {
+                    eprintln!(
+                        "step {n} conn {}: {:?} at {} len {} -> error {} (expected {e:?}) extents {:?}",
+                        s.op.conn % conns,
+                        s.op.kind,
+                        s.off,
+                        s.len,
+                        r.error,
+                        r.extents
+                    );
+                }
+            }
+            let mut zeros = Vec::new();
+            for (s, r, e) in &done {
+                let z = check(&m, s, r, *e).map_err(|e| format!("step {n}: {e}"))?;
+                zeros.extend(z);
+            }
+            for (s, r, e) in &done {
+                apply(&mut m, s, r, *e);
+            }
+            // ZERO extents read back as zeros (on the first connection, after the whole step).
+            for (s, e) in zeros {
+                read_check(&mut cs[0], &m, s, e, true, &format!("step {n}: ZERO extent")).await?;
+            }
+        }
+        // Everything, through the server and then straight from the store.
+        read_check(&mut cs[0], &m, 0, size, false, "final read").await?;
+        Ok::<(), String>(())
+    }
+    .await;
+    for c in cs {
+        c.disconnect().await.unwrap();
+    }
+    let _ = stop.send(());
+    server.await.unwrap();
+    result?;
+    let f = std::fs::File::open(&b.path).unwrap();
+    let mut on_store = vec![0u8; size as usize];
+    f.read_exact_at(&mut on_store, 0).unwrap();
+    m.check(0, &on_store, "the store after the server stopped")
+}
+
+/// Runs `cases` generated cases (from a fixed seed, so every run tries the same ones) on `store`.
+/// `NBD_MODEL_CASES` and `NBD_MODEL_SEED` (a number) explore further; `NBD_MODEL_TRACE` prints every
+/// request and its reply.
+fn run_model(store: Store, cases: u32, seed: u8) {
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+    let cases = env("NBD_MODEL_CASES").unwrap_or(cases);
+    let seed = env("NBD_MODEL_SEED").map_or(seed, |s| seed.wrapping_add(s as u8));
+    let ramfs = (store == Store::LoopRamfs).then(Ramfs::mount);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = Config {
+        cases,
+        max_shrink_iters: 64,
+        max_shrink_time: 60_000,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new_with_rng(
+        config,
+        TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]),
+    );
+    let result = runner.run(&case(), |(conns, steps)| {
+        rt.block_on(run_case(store, ramfs.as_ref(), conns, &steps))
+            .map_err(TestCaseError::fail)
+    });
+    if let Err(e) = result {
+        panic!("{store:?}: {e}");
+    }
+}
+
+fn require_root() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "root_ tests need root (loop devices, a ramfs mount); skip tests named root_* otherwise"
+    );
+}
+
+#[test]
+fn tmpfs_dense_file_matches_the_model() {
+    run_model(Store::ShmDense, 24, 1);
+}
+
+#[test]
+fn tmpfs_sparse_file_matches_the_model() {
+    run_model(Store::ShmSparse, 24, 2);
+}
+
+#[test]
+fn var_tmp_file_matches_the_model() {
+    run_model(Store::VarTmp, 24, 3);
+}
+
+#[test]
+fn root_loop_device_512_matches_the_model() {
+    require_root();
+    run_model(Store::Loop(512), 12, 4);
+}
+
+#[test]
+fn root_loop_device_4096_matches_the_model() {
+    require_root();
+    run_model(Store::Loop(4096), 12, 5);
+}
+
+#[test]
+fn root_loop_device_without_write_zeroes_matches_the_model() {
+    require_root();
+    run_model(Store::LoopRamfs, 12, 6);
+}
+
+/// A WRITE not yet written back, then FAST_ZERO over it on a block device that has no write-zeroes
+/// command: the request must fail with ENOTSUP and leave the written data, also through the page cache
+/// the server shares with everyone reading the device. (`fallocate(PUNCH_HOLE)` on a block device drops
+/// the range's cached pages, dirty ones included, before it finds the device cannot zero.)
+#[test]
+fn root_refused_fast_zero_on_a_device_without_write_zeroes_keeps_unflushed_writes() {
+    require_root();
+    let ramfs = Ramfs::mount();
+    let b = backing(Store::LoopRamfs, Some(&ramfs));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (addr, stop, server) = serve(&b.path).await;
+        let mut c = connect(addr, 0).await;
+        assert_ne!(c.info.flags & TFLAG_SEND_FAST_ZERO, 0);
+        let data = payload(77, MIB as u32);
+        c.write(MIB, data, 0).await.unwrap();
+        let err = c
+            .zero(MIB, MIB as u32, CMD_FLAG_FAST_ZERO)
+            .await
+            .unwrap_err();
+        assert_eq!(err.remote_code(), Some(ENOTSUP), "{err}");
+        assert!(
+            c.read(MIB, MIB as u32).await.unwrap() == data,
+            "the refused fast zero changed the data"
+        );
+        // Also after a flush, in part of one page (512-byte sectors).
+        c.flush().await.unwrap();
+        let err = c
+            .zero(MIB + 512, 1024, CMD_FLAG_FAST_ZERO)
+            .await
+            .unwrap_err();
+        assert_eq!(err.remote_code(), Some(ENOTSUP), "{err}");
+        assert!(
+            c.read(MIB, 4096).await.unwrap() == data[..4096],
+            "the refused fast zero changed the data in a cached page"
+        );
+        c.disconnect().await.unwrap();
+        let _ = stop.send(());
+        server.await.unwrap();
+    });
+    let f = std::fs::File::open(&b.path).unwrap();
+    let mut got = vec![0u8; MIB as usize];
+    f.read_exact_at(&mut got, MIB).unwrap();
+    assert!(got == payload(77, MIB as u32), "the device lost the write");
+}
