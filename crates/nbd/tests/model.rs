@@ -1,8 +1,8 @@
 //! Model-based property test of the data path: random sequences of WRITE (with and without FUA),
 //! WRITE_ZEROES (NO_HOLE, FAST_ZERO), TRIM, READ, FLUSH, CACHE and BLOCK_STATUS, alone or pipelined over 1-3
 //! connections, at unaligned offsets and lengths around 4 KiB / 64 KiB / 1 MiB / 4 MiB and the export's end,
-//! checked against an in-memory model of the export: files on tmpfs (dense and sparse) and ext4, and
-//! (`root_`) loop devices with 512- and 4096-byte sectors, one of them without write-zeroes or discard.
+//! checked against an in-memory model of the export: files on tmpfs (dense, sparse, read-only) and ext4,
+//! and (`root_`) loop devices with 512- and 4096-byte sectors, one of them without write-zeroes or discard.
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 use std::fs::OpenOptions;
@@ -487,6 +487,7 @@ fn backing(store: Store, ramfs: Option<&Ramfs>) -> Backing {
 /// Serves `path` as export "f"; returns its address, the stop handle and the server task.
 async fn serve(
     path: &Path,
+    read_only: bool,
 ) -> (
     SocketAddr,
     tokio::sync::oneshot::Sender<()>,
@@ -496,8 +497,8 @@ async fn serve(
     registry
         .add(ExportConfig {
             name: "f".into(),
-            backend: Arc::new(FileBackend::open(path, false).unwrap()),
-            read_only: false,
+            backend: Arc::new(FileBackend::open(path, read_only).unwrap()),
+            read_only,
             max_connections: None,
             description: None,
             access: nbd::Access::Anyone,
@@ -539,13 +540,16 @@ struct Sent {
     cookie: u64,
 }
 
-/// The error the server must refuse a request with, if any (README "Requests").
+/// The error the server must refuse a request with, if any (README "Requests"). On a read-only export
+/// every WRITE_ZEROES gets EPERM, also with FAST_ZERO (not advertised there), as with nbdkit.
 fn refusal(op: &Op, off: u64, len: u32, size: u64, c: &Client) -> Option<u32> {
     let in_range = off + u64::from(len) <= size;
+    let read_only = c.info.flags & TFLAG_READ_ONLY != 0;
     let fast_ok = c.info.flags & TFLAG_SEND_FAST_ZERO != 0;
     match op.kind {
-        Kind::Zero { fast: true, .. } if !fast_ok => Some(EINVAL),
+        Kind::Zero { fast: true, .. } if !fast_ok && !read_only => Some(EINVAL),
         Kind::Read | Kind::Write { .. } if len == 0 => Some(EINVAL),
+        k if k.mutates() && read_only => Some(EPERM),
         Kind::Write { .. } | Kind::Zero { .. } if !in_range => Some(ENOSPC),
         Kind::Read | Kind::Trim { .. } | Kind::Cache | Kind::Status { .. } if !in_range => {
             Some(EINVAL)
@@ -717,12 +721,13 @@ async fn read_check(
 async fn run_case(
     store: Store,
     ramfs: Option<&Ramfs>,
+    read_only: bool,
     conns: usize,
     steps: &[Step],
 ) -> Result<(), String> {
     let b = backing(store, ramfs);
     let size = store.size();
-    let (addr, stop, server) = serve(&b.path).await;
+    let (addr, stop, server) = serve(&b.path, read_only).await;
     let mut cs = Vec::new();
     for i in 0..conns {
         cs.push(connect(addr, i).await);
@@ -809,7 +814,7 @@ async fn run_case(
 /// Runs `cases` generated cases (from a fixed seed, so every run tries the same ones) on `store`.
 /// `NBD_MODEL_CASES` and `NBD_MODEL_SEED` (a number) explore further; `NBD_MODEL_TRACE` prints every
 /// request and its reply.
-fn run_model(store: Store, cases: u32, seed: u8) {
+fn run_model(store: Store, read_only: bool, cases: u32, seed: u8) {
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
     let cases = env("NBD_MODEL_CASES").unwrap_or(cases);
     let seed = env("NBD_MODEL_SEED").map_or(seed, |s| seed.wrapping_add(s as u8));
@@ -831,7 +836,7 @@ fn run_model(store: Store, cases: u32, seed: u8) {
         TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]),
     );
     let result = runner.run(&case(), |(conns, steps)| {
-        rt.block_on(run_case(store, ramfs.as_ref(), conns, &steps))
+        rt.block_on(run_case(store, ramfs.as_ref(), read_only, conns, &steps))
             .map_err(TestCaseError::fail)
     });
     if let Err(e) = result {
@@ -848,35 +853,41 @@ fn require_root() {
 
 #[test]
 fn tmpfs_dense_file_matches_the_model() {
-    run_model(Store::ShmDense, 24, 1);
+    run_model(Store::ShmDense, false, 24, 1);
 }
 
 #[test]
 fn tmpfs_sparse_file_matches_the_model() {
-    run_model(Store::ShmSparse, 24, 2);
+    run_model(Store::ShmSparse, false, 24, 2);
+}
+
+/// A read-only export refuses every change (and reads what the file holds).
+#[test]
+fn read_only_tmpfs_file_refuses_every_change() {
+    run_model(Store::ShmDense, true, 8, 7);
 }
 
 #[test]
 fn var_tmp_file_matches_the_model() {
-    run_model(Store::VarTmp, 24, 3);
+    run_model(Store::VarTmp, false, 24, 3);
 }
 
 #[test]
 fn root_loop_device_512_matches_the_model() {
     require_root();
-    run_model(Store::Loop(512), 12, 4);
+    run_model(Store::Loop(512), false, 12, 4);
 }
 
 #[test]
 fn root_loop_device_4096_matches_the_model() {
     require_root();
-    run_model(Store::Loop(4096), 12, 5);
+    run_model(Store::Loop(4096), false, 12, 5);
 }
 
 #[test]
 fn root_loop_device_without_write_zeroes_matches_the_model() {
     require_root();
-    run_model(Store::LoopRamfs, 12, 6);
+    run_model(Store::LoopRamfs, false, 12, 6);
 }
 
 /// A WRITE not yet written back, then FAST_ZERO over it on a block device that has no write-zeroes
@@ -894,7 +905,7 @@ fn root_refused_fast_zero_on_a_device_without_write_zeroes_keeps_unflushed_write
         .build()
         .unwrap();
     rt.block_on(async {
-        let (addr, stop, server) = serve(&b.path).await;
+        let (addr, stop, server) = serve(&b.path, false).await;
         let mut c = connect(addr, 0).await;
         assert_ne!(c.info.flags & TFLAG_SEND_FAST_ZERO, 0);
         let data = payload(77, MIB as u32);
