@@ -153,7 +153,8 @@ enum Step {
 
 fn kind() -> impl Strategy<Value = Kind> {
     prop_oneof![
-        6 => (any::<bool>(), any::<u32>()).prop_map(|(f, seed)| Kind::Write { fua: f && seed % 3 == 0, seed }),
+        6 => (prop::bool::weighted(0.2), any::<u32>())
+            .prop_map(|(fua, seed)| Kind::Write { fua, seed }),
         3 => (any::<bool>(), any::<bool>(), prop::bool::weighted(0.2))
             .prop_map(|(no_hole, fast, fua)| Kind::Zero { no_hole, fast, fua }),
         2 => prop::bool::weighted(0.2).prop_map(|fua| Kind::Trim { fua }),
@@ -190,7 +191,8 @@ fn len() -> impl Strategy<Value = Len> {
 fn place() -> impl Strategy<Value = Place> {
     prop_oneof![
         4 => any::<u64>().prop_map(Place::Anywhere),
-        4 => (unit(), 0u64..=12, delta()).prop_map(|(unit, k, delta)| Place::Near { unit, k, delta }),
+        4 => (unit(), 0u64..=12, delta())
+            .prop_map(|(unit, k, delta)| Place::Near { unit, k, delta }),
         2 => Just(Place::AtEnd),
         1 => prop_oneof![1u64..=3, 1u64..=8192].prop_map(Place::PastEnd),
     ]
@@ -345,6 +347,10 @@ enum Store {
     ShmSparse,
     /// A sparse file with islands on the ext4 (or whatever) file system of /var/tmp.
     VarTmp,
+    /// Like [`Store::ShmSparse`] and [`Store::VarTmp`], the case's window starting 3 MiB before 4 GiB
+    /// (see [`Store::base`]).
+    ShmHigh,
+    VarTmpHigh,
     /// A loop device with this logical sector size over a sparse file with islands in /var/tmp.
     Loop(u32),
     /// A loop device over a file on a ramfs, which has no `fallocate`: the device has neither discard
@@ -353,11 +359,21 @@ enum Store {
 }
 
 impl Store {
-    /// Export sizes: not a multiple of 512 where the store allows it.
+    /// The size of the window of the export a case works on (and models), from [`Store::base`] to the
+    /// export's end: not a multiple of 512 where the store allows it.
     fn size(self) -> u64 {
         match self {
-            Store::ShmDense | Store::ShmSparse | Store::VarTmp => 6 * MIB + 3 * PAGE + 777,
             Store::Loop(_) | Store::LoopRamfs => 6 * MIB + 3 * PAGE,
+            _ => 6 * MIB + 3 * PAGE + 777,
+        }
+    }
+
+    /// Where the window starts in the export: requests and the model use offsets in the window, the
+    /// wire `base` more. Before it the export is a hole no request touches.
+    fn base(self) -> u64 {
+        match self {
+            Store::ShmHigh | Store::VarTmpHigh => 4096 * MIB - 3 * MIB,
+            _ => 0,
         }
     }
 }
@@ -409,7 +425,7 @@ struct Backing {
 }
 
 /// Fills `initial` (and the file) with noise at a few places, leaving the rest a hole.
-fn islands(file: &std::fs::File, initial: &mut [u8]) {
+fn islands(file: &std::fs::File, base: u64, initial: &mut [u8]) {
     let size = initial.len() as u64;
     for (i, &(off, len)) in [(0, 3000), (MIB - 100, 70_000), (3 * MIB + 5, 9000)]
         .iter()
@@ -417,7 +433,7 @@ fn islands(file: &std::fs::File, initial: &mut [u8]) {
     {
         let len = len.min(size - off) as u32;
         let data = payload(i as u32 * 7919, len);
-        file.write_all_at(data, off).unwrap();
+        file.write_all_at(data, base + off).unwrap();
         initial[off as usize..(off + u64::from(len)) as usize].copy_from_slice(data);
     }
 }
@@ -425,8 +441,8 @@ fn islands(file: &std::fs::File, initial: &mut [u8]) {
 fn backing(store: Store, ramfs: Option<&Ramfs>) -> Backing {
     let size = store.size();
     let dir: &Path = match store {
-        Store::ShmDense | Store::ShmSparse => Path::new("/dev/shm"),
-        Store::VarTmp | Store::Loop(_) => Path::new("/var/tmp"),
+        Store::ShmDense | Store::ShmSparse | Store::ShmHigh => Path::new("/dev/shm"),
+        Store::VarTmp | Store::VarTmpHigh | Store::Loop(_) => Path::new("/var/tmp"),
         Store::LoopRamfs => ramfs.unwrap().dir.path(),
     };
     let file = tempfile::Builder::new()
@@ -440,8 +456,8 @@ fn backing(store: Store, ramfs: Option<&Ramfs>) -> Backing {
             file.as_file().write_all_at(&initial, 0).unwrap();
         }
         _ => {
-            file.as_file().set_len(size).unwrap();
-            islands(file.as_file(), &mut initial);
+            file.as_file().set_len(store.base() + size).unwrap();
+            islands(file.as_file(), store.base(), &mut initial);
         }
     }
     file.as_file().sync_all().unwrap();
@@ -560,14 +576,15 @@ fn refusal(op: &Op, off: u64, len: u32, size: u64, c: &Client) -> Option<u32> {
     }
 }
 
-async fn send(c: &mut Client, op: Op, size: u64) -> Sent {
+/// Sends `op` (in a window of `size` bytes at `base`).
+async fn send(c: &mut Client, op: Op, base: u64, size: u64) -> Sent {
     let (off, len) = op.resolve(size);
     let data: &[u8] = match op.kind {
         Kind::Write { seed, .. } => payload(seed, len),
         _ => &[],
     };
     let cookie = c
-        .send(op.kind.command(), op.kind.flags(), off, len, data)
+        .send(op.kind.command(), op.kind.flags(), base + off, len, data)
         .await
         .unwrap();
     Sent {
@@ -687,9 +704,11 @@ fn compatible(ops: &[Op], size: u64) -> Vec<Op> {
     kept
 }
 
-/// Reads `[s, e)` on `c` in pieces; checks it against the model and, with `zeros`, that it is all zeros.
+/// Reads `[s, e)` of the window at `base` on `c` in pieces; checks it against the model and, with
+/// `zeros`, that it is all zeros.
 async fn read_check(
     c: &mut Client,
+    base: u64,
     m: &Model,
     s: u64,
     e: u64,
@@ -700,7 +719,7 @@ async fn read_check(
     while pos < e {
         let n = (e - pos).min(4 * MIB) as u32;
         let got = c
-            .read(pos, n)
+            .read(base + pos, n)
             .await
             .map_err(|err| format!("{what}: read at {pos}: {err}"))?;
         m.check(pos, &got, what)?;
@@ -727,13 +746,14 @@ async fn run_case(
 ) -> Result<(), String> {
     let b = backing(store, ramfs);
     let size = store.size();
+    let base = store.base();
     let (addr, stop, server) = serve(&b.path, read_only).await;
     let mut cs = Vec::new();
     for i in 0..conns {
         cs.push(connect(addr, i).await);
     }
     for c in &cs {
-        assert_eq!(c.size(), size);
+        assert_eq!(c.size(), base + size);
         assert_ne!(c.info.flags & TFLAG_CAN_MULTI_CONN, 0);
     }
     let mut m = Model {
@@ -749,7 +769,7 @@ async fn run_case(
             let mut sent: Vec<Vec<Sent>> = (0..conns).map(|_| Vec::new()).collect();
             for op in &ops {
                 let i = op.conn % conns;
-                let s = send(&mut cs[i], *op, size).await;
+                let s = send(&mut cs[i], *op, base, size).await;
                 sent[i].push(s);
             }
             let mut done: Vec<(Sent, Reply, Option<u32>)> = Vec::new();
@@ -790,12 +810,13 @@ async fn run_case(
                 apply(&mut m, s, r, *e);
             }
             // ZERO extents read back as zeros (on the first connection, after the whole step).
+            let what = format!("step {n}: ZERO extent");
             for (s, e) in zeros {
-                read_check(&mut cs[0], &m, s, e, true, &format!("step {n}: ZERO extent")).await?;
+                read_check(&mut cs[0], base, &m, s, e, true, &what).await?;
             }
         }
         // Everything, through the server and then straight from the store.
-        read_check(&mut cs[0], &m, 0, size, false, "final read").await?;
+        read_check(&mut cs[0], base, &m, 0, size, false, "final read").await?;
         Ok::<(), String>(())
     }
     .await;
@@ -807,7 +828,7 @@ async fn run_case(
     result?;
     let f = std::fs::File::open(&b.path).unwrap();
     let mut on_store = vec![0u8; size as usize];
-    f.read_exact_at(&mut on_store, 0).unwrap();
+    f.read_exact_at(&mut on_store, base).unwrap();
     m.check(0, &on_store, "the store after the server stopped")
 }
 
@@ -859,6 +880,17 @@ fn tmpfs_dense_file_matches_the_model() {
 #[test]
 fn tmpfs_sparse_file_matches_the_model() {
     run_model(Store::ShmSparse, false, 24, 2);
+}
+
+/// Offsets past 4 GiB: the window straddles it.
+#[test]
+fn tmpfs_file_past_4_gib_matches_the_model() {
+    run_model(Store::ShmHigh, false, 12, 8);
+}
+
+#[test]
+fn var_tmp_file_past_4_gib_matches_the_model() {
+    run_model(Store::VarTmpHigh, false, 12, 9);
 }
 
 /// A read-only export refuses every change (and reads what the file holds).
