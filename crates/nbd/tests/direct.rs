@@ -8,12 +8,11 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use nbd::client::{Client, Handshake};
 use nbd::proto::*;
-use nbd::{ExportConfig, FileBackend, Registry, Server, ServerConfig};
+use nbd::{Registry, ServerConfig};
 
 use common::eventually;
 
@@ -63,26 +62,8 @@ async fn serve_with(
     cfg: ServerConfig,
     read_only: bool,
 ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, Registry) {
-    let registry = Registry::new();
-    registry
-        .add(ExportConfig {
-            name: "f".into(),
-            backend: Arc::new(FileBackend::open(path, read_only).unwrap()),
-            read_only,
-            max_connections: None,
-            description: None,
-            access: nbd::Access::Anyone,
-        })
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(
-        Server::new(registry.clone(), cfg).serve(listener, async move {
-            let _ = rx.await;
-        }),
-    );
-    (addr, tx, registry)
+    let s = common::serve_file(path, cfg, read_only).await;
+    (s.addr, s.stop, s.registry)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,16 +5,18 @@
 //! and (`root_`) loop devices with 512- and 4096-byte sectors, one of them without write-zeroes or discard.
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
+mod common;
+
 use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use nbd::client::{Client, Handshake, Reply};
 use nbd::proto::*;
-use nbd::{ExportConfig, FileBackend, Registry, Server, ServerConfig};
+use nbd::ServerConfig;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
@@ -500,40 +502,6 @@ fn backing(store: Store, ramfs: Option<&Ramfs>) -> Backing {
     }
 }
 
-/// Serves `path` as export "f"; returns its address, the stop handle and the server task.
-async fn serve(
-    path: &Path,
-    read_only: bool,
-) -> (
-    SocketAddr,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let registry = Registry::new();
-    registry
-        .add(ExportConfig {
-            name: "f".into(),
-            backend: Arc::new(FileBackend::open(path, read_only).unwrap()),
-            read_only,
-            max_connections: None,
-            description: None,
-            access: nbd::Access::Anyone,
-        })
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        Server::new(registry, ServerConfig::default())
-            .serve(listener, async move {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    (addr, tx, task)
-}
-
 /// Connection `i`: structured replies and `base:allocation` on the first two, simple replies on the third.
 async fn connect(addr: SocketAddr, i: usize) -> Client {
     let mut h = Handshake::connect(addr).await.unwrap();
@@ -747,7 +715,9 @@ async fn run_case(
     let b = backing(store, ramfs);
     let size = store.size();
     let base = store.base();
-    let (addr, stop, server) = serve(&b.path, read_only).await;
+    let common::FileServer {
+        addr, stop, task, ..
+    } = common::serve_file(&b.path, ServerConfig::default(), read_only).await;
     let mut cs = Vec::new();
     for i in 0..conns {
         cs.push(connect(addr, i).await);
@@ -824,7 +794,7 @@ async fn run_case(
         c.disconnect().await.unwrap();
     }
     let _ = stop.send(());
-    server.await.unwrap();
+    task.await.unwrap().unwrap();
     result?;
     let f = std::fs::File::open(&b.path).unwrap();
     let mut on_store = vec![0u8; size as usize];
@@ -937,7 +907,9 @@ fn root_refused_fast_zero_on_a_device_without_write_zeroes_keeps_unflushed_write
         .build()
         .unwrap();
     rt.block_on(async {
-        let (addr, stop, server) = serve(&b.path, false).await;
+        let common::FileServer {
+            addr, stop, task, ..
+        } = common::serve_file(&b.path, ServerConfig::default(), false).await;
         let mut c = connect(addr, 0).await;
         assert_ne!(c.info.flags & TFLAG_SEND_FAST_ZERO, 0);
         let data = payload(77, MIB as u32);
@@ -964,7 +936,7 @@ fn root_refused_fast_zero_on_a_device_without_write_zeroes_keeps_unflushed_write
         );
         c.disconnect().await.unwrap();
         let _ = stop.send(());
-        server.await.unwrap();
+        task.await.unwrap().unwrap();
     });
     let f = std::fs::File::open(&b.path).unwrap();
     let mut got = vec![0u8; MIB as usize];

@@ -178,6 +178,30 @@ fn ext_crash_before_create_reaches_the_cloud_never_adopts_a_same_named_foreign_v
     assert_eq!(s, 200);
 }
 
+/// Sets `columns` (SQL assignments) on operation `op` in the stopped daemon's SQLite journal, as a run that
+/// died a moment earlier would have left it.
+fn rewind(w: &World, op: &str, columns: &str) {
+    let db = w.dir.path().join("daemon").join("volume-daemon.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use sqlx::ConnectOptions;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .connect()
+            .await
+            .unwrap();
+        let done = sqlx::query(&format!("UPDATE operations SET {columns} WHERE id = ?"))
+            .bind(op)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(done.rows_affected(), 1);
+    });
+}
+
 #[test]
 fn ext_crash_after_create_reached_the_cloud_adopts_the_volume_it_made() {
     let w = World::new(0);
@@ -207,28 +231,11 @@ fn ext_crash_after_create_reached_the_cloud_adopts_the_volume_it_made() {
     wait_step(&api, &op, "cloud_create_job");
     kill(&mut d);
     // Rewind the journal to the moment between sending createVolume and journaling its answer.
-    let db = w.dir.path().join("daemon").join("volume-daemon.db");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        use sqlx::ConnectOptions;
-        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&db)
-            .connect()
-            .await
-            .unwrap();
-        let done = sqlx::query(
-            "UPDATE operations SET step = 'cloud_create_sent', cloud_job_id = NULL, volume_id = NULL \
-             WHERE id = ?",
-        )
-        .bind(&op)
-        .execute(&mut conn)
-        .await
-        .unwrap();
-        assert_eq!(done.rows_affected(), 1);
-    });
+    rewind(
+        &w,
+        &op,
+        "step = 'cloud_create_sent', cloud_job_id = NULL, volume_id = NULL",
+    );
     let named = cloud_volumes_named(&w.sim_url, "mine-and-theirs");
     assert_eq!(named.len(), 2, "{named:?}");
     let made = named.iter().find(|v| **v != foreign).unwrap().clone();
@@ -281,26 +288,7 @@ fn ext_a_resumed_attach_that_cannot_list_the_clouds_jobs_sends_again_and_complet
     wait_step(&api, &op, "cloud_attach_job");
     kill(&mut d);
     // Rewind the journal to the moment between sending attachVolume and journaling its job id.
-    let db = w.dir.path().join("daemon").join("volume-daemon.db");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        use sqlx::ConnectOptions;
-        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&db)
-            .connect()
-            .await
-            .unwrap();
-        let done =
-            sqlx::query("UPDATE operations SET step = 'started', cloud_job_id = NULL WHERE id = ?")
-                .bind(&op)
-                .execute(&mut conn)
-                .await
-                .unwrap();
-        assert_eq!(done.rows_affected(), 1);
-    });
+    rewind(&w, &op, "step = 'started', cloud_job_id = NULL");
     let (s, v) = call(
         reqwest::Method::POST,
         &w.sim_faults(),

@@ -1,9 +1,48 @@
-//! Helpers shared by the test binaries: test certificates in nbdkit's and libnbd's directory layouts,
-//! made fresh for each test with rcgen, waiting for a condition ([`eventually`]), and (`smaps`) what a
-//! process keeps resident of a mapped file.
+//! Helpers shared by the test binaries: a file served in-process ([`serve_file`]), test certificates in
+//! nbdkit's and libnbd's directory layouts, made fresh for each test with rcgen, waiting for a condition
+//! ([`eventually`]), and (`smaps`) what a process keeps resident of a mapped file.
 #![allow(dead_code)] // each test binary uses a part of it
 
 pub mod smaps;
+
+/// A file served in-process as export "f" (see [`serve_file`]).
+pub struct FileServer {
+    pub addr: std::net::SocketAddr,
+    /// Stops the server (it drains and flushes, then its task ends).
+    pub stop: tokio::sync::oneshot::Sender<()>,
+    /// The server's registry, for the export's counters.
+    pub registry: nbd::Registry,
+    pub task: tokio::task::JoinHandle<Result<(), nbd::NbdError>>,
+}
+
+/// Serves `path` as export "f", read-only or not, with `cfg` on a fresh listener on a free port.
+pub async fn serve_file(path: &Path, cfg: nbd::ServerConfig, read_only: bool) -> FileServer {
+    let registry = nbd::Registry::new();
+    registry
+        .add(nbd::ExportConfig {
+            name: "f".into(),
+            backend: std::sync::Arc::new(nbd::FileBackend::open(path, read_only).unwrap()),
+            read_only,
+            max_connections: None,
+            description: None,
+            access: nbd::Access::Anyone,
+        })
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(
+        nbd::Server::new(registry.clone(), cfg).serve(listener, async move {
+            let _ = rx.await;
+        }),
+    );
+    FileServer {
+        addr,
+        stop,
+        registry,
+        task,
+    }
+}
 
 /// Waits up to 10 s for `done` to hold of `value()`, checking every 10 ms; panics with `what` and the last
 /// value.
