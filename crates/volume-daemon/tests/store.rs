@@ -858,6 +858,34 @@ async fn a_kernel_device_is_recorded_for_one_volume_at_a_time(db: &TestDb) -> Re
         .context("a's attachment")?;
     ensure!(got_a.kernel_device.as_deref() == Some("/dev/vdc") && got_a.by_id_path == Some(by_id));
     ensure!(store.find_attachment_by_device("/dev/vdb").await?.is_none());
+
+    // Without udev's by-id links the by-id path is the bare node: c's stale one lets go of it too.
+    let c = volume("c");
+    store.upsert_volume(&c).await?;
+    let mut att_c = appliance_attachment(c.id, "appliance", 1);
+    att_c.by_id_path = Some("/dev/vdd".into());
+    att_c.kernel_device = Some("/dev/vdd".into());
+    let op = insert(
+        &store,
+        &new_op(OpType::Attach, Some(c.id), Some("appliance"), None),
+    )
+    .await?;
+    store
+        .commit_attach(op, &att_c, Some(&export(c.id, 1)), &json!({}))
+        .await?;
+    store
+        .upsert_export_on_device(&export(a.id, 4), Some("/dev/vdd"), "/dev/vdd")
+        .await?;
+    let got_c = store
+        .get_attachment(c.id)
+        .await?
+        .context("c's attachment")?;
+    ensure!(
+        got_c.by_id_path.is_none() && got_c.kernel_device.is_none(),
+        "{got_c:?}"
+    );
+    let found = store.find_attachment_by_device("/dev/vdd").await?;
+    ensure!(found.map(|f| f.volume_id) == Some(a.id));
     Ok(())
 }
 

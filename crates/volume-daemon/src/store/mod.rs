@@ -1096,24 +1096,26 @@ impl Store {
     /// A kernel device node names one disk at a time: the one just verified as `volume_id`'s. Another of this
     /// appliance's attachments still recording it (its disk went away behind the daemon's back, or did not come
     /// back after a restart) records none any more, so that no read or look-up by that node finds the wrong
-    /// volume.
+    /// volume. That includes a by-id path that is the bare node (a machine without udev's by-id links).
     async fn disown_kernel_device_in(
         &self,
         conn: &mut AnyConnection,
         kernel_device: &str,
         volume_id: Uuid,
     ) -> Result<(), StoreError> {
-        let sql = self.dialect.sql(&format!(
-            "UPDATE attachments SET kernel_device = NULL WHERE kernel_device = ? AND volume_id <> ? \
-             AND {OWN_VOLUME}"
-        ));
-        sqlx::query(&sql)
-            .bind(kernel_device.to_owned())
-            .bind(volume_id.to_string())
-            .bind(self.owner().to_string())
-            .execute(conn)
-            .await
-            .map_err(q("releasing a kernel device recorded for another volume"))?;
+        for column in ["kernel_device", "by_id_path"] {
+            let sql = self.dialect.sql(&format!(
+                "UPDATE attachments SET {column} = NULL WHERE {column} = ? AND volume_id <> ? \
+                 AND {OWN_VOLUME}"
+            ));
+            sqlx::query(&sql)
+                .bind(kernel_device.to_owned())
+                .bind(volume_id.to_string())
+                .bind(self.owner().to_string())
+                .execute(&mut *conn)
+                .await
+                .map_err(q("releasing a kernel device recorded for another volume"))?;
+        }
         Ok(())
     }
 
