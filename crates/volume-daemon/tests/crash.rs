@@ -136,19 +136,13 @@ fn ext_crash_before_create_reaches_the_cloud_never_adopts_a_same_named_foreign_v
         .unwrap()
         .to_string();
     // createVolume never gets through: the daemon journals `cloud_create_sent` and keeps retrying.
-    let (s, v) = call(
-        reqwest::Method::POST,
-        &w.sim_faults(),
-        Some(
-            json!({"type": "fail_command", "command": "createVolume", "count": 1000, "errorcode": 503}),
-        ),
+    w.add_fault(
+        json!({"type": "fail_command", "command": "createVolume", "count": 1000, "errorcode": 503}),
     );
-    assert!(s < 300, "{s} {v}");
     let op = submit_create(&api, &w.sim_url, "shared-name");
     wait_step(&api, &op, "cloud_create_sent");
     kill(&mut d);
-    let (s, _) = call(reqwest::Method::DELETE, &w.sim_faults(), None);
-    assert!(s < 300, "{s}");
+    w.clear_faults();
     assert_eq!(
         cloud_volumes_named(&w.sim_url, "shared-name"),
         vec![foreign.clone()]
@@ -221,12 +215,7 @@ fn ext_crash_after_create_reached_the_cloud_adopts_the_volume_it_made() {
         .unwrap()
         .to_string();
     // The job runs long enough to kill the daemon while it waits.
-    let (s, v) = call(
-        reqwest::Method::POST,
-        &w.sim_faults(),
-        Some(json!({"type": "slow_job", "command": "createVolume", "extra_delay_ms": 3000})),
-    );
-    assert!(s < 300, "{s} {v}");
+    w.add_fault(json!({"type": "slow_job", "command": "createVolume", "extra_delay_ms": 3000}));
     let op = submit_create(&api, &w.sim_url, "mine-and-theirs");
     wait_step(&api, &op, "cloud_create_job");
     kill(&mut d);
@@ -272,12 +261,7 @@ fn ext_a_resumed_attach_that_cannot_list_the_clouds_jobs_sends_again_and_complet
         .to_string();
     // The first attach job runs long enough to kill the daemon while it waits, and to be pending still
     // when the next run resumes the operation.
-    let (s, v) = call(
-        reqwest::Method::POST,
-        &w.sim_faults(),
-        Some(json!({"type": "slow_job", "command": "attachVolume", "extra_delay_ms": 4000})),
-    );
-    assert!(s < 300, "{s} {v}");
+    w.add_fault(json!({"type": "slow_job", "command": "attachVolume", "extra_delay_ms": 4000}));
     let (s, op) = call(
         reqwest::Method::POST,
         &format!("{api}/volumes/{vol}/attach"),
@@ -289,12 +273,7 @@ fn ext_a_resumed_attach_that_cannot_list_the_clouds_jobs_sends_again_and_complet
     kill(&mut d);
     // Rewind the journal to the moment between sending attachVolume and journaling its job id.
     rewind(&w, &op, "step = 'started', cloud_job_id = NULL");
-    let (s, v) = call(
-        reqwest::Method::POST,
-        &w.sim_faults(),
-        Some(json!({"type": "fail_command", "command": "listAsyncJobs", "count": 1000})),
-    );
-    assert!(s < 300, "{s} {v}");
+    w.add_fault(json!({"type": "fail_command", "command": "listAsyncJobs", "count": 1000}));
 
     let log = w.dir.path().join("second-run.log");
     let mut cmd = w.daemon_command();
@@ -311,8 +290,7 @@ fn ext_a_resumed_attach_that_cannot_list_the_clouds_jobs_sends_again_and_complet
     );
 
     // Both attach jobs end: the lost one within seconds.
-    let (s, v) = call(reqwest::Method::DELETE, &w.sim_faults(), None);
-    assert!(s < 300, "{s} {v}");
+    w.clear_faults();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let attach_jobs = loop {
         let jobs = cloud(&w.sim_url, "listAsyncJobs", &[]);

@@ -1122,12 +1122,7 @@ impl Store {
     /// Inserts or replaces the volume's export (and records its generation on the volume's attachment), in
     /// one transaction.
     pub async fn upsert_export(&self, e: &ExportRecord) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
-        self.upsert_export_in(&mut tx, e).await?;
-        outbox::record_in(self, &mut tx, e.volume_id, OsseaChange::Unchanged).await?;
-        tx.commit().await.map_err(q("committing an export"))?;
-        self.outbox_committed();
-        Ok(())
+        self.write_export(e, None).await
     }
 
     /// [`Self::upsert_export`] for an export opened on a device verified now, which the volume's attachment
@@ -1140,20 +1135,32 @@ impl Store {
         by_id_path: Option<&str>,
         kernel_device: &str,
     ) -> Result<(), StoreError> {
+        self.write_export(e, Some((by_id_path, kernel_device)))
+            .await
+    }
+
+    /// The export, and the attachment's device (by-id path, kernel node) when given, in one transaction.
+    async fn write_export(
+        &self,
+        e: &ExportRecord,
+        device: Option<(Option<&str>, &str)>,
+    ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
         self.upsert_export_in(&mut tx, e).await?;
-        self.disown_kernel_device_in(&mut tx, kernel_device, e.volume_id)
-            .await?;
-        let sql = self
-            .dialect
-            .sql("UPDATE attachments SET by_id_path = ?, kernel_device = ? WHERE volume_id = ?");
-        sqlx::query(&sql)
-            .bind(by_id_path.map(str::to_owned))
-            .bind(kernel_device.to_owned())
-            .bind(e.volume_id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(q("recording the device of an attachment"))?;
+        if let Some((by_id_path, kernel_device)) = device {
+            self.disown_kernel_device_in(&mut tx, kernel_device, e.volume_id)
+                .await?;
+            let sql = self.dialect.sql(
+                "UPDATE attachments SET by_id_path = ?, kernel_device = ? WHERE volume_id = ?",
+            );
+            sqlx::query(&sql)
+                .bind(by_id_path.map(str::to_owned))
+                .bind(kernel_device.to_owned())
+                .bind(e.volume_id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("recording the device of an attachment"))?;
+        }
         outbox::record_in(self, &mut tx, e.volume_id, OsseaChange::Unchanged).await?;
         tx.commit().await.map_err(q("committing an export"))?;
         self.outbox_committed();

@@ -128,8 +128,20 @@ impl World {
     }
 
     /// The simulator's fault-injection endpoint.
-    pub fn sim_faults(&self) -> String {
+    fn sim_faults(&self) -> String {
         self.sim_url.replace("/client/api", "/sim/faults")
+    }
+
+    /// Arms a fault in the simulator (`spec` in the shape of `/sim/faults`).
+    pub fn add_fault(&self, spec: Value) {
+        let (s, v) = call(reqwest::Method::POST, &self.sim_faults(), Some(spec));
+        assert!(s < 300, "adding a fault: {s} {v}");
+    }
+
+    /// Clears every fault armed in the simulator.
+    pub fn clear_faults(&self) {
+        let (s, v) = call(reqwest::Method::DELETE, &self.sim_faults(), None);
+        assert!(s < 300, "clearing the faults: {s} {v}");
     }
 
     /// Detaches volume `id` directly in the simulator, behind the daemon's back.
