@@ -253,12 +253,40 @@ impl FileBackend {
             .is_some_and(|n| n > 0)
     }
 
+    /// Writes the range's dirty pages to the device and waits for them (`sync_file_range`): what the
+    /// device then reads back is what was written, whatever later happens to the page cache. It does
+    /// not flush the device's own cache; a crash may still lose them, as before any FLUSH.
+    fn write_back(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        loop {
+            // SAFETY: a system call on a descriptor this backend owns; it takes no memory.
+            let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), off, n, flags) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
     /// Aligned sub-range `[start, end)` of `[offset, offset+len)` on sector boundaries (may be empty).
     fn aligned(&self, offset: u64, len: u64) -> (u64, u64) {
-        let s = offset.div_ceil(self.sector) * self.sector;
-        let e = (offset + len) / self.sector * self.sector;
-        (s, e.max(s))
+        aligned_to(offset, len, self.sector)
     }
+}
+
+/// Sub-range `[start, end)` of `[offset, offset+len)` on multiples of `unit` (may be empty).
+fn aligned_to(offset: u64, len: u64, unit: u64) -> (u64, u64) {
+    let s = offset.div_ceil(unit) * unit;
+    let e = (offset + len) / unit * unit;
+    (s, e.max(s))
 }
 
 /// Where sysfs tells how much a block device zeroes with one write-zeroes command of its own: 0 when it
@@ -356,16 +384,21 @@ impl Backend for FileBackend {
     fn zero(&self, offset: u64, len: u64, may_trim: bool, fast: bool) -> io::Result<()> {
         let not_fast = || io::Error::from_raw_os_error(libc::EOPNOTSUPP);
         if self.block_device {
-            let (s, e) = self.aligned(offset, len);
             if fast {
                 // The kernel zeroes a block device range with `FALLOC_FL_PUNCH_HOLE` only through the
                 // device's own write-zeroes command (`BLKDEV_ZERO_NOFALLBACK`): it fails with EOPNOTSUPP
                 // instead of writing zeros, but only after it dropped the range from the page cache, dirty
-                // pages included: it is asked only when the device has that command. Without permission
-                // to deallocate there is no such call.
+                // pages included, and zeroed the range's part of a page it covers in part. So it is asked
+                // only when the device has that command, only for whole pages, and only once their
+                // writes reached the device, since a device may claim the command and then fail it: a
+                // refusal then leaves the data as it was. The parts of pages at either end are written.
+                // Without permission to deallocate there is no such call.
+                let page = (rustix::param::page_size() as u64).max(self.sector);
+                let (s, e) = aligned_to(offset, len, page);
                 if !may_trim || e <= s || !self.device_zeroes() {
                     return Err(not_fast());
                 }
+                self.write_back(s, e - s)?;
                 let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
                 rustix::fs::fallocate(&self.file, punch, s, e - s).map_err(|e| {
                     if unsupported(&e) {
@@ -377,6 +410,7 @@ impl Backend for FileBackend {
                 self.write_zeros(offset, s - offset)?;
                 return self.write_zeros(e, offset + len - e);
             }
+            let (s, e) = self.aligned(offset, len);
             if e > s {
                 match blockdev::ioctl::zero_out(&self.file, s, e - s) {
                     Ok(()) => {

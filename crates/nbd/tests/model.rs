@@ -2,7 +2,8 @@
 //! WRITE_ZEROES (NO_HOLE, FAST_ZERO), TRIM, READ, FLUSH, CACHE and BLOCK_STATUS, alone or pipelined over 1-3
 //! connections, at unaligned offsets and lengths around 4 KiB / 64 KiB / 1 MiB / 4 MiB and the export's end,
 //! checked against an in-memory model of the export: files on tmpfs (dense, sparse, read-only) and ext4,
-//! and (`root_`) loop devices with 512- and 4096-byte sectors, one of them without write-zeroes or discard.
+//! and (`root_`) loop devices with 512- and 4096-byte sectors, one without write-zeroes or discard, and
+//! (`root_ext_`) one whose write-zeroes command is claimed but always fails (a file nbdfuse presents).
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 mod common;
@@ -358,6 +359,10 @@ enum Store {
     /// A loop device over a file on a ramfs, which has no `fallocate`: the device has neither discard
     /// nor write-zeroes.
     LoopRamfs,
+    /// A loop device over the file nbdfuse presents of an nbdkit export that can neither trim nor zero:
+    /// FUSE has `fallocate`, so the device claims write-zeroes (and discard), and every one fails with
+    /// EOPNOTSUPP, as a disk does whose driver offers a command the disk then refuses.
+    LoopFuse,
 }
 
 impl Store {
@@ -365,7 +370,7 @@ impl Store {
     /// export's end: not a multiple of 512 where the store allows it.
     fn size(self) -> u64 {
         match self {
-            Store::Loop(_) | Store::LoopRamfs => 6 * MIB + 3 * PAGE,
+            Store::Loop(_) | Store::LoopRamfs | Store::LoopFuse => 6 * MIB + 3 * PAGE,
             _ => 6 * MIB + 3 * PAGE + 777,
         }
     }
@@ -380,17 +385,33 @@ impl Store {
     }
 }
 
-/// A ramfs mounted on a fresh directory, unmounted on drop.
-struct Ramfs {
+/// A file system mounted on a fresh directory for a store that needs one: a ramfs, or nbdfuse presenting
+/// an nbdkit export as `DIR/disk`. Unmounted on drop (nbdfuse then exits).
+struct Mount {
     dir: tempfile::TempDir,
+    /// nbdfuse, and the file nbdkit stores the export in.
+    fuse: Option<(std::process::Child, tempfile::NamedTempFile)>,
 }
 
-impl Ramfs {
-    fn mount() -> Ramfs {
-        let dir = tempfile::Builder::new()
-            .prefix("nbd-model-ramfs-")
+impl Mount {
+    /// What `store` needs mounted, if anything.
+    fn for_store(store: Store) -> Option<Mount> {
+        match store {
+            Store::LoopRamfs => Some(Mount::ramfs()),
+            Store::LoopFuse => Some(Mount::nbdfuse(store.size())),
+            _ => None,
+        }
+    }
+
+    fn fresh_dir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("nbd-model-mount-")
             .tempdir()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn ramfs() -> Mount {
+        let dir = Mount::fresh_dir();
         let target = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
         // SAFETY: every pointer is a NUL-terminated string that outlives the call.
         let rc = unsafe {
@@ -403,15 +424,76 @@ impl Ramfs {
             )
         };
         assert_eq!(rc, 0, "mount a ramfs: {}", std::io::Error::last_os_error());
-        Ramfs { dir }
+        Mount { dir, fuse: None }
+    }
+
+    /// nbdfuse over `nbdkit eval` storing `size` bytes in a file on /dev/shm with `dd`. The eval plugin
+    /// has no `trim` or `zero` method, so the export can do neither, and nbdfuse refuses every
+    /// `fallocate` with EOPNOTSUPP.
+    fn nbdfuse(size: u64) -> Mount {
+        let store = tempfile::Builder::new()
+            .prefix("nbd-model-fuse-")
+            .tempfile_in("/dev/shm")
+            .unwrap();
+        store.as_file().set_len(size).unwrap();
+        let path = store.path().to_str().unwrap().to_owned();
+        let dir = Mount::fresh_dir();
+        let child = std::process::Command::new("nbdfuse")
+            .arg(dir.path().join("disk"))
+            .args(["--command", "nbdkit", "-s", "--exit-with-parent", "eval"])
+            .arg(format!("get_size=echo {size}"))
+            .args(["can_write=exit 0", "can_flush=exit 0", "flush=exit 0"])
+            .arg(format!(
+                "pread=exec dd if={path} iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none"
+            ))
+            .arg(format!(
+                "pwrite=exec dd of={path} oflag=seek_bytes conv=notrunc seek=$4 status=none"
+            ))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("run nbdfuse (libnbd-bin) and nbdkit");
+        let mount = Mount {
+            dir,
+            fuse: Some((child, store)),
+        };
+        let disk = mount.dir.path().join("disk");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::fs::metadata(&disk).map(|m| m.len()).ok() != Some(size) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nbdfuse did not present {} within 20 s",
+                disk.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        mount
     }
 }
 
-impl Drop for Ramfs {
+impl Drop for Mount {
     fn drop(&mut self) {
         let target = std::ffi::CString::new(self.dir.path().to_str().unwrap()).unwrap();
+        let flags = if self.fuse.is_some() {
+            0
+        } else {
+            libc::MNT_DETACH
+        };
         // SAFETY: a NUL-terminated path that outlives the call.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        unsafe { libc::umount2(target.as_ptr(), flags) };
+        if let Some((child, _)) = &mut self.fuse {
+            // Unmounted, nbdfuse exits; if it could not be, it is stopped (lazily unmounting what is left).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() {
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    // SAFETY: as above.
+                    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
     }
 }
 
@@ -423,7 +505,8 @@ struct Backing {
     path: PathBuf,
     initial: Vec<u8>,
     _loop: Option<blockdev::LoopDevice>,
-    _file: tempfile::NamedTempFile,
+    /// The file made for the case (`None` where a mount presents it).
+    _file: Option<tempfile::NamedTempFile>,
 }
 
 /// Fills `initial` (and the file) with noise at a few places, leaving the rest a hole.
@@ -440,18 +523,33 @@ fn islands(file: &std::fs::File, base: u64, initial: &mut [u8]) {
     }
 }
 
-fn backing(store: Store, ramfs: Option<&Ramfs>) -> Backing {
+fn backing(store: Store, mount: Option<&Mount>) -> Backing {
     let size = store.size();
+    let mut initial = vec![0u8; size as usize];
+    if store == Store::LoopFuse {
+        // The one file the mount presents, its whole contents written afresh for the case.
+        let path = mount.unwrap().dir.path().join("disk");
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        islands(&f, 0, &mut initial);
+        f.write_all_at(&initial, 0).unwrap();
+        f.sync_all().unwrap();
+        let lo = blockdev::LoopDevice::attach(&path, false).unwrap();
+        return Backing {
+            path: lo.path().to_path_buf(),
+            initial,
+            _loop: Some(lo),
+            _file: None,
+        };
+    }
     let dir: &Path = match store {
         Store::ShmDense | Store::ShmSparse | Store::ShmHigh => Path::new("/dev/shm"),
         Store::VarTmp | Store::VarTmpHigh | Store::Loop(_) => Path::new("/var/tmp"),
-        Store::LoopRamfs => ramfs.unwrap().dir.path(),
+        Store::LoopRamfs | Store::LoopFuse => mount.unwrap().dir.path(),
     };
     let file = tempfile::Builder::new()
         .prefix("nbd-model-")
         .tempfile_in(dir)
         .unwrap();
-    let mut initial = vec![0u8; size as usize];
     match store {
         Store::ShmDense => {
             initial.copy_from_slice(payload(12345, size as u32));
@@ -498,7 +596,7 @@ fn backing(store: Store, ramfs: Option<&Ramfs>) -> Backing {
         path,
         initial,
         _loop: lo,
-        _file: file,
+        _file: Some(file),
     }
 }
 
@@ -707,12 +805,12 @@ async fn read_check(
 
 async fn run_case(
     store: Store,
-    ramfs: Option<&Ramfs>,
+    mount: Option<&Mount>,
     read_only: bool,
     conns: usize,
     steps: &[Step],
 ) -> Result<(), String> {
-    let b = backing(store, ramfs);
+    let b = backing(store, mount);
     let size = store.size();
     let base = store.base();
     let common::FileServer {
@@ -809,7 +907,7 @@ fn run_model(store: Store, read_only: bool, cases: u32, seed: u8) {
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
     let cases = env("NBD_MODEL_CASES").unwrap_or(cases);
     let seed = env("NBD_MODEL_SEED").map_or(seed, |s| seed.wrapping_add(s as u8));
-    let ramfs = (store == Store::LoopRamfs).then(Ramfs::mount);
+    let mount = Mount::for_store(store);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -827,7 +925,7 @@ fn run_model(store: Store, read_only: bool, cases: u32, seed: u8) {
         TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]),
     );
     let result = runner.run(&case(), |(conns, steps)| {
-        rt.block_on(run_case(store, ramfs.as_ref(), read_only, conns, &steps))
+        rt.block_on(run_case(store, mount.as_ref(), read_only, conns, &steps))
             .map_err(TestCaseError::fail)
     });
     if let Err(e) = result {
@@ -838,7 +936,7 @@ fn run_model(store: Store, read_only: bool, cases: u32, seed: u8) {
 fn require_root() {
     assert!(
         rustix::process::geteuid().is_root(),
-        "root_ tests need root (loop devices, a ramfs mount); skip tests named root_* otherwise"
+        "root_ tests need root (loop devices, mounts); skip tests named root_* otherwise"
     );
 }
 
@@ -892,15 +990,33 @@ fn root_loop_device_without_write_zeroes_matches_the_model() {
     run_model(Store::LoopRamfs, false, 12, 6);
 }
 
-/// A WRITE not yet written back, then FAST_ZERO over it on a block device that has no write-zeroes
-/// command: the request must fail with ENOTSUP and leave the written data, also through the page cache
-/// the server shares with everyone reading the device. (`fallocate(PUNCH_HOLE)` on a block device drops
-/// the range's cached pages, dirty ones included, before it finds the device cannot zero.)
+#[test]
+fn root_ext_loop_device_whose_write_zeroes_fail_matches_the_model() {
+    require_root();
+    run_model(Store::LoopFuse, false, 8, 10);
+}
+
+/// A WRITE not yet written back, then FAST_ZERO over it on a block device that cannot zero fast: the
+/// request must fail with ENOTSUP and leave the written data, also through the page cache the server
+/// shares with everyone reading the device. (`fallocate(PUNCH_HOLE)` on a block device drops the range's
+/// cached pages, dirty ones included, before it asks the device.)
 #[test]
 fn root_refused_fast_zero_on_a_device_without_write_zeroes_keeps_unflushed_writes() {
     require_root();
-    let ramfs = Ramfs::mount();
-    let b = backing(Store::LoopRamfs, Some(&ramfs));
+    refused_fast_zero_keeps_unflushed_writes(Store::LoopRamfs);
+}
+
+/// The same on a device that claims a write-zeroes command and then fails it, so the server does ask
+/// the kernel, which drops the cached pages before the device refuses.
+#[test]
+fn root_ext_refused_fast_zero_on_a_device_that_claims_write_zeroes_keeps_unflushed_writes() {
+    require_root();
+    refused_fast_zero_keeps_unflushed_writes(Store::LoopFuse);
+}
+
+fn refused_fast_zero_keeps_unflushed_writes(store: Store) {
+    let mount = Mount::for_store(store);
+    let b = backing(store, mount.as_ref());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -923,17 +1039,20 @@ fn root_refused_fast_zero_on_a_device_without_write_zeroes_keeps_unflushed_write
             c.read(MIB, MIB as u32).await.unwrap() == data,
             "the refused fast zero changed the data"
         );
-        // Also after a flush, in part of one page (512-byte sectors).
+        // Also after a flush, over parts of two pages and a whole one between them (512-byte sectors),
+        // and in part of one page.
         c.flush().await.unwrap();
-        let err = c
-            .zero(MIB + 512, 1024, CMD_FLAG_FAST_ZERO)
-            .await
-            .unwrap_err();
-        assert_eq!(err.remote_code(), Some(ENOTSUP), "{err}");
-        assert!(
-            c.read(MIB, 4096).await.unwrap() == data[..4096],
-            "the refused fast zero changed the data in a cached page"
-        );
+        for (off, len) in [(512, 2 * PAGE as u32), (512, 1024)] {
+            let err = c
+                .zero(MIB + off, len, CMD_FLAG_FAST_ZERO)
+                .await
+                .unwrap_err();
+            assert_eq!(err.remote_code(), Some(ENOTSUP), "{err}");
+            assert!(
+                c.read(MIB, 3 * PAGE as u32).await.unwrap() == data[..3 * PAGE as usize],
+                "the refused fast zero of {len} bytes changed the data in cached pages"
+            );
+        }
         c.disconnect().await.unwrap();
         let _ = stop.send(());
         task.await.unwrap().unwrap();
