@@ -255,19 +255,16 @@ impl RunningDaemon {
             .cloned()
             .ok_or_else(|| DaemonError::Lease(StoreError::not_found("the lease just taken")))?;
         tracing::info!(appliance = %appliance_id, token = lease.token(), "appliance lease taken");
-        health.set_fact(
-            "lease",
-            true,
-            format!(
-                "appliance {} held with fencing token {}",
-                if appliance_id.is_empty() {
-                    "(identity unknown)"
-                } else {
-                    &appliance_id
-                },
-                lease.token()
-            ),
+        let held = format!(
+            "appliance {} held with fencing token {}",
+            if appliance_id.is_empty() {
+                "(identity unknown)"
+            } else {
+                &appliance_id
+            },
+            lease.token()
         );
+        health.set_fact("lease", true, held.clone());
         let identity = identity.with_store(store.clone());
         // Records without an owner stay readable and writable by every appliance until claimed; a row the
         // database refuses to change must not keep the daemon from serving.
@@ -289,7 +286,12 @@ impl RunningDaemon {
             .fold_export_run_bytes()
             .await
             .map_err(DaemonError::Store)?;
-        let lease_task = tokio::spawn(heartbeat(store.clone(), cfg.lease_heartbeat()));
+        let lease_task = tokio::spawn(heartbeat(
+            store.clone(),
+            cfg.lease_heartbeat(),
+            Arc::clone(&health),
+            held,
+        ));
 
         let nbd_listener = bind("NBD", cfg.nbd_listen).await?;
         let nbd_addr = nbd_listener
@@ -540,29 +542,79 @@ impl RunningDaemon {
     }
 }
 
-/// Renews the store's appliance lease every `every`. Marks the lease lost (which stops the daemon) when a
-/// renewal finds it taken over, or when renewals keep failing until it has expired.
-async fn heartbeat(store: Store, every: Duration) {
+/// Renews the store's appliance lease every `every`, and reports each renewal on `/health` (components
+/// `lease` and `database`; `held` is the lease's detail while renewals succeed). Marks the lease lost
+/// (which stops the daemon) when a renewal finds it taken over, or when renewals keep failing until it
+/// has expired, except while the database refuses them because its storage is full: no other daemon can
+/// take the lease over while that lasts (a takeover is a write to the same database), so the daemon goes
+/// on serving its exports and renews as soon as there is space, or stops if it then finds the lease taken.
+async fn heartbeat(store: Store, every: Duration, health: Arc<HealthState>, held: String) {
+    use volume_api::{ComponentHealth, ComponentStatus};
     let Some(lease) = store.lease().cloned() else {
         return;
     };
     let mut valid_until = chrono::Utc::now()
         + chrono::Duration::from_std(lease.ttl()).unwrap_or(chrono::Duration::zero());
+    let mut failing_since: Option<chrono::DateTime<chrono::Utc>> = None;
+    let mut expired_while_full = false;
     loop {
         tokio::time::sleep(every).await;
         match store.renew_lease().await {
-            Ok(until) => valid_until = until,
+            Ok(until) => {
+                valid_until = until;
+                expired_while_full = false;
+                if let Some(since) = failing_since.take() {
+                    tracing::info!(%since, "appliance lease renewed again; the database takes writes");
+                    health.set_write_failure(None);
+                    health.set_fact("lease", true, held.clone());
+                }
+            }
             Err(e) if e.kind() == StoreErrorKind::Fenced => {
                 tracing::error!(error = %crate::error_chain(&e), "appliance lease lost");
                 return;
             }
-            Err(e) if chrono::Utc::now() >= valid_until => {
-                tracing::error!(error = %crate::error_chain(&e), "appliance lease expired without a renewal");
-                lease.mark_lost();
-                return;
-            }
             Err(e) => {
-                tracing::warn!(error = %crate::error_chain(&e), "appliance lease not renewed; retrying");
+                let now = chrono::Utc::now();
+                let since = *failing_since.get_or_insert(now);
+                let cause = crate::error_chain(&e);
+                let at = |t: chrono::DateTime<chrono::Utc>| {
+                    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                };
+                let (since, until) = (at(since), at(valid_until));
+                health.set_write_failure(Some(format!("since {since}: {cause}")));
+                let storage_full = e.is_storage_full();
+                if now >= valid_until && !storage_full {
+                    tracing::error!(error = %cause, "appliance lease expired without a renewal");
+                    lease.mark_lost();
+                    return;
+                }
+                let detail = if now < valid_until {
+                    format!(
+                        "not renewed since {since}; it expires at {until}, and the daemon then \
+                         stops unless the database's storage is full: {cause}"
+                    )
+                } else {
+                    format!(
+                        "expired at {until}, not renewed since {since}: the database's storage is \
+                         full, so no other daemon can take it over; exports are served, and the lease is \
+                         renewed as soon as there is space: {cause}"
+                    )
+                };
+                if now >= valid_until {
+                    if !expired_while_full {
+                        expired_while_full = true;
+                        tracing::error!(error = %cause, "appliance lease expired while the database's storage is full; serving on and renewing as soon as there is space");
+                    }
+                } else {
+                    tracing::warn!(error = %cause, "appliance lease not renewed; retrying");
+                }
+                health.set_component(
+                    "lease",
+                    ComponentHealth {
+                        status: ComponentStatus::Degraded,
+                        detail,
+                    },
+                );
             }
         }
     }

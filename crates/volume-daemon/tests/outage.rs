@@ -1,9 +1,12 @@
 //! Patient with outages, silent about secrets: a cloud outage shorter than `job_timeout_secs` delays an
 //! operation instead of failing it, and `/health` shows a caller without the bearer token only the status
-//! of each component, never an error's text.
+//! of each component, never an error's text; a database whose disk is full for longer than the lease's
+//! lifetime leaves the daemon serving its exports until writing resumes.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 mod support;
+#[path = "common/tmpfs.rs"]
+mod tmpfs;
 
 use std::time::{Duration, Instant};
 
@@ -106,4 +109,85 @@ async fn a_cloud_outage_shorter_than_the_job_timeout_delays_an_operation_without
     assert_eq!(done["status"], "completed", "{done}");
     assert!(begun.elapsed() >= outage);
     d.stop().await;
+}
+
+/// A database whose disk fills keeps the daemon serving: the lease's renewals fail and the lease expires,
+/// but no other daemon can take it over while every write to that database fails, so the daemon stays up
+/// and its exports are served; `/health` says writes fail (503, component `database` failed, `lease`
+/// degraded). Once there is space the lease is renewed, `/health` is 200 again and operations complete,
+/// without a restart.
+#[test]
+fn root_ext_a_full_database_disk_keeps_the_daemon_and_its_exports_until_writing_resumes() {
+    use support::processes::{call, export_served, submit_create, wait_terminal, World, APPLIANCE};
+    let fs = tmpfs::SmallFs::mount("3m");
+    let w = World::new(50);
+    let mut cmd = w.daemon_command();
+    cmd.arg("--database")
+        .arg(format!("sqlite://{}/journal.db", fs.dir.path().display()))
+        .env("VOLUME_DAEMON_LEASE_TTL_SECS", "3")
+        .env("VOLUME_DAEMON_LEASE_HEARTBEAT_SECS", "1");
+    let (mut d, api) = World::start_daemon(&mut cmd);
+    let health = |api: &str| call(reqwest::Method::GET, &format!("{api}/health"), None);
+    let created = |api: &str| {
+        let done = wait_terminal(api, &submit_create(api, &w.sim_url, "full-disk"));
+        assert_eq!(done["status"], "completed", "{done}");
+        done["response"]["volume_id"].as_str().unwrap().to_string()
+    };
+    let vol = created(&api);
+    let (s, op) = call(
+        reqwest::Method::POST,
+        &format!("{api}/volumes/{vol}/attach"),
+        Some(json!({"vm_id": APPLIANCE})),
+    );
+    assert_eq!(s, 201, "{op}");
+    let done = wait_terminal(&api, op["id"].as_str().unwrap());
+    assert_eq!(done["status"], "completed", "{done}");
+    assert!(export_served(&api, &vol));
+
+    let filler = fs.fill();
+    // Three lease lifetimes without a renewal.
+    std::thread::sleep(Duration::from_secs(9));
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the daemon stopped while the database's disk was full"
+    );
+    let (s, h) = health(&api);
+    assert_eq!(s, 503, "{h}");
+    let db = &h["components"]["database"];
+    assert_eq!(db["status"], "failed", "{h}");
+    let detail = db["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("writes fail") && detail.contains("full"),
+        "{detail}"
+    );
+    assert_eq!(h["components"]["lease"]["status"], "degraded", "{h}");
+    assert!(
+        export_served(&api, &vol),
+        "the export closed on a full disk"
+    );
+    let (s, refused) = call(
+        reqwest::Method::POST,
+        &format!("{api}/volumes"),
+        Some(support::processes::create_body(&w.sim_url, "refused")),
+    );
+    assert_eq!(s, 503, "{refused}");
+    assert_eq!(refused["code"], "database_error", "{refused}");
+
+    std::fs::remove_file(filler).unwrap();
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (s, h) = health(&api);
+        if s == 200 {
+            assert_eq!(h["components"]["lease"]["status"], "ok", "{h}");
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "still unhealthy with space again: {h}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    created(&api);
+    assert!(export_served(&api, &vol));
+    assert!(d.child.try_wait().unwrap().is_none());
 }

@@ -5,6 +5,8 @@
 
 #[path = "common/db.rs"]
 mod db;
+#[path = "common/tmpfs.rs"]
+mod tmpfs;
 
 use std::collections::HashSet;
 
@@ -1525,63 +1527,11 @@ async fn sqlite_uses_wal() {
     assert_eq!(mode, "wal");
 }
 
-/// A tmpfs of `size` mounted on a new directory, unmounted when dropped.
-struct SmallFs {
-    dir: tempfile::TempDir,
-}
-
-impl SmallFs {
-    fn mount(size: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes())
-            .expect("path without NUL");
-        let fstype = std::ffi::CString::new("tmpfs").expect("no NUL");
-        let data = std::ffi::CString::new(format!("size={size}")).expect("no NUL");
-        // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
-        let rc = unsafe {
-            libc::mount(
-                fstype.as_ptr(),
-                path.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                data.as_ptr().cast(),
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "mount tmpfs (needs root): {}",
-            std::io::Error::last_os_error()
-        );
-        Self { dir }
-    }
-
-    /// Writes zeros into a file until the file system is full.
-    fn fill(&self) -> std::path::PathBuf {
-        use std::io::Write;
-        let path = self.dir.path().join("filler");
-        let mut f = std::fs::File::create(&path).expect("filler");
-        let chunk = vec![0u8; 4096];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.sync_all();
-        path
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let path = std::ffi::CString::new(self.dir.path().as_os_str().as_encoded_bytes())
-            .expect("path without NUL");
-        // SAFETY: a valid NUL-terminated path; only the tmpfs this value mounted is unmounted.
-        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-    }
-}
-
 /// A journal write that finds the disk full is refused as `Unavailable` (the API's 503), and once space
 /// returns every connection of the pool writes again: none is left in a transaction SQLite already ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_a_full_disk_refuses_journal_writes_as_unavailable_and_writing_resumes_with_space() {
-    let fs = SmallFs::mount("2m");
+    let fs = tmpfs::SmallFs::mount("2m");
     let url = format!("sqlite://{}/journal.db?mode=rwc", fs.dir.path().display());
     let store = Store::connect(&url).await.expect("connect");
     store.migrate().await.expect("migrate");

@@ -27,6 +27,8 @@ const CLOUD_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct HealthState {
     ready: AtomicBool,
     facts: Mutex<BTreeMap<String, ComponentHealth>>,
+    /// Why the latest write to the database (the lease's heartbeat) failed; `None` once one succeeds.
+    write_failure: Mutex<Option<String>>,
 }
 
 impl HealthState {
@@ -53,6 +55,17 @@ impl HealthState {
         }
     }
 
+    /// Records the outcome of the latest periodic write to the database (`None`: it succeeded).
+    pub fn set_write_failure(&self, why: Option<String>) {
+        if let Ok(mut w) = self.write_failure.lock() {
+            *w = why;
+        }
+    }
+
+    fn write_failure(&self) -> Option<String> {
+        self.write_failure.lock().ok().and_then(|w| w.clone())
+    }
+
     fn facts(&self) -> BTreeMap<String, ComponentHealth> {
         self.facts.lock().map(|f| f.clone()).unwrap_or_default()
     }
@@ -77,7 +90,10 @@ pub async fn report(st: &AppState) -> Health {
     components.insert(
         "database".into(),
         match db {
-            Ok(_) => component(true, "reachable"),
+            Ok(_) => match st.health.write_failure() {
+                None => component(true, "reachable"),
+                Some(why) => component(false, format!("reads answer, but writes fail: {why}")),
+            },
             Err(e) => component(false, crate::error_chain(&e)),
         },
     );

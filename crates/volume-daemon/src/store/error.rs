@@ -153,6 +153,19 @@ impl StoreError {
         }
     }
 
+    /// Whether the database answered and refused the write because its storage is full (SQLite 13,
+    /// PostgreSQL 53100, MariaDB 1021 and 1114): a condition every writer of that database meets, not
+    /// only this daemon.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Self::Query {
+                source: sqlx::Error::Database(db),
+                ..
+            } => matches!(db.code().as_deref(), Some("13" | "53100" | "1021" | "1114")),
+            _ => false,
+        }
+    }
+
     /// A constraint violation means the change contradicts the stored state.
     pub(crate) fn is_constraint_violation(e: &sqlx::Error) -> bool {
         classify(e) == StoreErrorKind::Conflict
