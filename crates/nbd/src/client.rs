@@ -1,10 +1,10 @@
 //! A small asynchronous NBD client for tests and tools: fixed-newstyle negotiation (LIST, INFO, GO,
-//! EXPORT_NAME, STRUCTURED_REPLY, SET_META_CONTEXT), the usual commands, and raw frames for edge cases.
+//! EXPORT_NAME, STRUCTURED_REPLY, SET_META_CONTEXT), the usual commands, and raw frames for edge cases,
+//! over TCP or any other byte stream (a Unix socket, a TLS session the caller set up).
 
 use std::collections::HashMap;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
 use crate::error::NbdError;
@@ -29,11 +29,15 @@ pub struct ExportInfo {
     pub block_size: Option<(u32, u32, u32)>,
 }
 
+/// The receiving half of the connection.
+type Rd = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
+/// The sending half of the connection.
+type Wr = BufWriter<Box<dyn AsyncWrite + Send + Unpin>>;
+
 /// A client in the negotiation phase.
-#[derive(Debug)]
 pub struct Handshake {
-    rd: BufReader<OwnedReadHalf>,
-    wr: BufWriter<OwnedWriteHalf>,
+    rd: Rd,
+    wr: Wr,
     /// Handshake flags the server sent.
     pub server_flags: u16,
     structured: bool,
@@ -52,12 +56,46 @@ impl Handshake {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         let (rd, wr) = s.into_split();
-        let mut h = Handshake {
+        Self::greeted(Box::new(rd), Box::new(wr)).await
+    }
+
+    /// Like [`Handshake::connect`], over a stream already connected to the server (nothing read yet).
+    pub async fn over<S>(stream: S) -> Result<Self, NbdError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        Self::greeted(Box::new(rd), Box::new(wr)).await
+    }
+
+    /// Negotiation goes on over `stream`, a session that began after the server's greeting, which said
+    /// `server_flags` (a TLS session after `NBD_OPT_STARTTLS`).
+    pub fn resume<S>(stream: S, server_flags: u16) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        Self::from_halves(Box::new(rd), Box::new(wr), server_flags)
+    }
+
+    fn from_halves(
+        rd: Box<dyn AsyncRead + Send + Unpin>,
+        wr: Box<dyn AsyncWrite + Send + Unpin>,
+        server_flags: u16,
+    ) -> Self {
+        Handshake {
             rd: BufReader::with_capacity(256 * 1024, rd),
             wr: BufWriter::with_capacity(256 * 1024, wr),
-            server_flags: 0,
+            server_flags,
             structured: false,
-        };
+        }
+    }
+
+    async fn greeted(
+        rd: Box<dyn AsyncRead + Send + Unpin>,
+        wr: Box<dyn AsyncWrite + Send + Unpin>,
+    ) -> Result<Self, NbdError> {
+        let mut h = Self::from_halves(rd, wr, 0);
         let m1 = h.rd.read_u64().await?;
         let m2 = h.rd.read_u64().await?;
         if m1 != NBDMAGIC || m2 != IHAVEOPT {
@@ -291,16 +329,34 @@ pub struct Reply {
 }
 
 /// A client in the transmission phase.
-#[derive(Debug)]
 pub struct Client {
-    rd: BufReader<OwnedReadHalf>,
-    wr: BufWriter<OwnedWriteHalf>,
+    rd: Rd,
+    wr: Wr,
     /// What negotiation told about the export.
     pub info: ExportInfo,
     structured: bool,
     next_cookie: u64,
     /// Outstanding requests: cookie -> (command, offset, length).
     pending: HashMap<u64, (u16, u64, u32)>,
+}
+
+impl std::fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handshake")
+            .field("server_flags", &self.server_flags)
+            .field("structured", &self.structured)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("info", &self.info)
+            .field("structured", &self.structured)
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {

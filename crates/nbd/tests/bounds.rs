@@ -458,7 +458,7 @@ async fn tls_sessions_that_cannot_send_their_closing_alert_are_closed_after_the_
         )
         .unwrap(),
     );
-    let connector = tls_connector(&pki.server_dir());
+    let connector = common::tls_connector(&pki.server_dir());
     let mut sessions = Vec::new();
     for length in PIPE - OVERHEAD - 48..=PIPE - OVERHEAD + 4 {
         let (client, conn) = tokio::io::duplex(PIPE);
@@ -492,27 +492,9 @@ fn request(command: u16, cookie: u64, offset: u64, length: u32) -> [u8; REQUEST_
     r
 }
 
-/// A TLS client that trusts the CA of a test certificate directory and presents no certificate.
-fn tls_connector(dir: &std::path::Path) -> tokio_rustls::TlsConnector {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_file(dir.join("ca-cert.pem")).unwrap())
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
 /// Negotiates `export` over TLS (STARTTLS, then GO without structured replies) on a raw stream.
 async fn tls_go<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
+    s: S,
     connector: &tokio_rustls::TlsConnector,
     export: &str,
 ) -> tokio_rustls::client::TlsStream<S> {
@@ -535,15 +517,7 @@ async fn tls_go<S: AsyncRead + AsyncWrite + Unpin>(
         o.extend_from_slice(data);
         o
     }
-    let mut greeting = [0u8; 18];
-    s.read_exact(&mut greeting).await.unwrap();
-    s.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
-        .await
-        .unwrap();
-    s.write_all(&option(OPT_STARTTLS, &[])).await.unwrap();
-    assert_eq!(option_reply(&mut s).await.0, REP_ACK);
-    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = connector.connect(name, s).await.unwrap();
+    let (mut tls, _) = common::starttls(s, connector).await;
     tls.write_all(&option(OPT_GO, &info_request(export)))
         .await
         .unwrap();

@@ -600,9 +600,89 @@ fn backing(store: Store, mount: Option<&Mount>) -> Backing {
     }
 }
 
-/// Connection `i`: structured replies and `base:allocation` on the first two, simple replies on the third.
+/// How a case's connections reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// TCP: the session that moves a tmpfs file's payloads through its mapping.
+    Tcp,
+    /// A Unix socket pair served with `Server::serve_stream`: the buffered session.
+    Unix,
+    /// TLS over TCP (STARTTLS, which the server requires): the buffered session over rustls.
+    Tls,
+}
+
+/// What a model run keeps for all its cases: the store's mount, and for TLS the certificates.
+struct Run {
+    store: Store,
+    transport: Transport,
+    read_only: bool,
+    mount: Option<Mount>,
+    pki: Option<common::Pki>,
+}
+
+impl Run {
+    fn new(store: Store, transport: Transport, read_only: bool) -> Run {
+        Run {
+            store,
+            transport,
+            read_only,
+            mount: Mount::for_store(store),
+            pki: (transport == Transport::Tls).then(common::Pki::new),
+        }
+    }
+
+    fn server_config(&self) -> ServerConfig {
+        let mut cfg = ServerConfig::default();
+        if let Some(pki) = &self.pki {
+            let settings = nbd::TlsSettings::from_dir(&pki.server_dir(), false).unwrap();
+            cfg.tls = nbd::Tls::Require(std::sync::Arc::new(settings));
+        }
+        cfg
+    }
+}
+
+/// Where a case's connections go.
+struct Endpoint {
+    transport: Transport,
+    addr: SocketAddr,
+    /// Serves the Unix socket pairs (over the TCP server's registry).
+    server: std::sync::Arc<nbd::Server>,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl Endpoint {
+    async fn handshake(&self) -> Handshake {
+        match self.transport {
+            Transport::Tcp => Handshake::connect(self.addr).await.unwrap(),
+            Transport::Unix => {
+                let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+                let server = std::sync::Arc::clone(&self.server);
+                let peer = "127.0.0.1:9".parse().unwrap();
+                tokio::spawn(async move { server.serve_stream(theirs, peer).await });
+                Handshake::over(ours).await.unwrap()
+            }
+            Transport::Tls => {
+                let s = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+                s.set_nodelay(true).unwrap();
+                let (tls, flags) = common::starttls(s, self.tls.as_ref().unwrap()).await;
+                Handshake::resume(tls, flags)
+            }
+        }
+    }
+
+    /// Connection `i` (see [`negotiate`]).
+    async fn connect(&self, i: usize) -> Client {
+        negotiate(self.handshake().await, i).await
+    }
+}
+
+/// Connection `i` over TCP.
 async fn connect(addr: SocketAddr, i: usize) -> Client {
-    let mut h = Handshake::connect(addr).await.unwrap();
+    negotiate(Handshake::connect(addr).await.unwrap(), i).await
+}
+
+/// Connection `i`: structured replies and `base:allocation` on the first two, simple replies on the third.
+async fn negotiate(mut h: Handshake, i: usize) -> Client {
     if i < 2 {
         h.structured_replies().await.unwrap();
         h.set_meta_context("f", &[META_BASE_ALLOCATION])
@@ -803,22 +883,30 @@ async fn read_check(
     Ok(())
 }
 
-async fn run_case(
-    store: Store,
-    mount: Option<&Mount>,
-    read_only: bool,
-    conns: usize,
-    steps: &[Step],
-) -> Result<(), String> {
-    let b = backing(store, mount);
+async fn run_case(run: &Run, conns: usize, steps: &[Step]) -> Result<(), String> {
+    let (store, read_only) = (run.store, run.read_only);
+    let b = backing(store, run.mount.as_ref());
     let size = store.size();
     let base = store.base();
+    let cfg = run.server_config();
     let common::FileServer {
-        addr, stop, task, ..
-    } = common::serve_file(&b.path, ServerConfig::default(), read_only).await;
+        addr,
+        stop,
+        task,
+        registry,
+    } = common::serve_file(&b.path, cfg.clone(), read_only).await;
+    let endpoint = Endpoint {
+        transport: run.transport,
+        addr,
+        server: std::sync::Arc::new(nbd::Server::new(registry, cfg)),
+        tls: run
+            .pki
+            .as_ref()
+            .map(|p| common::tls_connector(&p.server_dir())),
+    };
     let mut cs = Vec::new();
     for i in 0..conns {
-        cs.push(connect(addr, i).await);
+        cs.push(endpoint.connect(i).await);
     }
     for c in &cs {
         assert_eq!(c.size(), base + size);
@@ -844,7 +932,11 @@ async fn run_case(
             for (i, list) in sent.into_iter().enumerate() {
                 let mut replies = Vec::new();
                 for _ in 0..list.len() {
-                    replies.push(cs[i].recv().await.map_err(|e| format!("step {n}: {e}"))?);
+                    // A reply that never comes (a session that stalls) fails the case.
+                    let r = tokio::time::timeout(std::time::Duration::from_secs(60), cs[i].recv())
+                        .await
+                        .map_err(|_| format!("step {n}: no reply within 60 s"))?;
+                    replies.push(r.map_err(|e| format!("step {n}: {e}"))?);
                 }
                 for s in list {
                     let r = replies
@@ -904,10 +996,14 @@ async fn run_case(
 /// `NBD_MODEL_CASES` and `NBD_MODEL_SEED` (a number) explore further; `NBD_MODEL_TRACE` prints every
 /// request and its reply.
 fn run_model(store: Store, read_only: bool, cases: u32, seed: u8) {
+    run_model_over(store, Transport::Tcp, read_only, cases, seed);
+}
+
+fn run_model_over(store: Store, transport: Transport, read_only: bool, cases: u32, seed: u8) {
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
     let cases = env("NBD_MODEL_CASES").unwrap_or(cases);
     let seed = env("NBD_MODEL_SEED").map_or(seed, |s| seed.wrapping_add(s as u8));
-    let mount = Mount::for_store(store);
+    let run = Run::new(store, transport, read_only);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -925,11 +1021,11 @@ fn run_model(store: Store, read_only: bool, cases: u32, seed: u8) {
         TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]),
     );
     let result = runner.run(&case(), |(conns, steps)| {
-        rt.block_on(run_case(store, mount.as_ref(), read_only, conns, &steps))
+        rt.block_on(run_case(&run, conns, &steps))
             .map_err(TestCaseError::fail)
     });
     if let Err(e) = result {
-        panic!("{store:?}: {e}");
+        panic!("{store:?} over {transport:?}: {e}");
     }
 }
 
@@ -962,6 +1058,28 @@ fn var_tmp_file_past_4_gib_matches_the_model() {
 }
 
 /// A read-only export refuses every change (and reads what the file holds).
+/// The buffered session, which serves every stream but plain TCP, over a Unix socket pair.
+#[test]
+fn tmpfs_dense_file_over_a_unix_socket_matches_the_model() {
+    run_model_over(Store::ShmDense, Transport::Unix, false, 16, 11);
+}
+
+#[test]
+fn var_tmp_file_over_a_unix_socket_matches_the_model() {
+    run_model_over(Store::VarTmp, Transport::Unix, false, 12, 12);
+}
+
+/// The buffered session over TLS.
+#[test]
+fn tmpfs_sparse_file_over_tls_matches_the_model() {
+    run_model_over(Store::ShmSparse, Transport::Tls, false, 16, 13);
+}
+
+#[test]
+fn var_tmp_file_past_4_gib_over_tls_matches_the_model() {
+    run_model_over(Store::VarTmpHigh, Transport::Tls, false, 12, 14);
+}
+
 #[test]
 fn read_only_tmpfs_file_refuses_every_change() {
     run_model(Store::ShmDense, true, 8, 7);

@@ -168,3 +168,64 @@ impl Pki {
         dir
     }
 }
+
+/// A TLS client that trusts the CA of a test certificate directory (`ca-cert.pem`) and presents no
+/// certificate.
+pub fn tls_connector(dir: &Path) -> tokio_rustls::TlsConnector {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(dir.join("ca-cert.pem")).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// On a fresh connection to a server: reads the greeting, answers fixed newstyle without zeroes, asks
+/// for STARTTLS and runs the TLS handshake (the server named `localhost`). Returns the TLS session, on
+/// which negotiation goes on, and the greeting's handshake flags.
+pub async fn starttls<S>(
+    mut s: S,
+    connector: &tokio_rustls::TlsConnector,
+) -> (tokio_rustls::client::TlsStream<S>, u16)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use nbd::proto::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(
+        u64::from_be_bytes(greeting[8..16].try_into().unwrap()),
+        IHAVEOPT
+    );
+    let flags = u16::from_be_bytes(greeting[16..].try_into().unwrap());
+    s.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
+        .await
+        .unwrap();
+    let mut option = IHAVEOPT.to_be_bytes().to_vec();
+    option.extend_from_slice(&OPT_STARTTLS.to_be_bytes());
+    option.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&option).await.unwrap();
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).await.unwrap();
+    assert_eq!(
+        u64::from_be_bytes(reply[..8].try_into().unwrap()),
+        OPT_REPLY_MAGIC
+    );
+    assert_eq!(
+        u32::from_be_bytes(reply[12..16].try_into().unwrap()),
+        REP_ACK,
+        "STARTTLS refused"
+    );
+    assert_eq!(u32::from_be_bytes(reply[16..].try_into().unwrap()), 0);
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    (connector.connect(name, s).await.unwrap(), flags)
+}
