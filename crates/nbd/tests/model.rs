@@ -3,7 +3,8 @@
 //! connections, at unaligned offsets and lengths around 4 KiB / 64 KiB / 1 MiB / 4 MiB and the export's end,
 //! checked against an in-memory model of the export: files on tmpfs (dense, sparse, read-only) and ext4,
 //! and (`root_`) loop devices with 512- and 4096-byte sectors, one without write-zeroes or discard, and
-//! (`root_ext_`) one whose write-zeroes command is claimed but always fails (a file nbdfuse presents).
+//! (`root_ext_`) one whose write-zeroes command is claimed but always fails (a file nbdfuse presents);
+//! over TCP, and (the buffered session) over Unix socket pairs and TLS.
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 mod common;
