@@ -123,8 +123,9 @@ pub struct FileBackend {
     memory_backed: bool,
     /// The file mapped for direct socket I/O (memory-backed files only).
     mapping: Option<Mapping>,
-    /// Whether the file had no holes when last looked at (see [`FileBackend::mapping`]).
-    dense: AtomicBool,
+    /// Whether the file had no holes when last looked at (bit 0), and how often this backend has begun
+    /// or finished punching holes (the rest, in steps of 2): see [`FileBackend::refresh_dense`].
+    dense: AtomicU64,
     /// When `dense` was last refreshed, as [`millis`].
     dense_checked: AtomicU64,
     /// Whether `RWF_NOWAIT` reads and writes are still worth trying (cleared when the kernel refuses them).
@@ -158,7 +159,7 @@ impl FileBackend {
                 write_zeroes_limit: Some(write_zeroes_limit(meta.rdev())),
                 memory_backed: false,
                 mapping: None,
-                dense: AtomicBool::new(false),
+                dense: AtomicU64::new(0),
                 dense_checked: AtomicU64::new(0),
                 nowait_reads: AtomicBool::new(true),
                 nowait_writes: AtomicBool::new(true),
@@ -186,12 +187,13 @@ impl FileBackend {
                 write_zeroes_limit: None,
                 memory_backed,
                 mapping,
-                dense: AtomicBool::new(false),
+                dense: AtomicU64::new(0),
                 dense_checked: AtomicU64::new(0),
                 nowait_reads: AtomicBool::new(true),
                 nowait_writes: AtomicBool::new(true),
             };
             backend.refresh_dense();
+            backend.dense_checked.store(millis(), Ordering::Relaxed);
             Ok(backend)
         } else {
             Err(NbdError::Invalid(format!(
@@ -207,26 +209,71 @@ impl FileBackend {
     }
 
     /// Whether every page of a memory-backed file is allocated up to the export's size, so it has no
-    /// hole and has not shrunk: tmpfs counts exactly the pages it holds in `st_blocks`. One `fstat`
-    /// instead of `SEEK_HOLE`, which walks the file's pages up to the next hole or the end (5.5 ms from
-    /// the start of a 1 GiB file).
+    /// hole and has not shrunk. tmpfs counts the pages it holds in `st_blocks`, which one `fstat` reads,
+    /// but pages reserved past the end (`fallocate` with `KEEP_SIZE`) count too, so enough blocks only
+    /// rule holes out when `SEEK_HOLE` confirms it: it walks the file's pages up to the first hole or
+    /// the end (5.5 ms for a 1 GiB file), which is why the answer is kept (see [`Self::dense_now`]).
     fn fully_allocated(&self) -> io::Result<bool> {
         let st = rustix::fs::fstat(&self.file)?;
         let allocated = (st.st_blocks as u64).saturating_mul(512);
-        Ok(st.st_size as u64 >= self.size && allocated >= self.size)
+        if (st.st_size as u64) < self.size || allocated < self.size {
+            return Ok(false);
+        }
+        match rustix::fs::seek(&self.file, SeekFrom::Hole(0)) {
+            Ok(hole) => Ok(hole >= self.size),
+            Err(e) => Err(e.into()),
+        }
     }
 
-    /// Looks again whether the file has holes (see [`FileBackend::fully_allocated`]).
+    /// Looks again whether the file has holes (see [`FileBackend::fully_allocated`]). The answer is
+    /// kept only if this backend did not begin or finish punching a hole meanwhile: a look that raced
+    /// with a punch may have seen the file before it.
     fn refresh_dense(&self) {
+        let before = self.dense.load(Ordering::Acquire);
         let dense = self.mapping.is_some() && self.fully_allocated().unwrap_or(false);
-        self.dense.store(dense, Ordering::Relaxed);
-        self.dense_checked.store(millis(), Ordering::Relaxed);
+        let _ = self.dense.compare_exchange(
+            before,
+            (before & !1) | u64::from(dense),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 
-    /// The file may have holes now (after a trim or zero punched some).
+    /// Whether the file had no holes, looked at again when the last look is [`DENSE_RECHECK_MS`] old (by
+    /// one caller at a time) and at once after this backend punched a hole. A hole punched by another
+    /// process goes unseen for at most that time.
+    fn dense_now(&self) -> bool {
+        if self.mapping.is_none() {
+            return false;
+        }
+        let now = millis();
+        let last = self.dense_checked.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= DENSE_RECHECK_MS
+            && self
+                .dense_checked
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.refresh_dense();
+        }
+        self.dense.load(Ordering::Acquire) & 1 == 1
+    }
+
+    /// Marks the file as possibly holed for as long as the returned guard lives (a trim or zero
+    /// punching some), and once more when it is dropped, so that no look at the file begun before the
+    /// punch ended can mark it dense again.
+    fn punching(&self) -> Punching<'_> {
+        self.punched();
+        Punching(self)
+    }
+
     fn punched(&self) {
         if self.mapping.is_some() {
-            self.dense.store(false, Ordering::Relaxed);
+            let _ = self
+                .dense
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |s| {
+                    Some(s.wrapping_add(2) & !1)
+                });
         }
     }
 
@@ -305,6 +352,15 @@ fn write_zeroes_limit(rdev: u64) -> PathBuf {
     }
 }
 
+/// See [`FileBackend::punching`].
+struct Punching<'a>(&'a FileBackend);
+
+impl Drop for Punching<'_> {
+    fn drop(&mut self) {
+        self.0.punched();
+    }
+}
+
 fn unsupported(e: &rustix::io::Errno) -> bool {
     *e == rustix::io::Errno::OPNOTSUPP || *e == rustix::io::Errno::NOSYS
 }
@@ -369,7 +425,7 @@ impl Backend for FileBackend {
             }
             return Ok(());
         }
-        self.punched();
+        let _punching = self.punching();
         match rustix::fs::fallocate(
             &self.file,
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
@@ -423,7 +479,7 @@ impl Backend for FileBackend {
             }
             return self.write_zeros(offset, len);
         }
-        self.punched();
+        let _punching = self.punching();
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         let zero_range = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
         if may_trim {
@@ -464,7 +520,7 @@ impl Backend for FileBackend {
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let end = offset + len;
-        if self.block_device || (self.memory_backed && self.fully_allocated()?) {
+        if self.block_device || (self.memory_backed && self.dense_now()) {
             return Ok(vec![Extent {
                 length: len,
                 flags: 0,
@@ -531,14 +587,7 @@ impl Backend for FileBackend {
     /// (a second), and at once after this backend punched a hole, so a hole punched by another process
     /// can be filled by reads only within that time, and never beyond the file's size.
     fn mapped_reads(&self) -> bool {
-        if self.mapping.is_none() {
-            return false;
-        }
-        let now = millis();
-        if now.saturating_sub(self.dense_checked.load(Ordering::Relaxed)) >= DENSE_RECHECK_MS {
-            self.refresh_dense();
-        }
-        self.dense.load(Ordering::Relaxed)
+        self.dense_now()
     }
 
     fn read_nowait(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<bool> {

@@ -296,6 +296,50 @@ async fn reads_are_sent_from_the_mapping_only_when_the_file_has_no_holes() {
     stop.send(()).unwrap();
 }
 
+/// Blocks reserved past a file's end (`fallocate` with `KEEP_SIZE`) count in `st_blocks` as much as its
+/// pages do: a file with a hole and as much reserved past its end must still be seen to have the hole,
+/// reported as one and read without allocating it (nor closing the session when the file system is full).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hole_beside_blocks_reserved_past_the_end_is_reported_and_read_without_allocating_it() {
+    use rustix::fs::{fallocate, FallocateFlags};
+    let (file, mut data) = dense_shm_file(16 * MIB, 9);
+    let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    fallocate(file.as_file(), punch, 4 * MIB as u64, MIB as u64).unwrap();
+    data[4 * MIB..5 * MIB].fill(0);
+    fallocate(
+        file.as_file(),
+        FallocateFlags::KEEP_SIZE,
+        16 * MIB as u64,
+        2 * MIB as u64,
+    )
+    .unwrap();
+    let before = blocks(file.path());
+    for read_only in [true, false] {
+        let (addr, stop, _) = serve_with(file.path(), ServerConfig::default(), read_only).await;
+        let mut hs = Handshake::connect(addr).await.unwrap();
+        hs.structured_replies().await.unwrap();
+        hs.set_meta_context("f", &[META_BASE_ALLOCATION])
+            .await
+            .unwrap();
+        let mut c = hs.go("f").await.unwrap();
+        let ext = c
+            .block_status(3 * MIB as u64, 3 * MIB as u32, 0)
+            .await
+            .unwrap();
+        let m = MIB as u32;
+        assert_eq!(
+            ext,
+            [(m, 0), (m, STATE_HOLE | STATE_ZERO), (m, 0)],
+            "read_only {read_only}"
+        );
+        let got = c.read(3 * MIB as u64, 3 * MIB as u32).await.unwrap();
+        assert!(got == data[3 * MIB..6 * MIB], "read_only {read_only}");
+        assert_eq!(blocks(file.path()), before, "reading the hole allocated it");
+        c.disconnect().await.unwrap();
+        stop.send(()).unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_shrunk_under_mapped_reads_closes_only_that_session_and_later_reads_get_zeros() {
     let (file, data) = dense_shm_file(8 * MIB, 7);
