@@ -92,7 +92,8 @@ pub struct Config {
     /// Open REST API connections at most (further clients wait to be accepted).
     pub api_max_connections: usize,
     /// A REST request's headers must arrive within this time of the connection being ready for one
-    /// (bounds slow clients and idle keep-alive connections).
+    /// (bounds slow clients and idle keep-alive connections); a client that reads nothing of an answer
+    /// for as long loses its connection.
     pub api_header_timeout_secs: u64,
     /// A REST request not answered in this time gets 503 (keep it above the longest `?wait=`, 300 s).
     pub api_request_timeout_secs: u64,

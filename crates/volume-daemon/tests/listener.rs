@@ -1,5 +1,5 @@
-//! The REST listener under slow, idle and many clients: header deadline, connection cap, request time
-//! limit, and a real client still served.
+//! The REST listener under slow, idle, non-reading and many clients: header deadline (also for answers
+//! nobody reads), connection cap, request time limit, and a real client still served.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 mod support;
@@ -79,6 +79,45 @@ async fn slow_and_idle_connections_are_closed_and_real_clients_get_in() {
     // A real client is served.
     let (status, _) = d.get("/health").await;
     assert!(status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE);
+    d.stop().await;
+}
+
+/// Clients that pipeline requests and read none of the answers hold every connection slot; each is
+/// closed once its answer has waited the header timeout for the client to read, and a real client gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_read_no_answers_lose_their_connections_and_real_clients_get_in() {
+    let d = TestDaemon::start_with(|c| {
+        c.api_header_timeout_secs = 2;
+        c.api_max_connections = 4;
+    })
+    .await;
+    let addr: std::net::SocketAddr = api_addr(&d).parse().unwrap();
+    let requests = b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(200);
+    let mut stuck = Vec::new();
+    for _ in 0..4 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut s = sock.connect(addr).await.unwrap();
+        s.write_all(&requests).await.unwrap();
+        stuck.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let (status, _) = tokio::time::timeout(Duration::from_secs(30), d.get("/health"))
+        .await
+        .expect("no answer to /health within 30 s while four clients read nothing");
+    assert!(status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "/health waited {:?}",
+        started.elapsed()
+    );
+    for s in &mut stuck {
+        assert!(
+            closed_within(s, Duration::from_secs(20)).await.is_some(),
+            "a client that read nothing kept its connection"
+        );
+    }
     d.stop().await;
 }
 

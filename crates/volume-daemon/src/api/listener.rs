@@ -1,7 +1,12 @@
 //! The REST API's HTTP/1.1 listener: a cap on open connections (accepting waits while it is reached),
-//! a deadline for each request's headers that also closes idle keep-alive connections, a time limit on
-//! each request, and a graceful stop.
+//! a deadline for each request's headers that also closes idle keep-alive connections and, the same
+//! length, connections whose client reads nothing of an answer; a time limit on each request, and a
+//! graceful stop.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -16,7 +21,8 @@ pub struct ListenerLimits {
     /// Open connections at most; further clients wait in the kernel's accept queue.
     pub max_connections: usize,
     /// A request's headers must arrive within this time of the connection being ready for one: it
-    /// bounds slow headers and idle keep-alive connections alike.
+    /// bounds slow headers and idle keep-alive connections alike. An answer the client reads nothing of
+    /// for this long closes the connection too.
     pub header_timeout: Duration,
     /// A request is answered (503) when its handler has not finished in this time.
     pub request_timeout: Duration,
@@ -63,6 +69,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let stream = SendDeadline::new(stream, limits.header_timeout);
                 let conn = builder
                     .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
                 let conn = graceful.watch(conn);
@@ -82,4 +89,98 @@ pub async fn serve(
         tracing::warn!("REST API connections still open after the stop grace; closing them");
     }
     conns.abort_all();
+}
+
+/// A connection whose writes fail with `TimedOut` once one has waited `limit` for the client to read
+/// (the socket's send buffer stayed full): a client that pipelines requests and never reads the
+/// answers would otherwise hold its connection, and one of the listener's slots, for as long as it
+/// likes. A client that reads slowly but steadily is never cut off.
+struct SendDeadline<S> {
+    inner: S,
+    limit: Duration,
+    /// Armed when a write first found no room, cleared by any progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> SendDeadline<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// After a write found no room: `Pending` until the limit, then the error that ends the connection.
+    fn wait<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let limit = self.limit;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing of the answer within the header timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progress<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Pending => self.wait(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SendDeadline<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SendDeadline<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.progress(r, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.progress(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.progress(r, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.progress(r, cx)
+    }
 }
