@@ -765,6 +765,24 @@ async fn a_configured_token_is_required_except_for_health() {
         .await
         .unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
+    // The scheme in any letter case, and more than one space before the token; the token itself exact.
+    for (value, status) in [
+        ("bearer t0ken", StatusCode::OK),
+        ("BEARER  t0ken", StatusCode::OK),
+        ("Bearer T0KEN", StatusCode::UNAUTHORIZED),
+        ("Bearer t0ken1", StatusCode::UNAUTHORIZED),
+        ("Basic t0ken", StatusCode::UNAUTHORIZED),
+        ("Bearert0ken", StatusCode::UNAUTHORIZED),
+    ] {
+        let r = d
+            .http
+            .get(format!("{}/operations", d.base))
+            .header("authorization", value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "Authorization: {value}");
+    }
     d.stop().await;
 }
 

@@ -116,11 +116,18 @@ pub(crate) fn authorized(st: &AppState, headers: &HeaderMap) -> bool {
     let Some(token) = st.api_token.as_ref().filter(|t| !t.is_empty()) else {
         return true;
     };
+    // The scheme's name is case-insensitive and may be followed by more than one space (RFC 9110 11.4).
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes()))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .is_some_and(|(_, g)| {
+            constant_time_eq(
+                g.trim_start_matches(' ').as_bytes(),
+                token.expose().as_bytes(),
+            )
+        })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
