@@ -747,6 +747,49 @@ async fn health_metrics_openapi_and_appliance_endpoints() {
     d.stop().await;
 }
 
+/// Refusals of the router and of path parameters have the shape of every other error answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_before_a_handler_runs_are_json_errors_too() {
+    let d = TestDaemon::start().await;
+    let cases = [
+        (
+            reqwest::Method::PUT,
+            "/volumes",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            reqwest::Method::PATCH,
+            "/health",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            reqwest::Method::GET,
+            "/volumes/%ff",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            reqwest::Method::GET,
+            "/operations/%c3%28",
+            StatusCode::BAD_REQUEST,
+        ),
+    ];
+    for (method, path, status) in cases {
+        let r = d
+            .http
+            .request(method.clone(), format!("{}{path}", d.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{method} {path}");
+        let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(ct.starts_with("application/json"), "{method} {path}: {ct}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["code"], "invalid_request", "{method} {path}: {v}");
+        assert!(!v["error"].as_str().unwrap().is_empty(), "{v}");
+    }
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configured_token_is_required_except_for_health() {
     let d =

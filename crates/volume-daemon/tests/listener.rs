@@ -136,13 +136,21 @@ async fn a_request_over_its_time_limit_gets_503() {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{op}");
     let started = Instant::now();
-    let (status, _) = d
+    let (status, body) = d
         .get(&format!(
             "/operations/{}?wait=30",
             op["id"].as_str().unwrap()
         ))
         .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], "unavailable", "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("api_request_timeout_secs"),
+        "{body}"
+    );
     assert!(started.elapsed() < Duration::from_secs(3));
     d.stop().await;
 }

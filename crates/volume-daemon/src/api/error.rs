@@ -25,6 +25,13 @@ pub enum ApiError {
     NotFound(String),
     #[error("missing or wrong bearer token: send Authorization: Bearer <api_token>")]
     Unauthorized,
+    #[error("method {method} is not allowed on {path}; see /api/v1/openapi.json")]
+    MethodNotAllowed { method: String, path: String },
+    #[error(
+        "the request was not answered within api_request_timeout_secs ({secs} s); retry it, or wait \
+         for an operation with a shorter ?wait="
+    )]
+    TimedOut { secs: u64 },
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -83,6 +90,16 @@ impl ApiError {
             ),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound, None),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, None),
+            Self::MethodNotAllowed { .. } => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::InvalidRequest,
+                None,
+            ),
+            Self::TimedOut { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                None,
+            ),
             Self::Identity(e) => match e {
                 IdentitySetError::Identity(IdentityError::Fixed(_)) => (
                     StatusCode::CONFLICT,
@@ -180,6 +197,74 @@ impl IntoResponse for ApiError {
         )
             .into_response()
     }
+}
+
+/// Answers each request within `limit` ([`ApiError::TimedOut`] beyond it), and gives every error answer
+/// the documented JSON shape: the router's and extractors' own refusals (a method a path does not take,
+/// a path parameter that is not UTF-8, …) come as plain text or empty otherwise.
+pub(super) async fn answer_within(
+    limit: std::time::Duration,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let Ok(resp) = tokio::time::timeout(limit, next.run(req)).await else {
+        return ApiError::TimedOut {
+            secs: limit.as_secs(),
+        }
+        .into_response();
+    };
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let text = match axum::body::to_bytes(resp.into_body(), MESSAGE_CHARS * 4).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let said = |what: &str| {
+        if text.is_empty() {
+            what.to_string()
+        } else {
+            format!("{what}: {text}")
+        }
+    };
+    let err = match status {
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed {
+            method: echo(method.as_str()),
+            path: echo(&path),
+        },
+        StatusCode::NOT_FOUND => ApiError::NotFound(said("not found")),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge {
+            limit: super::extract::MAX_BODY,
+        },
+        s if s.is_client_error() => ApiError::BadRequest {
+            field: None,
+            message: said("malformed request"),
+        },
+        _ => {
+            return (
+                status,
+                Json(ErrorBody {
+                    error: clip(said("the request failed"), MESSAGE_CHARS),
+                    code: ErrorCode::Internal,
+                    field: None,
+                }),
+            )
+                .into_response()
+        }
+    };
+    let mut out = err.into_response();
+    if status.is_client_error() {
+        // The refusal keeps its own status (415, 422, …), with the shape of every other error.
+        *out.status_mut() = status;
+    }
+    out
 }
 
 #[cfg(test)]

@@ -39,10 +39,10 @@ pub async fn serve(
     limits: ListenerLimits,
     stop: impl std::future::Future<Output = ()> + Send,
 ) {
-    let app = app.layer(tower_http::timeout::TimeoutLayer::with_status_code(
-        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        limits.request_timeout,
-    ));
+    let limit = limits.request_timeout;
+    let app = app.layer(axum::middleware::from_fn(move |req, next| {
+        super::error::answer_within(limit, req, next)
+    }));
     let max = limits.max_connections.max(1);
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
