@@ -787,6 +787,12 @@ async fn refusals_before_a_handler_runs_are_json_errors_too() {
         assert_eq!(v["code"], "invalid_request", "{method} {path}: {v}");
         assert!(!v["error"].as_str().unwrap().is_empty(), "{v}");
     }
+    // An unknown path is repeated cut after 64 characters, like any value of the caller's.
+    let long = format!("/{}", "x".repeat(5000));
+    let (s, v) = d.get(&long).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["code"], "not_found", "{v}");
+    assert!(v["error"].as_str().unwrap().len() < 200, "{v}");
     d.stop().await;
 }
 

@@ -137,7 +137,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound(format!(
         "no such endpoint: {}; see /api/v1/openapi.json",
-        uri.path()
+        echo(uri.path())
     ))
 }
 
