@@ -747,6 +747,38 @@ async fn health_metrics_openapi_and_appliance_endpoints() {
     d.stop().await;
 }
 
+/// A JSON body's media type is matched in any letter case; another media type is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_media_type_is_matched_in_any_letter_case() {
+    let d = TestDaemon::start().await;
+    let valid = json!({"name": "a", "size": GIB, "disk_offering_id": d.custom_offering(), "zone_id": d.zone()})
+        .to_string();
+    for (ct, ok) in [
+        ("APPLICATION/JSON", true),
+        ("Application/Json; charset=UTF-8", true),
+        ("text/plain", false),
+    ] {
+        let resp = d
+            .http
+            .post(format!("{}/volumes", d.base))
+            .header("content-type", ct)
+            .body(valid.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        if ok {
+            assert_eq!(status, StatusCode::CREATED, "{ct}: {v}");
+            d.wait_op(&v).await;
+        } else {
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{ct}: {v}");
+            assert_eq!(v["code"], "invalid_request", "{v}");
+        }
+    }
+    d.stop().await;
+}
+
 /// Refusals of the router and of path parameters have the shape of every other error answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_before_a_handler_runs_are_json_errors_too() {

@@ -182,3 +182,57 @@ async fn a_key_reused_for_another_request_is_refused() {
     );
     d.stop().await;
 }
+
+/// A key that is not 1 to 200 visible ASCII characters, or more than one key, is a 400 naming the header,
+/// and nothing is journaled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_or_repeated_keys_are_refused_and_nothing_is_recorded() {
+    let d = TestDaemon::start().await;
+    let body = json!({"name": "k", "size": GIB, "zone_id": d.zone(), "disk_offering_id": d.custom_offering()});
+    let long = "k".repeat(201);
+    for key in ["a b", "tab\there", "", long.as_str()] {
+        let a = send(
+            &d,
+            reqwest::Method::POST,
+            "/volumes",
+            key,
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "key {key:?}: {}", a.body);
+        assert_eq!(
+            a.body["field"], "Idempotency-Key",
+            "key {key:?}: {}",
+            a.body
+        );
+    }
+    let resp = d
+        .http
+        .post(format!("{}/volumes", d.base))
+        .header("Idempotency-Key", "first")
+        .header("Idempotency-Key", "second")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["field"], "Idempotency-Key", "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("more than one"),
+        "{v}"
+    );
+    let (_, ops) = d.get("/operations").await;
+    assert_eq!(ops.as_array().map(Vec::len), Some(0), "{ops}");
+    // The largest key accepted.
+    let ok = send(
+        &d,
+        reqwest::Method::POST,
+        "/volumes",
+        &"k".repeat(200),
+        Some(body),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::CREATED, "{}", ok.body);
+    d.stop().await;
+}

@@ -50,8 +50,10 @@ pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 
 async fn body_bytes(req: Request) -> Result<Option<Bytes>, ApiError> {
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        // Media types are case-insensitive (RFC 9110 8.3.1).
         let ct = ct.to_str().unwrap_or("");
-        if !ct.is_empty() && !ct.starts_with("application/json") && !ct.contains("+json") {
+        let lower = ct.to_ascii_lowercase();
+        if !ct.is_empty() && !lower.starts_with("application/json") && !lower.contains("+json") {
             return Err(ApiError::BadRequest {
                 field: None,
                 message: format!("content type {} is not application/json", echo(ct)),

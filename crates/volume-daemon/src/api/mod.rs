@@ -154,13 +154,20 @@ fn parse_volume_id(s: &str) -> Result<Uuid, ApiError> {
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    match headers.get(IDEMPOTENCY_KEY_HEADER) {
-        None => Ok(None),
-        Some(v) => {
-            let s = v.to_str().map_err(|_| {
+    let mut keys = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
+    match (keys.next(), keys.next()) {
+        (None, _) => Ok(None),
+        (Some(_), Some(_)) => Err(ApiError::bad(
+            IDEMPOTENCY_KEY_HEADER,
+            "more than one Idempotency-Key header: send one",
+        )),
+        (Some(v), None) => {
+            // Visible ASCII: no space, tab or other control character, nothing above 0x7e.
+            let visible = v.as_bytes().iter().all(|b| (0x21..=0x7e).contains(b));
+            let s = v.to_str().ok().filter(|_| visible).ok_or_else(|| {
                 ApiError::bad(
                     IDEMPOTENCY_KEY_HEADER,
-                    "Idempotency-Key must be visible ASCII",
+                    "Idempotency-Key must be visible ASCII (no spaces)",
                 )
             })?;
             if s.is_empty() || s.len() > 200 {
