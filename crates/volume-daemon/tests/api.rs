@@ -819,6 +819,18 @@ async fn refusals_before_a_handler_runs_are_json_errors_too() {
         assert_eq!(v["code"], "invalid_request", "{method} {path}: {v}");
         assert!(!v["error"].as_str().unwrap().is_empty(), "{v}");
     }
+    // A caller's value a library's refusal repeats is cut after 64 characters, in the message and the field.
+    let long = "z".repeat(300);
+    for body in [
+        json!({ long.clone(): 1 }),
+        json!({"name": "a", "size": long, "zone_id": "z", "disk_offering_id": "o"}),
+    ] {
+        let (s, v) = d.post("/volumes", body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        let error = v["error"].as_str().unwrap();
+        assert!(error.contains("(300 bytes)") && error.len() < 400, "{v}");
+        assert!(v["field"].as_str().unwrap_or("").len() < 100, "{v}");
+    }
     // An unknown path is repeated cut after 64 characters, like any value of the caller's.
     let long = format!("/{}", "x".repeat(5000));
     let (s, v) = d.get(&long).await;

@@ -38,13 +38,11 @@ pub enum ApiError {
     Identity(#[from] IdentitySetError),
 }
 
-/// Characters of a caller's value an error message repeats.
+/// Characters of a caller's value an error message (or its field) repeats.
 const ECHO_CHARS: usize = 64;
-/// Characters of an error message, and of its field, sent at most: no message the daemon writes is near
-/// this, but one that repeats a caller's value (serde's "invalid type: string …", an unknown field's name)
-/// could otherwise send back a body's worth of it.
+/// Characters of an error message sent at most: no message the daemon writes is near this, and quoted
+/// values in a library's words are cut to [`ECHO_CHARS`] (see [`cut_quoted`]); this bounds the rest.
 const MESSAGE_CHARS: usize = 4096;
-const FIELD_CHARS: usize = 256;
 
 /// `text` up to `max` characters when it is longer.
 fn cut(text: &str, max: usize) -> Option<&str> {
@@ -58,6 +56,48 @@ pub(super) fn echo(value: &str) -> String {
         None => format!("{value:?}"),
         Some(head) => format!("{head:?}… ({} bytes)", value.len()),
     }
+}
+
+/// `text` with every quoted part (in `"` or backticks, as serde and the HTTP layer quote what they were
+/// sent) over [`ECHO_CHARS`] characters cut like [`echo`]: refusals written by libraries repeat the
+/// caller's value (an unknown field's name, a string of the wrong type) whole.
+fn cut_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MESSAGE_CHARS));
+    let mut rest = text;
+    while let Some(open) = rest.find(['"', '`']) {
+        let quote = rest[open..].chars().next().unwrap_or('"');
+        out.push_str(&rest[..=open]);
+        let inner = &rest[open + 1..];
+        // The closing quote: the next one not escaped by a backslash.
+        let mut close = None;
+        let mut escaped = false;
+        for (i, c) in inner.char_indices() {
+            if c == quote && !escaped {
+                close = Some(i);
+                break;
+            }
+            escaped = c == '\\' && !escaped;
+        }
+        let Some(close) = close else {
+            out.push_str(inner);
+            return out;
+        };
+        let quoted = &inner[..close];
+        match cut(quoted, ECHO_CHARS) {
+            None => {
+                out.push_str(quoted);
+                out.push(quote);
+            }
+            Some(head) => {
+                out.push_str(head);
+                out.push(quote);
+                out.push_str(&format!("… ({} bytes)", quoted.len()));
+            }
+        }
+        rest = &inner[close + quote.len_utf8()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `text` cut after `max` characters, saying how long it was.
@@ -185,14 +225,16 @@ impl IntoResponse for ApiError {
             tracing::error!(status = status.as_u16(), code = %code, error = %chain, "request failed");
             chain
         } else {
-            crate::error_chain(&self)
+            // A refusal may repeat what the caller sent, in a library's words: cut like any echo.
+            cut_quoted(&crate::error_chain(&self))
         };
         (
             status,
             Json(ErrorBody {
                 error: clip(message, MESSAGE_CHARS),
                 code,
-                field: field.map(|f| clip(f, FIELD_CHARS)),
+                // A field can be a name the caller sent (an unknown one): cut like a value.
+                field: field.map(|f| clip(f, ECHO_CHARS)),
             }),
         )
             .into_response()
@@ -285,6 +327,24 @@ mod tests {
     }
 
     #[test]
+    fn quoted_parts_over_the_echo_bound_are_cut() {
+        let long = "q".repeat(300);
+        let msg = format!("invalid type: string \"{long}\", expected u64 at `{long}` and \"ok\"");
+        let cut = cut_quoted(&msg);
+        let head = "q".repeat(ECHO_CHARS);
+        assert_eq!(
+            cut,
+            format!(
+                "invalid type: string \"{head}\"… (300 bytes), expected u64 at `{head}`… (300 bytes) and \"ok\""
+            )
+        );
+        assert_eq!(cut_quoted("a \"b\\\"c\" d"), "a \"b\\\"c\" d");
+        assert_eq!(cut_quoted("open \"end"), "open \"end");
+        let echoed = echo(&long);
+        assert_eq!(cut_quoted(&echoed), echoed);
+    }
+
+    #[test]
     fn answers_never_carry_more_than_the_message_and_field_bounds() {
         let huge = "y".repeat(1 << 20);
         let err = ApiError::bad(huge.clone(), format!("invalid type: string {huge:?}"));
@@ -299,6 +359,6 @@ mod tests {
             "{}",
             &body[body.len() - 40..]
         );
-        assert_eq!(clip("short".into(), FIELD_CHARS), "short");
+        assert_eq!(clip("short".into(), ECHO_CHARS), "short");
     }
 }
