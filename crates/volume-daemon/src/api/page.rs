@@ -285,6 +285,9 @@ mod tests {
         assert_eq!(limit(Some("1")).unwrap(), Some(1));
         assert_eq!(limit(Some("1000")).unwrap(), Some(1000));
         assert_eq!(limit(None).unwrap(), None);
+        // Empty counts as left out (docs/api.md), as does an empty cursor.
+        assert_eq!(limit(Some("")).unwrap(), None);
+        assert!(after(Some("")).unwrap().is_none());
         for bad in ["0", "1001", "-1", "ten", "1.5"] {
             assert!(limit(Some(bad)).is_err(), "{bad}");
         }
