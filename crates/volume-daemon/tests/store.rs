@@ -4,6 +4,7 @@
 //! `cargo test -p volume-daemon --test store` runs all three; `-- --skip ext_` runs only SQLite.
 
 #[path = "common/db.rs"]
+#[macro_use]
 mod db;
 #[path = "common/tmpfs.rs"]
 mod tmpfs;
@@ -1421,45 +1422,7 @@ async fn hub_outbox_journals_each_commit_in_order_only_when_on(db: &TestDb) -> R
     Ok(())
 }
 
-macro_rules! suite {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let db = crate::db::sqlite();
-                    if let Err(e) = super::$test(&db).await {
-                        panic!("{e:#}");
-                    }
-                }
-            )*
-        }
-        mod ext_postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let db = crate::db::postgres().await;
-                    if let Err(e) = super::$test(&db).await {
-                        panic!("{e:#}");
-                    }
-                }
-            )*
-        }
-        mod ext_mariadb {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let db = crate::db::mariadb().await;
-                    if let Err(e) = super::$test(&db).await {
-                        panic!("{e:#}");
-                    }
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+on_every_database!(
     operations_insert_get_list_with_filters,
     idempotency_key_returns_the_existing_operation,
     unfinished_steps_jobs_and_finish,

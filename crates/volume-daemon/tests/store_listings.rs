@@ -4,6 +4,7 @@
 //! skip rows when others are inserted meanwhile; filters.
 
 #[path = "common/db.rs"]
+#[macro_use]
 mod db;
 
 use std::collections::HashSet;
@@ -416,45 +417,7 @@ async fn operation_and_export_pages(db: &TestDb) -> Result<()> {
     Ok(())
 }
 
-macro_rules! suite {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let db = crate::db::sqlite();
-                    if let Err(e) = super::$test(&db).await {
-                        panic!("{e:#}");
-                    }
-                }
-            )*
-        }
-        mod ext_postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let db = crate::db::postgres().await;
-                    if let Err(e) = super::$test(&db).await {
-                        panic!("{e:#}");
-                    }
-                }
-            )*
-        }
-        mod ext_mariadb {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let db = crate::db::mariadb().await;
-                    if let Err(e) = super::$test(&db).await {
-                        panic!("{e:#}");
-                    }
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+on_every_database!(
     volume_pages_join_filter_and_concatenate,
     pages_neither_repeat_nor_skip_when_rows_are_inserted,
     operation_and_export_pages,

@@ -3,6 +3,7 @@
 //! only, committed together with a snapshot operation (or not at all), and listed per migration context.
 
 #[path = "common/db.rs"]
+#[macro_use]
 mod db;
 
 use anyhow::{ensure, Context, Result};
@@ -132,32 +133,4 @@ async fn tracking_is_kept_committed_and_listed_per_context(db: &TestDb) -> Resul
     Ok(())
 }
 
-mod sqlite {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn tracking_is_kept_committed_and_listed_per_context() {
-        let db = crate::db::sqlite();
-        if let Err(e) = super::tracking_is_kept_committed_and_listed_per_context(&db).await {
-            panic!("{e:#}");
-        }
-    }
-}
-
-mod ext_postgres {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn tracking_is_kept_committed_and_listed_per_context() {
-        let db = crate::db::postgres().await;
-        if let Err(e) = super::tracking_is_kept_committed_and_listed_per_context(&db).await {
-            panic!("{e:#}");
-        }
-    }
-}
-
-mod ext_mariadb {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn tracking_is_kept_committed_and_listed_per_context() {
-        let db = crate::db::mariadb().await;
-        if let Err(e) = super::tracking_is_kept_committed_and_listed_per_context(&db).await {
-            panic!("{e:#}");
-        }
-    }
-}
+on_every_database!(tracking_is_kept_committed_and_listed_per_context);

@@ -17,6 +17,31 @@ use std::time::{Duration, Instant};
 use sqlx::{ConnectOptions, Connection, Executor};
 use tokio::sync::OnceCell;
 
+/// Declares each named `async fn NAME(db: &TestDb) -> anyhow::Result<()>` of the including file as a test on
+/// each database: `sqlite::NAME`, `ext_postgres::NAME` and `ext_mariadb::NAME`. Include this module with
+/// `#[macro_use]` and call the macro after it.
+#[allow(unused_macros)]
+macro_rules! on_every_database {
+    ($($test:ident),* $(,)?) => {
+        on_every_database!(@on sqlite, crate::db::sqlite(), $($test),*);
+        on_every_database!(@on ext_postgres, crate::db::postgres().await, $($test),*);
+        on_every_database!(@on ext_mariadb, crate::db::mariadb().await, $($test),*);
+    };
+    (@on $module:ident, $open:expr, $($test:ident),*) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let db = $open;
+                    if let Err(e) = super::$test(&db).await {
+                        panic!("{e:#}");
+                    }
+                }
+            )*
+        }
+    };
+}
+
 /// How long a server may take to accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
