@@ -49,18 +49,7 @@ async fn root_a_failed_flush_fails_the_detach_before_the_cloud_and_keeps_the_exp
     let sim = daemon.sim().unwrap();
     let appliance = sim.appliance_vm_id().to_string();
     let offering = support::custom_offering_of(sim);
-    let wait = |op: serde_json::Value| {
-        let base = base.clone();
-        async move {
-            call(
-                &base,
-                reqwest::Method::GET,
-                &format!("/operations/{}?wait=60", op["id"].as_str().unwrap()),
-                None,
-            )
-            .await
-        }
-    };
+    let wait = |op: serde_json::Value| support::wait_for(base.clone(), op);
     let created = wait(
         call(
             &base,

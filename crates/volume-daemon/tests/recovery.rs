@@ -175,18 +175,7 @@ async fn a_volume_with_an_interrupted_detach_is_not_exported_again() {
     let sim = first.sim().unwrap();
     let appliance = sim.appliance_vm_id().to_string();
     let offering = support::custom_offering_of(sim);
-    let wait = |op: serde_json::Value| {
-        let base = base.clone();
-        async move {
-            call(
-                &base,
-                reqwest::Method::GET,
-                &format!("/operations/{}?wait=60", op["id"].as_str().unwrap()),
-                None,
-            )
-            .await
-        }
-    };
+    let wait = |op: serde_json::Value| support::wait_for(base.clone(), op);
     let created = wait(
         call(
             &base,

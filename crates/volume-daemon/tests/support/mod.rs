@@ -218,6 +218,19 @@ pub async fn call(base: &str, method: reqwest::Method, path: &str, body: Option<
     req.send().await.unwrap().json().await.unwrap()
 }
 
+/// Waits up to 60 s for the operation `op` (as submitted) at the API at `base` (a daemon started without
+/// [`TestDaemon`]); the operation as it then is.
+pub async fn wait_for(base: String, op: Value) -> Value {
+    let id = op["id"].as_str().expect("operation id");
+    call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/operations/{id}?wait=60"),
+        None,
+    )
+    .await
+}
+
 /// Submits a mutation to the API at `base` (a daemon started without [`TestDaemon`]) and waits for it;
 /// panics unless it completed.
 pub async fn call_ok(
@@ -227,14 +240,7 @@ pub async fn call_ok(
     body: Option<Value>,
 ) -> Value {
     let op = call(base, method, path, body).await;
-    let id = op["id"].as_str().expect("operation id");
-    let done = call(
-        base,
-        reqwest::Method::GET,
-        &format!("/operations/{id}?wait=60"),
-        None,
-    )
-    .await;
+    let done = wait_for(base.to_string(), op).await;
     assert_eq!(done["status"], "completed", "{path}: {done}");
     done
 }
