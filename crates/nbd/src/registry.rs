@@ -170,7 +170,7 @@ impl Export {
             id,
             SessionEntry {
                 peer,
-                identity: identity.map(|i| i.primary().to_string()),
+                identity: self.access.admitted_as(identity).map(str::to_string),
                 cancel,
             },
         );

@@ -108,6 +108,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         !args.tls_verify_peer || args.tls != TlsFlag::Off,
         "--tls-verify-peer needs --tls=on or --tls=require"
     );
+    anyhow::ensure!(
+        args.allow.is_empty() || args.tls_verify_peer,
+        "--allow needs --tls-verify-peer: without verified client certificates no client has an \
+         identity, and the export could be opened by nobody"
+    );
     let mut allowed: std::collections::HashMap<String, Vec<String>> = Default::default();
     for spec in &args.allow {
         let (name, id) = spec

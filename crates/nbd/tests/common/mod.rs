@@ -17,6 +17,16 @@ pub struct FileServer {
 
 /// Serves `path` as export "f", read-only or not, with `cfg` on a fresh listener on a free port.
 pub async fn serve_file(path: &Path, cfg: nbd::ServerConfig, read_only: bool) -> FileServer {
+    serve_file_to(path, cfg, read_only, nbd::Access::Anyone).await
+}
+
+/// [`serve_file`] with the export open only to the clients `access` admits.
+pub async fn serve_file_to(
+    path: &Path,
+    cfg: nbd::ServerConfig,
+    read_only: bool,
+    access: nbd::Access,
+) -> FileServer {
     let registry = nbd::Registry::new();
     registry
         .add(nbd::ExportConfig {
@@ -25,7 +35,7 @@ pub async fn serve_file(path: &Path, cfg: nbd::ServerConfig, read_only: bool) ->
             read_only,
             max_connections: None,
             description: None,
-            access: nbd::Access::Anyone,
+            access,
         })
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -192,9 +202,20 @@ pub fn tls_connector(dir: &Path) -> tokio_rustls::TlsConnector {
 /// for STARTTLS and runs the TLS handshake (the server named `localhost`). Returns the TLS session, on
 /// which negotiation goes on, and the greeting's handshake flags.
 pub async fn starttls<S>(
-    mut s: S,
+    s: S,
     connector: &tokio_rustls::TlsConnector,
 ) -> (tokio_rustls::client::TlsStream<S>, u16)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    try_starttls(s, connector).await.unwrap()
+}
+
+/// [`starttls`], returning the TLS handshake's failure instead of panicking on it.
+pub async fn try_starttls<S>(
+    mut s: S,
+    connector: &tokio_rustls::TlsConnector,
+) -> std::io::Result<(tokio_rustls::client::TlsStream<S>, u16)>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -227,5 +248,5 @@ where
     );
     assert_eq!(u32::from_be_bytes(reply[16..].try_into().unwrap()), 0);
     let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    (connector.connect(name, s).await.unwrap(), flags)
+    Ok((connector.connect(name, s).await?, flags))
 }
