@@ -69,14 +69,19 @@ impl Out {
         human: impl FnOnce(&[T]) -> String,
     ) -> Result<(), CliError> {
         if self.quiet {
-            let ids: Vec<String> = a.value.iter().map(id).collect();
-            if ids.is_empty() {
-                return Ok(());
-            }
-            self.text(&ids.join("\n"))
+            self.ids(a.value.iter().map(id))
         } else {
             self.show(a, |v| human(v))
         }
+    }
+
+    /// Prints ids one per line (`-q` for a list); nothing for none.
+    fn ids(&self, ids: impl Iterator<Item = String>) -> Result<(), CliError> {
+        let ids: Vec<String> = ids.collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.text(&ids.join("\n"))
     }
 
     /// Prints the raw answer with `--json`, nothing with `-q`, else the rendered text.
@@ -367,7 +372,11 @@ async fn ops(client: &Client, out: &Out, c: OpsCommand) -> Result<(), CliError> 
             };
             let ops = client.operations(&filter).await?;
             let names = vm_names(client, out).await;
-            out.show(&ops, |o| render::operations_table(o, &names))
+            out.list(
+                &ops,
+                |o| o.id.to_string(),
+                |o| render::operations_table(o, &names),
+            )
         }
         OpsCommand::Wait { id, timeout } => {
             let op = client.operation(id).await?;
@@ -379,7 +388,15 @@ async fn ops(client: &Client, out: &Out, c: OpsCommand) -> Result<(), CliError> 
 
 async fn exports(client: &Client, out: &Out, c: ExportsCommand) -> Result<(), CliError> {
     match c {
-        ExportsCommand::List => out.show(&client.exports().await?, render::exports_table),
+        ExportsCommand::List => {
+            let list = client.exports().await?;
+            if out.quiet {
+                // An export is named by its volume's id, as `exports show` takes it.
+                out.ids(list.value.exports.iter().map(|e| e.volume_id.to_string()))
+            } else {
+                out.show(&list, render::exports_table)
+            }
+        }
         ExportsCommand::Show { volume_id } => {
             out.show(&client.export(volume_id).await?, render::export_detail)
         }

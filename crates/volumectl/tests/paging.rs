@@ -1,6 +1,6 @@
 //! `volumectl` reads whole listings page by page, following the daemon's `Link: <…>; rel="next"` headers: with a
 //! page size smaller than the listing, `volumes list`, `ops list` and `exports list` still print everything, in
-//! the daemon's order. Drives a real `volume-daemon serve --sim` (build it first: `cargo build -p volume-daemon`).
+//! the daemon's order, and `-q` prints their ids one per line. Drives a real `volume-daemon serve --sim` (build it first: `cargo build -p volume-daemon`).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -189,6 +189,24 @@ fn ext_lists_are_read_page_by_page_to_the_end() {
     );
     let attached = d.json(&["--page-size", "1", "volumes", "list", "--state", "attached"]);
     assert_eq!(ids(&attached, "volume_id"), vols[..2].to_vec());
+    // `-q` prints the ids alone, one per line, in the daemon's order: an export's is its volume's id.
+    let quiet = |args: &[&str]| -> Vec<String> {
+        let out = d.ctl(&[&["-q", "--page-size", "2"], args].concat());
+        assert!(out.status.success(), "volumectl -q {args:?}");
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(quiet(&["volumes", "list"]), vols);
+    assert_eq!(quiet(&["ops", "list"]), ids(&d.get("/operations"), "id"));
+    assert_eq!(quiet(&["ops", "list"]).len(), 9, "7 creates and 2 attaches");
+    assert_eq!(
+        quiet(&["exports", "list"]),
+        ids(&whole_exports["exports"], "volume_id")
+    );
+    assert_eq!(quiet(&["exports", "list"]).len(), 2);
     for v in &vols[..2] {
         d.json(&["volumes", "detach", v]);
     }
