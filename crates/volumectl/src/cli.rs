@@ -94,7 +94,7 @@ pub enum Command {
     /// CloudStack snapshots of a volume: list, take, revert a detached volume to one, delete.
     #[command(subcommand)]
     Snapshots(SnapshotsCommand),
-    /// The daemon's health, per component; exits 1 unless healthy.
+    /// The daemon's health, per component; exits 1 unless healthy with every component ok.
     Health,
     /// Compare the database with the cloud, the devices and the exports; repair with --apply.
     Reconcile {

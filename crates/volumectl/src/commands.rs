@@ -7,8 +7,8 @@ use clap::CommandFactory;
 use serde::Serialize;
 use uuid::Uuid;
 use volume_api::{
-    AttachVolumeRequest, CreateVolumeRequest, HealthStatus, Operation, OperationStatus,
-    SetApplianceRequest, TestFailoverCleanupRequest, VolumeStatus,
+    AttachVolumeRequest, ComponentStatus, CreateVolumeRequest, Health, HealthStatus, Operation,
+    OperationStatus, SetApplianceRequest, TestFailoverCleanupRequest, VolumeStatus,
 };
 
 use crate::cli::{
@@ -129,13 +129,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Health => {
             let h = client.health().await?;
             out.show(&h, render::health_report)?;
-            if h.value.status == HealthStatus::Healthy {
-                Ok(())
-            } else {
-                Err(CliError::Unhealthy {
-                    status: h.value.status.to_string(),
-                })
-            }
+            health_verdict(&h.value)
         }
         Command::Reconcile { apply } => {
             let r = client.reconcile(apply).await?;
@@ -173,6 +167,29 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             finish_mutation(&client, &out, op, &wait).await
         }
         Command::Completions { .. } => Ok(()),
+    }
+}
+
+/// `health` succeeds only when the daemon is healthy and every component is `ok`: a `degraded` component
+/// (drift found, the hub behind) needs attention although the daemon still answers 200.
+fn health_verdict(h: &Health) -> Result<(), CliError> {
+    if h.status != HealthStatus::Healthy {
+        return Err(CliError::Unhealthy {
+            status: h.status.to_string(),
+        });
+    }
+    let not_ok: Vec<&str> = h
+        .components
+        .iter()
+        .filter(|(_, c)| c.status != ComponentStatus::Ok)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if not_ok.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Unhealthy {
+            status: format!("degraded ({})", not_ok.join(", ")),
+        })
     }
 }
 

@@ -1,7 +1,8 @@
 //! `volumectl` against answers it cannot trust and outputs it cannot write: text from the daemon (a VM name the
 //! cloud reports, an error message) is printed with its control characters escaped, a standard error that cannot
 //! be written keeps the documented exit code, a daemon that does not answer ends a create at the first
-//! request, and `--timeout` bounds a wait on a daemon that stops answering. A small fake daemon stands in for volume-daemon; nothing else is needed.
+//! request, `--timeout` bounds a wait on a daemon that stops answering, and `health` exits 1 when a component is
+//! degraded although the daemon calls itself healthy. A small fake daemon stands in for volume-daemon; nothing else is needed.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -310,5 +311,46 @@ fn the_timeout_bounds_a_wait_on_a_daemon_that_stops_answering() {
     assert!(
         err.contains(&format!("volumectl ops wait {OPERATION}")),
         "{err}"
+    );
+}
+
+/// `/health` as the daemon answers it (200, `healthy`) with component `drift` in the given status.
+fn health_with_drift(drift: &str) -> String {
+    format!(
+        r#"{{"status":"healthy","ready":true,"service":"volume-daemon","version":"0.1.0","timestamp":"2026-01-01T00:00:00Z","components":{{"database":{{"status":"ok","detail":"reachable"}},"drift":{{"status":"{drift}","detail":"1 finding"}},"lease":{{"status":"ok","detail":"held"}}}}}}"#
+    )
+}
+
+fn healthy_but_drift_degraded(_method: &str, path: &str) -> Option<(u16, String)> {
+    (path == "/api/v1/health" || path == "/health").then(|| (200, health_with_drift("degraded")))
+}
+
+fn healthy_and_all_ok(_method: &str, path: &str) -> Option<(u16, String)> {
+    (path == "/api/v1/health" || path == "/health").then(|| (200, health_with_drift("ok")))
+}
+
+#[test]
+fn health_exits_1_when_a_component_is_degraded() {
+    let (url, _) = fake_daemon(healthy_but_drift_degraded);
+    let out = ctl(&url, &["health"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exits 1 unless every component is ok: {err}"
+    );
+    assert!(
+        err.contains("degraded (drift)"),
+        "names the component: {err}"
+    );
+    let out = ctl(&url, &["-q", "health"]);
+    assert_eq!(out.status.code(), Some(1), "-q keeps the exit code");
+    let (url, _) = fake_daemon(healthy_and_all_ok);
+    let out = ctl(&url, &["health"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
