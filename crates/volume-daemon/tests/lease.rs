@@ -370,6 +370,26 @@ async fn distinct_identities_share_the_database(db: db::TestDb) {
             format!("{api_b}/exports/{vol_a}"),
             None,
         ),
+        (
+            reqwest::Method::GET,
+            format!("{api_a}/volumes/{vol_b}/snapshots"),
+            None,
+        ),
+        (
+            reqwest::Method::POST,
+            format!("{api_a}/volumes/{vol_b}/snapshots"),
+            Some(json!({})),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("{api_a}/snapshots/track"),
+            Some(json!({"volume_uuid": vol_b, "vm_context_id": "ctx-1", "snapshot_id": "snap-1"})),
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("{api_b}/snapshots/{vol_a}"),
+            Some(json!({"snapshot_status": "ready"})),
+        ),
     ];
     for (method, url, body) in refused {
         let (s, v) = call(method.clone(), &url, body).await;

@@ -57,6 +57,7 @@ pub(super) fn routes() -> Router<AppState> {
         (status = 400, description = "invalid input", body = ErrorBody),
         (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
+        (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
 pub(super) async fn create_snapshot(
@@ -84,6 +85,7 @@ pub(super) async fn create_snapshot(
     responses(
         (status = 200, description = "the cloud's snapshots of the volume; `tracked` marks the one the volume record tracks", body = Vec<VolumeSnapshot>),
         (status = 404, description = "unknown volume", body = ErrorBody),
+        (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
         (status = 503, description = "CloudStack cannot be reached", body = ErrorBody),
     )
 )]
@@ -106,7 +108,7 @@ pub(super) async fn list_snapshots(
         (status = 201, description = "journaled; `type` is `snapshot_revert`; the volume's data becomes the snapshot's", body = Operation),
         (status = 400, description = "the snapshot is another volume's", body = ErrorBody),
         (status = 404, description = "unknown volume or snapshot", body = ErrorBody),
-        (status = 409, description = "`volume_attached`: the volume is attached; detach it first", body = ErrorBody),
+        (status = 409, description = "`volume_attached`: the volume is attached; detach it first; or `volume_owned_by_other_appliance`: the volume is held by another appliance sharing the database", body = ErrorBody),
     )
 )]
 pub(super) async fn revert_snapshot(
@@ -135,6 +137,7 @@ pub(super) async fn revert_snapshot(
         (status = 201, description = "journaled; `type` is `snapshot_delete`; the volume stops tracking it", body = Operation),
         (status = 400, description = "the snapshot is another volume's", body = ErrorBody),
         (status = 404, description = "unknown volume or snapshot", body = ErrorBody),
+        (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
 pub(super) async fn delete_snapshot(
@@ -169,6 +172,7 @@ fn not_empty(field: &str, v: &str) -> Result<(), ApiError> {
         (status = 400, description = "a required field is missing or empty", body = ErrorBody),
         (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
+        (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
 pub(super) async fn track_snapshot(
@@ -296,6 +300,7 @@ pub(super) async fn clear_context_snapshots(
         (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 200, description = "the given fields of the volume's snapshot tracking are set (bookkeeping only)", body = SnapshotUpdated),
         (status = 404, description = "unknown volume", body = ErrorBody),
+        (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
 pub(super) async fn update_snapshot(

@@ -352,15 +352,7 @@ impl Engine {
         &self,
         volume_id: Uuid,
     ) -> Result<Vec<VolumeSnapshot>, EngineError> {
-        let rec = self
-            .inner
-            .store
-            .get_volume(volume_id)
-            .await?
-            .filter(|v| v.deleted_at.is_none())
-            .ok_or_else(|| {
-                EngineError::NotFound(format!("volume {volume_id} is not known to the daemon"))
-            })?;
+        let rec = self.own_volume(volume_id).await?;
         let tracked = rec.snapshot.snapshot_id;
         Ok(self
             .inner
@@ -389,19 +381,28 @@ impl Engine {
     ) -> Result<SnapshotTracking, EngineError> {
         self.in_turn(volume_id, async {
             let store = &self.inner.store;
-            let mut t = store
-                .get_volume(volume_id)
-                .await?
-                .filter(|v| v.deleted_at.is_none())
-                .ok_or_else(|| {
-                    EngineError::NotFound(format!("volume {volume_id} is not known to the daemon"))
-                })?
-                .snapshot;
+            let mut t = self.own_volume(volume_id).await?.snapshot;
             change(&mut t);
             store.set_snapshot_tracking(volume_id, &t).await?;
             Ok(t)
         })
         .await
+    }
+
+    /// The record of a volume of this appliance that is not deleted: `OwnedElsewhere` for another appliance's
+    /// volume (as every request naming a volume answers), `NotFound` for one nobody has.
+    async fn own_volume(&self, volume_id: Uuid) -> Result<crate::store::VolumeRecord, EngineError> {
+        match self.inner.store.get_volume(volume_id).await? {
+            Some(v) if v.deleted_at.is_none() => Ok(v),
+            found => {
+                if found.is_none() {
+                    self.inner.refuse_foreign(volume_id).await?;
+                }
+                Err(EngineError::NotFound(format!(
+                    "volume {volume_id} is not known to the daemon"
+                )))
+            }
+        }
     }
 
     /// The volumes of a migration context with their attachments (the predecessor's `/snapshots/vm/…`).
