@@ -255,6 +255,51 @@ async fn export_cleanup_is_a_dry_run_by_default_and_removes_only_true_orphans() 
     d.stop().await;
 }
 
+/// The predecessor's `DELETE /exports/{volume_id}` was idempotent (200 even when nothing existed) and its client
+/// takes 200 as done: an export that is not there, of a known or an unknown volume, is 200 with `removed` false.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_export_that_is_not_there_answers_200_removed_false() {
+    let d = TestDaemon::start().await;
+    let (volume, _) = attach_to_appliance(&d, "unexported").await;
+    let (s, v) = d
+        .send(reqwest::Method::DELETE, &format!("/exports/{volume}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["removed"], true, "{v}");
+    let (s, v) = d
+        .send(reqwest::Method::DELETE, &format!("/exports/{volume}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "a second delete: {v}");
+    assert_eq!(v["removed"], false, "{v}");
+    let unknown = Uuid::new_v4();
+    let (s, v) = d
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/exports/{unknown}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "an unknown volume: {v}");
+    assert_eq!(v["removed"], false, "{v}");
+    assert_eq!(v["volume_id"], unknown.to_string(), "{v}");
+    let (s, v) = d
+        .send(reqwest::Method::DELETE, "/exports/not-a-uuid", None)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // The document says so.
+    let (_, spec) = d.get("/openapi.json").await;
+    let answers = &spec["paths"]["/exports/{volume_id}"]["delete"]["responses"];
+    assert!(
+        answers["200"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("`removed` false"),
+        "{answers}"
+    );
+    assert!(answers["400"].is_object(), "{answers}");
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_new_routes_are_in_the_openapi_document() {
     let d = TestDaemon::start().await;

@@ -891,7 +891,8 @@ async fn get_export(
     tag = "exports",
     params(("volume_id" = Uuid, Path, description = "volume id")),
     responses(
-        (status = 200, description = "the export is drained and removed; the attachment stays", body = ExportRemoved),
+        (status = 200, description = "the export is drained and removed (`removed` true; the attachment stays), or there was none, also for a volume the daemon does not know (`removed` false): the predecessor's delete was idempotent, and its clients take 200 as done", body = ExportRemoved),
+        (status = 400, description = "the volume id is not a UUID", body = ErrorBody),
         (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
 )]
