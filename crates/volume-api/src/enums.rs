@@ -65,6 +65,35 @@ wire_enum! {
 }
 
 wire_enum! {
+    /// A component of `/health`: the keys of its `components`. Which are present depends on the daemon's
+    /// settings and progress (see each).
+    pub enum HealthComponent {
+        /// The database answers a query, and the latest lease renewal (a write) succeeded.
+        Database = "database",
+        /// CloudStack answered now, within a few seconds.
+        Cloudstack = "cloudstack",
+        /// The appliance identity is known and verified.
+        ApplianceIdentity = "appliance_identity",
+        /// Recovery finished, operations are accepted and none is stuck.
+        Journal = "journal",
+        /// The start-up preflight passed (block devices, names directory, uevents, by-id watch).
+        Privileges = "privileges",
+        /// This daemon holds its appliance's lease in the database.
+        Lease = "lease",
+        /// The NBD listener is up.
+        Nbd = "nbd",
+        /// Every volume attached to the appliance is exported again after start-up.
+        Exports = "exports",
+        /// After the first scheduled reconcile: `degraded` while the latest one left findings.
+        Drift = "drift",
+        /// Only with the hub_database_url setting: the hub's tables and the delivery of changes to them.
+        Hub = "hub",
+        /// Only with the hub_import_on_start setting: what the import at start journaled.
+        HubImport = "hub_import",
+    }
+}
+
+wire_enum! {
     /// Where an operation is in its life. `pending` and `executing` are unfinished; the rest are terminal.
     pub enum OperationStatus {
         Pending = "pending",
@@ -408,6 +437,7 @@ mod tests {
         agree(ExportStatus::ALL);
         agree(ApplianceSource::ALL);
         agree(ComponentStatus::ALL);
+        agree(HealthComponent::ALL);
         agree(HealthStatus::ALL);
         agree(DriftKind::ALL);
         agree(RepairKind::ALL);

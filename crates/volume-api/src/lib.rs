@@ -22,8 +22,8 @@ pub use compat::{
 };
 pub use enums::{
     ApplianceSource, AttachTarget, ComponentStatus, DiskRole, DriftAction, DriftKind, ErrorCode,
-    ExportStatus, HealthStatus, LinuxState, OperationMode, OperationStatus, OperationStep,
-    OperationType, RepairKind, VolumeState,
+    ExportStatus, HealthComponent, HealthStatus, LinuxState, OperationMode, OperationStatus,
+    OperationStep, OperationType, RepairKind, VolumeState,
 };
 pub use operations::{
     AttachOperationRequest, AttachVolumeRequest, AttachVolumeResponse, CreateVolumeRequest,

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::cloud_states::{CloudVmState, CloudVolumeState};
 use crate::enums::{
     ApplianceSource, AttachTarget, ComponentStatus, DiskRole, DriftAction, DriftKind, ErrorCode,
-    ExportStatus, HealthStatus, LinuxState, OperationMode, VolumeState,
+    ExportStatus, HealthComponent, HealthStatus, LinuxState, OperationMode, VolumeState,
 };
 use crate::operations::Operation;
 
@@ -291,7 +291,8 @@ pub struct Health {
     pub service: String,
     pub version: String,
     pub timestamp: DateTime<Utc>,
-    /// By name: `database`, `cloudstack`, `appliance_identity`, `journal`, `privileges`, `nbd`, `exports`.
+    /// By name, each a [`HealthComponent`]; the document lists them all (a newer daemon may add one).
+    #[schema(schema_with = health_components)]
     pub components: BTreeMap<String, ComponentHealth>,
     /// The predecessor's summary of component `cloudstack`: `healthy`, `degraded` or `unhealthy` (the status
     /// only, never an error's text).
@@ -307,6 +308,22 @@ pub struct Health {
     /// token.
     #[serde(default)]
     pub details: HealthDetails,
+}
+
+/// The schema of `components` of `GET /health`: one optional property per [`HealthComponent`], so the document
+/// names every component the daemon can report.
+fn health_components() -> utoipa::openapi::Object {
+    use utoipa::openapi::{ObjectBuilder, Ref};
+    let mut o = ObjectBuilder::new().description(Some(
+        "By component name: database, cloudstack, appliance_identity and journal in every answer; \
+         privileges, lease, nbd and exports once start-up has set them; drift after the first scheduled \
+         reconcile; hub with the hub_database_url setting; hub_import with the hub_import_on_start setting",
+    ));
+    for c in HealthComponent::ALL {
+        o = o.property(c.as_str(), Ref::from_schema_name("ComponentHealth"));
+    }
+    o.additional_properties(Some(Ref::from_schema_name("ComponentHealth")))
+        .build()
 }
 
 /// `details` of `GET /health`.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use volume_api::HealthComponent;
 
 use crate::api::{self, AppState, HealthState};
 use crate::cloud::{Cloud, CloudStack};
@@ -196,7 +197,7 @@ impl RunningDaemon {
             tracing::warn!(check = %m, "privilege preflight");
         }
         health.set_fact(
-            "privileges",
+            HealthComponent::Privileges,
             privileges_ok,
             if missing.is_empty() {
                 "block devices, names directory, uevents and by-id watch all usable".to_string()
@@ -264,7 +265,7 @@ impl RunningDaemon {
             },
             lease.token()
         );
-        health.set_fact("lease", true, held.clone());
+        health.set_fact(HealthComponent::Lease, true, held.clone());
         let identity = identity.with_store(store.clone());
         // Records without an owner stay readable and writable by every appliance until claimed; a row the
         // database refuses to change must not keep the daemon from serving.
@@ -314,7 +315,11 @@ impl RunningDaemon {
             }
         });
         println!("nbd listening on {nbd_addr}");
-        health.set_fact("nbd", true, format!("listening on {nbd_addr}"));
+        health.set_fact(
+            HealthComponent::Nbd,
+            true,
+            format!("listening on {nbd_addr}"),
+        );
 
         let resolver = blockdev::Resolver::new(
             blockdev::sysfs::SysRoot::new(cfg.sys_dir.clone(), "/dev".into()),
@@ -348,7 +353,7 @@ impl RunningDaemon {
             .await
             .map_err(DaemonError::Recovery)?;
         health.set_fact(
-            "exports",
+            HealthComponent::Exports,
             problems.is_empty(),
             if problems.is_empty() {
                 "every appliance volume is exported".to_string()
@@ -423,7 +428,7 @@ impl RunningDaemon {
                     wake,
                     crate::hub::HubMonitor::default(),
                     move |r| {
-                        health.set_component("hub", r.component());
+                        health.set_component(HealthComponent::Hub, r.component());
                         metrics.set_hub(r);
                     },
                 )))
@@ -455,7 +460,7 @@ impl RunningDaemon {
                 engine.set_accepting(false);
                 health.set_ready(false);
                 health.set_fact(
-                    "lease",
+                    HealthComponent::Lease,
                     false,
                     "lost to another daemon (or not renewed in time): this daemon stops"
                         .to_string(),
@@ -566,7 +571,7 @@ async fn heartbeat(store: Store, every: Duration, health: Arc<HealthState>, held
                 if let Some(since) = failing_since.take() {
                     tracing::info!(%since, "appliance lease renewed again; the database takes writes");
                     health.set_write_failure(None);
-                    health.set_fact("lease", true, held.clone());
+                    health.set_fact(HealthComponent::Lease, true, held.clone());
                 }
             }
             Err(e) if e.kind() == StoreErrorKind::Fenced => {
@@ -609,7 +614,7 @@ async fn heartbeat(store: Store, every: Duration, health: Arc<HealthState>, held
                     tracing::warn!(error = %cause, "appliance lease not renewed; retrying");
                 }
                 health.set_component(
-                    "lease",
+                    HealthComponent::Lease,
                     ComponentHealth {
                         status: ComponentStatus::Degraded,
                         detail,
@@ -667,7 +672,7 @@ async fn import_on_start(
             }
         }
     };
-    health.set_component("hub_import", component);
+    health.set_component(HealthComponent::HubImport, component);
 }
 
 /// One line of the `check` report.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use volume_api::{ComponentHealth, ComponentStatus, ReconcileReport};
+use volume_api::{ComponentHealth, ComponentStatus, HealthComponent, ReconcileReport};
 
 use crate::api::HealthState;
 use crate::engine::Engine;
@@ -70,12 +70,12 @@ pub(crate) async fn reconcile_once(
     match crate::reconcile::run_scheduled(engine, repair).await {
         Ok(report) => {
             metrics.set_drift(&report.drift);
-            health.set_component("drift", drift_component(&report));
+            health.set_component(HealthComponent::Drift, drift_component(&report));
         }
         Err(e) => {
             tracing::warn!(error = %crate::error_chain(&e), "periodic reconcile failed");
             health.set_component(
-                "drift",
+                HealthComponent::Drift,
                 ComponentHealth {
                     status: ComponentStatus::Degraded,
                     detail: "the last reconcile could not run; see the daemon's log".into(),

@@ -323,6 +323,23 @@ async fn the_new_routes_are_in_the_openapi_document() {
     ] {
         assert!(health[f].is_object(), "Health lacks {f}");
     }
+    // Every component the daemon can report is named, and every one it reports now is among them.
+    let named = &health["components"]["properties"];
+    for c in volume_api::HealthComponent::ALL {
+        assert!(named[c.as_str()].is_object(), "Health.components lacks {c}");
+    }
+    for c in ["lease", "drift", "hub", "hub_import"] {
+        assert!(named[c].is_object(), "Health.components lacks {c}");
+    }
+    let (_, now) = d.get("/health").await;
+    let reported = now["components"].as_object().unwrap();
+    assert!(reported.contains_key("lease"), "{now}");
+    for c in reported.keys() {
+        assert!(
+            named[c].is_object(),
+            "Health.components lacks {c}, which /health reports"
+        );
+    }
     d.stop().await;
 }
 

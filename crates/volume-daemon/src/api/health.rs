@@ -11,7 +11,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use volume_api::{
-    ComponentHealth, ComponentStatus, Health, HealthDetails, HealthStatus, IMPLEMENTATION_STATUS,
+    ComponentHealth, ComponentStatus, Health, HealthComponent, HealthDetails, HealthStatus,
+    IMPLEMENTATION_STATUS,
 };
 
 use super::AppState;
@@ -42,16 +43,16 @@ impl HealthState {
     }
 
     /// Records a component whose state is known from start-up (privileges, NBD listener).
-    pub fn set_fact(&self, name: &str, ok: bool, detail: impl Into<String>) {
+    pub fn set_fact(&self, name: HealthComponent, ok: bool, detail: impl Into<String>) {
         if let Ok(mut f) = self.facts.lock() {
-            f.insert(name.to_string(), component(ok, detail));
+            f.insert(name.as_str().to_string(), component(ok, detail));
         }
     }
 
     /// Records a component reported by a background task (the reconciler's drift).
-    pub fn set_component(&self, name: &str, c: ComponentHealth) {
+    pub fn set_component(&self, name: HealthComponent, c: ComponentHealth) {
         if let Ok(mut f) = self.facts.lock() {
-            f.insert(name.to_string(), c);
+            f.insert(name.as_str().to_string(), c);
         }
     }
 
@@ -88,7 +89,7 @@ pub async fn report(st: &AppState) -> Health {
     let mut components = st.health.facts();
     let db = engine.check_database().await;
     components.insert(
-        "database".into(),
+        HealthComponent::Database.as_str().into(),
         match db {
             Ok(_) => match st.health.write_failure() {
                 None => component(true, "reachable"),
@@ -99,7 +100,7 @@ pub async fn report(st: &AppState) -> Health {
     );
     let cloud = tokio::time::timeout(CLOUD_CHECK_TIMEOUT, engine.check_cloud()).await;
     components.insert(
-        "cloudstack".into(),
+        HealthComponent::Cloudstack.as_str().into(),
         match cloud {
             Ok(Ok(())) => component(true, "reachable"),
             Ok(Err(e)) => component(false, e.chain()),
@@ -111,7 +112,7 @@ pub async fn report(st: &AppState) -> Health {
     );
     let id = engine.appliance().await;
     components.insert(
-        "appliance_identity".into(),
+        HealthComponent::ApplianceIdentity.as_str().into(),
         match (&id.vm_id, id.verified) {
             (Some(vm), true) => component(true, format!("{vm} ({})", id.source.as_str())),
             (Some(vm), false) => component(
@@ -132,7 +133,7 @@ pub async fn report(st: &AppState) -> Health {
     let ready = st.health.is_ready();
     let stuck = engine.stuck_operations();
     components.insert(
-        "journal".into(),
+        HealthComponent::Journal.as_str().into(),
         if !stuck.is_empty() {
             component(
                 false,
@@ -165,8 +166,8 @@ pub async fn report(st: &AppState) -> Health {
     let all_ok = components
         .values()
         .all(|c| c.status != ComponentStatus::Failed);
-    let summary = |name: &str| {
-        match components.get(name).map(|c| c.status) {
+    let summary = |name: HealthComponent| {
+        match components.get(name.as_str()).map(|c| c.status) {
             Some(ComponentStatus::Ok) => "healthy",
             Some(ComponentStatus::Degraded) => "degraded",
             Some(ComponentStatus::Failed) => "unhealthy",
@@ -174,9 +175,9 @@ pub async fn report(st: &AppState) -> Health {
         }
         .to_string()
     };
-    let cloudstack_health = summary("cloudstack");
-    let database_health = summary("database");
-    let device_monitor = summary("privileges");
+    let cloudstack_health = summary(HealthComponent::Cloudstack);
+    let database_health = summary(HealthComponent::Database);
+    let device_monitor = summary(HealthComponent::Privileges);
     let details = HealthDetails {
         implementation_status: IMPLEMENTATION_STATUS.into(),
         service: "volume-daemon".into(),
