@@ -531,25 +531,96 @@ mod tests {
         assert!(!format!("{cfg:?}").contains("s3cret"));
     }
 
-    /// The shipped example names every key an operator may set, and with every line uncommented it still
-    /// parses (the simulator's `sim` table and the simulator-only `allow_regular_files` are left out).
+    /// Every key the loader takes, read from the `Debug` output of the defaults (which names every field):
+    /// the top-level keys, and the `[sim]` table's as `sim.KEY`.
+    fn config_keys() -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut in_sim = false;
+        for l in format!("{:#?}", Config::default()).lines() {
+            if let Some(k) = l.strip_prefix("        ").filter(|_| in_sim) {
+                if let Some((k, _)) = k.split_once(": ").filter(|(k, _)| !k.starts_with(' ')) {
+                    keys.push(format!("sim.{k}"));
+                }
+                continue;
+            }
+            in_sim = false;
+            if let Some((k, _)) = l.strip_prefix("    ").and_then(|l| l.split_once(": ")) {
+                if k == "sim" {
+                    in_sim = true;
+                } else if !k.starts_with(' ') {
+                    keys.push(k.to_string());
+                }
+            }
+        }
+        keys
+    }
+
+    /// The `key = value` lines of a TOML text, commented out (`#key = value`) or not, as `(table.key, value,
+    /// commented)`; `#[table]` and `[table]` lines open a table.
+    fn assignments(text: &str) -> Vec<(String, String, bool)> {
+        let mut table = String::new();
+        let mut out = Vec::new();
+        for l in text.lines() {
+            let (body, commented) = match l.strip_prefix('#') {
+                Some(rest) => (rest, true),
+                None => (l, false),
+            };
+            if let Some(t) = body.strip_prefix('[').and_then(|b| b.strip_suffix(']')) {
+                table = format!("{t}.");
+                continue;
+            }
+            if let Some((k, v)) = body.split_once(" = ").filter(|(k, _)| {
+                !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            }) {
+                out.push((format!("{table}{k}"), v.to_string(), commented));
+            }
+        }
+        out
+    }
+
+    /// The shipped example names every key the loader takes; each commented `#key = value` line shows the
+    /// key's default unless it is marked `# example`; and with every line uncommented it still parses.
     #[test]
-    fn the_example_configuration_names_every_key_and_parses_uncommented() {
+    fn the_example_configuration_names_every_key_with_its_default() {
         let example = include_str!("../../../deploy/volume-daemon.example.toml");
-        let keys: Vec<String> = format!("{:#?}", Config::default())
-            .lines()
-            .filter_map(|l| l.strip_prefix("    ")?.split_once(": ").map(|(k, _)| k))
-            .filter(|k| !k.starts_with(' ') && !matches!(*k, "sim" | "allow_regular_files"))
-            .map(str::to_string)
-            .collect();
-        assert!(keys.len() > 20, "keys read from the Debug output: {keys:?}");
+        let keys = config_keys();
+        assert!(keys.len() > 30, "keys read from the Debug output: {keys:?}");
+        assert!(keys.contains(&"sim.secret_key".to_string()), "{keys:?}");
+        let found = assignments(example);
+        for k in &keys {
+            assert!(
+                found.iter().any(|(f, _, _)| f == k),
+                "the example configuration does not mention `{k}`"
+            );
+        }
+        for (key, value, commented) in &found {
+            assert!(
+                keys.contains(key),
+                "the example names `{key}`, which is no key"
+            );
+            if !commented || value.contains("# example") {
+                continue;
+            }
+            let toml = match key.split_once('.') {
+                Some((table, k)) => format!("[{table}]\n{k} = {value}\n"),
+                None => format!("{key} = {value}\n"),
+            };
+            let parsed = toml::from_str::<Config>(&toml)
+                .unwrap_or_else(|e| panic!("the example's `{key} = {value}` does not parse: {e}"));
+            assert_eq!(
+                parsed,
+                Config::default(),
+                "the example shows `{key} = {value}`, which is not the default: mark it `# example`"
+            );
+        }
         let uncommented: String = example
             .lines()
             .map(|l| match l.strip_prefix('#') {
                 Some(rest)
                     if rest
                         .split_once(" = ")
-                        .is_some_and(|(k, _)| !k.contains(' ')) =>
+                        .is_some_and(|(k, _)| !k.contains(' '))
+                        || (rest.starts_with('[') && rest.ends_with(']')) =>
                 {
                     rest
                 }
@@ -557,15 +628,52 @@ mod tests {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        for k in &keys {
-            assert!(
-                uncommented
-                    .lines()
-                    .any(|l| l.starts_with(&format!("{k} = "))),
-                "the example configuration does not mention `{k}`"
-            );
-        }
         toml::from_str::<Config>(&uncommented).expect("the uncommented example parses");
+    }
+
+    /// README.md's configuration table has one row for every key the loader takes, and no other, and the
+    /// environment takes each of them (`VOLUME_DAEMON_<KEY>`, `VOLUME_DAEMON_SIM_<KEY>` for `[sim]`), besides
+    /// `VOLUME_DAEMON_CONFIG`, which names the file.
+    #[test]
+    fn the_readme_configuration_table_names_every_key() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split("\n## Configuration\n")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README.md has a Configuration section");
+        let mut documented = Vec::new();
+        for row in section.lines().filter(|l| l.starts_with("| `")) {
+            let cell = row.split('|').nth(1).unwrap_or_default();
+            let spans: Vec<&str> = cell.split('`').skip(1).step_by(2).collect();
+            for span in spans {
+                match span.strip_prefix("[sim] ") {
+                    Some(list) => documented.extend(list.split(", ").map(|k| format!("sim.{k}"))),
+                    None => documented.push(span.to_string()),
+                }
+            }
+        }
+        let mut keys = config_keys();
+        keys.sort();
+        documented.sort();
+        assert_eq!(
+            documented, keys,
+            "README.md's configuration table and the loader's keys"
+        );
+        for k in &keys {
+            let var = format!("{ENV_PREFIX}{}", k.replace('.', "_").to_ascii_uppercase());
+            if let Err(e) = Config::load(None, vec![(var.clone(), "x".into())]) {
+                assert!(
+                    !e.to_string().contains("a known key"),
+                    "{var} is refused as unknown"
+                );
+            }
+        }
+        Config::load(
+            None,
+            vec![("VOLUME_DAEMON_CONFIG".into(), "/etc/x.toml".into())],
+        )
+        .expect("VOLUME_DAEMON_CONFIG names the file");
     }
 
     #[test]
