@@ -15,7 +15,8 @@ Environment:
   VOLUMECTL_TOKEN   bearer token, the daemon's api_token (same as --token)
 
 Output:
-  Tables for people; --json prints the daemon's JSON answer unchanged, one document per command;
+  Tables for people; --json prints the daemon's JSON answer (its fields and values as sent, pretty-printed,
+  keys sorted), one document per command;
   -q prints only ids (for shell variables). Control characters in text from the daemon or the cloud are
   shown escaped (\\u{1b}) everywhere but in --json.
   Mutations (create, attach, detach, delete, adopt, snapshots create/revert/delete) wait for their operation and print it when it ends;

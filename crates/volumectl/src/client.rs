@@ -114,7 +114,7 @@ pub struct OpsFilter {
     pub limit: Option<u32>,
 }
 
-/// An answer that is JSON both typed and raw: the raw value is what `--json` prints, unchanged.
+/// An answer that is JSON both typed and raw: the raw value is what `--json` prints (pretty, keys sorted).
 #[derive(Debug, Clone)]
 pub struct Answer<T> {
     pub value: T,
