@@ -152,11 +152,13 @@ impl RunningDaemon {
         let sim = if cfg.sim.enabled {
             let s = sim::start(&mut cfg).await?;
             println!("cloudsim listening on {}", s.running.addr());
+            // The simulator's credentials are no secret of anyone's: they are printed for a client to use.
             tracing::info!(
                 api = %s.running.api_url(),
                 api_key = cfg.sim.api_key.expose(),
+                secret_key = cfg.sim.secret_key.expose(),
                 appliance = s.running.appliance_vm_id(),
-                "built-in CloudStack simulator started (secret key: see --sim-secret-key, default sim-secret-key)"
+                "built-in CloudStack simulator started"
             );
             Some(s)
         } else {

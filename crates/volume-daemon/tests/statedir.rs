@@ -1,5 +1,5 @@
 //! The state directory as the binary treats it: one daemon per directory, private modes, and a `check`
-//! that takes `serve`'s flags and leaves nothing behind.
+//! that takes `serve`'s flags and leaves nothing behind; and what `serve --sim` says at start.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -139,4 +139,45 @@ fn check_reports_who_holds_a_state_directory_in_use() {
         "{stdout}"
     );
     drop(daemon);
+}
+
+/// `serve --sim` logs the simulator's address and both its credentials (simulator credentials, not secrets),
+/// so a CloudStack client can be pointed at it.
+#[test]
+fn serve_sim_logs_the_simulators_credentials() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut child = serve_sim(&tmp.path().join("state"))
+        .args([
+            "--sim-api-key",
+            "key-4711",
+            "--sim-secret-key",
+            "secret-0815",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn volume-daemon");
+    let stderr = child.stderr.take().expect("stderr");
+    let proc = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let line = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains("simulator started") => break l,
+            Ok(_) => {}
+            Err(e) => panic!("no simulator line within 60 s: {e}"),
+        }
+    };
+    assert!(line.contains("key-4711"), "{line}");
+    assert!(line.contains("secret-0815"), "{line}");
+    drop(proc);
 }
