@@ -4,7 +4,8 @@
 //! stop reading as their session closes, WRITEs whose payload completes while their export is being removed or
 //! that still run at the drain deadline; and
 //! the busy-session count that sets how replies are batched.
-//! Run against the in-process server and against the `nbd-serve` binary (its memory and threads).
+//! Run against the in-process server and against the `nbd-serve` binary (its memory and threads, and the
+//! bounds its flags may set).
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 mod common;
@@ -591,6 +592,43 @@ fn shm_file(size: u64) -> tempfile::NamedTempFile {
         .unwrap();
     f.as_file().set_len(size).unwrap();
     f
+}
+
+/// A flag out of bounds is refused before the listener is bound (no `listening on`), naming the flag, the
+/// value and what is allowed.
+#[test]
+fn nbd_serve_refuses_bounds_out_of_range_before_listening() {
+    let disk = tempfile::NamedTempFile::new().unwrap();
+    disk.as_file().set_len(MIB as u64).unwrap();
+    let export = format!("a={}", disk.path().display());
+    for (flag, value, allowed) in [
+        ("--budget-mib", "16", "at least 32"),
+        ("--connection-mib", "8", "at least 32"),
+        ("--budget-mib", "18446744073709551615", "at most"),
+        ("--io-threads", "0", "at least 1"),
+        ("--max-in-flight", "0", "at least 1"),
+        ("--max-connections-per-client", "0", "at least 1"),
+        ("--max-connections", "0", "at least 1"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nbd-serve"))
+            .args(["--listen", "127.0.0.1:0", flag, value, &export])
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run nbd-serve");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag} {value}: {stderr}");
+        assert!(
+            !stdout.contains("listening"),
+            "{flag} {value}: it listened first: {stdout}"
+        );
+        assert!(
+            stderr.contains(&format!("{flag} {value}")) && stderr.contains(allowed),
+            "{flag} {value}: the message names the flag, the value and {allowed:?}: {stderr}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

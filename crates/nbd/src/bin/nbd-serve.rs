@@ -16,7 +16,7 @@ struct Args {
     /// Serve every export read-only.
     #[arg(long)]
     read_only: bool,
-    /// Connections allowed per export (default: no limit).
+    /// Connections open at once to each export (default: no limit; the server as a whole takes 512).
     #[arg(long)]
     max_connections: Option<usize>,
     /// Connections allowed from one client IP address.
@@ -71,13 +71,52 @@ fn parse_export(s: &str) -> anyhow::Result<(String, PathBuf)> {
     Ok((name.to_string(), PathBuf::from(path)))
 }
 
-fn main() -> anyhow::Result<()> {
+/// Checks the bounds the flags set before anything is opened or bound, naming the flag, its value and what
+/// is allowed (the server's own check names its settings, in bytes).
+fn check_bounds(args: &Args) -> anyhow::Result<()> {
+    let min_mib = (nbd::proto::BLOCK_MAX >> 20) as usize;
+    let max_mib = tokio::sync::Semaphore::MAX_PERMITS >> 20;
+    for (flag, v) in [
+        ("--budget-mib", args.budget_mib),
+        ("--connection-mib", args.connection_mib),
+    ] {
+        anyhow::ensure!(
+            (min_mib..=max_mib).contains(&v),
+            "{flag} {v} is out of bounds: it must be at least {min_mib} (MiB: one largest NBD request) and at \
+             most {max_mib}"
+        );
+    }
+    for (flag, v) in [
+        ("--max-connections", args.max_connections.unwrap_or(1)),
+        (
+            "--max-connections-per-client",
+            args.max_connections_per_client,
+        ),
+        ("--max-in-flight", args.max_in_flight),
+        ("--io-threads", args.io_threads),
+    ] {
+        anyhow::ensure!(v >= 1, "{flag} {v} is out of bounds: it must be at least 1");
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?
-        .block_on(run(args))
+    let served = check_bounds(&args).and_then(|()| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?
+            .block_on(run(args))
+    });
+    match served {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain on one line: what failed and why.
+            eprintln!("nbd-serve: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -146,6 +185,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(name) = allowed.keys().next() {
         anyhow::bail!("--allow names export {name:?}, which is not served");
     }
+    let cfg = nbd::ServerConfig {
+        max_connections_per_client: args.max_connections_per_client,
+        max_in_flight: args.max_in_flight,
+        in_flight_budget: args.budget_mib << 20,
+        max_connection_bytes: args.connection_mib << 20,
+        io_threads: args.io_threads,
+        idle_timeout: (args.idle_timeout > 0)
+            .then(|| std::time::Duration::from_secs(args.idle_timeout)),
+        tls,
+        ..nbd::ServerConfig::default()
+    };
+    // Checked before the listener is bound: a refused setting never prints `listening on`.
+    let server = nbd::Server::try_new(registry, cfg).context("invalid server settings")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -164,18 +216,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    let cfg = nbd::ServerConfig {
-        max_connections_per_client: args.max_connections_per_client,
-        max_in_flight: args.max_in_flight,
-        in_flight_budget: args.budget_mib << 20,
-        max_connection_bytes: args.connection_mib << 20,
-        io_threads: args.io_threads,
-        idle_timeout: (args.idle_timeout > 0)
-            .then(|| std::time::Duration::from_secs(args.idle_timeout)),
-        tls,
-        ..nbd::ServerConfig::default()
-    };
-    let server = nbd::Server::try_new(registry, cfg).context("invalid server settings")?;
     server.serve(listener, shutdown).await?;
     Ok(())
 }
