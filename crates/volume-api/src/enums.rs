@@ -374,6 +374,8 @@ wire_enum! {
         ApplianceIdentityUnknown = "appliance_identity_unknown",
         /// The appliance identity is fixed by configuration.
         ApplianceIdentityFixed = "appliance_identity_fixed",
+        /// Another daemon holds the lease of the VM named as the appliance (it serves that appliance).
+        ApplianceLeaseHeld = "appliance_lease_held",
         /// The VM named as the appliance does not exist.
         NoSuchVm = "no_such_vm",
         /// The `Idempotency-Key` was used before for a different request (another kind or another body).

@@ -255,19 +255,9 @@ impl RunningDaemon {
             .map_err(DaemonError::Lease)?;
         let lease = store
             .lease()
-            .cloned()
             .ok_or_else(|| DaemonError::Lease(StoreError::not_found("the lease just taken")))?;
         tracing::info!(appliance = %appliance_id, token = lease.token(), "appliance lease taken");
-        let held = format!(
-            "appliance {} held with fencing token {}",
-            if appliance_id.is_empty() {
-                "(identity unknown)"
-            } else {
-                &appliance_id
-            },
-            lease.token()
-        );
-        health.set_fact(HealthComponent::Lease, true, held.clone());
+        health.set_fact(HealthComponent::Lease, true, lease.detail());
         let identity = identity.with_store(store.clone());
         // Records without an owner stay readable and writable by every appliance until claimed; a row the
         // database refuses to change must not keep the daemon from serving.
@@ -293,7 +283,6 @@ impl RunningDaemon {
             store.clone(),
             cfg.lease_heartbeat(),
             Arc::clone(&health),
-            held,
         ));
 
         let nbd_listener = bind("NBD", cfg.nbd_listen).await?;
@@ -550,14 +539,14 @@ impl RunningDaemon {
 }
 
 /// Renews the store's appliance lease every `every`, and reports each renewal on `/health` (components
-/// `lease` and `database`; `held` is the lease's detail while renewals succeed). Marks the lease lost
+/// `lease` and `database`; the lease's detail names the appliance it is held for now). Marks the lease lost
 /// (which stops the daemon) when a renewal finds it taken over, or when renewals keep failing until it
 /// has expired, except while the database refuses them because its storage is full: no other daemon can
 /// take the lease over while that lasts (a takeover is a write to the same database), so the daemon goes
 /// on serving its exports and renews as soon as there is space, or stops if it then finds the lease taken.
-async fn heartbeat(store: Store, every: Duration, health: Arc<HealthState>, held: String) {
+async fn heartbeat(store: Store, every: Duration, health: Arc<HealthState>) {
     use volume_api::{ComponentHealth, ComponentStatus};
-    let Some(lease) = store.lease().cloned() else {
+    let Some(lease) = store.lease() else {
         return;
     };
     let mut valid_until = chrono::Utc::now()
@@ -573,7 +562,9 @@ async fn heartbeat(store: Store, every: Duration, health: Arc<HealthState>, held
                 if let Some(since) = failing_since.take() {
                     tracing::info!(%since, "appliance lease renewed again; the database takes writes");
                     health.set_write_failure(None);
-                    health.set_fact(HealthComponent::Lease, true, held.clone());
+                    if let Some(now_held) = store.lease() {
+                        health.set_fact(HealthComponent::Lease, true, now_held.detail());
+                    }
                 }
             }
             Err(e) if e.kind() == StoreErrorKind::Fenced => {

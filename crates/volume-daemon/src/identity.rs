@@ -255,7 +255,9 @@ impl Identity {
         self.verify().await
     }
 
-    /// Sets the identity through the API: verified with the cloud first, then stored.
+    /// Sets the identity through the API: verified with the cloud first; then, on a store bound to a lease,
+    /// the lease moves to the new identity ([`Store::move_lease`]: refused with `LeaseHeld` while another
+    /// daemon holds that appliance's lease, and the records this daemon wrote go with it); then stored.
     pub async fn set(&self, vm_id: &str) -> Result<IdentityState, IdentitySetError> {
         if let Some(src) = self.fixed_by {
             return Err(IdentitySetError::Identity(IdentityError::Fixed(
@@ -283,6 +285,13 @@ impl Identity {
                 ))
             }
         };
+        if self.store.lease().is_some() && self.store.owner() != vm_id {
+            let lease = self.store.move_lease(vm_id).await.map_err(|e| match e {
+                e @ crate::store::StoreError::LeaseHeld { .. } => IdentitySetError::LeaseHeld(e),
+                e => IdentitySetError::Store(e),
+            })?;
+            tracing::info!(appliance = %vm_id, token = lease.token(), "appliance lease taken");
+        }
         self.store
             .set_appliance(&ApplianceRecord {
                 vm_id: vm_id.to_string(),
@@ -311,6 +320,9 @@ pub enum IdentitySetError {
     Identity(IdentityError),
     #[error("cannot store the appliance identity")]
     Store(#[source] crate::store::StoreError),
+    /// Another daemon holds the lease of the VM named: this one must not act for that appliance.
+    #[error("the appliance identity is not changed")]
+    LeaseHeld(#[source] crate::store::StoreError),
 }
 
 #[cfg(test)]

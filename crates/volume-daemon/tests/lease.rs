@@ -1,7 +1,9 @@
 //! One writer per appliance: two `volume-daemon` processes on one real database (PostgreSQL, MariaDB) and
 //! one `cloudsim` process. For the same appliance identity the second exits non-zero naming the first and
 //! binds nothing; a daemon whose lease is taken over stops; distinct identities share the database, each
-//! managing only its own volumes and refusing the other's with `volume_owned_by_other_appliance`.
+//! managing only its own volumes and refusing the other's with `volume_owned_by_other_appliance`; a daemon
+//! started without an identity takes the lease of the one set at run time, or refuses it while another daemon
+//! holds that lease.
 //! Needs the `cloudsim` binary (cargo build --workspace --bins) and the database servers of `common/db.rs`.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
@@ -138,6 +140,11 @@ impl World {
 
     /// A `serve` process for appliance `vm` with its own state directory `name` (not yet waited for).
     fn daemon(&self, name: &str, vm: &str, lease: (u64, u64)) -> Proc {
+        self.daemon_for(name, Some(vm), lease)
+    }
+
+    /// A `serve` process for appliance `vm`, or without a configured identity (not yet waited for).
+    fn daemon_for(&self, name: &str, vm: Option<&str>, lease: (u64, u64)) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_volume-daemon"));
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"])
@@ -151,7 +158,7 @@ impl World {
                 "--cloudstack-secret-key",
                 "sim-secret-key",
             ])
-            .args(["--appliance-vm-id", vm])
+            .args(vm.map(|vm| ["--appliance-vm-id", vm]).into_iter().flatten())
             .arg("--by-id-dir")
             .arg(self.dir.path().join("by-id"))
             .env("VOLUME_DAEMON_LEASE_TTL_SECS", lease.0.to_string())
@@ -163,7 +170,12 @@ impl World {
 
     /// A daemon that serves: its process and its API base URL.
     fn serving(&self, name: &str, vm: &str, lease: (u64, u64)) -> (Proc, String) {
-        let mut p = self.daemon(name, vm, lease);
+        self.serving_for(name, Some(vm), lease)
+    }
+
+    /// A daemon that serves, for `vm` or without a configured identity: its process and its API base URL.
+    fn serving_for(&self, name: &str, vm: Option<&str>, lease: (u64, u64)) -> (Proc, String) {
+        let mut p = self.daemon_for(name, vm, lease);
         let addr = p
             .wait_line("api listening on ", Duration::from_secs(60))
             .unwrap_or_else(|| {
@@ -468,6 +480,96 @@ async fn lost_lease_stops_the_daemon(db: db::TestDb) {
     let lease = store.lease_of(APPLIANCE).await.unwrap().unwrap();
     assert_eq!(lease.token, 2);
     store.close().await;
+}
+
+/// The `/health` detail of component `lease`.
+async fn lease_detail(api: &str) -> String {
+    let (_, h) = call(reqwest::Method::GET, &format!("{api}/health"), None).await;
+    h["components"]["lease"]["detail"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no lease component: {h}"))
+        .to_string()
+}
+
+async fn identity_set_at_run_time_takes_the_lease(db: db::TestDb) {
+    let world = World::new(db);
+    let others = world.other_vms().await;
+    let (other, _) = world.serving("other", &others[0], (30, 5));
+    let (first, api) = world.serving_for("first", None, (30, 5));
+    assert!(lease_detail(&api).await.contains("(identity unknown)"));
+    let vol = create(&world, &api, "before-the-identity").await;
+
+    // Another daemon serves others[0]: this one may not become it, and nothing changes.
+    let (s, v) = call(
+        reqwest::Method::PUT,
+        &format!("{api}/appliance"),
+        Some(json!({"vm_id": others[0]})),
+    )
+    .await;
+    assert_eq!(s, 409, "{v}");
+    assert_eq!(v["code"], "appliance_lease_held", "{v}");
+    assert_eq!(v["field"], "vm_id", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("pid "), "{v}");
+    let (_, shown) = call(reqwest::Method::GET, &format!("{api}/appliance"), None).await;
+    assert!(shown["vm_id"].is_null(), "{shown}");
+    assert!(lease_detail(&api).await.contains("(identity unknown)"));
+    let store = Store::connect(&world.db_url).await.unwrap();
+    let held = store.lease_of(&others[0]).await.unwrap().unwrap();
+    assert_eq!((held.pid, held.token), (i64::from(other.pid()), 1));
+
+    // A free appliance: its lease is taken before the identity takes effect, the one held for the unknown
+    // identity is released, and the records written meanwhile go with the lease.
+    let (s, v) = call(
+        reqwest::Method::PUT,
+        &format!("{api}/appliance"),
+        Some(json!({"vm_id": APPLIANCE})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let lease = store.lease_of(APPLIANCE).await.unwrap().unwrap();
+    assert_eq!((lease.pid, lease.token), (i64::from(first.pid()), 1));
+    assert!(lease.expires_at > chrono::Utc::now());
+    let unknown = store.lease_of("").await.unwrap().unwrap();
+    assert!(unknown.expires_at <= chrono::Utc::now(), "{unknown:?}");
+    let detail = lease_detail(&api).await;
+    assert!(detail.contains(APPLIANCE), "{detail}");
+    let owner = store
+        .reading_as("nobody")
+        .foreign_owner(vol.parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(owner.as_deref(), Some(APPLIANCE));
+
+    // A second daemon for that appliance now exits naming the first, as at start-up.
+    let mut second = world.daemon("second", APPLIANCE, (30, 5));
+    let (status, stderr) = second
+        .wait_exit(Duration::from_secs(60))
+        .expect("the second daemon exits");
+    assert!(!status.success(), "second daemon: {status}; {stderr}");
+    assert!(stderr.contains(&format!("pid {}", first.pid())), "{stderr}");
+    assert!(
+        !second.seen.iter().any(|l| l.contains("listening")),
+        "{:?}",
+        second.seen
+    );
+    let (s, v) = call(reqwest::Method::GET, &format!("{api}/volumes/{vol}"), None).await;
+    assert_eq!(s, 200, "{v}");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_set_at_run_time_takes_the_lease_on_sqlite() {
+    identity_set_at_run_time_takes_the_lease(db::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_postgres_identity_set_at_run_time_takes_the_lease() {
+    identity_set_at_run_time_takes_the_lease(db::postgres().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_mariadb_identity_set_at_run_time_takes_the_lease() {
+    identity_set_at_run_time_takes_the_lease(db::mariadb().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

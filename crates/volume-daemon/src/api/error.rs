@@ -164,6 +164,11 @@ impl ApiError {
                     None,
                 ),
                 IdentitySetError::Store(e) => (store_status(e), ErrorCode::DatabaseError, None),
+                IdentitySetError::LeaseHeld(_) => (
+                    StatusCode::CONFLICT,
+                    ErrorCode::ApplianceLeaseHeld,
+                    Some("vm_id".into()),
+                ),
             },
             Self::Engine(e) => {
                 let code = e.code();

@@ -934,7 +934,7 @@ async fn get_appliance(State(st): State<AppState>) -> Response {
         (status = 200, description = "stored and verified", body = Appliance),
         (status = 400, description = "empty vm_id", body = ErrorBody),
         (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
-        (status = 409, description = "fixed by configuration", body = ErrorBody),
+        (status = 409, description = "fixed by configuration (`appliance_identity_fixed`), or the VM's appliance lease is held by another daemon (`appliance_lease_held`)", body = ErrorBody),
         (status = 422, description = "no such VM", body = ErrorBody),
         (status = 503, description = "CloudStack cannot verify it now", body = ErrorBody),
     )
@@ -947,6 +947,10 @@ async fn put_appliance(
         return Err(ApiError::bad("vm_id", "vm_id must not be empty"));
     }
     let s = st.engine.set_appliance(body.vm_id.trim()).await?;
+    // The lease moved with the identity: /health names the one held now.
+    if let Some(lease) = st.engine.lease() {
+        st.health.set_fact(volume_api::HealthComponent::Lease, true, lease.detail());
+    }
     Ok(Json(convert::appliance(&s)).into_response())
 }
 

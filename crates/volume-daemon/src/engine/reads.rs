@@ -348,6 +348,11 @@ impl Engine {
         self.inner.identity.set(vm_id).await
     }
 
+    /// The appliance lease the daemon writes under now (it moves when the identity is set at run time).
+    pub(crate) fn lease(&self) -> Option<std::sync::Arc<crate::store::Lease>> {
+        self.inner.store.lease()
+    }
+
     /// Whether the database answers (health).
     pub(crate) async fn check_database(&self) -> Result<(), EngineError> {
         self.inner.store.get_appliance().await?;

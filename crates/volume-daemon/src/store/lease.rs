@@ -2,9 +2,11 @@
 //! that may write that appliance's records (holder, host, pid, heartbeat, expiry) and carries a fencing token
 //! that grows by one at every acquisition. A store bound to a lease ([`Store::acquire_lease`]) checks the
 //! token at the start of every write transaction ([`Store::begin_write`]), holding a lock on the lease row
-//! until the transaction ends, so a daemon whose lease was taken over cannot write anything.
+//! until the transaction ends, so a daemon whose lease was taken over cannot write anything. The store's clones
+//! share one lease slot, so a lease moved to another appliance ([`Store::move_lease`], when the identity
+//! becomes known at run time) binds every part of the daemon at once.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -41,10 +43,33 @@ pub struct LeaseRecord {
 #[derive(Debug)]
 pub struct Lease {
     appliance_id: String,
-    holder_id: String,
+    holder: LeaseHolder,
     token: i64,
     ttl: Duration,
-    lost: watch::Sender<bool>,
+    /// Shared by the leases of one slot: a lease moved to another appliance keeps the watchers of the first.
+    lost: Arc<watch::Sender<bool>>,
+}
+
+/// The lease a store and all its clones write under; replaced as a whole when the lease moves.
+pub(super) type LeaseSlot = Arc<RwLock<Arc<Lease>>>;
+
+fn new_slot(lease: Lease) -> LeaseSlot {
+    Arc::new(RwLock::new(Arc::new(lease)))
+}
+
+fn current(slot: &LeaseSlot) -> Arc<Lease> {
+    // The slot holds a plain value that a panicking writer cannot leave half-changed.
+    Arc::clone(
+        &slot
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
+}
+
+fn replace(slot: &LeaseSlot, lease: Arc<Lease>) {
+    *slot
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = lease;
 }
 
 impl Lease {
@@ -65,6 +90,19 @@ impl Lease {
     /// How long a renewal keeps the lease.
     pub fn ttl(&self) -> Duration {
         self.ttl
+    }
+
+    /// The `/health` detail of a lease held and renewed.
+    pub fn detail(&self) -> String {
+        format!(
+            "appliance {} held with fencing token {}",
+            if self.appliance_id.is_empty() {
+                "(identity unknown)"
+            } else {
+                &self.appliance_id
+            },
+            self.token
+        )
     }
 
     /// Records that the lease can no longer be relied on (taken over, or expired without a renewal).
@@ -109,8 +147,10 @@ impl Store {
     /// The appliance whose records this store writes: its lease's, or `""` for a store bound to no lease. It
     /// reads its own records and those without an owner (`""`: journaled before records had one and not
     /// claimed yet, see [`Store::claim_unowned`]).
-    pub fn owner(&self) -> &str {
-        self.lease.as_ref().map_or("", |l| l.appliance_id.as_str())
+    pub fn owner(&self) -> String {
+        self.lease
+            .as_ref()
+            .map_or_else(String::new, |slot| current(slot).appliance_id.clone())
     }
 
     /// A store that reads `appliance_id`'s records and cannot write (its token, 0, is never a lease's): for
@@ -118,19 +158,23 @@ impl Store {
     pub fn reading_as(&self, appliance_id: &str) -> Store {
         let (lost, _) = watch::channel(true);
         let mut scoped = self.clone();
-        scoped.lease = Some(Arc::new(Lease {
+        scoped.lease = Some(new_slot(Lease {
             appliance_id: appliance_id.to_string(),
-            holder_id: String::new(),
+            holder: LeaseHolder {
+                holder_id: String::new(),
+                host: String::new(),
+                pid: 0,
+            },
             token: 0,
             ttl: Duration::ZERO,
-            lost,
+            lost: Arc::new(lost),
         }));
         scoped
     }
 
-    /// The lease this store writes under, when it is bound to one.
-    pub fn lease(&self) -> Option<&Arc<Lease>> {
-        self.lease.as_ref()
+    /// The lease this store writes under now, when it is bound to one.
+    pub fn lease(&self) -> Option<Arc<Lease>> {
+        self.lease.as_ref().map(current)
     }
 
     /// The lease row of `appliance_id`, when there is one.
@@ -169,30 +213,55 @@ impl Store {
         holder: &LeaseHolder,
         ttl: Duration,
     ) -> Result<Store, StoreError> {
+        let mut tx = self.begin().await?;
+        let token = self.take_in(&mut tx, appliance_id, holder, ttl).await?;
+        tx.commit()
+            .await
+            .map_err(q("committing an appliance lease"))?;
+        let (lost, _) = watch::channel(false);
+        let mut scoped = self.clone();
+        scoped.lease = Some(new_slot(Lease {
+            appliance_id: appliance_id.to_string(),
+            holder: holder.clone(),
+            token,
+            ttl,
+            lost: Arc::new(lost),
+        }));
+        Ok(scoped)
+    }
+
+    /// Takes the lease row of `appliance_id` for `holder` inside `tx` (free, expired or last held by the same
+    /// `holder_id`): the new fencing token. `LeaseHeld` when another live daemon holds it.
+    async fn take_in(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        appliance_id: &str,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<i64, StoreError> {
         let now = Utc::now();
         let expires = expiry(now, ttl);
-        let mut tx = self.begin().await?;
         let sql = self.dialect.sql(&format!(
             "SELECT {LEASE_COLS} FROM appliance_leases WHERE appliance_id = ?{}",
             self.dialect.for_update()
         ));
         let current = sqlx::query(&sql)
             .bind(appliance_id.to_string())
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await
             .map_err(q("reading an appliance lease"))?
             .map(|r| lease_from(&r))
             .transpose()?;
-        let token = match current {
+        match current {
             Some(cur) if cur.holder_id != holder.holder_id && cur.expires_at > now => {
-                return Err(StoreError::LeaseHeld {
+                Err(StoreError::LeaseHeld {
                     appliance_id: appliance_id.to_string(),
                     holder_id: cur.holder_id,
                     host: cur.host,
                     pid: cur.pid,
                     heartbeat_age_secs: (now - cur.heartbeat_at).num_seconds().max(0),
                     expires_in_secs: (cur.expires_at - now).num_seconds().max(0),
-                });
+                })
             }
             Some(cur) => {
                 let token = cur.token + 1;
@@ -210,10 +279,10 @@ impl Store {
                     .bind(ts(expires))
                     .bind(appliance_id.to_string())
                     .bind(cur.token)
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await
                     .map_err(q("taking over an appliance lease"))?;
-                token
+                Ok(token)
             }
             None => {
                 let sql = self.dialect.sql(&format!(
@@ -228,7 +297,7 @@ impl Store {
                     .bind(ts(now))
                     .bind(ts(now))
                     .bind(ts(expires))
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await
                     .map_err(|e| {
                         if StoreError::is_constraint_violation(&e) {
@@ -239,28 +308,97 @@ impl Store {
                             q("taking an appliance lease")(e)
                         }
                     })?;
-                1
+                Ok(1)
             }
+        }
+    }
+
+    /// Moves this store's lease (and every clone's) to `appliance_id`: the appliance identity became known,
+    /// or changed, at run time. In one transaction it checks that the current lease is still this daemon's,
+    /// takes `appliance_id`'s lease as start-up does (`LeaseHeld`, nothing changed, when another live daemon
+    /// holds it), gives the records of the previous identity and those without an owner to `appliance_id`
+    /// (they were this daemon's), and releases the previous lease (expired at once). Returns the new lease.
+    /// Nothing to do when the lease is already `appliance_id`'s.
+    pub async fn move_lease(&self, appliance_id: &str) -> Result<Arc<Lease>, StoreError> {
+        let Some(slot) = &self.lease else {
+            return Err(StoreError::conflict(
+                "this store holds no lease; take one with acquire_lease",
+            ));
         };
+        let old = current(slot);
+        if old.appliance_id == appliance_id {
+            return Ok(old);
+        }
+        // Two daemons that find no row both insert; the loser reads the winner's row on its second try.
+        let token = match self.try_move(&old, appliance_id).await {
+            Err(StoreError::Conflict { .. }) => self.try_move(&old, appliance_id).await,
+            other => other,
+        }?;
+        let moved = Arc::new(Lease {
+            appliance_id: appliance_id.to_string(),
+            holder: old.holder.clone(),
+            token,
+            ttl: old.ttl,
+            lost: Arc::clone(&old.lost),
+        });
+        replace(slot, Arc::clone(&moved));
+        Ok(moved)
+    }
+
+    async fn try_move(&self, old: &Lease, appliance_id: &str) -> Result<i64, StoreError> {
+        let mut tx = self.begin().await?;
+        // Waits for the writes under the current lease, and keeps new ones out until the move commits.
+        let sql = self.dialect.sql(&format!(
+            "SELECT token FROM appliance_leases WHERE appliance_id = ?{}",
+            self.dialect.for_update()
+        ));
+        let token: Option<i64> = sqlx::query_scalar(&sql)
+            .bind(old.appliance_id.clone())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(q("checking the appliance lease"))?;
+        if token != Some(old.token) {
+            drop(tx);
+            return Err(self.fenced(old).await);
+        }
+        let token = self
+            .take_in(&mut tx, appliance_id, &old.holder, old.ttl)
+            .await?;
+        for table in ["volumes", "operations"] {
+            let sql = self.dialect.sql(&format!(
+                "UPDATE {table} SET appliance_id = ? WHERE appliance_id IN (?, '')"
+            ));
+            sqlx::query(&sql)
+                .bind(appliance_id.to_string())
+                .bind(old.appliance_id.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("giving the records to the appliance's new identity"))?;
+        }
+        let now = ts(Utc::now());
+        let sql = self.dialect.sql(
+            "UPDATE appliance_leases SET heartbeat_at = ?, expires_at = ? \
+             WHERE appliance_id = ? AND holder_id = ? AND token = ?",
+        );
+        sqlx::query(&sql)
+            .bind(now.clone())
+            .bind(now)
+            .bind(old.appliance_id.clone())
+            .bind(old.holder.holder_id.clone())
+            .bind(old.token)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("releasing the appliance lease"))?;
         tx.commit()
             .await
-            .map_err(q("committing an appliance lease"))?;
-        let (lost, _) = watch::channel(false);
-        let mut scoped = self.clone();
-        scoped.lease = Some(Arc::new(Lease {
-            appliance_id: appliance_id.to_string(),
-            holder_id: holder.holder_id.clone(),
-            token,
-            ttl,
-            lost,
-        }));
-        Ok(scoped)
+            .map_err(q("committing a moved appliance lease"))?;
+        Ok(token)
     }
 
     /// Extends the lease by its TTL from now. `Fenced` (and the lease marked lost) when another daemon has
     /// taken it over; any other error leaves the lease as it was (the caller retries until it expires).
     pub async fn renew_lease(&self) -> Result<DateTime<Utc>, StoreError> {
-        let Some(lease) = &self.lease else {
+        let Some(lease) = self.lease() else {
             return Err(StoreError::conflict(
                 "this store holds no lease; take one with acquire_lease",
             ));
@@ -275,7 +413,7 @@ impl Store {
             .bind(ts(now))
             .bind(ts(expires))
             .bind(lease.appliance_id.clone())
-            .bind(lease.holder_id.clone())
+            .bind(lease.holder.holder_id.clone())
             .bind(lease.token)
             .execute(&self.pool)
             .await
@@ -284,14 +422,14 @@ impl Store {
         if res.rows_affected() == 1 {
             Ok(expires)
         } else {
-            Err(self.fenced(lease).await)
+            Err(self.fenced(&lease).await)
         }
     }
 
     /// Gives the lease up (expired at once) so that the next daemon need not wait for the TTL. Does nothing
     /// when the lease was already taken over.
     pub async fn release_lease(&self) -> Result<(), StoreError> {
-        let Some(lease) = &self.lease else {
+        let Some(lease) = self.lease() else {
             return Ok(());
         };
         let now = ts(Utc::now());
@@ -303,7 +441,7 @@ impl Store {
             .bind(now.clone())
             .bind(now)
             .bind(lease.appliance_id.clone())
-            .bind(lease.holder_id.clone())
+            .bind(lease.holder.holder_id.clone())
             .bind(lease.token)
             .execute(&self.pool)
             .await
@@ -332,7 +470,7 @@ impl Store {
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
         let mut tx = self.begin().await?;
-        if let Some(lease) = &self.lease {
+        if let Some(lease) = self.lease() {
             let sql = self.dialect.sql(&format!(
                 "SELECT token FROM appliance_leases WHERE appliance_id = ?{}",
                 share_lock(self.dialect)
@@ -344,7 +482,7 @@ impl Store {
                 .map_err(q("checking the appliance lease"))?;
             if token != Some(lease.token) {
                 drop(tx);
-                return Err(self.fenced(lease).await);
+                return Err(self.fenced(&lease).await);
             }
         }
         Ok(tx)
@@ -363,7 +501,7 @@ impl Store {
                 "UPDATE {table} SET appliance_id = ? WHERE appliance_id = ''"
             ));
             counts[i] = sqlx::query(&sql)
-                .bind(self.owner().to_string())
+                .bind(self.owner())
                 .execute(&mut *tx)
                 .await
                 .map_err(q("claiming records without an owner"))?
@@ -383,6 +521,6 @@ impl Store {
             .fetch_optional(&self.pool)
             .await
             .map_err(q("reading the owner of a volume"))?;
-        Ok(owner.filter(|o| o != self.owner() && !o.is_empty()))
+        Ok(owner.filter(|o| *o != self.owner() && !o.is_empty()))
     }
 }

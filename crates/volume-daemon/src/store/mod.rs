@@ -89,7 +89,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
-    lease: Option<Arc<Lease>>,
+    lease: Option<lease::LeaseSlot>,
     /// Set when the hub projection is on: commits journal hub changes (see [`outbox`]) and notify this.
     hub_outbox: Option<Arc<tokio::sync::Notify>>,
 }
@@ -717,7 +717,7 @@ impl Store {
             .fetch_optional(&mut *conn)
             .await
             .map_err(q("reading the owner of a volume"))?;
-        if let Some(other) = owner.filter(|o| o != self.owner() && !o.is_empty()) {
+        if let Some(other) = owner.filter(|o| **o != self.owner() && !o.is_empty()) {
             return Err(StoreError::conflict(format!(
                 "volume {} belongs to appliance {other}; only that appliance's daemon may change it",
                 v.id
@@ -1022,7 +1022,7 @@ impl Store {
         let existed = delete_by_volume(
             &mut tx,
             self.dialect,
-            self.owner(),
+            &self.owner(),
             "attachments",
             volume_id,
         )
@@ -1035,7 +1035,7 @@ impl Store {
     /// attachment existed. For undoing an attach and for repairs, where no operation completes with it.
     pub async fn clear_attachment(&self, volume_id: Uuid) -> Result<bool, StoreError> {
         let mut tx = self.begin_write().await?;
-        let existed = clear_attachment_in(&mut tx, self.dialect, self.owner(), volume_id).await?;
+        let existed = clear_attachment_in(&mut tx, self.dialect, &self.owner(), volume_id).await?;
         if existed {
             outbox::record_in(self, &mut tx, volume_id, OsseaChange::Detached).await?;
         }
@@ -1279,7 +1279,7 @@ impl Store {
     pub async fn delete_export(&self, volume_id: Uuid) -> Result<bool, StoreError> {
         let mut tx = self.begin_write().await?;
         let existed =
-            delete_by_volume(&mut tx, self.dialect, self.owner(), "exports", volume_id).await?;
+            delete_by_volume(&mut tx, self.dialect, &self.owner(), "exports", volume_id).await?;
         if existed {
             outbox::record_in(self, &mut tx, volume_id, OsseaChange::Unchanged).await?;
         }
@@ -1502,7 +1502,7 @@ impl Store {
         let mut tx = self.begin_write().await?;
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
-        clear_attachment_in(&mut tx, self.dialect, self.owner(), volume_id).await?;
+        clear_attachment_in(&mut tx, self.dialect, &self.owner(), volume_id).await?;
         outbox::record_in(self, &mut tx, volume_id, OsseaChange::Detached).await?;
         self.finish_in(&mut tx, op_id, OpStatus::Completed, Some(response), None)
             .await?;
@@ -1523,7 +1523,7 @@ impl Store {
         self.require_unfinished(&mut tx, op_id, self.dialect.for_update())
             .await?;
         let was_attached =
-            clear_attachment_in(&mut tx, self.dialect, self.owner(), volume_id).await?;
+            clear_attachment_in(&mut tx, self.dialect, &self.owner(), volume_id).await?;
         let ossea = if was_attached {
             OsseaChange::Detached
         } else {
