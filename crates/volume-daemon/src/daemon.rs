@@ -73,6 +73,8 @@ pub struct RunningDaemon {
     watch_task: JoinHandle<()>,
     /// Renews the appliance lease every `lease_heartbeat_secs`.
     lease_task: JoinHandle<()>,
+    /// Sends READY=1 once the appliance identity is verified.
+    ready_task: JoinHandle<()>,
     /// Stops serving once the lease is lost.
     fence_task: JoinHandle<()>,
     /// Becomes `true` once the lease was lost and the exports are closed.
@@ -259,6 +261,7 @@ impl RunningDaemon {
         tracing::info!(appliance = %appliance_id, token = lease.token(), "appliance lease taken");
         health.set_fact(HealthComponent::Lease, true, lease.detail());
         let identity = identity.with_store(store.clone());
+        let ready_identity = identity.clone();
         // Records without an owner stay readable and writable by every appliance until claimed; a row the
         // database refuses to change must not keep the daemon from serving.
         match store.claim_unowned().await {
@@ -461,8 +464,10 @@ impl RunningDaemon {
             })
         };
         println!("api listening on {api_addr}");
-        crate::sdnotify::ready(&format!("serving API on {api_addr}, NBD on {nbd_addr}"));
-        tracing::info!(api = %api_addr, nbd = %nbd_addr, "ready");
+        let ready_task = tokio::spawn(notify_ready(
+            ready_identity,
+            format!("serving API on {api_addr}, NBD on {nbd_addr}"),
+        ));
         Ok(Self {
             api_addr,
             nbd_addr,
@@ -476,6 +481,7 @@ impl RunningDaemon {
             counters_task,
             watch_task,
             lease_task,
+            ready_task,
             fence_task,
             fenced,
             store,
@@ -508,6 +514,7 @@ impl RunningDaemon {
     /// Stops accepting, lets running operations finish (bounded), drains and closes the exports, stops the
     /// listeners. The journal stays consistent: what did not finish resumes at the next start.
     pub async fn shutdown(mut self) {
+        self.ready_task.abort();
         crate::sdnotify::stopping();
         self.health.set_ready(false);
         self.engine.shutdown(SHUTDOWN_GRACE).await;
@@ -534,6 +541,49 @@ impl RunningDaemon {
         }
         if let Some(s) = self.sim.take() {
             s.running.shutdown().await;
+        }
+    }
+}
+
+/// How often an appliance identity that is known but not verified is looked up again while READY=1 waits.
+const IDENTITY_RETRY: Duration = Duration::from_secs(5);
+
+/// Tells systemd the daemon is ready (`READY=1`, with `status`) once the appliance identity is verified, as the
+/// unit promises: at once when start-up verified it; else when `PUT /api/v1/appliance` sets it or a lookup
+/// (every [`IDENTITY_RETRY`], for an identity that is known) verifies it. Meanwhile the API serves (so the
+/// identity can be set), `/health` answers 503 and systemd's status line says what is awaited.
+async fn notify_ready(identity: Identity, status: String) {
+    let mut verified = identity.verified();
+    let mut waiting_said = false;
+    loop {
+        if *verified.borrow_and_update() {
+            crate::sdnotify::ready(&status);
+            tracing::info!(status = %status, "ready");
+            return;
+        }
+        if !waiting_said {
+            waiting_said = true;
+            let problem = identity
+                .current()
+                .await
+                .problem
+                .unwrap_or_else(|| "unknown".into());
+            tracing::warn!(problem = %problem, "READY=1 waits for the appliance identity to be verified (set appliance_vm_id, or volumectl appliance set)");
+            crate::sdnotify::status(&format!(
+                "waiting for the appliance identity to be verified: {problem}"
+            ));
+        }
+        tokio::select! {
+            changed = verified.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(IDENTITY_RETRY) => {
+                if identity.current().await.vm_id.is_some() {
+                    let _ = identity.verify().await;
+                }
+            }
         }
     }
 }
@@ -859,39 +909,37 @@ pub async fn check(cfg: &Config) -> Vec<CheckLine> {
         Ok(()) => line("cloudstack", true, "reachable, credentials accepted".into()),
         Err(e) => line("cloudstack", false, e.chain()),
     }
-    if let Some(store) = store {
-        let configured = match (&cfg.appliance_vm_id, &hub) {
-            (Some(id), _) => Some((id.clone(), IdentitySource::Config)),
-            (None, Some(h)) => crate::hub::appliance_identity(h)
-                .await
-                .map(|id| (id, IdentitySource::Hub)),
-            (None, None) => None,
-        };
-        let identity = Identity::establish(
-            configured,
-            store.clone(),
-            cloud,
-            &DetectionSources::under(&cfg.sys_dir),
-        )
-        .await;
-        let s = identity.current().await;
-        match (&s.vm_id, s.verified) {
-            (Some(id), true) => line(
-                "appliance identity",
-                true,
-                format!("{id} ({}), verified with CloudStack", s.source.as_str()),
-            ),
-            _ => line(
-                "appliance identity",
-                false,
-                s.problem.unwrap_or_else(|| {
-                    "unknown: set appliance_vm_id or PUT /api/v1/appliance".into()
-                }),
-            ),
-        }
-        if let Some(id) = &s.vm_id {
-            lease_line(&mut line, &store, id).await;
-        }
+    // Verified against the cloud whether or not the database exists yet (a fresh install has no stored
+    // identity, but a configured or detected one must exist in the cloud all the same).
+    let configured = match (&cfg.appliance_vm_id, &hub) {
+        (Some(id), _) => Some((id.clone(), IdentitySource::Config)),
+        (None, Some(h)) => crate::hub::appliance_identity(h)
+            .await
+            .map(|id| (id, IdentitySource::Hub)),
+        (None, None) => None,
+    };
+    let s = Identity::resolve(
+        configured,
+        store.as_ref(),
+        cloud.as_ref(),
+        &DetectionSources::under(&cfg.sys_dir),
+    )
+    .await;
+    match (&s.vm_id, s.verified) {
+        (Some(id), true) => line(
+            "appliance identity",
+            true,
+            format!("{id} ({}), verified with CloudStack", s.source.as_str()),
+        ),
+        _ => line(
+            "appliance identity",
+            false,
+            s.problem
+                .unwrap_or_else(|| "unknown: set appliance_vm_id or PUT /api/v1/appliance".into()),
+        ),
+    }
+    if let (Some(store), Some(id)) = (&store, &s.vm_id) {
+        lease_line(&mut line, store, id).await;
     }
     out
 }

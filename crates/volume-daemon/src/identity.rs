@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::Utc;
-use tokio::sync::RwLock;
+use tokio::sync::{watch, RwLock};
 
 use crate::cloud::{Cloud, CloudError, CloudErrorKind};
 use crate::store::{ApplianceRecord, Store};
@@ -99,6 +99,8 @@ impl DetectionSources {
 #[derive(Clone)]
 pub struct Identity {
     state: Arc<RwLock<IdentityState>>,
+    /// Whether the identity is verified now; follows every change of `state`.
+    verified: Arc<watch::Sender<bool>>,
     cloud: Arc<dyn Cloud>,
     store: Store,
     fixed_by: Option<IdentitySource>,
@@ -122,6 +124,25 @@ impl Identity {
         detection: &DetectionSources,
     ) -> Self {
         let fixed_by = configured.as_ref().map(|(_, s)| *s);
+        let state = Self::resolve(configured, Some(&store), cloud.as_ref(), detection).await;
+        let (verified, _) = watch::channel(state.verified);
+        Self {
+            state: Arc::new(RwLock::new(state)),
+            verified: Arc::new(verified),
+            cloud,
+            store,
+            fixed_by,
+        }
+    }
+
+    /// The identity as [`Identity::establish`] finds and verifies it, without keeping it: `store` is the
+    /// database to read a stored identity from, `None` where there is none yet (`check` on a fresh install).
+    pub async fn resolve(
+        configured: Option<(String, IdentitySource)>,
+        store: Option<&Store>,
+        cloud: &dyn Cloud,
+        detection: &DetectionSources,
+    ) -> IdentityState {
         let mut state = IdentityState {
             vm_id: None,
             source: IdentitySource::Unknown,
@@ -130,17 +151,11 @@ impl Identity {
             vm_state: None,
             problem: None,
         };
-        let this = Self {
-            state: Arc::new(RwLock::new(state.clone())),
-            cloud,
-            store,
-            fixed_by,
-        };
         if let Some((id, source)) = configured {
             state.vm_id = Some(id);
             state.source = source;
-        } else {
-            match this.store.get_appliance().await {
+        } else if let Some(store) = store {
+            match store.get_appliance().await {
                 Ok(Some(rec)) => {
                     state.vm_id = Some(rec.vm_id);
                     state.source = IdentitySource::Database;
@@ -164,7 +179,7 @@ impl Identity {
                 );
             }
             for (id, from) in candidates {
-                match this.cloud.get_vm(&id).await {
+                match cloud.get_vm(&id).await {
                     Ok(Some(_)) => {
                         tracing::info!(vm_id = %id, source = %from, "appliance identity detected");
                         state.vm_id = Some(id);
@@ -185,17 +200,22 @@ impl Identity {
                 }
             }
         }
-        *this.state.write().await = state;
-        if this.current().await.vm_id.is_some() {
-            let _ = this.verify().await;
+        if let Some(id) = state.vm_id.clone() {
+            let outcome = cloud.get_vm(&id).await;
+            let _ = record_lookup(&mut state, id, outcome);
         }
-        this
+        state
     }
 
     /// The same identity, storing through `store` (the store bound to the appliance's lease).
     pub fn with_store(mut self, store: Store) -> Self {
         self.store = store;
         self
+    }
+
+    /// Whether the identity is verified, now and at every change (a set through the API, a re-verification).
+    pub fn verified(&self) -> watch::Receiver<bool> {
+        self.verified.subscribe()
     }
 
     /// The state as it is now.
@@ -218,28 +238,9 @@ impl Identity {
         };
         let outcome = self.cloud.get_vm(&id).await;
         let mut s = self.state.write().await;
-        match outcome {
-            Ok(Some(vm)) => {
-                s.verified = true;
-                s.vm_name = Some(vm.name);
-                s.vm_state = Some(vm.state);
-                s.problem = None;
-                Ok(id)
-            }
-            Ok(None) => {
-                s.verified = false;
-                s.problem = Some(format!("VM {id} does not exist in CloudStack"));
-                Err(IdentityError::Unverified { vm_id: id })
-            }
-            Err(e) => {
-                s.verified = false;
-                s.problem = Some(format!("CloudStack lookup failed: {}", e.chain()));
-                Err(IdentityError::LookupFailed {
-                    vm_id: id,
-                    source: e,
-                })
-            }
-        }
+        let result = record_lookup(&mut s, id, outcome);
+        self.verified.send_replace(s.verified);
+        result
     }
 
     /// The verified appliance VM id, re-verifying when the last check failed.
@@ -309,7 +310,38 @@ impl Identity {
             vm_state: Some(vm.state),
             problem: None,
         };
+        self.verified.send_replace(true);
         Ok(s.clone())
+    }
+}
+
+/// Records in `s` what the cloud said about VM `id`, the current identity.
+fn record_lookup(
+    s: &mut IdentityState,
+    id: String,
+    outcome: Result<Option<crate::cloud::CloudVm>, CloudError>,
+) -> Result<String, IdentityError> {
+    match outcome {
+        Ok(Some(vm)) => {
+            s.verified = true;
+            s.vm_name = Some(vm.name);
+            s.vm_state = Some(vm.state);
+            s.problem = None;
+            Ok(id)
+        }
+        Ok(None) => {
+            s.verified = false;
+            s.problem = Some(format!("VM {id} does not exist in CloudStack"));
+            Err(IdentityError::Unverified { vm_id: id })
+        }
+        Err(e) => {
+            s.verified = false;
+            s.problem = Some(format!("CloudStack lookup failed: {}", e.chain()));
+            Err(IdentityError::LookupFailed {
+                vm_id: id,
+                source: e,
+            })
+        }
     }
 }
 

@@ -33,6 +33,13 @@ pub fn ready(status: &str) {
     }
 }
 
+/// Tells the service manager what the daemon is doing (`STATUS=`, shown by `systemctl status`).
+pub fn status(status: &str) {
+    if let Err(e) = notify(&format!("STATUS={status}")) {
+        tracing::warn!(error = %e, "cannot send a status line to systemd");
+    }
+}
+
 /// Tells the service manager the daemon is stopping.
 pub fn stopping() {
     if let Err(e) = notify("STOPPING=1") {

@@ -1,0 +1,194 @@
+//! What `volume-daemon check` reports and when `serve` tells systemd it is ready, against a `cloudsim`
+//! process: `check` verifies a configured appliance identity with the cloud whether or not the database
+//! exists yet, and `serve` sends `READY=1` (to a `NOTIFY_SOCKET` the test binds) only once the identity is
+//! verified, as deploy/volume-daemon.service promises. Needs the `cloudsim` binary.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::processes::{call, spawn, World, APPLIANCE};
+
+/// A VM id the simulator does not have.
+const NO_SUCH_VM: &str = "f9708603-0000-4000-8000-000000000000";
+
+/// `volume-daemon SUBCOMMAND` on `world`'s cloud with its state in `state`, and no configured identity.
+fn daemon(world: &World, subcommand: &str, state: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_volume-daemon"));
+    cmd.arg(subcommand)
+        .args(["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--cloudstack-url", &world.sim_url])
+        .args([
+            "--cloudstack-api-key",
+            "sim-api-key",
+            "--cloudstack-secret-key",
+            "sim-secret-key",
+        ])
+        .arg("--by-id-dir")
+        .arg(world.dir.path().join("by-id"))
+        .env("VOLUME_DAEMON_ALLOW_REGULAR_FILES", "true")
+        .env("RUST_LOG", "warn")
+        .env_remove("VOLUME_DAEMON_CONFIG")
+        .env_remove("NOTIFY_SOCKET");
+    cmd
+}
+
+/// The `check` line named `name` in `stdout`: whether it passed, and the line.
+fn check_line<'a>(stdout: &'a str, name: &str) -> Option<(bool, &'a str)> {
+    stdout.lines().find_map(|l| {
+        let (status, rest) = l.split_once(' ')?;
+        rest.trim_start()
+            .starts_with(name)
+            .then_some((status == "ok", l))
+    })
+}
+
+#[test]
+fn check_verifies_a_configured_identity_before_the_database_exists() {
+    let world = World::new(0);
+    let state = world.dir.path().join("fresh");
+    let out = daemon(&world, "check", &state)
+        .args(["--appliance-vm-id", NO_SUCH_VM])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (ok, db) = check_line(&stdout, "database").expect("a database line");
+    assert!(ok && db.contains("does not exist yet"), "{stdout}");
+    let (ok, line) = check_line(&stdout, "appliance identity")
+        .unwrap_or_else(|| panic!("no appliance identity line:\n{stdout}"));
+    assert!(!ok, "{stdout}");
+    assert!(
+        line.contains(&format!("VM {NO_SUCH_VM} does not exist in CloudStack")),
+        "{line}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(!state.exists(), "check created {}", state.display());
+
+    // The appliance's own id passes the same check.
+    let out = daemon(&world, "check", &state)
+        .args(["--appliance-vm-id", APPLIANCE])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (ok, line) = check_line(&stdout, "appliance identity").expect("an identity line");
+    assert!(ok && line.contains(APPLIANCE), "{stdout}");
+}
+
+/// A datagram socket standing in for systemd's `NOTIFY_SOCKET`.
+struct Notify {
+    socket: UnixDatagram,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Notify {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        Self {
+            socket,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// Every message that arrives within `within` (all of them, up to the first `READY=1`).
+    fn read(&self, within: Duration) -> Vec<String> {
+        let end = Instant::now() + within;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Some(left) = end
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        {
+            self.socket.set_read_timeout(Some(left)).unwrap();
+            match self.socket.recv(&mut buf) {
+                Ok(n) => {
+                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let ready = msg.lines().any(|l| l == "READY=1");
+                    got.push(msg);
+                    if ready {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        got
+    }
+}
+
+fn ready(messages: &[String]) -> bool {
+    messages.iter().any(|m| m.lines().any(|l| l == "READY=1"))
+}
+
+#[test]
+fn serve_sends_ready_only_once_the_identity_is_verified() {
+    let world = World::new(0);
+
+    // A verified identity: READY=1 once the API serves.
+    let notify = Notify::new();
+    let (first, _) = spawn(
+        daemon(&world, "serve", &world.dir.path().join("verified"))
+            .args(["--appliance-vm-id", APPLIANCE])
+            .env("NOTIFY_SOCKET", &notify.path),
+        "api listening on ",
+    );
+    let got = notify.read(Duration::from_secs(30));
+    assert!(ready(&got), "no READY=1: {got:?}");
+    drop(first);
+
+    // An identity the cloud does not have: the API serves, /health says why, and no READY=1 is sent.
+    let notify = Notify::new();
+    let (unverified, addr) = spawn(
+        daemon(&world, "serve", &world.dir.path().join("unverified"))
+            .args(["--appliance-vm-id", NO_SUCH_VM])
+            .env("NOTIFY_SOCKET", &notify.path),
+        "api listening on ",
+    );
+    let (s, h) = call(reqwest::Method::GET, &format!("http://{addr}/health"), None);
+    assert_eq!(s, 503, "{h}");
+    assert_eq!(h["ready"], false, "{h}");
+    let got = notify.read(Duration::from_secs(2));
+    assert!(
+        !ready(&got),
+        "READY=1 sent for an unverified identity: {got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|m| m.contains("STATUS=waiting for the appliance identity")),
+        "{got:?}"
+    );
+    drop(unverified);
+
+    // No identity at all: READY=1 follows the identity set through the API.
+    let notify = Notify::new();
+    let (_unknown, addr) = spawn(
+        daemon(&world, "serve", &world.dir.path().join("unknown"))
+            .env("NOTIFY_SOCKET", &notify.path),
+        "api listening on ",
+    );
+    let api = format!("http://{addr}/api/v1");
+    let (s, h) = call(reqwest::Method::GET, &format!("{api}/health"), None);
+    assert_eq!(s, 503, "{h}");
+    assert!(!ready(&notify.read(Duration::from_secs(1))));
+    let (s, v) = call(
+        reqwest::Method::PUT,
+        &format!("{api}/appliance"),
+        Some(json!({"vm_id": APPLIANCE})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let got = notify.read(Duration::from_secs(30));
+    assert!(
+        ready(&got),
+        "no READY=1 after the identity was set: {got:?}"
+    );
+}
