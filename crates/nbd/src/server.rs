@@ -71,7 +71,8 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    fn validate(&self) -> Result<(), NbdError> {
+    /// Whether [`Server::try_new`] accepts these limits: `Invalid`, naming the one at fault, when not.
+    pub fn validate(&self) -> Result<(), NbdError> {
         let min = BLOCK_MAX as usize;
         if self.in_flight_budget < min || self.max_connection_bytes < min {
             return Err(NbdError::Invalid(format!(

@@ -108,7 +108,8 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Daemo
         .map_err(|source| DaemonError::Listen { what, addr, source })
 }
 
-/// The NBD server's limits and TLS policy from the configuration.
+/// The NBD server's limits and TLS policy from the configuration, as the server will take them: the TLS
+/// certificates read and parsed, the limits validated. `serve` and `check` both go through here.
 fn nbd_server_config(cfg: &Config) -> Result<nbd::ServerConfig, DaemonError> {
     let settings = match (&cfg.nbd_tls, &cfg.nbd_tls_certificates) {
         (NbdTls::Off, _) | (_, None) => None,
@@ -121,13 +122,15 @@ fn nbd_server_config(cfg: &Config) -> Result<nbd::ServerConfig, DaemonError> {
         (NbdTls::Require, Some(s)) => nbd::Tls::Require(s),
         _ => nbd::Tls::Off,
     };
-    Ok(nbd::ServerConfig {
+    let config = nbd::ServerConfig {
         in_flight_budget: cfg.nbd_budget_mib << 20,
         idle_timeout: cfg.nbd_idle_timeout(),
         max_connections_per_client: cfg.nbd_max_connections_per_client,
         tls,
         ..nbd::ServerConfig::default()
-    })
+    };
+    config.validate().map_err(DaemonError::Nbd)?;
+    Ok(config)
 }
 
 pub(crate) fn cloud_client(cfg: &Config) -> Result<cloudstack::Client, DaemonError> {
@@ -167,6 +170,9 @@ impl RunningDaemon {
             None
         };
         cfg.validate()?;
+        // The TLS certificates are read before the database is opened and the lease taken: a configuration
+        // serve cannot run with stops it before it touches anything (check reads them the same way).
+        let nbd_config = nbd_server_config(&cfg)?;
 
         statedir::precreate_sqlite(&cfg.effective_database_url())?;
         let mut store = Store::connect(&cfg.effective_database_url())
@@ -298,8 +304,8 @@ impl RunningDaemon {
             })?;
         let registry = nbd::Registry::new();
         let (stop_nbd, nbd_stop_rx) = oneshot::channel::<()>();
-        let server = nbd::Server::try_new(registry.clone(), nbd_server_config(&cfg)?)
-            .map_err(DaemonError::Nbd)?;
+        let server =
+            nbd::Server::try_new(registry.clone(), nbd_config).map_err(DaemonError::Nbd)?;
         let nbd_task = tokio::spawn(async move {
             let stop = async move {
                 let _ = nbd_stop_rx.await;
@@ -738,10 +744,14 @@ pub async fn check(cfg: &Config) -> Vec<CheckLine> {
             detail,
         })
     };
-    if let Err(e) = cfg.validate() {
-        line("configuration", false, crate::error_chain(&e));
-    } else {
-        line("configuration", true, "valid".into());
+    // The NBD server's settings are loaded as serve loads them (TLS certificates read and parsed).
+    match cfg
+        .validate()
+        .map_err(DaemonError::from)
+        .and_then(|()| nbd_server_config(cfg))
+    {
+        Err(e) => line("configuration", false, crate::error_chain(&e)),
+        Ok(_) => line("configuration", true, "valid".into()),
     }
     let holder = statedir::holder(&cfg.state_dir);
     if cfg.state_dir.is_dir() {

@@ -1,7 +1,9 @@
 //! What `volume-daemon check` reports and when `serve` tells systemd it is ready, against a `cloudsim`
 //! process: `check` verifies a configured appliance identity with the cloud whether or not the database
 //! exists yet, and `serve` sends `READY=1` (to a `NOTIFY_SOCKET` the test binds) only once the identity is
-//! verified, as deploy/volume-daemon.service promises. Needs the `cloudsim` binary.
+//! verified, as deploy/volume-daemon.service promises. A configuration `serve` refuses (NBD TLS certificates
+//! it cannot read) fails `check` as well, and stops `serve` before it opens the database. Needs the
+//! `cloudsim` binary.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 mod support;
@@ -190,5 +192,38 @@ fn serve_sends_ready_only_once_the_identity_is_verified() {
     assert!(
         ready(&got),
         "no READY=1 after the identity was set: {got:?}"
+    );
+}
+
+#[test]
+fn unreadable_tls_certificates_fail_check_and_stop_serve_before_the_database() {
+    let world = World::new(0);
+    let missing = world.dir.path().join("no-certificates");
+    let state = world.dir.path().join("tls");
+    let with_tls = |cmd: &mut Command| {
+        cmd.args(["--appliance-vm-id", APPLIANCE])
+            .env("VOLUME_DAEMON_NBD_TLS", "on")
+            .env("VOLUME_DAEMON_NBD_TLS_CERTIFICATES", &missing);
+    };
+
+    let mut check = daemon(&world, "check", &state);
+    with_tls(&mut check);
+    let out = check.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (ok, line) = check_line(&stdout, "configuration").expect("a configuration line");
+    assert!(!ok, "{stdout}");
+    assert!(line.contains("server-cert.pem"), "{line}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+
+    let mut serve = daemon(&world, "serve", &state);
+    with_tls(&mut serve);
+    let out = serve.env("RUST_LOG", "info").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("server-cert.pem"), "{stderr}");
+    assert!(!stderr.contains("appliance lease taken"), "{stderr}");
+    assert!(
+        !state.join("volume-daemon.db").exists(),
+        "serve created its database before refusing the configuration"
     );
 }
