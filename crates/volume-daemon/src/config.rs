@@ -19,9 +19,11 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the configuration file {path} is not valid TOML for this daemon")]
+    #[error("the configuration file {path} is not valid TOML for this daemon{}", key.as_ref().map(|k| format!(" (key {k})")).unwrap_or_default())]
     Parse {
         path: PathBuf,
+        /// The key whose value is refused, when the error points at a value.
+        key: Option<String>,
         #[source]
         source: Box<toml::de::Error>,
     },
@@ -236,6 +238,7 @@ impl Config {
                 })?;
                 toml::from_str(&text).map_err(|e| ConfigError::Parse {
                     path: p.to_path_buf(),
+                    key: refused_key(&text, &e),
                     source: Box::new(e),
                 })?
             }
@@ -501,6 +504,16 @@ impl Config {
     pub fn nbd_idle_timeout(&self) -> Option<Duration> {
         (self.nbd_idle_timeout_secs > 0).then(|| Duration::from_secs(self.nbd_idle_timeout_secs))
     }
+}
+
+/// The key on the line where `error` points at a value (`key = value`): a refused value's message (a wrong
+/// type, an unknown variant) does not name its key, and the value itself is not repeated (it may be a secret).
+fn refused_key(text: &str, error: &toml::de::Error) -> Option<String> {
+    let start = error.span()?.start;
+    let line = text.get(..start)?.rsplit('\n').next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    (!key.is_empty()).then(|| key.to_string())
 }
 
 #[cfg(test)]

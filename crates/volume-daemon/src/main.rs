@@ -222,19 +222,42 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 }
 
 async fn check(args: ServeArgs) -> anyhow::Result<bool> {
-    let cfg = serve_config(args)?;
+    let loaded = serve_config(args);
     init_logging("text");
-    let lines = daemon::check(&cfg).await;
+    let lines = match loaded {
+        Ok(cfg) => daemon::check(&cfg).await,
+        // Nothing else can be checked without the configuration: its line says why it does not load.
+        Err(e) => vec![daemon::CheckLine {
+            name: "configuration".into(),
+            ok: false,
+            detail: format!("{e:#}"),
+        }],
+    };
     let width = lines.iter().map(|l| l.name.len()).max().unwrap_or(0);
     for l in &lines {
         println!(
             "{} {:width$}  {}",
             if l.ok { "ok  " } else { "FAIL" },
             l.name,
-            l.detail
+            one_line(&l.detail)
         );
     }
     Ok(lines.iter().all(|l| l.ok))
+}
+
+/// `text` on one line, as a check line's detail: its lines joined with `: `, without the source excerpt a
+/// parse error draws (`1 | key = value` and the `|` lines around it).
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| {
+            let excerpt = l.starts_with('|')
+                || l.split_once(" |")
+                    .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            !l.is_empty() && !excerpt
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 async fn import(args: ImportArgs) -> anyhow::Result<bool> {
@@ -313,6 +336,16 @@ mod tests {
         assert!(colour_logs(true, Some(OsStr::new(""))));
         assert!(!colour_logs(true, Some(OsStr::new("1"))));
         assert!(!colour_logs(false, None));
+    }
+
+    #[test]
+    fn check_details_are_one_line_without_the_source_excerpt() {
+        let toml = "the file f is not valid TOML: TOML parse error at line 1, column 1\n  |\n1 | x = 1\n  | ^\nunknown field `x`\n";
+        assert_eq!(
+            one_line(toml),
+            "the file f is not valid TOML: TOML parse error at line 1, column 1: unknown field `x`"
+        );
+        assert_eq!(one_line("plain"), "plain");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! process: `check` verifies a configured appliance identity with the cloud whether or not the database
 //! exists yet, and `serve` sends `READY=1` (to a `NOTIFY_SOCKET` the test binds) only once the identity is
 //! verified, as deploy/volume-daemon.service promises. A configuration `serve` refuses (NBD TLS certificates
-//! it cannot read) fails `check` as well, and stops `serve` before it opens the database. Needs the
-//! `cloudsim` binary.
+//! it cannot read) fails `check` as well, and stops `serve` before it opens the database; one that does not
+//! load at all (an unknown key, a wrong type or value, an unknown `VOLUME_DAEMON_*` variable) is reported on
+//! `check`'s `configuration` line. Needs the `cloudsim` binary.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 mod support;
@@ -226,4 +227,43 @@ fn unreadable_tls_certificates_fail_check_and_stop_serve_before_the_database() {
         !state.join("volume-daemon.db").exists(),
         "serve created its database before refusing the configuration"
     );
+}
+
+#[test]
+fn a_configuration_that_does_not_load_fails_the_configuration_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("volume-daemon.toml");
+    for (toml, env, names) in [
+        ("no_such_key = 1\n", None, "no_such_key"),
+        ("nbd_budget_mib = \"lots\"\n", None, "nbd_budget_mib"),
+        ("nbd_tls = \"sometimes\"\n", None, "nbd_tls"),
+        (
+            "",
+            Some(("VOLUME_DAEMON_NO_SUCH_KEY", "1")),
+            "VOLUME_DAEMON_NO_SUCH_KEY",
+        ),
+    ] {
+        std::fs::write(&file, toml).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_volume-daemon"));
+        cmd.arg("check")
+            .arg("--config")
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("RUST_LOG", "warn")
+            .env_remove("VOLUME_DAEMON_CONFIG");
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (ok, line) = check_line(&stdout, "configuration")
+            .unwrap_or_else(|| panic!("no configuration line for {names}:\n{stdout}{stderr}"));
+        assert!(!ok, "{stdout}");
+        assert!(line.starts_with("FAIL configuration"), "{line}");
+        assert!(line.contains(names), "{line}");
+        assert_eq!(stdout.lines().count(), 1, "one line per check:\n{stdout}");
+        assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    }
 }
