@@ -1422,6 +1422,74 @@ async fn hub_outbox_journals_each_commit_in_order_only_when_on(db: &TestDb) -> R
     Ok(())
 }
 
+async fn a_moved_lease_takes_the_records_and_the_hub_changes_with_it(db: &TestDb) -> Result<()> {
+    let mut store = open(db).await?;
+    let _wake = store.enable_hub_outbox();
+    let ttl = std::time::Duration::from_secs(30);
+    // A daemon started without an identity.
+    let a = store.acquire_lease("", &holder("a"), ttl).await?;
+    let a_clone = a.clone();
+    let v = volume("before-the-identity");
+    a.upsert_volume(&v).await?;
+    let op = insert(
+        &a,
+        &new_op(OpType::Attach, Some(v.id), Some("vm-2"), Some("key-1")),
+    )
+    .await?;
+    a.commit_attach(
+        op,
+        &remote_attachment(v.id, "vm-2", DiskRole::Data, Some(1)),
+        None,
+        &json!({}),
+    )
+    .await?;
+    ensure!(a.pending_hub_changes(10).await?.len() == 1);
+
+    // Another daemon serves appliance-2: the move is refused and changes nothing.
+    let _b = store
+        .acquire_lease("appliance-2", &holder("b"), ttl)
+        .await?;
+    let err = a
+        .move_lease("appliance-2")
+        .await
+        .expect_err("appliance-2 is held");
+    ensure!(
+        matches!(err, StoreError::LeaseHeld { .. }) && err.to_string().contains("host-of-b"),
+        "{err}"
+    );
+    ensure!(a.owner().is_empty());
+    let row = store.lease_of("appliance-2").await?.context("lease row")?;
+    ensure!(row.holder_id == "b" && row.token == 1);
+    ensure!(store.lease_of("").await?.context("lease row")?.expires_at > Utc::now());
+
+    // A free one: taken, the previous lease released, the records and the hub change go with it, and every
+    // clone of the store writes under the new lease.
+    let moved = a.move_lease("appliance-1").await?;
+    ensure!(moved.token() == 1 && moved.appliance_id() == "appliance-1");
+    ensure!(a.owner() == "appliance-1" && a_clone.owner() == "appliance-1");
+    let row = store.lease_of("appliance-1").await?.context("lease row")?;
+    ensure!(row.holder_id == "a" && row.token == 1 && row.expires_at > Utc::now());
+    ensure!(store.lease_of("").await?.context("lease row")?.expires_at <= Utc::now());
+    let outsider = store.reading_as("appliance-3");
+    ensure!(outsider.foreign_owner(v.id).await?.as_deref() == Some("appliance-1"));
+    ensure!(a.get_operation(op).await?.is_some());
+    ensure!(
+        a_clone.pending_hub_changes(10).await?.len() == 1,
+        "the hub change is delivered under the new identity"
+    );
+    a_clone.renew_lease().await?;
+    a_clone.upsert_volume(&volume("after")).await?;
+    // A second daemon for appliance-1 is refused; the released lease is free at once.
+    let err = store
+        .acquire_lease("appliance-1", &holder("c"), ttl)
+        .await
+        .expect_err("appliance-1 is held");
+    ensure!(matches!(err, StoreError::LeaseHeld { .. }), "{err}");
+    let c = store.acquire_lease("", &holder("c"), ttl).await?;
+    ensure!(c.lease().map(|l| l.token()) == Some(2));
+    Ok(())
+}
+
 on_every_database!(
     operations_insert_get_list_with_filters,
     idempotency_key_returns_the_existing_operation,
@@ -1443,6 +1511,7 @@ on_every_database!(
     create_send_journals_the_preexisting_volumes_with_its_step,
     unfinished_operations_come_in_queue_order_not_creation_order,
     stale_tokens_cannot_write_and_takeover_after_expiry_increments_the_token,
+    a_moved_lease_takes_the_records_and_the_hub_changes_with_it,
     hub_outbox_journals_each_commit_in_order_only_when_on,
 );
 

@@ -316,8 +316,8 @@ impl Store {
     /// Moves this store's lease (and every clone's) to `appliance_id`: the appliance identity became known,
     /// or changed, at run time. In one transaction it checks that the current lease is still this daemon's,
     /// takes `appliance_id`'s lease as start-up does (`LeaseHeld`, nothing changed, when another live daemon
-    /// holds it), gives the records of the previous identity and those without an owner to `appliance_id`
-    /// (they were this daemon's), and releases the previous lease (expired at once). Returns the new lease.
+    /// holds it), gives the records of the previous identity and those without an owner (volumes, operations,
+    /// hub changes) to `appliance_id` (they were this daemon's), and releases the previous lease (expired at once). Returns the new lease.
     /// Nothing to do when the lease is already `appliance_id`'s.
     pub async fn move_lease(&self, appliance_id: &str) -> Result<Arc<Lease>, StoreError> {
         let Some(slot) = &self.lease else {
@@ -364,7 +364,8 @@ impl Store {
         let token = self
             .take_in(&mut tx, appliance_id, &old.holder, old.ttl)
             .await?;
-        for table in ["volumes", "operations"] {
+        // The hub changes journaled meanwhile are delivered under the new identity too.
+        for table in ["volumes", "operations", "hub_outbox"] {
             let sql = self.dialect.sql(&format!(
                 "UPDATE {table} SET appliance_id = ? WHERE appliance_id IN (?, '')"
             ));
