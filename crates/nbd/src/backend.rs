@@ -63,9 +63,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Makes a range read back as zeros. `may_trim` allows deallocation; with `fast` the call must fail with
     /// `EOPNOTSUPP` instead of falling back to something slower than a metadata operation.
     fn zero(&self, offset: u64, len: u64, may_trim: bool, fast: bool) -> io::Result<()>;
-    /// Allocation state of `[offset, offset+len)`, in order from `offset`; may cover less than `len`
-    /// but at least one byte.
-    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>>;
+    /// Allocation state of `[offset, offset+len)`, in order from `offset`: at most `max_extents` extents
+    /// (at least one), which may cover less than `len` but at least one byte. The caller asks for as many
+    /// as its reply carries, so a client that wants one (`NBD_CMD_FLAG_REQ_ONE`) costs one lookup.
+    fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> io::Result<Vec<Extent>>;
     /// Prefetches a range; a no-op by default.
     fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
@@ -105,9 +106,6 @@ fn millis() -> u64 {
 /// Largest chunk written when zeros must be written explicitly.
 const ZERO_CHUNK: usize = 1 << 20;
 static ZEROS: [u8; ZERO_CHUNK] = [0u8; ZERO_CHUNK];
-
-/// Most extents returned by one block-status call.
-const MAX_EXTENTS: usize = 1024;
 
 /// A regular file or a block device, accessed with positional I/O.
 #[derive(Debug)]
@@ -518,8 +516,9 @@ impl Backend for FileBackend {
         self.write_zeros(offset, len)
     }
 
-    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+    fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> io::Result<Vec<Extent>> {
         let end = offset + len;
+        let max_extents = max_extents.max(1);
         if self.block_device || (self.memory_backed && self.dense_now()) {
             return Ok(vec![Extent {
                 length: len,
@@ -528,7 +527,7 @@ impl Backend for FileBackend {
         }
         let mut out = Vec::new();
         let mut pos = offset;
-        while pos < end && out.len() < MAX_EXTENTS {
+        while pos < end && out.len() < max_extents {
             let data = match rustix::fs::seek(&self.file, SeekFrom::Data(pos)) {
                 Ok(d) => d,
                 Err(rustix::io::Errno::NXIO) => end,
@@ -742,7 +741,7 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    fn block_status(&self, _offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+    fn block_status(&self, _offset: u64, len: u64, _max_extents: usize) -> io::Result<Vec<Extent>> {
         Ok(vec![Extent {
             length: len,
             flags: 0,
@@ -775,14 +774,14 @@ mod tests {
             .unwrap();
         f.write_all(&vec![0x5au8; 8 << 20]).unwrap();
         let extents = |b: &FileBackend, offset: u64, len: u64| -> Vec<(u64, u32)> {
-            let ext = b.block_status(offset, len).unwrap();
+            let ext = b.block_status(offset, len, 1024).unwrap();
             ext.iter().map(|e| (e.length, e.flags)).collect()
         };
         let b = FileBackend::open(f.path(), false).unwrap();
         assert!(b.memory_backed, "/dev/shm is tmpfs");
         assert!(b.fully_allocated().unwrap());
         assert_eq!(
-            b.block_status(4096, (8 << 20) - 4096).unwrap(),
+            b.block_status(4096, (8 << 20) - 4096, 1024).unwrap(),
             [Extent {
                 length: (8 << 20) - 4096,
                 flags: 0
@@ -822,7 +821,7 @@ mod tests {
         assert!(buf[65536..69632].iter().all(|&x| x == 0));
         assert!(buf[..4096].iter().all(|&x| x == 0xab));
         assert!(buf[12288..65536].iter().all(|&x| x == 0xab));
-        let ext = b.block_status(0, 1 << 20).unwrap();
+        let ext = b.block_status(0, 1 << 20, 1024).unwrap();
         assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
         b.write_at(b"hello", 100).unwrap();
         b.flush().unwrap();

@@ -779,8 +779,13 @@ impl Backend for SlowStorage {
     fn zero(&self, offset: u64, len: u64, may_trim: bool, fast: bool) -> std::io::Result<()> {
         self.inner.zero(offset, len, may_trim, fast)
     }
-    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<Vec<nbd::Extent>> {
-        self.inner.block_status(offset, len)
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> std::io::Result<Vec<nbd::Extent>> {
+        self.inner.block_status(offset, len, max_extents)
     }
 }
 

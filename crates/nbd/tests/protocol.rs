@@ -1001,3 +1001,94 @@ async fn file_backend_block_status_reports_holes_and_data() {
     assert_eq!(c.read(256 << 10, 4096).await.unwrap(), vec![0u8; 4096]);
     h.shutdown().await;
 }
+
+/// A file backend that records how many extents each block-status lookup produced.
+struct CountingExtents {
+    inner: nbd::FileBackend,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl nbd::Backend for CountingExtents {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset, len)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(data, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.trim(offset, len)
+    }
+    fn zero(&self, offset: u64, len: u64, may_trim: bool, fast: bool) -> std::io::Result<()> {
+        self.inner.zero(offset, len, may_trim, fast)
+    }
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> std::io::Result<Vec<nbd::Extent>> {
+        let extents = self.inner.block_status(offset, len, max_extents)?;
+        self.most
+            .fetch_max(extents.len(), std::sync::atomic::Ordering::SeqCst);
+        Ok(extents)
+    }
+}
+
+/// BLOCK_STATUS with REQ_ONE on a file where every other 4 KiB block is allocated looks up one extent,
+/// not as many as a full reply carries (each costs the file system up to two `lseek`s), and without
+/// REQ_ONE the reply carries at most 1024.
+#[tokio::test]
+async fn block_status_with_req_one_looks_up_only_the_first_extent() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let f = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();
+    let size = 16u64 << 20;
+    f.as_file().set_len(size).unwrap();
+    for block in (0..size / 4096).step_by(2) {
+        std::os::unix::fs::FileExt::write_all_at(f.as_file(), &[1u8; 4096], block * 4096).unwrap();
+    }
+    let backend = Arc::new(CountingExtents {
+        inner: nbd::FileBackend::open(f.path(), false).unwrap(),
+        most: 0.into(),
+    });
+    h.registry
+        .add(ExportConfig {
+            name: "f".into(),
+            backend: Arc::clone(&backend) as Arc<dyn nbd::Backend>,
+            read_only: false,
+            max_connections: None,
+            description: None,
+            access: nbd::Access::Anyone,
+        })
+        .unwrap();
+    let mut hs = Handshake::connect(h.addr).await.unwrap();
+    hs.structured_replies().await.unwrap();
+    hs.set_meta_context("f", &["base:allocation"])
+        .await
+        .unwrap();
+    let mut c = hs.go("f").await.unwrap();
+    let most = || backend.most.load(std::sync::atomic::Ordering::SeqCst);
+    for offset in [0u64, 4096] {
+        let one = c
+            .block_status(offset, 8 << 20, CMD_FLAG_REQ_ONE)
+            .await
+            .unwrap();
+        let flags = if offset == 0 {
+            0
+        } else {
+            STATE_HOLE | STATE_ZERO
+        };
+        assert_eq!(one, [(4096, flags)]);
+    }
+    assert_eq!(most(), 1, "a REQ_ONE lookup stops after the first extent");
+    let all = c.block_status(0, 16 << 20, 0).await.unwrap();
+    assert_eq!(all.len(), 1024);
+    assert_eq!(all.iter().map(|e| e.0).sum::<u32>(), 4 << 20);
+    assert_eq!(most(), 1024);
+    h.shutdown().await;
+}
