@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,12 @@ use crate::proto::BLOCK_MAX;
 use crate::registry::Registry;
 use crate::session::{self, SessionParams, Shared};
 use crate::tls::{ClientIdentity, Tls};
+
+/// Connections the kernel queues on the listener before the server accepts them, as nbdkit asks for; the
+/// kernel caps it at `net.core.somaxconn` (4096 by default since Linux 5.4). With tokio's default of 1024,
+/// or a caller's 128, a burst of connects overflows the queue and the dropped SYNs are retried after a
+/// second.
+pub const LISTEN_BACKLOG: i32 = 4096;
 
 /// Limits, timeouts and TLS policy of a [`Server`].
 #[derive(Debug, Clone)]
@@ -189,12 +196,17 @@ impl Server {
     }
 
     /// Accepts connections until `shutdown` completes, then stops accepting, lets in-flight requests
-    /// finish (up to `shutdown_drain`), closes every session and flushes the exports it wrote to.
+    /// finish (up to `shutdown_drain`), closes every session and flushes the exports it wrote to. The
+    /// listener's queue of connections not yet accepted is set to [`LISTEN_BACKLOG`] first, whatever it
+    /// was bound with (`listen` again on a listening socket changes only that).
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), NbdError> {
+        rustix::net::listen(&listener, LISTEN_BACKLOG).map_err(|e| {
+            NbdError::io_op("set the listener's backlog (listen)", io::Error::from(e))
+        })?;
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let open = Arc::new(AtomicUsize::new(0));

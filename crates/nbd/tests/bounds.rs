@@ -1,4 +1,4 @@
-//! Abuse cases: clients that pipeline large READs and never take the replies, idle sessions that fill the
+//! Abuse cases: bursts of connects (the listener's backlog), clients that pipeline large READs and never take the replies, idle sessions that fill the
 //! connection table, many connections from one address, clients that skip TLS on a TLS-only server, and
 //! clients that stall in the payload of a refused WRITE, sessions idle after their last reply, TLS clients that
 //! stop reading as their session closes, WRITEs whose payload completes while their export is being removed or
@@ -481,6 +481,44 @@ async fn tls_sessions_that_cannot_send_their_closing_alert_are_closed_after_the_
             "the session of a client that sent a {length}-byte READ and DISC and reads nothing ends within the send timeout"
         );
     }
+}
+
+/// The backlog of the TCP listener on `addr` (`ss`'s Send-Q of a listening socket).
+fn listen_backlog(addr: SocketAddr) -> Option<u32> {
+    let out = Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", addr.port())])
+        .output()
+        .expect("run ss");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = text.lines().find(|l| l.contains(&addr.to_string()))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// The listener queues as many connections not yet accepted as the kernel allows up to 4096 (nbdkit's),
+/// whatever its owner bound it with: a burst of connects does not overflow it and wait a second for a
+/// retried SYN.
+#[tokio::test]
+async fn the_listener_queues_up_to_4096_connections_not_yet_accepted() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let want = somaxconn.min(nbd::LISTEN_BACKLOG as u32);
+    assert!(want > 1024, "net.core.somaxconn is {somaxconn}");
+    eventually(
+        "the listener's backlog",
+        || listen_backlog(h.addr),
+        |b| *b == Some(want),
+    )
+    .await;
+    // It still accepts and serves.
+    h.add_mem("a", MIB, Access::Anyone);
+    let mut c = h.go("a").await;
+    c.write(0, &[7u8; 4096], 0).await.unwrap();
+    assert_eq!(c.read(0, 4096).await.unwrap(), vec![7u8; 4096]);
+    h.shutdown().await;
 }
 
 fn request(command: u16, cookie: u64, offset: u64, length: u32) -> [u8; REQUEST_LEN] {
