@@ -66,6 +66,13 @@ const REPLY_BYTES: u32 = 256 * 1024;
 /// every 32 MiB moved), which cost more than the copy it saved (fio 4k random reads, 4 jobs: 25 % fewer
 /// IOPS).
 const DIRECT_MIN: u32 = 64 * 1024;
+/// A WRITE payload holds budget for at most this much beyond what has arrived of it: a client that
+/// announces a large WRITE and then trickles its payload cannot hold the budget of data it never sends.
+/// Payloads up to this size are reserved at once, as before they arrive; a larger one one piece at a time.
+/// When the budget has no room for the next piece, what arrived is written to the export first and its
+/// budget released, so a payload never waits for budget while holding some (two payloads each waiting for
+/// the other's share would wait forever).
+const PIECE: u32 = 1024 * 1024;
 /// Most extents in one BLOCK_STATUS reply (one with `NBD_CMD_FLAG_REQ_ONE`). Each costs the backend up to
 /// two `lseek` calls, so a reply to a client that asked for one extent looks up only that one.
 const MAX_EXTENTS: usize = 1024;
@@ -149,12 +156,47 @@ pub(crate) enum End {
     Send,
 }
 
+/// A request's share of the connection's and of the server's byte budget.
+type Bytes = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// `n` bytes of both budgets if both have room now.
+fn try_reserve(conn: &Conn, n: u32) -> Option<Bytes> {
+    let c = Arc::clone(&conn.bytes).try_acquire_many_owned(n).ok()?;
+    let g = Arc::clone(&conn.shared.budget)
+        .try_acquire_many_owned(n)
+        .ok()?;
+    Some((c, g))
+}
+
+/// `n` bytes of both budgets, waiting for them; the session's end when it stops or breaks meanwhile.
+async fn reserve(
+    conn: &Conn,
+    n: u32,
+    stop: &CancellationToken,
+    broken: &CancellationToken,
+) -> Result<Bytes, End> {
+    // Budgets are taken before any buffer exists: when they are spent, the socket is not read.
+    let take = async {
+        let c = Arc::clone(&conn.bytes).acquire_many_owned(n).await;
+        let g = Arc::clone(&conn.shared.budget).acquire_many_owned(n).await;
+        (
+            c.expect("session semaphores are never closed (invariant)"),
+            g.expect("the server budget is never closed (invariant)"),
+        )
+    };
+    tokio::select! {
+        _ = stop.cancelled() => Err(End::Stopped),
+        _ = broken.cancelled() => Err(End::Send),
+        p = take => Ok(p),
+    }
+}
+
 /// Everything a request holds until its reply is written or dropped: its queue slot, its share of the
 /// byte budgets, and its place in the export's in-flight count.
 struct Hold {
     export: Arc<Export>,
     _depth: OwnedSemaphorePermit,
-    _bytes: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    _bytes: Option<Bytes>,
 }
 
 impl Drop for Hold {
@@ -443,28 +485,12 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
             refuse(conn, &req, error, hold);
             continue;
         }
-        let payload_len = match req.command {
-            CMD_READ | CMD_WRITE => req.length,
-            _ => 0,
-        };
-        let bytes = if payload_len > 0 {
-            // Budgets are taken before any buffer exists: when they are spent, the socket is not read.
-            let take = async {
-                let c = Arc::clone(&conn.bytes)
-                    .acquire_many_owned(payload_len)
-                    .await;
-                let g = Arc::clone(&conn.shared.budget)
-                    .acquire_many_owned(payload_len)
-                    .await;
-                (
-                    c.expect("session semaphores are never closed (invariant)"),
-                    g.expect("the server budget is never closed (invariant)"),
-                )
-            };
-            tokio::select! {
-                _ = stop.cancelled() => return End::Stopped,
-                _ = broken.cancelled() => return End::Send,
-                p = take => Some(p),
+        // A READ's reply data is held from now until it is sent; a WRITE's payload holds budget as it
+        // arrives (see `take_payload`).
+        let bytes = if req.command == CMD_READ {
+            match reserve(conn, req.length, stop, broken).await {
+                Ok(b) => Some(b),
+                Err(e) => return e,
             }
         } else {
             None
@@ -474,11 +500,17 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
             && req.length >= DIRECT_MIN
             && req.flags & CMD_FLAG_FUA == 0
         {
+            // A payload received into the mapping lands in the file, not in memory: it holds no budget,
+            // but waits, like any request, while the budget is spent.
+            match reserve(conn, req.length.min(PIECE), stop, broken).await {
+                Ok(b) => drop(b),
+                Err(e) => return e,
+            }
             export.request_start();
             let hold = Hold {
                 export: Arc::clone(export),
                 _depth: depth,
-                _bytes: bytes,
+                _bytes: None,
             };
             if export.is_closing() {
                 // The export began closing while this WRITE waited for budget: refused as below.
@@ -490,8 +522,9 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
                     .send(error_reply(req.cookie, false, ESHUTDOWN, hold));
                 continue;
             }
-            let Some(result) = direct_write(rd, conn, &req).await else {
-                return End::Client;
+            let result = match direct_write(rd, conn, &req, stop, broken).await {
+                Ok(r) => r,
+                Err(e) => return e,
             };
             export.counters.touch();
             conn.wrote.store(true, Ordering::Relaxed);
@@ -507,21 +540,57 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
             since_yield += 1 + req.length / REPLY_BYTES;
             continue;
         }
+        let mut req = req;
+        let mut bytes = bytes;
+        let mut started = false;
         let payload = if req.command == CMD_WRITE {
-            let Some(buf) = take_payload(rd, conn, req.length as usize).await else {
-                return End::Client;
-            };
-            Some(buf)
+            let taken = take_payload(
+                rd,
+                conn,
+                req.offset,
+                req.length as usize,
+                &mut started,
+                stop,
+                broken,
+            )
+            .await;
+            match taken {
+                Ok(Taken::Held {
+                    buf,
+                    bytes: held,
+                    written,
+                }) => {
+                    // What was written already (the budget had no room for all of it) is counted
+                    // now; the request goes on as a WRITE of the rest.
+                    let written = u32::try_from(written).expect("a payload is at most BLOCK_MAX");
+                    req.offset += u64::from(written);
+                    req.length -= written;
+                    bytes = Some(held);
+                    Some(buf)
+                }
+                Ok(Taken::Refused(errno)) => {
+                    let hold = Hold {
+                        export: Arc::clone(export),
+                        _depth: depth,
+                        _bytes: None,
+                    };
+                    let _ = conn.tx.send(error_reply(req.cookie, false, errno, hold));
+                    continue;
+                }
+                Err(e) => return e,
+            }
         } else {
             None
         };
-        export.request_start();
+        if !started {
+            export.request_start();
+        }
         let hold = Hold {
             export: Arc::clone(export),
             _depth: depth,
             _bytes: bytes,
         };
-        if export.is_closing() {
+        if !started && export.is_closing() {
             // The export began closing after the request was checked, while it waited for budget or its
             // payload arrived. The drain, which counts requests from `request_start`, may already have
             // found the export idle and the final flush begun: run now, the request could be acknowledged
@@ -544,13 +613,15 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
 /// a plain write, the rest received from the socket straight into the mapping. What the mapping cannot
 /// take (a page tmpfs has no room for, a file shrunk under the server, a kernel without
 /// `MADV_POPULATE_READ`, a seccomp filter refusing `madvise`) is read into a buffer and written the
-/// ordinary way, which reports the file's error. `None` when the connection failed or stalled
+/// ordinary way, which reports the file's error. The session's end when the connection failed or stalled
 /// mid-payload; otherwise the file's result.
 async fn direct_write<R: AsyncRead + Half + Unpin>(
     rd: &mut BufReader<Take<R>>,
     conn: &Conn,
     req: &Request,
-) -> Option<io::Result<()>> {
+    stop: &CancellationToken,
+    broken: &CancellationToken,
+) -> Result<io::Result<()>, End> {
     let b = &conn.params.export.backend;
     let len = req.length as usize;
     let held = rd.buffer();
@@ -576,38 +647,175 @@ async fn direct_write<R: AsyncRead + Half + Unpin>(
             len - n,
             conn.shared.send_timeout,
         )
-        .await?;
+        .await
+        .ok_or(End::Client)?;
     let pos = req.offset + (n + received) as u64;
     let left = len - n - received;
     if left > 0 {
-        let buf = take_payload(rd, conn, left).await?;
-        let r = b.write_at(&buf, pos);
-        conn.shared.buffers.give(buf);
+        let r = match take_payload(rd, conn, pos, left, &mut true, stop, broken).await? {
+            Taken::Held { buf, written, .. } => {
+                let r = b.write_at(&buf, pos + written as u64);
+                conn.shared.buffers.give(buf);
+                r
+            }
+            Taken::Refused(errno) => Err(io::Error::from_raw_os_error(errno as i32)),
+        };
         if result.is_ok() {
             result = r;
         }
     }
-    Some(result)
+    Ok(result)
 }
 
-/// Reads `len` bytes of WRITE payload into a pooled buffer. The payload holds budget while it arrives, so
-/// `None` (the buffer given back) when the client stalls for the send timeout or the connection fails.
+/// A WRITE payload as [`take_payload`] took it.
+enum Taken {
+    /// The payload's last `buf.len()` bytes, in a pooled buffer holding their budget; the `written` bytes
+    /// before them are in the export already.
+    Held {
+        buf: Vec<u8>,
+        bytes: Bytes,
+        written: usize,
+    },
+    /// Writing what had arrived failed (with this errno), or the export began closing before it could:
+    /// the rest of the payload was read and dropped, and the request is answered with the error.
+    Refused(u32),
+}
+
+/// Reads the `len` payload bytes of a WRITE at `offset` into a pooled buffer, reserving budget for at
+/// most [`PIECE`] bytes beyond what has arrived. When the budget has no room for the next piece, what
+/// arrived is written to the export first (the request counts in the export's drain from then on:
+/// `started`) and its budget released. The session's end when the client sends nothing for the send
+/// timeout, the connection fails, or the session stops.
 async fn take_payload<R: AsyncRead + Unpin>(
     rd: &mut BufReader<Take<R>>,
     conn: &Conn,
+    offset: u64,
     len: usize,
-) -> Option<Vec<u8>> {
-    let mut buf = conn.shared.buffers.take(len);
-    let read = read_payload(rd, &mut buf, len);
-    if matches!(
-        tokio::time::timeout(conn.shared.send_timeout, read).await,
-        Ok(Ok(()))
-    ) {
-        Some(buf)
+    started: &mut bool,
+    stop: &CancellationToken,
+    broken: &CancellationToken,
+) -> Result<Taken, End> {
+    let export = &conn.params.export;
+    let stall = conn.shared.send_timeout;
+    // Room for the whole payload when it may run in place (no growing on the way), one piece otherwise.
+    let mut buf = conn.shared.buffers.take(if len <= INLINE_MAX as usize {
+        len
     } else {
-        conn.shared.buffers.give(buf);
-        None
+        PIECE as usize
+    });
+    let mut bytes: Option<Bytes> = None;
+    let mut written = 0usize;
+    while written + buf.len() < len {
+        let piece = (len - written - buf.len()).min(PIECE as usize) as u32;
+        let more = match try_reserve(conn, piece) {
+            Some(p) => p,
+            None => {
+                if !buf.is_empty() {
+                    let refused = if !*started {
+                        export.request_start();
+                        *started = true;
+                        export.is_closing().then_some(ESHUTDOWN)
+                    } else {
+                        None
+                    };
+                    let refused = match refused {
+                        Some(errno) => Some(errno),
+                        None => {
+                            let n = buf.len();
+                            let r;
+                            (buf, r) = write_out(conn, buf, offset + written as u64).await;
+                            bytes = None;
+                            written += n;
+                            r.err().map(|e| errno_of(&e))
+                        }
+                    };
+                    if let Some(errno) = refused {
+                        let left = len - written - buf.len();
+                        conn.shared.buffers.give(buf);
+                        return if drain_payload(rd, left, stall).await {
+                            Ok(Taken::Refused(errno))
+                        } else {
+                            Err(End::Client)
+                        };
+                    }
+                }
+                match reserve(conn, piece, stop, broken).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        conn.shared.buffers.give(buf);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        bytes = Some(match bytes {
+            Some((mut c, mut g)) => {
+                c.merge(more.0);
+                g.merge(more.1);
+                (c, g)
+            }
+            None => more,
+        });
+        if read_payload(rd, &mut buf, piece as usize, stall)
+            .await
+            .is_err()
+        {
+            conn.shared.buffers.give(buf);
+            return Err(End::Client);
+        }
     }
+    Ok(Taken::Held {
+        buf,
+        bytes: bytes.expect("a WRITE payload has at least one byte (invariant)"),
+        written,
+    })
+}
+
+/// Writes what arrived of a payload to the export at `offset` (in place when that cannot wait for a
+/// device, otherwise on the blocking pool) and returns the buffer emptied, with the result.
+async fn write_out(conn: &Conn, mut buf: Vec<u8>, offset: u64) -> (Vec<u8>, io::Result<()>) {
+    let export = &conn.params.export;
+    export.counters.touch();
+    conn.wrote.store(true, Ordering::Relaxed);
+    let done = match export.backend.write_nowait(&buf, offset) {
+        Ok(n) => n,
+        Err(e) => {
+            buf.clear();
+            return (buf, Err(e));
+        }
+    };
+    let r = if done == buf.len() {
+        Ok(())
+    } else {
+        let permit = Arc::clone(&conn.shared.pool)
+            .acquire_owned()
+            .await
+            .expect("the blocking pool semaphore is never closed (invariant)");
+        let b = Arc::clone(&export.backend);
+        let task = tokio::task::spawn_blocking(move || {
+            let r = b.write_at(&buf[done..], offset + done as u64);
+            drop(permit);
+            (buf, r)
+        });
+        match task.await {
+            Ok((back, r)) => {
+                buf = back;
+                r
+            }
+            Err(e) => {
+                buf = Vec::new();
+                Err(io::Error::other(e))
+            }
+        }
+    };
+    if r.is_ok() {
+        let c = &export.counters;
+        c.bytes_written
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        c.wrote(offset + buf.len() as u64);
+    }
+    buf.clear();
+    (buf, r)
 }
 
 /// Reads and drops the `len` payload bytes of a refused WRITE through the read buffer, so the connection
@@ -632,24 +840,44 @@ async fn drain_payload<R: AsyncRead + Unpin>(
 }
 
 /// Appends `len` bytes of payload to `buf`: what the read buffer already holds, then the rest straight
-/// from the socket into `buf`, so a large payload is not copied through the read buffer.
+/// from the socket into `buf`, so a large payload is not copied through the read buffer. Fails with
+/// `TimedOut` when nothing arrives for `stall`: a slow client that keeps sending is not cut off.
 async fn read_payload<R: AsyncRead + Unpin>(
     rd: &mut BufReader<Take<R>>,
     buf: &mut Vec<u8>,
     len: usize,
+    stall: Duration,
 ) -> io::Result<()> {
     let target = buf.len() + len;
     let held = rd.buffer();
     let n = held.len().min(len);
     buf.extend_from_slice(&held[..n]);
     std::pin::Pin::new(&mut *rd).consume(n);
+    if buf.len() == target {
+        return Ok(());
+    }
     buf.reserve(target - buf.len());
     let inner = rd.get_mut();
+    // One timer for the payload, moved on only when it fires after progress: no timer call per read.
+    let mut progress = tokio::time::Instant::now();
+    let timer = tokio::time::sleep_until(progress + stall);
+    tokio::pin!(timer);
     while buf.len() < target {
         let want = target - buf.len();
         let mut limited = (&mut *inner).take(want as u64);
-        if limited.read_buf(buf).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+        tokio::select! {
+            r = limited.read_buf(buf) => {
+                if r? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                progress = tokio::time::Instant::now();
+            }
+            _ = &mut timer => {
+                if progress.elapsed() >= stall {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                timer.as_mut().reset(progress + stall);
+            }
         }
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! Abuse cases: bursts of connects (the listener's backlog), clients that pipeline large READs and never take the replies, idle sessions that fill the
+//! Abuse cases: bursts of connects (the listener's backlog), clients that trickle WRITE payloads, clients that pipeline large READs and never take the replies, idle sessions that fill the
 //! connection table, many connections from one address, clients that skip TLS on a TLS-only server, and
 //! clients that stall in the payload of a refused WRITE, sessions idle after their last reply, TLS clients that
 //! stop reading as their session closes, WRITEs whose payload completes while their export is being removed or
@@ -481,6 +481,189 @@ async fn tls_sessions_that_cannot_send_their_closing_alert_are_closed_after_the_
             "the session of a client that sent a {length}-byte READ and DISC and reads nothing ends within the send timeout"
         );
     }
+}
+
+/// Clients that announce 32 MiB WRITEs and then send their payloads a byte at a time hold no more budget
+/// than what they sent and one piece ahead, so another client's small requests go on while they stay
+/// connected; and the send timeout is a stall timeout: a client that sends a payload slowly but steadily,
+/// for longer than the send timeout, is not cut off. On tmpfs (payloads received into the file's mapping)
+/// and on the temporary directory's file system (payloads received into buffers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_write_payloads_do_not_starve_others_and_slow_steady_writes_complete() {
+    let stall = Duration::from_secs(3);
+    for dir in [std::path::PathBuf::from("/dev/shm"), std::env::temp_dir()] {
+        let f = tempfile::Builder::new()
+            .prefix("nbd-trickle-")
+            .tempfile_in(&dir)
+            .unwrap();
+        f.as_file().set_len(96 * MIB as u64).unwrap();
+        let srv = common::serve_file(
+            f.path(),
+            ServerConfig {
+                in_flight_budget: 32 * MIB,
+                max_connection_bytes: 32 * MIB,
+                send_timeout: stall,
+                ..ServerConfig::default()
+            },
+            false,
+        )
+        .await;
+        let connect = || async {
+            Handshake::connect(srv.addr)
+                .await
+                .unwrap()
+                .go("f")
+                .await
+                .unwrap()
+        };
+        let mut tricklers = Vec::new();
+        for i in 0..2u64 {
+            let mut c = connect().await;
+            c.send(CMD_WRITE, 0, i * 32 * MIB as u64, 32 * MIB as u32, &[1])
+                .await
+                .unwrap();
+            tricklers.push(c);
+        }
+        let trickle = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                for c in &mut tricklers {
+                    c.send_raw(&[1]).await.unwrap();
+                }
+            }
+        };
+        let mut good = connect().await;
+        let mut steady = connect().await;
+        let pieces = 64usize;
+        let piece = 64 * 1024;
+        let data: Vec<u8> = (0..pieces * piece).map(|i| (i / 4096) as u8).collect();
+        let at = 64 * MIB as u64;
+        let work = async {
+            let t0 = Instant::now();
+            for i in 0..10u64 {
+                good.write(i * 4096, &[i as u8 + 1; 4096], 0).await.unwrap();
+                assert_eq!(
+                    good.read(i * 4096, 4096).await.unwrap(),
+                    [i as u8 + 1; 4096]
+                );
+            }
+            let good_took = t0.elapsed();
+            // 4 MiB over 5 s, more than the send timeout, 64 KiB every 80 ms.
+            let t0 = Instant::now();
+            steady
+                .send(CMD_WRITE, 0, at, data.len() as u32, &data[..piece])
+                .await
+                .unwrap();
+            for p in data[piece..].chunks(piece) {
+                tokio::time::sleep(Duration::from_millis(80)).await;
+                steady.send_raw(p).await.unwrap();
+            }
+            let reply = steady.recv().await.unwrap();
+            (good_took, t0.elapsed(), reply.error)
+        };
+        let (good_took, steady_took, steady_error) = tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(30), work) => r.expect("requests are answered"),
+            _ = trickle => unreachable!(),
+        };
+        assert!(
+            good_took < Duration::from_secs(2),
+            "{dir:?}: 10 small WRITEs and READs took {good_took:?} beside trickled WRITEs"
+        );
+        assert!(
+            steady_took > stall,
+            "{dir:?}: the steady writer took {steady_took:?}"
+        );
+        assert_eq!(
+            steady_error, 0,
+            "{dir:?}: the steady writer's WRITE succeeds"
+        );
+        assert_eq!(
+            good.read(at, data.len() as u32).await.unwrap(),
+            data,
+            "{dir:?}: the steady writer's data"
+        );
+        assert_eq!(
+            srv.registry.get("f").unwrap().counters.connections_current,
+            4,
+            "{dir:?}: the tricklers are still connected"
+        );
+        drop(tricklers);
+        srv.stop.send(()).unwrap();
+        srv.task.await.unwrap().unwrap();
+    }
+}
+
+/// A WRITE larger than one piece whose next piece finds the budget spent writes what arrived and
+/// releases its budget before it waits (two payloads each waiting for the other's budget would wait
+/// forever); it completes once budget is free again, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_finds_the_budget_spent_writes_what_arrived_and_waits_holding_nothing() {
+    let h = Harness::start(ServerConfig {
+        in_flight_budget: 32 * MIB,
+        max_connection_bytes: 32 * MIB,
+        ..ServerConfig::default()
+    })
+    .await;
+    let f = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();
+    f.as_file().set_len(64 * MIB as u64).unwrap();
+    h.registry
+        .add(ExportConfig {
+            name: "f".into(),
+            backend: Arc::new(nbd::FileBackend::open(f.path(), false).unwrap()),
+            read_only: false,
+            max_connections: None,
+            description: None,
+            access: Access::Anyone,
+        })
+        .unwrap();
+    // A READ reply nobody takes holds 31 MiB of the budget.
+    let mut reader = h.go("f").await;
+    reader
+        .send(CMD_READ, 0, 0, 31 * MIB as u32, &[])
+        .await
+        .unwrap();
+    eventually(
+        "the unread reply's budget",
+        || h.probe.in_use(),
+        |n| *n == 31 * MIB,
+    )
+    .await;
+    let mut writer = h.go("f").await;
+    let data: Vec<u8> = (0..4 * MIB).map(|i| (i / 4096 + 1) as u8).collect();
+    let at = 32 * MIB as u64;
+    writer
+        .send(CMD_WRITE, 0, at, data.len() as u32, &data)
+        .await
+        .unwrap();
+    let file_bytes = |len: usize| {
+        let mut b = vec![0u8; len];
+        std::os::unix::fs::FileExt::read_exact_at(f.as_file(), &mut b, at).unwrap();
+        b
+    };
+    eventually(
+        "the first piece in the file while the WRITE waits",
+        || file_bytes(MIB) == data[..MIB],
+        |done| *done,
+    )
+    .await;
+    assert_eq!(
+        h.probe.in_use(),
+        31 * MIB,
+        "the waiting WRITE holds no budget"
+    );
+    // The reply is taken: the WRITE completes.
+    let reply = reader.recv().await.unwrap();
+    assert_eq!(reply.error, 0);
+    let reply = tokio::time::timeout(Duration::from_secs(10), writer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.error, 0);
+    assert_eq!(writer.read(at, data.len() as u32).await.unwrap(), data);
+    assert_eq!(file_bytes(data.len()), data);
+    let written = h.registry.get("f").unwrap().counters.bytes_written;
+    assert_eq!(written, data.len() as u64);
+    h.shutdown().await;
 }
 
 /// The backlog of the TCP listener on `addr` (`ss`'s Send-Q of a listening socket).
