@@ -21,7 +21,7 @@ use crate::error::NbdError;
 use crate::negotiate::{self, Context, Negotiated, Outcome};
 use crate::proto::BLOCK_MAX;
 use crate::registry::Registry;
-use crate::session::{self, SessionParams, Shared};
+use crate::session::{self, SessionParams, Shared, SMALL_RESERVE};
 use crate::tls::{ClientIdentity, Tls};
 
 /// Connections the kernel queues on the listener before the server accepts them, as nbdkit asks for; the
@@ -165,6 +165,7 @@ impl Server {
         cfg.validate()?;
         let shared = Arc::new(Shared {
             budget: Arc::new(Semaphore::new(cfg.in_flight_budget)),
+            small: Arc::new(Semaphore::new(SMALL_RESERVE)),
             pool: Arc::new(Semaphore::new(cfg.io_threads)),
             max_in_flight: cfg.max_in_flight,
             max_connection_bytes: cfg.max_connection_bytes,
@@ -183,7 +184,7 @@ impl Server {
 
     /// Bytes of the in-flight budget held right now by requests being executed or replies being sent.
     pub fn budget_in_use(&self) -> usize {
-        self.cfg.in_flight_budget - self.shared.budget.available_permits()
+        self.budget_probe().in_use()
     }
 
     /// A handle that reports [`Server::budget_in_use`] after the server was moved into `serve`.
@@ -191,6 +192,7 @@ impl Server {
         BudgetProbe {
             total: self.cfg.in_flight_budget,
             budget: Arc::clone(&self.shared.budget),
+            small: Arc::clone(&self.shared.small),
             busy: Arc::clone(&self.shared.busy),
         }
     }
@@ -389,13 +391,15 @@ impl Server {
 pub struct BudgetProbe {
     total: usize,
     budget: Arc<Semaphore>,
+    small: Arc<Semaphore>,
     busy: Arc<AtomicUsize>,
 }
 
 impl BudgetProbe {
-    /// Bytes held right now.
+    /// Bytes held right now, of the budget and of the reserve for small requests.
     pub fn in_use(&self) -> usize {
-        self.total - self.budget.available_permits()
+        self.total - self.budget.available_permits() + SMALL_RESERVE
+            - self.small.available_permits()
     }
 
     /// Sessions with a request being run or answered right now. While there are more of them than the

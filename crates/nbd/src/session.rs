@@ -8,8 +8,9 @@
 //!
 //! Bounds: a connection has at most `max_in_flight` requests read and not yet answered, and holds at most
 //! `max_connection_bytes` of request payload (WRITE data, READ reply data); the server as a whole holds at
-//! most `in_flight_budget` bytes. When any bound is reached the task stops reading the socket until replies
-//! drain, so TCP back-pressure reaches the client instead of memory growing. A client that stops reading
+//! most `in_flight_budget` bytes, and [`SMALL_RESERVE`] more for requests of at most [`SMALL_MAX`]. When
+//! any bound is reached the task stops reading the socket until replies drain, so TCP back-pressure
+//! reaches the client instead of memory growing. A client that stops reading
 //! replies is closed after `send_timeout`, releasing what it held.
 //!
 //! [`Backend::read_nowait`]: crate::Backend::read_nowait
@@ -73,6 +74,15 @@ const DIRECT_MIN: u32 = 64 * 1024;
 /// budget released, so a payload never waits for budget while holding some (two payloads each waiting for
 /// the other's share would wait forever).
 const PIECE: u32 = 1024 * 1024;
+/// Requests of at most this size may take budget from [`SMALL_RESERVE`] when the server's budget is
+/// spent (see [`reserve`]).
+pub const SMALL_MAX: u32 = 256 * 1024;
+/// Budget beyond `in_flight_budget` that only requests of at most [`SMALL_MAX`] take, when the budget has
+/// no room for them. Waiters for the budget are served in order, so without it a small request waits
+/// behind every large one queued before it: clients that never take their READ replies hold the whole
+/// budget, their queued requests get it as each is closed for the send timeout, and another client's
+/// 4 KiB READ waited for several such waves.
+pub const SMALL_RESERVE: usize = 8 * 1024 * 1024;
 /// Most extents in one BLOCK_STATUS reply (one with `NBD_CMD_FLAG_REQ_ONE`). Each costs the backend up to
 /// two `lseek` calls, so a reply to a client that asked for one extent looks up only that one.
 const MAX_EXTENTS: usize = 1024;
@@ -84,6 +94,8 @@ const BATCH: usize = 64;
 pub(crate) struct Shared {
     /// Bytes of request payload the whole server may hold.
     pub budget: Arc<Semaphore>,
+    /// [`SMALL_RESERVE`] more bytes, for requests of at most [`SMALL_MAX`] when `budget` is spent.
+    pub small: Arc<Semaphore>,
     /// Blocking I/O calls running at once.
     pub pool: Arc<Semaphore>,
     pub max_in_flight: usize,
@@ -159,26 +171,48 @@ pub(crate) enum End {
 /// A request's share of the connection's and of the server's byte budget.
 type Bytes = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
+/// `n` bytes of the server's budget now: from `budget`, or for a `small` request (its whole length at
+/// most [`SMALL_MAX`], so its budget is one permit that is never merged with one of `budget`) from the
+/// reserve.
+fn try_global(shared: &Shared, n: u32, small: bool) -> Option<OwnedSemaphorePermit> {
+    if let Ok(p) = Arc::clone(&shared.budget).try_acquire_many_owned(n) {
+        return Some(p);
+    }
+    if small {
+        return Arc::clone(&shared.small).try_acquire_many_owned(n).ok();
+    }
+    None
+}
+
 /// `n` bytes of both budgets if both have room now.
-fn try_reserve(conn: &Conn, n: u32) -> Option<Bytes> {
+fn try_reserve(conn: &Conn, n: u32, small: bool) -> Option<Bytes> {
     let c = Arc::clone(&conn.bytes).try_acquire_many_owned(n).ok()?;
-    let g = Arc::clone(&conn.shared.budget)
-        .try_acquire_many_owned(n)
-        .ok()?;
+    let g = try_global(&conn.shared, n, small)?;
     Some((c, g))
 }
 
-/// `n` bytes of both budgets, waiting for them; the session's end when it stops or breaks meanwhile.
+/// `n` bytes of both budgets, waiting for them; the session's end when it stops or breaks meanwhile. A
+/// `small` request (see [`try_global`]) takes whichever of the budget and [`SMALL_RESERVE`] has room
+/// first.
 async fn reserve(
     conn: &Conn,
     n: u32,
+    small: bool,
     stop: &CancellationToken,
     broken: &CancellationToken,
 ) -> Result<Bytes, End> {
     // Budgets are taken before any buffer exists: when they are spent, the socket is not read.
     let take = async {
         let c = Arc::clone(&conn.bytes).acquire_many_owned(n).await;
-        let g = Arc::clone(&conn.shared.budget).acquire_many_owned(n).await;
+        let shared = &conn.shared;
+        let g = match try_global(shared, n, small) {
+            Some(p) => Ok(p),
+            None if small => tokio::select! {
+                p = Arc::clone(&shared.budget).acquire_many_owned(n) => p,
+                p = Arc::clone(&shared.small).acquire_many_owned(n) => p,
+            },
+            None => Arc::clone(&shared.budget).acquire_many_owned(n).await,
+        };
         (
             c.expect("session semaphores are never closed (invariant)"),
             g.expect("the server budget is never closed (invariant)"),
@@ -488,7 +522,7 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
         // A READ's reply data is held from now until it is sent; a WRITE's payload holds budget as it
         // arrives (see `take_payload`).
         let bytes = if req.command == CMD_READ {
-            match reserve(conn, req.length, stop, broken).await {
+            match reserve(conn, req.length, req.length <= SMALL_MAX, stop, broken).await {
                 Ok(b) => Some(b),
                 Err(e) => return e,
             }
@@ -502,7 +536,8 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
         {
             // A payload received into the mapping lands in the file, not in memory: it holds no budget,
             // but waits, like any request, while the budget is spent.
-            match reserve(conn, req.length.min(PIECE), stop, broken).await {
+            let small = req.length <= SMALL_MAX;
+            match reserve(conn, req.length.min(PIECE), small, stop, broken).await {
                 Ok(b) => drop(b),
                 Err(e) => return e,
             }
@@ -705,9 +740,10 @@ async fn take_payload<R: AsyncRead + Unpin>(
     });
     let mut bytes: Option<Bytes> = None;
     let mut written = 0usize;
+    let small = len <= SMALL_MAX as usize;
     while written + buf.len() < len {
         let piece = (len - written - buf.len()).min(PIECE as usize) as u32;
-        let more = match try_reserve(conn, piece) {
+        let more = match try_reserve(conn, piece, small) {
             Some(p) => p,
             None => {
                 if !buf.is_empty() {
@@ -739,7 +775,7 @@ async fn take_payload<R: AsyncRead + Unpin>(
                         };
                     }
                 }
-                match reserve(conn, piece, stop, broken).await {
+                match reserve(conn, piece, small, stop, broken).await {
                     Ok(p) => p,
                     Err(e) => {
                         conn.shared.buffers.give(buf);

@@ -154,6 +154,51 @@ async fn clients_that_never_read_replies_hold_at_most_the_budget_and_are_closed(
     h.shutdown().await;
 }
 
+/// Waiters for the budget are served in order, but a request of at most 256 KiB does not wait behind the
+/// large requests of clients that never read their replies: it takes a small reserve of its own, and is
+/// answered at once instead of after those clients were closed for the send timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_requests_do_not_wait_behind_large_ones_of_clients_that_never_read_replies() {
+    let send_timeout = Duration::from_secs(5);
+    let h = Harness::start(ServerConfig {
+        in_flight_budget: 32 * MIB,
+        max_connection_bytes: 32 * MIB,
+        send_timeout,
+        ..ServerConfig::default()
+    })
+    .await;
+    h.add_mem("a", 32 * MIB, Access::Anyone);
+    // 6 clients each pipeline 32 READs of 1 MiB and never read a byte: the budget is spent on their
+    // replies and more of their READs wait for it.
+    let mut abusers = Vec::new();
+    for _ in 0..6 {
+        let mut c = h.go("a").await;
+        for _ in 0..32 {
+            c.send(CMD_READ, 0, 0, MIB as u32, &[]).await.unwrap();
+        }
+        abusers.push(c);
+    }
+    eventually(
+        "the budget spent on replies nobody takes",
+        || h.probe.in_use(),
+        |&n| n == 32 * MIB,
+    )
+    .await;
+    let start = Instant::now();
+    let mut polite = h.go("a").await;
+    tokio::time::timeout(send_timeout / 2, async {
+        polite.write(4096, &[9u8; 4096], 0).await.unwrap();
+        assert_eq!(polite.read(4096, 4096).await.unwrap(), vec![9u8; 4096]);
+        assert_eq!(polite.read(0, 256 * 1024).await.unwrap().len(), 256 * 1024);
+    })
+    .await
+    .expect("small requests are answered before the stuck sessions time out");
+    assert!(start.elapsed() < send_timeout / 2);
+    assert!(h.probe.in_use() <= 32 * MIB + nbd::SMALL_RESERVE);
+    drop(abusers);
+    h.shutdown().await;
+}
+
 /// Sessions are counted busy while they hold requests, idle ones are not, and the count falls back to zero
 /// when they go. With more busy sessions than workers (here 3 stuck ones and a fourth on 2 workers) replies
 /// go out in larger batches; every pipelined request is still answered, with the right data.
