@@ -691,11 +691,13 @@ async fn a_write_that_finds_the_budget_spent_writes_what_arrived_and_waits_holdi
         |done| *done,
     )
     .await;
-    assert_eq!(
-        h.probe.in_use(),
-        31 * MIB,
-        "the waiting WRITE holds no budget"
-    );
+    // It releases its piece's budget right after writing the piece out.
+    eventually(
+        "the waiting WRITE holds no budget",
+        || h.probe.in_use(),
+        |n| *n == 31 * MIB,
+    )
+    .await;
     // The reply is taken: the WRITE completes.
     let reply = reader.recv().await.unwrap();
     assert_eq!(reply.error, 0);
@@ -726,7 +728,7 @@ fn listen_backlog(addr: SocketAddr) -> Option<u32> {
 /// whatever its owner bound it with: a burst of connects does not overflow it and wait a second for a
 /// retried SYN.
 #[tokio::test]
-async fn the_listener_queues_up_to_4096_connections_not_yet_accepted() {
+async fn ext_the_listener_queues_up_to_4096_connections_not_yet_accepted() {
     let h = Harness::start(ServerConfig::default()).await;
     let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .unwrap()

@@ -949,7 +949,8 @@ async fn put_appliance(
     let s = st.engine.set_appliance(body.vm_id.trim()).await?;
     // The lease moved with the identity: /health names the one held now.
     if let Some(lease) = st.engine.lease() {
-        st.health.set_fact(volume_api::HealthComponent::Lease, true, lease.detail());
+        st.health
+            .set_fact(volume_api::HealthComponent::Lease, true, lease.detail());
     }
     Ok(Json(convert::appliance(&s)).into_response())
 }
