@@ -27,6 +27,10 @@ fn internal_error_code() -> u16 {
     530
 }
 
+fn ok_status() -> u16 {
+    200
+}
+
 /// One fault. Command names match case-insensitively; `count` is how many times the fault fires
 /// before it is used up.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +50,18 @@ pub enum FaultSpec {
         errortext: Option<String>,
         #[serde(default)]
         probability: Option<f64>,
+    },
+    /// Carry out the next `count` calls of `command`, then answer each with HTTP `status` and `body` as given
+    /// instead of CloudStack's answer: a proxy's error page after the management server acted, an internal
+    /// error raised after the change was made, an empty or cut-off body.
+    ReplaceAnswer {
+        command: String,
+        #[serde(default = "one")]
+        count: u32,
+        #[serde(default = "ok_status")]
+        status: u16,
+        #[serde(default)]
+        body: String,
     },
     /// Answer the next `count` requests (any command) with HTTP 429.
     Throttle {
@@ -230,6 +246,7 @@ impl FaultHandle {
         let (i, value) = hit?;
         let used_up = match &mut faults[i] {
             FaultSpec::FailCommand { count, .. }
+            | FaultSpec::ReplaceAnswer { count, .. }
             | FaultSpec::Throttle { count, .. }
             | FaultSpec::SlowCommand { count, .. }
             | FaultSpec::SlowJob { count, .. }
@@ -286,6 +303,19 @@ impl FaultHandle {
                         .unwrap_or_else(|| format!("Simulated failure of {command}")),
                 })
             }
+            _ => None,
+        })
+    }
+
+    /// The HTTP status and body that replace the answer to this call of `command`, once it was carried out.
+    pub(crate) fn take_answer_replacement(&self, command: &str) -> Option<(u16, String)> {
+        self.fire(|f, _| match f {
+            FaultSpec::ReplaceAnswer {
+                command: c,
+                count,
+                status,
+                body,
+            } if *count > 0 && same_command(c, command) => Some((*status, body.clone())),
             _ => None,
         })
     }
@@ -401,6 +431,16 @@ mod tests {
             }
         );
         assert!(FaultSpec::parse(r#"{"type":"throttle"}"#).is_ok());
+        assert_eq!(
+            FaultSpec::parse(r#"{"type":"replace_answer","command":"createVolume","status":502}"#)
+                .expect("parse"),
+            FaultSpec::ReplaceAnswer {
+                command: "createVolume".into(),
+                count: 1,
+                status: 502,
+                body: String::new()
+            }
+        );
         assert!(FaultSpec::parse(r#"{"type":"wrong_size","delta_bytes":-4096}"#).is_ok());
         assert!(FaultSpec::parse(r#"{"type":"throttle","bogus":1}"#).is_err());
         assert!(FaultSpec::parse(r#"{"type":"nope"}"#).is_err());

@@ -195,6 +195,15 @@ async fn client_api(
         let command = command.clone();
         tokio::task::spawn_blocking(move || engine.execute(&command, &params)).await
     };
+    if let Some((status, body)) = engine.faults.take_answer_replacement(&command) {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let media = if body.trim_start().starts_with('<') {
+            "text/html"
+        } else {
+            "application/json"
+        };
+        return (status, [(header::CONTENT_TYPE, media)], body).into_response();
+    }
     match result {
         Ok(Ok(body)) => json_response(
             StatusCode::OK,

@@ -158,6 +158,19 @@ fn is_tls_failure(e: &reqwest::Error) -> bool {
     false
 }
 
+/// Whether an error is CloudStack's API limit (or a proxy's) refusing a request before it was dispatched.
+fn is_throttled(e: &Error) -> bool {
+    match e {
+        Error::Api {
+            errorcode,
+            http_status,
+            ..
+        } => *errorcode == 429 || *http_status == 429,
+        Error::Http { status, .. } => *status == 429,
+        _ => false,
+    }
+}
+
 /// The outcome of one attempt: a final result, or an error worth retrying (with a server-suggested delay).
 pub(crate) enum Attempt {
     Done(Result<Value, Error>),
@@ -249,9 +262,12 @@ impl Client {
     /// Like [`Client::request`] with an explicit HTTP method.
     ///
     /// Retries (bounded exponential backoff with jitter, honouring `Retry-After`) happen for 429,
-    /// 530/534 when transient, other 5xx, and transport errors. A POST whose transport failed after the
-    /// connection was made is not retried, since CloudStack may have acted on it; parameter,
-    /// permission and limit errors are never retried.
+    /// 530/534 when transient, other 5xx, and transport errors. A command that changes something (any but
+    /// `list…`, `query…` and `get…`, see [`Method::for_command`]) is sent again only when it cannot have
+    /// been acted on: after a 429 (CloudStack's API limit refuses before dispatching) or a failure to
+    /// connect. Once such a request reached the server, a 5xx, a 530/534 or a lost answer goes back to
+    /// the caller (kind [`ErrorKind::Transient`]), which has to check the cloud's state before sending it
+    /// again, since CloudStack may have acted on it. Parameter, permission and limit errors are never retried.
     pub async fn request_with(
         &self,
         method: Method,
@@ -333,6 +349,7 @@ impl Client {
         params: &[(&str, String)],
         attempts: u32,
     ) -> Attempt {
+        let read_only = Method::for_command(command) == Method::Get;
         let query = self.signed_query(command, params);
         let req = match method {
             Method::Get => {
@@ -365,8 +382,8 @@ impl Client {
                 }));
             }
             Err(e) => {
-                // A POST that reached the server may have been acted on: only retry when it never left.
-                let retry = method == Method::Get || e.is_connect();
+                // A change that reached the server may have been acted on: only retry when it never left.
+                let retry = read_only || e.is_connect();
                 let err = transport(e);
                 return if retry {
                     Attempt::Retry(err, None)
@@ -400,7 +417,7 @@ impl Client {
                 Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
                 Ok(None) => break,
                 Err(e) => {
-                    let retry = method == Method::Get;
+                    let retry = read_only;
                     let err = transport(e);
                     return if retry {
                         Attempt::Retry(err, None)
@@ -410,7 +427,11 @@ impl Client {
                 }
             }
         }
-        interpret(command, status, retry_after, &bytes, attempts)
+        match interpret(command, status, retry_after, &bytes, attempts) {
+            // CloudStack (or a proxy behind it) may have acted on a change it answered with an error.
+            Attempt::Retry(err, _) if !read_only && !is_throttled(&err) => Attempt::Done(Err(err)),
+            other => other,
+        }
     }
 
     async fn list_all<T: DeserializeOwned>(

@@ -2,7 +2,8 @@
 //!
 //! Signing follows `ApiServer.verifyRequest` ([`sign`]); every call is signed with signature version 3
 //! (`expires`) unless configured otherwise, sent as GET (queries) or a POST form (changes), retried with
-//! bounded backoff when the failure may pass, and decoded tolerantly (ids as numbers or strings,
+//! bounded backoff when the failure may pass (a change only while it cannot have been acted on: throttled or
+//! not connected), and decoded tolerantly (ids as numbers or strings,
 //! booleans as strings, `{}` as the empty list, unknown fields ignored). An answer body over [`MAX_ANSWER`]
 //! (64 MiB) is not read further: the call fails with a decode error, unretried.
 

@@ -434,6 +434,73 @@ async fn mutation_throttled_then_success_is_retried() {
     assert_eq!(srv.calls_of("attachVolume").len(), 2);
 }
 
+/// CloudStack, or a proxy in front of it, may have carried out a change it answered with a server error:
+/// sending it again could make a second volume (or a second job), so the error goes back to the caller.
+#[tokio::test]
+async fn a_change_answered_with_a_server_error_is_not_sent_again() {
+    let srv = TestServer::start().await;
+    let client = srv.client();
+    let create = CreateVolume {
+        name: "once".to_owned(),
+        zone_id: "zone-1".to_owned(),
+        disk_offering_id: "offering-1".to_owned(),
+        size_bytes: None,
+    };
+    srv.script(
+        "createVolume",
+        vec![
+            Reply::Raw(502, "<html><body>502 Bad Gateway</body></html>"),
+            ok(fixture("createVolume_default.json")),
+        ],
+    );
+    let err = client.create_volume(&create).await.expect_err("502");
+    assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+    assert_eq!(srv.calls_of("createVolume").len(), 1, "sent once");
+
+    srv.script(
+        "attachVolume",
+        vec![
+            cs_error(
+                "attachVolume",
+                530,
+                4250,
+                "Internal error executing command",
+            ),
+            ok(fixture("attachVolume_default.json")),
+        ],
+    );
+    let err = client.attach_volume("v", "m", None).await.expect_err("530");
+    assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+    assert_eq!(srv.calls_of("attachVolume").len(), 1, "sent once");
+
+    srv.script(
+        "deleteVolume",
+        vec![
+            cs_error("deleteVolume", 534, 4380, "storage temporarily unavailable"),
+            ok(json!({"deletevolumeresponse": {"success": "true"}})),
+        ],
+    );
+    let err = client.delete_volume("v").await.expect_err("534");
+    assert_eq!(err.kind(), ErrorKind::InUse, "{err}");
+    assert_eq!(srv.calls_of("deleteVolume").len(), 1, "sent once");
+
+    // A read is sent again after the same answers.
+    srv.script(
+        "listVolumes",
+        vec![
+            Reply::Raw(502, "<html><body>502 Bad Gateway</body></html>"),
+            cs_error("listVolumes", 530, 4250, "Internal error executing command"),
+            ok(fixture("listVolumes_default.json")),
+        ],
+    );
+    let vols = client
+        .list_volumes(&ListVolumes::default())
+        .await
+        .expect("retried to success");
+    assert_eq!(vols.len(), 1);
+    assert_eq!(srv.calls_of("listVolumes").len(), 3);
+}
+
 #[tokio::test]
 async fn parameter_error_is_not_retried() {
     let srv = TestServer::start().await;

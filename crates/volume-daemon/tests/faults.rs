@@ -130,6 +130,79 @@ async fn transient_cloud_errors_are_retried() {
     d.stop().await;
 }
 
+/// The ids of the volumes CloudStack has under `name`, asked with the real client.
+async fn cloud_volumes_named(d: &TestDaemon, name: &str) -> Vec<String> {
+    let client = cloudstack::Client::new(cloudstack::Config::new(
+        d.sim().api_url(),
+        "sim-api-key",
+        cloudstack::Secret::new("sim-secret-key"),
+    ))
+    .unwrap();
+    let q = cloudstack::ListVolumes {
+        name: Some(name.to_owned()),
+        list_all: true,
+        ..cloudstack::ListVolumes::default()
+    };
+    client
+        .list_volumes(&q)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.name == name)
+        .map(|v| v.id)
+        .collect()
+}
+
+/// A change CloudStack carried out whose answer was lost to a server error (a proxy's 502 page, an internal
+/// error raised after acting) is not sent again blindly: the operation checks the cloud and goes on with what
+/// the first request did, so no second volume is made and no second job started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_answer_was_a_server_error_is_carried_out_once() {
+    let d = TestDaemon::start().await;
+    let bad_gateway = |command: &str| FaultSpec::ReplaceAnswer {
+        command: command.into(),
+        count: 1,
+        status: 502,
+        body: "<html><body><h1>502 Bad Gateway</h1></body></html>".into(),
+    };
+    let internal_error = |command: &str| {
+        FaultSpec::ReplaceAnswer {
+        command: command.into(),
+        count: 1,
+        status: 530,
+        body: json!({ format!("{}response", command.to_lowercase()):
+            {"uuidList": [], "errorcode": 530, "cserrorcode": 4250, "errortext": "Internal error executing command"} })
+        .to_string(),
+    }
+    };
+    for (name, fault) in [
+        ("once-502", bad_gateway("createVolume")),
+        ("once-530", internal_error("createVolume")),
+    ] {
+        d.sim().faults().add(fault);
+        let vol = d.create_volume(name, GIB).await;
+        assert_eq!(
+            cloud_volumes_named(&d, name).await,
+            vec![vol.to_string()],
+            "one volume named {name}, the operation's"
+        );
+    }
+    let vol = d.create_volume("once-attach", GIB).await;
+    d.sim().faults().add(bad_gateway("attachVolume"));
+    let done = attach_appliance(&d, vol).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let (_, st) = d.get(&format!("/volumes/{vol}")).await;
+    assert_eq!(st["state"], "attached", "{st}");
+    d.sim().faults().add(internal_error("detachVolume"));
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    assert_undone(&d, vol).await;
+    d.sim().faults().add(bad_gateway("deleteVolume"));
+    d.delete_ok(vol).await;
+    assert!(cloud_volumes_named(&d, "once-attach").await.is_empty());
+    assert!(d.sim().faults().list().is_empty(), "every fault fired");
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_appliance_identity_fails_appliance_requests_clearly() {
     let d = TestDaemon::start_with(|c| {

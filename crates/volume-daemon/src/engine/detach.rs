@@ -8,7 +8,7 @@ use volume_api::{DetachVolumeResponse, VolumeOperationRequest};
 
 use super::journal::{json_of, DetachStep, Entry, Step};
 use super::{EngineError, Inner};
-use crate::cloud::VolumeJobKind;
+use crate::cloud::{CloudErrorKind, VolumeJobKind};
 use crate::store::{AttachTarget, AttachmentRecord};
 
 /// What the detach part of `detach` or `delete` found and did.
@@ -83,9 +83,16 @@ impl Inner {
             }
         }
         if cloud_vm.is_some() {
-            if let Err(cause) = self.cloud_detach(op, volume_id).await {
+            match self.cloud_detach(op, volume_id).await {
+                Ok(()) => {}
+                // No answer that says what became of detachVolume (CloudStack may have acted on it): the
+                // volume is not served again, and the operation, run again from its journaled step, finds
+                // the job or the volume detached (or sends the call again) when the cloud answers.
+                Err(EngineError::Cloud(e)) if e.kind == CloudErrorKind::Unavailable => {
+                    return Err(EngineError::Cloud(e));
+                }
                 // Still attached: an appliance volume is served again rather than left attached unexported.
-                return Err(self.serve_again(appliance_att, cause).await);
+                Err(cause) => return Err(self.serve_again(appliance_att, cause).await),
             }
         }
         // `cloud_detached` is not journaled on its own: an entry resumed after this point finds the cloud
