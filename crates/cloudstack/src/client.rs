@@ -742,36 +742,49 @@ impl Client {
     /// Waits until a job finishes or `deadline` has passed since the call; usable again with the same
     /// id after a restart. Returns the `jobresult` on success, [`ErrorKind::JobFailed`] (with the job's
     /// errortext) on failure and [`ErrorKind::JobStillRunning`] when it was still pending at the
-    /// deadline. The polls are shared by every waiter of the client (see [`JobPollPolicy`]); failed
-    /// polls are tolerated until the deadline, where one last query answers (its error, when the
-    /// cloud still fails, says the job's state is unknown).
+    /// deadline. The polls are shared by every waiter of the client (see [`JobPollPolicy`]); a poll
+    /// whose answer does not say the job's state (a server error, an unreadable body, a single refusal)
+    /// is asked again until the deadline, where one last query answers (its error, when the cloud still
+    /// fails, says the job's state is unknown). A job CloudStack does not know, or refusals of every poll
+    /// of the job (`max_attempts` in a row), end the wait with that query's error before the deadline.
     pub async fn wait_job(&self, job_id: &str, deadline: Duration) -> Result<Value, Error> {
         let start = Instant::now();
-        let mut watch = jobs::watch(self, job_id);
-        let outcome = tokio::time::timeout(deadline, watch.rx.wait_for(Option::is_some))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .and_then(|o| o.clone());
-        drop(watch);
-        match outcome {
-            Some(Outcome::Succeeded(result)) => Ok(result),
-            Some(Outcome::Failed(error)) => Err(Error::JobFailed {
-                job_id: job_id.to_owned(),
-                error,
-            }),
-            // Deadline passed, or polling met an error: one last query of our own says which.
-            Some(Outcome::PollFailed) | None => match self.query_async_job(job_id).await? {
-                JobStatus::Succeeded(result) => Ok(result),
-                JobStatus::Failed(error) => Err(Error::JobFailed {
-                    job_id: job_id.to_owned(),
-                    error,
-                }),
-                JobStatus::Pending => Err(Error::JobStillRunning {
-                    job_id: job_id.to_owned(),
-                    waited: start.elapsed(),
-                }),
-            },
+        loop {
+            let mut watch = jobs::watch(self, job_id);
+            let left = deadline.saturating_sub(start.elapsed());
+            let outcome = tokio::time::timeout(left, watch.rx.wait_for(Option::is_some))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .and_then(|o| o.clone());
+            drop(watch);
+            match outcome {
+                Some(Outcome::Succeeded(result)) => return Ok(result),
+                Some(Outcome::Failed(error)) => {
+                    return Err(Error::JobFailed {
+                        job_id: job_id.to_owned(),
+                        error,
+                    })
+                }
+                // Deadline passed, or polling met an error: one last query of our own says which.
+                Some(Outcome::PollFailed) | None => match self.query_async_job(job_id).await? {
+                    JobStatus::Succeeded(result) => return Ok(result),
+                    JobStatus::Failed(error) => {
+                        return Err(Error::JobFailed {
+                            job_id: job_id.to_owned(),
+                            error,
+                        })
+                    }
+                    // The polls failed, but the job is known and still running: wait on.
+                    JobStatus::Pending if start.elapsed() < deadline => {}
+                    JobStatus::Pending => {
+                        return Err(Error::JobStillRunning {
+                            job_id: job_id.to_owned(),
+                            waited: start.elapsed(),
+                        })
+                    }
+                },
+            }
         }
     }
 

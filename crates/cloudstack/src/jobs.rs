@@ -11,9 +11,13 @@
 //!   1/40 of it, at least every 2 ms and at most every `dense` (default 10 ms). A job that takes as long as the
 //!   previous ones is noticed within 1/40 of its duration (5 ms for a 200 ms job), at a cost of at most
 //!   about 30 polls per job;
-//! - a throttled (429), failed (5xx) or unreachable poll pauses every poll of the client for the
-//!   server's `Retry-After` or the retry policy's backoff, whichever is longer, growing while the
-//!   failures go on.
+//! - a poll whose answer does not say the job's state counts as "unknown, ask again": a throttled (429),
+//!   failed (5xx), unreachable or unreadable (empty, cut off, not JSON) poll, and an error answer other than
+//!   "no such job" (a 401, a 431). It pauses every poll of the client for the server's `Retry-After` or the
+//!   retry policy's backoff, whichever is longer, growing while the failures go on, and the job is asked
+//!   again until the waiter's deadline. Error answers of one job are tolerated up to the retry policy's
+//!   `max_attempts` in a row; then (credentials refused for good, say) the waiter gets the error. A job
+//!   CloudStack does not know, or a client that cannot reach it at all (TLS), ends the wait at once.
 //!
 //! Several waiters of one job share its polls. The task ends when no job is waited for and is started
 //! again by the next waiter.
@@ -31,6 +35,7 @@ use tokio::time::Instant;
 use crate::client::{Attempt, Client, ClientInner, Method};
 use crate::config::JobPollPolicy;
 use crate::decode;
+use crate::error::ErrorKind;
 use crate::types::{JobError, JobStatus};
 
 /// At most this many polls are in flight at once.
@@ -47,8 +52,8 @@ const LEARN_WEIGHT: f64 = 0.3;
 pub(crate) enum Outcome {
     Succeeded(Value),
     Failed(JobError),
-    /// Polling ended with an error that retrying will not fix; each waiter asks once more itself to
-    /// get the error.
+    /// Polling ended with an error that retrying will not fix (the job is unknown, the credentials
+    /// were refused `max_attempts` times in a row); each waiter asks once more itself to get the error.
     PollFailed,
 }
 
@@ -82,6 +87,8 @@ struct Entry {
     delay: Duration,
     cmd: Option<String>,
     in_flight: bool,
+    /// Consecutive error answers (not throttling, server or transport failures) to this job's polls.
+    refusals: u32,
     waiters: usize,
     tx: watch::Sender<Option<Outcome>>,
 }
@@ -140,6 +147,7 @@ pub(crate) fn watch(client: &Client, job_id: &str) -> Watch {
                     delay: inner.job_poll.initial,
                     cmd: None,
                     in_flight: false,
+                    refusals: 0,
                     waiters: 1,
                     tx,
                 },
@@ -190,7 +198,14 @@ struct Polled {
 
 enum PollResult {
     Status(JobStatus),
-    Retry(Option<Duration>),
+    /// The answer did not say the job's state; ask again after a pause (at least `retry_after`).
+    /// `refused`: CloudStack answered with an error (counted against the job), rather than failing to
+    /// answer at all.
+    Unknown {
+        retry_after: Option<Duration>,
+        refused: bool,
+    },
+    /// The job is unknown to CloudStack, or the client cannot talk to it: asking again cannot help.
     Fatal,
 }
 
@@ -261,16 +276,42 @@ async fn sleep_until(at: Option<Instant>) {
 async fn poll_once(client: &Client, job_id: String) -> Polled {
     let command = "queryAsyncJobResult";
     let params = [("jobid", job_id.clone())];
+    let unreadable = PollResult::Unknown {
+        retry_after: None,
+        refused: false,
+    };
     let (cmd, result) = match client.attempt(Method::Get, command, &params, 1).await {
         Attempt::Done(Ok(inner)) => {
             let cmd = inner.get("cmd").and_then(Value::as_str).map(str::to_owned);
             match decode::job_status(command, &inner) {
                 Ok(status) => (cmd, PollResult::Status(status)),
-                Err(_) => (cmd, PollResult::Fatal),
+                Err(_) => (cmd, unreadable),
             }
         }
-        Attempt::Done(Err(_)) => (None, PollResult::Fatal),
-        Attempt::Retry(_, after) => (None, PollResult::Retry(after)),
+        Attempt::Done(Err(e)) => match e.kind() {
+            ErrorKind::NotFound | ErrorKind::Config => (None, PollResult::Fatal),
+            ErrorKind::Decode | ErrorKind::Transient => (None, unreadable),
+            ErrorKind::InvalidParameter
+            | ErrorKind::InUse
+            | ErrorKind::LimitExceeded
+            | ErrorKind::Unauthorized
+            | ErrorKind::JobFailed
+            | ErrorKind::JobStillRunning
+            | ErrorKind::Other => (
+                None,
+                PollResult::Unknown {
+                    retry_after: None,
+                    refused: true,
+                },
+            ),
+        },
+        Attempt::Retry(_, after) => (
+            None,
+            PollResult::Unknown {
+                retry_after: after,
+                refused: false,
+            },
+        ),
     };
     Polled {
         job_id,
@@ -285,17 +326,17 @@ fn settle(inner: &ClientInner, polled: Polled) {
     let now = Instant::now();
     let mut st = inner.jobs.lock();
     let st = &mut *st;
-    if let PollResult::Retry(after) = &polled.result {
+    if let PollResult::Unknown { retry_after, .. } = &polled.result {
         st.failures = st.failures.saturating_add(1);
         let mut pause = inner.retry.backoff(st.failures);
-        if let Some(after) = after {
+        if let Some(after) = retry_after {
             pause = pause.max((*after).min(inner.retry.max_backoff));
         }
         st.paused_until = Some(now + pause);
         tracing::warn!(
             job_id = %polled.job_id,
             pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
-            "polling CloudStack jobs failed or was throttled; pausing all polls"
+            "polling CloudStack jobs failed, was throttled or got an unreadable answer; pausing all polls"
         );
     } else {
         st.failures = 0;
@@ -308,11 +349,23 @@ fn settle(inner: &ClientInner, polled: Polled) {
     if entry.cmd.is_none() {
         entry.cmd = polled.cmd;
     }
+    match &polled.result {
+        PollResult::Unknown { refused: true, .. } => {
+            entry.refusals = entry.refusals.saturating_add(1);
+        }
+        PollResult::Status(_) => entry.refusals = 0,
+        PollResult::Unknown { refused: false, .. } | PollResult::Fatal => {}
+    }
     let outcome = match polled.result {
         PollResult::Status(JobStatus::Succeeded(v)) => Some(Outcome::Succeeded(v)),
         PollResult::Status(JobStatus::Failed(e)) => Some(Outcome::Failed(e)),
         PollResult::Fatal => Some(Outcome::PollFailed),
-        PollResult::Status(JobStatus::Pending) | PollResult::Retry(_) => None,
+        PollResult::Unknown { refused: true, .. }
+            if entry.refusals >= inner.retry.max_attempts.max(1) =>
+        {
+            Some(Outcome::PollFailed)
+        }
+        PollResult::Status(JobStatus::Pending) | PollResult::Unknown { .. } => None,
     };
     match outcome {
         Some(outcome) => {

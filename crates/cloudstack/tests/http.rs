@@ -733,6 +733,62 @@ async fn job_failure_carries_the_error_text() {
     );
 }
 
+/// An answer to a poll that does not say the job's state (empty, cut off, not JSON, a single refusal) is
+/// asked again; the wait ends with the job, not with "still running" long before the deadline.
+#[tokio::test]
+async fn a_poll_answer_that_says_nothing_of_the_job_is_asked_again() {
+    let srv = TestServer::start().await;
+    srv.script(
+        "queryAsyncJobResult",
+        vec![
+            Reply::Raw(200, ""),
+            job_reply(0, Value::Null),
+            Reply::Raw(200, r#"{"queryasyncjobresultresponse":{"jobid":""#),
+            cs_error(
+                "queryAsyncJobResult",
+                401,
+                4365,
+                "unable to verify user credentials and/or request signature",
+            ),
+            Reply::Raw(200, "<?xml version=\"1.0\"?><queryasyncjobresultresponse/>"),
+            cs_error(
+                "queryAsyncJobResult",
+                431,
+                4350,
+                "Unable to execute API command",
+            ),
+            job_reply(0, Value::Null),
+            ok(fixture("queryAsyncJobResult_attachvolumejob.json")),
+        ],
+    );
+    let vol = srv
+        .client()
+        .wait_volume_job("job-1", Duration::from_secs(10))
+        .await
+        .expect("the job's own outcome");
+    assert_eq!(vol.device_id, Some(5));
+    assert_eq!(srv.calls_of("queryAsyncJobResult").len(), 8);
+
+    // Credentials refused poll after poll: the wait ends with that error, not at the deadline.
+    srv.script(
+        "queryAsyncJobResult",
+        vec![cs_error(
+            "queryAsyncJobResult",
+            401,
+            4365,
+            "unable to verify user credentials and/or request signature",
+        )],
+    );
+    let started = std::time::Instant::now();
+    let err = srv
+        .client()
+        .wait_job("job-2", Duration::from_secs(30))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::Unauthorized, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
 #[tokio::test]
 async fn job_still_running_at_the_deadline_is_distinct() {
     let srv = TestServer::start().await;

@@ -203,6 +203,38 @@ async fn a_change_whose_answer_was_a_server_error_is_carried_out_once() {
     d.stop().await;
 }
 
+/// A job-status answer that says nothing (empty, cut off, a single refusal) does not end the wait: the job is
+/// asked again and the operation ends with the job's own outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_status_answer_that_says_nothing_is_asked_again() {
+    let d = TestDaemon::start().await;
+    let vol = d.create_volume("poll-once", GIB).await;
+    for body in [
+        String::new(),
+        r#"{"queryasyncjobresultresponse":{"jobid":""#.to_owned(),
+    ] {
+        d.sim().faults().add(FaultSpec::ReplaceAnswer {
+            command: "queryAsyncJobResult".into(),
+            count: 1,
+            status: 200,
+            body,
+        });
+    }
+    d.sim().faults().add(FaultSpec::ReplaceAnswer {
+        command: "queryAsyncJobResult".into(),
+        count: 1,
+        status: 401,
+        body: json!({"queryasyncjobresultresponse": {"uuidList": [], "errorcode": 401,
+            "errortext": "unable to verify user credentials and/or request signature"}})
+        .to_string(),
+    });
+    let done = attach_appliance(&d, vol).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert!(d.sim().faults().list().is_empty(), "every fault fired");
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_appliance_identity_fails_appliance_requests_clearly() {
     let d = TestDaemon::start_with(|c| {
