@@ -158,6 +158,18 @@ fn is_tls_failure(e: &reqwest::Error) -> bool {
     false
 }
 
+/// An unreadable answer to `command`, a change, is a lost answer: CloudStack may have acted on it.
+fn unanswered(command: &str, e: Error) -> Error {
+    if Method::for_command(command) == Method::Post && e.kind() == ErrorKind::Decode {
+        Error::Unanswered {
+            command: command.to_owned(),
+            source: Box::new(e),
+        }
+    } else {
+        e
+    }
+}
+
 /// Whether an error is CloudStack's API limit (or a proxy's) refusing a request before it was dispatched.
 fn is_throttled(e: &Error) -> bool {
     match e {
@@ -265,8 +277,8 @@ impl Client {
     /// 530/534 when transient, other 5xx, and transport errors. A command that changes something (any but
     /// `list…`, `query…` and `get…`, see [`Method::for_command`]) is sent again only when it cannot have
     /// been acted on: after a 429 (CloudStack's API limit refuses before dispatching) or a failure to
-    /// connect. Once such a request reached the server, a 5xx, a 530/534 or a lost answer goes back to
-    /// the caller (kind [`ErrorKind::Transient`]), which has to check the cloud's state before sending it
+    /// connect. Once such a request reached the server, a 5xx, a 530/534, a lost answer or an unreadable
+    /// one ([`Error::Unanswered`]) goes back to the caller (kind [`ErrorKind::Transient`]), which has to check the cloud's state before sending it
     /// again, since CloudStack may have acted on it. Parameter, permission and limit errors are never retried.
     pub async fn request_with(
         &self,
@@ -288,7 +300,7 @@ impl Client {
         loop {
             tracing::debug!(command, ?method, attempt, "CloudStack request");
             match self.attempt(method, command, params, attempt).await {
-                Attempt::Done(result) => return result,
+                Attempt::Done(result) => return result.map_err(|e| unanswered(command, e)),
                 Attempt::Retry(err, _) if attempt >= max => return Err(err),
                 Attempt::Retry(err, retry_after) => {
                     let mut delay = self.inner.retry.backoff(attempt);
@@ -470,7 +482,7 @@ impl Client {
         params: &[(&str, String)],
     ) -> Result<AsyncJob, Error> {
         let inner = self.request_with(Method::Post, command, params).await?;
-        decode::async_job(command, &inner)
+        decode::async_job(command, &inner).map_err(|e| unanswered(command, e))
     }
 
     /// `createVolume`. Returns at once with the job id and the new volume's id.
@@ -528,7 +540,7 @@ impl Client {
         let inner = self
             .request_with(Method::Post, command, &[("id", volume_id.to_owned())])
             .await?;
-        match decode::success(command, &inner)? {
+        match decode::success(command, &inner).map_err(|e| unanswered(command, e))? {
             (true, _) => Ok(()),
             (false, text) => Err(Error::Api {
                 command: command.to_owned(),

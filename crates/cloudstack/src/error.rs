@@ -18,7 +18,8 @@ pub enum ErrorKind {
     LimitExceeded,
     /// Credentials or signature refused, or permission denied.
     Unauthorized,
-    /// Throttling (429), internal errors, 5xx, transport failures: may pass by retrying later.
+    /// Throttling (429), internal errors, 5xx, transport failures, an unreadable answer to a change: may
+    /// pass by retrying later (a change after checking whether it was carried out).
     Transient,
     /// An asynchronous job finished with an error.
     JobFailed,
@@ -115,6 +116,14 @@ pub enum Error {
         #[source]
         source: Option<serde_json::Error>,
     },
+    /// A change reached CloudStack but its answer could not be read (empty, cut off, not CloudStack's): it
+    /// may have been carried out, like a change whose answer was lost.
+    #[error("the answer to {command} could not be read, so whether CloudStack carried it out is unknown; check the cloud's state before sending it again")]
+    Unanswered {
+        command: String,
+        #[source]
+        source: Box<Error>,
+    },
     /// An asynchronous job failed.
     #[error("CloudStack job {job_id} failed (errorcode {}): {}", error.errorcode, error.errortext)]
     JobFailed { job_id: String, error: JobError },
@@ -134,6 +143,7 @@ impl Error {
             Self::Api { kind, .. } => *kind,
             Self::Http { status, .. } => http_status_kind(*status),
             Self::Decode { .. } => ErrorKind::Decode,
+            Self::Unanswered { .. } => ErrorKind::Transient,
             Self::JobFailed { .. } => ErrorKind::JobFailed,
             Self::JobStillRunning { .. } => ErrorKind::JobStillRunning,
         }

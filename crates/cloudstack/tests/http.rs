@@ -501,6 +501,42 @@ async fn a_change_answered_with_a_server_error_is_not_sent_again() {
     assert_eq!(srv.calls_of("listVolumes").len(), 3);
 }
 
+/// An unreadable answer to a change is a lost answer (CloudStack may have carried it out): transient, not
+/// sent again, and not a decoding failure the caller would give up on.
+#[tokio::test]
+async fn an_unreadable_answer_to_a_change_is_a_lost_answer() {
+    let srv = TestServer::start().await;
+    let client = srv.client();
+    let create = CreateVolume {
+        name: "once".to_owned(),
+        zone_id: "zone-1".to_owned(),
+        disk_offering_id: "offering-1".to_owned(),
+        size_bytes: None,
+    };
+    for (i, body) in [
+        "",
+        r#"{"createvolumeresponse":{"id":"#,
+        "<html><body>maintenance</body></html>",
+        r#"{"createvolumeresponse":{}}"#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        srv.script("createVolume", vec![Reply::Raw(200, body)]);
+        let err = client.create_volume(&create).await.expect_err(body);
+        assert_eq!(err.kind(), ErrorKind::Transient, "{body:?}: {err}");
+        assert!(err.to_string().contains("could not be read"), "{err}");
+        assert_eq!(srv.calls_of("createVolume").len(), i + 1, "sent once");
+    }
+    srv.script("deleteVolume", vec![Reply::Raw(200, "")]);
+    let err = client.delete_volume("v").await.expect_err("empty");
+    assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+    // A read's unreadable answer stays a decoding failure.
+    srv.script("listZones", vec![Reply::Raw(200, "")]);
+    let err = client.list_zones().await.expect_err("empty");
+    assert_eq!(err.kind(), ErrorKind::Decode, "{err}");
+}
+
 #[tokio::test]
 async fn parameter_error_is_not_retried() {
     let srv = TestServer::start().await;

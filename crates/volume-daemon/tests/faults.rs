@@ -203,6 +203,32 @@ async fn a_change_whose_answer_was_a_server_error_is_carried_out_once() {
     d.stop().await;
 }
 
+/// An unreadable answer to createVolume (empty, cut off, a proxy's page with status 200) is a lost answer: the
+/// operation adopts the volume CloudStack made instead of failing and leaving it behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_answer_to_create_volume_adopts_the_volume_made() {
+    let d = TestDaemon::start().await;
+    for (name, body) in [
+        ("unread-empty", ""),
+        ("unread-cut", r#"{"createvolumeresponse":{"id":""#),
+        ("unread-html", "<html><body>maintenance</body></html>"),
+    ] {
+        d.sim().faults().add(FaultSpec::ReplaceAnswer {
+            command: "createVolume".into(),
+            count: 1,
+            status: 200,
+            body: body.into(),
+        });
+        let vol = d.create_volume(name, GIB).await;
+        assert_eq!(
+            cloud_volumes_named(&d, name).await,
+            vec![vol.to_string()],
+            "one volume named {name}, the operation's"
+        );
+    }
+    d.stop().await;
+}
+
 /// A job-status answer that says nothing (empty, cut off, a single refusal) does not end the wait: the job is
 /// asked again and the operation ends with the job's own outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
