@@ -201,6 +201,8 @@ fn text_says_not_found(text: &str) -> bool {
         "unable to find",
         "doesn't exist",
         "no such",
+        // deleteVolume of a volume already removed, CloudStack 4.13 and older (VolumeManagerImpl), sic.
+        "unable to aquire volume with id",
     ]
     .iter()
     .any(|p| t.contains(p))
@@ -232,7 +234,8 @@ fn text_says_limit(text: &str) -> bool {
 /// `errorcode` is CloudStack's `ApiErrorCode` (equal to the HTTP status of synchronous errors),
 /// `cserrorcode` its `CSExceptionErrorCode`. Rules, first match wins:
 /// - 401, 531 (account error) or cserrorcode 4365 (permission denied) → `Unauthorized`;
-/// - text saying "not found", "does not exist", "Unable to find" → `NotFound` (CloudStack reports
+/// - text saying "not found", "does not exist", "Unable to find", or "Unable to aquire volume with ID" (sic,
+///   deleteVolume of a removed volume on CloudStack 4.13 and older) → `NotFound` (CloudStack reports
 ///   missing entities as parameter errors, 431/4350, or wrapped in 530);
 /// - 429 (API throttling) → `Transient`;
 /// - 532, 533 or the per-VM data-disk maximum → `LimitExceeded`;
@@ -291,6 +294,10 @@ mod tests {
         );
         assert_eq!(
             classify(431, Some(4350), "Invalid parameter id value=x due to incorrect long value format, or entity does not exist or due to incorrect parameter annotation for the field in api cmd class."),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            classify(431, Some(4350), "Unable to aquire volume with ID: 42"),
             ErrorKind::NotFound
         );
         assert_eq!(

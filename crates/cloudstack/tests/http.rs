@@ -588,6 +588,18 @@ async fn not_found_text_maps_to_not_found_and_get_returns_none() {
     let err = client.delete_volume("vol-x").await.expect_err("not found");
     assert_eq!(err.kind(), ErrorKind::NotFound);
     assert_eq!(srv.calls_of("deleteVolume").len(), 1);
+    // CloudStack 4.13 and older say it so (sic) for a volume already removed.
+    srv.script(
+        "deleteVolume",
+        vec![cs_error(
+            "deleteVolume",
+            431,
+            4350,
+            "Unable to aquire volume with ID: 42",
+        )],
+    );
+    let err = client.delete_volume("vol-x").await.expect_err("not found");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
 }
 
 #[tokio::test]

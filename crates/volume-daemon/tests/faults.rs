@@ -229,6 +229,36 @@ async fn an_unreadable_answer_to_create_volume_adopts_the_volume_made() {
     d.stop().await;
 }
 
+/// CloudStack 4.13 and older refuse deleteVolume of a volume already removed with "Unable to aquire volume
+/// with ID" (sic): the delete completes, the volume being gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_volume_an_older_cloudstack_no_longer_has_completes() {
+    let d = TestDaemon::start().await;
+    let vol = d.create_volume("gone-old", GIB).await;
+    let client = cloudstack::Client::new(cloudstack::Config::new(
+        d.sim().api_url(),
+        "sim-api-key",
+        cloudstack::Secret::new("sim-secret-key"),
+    ))
+    .unwrap();
+    client.delete_volume(&vol.to_string()).await.unwrap();
+    d.sim().faults().add(FaultSpec::FailCommand {
+        command: "deleteVolume".into(),
+        count: 1,
+        errorcode: 431,
+        cserrorcode: Some(4350),
+        errortext: Some("Unable to aquire volume with ID: 42".into()),
+        probability: None,
+    });
+    let done = d.delete_ok(vol).await;
+    assert_eq!(
+        done["response"]["message"], "volume was already gone from CloudStack",
+        "{done}"
+    );
+    assert!(d.sim().faults().list().is_empty(), "the fault fired");
+    d.stop().await;
+}
+
 /// A job-status answer that says nothing (empty, cut off, a single refusal) does not end the wait: the job is
 /// asked again and the operation ends with the job's own outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
