@@ -259,6 +259,41 @@ async fn deleting_a_volume_an_older_cloudstack_no_longer_has_completes() {
     d.stop().await;
 }
 
+/// A job CloudStack does not know (purged, or another management server's) fails the attach with a cloud error
+/// that says so, not with an internal error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_job_unknown_to_cloudstack_fails_saying_so() {
+    let d = TestDaemon::start().await;
+    let vol = d.create_volume("job-unknown", GIB).await;
+    d.sim().faults().add(FaultSpec::SlowJob {
+        command: "attachVolume".into(),
+        extra_delay_ms: 3_000,
+        count: 1,
+    });
+    d.sim().faults().add(FaultSpec::ReplaceAnswer {
+        command: "queryAsyncJobResult".into(),
+        count: 1_000,
+        status: 431,
+        body: json!({"queryasyncjobresultresponse": {"uuidList": [], "errorcode": 431, "cserrorcode": 4350,
+            "errortext": "Unable to execute API command queryasyncjobresult due to invalid value. Invalid parameter \
+                jobid value=7 due to incorrect long value format, or entity does not exist or due to incorrect \
+                parameter annotation for the field in api cmd class."}})
+        .to_string(),
+    });
+    let done = attach_appliance(&d, vol).await;
+    d.sim().faults().clear();
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error_code"], "cloud_not_found", "{done}");
+    let err = done["error"].as_str().unwrap();
+    assert!(err.contains("CloudStack does not know job"), "{err}");
+    assert!(
+        err.contains(&format!("reports volume {vol} not attached")),
+        "{err}"
+    );
+    assert!(!err.contains("None") && !err.contains("Some("), "{err}");
+    d.stop().await;
+}
+
 /// A job-status answer that says nothing (empty, cut off, a single refusal) does not end the wait: the job is
 /// asked again and the operation ends with the job's own outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -194,7 +194,9 @@ impl ApiError {
                     EngineError::Cloud(c) if c.kind == CloudErrorKind::Unavailable => {
                         (StatusCode::SERVICE_UNAVAILABLE, code, None)
                     }
-                    EngineError::Cloud(_) => (StatusCode::BAD_GATEWAY, code, None),
+                    EngineError::Cloud(_) | EngineError::CloudJobUnknown { .. } => {
+                        (StatusCode::BAD_GATEWAY, code, None)
+                    }
                     EngineError::Device(_)
                     | EngineError::Export(_)
                     | EngineError::Compensated { .. }

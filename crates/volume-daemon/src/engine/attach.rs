@@ -115,8 +115,8 @@ impl Inner {
             })?;
         if v.vm_id.as_deref() != Some(vm_id) {
             return Err(EngineError::CloudDisagrees(format!(
-                "CloudStack finished the attach job {job_id} but reports volume {volume_id} attached to {:?}",
-                v.vm_id
+                "CloudStack finished the attach job {job_id} but reports volume {volume_id} {}",
+                super::whereabouts(Some(&v))
             )));
         }
         Ok(v)

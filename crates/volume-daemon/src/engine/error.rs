@@ -47,6 +47,17 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Cloud(#[from] CloudError),
+    /// CloudStack does not know a job the operation waits for (purged, or never recorded), and does not report
+    /// the volume as the job was to leave it.
+    #[error("CloudStack does not know job {job_id}, so what became of it is unknown, and reports volume {volume_id} {now}; check the volume in CloudStack and run the operation again")]
+    CloudJobUnknown {
+        job_id: String,
+        volume_id: Uuid,
+        /// Where the cloud reports the volume ("not attached", "attached to VM …", "gone").
+        now: String,
+        #[source]
+        source: CloudError,
+    },
     /// The cloud finished a job but reports a state the job should have changed.
     #[error("{0}; run POST /api/v1/reconcile to see the drift")]
     CloudDisagrees(String),
@@ -84,6 +95,7 @@ impl EngineError {
             Self::NotAccepting => ErrorCode::Unavailable,
             Self::Store(_) => ErrorCode::DatabaseError,
             Self::Cloud(e) => e.kind.code(),
+            Self::CloudJobUnknown { source, .. } => source.kind.code(),
             Self::Device(e) => e.code(),
             Self::Export(_) => ErrorCode::ExportFailed,
             Self::Compensated { cause, .. } => cause.code(),

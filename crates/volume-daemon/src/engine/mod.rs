@@ -293,6 +293,17 @@ impl Engine {
 }
 
 /// The first operation of an idempotency key, when `req` is the request it was journaled for.
+/// Where the cloud reports a volume, for messages: "not attached", "attached to VM …", "no longer listed".
+fn whereabouts(v: Option<&CloudVolume>) -> String {
+    match v {
+        None => "no longer listed".to_owned(),
+        Some(CloudVolume { vm_id: None, .. }) => "not attached".to_owned(),
+        Some(CloudVolume {
+            vm_id: Some(vm), ..
+        }) => format!("attached to VM {vm}"),
+    }
+}
+
 fn replay(first: OperationRecord, req: &Request, key: &str) -> Result<Submitted, EngineError> {
     if first.op_type == req.op_type() && first.request == req.to_json() {
         return Ok(Submitted {
@@ -430,8 +441,9 @@ impl Inner {
         }
     }
 
-    /// Waits for an attach or detach job; when the job fails but the cloud already reports the volume as the
-    /// job was to leave it (`reached`), answers that state instead of the failure. An attachVolume or
+    /// Waits for an attach or detach job; when the job fails, or CloudStack does not know it, but the cloud
+    /// already reports the volume as the job was to leave it (`reached`), answers that state instead of the
+    /// failure (an unknown job otherwise fails with [`EngineError::CloudJobUnknown`]). An attachVolume or
     /// detachVolume sent just before a crash, whose job id was never journaled, goes on in the cloud; the
     /// resumed operation adopts it while the cloud lists it pending (`start_or_adopt_volume_job`), but sends
     /// the call again when it ended in between (or the cloud could not list its jobs): then the second job
@@ -442,22 +454,31 @@ impl Inner {
         volume_id: Uuid,
         reached: impl Fn(Option<&CloudVolume>) -> bool,
     ) -> Result<Option<CloudVolume>, EngineError> {
-        let cause = match self.finish_job(job_id, volume_id).await {
-            Err(cause @ EngineError::Cloud(_)) => cause,
-            other => return other,
+        let cause = match self.cloud.wait_job(job_id, self.cfg.job_timeout).await {
+            Ok(Some(v)) => return Ok(Some(v)),
+            Ok(None) => return self.cloud_volume(volume_id).await,
+            Err(cause) => cause,
         };
         match self.cloud_volume(volume_id).await {
             Ok(now) if reached(now.as_ref()) => {
                 tracing::warn!(
                     volume = %volume_id,
                     job = job_id,
-                    error = %crate::error_chain(&cause),
-                    "the job failed but CloudStack already reports the volume as it was to leave it \
-                     (an earlier request whose job id was lost did it); going on"
+                    error = %cause.chain(),
+                    "the job failed or is unknown to CloudStack, but CloudStack already reports the volume as \
+                     it was to leave it (an earlier request whose job id was lost did it); going on"
                 );
                 Ok(now)
             }
-            _ => Err(cause),
+            Ok(now) if cause.kind == CloudErrorKind::NotFound => {
+                Err(EngineError::CloudJobUnknown {
+                    job_id: job_id.to_owned(),
+                    volume_id,
+                    now: whereabouts(now.as_ref()),
+                    source: cause,
+                })
+            }
+            _ => Err(cause.into()),
         }
     }
 
