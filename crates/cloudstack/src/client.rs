@@ -1,6 +1,7 @@
 //! The CloudStack HTTP client: signed GET and POST (form) requests, retries with bounded backoff and
 //! jitter, response unwrapping, the typed calls a volume service needs, paging and job waiting.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,7 +68,8 @@ pub(crate) struct ClientInner {
     pub(crate) retry: RetryPolicy,
     signature_expiry: Option<Duration>,
     pub(crate) job_poll: JobPollPolicy,
-    page_size: u32,
+    /// Items asked per page: the configured size, lowered for good once CloudStack refused it.
+    page_size: AtomicU32,
     /// Jobs being waited for, polled by one shared task.
     pub(crate) jobs: JobBoard,
 }
@@ -170,6 +172,32 @@ fn unanswered(command: &str, e: Error) -> Error {
     }
 }
 
+/// When `e` is CloudStack's refusal of a page size above its `default.page.size` (431 "Page size can't exceed
+/// max allowed page size value: 100", `BaseListCmd.getPageSize`): the size it names, if it names one.
+fn page_size_refusal(e: &Error) -> Option<Option<u32>> {
+    let Error::Api {
+        errorcode: 431,
+        errortext,
+        ..
+    } = e
+    else {
+        return None;
+    };
+    if !errortext
+        .to_ascii_lowercase()
+        .contains("page size can't exceed max allowed page size")
+    {
+        return None;
+    }
+    Some(
+        errortext
+            .rsplit(':')
+            .next()
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .filter(|n| *n > 0),
+    )
+}
+
 /// Whether an error is CloudStack's API limit (or a proxy's) refusing a request before it was dispatched.
 fn is_throttled(e: &Error) -> bool {
     match e {
@@ -258,7 +286,7 @@ impl Client {
                 retry: cfg.retry,
                 signature_expiry: cfg.signature_expiry,
                 job_poll: cfg.job_poll,
-                page_size: cfg.page_size,
+                page_size: AtomicU32::new(cfg.page_size),
                 jobs: JobBoard::default(),
             }),
         })
@@ -453,21 +481,50 @@ impl Client {
         mut params: Vec<(&str, String)>,
         page_size: Option<u32>,
     ) -> Result<Vec<T>, Error> {
-        let page_size = page_size.unwrap_or(self.inner.page_size).max(1);
-        params.push(("pagesize", page_size.to_string()));
+        let cap = self.inner.page_size.load(Ordering::Relaxed);
+        let mut page_size = page_size.unwrap_or(cap).min(cap).max(1);
+        params.push(("pagesize", String::new()));
+        let size_idx = params.len() - 1;
         params.push(("page", String::new()));
         let page_idx = params.len() - 1;
         let mut all = Vec::new();
-        for page in 1..=MAX_PAGES {
-            params[page_idx].1 = page.to_string();
-            let inner = self.request_with(Method::Get, command, &params).await?;
-            let decoded: decode::Page<T> = decode::list(command, &inner, key)?;
-            let n = decoded.items.len();
-            all.extend(decoded.items);
-            let complete = decoded.count.is_some_and(|c| all.len() as u64 >= c);
-            if n == 0 || n < page_size as usize || complete {
-                return Ok(all);
+        'pages: loop {
+            params[size_idx].1 = page_size.to_string();
+            all.clear();
+            for page in 1..=MAX_PAGES {
+                params[page_idx].1 = page.to_string();
+                let inner = match self.request_with(Method::Get, command, &params).await {
+                    Ok(inner) => inner,
+                    // CloudStack's default.page.size is smaller: list again with the size it names (or
+                    // half), and keep it for every later list.
+                    Err(e) => match page_size_refusal(&e) {
+                        Some(named) if page_size > 1 => {
+                            let smaller = named.filter(|n| *n < page_size).unwrap_or(page_size / 2);
+                            let before = self.inner.page_size.fetch_min(smaller, Ordering::Relaxed);
+                            if before > smaller {
+                                tracing::warn!(
+                                    command,
+                                    refused = page_size,
+                                    page_size = smaller,
+                                    "CloudStack refuses pages this large (its default.page.size is smaller); \
+                                     listing with smaller pages from now on"
+                                );
+                            }
+                            page_size = smaller;
+                            continue 'pages;
+                        }
+                        _ => return Err(e),
+                    },
+                };
+                let decoded: decode::Page<T> = decode::list(command, &inner, key)?;
+                let n = decoded.items.len();
+                all.extend(decoded.items);
+                let complete = decoded.count.is_some_and(|c| all.len() as u64 >= c);
+                if n == 0 || n < page_size as usize || complete {
+                    return Ok(all);
+                }
             }
+            break;
         }
         Err(Error::Decode {
             command: command.to_owned(),

@@ -127,7 +127,10 @@ pub struct Config {
     pub signature_expiry: Option<Duration>,
     /// Polling of asynchronous jobs by `wait_job`.
     pub job_poll: JobPollPolicy,
-    /// Page size used when listing (CloudStack's own default is 500).
+    /// Page size used when listing (CloudStack's own default is 500). When CloudStack refuses it (its
+    /// `default.page.size` is smaller: 431 "Page size can't exceed max allowed page size value: N"), the
+    /// list is asked again with pages of N (or half the size, when the text names none), and every later
+    /// list of the client uses that size; a warning is logged once.
     pub page_size: u32,
 }
 

@@ -720,6 +720,48 @@ async fn all_pages_are_fetched() {
     assert_eq!(srv.calls_of("listVolumes").len(), 3);
 }
 
+/// CloudStack refuses a page size above its `default.page.size`: the list is asked again in pages of the size
+/// its refusal names, and later lists use that size from the start.
+#[tokio::test]
+async fn a_refused_page_size_falls_back_to_the_one_named_and_is_kept() {
+    let srv = TestServer::start().await;
+    let refusal = || {
+        cs_error(
+            "listVolumes",
+            431,
+            4350,
+            "Page size can't exceed max allowed page size value: 2",
+        )
+    };
+    let page = |ids: &[&str]| {
+        ok(json!({ "listvolumesresponse":
+            {"count": 3, "volume": ids.iter().map(|i| volume_json(i)).collect::<Vec<_>>()} }))
+    };
+    srv.script(
+        "listVolumes",
+        vec![refusal(), page(&["a", "b"]), page(&["c"])],
+    );
+    let client = srv.client();
+    let vols = client
+        .list_volumes(&ListVolumes::default())
+        .await
+        .expect("listed in smaller pages");
+    let ids: Vec<&str> = vols.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c"]);
+    let sizes: Vec<Option<String>> = srv
+        .calls_of("listVolumes")
+        .iter()
+        .map(|c| c.param("pagesize").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        sizes,
+        [Some("500".into()), Some("2".into()), Some("2".into())]
+    );
+    srv.script("listZones", vec![ok(fixture("listZones_default.json"))]);
+    client.list_zones().await.expect("zones");
+    assert_eq!(srv.calls_of("listZones")[0].param("pagesize"), Some("2"));
+}
+
 fn job_reply(status: u32, result: Value) -> Reply {
     ok(
         json!({"queryasyncjobresultresponse": {"jobid": "job-1", "jobstatus": status, "jobprocstatus": 0,

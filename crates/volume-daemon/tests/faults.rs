@@ -294,6 +294,52 @@ async fn an_attach_job_unknown_to_cloudstack_fails_saying_so() {
     d.stop().await;
 }
 
+/// A CloudStack whose `default.page.size` is below the client's page size refuses its lists ("Page size can't
+/// exceed max allowed page size value: 2"): the daemon lists in pages of the size named instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_with_a_small_page_size_is_listed_in_pages_it_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sc = cloudsim::SimConfig::new(dir.path().join("sim"), dir.path().join("by-id"));
+    sc.listen = "127.0.0.1:0".parse().unwrap();
+    sc.job_delay = std::time::Duration::from_millis(20);
+    sc.page_size = 2;
+    let sim = cloudsim::Simulator::start(sc).await.unwrap();
+    let mut cfg = support::config(&dir.path().join("state"));
+    cfg.sim.enabled = false;
+    cfg.cloudstack_url = Some(sim.api_url());
+    cfg.cloudstack_api_key = Some(volume_daemon::config::Secret::new(
+        cloudsim::DEFAULT_API_KEY,
+    ));
+    cfg.cloudstack_secret_key = Some(volume_daemon::config::Secret::new(
+        cloudsim::DEFAULT_SECRET_KEY,
+    ));
+    cfg.by_id_dir = dir.path().join("by-id");
+    cfg.allow_regular_files = !volume_daemon::sim::running_as_root();
+    let d = volume_daemon::daemon::RunningDaemon::start(cfg)
+        .await
+        .expect("the daemon starts against a cloud with pages of 2");
+    let base = format!("http://{}/api/v1", d.api_addr());
+    let vms: Value = reqwest::get(format!("{base}/cloud/vms"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut listed: Vec<String> = vms
+        .as_array()
+        .unwrap_or_else(|| panic!("{vms}"))
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    listed.sort();
+    let mut want: Vec<String> = sim.vms().into_iter().map(|v| v.0).collect();
+    want.sort();
+    assert!(want.len() > 2, "more VMs than one page: {want:?}");
+    assert_eq!(listed, want, "every VM, over several pages");
+    d.shutdown().await;
+    sim.shutdown().await;
+}
+
 /// A job-status answer that says nothing (empty, cut off, a single refusal) does not end the wait: the job is
 /// asked again and the operation ends with the job's own outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
