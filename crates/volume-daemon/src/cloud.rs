@@ -56,6 +56,13 @@ impl CloudError {
     pub fn chain(&self) -> String {
         crate::error_chain(self)
     }
+
+    /// Whether a CloudStack job ran and ended failed (jobstatus 2), whatever its error's kind.
+    pub fn is_failed_job(&self) -> bool {
+        self.source
+            .downcast_ref::<cloudstack::Error>()
+            .is_some_and(|e| e.kind() == cloudstack::ErrorKind::JobFailed)
+    }
 }
 
 /// A volume as the cloud reports it.

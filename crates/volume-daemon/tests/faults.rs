@@ -340,6 +340,37 @@ async fn a_cloud_with_a_small_page_size_is_listed_in_pages_it_accepts() {
     sim.shutdown().await;
 }
 
+/// A createVolume job that fails while CloudStack keeps the volume it made when the call was accepted: the
+/// operation fails with the job's error and deletes that volume, which no one would otherwise know of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_create_job_leaves_no_volume_behind() {
+    let d = TestDaemon::start().await;
+    d.sim().faults().add(FaultSpec::FailJob {
+        command: "createVolume".into(),
+        count: 1,
+        errorcode: 530,
+        errortext: Some("Failed to create volume: primary storage full".into()),
+    });
+    let (s, op) = d
+        .post(
+            "/volumes",
+            json!({"name": "create-fails", "size": GIB, "disk_offering_id": d.custom_offering(), "zone_id": d.zone()}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    let done = d.wait_op(&op).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error_code"], "cloud_job_failed", "{done}");
+    let err = done["error"].as_str().unwrap();
+    assert!(err.contains("primary storage full"), "{err}");
+    assert!(err.contains("was deleted"), "{err}");
+    assert!(
+        cloud_volumes_named(&d, "create-fails").await.is_empty(),
+        "no volume left in CloudStack"
+    );
+    d.stop().await;
+}
+
 /// A job-status answer that says nothing (empty, cut off, a single refusal) does not end the wait: the job is
 /// asked again and the operation ends with the job's own outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use volume_api::{CreateVolumeRequest, CreateVolumeResponse};
 use super::journal::{json_of, CreateStep, Entry, Step};
 use super::validate::{create_size, validate_create};
 use super::{EngineError, Inner};
-use crate::cloud::NewCloudVolume;
+use crate::cloud::{CloudError, NewCloudVolume};
 use crate::store::VolumeRecord;
 
 /// The cloud's name of a volume as a UUID.
@@ -79,7 +79,12 @@ impl Inner {
                     })
                     .await?;
                 match volume_id {
-                    Some(v) => self.finish_job(&job_id, v).await?,
+                    Some(v) => match self.finish_job(&job_id, v).await {
+                        Err(EngineError::Cloud(e)) if e.is_failed_job() => {
+                            return Err(self.remove_failed_create(v, e).await);
+                        }
+                        other => other?,
+                    },
                     None => self.cloud.wait_job(&job_id, self.cfg.job_timeout).await?,
                 }
             }
@@ -114,6 +119,36 @@ impl Inner {
         let response = json_of(&response);
         self.commit(op, || self.store.commit_create(op.id, &rec, &response))
             .await
+    }
+
+    /// After the createVolume job failed: deletes the volume CloudStack made when the call was accepted and
+    /// keeps after the failure (it is no one's: the daemon records a volume only when the create completes), and
+    /// returns the job's failure with what became of that volume. Run again (a resumed entry meets the same
+    /// failed job), it finds the volume gone.
+    async fn remove_failed_create(&self, volume_id: Uuid, cause: CloudError) -> EngineError {
+        let outcome = match self.cloud_volume(volume_id).await {
+            Ok(None) => return EngineError::Cloud(cause),
+            Ok(Some(_)) => {
+                self.metrics.compensated();
+                match self.cloud.delete_volume(&volume_id.to_string()).await {
+                    Ok(_) => format!("volume {volume_id}, which CloudStack kept after the failure, was deleted"),
+                    Err(e) => format!(
+                        "volume {volume_id}, which CloudStack kept after the failure, could not be deleted: {}; \
+                         delete it in CloudStack",
+                        e.chain()
+                    ),
+                }
+            }
+            Err(e) => format!(
+                "whether CloudStack kept volume {volume_id} after the failure is unknown ({}); delete it in \
+                 CloudStack if it is listed",
+                crate::error_chain(&e)
+            ),
+        };
+        EngineError::Compensated {
+            cause: Box::new(EngineError::Cloud(cause)),
+            outcome,
+        }
     }
 
     /// Interrupted between journaling `cloud_create_sent` and journaling createVolume's answer: adopts the one
