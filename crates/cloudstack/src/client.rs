@@ -401,9 +401,11 @@ impl Client {
                 .inner
                 .http
                 .post(self.inner.url.clone())
+                // Servlet containers decode a form without a charset as ISO-8859-1, which would garble
+                // non-ASCII names; the signature is computed over the UTF-8 text.
                 .header(
                     reqwest::header::CONTENT_TYPE,
-                    "application/x-www-form-urlencoded",
+                    "application/x-www-form-urlencoded; charset=UTF-8",
                 )
                 .body(query),
         };

@@ -21,6 +21,8 @@ const SECRET: &str = "TESTSECRET-not-real";
 #[derive(Debug, Clone)]
 struct Call {
     method: HttpMethod,
+    /// The request's `Content-Type`, if any.
+    content_type: Option<String>,
     command: String,
     params: Vec<(String, String)>,
 }
@@ -102,6 +104,7 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
 async fn api(
     State(state): State<Arc<Mutex<ServerState>>>,
     method: HttpMethod,
+    headers: axum::http::HeaderMap,
     Form(params): Form<Vec<(String, String)>>,
 ) -> Response {
     let command = param(&params, "command").unwrap_or_default().to_owned();
@@ -142,6 +145,10 @@ async fn api(
         let mut st = state.lock().expect("state lock");
         st.calls.push(Call {
             method,
+            content_type: headers
+                .get(axum::http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
             command: command.clone(),
             params: signed,
         });
@@ -347,6 +354,11 @@ async fn create_volume_posts_a_signed_form_and_rounds_size_up() {
     );
     let calls = srv.calls();
     assert_eq!(calls[0].method, HttpMethod::POST);
+    // A servlet container decodes a form without a charset as ISO-8859-1.
+    assert_eq!(
+        calls[0].content_type.as_deref(),
+        Some("application/x-www-form-urlencoded; charset=UTF-8")
+    );
     assert_eq!(calls[0].param("name"), Some(name));
     assert_eq!(calls[0].param("size"), Some("11"));
     assert_eq!(calls[0].param("zoneid"), Some("zone-1"));
