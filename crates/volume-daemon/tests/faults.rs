@@ -1,5 +1,8 @@
 //! Faults injected into the simulator: each ends in a failed operation with a clear error and kind, and the
-//! cloud attachment undone (or never made). Also: transient cloud errors are retried and do not fail anything.
+//! cloud attachment undone (or never made), or a failed create's volume deleted. Also: transient cloud errors
+//! are retried and do not fail anything; a change whose answer was lost, refused after acting or unreadable is
+//! carried out once; job-status answers that say nothing are asked again; an older CloudStack's texts and a
+//! small `default.page.size` are understood.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 mod support;
