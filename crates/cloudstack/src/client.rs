@@ -198,6 +198,15 @@ fn page_size_refusal(e: &Error) -> Option<Option<u32>> {
     )
 }
 
+/// A change answered with an error worth retrying (a 534 "host unreachable", a 530) that is not sent again: it is
+/// transient, so that the caller checks what became of it before trying again, whatever the text suggests.
+fn may_have_acted(mut e: Error) -> Error {
+    if let Error::Api { kind, .. } = &mut e {
+        *kind = ErrorKind::Transient;
+    }
+    e
+}
+
 /// Whether an error is CloudStack's API limit (or a proxy's) refusing a request before it was dispatched.
 fn is_throttled(e: &Error) -> bool {
     match e {
@@ -305,9 +314,10 @@ impl Client {
     /// 530/534 when transient, other 5xx, and transport errors. A command that changes something (any but
     /// `list…`, `query…` and `get…`, see [`Method::for_command`]) is sent again only when it cannot have
     /// been acted on: after a 429 (CloudStack's API limit refuses before dispatching) or a failure to
-    /// connect. Once such a request reached the server, a 5xx, a 530/534, a lost answer or an unreadable
-    /// one ([`Error::Unanswered`]) goes back to the caller (kind [`ErrorKind::Transient`]), which has to check the cloud's state before sending it
-    /// again, since CloudStack may have acted on it. Parameter, permission and limit errors are never retried.
+    /// connect. Once such a request reached the server, a 5xx, a 530/534 (a 534 too, whatever its text),
+    /// a lost answer or an unreadable one ([`Error::Unanswered`]) goes back to the caller as kind
+    /// [`ErrorKind::Transient`]; the caller has to check the cloud's state before sending it again, since
+    /// CloudStack may have acted on it. Parameter, permission and limit errors are never retried.
     pub async fn request_with(
         &self,
         method: Method,
@@ -471,7 +481,9 @@ impl Client {
         }
         match interpret(command, status, retry_after, &bytes, attempts) {
             // CloudStack (or a proxy behind it) may have acted on a change it answered with an error.
-            Attempt::Retry(err, _) if !read_only && !is_throttled(&err) => Attempt::Done(Err(err)),
+            Attempt::Retry(err, _) if !read_only && !is_throttled(&err) => {
+                Attempt::Done(Err(may_have_acted(err)))
+            }
             other => other,
         }
     }

@@ -196,7 +196,15 @@ async fn a_change_whose_answer_was_a_server_error_is_carried_out_once() {
     assert_eq!(done["status"], "completed", "{done}");
     let (_, st) = d.get(&format!("/volumes/{vol}")).await;
     assert_eq!(st["state"], "attached", "{st}");
-    d.sim().faults().add(internal_error("detachVolume"));
+    d.sim().faults().add(FaultSpec::ReplaceAnswer {
+        command: "detachVolume".into(),
+        count: 1,
+        status: 534,
+        body:
+            json!({"detachvolumeresponse": {"uuidList": [], "errorcode": 534, "cserrorcode": 4380,
+            "errortext": "Resource [Host:1] is unreachable: Host 1: Unable to reach the host"}})
+            .to_string(),
+    });
     d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
     assert_undone(&d, vol).await;
     d.sim().faults().add(bad_gateway("deleteVolume"));
