@@ -201,6 +201,11 @@ async fn reserve(
     stop: &CancellationToken,
     broken: &CancellationToken,
 ) -> Result<Bytes, End> {
+    // Nothing waits for budget while there is room (a semaphore's permits stay free only while nobody
+    // waits), so taking it at once changes no order and spares the futures and the runtime's budget.
+    if let Some(b) = try_reserve(conn, n, small) {
+        return Ok(b);
+    }
     // Budgets are taken before any buffer exists: when they are spent, the socket is not read.
     let take = async {
         let c = Arc::clone(&conn.bytes).acquire_many_owned(n).await;
