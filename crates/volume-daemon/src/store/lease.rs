@@ -50,6 +50,11 @@ pub struct Lease {
     lost: Arc<watch::Sender<bool>>,
 }
 
+/// Sets the heartbeat and expiry of the lease row held by a holder with a token (binds: heartbeat, expiry,
+/// appliance, holder, token): a renewal, or a release (expiry now).
+const SET_EXPIRY: &str = "UPDATE appliance_leases SET heartbeat_at = ?, expires_at = ? \
+                          WHERE appliance_id = ? AND holder_id = ? AND token = ?";
+
 /// The lease a store and all its clones write under; replaced as a whole when the lease moves.
 pub(super) type LeaseSlot = Arc<RwLock<Arc<Lease>>>;
 
@@ -377,10 +382,7 @@ impl Store {
                 .map_err(q("giving the records to the appliance's new identity"))?;
         }
         let now = ts(Utc::now());
-        let sql = self.dialect.sql(
-            "UPDATE appliance_leases SET heartbeat_at = ?, expires_at = ? \
-             WHERE appliance_id = ? AND holder_id = ? AND token = ?",
-        );
+        let sql = self.dialect.sql(SET_EXPIRY);
         sqlx::query(&sql)
             .bind(now.clone())
             .bind(now)
@@ -406,10 +408,7 @@ impl Store {
         };
         let now = Utc::now();
         let expires = expiry(now, lease.ttl);
-        let sql = self.dialect.sql(
-            "UPDATE appliance_leases SET heartbeat_at = ?, expires_at = ? \
-             WHERE appliance_id = ? AND holder_id = ? AND token = ?",
-        );
+        let sql = self.dialect.sql(SET_EXPIRY);
         let res = sqlx::query(&sql)
             .bind(ts(now))
             .bind(ts(expires))
@@ -434,10 +433,7 @@ impl Store {
             return Ok(());
         };
         let now = ts(Utc::now());
-        let sql = self.dialect.sql(
-            "UPDATE appliance_leases SET heartbeat_at = ?, expires_at = ? \
-             WHERE appliance_id = ? AND holder_id = ? AND token = ?",
-        );
+        let sql = self.dialect.sql(SET_EXPIRY);
         sqlx::query(&sql)
             .bind(now.clone())
             .bind(now)
