@@ -9,6 +9,7 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
+use common::{ca_with as ca, Ca};
 use nbd::client::Handshake;
 use nbd::{Access, ServerConfig, Tls, TlsSettings};
 use rcgen::{
@@ -20,32 +21,8 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-struct Signer {
-    cert: Certificate,
-    key: KeyPair,
-}
-
-/// A CA named `name`, self-signed, or signed by `parent` (an intermediate).
-fn ca(name: &str, edit: impl FnOnce(&mut CertificateParams), parent: Option<&Signer>) -> Signer {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    edit(&mut p);
-    let key = KeyPair::generate().unwrap();
-    let cert = match parent {
-        None => p.self_signed(&key).unwrap(),
-        Some(s) => p.signed_by(&key, &s.cert, &s.key).unwrap(),
-    };
-    Signer { cert, key }
-}
-
 /// A client certificate (common name `cn`, DNS names `sans`, serial `serial`) signed by `by`: its PEM and key.
-fn client(by: &Signer, cn: &str, sans: &[&str], serial: u64) -> (String, KeyPair) {
+fn client(by: &Ca, cn: &str, sans: &[&str], serial: u64) -> (String, KeyPair) {
     let mut p =
         CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     p.distinguished_name.push(DnType::CommonName, cn);
@@ -60,7 +37,7 @@ fn client(by: &Signer, cn: &str, sans: &[&str], serial: u64) -> (String, KeyPair
 /// clients trust), and `ca-cert.pem` holding `client_cas`.
 struct ServerDir {
     dir: tempfile::TempDir,
-    server_ca: Signer,
+    server_ca: Ca,
 }
 
 impl ServerDir {

@@ -82,12 +82,19 @@ use rcgen::{
     KeyPair, KeyUsagePurpose,
 };
 
-struct Ca {
-    cert: Certificate,
-    key: KeyPair,
+/// A certificate authority made for a test: its certificate and key.
+pub struct Ca {
+    pub cert: Certificate,
+    pub key: KeyPair,
 }
 
 fn ca(name: &str) -> Ca {
+    ca_with(name, |_| {}, None)
+}
+
+/// A CA named `name` (unconstrained, allowed to sign certificates and CRLs) after `edit` changed its
+/// parameters: self-signed, or an intermediate signed by `parent`.
+pub fn ca_with(name: &str, edit: impl FnOnce(&mut CertificateParams), parent: Option<&Ca>) -> Ca {
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.distinguished_name.push(DnType::CommonName, name);
@@ -96,8 +103,12 @@ fn ca(name: &str) -> Ca {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    edit(&mut p);
     let key = KeyPair::generate().unwrap();
-    let cert = p.self_signed(&key).unwrap();
+    let cert = match parent {
+        None => p.self_signed(&key).unwrap(),
+        Some(s) => p.signed_by(&key, &s.cert, &s.key).unwrap(),
+    };
     Ca { cert, key }
 }
 
