@@ -26,6 +26,9 @@ use tokio::net::TcpStream;
 /// Bytes moved through one mapping between two drops of its page-table entries.
 pub const UNMAP_EVERY: usize = 32 * 1024 * 1024;
 
+/// Bytes of a WRITE payload's range mapped at a time ahead of receiving into it (see [`Mapping::receive`]).
+const POPULATE_STEP: usize = 1024 * 1024;
+
 /// A `MAP_SHARED` mapping of a whole export file, writable unless the export is read-only.
 #[derive(Debug)]
 pub struct Mapping {
@@ -124,6 +127,10 @@ impl Mapping {
     /// before a page of the file failed (`len` when all did): the caller reads the rest the ordinary way,
     /// which reports the file's error. `None` when the connection failed, or the client sent nothing for
     /// `timeout` in the middle of the payload: the session ends.
+    ///
+    /// Pages are mapped [`POPULATE_STEP`] bytes at a time, each step once the payload has reached it: a
+    /// client that announces a large WRITE and sends little of it makes tmpfs allocate pages only for
+    /// what it sent and one step more, not for the whole announced range.
     pub(crate) async fn receive(
         &self,
         sock: &TcpStream,
@@ -131,22 +138,31 @@ impl Mapping {
         len: usize,
         timeout: Duration,
     ) -> Option<usize> {
-        if !self.writable || len == 0 || self.populate_for_write(offset, len).is_err() {
+        if !self.writable || len == 0 {
             return Some(0);
         }
-        let base = self
-            .addr(offset, len)
-            .expect("populate_for_write checked the range (invariant)");
+        let Some(base) = self.addr(offset, len) else {
+            return Some(0);
+        };
         let mut done = 0;
+        // The end of the populated part of the payload.
+        let mut ready = 0;
         while done < len {
+            if done == ready {
+                let step = (len - done).min(POPULATE_STEP);
+                if self.populate_for_write(offset + done as u64, step).is_err() {
+                    break;
+                }
+                ready += step;
+            }
             let r = sock.try_io(Interest::READABLE, || {
-                // SAFETY: `[base+done, base+len)` lies inside this writable mapping, which outlives the
-                // call; the kernel writes the received bytes there and nothing else.
+                // SAFETY: `[base+done, base+ready)` lies inside this writable mapping, which outlives
+                // the call; the kernel writes the received bytes there and nothing else.
                 let n = unsafe {
                     libc::recv(
                         sock.as_raw_fd(),
                         (base + done) as *mut libc::c_void,
-                        len - done,
+                        ready - done,
                         libc::MSG_DONTWAIT,
                     )
                 };

@@ -230,6 +230,49 @@ async fn clients_that_vanish_or_stall_mid_payload_are_closed_and_others_go_on() 
     stop.send(()).unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announced_write_allocates_pages_only_as_its_payload_arrives() {
+    // Four clients each announce a 32 MiB WRITE into a sparse file and send 100 KB of it. tmpfs
+    // allocates pages where the server maps them for the payload; mapping the whole announced range
+    // at the header allocated 128 MiB of file for 400 KB sent.
+    let file = shm_file(256 * MIB);
+    let (addr, stop) = serve(file.path()).await;
+    let mut clients = Vec::new();
+    for i in 0..4u64 {
+        let mut c = open(addr).await;
+        let hdr = Request {
+            flags: 0,
+            command: CMD_WRITE,
+            cookie: i,
+            offset: i * 64 * MIB as u64,
+            length: 32 * MIB as u32,
+        };
+        c.send_raw(&hdr.encode()).await.unwrap();
+        c.send_raw(&pattern(100_000, i as u8)).await.unwrap();
+        clients.push(c);
+    }
+    eventually(
+        "the 400 KB sent are in the file (512-byte blocks allocated)",
+        || blocks(file.path()),
+        |&b| b * 512 >= 400_000,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let allocated = blocks(file.path()) * 512;
+    assert!(
+        allocated <= 4 * (MIB as u64 + 128 * 1024),
+        "{allocated} bytes allocated for 400 KB of payload"
+    );
+    drop(clients);
+    // A payload that spans several steps still lands whole.
+    let mut c = open(addr).await;
+    let data = pattern(5 * MIB + 4321, 9);
+    c.write(3, &data, 0).await.unwrap();
+    assert_eq!(c.read(3, data.len() as u32).await.unwrap(), data);
+    c.disconnect().await.unwrap();
+    stop.send(()).unwrap();
+}
+
 /// `len` bytes of `pattern` in a file on tmpfs: every page allocated.
 fn dense_shm_file(len: usize, seed: u8) -> (tempfile::NamedTempFile, Vec<u8>) {
     let file = shm_file(0);
