@@ -1490,6 +1490,84 @@ async fn a_moved_lease_takes_the_records_and_the_hub_changes_with_it(db: &TestDb
     Ok(())
 }
 
+/// A write that begins while the lease moves waits for the move (which holds the old lease's row), is not
+/// fenced, and its record is the new identity's: one left with the old owner would be left behind by the
+/// move (with an unknown identity, `""`: anyone's to claim at the next start).
+async fn a_write_waiting_on_a_moving_lease_writes_under_the_new_one(db: &TestDb) -> Result<()> {
+    let store = open(db).await?;
+    let ttl = std::time::Duration::from_secs(30);
+    let a = store.acquire_lease("", &holder("a"), ttl).await?;
+    let url = db.url.replacen("mariadb://", "mysql://", 1);
+    let outsider = store.reading_as("appliance-outside");
+    let mut previous = String::new();
+    for round in 1..=2 {
+        let next = format!("appliance-{round}");
+        let blocker = a.clone();
+        let held = volume(&format!("held-{round}"));
+        blocker.upsert_volume(&held).await?;
+        // Another connection holds what the move needs after it has locked the old lease's row: a
+        // row of the records it re-labels (PostgreSQL, MariaDB), the database's write lock (SQLite).
+        let mut other = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await?;
+        let lock = match db.backend {
+            db::Backend::Sqlite => "BEGIN IMMEDIATE".to_string(),
+            _ => "BEGIN".to_string(),
+        };
+        sqlx::query(&lock).execute(&mut other).await?;
+        if db.backend != db::Backend::Sqlite {
+            let sql = match db.backend {
+                db::Backend::Postgres => "UPDATE volumes SET name = name WHERE id = $1",
+                _ => "UPDATE volumes SET name = name WHERE id = ?",
+            };
+            sqlx::query(sql)
+                .bind(held.id.to_string())
+                .execute(&mut other)
+                .await?;
+        }
+        let mover = a.clone();
+        let target = next.clone();
+        let moving = tokio::spawn(async move { mover.move_lease(&target).await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let writer = a.clone();
+        let written = volume(&format!("written-{round}"));
+        let w = written.clone();
+        let writing = tokio::spawn(async move { writer.upsert_volume(&w).await });
+        // The heartbeat renews meanwhile: it must not extend the lease the move gives up.
+        let renewer = a.clone();
+        let renewing = tokio::spawn(async move { renewer.renew_lease().await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        sqlx::query("COMMIT").execute(&mut other).await?;
+        let moved = moving.await??;
+        writing
+            .await?
+            .with_context(|| format!("round {round}: the write during the move"))?;
+        renewing
+            .await?
+            .with_context(|| format!("round {round}: the renewal during the move"))?;
+        ensure!(moved.appliance_id() == next);
+        let given_up = store.lease_of(&previous).await?.context("old lease row")?;
+        ensure!(
+            given_up.expires_at <= Utc::now(),
+            "round {round}: the lease of {previous:?} given up by the move is held until {}",
+            given_up.expires_at
+        );
+        for v in [&held, &written] {
+            ensure!(
+                outsider.foreign_owner(v.id).await?.as_deref() == Some(next.as_str()),
+                "round {round}: volume {} is {:?}'s, not {next}'s (moved from {previous:?})",
+                v.name,
+                outsider.foreign_owner(v.id).await?
+            );
+        }
+        ensure!(
+            !*a.lease().context("lease")?.lost().borrow(),
+            "round {round}: the lease counts as lost"
+        );
+        a.renew_lease().await?;
+        previous = next;
+    }
+    Ok(())
+}
+
 on_every_database!(
     operations_insert_get_list_with_filters,
     idempotency_key_returns_the_existing_operation,
@@ -1512,6 +1590,7 @@ on_every_database!(
     unfinished_operations_come_in_queue_order_not_creation_order,
     stale_tokens_cannot_write_and_takeover_after_expiry_increments_the_token,
     a_moved_lease_takes_the_records_and_the_hub_changes_with_it,
+    a_write_waiting_on_a_moving_lease_writes_under_the_new_one,
     hub_outbox_journals_each_commit_in_order_only_when_on,
 );
 

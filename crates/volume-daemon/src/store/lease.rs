@@ -4,7 +4,8 @@
 //! token at the start of every write transaction ([`Store::begin_write`]), holding a lock on the lease row
 //! until the transaction ends, so a daemon whose lease was taken over cannot write anything. The store's clones
 //! share one lease slot, so a lease moved to another appliance ([`Store::move_lease`], when the identity
-//! becomes known at run time) binds every part of the daemon at once.
+//! becomes known at run time) binds every part of the daemon at once; a renewal or release waits for a move in
+//! progress, so it never extends or gives up a lease the move left or took.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -56,23 +57,44 @@ const SET_EXPIRY: &str = "UPDATE appliance_leases SET heartbeat_at = ?, expires_
                           WHERE appliance_id = ? AND holder_id = ? AND token = ?";
 
 /// The lease a store and all its clones write under; replaced as a whole when the lease moves.
-pub(super) type LeaseSlot = Arc<RwLock<Arc<Lease>>>;
+pub(super) type LeaseSlot = Arc<Slot>;
 
-fn new_slot(lease: Lease) -> LeaseSlot {
-    Arc::new(RwLock::new(Arc::new(lease)))
+pub(super) struct Slot {
+    lease: RwLock<Arc<Lease>>,
+    /// Held by a move from before it reads the current lease until it has replaced it, and by a renewal or
+    /// release for its statement: one of those that read the lease before a move committed would otherwise
+    /// extend (or release) the lease the move gave up.
+    settled: tokio::sync::Mutex<()>,
 }
 
-fn current(slot: &LeaseSlot) -> Arc<Lease> {
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("lease", &current(self))
+            .finish_non_exhaustive()
+    }
+}
+
+fn new_slot(lease: Lease) -> LeaseSlot {
+    Arc::new(Slot {
+        lease: RwLock::new(Arc::new(lease)),
+        settled: tokio::sync::Mutex::new(()),
+    })
+}
+
+fn current(slot: &Slot) -> Arc<Lease> {
     // The slot holds a plain value that a panicking writer cannot leave half-changed.
     Arc::clone(
         &slot
+            .lease
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     )
 }
 
-fn replace(slot: &LeaseSlot, lease: Arc<Lease>) {
+fn replace(slot: &Slot, lease: Arc<Lease>) {
     *slot
+        .lease
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = lease;
 }
@@ -179,7 +201,7 @@ impl Store {
 
     /// The lease this store writes under now, when it is bound to one.
     pub fn lease(&self) -> Option<Arc<Lease>> {
-        self.lease.as_ref().map(current)
+        self.lease.as_deref().map(current)
     }
 
     /// The lease row of `appliance_id`, when there is one.
@@ -330,6 +352,7 @@ impl Store {
                 "this store holds no lease; take one with acquire_lease",
             ));
         };
+        let _settled = slot.settled.lock().await;
         let old = current(slot);
         if old.appliance_id == appliance_id {
             return Ok(old);
@@ -401,11 +424,13 @@ impl Store {
     /// Extends the lease by its TTL from now. `Fenced` (and the lease marked lost) when another daemon has
     /// taken it over; any other error leaves the lease as it was (the caller retries until it expires).
     pub async fn renew_lease(&self) -> Result<DateTime<Utc>, StoreError> {
-        let Some(lease) = self.lease() else {
+        let Some(slot) = &self.lease else {
             return Err(StoreError::conflict(
                 "this store holds no lease; take one with acquire_lease",
             ));
         };
+        let _settled = slot.settled.lock().await;
+        let lease = current(slot);
         let now = Utc::now();
         let expires = expiry(now, lease.ttl);
         let sql = self.dialect.sql(SET_EXPIRY);
@@ -429,9 +454,11 @@ impl Store {
     /// Gives the lease up (expired at once) so that the next daemon need not wait for the TTL. Does nothing
     /// when the lease was already taken over.
     pub async fn release_lease(&self) -> Result<(), StoreError> {
-        let Some(lease) = self.lease() else {
+        let Some(slot) = &self.lease else {
             return Ok(());
         };
+        let _settled = slot.settled.lock().await;
+        let lease = current(slot);
         let now = ts(Utc::now());
         let sql = self.dialect.sql(SET_EXPIRY);
         sqlx::query(&sql)
