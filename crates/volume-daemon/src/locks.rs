@@ -13,14 +13,18 @@ pub struct Queues {
     next_id: std::sync::atomic::AtomicU64,
 }
 
-/// A place in a key's queue; dropping it (or [`Turn::finish`]) lets the next one run.
+/// A place in a key's queue; dropping it lets the next one run, but never before every earlier place has
+/// finished: a place given up while it waited (a request whose client went away, a cancelled wait) hands
+/// its wait on to the next one.
 #[derive(Debug)]
 pub struct Turn {
     queues: Arc<Queues>,
     key: String,
     id: u64,
+    /// The place before this one, until [`Turn::wait`] saw it finish.
     previous: Option<watch::Receiver<()>>,
-    _done: watch::Sender<()>,
+    /// Dropped when this place is done (the next place waits for that).
+    done: Option<watch::Sender<()>>,
 }
 
 impl Queues {
@@ -37,7 +41,7 @@ impl Queues {
             key: key.to_string(),
             id,
             previous,
-            _done: tx,
+            done: Some(tx),
         }
     }
 
@@ -56,18 +60,31 @@ impl Queues {
 impl Turn {
     /// Waits until every earlier place in the queue has finished.
     pub async fn wait(&mut self) {
-        if let Some(mut prev) = self.previous.take() {
-            // The sender is dropped when the previous turn finishes; `changed` then returns Err.
+        if let Some(prev) = self.previous.as_mut() {
+            // The sender is dropped when the previous turn finishes; `changed` then returns Err. Cancelled
+            // here, the turn keeps `previous`, and its drop waits for it.
             while prev.changed().await.is_ok() {}
         }
+        self.previous = None;
     }
 }
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        let mut tails = self.queues.tails.lock().expect("queue map lock poisoned");
-        if tails.get(&self.key).map(|(id, _)| *id) == Some(self.id) {
-            tails.remove(&self.key);
+        {
+            let mut tails = self.queues.tails.lock().expect("queue map lock poisoned");
+            if tails.get(&self.key).map(|(id, _)| *id) == Some(self.id) {
+                tails.remove(&self.key);
+            }
+        }
+        // Given up before its turn came: the next place runs only once the previous one has finished.
+        if let (Some(mut prev), Some(done)) = (self.previous.take(), self.done.take()) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    while prev.changed().await.is_ok() {}
+                    drop(done);
+                });
+            }
         }
     }
 }
@@ -124,6 +141,44 @@ mod tests {
         }
         assert_eq!(*log.lock().unwrap(), (0..10).collect::<Vec<_>>());
         assert!(q.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_place_given_up_before_its_turn_keeps_the_next_waiting() {
+        let q = Arc::new(Queues::default());
+        let first = q.enqueue("v");
+        // The second place is given up while it waits (its request's client went away) ...
+        let mut second = q.enqueue("v");
+        let mut third = q.enqueue("v");
+        let waiting = tokio::spawn(async move { second.wait().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waiting.abort();
+        let _ = waiting.await;
+        // ... and one never waited for at all.
+        let fourth = q.enqueue("v");
+        let mut fifth = q.enqueue("v");
+        drop(fourth);
+        // The third and fifth still wait for the first.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), third.wait())
+                .await
+                .is_err(),
+            "the third place ran while the first was running"
+        );
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), third.wait())
+            .await
+            .expect("the third place runs once the first finished");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), fifth.wait())
+                .await
+                .is_err(),
+            "the fifth place ran while the third was running"
+        );
+        drop(third);
+        tokio::time::timeout(Duration::from_secs(5), fifth.wait())
+            .await
+            .expect("the fifth place runs once the third finished");
     }
 
     #[tokio::test]
