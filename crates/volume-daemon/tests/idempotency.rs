@@ -236,3 +236,104 @@ async fn malformed_or_repeated_keys_are_refused_and_nothing_is_recorded() {
     assert_eq!(ok.status, StatusCode::CREATED, "{}", ok.body);
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_check_saw_the_same_keys_first_request_run_is_its_replay() {
+    let d = TestDaemon::start().await;
+    let vol = d.create_volume("idem-race", GIB).await;
+    let vm = d.other_vm(0);
+    let path = format!("/volumes/{vol}/attach");
+    // The first request's check is slow (CloudStack answers its VM look-up late); the same request sent
+    // meanwhile is journaled and has attached the volume by the time that check looks.
+    d.sim().faults().add(cloudsim::FaultSpec::SlowCommand {
+        command: "listVirtualMachines".into(),
+        delay_ms: 2000,
+        count: 1,
+    });
+    let slow = {
+        let (http, base, path, vm) = (d.http.clone(), d.base.clone(), path.clone(), vm.clone());
+        tokio::spawn(async move {
+            let resp = http
+                .post(format!("{base}{path}"))
+                .header("Idempotency-Key", "attach-race")
+                .json(&json!({ "vm_id": vm }))
+                .send()
+                .await
+                .unwrap();
+            let replayed = resp
+                .headers()
+                .get("Idempotent-Replayed")
+                .map(|v| v.to_str().unwrap().to_string());
+            (resp.status(), replayed, resp.json::<Value>().await.unwrap())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let fast = send(
+        &d,
+        reqwest::Method::POST,
+        &path,
+        "attach-race",
+        Some(json!({ "vm_id": vm })),
+    )
+    .await;
+    assert_eq!(fast.status, StatusCode::CREATED, "{}", fast.body);
+    let done = d.wait_op(&fast.body).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let (status, replayed, body) = slow.await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "the slow request is the same request again: {body}"
+    );
+    assert_eq!(replayed.as_deref(), Some("true"));
+    assert_eq!(body["id"], fast.body["id"]);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_journaled_for_a_client_that_went_away_still_runs() {
+    use tokio::io::AsyncWriteExt;
+    let d = TestDaemon::start().await;
+    let addr = d
+        .base
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    // Clients that send a create and disconnect at once, at staggered moments: some before the request
+    // was read, some while it is being checked or journaled, some after it was answered.
+    for i in 0..200u64 {
+        let body = json!({"name": format!("gone-{i}"), "size": GIB, "disk_offering_id": d.custom_offering(), "zone_id": d.zone()}).to_string();
+        let req = format!(
+            "POST /api/v1/volumes HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_micros((i % 40) * 150)).await;
+        drop(s);
+    }
+    // Every operation journaled runs to the end; none waits, unqueued, for a restart.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (s, unfinished) = d.get("/operations?status=pending").await;
+        assert_eq!(s, StatusCode::OK, "{unfinished}");
+        let (_, running) = d.get("/operations?status=executing").await;
+        let left = unfinished.as_array().unwrap().len() + running.as_array().unwrap().len();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} operations still unfinished after 60 s: {unfinished}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let (_, all) = d.get("/operations").await;
+    assert!(
+        !all.as_array().unwrap().is_empty(),
+        "some creates were journaled"
+    );
+    d.stop().await;
+}

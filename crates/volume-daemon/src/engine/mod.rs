@@ -186,7 +186,35 @@ impl Engine {
         if let Some(v) = req.volume_id() {
             self.inner.refuse_foreign(v).await?;
         }
-        self.inner.precheck(&req).await?;
+        if let Err(e) = self.inner.precheck(&req).await {
+            // A concurrent request with the same key may have been journaled, and even run, while this one
+            // was checked, and the check saw its effect (an attach seeing the volume attached): the replay
+            // of that request is the answer, not the refusal.
+            if let Some(key) = &idempotency_key {
+                if let Some(first) = self.inner.store.operation_by_idempotency_key(key).await? {
+                    return replay(first, &req, key);
+                }
+            }
+            return Err(e);
+        }
+        // Journaling and queuing run to the end even when the request that asked for them goes away
+        // meanwhile (its client disconnected, the request timed out): an operation journaled and not
+        // queued would wait, unseen, for the next start and then run out of its volume's order.
+        let engine = self.clone();
+        let journaled = tokio::spawn(async move { engine.journal(req, idempotency_key).await });
+        match journaled.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(EngineError::NotAccepting),
+        }
+    }
+
+    /// Numbers, journals and queues a checked request.
+    async fn journal(
+        &self,
+        req: Request,
+        idempotency_key: Option<String>,
+    ) -> Result<Submitted, EngineError> {
         // Numbering, journaling and queuing happen under the volume's submission lock, so the journal's order
         // (`queue_seq`) is the order of the volume's queue, which recovery re-creates.
         let _queuing = match req.volume_id() {
