@@ -178,6 +178,8 @@ fn read_server_key(dir: &Path) -> Result<PrivateKeyDer<'static>, NbdError> {
 #[derive(Debug)]
 struct Anchor {
     subject: Vec<u8>,
+    /// The CA's public key (DER SubjectPublicKeyInfo): a certificate is this CA's only when it verifies.
+    key: Vec<u8>,
     not_before: i64,
     not_after: i64,
     path_len: Option<u32>,
@@ -204,10 +206,20 @@ impl Anchor {
         }
         Ok(Anchor {
             subject: cert.subject().as_raw().to_vec(),
+            key: cert.public_key().raw.to_vec(),
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             path_len: constraints.and_then(|c| c.value.path_len_constraint),
         })
+    }
+}
+
+impl Anchor {
+    /// Whether this CA's key verifies `cert`'s signature.
+    fn signed(&self, cert: &x509_parser::certificate::X509Certificate<'_>) -> bool {
+        use x509_parser::prelude::FromDer;
+        x509_parser::x509::SubjectPublicKeyInfo::from_der(&self.key)
+            .is_ok_and(|(_, key)| cert.verify_signature(Some(&key)).is_ok())
     }
 }
 
@@ -243,10 +255,12 @@ impl AnchorLimits {
         let mut current = parse(end_entity)?;
         for below in 0..=u32::try_from(intermediates.len()).unwrap_or(u32::MAX) {
             let issuer = current.issuer().as_raw();
+            // A CA of ca-cert.pem by name and by key: an intermediate may carry a CA's name (and its
+            // limits do not apply to it) without its key.
             let mut named = self
                 .anchors
                 .iter()
-                .filter(|a| a.subject == issuer)
+                .filter(|a| a.subject == issuer && a.signed(&current))
                 .peekable();
             if named.peek().is_some() {
                 let mut why = String::new();

@@ -207,6 +207,15 @@ async fn a_chain_to_an_expired_ca_or_past_its_path_length_is_refused() {
         let (srv, _file) = serve(&dir, Access::Anyone).await;
         let got = open(&srv, &dir.connector(&[&cert, &inter.cert.pem()], &key)).await;
         assert_eq!(got.is_ok(), admitted, "pathlen:{path_len}: {got:?}");
+        // An intermediate that carries the root's own name is still an intermediate.
+        let namesake = ca("root", |_| {}, Some(&root));
+        let (cert, key) = client(&namesake, "writer-3", &[], 4);
+        let got = open(&srv, &dir.connector(&[&cert, &namesake.cert.pem()], &key)).await;
+        assert_eq!(
+            got.is_ok(),
+            admitted,
+            "pathlen:{path_len}, intermediate named as the root: {got:?}"
+        );
         // Directly under the root, the client is admitted either way.
         let (direct, direct_key) = client(&root, "writer-2", &[], 3);
         open(&srv, &dir.connector(&[&direct], &direct_key))
