@@ -155,6 +155,7 @@ pub(super) async fn force_sync(State(st): State<AppState>) -> Result<Response, A
     params(("Idempotency-Key" = Option<String>, Header, description = "the same request again returns the first operation with `Idempotent-Replayed: true`")),
     responses(
         (status = 201, description = "journaled; `type` is `test_failover_cleanup`, `vm_id` the test VM; the test VM is stopped (unless `force_clean`), the volume detached from it, the test VM destroyed (`delete_vm`), and the volume attached, named and exported on the appliance", body = Operation),
+        (status = 503, description = "starting up or shutting down", body = ErrorBody),
         (status = 400, description = "invalid input, or `oma_vm_id` is not this daemon's appliance", body = ErrorBody),
         (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),

@@ -285,6 +285,7 @@ async fn attach_volume(
            ("Idempotency-Key" = Option<String>, Header, description = "looked up before anything else: the same request again returns the first operation with `Idempotent-Replayed: true`; another request with the key is a 422 `idempotency_key_reused`")),
     responses(
         (status = 201, description = "journaled; CloudStack device id 0 on a VM other than the appliance", body = Operation),
+        (status = 503, description = "starting up or shutting down", body = ErrorBody),
         (status = 422, description = "no such VM, or the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 400, description = "invalid input, or the appliance named", body = ErrorBody),
         (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
@@ -309,6 +310,7 @@ async fn attach_root(
            ("Idempotency-Key" = Option<String>, Header, description = "looked up before anything else: the same request again returns the first operation with `Idempotent-Replayed: true`; another request with the key is a 422 `idempotency_key_reused`")),
     responses(
         (status = 201, description = "journaled; `type` is `detach`; the export is drained first", body = Operation),
+        (status = 503, description = "starting up or shutting down", body = ErrorBody),
         (status = 400, description = "invalid volume id or Idempotency-Key", body = ErrorBody),
         (status = 422, description = "the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
@@ -337,6 +339,7 @@ async fn detach_volume(
            ("Idempotency-Key" = Option<String>, Header, description = "a repeated key returns the first operation")),
     responses(
         (status = 201, description = "journaled as a `repair` operation with `repair` `adopt`: a volume CloudStack has attached to the appliance is verified, named and served; CloudStack is not asked to change anything", body = Operation),
+        (status = 503, description = "starting up or shutting down", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
         (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
     )
@@ -363,6 +366,7 @@ async fn adopt_volume(
            ("Idempotency-Key" = Option<String>, Header, description = "looked up before anything else: the same request again returns the first operation with `Idempotent-Replayed: true`; another request with the key is a 422 `idempotency_key_reused`")),
     responses(
         (status = 201, description = "journaled; `type` is `delete`; detached first when attached", body = Operation),
+        (status = 503, description = "starting up or shutting down", body = ErrorBody),
         (status = 400, description = "invalid volume id or Idempotency-Key", body = ErrorBody),
         (status = 422, description = "the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 404, description = "unknown or already deleted volume", body = ErrorBody),

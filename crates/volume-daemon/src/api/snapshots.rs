@@ -54,6 +54,7 @@ pub(super) fn routes() -> Router<AppState> {
            ("Idempotency-Key" = Option<String>, Header, description = "the same request again returns the first operation with `Idempotent-Replayed: true`")),
     responses(
         (status = 201, description = "journaled; `type` is `snapshot_create`; on completion the volume's `snapshot` tracks the new snapshot", body = Operation),
+        (status = 503, description = "starting up or shutting down", body = ErrorBody),
         (status = 400, description = "invalid input", body = ErrorBody),
         (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
         (status = 404, description = "unknown volume", body = ErrorBody),
@@ -106,6 +107,7 @@ pub(super) async fn list_snapshots(
            ("Idempotency-Key" = Option<String>, Header, description = "the same request again returns the first operation with `Idempotent-Replayed: true`")),
     responses(
         (status = 201, description = "journaled; `type` is `snapshot_revert`; the volume's data becomes the snapshot's", body = Operation),
+        (status = 503, description = "starting up or shutting down", body = ErrorBody),
         (status = 400, description = "the snapshot is another volume's", body = ErrorBody),
         (status = 404, description = "unknown volume or snapshot", body = ErrorBody),
         (status = 409, description = "`volume_attached`: the volume is attached; detach it first; or `volume_owned_by_other_appliance`: the volume is held by another appliance sharing the database", body = ErrorBody),
@@ -135,6 +137,7 @@ pub(super) async fn revert_snapshot(
            ("Idempotency-Key" = Option<String>, Header, description = "the same request again returns the first operation with `Idempotent-Replayed: true`")),
     responses(
         (status = 201, description = "journaled; `type` is `snapshot_delete`; the volume stops tracking it", body = Operation),
+        (status = 503, description = "starting up or shutting down", body = ErrorBody),
         (status = 400, description = "the snapshot is another volume's", body = ErrorBody),
         (status = 404, description = "unknown volume or snapshot", body = ErrorBody),
         (status = 409, description = "volume held by another appliance sharing the database (`volume_owned_by_other_appliance`)", body = ErrorBody),
