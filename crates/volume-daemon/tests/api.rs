@@ -293,6 +293,76 @@ async fn appliance_attach_exports_and_detach_removes_the_export() {
     d.stop().await;
 }
 
+/// Two attaches of one volume to one VM, the second submitted while the first runs (so its check passes, as a
+/// detach could run between them): the second fails as a conflict and leaves the first's export and its
+/// clients alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_second_attach_to_the_same_vm_is_a_conflict_that_keeps_the_export_and_its_clients()
+{
+    let d = TestDaemon::start().await;
+    for (vm, name) in [
+        (d.appliance(), "twice-app"),
+        (d.other_vm(0), "twice-remote"),
+    ] {
+        let vol = d.create_volume(name, GIB).await;
+        d.sim().faults().add(cloudsim::FaultSpec::SlowJob {
+            command: "attachVolume".into(),
+            extra_delay_ms: 1_500,
+            count: 1,
+        });
+        let path = format!("/volumes/{vol}/attach");
+        let (s, first) = d.post(&path, json!({"vm_id": vm})).await;
+        assert_eq!(s, StatusCode::CREATED, "{first}");
+        let (s, second) = d.post(&path, json!({"vm_id": vm})).await;
+        assert_eq!(s, StatusCode::CREATED, "queued behind the first: {second}");
+        let first = d.wait_op(&first).await;
+        assert_eq!(first["status"], "completed", "{first}");
+        let (_, before) = d.get(&format!("/volumes/{vol}")).await;
+        let client = if vm == d.appliance() {
+            let export = first["response"]["export_name"].as_str().unwrap();
+            let mut c = nbd::client::Handshake::connect(d.daemon().nbd_addr())
+                .await
+                .unwrap()
+                .go(export)
+                .await
+                .unwrap();
+            c.write(0, &[0x5a; 4096], 0).await.unwrap();
+            Some(c)
+        } else {
+            None
+        };
+
+        let second = d.wait_op(&second).await;
+        assert_eq!(second["status"], "failed", "{second}");
+        assert_eq!(second["error_code"], "conflict", "{second}");
+        assert!(
+            second["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("already attached to VM {vm}")),
+            "{second}"
+        );
+        let (_, after) = d.get(&format!("/volumes/{vol}")).await;
+        assert_eq!(after["attachment"], before["attachment"], "{after}");
+        assert_eq!(after["state"], "attached", "{after}");
+        if let Some(mut c) = client {
+            // The same session goes on: the export was not served again under it.
+            c.write(4096, &[0xa5; 4096], 0).await.unwrap();
+            c.flush().await.unwrap();
+            let back = c.read(0, 8192).await.unwrap();
+            assert!(back[..4096].iter().all(|&b| b == 0x5a));
+            assert!(back[4096..].iter().all(|&b| b == 0xa5));
+            let (_, e) = d.get(&format!("/exports/{vol}")).await;
+            assert_eq!(
+                e["generation"], first["response"]["export_generation"],
+                "{e}"
+            );
+        }
+        d.delete_ok(vol).await;
+    }
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_root_and_data_attachments_are_listed_per_vm_and_delete_detaches_first() {
     let d = TestDaemon::start().await;

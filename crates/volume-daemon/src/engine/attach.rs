@@ -47,13 +47,15 @@ impl Inner {
             });
         }
         let volume = self.volume_record(volume_id).await?;
+        // An attachment is recorded only with the commit that ends an attach, so one found here is another
+        // operation's: an attach queued behind it (its check passed while that one ran) must not serve the
+        // export again under its clients, nor undo that attach when its own part fails.
         if let Some(a) = self.store.get_attachment(volume_id).await? {
-            if a.vm_id != vm_id {
-                return Err(EngineError::Conflict(format!(
-                    "volume {volume_id} is attached to VM {}; detach it first",
-                    a.vm_id
-                )));
-            }
+            let which = if a.vm_id == vm_id { "already " } else { "" };
+            return Err(EngineError::Conflict(format!(
+                "volume {volume_id} is {which}attached to VM {}; detach it first",
+                a.vm_id
+            )));
         }
         let cv = self.cloud_volume(volume_id).await?.ok_or_else(|| {
             EngineError::NotFound(format!("volume {volume_id} does not exist in CloudStack"))
