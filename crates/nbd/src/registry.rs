@@ -84,6 +84,9 @@ pub struct RemoveReport {
     /// Why the final flush of a writable export failed (`None`: flushed, or read-only). Data written
     /// through the export may not be on stable storage then.
     pub flush_error: Option<std::sync::Arc<std::io::Error>>,
+    /// What the generation read and wrote in all, counted once its sessions were closed.
+    pub bytes_read: u64,
+    pub bytes_written: u64,
 }
 
 #[derive(Default)]
@@ -472,5 +475,7 @@ pub(crate) async fn close_export(export: &Arc<Export>, drain: Duration) -> Remov
         sessions_closed: sessions_at_start,
         drained_in_time,
         flush_error,
+        bytes_read: export.counters.bytes_read.load(Ordering::Relaxed),
+        bytes_written: export.counters.bytes_written.load(Ordering::Relaxed),
     }
 }

@@ -61,6 +61,9 @@ pub struct Closed {
     pub generation: u64,
     pub sessions_closed: usize,
     pub drained_in_time: bool,
+    /// What the generation read and wrote in all.
+    pub bytes_read: u64,
+    pub bytes_written: u64,
 }
 
 /// The daemon's view of the NBD registry.
@@ -150,6 +153,8 @@ impl Exports {
                 generation: r.generation,
                 sessions_closed: r.sessions_closed,
                 drained_in_time: r.drained_in_time,
+                bytes_read: r.bytes_read,
+                bytes_written: r.bytes_written,
             })),
             Err(e) if e.kind() == nbd::NbdErrorKind::NotFound => Ok(None),
             Err(source) => Err(ExportError::Remove { name, source }),

@@ -100,3 +100,82 @@ async fn export_byte_counters_are_totals_across_restarts() {
     sim.detach_all_devices();
     second.shutdown().await;
 }
+
+/// The volume's device vanishes and comes back while it stays attached: its export is fenced (closed) and
+/// served again under a new generation by a `reexport` repair. What the closed generation counted stays in
+/// the totals, in this run and after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_byte_counters_keep_what_a_closed_generation_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut c = support::config(dir.path());
+        c.reconcile_repair = false;
+        c
+    };
+    let first = RunningDaemon::start(config()).await.unwrap();
+    let base = format!("http://{}/api/v1", first.api_addr());
+    let sim = first.sim().unwrap();
+    let offering = support::custom_offering_of(sim);
+    let body = json!({"name": "regenerated", "size": support::GIB, "disk_offering_id": offering,
+        "zone_id": sim.zone_id()});
+    let created = run(&base, reqwest::Method::POST, "/volumes", body).await;
+    let volume = created["response"]["volume_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let attached = run(
+        &base,
+        reqwest::Method::POST,
+        &format!("/volumes/{volume}/attach"),
+        json!({"vm_id": sim.appliance_vm_id()}),
+    )
+    .await;
+    let export = attached["response"]["export_name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let link = std::path::PathBuf::from(attached["response"]["device_path"].as_str().unwrap());
+    write_mib(&first, &export, 2).await;
+    assert_eq!(bytes_written(&base, &volume).await, 2 << 20);
+
+    // The device's by-id link goes away (a hot-unplug): the export is fenced.
+    let target = std::fs::read_link(&link).unwrap();
+    std::fs::remove_file(&link).unwrap();
+    let path = format!("/exports/{volume}");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while call(&base, reqwest::Method::GET, &path, None).await["status"] != "inactive" {
+        assert!(std::time::Instant::now() < end, "the export was not fenced");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // It comes back; the repair serves it again under a new generation.
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let report = call(
+        &base,
+        reqwest::Method::POST,
+        "/reconcile",
+        Some(json!({"apply": true})),
+    )
+    .await;
+    assert_eq!(report["drift"][0]["action"], "reexport", "{report}");
+    assert_eq!(report["drift"][0]["applied"], true, "{report}");
+    let e = call(&base, reqwest::Method::GET, &path, None).await;
+    assert_eq!(e["status"], "active", "{e}");
+    assert_ne!(e["generation"], attached["response"]["export_generation"]);
+    assert_eq!(bytes_written(&base, &volume).await, 2 << 20);
+    write_mib(&first, &export, 1).await;
+    assert_eq!(bytes_written(&base, &volume).await, 3 << 20);
+    first.shutdown().await;
+
+    let second = RunningDaemon::start(config()).await.unwrap();
+    let base = format!("http://{}/api/v1", second.api_addr());
+    assert_eq!(bytes_written(&base, &volume).await, 3 << 20);
+    run(
+        &base,
+        reqwest::Method::POST,
+        &format!("/volumes/{volume}/detach"),
+        json!({}),
+    )
+    .await;
+    second.sim().unwrap().detach_all_devices();
+    second.shutdown().await;
+}

@@ -967,6 +967,18 @@ async fn export_byte_counters_survive_restarts(db: &TestDb) -> Result<()> {
     store.fold_export_run_bytes().await?;
     let got = store.get_export(v.id).await?.context("export")?;
     ensure!(before(got) == (101, 202));
+
+    // A generation replaced within a run: what it counted is added to the totals at once, and a late save
+    // for it changes nothing.
+    store.save_export_run_bytes(v.id, 2, 10, 20).await?;
+    store.upsert_export(&export(v.id, 3)).await?;
+    ensure!(before(store.get_export(v.id).await?.context("export")?) == (111, 222));
+    store.save_export_run_bytes(v.id, 2, 10, 20).await?;
+    // Within a generation, a save of lower counts (read before the saved ones) changes nothing either.
+    store.save_export_run_bytes(v.id, 3, 7, 8).await?;
+    store.save_export_run_bytes(v.id, 3, 3, 3).await?;
+    store.fold_export_run_bytes().await?;
+    ensure!(before(store.get_export(v.id).await?.context("export")?) == (118, 230));
     Ok(())
 }
 

@@ -44,6 +44,15 @@ impl Inner {
             if !c.drained_in_time {
                 tracing::warn!(volume = %volume_id, "in-flight NBD requests did not finish before the drain deadline");
             }
+            // The closed generation's final counts: the next generation of the record adds them to its
+            // totals (see `Store::upsert_export`); a periodic save that read them earlier cannot lower them.
+            if let Err(e) = self
+                .store
+                .save_export_run_bytes(volume_id, c.generation, c.bytes_read, c.bytes_written)
+                .await
+            {
+                tracing::warn!(volume = %volume_id, error = %crate::error_chain(&e), "the byte counters of a closed export were not saved");
+            }
         }
         let unnamed = match what {
             Teardown::Export => Ok(()),
@@ -136,6 +145,8 @@ impl Inner {
         let dev = self.devices.resolve(volume_id, size).await?;
         let link_target = dev.link_target().to_path_buf();
         self.devices.name(volume_id, &link_target)?;
+        // A generation still served is closed here, so that its final counts are saved for the totals.
+        self.teardown(volume_id, Teardown::Export).await?;
         let snap = self
             .exports
             .open(
@@ -146,12 +157,6 @@ impl Inner {
             )
             .await?;
         let now = chrono::Utc::now();
-        let (bytes_read_before, bytes_written_before) = self
-            .store
-            .get_export(volume_id)
-            .await?
-            .map(|e| (e.bytes_read_before, e.bytes_written_before))
-            .unwrap_or_default();
         let rec = ExportRecord {
             volume_id,
             export_name: snap.name.clone(),
@@ -160,8 +165,9 @@ impl Inner {
             read_only: false,
             created_at: now,
             updated_at: now,
-            bytes_read_before,
-            bytes_written_before,
+            // Carried over by the store from the record's earlier generations; read back below.
+            bytes_read_before: 0,
+            bytes_written_before: 0,
         };
         // The device may have come back under another kernel name: the attachment records the one verified now.
         let by_id_path = dev.by_id_path.as_ref().map(|p| p.display().to_string());
@@ -172,7 +178,13 @@ impl Inner {
                 &dev.dev_path.display().to_string(),
             )
             .await?;
-        Ok(rec)
+        Ok(self
+            .store
+            .get_export(volume_id)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(rec))
     }
 }
 

@@ -1120,7 +1120,8 @@ impl Store {
     }
 
     /// Inserts or replaces the volume's export (and records its generation on the volume's attachment), in
-    /// one transaction.
+    /// one transaction. The byte counters are the record's, not `e`'s: a new generation adds what the one it
+    /// replaces counted in this run (saved by [`Self::save_export_run_bytes`]) to the totals.
     pub async fn upsert_export(&self, e: &ExportRecord) -> Result<(), StoreError> {
         self.write_export(e, None).await
     }
@@ -1146,6 +1147,20 @@ impl Store {
         device: Option<(Option<&str>, &str)>,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
+        // In the transaction that replaces the generation, so that no later save for the old one matches.
+        let sql = self.dialect.sql(
+            "UPDATE exports SET bytes_read_before = bytes_read_before + bytes_read_run, \
+             bytes_written_before = bytes_written_before + bytes_written_run, \
+             bytes_read_run = 0, bytes_written_run = 0 WHERE volume_id = ? AND generation <> ?",
+        );
+        sqlx::query(&sql)
+            .bind(e.volume_id.to_string())
+            .bind(int("export generation", e.generation)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(q(
+                "keeping the byte counts of an export's earlier generation",
+            ))?;
         self.upsert_export_in(&mut tx, e).await?;
         if let Some((by_id_path, kernel_device)) = device {
             self.disown_kernel_device_in(&mut tx, kernel_device, e.volume_id)
@@ -1230,7 +1245,7 @@ impl Store {
     }
 
     /// Saves what the current run has counted on the volume's export of `generation` (overwriting the
-    /// previous save of this run).
+    /// previous save of this run; lower counts, read before the saved ones, change nothing).
     pub async fn save_export_run_bytes(
         &self,
         volume_id: Uuid,
@@ -1240,14 +1255,17 @@ impl Store {
     ) -> Result<(), StoreError> {
         let sql = self.dialect.sql(
             "UPDATE exports SET bytes_read_run = ?, bytes_written_run = ? \
-             WHERE volume_id = ? AND generation = ?",
+             WHERE volume_id = ? AND generation = ? AND bytes_read_run <= ? AND bytes_written_run <= ?",
         );
+        let (read, written) = (int("bytes read", read)?, int("bytes written", written)?);
         let mut tx = self.begin_write().await?;
         sqlx::query(&sql)
-            .bind(int("bytes read", read)?)
-            .bind(int("bytes written", written)?)
+            .bind(read)
+            .bind(written)
             .bind(volume_id.to_string())
             .bind(int("export generation", generation)?)
+            .bind(read)
+            .bind(written)
             .execute(&mut *tx)
             .await
             .map_err(q("saving export byte counters"))?;
