@@ -2,7 +2,7 @@
 //! the negotiation (see `negotiate`) with STARTTLS under the configured TLS policy, then runs each session
 //! as one task (see `session`) and supervises it: export removal, server shutdown, idle timeout.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -35,7 +35,10 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 pub struct ServerConfig {
     /// Longest time from accept to the end of negotiation (TLS handshake included).
     pub handshake_timeout: Duration,
-    /// Connections open at once, over all exports (including those still negotiating).
+    /// Connections open at once, over all exports (including those still negotiating). When they are all
+    /// open, a new connection takes the place of the oldest one still negotiating (which is closed), so that
+    /// connections that never finish negotiating cannot keep clients out; it is refused only when every
+    /// connection has a session.
     pub max_connections: usize,
     /// Connections open at once from one client IP address.
     pub max_connections_per_client: usize,
@@ -145,6 +148,58 @@ impl Drop for ClientSlot {
     }
 }
 
+/// Connections still negotiating (no session yet), oldest first: the ones a new connection may take the
+/// place of when the server is full.
+#[derive(Debug, Default)]
+struct Negotiating {
+    table: Mutex<(u64, BTreeMap<u64, CancellationToken>)>,
+}
+
+/// A connection's place in [`Negotiating`]; it leaves the table when its session starts or it ends.
+struct Pending {
+    owner: Arc<Negotiating>,
+    seq: u64,
+}
+
+impl Negotiating {
+    fn enter(self: &Arc<Self>, cancel: CancellationToken) -> Pending {
+        let mut t = self.table.lock().expect("negotiating lock poisoned");
+        t.0 += 1;
+        let seq = t.0;
+        t.1.insert(seq, cancel);
+        Pending {
+            owner: Arc::clone(self),
+            seq,
+        }
+    }
+
+    /// Closes the oldest connection still negotiating; `false` when there is none.
+    fn evict_oldest(&self) -> bool {
+        let oldest = self
+            .table
+            .lock()
+            .expect("negotiating lock poisoned")
+            .1
+            .pop_first();
+        match oldest {
+            Some((_, cancel)) => {
+                tracing::info!("connection limit reached: the oldest connection still negotiating is closed to make room");
+                cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.owner.table.lock() {
+            t.1.remove(&self.seq);
+        }
+    }
+}
+
 /// Serves the exports of a [`Registry`] on a listener.
 #[derive(Debug)]
 pub struct Server {
@@ -213,6 +268,7 @@ impl Server {
         let tracker = TaskTracker::new();
         let open = Arc::new(AtomicUsize::new(0));
         let per_client = Arc::new(PerClient::default());
+        let negotiating = Arc::new(Negotiating::default());
         let this = Arc::new(self);
         tokio::pin!(shutdown);
         loop {
@@ -229,24 +285,28 @@ impl Server {
                     continue;
                 }
             };
-            if open.fetch_add(1, Ordering::AcqRel) >= this.cfg.max_connections {
-                open.fetch_sub(1, Ordering::AcqRel);
-                tracing::warn!(%peer, limit = this.cfg.max_connections, "connection refused: server connection limit reached");
-                drop(stream);
-                continue;
-            }
             let Some(slot) = per_client.take(peer.ip(), this.cfg.max_connections_per_client) else {
-                open.fetch_sub(1, Ordering::AcqRel);
                 tracing::warn!(%peer, limit = this.cfg.max_connections_per_client, "connection refused: per-client connection limit reached");
                 drop(stream);
                 continue;
             };
+            // Full: the oldest connection still negotiating makes room (it is closed at once, and the count
+            // is over the limit only until its task has ended).
+            if open.fetch_add(1, Ordering::AcqRel) >= this.cfg.max_connections
+                && !negotiating.evict_oldest()
+            {
+                open.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(%peer, limit = this.cfg.max_connections, "connection refused: server connection limit reached, every connection has a session");
+                drop(stream);
+                continue;
+            }
             let _ = stream.set_nodelay(true);
             let this = Arc::clone(&this);
-            let stop = stop.clone();
+            let stop = stop.child_token();
+            let pending = negotiating.enter(stop.clone());
             let open = Arc::clone(&open);
             tracker.spawn(async move {
-                if let Err(e) = this.handle(stream, peer, stop).await {
+                if let Err(e) = this.handle(stream, peer, stop, Some(pending)).await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
                 drop(slot);
@@ -270,14 +330,18 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.handle(stream, peer, CancellationToken::new()).await
+        self.handle(stream, peer, CancellationToken::new(), None)
+            .await
     }
 
+    /// One connection: negotiation, then its session. `pending` is its place among the connections still
+    /// negotiating, given up when the session starts.
     async fn handle<S>(
         &self,
         mut stream: S,
         peer: SocketAddr,
         stop: CancellationToken,
+        pending: Option<Pending>,
     ) -> Result<(), NbdError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -306,6 +370,7 @@ impl Server {
         match outcome {
             Outcome::Close => Ok(()),
             Outcome::Go(n) => {
+                drop(pending);
                 self.transmission(stream, n, &stop).await;
                 Ok(())
             }
@@ -341,7 +406,10 @@ impl Server {
                     r = tokio::time::timeout_at(deadline, negotiate::negotiate(&mut tls, &ctx)) => r.map_err(|_| timed_out())??,
                 };
                 match outcome {
-                    Outcome::Go(n) => self.transmission(tls, n, &stop).await,
+                    Outcome::Go(n) => {
+                        drop(pending);
+                        self.transmission(tls, n, &stop).await;
+                    }
                     Outcome::Close | Outcome::StartTls => {}
                 }
                 Ok(())

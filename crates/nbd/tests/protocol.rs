@@ -872,16 +872,85 @@ async fn connection_limits_and_handshake_timeout() {
     assert!(closed.is_ok(), "silent client closed by the server");
     assert_eq!(total, 18, "only the greeting was sent");
     assert!(start.elapsed() >= Duration::from_millis(250));
-    // Server-wide limit: with 3 allowed, a 4th concurrent connection is closed at once.
-    let _a = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let _b = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    // Server-wide limit, 3: a 4th connection takes the place of the oldest one still negotiating.
+    let mut a = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    assert_eq!(a.read(&mut buf[..18]).await.unwrap(), 18, "a is greeted");
+    let mut b = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    assert_eq!(b.read(&mut buf[..18]).await.unwrap(), 18, "b is greeted");
     let mut c4 = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let n = tokio::time::timeout(Duration::from_secs(5), c4.read(&mut buf))
+    assert_eq!(c4.read(&mut buf[..18]).await.unwrap(), 18, "c4 is greeted");
+    let n = tokio::time::timeout(Duration::from_millis(200), a.read(&mut buf))
+        .await
+        .expect("the oldest connection still negotiating is closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // b and c4 are still open (c4 is dropped by the handshake timeout later).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), b.read(&mut buf))
+            .await
+            .is_err()
+    );
+    drop((b, c4));
+    first.write(0, b"x", 0).await.unwrap();
+    h.shutdown().await;
+}
+
+/// Connections that never finish negotiating fill the server's table: a real client still gets in (each new
+/// connection takes the place of the oldest one negotiating), and a session is never closed for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_negotiate_do_not_keep_a_real_client_out() {
+    let h = Harness::start(ServerConfig {
+        max_connections: 16,
+        max_connections_per_client: 1_000,
+        ..ServerConfig::default()
+    })
+    .await;
+    h.registry
+        .add(ExportConfig {
+            name: "v".into(),
+            backend: Arc::new(MemoryBackend::new(1 << 20)),
+            read_only: false,
+            max_connections: None,
+            description: None,
+            access: nbd::Access::Anyone,
+        })
+        .unwrap();
+    let mut sessions = Vec::new();
+    for _ in 0..8 {
+        sessions.push(h.go("v").await);
+    }
+    let mut silent = Vec::new();
+    for _ in 0..64 {
+        silent.push(tokio::net::TcpStream::connect(h.addr).await.unwrap());
+    }
+    for _ in 0..3 {
+        let mut real = h.go("v").await;
+        real.write(0, b"real", 0).await.unwrap();
+        assert_eq!(real.read(0, 4).await.unwrap(), b"real");
+        sessions.push(real);
+    }
+    for c in &mut sessions {
+        c.flush().await.expect("no session was closed to make room");
+    }
+    // Full of sessions (11) and connections negotiating: once the sessions fill the table, a new
+    // connection is refused at once.
+    for _ in 0..5 {
+        sessions.push(h.go("v").await);
+    }
+    let mut over = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), over.read(&mut buf))
         .await
         .unwrap()
         .unwrap_or(0);
-    assert_eq!(n, 0, "connection over the server limit is closed");
-    first.write(0, b"x", 0).await.unwrap();
+    assert_eq!(
+        n, 0,
+        "refused without a greeting: every connection has a session"
+    );
+    for c in &mut sessions {
+        c.flush().await.unwrap();
+    }
+    drop(silent);
     h.shutdown().await;
 }
 

@@ -65,6 +65,9 @@ pub struct Config {
     /// NBD connections allowed at once from one client address (writers behind one SSH tunnel all come
     /// from 127.0.0.1 and share it). At least 1.
     pub nbd_max_connections_per_client: usize,
+    /// NBD connections allowed at once over all clients; when full, a new one takes the place of the oldest
+    /// still negotiating. At least 1.
+    pub nbd_max_connections: usize,
     /// Database URL: `sqlite:PATH`, `postgres://…`, `mysql://…`/`mariadb://…`. Default: SQLite under `state_dir`.
     pub database_url: Option<String>,
     /// Directory for the daemon's own files. Default `/var/lib/volume-daemon`.
@@ -190,6 +193,7 @@ impl Default for Config {
             nbd_idle_timeout_secs: 0,
             nbd_budget_mib: 256,
             nbd_max_connections_per_client: 64,
+            nbd_max_connections: nbd::ServerConfig::default().max_connections,
             database_url: None,
             state_dir: PathBuf::from("/var/lib/volume-daemon"),
             names_dir: None,
@@ -291,6 +295,9 @@ impl Config {
             "nbd_budget_mib" => self.nbd_budget_mib = parse(var, &value, "MiB, at least 32")?,
             "nbd_max_connections_per_client" => {
                 self.nbd_max_connections_per_client = parse(var, &value, "a positive number")?
+            }
+            "nbd_max_connections" => {
+                self.nbd_max_connections = parse(var, &value, "a positive number")?
             }
             "database_url" => self.database_url = opt(value),
             "state_dir" => self.state_dir = PathBuf::from(value),
@@ -412,6 +419,11 @@ impl Config {
         if self.nbd_max_connections_per_client == 0 {
             return Err(ConfigError::Invalid(
                 "nbd_max_connections_per_client must be at least 1".into(),
+            ));
+        }
+        if self.nbd_max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "nbd_max_connections must be at least 1".into(),
             ));
         }
         if self.max_concurrent_operations == 0 {
@@ -795,5 +807,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("nbd_max_connections_per_client"));
+    }
+
+    #[test]
+    fn the_nbd_connection_limit_is_set_and_checked() {
+        let defaults = Config::load(None, vec![]).unwrap();
+        assert_eq!(defaults.nbd_max_connections, 512);
+        let mut cfg = Config::load(
+            None,
+            vec![("VOLUME_DAEMON_NBD_MAX_CONNECTIONS".into(), "2048".into())],
+        )
+        .unwrap();
+        assert_eq!(cfg.nbd_max_connections, 2048);
+        cfg.sim.enabled = true;
+        cfg.validate().unwrap();
+        cfg.nbd_max_connections = 0;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("nbd_max_connections must be"), "{e}");
     }
 }

@@ -126,6 +126,7 @@ fn nbd_server_config(cfg: &Config) -> Result<nbd::ServerConfig, DaemonError> {
         in_flight_budget: cfg.nbd_budget_mib << 20,
         idle_timeout: cfg.nbd_idle_timeout(),
         max_connections_per_client: cfg.nbd_max_connections_per_client,
+        max_connections: cfg.nbd_max_connections,
         tls,
         ..nbd::ServerConfig::default()
     };

@@ -1,6 +1,6 @@
 //! The NBD server's limits as the daemon's configuration sets them: connections open at once from one client
-//! address (`nbd_max_connections_per_client`) and the idle timeout of negotiated sessions
-//! (`nbd_idle_timeout_secs`).
+//! address (`nbd_max_connections_per_client`) and over all clients (`nbd_max_connections`), and the idle
+//! timeout of negotiated sessions (`nbd_idle_timeout_secs`).
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 mod support;
@@ -86,5 +86,51 @@ async fn sessions_idle_for_nbd_idle_timeout_secs_are_closed() {
         c.read(0, 4096).await.is_err(),
         "a session idle for 2.5 s was still served with nbd_idle_timeout_secs = 1"
     );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_nbd_connection_table_lets_a_writer_in_in_place_of_a_connection_still_negotiating() {
+    let d = TestDaemon::start_with(|c| c.nbd_max_connections = 4).await;
+    let volume = d.create_volume("full", GIB).await;
+    let attached = d
+        .run_ok(
+            &format!("/volumes/{volume}/attach"),
+            json!({"vm_id": d.appliance()}),
+        )
+        .await;
+    let export = attached["response"]["export_name"].as_str().unwrap();
+    let addr = d.daemon().nbd_addr();
+    let session = || async {
+        nbd::client::Handshake::connect(addr)
+            .await
+            .unwrap()
+            .go(export)
+            .await
+            .expect("a writer gets a session")
+    };
+    let mut sessions = vec![session().await];
+    // Connections that never negotiate fill the table, and more keep coming.
+    let mut silent = Vec::new();
+    for _ in 0..12 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    for i in 0..3u64 {
+        let mut c = session().await;
+        c.write(i * 4096, &[9u8; 4096], 0).await.unwrap();
+        sessions.push(c);
+    }
+    for c in &mut sessions {
+        c.flush().await.expect("no session is closed to make room");
+    }
+    // Every connection has a session now: a new one is closed before the greeting.
+    assert!(
+        greeted(addr).await.is_none(),
+        "a fifth connection was greeted with nbd_max_connections = 4 and four sessions"
+    );
+    drop(silent);
+    drop(sessions);
+    d.run_ok(&format!("/volumes/{volume}/detach"), json!({}))
+        .await;
     d.stop().await;
 }
