@@ -1299,6 +1299,69 @@ async fn a_volume_attached_to_the_appliance_before_the_daemon_knew_it_is_reporte
     d.stop().await;
 }
 
+/// An adoption of a volume the daemon already has attached (to the appliance or to another VM) fails as a
+/// conflict and changes nothing: the export is not served again under its clients, nor torn down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopting_a_volume_the_daemon_already_manages_is_a_conflict_that_changes_nothing() {
+    let d = TestDaemon::start().await;
+    let vol = d.create_volume("managed", GIB).await;
+    let attached = d
+        .run_ok(
+            &format!("/volumes/{vol}/attach"),
+            json!({"vm_id": d.appliance()}),
+        )
+        .await;
+    let export = attached["response"]["export_name"].as_str().unwrap();
+    let mut c = nbd::client::Handshake::connect(d.daemon().nbd_addr())
+        .await
+        .unwrap()
+        .go(export)
+        .await
+        .unwrap();
+    c.write(0, &[0x3c; 4096], 0).await.unwrap();
+    let (_, before) = d.get(&format!("/volumes/{vol}")).await;
+
+    let (s, op) = d.post(&format!("/volumes/{vol}/adopt"), json!({})).await;
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    let done = d.wait_op(&op).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error_code"], "conflict", "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("already attached"),
+        "{done}"
+    );
+    let (_, after) = d.get(&format!("/volumes/{vol}")).await;
+    assert_eq!(after["attachment"], before["attachment"], "{after}");
+    let (_, e) = d.get(&format!("/exports/{vol}")).await;
+    assert_eq!(e["status"], "active", "{e}");
+    assert_eq!(
+        e["generation"], attached["response"]["export_generation"],
+        "{e}"
+    );
+    c.write(4096, &[0xc3; 4096], 0).await.unwrap();
+    c.flush().await.expect("the session goes on");
+    assert_eq!(c.read(0, 4096).await.unwrap(), vec![0x3c; 4096]);
+    drop(c);
+
+    // The same for a volume attached to another VM.
+    let remote = d.create_volume("managed-remote", GIB).await;
+    d.run_ok(
+        &format!("/volumes/{remote}/attach"),
+        json!({"vm_id": d.other_vm(0)}),
+    )
+    .await;
+    let (_, before) = d.get(&format!("/volumes/{remote}")).await;
+    let (_, op) = d.post(&format!("/volumes/{remote}/adopt"), json!({})).await;
+    let done = d.wait_op(&op).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error_code"], "conflict", "{done}");
+    let (_, after) = d.get(&format!("/volumes/{remote}")).await;
+    assert_eq!(after["attachment"], before["attachment"], "{after}");
+    d.delete_ok(remote).await;
+    d.delete_ok(vol).await;
+    d.stop().await;
+}
+
 /// POSTs a JSON body of `len` bytes (a string field padded out) over a raw connection, announced by length or
 /// chunked, and returns the answer's status and JSON body. The body is written by its own task, so an answer
 /// sent before the server read it all is read all the same.

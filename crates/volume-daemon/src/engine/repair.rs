@@ -132,13 +132,19 @@ impl Inner {
         let volume_id = op.request.volume_id;
         let appliance = self.identity.require().await?;
         let _vm = self.vm_locks.lock(&appliance).await;
+        // A volume the daemon already manages is never adopted again: that would serve its export again
+        // under its clients (with the default access list), or tear it down when the adoption fails.
         if let Some(a) = self.store.get_attachment(volume_id).await? {
-            if a.vm_id != appliance {
-                return Err(EngineError::Conflict(format!(
-                    "the daemon records volume {volume_id} as attached to VM {}; it is not adopted",
-                    a.vm_id
-                )));
-            }
+            let served = if a.vm_id == appliance {
+                "; a missing export is served again by POST /api/v1/exports or the reconcile's reexport"
+            } else {
+                ""
+            };
+            return Err(EngineError::Conflict(format!(
+                "the daemon already manages volume {volume_id}: it is already attached to VM {}; it is not \
+                 adopted{served}",
+                a.vm_id
+            )));
         }
         let cv = self.cloud_volume(volume_id).await?.ok_or_else(|| {
             EngineError::NotFound(format!("volume {volume_id} does not exist in CloudStack"))
