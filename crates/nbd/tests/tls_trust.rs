@@ -224,6 +224,30 @@ async fn a_chain_to_an_expired_ca_or_past_its_path_length_is_refused() {
     }
 }
 
+/// Six intermediate CAs between a client and the CA are admitted; seven are refused (the verifier's limit,
+/// as `crates/nbd/README.md` says).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_up_to_six_intermediate_cas_is_admitted_and_a_longer_one_refused() {
+    let root = ca("root", |_| {}, None);
+    let dir = ServerDir::new(&[&root.cert]);
+    let (srv, _file) = serve(&dir, Access::Anyone).await;
+    let mut chain: Vec<Ca> = Vec::new();
+    for depth in 1..=7usize {
+        let inter = ca(
+            &format!("intermediate {depth}"),
+            |_| {},
+            chain.last().or(Some(&root)),
+        );
+        chain.push(inter);
+        let (cert, key) = client(chain.last().unwrap(), "writer-1", &[], depth as u64);
+        let pems: Vec<String> = chain.iter().rev().map(|c| c.cert.pem()).collect();
+        let mut presented: Vec<&str> = vec![&cert];
+        presented.extend(pems.iter().map(String::as_str));
+        let got = open(&srv, &dir.connector(&presented, &key)).await;
+        assert_eq!(got.is_ok(), depth <= 6, "{depth} intermediate CAs: {got:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_match_ignoring_letter_case_and_sessions_show_the_name_that_was_admitted() {
     let root = ca("client CA", |_| {}, None);
