@@ -319,13 +319,7 @@ async fn a_queued_second_attach_to_the_same_vm_is_a_conflict_that_keeps_the_expo
         assert_eq!(first["status"], "completed", "{first}");
         let (_, before) = d.get(&format!("/volumes/{vol}")).await;
         let client = if vm == d.appliance() {
-            let export = first["response"]["export_name"].as_str().unwrap();
-            let mut c = nbd::client::Handshake::connect(d.daemon().nbd_addr())
-                .await
-                .unwrap()
-                .go(export)
-                .await
-                .unwrap();
+            let mut c = d.nbd_session(&first).await;
             c.write(0, &[0x5a; 4096], 0).await.unwrap();
             Some(c)
         } else {
@@ -1305,19 +1299,8 @@ async fn a_volume_attached_to_the_appliance_before_the_daemon_knew_it_is_reporte
 async fn adopting_a_volume_the_daemon_already_manages_is_a_conflict_that_changes_nothing() {
     let d = TestDaemon::start().await;
     let vol = d.create_volume("managed", GIB).await;
-    let attached = d
-        .run_ok(
-            &format!("/volumes/{vol}/attach"),
-            json!({"vm_id": d.appliance()}),
-        )
-        .await;
-    let export = attached["response"]["export_name"].as_str().unwrap();
-    let mut c = nbd::client::Handshake::connect(d.daemon().nbd_addr())
-        .await
-        .unwrap()
-        .go(export)
-        .await
-        .unwrap();
+    let attached = d.attach_to_appliance(vol).await;
+    let mut c = d.nbd_session(&attached).await;
     c.write(0, &[0x3c; 4096], 0).await.unwrap();
     let (_, before) = d.get(&format!("/volumes/{vol}")).await;
 

@@ -22,6 +22,27 @@ async fn run(base: &str, method: reqwest::Method, path: &str, body: Value) -> Va
     done
 }
 
+/// Creates a 1 GiB volume named `name` and attaches it to the appliance: its id and the attach operation.
+async fn create_and_attach(daemon: &RunningDaemon, name: &str) -> (String, Value) {
+    let base = format!("http://{}/api/v1", daemon.api_addr());
+    let sim = daemon.sim().unwrap();
+    let body = json!({"name": name, "size": support::GIB,
+        "disk_offering_id": support::custom_offering_of(sim), "zone_id": sim.zone_id()});
+    let created = run(&base, reqwest::Method::POST, "/volumes", body).await;
+    let volume = created["response"]["volume_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let attached = run(
+        &base,
+        reqwest::Method::POST,
+        &format!("/volumes/{volume}/attach"),
+        json!({"vm_id": sim.appliance_vm_id()}),
+    )
+    .await;
+    (volume, attached)
+}
+
 async fn write_mib(daemon: &RunningDaemon, export: &str, mib: u64) {
     let mut c = nbd::client::Handshake::connect(daemon.nbd_addr())
         .await
@@ -54,23 +75,7 @@ async fn export_byte_counters_are_totals_across_restarts() {
         .await
         .unwrap();
     let base = format!("http://{}/api/v1", first.api_addr());
-    let sim = first.sim().unwrap();
-    let appliance = sim.appliance_vm_id().to_string();
-    let offering = support::custom_offering_of(sim);
-    let body = json!({"name": "counted", "size": support::GIB, "disk_offering_id": offering,
-        "zone_id": sim.zone_id()});
-    let created = run(&base, reqwest::Method::POST, "/volumes", body).await;
-    let volume = created["response"]["volume_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let attached = run(
-        &base,
-        reqwest::Method::POST,
-        &format!("/volumes/{volume}/attach"),
-        json!({"vm_id": appliance}),
-    )
-    .await;
+    let (volume, attached) = create_and_attach(&first, "counted").await;
     let export = attached["response"]["export_name"]
         .as_str()
         .unwrap()
@@ -114,22 +119,7 @@ async fn export_byte_counters_keep_what_a_closed_generation_counted() {
     };
     let first = RunningDaemon::start(config()).await.unwrap();
     let base = format!("http://{}/api/v1", first.api_addr());
-    let sim = first.sim().unwrap();
-    let offering = support::custom_offering_of(sim);
-    let body = json!({"name": "regenerated", "size": support::GIB, "disk_offering_id": offering,
-        "zone_id": sim.zone_id()});
-    let created = run(&base, reqwest::Method::POST, "/volumes", body).await;
-    let volume = created["response"]["volume_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let attached = run(
-        &base,
-        reqwest::Method::POST,
-        &format!("/volumes/{volume}/attach"),
-        json!({"vm_id": sim.appliance_vm_id()}),
-    )
-    .await;
+    let (volume, attached) = create_and_attach(&first, "regenerated").await;
     let export = attached["response"]["export_name"]
         .as_str()
         .unwrap()

@@ -62,19 +62,8 @@ async fn connections_from_one_address_beyond_the_allowance_are_closed_before_the
 async fn sessions_idle_for_nbd_idle_timeout_secs_are_closed() {
     let d = TestDaemon::start_with(|c| c.nbd_idle_timeout_secs = 1).await;
     let volume = d.create_volume("idle", GIB).await;
-    let attached = d
-        .run_ok(
-            &format!("/volumes/{volume}/attach"),
-            json!({"vm_id": d.appliance()}),
-        )
-        .await;
-    let export = attached["response"]["export_name"].as_str().unwrap();
-    let mut c = nbd::client::Handshake::connect(d.daemon().nbd_addr())
-        .await
-        .unwrap()
-        .go(export)
-        .await
-        .unwrap();
+    let attached = d.attach_to_appliance(volume).await;
+    let mut c = d.nbd_session(&attached).await;
     // Requests closer together than the timeout keep the session open.
     for _ in 0..4 {
         c.write(0, &[7u8; 4096], 0).await.unwrap();
@@ -93,30 +82,16 @@ async fn sessions_idle_for_nbd_idle_timeout_secs_are_closed() {
 async fn a_full_nbd_connection_table_lets_a_writer_in_in_place_of_a_connection_still_negotiating() {
     let d = TestDaemon::start_with(|c| c.nbd_max_connections = 4).await;
     let volume = d.create_volume("full", GIB).await;
-    let attached = d
-        .run_ok(
-            &format!("/volumes/{volume}/attach"),
-            json!({"vm_id": d.appliance()}),
-        )
-        .await;
-    let export = attached["response"]["export_name"].as_str().unwrap();
+    let attached = d.attach_to_appliance(volume).await;
     let addr = d.daemon().nbd_addr();
-    let session = || async {
-        nbd::client::Handshake::connect(addr)
-            .await
-            .unwrap()
-            .go(export)
-            .await
-            .expect("a writer gets a session")
-    };
-    let mut sessions = vec![session().await];
+    let mut sessions = vec![d.nbd_session(&attached).await];
     // Connections that never negotiate fill the table, and more keep coming.
     let mut silent = Vec::new();
     for _ in 0..12 {
         silent.push(TcpStream::connect(addr).await.unwrap());
     }
     for i in 0..3u64 {
-        let mut c = session().await;
+        let mut c = d.nbd_session(&attached).await;
         c.write(i * 4096, &[9u8; 4096], 0).await.unwrap();
         sessions.push(c);
     }

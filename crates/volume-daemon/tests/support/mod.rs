@@ -179,6 +179,28 @@ impl TestDaemon {
         custom_offering_of(self.sim())
     }
 
+    /// Attaches `volume` to the appliance and waits; panics unless it completed. Returns the operation.
+    pub async fn attach_to_appliance(&self, volume: Uuid) -> Value {
+        self.run_ok(
+            &format!("/volumes/{volume}/attach"),
+            json!({"vm_id": self.appliance()}),
+        )
+        .await
+    }
+
+    /// An NBD session (plain, no TLS) on the export named in an attach operation's `response`.
+    pub async fn nbd_session(&self, attached: &Value) -> nbd::client::Client {
+        let export = attached["response"]["export_name"]
+            .as_str()
+            .expect("export_name");
+        nbd::client::Handshake::connect(self.daemon().nbd_addr())
+            .await
+            .expect("connect")
+            .go(export)
+            .await
+            .expect("open the export")
+    }
+
     pub async fn create_volume(&self, name: &str, size: u64) -> Uuid {
         let op = self
             .run_ok(
