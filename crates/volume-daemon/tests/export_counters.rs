@@ -43,6 +43,20 @@ async fn create_and_attach(daemon: &RunningDaemon, name: &str) -> (String, Value
     (volume, attached)
 }
 
+/// Detaches `volume`, removes the simulator's devices and stops the daemon.
+async fn detach_and_stop(daemon: RunningDaemon, volume: &str) {
+    let base = format!("http://{}/api/v1", daemon.api_addr());
+    run(
+        &base,
+        reqwest::Method::POST,
+        &format!("/volumes/{volume}/detach"),
+        json!({}),
+    )
+    .await;
+    daemon.sim().unwrap().detach_all_devices();
+    daemon.shutdown().await;
+}
+
 async fn write_mib(daemon: &RunningDaemon, export: &str, mib: u64) {
     let mut c = nbd::client::Handshake::connect(daemon.nbd_addr())
         .await
@@ -94,16 +108,7 @@ async fn export_byte_counters_are_totals_across_restarts() {
     write_mib(&second, &export, 1).await;
     assert_eq!(bytes_written(&base, &volume).await, 3 << 20);
 
-    run(
-        &base,
-        reqwest::Method::POST,
-        &format!("/volumes/{volume}/detach"),
-        json!({}),
-    )
-    .await;
-    let sim = second.sim().unwrap();
-    sim.detach_all_devices();
-    second.shutdown().await;
+    detach_and_stop(second, &volume).await;
 }
 
 /// The volume's device vanishes and comes back while it stays attached: its export is fenced (closed) and
@@ -159,13 +164,5 @@ async fn export_byte_counters_keep_what_a_closed_generation_counted() {
     let second = RunningDaemon::start(config()).await.unwrap();
     let base = format!("http://{}/api/v1", second.api_addr());
     assert_eq!(bytes_written(&base, &volume).await, 3 << 20);
-    run(
-        &base,
-        reqwest::Method::POST,
-        &format!("/volumes/{volume}/detach"),
-        json!({}),
-    )
-    .await;
-    second.sim().unwrap().detach_all_devices();
-    second.shutdown().await;
+    detach_and_stop(second, &volume).await;
 }
