@@ -21,6 +21,22 @@ pub const SERVER_KEY: &str = "server-key.pem";
 /// The optional certificate revocation lists of a certificate directory (checked with `--tls-verify-peer`).
 pub const CA_CRL: &str = "ca-crl.pem";
 
+/// A log filter for a program serving TLS: `wanted` (`RUST_LOG`) or else `default`, with the TLS library's
+/// own warnings left out unless the filter names `rustls` itself. Those warnings say nothing an operator can
+/// act on (one for every client that names the server by IP address, as libnbd and qemu do); refused
+/// handshakes are logged by the server with their cause.
+pub fn log_filter(wanted: Option<&str>, default: &str) -> String {
+    let filter = wanted
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .unwrap_or(default);
+    if filter.contains("rustls") {
+        filter.to_string()
+    } else {
+        format!("{filter},rustls=error")
+    }
+}
+
 /// Server TLS settings: certificates, key and whether client certificates are required.
 #[derive(Clone)]
 pub struct TlsSettings {
@@ -445,6 +461,21 @@ impl Access {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_filter_leaves_out_tls_library_warnings_unless_it_names_them() {
+        assert_eq!(log_filter(None, "info"), "info,rustls=error");
+        assert_eq!(log_filter(Some(""), "info"), "info,rustls=error");
+        assert_eq!(log_filter(Some("debug"), "info"), "debug,rustls=error");
+        assert_eq!(
+            log_filter(Some("debug,rustls=debug"), "info"),
+            "debug,rustls=debug"
+        );
+        assert_eq!(
+            log_filter(Some("nbd=trace"), "warn"),
+            "nbd=trace,rustls=error"
+        );
+    }
 
     #[test]
     fn access_matches_any_name_and_never_an_anonymous_client() {

@@ -120,8 +120,8 @@ fn load(common: &CommonArgs) -> anyhow::Result<Config> {
 }
 
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
+    let wanted = std::env::var("RUST_LOG").ok();
+    let filter = tracing_subscriber::EnvFilter::new(nbd::log_filter(wanted.as_deref(), "info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour_logs(

@@ -121,10 +121,10 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rustls=error")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::new(nbd::log_filter(
+            std::env::var("RUST_LOG").ok().as_deref(),
+            "warn",
+        )))
         .with_writer(std::io::stderr)
         .init();
     let tls = match (args.tls, &args.tls_certificates) {
