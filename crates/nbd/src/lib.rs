@@ -24,7 +24,7 @@ pub use backend::{Backend, Extent, FileBackend, MemoryBackend};
 pub use error::{NbdError, NbdErrorKind};
 pub use mapping::{Mapping, UNMAP_EVERY};
 pub use registry::{CountersSnapshot, ExportConfig, ExportSnapshot, Registry, RemoveReport};
-pub use server::{BudgetProbe, Server, ServerConfig, LISTEN_BACKLOG};
+pub use server::{BudgetProbe, ConnectionProbe, Server, ServerConfig, LISTEN_BACKLOG};
 pub use session::{SMALL_MAX, SMALL_RESERVE};
 pub use tls::{
     log_filter, Access, ClientIdentity, Tls, TlsSettings, CA_CERT, SERVER_CERT, SERVER_KEY,

@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -200,12 +200,55 @@ impl Drop for Pending {
     }
 }
 
+/// The connection table's counts, shared by [`Server::serve`] and its [`ConnectionProbe`]s.
+#[derive(Debug, Default)]
+struct Table {
+    open: AtomicUsize,
+    /// Connections refused because every open connection had a session.
+    refused_full: AtomicU64,
+    /// When the last of those was refused (milliseconds since the Unix epoch; 0: never).
+    last_refused_full_ms: AtomicU64,
+}
+
+/// Reads how full the server's connection table is (for health reports and metrics).
+#[derive(Debug, Clone)]
+pub struct ConnectionProbe {
+    table: Arc<Table>,
+    max: usize,
+}
+
+impl ConnectionProbe {
+    /// Connections open right now (negotiating or with a session).
+    pub fn open(&self) -> usize {
+        self.table.open.load(Ordering::Relaxed)
+    }
+
+    /// The table's size (`ServerConfig::max_connections`).
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Connections refused so far because every open connection had a session.
+    pub fn refused_full(&self) -> u64 {
+        self.table.refused_full.load(Ordering::Relaxed)
+    }
+
+    /// When the last of [`Self::refused_full`] was refused.
+    pub fn last_refused_full(&self) -> Option<SystemTime> {
+        match self.table.last_refused_full_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
+        }
+    }
+}
+
 /// Serves the exports of a [`Registry`] on a listener.
 #[derive(Debug)]
 pub struct Server {
     registry: Registry,
     cfg: Arc<ServerConfig>,
     shared: Arc<Shared>,
+    table: Arc<Table>,
 }
 
 impl Server {
@@ -234,7 +277,16 @@ impl Server {
             registry,
             cfg: Arc::new(cfg),
             shared,
+            table: Arc::default(),
         })
+    }
+
+    /// A handle that reports how full the connection table is, after the server was moved into `serve`.
+    pub fn connection_probe(&self) -> ConnectionProbe {
+        ConnectionProbe {
+            table: Arc::clone(&self.table),
+            max: self.cfg.max_connections,
+        }
     }
 
     /// Bytes of the in-flight budget held right now by requests being executed or replies being sent.
@@ -266,7 +318,6 @@ impl Server {
         })?;
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let open = Arc::new(AtomicUsize::new(0));
         let per_client = Arc::new(PerClient::default());
         let negotiating = Arc::new(Negotiating::default());
         let this = Arc::new(self);
@@ -292,10 +343,16 @@ impl Server {
             };
             // Full: the oldest connection still negotiating makes room (it is closed at once, and the count
             // is over the limit only until its task has ended).
-            if open.fetch_add(1, Ordering::AcqRel) >= this.cfg.max_connections
+            let table = Arc::clone(&this.table);
+            if table.open.fetch_add(1, Ordering::AcqRel) >= this.cfg.max_connections
                 && !negotiating.evict_oldest()
             {
-                open.fetch_sub(1, Ordering::AcqRel);
+                table.open.fetch_sub(1, Ordering::AcqRel);
+                table.refused_full.fetch_add(1, Ordering::Relaxed);
+                let now_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                table.last_refused_full_ms.store(now_ms, Ordering::Relaxed);
                 tracing::warn!(%peer, limit = this.cfg.max_connections, "connection refused: server connection limit reached, every connection has a session");
                 drop(stream);
                 continue;
@@ -304,13 +361,12 @@ impl Server {
             let this = Arc::clone(&this);
             let stop = stop.child_token();
             let pending = negotiating.enter(stop.clone());
-            let open = Arc::clone(&open);
             tracker.spawn(async move {
                 if let Err(e) = this.handle(stream, peer, stop, Some(pending)).await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
                 drop(slot);
-                open.fetch_sub(1, Ordering::AcqRel);
+                table.open.fetch_sub(1, Ordering::AcqRel);
             });
         }
         drop(listener);

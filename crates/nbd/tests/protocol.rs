@@ -18,6 +18,7 @@ use common::eventually;
 struct Harness {
     addr: SocketAddr,
     registry: Registry,
+    conns: nbd::ConnectionProbe,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), nbd::NbdError>>,
 }
@@ -29,12 +30,14 @@ impl Harness {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let server = Server::new(registry.clone(), cfg);
+        let conns = server.connection_probe();
         let task = tokio::spawn(server.serve(listener, async move {
             let _ = rx.await;
         }));
         Harness {
             addr,
             registry,
+            conns,
             stop: Some(tx),
             task,
         }
@@ -932,11 +935,26 @@ async fn connections_that_never_negotiate_do_not_keep_a_real_client_out() {
     for c in &mut sessions {
         c.flush().await.expect("no session was closed to make room");
     }
-    // Full of sessions (11) and connections negotiating: once the sessions fill the table, a new
-    // connection is refused at once.
+    assert_eq!(h.conns.max(), 16);
+    assert_eq!(
+        h.conns.refused_full(),
+        0,
+        "nothing refused while some negotiate"
+    );
+    assert!(h.conns.last_refused_full().is_none());
+    // The silent clients leave; once sessions fill the table, a new connection is refused at once.
+    drop(silent);
+    for _ in 0..200 {
+        if h.conns.open() == sessions.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.conns.open(), 11);
     for _ in 0..5 {
         sessions.push(h.go("v").await);
     }
+    assert_eq!(h.conns.open(), 16);
     let mut over = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(5), over.read(&mut buf))
@@ -947,10 +965,11 @@ async fn connections_that_never_negotiate_do_not_keep_a_real_client_out() {
         n, 0,
         "refused without a greeting: every connection has a session"
     );
+    assert_eq!(h.conns.refused_full(), 1);
+    assert!(h.conns.last_refused_full().is_some());
     for c in &mut sessions {
         c.flush().await.unwrap();
     }
-    drop(silent);
     h.shutdown().await;
 }
 

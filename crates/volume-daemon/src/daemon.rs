@@ -307,6 +307,7 @@ impl RunningDaemon {
         let (stop_nbd, nbd_stop_rx) = oneshot::channel::<()>();
         let server =
             nbd::Server::try_new(registry.clone(), nbd_config).map_err(DaemonError::Nbd)?;
+        health.set_nbd_connections(server.connection_probe());
         let nbd_task = tokio::spawn(async move {
             let stop = async move {
                 let _ = nbd_stop_rx.await;

@@ -98,14 +98,55 @@ async fn a_full_nbd_connection_table_lets_a_writer_in_in_place_of_a_connection_s
     for c in &mut sessions {
         c.flush().await.expect("no session is closed to make room");
     }
-    // Every connection has a session now: a new one is closed before the greeting.
+    let (_, h) = d.get("/health").await;
+    assert_eq!(h["components"]["nbd"]["status"], "ok", "{h}");
+    // The silent clients leave; with a session on every connection a new one is closed before the greeting,
+    // and `/health` says writers are kept out.
+    drop(silent);
+    let mut open = f64::NAN;
+    for _ in 0..100 {
+        open = metric(&d, "volume_daemon_nbd_connections").await;
+        if open == 4.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(open, 4.0);
+    assert_eq!(metric(&d, "volume_daemon_nbd_connection_limit").await, 4.0);
     assert!(
         greeted(addr).await.is_none(),
         "a fifth connection was greeted with nbd_max_connections = 4 and four sessions"
     );
-    drop(silent);
+    assert_eq!(
+        metric(&d, "volume_daemon_nbd_connections_refused_full").await,
+        1.0
+    );
+    let (s, h) = d.get("/health").await;
+    assert_eq!(s, reqwest::StatusCode::OK, "degraded, still serving: {h}");
+    let nbd = &h["components"]["nbd"];
+    assert_eq!(nbd["status"], "degraded", "{h}");
+    assert!(
+        nbd["detail"]
+            .as_str()
+            .unwrap()
+            .contains("connection table full: 4 of 4 connections open"),
+        "{h}"
+    );
     drop(sessions);
     d.run_ok(&format!("/volumes/{volume}/detach"), json!({}))
         .await;
     d.stop().await;
+}
+
+/// A value of `/metrics` (NaN when absent).
+async fn metric(d: &TestDaemon, name: &str) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", d.daemon().api_addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(f64::NAN)
 }

@@ -30,7 +30,12 @@ pub struct HealthState {
     facts: Mutex<BTreeMap<String, ComponentHealth>>,
     /// Why the latest write to the database (the lease's heartbeat) failed; `None` once one succeeds.
     write_failure: Mutex<Option<String>>,
+    /// The NBD server's connection table, once it serves.
+    nbd_connections: Mutex<Option<nbd::ConnectionProbe>>,
 }
+
+/// How long a connection refused for a full NBD connection table keeps the `nbd` component degraded.
+const REFUSED_RECENTLY: Duration = Duration::from_secs(60);
 
 impl HealthState {
     /// True once start-up recovery finished and until shutdown begins.
@@ -63,12 +68,52 @@ impl HealthState {
         }
     }
 
+    /// Where `/health` and `/metrics` read the NBD server's connection table from.
+    pub fn set_nbd_connections(&self, probe: nbd::ConnectionProbe) {
+        if let Ok(mut p) = self.nbd_connections.lock() {
+            *p = Some(probe);
+        }
+    }
+
+    /// The NBD server's connection table, once it serves.
+    pub fn nbd_connections(&self) -> Option<nbd::ConnectionProbe> {
+        self.nbd_connections.lock().ok().and_then(|p| p.clone())
+    }
+
     fn write_failure(&self) -> Option<String> {
         self.write_failure.lock().ok().and_then(|w| w.clone())
     }
 
     fn facts(&self) -> BTreeMap<String, ComponentHealth> {
         self.facts.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+}
+
+/// The `nbd` component: listening (`listening`, from start-up) and how full its connection table is. Degraded
+/// while connections are being refused because every open one has a session: writers are kept out.
+fn nbd_component(listening: &str, probe: &nbd::ConnectionProbe) -> ComponentHealth {
+    let listening = listening.split("; ").next().unwrap_or(listening);
+    let (open, max) = (probe.open(), probe.max());
+    let refused_recently = probe
+        .last_refused_full()
+        .and_then(|at| at.elapsed().ok())
+        .is_some_and(|ago| ago < REFUSED_RECENTLY);
+    if refused_recently {
+        ComponentHealth {
+            status: ComponentStatus::Degraded,
+            detail: format!(
+                "{listening}; connection table full: {open} of {max} connections open, and new ones were \
+                 refused in the last {}s because every open one has a session ({} refused since start); \
+                 set nbd_idle_timeout_secs to close idle sessions, or raise nbd_max_connections",
+                REFUSED_RECENTLY.as_secs(),
+                probe.refused_full()
+            ),
+        }
+    } else {
+        component(
+            true,
+            format!("{listening}; {open} of {max} connections open"),
+        )
     }
 }
 
@@ -130,6 +175,12 @@ pub async fn report(st: &AppState) -> Health {
             ),
         },
     );
+    if let (Some(probe), Some(listening)) = (
+        st.health.nbd_connections(),
+        components.get_mut(HealthComponent::Nbd.as_str()),
+    ) {
+        *listening = nbd_component(&listening.detail, &probe);
+    }
     let ready = st.health.is_ready();
     let stuck = engine.stuck_operations();
     components.insert(

@@ -1004,11 +1004,31 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .map(|n| n as f64)
         .unwrap_or(f64::NAN);
     let ready = if st.health.is_ready() { 1.0 } else { 0.0 };
+    let nbd = st.health.nbd_connections();
+    let (open, limit) = nbd
+        .as_ref()
+        .map_or((f64::NAN, f64::NAN), |p| (p.open() as f64, p.max() as f64));
+    let refused = nbd.map_or(f64::NAN, |p| p.refused_full() as f64);
     let body = st.engine.metrics_text(&[
         (
             "volume_daemon_ready",
             "1 when the daemon serves requests.",
             ready,
+        ),
+        (
+            "volume_daemon_nbd_connections",
+            "NBD connections open (negotiating or with a session).",
+            open,
+        ),
+        (
+            "volume_daemon_nbd_connection_limit",
+            "NBD connections allowed at once (nbd_max_connections).",
+            limit,
+        ),
+        (
+            "volume_daemon_nbd_connections_refused_full",
+            "NBD connections refused since start because every open one had a session.",
+            refused,
         ),
         (
             "volume_daemon_operations_unfinished",
