@@ -749,6 +749,75 @@ async fn reconcile_serves_an_unserved_export_again_through_a_repair_operation() 
     d.stop().await;
 }
 
+/// A reconcile with `apply` that saw a volume attached in the database and (a moment later) detached in
+/// CloudStack journals `forget_attachment`; when a new attach ran before that repair's turn, the repair finds
+/// the volume attached in CloudStack again and forgets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forget_attachment_repair_that_finds_the_volume_attached_again_forgets_nothing() {
+    let d = TestDaemon::start_with(|c| c.reconcile_repair = false).await;
+    let vol = d.create_volume("reattached", GIB).await;
+    d.attach_to_appliance(vol).await;
+    // The reconcile's look at the cloud answers late; the attach that follows the detach takes a while.
+    d.sim().faults().add(cloudsim::FaultSpec::SlowCommand {
+        command: "listVolumes".into(),
+        delay_ms: 1_500,
+        count: 1,
+    });
+    d.sim().faults().add(cloudsim::FaultSpec::SlowJob {
+        command: "attachVolume".into(),
+        extra_delay_ms: 2_000,
+        count: 1,
+    });
+    let reconcile = {
+        let (http, base) = (d.http.clone(), d.base.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(format!("{base}/reconcile"))
+                .json(&json!({"apply": true}))
+                .send()
+                .await
+                .unwrap();
+            r.json::<Value>().await.unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    let (s, attach) = d
+        .post(
+            &format!("/volumes/{vol}/attach"),
+            json!({"vm_id": d.appliance()}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{attach}");
+    let report = reconcile.await.unwrap();
+    let drift = &report["drift"][0];
+    assert_eq!(drift["kind"], "attached_only_in_database", "{report}");
+    assert_eq!(drift["action"], "forget_attachment", "{report}");
+    let attach = d.wait_op(&attach).await;
+    assert_eq!(attach["status"], "completed", "{attach}");
+    let (_, repair) = d
+        .get(&format!(
+            "/operations/{}?wait=30",
+            drift["operation_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(repair["status"], "failed", "{repair}");
+    assert_eq!(repair["error_code"], "conflict", "{repair}");
+    let (_, v) = d.get(&format!("/volumes/{vol}")).await;
+    assert_eq!(v["state"], "attached", "{v}");
+    assert_eq!(v["attachment"]["vm_id"], d.appliance(), "{v}");
+    let (_, e) = d.get(&format!("/exports/{vol}")).await;
+    assert_eq!(e["status"], "active", "{e}");
+    assert_eq!(
+        e["generation"], attach["response"]["export_generation"],
+        "{e}"
+    );
+    let (_, after) = d.post("/reconcile", json!({})).await;
+    assert_eq!(after["drift"], json!([]), "{after}");
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_metrics_openapi_and_appliance_endpoints() {
     let d = TestDaemon::start().await;

@@ -52,6 +52,9 @@ impl Inner {
             RepairKind::Adopt => return self.adopt(op).await,
             RepairKind::ForgetAttachment => {
                 if op.step != RepairStep::ExportRemoved {
+                    // Checked again in the volume's turn: an attach or clean-up since the reconcile looked may
+                    // have made the attachment true again (or another one), and the cloud must still have none.
+                    self.still_attached_only_in_database(volume_id).await?;
                     self.teardown(volume_id, Teardown::ExportAndName).await?;
                     self.step(op, RepairStep::ExportRemoved).await?;
                 }
@@ -122,6 +125,26 @@ impl Inner {
         .await?;
         tracing::info!(volume = %volume_id, op = %op.id, %repair, "repaired");
         Ok(())
+    }
+
+    /// `Ok` when the database records an attachment of the volume and CloudStack has the volume attached to no
+    /// VM (the `attached_only_in_database` finding); otherwise a conflict saying what is there now. A cloud
+    /// that does not answer fails the repair, forgetting nothing.
+    async fn still_attached_only_in_database(&self, volume_id: Uuid) -> Result<(), EngineError> {
+        let Some(att) = self.store.get_attachment(volume_id).await? else {
+            return Err(EngineError::Conflict(format!(
+                "volume {volume_id} has no attachment to forget any more; nothing was changed"
+            )));
+        };
+        let cv = self.cloud_volume(volume_id).await?;
+        match cv.as_ref().and_then(|v| v.vm_id.as_deref()) {
+            None => Ok(()),
+            Some(vm) => Err(EngineError::Conflict(format!(
+                "CloudStack now has volume {volume_id} attached to VM {vm} (the daemon records VM {}); the \
+                 attachment is not forgotten, nothing was changed",
+                att.vm_id
+            ))),
+        }
     }
 
     /// Adopts a volume CloudStack has attached to the appliance but the daemon does not manage: the cloud
