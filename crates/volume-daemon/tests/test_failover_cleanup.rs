@@ -342,6 +342,56 @@ async fn clean_ups_that_cannot_be_right_are_refused_before_anything_is_journaled
     d.stop().await;
 }
 
+/// A clean-up queued behind another operation (so its check at submission is left to its turn) and run after
+/// the volume is back on the appliance, as a retried clean-up is: it fails with `conflict` and leaves the
+/// export, its access list and its writer's session as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_up_that_finds_the_volume_already_back_on_the_appliance_changes_nothing() {
+    let d = TestDaemon::start().await;
+    let test_vm = deploy_test_vm(&d, "test-failover-twice");
+    let vol = volume_on_test_vm(&d, "tf-twice", &test_vm).await;
+    let body = cleanup_body(&test_vm, vol, &d.appliance(), false, true);
+    let first = d.run_ok("/cleanup/test-failover", body.clone()).await;
+    let mut writer = nbd_client(&d, vol).await;
+    writer.write(0, b"live", 0).await.unwrap();
+    let (_, before) = d.get(&format!("/volumes/{vol}")).await;
+
+    // A slow snapshot keeps an operation unfinished, so the retried clean-up is journaled behind it.
+    d.sim().faults().add(FaultSpec::SlowJob {
+        command: "createSnapshot".into(),
+        extra_delay_ms: 1_500,
+        count: 1,
+    });
+    let (s, snap) = d
+        .post(&format!("/volumes/{vol}/snapshots"), json!({}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{snap}");
+    let (s, again) = d.post("/cleanup/test-failover", body).await;
+    assert_eq!(s, StatusCode::CREATED, "{again}");
+    let again = d.wait_op(&again).await;
+    assert_eq!(again["status"], "failed", "{again}");
+    assert_eq!(again["error_code"], "conflict", "{again}");
+    assert!(
+        again["error"]
+            .as_str()
+            .unwrap()
+            .contains("already attached to the appliance"),
+        "{again}"
+    );
+    assert_eq!(d.wait_op(&snap).await["status"], "completed");
+    let (_, after) = d.get(&format!("/volumes/{vol}")).await;
+    assert_eq!(after["attachment"], before["attachment"], "{after}");
+    let (_, e) = d.get(&format!("/exports/{vol}")).await;
+    assert_eq!(
+        e["generation"], first["response"]["export_generation"],
+        "{e}"
+    );
+    writer.write(4, b"same", 0).await.unwrap();
+    writer.flush().await.expect("the writer's session goes on");
+    assert_eq!(writer.read(0, 8).await.unwrap(), b"livesame");
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clean_up_route_is_in_the_openapi_document() {
     let d = TestDaemon::start().await;

@@ -79,7 +79,21 @@ impl Inner {
         let missing =
             || EngineError::NotFound(format!("volume {volume_id} does not exist in CloudStack"));
         let mut cv = self.cloud_volume(volume_id).await?.ok_or_else(missing)?;
+        let recorded_on_appliance = self
+            .store
+            .get_attachment(volume_id)
+            .await?
+            .is_some_and(|a| a.vm_id == appliance);
         match cv.vm_id.as_deref() {
+            // A resumed entry finds its own attach done here (its commit records the attachment); an
+            // attachment to the appliance already recorded is another operation's, whose export and sessions
+            // must stay as they are.
+            Some(v) if v == appliance && recorded_on_appliance => {
+                return Err(EngineError::Conflict(format!(
+                    "volume {volume_id} is already attached to the appliance {appliance} and served; there is \
+                     nothing to clean up, nothing was changed"
+                )));
+            }
             Some(v) if v == appliance => {}
             Some(v) if v == test_vm => {
                 let _vm = self.vm_locks.lock(test_vm).await;
