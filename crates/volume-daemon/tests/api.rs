@@ -1362,6 +1362,73 @@ async fn a_volume_attached_to_the_appliance_before_the_daemon_knew_it_is_reporte
     d.stop().await;
 }
 
+/// `DELETE /exports/{id}` whose client gives up while the export drains (a reader that takes no replies keeps
+/// requests in flight until the drain deadline) still finishes: the record is removed, the sessions are closed
+/// and the export can be served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_removal_whose_client_gives_up_mid_drain_still_finishes() {
+    let d = TestDaemon::start_with(|c| c.drain_timeout_secs = 2).await;
+    let vol = d.create_volume("abandoned-delete", GIB).await;
+    let attached = d.attach_to_appliance(vol).await;
+    let mut stuck = d.nbd_session(&attached).await;
+    // 64 MiB of READs whose replies are never read: they stay in flight.
+    for i in 0..8u64 {
+        stuck
+            .send(nbd::proto::CMD_READ, 0, i << 23, 8 << 20, &[])
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let gave_up = d
+        .http
+        .delete(format!("{}/exports/{vol}", d.base))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(
+        gave_up.as_ref().is_err_and(|e| e.is_timeout()),
+        "the removal should still be draining: {gave_up:?}"
+    );
+    // After the drain deadline the removal has finished on its own.
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        let (s, e) = d.get(&format!("/exports/{vol}")).await;
+        if s == StatusCode::NOT_FOUND {
+            last = Value::Null;
+            break;
+        }
+        last = e;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last, Value::Null, "the export's record stayed");
+    // What a finished removal leaves, and nothing else (no record left behind unserved).
+    let (_, v) = d.post("/exports/validate", json!({})).await;
+    let found = v["inconsistencies"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{v}");
+    assert!(
+        found[0]
+            .as_str()
+            .unwrap()
+            .contains("attached to the appliance without an export record"),
+        "{v}"
+    );
+    // The stuck session was closed: reading on finds the end of the stream.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if stuck.recv().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the session stayed open");
+    let (s, e) = d.post("/exports", json!({"volume_id": vol})).await;
+    assert!(s.is_success(), "{e}");
+    drop(d.nbd_session(&attached).await);
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    d.stop().await;
+}
+
 /// An adoption of a volume the daemon already has attached (to the appliance or to another VM) fails as a
 /// conflict and changes nothing: the export is not served again under its clients, nor torn down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -190,13 +190,26 @@ impl Inner {
 
 impl Engine {
     /// `POST /exports`: makes sure an appliance-attached volume is exported (re-opening it after a
-    /// `DELETE /exports`). A device path that is not the volume's own device is refused.
+    /// `DELETE /exports`). A device path that is not the volume's own device is refused. Once accepted it runs to
+    /// the end, in the volume's turn, whether or not its client waits.
     pub async fn ensure_export(
         &self,
         volume_id: Uuid,
         device_path: Option<&str>,
     ) -> Result<ExportRecord, EngineError> {
         self.inner.refuse_foreign(volume_id).await?;
+        let device_path = device_path.map(str::to_owned);
+        self.to_the_end(move |engine| async move {
+            engine.ensure_export_in_turn(volume_id, device_path).await
+        })
+        .await
+    }
+
+    async fn ensure_export_in_turn(
+        &self,
+        volume_id: Uuid,
+        device_path: Option<String>,
+    ) -> Result<ExportRecord, EngineError> {
         self.in_turn(volume_id, async {
             let inner = &self.inner;
             let att = inner
@@ -210,7 +223,7 @@ impl Engine {
                          (POST /api/v1/volumes/{volume_id}/attach)"
                     ))
                 })?;
-            if let Some(p) = device_path.filter(|p| !p.is_empty()) {
+            if let Some(p) = device_path.as_deref().filter(|p| !p.is_empty()) {
                 let own = [
                     att.by_id_path.as_deref(),
                     att.kernel_device.as_deref(),
@@ -240,14 +253,20 @@ impl Engine {
         .await
     }
 
-    /// `DELETE /exports/{volume_id}`: stops serving the volume (drained); the attachment stays.
+    /// `DELETE /exports/{volume_id}`: stops serving the volume (drained); the attachment stays. Once accepted it
+    /// runs to the end, in the volume's turn, whether or not its client waits: a teardown cut short would leave
+    /// the export out of the NBD server with its sessions open and its record kept.
     pub async fn remove_export(&self, volume_id: Uuid) -> Result<bool, EngineError> {
         self.inner.refuse_foreign(volume_id).await?;
-        self.in_turn(volume_id, async {
-            let inner = &self.inner;
-            let closed = inner.teardown(volume_id, Teardown::Export).await?;
-            let had_record = inner.store.delete_export(volume_id).await?;
-            Ok(closed.is_some() || had_record)
+        self.to_the_end(move |engine| async move {
+            engine
+                .in_turn(volume_id, async {
+                    let inner = &engine.inner;
+                    let closed = inner.teardown(volume_id, Teardown::Export).await?;
+                    let had_record = inner.store.delete_export(volume_id).await?;
+                    Ok(closed.is_some() || had_record)
+                })
+                .await
         })
         .await
     }

@@ -197,12 +197,24 @@ impl Engine {
             }
             return Err(e);
         }
-        // Journaling and queuing run to the end even when the request that asked for them goes away
-        // meanwhile (its client disconnected, the request timed out): an operation journaled and not
-        // queued would wait, unseen, for the next start and then run out of its volume's order.
-        let engine = self.clone();
-        let journaled = tokio::spawn(async move { engine.journal(req, idempotency_key).await });
-        match journaled.await {
+        // An operation journaled and not queued would wait, unseen, for the next start and then run out of
+        // its volume's order.
+        self.to_the_end(move |engine| async move { engine.journal(req, idempotency_key).await })
+            .await
+    }
+
+    /// Runs `work` on a task of its own to the end, even when the request that asked for it goes away meanwhile
+    /// (its client disconnected, the request timed out): work cut short part-way would leave the volume half
+    /// changed. A panic in it is passed on.
+    pub(crate) async fn to_the_end<T, F>(
+        &self,
+        work: impl FnOnce(Engine) -> F,
+    ) -> Result<T, EngineError>
+    where
+        F: std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        match tokio::spawn(work(self.clone())).await {
             Ok(r) => r,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => Err(EngineError::NotAccepting),
