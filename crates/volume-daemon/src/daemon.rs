@@ -354,19 +354,7 @@ impl RunningDaemon {
             .restore_appliance_volumes()
             .await
             .map_err(DaemonError::Recovery)?;
-        health.set_fact(
-            HealthComponent::Exports,
-            problems.is_empty(),
-            if problems.is_empty() {
-                "every appliance volume is exported".to_string()
-            } else {
-                problems
-                    .iter()
-                    .map(|(v, m)| format!("{v}: {m}"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            },
-        );
+        health.set_restore_problems(problems);
         if let (true, Some(h)) = (cfg.hub_import_on_start, &hub) {
             let id = engine.appliance().await;
             let appliance = id.vm_id.filter(|_| id.verified);

@@ -523,3 +523,81 @@ async fn a_resumed_attach_adopts_its_lost_pending_job_and_a_later_detach_stays()
 async fn a_resumed_detach_adopts_its_lost_pending_job_and_a_later_attach_stays() {
     a_lost_call_still_running_is_adopted(LostCall::Detach).await;
 }
+
+/// A volume whose export start-up could not restore (detached behind the daemon's back while it was down)
+/// fails `/health`'s `exports` component only until it is resolved: once the reconcile's repair forgets the
+/// attachment, `/health` is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exports_component_recovers_once_a_volume_not_restored_at_start_up_is_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = support::config(dir.path());
+    cfg.reconcile_repair = false;
+    let first = RunningDaemon::start(cfg.clone()).await.unwrap();
+    let base = format!("http://{}/api/v1", first.api_addr());
+    let sim = first.sim().unwrap();
+    let created = call_ok(
+        &base,
+        reqwest::Method::POST,
+        "/volumes",
+        Some(json!({"name": "gone-while-down", "size": GIB,
+            "disk_offering_id": support::custom_offering_of(sim), "zone_id": sim.zone_id()})),
+    )
+    .await;
+    let vol = created["response"]["volume_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    call_ok(
+        &base,
+        reqwest::Method::POST,
+        &format!("/volumes/{vol}/attach"),
+        Some(json!({"vm_id": sim.appliance_vm_id()})),
+    )
+    .await;
+    // Detached in CloudStack behind the daemon's back just before it stops.
+    let cs = sim_client(sim);
+    let job = cs.detach_volume(&vol).await.unwrap();
+    cs.wait_job(&job.job_id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    first.shutdown().await;
+
+    let second = RunningDaemon::start(cfg).await.unwrap();
+    let base = format!("http://{}/api/v1", second.api_addr());
+    let health = || async {
+        let r = reqwest::get(format!("{base}/health")).await.unwrap();
+        (r.status(), r.json::<serde_json::Value>().await.unwrap())
+    };
+    let (status, h) = health().await;
+    assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "{h}");
+    assert_eq!(h["components"]["exports"]["status"], "failed", "{h}");
+    assert!(
+        h["components"]["exports"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&vol),
+        "{h}"
+    );
+    let report = call(
+        &base,
+        reqwest::Method::POST,
+        "/reconcile",
+        Some(json!({"apply": true})),
+    )
+    .await;
+    assert_eq!(
+        report["drift"][0]["action"], "forget_attachment",
+        "{report}"
+    );
+    let repair = format!(
+        "/operations/{}?wait=30",
+        report["drift"][0]["operation_id"].as_str().unwrap()
+    );
+    let done = call(&base, reqwest::Method::GET, &repair, None).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let (status, h) = health().await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{h}");
+    assert_eq!(h["components"]["exports"]["status"], "ok", "{h}");
+    second.sim().unwrap().detach_all_devices();
+    second.shutdown().await;
+}

@@ -32,7 +32,12 @@ pub struct HealthState {
     write_failure: Mutex<Option<String>>,
     /// The NBD server's connection table, once it serves.
     nbd_connections: Mutex<Option<nbd::ConnectionProbe>>,
+    /// The appliance volumes whose exports could not be restored at start-up, and why.
+    restore_problems: Mutex<Vec<(uuid::Uuid, String)>>,
 }
+
+/// The `exports` component's detail when every appliance volume is served.
+const EXPORTED: &str = "every appliance volume is exported";
 
 /// How long a connection refused for a full NBD connection table keeps the `nbd` component degraded.
 const REFUSED_RECENTLY: Duration = Duration::from_secs(60);
@@ -66,6 +71,22 @@ impl HealthState {
         if let Ok(mut w) = self.write_failure.lock() {
             *w = why;
         }
+    }
+
+    /// The appliance volumes whose exports start-up could not restore (empty: all were): the `exports`
+    /// component stays failed while any of them is still attached to the appliance and not served.
+    pub fn set_restore_problems(&self, problems: Vec<(uuid::Uuid, String)>) {
+        if let Ok(mut p) = self.restore_problems.lock() {
+            *p = problems;
+        }
+        self.set_fact(HealthComponent::Exports, true, EXPORTED);
+    }
+
+    fn restore_problems(&self) -> Vec<(uuid::Uuid, String)> {
+        self.restore_problems
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default()
     }
 
     /// Where `/health` and `/metrics` read the NBD server's connection table from.
@@ -175,6 +196,28 @@ pub async fn report(st: &AppState) -> Health {
             ),
         },
     );
+    let problems = st.health.restore_problems();
+    if !problems.is_empty() {
+        // Checked now: a volume start-up could not serve counts until it is served again or leaves.
+        let component = match engine.still_unexported(&problems).await {
+            Ok(left) if left.is_empty() => component(
+                true,
+                format!(
+                    "{EXPORTED} ({} not restored at start-up are served again or detached)",
+                    problems.len()
+                ),
+            ),
+            Ok(left) => component(
+                false,
+                left.iter()
+                    .map(|(v, m)| format!("{v}: {m}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            Err(e) => component(false, crate::error_chain(&e)),
+        };
+        components.insert(HealthComponent::Exports.as_str().into(), component);
+    }
     if let (Some(probe), Some(listening)) = (
         st.health.nbd_connections(),
         components.get_mut(HealthComponent::Nbd.as_str()),

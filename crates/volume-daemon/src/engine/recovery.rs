@@ -14,6 +14,27 @@ impl Engine {
     /// Re-verifies the device of every appliance attachment and re-creates its stable name and export, except
     /// for volumes with an unfinished detach or delete.
     /// Returns the volumes that could not be restored and why.
+    /// Of the volumes whose exports could not be restored at start-up, those still attached to the appliance
+    /// (as recorded) and not served now.
+    pub async fn still_unexported(
+        &self,
+        problems: &[(Uuid, String)],
+    ) -> Result<Vec<(Uuid, String)>, EngineError> {
+        let mut left = Vec::new();
+        for (volume_id, why) in problems {
+            let on_appliance = self
+                .inner
+                .store
+                .get_attachment(*volume_id)
+                .await?
+                .is_some_and(|a| a.target == AttachTarget::Appliance);
+            if on_appliance && self.inner.exports.get(*volume_id).is_none() {
+                left.push((*volume_id, why.clone()));
+            }
+        }
+        Ok(left)
+    }
+
     pub async fn restore_appliance_volumes(&self) -> Result<Vec<(Uuid, String)>, EngineError> {
         let inner = &self.inner;
         let atts = inner
