@@ -4,7 +4,8 @@
 //! without dashes". A device is found through the by-id directory (`virtio-<serial>`,
 //! `scsi-0QEMU_QEMU_HARDDISK_<serial>`, `scsi-<serial>`) and by scanning sysfs serials (which needs no
 //! udev), then verified: the link leads to a block device, the kernel's serial matches where it exposes
-//! one, and the size equals the cloud's. Nothing is ever picked by order, time or size alone.
+//! one (a loop device, which has none, must have a backing file named for the volume, as the simulator's
+//! are), and the size equals the cloud's. Nothing is ever picked by order, time or size alone.
 
 use std::fs;
 use std::io;
@@ -31,6 +32,17 @@ pub fn by_id_names(serial: &str) -> [String; 3] {
         format!("scsi-0QEMU_QEMU_HARDDISK_{serial}"),
         format!("scsi-{serial}"),
     ]
+}
+
+/// Whether a loop device's backing file is named for the volume whose serial is `serial`: its name, without
+/// dashes and in lower case, holds the serial.
+fn backing_names_serial(backing: &Path, serial: &str) -> bool {
+    backing.file_name().is_some_and(|n| {
+        n.to_string_lossy()
+            .replace('-', "")
+            .to_ascii_lowercase()
+            .contains(serial)
+    })
 }
 
 /// Whether a serial read from the kernel is the volume's serial (the 20-digit form, or the full
@@ -258,6 +270,20 @@ impl Resolver {
                             found: format!("{s} (on {})", d.name),
                         });
                     }
+                } else if let Some(backing) = &d.backing_file {
+                    // A loop device exposes no serial: it is the volume's only when its backing file is named
+                    // for the volume (the simulator's `<uuid>.img`), so a link led to another volume's loop
+                    // device is refused like a wrong serial.
+                    if !backing_names_serial(backing, serial) {
+                        return Err(Error::Mismatch {
+                            what: "loop device backing file",
+                            path: link.to_path_buf(),
+                            expected: format!(
+                                "a backing file named for the volume (serial {serial})"
+                            ),
+                            found: format!("{} (behind {})", backing.display(), d.name),
+                        });
+                    }
                 }
                 if d.size == 0 {
                     return Err(Error::NotFound {
@@ -395,6 +421,34 @@ mod tests {
         let e = resolver(&t).resolve(&v, GIB).expect_err("must not accept");
         assert_eq!(e.kind(), ErrorKind::Mismatch);
         assert!(e.to_string().contains("vdb"), "{e}");
+    }
+
+    #[test]
+    fn a_loop_device_is_the_volume_s_only_when_its_backing_file_is_named_for_it() {
+        let t = Tree::new();
+        let v = vol("6f0e1c2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b");
+        let other = t.disk("loop2", 7, 2, GIB, None);
+        t.attr(
+            "loop2",
+            "loop/backing_file",
+            b"/var/lib/sim/volumes/0d3e9c11-5a2b-4c6d-9e8f-7a6b5c4d3e2f.img\n",
+        );
+        let link = t.link("virtio-6f0e1c2a3b4d4e5f8a9b", &other);
+        let e = resolver(&t)
+            .resolve(&v, GIB)
+            .expect_err("another volume's loop device");
+        assert_eq!(e.kind(), ErrorKind::Mismatch);
+        assert!(e.to_string().contains("0d3e9c11-5a2b"), "{e}");
+        let own = t.disk("loop3", 7, 3, GIB, None);
+        t.attr(
+            "loop3",
+            "loop/backing_file",
+            b"/var/lib/sim/volumes/6f0e1c2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b.img (deleted)\n",
+        );
+        fs::remove_file(&link).expect("unlink");
+        t.link("virtio-6f0e1c2a3b4d4e5f8a9b", &own);
+        let d = resolver(&t).resolve(&v, GIB).expect("its own loop device");
+        assert_eq!(d.kernel_name.as_deref(), Some("loop3"));
     }
 
     #[test]

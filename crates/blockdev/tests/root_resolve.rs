@@ -22,8 +22,10 @@ fn require_root() {
     );
 }
 
-fn backing(dir: &Path, size: u64) -> PathBuf {
-    let p = dir.join("vol.img");
+/// A backing file of `size` bytes named for `vol`, as the simulator names them: a loop device is a volume's
+/// only when its backing file is named for it.
+fn backing(dir: &Path, size: u64, vol: &Uuid) -> PathBuf {
+    let p = dir.join(format!("{vol}.img"));
     File::create(&p)
         .expect("create")
         .set_len(size)
@@ -37,9 +39,9 @@ async fn root_wait_for_returns_soon_after_the_link_appears() {
     let dir = tempfile::tempdir().expect("tempdir");
     let by_id = dir.path().join("by-id");
     std::fs::create_dir(&by_id).expect("mkdir");
-    let file = backing(dir.path(), SIZE);
-    let dev = LoopDevice::attach(&file, false).expect("attach");
     let vol = Uuid::new_v4();
+    let file = backing(dir.path(), SIZE, &vol);
+    let dev = LoopDevice::attach(&file, false).expect("attach");
     let link = by_id.join(format!("virtio-{}", serial_for_volume(&vol)));
 
     // A long rescan interval: only an event can end the wait quickly.
@@ -99,9 +101,9 @@ async fn root_wait_for_returns_soon_after_the_link_appears() {
 async fn root_wait_for_sees_a_link_made_before_the_wait() {
     require_root();
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = backing(dir.path(), SIZE);
-    let dev = LoopDevice::attach(&file, false).expect("attach");
     let vol = Uuid::new_v4();
+    let file = backing(dir.path(), SIZE, &vol);
+    let dev = LoopDevice::attach(&file, false).expect("attach");
     std::os::unix::fs::symlink(
         dev.path(),
         dir.path()
@@ -121,7 +123,7 @@ async fn root_wait_for_sees_a_link_made_before_the_wait() {
 fn root_preflight_passes() {
     require_root();
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = backing(dir.path(), SIZE);
+    let file = backing(dir.path(), SIZE, &Uuid::new_v4());
     let dev = LoopDevice::attach(&file, false).expect("attach");
     let report = preflight::run(dir.path(), &dir.path().join("names"), Some(dev.path()));
     assert!(report.ok(), "{report:#?}");

@@ -267,3 +267,73 @@ async fn root_a_disk_gone_behind_the_daemons_back_leaves_its_kernel_name_to_the_
     assert_ne!(m["kernel_device"], json!(old.display().to_string()), "{m}");
     d.stop().await;
 }
+
+/// A volume's by-id link that vanishes and comes back leading to another volume's disk (a loop device, which
+/// has no serial) is never served as that volume: the export stays fenced, the repair that would serve it
+/// again fails naming the backing file, and the other volume's data and export are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_link_that_comes_back_to_another_volumes_disk_is_never_served() {
+    assert!(
+        volume_daemon::sim::running_as_root(),
+        "root_ tests need root (loop devices)"
+    );
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let d = TestDaemon::start_with(|c| c.reconcile_repair = false).await;
+    let a = d.create_volume("link-a", GIB).await;
+    let b = d.create_volume("link-b", GIB).await;
+    let att_a = d.attach_to_appliance(a).await;
+    let att_b = d.attach_to_appliance(b).await;
+    for (vol, att) in [(a, &att_a), (b, &att_b)] {
+        let mut c = d.nbd_session(att).await;
+        c.write(0, &signature(&vol.to_string()), 0).await.unwrap();
+        c.flush().await.unwrap();
+    }
+    let link_a = PathBuf::from(text(&att_a["response"]["device_path"]));
+    let dev_b = std::fs::read_link(text(&att_b["response"]["device_path"])).unwrap();
+    // A's link goes away (its export is fenced), then comes back leading to B's disk.
+    std::fs::remove_file(&link_a).unwrap();
+    let mut fenced = false;
+    for _ in 0..100 {
+        let (_, e) = d.get(&format!("/exports/{a}")).await;
+        if e["status"] == "inactive" {
+            fenced = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(fenced, "A's export was not fenced");
+    std::os::unix::fs::symlink(&dev_b, &link_a).unwrap();
+    // The reconcile reports A's device as not A's (naming the backing file) and repairs nothing; a repair of
+    // A, had one been tried, failed.
+    let (_, report) = d.post("/reconcile", json!({"apply": true})).await;
+    let on_a: Vec<&Value> = report["drift"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["volume_id"] == a.to_string())
+        .collect();
+    assert_eq!(on_a.len(), 1, "{report}");
+    assert_eq!(on_a[0]["kind"], "device_problem", "{report}");
+    assert!(
+        text(&on_a[0]["detail"]).contains("backing file"),
+        "{report}"
+    );
+    if let Some(id) = on_a[0]["operation_id"].as_str() {
+        let (_, op) = d.get(&format!("/operations/{id}?wait=30")).await;
+        assert_eq!(op["status"], "failed", "{op}");
+    }
+    // Nor does POST /exports serve it.
+    let (s, e) = d.post("/exports", json!({"volume_id": a})).await;
+    assert!(!s.is_success(), "POST /exports served A: {e}");
+    let (_, e) = d.get(&format!("/exports/{a}")).await;
+    assert_ne!(e["status"], "active", "A is served from B's disk: {e}");
+    let mut c = d.nbd_session(&att_b).await;
+    assert_eq!(
+        c.read(0, 4096).await.unwrap(),
+        signature(&b.to_string()),
+        "B's export still reads B's data"
+    );
+    drop(c);
+    std::fs::remove_file(&link_a).unwrap();
+    d.stop().await;
+}
