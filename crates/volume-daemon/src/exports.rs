@@ -29,6 +29,16 @@ pub enum ExportError {
         #[source]
         source: nbd::NbdError,
     },
+    /// Another volume's export serves the same device: one device is never served as two volumes.
+    #[error(
+        "device {path} is already served as volume {other}'s export; export {name} is not opened on it \
+         (the device found for the volume is another volume's disk: check its by-id link)"
+    )]
+    DeviceServed {
+        name: String,
+        path: String,
+        other: Uuid,
+    },
     /// The export was closed but its final flush failed: what was written may not be on the device.
     #[error("the final flush of export {name} failed; what was written may not be on the device")]
     Flush {
@@ -71,6 +81,28 @@ pub struct Closed {
 pub struct Exports {
     registry: nbd::Registry,
     port: u16,
+    /// The device each volume's live export serves (`st_rdev` of a block device, or `st_dev` and `st_ino`
+    /// of a file), so that no device is served as two volumes.
+    devices: Arc<std::sync::Mutex<std::collections::HashMap<Uuid, DeviceKey>>>,
+}
+
+/// What identifies a served device: a block device's number, or a file's device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeviceKey {
+    Block(u64),
+    File(u64, u64),
+}
+
+impl DeviceKey {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+        let m = std::fs::metadata(path)?;
+        Ok(if m.file_type().is_block_device() {
+            Self::Block(m.rdev())
+        } else {
+            Self::File(m.dev(), m.ino())
+        })
+    }
 }
 
 impl std::fmt::Debug for Exports {
@@ -83,7 +115,11 @@ impl std::fmt::Debug for Exports {
 
 impl Exports {
     pub fn new(registry: nbd::Registry, port: u16) -> Self {
-        Self { registry, port }
+        Self {
+            registry,
+            port,
+            devices: Arc::default(),
+        }
     }
 
     /// The NBD port exports are served on.
@@ -106,6 +142,19 @@ impl Exports {
             // A previous generation (from an earlier attachment or an interrupted attach) is never reused.
             self.close(volume_id, drain).await?;
         }
+        let key = DeviceKey::of(device).map_err(|e| ExportError::Open {
+            name: name.clone(),
+            path: device.display().to_string(),
+            source: nbd::NbdError::from(e),
+        })?;
+        let other = self.served_as(key, volume_id);
+        if let Some(other) = other {
+            return Err(ExportError::DeviceServed {
+                name,
+                path: device.display().to_string(),
+                other,
+            });
+        }
         let path = device.to_path_buf();
         let backend = tokio::task::spawn_blocking(move || nbd::FileBackend::open(&path, false))
             .await
@@ -119,7 +168,8 @@ impl Exports {
                 path: device.display().to_string(),
                 source,
             })?;
-        self.registry
+        let snap = self
+            .registry
             .add(nbd::ExportConfig {
                 name: name.clone(),
                 backend: Arc::new(backend),
@@ -129,7 +179,21 @@ impl Exports {
                 description: Some(format!("volume {volume_id}")),
                 access: access(clients),
             })
-            .map_err(|source| ExportError::Register { name, source })
+            .map_err(|source| ExportError::Register { name, source })?;
+        if let Ok(mut d) = self.devices.lock() {
+            d.insert(volume_id, key);
+        }
+        Ok(snap)
+    }
+
+    /// The volume other than `volume_id` whose live export serves the device `key`.
+    fn served_as(&self, key: DeviceKey, volume_id: Uuid) -> Option<Uuid> {
+        let devices = self.devices.lock().ok()?;
+        devices
+            .iter()
+            .find(|(v, k)| **v != volume_id && **k == key)
+            .map(|(v, _)| *v)
+            .filter(|v| self.get(*v).is_some())
     }
 
     /// Stops new connections, drains in-flight requests up to `drain`, closes the sessions and flushes.
@@ -141,6 +205,9 @@ impl Exports {
         drain: Duration,
     ) -> Result<Option<Closed>, ExportError> {
         let name = volume_api::export_name(volume_id);
+        if let Ok(mut d) = self.devices.lock() {
+            d.remove(&volume_id);
+        }
         if self.registry.get(&name).is_none() {
             return Ok(None);
         }
@@ -169,5 +236,47 @@ impl Exports {
     /// All live exports.
     pub fn list(&self) -> Vec<nbd::ExportSnapshot> {
         self.registry.list()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_device_is_never_served_as_two_volumes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (disk_a, disk_b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        for p in [&disk_a, &disk_b] {
+            std::fs::File::create(p)
+                .and_then(|f| f.set_len(1 << 20))
+                .expect("disk");
+        }
+        let exports = Exports::new(nbd::Registry::new(), 10809);
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let drain = Duration::from_secs(1);
+        exports.open(a, &disk_a, &[], drain).await.expect("a");
+        // B's device found as A's disk (through a link, as a symlink here): refused, A untouched.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&disk_a, &link).expect("link");
+        let e = exports
+            .open(b, &link, &[], drain)
+            .await
+            .expect_err("A's disk served as B");
+        assert!(
+            matches!(&e, ExportError::DeviceServed { other, .. } if *other == a),
+            "{e}"
+        );
+        assert!(exports.get(a).is_some() && exports.get(b).is_none());
+        // A's own device again (a new generation) is fine, and B's own device too.
+        exports.open(a, &link, &[], drain).await.expect("a again");
+        exports.open(b, &disk_b, &[], drain).await.expect("b");
+        // Once A's export is closed, its device may serve another volume.
+        exports.close(a, drain).await.expect("close a");
+        exports.close(b, drain).await.expect("close b");
+        exports
+            .open(b, &disk_a, &[], drain)
+            .await
+            .expect("b on a's old disk");
     }
 }
