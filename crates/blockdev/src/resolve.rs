@@ -4,8 +4,8 @@
 //! without dashes". A device is found through the by-id directory (`virtio-<serial>`,
 //! `scsi-0QEMU_QEMU_HARDDISK_<serial>`, `scsi-<serial>`) and by scanning sysfs serials (which needs no
 //! udev), then verified: the link leads to a block device, the kernel's serial matches where it exposes
-//! one (a loop device, which has none, must have a backing file named for the volume, as the simulator's
-//! are), and the size equals the cloud's. Nothing is ever picked by order, time or size alone.
+//! one (a loop device, which has none, must not have a backing file named for another volume, as the
+//! simulator's are named for theirs), and the size equals the cloud's. Nothing is ever picked by order, time or size alone.
 
 use std::fs;
 use std::io;
@@ -34,15 +34,20 @@ pub fn by_id_names(serial: &str) -> [String; 3] {
     ]
 }
 
-/// Whether a loop device's backing file is named for the volume whose serial is `serial`: its name, without
-/// dashes and in lower case, holds the serial.
-fn backing_names_serial(backing: &Path, serial: &str) -> bool {
-    backing.file_name().is_some_and(|n| {
-        n.to_string_lossy()
-            .replace('-', "")
-            .to_ascii_lowercase()
-            .contains(serial)
-    })
+/// Whether a loop device's backing file is named for another volume than the one whose serial is `serial`:
+/// its name carries a volume id or serial (a run of at least 20 hex digits, dashes aside), and none is this
+/// volume's. A name that carries none says nothing either way.
+fn backing_names_another_volume(backing: &Path, serial: &str) -> bool {
+    let Some(name) = backing.file_name() else {
+        return false;
+    };
+    let name = name.to_string_lossy().to_ascii_lowercase();
+    let ids: Vec<String> = name
+        .split(|c: char| !(c.is_ascii_hexdigit() || c == '-'))
+        .map(|t| t.replace('-', ""))
+        .filter(|t| t.len() >= serial.len())
+        .collect();
+    !ids.is_empty() && !ids.iter().any(|t| t.contains(serial))
 }
 
 /// Whether a serial read from the kernel is the volume's serial (the 20-digit form, or the full
@@ -271,15 +276,15 @@ impl Resolver {
                         });
                     }
                 } else if let Some(backing) = &d.backing_file {
-                    // A loop device exposes no serial: it is the volume's only when its backing file is named
-                    // for the volume (the simulator's `<uuid>.img`), so a link led to another volume's loop
-                    // device is refused like a wrong serial.
-                    if !backing_names_serial(backing, serial) {
+                    // A loop device exposes no serial: one whose backing file is named for another volume (the
+                    // simulator's are `<uuid>.img`) is that volume's disk, so a link led to it is refused like a
+                    // wrong serial.
+                    if backing_names_another_volume(backing, serial) {
                         return Err(Error::Mismatch {
                             what: "loop device backing file",
                             path: link.to_path_buf(),
                             expected: format!(
-                                "a backing file named for the volume (serial {serial})"
+                                "a backing file named for the volume (serial {serial}) or for none"
                             ),
                             found: format!("{} (behind {})", backing.display(), d.name),
                         });
@@ -449,6 +454,20 @@ mod tests {
         t.link("virtio-6f0e1c2a3b4d4e5f8a9b", &own);
         let d = resolver(&t).resolve(&v, GIB).expect("its own loop device");
         assert_eq!(d.kernel_name.as_deref(), Some("loop3"));
+        // A backing file named for no volume says nothing: the link and the size decide, as for any disk
+        // without a serial.
+        let plain = t.disk("loop4", 7, 4, GIB, None);
+        t.attr(
+            "loop4",
+            "loop/backing_file",
+            b"/srv/disks/data-disk-1.img\n",
+        );
+        fs::remove_file(t.by_id.join("virtio-6f0e1c2a3b4d4e5f8a9b")).expect("unlink");
+        t.link("virtio-6f0e1c2a3b4d4e5f8a9b", &plain);
+        let d = resolver(&t)
+            .resolve(&v, GIB)
+            .expect("a loop device named for no volume");
+        assert_eq!(d.kernel_name.as_deref(), Some("loop4"));
     }
 
     #[test]
