@@ -493,23 +493,37 @@ impl Store {
     pub(super) async fn begin_write(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
-        let mut tx = self.begin().await?;
-        if let Some(lease) = self.lease() {
+        loop {
+            let mut tx = self.begin().await?;
+            let (Some(slot), Some(lease)) = (self.lease.as_deref(), self.lease()) else {
+                return Ok(tx);
+            };
             let sql = self.dialect.sql(&format!(
-                "SELECT token FROM appliance_leases WHERE appliance_id = ?{}",
+                "SELECT {LEASE_COLS} FROM appliance_leases WHERE appliance_id = ?{}",
                 share_lock(self.dialect)
             ));
-            let token: Option<i64> = sqlx::query_scalar(&sql)
+            let row = sqlx::query(&sql)
                 .bind(lease.appliance_id.clone())
                 .fetch_optional(&mut *tx)
                 .await
-                .map_err(q("checking the appliance lease"))?;
-            if token != Some(lease.token) {
+                .map_err(q("checking the appliance lease"))?
+                .map(|r| lease_from(&r))
+                .transpose()?;
+            if row.as_ref().map(|r| r.token) != Some(lease.token) {
                 drop(tx);
                 return Err(self.fenced(&lease).await);
             }
+            // A move of this lease is in progress (it holds `settled`) and the row is given up: the move has
+            // committed (or waits for this transaction's lock) and is about to put the new lease in place.
+            // Start again under that one, with nothing held while waiting for it.
+            let given_up = row.is_some_and(|r| r.expires_at <= Utc::now());
+            if given_up && slot.settled.try_lock().is_err() {
+                drop(tx);
+                drop(slot.settled.lock().await);
+                continue;
+            }
+            return Ok(tx);
         }
-        Ok(tx)
     }
 
     /// Gives the records without an owner (journaled before records had one, in a database that recorded no
