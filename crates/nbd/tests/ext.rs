@@ -1013,6 +1013,85 @@ fn ext_tls_export_access_lists_and_opens_only_permitted_exports() {
     srv.terminate();
 }
 
+/// The export names `nbd-client -l` (nbd's own client, GnuTLS) prints on standard output, sorted; the
+/// client's other lines ("Negotiation: ..") go there too and are left out.
+fn nbd_client_list(srv: &Served, tls: Option<&Path>) -> Vec<String> {
+    let (host, port) = srv.addr.rsplit_once(':').unwrap();
+    let mut cmd = Command::new("nbd-client");
+    if let Some(dir) = tls {
+        cmd.arg("-x")
+            .arg("--cacertfile")
+            .arg(dir.join("ca-cert.pem"))
+            .args(["--tlshostname", "localhost"]);
+        if dir.join("client-cert.pem").exists() {
+            cmd.arg("--certfile")
+                .arg(dir.join("client-cert.pem"))
+                .arg("--keyfile")
+                .arg(dir.join("client-key.pem"));
+        }
+    }
+    let out = run(cmd.args(["-l", host, port]));
+    let mut names: Vec<String> = out
+        .lines()
+        .filter(|l| !l.starts_with("Negotiation:") && !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+}
+
+/// nbd's own client (`nbd-client -l`, from the nbd-client package, with GnuTLS) lists exports in clear
+/// text and over TLS with a client certificate, seeing only what its identity may open; without a
+/// certificate, or in clear text where TLS is required, it lists nothing.
+#[test]
+fn ext_nbd_client_lists_exports_in_clear_text_and_over_tls() {
+    require(&["nbd-client"]);
+    let a = shm_file(MIB);
+    let b = shm_file(MIB);
+    let srv = Served::start(&[], &[("alpha", a.path()), ("beta", b.path())]);
+    assert_eq!(nbd_client_list(&srv, None), ["alpha", "beta"]);
+    srv.terminate();
+
+    let pki = common::Pki::new();
+    let srv = Served::start_mode(
+        Mode::Tls(&pki),
+        &["--allow", "beta=writer-2"],
+        &[("alpha", a.path()), ("beta", b.path())],
+    );
+    assert_eq!(
+        nbd_client_list(&srv, Some(&pki.client("writer-1"))),
+        ["alpha"]
+    );
+    assert_eq!(
+        nbd_client_list(&srv, Some(&pki.client("writer-2"))),
+        ["alpha", "beta"]
+    );
+    let (host, port) = srv.addr.rsplit_once(':').unwrap();
+    let refused = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            !out.status.success() && !stdout.contains("alpha") && !stdout.contains("beta"),
+            "{cmd:?} listed exports ({}):\n{stdout}",
+            out.status
+        );
+    };
+    refused(Command::new("nbd-client").args(["-l", host, port]));
+    let anonymous = pki.anonymous_client();
+    refused(
+        Command::new("nbd-client")
+            .args(["-x", "--tlshostname", "localhost", "--cacertfile"])
+            .arg(anonymous.join("ca-cert.pem"))
+            .args(["-l", host, port]),
+    );
+    // The server goes on serving its legitimate clients.
+    assert_eq!(
+        nbd_client_list(&srv, Some(&pki.client("writer-1"))),
+        ["alpha"]
+    );
+    srv.terminate();
+}
+
 // ---- root_: the same on loop devices ----
 
 /// A loop device (the project's own, from `blockdev`) over a backing file; detached when dropped, also on
