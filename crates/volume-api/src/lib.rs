@@ -81,8 +81,8 @@ pub fn check_nbd_clients(names: &[String]) -> Result<(), String> {
         }
         if n.len() > MAX_NBD_CLIENT_LEN {
             return Err(format!(
-                "client identity {:?}… is longer than {MAX_NBD_CLIENT_LEN} bytes",
-                n.chars().take(16).collect::<String>()
+                "client identity {n:?} is {} bytes long; at most {MAX_NBD_CLIENT_LEN}",
+                n.len()
             ));
         }
         if n.chars().any(char::is_control) {

@@ -209,7 +209,7 @@ async fn lists_page_with_link_headers_filter_and_refuse_bad_limits_and_cursors()
         ("/volumes?after=nonsense", Some("after")),
         ("/volumes?after=6162", Some("after")),
         ("/volumes?state=lost", Some("state")),
-        ("/volumes?colour=red", None),
+        ("/volumes?colour=red", Some("colour")),
         ("/operations?limit=0", Some("limit")),
         ("/operations?after=zz", Some("after")),
         ("/exports?limit=-1", Some("limit")),

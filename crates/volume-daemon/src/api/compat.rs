@@ -15,7 +15,7 @@ use volume_api::{
 #[allow(unused_imports)]
 use volume_api::{DeviceMapping, ErrorBody, ExportCleanupResult, ExportValidation, Operation};
 
-use super::extract::JsonBody;
+use super::extract::{JsonBody, NoBody};
 use super::{convert, submit, ApiError, AppState};
 use crate::engine::Request;
 
@@ -70,7 +70,10 @@ pub(super) async fn device_path_to_volume(
     tag = "exports",
     responses((status = 200, description = "export records compared with the attachments and what the NBD server serves; nothing is changed", body = ExportValidation))
 )]
-pub(super) async fn validate_exports(State(st): State<AppState>) -> Result<Response, ApiError> {
+pub(super) async fn validate_exports(
+    State(st): State<AppState>,
+    _: NoBody,
+) -> Result<Response, ApiError> {
     Ok(Json(st.engine.validate_exports().await?).into_response())
 }
 
@@ -137,7 +140,10 @@ pub(super) async fn cleanup_exports_by_age(
     tag = "reconcile",
     responses((status = 200, description = "a reconcile with `apply` ran; `report` is its answer (as `POST /reconcile` with `apply`)", body = ForceSyncResult))
 )]
-pub(super) async fn force_sync(State(st): State<AppState>) -> Result<Response, ApiError> {
+pub(super) async fn force_sync(
+    State(st): State<AppState>,
+    _: NoBody,
+) -> Result<Response, ApiError> {
     let report = crate::reconcile::run(&st.engine, true).await?;
     Ok(Json(ForceSyncResult {
         message: "Force sync completed successfully".into(),

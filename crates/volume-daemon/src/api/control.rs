@@ -21,20 +21,21 @@ fn refused(field: &str, what: &str) -> ApiError {
 }
 
 /// Refuses a body that is not one JSON value (trailing text included), and one with a control character in
-/// any string, naming the field. Every body the typed parse may accept has been through this check.
-pub(crate) fn check_json(bytes: &[u8]) -> Result<(), ApiError> {
+/// any string, naming the field; returns the value. Every body the typed parse may accept has been through
+/// this check.
+pub(crate) fn check_json(bytes: &[u8]) -> Result<Value, ApiError> {
     let v = serde_json::from_slice::<Value>(bytes).map_err(|e| ApiError::BadRequest {
         field: None,
         message: format!("request body is not valid JSON: {e}"),
     })?;
     match control_in_json(&v) {
         Some(field) => Err(refused(&field, "request body field")),
-        None => Ok(()),
+        None => Ok(v),
     }
 }
 
 /// Middleware of every route: refuses control characters in path parameters, query parameters and the
-/// `Idempotency-Key` header.
+/// `Idempotency-Key` header, and a malformed `Idempotency-Key` on any mutation.
 pub(crate) async fn refuse_control_characters(
     params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
     req: Request,
@@ -59,6 +60,11 @@ pub(crate) async fn refuse_control_characters(
         if v.as_bytes().iter().any(|b| b.is_ascii_control()) {
             return Err(refused(IDEMPOTENCY_KEY_HEADER, "header"));
         }
+    }
+    // Every mutation takes the header in the same form, also one that is idempotent by nature and so
+    // has no use for it.
+    if !req.method().is_safe() {
+        super::idempotency_key(req.headers())?;
     }
     Ok(next.run(req).await)
 }

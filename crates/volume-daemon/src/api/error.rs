@@ -1,7 +1,7 @@
 //! API errors: every failure maps to one HTTP status in one exhaustive `match`, with the body
 //! `{"error": "...", "code": "...", "field": "..."}`. Internal details are logged, not sent.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use volume_api::{ErrorBody, ErrorCode};
@@ -21,6 +21,17 @@ pub enum ApiError {
     },
     #[error("request body is larger than {limit} bytes; send at most {limit}")]
     TooLarge { limit: usize },
+    /// A body in another media type, or with a content coding (415).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// A transfer coding other than chunked (501).
+    #[error("{0}")]
+    UnsupportedTransferCoding(String),
+    /// The body did not arrive in time (408); the connection is closed.
+    #[error(
+        "the request body did not arrive within api_header_timeout_secs ({secs} s); send it at once"
+    )]
+    BodyTimedOut { secs: u64 },
     #[error("{0}")]
     NotFound(String),
     #[error("missing or wrong bearer token: send Authorization: Bearer <api_token>")]
@@ -128,6 +139,17 @@ impl ApiError {
                 ErrorCode::InvalidRequest,
                 None,
             ),
+            Self::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::InvalidRequest,
+                None,
+            ),
+            Self::UnsupportedTransferCoding(_) => {
+                (StatusCode::NOT_IMPLEMENTED, ErrorCode::InvalidRequest, None)
+            }
+            Self::BodyTimedOut { .. } => {
+                (StatusCode::REQUEST_TIMEOUT, ErrorCode::InvalidRequest, None)
+            }
             Self::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound, None),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, None),
             Self::MethodNotAllowed { .. } => (
@@ -225,7 +247,9 @@ fn store_status(e: &StoreError) -> StatusCode {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, field) = self.parts();
-        let message = if status.is_server_error() {
+        // A refusal of the caller's request, not a failure of the daemon's, although 5xx.
+        let refusal = matches!(self, Self::UnsupportedTransferCoding(_));
+        let message = if status.is_server_error() && !refusal {
             // Full chain in the log; the caller gets the chain too, since it names what failed and what to do,
             // but never secrets (errors never carry them).
             let chain = crate::error_chain(&self);
@@ -235,7 +259,7 @@ impl IntoResponse for ApiError {
             // A refusal may repeat what the caller sent, in a library's words: cut like any echo.
             cut_quoted(&crate::error_chain(&self))
         };
-        (
+        let mut resp = (
             status,
             Json(ErrorBody {
                 error: clip(message, MESSAGE_CHARS),
@@ -244,7 +268,23 @@ impl IntoResponse for ApiError {
                 field: field.map(|f| clip(f, ECHO_CHARS)),
             }),
         )
-            .into_response()
+            .into_response();
+        let headers = resp.headers_mut();
+        match status {
+            // RFC 9110 11.6.1: a 401 names the scheme the caller must use (RFC 6750 3).
+            StatusCode::UNAUTHORIZED => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"volume-daemon\""),
+                );
+            }
+            // What is left of the body is not read: the connection cannot carry another request.
+            StatusCode::REQUEST_TIMEOUT | StatusCode::NOT_IMPLEMENTED => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        resp
     }
 }
 

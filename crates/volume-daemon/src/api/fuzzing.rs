@@ -74,10 +74,13 @@ fn query(bytes: &[u8]) -> Outcome {
     let text = String::from_utf8_lossy(bytes);
     let (limit, after) = text.split_once('&').unwrap_or((&text, ""));
     let _ = page::limit(Some(limit));
-    if let Ok(Some(cursor)) = page::after(Some(after)) {
+    for key in [page::CursorKey::Created, page::CursorKey::ExportName] {
+        let Ok(Some(cursor)) = page::after(Some(after), key) else {
+            continue;
+        };
         let again = page::encode(&cursor);
         assert_eq!(
-            page::after(Some(&again)).ok().flatten().as_ref(),
+            page::after(Some(&again), key).ok().flatten().as_ref(),
             Some(&cursor),
             "the cursor of {after:?} encodes to {again:?}, which does not decode to it"
         );

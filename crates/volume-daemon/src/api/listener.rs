@@ -40,9 +40,14 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()> + Send,
 ) {
     let limit = limits.request_timeout;
-    let app = app.layer(axum::middleware::from_fn(move |req, next| {
-        super::error::answer_within(limit, req, next)
-    }));
+    let app = app
+        .layer(axum::middleware::from_fn(require_one_host))
+        .layer(axum::Extension(super::extract::BodyTimeout(
+            limits.header_timeout,
+        )))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            super::error::answer_within(limit, req, next)
+        }));
     let max = limits.max_connections.max(1);
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -89,6 +94,26 @@ pub async fn serve(
         tracing::warn!("REST API connections still open after the stop grace; closing them");
     }
     conns.abort_all();
+}
+
+/// RFC 9112 3.2: an HTTP/1.1 request without a `Host` header, or with more than one, is a 400.
+async fn require_one_host(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let hosts = req
+        .headers()
+        .get_all(axum::http::header::HOST)
+        .iter()
+        .count();
+    let needs_one = req.version() >= axum::http::Version::HTTP_11;
+    if hosts > 1 || (needs_one && hosts == 0) {
+        return axum::response::IntoResponse::into_response(super::ApiError::BadRequest {
+            field: Some("Host".into()),
+            message: "an HTTP/1.1 request needs exactly one Host header".into(),
+        });
+    }
+    next.run(req).await
 }
 
 /// A connection whose writes fail with `TimedOut` once one has waited `limit` for the client to read

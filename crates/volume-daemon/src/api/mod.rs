@@ -45,7 +45,7 @@ pub(crate) use listener::{serve, ListenerLimits};
 use crate::config::Secret;
 use crate::engine::{Engine, Request};
 use crate::store::{OperationFilter, VolumeFilter};
-use extract::JsonBody;
+use extract::{query_error, JsonBody, NoBody};
 
 /// Everything a handler needs.
 #[derive(Clone)]
@@ -189,6 +189,14 @@ async fn submit(st: &AppState, req: Request, headers: &HeaderMap) -> Result<Resp
         Json(convert::operation(&sub.operation)?),
     )
         .into_response();
+    // The operation is what was created (RFC 9110 15.3.2); its id is a UUID, always a valid header value.
+    if let Ok(at) = header::HeaderValue::from_str(&format!(
+        "{}/operations/{}",
+        volume_api::API_PREFIX,
+        sub.operation.id
+    )) {
+        resp.headers_mut().insert(header::LOCATION, at);
+    }
     if !sub.created {
         resp.headers_mut().insert(
             "Idempotent-Replayed",
@@ -321,6 +329,7 @@ async fn detach_volume(
     State(st): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
+    _: NoBody,
 ) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
     submit(
@@ -348,6 +357,7 @@ async fn adopt_volume(
     State(st): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
+    _: NoBody,
 ) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
     submit(
@@ -377,6 +387,7 @@ async fn delete_volume(
     State(st): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
+    _: NoBody,
 ) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
     submit(
@@ -439,10 +450,7 @@ async fn list_volumes(
     State(st): State<AppState>,
     q: Result<Query<VolumesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = q.map_err(|e| ApiError::BadRequest {
-        field: None,
-        message: format!("{e}: filters are vm_id, state, name, limit, after"),
-    })?;
+    let Query(q) = q.map_err(|e| query_error(e, &["vm_id", "state", "name", "limit", "after"]))?;
     let state = enum_filter(
         "state",
         q.state.as_deref(),
@@ -454,7 +462,7 @@ async fn list_volumes(
         state,
         name: q.name.filter(|s| !s.is_empty()),
         limit: page::limit(q.limit.as_deref())?,
-        after: page::after(q.after.as_deref())?,
+        after: page::after(q.after.as_deref(), page::CursorKey::Created)?,
     };
     let (views, next) = st.engine.volume_page(&filter).await?;
     let link = match (next, filter.limit) {
@@ -544,8 +552,7 @@ async fn device_to_volume(
     State(st): State<AppState>,
     q: Result<Query<DeviceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) =
-        q.map_err(|e| ApiError::bad("path", format!("{e}: use ?path=/dev/disk/by-id/virtio-…")))?;
+    let Query(q) = q.map_err(|e| query_error(e, &["path"]))?;
     let d =
         st.engine.device_by_path(&q.path).await?.ok_or_else(|| {
             ApiError::NotFound(format!("no attached volume has device {}", q.path))
@@ -685,9 +692,11 @@ async fn list_operations(
     State(st): State<AppState>,
     q: Result<Query<OpsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = q.map_err(|e| ApiError::BadRequest {
-        field: None,
-        message: format!("{e}: filters are type, status, volume_id, vm_id, limit, after"),
+    let Query(q) = q.map_err(|e| {
+        query_error(
+            e,
+            &["type", "status", "volume_id", "vm_id", "limit", "after"],
+        )
     })?;
     let op_type = enum_filter(
         "type",
@@ -711,7 +720,7 @@ async fn list_operations(
         volume_id,
         vm_id: q.vm_id.filter(|s| !s.is_empty()),
         limit: page::limit(q.limit.as_deref())?,
-        after: page::after(q.after.as_deref())?,
+        after: page::after(q.after.as_deref(), page::CursorKey::Created)?,
     };
     let ops = st.engine.operations(&filter).await?;
     let link = match (ops.next, filter.limit) {
@@ -739,7 +748,7 @@ async fn list_operations(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WaitQuery {
-    wait: Option<f64>,
+    wait: Option<String>,
 }
 
 #[utoipa::path(
@@ -761,19 +770,27 @@ async fn get_operation(
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::bad("id", format!("operation id {} is not a UUID", echo(&id))))?;
-    let Query(q) =
-        q.map_err(|e| ApiError::bad("wait", format!("{e}: wait is a number of seconds")))?;
-    let wait = match q.wait {
-        None => Duration::ZERO,
-        Some(w) if w.is_finite() && w >= 0.0 => {
-            Duration::from_secs_f64(w.min(MAX_WAIT_SECS as f64))
-        }
-        Some(_) => {
-            return Err(ApiError::bad(
+    let Query(q) = q.map_err(|e| query_error(e, &["wait"]))?;
+    // An empty parameter is no parameter, as in the listings.
+    let wait = match q.wait.as_deref().filter(|w| !w.is_empty()).map(|w| {
+        w.trim().parse::<f64>().map_err(|_| {
+            ApiError::bad(
                 "wait",
-                "wait must be a non-negative number of seconds",
-            ))
-        }
+                format!("wait {} is not a number of seconds", echo(w)),
+            )
+        })
+    }) {
+        None => Duration::ZERO,
+        Some(Err(e)) => return Err(e),
+        Some(Ok(w)) => match w {
+            w if w.is_finite() && w >= 0.0 => Duration::from_secs_f64(w.min(MAX_WAIT_SECS as f64)),
+            _ => {
+                return Err(ApiError::bad(
+                    "wait",
+                    "wait must be a non-negative number of seconds",
+                ))
+            }
+        },
     };
     let op = st
         .engine
@@ -843,12 +860,9 @@ async fn list_exports(
     State(st): State<AppState>,
     q: Result<Query<ExportsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = q.map_err(|e| ApiError::BadRequest {
-        field: None,
-        message: format!("{e}: parameters are limit, after"),
-    })?;
+    let Query(q) = q.map_err(|e| query_error(e, &["limit", "after"]))?;
     let limit = page::limit(q.limit.as_deref())?;
-    let after = page::after(q.after.as_deref())?;
+    let after = page::after(q.after.as_deref(), page::CursorKey::ExportName)?;
     let (views, next) = st.engine.export_list(limit, after.as_ref()).await?;
     let exports: Vec<_> = views.iter().map(convert::export).collect();
     let mut resp = Json(ExportList {
@@ -903,6 +917,7 @@ async fn get_export(
 async fn delete_export(
     State(st): State<AppState>,
     Path(id): Path<String>,
+    _: NoBody,
 ) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
     let removed = st.engine.remove_export(volume_id).await?;

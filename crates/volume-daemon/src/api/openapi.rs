@@ -148,9 +148,72 @@ use volume_api::{
 )]
 pub(crate) struct ApiDoc;
 
-/// The document as served.
+/// The document as served: the handlers' own answers, and those every call can get from the layers in
+/// front of them — 400 (a bad `Host` or `Idempotency-Key` header, a parameter), 401 (every call but
+/// `/health` when `api_token` is set: the `bearer` scheme), and on every call that reads a body 408, 413,
+/// 415 and 501 (see `extract`).
 pub(crate) fn document() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+    use utoipa::openapi::path::PathItemType;
+    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+    use utoipa::openapi::{Content, Ref, RefOr, ResponseBuilder};
+
+    let mut doc = ApiDoc::openapi();
+    let error = |description: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    Content::new(Ref::from_schema_name("ErrorBody")),
+                )
+                .build(),
+        )
+    };
+    doc.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    for (path, item) in doc.paths.paths.iter_mut() {
+        for (method, op) in item.operations.iter_mut() {
+            let answers = &mut op.responses.responses;
+            let mut add = |status: &str, description: &str| {
+                answers
+                    .entry(status.to_string())
+                    .or_insert_with(|| error(description));
+            };
+            add(
+                "400",
+                "invalid input; `field` names it (also a missing or repeated `Host` header, or a malformed \
+                 `Idempotency-Key` on a mutation)",
+            );
+            if path != "/health" {
+                add(
+                    "401",
+                    "missing or wrong bearer token (when `api_token` is set; every call but health); the \
+                     answer carries `WWW-Authenticate: Bearer`",
+                );
+                op.security = Some(vec![SecurityRequirement::new(
+                    "bearer",
+                    Vec::<String>::new(),
+                )]);
+            }
+            if !matches!(method, PathItemType::Get | PathItemType::Head) {
+                add(
+                    "408",
+                    "the body did not arrive within api_header_timeout_secs",
+                );
+                add("413", "the body is over 1 MiB");
+                add(
+                    "415",
+                    "a body in another media type than application/json, or with a content coding",
+                );
+                add("501", "a transfer coding other than chunked");
+            }
+        }
+    }
+    doc
 }
 
 #[cfg(test)]

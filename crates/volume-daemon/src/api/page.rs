@@ -30,11 +30,34 @@ pub fn limit(raw: Option<&str>) -> Result<Option<u32>, ApiError> {
     }
 }
 
-/// `?after=`: absent, or a cursor from an earlier page's `Link` header.
-pub fn after(raw: Option<&str>) -> Result<Option<Cursor>, ApiError> {
+/// What a listing's cursors are keyed by, besides the id (a UUID) of the last item of a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CursorKey {
+    /// The item's creation time, as the store writes it (volumes, operations).
+    Created,
+    /// The export's name, which its volume's id gives (exports).
+    ExportName,
+}
+
+impl CursorKey {
+    /// Whether `c` is a cursor this listing can have given out.
+    fn admits(self, c: &Cursor) -> bool {
+        let Ok(id) = uuid::Uuid::parse_str(&c.id) else {
+            return false;
+        };
+        match self {
+            Self::Created => chrono::DateTime::parse_from_rfc3339(&c.key)
+                .is_ok_and(|t| crate::store::ts(t.with_timezone(&chrono::Utc)) == c.key),
+            Self::ExportName => c.key == volume_api::export_name(id),
+        }
+    }
+}
+
+/// `?after=`: absent, or a cursor from an earlier page's `Link` header of a listing keyed by `key`.
+pub fn after(raw: Option<&str>, key: CursorKey) -> Result<Option<Cursor>, ApiError> {
     match raw {
         None | Some("") => Ok(None),
-        Some(s) => decode(s).map(Some).ok_or_else(|| {
+        Some(s) => decode(s).filter(|c| key.admits(c)).map(Some).ok_or_else(|| {
             ApiError::bad(
                 "after",
                 "after is not a cursor this daemon gave out: follow the Link header of the previous page",
@@ -211,10 +234,57 @@ mod tests {
         };
         let t = encode(&c);
         assert!(t.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_eq!(after(Some(&t)).unwrap(), Some(c));
-        assert_eq!(after(None).unwrap(), None);
+        assert_eq!(
+            after(Some(&t), CursorKey::Created).unwrap(),
+            Some(c.clone())
+        );
+        assert_eq!(after(None, CursorKey::Created).unwrap(), None);
         for bad in ["zz", "abc", "6162", &"61".repeat(600)] {
-            assert!(after(Some(bad)).is_err(), "{bad}");
+            assert!(after(Some(bad), CursorKey::Created).is_err(), "{bad}");
+        }
+        // A time cursor is not an export cursor.
+        assert!(after(Some(&t), CursorKey::ExportName).is_err());
+        let id = uuid::Uuid::parse_str(&c.id).unwrap();
+        let e = Cursor {
+            key: volume_api::export_name(id),
+            id: c.id.clone(),
+        };
+        assert_eq!(
+            after(Some(&encode(&e)), CursorKey::ExportName).unwrap(),
+            Some(e)
+        );
+    }
+
+    #[test]
+    fn forged_cursors_are_refused() {
+        let good_time = "2026-01-02T03:04:05.000001Z";
+        let good_id = "60338035-92fb-4d27-98d4-b60ad4b38b87";
+        for (key, id, kind) in [
+            ("x' OR 1=1 --", good_id, CursorKey::Created),
+            (good_time, "not-a-uuid", CursorKey::Created),
+            // Another rendering of a valid time is not one the store wrote.
+            ("2026-01-02T03:04:05Z", good_id, CursorKey::Created),
+            (
+                "2026-01-02T04:04:05.000001+01:00",
+                good_id,
+                CursorKey::Created,
+            ),
+            ("migration-vol-x", good_id, CursorKey::ExportName),
+            (
+                "migration-vol-00000000-0000-0000-0000-000000000000",
+                good_id,
+                CursorKey::ExportName,
+            ),
+        ] {
+            let t = encode(&Cursor {
+                key: key.into(),
+                id: id.into(),
+            });
+            let e = after(Some(&t), kind).expect_err(key);
+            assert!(
+                matches!(&e, ApiError::BadRequest { field: Some(f), .. } if f == "after"),
+                "{e:?}"
+            );
         }
     }
 
@@ -287,7 +357,7 @@ mod tests {
         assert_eq!(limit(None).unwrap(), None);
         // Empty counts as left out (docs/api.md), as does an empty cursor.
         assert_eq!(limit(Some("")).unwrap(), None);
-        assert!(after(Some("")).unwrap().is_none());
+        assert!(after(Some(""), CursorKey::Created).unwrap().is_none());
         for bad in ["0", "1001", "-1", "ten", "1.5"] {
             assert!(limit(Some(bad)).is_err(), "{bad}");
         }

@@ -18,7 +18,7 @@ use volume_api::{
 use volume_api::{ErrorBody, Operation, VolumeSnapshot};
 
 use super::error::echo;
-use super::extract::JsonBody;
+use super::extract::{JsonBody, NoBody};
 use super::{parse_volume_id, submit, ApiError, AppState};
 use crate::engine::Request;
 
@@ -117,6 +117,7 @@ pub(super) async fn revert_snapshot(
     State(st): State<AppState>,
     Path((id, snapshot_id)): Path<(String, String)>,
     headers: HeaderMap,
+    _: NoBody,
 ) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
     let req = Request::SnapshotRevert(SnapshotOperationRequest {
@@ -147,6 +148,7 @@ pub(super) async fn delete_snapshot(
     State(st): State<AppState>,
     Path((id, snapshot_id)): Path<(String, String)>,
     headers: HeaderMap,
+    _: NoBody,
 ) -> Result<Response, ApiError> {
     let volume_id = parse_volume_id(&id)?;
     let req = Request::SnapshotDelete(SnapshotOperationRequest {
@@ -265,6 +267,7 @@ pub(super) async fn context_snapshots(
 pub(super) async fn clear_context_snapshots(
     State(st): State<AppState>,
     Path(ctx): Path<String>,
+    _: NoBody,
 ) -> Result<Response, ApiError> {
     let mut cleared = 0;
     for (v, _) in st.engine.context_volumes(&ctx).await? {

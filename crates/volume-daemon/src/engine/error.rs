@@ -26,7 +26,7 @@ pub enum EngineError {
     #[error("{0}")]
     VolumeAttached(String),
     /// The VM named in the request does not exist in the cloud.
-    #[error("VM {0} does not exist in CloudStack; list the VMs with `volumectl cloud vms`")]
+    #[error("VM {0:?} does not exist in CloudStack; list the VMs with `volumectl cloud vms`")]
     NoSuchVm(String),
     /// The idempotency key was used before for another request; the message names the first operation.
     #[error("{0}")]

@@ -212,17 +212,22 @@ impl Engine {
     ) -> Result<ExportRecord, EngineError> {
         self.in_turn(volume_id, async {
             let inner = &self.inner;
-            let att = inner
+            let att = match inner
                 .store
                 .get_attachment(volume_id)
                 .await?
                 .filter(|a| a.target == AttachTarget::Appliance)
-                .ok_or_else(|| {
-                    EngineError::Conflict(format!(
+            {
+                Some(att) => att,
+                None => {
+                    // An unknown (or deleted) volume is a 404, as everywhere else.
+                    inner.require_volume(volume_id).await?;
+                    return Err(EngineError::Conflict(format!(
                         "volume {volume_id} is not attached to the appliance; attach it first \
                          (POST /api/v1/volumes/{volume_id}/attach)"
-                    ))
-                })?;
+                    )));
+                }
+            };
             if let Some(p) = device_path.as_deref().filter(|p| !p.is_empty()) {
                 let own = [
                     att.by_id_path.as_deref(),

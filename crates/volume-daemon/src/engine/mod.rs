@@ -182,7 +182,9 @@ impl Engine {
                 return replay(first, &req, key);
             }
         }
-        validate::refuse_control(&req.to_json())?;
+        let as_journaled = req.to_json();
+        validate::refuse_control(&as_journaled)?;
+        validate::refuse_long_ids(&as_journaled)?;
         if let Some(v) = req.volume_id() {
             self.inner.refuse_foreign(v).await?;
         }

@@ -111,6 +111,36 @@ pub(crate) fn refuse_control(request: &Value) -> Result<(), EngineError> {
     }
 }
 
+/// The longest id of CloudStack's (zone, disk offering, VM, snapshot) a request may name. CloudStack's ids
+/// are UUIDs (36 bytes); a longer value is not one of them, and would be journaled, logged and sent to
+/// CloudStack whole.
+pub(crate) const MAX_CLOUD_ID: usize = 255;
+
+/// Refuses a request (as journaled) naming a CloudStack id longer than [`MAX_CLOUD_ID`], naming the field.
+pub(crate) fn refuse_long_ids(request: &Value) -> Result<(), EngineError> {
+    for field in [
+        "zone_id",
+        "disk_offering_id",
+        "vm_id",
+        "test_vm_id",
+        "oma_vm_id",
+        "snapshot_id",
+    ] {
+        if let Some(Value::String(id)) = request.get(field) {
+            if id.len() > MAX_CLOUD_ID {
+                return Err(EngineError::Invalid {
+                    field,
+                    message: format!(
+                        "{field} is {} bytes long; a CloudStack id has at most {MAX_CLOUD_ID} (a UUID has 36)",
+                        id.len()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Validation of `POST /volumes`.
 pub(crate) fn validate_create(c: &CreateVolumeRequest) -> Result<(), EngineError> {
     let invalid = |field, message: &str| {
@@ -180,16 +210,16 @@ impl Inner {
         match req {
             Request::Create(c) => {
                 validate_create(c)?;
-                match tokio::time::timeout(
+                // Without an answer in time, the operation looks the offering up again in its turn.
+                if let Ok(offering) = tokio::time::timeout(
                     CLOUD_WAIT_IN_REQUEST,
                     self.disk_offering(&c.disk_offering_id),
                 )
                 .await
                 {
-                    Ok(offering) => create_size(c, &offering?).map(|_| ()),
-                    // The operation looks the offering up again in its turn.
-                    Err(_) => Ok(()),
+                    create_size(c, &offering?)?;
                 }
+                self.require_zone(&c.zone_id).await
             }
             Request::Attach(a) => {
                 if a.vm_id.trim().is_empty() {
@@ -345,9 +375,23 @@ impl Inner {
         cache.get(id).cloned().ok_or_else(|| EngineError::Invalid {
             field: "disk_offering_id",
             message: format!(
-                "disk offering {id} does not exist in CloudStack; list them with `volumectl cloud offerings`"
+                "disk offering {id:?} does not exist in CloudStack; list them with `volumectl cloud offerings`"
             ),
         })
+    }
+
+    /// 400 naming `zone_id` when the cloud lists no zone with that id; when the cloud cannot be asked, the
+    /// operation finds out in its turn.
+    async fn require_zone(&self, zone_id: &str) -> Result<(), EngineError> {
+        match within_request("listZones", self.cloud.zones()).await {
+            Ok(zones) if !zones.iter().any(|z| z.id == zone_id) => Err(EngineError::Invalid {
+                field: "zone_id",
+                message: format!(
+                    "zone {zone_id:?} does not exist in CloudStack; list them with `volumectl cloud zones`"
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     async fn has_unfinished(&self, volume_id: Uuid) -> Result<bool, EngineError> {
@@ -378,7 +422,6 @@ impl Inner {
         }
     }
 
-    /// 404 unless the volume is known to the store or to the cloud.
     /// 404 when the cloud does not know the snapshot, 400 naming `snapshot_id` when it is another volume's;
     /// when the cloud cannot be asked the operation finds out in its turn.
     async fn require_snapshot_of(
@@ -405,7 +448,8 @@ impl Inner {
         }
     }
 
-    async fn require_volume(&self, volume_id: Uuid) -> Result<(), EngineError> {
+    /// 404 unless the volume is known to the store or to the cloud.
+    pub(super) async fn require_volume(&self, volume_id: Uuid) -> Result<(), EngineError> {
         if let Some(v) = self.store.get_volume(volume_id).await? {
             if v.deleted_at.is_none() {
                 return Ok(());

@@ -30,7 +30,8 @@ pub use records::{
     ExportRecord, Inserted, NewOperation, OpError, OpStatus, OpType, OperationFilter,
     OperationRecord, Page, SnapshotTracking, VolumeFilter, VolumeRecord, VolumeRow, INITIAL_STEP,
 };
-use rows::{int, now, opt_ts, ts, Reader};
+pub(crate) use rows::ts;
+use rows::{int, now, opt_ts, Reader};
 
 const OP_COLS: &str = "id, op_type, status, step, volume_id, vm_id, request, response, error_code, \
                        error_message, cloud_job_id, idempotency_key, created_at, updated_at, completed_at";
