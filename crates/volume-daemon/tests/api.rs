@@ -1241,6 +1241,63 @@ async fn a_device_detached_behind_the_daemons_back_is_fenced_and_reported_within
     d.stop().await;
 }
 
+/// The hub's emergency paths re-attach a volume CloudStack detached behind the daemon's back without a detach
+/// first, as the predecessor allowed: the stale record is forgotten (export and name too) and the attach runs.
+/// A record CloudStack still holds is a 409 as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_after_a_detach_behind_the_daemons_back_forgets_the_stale_record_and_attaches() {
+    let d = TestDaemon::start_with(|c| c.reconcile_repair = false).await;
+    let vol = d.create_volume("re-attached", GIB).await;
+    // Remote, detached in CloudStack, then to the appliance: the predecessor's ReattachVolumeToOMA.
+    d.run_ok(
+        &format!("/volumes/{vol}/attach"),
+        json!({"vm_id": d.other_vm(0)}),
+    )
+    .await;
+    // Still attached in CloudStack: refused.
+    let (s, v) = d
+        .post(
+            &format!("/volumes/{vol}/attach"),
+            json!({"vm_id": d.appliance()}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    detach_behind_the_daemons_back(&d, vol).await;
+    let done = d.attach_to_appliance(vol).await;
+    let (_, st) = d.get(&format!("/volumes/{vol}")).await;
+    assert_eq!(st["attachment"]["vm_id"], d.appliance().as_str(), "{st}");
+    assert!(!nbd_export_refused(&d.nbd_url(vol)).await, "served");
+    let generation = done["response"]["export_generation"].clone();
+    // Detached behind the daemon's back from the appliance (the export is fenced), then attached to the
+    // appliance again: served under a new generation.
+    detach_behind_the_daemons_back(&d, vol).await;
+    let again = d.attach_to_appliance(vol).await;
+    assert_ne!(
+        again["response"]["export_generation"], generation,
+        "{again}"
+    );
+    assert!(!nbd_export_refused(&d.nbd_url(vol)).await, "served again");
+    let (_, e) = d.get(&format!("/exports/{vol}")).await;
+    assert_eq!(e["status"], "active", "{e}");
+    // Detached behind its back, then attached to a remote VM: the appliance's export is gone.
+    detach_behind_the_daemons_back(&d, vol).await;
+    d.run_ok(
+        &format!("/volumes/{vol}/attach"),
+        json!({"vm_id": d.other_vm(1)}),
+    )
+    .await;
+    let (s, e) = d.get(&format!("/exports/{vol}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
+    assert!(
+        nbd_export_refused(&d.nbd_url(vol)).await,
+        "no longer served"
+    );
+    let (_, st) = d.get(&format!("/volumes/{vol}")).await;
+    assert_eq!(st["attachment"]["vm_id"], d.other_vm(1).as_str(), "{st}");
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    d.stop().await;
+}
+
 /// Whether an NBD client is refused the export at `url` (nbd://host:port/name).
 async fn nbd_export_refused(url: &str) -> bool {
     let rest = url.strip_prefix("nbd://").unwrap();

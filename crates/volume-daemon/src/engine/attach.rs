@@ -11,7 +11,7 @@ use chrono::Utc;
 use uuid::Uuid;
 use volume_api::{AttachOperationRequest, AttachVolumeResponse, DiskRole};
 
-use super::export::Served;
+use super::export::{Served, Teardown};
 use super::journal::{json_of, AttachStep, Entry, Step};
 use super::{EngineError, Inner};
 use crate::cloud::{CloudVolume, VolumeJobKind};
@@ -50,14 +50,34 @@ impl Inner {
         // An attachment is recorded only with the commit that ends an attach, so one found here is another
         // operation's: an attach queued behind it (its check passed while that one ran) must not serve the
         // export again under its clients, nor undo that attach when its own part fails.
-        if let Some(a) = self.store.get_attachment(volume_id).await? {
-            let which = if a.vm_id == vm_id { "already " } else { "" };
-            return Err(EngineError::Conflict(format!(
-                "volume {volume_id} is {which}attached to VM {}; detach it first",
-                a.vm_id
-            )));
+        // CloudStack has the last word on whether the record still holds: one whose volume CloudStack reports
+        // detached (detached behind the daemon's back: a hub's emergency path, an operator) is forgotten as the
+        // reconcile's `forget_attachment` repair forgets it, export and stable name included, and the attach
+        // goes on. Done again when the operation resumes after a crash.
+        let recorded = self.store.get_attachment(volume_id).await?;
+        let cv = self.cloud_volume(volume_id).await?;
+        if let Some(a) = &recorded {
+            let cloud_vm = cv.as_ref().and_then(|v| v.vm_id.as_deref());
+            if cloud_vm.is_some() {
+                let which = if a.vm_id == vm_id { "already " } else { "" };
+                let cloud = match cloud_vm {
+                    Some(c) if c != a.vm_id => format!(" (CloudStack reports VM {c})"),
+                    _ => String::new(),
+                };
+                return Err(EngineError::Conflict(format!(
+                    "volume {volume_id} is {which}attached to VM {}{cloud}; detach it first",
+                    a.vm_id
+                )));
+            }
+            tracing::warn!(
+                volume = %volume_id,
+                recorded_vm = %a.vm_id,
+                "CloudStack reports the volume detached: its attachment record is forgotten before the attach"
+            );
+            self.teardown(volume_id, Teardown::ExportAndName).await?;
+            self.store.clear_attachment(volume_id).await?;
         }
-        let cv = self.cloud_volume(volume_id).await?.ok_or_else(|| {
+        let cv = cv.ok_or_else(|| {
             EngineError::NotFound(format!("volume {volume_id} does not exist in CloudStack"))
         })?;
         let cv = match cv.vm_id.as_deref() {

@@ -259,10 +259,23 @@ impl Inner {
                 self.require_volume(a.volume_id).await?;
                 if !self.has_unfinished(a.volume_id).await? {
                     if let Some(att) = self.store.get_attachment(a.volume_id).await? {
-                        return Err(EngineError::Conflict(format!(
-                            "volume {} is already attached to VM {}; detach it first",
-                            a.volume_id, att.vm_id
-                        )));
+                        // A record CloudStack no longer holds (the volume detached behind the daemon's back)
+                        // is forgotten by the attach in its turn; without an answer in time, the record stands.
+                        let cloud = within_request(
+                            "listVolumes",
+                            self.cloud.get_volume(&a.volume_id.to_string()),
+                        )
+                        .await;
+                        let detached_in_cloud = match &cloud {
+                            Ok(v) => v.as_ref().is_some_and(|v| v.vm_id.is_none()),
+                            Err(_) => false,
+                        };
+                        if !detached_in_cloud {
+                            return Err(EngineError::Conflict(format!(
+                                "volume {} is already attached to VM {}; detach it first",
+                                a.volume_id, att.vm_id
+                            )));
+                        }
                     }
                 }
                 Ok(())
