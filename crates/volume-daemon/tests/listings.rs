@@ -298,3 +298,80 @@ async fn pages_neither_repeat_nor_skip_volumes_created_meanwhile() {
     assert_eq!(got.len(), 27);
     d.stop().await;
 }
+
+/// The predecessor's filters of `GET /exports`: `volume_id` and `status` filter (and page with the cursor's
+/// filters kept); `vm_name`, a name this daemon does not record, is refused by name rather than ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_filter_by_volume_and_status_and_refuse_a_vm_name() {
+    let d = TestDaemon::start_with(|c| c.reconcile_repair = false).await;
+    let mut vols = Vec::new();
+    for i in 0..3 {
+        let v = d.create_volume(&format!("exp-{i}"), GIB).await;
+        d.attach_to_appliance(v).await;
+        vols.push(v);
+    }
+    // One export stops being served (CloudStack detaches its volume behind the daemon's back: fenced).
+    let cs = cloudstack::Client::new(cloudstack::Config {
+        url: d.sim().api_url(),
+        api_key: "sim-api-key".into(),
+        secret_key: cloudstack::Secret::new("sim-secret-key"),
+        ..cloudstack::Config::default()
+    })
+    .unwrap();
+    let job = cs.detach_volume(&vols[1].to_string()).await.unwrap();
+    cs.wait_job(&job.job_id, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut inactive = Vec::new();
+    for _ in 0..200 {
+        let (_, _, v) = get(&d, "/exports?status=inactive").await;
+        inactive = ids(&array(&v["exports"]), "volume_id");
+        if !inactive.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(inactive, [vols[1].to_string()]);
+    let (s, _, v) = get(&d, "/exports?status=active").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mut active = ids(&array(&v["exports"]), "volume_id");
+    active.sort();
+    let mut want = vec![vols[0].to_string(), vols[2].to_string()];
+    want.sort();
+    assert_eq!(active, want);
+    assert_eq!(v["count"], 2, "{v}");
+    let (_, _, v) = get(&d, &format!("/exports?volume_id={}", vols[2])).await;
+    assert_eq!(
+        ids(&array(&v["exports"]), "volume_id"),
+        [vols[2].to_string()]
+    );
+    let (_, _, v) = get(
+        &d,
+        &format!("/exports?volume_id={}&status=inactive", vols[2]),
+    )
+    .await;
+    assert_eq!(v["count"], 0, "{v}");
+    // The predecessor's client sends every filter, empty ones included.
+    let (s, _, v) = get(&d, "/exports?volume_id=&status=active&vm_name=").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["count"], 2, "{v}");
+    // Paging keeps the filter in the next page's link.
+    let (_, link, v) = get(&d, "/exports?status=active&limit=1").await;
+    let next = next_of(&link.expect("a next page"));
+    assert!(next.contains("status=active"), "{next}");
+    let (_, _, v2) = get(&d, &next).await;
+    let mut paged = ids(&array(&v["exports"]), "volume_id");
+    paged.extend(ids(&array(&v2["exports"]), "volume_id"));
+    paged.sort();
+    assert_eq!(paged, want);
+    for (path, field) in [
+        ("/exports?vm_name=web-01", "vm_name"),
+        ("/exports?status=lost", "status"),
+        ("/exports?volume_id=nope", "volume_id"),
+    ] {
+        let (s, _, v) = get(&d, path).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert_eq!(v["field"], field, "{path}: {v}");
+    }
+    d.stop().await;
+}

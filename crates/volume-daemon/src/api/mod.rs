@@ -27,7 +27,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 use volume_api::{
     AttachVolumeRequest, CloudOffering, CloudVm, CloudZone, CreateExportRequest,
-    CreateVolumeRequest, ExportList, ExportRemoved, OperationStatus, OperationType,
+    CreateVolumeRequest, ExportList, ExportRemoved, ExportStatus, OperationStatus, OperationType,
     ReconcileRequest, SetApplianceRequest, VolumeOperationRequest, VolumeState,
     IDEMPOTENCY_KEY_HEADER,
 };
@@ -839,6 +839,9 @@ async fn create_export(
 struct ExportsQuery {
     limit: Option<String>,
     after: Option<String>,
+    volume_id: Option<String>,
+    status: Option<String>,
+    vm_name: Option<String>,
 }
 
 #[utoipa::path(
@@ -848,23 +851,60 @@ struct ExportsQuery {
     params(
         ("limit" = Option<u32>, Query, description = "a page of at most this many (1 to 1000); a `Link: <…>; rel=\"next\"` header names the next page"),
         ("after" = Option<String>, Query, description = "the cursor of the next page, as the `Link` header of the previous one gives it"),
+        ("volume_id" = Option<Uuid>, Query, description = "only the export of this volume"),
+        ("status" = Option<ExportStatus>, Query, description = "only exports in this status (a page may then hold fewer than `limit`)"),
+        ("vm_name" = Option<String>, Query, description = "the predecessor's filter by the VM name given to its `POST /exports`, which this daemon does not record: refused (400) unless empty"),
     ),
     responses(
         (status = 200, description = "the recorded exports with their live state, by export name; `count` counts this page; with `limit`, a `Link` header when there are more",
          body = ExportList,
          headers(("Link" = String, description = "`<URL>; rel=\"next\"` (RFC 8288) when another page follows"))),
-        (status = 400, description = "a bad limit or cursor; `field` names it", body = ErrorBody),
+        (status = 400, description = "a bad limit, cursor or filter; `field` names it", body = ErrorBody),
     )
 )]
 async fn list_exports(
     State(st): State<AppState>,
     q: Result<Query<ExportsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = q.map_err(|e| query_error(e, &["limit", "after"]))?;
+    let Query(q) =
+        q.map_err(|e| query_error(e, &["limit", "after", "volume_id", "status", "vm_name"]))?;
     let limit = page::limit(q.limit.as_deref())?;
     let after = page::after(q.after.as_deref(), page::CursorKey::ExportName)?;
-    let (views, next) = st.engine.export_list(limit, after.as_ref()).await?;
-    let exports: Vec<_> = views.iter().map(convert::export).collect();
+    let status = enum_filter(
+        "status",
+        q.status.as_deref(),
+        ExportStatus::parse,
+        ExportStatus::ALL,
+    )?;
+    let volume_id = match q.volume_id.as_deref() {
+        None | Some("") => None,
+        Some(v) => Some(parse_volume_id(v)?),
+    };
+    if q.vm_name.as_deref().is_some_and(|n| !n.is_empty()) {
+        return Err(ApiError::bad(
+            "vm_name",
+            "exports are not recorded with a VM name (the predecessor kept the one its POST /exports was \
+             given); filter by volume_id or status",
+        ));
+    }
+    let (views, next) = match volume_id {
+        // One volume has at most one export: no page to turn.
+        Some(v) => (
+            st.engine
+                .export(v)
+                .await?
+                .into_iter()
+                .filter(|e| after.as_ref().is_none_or(|c| e.record.export_name > c.key))
+                .collect(),
+            None,
+        ),
+        None => st.engine.export_list(limit, after.as_ref()).await?,
+    };
+    let exports: Vec<_> = views
+        .iter()
+        .map(convert::export)
+        .filter(|e| status.is_none_or(|s| e.status == s))
+        .collect();
     let mut resp = Json(ExportList {
         count: exports.len(),
         exports,
@@ -873,7 +913,12 @@ async fn list_exports(
     if let (Some(next), Some(limit)) = (next, limit) {
         resp.headers_mut().insert(
             header::LINK,
-            page::next_link("/exports", &[], limit, &next)?,
+            page::next_link(
+                "/exports",
+                &[("status", status.map(|s| s.as_str().to_string()))],
+                limit,
+                &next,
+            )?,
         );
     }
     Ok(resp)
