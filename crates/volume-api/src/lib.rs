@@ -94,6 +94,14 @@ pub fn check_nbd_clients(names: &[String]) -> Result<(), String> {
             return Err(format!("client identity {n:?} starts or ends with a space"));
         }
     }
+    // Names match ignoring ASCII letter case, so two that differ only in case are one name given twice.
+    for (i, n) in names.iter().enumerate() {
+        if let Some(first) = names[..i].iter().find(|m| m.eq_ignore_ascii_case(n)) {
+            return Err(format!(
+                "client identity {n:?} is given twice (as {first:?}; names match ignoring ASCII letter case)"
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -253,6 +261,11 @@ mod tests {
         }
         let many: Vec<String> = (0..=MAX_NBD_CLIENTS).map(|i| format!("w{i}")).collect();
         assert!(check_nbd_clients(&many).is_err());
+        // One name twice, also in another letter case.
+        for twice in [["a", "a"], ["Writer-1", "wRITER-1"]] {
+            let twice: Vec<String> = twice.iter().map(|s| s.to_string()).collect();
+            assert!(check_nbd_clients(&twice).is_err(), "{twice:?}");
+        }
     }
 
     #[test]

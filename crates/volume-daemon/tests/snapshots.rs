@@ -165,6 +165,11 @@ async fn a_snapshot_is_taken_reverted_only_when_detached_and_deleted_with_the_da
         assert_eq!(ops_of_type(&d, t).await.len(), 1, "{t}");
     }
     d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    // A deleted volume's snapshots are a 404 that says so.
+    d.delete_ok(vol).await;
+    let (s, v) = d.get(&format!("/volumes/{vol}/snapshots")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert!(v["error"].as_str().unwrap().ends_with("was deleted"), "{v}");
     d.stop().await;
 }
 

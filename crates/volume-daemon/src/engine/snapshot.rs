@@ -394,10 +394,11 @@ impl Engine {
     async fn own_volume(&self, volume_id: Uuid) -> Result<crate::store::VolumeRecord, EngineError> {
         match self.inner.store.get_volume(volume_id).await? {
             Some(v) if v.deleted_at.is_none() => Ok(v),
-            found => {
-                if found.is_none() {
-                    self.inner.refuse_foreign(volume_id).await?;
-                }
+            Some(_) => Err(EngineError::NotFound(format!(
+                "volume {volume_id} was deleted"
+            ))),
+            None => {
+                self.inner.refuse_foreign(volume_id).await?;
                 Err(EngineError::NotFound(format!(
                     "volume {volume_id} is not known to the daemon"
                 )))
