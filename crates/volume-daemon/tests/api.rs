@@ -951,6 +951,15 @@ async fn refusals_before_a_handler_runs_are_json_errors_too() {
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["code"], "invalid_request", "{method} {path}: {v}");
         assert!(!v["error"].as_str().unwrap().is_empty(), "{v}");
+        // A path parameter that is not UTF-8 is named like any other bad field.
+        if status == StatusCode::BAD_REQUEST {
+            let want = if path.starts_with("/volumes") {
+                "volume_id"
+            } else {
+                "id"
+            };
+            assert_eq!(v["field"], want, "{method} {path}: {v}");
+        }
     }
     // A caller's value a library's refusal repeats is cut after 64 characters, in the message and the field.
     let long = "z".repeat(300);

@@ -41,9 +41,28 @@ pub(crate) async fn refuse_control_characters(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if let Ok(params) = &params {
-        if let Some((name, _)) = params.iter().find(|(_, value)| has_control(value)) {
-            return Err(refused(path_field(name), "path parameter"));
+    match &params {
+        Ok(params) => {
+            if let Some((name, _)) = params.iter().find(|(_, value)| has_control(value)) {
+                return Err(refused(
+                    path_field(name, req.uri().path()),
+                    "path parameter",
+                ));
+            }
+        }
+        // A parameter that does not decode to UTF-8: named, like any other bad field (the rejection names
+        // the parameter in backticks).
+        Err(e) => {
+            let text = e.body_text();
+            if let Some(name) = text.split('`').nth(1) {
+                let field = path_field(name, req.uri().path());
+                return Err(ApiError::bad(
+                    field,
+                    format!(
+                        "path parameter {field} is not UTF-8 once percent-decoded; send UTF-8 text"
+                    ),
+                ));
+            }
         }
     }
     // A query that does not decode is reported by the handler's own extractor.
@@ -69,10 +88,15 @@ pub(crate) async fn refuse_control_characters(
     Ok(next.run(req).await)
 }
 
-/// The field name a path parameter is reported under (the routes call a volume's id `id`).
-fn path_field(param: &str) -> &str {
+/// The field name a path parameter is reported under: the routes call a volume's id `id` (reported as
+/// `volume_id`), except `/operations/{id}`, an operation's.
+fn path_field<'a>(param: &'a str, path: &str) -> &'a str {
+    let operation = path
+        .strip_prefix(volume_api::API_PREFIX)
+        .unwrap_or(path)
+        .starts_with("/operations/");
     match param {
-        "id" => "volume_id",
+        "id" if !operation => "volume_id",
         other => other,
     }
 }
