@@ -94,7 +94,8 @@ pub struct Config {
     pub device_timeout_secs: u64,
     /// Deadline for in-flight NBD requests when an export is removed.
     pub drain_timeout_secs: u64,
-    /// Open REST API connections at most (further clients wait to be accepted).
+    /// Open REST API connections at most (at the cap a new client takes the place of the connection idle
+    /// longest; while all are busy, further clients wait to be accepted).
     pub api_max_connections: usize,
     /// A REST request's headers must arrive within this time of the connection being ready for one
     /// (bounds slow clients and idle keep-alive connections); a client that reads nothing of an answer

@@ -213,3 +213,113 @@ async fn memory_returns_to_its_baseline_after_a_flood_of_half_open_connections()
     assert!(status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE);
     d.stop().await;
 }
+
+/// At the cap, a new client takes the place of the connection idle longest: connections that sent
+/// nothing, half a request, or one request and then nothing cannot keep a real client out until the header
+/// timeout closes them; connections with a request in progress are never closed for a newcomer, which then
+/// waits for a place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_idle_connections_give_their_place_and_busy_ones_keep_it() {
+    let d = TestDaemon::start_with(|c| {
+        c.api_header_timeout_secs = 60;
+        c.api_max_connections = 8;
+        c.sim.job_delay_ms = 4000;
+    })
+    .await;
+    let addr = api_addr(&d);
+    // Eight idle connections of three kinds fill the table.
+    let mut idle = Vec::new();
+    for i in 0..8 {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        match i % 3 {
+            0 => {}
+            1 => s
+                .write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap(),
+            _ => {
+                s.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            }
+        }
+        idle.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Real clients get in at once, again and again, each taking an idle connection's place (each keeps its
+    // own connection open afterwards, as a client's pool does).
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let start = Instant::now();
+        let client = reqwest::Client::new();
+        let r = client
+            .get(format!("{}/health", d.base))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+        clients.push(client);
+    }
+    // The idle ones were closed, the oldest first.
+    let mut closed = 0;
+    for s in &mut idle {
+        if closed_within(s, Duration::from_millis(200)).await.is_some() {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 8, "every idle connection gave its place");
+    drop(clients);
+
+    // Eight long polls on an operation that takes seconds fill the table with busy connections.
+    let vol = d.create_volume("busy", GIB).await;
+    let (s, op) = d
+        .post(
+            &format!("/volumes/{vol}/attach"),
+            json!({"vm_id": d.appliance()}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    let id = op["id"].as_str().unwrap().to_string();
+    let mut polls = Vec::new();
+    for _ in 0..8 {
+        let url = format!("{}/operations/{id}?wait=30", d.base);
+        polls.push(tokio::spawn(async move {
+            let r = reqwest::Client::new().get(url).send().await.unwrap();
+            let status = r.status();
+            let v: serde_json::Value = r.json().await.unwrap();
+            (status, v)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A newcomer waits for a place instead of closing a busy connection...
+    let start = Instant::now();
+    let r = reqwest::Client::new()
+        .get(format!("{}/health", d.base))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // ...which every long poll keeps to its answer: the operation's end.
+    for p in polls {
+        let (status, v) = p.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["status"], "completed", "{v}");
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(1000),
+        "the newcomer was served before a busy connection ended: {:?}",
+        start.elapsed()
+    );
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    d.stop().await;
+}

@@ -1,15 +1,20 @@
-//! The REST API's HTTP/1.1 listener: a cap on open connections (accepting waits while it is reached),
+//! The REST API's HTTP/1.1 listener: a cap on open connections (at the cap a new client takes the place of
+//! the connection idle longest, one with no request in progress; accepting waits while every one is busy),
 //! a deadline for each request's headers that also closes idle keep-alive connections and, the same
 //! length, connections whose client reads nothing of an answer; a time limit on each request, and a
 //! graceful stop.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -57,13 +62,28 @@ pub async fn serve(
         .keep_alive(true);
     // One task per connection; finished ones are reaped as they end, so what they held is freed at once.
     let mut conns = tokio::task::JoinSet::new();
+    let mut open: HashMap<tokio::task::Id, Open> = HashMap::new();
+    let epoch = Instant::now();
+    // At the cap, whether a connection has become idle long enough to give its place is looked at again
+    // this often.
+    let mut recheck = tokio::time::interval(Duration::from_millis(250));
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
     loop {
+        let full = conns.len() >= max;
+        let replaceable = full && idlest(&open, epoch).is_some();
         tokio::select! {
             () = &mut stop => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            // At the cap, further clients wait in the kernel's accept queue.
-            r = listener.accept(), if conns.len() < max => {
+            Some(done) = conns.join_next_with_id(), if !conns.is_empty() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(e) => e.id(),
+                };
+                open.remove(&id);
+            }
+            _ = recheck.tick(), if full && !replaceable => {}
+            // At the cap, further clients wait in the kernel's accept queue while every connection is busy.
+            r = listener.accept(), if !full || replaceable => {
                 let (stream, peer) = match r {
                     Ok(c) => c,
                     Err(e) => {
@@ -73,16 +93,30 @@ pub async fn serve(
                         continue;
                     }
                 };
+                if conns.len() >= max {
+                    if let Some(id) = idlest(&open, epoch) {
+                        if let Some(old) = open.remove(&id) {
+                            tracing::debug!(
+                                peer = %old.peer,
+                                idle_ms = old.activity.idle_ms(epoch),
+                                "REST API connections at api_max_connections: closing the one idle longest"
+                            );
+                            old.abort.abort();
+                        }
+                    }
+                }
                 let _ = stream.set_nodelay(true);
                 let stream = SendDeadline::new(stream, limits.header_timeout);
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+                let activity = Arc::new(Activity::new(epoch));
+                let service = counted(TowerToHyperService::new(app.clone()), activity.clone(), epoch);
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
-                conns.spawn(async move {
+                let abort = conns.spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "REST API connection ended with an error");
                     }
                 });
+                open.insert(abort.id(), Open { activity, abort, peer });
             }
         }
     }
@@ -94,6 +128,115 @@ pub async fn serve(
         tracing::warn!("REST API connections still open after the stop grace; closing them");
     }
     conns.abort_all();
+}
+
+/// How long a connection must have had no request in progress before a new client may take its place.
+const IDLE_BEFORE_REPLACED: Duration = Duration::from_secs(1);
+
+/// One open connection, as the accept loop keeps it.
+struct Open {
+    activity: Arc<Activity>,
+    abort: tokio::task::AbortHandle,
+    peer: std::net::SocketAddr,
+}
+
+/// Requests of one connection in progress (its handler running, or its answer still being sent) and when
+/// it last had none, in milliseconds since the listener started.
+struct Activity {
+    busy: AtomicUsize,
+    idle_since_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new(epoch: Instant) -> Self {
+        Self {
+            busy: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(ms_since(epoch)),
+        }
+    }
+
+    /// How long the connection has had no request in progress; `None` while it has one.
+    fn idle_ms(&self, epoch: Instant) -> Option<u64> {
+        (self.busy.load(Ordering::Acquire) == 0)
+            .then(|| ms_since(epoch).saturating_sub(self.idle_since_ms.load(Ordering::Acquire)))
+    }
+}
+
+fn ms_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A request in progress on a connection: counted from the call until its answer's body is dropped (sent,
+/// or the connection closed).
+struct Busy {
+    activity: Arc<Activity>,
+    epoch: Instant,
+}
+
+impl Busy {
+    fn enter(activity: Arc<Activity>, epoch: Instant) -> Self {
+        activity.busy.fetch_add(1, Ordering::AcqRel);
+        Self { activity, epoch }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        // Idle from now when this was the last one.
+        self.activity
+            .idle_since_ms
+            .store(ms_since(self.epoch), Ordering::Release);
+        self.activity.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// `service`, counting each request in progress in `activity`.
+fn counted<S>(
+    service: S,
+    activity: Arc<Activity>,
+    epoch: Instant,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<axum::body::Body>,
+    Error = std::convert::Infallible,
+    Future = impl Future<
+        Output = Result<hyper::Response<axum::body::Body>, std::convert::Infallible>,
+    > + Send,
+> + Clone
+where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<axum::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    hyper::service::service_fn(move |req| {
+        let busy = Busy::enter(activity.clone(), epoch);
+        let answer = service.call(req);
+        async move {
+            let resp = answer.await?;
+            // The guard goes with the body: the request is in progress until its answer has been sent.
+            Ok(resp.map(|body| {
+                axum::body::Body::new(body.map_frame(move |frame| {
+                    let _in_progress = &busy;
+                    frame
+                }))
+            }))
+        }
+    })
+}
+
+/// The connection idle longest, if one has been idle at least [`IDLE_BEFORE_REPLACED`].
+fn idlest(open: &HashMap<tokio::task::Id, Open>, epoch: Instant) -> Option<tokio::task::Id> {
+    let floor = u64::try_from(IDLE_BEFORE_REPLACED.as_millis()).unwrap_or(u64::MAX);
+    open.iter()
+        .filter_map(|(id, o)| o.activity.idle_ms(epoch).map(|idle| (idle, *id)))
+        .filter(|(idle, _)| *idle >= floor)
+        .max_by_key(|(idle, _)| *idle)
+        .map(|(_, id)| id)
 }
 
 /// RFC 9112 3.2: an HTTP/1.1 request without a `Host` header, or with more than one, is a 400.
