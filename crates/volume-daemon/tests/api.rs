@@ -665,17 +665,7 @@ async fn reconcile_reports_drift_and_repairs_only_when_asked() {
     let (_, clean) = d.post("/reconcile", json!({})).await;
     assert_eq!(clean["drift"], json!([]), "{clean}");
     // Someone detaches the volume behind the daemon's back.
-    let cs = cloudstack::Client::new(cloudstack::Config {
-        url: d.sim().api_url(),
-        api_key: "sim-api-key".into(),
-        secret_key: cloudstack::Secret::new("sim-secret-key"),
-        ..cloudstack::Config::default()
-    })
-    .unwrap();
-    let job = cs.detach_volume(&vol.to_string()).await.unwrap();
-    cs.wait_job(&job.job_id, std::time::Duration::from_secs(30))
-        .await
-        .unwrap();
+    d.detach_behind_the_daemons_back(vol).await;
     let (s, report) = d.post("/reconcile", json!({})).await;
     assert_eq!(s, StatusCode::OK, "{report}");
     assert_eq!(report["dry_run"], true);
@@ -1167,26 +1157,6 @@ async fn metrics_text(d: &TestDaemon) -> String {
         .unwrap()
 }
 
-/// A CloudStack client of the test's simulator, acting behind the daemon's back.
-fn cloud_client(d: &TestDaemon) -> cloudstack::Client {
-    cloudstack::Client::new(cloudstack::Config {
-        url: d.sim().api_url(),
-        api_key: "sim-api-key".into(),
-        secret_key: cloudstack::Secret::new("sim-secret-key"),
-        ..cloudstack::Config::default()
-    })
-    .unwrap()
-}
-
-/// Detaches `vol` directly in CloudStack, as an operator or another tool would.
-async fn detach_behind_the_daemons_back(d: &TestDaemon, vol: Uuid) {
-    let cs = cloud_client(d);
-    let job = cs.detach_volume(&vol.to_string()).await.unwrap();
-    cs.wait_job(&job.job_id, std::time::Duration::from_secs(30))
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_detached_behind_the_daemons_back_is_fenced_and_reported_within_seconds() {
     let d = TestDaemon::start_with(|c| c.reconcile_repair = false).await;
@@ -1205,7 +1175,7 @@ async fn a_device_detached_behind_the_daemons_back_is_fenced_and_reported_within
     );
     assert!(!nbd_export_refused(&d.nbd_url(vol)).await, "served before");
 
-    detach_behind_the_daemons_back(&d, vol).await;
+    d.detach_behind_the_daemons_back(vol).await;
     let fenced_at = std::time::Instant::now();
     let mut last = Value::Null;
     while fenced_at.elapsed() < Duration::from_secs(10) {
@@ -1271,7 +1241,7 @@ async fn an_attach_after_a_detach_behind_the_daemons_back_forgets_the_stale_reco
         )
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
-    detach_behind_the_daemons_back(&d, vol).await;
+    d.detach_behind_the_daemons_back(vol).await;
     let done = d.attach_to_appliance(vol).await;
     let (_, st) = d.get(&format!("/volumes/{vol}")).await;
     assert_eq!(st["attachment"]["vm_id"], d.appliance().as_str(), "{st}");
@@ -1279,7 +1249,7 @@ async fn an_attach_after_a_detach_behind_the_daemons_back_forgets_the_stale_reco
     let generation = done["response"]["export_generation"].clone();
     // Detached behind the daemon's back from the appliance (the export is fenced), then attached to the
     // appliance again: served under a new generation.
-    detach_behind_the_daemons_back(&d, vol).await;
+    d.detach_behind_the_daemons_back(vol).await;
     let again = d.attach_to_appliance(vol).await;
     assert_ne!(
         again["response"]["export_generation"], generation,
@@ -1289,7 +1259,7 @@ async fn an_attach_after_a_detach_behind_the_daemons_back_forgets_the_stale_reco
     let (_, e) = d.get(&format!("/exports/{vol}")).await;
     assert_eq!(e["status"], "active", "{e}");
     // Detached behind its back, then attached to a remote VM: the appliance's export is gone.
-    detach_behind_the_daemons_back(&d, vol).await;
+    d.detach_behind_the_daemons_back(vol).await;
     d.run_ok(
         &format!("/volumes/{vol}/attach"),
         json!({"vm_id": d.other_vm(1)}),
@@ -1324,7 +1294,7 @@ async fn the_scheduled_reconcile_repairs_what_is_safe_and_health_says_so() {
         json!({"vm_id": d.appliance()}),
     )
     .await;
-    detach_behind_the_daemons_back(&d, vol).await;
+    d.detach_behind_the_daemons_back(vol).await;
     let start = std::time::Instant::now();
     loop {
         let (_, st) = d.get(&format!("/volumes/{vol}")).await;
@@ -1353,7 +1323,7 @@ async fn a_volume_attached_to_the_appliance_before_the_daemon_knew_it_is_reporte
 ) {
     let d = TestDaemon::start_with(|c| c.reconcile_interval_secs = 1).await;
     // Made and attached to the appliance directly in CloudStack (e.g. by the daemon this one replaced).
-    let cs = cloud_client(&d);
+    let cs = d.cloud_client();
     let made = cs
         .create_volume(&cloudstack::CreateVolume {
             name: "left-by-predecessor".into(),
@@ -1551,7 +1521,7 @@ async fn adopting_a_volume_the_daemon_already_manages_is_a_conflict_that_changes
 /// chunked, and returns the answer's status and JSON body. The body is written by its own task, so an answer
 /// sent before the server read it all is read all the same.
 async fn raw_post(base: &str, path: &str, len: usize, chunked: bool) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let url = reqwest::Url::parse(&format!("{base}{path}")).unwrap();
     let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -1585,40 +1555,7 @@ async fn raw_post(base: &str, path: &str, len: usize, chunked: bool) -> (u16, Va
         // Returned, not dropped: closing the write side would end the request for the server.
         Ok::<_, std::io::Error>(wr)
     });
-    // The answer: its head, then as many bytes as its content-length says (the connection may stay open).
-    let read_answer = async {
-        let mut answer = Vec::new();
-        let mut chunk = [0u8; 8192];
-        loop {
-            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or_else(|| panic!("no content-length in {head:?}"));
-                if answer.len() >= end + 4 + length {
-                    return (head, answer[end + 4..end + 4 + length].to_vec());
-                }
-            }
-            let n = rd.read(&mut chunk).await.unwrap_or_else(|e| {
-                panic!("{len} bytes, chunked {chunked}: reading the answer: {e}")
-            });
-            assert!(
-                n > 0,
-                "{len} bytes, chunked {chunked}: closed after {answer:?}"
-            );
-            answer.extend_from_slice(&chunk[..n]);
-        }
-    };
-    let (head, body) = tokio::time::timeout(Duration::from_secs(10), read_answer)
-        .await
-        .expect("the answer comes within 10 s");
+    let answer = support::raw::read_answer(&mut rd).await;
     writer.abort();
-    let status: u16 = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {head:?}"));
-    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    (answer.status, answer.body)
 }

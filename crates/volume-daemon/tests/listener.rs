@@ -12,16 +12,6 @@ use support::{TestDaemon, GIB};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The host:port the daemon's API listens on.
-fn api_addr(d: &TestDaemon) -> String {
-    d.base
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 /// Waits until the server closes `s` (EOF or reset); returns how long that took, `None` after `limit`.
 async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
@@ -42,7 +32,7 @@ async fn slow_and_idle_connections_are_closed_and_real_clients_get_in() {
         c.api_max_connections = 8;
     })
     .await;
-    let addr = api_addr(&d);
+    let addr = d.api_addr();
 
     // Slowloris: 24 connections that never finish their headers, three times the cap.
     let mut slow = Vec::new();
@@ -91,7 +81,7 @@ async fn clients_that_read_no_answers_lose_their_connections_and_real_clients_ge
         c.api_max_connections = 4;
     })
     .await;
-    let addr: std::net::SocketAddr = api_addr(&d).parse().unwrap();
+    let addr: std::net::SocketAddr = d.api_addr().parse().unwrap();
     let requests = b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(200);
     let mut stuck = Vec::new();
     for _ in 0..4 {
@@ -172,7 +162,7 @@ async fn memory_returns_to_its_baseline_after_a_flood_of_half_open_connections()
         c.api_max_connections = 4096;
     })
     .await;
-    let addr = api_addr(&d);
+    let addr = d.api_addr();
     // Warm up: every lazily built part of a request's path exists before the baseline is taken.
     for _ in 0..20 {
         let (status, _) = d.get("/volumes").await;
@@ -226,7 +216,7 @@ async fn at_the_cap_idle_connections_give_their_place_and_busy_ones_keep_it() {
         c.sim.job_delay_ms = 4000;
     })
     .await;
-    let addr = api_addr(&d);
+    let addr = d.api_addr();
     // Eight idle connections of three kinds fill the table.
     let mut idle = Vec::new();
     for i in 0..8 {

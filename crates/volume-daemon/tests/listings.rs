@@ -311,17 +311,7 @@ async fn exports_filter_by_volume_and_status_and_refuse_a_vm_name() {
         vols.push(v);
     }
     // One export stops being served (CloudStack detaches its volume behind the daemon's back: fenced).
-    let cs = cloudstack::Client::new(cloudstack::Config {
-        url: d.sim().api_url(),
-        api_key: "sim-api-key".into(),
-        secret_key: cloudstack::Secret::new("sim-secret-key"),
-        ..cloudstack::Config::default()
-    })
-    .unwrap();
-    let job = cs.detach_volume(&vols[1].to_string()).await.unwrap();
-    cs.wait_job(&job.job_id, std::time::Duration::from_secs(30))
-        .await
-        .unwrap();
+    d.detach_behind_the_daemons_back(vols[1]).await;
     let mut inactive = Vec::new();
     for _ in 0..200 {
         let (_, _, v) = get(&d, "/exports?status=inactive").await;

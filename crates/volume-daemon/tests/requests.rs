@@ -10,67 +10,10 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::raw::{read_answer, send as raw};
 use support::{TestDaemon, GIB};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// The host:port the daemon's API listens on.
-fn api_addr(d: &TestDaemon) -> String {
-    d.base
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
-/// An answer as it came over the wire: status, head (lower-cased) and JSON body.
-struct Answer {
-    status: u16,
-    head: String,
-    body: Value,
-}
-
-/// Reads one answer (head and `content-length` bytes of body) from `s`, within 10 s.
-async fn read_answer(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Answer {
-    let read = async {
-        let mut answer = Vec::new();
-        let mut chunk = [0u8; 8192];
-        loop {
-            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if answer.len() >= end + 4 + length {
-                    let body = serde_json::from_slice(&answer[end + 4..end + 4 + length])
-                        .unwrap_or(Value::Null);
-                    let status = head
-                        .split(' ')
-                        .nth(1)
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or_else(|| panic!("no HTTP status in {head:?}"));
-                    return Answer { status, head, body };
-                }
-            }
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&answer));
-            answer.extend_from_slice(&chunk[..n]);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .expect("an answer within 10 s")
-}
-
-/// Sends `request` as it is on a new connection and reads the answer.
-async fn raw(d: &TestDaemon, request: &str) -> Answer {
-    let mut s = TcpStream::connect(api_addr(d)).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    read_answer(&mut s).await
-}
 
 /// A POST of `body` to `path` with extra header lines (each ending in CRLF).
 fn post(path: &str, headers: &str, body: &str) -> String {
@@ -331,7 +274,7 @@ async fn media_types_codings_host_headers_and_announced_sizes_get_their_http_ans
 
     // A body over the limit announced with `Expect: 100-continue` is refused before it is sent: no
     // `100 Continue`, the 413 at once.
-    let mut s = TcpStream::connect(api_addr(&d)).await.unwrap();
+    let mut s = TcpStream::connect(d.api_addr()).await.unwrap();
     s.write_all(
         b"POST /api/v1/volumes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
           Expect: 100-continue\r\nContent-Length: 5000000\r\n\r\n",
@@ -341,7 +284,7 @@ async fn media_types_codings_host_headers_and_announced_sizes_get_their_http_ans
     let a = read_answer(&mut s).await;
     assert_eq!(a.status, 413, "{}: {}", a.head, a.body);
     // Within the limit, the client is told to go on.
-    let mut s = TcpStream::connect(api_addr(&d)).await.unwrap();
+    let mut s = TcpStream::connect(d.api_addr()).await.unwrap();
     s.write_all(
         format!(
             "POST /api/v1/volumes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
@@ -376,7 +319,7 @@ async fn a_trickled_body_gets_408_at_the_header_timeout_and_others_are_served() 
     // the header timeout has passed since its body was first read, and its connection closes.
     let mut slow = Vec::new();
     for _ in 0..4 {
-        let mut s = TcpStream::connect(api_addr(&d)).await.unwrap();
+        let mut s = TcpStream::connect(d.api_addr()).await.unwrap();
         s.write_all(
             b"POST /api/v1/reconcile HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
               Content-Length: 100\r\n\r\n{",

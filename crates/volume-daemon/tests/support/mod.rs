@@ -14,6 +14,7 @@ use volume_daemon::daemon::RunningDaemon;
 pub use cloudstack::GIB;
 
 pub mod processes;
+pub mod raw;
 
 pub struct TestDaemon {
     daemon: Option<RunningDaemon>,
@@ -85,6 +86,31 @@ impl TestDaemon {
         if let Some(root) = self.sim().root_volume_id(vm) {
             faults.detach_volume(&root).expect("detach the VM's root");
         }
+    }
+
+    /// The host:port the API listens on.
+    pub fn api_addr(&self) -> String {
+        self.daemon().api_addr().to_string()
+    }
+
+    /// A CloudStack client of the simulator, acting behind the daemon's back.
+    pub fn cloud_client(&self) -> cloudstack::Client {
+        cloudstack::Client::new(cloudstack::Config {
+            url: self.sim().api_url(),
+            api_key: "sim-api-key".into(),
+            secret_key: cloudstack::Secret::new("sim-secret-key"),
+            ..cloudstack::Config::default()
+        })
+        .unwrap()
+    }
+
+    /// Detaches `vol` directly in CloudStack, as an operator or another tool would.
+    pub async fn detach_behind_the_daemons_back(&self, vol: Uuid) {
+        let cs = self.cloud_client();
+        let job = cs.detach_volume(&vol.to_string()).await.unwrap();
+        cs.wait_job(&job.job_id, Duration::from_secs(30))
+            .await
+            .unwrap();
     }
 
     pub fn nbd_url(&self, volume: Uuid) -> String {
