@@ -397,6 +397,24 @@ impl Registry {
             .collect()
     }
 
+    /// Flushes an export's backend (as an `NBD_CMD_FLUSH` would) without touching its sessions: every write
+    /// acknowledged before the call is then durable on the backend, whether or not its client flushed.
+    /// For what reads the backend from outside the server (a snapshot of the device). `NotFound` if no such
+    /// export; a read-only export has nothing to flush.
+    pub async fn flush(&self, name: &str) -> Result<(), NbdError> {
+        let export = self
+            .lookup(name)
+            .ok_or_else(|| NbdError::NotFound { name: name.into() })?;
+        if export.read_only {
+            return Ok(());
+        }
+        let backend = Arc::clone(&export.backend);
+        tokio::task::spawn_blocking(move || backend.flush())
+            .await
+            .map_err(|e| NbdError::io_op("flush an export", std::io::Error::other(e)))?
+            .map_err(|e| NbdError::io_op("flush an export", e))
+    }
+
     /// Removes an export: new connections are refused at once, requests arriving from now on get
     /// `ESHUTDOWN`, in-flight requests may finish until `drain` elapses, then every session of this generation is
     /// closed (no reply is sent after that) and the backend is flushed. `NotFound` if no such export.

@@ -46,6 +46,14 @@ pub enum ExportError {
         #[source]
         source: Arc<std::io::Error>,
     },
+    /// A live export could not be flushed (before a snapshot): what its clients wrote may not be on the
+    /// device yet.
+    #[error("cannot flush export {name}; what its clients wrote may not be on the device yet")]
+    FlushLive {
+        name: String,
+        #[source]
+        source: nbd::NbdError,
+    },
 }
 
 /// The access of an export admitting `clients`; none named admits anyone.
@@ -225,6 +233,18 @@ impl Exports {
             })),
             Err(e) if e.kind() == nbd::NbdErrorKind::NotFound => Ok(None),
             Err(source) => Err(ExportError::Remove { name, source }),
+        }
+    }
+
+    /// Flushes a volume's live export to its device, so that every write acknowledged so far is on the
+    /// device (a snapshot taken next holds it); `Ok(false)` when the volume has no live export (a closed
+    /// one was flushed as it closed).
+    pub async fn flush(&self, volume_id: Uuid) -> Result<bool, ExportError> {
+        let name = volume_api::export_name(volume_id);
+        match self.registry.flush(&name).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == nbd::NbdErrorKind::NotFound => Ok(false),
+            Err(source) => Err(ExportError::FlushLive { name, source }),
         }
     }
 

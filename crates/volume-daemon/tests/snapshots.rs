@@ -303,3 +303,58 @@ async fn the_predecessors_snapshot_routes_keep_their_shapes_and_outlive_detach()
     );
     d.stop().await;
 }
+
+/// What an NBD writer was told is written is in a snapshot taken next, whether or not it flushed: the
+/// daemon flushes the volume's export to the device before asking for the snapshot (nbdcopy flushes only
+/// with `--flush`). On a loop device the unflushed writes sit in the device's cache, where the cloud (the
+/// simulator copying the backing file, a hypervisor reading the disk) does not see them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_snapshot_holds_the_writes_an_nbd_client_never_flushed() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "root_ tests need root (loop devices)"
+    );
+    let d = TestDaemon::start().await;
+    let vol = d.create_volume("snap-unflushed", GIB).await;
+    let attached = d.attach_to_appliance(vol).await;
+    let pattern: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let mut nbd = d.nbd_session(&attached).await;
+    for (i, chunk) in pattern.chunks(1 << 20).enumerate() {
+        nbd.write(OFFSET + ((i as u64) << 20), chunk, 0)
+            .await
+            .unwrap();
+    }
+    // A clean disconnect, no flush.
+    nbd.disconnect().await.unwrap();
+    let op = d
+        .run_ok(
+            &format!("/volumes/{vol}/snapshots"),
+            json!({"name": "after-copy"}),
+        )
+        .await;
+    let snap = op["response"]["snapshot_id"].as_str().unwrap().to_string();
+    // Overwritten and flushed after the snapshot, then reverted: the pattern comes back whole.
+    let mut nbd = d.nbd_session(&attached).await;
+    nbd.zero(OFFSET, pattern.len() as u32, 0).await.unwrap();
+    nbd.flush().await.unwrap();
+    nbd.disconnect().await.unwrap();
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    d.run_ok(
+        &format!("/volumes/{vol}/snapshots/{snap}/revert"),
+        json!({}),
+    )
+    .await;
+    let dev = attach(&d, vol).await;
+    let back = read_at(&dev, pattern.len());
+    let differing = back.iter().zip(&pattern).filter(|(a, b)| a != b).count();
+    assert_eq!(
+        differing,
+        0,
+        "{differing} of {} bytes differ from what was written before the snapshot",
+        pattern.len()
+    );
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    d.stop().await;
+}

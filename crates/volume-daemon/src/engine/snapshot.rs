@@ -87,6 +87,10 @@ impl Inner {
                             .into_iter()
                             .map(|s| s.id)
                             .collect::<Vec<_>>();
+                        // Writes the daemon acknowledged sit in the appliance's cache until flushed, out of the
+                        // cloud's sight: a snapshot of the volume holds them only once they are on the device,
+                        // whether or not the writer flushed.
+                        self.exports.flush(volume_id).await?;
                         let sent = SnapshotCreateStep::CloudSnapshotSent.wire().as_str();
                         self.journal_step(
                             SnapshotCreateStep::KIND,
