@@ -401,9 +401,15 @@ where
         _ = drain_deadline => End::Stopped,
         (end, written) = both => if written.is_err() { End::Send } else { end },
     };
-    if end == End::Stopped && wrote.load(Ordering::Relaxed) && !read_only {
+    // A session that wrote flushes as it ends, however it ends, so that what its client was told is
+    // written reaches the device even when the client never flushed (nbdcopy flushes only with --flush),
+    // before anything reading the device from outside (a snapshot) looks. A removed export (`Killed`) is
+    // flushed by its removal, after all its sessions are closed.
+    if end != End::Killed && wrote.load(Ordering::Relaxed) && !read_only {
         let b = Arc::clone(&export.backend);
-        let _ = tokio::task::spawn_blocking(move || b.flush()).await;
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || b.flush()).await {
+            tracing::warn!(export = %export.name, error = %e, "the flush at the end of a session failed");
+        }
     }
     end
 }

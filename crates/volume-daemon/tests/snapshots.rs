@@ -358,3 +358,57 @@ async fn root_a_snapshot_holds_the_writes_an_nbd_client_never_flushed() {
     d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
     d.stop().await;
 }
+
+/// The backing file of a simulated volume (`…/volumes/<uuid>.img` under the daemon's state directory).
+fn backing_file(d: &TestDaemon, vol: Uuid) -> std::path::PathBuf {
+    fn find(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let path = entry.path();
+            if path.file_name().is_some_and(|n| n == name) {
+                return Some(path);
+            }
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                if let Some(found) = find(&path, name) {
+                    return Some(found);
+                }
+            }
+        }
+        None
+    }
+    find(d.dir.path(), &format!("{vol}.img")).expect("the volume's backing file")
+}
+
+/// A session that wrote flushes when its client leaves without flushing: what the client was told is
+/// written reaches the disk the cloud sees (here the loop device's backing file), so that a snapshot the
+/// hub takes in CloudStack itself once its writer is done holds it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_writes_reach_the_disk_when_their_nbd_client_leaves_without_flushing() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "root_ tests need root (loop devices)"
+    );
+    let d = TestDaemon::start().await;
+    let vol = d.create_volume("leaves-unflushed", GIB).await;
+    let attached = d.attach_to_appliance(vol).await;
+    let backing = backing_file(&d, vol);
+    let pattern = b"written, acknowledged, never flushed".repeat(1000);
+    let mut nbd = d.nbd_session(&attached).await;
+    nbd.write(OFFSET, &pattern, 0).await.unwrap();
+    nbd.disconnect().await.unwrap();
+    let on_disk = || {
+        let f = std::fs::File::open(&backing).unwrap();
+        let mut buf = vec![0u8; pattern.len()];
+        f.read_exact_at(&mut buf, OFFSET).unwrap();
+        buf == pattern
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !on_disk() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write is not on the disk 3 s after its client left"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
+    d.stop().await;
+}
