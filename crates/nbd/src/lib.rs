@@ -10,6 +10,7 @@ mod backend;
 mod bufpool;
 pub mod client;
 mod error;
+mod fence;
 #[doc(hidden)]
 pub mod fuzzing;
 mod mapping;
@@ -22,6 +23,7 @@ mod tls;
 
 pub use backend::{Backend, Extent, FileBackend, MemoryBackend};
 pub use error::{NbdError, NbdErrorKind};
+pub use fence::WriteFence;
 pub use mapping::{Mapping, UNMAP_EVERY};
 pub use registry::{CountersSnapshot, ExportConfig, ExportSnapshot, Registry, RemoveReport};
 pub use server::{BudgetProbe, ConnectionProbe, Server, ServerConfig, LISTEN_BACKLOG};

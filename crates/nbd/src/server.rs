@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub shutdown_drain: Duration,
     /// TLS policy (nbdkit's `--tls=off|on|require`).
     pub tls: Tls,
+    /// Past its deadline, WRITE, WRITE_ZEROES, TRIM and FLUSH get `ESHUTDOWN` (reads go on); `None`: writes
+    /// are always run.
+    pub write_fence: Option<Arc<crate::WriteFence>>,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +79,7 @@ impl Default for ServerConfig {
             io_threads: 16,
             shutdown_drain: Duration::from_secs(10),
             tls: Tls::Off,
+            write_fence: None,
         }
     }
 }
@@ -272,6 +276,7 @@ impl Server {
             shutdown_drain: cfg.shutdown_drain,
             buffers: Arc::new(BufPool::new(DEFAULT_POOL_BYTES)),
             busy: Arc::new(AtomicUsize::new(0)),
+            write_fence: cfg.write_fence.clone(),
         });
         Ok(Server {
             registry,

@@ -107,6 +107,8 @@ pub(crate) struct Shared {
     pub buffers: Arc<BufPool>,
     /// Sessions with a request being run or answered (see [`Busy`]).
     pub busy: Arc<AtomicUsize>,
+    /// See `ServerConfig::write_fence`.
+    pub write_fence: Option<Arc<crate::WriteFence>>,
 }
 
 /// Requests a session's reader runs before it yields to its writer (see [`REPLY_EVERY_CROWDED`]).
@@ -515,7 +517,7 @@ async fn read_requests<R: AsyncRead + Half + Unpin>(
             _ = broken.cancelled() => return End::Send,
             p = Arc::clone(&conn.depth).acquire_owned() => p.expect("session semaphores are never closed (invariant)"),
         };
-        if let Some(error) = refusal(&conn.params, &req) {
+        if let Some(error) = refusal(&conn.params, &req).or_else(|| fenced(&conn.shared, &req)) {
             if req.command == CMD_WRITE
                 && !drain_payload(rd, req.length as usize, conn.shared.send_timeout).await
             {
@@ -930,6 +932,18 @@ async fn read_payload<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// `ESHUTDOWN` for a request that changes or commits data once the server's write fence has closed.
+fn fenced(shared: &Shared, req: &Request) -> Option<u32> {
+    let writes = matches!(
+        req.command,
+        CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM | CMD_FLUSH
+    );
+    match &shared.write_fence {
+        Some(f) if writes && !f.open() => Some(ESHUTDOWN),
+        _ => None,
+    }
+}
+
 /// The error a request is refused with before it runs, if any.
 fn refusal(p: &SessionParams, req: &Request) -> Option<u32> {
     let export = &p.export;
@@ -993,6 +1007,14 @@ async fn dispatch(
     let b = &export.backend;
     let structured = conn.params.structured;
     let fua = req.flags & CMD_FLAG_FUA != 0;
+    // Checked again now that the payload has arrived: the fence may have closed meanwhile.
+    if let Some(error) = fenced(&conn.shared, &req) {
+        if let Some(p) = payload {
+            conn.shared.buffers.give(p);
+        }
+        let _ = conn.tx.send(error_reply(req.cookie, false, error, hold));
+        return;
+    }
     let mut payload = payload;
     let mut done_prefix = 0usize;
     if req.length <= INLINE_MAX {

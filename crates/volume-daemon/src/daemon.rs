@@ -173,7 +173,7 @@ impl RunningDaemon {
         cfg.validate()?;
         // The TLS certificates are read before the database is opened and the lease taken: a configuration
         // serve cannot run with stops it before it touches anything (check reads them the same way).
-        let nbd_config = nbd_server_config(&cfg)?;
+        let mut nbd_config = nbd_server_config(&cfg)?;
 
         statedir::precreate_sqlite(&cfg.effective_database_url())?;
         let mut store = Store::connect(&cfg.effective_database_url())
@@ -247,6 +247,7 @@ impl RunningDaemon {
         // Before any write, recovery or listener: the appliance's lease. From here on every write of the store
         // checks its fencing token.
         let appliance_id = identity.current().await.vm_id.unwrap_or_default();
+        let lease_asked = std::time::Instant::now();
         let store = store
             .acquire_lease(
                 &appliance_id,
@@ -266,6 +267,11 @@ impl RunningDaemon {
             .lease()
             .ok_or_else(|| DaemonError::Lease(StoreError::not_found("the lease just taken")))?;
         tracing::info!(appliance = %appliance_id, token = lease.token(), "appliance lease taken");
+        // NBD writes are run only while the lease is surely held (see `write_window`).
+        let fence = Arc::new(nbd::WriteFence::new(
+            lease_asked + write_window(cfg.lease_ttl()),
+        ));
+        nbd_config.write_fence = Some(Arc::clone(&fence));
         health.set_fact(HealthComponent::Lease, true, lease.detail());
         let identity = identity.with_store(store.clone());
         let ready_identity = identity.clone();
@@ -293,6 +299,7 @@ impl RunningDaemon {
             store.clone(),
             cfg.lease_heartbeat(),
             Arc::clone(&health),
+            fence,
         ));
 
         let nbd_listener = bind("NBD", cfg.nbd_listen).await?;
@@ -584,25 +591,41 @@ async fn notify_ready(identity: Identity, status: String) {
     }
 }
 
+/// How long after a lease was asked for (taken or renewed) NBD writes may still run: its time to live,
+/// less a margin for the clocks of this host and the database's running at slightly different rates. Past
+/// it another daemon may hold the lease and serve the same devices, even if this one has not noticed yet
+/// (its process was frozen, the heartbeat delayed): writes then get `ESHUTDOWN` until a renewal succeeds.
+fn write_window(ttl: Duration) -> Duration {
+    ttl.saturating_sub((ttl / 4).min(Duration::from_secs(2)))
+}
+
 /// Renews the store's appliance lease every `every`, and reports each renewal on `/health` (components
 /// `lease` and `database`; the lease's detail names the appliance it is held for now). Marks the lease lost
 /// (which stops the daemon) when a renewal finds it taken over, or when renewals keep failing until it
 /// has expired, except while the database refuses them because its storage is full: no other daemon can
 /// take the lease over while that lasts (a takeover is a write to the same database), so the daemon goes
 /// on serving its exports and renews as soon as there is space, or stops if it then finds the lease taken.
-async fn heartbeat(store: Store, every: Duration, health: Arc<HealthState>) {
+async fn heartbeat(
+    store: Store,
+    every: Duration,
+    health: Arc<HealthState>,
+    fence: Arc<nbd::WriteFence>,
+) {
     use volume_api::{ComponentHealth, ComponentStatus};
     let Some(lease) = store.lease() else {
         return;
     };
+    let window = write_window(lease.ttl());
     let mut valid_until = chrono::Utc::now()
         + chrono::Duration::from_std(lease.ttl()).unwrap_or(chrono::Duration::zero());
     let mut failing_since: Option<chrono::DateTime<chrono::Utc>> = None;
     let mut expired_while_full = false;
     loop {
         tokio::time::sleep(every).await;
+        let asked = std::time::Instant::now();
         match store.renew_lease().await {
             Ok(until) => {
+                fence.extend_to(asked + window);
                 valid_until = until;
                 expired_while_full = false;
                 if let Some(since) = failing_since.take() {
@@ -614,6 +637,7 @@ async fn heartbeat(store: Store, every: Duration, health: Arc<HealthState>) {
                 }
             }
             Err(e) if e.kind() == StoreErrorKind::Fenced => {
+                fence.close();
                 tracing::error!(error = %crate::error_chain(&e), "appliance lease lost");
                 return;
             }
@@ -628,9 +652,15 @@ async fn heartbeat(store: Store, every: Duration, health: Arc<HealthState>) {
                 health.set_write_failure(Some(format!("since {since}: {cause}")));
                 let storage_full = e.is_storage_full();
                 if now >= valid_until && !storage_full {
+                    fence.close();
                     tracing::error!(error = %cause, "appliance lease expired without a renewal");
                     lease.mark_lost();
                     return;
+                }
+                if storage_full {
+                    // No other daemon can take the lease over while the database takes no writes: the
+                    // exports go on taking them.
+                    fence.extend_to(std::time::Instant::now() + window);
                 }
                 let detail = if now < valid_until {
                     format!(

@@ -450,7 +450,35 @@ async fn distinct_identities_share_the_database(db: db::TestDb) {
 
 async fn lost_lease_stops_the_daemon(db: db::TestDb) {
     let world = World::new(db);
-    let (mut first, _api) = world.serving("first", APPLIANCE, (3, 1));
+    let (mut first, api) = world.serving("first", APPLIANCE, (3, 1));
+    // A writer holds a session on one of the first daemon's exports.
+    let nbd_addr = first
+        .seen
+        .iter()
+        .find_map(|l| l.strip_prefix("nbd listening on "))
+        .expect("the daemon names its NBD address")
+        .trim()
+        .to_string();
+    let vol = create(&world, &api, "fenced-writes").await;
+    let attached = completed(
+        &api,
+        call(
+            reqwest::Method::POST,
+            &format!("{api}/volumes/{vol}/attach"),
+            Some(json!({"vm_id": APPLIANCE})),
+        )
+        .await,
+    )
+    .await;
+    let export = attached["response"]["export_name"].as_str().unwrap();
+    let mut writer = nbd::client::Handshake::connect(nbd_addr.as_str())
+        .await
+        .unwrap()
+        .go(export)
+        .await
+        .unwrap();
+    writer.write(0, &[b'A'; 4096], 0).await.unwrap();
+    writer.flush().await.unwrap();
     // The first stops heartbeating (frozen, as a hung host would be); its lease expires and a second daemon
     // for the same appliance takes it over.
     rustix::process::kill_process(
@@ -463,12 +491,28 @@ async fn lost_lease_stops_the_daemon(db: db::TestDb) {
     let store = Store::connect(&world.db_url).await.unwrap();
     let lease = store.lease_of(APPLIANCE).await.unwrap().unwrap();
     assert_eq!(lease.token, 2, "takeover increments the fencing token");
+    // The writer's next WRITE and FLUSH wait in the frozen daemon's socket.
+    let late = tokio::spawn(async move {
+        let wrote = writer.write(4096, &[b'Z'; 4096], 0).await;
+        let flushed = writer.flush().await;
+        (wrote, flushed)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // Woken, the first finds its lease gone at its next heartbeat: it closes its exports and exits non-zero.
+    // Before that, it runs no write: its right to write lapsed with the lease, whatever it has noticed.
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(first.pid() as i32).unwrap(),
         rustix::process::Signal::CONT,
     )
     .unwrap();
+    let (wrote, flushed) = tokio::time::timeout(Duration::from_secs(20), late)
+        .await
+        .expect("the late requests are answered or their connection closed")
+        .unwrap();
+    assert!(
+        wrote.is_err() && flushed.is_err(),
+        "a daemon whose lease was taken over acknowledged a write ({wrote:?}) or a flush ({flushed:?})"
+    );
     let (status, stderr) = first
         .wait_exit(Duration::from_secs(20))
         .expect("the fenced daemon exits");
