@@ -536,10 +536,7 @@ fn require(tool: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_end_to_end_nbd_data_survives_detach_and_reattach() {
-    assert!(
-        volume_daemon::sim::running_as_root(),
-        "root_ tests need root (loop devices)"
-    );
+    support::require_root();
     require("nbdcopy");
     let d = TestDaemon::start().await;
     let vol = d.create_volume("e2e", 256 << 20).await;
@@ -657,11 +654,7 @@ async fn root_end_to_end_nbd_data_survives_detach_and_reattach() {
 async fn reconcile_reports_drift_and_repairs_only_when_asked() {
     let d = TestDaemon::start().await;
     let vol = d.create_volume("drift", GIB).await;
-    d.run_ok(
-        &format!("/volumes/{vol}/attach"),
-        json!({"vm_id": d.appliance()}),
-    )
-    .await;
+    d.attach_to_appliance(vol).await;
     let (_, clean) = d.post("/reconcile", json!({})).await;
     assert_eq!(clean["drift"], json!([]), "{clean}");
     // Someone detaches the volume behind the daemon's back.
@@ -703,11 +696,7 @@ async fn reconcile_reports_drift_and_repairs_only_when_asked() {
 async fn reconcile_serves_an_unserved_export_again_through_a_repair_operation() {
     let d = TestDaemon::start().await;
     let vol = d.create_volume("unserved", GIB).await;
-    d.run_ok(
-        &format!("/volumes/{vol}/attach"),
-        json!({"vm_id": d.appliance()}),
-    )
-    .await;
+    d.attach_to_appliance(vol).await;
     let resp = d
         .send(reqwest::Method::DELETE, &format!("/exports/{vol}"), None)
         .await;
@@ -845,11 +834,7 @@ async fn health_metrics_openapi_and_appliance_endpoints() {
         assert!(spec["paths"][p].is_object(), "openapi lacks {p}");
     }
     let vol = d.create_volume("m", GIB).await;
-    d.run_ok(
-        &format!("/volumes/{vol}/attach"),
-        json!({"vm_id": d.appliance()}),
-    )
-    .await;
+    d.attach_to_appliance(vol).await;
     let text = reqwest::get(format!("http://{}/metrics", d.daemon().api_addr()))
         .await
         .unwrap()
@@ -1161,11 +1146,7 @@ async fn metrics_text(d: &TestDaemon) -> String {
 async fn a_device_detached_behind_the_daemons_back_is_fenced_and_reported_within_seconds() {
     let d = TestDaemon::start_with(|c| c.reconcile_repair = false).await;
     let vol = d.create_volume("vanishing", GIB).await;
-    d.run_ok(
-        &format!("/volumes/{vol}/attach"),
-        json!({"vm_id": d.appliance()}),
-    )
-    .await;
+    d.attach_to_appliance(vol).await;
     let (_, e) = d.get(&format!("/exports/{vol}")).await;
     assert_eq!(e["status"], "active", "{e}");
     let (_, h) = d.get("/health").await;
@@ -1289,11 +1270,7 @@ async fn nbd_export_refused(url: &str) -> bool {
 async fn the_scheduled_reconcile_repairs_what_is_safe_and_health_says_so() {
     let d = TestDaemon::start_with(|c| c.reconcile_interval_secs = 1).await;
     let vol = d.create_volume("repaired", GIB).await;
-    d.run_ok(
-        &format!("/volumes/{vol}/attach"),
-        json!({"vm_id": d.appliance()}),
-    )
-    .await;
+    d.attach_to_appliance(vol).await;
     d.detach_behind_the_daemons_back(vol).await;
     let start = std::time::Instant::now();
     loop {

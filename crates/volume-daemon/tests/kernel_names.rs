@@ -49,10 +49,7 @@ fn text(v: &Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_after_a_restart_moves_the_disks_each_volume_reports_and_finds_its_own_device() {
-    assert!(
-        volume_daemon::sim::running_as_root(),
-        "root_ tests need root (loop devices)"
-    );
+    support::require_root();
     let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let _loops = DetachLoops(dir.path());
@@ -203,10 +200,7 @@ fn hold_up_to(wanted: &Path, scratch: &Path) -> Option<(LoopDevice, Vec<LoopDevi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_a_disk_gone_behind_the_daemons_back_leaves_its_kernel_name_to_the_next_volume() {
-    assert!(
-        volume_daemon::sim::running_as_root(),
-        "root_ tests need root (loop devices)"
-    );
+    support::require_root();
     let _serial = ONE_AT_A_TIME.lock().await;
     let d = TestDaemon::start().await;
     let app = d.appliance();
@@ -273,10 +267,7 @@ async fn root_a_disk_gone_behind_the_daemons_back_leaves_its_kernel_name_to_the_
 /// again fails naming the backing file, and the other volume's data and export are untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_a_link_that_comes_back_to_another_volumes_disk_is_never_served() {
-    assert!(
-        volume_daemon::sim::running_as_root(),
-        "root_ tests need root (loop devices)"
-    );
+    support::require_root();
     let _serial = ONE_AT_A_TIME.lock().await;
     let d = TestDaemon::start_with(|c| c.reconcile_repair = false).await;
     let a = d.create_volume("link-a", GIB).await;

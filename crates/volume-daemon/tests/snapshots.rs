@@ -310,10 +310,7 @@ async fn the_predecessors_snapshot_routes_keep_their_shapes_and_outlive_detach()
 /// simulator copying the backing file, a hypervisor reading the disk) does not see them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_a_snapshot_holds_the_writes_an_nbd_client_never_flushed() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "root_ tests need root (loop devices)"
-    );
+    support::require_root();
     let d = TestDaemon::start().await;
     let vol = d.create_volume("snap-unflushed", GIB).await;
     let attached = d.attach_to_appliance(vol).await;
@@ -383,10 +380,7 @@ fn backing_file(d: &TestDaemon, vol: Uuid) -> std::path::PathBuf {
 /// hub takes in CloudStack itself once its writer is done holds it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_writes_reach_the_disk_when_their_nbd_client_leaves_without_flushing() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "root_ tests need root (loop devices)"
-    );
+    support::require_root();
     let d = TestDaemon::start().await;
     let vol = d.create_volume("leaves-unflushed", GIB).await;
     let attached = d.attach_to_appliance(vol).await;

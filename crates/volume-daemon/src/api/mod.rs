@@ -153,6 +153,13 @@ fn parse_volume_id(s: &str) -> Result<Uuid, ApiError> {
     })
 }
 
+/// A `?volume_id=` filter: absent or empty is no filter, anything else must be a UUID.
+fn volume_id_filter(raw: Option<&str>) -> Result<Option<Uuid>, ApiError> {
+    raw.filter(|v| !v.is_empty())
+        .map(parse_volume_id)
+        .transpose()
+}
+
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let mut keys = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
     match (keys.next(), keys.next()) {
@@ -710,10 +717,7 @@ async fn list_operations(
         OperationStatus::parse,
         OperationStatus::ALL,
     )?;
-    let volume_id = match q.volume_id.as_deref() {
-        None | Some("") => None,
-        Some(v) => Some(parse_volume_id(v)?),
-    };
+    let volume_id = volume_id_filter(q.volume_id.as_deref())?;
     let filter = OperationFilter {
         op_type,
         status,
@@ -876,10 +880,7 @@ async fn list_exports(
         ExportStatus::parse,
         ExportStatus::ALL,
     )?;
-    let volume_id = match q.volume_id.as_deref() {
-        None | Some("") => None,
-        Some(v) => Some(parse_volume_id(v)?),
-    };
+    let volume_id = volume_id_filter(q.volume_id.as_deref())?;
     if q.vm_name.as_deref().is_some_and(|n| !n.is_empty()) {
         return Err(ApiError::bad(
             "vm_name",

@@ -16,6 +16,14 @@ pub use cloudstack::GIB;
 pub mod processes;
 pub mod raw;
 
+/// Fails (never skips) a `root_` test run without root: loop devices need it.
+pub fn require_root() {
+    assert!(
+        volume_daemon::sim::running_as_root(),
+        "root_ tests need root (loop devices)"
+    );
+}
+
 pub struct TestDaemon {
     daemon: Option<RunningDaemon>,
     pub base: String,
