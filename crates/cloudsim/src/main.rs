@@ -60,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "cloudsim=info".into()),
         )
+        .with_ansi(nbd::log_colour())
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();

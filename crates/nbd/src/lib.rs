@@ -29,5 +29,6 @@ pub use registry::{CountersSnapshot, ExportConfig, ExportSnapshot, Registry, Rem
 pub use server::{BudgetProbe, ConnectionProbe, Server, ServerConfig, LISTEN_BACKLOG};
 pub use session::{SMALL_MAX, SMALL_RESERVE};
 pub use tls::{
-    log_filter, Access, ClientIdentity, Tls, TlsSettings, CA_CERT, SERVER_CERT, SERVER_KEY,
+    log_colour, log_filter, Access, ClientIdentity, Tls, TlsSettings, CA_CERT, SERVER_CERT,
+    SERVER_KEY,
 };

@@ -37,6 +37,19 @@ pub fn log_filter(wanted: Option<&str>, default: &str) -> String {
     }
 }
 
+/// Whether a program's logs on standard error are coloured: only on a terminal, and never when `NO_COLOR`
+/// is set to anything but the empty string (no-color.org). A file or the journal gets plain text.
+pub fn log_colour() -> bool {
+    colour_logs(
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
+fn colour_logs(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// Server TLS settings: certificates, key and whether client certificates are required.
 #[derive(Clone)]
 pub struct TlsSettings {
@@ -93,7 +106,8 @@ impl TlsSettings {
                 .map_err(|e| {
                     tls_err(
                         dir,
-                        "--tls-verify-peer needs the client CA certificate ca-cert.pem",
+                        "verifying client certificates (nbd-serve's --tls-verify-peer, the daemon's \
+                         nbd_tls_verify_peer) needs the client CA certificate ca-cert.pem",
                         e,
                     )
                 })?;
@@ -461,6 +475,15 @@ impl Access {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour_logs(true, None));
+        assert!(colour_logs(true, Some(OsStr::new(""))));
+        assert!(!colour_logs(true, Some(OsStr::new("1"))));
+        assert!(!colour_logs(false, None));
+    }
 
     #[test]
     fn the_log_filter_leaves_out_tls_library_warnings_unless_it_names_them() {

@@ -19,20 +19,27 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the configuration file {path} is not valid TOML for this daemon{}", key.as_ref().map(|k| format!(" (key {k})")).unwrap_or_default())]
+    /// The message never quotes the file's text (a refused value may be a secret): it names the key,
+    /// the line and column, and what was expected.
+    #[error("the configuration file {path} is not valid TOML for this daemon ({}line {line}, column {column}): {message}", key.as_ref().map(|k| format!("key {k}, ")).unwrap_or_default())]
     Parse {
         path: PathBuf,
         /// The key whose value is refused, when the error points at a value.
         key: Option<String>,
-        #[source]
-        source: Box<toml::de::Error>,
+        line: usize,
+        column: usize,
+        message: String,
     },
+    /// A known variable whose value does not parse (none of them holds a secret, so the value is shown).
     #[error("environment variable {var} has an invalid value {value:?}: expected {expected}")]
     Env {
         var: String,
         value: String,
         expected: &'static str,
     },
+    /// A `VOLUME_DAEMON_*` variable that names no key; its value is not shown (it may be a misspelt secret).
+    #[error("environment variable {var} names no configuration key: remove it or correct its name (the keys are listed in the configuration reference in README.md)")]
+    UnknownEnv { var: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -226,6 +233,15 @@ impl Default for Config {
     }
 }
 
+/// The longest duration any `*_secs` key takes: a year.
+pub const MAX_SECS: u64 = 365 * 24 * 3600;
+/// The most connections or concurrent operations any count key takes.
+pub const MAX_COUNT: usize = 65_536;
+/// The largest `nbd_budget_mib`: 1 TiB.
+pub const MAX_BUDGET_MIB: usize = 1 << 20;
+/// The longest simulated job: an hour.
+pub const MAX_SIM_JOB_DELAY_MS: u64 = 3_600_000;
+
 /// The environment-variable prefix.
 pub const ENV_PREFIX: &str = "VOLUME_DAEMON_";
 
@@ -241,11 +257,7 @@ impl Config {
                     path: p.to_path_buf(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                    path: p.to_path_buf(),
-                    key: refused_key(&text, &e),
-                    source: Box::new(e),
-                })?
+                toml::from_str(&text).map_err(|e| parse_error(p, &text, &e))?
             }
             None => Config::default(),
         };
@@ -347,10 +359,8 @@ impl Config {
             "sim_job_delay_ms" => self.sim.job_delay_ms = parse(var, &value, "milliseconds")?,
             // Unknown variables with our prefix are a mistake worth reporting.
             _ => {
-                return Err(ConfigError::Env {
+                return Err(ConfigError::UnknownEnv {
                     var: var.to_string(),
-                    value,
-                    expected: "a known key (see the configuration reference in README.md)",
                 })
             }
         }
@@ -371,14 +381,76 @@ impl Config {
                 self.listen
             )));
         }
-        if self.api_max_connections == 0
-            || self.api_header_timeout_secs == 0
-            || self.api_request_timeout_secs == 0
-        {
+        // Durations past a year and counts past these maxima are mistakes, and the daemon's clocks and
+        // semaphores cannot hold every u64; zero is refused where it would make every operation fail.
+        for (key, value, min) in [
+            ("job_timeout_secs", self.job_timeout_secs, 1),
+            ("device_timeout_secs", self.device_timeout_secs, 1),
+            ("drain_timeout_secs", self.drain_timeout_secs, 1),
+            ("api_header_timeout_secs", self.api_header_timeout_secs, 1),
+            ("api_request_timeout_secs", self.api_request_timeout_secs, 1),
+            ("reconcile_interval_secs", self.reconcile_interval_secs, 0),
+            ("lease_ttl_secs", self.lease_ttl_secs, 0),
+            ("lease_heartbeat_secs", self.lease_heartbeat_secs, 0),
+            ("nbd_idle_timeout_secs", self.nbd_idle_timeout_secs, 0),
+        ] {
+            if !(min..=MAX_SECS).contains(&value) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} ({value}) must be between {min} and {MAX_SECS} (a year)"
+                )));
+            }
+        }
+        for (key, value, max) in [
+            ("api_max_connections", self.api_max_connections, MAX_COUNT),
+            (
+                "max_concurrent_operations",
+                self.max_concurrent_operations,
+                MAX_COUNT,
+            ),
+            ("nbd_max_connections", self.nbd_max_connections, MAX_COUNT),
+            (
+                "nbd_max_connections_per_client",
+                self.nbd_max_connections_per_client,
+                MAX_COUNT,
+            ),
+            ("nbd_budget_mib", self.nbd_budget_mib, MAX_BUDGET_MIB),
+        ] {
+            if value > max {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} ({value}) must be at most {max}"
+                )));
+            }
+        }
+        if self.api_max_connections == 0 {
             return Err(ConfigError::Invalid(
-                "api_max_connections, api_header_timeout_secs and api_request_timeout_secs must be at least 1"
+                "api_max_connections must be at least 1".into(),
+            ));
+        }
+        if self.nbd_advertised_port == Some(0) {
+            return Err(ConfigError::Invalid(
+                "nbd_advertised_port must be a port from 1 to 65535 (leave it unset to advertise the listener's port)"
                     .into(),
             ));
+        }
+        if self.sim.job_delay_ms > MAX_SIM_JOB_DELAY_MS {
+            return Err(ConfigError::Invalid(format!(
+                "sim job delay ({} ms) must be at most {MAX_SIM_JOB_DELAY_MS} (an hour)",
+                self.sim.job_delay_ms
+            )));
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "state_dir is empty: name the directory for the daemon's own files (default /var/lib/volume-daemon)"
+                    .into(),
+            ));
+        }
+        if let Some(url) = &self.cloudstack_url {
+            let scheme = url.split_once("://").map(|(s, _)| s);
+            if !matches!(scheme, Some("http" | "https")) || url.len() <= "https://".len() {
+                return Err(ConfigError::Invalid(format!(
+                    "cloudstack_url {url:?} is not an http:// or https:// URL; use e.g. https://cloud.example/client/api"
+                )));
+            }
         }
         if self.lease_heartbeat_secs == 0
             || self.lease_heartbeat_secs.saturating_mul(3) > self.lease_ttl_secs
@@ -517,6 +589,49 @@ impl Config {
     pub fn nbd_idle_timeout(&self) -> Option<Duration> {
         (self.nbd_idle_timeout_secs > 0).then(|| Duration::from_secs(self.nbd_idle_timeout_secs))
     }
+}
+
+/// `error` of the file `path` holding `text`, without the excerpt of the file toml draws and without the
+/// value a refused type or value quotes: either may be a secret.
+fn parse_error(path: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
+    let start = error.span().map_or(0, |s| s.start).min(text.len());
+    let before = text.get(..start).unwrap_or("");
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let message = error
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(without_value)
+        .collect::<Vec<_>>()
+        .join("; ");
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        key: refused_key(text, error),
+        line,
+        column,
+        message,
+    }
+}
+
+/// A serde message about a refused value (`invalid type: integer `5`, expected a string`) with the value
+/// left out (`invalid type: integer, expected a string`); any other message unchanged.
+fn without_value(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some((unexpected, expected)) = message
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once(", expected "))
+        {
+            let kind = unexpected
+                .split(' ')
+                .take_while(|w| !w.starts_with(['`', '"', '\'']))
+                .collect::<Vec<_>>()
+                .join(" ");
+            return format!("{prefix}{kind}, expected {expected}");
+        }
+    }
+    message.to_string()
 }
 
 /// The key on the line where `error` points at a value (`key = value`): a refused value's message (a wrong
@@ -716,6 +831,121 @@ mod tests {
             Config::load(Some(&p), Vec::new()),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn errors_never_quote_a_value_that_may_be_a_secret() {
+        // A misspelt secret variable: the name is reported, the value is not.
+        let err = Config::load(
+            None,
+            vec![(
+                "VOLUME_DAEMON_CLOUDSTACK_SECRT_KEY".into(),
+                "TopSecret123".into(),
+            )],
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("VOLUME_DAEMON_CLOUDSTACK_SECRT_KEY"), "{msg}");
+        assert!(!msg.contains("TopSecret123"), "{msg}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        for (text, key, line) in [
+            // An unterminated string: toml's excerpt of the line would show the secret.
+            (
+                "listen = \"127.0.0.1:1\"\ncloudstack_secret_key = \"TopSecret123\n",
+                Some("cloudstack_secret_key"),
+                2,
+            ),
+            // A value of the wrong type: serde's message quotes it.
+            ("api_token = 123456789\n", Some("api_token"), 1),
+            (
+                "nbd_budget_mib = \"TopSecret123\"\n",
+                Some("nbd_budget_mib"),
+                1,
+            ),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let err = Config::load(Some(&p), Vec::new()).unwrap_err();
+            let ConfigError::Parse {
+                key: k, line: l, ..
+            } = &err
+            else {
+                panic!("{err:?}")
+            };
+            let msg = format!("{err:#}");
+            assert_eq!(k.as_deref(), key, "{msg}");
+            assert_eq!(*l, line, "{msg}");
+            assert!(
+                !msg.contains("TopSecret123") && !msg.contains("123456789"),
+                "{msg}"
+            );
+            assert!(
+                msg.contains("c.toml") && msg.contains(&format!("line {line}")),
+                "{msg}"
+            );
+        }
+        std::fs::write(&p, "api_token = 123456789\n").unwrap();
+        let msg = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
+        assert!(
+            msg.ends_with("invalid type: integer, expected a string"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn durations_and_counts_are_bounded() {
+        let sim = || {
+            let mut c = Config::default();
+            c.sim.enabled = true;
+            c
+        };
+        sim().validate().unwrap();
+        type Set = fn(&mut Config);
+        let refused: [(&str, Set); 12] = [
+            ("job_timeout_secs", |c| c.job_timeout_secs = 0),
+            ("device_timeout_secs", |c| c.device_timeout_secs = 0),
+            ("drain_timeout_secs", |c| c.drain_timeout_secs = 0),
+            ("reconcile_interval_secs", |c| {
+                c.reconcile_interval_secs = u64::MAX
+            }),
+            ("lease_ttl_secs", |c| {
+                c.lease_ttl_secs = 9_223_372_036_854_775_807
+            }),
+            ("api_header_timeout_secs", |c| {
+                c.api_header_timeout_secs = MAX_SECS + 1
+            }),
+            ("job_timeout_secs", |c| c.job_timeout_secs = u64::MAX),
+            ("nbd_idle_timeout_secs", |c| {
+                c.nbd_idle_timeout_secs = u64::MAX
+            }),
+            ("max_concurrent_operations", |c| {
+                c.max_concurrent_operations = usize::MAX
+            }),
+            ("nbd_budget_mib", |c| c.nbd_budget_mib = usize::MAX),
+            ("nbd_advertised_port", |c| c.nbd_advertised_port = Some(0)),
+            ("state_dir", |c| c.state_dir = PathBuf::new()),
+        ];
+        for (key, set) in refused {
+            let mut c = sim();
+            set(&mut c);
+            let msg = c.validate().unwrap_err().to_string();
+            assert!(msg.contains(key), "{key}: {msg}");
+        }
+        let mut c = sim();
+        c.reconcile_interval_secs = 0;
+        c.nbd_idle_timeout_secs = MAX_SECS;
+        c.validate().unwrap();
+        for url in ["not a url", "ftp://x/client/api", "https://"] {
+            let c = Config {
+                cloudstack_url: Some(url.into()),
+                cloudstack_api_key: Some(Secret::new("k")),
+                cloudstack_secret_key: Some(Secret::new("s")),
+                ..Config::default()
+            };
+            let msg = c.validate().unwrap_err().to_string();
+            assert!(msg.contains("cloudstack_url"), "{url}: {msg}");
+        }
     }
 
     #[test]

@@ -834,10 +834,17 @@ pub async fn check(cfg: &Config) -> Vec<CheckLine> {
         };
         line(&format!("privilege: {}", c.name), c.ok, detail);
     }
+    let sim_listener = cfg
+        .sim
+        .enabled
+        .then_some(("simulator listener", cfg.sim.listen));
     for (name, addr) in [
         ("REST API listener", cfg.listen),
         ("NBD listener", cfg.nbd_listen),
-    ] {
+    ]
+    .into_iter()
+    .chain(sim_listener)
+    {
         // Bound and closed at once: whether serve could listen there now.
         match std::net::TcpListener::bind(addr) {
             Ok(_) => line(name, true, format!("{addr} is free")),

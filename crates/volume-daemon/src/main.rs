@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the daemon until SIGTERM or SIGINT.
+    /// Run the daemon until SIGTERM, SIGINT or SIGHUP (each shuts it down cleanly).
     Serve(ServeArgs),
     /// Check configuration, state directory, privileges, database, listeners, cloud and appliance identity
     /// without side effects; takes the same flags as `serve`; exits non-zero when any check fails.
@@ -124,10 +124,7 @@ fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::new(nbd::log_filter(wanted.as_deref(), "info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(colour_logs(
-            std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            std::env::var_os("NO_COLOR").as_deref(),
-        ))
+        .with_ansi(nbd::log_colour())
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
@@ -177,11 +174,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     #[cfg(feature = "failpoints")]
     volume_daemon::failpoints::arm_from_env().map_err(anyhow::Error::msg)?;
     tracing::info!(state_dir = %cfg.state_dir.display(), database = %volume_daemon::store::redact_url(&cfg.effective_database_url()), "starting");
+    let mut stop = StopSignals::install()?;
     let daemon = RunningDaemon::start(cfg)
         .await
         .context("volume-daemon could not start")?;
     tokio::select! {
-        r = wait_for_signal() => r?,
+        () = stop.recv() => {}
         () = daemon.lease_lost() => anyhow::bail!(
             "the appliance lease was lost to another volume-daemon (or could not be renewed before it expired): \
              every export is closed and nothing more is written; check which daemon should serve this appliance"
@@ -204,21 +202,35 @@ fn default_sim_state_dir() -> PathBuf {
     std::env::temp_dir().join("volume-daemon-sim")
 }
 
-/// Whether logs are coloured: only on a terminal, and never when `NO_COLOR` is set to anything but
-/// the empty string (no-color.org).
-fn colour_logs(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
-    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+/// The signals that stop the daemon: SIGTERM (systemd's stop), SIGINT (Ctrl-C) and SIGHUP (its terminal
+/// closed). Each shuts down cleanly; the daemon has no configuration reload, so SIGHUP is no reload either
+/// (restart to apply a changed configuration). Installed before start-up, so that a signal arriving
+/// while the daemon starts stops it cleanly once it has started, instead of killing it.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+        })
     }
-    Ok(())
+
+    /// Waits for the first of them.
+    async fn recv(&mut self) {
+        let name = tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+            _ = self.hup.recv() => "SIGHUP",
+        };
+        tracing::info!(signal = name, "stop requested");
+    }
 }
 
 async fn check(args: ServeArgs) -> anyhow::Result<bool> {
@@ -235,12 +247,12 @@ async fn check(args: ServeArgs) -> anyhow::Result<bool> {
     };
     let width = lines.iter().map(|l| l.name.len()).max().unwrap_or(0);
     for l in &lines {
-        println!(
+        say(format_args!(
             "{} {:width$}  {}",
             if l.ok { "ok  " } else { "FAIL" },
             l.name,
             one_line(&l.detail)
-        );
+        ));
     }
     Ok(lines.iter().all(|l| l.ok))
 }
@@ -267,13 +279,13 @@ async fn import(args: ImportArgs) -> anyhow::Result<bool> {
         .await
         .context("import failed")?;
     for i in &plan.items {
-        println!(
+        say(format_args!(
             "{:<16} {}  vm {}  {}",
             i.action.as_str(),
             i.volume_id,
             i.vm_id.as_deref().unwrap_or("-"),
             i.detail
-        );
+        ));
     }
     use volume_daemon::hub::import::ImportAction as A;
     let summary = format!(
@@ -285,14 +297,21 @@ async fn import(args: ImportArgs) -> anyhow::Result<bool> {
         plan.count(A::Skip)
     );
     if args.dry_run {
-        println!("dry run: {summary}; nothing was changed");
+        say(format_args!("dry run: {summary}; nothing was changed"));
     } else {
-        println!(
+        say(format_args!(
             "{summary}; {} adoptions journaled: they run when the daemon starts (watch GET /api/v1/operations?type=repair)",
             ops.len()
-        );
+        ));
     }
     Ok(true)
+}
+
+/// Prints a line of a report on stdout. A reader that went away (`check | head -1`) ends the report, not
+/// the command: the exit status still says whether the checks passed.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 #[tokio::main]
@@ -327,15 +346,6 @@ mod tests {
             volume_daemon::store::redact_url("sqlite:///x.db?mode=rwc"),
             "sqlite:///x.db?mode=rwc"
         );
-    }
-
-    #[test]
-    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
-        use std::ffi::OsStr;
-        assert!(colour_logs(true, None));
-        assert!(colour_logs(true, Some(OsStr::new(""))));
-        assert!(!colour_logs(true, Some(OsStr::new("1"))));
-        assert!(!colour_logs(false, None));
     }
 
     #[test]

@@ -136,7 +136,8 @@ impl Metrics {
         self.with(|m| m.resumed += 1);
     }
 
-    /// Renders everything, plus the live exports and gauges given by the caller.
+    /// Renders everything, plus the live exports and the caller's values (gauges, or counters when the name
+    /// ends in `_total`).
     pub fn render(&self, exports: &[nbd::ExportSnapshot], gauges: &[(&str, &str, f64)]) -> String {
         let mut out = String::new();
         let m = self.inner.lock().expect("metrics lock poisoned");
@@ -236,14 +237,20 @@ impl Metrics {
         }
         drop(m);
         for (name, help, value) in gauges {
+            // A caller's value is a gauge, or a counter it keeps itself when its name says so.
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
         let series: [ExportSeries; 5] = [
             (
-                "volume_daemon_export_connections",
+                "volume_daemon_export_connections_open",
                 "gauge",
                 "Open NBD connections per export.",
                 |e| e.counters.connections_current,

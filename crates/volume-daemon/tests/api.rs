@@ -845,10 +845,26 @@ async fn health_metrics_openapi_and_appliance_endpoints() {
     assert!(text.contains("volume_daemon_exports 1"), "{text}");
     assert!(
         text.contains(&format!(
-            "volume_daemon_export_connections{{export=\"migration-vol-{vol}\"}} 0"
+            "volume_daemon_export_connections_open{{export=\"migration-vol-{vol}\"}} 0"
         )),
         "{text}"
     );
+    // Every family typed once; counters (and only they) end in `_total`; no gauge shares its name with a
+    // counter's family (OpenMetrics parses `x_total` as the family `x`).
+    let mut types = std::collections::BTreeMap::new();
+    for l in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let (name, kind) = l.split_once(' ').unwrap();
+        assert!(types.insert(name, kind).is_none(), "{name} typed twice");
+    }
+    for (name, kind) in &types {
+        match *kind {
+            "counter" => assert!(name.ends_with("_total"), "counter {name}"),
+            _ => assert!(!name.ends_with("_total"), "{kind} {name}"),
+        }
+        if let Some(family) = name.strip_suffix("_total") {
+            assert!(!types.contains_key(family), "{family} and {name}");
+        }
+    }
     d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
     let (s, _) = d.get("/no/such/thing").await;
     assert_eq!(s, StatusCode::NOT_FOUND);

@@ -118,7 +118,7 @@ async fn a_full_nbd_connection_table_lets_a_writer_in_in_place_of_a_connection_s
         "a fifth connection was greeted with nbd_max_connections = 4 and four sessions"
     );
     assert_eq!(
-        metric(&d, "volume_daemon_nbd_connections_refused_full").await,
+        metric(&d, "volume_daemon_nbd_connections_refused_full_total").await,
         1.0
     );
     let (s, h) = d.get("/health").await;

@@ -181,3 +181,123 @@ fn serve_sim_logs_the_simulators_credentials() {
     assert!(line.contains("secret-0815"), "{line}");
     drop(proc);
 }
+
+/// SIGTERM (systemd's stop), SIGINT (Ctrl-C) and SIGHUP (the terminal of `serve --sim` closed) each shut the
+/// daemon down cleanly: exit status 0, and the state directory is free for the next start at once.
+#[test]
+fn each_stop_signal_shuts_the_daemon_down_cleanly() {
+    use rustix::process::{kill_process, Pid, Signal};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state");
+    for signal in [Signal::HUP, Signal::TERM, Signal::INT] {
+        let mut daemon = start(&state);
+        let pid = Pid::from_raw(daemon.0.id() as i32).expect("a child's pid is positive");
+        kill_process(pid, signal).expect("signal the daemon");
+        let started = Instant::now();
+        let status = loop {
+            if let Some(s) = daemon.0.try_wait().expect("wait for the daemon") {
+                break s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{signal:?}: the daemon did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(status.code(), Some(0), "{signal:?}: {status}");
+    }
+    drop(start(&state));
+}
+
+/// `check | head -1`: a reader that goes away ends the report, not with a panic; the exit status still
+/// says whether the checks passed.
+#[test]
+fn check_into_a_closed_pipe_exits_by_its_checks() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_volume-daemon"))
+        .arg("check")
+        .arg("--sim")
+        .args(["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"])
+        .args(["--sim-listen", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .env("RUST_LOG", "warn")
+        .env_remove("VOLUME_DAEMON_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run check");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
+
+/// Logs written to a file or a pipe (the journal) are plain text: no terminal colour codes, from the daemon
+/// and from the other binaries of the workspace that log (`cloudsim` here; `nbd-serve` shares the setting).
+#[test]
+fn logs_into_a_pipe_carry_no_colour_codes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_volume-daemon"));
+    let cloudsim = exe.with_file_name("cloudsim");
+    assert!(
+        cloudsim.exists(),
+        "{} is missing: cargo build --workspace --bins",
+        cloudsim.display()
+    );
+    let mut daemon = serve_sim(&tmp.path().join("state"));
+    daemon.env("RUST_LOG", "info");
+    let mut sim = Command::new(&cloudsim);
+    sim.args(["--listen", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(tmp.path().join("sim"))
+        .arg("--by-id-dir")
+        .arg(tmp.path().join("by-id"))
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR");
+    for cmd in [&mut daemon, &mut sim] {
+        let mut child = Proc(
+            cmd.env_remove("NO_COLOR")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn"),
+        );
+        let stderr = child.0.stderr.take().expect("stderr");
+        let line = BufReader::new(stderr)
+            .lines()
+            .next()
+            .expect("a log line")
+            .expect("read a log line");
+        assert!(line.contains("INFO"), "{line}");
+        assert!(!line.contains('\u{1b}'), "{line:?}");
+    }
+}
+
+/// `check --sim` tests the simulator's address as `serve --sim` would bind it.
+#[test]
+fn check_sim_fails_on_a_simulator_address_in_use() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr").to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_volume-daemon"))
+        .arg("check")
+        .arg("--sim")
+        .args(["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"])
+        .args(["--sim-listen", &addr])
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .env("RUST_LOG", "warn")
+        .env_remove("VOLUME_DAEMON_CONFIG")
+        .output()
+        .expect("run check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("simulator listener")
+            && l.contains(&addr)),
+        "{stdout}"
+    );
+}

@@ -33,6 +33,12 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("{url} answered something that is not HTTP: point --url or VOLUMECTL_URL at the daemon's REST API address (its `listen`), not at its NBD port or another service")]
+    NotHttp {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("the daemon at {url} did not answer in time: it may be overloaded or stuck; check its log (journalctl -u volume-daemon)")]
     Timeout {
         url: String,
@@ -64,6 +70,22 @@ fn api_message(status: &StatusCode, body: &ErrorBody) -> String {
     m
 }
 
+/// Whether the peer answered, but with bytes that are no HTTP response (an NBD server's greeting, say).
+fn answered_not_http(e: &reqwest::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        // A response that does not parse, or bytes that arrived before the request went out (hyper has
+        // no predicate for the latter; its message is the stable text of its `UnexpectedMessage` kind).
+        if c.downcast_ref::<hyper::Error>().is_some_and(|h| {
+            h.is_parse() || h.to_string() == "received unexpected message from connection"
+        }) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// A stable classification of [`ClientError`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientErrorKind {
@@ -88,7 +110,7 @@ impl ClientError {
             Self::Build(_) => ClientErrorKind::Server,
             Self::Unreachable { .. } | Self::Timeout { .. } => ClientErrorKind::Unreachable,
             Self::Api { status, .. } => kind_of_status(*status),
-            Self::Unexpected { .. } => ClientErrorKind::Server,
+            Self::Unexpected { .. } | Self::NotHttp { .. } => ClientErrorKind::Server,
         }
     }
 }
@@ -280,7 +302,12 @@ impl Client {
     }
 
     fn transport(&self, e: reqwest::Error) -> ClientError {
-        if e.is_timeout() {
+        if answered_not_http(&e) {
+            ClientError::NotHttp {
+                url: self.base.clone(),
+                source: e,
+            }
+        } else if e.is_timeout() {
             ClientError::Timeout {
                 url: self.base.clone(),
                 source: e,

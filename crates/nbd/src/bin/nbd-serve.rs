@@ -125,6 +125,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             std::env::var("RUST_LOG").ok().as_deref(),
             "warn",
         )))
+        .with_ansi(nbd::log_colour())
         .with_writer(std::io::stderr)
         .init();
     let tls = match (args.tls, &args.tls_certificates) {

@@ -1087,7 +1087,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
             limit,
         ),
         (
-            "volume_daemon_nbd_connections_refused_full",
+            "volume_daemon_nbd_connections_refused_full_total",
             "NBD connections refused since start because every open one had a session.",
             refused,
         ),
