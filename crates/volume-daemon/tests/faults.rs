@@ -382,6 +382,37 @@ async fn a_failed_create_job_leaves_no_volume_behind() {
     d.stop().await;
 }
 
+/// A createVolume job still running at `job_timeout_secs` fails the create, and the volume CloudStack made
+/// when it accepted the call is deleted: a failed create leaves no volume behind that no listing shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_job_outlives_the_timeout_leaves_no_volume_behind() {
+    let d = TestDaemon::start_with(|c| c.job_timeout_secs = 1).await;
+    d.sim().faults().add(FaultSpec::SlowJob {
+        command: "createVolume".into(),
+        extra_delay_ms: 3_000,
+        count: 1,
+    });
+    let (s, op) = d
+        .post(
+            "/volumes",
+            json!({"name": "create-slow", "size": GIB, "disk_offering_id": d.custom_offering(), "zone_id": d.zone()}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    let done = d.wait_op(&op).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error_code"], "cloud_job_timeout", "{done}");
+    let err = done["error"].as_str().unwrap();
+    assert!(err.contains("was deleted"), "{err}");
+    // Also once the job has ended in the cloud.
+    tokio::time::sleep(std::time::Duration::from_millis(3_500)).await;
+    assert!(
+        cloud_volumes_named(&d, "create-slow").await.is_empty(),
+        "no volume left in CloudStack"
+    );
+    d.stop().await;
+}
+
 /// A job-status answer that says nothing (empty, cut off, a single refusal) does not end the wait: the job is
 /// asked again and the operation ends with the job's own outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

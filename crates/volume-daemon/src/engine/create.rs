@@ -11,7 +11,7 @@ use volume_api::{CreateVolumeRequest, CreateVolumeResponse};
 use super::journal::{json_of, CreateStep, Entry, Step};
 use super::validate::{create_size, validate_create};
 use super::{EngineError, Inner};
-use crate::cloud::{CloudError, NewCloudVolume};
+use crate::cloud::{CloudError, CloudErrorKind, NewCloudVolume};
 use crate::store::VolumeRecord;
 
 /// The cloud's name of a volume as a UUID.
@@ -80,7 +80,11 @@ impl Inner {
                     .await?;
                 match volume_id {
                     Some(v) => match self.finish_job(&job_id, v).await {
-                        Err(EngineError::Cloud(e)) if e.is_failed_job() => {
+                        // A job that failed, or still runs at the deadline: the operation fails, and the
+                        // volume CloudStack made when it accepted the call must not outlive it unrecorded.
+                        Err(EngineError::Cloud(e))
+                            if e.is_failed_job() || e.kind == CloudErrorKind::JobStillRunning =>
+                        {
                             return Err(self.remove_failed_create(v, e).await);
                         }
                         other => other?,
@@ -121,27 +125,28 @@ impl Inner {
             .await
     }
 
-    /// After the createVolume job failed: deletes the volume CloudStack made when the call was accepted and
-    /// keeps after the failure (it is no one's: the daemon records a volume only when the create completes), and
-    /// returns the job's failure with what became of that volume. Run again (a resumed entry meets the same
-    /// failed job), it finds the volume gone.
+    /// After the createVolume job failed, or still ran at `job_timeout`: deletes the volume CloudStack made
+    /// when the call was accepted (it is no one's: the daemon records a volume only when the create
+    /// completes, so a volume left behind would be a leak no listing shows), and returns the job's failure
+    /// with what became of that volume. Run again (a resumed entry meets the same job), it finds the volume
+    /// gone.
     async fn remove_failed_create(&self, volume_id: Uuid, cause: CloudError) -> EngineError {
         let outcome = match self.cloud_volume(volume_id).await {
             Ok(None) => return EngineError::Cloud(cause),
             Ok(Some(_)) => {
                 self.metrics.compensated();
                 match self.cloud.delete_volume(&volume_id.to_string()).await {
-                    Ok(_) => format!("volume {volume_id}, which CloudStack kept after the failure, was deleted"),
+                    Ok(_) => format!("volume {volume_id}, which CloudStack made for this create, was deleted"),
                     Err(e) => format!(
-                        "volume {volume_id}, which CloudStack kept after the failure, could not be deleted: {}; \
+                        "volume {volume_id}, which CloudStack made for this create, could not be deleted: {}; \
                          delete it in CloudStack",
                         e.chain()
                     ),
                 }
             }
             Err(e) => format!(
-                "whether CloudStack kept volume {volume_id} after the failure is unknown ({}); delete it in \
-                 CloudStack if it is listed",
+                "whether CloudStack still has volume {volume_id}, made for this create, is unknown ({}); \
+                 delete it in CloudStack if it is listed",
                 crate::error_chain(&e)
             ),
         };
