@@ -174,9 +174,14 @@ impl Served {
     }
 
     /// Sends SIGTERM and checks a clean exit.
-    fn terminate(mut self) {
+    fn terminate(self) {
+        self.stop_with(rustix::process::Signal::TERM);
+    }
+
+    /// Sends `signal` and checks a clean exit.
+    fn stop_with(mut self, signal: rustix::process::Signal) {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("child pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        rustix::process::kill_process(pid, signal).expect("signal nbd-serve");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -185,7 +190,7 @@ impl Served {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "nbd-serve did not stop on SIGTERM"
+                "nbd-serve did not stop on {signal:?}"
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
@@ -495,6 +500,17 @@ fn fio_randwrite_verify(mode: Mode<'_>, target: &Path) {
         "verify phase read everything back"
     );
     srv.terminate();
+}
+
+/// SIGTERM, SIGINT and SIGHUP (nbdkit's quit signals) each stop nbd-serve cleanly, exit status 0.
+#[test]
+fn each_stop_signal_stops_nbd_serve_cleanly() {
+    use rustix::process::Signal;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(MIB).unwrap();
+    for signal in [Signal::HUP, Signal::INT, Signal::TERM] {
+        Served::start(&[], &[("disk", file.path())]).stop_with(signal);
+    }
 }
 
 // ---- ext_: files in /dev/shm ----

@@ -1,12 +1,13 @@
-//! `nbd-serve`: serve files or block devices over NBD until SIGTERM or Ctrl-C.
+//! `nbd-serve`: serve files or block devices over NBD until SIGTERM, SIGINT or SIGHUP.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
 
-/// Serve files or block devices over NBD (fixed newstyle) until SIGTERM.
+/// Serve files or block devices over NBD (fixed newstyle) until SIGTERM, SIGINT or SIGHUP (each stops it cleanly).
 #[derive(Debug, Parser)]
 #[command(name = "nbd-serve", version)]
 struct Args {
@@ -199,6 +200,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     // Checked before the listener is bound: a refused setting never prints `listening on`.
     let server = nbd::Server::try_new(registry, cfg).context("invalid server settings")?;
+    // SIGTERM, SIGINT and SIGHUP each stop the server cleanly (as nbdkit's quit signals do); installed
+    // before `listening on` is printed, so a signal sent once it is never kills the process instead.
+    let handler = |kind: SignalKind, name: &str| {
+        signal(kind).with_context(|| format!("cannot install the {name} handler"))
+    };
+    let mut term = handler(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = handler(SignalKind::interrupt(), "SIGINT")?;
+    let mut hup = handler(SignalKind::hangup(), "SIGHUP")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -209,12 +218,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         writeln!(out, "listening on {addr}")?;
         out.flush()?;
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot install the SIGTERM handler")?;
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {}
         }
     };
     server.serve(listener, shutdown).await?;
