@@ -355,23 +355,29 @@ fn health_exits_1_when_a_component_is_degraded() {
     );
 }
 
+/// A peer at `http://ADDR` that treats each connection with `talk`; returns the URL.
+fn raw_peer(talk: fn(&mut TcpStream)) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().map_while(Result::ok) {
+            talk(&mut conn);
+        }
+    });
+    format!("http://{addr}")
+}
+
 /// A `--url` that reaches something other than an HTTP server (here an NBD server's greeting): exit 6,
 /// "answered something volumectl cannot read", naming the likely mistake; not 5, "unreachable".
 #[test]
 fn a_peer_that_answers_no_http_exits_6() {
     use std::io::{Read, Write};
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            // NBD's newstyle greeting: NBDMAGIC, IHAVEOPT, handshake flags.
-            let _ = conn.write_all(b"NBDMAGICIHAVEOPT\x00\x03");
-            let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf);
-        }
+    let url = raw_peer(|conn| {
+        // NBD's newstyle greeting: NBDMAGIC, IHAVEOPT, handshake flags.
+        let _ = conn.write_all(b"NBDMAGICIHAVEOPT\x00\x03");
+        let _ = conn.read(&mut [0u8; 4096]);
     });
-    let out = ctl(&format!("http://{addr}"), &["volumes", "list"]);
+    let out = ctl(&url, &["volumes", "list"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(6), "{stderr}");
     assert!(
@@ -384,17 +390,11 @@ fn a_peer_that_answers_no_http_exits_6() {
 #[test]
 fn a_peer_that_answers_a_request_with_no_http_exits_6() {
     use std::io::{Read, Write};
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf);
-            let _ = conn.write_all(b"SSH-2.0-OpenSSH_9.2\r\n");
-        }
+    let url = raw_peer(|conn| {
+        let _ = conn.read(&mut [0u8; 4096]);
+        let _ = conn.write_all(b"SSH-2.0-OpenSSH_9.2\r\n");
     });
-    let out = ctl(&format!("http://{addr}"), &["volumes", "list"]);
+    let out = ctl(&url, &["volumes", "list"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(6), "{stderr}");
     assert!(stderr.contains("not HTTP"), "{stderr}");
