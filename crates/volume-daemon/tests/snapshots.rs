@@ -406,3 +406,55 @@ async fn root_writes_reach_the_disk_when_their_nbd_client_leaves_without_flushin
     d.run_ok(&format!("/volumes/{vol}/detach"), json!({})).await;
     d.stop().await;
 }
+
+/// A revert or delete naming another volume's snapshot, let through at submission because CloudStack did
+/// not answer the check in time, is refused in the volume's turn: it never reverts or deletes the other
+/// volume's snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_volumes_snapshot_is_refused_in_turn_when_the_submission_check_had_no_answer() {
+    let d = TestDaemon::start().await;
+    let mine = d.create_volume("snap-mine", GIB).await;
+    let theirs = d.create_volume("snap-theirs", GIB).await;
+    let op = d
+        .run_ok(
+            &format!("/volumes/{theirs}/snapshots"),
+            json!({"name": "theirs-1"}),
+        )
+        .await;
+    let snap = op["response"]["snapshot_id"].as_str().unwrap().to_string();
+    for (method, path) in [
+        (
+            Method::POST,
+            format!("/volumes/{mine}/snapshots/{snap}/revert"),
+        ),
+        (Method::DELETE, format!("/volumes/{mine}/snapshots/{snap}")),
+    ] {
+        // The submission's check waits 5 s for listSnapshots; this answer takes longer.
+        d.sim().faults().add(cloudsim::FaultSpec::SlowCommand {
+            command: "listSnapshots".into(),
+            delay_ms: 7_000,
+            count: 1,
+        });
+        let body = (method == Method::POST).then(|| json!({}));
+        let (s, op) = d.send(method.clone(), &path, body).await;
+        assert_eq!(s, StatusCode::CREATED, "{method} {path}: {op}");
+        let op = d.wait_op(&op).await;
+        assert_eq!(op["status"], "failed", "{op}");
+        assert_eq!(op["error_code"], "invalid_request", "{op}");
+        assert!(
+            op["error"].as_str().unwrap().contains(&theirs.to_string()),
+            "{op}"
+        );
+        assert!(
+            op["cloudstack_job_id"].is_null(),
+            "nothing was asked of the cloud: {op}"
+        );
+    }
+    // Their snapshot is still there, tracked and never reverted.
+    let (_, list) = d.get(&format!("/volumes/{theirs}/snapshots")).await;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["id"], snap.as_str());
+    let (_, v) = d.get(&format!("/volumes/{theirs}")).await;
+    assert_eq!(v["snapshot"]["snapshot_status"], "ready", "{v}");
+    d.stop().await;
+}

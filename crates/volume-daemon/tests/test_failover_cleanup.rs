@@ -409,3 +409,39 @@ async fn the_clean_up_route_is_in_the_openapi_document() {
     }
     d.stop().await;
 }
+
+/// `delete_vm` never destroys a test VM whose root disk is a volume the daemon manages (a migrated boot disk
+/// attached with attach-root): destroying it with expunge would delete that volume. The clean-up moves its
+/// own volume back and says why the VM stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_vm_keeps_a_test_vm_whose_root_disk_is_a_managed_volume() {
+    let d = TestDaemon::start().await;
+    let test_vm = deploy_test_vm(&d, "test-failover-managed-root");
+    d.stop_vm_and_detach_its_root(&test_vm);
+    let root = d.create_volume("tf-boot", GIB).await;
+    d.run_ok(
+        &format!("/volumes/{root}/attach-root"),
+        json!({"vm_id": test_vm}),
+    )
+    .await;
+    let data = volume_on_test_vm(&d, "tf-data", &test_vm).await;
+
+    let done = d
+        .run_ok(
+            "/cleanup/test-failover",
+            cleanup_body(&test_vm, data, &d.appliance(), true, false),
+        )
+        .await;
+    assert_eq!(done["response"]["vm_deleted"], false, "{done}");
+    let message = done["response"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("was not destroyed") && message.contains(&root.to_string()),
+        "{message}"
+    );
+    assert!(vm_state(&d, &test_vm).is_some(), "the test VM stays");
+    assert_back_on_the_appliance(&d, data, &done).await;
+    // The managed boot disk is still in the cloud, on the test VM.
+    let (_, v) = d.get(&format!("/volumes/{root}")).await;
+    assert_eq!(v["cloudstack_data"]["virtualmachineid"], test_vm, "{v}");
+    d.stop().await;
+}

@@ -262,6 +262,31 @@ impl Inner {
             return Ok(None);
         }
         let _vm = self.vm_locks.lock(test_vm).await;
+        // Destroying with expunge deletes the VM's root volume: never one the daemon manages (a migrated
+        // boot disk attached with attach-root). Its data volumes are only detached.
+        for v in self.cloud.volumes_of_vm(test_vm).await? {
+            let root = v
+                .volume_type
+                .as_deref()
+                .is_some_and(|t| t.eq_ignore_ascii_case("ROOT"));
+            let Ok(id) = uuid::Uuid::parse_str(&v.id) else {
+                continue;
+            };
+            if root
+                && self
+                    .store
+                    .get_volume(id)
+                    .await?
+                    .is_some_and(|r| r.deleted_at.is_none())
+            {
+                tracing::warn!(vm = %test_vm, volume = %id, "not destroying the test VM: its root disk is a managed volume");
+                return Ok(Some(format!(
+                    "the test VM {test_vm} was not destroyed: its root disk is volume {id}, which the daemon \
+                     manages, and destroying the VM would delete it; clean that volume up too \
+                     (cleanup-test-failover {id}), then destroy the VM in CloudStack"
+                )));
+            }
+        }
         let job_id = self
             .start_or_resume_job(op, CleanupStep::CloudDestroyJob, async {
                 Ok(self.cloud.destroy_vm(test_vm).await?)

@@ -231,6 +231,27 @@ impl Inner {
             .ok_or_else(lost)
     }
 
+    /// The snapshot a revert or delete names, checked in the volume's turn (the check at submission lets a
+    /// request through when CloudStack does not answer in time): a snapshot of another volume is refused,
+    /// so that an operation queued on one volume never reverts or deletes another volume's snapshot.
+    /// `None` when CloudStack has no such snapshot.
+    async fn snapshot_in_turn(
+        &self,
+        volume_id: Uuid,
+        snapshot_id: &str,
+    ) -> Result<Option<CloudSnapshot>, EngineError> {
+        match self.cloud.get_snapshot(snapshot_id).await? {
+            Some(s) if s.volume_id != volume_id.to_string() => Err(EngineError::Invalid {
+                field: "snapshot_id",
+                message: format!(
+                    "snapshot {snapshot_id} is a snapshot of volume {}, not of {volume_id}",
+                    s.volume_id
+                ),
+            }),
+            found => Ok(found),
+        }
+    }
+
     pub(super) async fn snapshot_revert(
         &self,
         op: &Entry<SnapshotOperationRequest, SnapshotRevertStep>,
@@ -245,6 +266,21 @@ impl Inner {
             }
             if let Some(vm) = self.cloud_volume(volume_id).await?.and_then(|cv| cv.vm_id) {
                 return Err(attached(volume_id, &vm));
+            }
+            match self.snapshot_in_turn(volume_id, &snapshot_id).await? {
+                None => {
+                    return Err(EngineError::NotFound(format!(
+                        "CloudStack has no snapshot {snapshot_id}; GET /api/v1/volumes/{volume_id}/snapshots lists them"
+                    )))
+                }
+                Some(s) if s.state != SNAPSHOT_BACKED_UP => {
+                    return Err(EngineError::Conflict(format!(
+                        "snapshot {snapshot_id} is {}, not {SNAPSHOT_BACKED_UP}: revert to it once CloudStack has \
+                         finished taking it",
+                        s.state
+                    )))
+                }
+                Some(_) => {}
             }
         }
         let job = self
@@ -286,6 +322,10 @@ impl Inner {
         let volume_id = op.request.volume_id;
         let snapshot_id = self.snapshot_id_of(&op.request)?;
         let mut tracking = self.tracking(volume_id).await?;
+        if op.step != SnapshotDeleteStep::CloudSnapshotDeleteJob {
+            // A snapshot already gone is the outcome asked for (the deletion below says so).
+            self.snapshot_in_turn(volume_id, &snapshot_id).await?;
+        }
         let started = self
             .start_or_resume_job(op, SnapshotDeleteStep::CloudSnapshotDeleteJob, async {
                 Ok(self.cloud.delete_snapshot(&snapshot_id).await?)
