@@ -458,3 +458,31 @@ async fn another_volumes_snapshot_is_refused_in_turn_when_the_submission_check_h
     assert_eq!(v["snapshot"]["snapshot_status"], "ready", "{v}");
     d.stop().await;
 }
+
+/// CloudStack keeps a deleted volume's snapshots, which no route shows once the volume is deleted: the
+/// delete's answer names them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_volume_names_the_snapshots_cloudstack_keeps() {
+    let d = TestDaemon::start().await;
+    let vol = d.create_volume("snap-kept", GIB).await;
+    let op = d
+        .run_ok(
+            &format!("/volumes/{vol}/snapshots"),
+            json!({"name": "kept-1"}),
+        )
+        .await;
+    let snap = op["response"]["snapshot_id"].as_str().unwrap().to_string();
+    let (s, op) = d
+        .send(Method::DELETE, &format!("/volumes/{vol}"), None)
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    let op = d.wait_op(&op).await;
+    assert_eq!(op["status"], "completed", "{op}");
+    let message = op["response"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("volume deleted; CloudStack keeps its 1 snapshot(s)")
+            && message.contains(&snap),
+        "{message}"
+    );
+    d.stop().await;
+}

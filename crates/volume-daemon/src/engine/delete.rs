@@ -35,15 +35,28 @@ impl Inner {
                 tracing::warn!(volume = %volume_id, error = %crate::error_chain(&e), "cannot record the deleted volume");
             }
         }
+        let mut message = if existed {
+            "volume deleted".to_string()
+        } else {
+            "volume was already gone from CloudStack".to_string()
+        };
+        // CloudStack keeps a deleted volume's snapshots, and no route of the daemon shows them once the
+        // volume is deleted: the answer names them (best effort: a listing that fails names none).
+        if let Ok(left) = self.cloud.snapshots_of(&volume_id.to_string()).await {
+            if !left.is_empty() {
+                let ids = left.iter().map(|s| s.id.as_str()).collect::<Vec<_>>();
+                message.push_str(&format!(
+                    "; CloudStack keeps its {} snapshot(s) ({}): delete them in CloudStack once they are no \
+                     longer needed",
+                    ids.len(),
+                    ids.join(", ")
+                ));
+            }
+        }
         let response = DeleteVolumeResponse {
             volume_id,
             detached_from: out.vm_id,
-            message: if existed {
-                "volume deleted"
-            } else {
-                "volume was already gone from CloudStack"
-            }
-            .into(),
+            message,
         };
         let response = json_of(&response);
         self.commit(op, || self.store.commit_delete(op.id, volume_id, &response))
