@@ -486,3 +486,35 @@ async fn deleting_a_volume_names_the_snapshots_cloudstack_keeps() {
     );
     d.stop().await;
 }
+
+/// A revert of a volume attached behind the daemon's back (directly in CloudStack) is refused at submission,
+/// as for one the daemon attached: 409 `volume_attached`, nothing journaled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_of_a_volume_attached_behind_the_daemons_back_is_refused_at_submission() {
+    let d = TestDaemon::start().await;
+    let vol = d.create_volume("snap-elsewhere", GIB).await;
+    let op = d
+        .run_ok(
+            &format!("/volumes/{vol}/snapshots"),
+            json!({"name": "elsewhere-1"}),
+        )
+        .await;
+    let snap = op["response"]["snapshot_id"].as_str().unwrap().to_string();
+    let vm = d.other_vm(0);
+    let cs = d.cloud_client();
+    let job = cs.attach_volume(&vol.to_string(), &vm, None).await.unwrap();
+    cs.wait_job(&job.job_id, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let (s, e) = d
+        .post(
+            &format!("/volumes/{vol}/snapshots/{snap}/revert"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    assert_eq!(e["code"], "volume_attached", "{e}");
+    assert!(e["error"].as_str().unwrap().contains(&vm), "{e}");
+    assert!(ops_of_type(&d, "snapshot_revert").await.is_empty());
+    d.stop().await;
+}

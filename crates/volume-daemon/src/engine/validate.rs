@@ -369,6 +369,15 @@ impl Inner {
                     if let Some(att) = self.store.get_attachment(r.volume_id).await? {
                         return Err(super::snapshot::attached(r.volume_id, &att.vm_id));
                     }
+                    // Attached behind the daemon's back: CloudStack says so (no answer in time leaves
+                    // the check to the operation's turn).
+                    let id = r.volume_id.to_string();
+                    if let Ok(Some(vm)) = within_request("listVolumes", self.cloud.get_volume(&id))
+                        .await
+                        .map(|cv| cv.and_then(|cv| cv.vm_id))
+                    {
+                        return Err(super::snapshot::attached(r.volume_id, &vm));
+                    }
                 }
                 Ok(())
             }
