@@ -41,6 +41,14 @@ fn read_at(device: &str, n: usize) -> Vec<u8> {
     buf
 }
 
+/// Takes a snapshot of `vol` named `name`; returns its id.
+async fn take_snapshot(d: &TestDaemon, vol: Uuid, name: &str) -> String {
+    let op = d
+        .run_ok(&format!("/volumes/{vol}/snapshots"), json!({"name": name}))
+        .await;
+    op["response"]["snapshot_id"].as_str().unwrap().to_string()
+}
+
 async fn ops_of_type(d: &TestDaemon, t: &str) -> Vec<Value> {
     let (s, v) = d.get(&format!("/operations?type={t}")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -325,13 +333,7 @@ async fn root_a_snapshot_holds_the_writes_an_nbd_client_never_flushed() {
     }
     // A clean disconnect, no flush.
     nbd.disconnect().await.unwrap();
-    let op = d
-        .run_ok(
-            &format!("/volumes/{vol}/snapshots"),
-            json!({"name": "after-copy"}),
-        )
-        .await;
-    let snap = op["response"]["snapshot_id"].as_str().unwrap().to_string();
+    let snap = take_snapshot(&d, vol, "after-copy").await;
     // Overwritten and flushed after the snapshot, then reverted: the pattern comes back whole.
     let mut nbd = d.nbd_session(&attached).await;
     nbd.zero(OFFSET, pattern.len() as u32, 0).await.unwrap();
@@ -415,13 +417,7 @@ async fn another_volumes_snapshot_is_refused_in_turn_when_the_submission_check_h
     let d = TestDaemon::start().await;
     let mine = d.create_volume("snap-mine", GIB).await;
     let theirs = d.create_volume("snap-theirs", GIB).await;
-    let op = d
-        .run_ok(
-            &format!("/volumes/{theirs}/snapshots"),
-            json!({"name": "theirs-1"}),
-        )
-        .await;
-    let snap = op["response"]["snapshot_id"].as_str().unwrap().to_string();
+    let snap = take_snapshot(&d, theirs, "theirs-1").await;
     for (method, path) in [
         (
             Method::POST,
@@ -465,13 +461,7 @@ async fn another_volumes_snapshot_is_refused_in_turn_when_the_submission_check_h
 async fn deleting_a_volume_names_the_snapshots_cloudstack_keeps() {
     let d = TestDaemon::start().await;
     let vol = d.create_volume("snap-kept", GIB).await;
-    let op = d
-        .run_ok(
-            &format!("/volumes/{vol}/snapshots"),
-            json!({"name": "kept-1"}),
-        )
-        .await;
-    let snap = op["response"]["snapshot_id"].as_str().unwrap().to_string();
+    let snap = take_snapshot(&d, vol, "kept-1").await;
     let (s, op) = d
         .send(Method::DELETE, &format!("/volumes/{vol}"), None)
         .await;
@@ -493,13 +483,7 @@ async fn deleting_a_volume_names_the_snapshots_cloudstack_keeps() {
 async fn a_revert_of_a_volume_attached_behind_the_daemons_back_is_refused_at_submission() {
     let d = TestDaemon::start().await;
     let vol = d.create_volume("snap-elsewhere", GIB).await;
-    let op = d
-        .run_ok(
-            &format!("/volumes/{vol}/snapshots"),
-            json!({"name": "elsewhere-1"}),
-        )
-        .await;
-    let snap = op["response"]["snapshot_id"].as_str().unwrap().to_string();
+    let snap = take_snapshot(&d, vol, "elsewhere-1").await;
     let vm = d.other_vm(0);
     let cs = d.cloud_client();
     let job = cs.attach_volume(&vol.to_string(), &vm, None).await.unwrap();
