@@ -37,6 +37,27 @@ const SNAPSHOT_BACKED_UP: &str = "BackedUp";
 /// How often an adopted snapshot that is still being taken is looked at again.
 const ADOPT_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// The refusal of a revert or delete naming a snapshot of `owner`, not of `volume_id`.
+pub(super) fn another_volumes_snapshot(
+    snapshot_id: &str,
+    owner: &str,
+    volume_id: Uuid,
+) -> EngineError {
+    EngineError::Invalid {
+        field: "snapshot_id",
+        message: format!(
+            "snapshot {snapshot_id} is a snapshot of volume {owner}, not of {volume_id}"
+        ),
+    }
+}
+
+/// The refusal of a revert naming a snapshot CloudStack does not have.
+pub(super) fn no_such_snapshot(snapshot_id: &str, volume_id: Uuid) -> EngineError {
+    EngineError::NotFound(format!(
+        "CloudStack has no snapshot {snapshot_id}; GET /api/v1/volumes/{volume_id}/snapshots lists them"
+    ))
+}
+
 /// The refusal of a revert of an attached volume.
 pub(super) fn attached(volume_id: Uuid, vm_id: &str) -> EngineError {
     EngineError::VolumeAttached(format!(
@@ -241,13 +262,11 @@ impl Inner {
         snapshot_id: &str,
     ) -> Result<Option<CloudSnapshot>, EngineError> {
         match self.cloud.get_snapshot(snapshot_id).await? {
-            Some(s) if s.volume_id != volume_id.to_string() => Err(EngineError::Invalid {
-                field: "snapshot_id",
-                message: format!(
-                    "snapshot {snapshot_id} is a snapshot of volume {}, not of {volume_id}",
-                    s.volume_id
-                ),
-            }),
+            Some(s) if s.volume_id != volume_id.to_string() => Err(another_volumes_snapshot(
+                snapshot_id,
+                &s.volume_id,
+                volume_id,
+            )),
             found => Ok(found),
         }
     }
@@ -268,11 +287,7 @@ impl Inner {
                 return Err(attached(volume_id, &vm));
             }
             match self.snapshot_in_turn(volume_id, &snapshot_id).await? {
-                None => {
-                    return Err(EngineError::NotFound(format!(
-                        "CloudStack has no snapshot {snapshot_id}; GET /api/v1/volumes/{volume_id}/snapshots lists them"
-                    )))
-                }
+                None => return Err(no_such_snapshot(&snapshot_id, volume_id)),
                 Some(s) if s.state != SNAPSHOT_BACKED_UP => {
                     return Err(EngineError::Conflict(format!(
                         "snapshot {snapshot_id} is {}, not {SNAPSHOT_BACKED_UP}: revert to it once CloudStack has \

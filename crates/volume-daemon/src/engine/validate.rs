@@ -453,16 +453,12 @@ impl Inner {
     ) -> Result<(), EngineError> {
         match within_request("listSnapshots", self.cloud.get_snapshot(snapshot_id)).await {
             Ok(Some(s)) if s.volume_id == volume_id.to_string() => Ok(()),
-            Ok(Some(s)) => Err(EngineError::Invalid {
-                field: "snapshot_id",
-                message: format!(
-                    "snapshot {snapshot_id} is a snapshot of volume {}, not of {volume_id}",
-                    s.volume_id
-                ),
-            }),
-            Ok(None) => Err(EngineError::NotFound(format!(
-                "CloudStack has no snapshot {snapshot_id}; GET /api/v1/volumes/{volume_id}/snapshots lists them"
-            ))),
+            Ok(Some(s)) => Err(super::snapshot::another_volumes_snapshot(
+                snapshot_id,
+                &s.volume_id,
+                volume_id,
+            )),
+            Ok(None) => Err(super::snapshot::no_such_snapshot(snapshot_id, volume_id)),
             Err(e) if e.kind == CloudErrorKind::NotFound => Err(EngineError::NotFound(format!(
                 "CloudStack has no snapshot {snapshot_id}"
             ))),
