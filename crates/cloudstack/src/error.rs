@@ -128,7 +128,7 @@ pub enum Error {
     #[error("CloudStack job {job_id} failed (errorcode {}): {}", error.errorcode, error.errortext)]
     JobFailed { job_id: String, error: JobError },
     /// An asynchronous job was still running when the caller's deadline passed.
-    #[error("CloudStack job {job_id} was still running after {waited:?}; wait again with the same job id")]
+    #[error("CloudStack job {job_id} was still running after {} s", waited.as_secs())]
     JobStillRunning { job_id: String, waited: Duration },
 }
 

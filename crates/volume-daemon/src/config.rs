@@ -97,6 +97,9 @@ pub struct Config {
     pub cloudstack_ca_file: Option<PathBuf>,
     /// Deadline for one CloudStack asynchronous job.
     pub job_timeout_secs: u64,
+    /// Deadline for one CloudStack snapshot job (take, revert, delete): taking one copies the volume to
+    /// secondary storage, hours for a large volume.
+    pub snapshot_timeout_secs: u64,
     /// Deadline for an attached volume's device to appear.
     pub device_timeout_secs: u64,
     /// Deadline for in-flight NBD requests when an export is removed.
@@ -214,6 +217,7 @@ impl Default for Config {
             cloudstack_secret_key: None,
             cloudstack_ca_file: None,
             job_timeout_secs: 300,
+            snapshot_timeout_secs: 21_600,
             device_timeout_secs: 60,
             drain_timeout_secs: 30,
             api_max_connections: 256,
@@ -324,6 +328,7 @@ impl Config {
             "cloudstack_secret_key" => self.cloudstack_secret_key = opt(value).map(Secret::new),
             "cloudstack_ca_file" => self.cloudstack_ca_file = opt(value).map(PathBuf::from),
             "job_timeout_secs" => self.job_timeout_secs = parse(var, &value, "seconds")?,
+            "snapshot_timeout_secs" => self.snapshot_timeout_secs = parse(var, &value, "seconds")?,
             "device_timeout_secs" => self.device_timeout_secs = parse(var, &value, "seconds")?,
             "drain_timeout_secs" => self.drain_timeout_secs = parse(var, &value, "seconds")?,
             "api_max_connections" => {
@@ -385,6 +390,7 @@ impl Config {
         // semaphores cannot hold every u64; zero is refused where it would make every operation fail.
         for (key, value, min) in [
             ("job_timeout_secs", self.job_timeout_secs, 1),
+            ("snapshot_timeout_secs", self.snapshot_timeout_secs, 1),
             ("device_timeout_secs", self.device_timeout_secs, 1),
             ("drain_timeout_secs", self.drain_timeout_secs, 1),
             ("api_header_timeout_secs", self.api_header_timeout_secs, 1),
@@ -560,6 +566,9 @@ impl Config {
 
     pub fn job_timeout(&self) -> Duration {
         Duration::from_secs(self.job_timeout_secs)
+    }
+    pub fn snapshot_timeout(&self) -> Duration {
+        Duration::from_secs(self.snapshot_timeout_secs)
     }
     pub fn device_timeout(&self) -> Duration {
         Duration::from_secs(self.device_timeout_secs)
@@ -902,8 +911,9 @@ mod tests {
         };
         sim().validate().unwrap();
         type Set = fn(&mut Config);
-        let refused: [(&str, Set); 12] = [
+        let refused: [(&str, Set); 13] = [
             ("job_timeout_secs", |c| c.job_timeout_secs = 0),
+            ("snapshot_timeout_secs", |c| c.snapshot_timeout_secs = 0),
             ("device_timeout_secs", |c| c.device_timeout_secs = 0),
             ("drain_timeout_secs", |c| c.drain_timeout_secs = 0),
             ("reconcile_interval_secs", |c| {

@@ -349,6 +349,7 @@ impl RunningDaemon {
             },
             EngineConfig {
                 job_timeout: cfg.job_timeout(),
+                snapshot_timeout: cfg.snapshot_timeout(),
                 device_timeout: cfg.device_timeout(),
                 drain_timeout: cfg.drain_timeout(),
                 max_concurrent: cfg.max_concurrent_operations,
@@ -368,12 +369,13 @@ impl RunningDaemon {
             import_on_start(&hub_store, hub_cloud.as_ref(), h, appliance, &health).await;
         }
         if hub.is_some() {
-            let n = crate::hub::resync(&hub_store)
+            let (attached, detached) = crate::hub::resync(&hub_store)
                 .await
                 .map_err(DaemonError::HubResync)?;
             tracing::info!(
-                attachments = n,
-                "the hub is brought in line with the daemon's attachments"
+                attached,
+                detached,
+                "the hub is brought in line with the daemon's volumes"
             );
         }
         // Re-queued, not awaited: the API serves at once, new requests queue behind the resumed operations and

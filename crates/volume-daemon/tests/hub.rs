@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sqlx::Connection as _;
+use sqlx::Row as _;
 use uuid::Uuid;
 use volume_daemon::config::{Config, Secret};
 use volume_daemon::daemon::RunningDaemon;
@@ -1537,6 +1538,253 @@ async fn ext_an_import_removes_export_rows_of_volumes_without_a_mapping() {
             (Some("detached".into()), None)
         );
     }
+    d.stop().await;
+    env.stop().await;
+}
+
+/// A hub may declare its integer columns UNSIGNED (`information_schema.DATA_TYPE` says `int` either way): the
+/// daemon reads them as well as signed ones, so an attached volume's rows stay in step across a restart and
+/// a re-created export, instead of every later change waiting behind one that cannot be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_hub_integer_columns_declared_unsigned_are_kept_in_step() {
+    let env = Env::new().await;
+    for alter in [
+        "ALTER TABLE device_mappings MODIFY cloudstack_device_id int unsigned DEFAULT NULL, \
+         MODIFY size bigint unsigned NOT NULL",
+        "ALTER TABLE nbd_exports MODIFY port bigint unsigned NOT NULL",
+    ] {
+        sqlx::query(alter).execute(&env.hub.pool).await.unwrap();
+    }
+    env.hub.set_appliance(&env.appliance(), "").await;
+    let d = env.start().await;
+    let vol = d.create(&env, "unsigned").await;
+    let other = d.create(&env, "unsigned-2").await;
+    d.post_ok(
+        &format!("/volumes/{vol}/attach"),
+        json!({"vm_id": env.appliance()}),
+    )
+    .await;
+    synced(&d, 1).await;
+    // The export re-created: the existing rows are read and compared.
+    let removed = d
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/exports/{vol}"),
+            None,
+        )
+        .await;
+    assert_eq!(removed["removed"], true, "{removed}");
+    let made = d
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/exports",
+            Some(json!({"volume_id": vol})),
+        )
+        .await;
+    assert!(made["export_name"].is_string(), "{made}");
+    d.stop().await;
+    // A restart re-reads every row; a later change of another volume is delivered behind it.
+    let d = env.start().await;
+    d.post_ok(
+        &format!("/volumes/{other}/attach"),
+        json!({"vm_id": env.appliance()}),
+    )
+    .await;
+    synced(&d, 2).await;
+    let h = d.health().await;
+    assert_eq!(h["components"]["hub"]["status"], "ok", "{h}");
+    for v in [vol, other] {
+        let row = sqlx::query(
+            "SELECT CAST(size AS SIGNED) AS size, CAST(cloudstack_device_id AS SIGNED) AS dev \
+             FROM device_mappings WHERE volume_uuid = ?",
+        )
+        .bind(v.to_string())
+        .fetch_one(&env.hub.pool)
+        .await
+        .unwrap();
+        assert_eq!(row.get::<i64, _>("size"), GIB as i64);
+        assert!(row.get::<Option<i64>, _>("dev").is_some());
+        let port: i64 = sqlx::query_scalar(
+            "SELECT CAST(port AS SIGNED) FROM nbd_exports WHERE volume_id = ? AND status = 'active'",
+        )
+        .bind(v.to_string())
+        .fetch_one(&env.hub.pool)
+        .await
+        .unwrap();
+        assert!(port > 0);
+    }
+    d.stop().await;
+    env.stop().await;
+}
+
+/// The hub's `datetime` columns hold the hub server's local time (`NOW()` as the hub and the predecessor
+/// write it), also when that is not UTC: the daemon does not set its hub sessions to UTC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_hub_datetime_columns_are_written_in_the_hub_servers_time_zone() {
+    let env = Env::new().await;
+    // The server's zone for new sessions; put back before the end (the server is shared by this binary's tests,
+    // none of which reads these columns).
+    sqlx::query("SET GLOBAL time_zone = '+05:30'")
+        .execute(&env.hub.pool)
+        .await
+        .unwrap();
+    env.hub.set_appliance(&env.appliance(), "").await;
+    let d = env.start().await;
+    let vol = d.create(&env, "zoned").await;
+    env.hub.add_volume(&vol.to_string(), "ctx-tz").await;
+    d.post_ok(
+        &format!("/volumes/{vol}/attach"),
+        json!({"vm_id": env.appliance()}),
+    )
+    .await;
+    synced(&d, 1).await;
+    sqlx::query("SET GLOBAL time_zone = SYSTEM")
+        .execute(&env.hub.pool)
+        .await
+        .unwrap();
+    // Seconds between each column and the server's local time now (+05:30), read on this pool's UTC session.
+    let local_now = "CONVERT_TZ(UTC_TIMESTAMP(3), '+00:00', '+05:30')";
+    for (what, sql) in [
+        (
+            "ossea_volumes.updated_at",
+            format!("SELECT TIMESTAMPDIFF(SECOND, updated_at, {local_now}) FROM ossea_volumes WHERE volume_id = ?"),
+        ),
+        (
+            "nbd_exports.created_at",
+            format!("SELECT TIMESTAMPDIFF(SECOND, created_at, {local_now}) FROM nbd_exports WHERE volume_id = ?"),
+        ),
+        (
+            "nbd_exports.updated_at",
+            format!("SELECT TIMESTAMPDIFF(SECOND, updated_at, {local_now}) FROM nbd_exports WHERE volume_id = ?"),
+        ),
+    ] {
+        let age: i64 = sqlx::query_scalar(&sql)
+            .bind(vol.to_string())
+            .fetch_one(&env.hub.pool)
+            .await
+            .unwrap();
+        assert!(
+            (0..120).contains(&age),
+            "{what} is {age} s behind the hub's local time"
+        );
+    }
+    d.stop().await;
+    env.stop().await;
+}
+
+/// A predecessor's `nbd_exports` row without `volume_id` (NULL, or the column's default '') under a volume's
+/// export name is that volume's: an attach takes it over with `volume_id` set (the hub looks rows up by
+/// both), a detach removes it, and an import removes one of a volume CloudStack no longer has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_export_rows_without_a_volume_id_are_taken_over_and_removed() {
+    let env = Env::new().await;
+    env.hub.set_appliance(&env.appliance(), "").await;
+    let d = env.start().await;
+    let null_row = d.create(&env, "null-row").await;
+    let empty_row = d.create(&env, "empty-row").await;
+    let gone = Uuid::new_v4();
+    for (v, volume_id) in [
+        (null_row, None),
+        (empty_row, Some("")),
+        (gone, None::<&str>),
+    ] {
+        sqlx::query(
+            "INSERT INTO nbd_exports (volume_id, vm_disk_id, export_name, port, device_path, config_path, status) \
+             VALUES (?, 7, ?, 10809, '/dev/vdx', '', 'active')",
+        )
+        .bind(volume_id)
+        .bind(format!("migration-vol-{v}"))
+        .execute(&env.hub.pool)
+        .await
+        .unwrap();
+    }
+    for v in [null_row, empty_row] {
+        d.post_ok(
+            &format!("/volumes/{v}/attach"),
+            json!({"vm_id": env.appliance()}),
+        )
+        .await;
+    }
+    synced(&d, 2).await;
+    for v in [null_row, empty_row] {
+        let rows = env.hub.exports(&v.to_string()).await;
+        assert_eq!(rows.len(), 1, "{v}: {rows:?}");
+        assert_eq!(rows[0].export_name, format!("migration-vol-{v}"));
+        // The hub's own column is kept.
+        let disk: Option<i64> =
+            sqlx::query_scalar("SELECT vm_disk_id FROM nbd_exports WHERE export_name = ?")
+                .bind(format!("migration-vol-{v}"))
+                .fetch_one(&env.hub.pool)
+                .await
+                .unwrap();
+        assert_eq!(disk, Some(7), "{v}");
+    }
+    // Detach: the row goes, even where the hub has no cascade from the mapping.
+    sqlx::query("ALTER TABLE nbd_exports DROP FOREIGN KEY fk_nbd_device")
+        .execute(&env.hub.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE nbd_exports SET volume_id = NULL WHERE export_name = ?")
+        .bind(format!("migration-vol-{null_row}"))
+        .execute(&env.hub.pool)
+        .await
+        .unwrap();
+    d.post_ok(&format!("/volumes/{null_row}/detach"), json!({}))
+        .await;
+    synced(&d, 3).await;
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM nbd_exports WHERE export_name = ?")
+        .bind(format!("migration-vol-{null_row}"))
+        .fetch_one(&env.hub.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    d.stop().await;
+    // The import finds the row of a volume CloudStack does not have by its export name, and removes it.
+    let cfg = env.config();
+    let (plan, _) = volume_daemon::hub::import::run(&cfg, false).await.unwrap();
+    let item = plan
+        .items
+        .iter()
+        .find(|i| i.volume_id == gone.to_string())
+        .unwrap_or_else(|| panic!("{gone} listed: {plan:#?}"));
+    assert_eq!(
+        item.action,
+        volume_daemon::hub::import::ImportAction::RewriteHubRow,
+        "{plan:#?}"
+    );
+    let d = env.start().await;
+    synced(&d, 1).await;
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM nbd_exports WHERE export_name = ?")
+        .bind(format!("migration-vol-{gone}"))
+        .fetch_one(&env.hub.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    d.stop().await;
+    env.stop().await;
+}
+
+/// At every start the hub is brought in line with every volume the daemon holds: a mapping row put in by
+/// hand (or left by a predecessor) for a volume the daemon has detached is removed, as an attached
+/// volume's row edited by hand is written back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_a_start_removes_hub_rows_of_volumes_the_daemon_has_detached() {
+    let env = Env::new().await;
+    let d = env.start().await;
+    let vol = d.create(&env, "detached-stale").await;
+    d.stop().await;
+    sqlx::query(
+        "INSERT INTO device_mappings (volume_uuid, vm_id, operation_mode, cloudstack_device_id, device_path, \
+         cloudstack_state, linux_state, size) VALUES (?, ?, 'oma', 1, '/dev/vdb', 'attached', 'detected', 1)",
+    )
+    .bind(vol.to_string())
+    .bind(env.appliance())
+    .execute(&env.hub.pool)
+    .await
+    .unwrap();
+    let d = env.start().await;
+    synced(&d, 1).await;
+    assert!(env.hub.mapping(&vol.to_string()).await.is_none());
     d.stop().await;
     env.stop().await;
 }

@@ -502,3 +502,112 @@ async fn a_revert_of_a_volume_attached_behind_the_daemons_back_is_refused_at_sub
     assert!(ops_of_type(&d, "snapshot_revert").await.is_empty());
     d.stop().await;
 }
+
+/// Taking a snapshot copies the volume to secondary storage, hours for a large one: a snapshot job is
+/// waited for until `snapshot_timeout_secs`, not the `job_timeout_secs` of attaches and creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_job_longer_than_the_job_timeout_is_waited_for() {
+    let d = TestDaemon::start_with(|c| c.job_timeout_secs = 1).await;
+    let vol = d.create_volume("snap-slow", GIB).await;
+    d.sim().faults().add(cloudsim::FaultSpec::SlowJob {
+        command: "createSnapshot".into(),
+        extra_delay_ms: 2_500,
+        count: 1,
+    });
+    let snap = take_snapshot(&d, vol, "slow-1").await;
+    let (_, v) = d.get(&format!("/volumes/{vol}")).await;
+    assert_eq!(v["snapshot"]["snapshot_id"], snap.as_str(), "{v}");
+    d.stop().await;
+}
+
+/// A snapshot job still running at `snapshot_timeout_secs` fails the create, and the error says that
+/// CloudStack may still take the snapshot and where it is found then (not "wait again with the job id",
+/// which no API caller can do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_job_still_running_at_the_snapshot_timeout_says_where_the_snapshot_will_be() {
+    let d = TestDaemon::start_with(|c| c.snapshot_timeout_secs = 1).await;
+    let vol = d.create_volume("snap-slower", GIB).await;
+    d.sim().faults().add(cloudsim::FaultSpec::SlowJob {
+        command: "createSnapshot".into(),
+        extra_delay_ms: 3_000,
+        count: 1,
+    });
+    let (s, op) = d
+        .post(
+            &format!("/volumes/{vol}/snapshots"),
+            json!({"name": "slower-1"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    let op = d.wait_op(&op).await;
+    assert_eq!(op["status"], "failed", "{op}");
+    assert_eq!(op["error_code"], "cloud_job_timeout", "{op}");
+    let error = op["error"].as_str().unwrap();
+    assert!(
+        error.contains("still running after 1 s")
+            && error.contains("CloudStack may still take the snapshot, untracked")
+            && error.contains(&format!("GET /api/v1/volumes/{vol}/snapshots"))
+            && !error.contains("wait again"),
+        "{error}"
+    );
+    // CloudStack finishes it: the listing shows it, untracked, as the error said.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (s, list) = d.get(&format!("/volumes/{vol}/snapshots")).await;
+        assert_eq!(s, StatusCode::OK, "{list}");
+        let taken = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "slower-1" && s["state"] == "BackedUp")
+            .cloned();
+        if let Some(taken) = taken {
+            assert_eq!(taken["tracked"], false, "{taken}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{list}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    d.stop().await;
+}
+
+/// An outage that begins after a snapshot job has run longer than `job_timeout_secs` is ridden out like
+/// any other: the operation goes on once the cloud answers again, within `job_timeout_secs` of the outage's
+/// beginning (not of the operation's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_outage_late_in_a_long_snapshot_job_delays_it_without_failing_it() {
+    let d = TestDaemon::start_with(|c| c.job_timeout_secs = 6).await;
+    let vol = d.create_volume("snap-outage", GIB).await;
+    let faults = d.sim().faults();
+    faults.add(cloudsim::FaultSpec::SlowJob {
+        command: "createSnapshot".into(),
+        extra_delay_ms: 8_000,
+        count: 1,
+    });
+    let (s, op) = d
+        .post(
+            &format!("/volumes/{vol}/snapshots"),
+            json!({"name": "outage-1"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    tokio::time::sleep(std::time::Duration::from_millis(6_500)).await;
+    // Every poll of the job fails for 5 s: the wait gives up after its retry budget (2-4 s).
+    faults.add(cloudsim::FaultSpec::FailCommand {
+        command: "queryAsyncJobResult".into(),
+        count: 100_000,
+        errorcode: 530,
+        cserrorcode: None,
+        errortext: Some("the management server is temporarily unavailable".into()),
+        probability: None,
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let (_, during) = d
+        .get(&format!("/operations/{}", op["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(during["status"], "executing", "{during}");
+    faults.clear();
+    let op = d.wait_op(&op).await;
+    assert_eq!(op["status"], "completed", "{op}");
+    d.stop().await;
+}

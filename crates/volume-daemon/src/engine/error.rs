@@ -65,7 +65,7 @@ pub enum EngineError {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Export(#[from] ExportError),
-    /// A later step failed and what was done before it was undone (as far as `outcome` says).
+    /// A step failed; `outcome` says what became of what was done before it (undone, or left to the caller).
     #[error("{}; {outcome}", crate::error_chain(cause.as_ref()))]
     Compensated {
         #[source]

@@ -66,6 +66,8 @@ const MAX_CLOUD_BACKOFF: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub job_timeout: Duration,
+    /// Deadline for one CloudStack snapshot job.
+    pub snapshot_timeout: Duration,
     pub device_timeout: Duration,
     pub drain_timeout: Duration,
     pub max_concurrent: usize,
@@ -401,7 +403,7 @@ impl Inner {
         self.notify();
         let result = match start {
             Err(e) => Err(EngineError::Store(e)),
-            Ok(()) => self.converge(op.clone(), started).await,
+            Ok(()) => self.converge(op.clone()).await,
         };
         let status = match result {
             Ok(()) => "completed",
@@ -419,10 +421,11 @@ impl Inner {
 
     /// Runs the operation's workflow from its journaled step. While the cloud is unavailable (unreachable,
     /// throttling, server errors) the workflow is run again from its then journaled step, with backoff, until
-    /// `job_timeout` after the operation started: an outage shorter than that delays an operation, it does not
-    /// fail it.
-    async fn converge(&self, mut op: OperationRecord, started: Instant) -> Result<(), EngineError> {
-        let deadline = started + self.cfg.job_timeout;
+    /// `job_timeout` after the operation first found it so: an outage shorter than that delays an operation,
+    /// it does not fail it, however long the operation waited on the cloud before (a snapshot job may take
+    /// hours).
+    async fn converge(&self, mut op: OperationRecord) -> Result<(), EngineError> {
+        let mut outage_began: Option<Instant> = None;
         let mut backoff = FIRST_CLOUD_BACKOFF;
         loop {
             // A request an earlier version journaled with text no database can store fails before it acts.
@@ -441,24 +444,38 @@ impl Inner {
                 Err(e) => Err(e),
             };
             match result {
-                Err(EngineError::Cloud(e))
-                    if e.kind == CloudErrorKind::Unavailable
-                        && Instant::now() + backoff < deadline =>
-                {
+                Err(EngineError::Cloud(e)) if e.kind == CloudErrorKind::Unavailable => {
+                    let Some(now) = self.unfinished(op.id).await? else {
+                        return Ok(());
+                    };
+                    // A step journaled by this attempt: an earlier outage ended, and this one begins now.
+                    if (&now.step, &now.cloud_job_id) != (&op.step, &op.cloud_job_id) {
+                        outage_began = None;
+                        backoff = FIRST_CLOUD_BACKOFF;
+                    }
+                    let began = *outage_began.get_or_insert_with(Instant::now);
+                    if Instant::now() + backoff >= began + self.cfg.job_timeout {
+                        return Err(EngineError::Cloud(e));
+                    }
                     tracing::warn!(op = %op.id, error = %e.chain(), retry_in = ?backoff, "CloudStack unavailable; the operation goes on when it answers");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_CLOUD_BACKOFF);
-                    op = match self
-                        .journal_write("reading an operation", || self.store.get_operation(op.id))
-                        .await?
-                    {
-                        Some(again) if !again.status.is_terminal() => again,
-                        _ => return Ok(()),
+                    op = match self.unfinished(op.id).await? {
+                        Some(again) => again,
+                        None => return Ok(()),
                     };
                 }
                 other => return other,
             }
         }
+    }
+
+    /// The operation as journaled now; `None` once it has ended (cancelled while it waited).
+    async fn unfinished(&self, id: Uuid) -> Result<Option<OperationRecord>, EngineError> {
+        Ok(self
+            .journal_write("reading an operation", || self.store.get_operation(id))
+            .await?
+            .filter(|op| !op.status.is_terminal()))
     }
 
     async fn cloud_volume(&self, volume_id: Uuid) -> Result<Option<CloudVolume>, EngineError> {

@@ -66,6 +66,20 @@ pub(super) fn attached(volume_id: Uuid, vm_id: &str) -> EngineError {
     ))
 }
 
+/// The failure of a snapshot create whose job still ran at `snapshot_timeout`: CloudStack may still take the
+/// snapshot, which then exists without the daemon's tracking; the message says where to find it.
+fn still_taking(volume_id: Uuid, cause: crate::cloud::CloudError) -> EngineError {
+    EngineError::Compensated {
+        cause: Box::new(EngineError::Cloud(cause)),
+        outcome: format!(
+            "CloudStack may still take the snapshot, untracked: GET /api/v1/volumes/{volume_id}/snapshots lists \
+             it once taken; track it (PUT /api/v1/snapshots/{volume_id}) or delete it (DELETE \
+             /api/v1/volumes/{volume_id}/snapshots/ID) rather than taking another, and raise \
+             snapshot_timeout_secs for volumes this large"
+        ),
+    }
+}
+
 impl Inner {
     fn snapshot_id_of(&self, request: &SnapshotOperationRequest) -> Result<String, EngineError> {
         request
@@ -129,7 +143,7 @@ impl Inner {
                     .await?;
                 match self
                     .cloud
-                    .wait_snapshot_job(&job, self.cfg.job_timeout)
+                    .wait_snapshot_job(&job, self.cfg.snapshot_timeout)
                     .await
                 {
                     Ok(Some(s)) => s,
@@ -142,6 +156,9 @@ impl Inner {
                     }) => {
                         self.find_named(volume_id, op.request.name.as_deref())
                             .await?
+                    }
+                    Err(e) if e.kind == CloudErrorKind::JobStillRunning => {
+                        return Err(still_taking(volume_id, e))
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -204,15 +221,16 @@ impl Inner {
             }
         };
         tracing::info!(op = %op.id, volume = %volume_id, snapshot = %snap.id, "adopted the snapshot an interrupted snapshot create took");
-        let deadline = tokio::time::Instant::now() + self.cfg.job_timeout;
+        let deadline = tokio::time::Instant::now() + self.cfg.snapshot_timeout;
         let mut snap = snap;
         while snap.state != SNAPSHOT_BACKED_UP {
             if tokio::time::Instant::now() >= deadline {
                 return Err(EngineError::CloudDisagrees(format!(
-                    "snapshot {} of volume {volume_id} is still {} after {} s; check it in CloudStack",
+                    "snapshot {} of volume {volume_id} is still {} after {} s (snapshot_timeout_secs); check it in \
+                     CloudStack",
                     snap.id,
                     snap.state,
-                    self.cfg.job_timeout.as_secs()
+                    self.cfg.snapshot_timeout.as_secs()
                 )));
             }
             tokio::time::sleep(ADOPT_POLL).await;
@@ -304,7 +322,7 @@ impl Inner {
             })
             .await?;
         self.cloud
-            .wait_snapshot_job(&job, self.cfg.job_timeout)
+            .wait_snapshot_job(&job, self.cfg.snapshot_timeout)
             .await?;
         let tracked = tracking.snapshot_id.as_deref() == Some(snapshot_id.as_str());
         if tracked {
@@ -349,7 +367,7 @@ impl Inner {
         let gone = match started {
             Ok(job) => match self
                 .cloud
-                .wait_snapshot_job(&job, self.cfg.job_timeout)
+                .wait_snapshot_job(&job, self.cfg.snapshot_timeout)
                 .await
             {
                 Ok(_) => true,

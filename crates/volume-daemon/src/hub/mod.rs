@@ -106,6 +106,15 @@ impl std::fmt::Debug for Hub {
     }
 }
 
+/// Whether the URL's query names `param`.
+fn has_query_param(url: &str, param: &str) -> bool {
+    url.split_once('?').is_some_and(|(_, query)| {
+        query
+            .split('&')
+            .any(|kv| kv.split('=').next() == Some(param))
+    })
+}
+
 impl Hub {
     /// A hub at `url` (`mysql://…` or `mariadb://…`); nothing is connected until the first call.
     pub fn new(url: &str, nbd_port: u16) -> Result<Self, HubError> {
@@ -113,11 +122,17 @@ impl Hub {
             Some(rest) => format!("mysql://{rest}"),
             None => url.to_string(),
         };
-        let opts: MySqlConnectOptions =
+        let mut opts: MySqlConnectOptions =
             url_for_driver.parse().map_err(|source| HubError::BadUrl {
                 url: crate::store::redact_url(url),
                 source,
             })?;
+        // `NOW()` in the hub's `datetime` columns is the hub server's local time, as the hub itself and the
+        // predecessor write it; the driver would otherwise set each session to UTC. A `timezone=` in the URL
+        // still sets one.
+        if !has_query_param(&url_for_driver, "timezone") {
+            opts = opts.timezone(None);
+        }
         let pool = MySqlPoolOptions::new()
             .max_connections(4)
             .min_connections(0)
@@ -203,14 +218,15 @@ impl Hub {
 }
 
 impl Hub {
-    /// `(volume_id, export_name)` of every `nbd_exports` row (for import).
+    /// `(volume_id, export_name)` of every `nbd_exports` row (for import); a row without `volume_id` (NULL or
+    /// empty) is of the volume its export name names (`migration-vol-<volume id>`), or has an empty one.
     pub async fn export_rows(&self) -> Result<Vec<(String, String)>, HubError> {
         within("reading nbd_exports", self.export_rows_now()).await
     }
 
     async fn export_rows_now(&self) -> Result<Vec<(String, String)>, HubError> {
         let rows = sqlx::query(
-            "SELECT CAST(COALESCE(volume_id, '') AS CHAR) AS volume_id, CAST(export_name AS CHAR) AS export_name \
+            "SELECT CAST(volume_id AS CHAR) AS volume_id, CAST(export_name AS CHAR) AS export_name \
              FROM nbd_exports ORDER BY volume_id, export_name",
         )
         .fetch_all(&self.pool)
@@ -218,10 +234,15 @@ impl Hub {
         .map_err(q("reading nbd_exports"))?;
         rows.iter()
             .map(|r| {
-                Ok((
-                    r.try_get("volume_id").map_err(q("reading nbd_exports"))?,
-                    r.try_get("export_name").map_err(q("reading nbd_exports"))?,
-                ))
+                let volume: Option<String> =
+                    r.try_get("volume_id").map_err(q("reading nbd_exports"))?;
+                let name: String = r.try_get("export_name").map_err(q("reading nbd_exports"))?;
+                let volume = volume.filter(|v| !v.trim().is_empty()).unwrap_or_else(|| {
+                    volume_api::volume_of_export(&name)
+                        .map(|v| v.to_string())
+                        .unwrap_or_default()
+                });
+                Ok((volume, name))
             })
             .collect()
     }
@@ -256,17 +277,32 @@ pub async fn appliance_identity(hub: &Hub) -> Option<String> {
     }
 }
 
-/// Journals the current state of every attached volume as a hub change, so that the hub is brought in line
-/// with the daemon at start-up (a change the hub already holds writes nothing when delivered). Runs before
-/// any operation does.
-pub async fn resync(store: &crate::store::Store) -> Result<usize, crate::store::StoreError> {
+/// Journals the current state of every volume the daemon holds as a hub change, so that the hub is brought in
+/// line with the daemon at start-up (a change the hub already holds writes nothing when delivered): an
+/// attached volume's rows are written as they should be, a detached volume's mapping and export rows (left
+/// by hand, or by a predecessor) are removed; `ossea_volumes` of a detached volume is left as the hub has it.
+/// Runs before any operation does. Returns the number of (attached, detached) volumes queued.
+pub async fn resync(
+    store: &crate::store::Store,
+) -> Result<(usize, usize), crate::store::StoreError> {
     let attachments = store
         .list_attachments(&crate::store::AttachmentFilter::default())
         .await?;
+    let attached: std::collections::HashSet<uuid::Uuid> =
+        attachments.iter().map(|a| a.volume_id).collect();
     for a in &attachments {
         store
             .record_hub_state(a.volume_id, crate::store::OsseaChange::Attached)
             .await?;
     }
-    Ok(attachments.len())
+    let mut detached = 0;
+    for v in store.list_volumes(false).await? {
+        if !attached.contains(&v.id) {
+            store
+                .record_hub_state(v.id, crate::store::OsseaChange::Unchanged)
+                .await?;
+            detached += 1;
+        }
+    }
+    Ok((attachments.len(), detached))
 }

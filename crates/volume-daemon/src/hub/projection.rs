@@ -129,8 +129,8 @@ impl Hub {
             None => {
                 out.writes += exec(
                     &mut tx,
-                    "DELETE FROM nbd_exports WHERE volume_id = ?",
-                    &[&volume],
+                    OWN_EXPORT_ROWS_DELETE,
+                    &[&volume, &volume_api::export_name(change.volume_id)],
                     "removing the export rows of a detached volume",
                 )
                 .await?;
@@ -153,7 +153,13 @@ impl Hub {
             }),
             _ => None,
         };
-        out.writes += sync_export(&mut tx, &volume, export.as_ref(), context.as_deref()).await?;
+        out.writes += sync_export(
+            &mut tx,
+            change.volume_id,
+            export.as_ref(),
+            context.as_deref(),
+        )
+        .await?;
         match change.ossea {
             OsseaChange::Attached => {
                 let path = change
@@ -236,11 +242,12 @@ async fn upsert_mapping(
     if writes > 0 {
         tracing::warn!(volume, device_path = %row.device_path, "the hub had another volume's mapping on this device path; it was removed");
     }
+    // Integer columns are read through a cast: a hub may declare them UNSIGNED.
     let existing = sqlx::query(
         "SELECT CAST(vm_id AS CHAR) AS vm_id, CAST(operation_mode AS CHAR) AS operation_mode, \
-         cloudstack_device_id, CAST(device_path AS CHAR) AS device_path, \
+         CAST(cloudstack_device_id AS SIGNED) AS cloudstack_device_id, CAST(device_path AS CHAR) AS device_path, \
          CAST(cloudstack_state AS CHAR) AS cloudstack_state, CAST(linux_state AS CHAR) AS linux_state, \
-         size, CAST(persistent_device_name AS CHAR) AS persistent_device_name, \
+         CAST(size AS SIGNED) AS size, CAST(persistent_device_name AS CHAR) AS persistent_device_name, \
          CAST(symlink_path AS CHAR) AS symlink_path \
          FROM device_mappings WHERE volume_uuid = ? FOR UPDATE",
     )
@@ -248,19 +255,22 @@ async fn upsert_mapping(
     .fetch_optional(&mut **tx)
     .await
     .map_err(q("reading the volume's mapping"))?;
+    // A column left NULL (by hand, or by an older writer) reads as empty, unlike what is wanted, and is
+    // written.
     let read = |r: &sqlx::mysql::MySqlRow| -> Result<MappingRow, sqlx::Error> {
+        let text = |c: &str| -> Result<String, sqlx::Error> {
+            Ok(r.try_get::<Option<String>, _>(c)?.unwrap_or_default())
+        };
         Ok(MappingRow {
-            vm_id: r.try_get("vm_id")?,
+            vm_id: text("vm_id")?,
             operation_mode: r
                 .try_get::<Option<String>, _>("operation_mode")?
                 .unwrap_or_default(),
-            cloudstack_device_id: r
-                .try_get::<Option<i32>, _>("cloudstack_device_id")?
-                .map(i64::from),
-            device_path: r.try_get("device_path")?,
-            cloudstack_state: r.try_get("cloudstack_state")?,
-            linux_state: r.try_get("linux_state")?,
-            size: r.try_get("size")?,
+            cloudstack_device_id: r.try_get::<Option<i64>, _>("cloudstack_device_id")?,
+            device_path: text("device_path")?,
+            cloudstack_state: text("cloudstack_state")?,
+            linux_state: text("linux_state")?,
+            size: r.try_get::<Option<i64>, _>("size")?.unwrap_or(-1),
             persistent_device_name: r.try_get("persistent_device_name")?,
             symlink_path: r.try_get("symlink_path")?,
         })
@@ -329,33 +339,45 @@ async fn upsert_mapping(
     Ok(writes)
 }
 
+/// Deletes a volume's export rows: those naming it, and a row without `volume_id` (NULL, or the column's
+/// default '') under its export name (a predecessor's, or one written by hand), which is the volume's as
+/// surely.
+const OWN_EXPORT_ROWS_DELETE: &str = "DELETE FROM nbd_exports WHERE volume_id = ? \
+     OR ((volume_id IS NULL OR volume_id = '') AND export_name = ?)";
+
 /// Makes the volume's export rows `want` (one row) or none. Returns the rows written.
 async fn sync_export(
     tx: &mut Tx,
-    volume: &str,
+    volume_id: Uuid,
     want: Option<&ExportRow>,
     context: Option<&str>,
 ) -> Result<u64, HubError> {
+    let volume = &volume_id.to_string();
     let Some(want) = want else {
         return exec(
             tx,
-            "DELETE FROM nbd_exports WHERE volume_id = ?",
-            &[volume],
+            OWN_EXPORT_ROWS_DELETE,
+            &[volume, &volume_api::export_name(volume_id)],
             "removing the volume's export rows",
         )
         .await;
     };
-    // Rows of this volume under another name, and a row of another volume under this name, are stale.
+    // Rows of this volume under another name, and a row of another volume under this name, are stale. A
+    // row under this name without `volume_id` (NULL or '') is this volume's: it is taken over below, with
+    // `volume_id` set.
     let mut writes = exec(
         tx,
-        "DELETE FROM nbd_exports WHERE (volume_id = ? AND export_name <> ?) OR (export_name = ? AND volume_id <> ?)",
+        "DELETE FROM nbd_exports WHERE (volume_id = ? AND export_name <> ?) \
+         OR (export_name = ? AND volume_id <> ? AND volume_id <> '')",
         &[volume, &want.export_name, &want.export_name, volume],
         "removing stale export rows",
     )
     .await?;
+    // Integer columns are read through a cast: a hub may declare them UNSIGNED.
     let existing = sqlx::query(
-        "SELECT CAST(export_name AS CHAR) AS export_name, port, CAST(device_path AS CHAR) AS device_path, \
-         CAST(status AS CHAR) AS status, CAST(device_mapping_uuid AS CHAR) AS device_mapping_uuid \
+        "SELECT CAST(export_name AS CHAR) AS export_name, CAST(port AS SIGNED) AS port, \
+         CAST(device_path AS CHAR) AS device_path, CAST(status AS CHAR) AS status, \
+         CAST(device_mapping_uuid AS CHAR) AS device_mapping_uuid, CAST(volume_id AS CHAR) AS volume_id \
          FROM nbd_exports WHERE export_name = ? FOR UPDATE",
     )
     .bind(&want.export_name)
@@ -382,21 +404,30 @@ async fn sync_export(
             writes += 1;
         }
         Some(r) => {
-            let have = (|| -> Result<ExportRow, sqlx::Error> {
-                Ok(ExportRow {
-                    export_name: r.try_get("export_name")?,
-                    port: r.try_get("port")?,
-                    device_path: r.try_get("device_path")?,
-                    status: r.try_get("status")?,
-                    device_mapping_uuid: r.try_get("device_mapping_uuid")?,
-                })
+            let (have, owner) = (|| -> Result<(ExportRow, Option<String>), sqlx::Error> {
+                Ok((
+                    // A column left NULL reads as unlike what is wanted, and is written.
+                    ExportRow {
+                        export_name: r.try_get("export_name")?,
+                        port: r.try_get::<Option<i64>, _>("port")?.unwrap_or(-1),
+                        device_path: r
+                            .try_get::<Option<String>, _>("device_path")?
+                            .unwrap_or_default(),
+                        status: r
+                            .try_get::<Option<String>, _>("status")?
+                            .unwrap_or_default(),
+                        device_mapping_uuid: r.try_get("device_mapping_uuid")?,
+                    },
+                    r.try_get("volume_id")?,
+                ))
             })()
             .map_err(q("reading the volume's export row"))?;
-            if &have != want {
+            if &have != want || owner.as_deref() != Some(volume.as_str()) {
                 sqlx::query(
-                    "UPDATE nbd_exports SET port = ?, device_path = ?, status = ?, device_mapping_uuid = ?, \
-                     updated_at = NOW(3) WHERE export_name = ?",
+                    "UPDATE nbd_exports SET volume_id = ?, port = ?, device_path = ?, status = ?, \
+                     device_mapping_uuid = ?, updated_at = NOW(3) WHERE export_name = ?",
                 )
+                .bind(volume)
                 .bind(want.port)
                 .bind(&want.device_path)
                 .bind(&want.status)
