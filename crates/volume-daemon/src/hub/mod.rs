@@ -130,7 +130,9 @@ impl Hub {
         // `NOW()` in the hub's `datetime` columns is the hub server's local time, as the hub itself and the
         // predecessor write it; the driver would otherwise set each session to UTC. A `timezone=` in the URL
         // still sets one.
-        if !has_query_param(&url_for_driver, "timezone") {
+        if !has_query_param(&url_for_driver, "timezone")
+            && !has_query_param(&url_for_driver, "time-zone")
+        {
             opts = opts.timezone(None);
         }
         let pool = MySqlPoolOptions::new()
@@ -305,4 +307,24 @@ pub async fn resync(
         }
     }
     Ok((attachments.len(), detached))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_query_param;
+
+    #[test]
+    fn a_time_zone_in_the_url_is_found_by_either_spelling() {
+        let base = "mysql://u:p@h:3306/hub";
+        assert!(!has_query_param(base, "timezone"));
+        assert!(has_query_param(
+            &format!("{base}?ssl-mode=disabled&timezone=%2B00:00"),
+            "timezone"
+        ));
+        assert!(has_query_param(
+            &format!("{base}?time-zone=SYSTEM"),
+            "time-zone"
+        ));
+        assert!(!has_query_param(&format!("{base}?timezones=x"), "timezone"));
+    }
 }
