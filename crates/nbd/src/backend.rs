@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{OnceLock, RwLock};
 use std::time::Instant;
 
@@ -129,6 +129,10 @@ pub struct FileBackend {
     /// Whether `RWF_NOWAIT` reads and writes are still worth trying (cleared when the kernel refuses them).
     nowait_reads: AtomicBool,
     nowait_writes: AtomicBool,
+    /// The error of the first write-back that failed (`fdatasync`, `sync_file_range`), 0 while none has. The
+    /// kernel reports a lost write-back once per open file, so without this a later flush would succeed
+    /// although writes acknowledged before it never reached the device: every flush fails from then on.
+    lost_write_back: AtomicI32,
 }
 
 impl FileBackend {
@@ -161,6 +165,7 @@ impl FileBackend {
                 dense_checked: AtomicU64::new(0),
                 nowait_reads: AtomicBool::new(true),
                 nowait_writes: AtomicBool::new(true),
+                lost_write_back: AtomicI32::new(0),
             })
         } else if ft.is_file() {
             let memory_backed = rustix::fs::fstatfs(&file)
@@ -189,6 +194,7 @@ impl FileBackend {
                 dense_checked: AtomicU64::new(0),
                 nowait_reads: AtomicBool::new(true),
                 nowait_writes: AtomicBool::new(true),
+                lost_write_back: AtomicI32::new(0),
             };
             backend.refresh_dense();
             backend.dense_checked.store(millis(), Ordering::Relaxed);
@@ -305,6 +311,7 @@ impl FileBackend {
         let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
+        self.lost()?;
         let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
             | libc::SYNC_FILE_RANGE_WRITE
             | libc::SYNC_FILE_RANGE_WAIT_AFTER;
@@ -316,9 +323,30 @@ impl FileBackend {
             }
             let err = io::Error::last_os_error();
             if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
+                return Err(self.remember_lost(err));
             }
         }
+    }
+
+    /// Fails once a write-back has failed (see `lost_write_back`).
+    fn lost(&self) -> io::Result<()> {
+        match self.lost_write_back.load(Ordering::Acquire) {
+            0 => Ok(()),
+            errno => Err(io::Error::other(format!(
+                "an earlier write-back to the device failed ({}): writes acknowledged before it may not \
+                 be on the device; every flush of this export fails from now on",
+                io::Error::from_raw_os_error(errno)
+            ))),
+        }
+    }
+
+    /// Records a failed write-back (the first one's error is kept) and returns the error.
+    fn remember_lost(&self, err: io::Error) -> io::Error {
+        let errno = err.raw_os_error().unwrap_or(libc::EIO);
+        let _ =
+            self.lost_write_back
+                .compare_exchange(0, errno, Ordering::AcqRel, Ordering::Acquire);
+        err
     }
 
     /// Aligned sub-range `[start, end)` of `[offset, offset+len)` on sector boundaries (may be empty).
@@ -409,7 +437,14 @@ impl Backend for FileBackend {
     }
 
     fn flush(&self) -> io::Result<()> {
-        rustix::fs::fdatasync(&self.file).map_err(Into::into)
+        self.lost()?;
+        loop {
+            match rustix::fs::fdatasync(&self.file) {
+                Ok(()) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(self.remember_lost(e.into())),
+            }
+        }
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {

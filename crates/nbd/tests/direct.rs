@@ -454,3 +454,45 @@ async fn pages_resident_through_the_mapping_stay_bounded_while_a_large_file_is_r
     c.disconnect().await.unwrap();
     stop.send(()).unwrap();
 }
+
+/// A write-back that fails loses writes the server acknowledged, and the kernel says so once per open
+/// file: the first flush to see it fails, and so must every later one (a client's FLUSH, the export's
+/// flush for a snapshot or a detach), or a writer that never flushed (its session flushes as it leaves)
+/// would have its loss reported to no one. Here a loop device over a sparse file on a 2 MiB tmpfs takes 6
+/// MiB of writes into its page cache; writing them back to the file fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_lost_write_back_fails_every_later_flush_of_the_export() {
+    let fs = SmallTmpfs::mount(2 * MIB);
+    let path = fs.dir.path().join("disk");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(16 * MIB as u64)
+        .unwrap();
+    let lo = blockdev::LoopDevice::attach(&path, false).unwrap();
+    let (addr, stop, registry) = serve_with(lo.path(), ServerConfig::default(), false).await;
+    // A writer that never flushes: its session's flush as it leaves meets the failure (and logs it).
+    let mut writer = open(addr).await;
+    writer.write(0, &pattern(6 * MIB, 5), 0).await.unwrap();
+    writer.disconnect().await.unwrap();
+    eventually(
+        "the writer's session ended",
+        || registry.get("f").unwrap().counters.connections_current,
+        |&n| n == 0,
+    )
+    .await;
+    // Give the session's closing flush time to run before looking.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let err = registry.flush("f").await.unwrap_err();
+    assert!(
+        err.to_string().contains("write-back") || format!("{err:?}").contains("write-back"),
+        "{err:?}"
+    );
+    // A later client's FLUSH fails too, though it wrote nothing itself.
+    let mut c = open(addr).await;
+    let e = c.flush().await.unwrap_err();
+    assert_eq!(e.remote_code(), Some(EIO), "{e}");
+    c.disconnect().await.unwrap();
+    stop.send(()).unwrap();
+    drop(registry);
+    lo.detach().unwrap();
+}
