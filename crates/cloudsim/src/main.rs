@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "cloudsim=info".into()),
         )
         .with_ansi(nbd::log_colour())
-        .with_writer(std::io::stderr)
+        .with_writer(|| nbd::LossyStderr)
         .init();
     let args = Args::parse();
     let mut cfg = SimConfig::new(args.state_dir, args.by_id_dir);

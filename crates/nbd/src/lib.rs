@@ -13,6 +13,7 @@ mod error;
 mod fence;
 #[doc(hidden)]
 pub mod fuzzing;
+mod logging;
 mod mapping;
 mod negotiate;
 pub mod proto;
@@ -24,11 +25,9 @@ mod tls;
 pub use backend::{Backend, Extent, FileBackend, MemoryBackend};
 pub use error::{NbdError, NbdErrorKind};
 pub use fence::WriteFence;
+pub use logging::{log_colour, log_filter, LossyStderr};
 pub use mapping::{Mapping, UNMAP_EVERY};
 pub use registry::{CountersSnapshot, ExportConfig, ExportSnapshot, Registry, RemoveReport};
 pub use server::{BudgetProbe, ConnectionProbe, Server, ServerConfig, LISTEN_BACKLOG};
 pub use session::{SMALL_MAX, SMALL_RESERVE};
-pub use tls::{
-    log_colour, log_filter, Access, ClientIdentity, Tls, TlsSettings, CA_CERT, SERVER_CERT,
-    SERVER_KEY,
-};
+pub use tls::{Access, ClientIdentity, Tls, TlsSettings, CA_CERT, SERVER_CERT, SERVER_KEY};

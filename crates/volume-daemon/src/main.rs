@@ -125,7 +125,7 @@ fn init_logging(format: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(nbd::log_colour())
-        .with_writer(std::io::stderr);
+        .with_writer(|| nbd::LossyStderr);
     if format == "json" {
         builder.json().init();
     } else {

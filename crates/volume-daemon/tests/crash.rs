@@ -324,3 +324,40 @@ fn ext_a_resumed_attach_that_cannot_list_the_clouds_jobs_sends_again_and_complet
     let (_, st) = call(reqwest::Method::GET, &format!("{api}/volumes/{vol}"), None);
     assert_eq!(st["attachment"]["vm_id"], vm.as_str(), "{st}");
 }
+
+/// A log that cannot be written (standard error on a full disk; here /dev/full, where every write fails)
+/// loses log lines, nothing else: the daemon starts, and operations that log as they succeed and fail end
+/// as they would with a log, none left executing.
+#[test]
+fn ext_a_log_that_cannot_be_written_loses_lines_not_operations() {
+    let w = World::new(50);
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let (_d, api) = World::start_daemon(
+        w.daemon_command()
+            .env("RUST_LOG", "debug")
+            .stderr(std::process::Stdio::from(full)),
+    );
+    let vol = create_volume(&api, &w.sim_url);
+    w.add_fault(json!({"type": "fail_job", "command": "attachVolume", "errortext": "no capacity"}));
+    let (s, op) = call(
+        reqwest::Method::POST,
+        &format!("{api}/volumes/{vol}/attach"),
+        Some(json!({"vm_id": APPLIANCE})),
+    );
+    assert_eq!(s, 201, "{op}");
+    let done = wait_terminal(&api, op["id"].as_str().unwrap());
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error_code"], "cloud_job_failed", "{done}");
+    let (s, op) = call(
+        reqwest::Method::POST,
+        &format!("{api}/volumes/{vol}/attach"),
+        Some(json!({"vm_id": APPLIANCE})),
+    );
+    assert_eq!(s, 201, "{op}");
+    let done = wait_terminal(&api, op["id"].as_str().unwrap());
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_consistent(&api, &w.sim_url, &vol);
+}

@@ -747,3 +747,63 @@ fn ext_a_daemon_killed_between_its_commit_and_the_hub_update_delivers_each_chang
         eprintln!("hub delivery killed at {point}: each change applied once, in order");
     }
 }
+
+/// A workflow that panics (a defect) is taken like a crash of the daemon while it ran: the operation runs
+/// again from its journaled step and completes; one that panics again fails (code `internal`), so no
+/// operation stays executing with nothing running it, and the daemon goes on serving.
+#[test]
+fn ext_an_operation_whose_run_panics_runs_again_from_its_step_or_fails() {
+    let w = World::new(0);
+    let run = Run {
+        world: &w,
+        database: None,
+        log: w.dir.path().join("daemon.log"),
+    };
+    let (_d, api) = World::start_daemon(&mut run.command(Some(
+        "attach.cloud_attach_job.after=1*return(panic);detach.cloud_detach_job.after=2*return(panic)",
+    )));
+    let mut made = Made::default();
+    act(&w, &api, Action::Create, "panicky", &mut made).unwrap();
+    let v = made.volume.unwrap();
+    let attached = submit(
+        &api,
+        Method::POST,
+        &format!("/volumes/{v}/attach"),
+        Some(json!({"vm_id": APPLIANCE})),
+    )
+    .unwrap();
+    assert_eq!(attached["status"], "completed", "{attached}");
+    assert!(export_served(&api, &v));
+    let detached = submit(
+        &api,
+        Method::POST,
+        &format!("/volumes/{v}/detach"),
+        Some(json!({})),
+    )
+    .unwrap();
+    assert_eq!(detached["status"], "failed", "{detached}");
+    assert_eq!(detached["error_code"], "internal", "{detached}");
+    assert!(
+        detached["error"]
+            .as_str()
+            .unwrap()
+            .contains("stopped unexpectedly twice"),
+        "{detached}"
+    );
+    let log = std::fs::read_to_string(&run.log).unwrap_or_default();
+    assert_eq!(
+        log.matches("fail point detach.cloud_detach_job.after reached: panicking")
+            .count(),
+        2,
+        "{log}"
+    );
+    // The daemon goes on: the next detach (no point armed any more) completes.
+    let again = submit(
+        &api,
+        Method::POST,
+        &format!("/volumes/{v}/detach"),
+        Some(json!({})),
+    )
+    .unwrap();
+    assert_eq!(again["status"], "completed", "{again}");
+}

@@ -127,7 +127,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "warn",
         )))
         .with_ansi(nbd::log_colour())
-        .with_writer(std::io::stderr)
+        .with_writer(|| nbd::LossyStderr)
         .init();
     let tls = match (args.tls, &args.tls_certificates) {
         (TlsFlag::Off, _) => nbd::Tls::Off,

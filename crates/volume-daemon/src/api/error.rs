@@ -224,9 +224,8 @@ impl ApiError {
                     | EngineError::Compensated { .. }
                     | EngineError::CloudDisagrees(_)
                     | EngineError::Interrupted(_)
-                    | EngineError::Journal { .. } => {
-                        (StatusCode::INTERNAL_SERVER_ERROR, code, None)
-                    }
+                    | EngineError::Journal { .. }
+                    | EngineError::Panicked(_) => (StatusCode::INTERNAL_SERVER_ERROR, code, None),
                 }
             }
         }

@@ -72,6 +72,9 @@ pub enum EngineError {
         cause: Box<EngineError>,
         outcome: String,
     },
+    /// The operation's run panicked twice (a defect); the message is the panic's.
+    #[error("the operation stopped unexpectedly twice ({0}); report it with the daemon's log, check the volume with POST /api/v1/reconcile, and run the operation again")]
+    Panicked(String),
     /// An operation that failed earlier was interrupted while its effects were being undone.
     #[error("{0} failed and was interrupted while being undone")]
     Interrupted(&'static str),
@@ -99,9 +102,10 @@ impl EngineError {
             Self::Device(e) => e.code(),
             Self::Export(_) => ErrorCode::ExportFailed,
             Self::Compensated { cause, .. } => cause.code(),
-            Self::CloudDisagrees(_) | Self::Interrupted(_) | Self::Journal { .. } => {
-                ErrorCode::Internal
-            }
+            Self::CloudDisagrees(_)
+            | Self::Interrupted(_)
+            | Self::Journal { .. }
+            | Self::Panicked(_) => ErrorCode::Internal,
         }
     }
 

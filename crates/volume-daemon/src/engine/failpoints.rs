@@ -6,8 +6,8 @@
 //! The points are evaluated only in a build with the `failpoints` feature (the crash test's); the shipped
 //! binary has none and [`around`] is the write alone. In such a build the `FAILPOINTS` environment variable
 //! arms them at start-up (`NAME=ACTIONS;…`, the `fail` crate's syntax): `return(kill)` kills the daemon with
-//! SIGKILL at that point, `return` (any other argument) makes that attempt of the write fail with a database
-//! error, e.g. `FAILPOINTS='attach.cloud_attach_job.after=return(kill)'`, `FAILPOINTS='create.commit.before=1*return'`.
+//! SIGKILL at that point, `return(panic)` panics there (a defect in the workflow), `return` (any other
+//! argument) makes that attempt of the write fail with a database error, e.g. `FAILPOINTS='attach.cloud_attach_job.after=return(kill)'`, `FAILPOINTS='create.commit.before=1*return'`.
 //!
 //! The delivery of the hub outbox has two more points, [`HUB_OUTBOX_POINTS`] (not journal writes, so not in
 //! [`all`]): before a change is applied to the hub, and after the hub committed it but before it is marked
@@ -134,6 +134,10 @@ fn eval(point: &str) -> Result<(), StoreError> {
                 rustix::process::Signal::KILL,
             );
             std::process::abort()
+        }
+        Some(Some(arg)) if arg == "panic" => {
+            eprintln!("fail point {point} reached: panicking");
+            panic!("fail point {point} reached")
         }
         Some(_) => {
             eprintln!("fail point {point} reached: the journal write fails");

@@ -277,7 +277,7 @@ impl Engine {
         self.inner.tasks.spawn(async move {
             turn.wait().await;
             let _permit = inner.permits.acquire().await;
-            inner.run(op.id).await;
+            inner.run_guarded(op.id).await;
             drop(turn);
         })
     }
@@ -374,6 +374,31 @@ impl Inner {
 
     fn notify(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Runs the operation. A panic in its workflow (a defect) is taken like a crash of the daemon while it
+    /// ran: the operation runs again from its journaled step, once; a second panic fails it, so that no
+    /// operation stays executing with nothing running it.
+    async fn run_guarded(&self, id: Uuid) {
+        use futures::FutureExt as _;
+        for attempt in 1..=2 {
+            let Err(panic) = std::panic::AssertUnwindSafe(self.run(id))
+                .catch_unwind()
+                .await
+            else {
+                return;
+            };
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            tracing::error!(op = %id, attempt, panic = %what, "an operation's run panicked");
+            if attempt == 2 {
+                self.journal_failure(id, &EngineError::Panicked(what)).await;
+                self.notify();
+            }
+        }
     }
 
     async fn run(&self, id: Uuid) {
