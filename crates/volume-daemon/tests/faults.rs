@@ -478,3 +478,82 @@ async fn unknown_appliance_identity_fails_appliance_requests_clearly() {
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     d.stop().await;
 }
+
+/// A detachVolume job still running at `job_timeout_secs` may yet detach the volume: the detach fails
+/// without serving the volume again (a writer that went on would lose its disk mid-write when the job
+/// ends), and the reconcile settles the attachment once the job has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detach_whose_job_outlives_the_timeout_does_not_serve_the_volume_again() {
+    let d = TestDaemon::start_with(|c| c.job_timeout_secs = 2).await;
+    let vol = d.create_volume("detach-slow", GIB).await;
+    d.run_ok(
+        &format!("/volumes/{vol}/attach"),
+        json!({"vm_id": d.appliance()}),
+    )
+    .await;
+    d.sim().faults().add(FaultSpec::SlowJob {
+        command: "detachVolume".into(),
+        extra_delay_ms: 4_000,
+        count: 1,
+    });
+    let (s, op) = d.post(&format!("/volumes/{vol}/detach"), json!({})).await;
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    let done = d.wait_op(&op).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error_code"], "cloud_job_timeout", "{done}");
+    let err = done["error"].as_str().unwrap();
+    assert!(
+        err.contains("is not served again") && !err.contains("is served again"),
+        "{err}"
+    );
+    let (_, export) = d.get(&format!("/exports/{vol}")).await;
+    assert_ne!(export["status"], "active", "{export}");
+    // The job ends with the volume detached; the reconcile forgets the attachment.
+    tokio::time::sleep(std::time::Duration::from_millis(4_500)).await;
+    let (s, r) = d.post("/reconcile", json!({"apply": true})).await;
+    assert!(s.is_success(), "{r}");
+    let mut settled = false;
+    for _ in 0..100 {
+        let (_, v) = d.get(&format!("/volumes/{vol}")).await;
+        if v["attachment"].is_null() {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        settled,
+        "the attachment is forgotten once CloudStack detached it"
+    );
+    d.stop().await;
+}
+
+/// An attachVolume job still running at `job_timeout_secs` may yet attach the volume: the error says so and
+/// how to take the attachment over once the job has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_whose_job_outlives_the_timeout_says_how_to_take_it_over() {
+    let d = TestDaemon::start_with(|c| c.job_timeout_secs = 1).await;
+    let vol = d.create_volume("attach-slow", GIB).await;
+    d.sim().faults().add(FaultSpec::SlowJob {
+        command: "attachVolume".into(),
+        extra_delay_ms: 3_000,
+        count: 1,
+    });
+    let (s, op) = d
+        .post(
+            &format!("/volumes/{vol}/attach"),
+            json!({"vm_id": d.appliance()}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    let done = d.wait_op(&op).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error_code"], "cloud_job_timeout", "{done}");
+    let err = done["error"].as_str().unwrap();
+    assert!(
+        err.contains("CloudStack may still attach")
+            && err.contains(&format!("POST /api/v1/volumes/{vol}/adopt")),
+        "{err}"
+    );
+    d.stop().await;
+}

@@ -14,7 +14,7 @@ use volume_api::{AttachOperationRequest, AttachVolumeResponse, DiskRole};
 use super::export::{Served, Teardown};
 use super::journal::{json_of, AttachStep, Entry, Step};
 use super::{EngineError, Inner};
-use crate::cloud::{CloudVolume, VolumeJobKind};
+use crate::cloud::{CloudErrorKind, CloudVolume, VolumeJobKind};
 use crate::devices::Device;
 use crate::store::{AttachTarget, AttachmentRecord, VolumeRecord};
 
@@ -125,12 +125,26 @@ impl Inner {
                 },
             )
             .await?;
-        let v = self
+        let v = match self
             .finish_job_or_reached(&job_id, volume_id, |v| {
                 v.is_some_and(|v| v.vm_id.as_deref() == Some(vm_id))
             })
-            .await?
-            .ok_or_else(|| {
+            .await
+        {
+            // CloudStack may yet attach it: the error says how to take it over or undo it then.
+            Err(EngineError::Cloud(e)) if e.kind == CloudErrorKind::JobStillRunning => {
+                return Err(EngineError::Compensated {
+                    cause: Box::new(EngineError::Cloud(e)),
+                    outcome: format!(
+                        "CloudStack may still attach volume {volume_id} to VM {vm_id}; once the job has ended, \
+                         POST /api/v1/volumes/{volume_id}/adopt takes the attachment over (or detach it in \
+                         CloudStack); POST /api/v1/reconcile lists it"
+                    ),
+                });
+            }
+            other => other?,
+        }
+        .ok_or_else(|| {
                 EngineError::NotFound(format!(
                     "volume {volume_id} disappeared from CloudStack during attach"
                 ))

@@ -91,6 +91,19 @@ impl Inner {
                 Err(EngineError::Cloud(e)) if e.kind == CloudErrorKind::Unavailable => {
                     return Err(EngineError::Cloud(e));
                 }
+                // The job still ran at the deadline: CloudStack may yet detach the volume, so it is not served
+                // again either (a writer would lose its disk mid-write); the reconcile settles it once the
+                // job has ended.
+                Err(EngineError::Cloud(e)) if e.kind == CloudErrorKind::JobStillRunning => {
+                    return Err(EngineError::Compensated {
+                        cause: Box::new(EngineError::Cloud(e)),
+                        outcome: format!(
+                            "CloudStack may still detach volume {volume_id}, so it is not served again; once \
+                             the job has ended, POST /api/v1/reconcile with apply serves it again if it stayed \
+                             attached, or forgets the attachment (the scheduled reconcile does the same)"
+                        ),
+                    });
+                }
                 // Still attached: an appliance volume is served again rather than left attached unexported.
                 Err(cause) => return Err(self.serve_again(appliance_att, cause).await),
             }
