@@ -68,10 +68,7 @@ pub(crate) async fn reconcile_once(
     repair: bool,
 ) {
     match crate::reconcile::run_scheduled(engine, repair).await {
-        Ok(report) => {
-            metrics.set_drift(&report.drift);
-            health.set_component(HealthComponent::Drift, drift_component(&report));
-        }
+        Ok(report) => publish(health, metrics, &report),
         Err(e) => {
             tracing::warn!(error = %crate::error_chain(&e), "periodic reconcile failed");
             health.set_component(
@@ -83,6 +80,13 @@ pub(crate) async fn reconcile_once(
             );
         }
     }
+}
+
+/// Makes a reconcile's findings the ones `/health` (component `drift`) and the metrics show: the latest
+/// reconcile's, scheduled or asked for.
+pub(crate) fn publish(health: &HealthState, metrics: &Metrics, report: &ReconcileReport) {
+    metrics.set_drift(&report.drift);
+    health.set_component(HealthComponent::Drift, drift_component(report));
 }
 
 /// The `/health` component for a reconcile: ok without unrepaired findings, degraded with them.

@@ -1552,3 +1552,40 @@ async fn raw_post(base: &str, path: &str, len: usize, chunked: bool) -> (u16, Va
     writer.abort();
     (answer.status, answer.body)
 }
+
+/// `/health`'s `drift` is the latest reconcile's, also one asked for: once a reconcile with `apply` has
+/// repaired what the scheduled one found, `/health` says so at once, not after the next scheduled run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_asked_for_replaces_the_drift_health_reports() {
+    let d = TestDaemon::start_with(|c| c.reconcile_repair = false).await;
+    let vol = d.create_volume("drift-mended", GIB).await;
+    d.attach_to_appliance(vol).await;
+    d.detach_behind_the_daemons_back(vol).await;
+    let mut degraded = false;
+    for _ in 0..200 {
+        let (_, h) = d.get("/health").await;
+        if h["components"]["drift"]["status"] == "degraded" {
+            degraded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(degraded, "the fence's findings are reported");
+    let (s, r) = d.post("/reconcile", json!({"apply": true})).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    let (_, h) = d.get("/health").await;
+    assert_eq!(h["components"]["drift"]["status"], "ok", "{h}");
+    assert!(
+        h["components"]["drift"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("1 repaired"),
+        "{h}"
+    );
+    let text = metrics_text(&d).await;
+    assert!(
+        text.contains("volume_daemon_drift{kind=\"attached_only_in_database\"} 0"),
+        "{text}"
+    );
+    d.stop().await;
+}

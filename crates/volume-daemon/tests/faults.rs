@@ -557,3 +557,43 @@ async fn an_attach_whose_job_outlives_the_timeout_says_how_to_take_it_over() {
     );
     d.stop().await;
 }
+
+/// A delete detaches first; should CloudStack then refuse deleteVolume, the volume stays detached, as the
+/// cloud has it: the daemon's records no longer say attached, and its export is not listed as one to serve
+/// again (for a volume on the appliance and one on another VM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_refused_after_its_detach_leaves_the_volume_recorded_detached() {
+    let d = TestDaemon::start().await;
+    for (name, vm) in [
+        ("delete-refused-app", d.appliance()),
+        ("delete-refused-remote", d.other_vm(0)),
+    ] {
+        let vol = d.create_volume(name, GIB).await;
+        d.run_ok(&format!("/volumes/{vol}/attach"), json!({"vm_id": vm}))
+            .await;
+        d.sim().faults().add(FaultSpec::FailCommand {
+            command: "deleteVolume".into(),
+            count: 1,
+            errorcode: 431,
+            cserrorcode: Some(4350),
+            errortext: Some("volume is in use by a snapshot policy".into()),
+            probability: None,
+        });
+        let (s, op) = d
+            .send(reqwest::Method::DELETE, &format!("/volumes/{vol}"), None)
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{op}");
+        let done = d.wait_op(&op).await;
+        assert_eq!(done["status"], "failed", "{done}");
+        let (_, v) = d.get(&format!("/volumes/{vol}")).await;
+        assert!(v["attachment"].is_null(), "{name}: {v}");
+        assert_eq!(v["state"], "detached", "{name}: {v}");
+        let (_, on_vm) = d.get(&format!("/vms/{vm}/volumes")).await;
+        assert!(!on_vm.to_string().contains(&vol.to_string()), "{on_vm}");
+        let (s, export) = d.get(&format!("/exports/{vol}")).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{export}");
+        // Deleting again completes.
+        d.delete_ok(vol).await;
+    }
+    d.stop().await;
+}

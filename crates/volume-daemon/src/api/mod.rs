@@ -1037,6 +1037,7 @@ async fn reconcile(
 ) -> Result<Response, ApiError> {
     let apply = body.map(|JsonBody(b)| b.apply).unwrap_or(false);
     let report = crate::reconcile::run(&st.engine, apply).await?;
+    crate::watch::publish(&st.health, st.engine.metrics(), &report);
     Ok(Json(report).into_response())
 }
 

@@ -23,6 +23,11 @@ impl Inner {
         } else {
             self.detach_steps(op, volume_id).await?
         };
+        // The cloud detached it: the records say so at once, so that a deleteVolume that fails (refused, or
+        // the cloud gone for longer than the operation waits) leaves a detached volume, as the cloud has it.
+        if out.was_attached {
+            self.store.clear_attachment(volume_id).await?;
+        }
         self.step(op, DeleteStep::CloudDeleteSent).await?;
         let existed = match self.cloud.delete_volume(&volume_id.to_string()).await {
             Ok(b) => b,

@@ -365,6 +365,11 @@ impl Engine {
     }
 
     /// The engine's counters, rendered with `extra` gauges (metrics).
+    /// The daemon's metrics.
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
+    }
+
     pub(crate) fn metrics_text(&self, extra: &[(&str, &str, f64)]) -> String {
         self.inner.metrics.render(&self.inner.exports.list(), extra)
     }
