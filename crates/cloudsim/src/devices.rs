@@ -161,9 +161,24 @@ impl Devices {
         self.expose(volume_id)
     }
 
-    /// Releases an exposure: detaches the loop device (a device already gone is fine).
-    pub fn release(&self, device: &Path, loop_device: bool) -> Result<(), SimError> {
+    /// Releases the volume's exposure: detaches its loop device (a device already gone is fine). A loop
+    /// device of that number that no longer has the volume's file behind it (detached behind the
+    /// simulator's back, its number since handed to another file) is another disk, and is left alone.
+    pub fn release(
+        &self,
+        volume_id: &str,
+        device: &Path,
+        loop_device: bool,
+    ) -> Result<(), SimError> {
         if !loop_device {
+            return Ok(());
+        }
+        let file = self.backing_path(volume_id);
+        let ours = loopdev::find_by_backing(&file).map_err(|source| SimError::LoopDetach {
+            device: device.to_path_buf(),
+            source,
+        })?;
+        if !ours.iter().any(|d| d == device) {
             return Ok(());
         }
         match loopdev::detach_path(device) {

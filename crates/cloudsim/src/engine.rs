@@ -293,7 +293,7 @@ impl Engine {
                 let _ = self.devices.unlink(link);
             }
             if let Some(dev) = &att.device {
-                if let Err(e) = self.devices.release(dev, att.loop_device) {
+                if let Err(e) = self.devices.release(&vol.id, dev, att.loop_device) {
                     tracing::warn!(error = %e, "releasing a device failed");
                 }
             }
@@ -1296,7 +1296,7 @@ impl Engine {
         }
         if let Some(dev) = &att.device {
             self.devices
-                .release(dev, att.loop_device)
+                .release(vid, dev, att.loop_device)
                 .map_err(|e| internal(&e))?;
         }
         Ok(())
@@ -1330,7 +1330,9 @@ impl Engine {
                         match self.devices.link(vid, &exposed.device) {
                             Ok(link) => att.link = Some(link),
                             Err(e) => {
-                                let _ = self.devices.release(&exposed.device, exposed.loop_device);
+                                let _ =
+                                    self.devices
+                                        .release(vid, &exposed.device, exposed.loop_device);
                                 return Err(internal(&e));
                             }
                         }

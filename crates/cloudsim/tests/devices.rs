@@ -71,6 +71,57 @@ async fn root_appliance_attach_makes_a_loop_device_and_link() {
     h.sim.shutdown().await;
 }
 
+/// A volume's loop device detached behind the simulator's back, and its number since given to another
+/// file: detaching the volume leaves that other disk alone (CloudStack removes its own disk from the VM,
+/// never another).
+#[tokio::test]
+async fn root_a_detach_leaves_alone_a_loop_device_that_since_backs_another_file() {
+    require_root();
+    let h = Harness::start_with(|c| c.use_loop_devices = true).await;
+    let appliance = h.sim.appliance_vm_id().to_owned();
+    let id = h.create_volume("renumbered", 1).await;
+    let job = h.attach(&id, &appliance, None).await;
+    assert_eq!(job["jobstatus"], 1, "{job}");
+    let dev = std::fs::read_link(h.link_of(&id)).expect("by-id link");
+    blockdev::loopdev::detach_path(&dev).expect("detach behind the simulator's back");
+    // The same number, now over another file.
+    let other = tempfile::NamedTempFile::new().expect("temp file");
+    other.as_file().set_len(1 << 20).expect("size");
+    let mut attached = false;
+    for _ in 0..50 {
+        let st = Command::new("losetup")
+            .arg(&dev)
+            .arg(other.path())
+            .status()
+            .expect("run losetup");
+        if st.success() {
+            attached = true;
+            break;
+        }
+        // The kernel finishes a detach asynchronously.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(attached, "losetup {} over another file", dev.display());
+    let guard = LoopGuard(dev.clone());
+
+    let job = h.detach(&id).await;
+    assert_eq!(job["jobstatus"], 1, "{job}");
+    assert_eq!(
+        blockdev::loopdev::find_by_backing(other.path()).expect("find"),
+        vec![dev.clone()],
+        "the other file's loop device is still there"
+    );
+    let autoclear = std::fs::read_to_string(format!(
+        "/sys/block/{}/loop/autoclear",
+        dev.file_name().unwrap().to_string_lossy()
+    ))
+    .expect("autoclear");
+    assert_eq!(autoclear.trim(), "0", "and not set to vanish");
+    drop(guard);
+    h.sim.detach_all_devices();
+    h.sim.shutdown().await;
+}
+
 /// Detaches the loop device if the test fails half-way.
 struct LoopGuard(std::path::PathBuf);
 
