@@ -341,23 +341,20 @@ fn ext_a_log_that_cannot_be_written_loses_lines_not_operations() {
             .stderr(std::process::Stdio::from(full)),
     );
     let vol = create_volume(&api, &w.sim_url);
+    let attach = || {
+        let (s, op) = call(
+            reqwest::Method::POST,
+            &format!("{api}/volumes/{vol}/attach"),
+            Some(json!({"vm_id": APPLIANCE})),
+        );
+        assert_eq!(s, 201, "{op}");
+        wait_terminal(&api, op["id"].as_str().unwrap())
+    };
     w.add_fault(json!({"type": "fail_job", "command": "attachVolume", "errortext": "no capacity"}));
-    let (s, op) = call(
-        reqwest::Method::POST,
-        &format!("{api}/volumes/{vol}/attach"),
-        Some(json!({"vm_id": APPLIANCE})),
-    );
-    assert_eq!(s, 201, "{op}");
-    let done = wait_terminal(&api, op["id"].as_str().unwrap());
+    let done = attach();
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error_code"], "cloud_job_failed", "{done}");
-    let (s, op) = call(
-        reqwest::Method::POST,
-        &format!("{api}/volumes/{vol}/attach"),
-        Some(json!({"vm_id": APPLIANCE})),
-    );
-    assert_eq!(s, 201, "{op}");
-    let done = wait_terminal(&api, op["id"].as_str().unwrap());
+    let done = attach();
     assert_eq!(done["status"], "completed", "{done}");
     assert_consistent(&api, &w.sim_url, &vol);
 }

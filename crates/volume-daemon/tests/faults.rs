@@ -539,14 +539,7 @@ async fn an_attach_whose_job_outlives_the_timeout_says_how_to_take_it_over() {
         extra_delay_ms: 3_000,
         count: 1,
     });
-    let (s, op) = d
-        .post(
-            &format!("/volumes/{vol}/attach"),
-            json!({"vm_id": d.appliance()}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{op}");
-    let done = d.wait_op(&op).await;
+    let done = attach_appliance(&d, vol).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error_code"], "cloud_job_timeout", "{done}");
     let err = done["error"].as_str().unwrap();
