@@ -299,7 +299,7 @@ pub async fn journal(store: &Store, plan: &ImportPlan) -> Result<Vec<Uuid>, Impo
                     Some(_) => OsseaChange::Attached,
                     None => OsseaChange::Detached,
                 };
-                store.record_hub_state(volume_id, ossea).await?;
+                store.record_hub_states(&[(volume_id, ossea)]).await?;
             }
             ImportAction::AlreadyManaged | ImportAction::Skip => {}
         }

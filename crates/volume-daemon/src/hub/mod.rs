@@ -292,21 +292,20 @@ pub async fn resync(
         .await?;
     let attached: std::collections::HashSet<uuid::Uuid> =
         attachments.iter().map(|a| a.volume_id).collect();
-    for a in &attachments {
+    let mut changes: Vec<_> = attachments
+        .iter()
+        .map(|a| (a.volume_id, crate::store::OsseaChange::Attached))
+        .collect();
+    changes.extend(
         store
-            .record_hub_state(a.volume_id, crate::store::OsseaChange::Attached)
-            .await?;
-    }
-    let mut detached = 0;
-    for v in store.list_volumes(false).await? {
-        if !attached.contains(&v.id) {
-            store
-                .record_hub_state(v.id, crate::store::OsseaChange::Unchanged)
-                .await?;
-            detached += 1;
-        }
-    }
-    Ok((attachments.len(), detached))
+            .list_volumes(false)
+            .await?
+            .into_iter()
+            .filter(|v| !attached.contains(&v.id))
+            .map(|v| (v.id, crate::store::OsseaChange::Unchanged)),
+    );
+    store.record_hub_states(&changes).await?;
+    Ok((attachments.len(), changes.len() - attachments.len()))
 }
 
 #[cfg(test)]

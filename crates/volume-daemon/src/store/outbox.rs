@@ -179,16 +179,17 @@ impl Store {
         }
     }
 
-    /// Journals the volume's current state as a hub change on its own (one transaction): for start-up and
-    /// import, where no operation commits with it. Does nothing while the outbox is off.
-    pub async fn record_hub_state(
+    /// Journals each volume's current state as a hub change, all in one transaction: for start-up and
+    /// import, where no operation commits with them. Does nothing while the outbox is off.
+    pub async fn record_hub_states(
         &self,
-        volume_id: Uuid,
-        ossea: OsseaChange,
+        changes: &[(Uuid, OsseaChange)],
     ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
-        record_in(self, &mut tx, volume_id, ossea).await?;
-        tx.commit().await.map_err(q("committing a hub change"))?;
+        for (volume_id, ossea) in changes {
+            record_in(self, &mut tx, *volume_id, *ossea).await?;
+        }
+        tx.commit().await.map_err(q("committing hub changes"))?;
         self.outbox_committed();
         Ok(())
     }
