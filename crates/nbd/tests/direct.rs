@@ -148,6 +148,18 @@ impl SmallTmpfs {
     }
 }
 
+impl SmallTmpfs {
+    /// A sparse file of `len` bytes on it.
+    fn sparse_file(&self, len: usize) -> std::path::PathBuf {
+        let path = self.dir.path().join("disk");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(len as u64)
+            .unwrap();
+        path
+    }
+}
+
 impl Drop for SmallTmpfs {
     fn drop(&mut self) {
         let target = std::ffi::CString::new(self.dir.path().to_str().unwrap()).unwrap();
@@ -160,11 +172,7 @@ impl Drop for SmallTmpfs {
 async fn root_a_full_file_system_fails_a_large_write_with_enospc_and_the_session_goes_on() {
     // A 16 MiB sparse file on a 2 MiB file system: the first 2 MiB of a write fit, the rest does not.
     let fs = SmallTmpfs::mount(2 * MIB);
-    let path = fs.dir.path().join("disk");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(16 * MIB as u64)
-        .unwrap();
+    let path = fs.sparse_file(16 * MIB);
     let (addr, stop) = serve(&path).await;
     let mut c = open(addr).await;
     let big = pattern(4 * MIB, 9);
@@ -463,11 +471,7 @@ async fn pages_resident_through_the_mapping_stay_bounded_while_a_large_file_is_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_a_lost_write_back_fails_every_later_flush_of_the_export() {
     let fs = SmallTmpfs::mount(2 * MIB);
-    let path = fs.dir.path().join("disk");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(16 * MIB as u64)
-        .unwrap();
+    let path = fs.sparse_file(16 * MIB);
     let lo = blockdev::LoopDevice::attach(&path, false).unwrap();
     let (addr, stop, registry) = serve_with(lo.path(), ServerConfig::default(), false).await;
     // A writer that never flushes: its session's flush as it leaves meets the failure (and logs it).

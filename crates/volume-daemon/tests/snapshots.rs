@@ -49,6 +49,15 @@ async fn take_snapshot(d: &TestDaemon, vol: Uuid, name: &str) -> String {
     op["response"]["snapshot_id"].as_str().unwrap().to_string()
 }
 
+/// Makes the next createSnapshot job take `ms` longer.
+fn slow_snapshot_job(d: &TestDaemon, ms: u64) {
+    d.sim().faults().add(cloudsim::FaultSpec::SlowJob {
+        command: "createSnapshot".into(),
+        extra_delay_ms: ms,
+        count: 1,
+    });
+}
+
 async fn ops_of_type(d: &TestDaemon, t: &str) -> Vec<Value> {
     let (s, v) = d.get(&format!("/operations?type={t}")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -509,11 +518,7 @@ async fn a_revert_of_a_volume_attached_behind_the_daemons_back_is_refused_at_sub
 async fn a_snapshot_job_longer_than_the_job_timeout_is_waited_for() {
     let d = TestDaemon::start_with(|c| c.job_timeout_secs = 1).await;
     let vol = d.create_volume("snap-slow", GIB).await;
-    d.sim().faults().add(cloudsim::FaultSpec::SlowJob {
-        command: "createSnapshot".into(),
-        extra_delay_ms: 2_500,
-        count: 1,
-    });
+    slow_snapshot_job(&d, 2_500);
     let snap = take_snapshot(&d, vol, "slow-1").await;
     let (_, v) = d.get(&format!("/volumes/{vol}")).await;
     assert_eq!(v["snapshot"]["snapshot_id"], snap.as_str(), "{v}");
@@ -527,11 +532,7 @@ async fn a_snapshot_job_longer_than_the_job_timeout_is_waited_for() {
 async fn a_snapshot_job_still_running_at_the_snapshot_timeout_says_where_the_snapshot_will_be() {
     let d = TestDaemon::start_with(|c| c.snapshot_timeout_secs = 1).await;
     let vol = d.create_volume("snap-slower", GIB).await;
-    d.sim().faults().add(cloudsim::FaultSpec::SlowJob {
-        command: "createSnapshot".into(),
-        extra_delay_ms: 3_000,
-        count: 1,
-    });
+    slow_snapshot_job(&d, 3_000);
     let (s, op) = d
         .post(
             &format!("/volumes/{vol}/snapshots"),
@@ -579,11 +580,7 @@ async fn a_cloud_outage_late_in_a_long_snapshot_job_delays_it_without_failing_it
     let d = TestDaemon::start_with(|c| c.job_timeout_secs = 6).await;
     let vol = d.create_volume("snap-outage", GIB).await;
     let faults = d.sim().faults();
-    faults.add(cloudsim::FaultSpec::SlowJob {
-        command: "createSnapshot".into(),
-        extra_delay_ms: 8_000,
-        count: 1,
-    });
+    slow_snapshot_job(&d, 8_000);
     let (s, op) = d
         .post(
             &format!("/volumes/{vol}/snapshots"),
